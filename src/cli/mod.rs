@@ -1,0 +1,30 @@
+//! Command-line interface: one clap `Args` struct per subcommand, each in its own file, and the
+//! dispatch that maps results to exit codes (0 ok, 1 finished with failures, 2 error).
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+use crate::util::Status;
+
+#[derive(Parser, Debug)]
+#[command(name = "kvc", version, about = "Measure what KV-cache compression does to long-context LLM quality and speed", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {}
+
+/// Entry point used by `main.rs`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result: anyhow::Result<Status> = match cli.command {};
+    match result {
+        Ok(Status::Ok) => ExitCode::SUCCESS,
+        Ok(Status::Failed) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

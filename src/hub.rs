@@ -1,0 +1,1 @@
+//! Model resolution (filled in by the model issue).
