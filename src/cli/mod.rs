@@ -5,6 +5,9 @@ use std::process::ExitCode;
 
 use crate::util::Status;
 
+pub mod generate;
+pub mod model_args;
+
 #[derive(Parser, Debug)]
 #[command(name = "kvc", version, about = "Measure what KV-cache compression does to long-context LLM quality and speed", long_about = None)]
 pub struct Cli {
@@ -13,17 +16,24 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {}
+pub enum Command {
+    /// Greedy continuation of one prompt (full cache).
+    Generate(generate::GenerateArgs),
+}
 
 /// Entry point used by `main.rs`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result: anyhow::Result<Status> = match cli.command {};
+    let result: anyhow::Result<Status> = match cli.command {
+        Command::Generate(a) => generate::run(a),
+    };
     match result {
         Ok(Status::Ok) => ExitCode::SUCCESS,
         Ok(Status::Failed) => ExitCode::from(1),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One line: the chain of contexts joined, inner newlines folded.
+            let msg = format!("{e:#}").lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+            eprintln!("error: {msg}");
             ExitCode::from(2)
         }
     }

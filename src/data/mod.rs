@@ -1,1 +1,2 @@
-//! (filled in by its issue)
+//! LongBench data: the task table, readers, prompt building and truncation.
+pub mod prompt;

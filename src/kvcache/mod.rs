@@ -1,1 +1,81 @@
-//! (filled in by its issue)
+//! KV-cache backends: what the attention layers read and write.
+//!
+//! The model computes Q, K, V (RoPE applied) and hands them to a [`CacheBackend`], chosen at load
+//! time, that appends K/V for the sequence, attends, and — when asked through [`Probe`] —
+//! returns the softmax probabilities of chosen queries so compression methods can score keys.
+//!
+//! The trait is shaped for the paged, per-(layer, kv-head) cache of KV-Compress:
+//! - sequences are named by [`SeqId`] and several share one backend (batching);
+//! - every (layer, sequence, kv-head) may hold a different number of cached tokens
+//!   ([`CacheBackend::kv_len`]), so probabilities come back padded to the longest head with
+//!   zeros beyond each head's length, in the backend's slot order, with the token position of
+//!   each slot available from [`CacheBackend::slot_positions`];
+//! - attention is computed by the backend (a paged backend uses its own kernels).
+//!
+//! Backends: [`contiguous::ContiguousCache`] is the reference (one growing tensor per layer,
+//! the correctness oracle for every compressed backend).
+use candle_core::{Result, Tensor};
+
+pub mod contiguous;
+
+/// A sequence in a cache backend.
+pub type SeqId = usize;
+
+/// Which queries' attention probabilities the backend must return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Probe {
+    /// None (plain generation).
+    #[default]
+    None,
+    /// The last `n` queries of this call (the observation window of SnapKV / KV-Compress).
+    LastQueries(usize),
+    /// Every query of this call (decode steps, H2O).
+    All,
+}
+
+/// One attention call for one layer over a batch of sequences.
+pub struct AttnCall<'a> {
+    pub layer: usize,
+    /// Sequence of each batch entry.
+    pub seqs: &'a [SeqId],
+    /// `[batch, n_heads, t, head_dim]`, RoPE applied.
+    pub q: &'a Tensor,
+    /// `[batch, n_kv_heads, t, head_dim]`, RoPE applied (cached as is: no re-rotation later).
+    pub k: &'a Tensor,
+    /// `[batch, n_kv_heads, t, head_dim]`.
+    pub v: &'a Tensor,
+    /// Softmax scale (1/sqrt(head_dim)).
+    pub scale: f64,
+    pub probe: Probe,
+}
+
+/// What an attention call returns.
+pub struct AttnOut {
+    /// `[batch, n_heads, t, head_dim]`.
+    pub out: Tensor,
+    /// When probed: `[batch, n_heads, n_probed, max_kv_len]` f32 softmax probabilities of the
+    /// probed queries over the cached slots of the query head's kv-head (slot order of
+    /// [`CacheBackend::slot_positions`]); zero beyond that head's `kv_len` and for keys the
+    /// query may not see (causal mask).
+    pub probs: Option<Tensor>,
+}
+
+/// A KV-cache backend (see the module docs).
+pub trait CacheBackend {
+    /// Register a new, empty sequence.
+    fn add_sequence(&mut self) -> Result<SeqId>;
+    /// Drop a sequence and release its memory.
+    fn remove_sequence(&mut self, seq: SeqId) -> Result<()>;
+    /// Append `call.k`/`call.v` at the next positions of each sequence and attend causally.
+    /// The layer's call must come before the next layer's for the same tokens; the sequence's
+    /// position advances when the last layer has been called.
+    fn attend(&mut self, call: AttnCall<'_>) -> Result<AttnOut>;
+    /// Tokens the sequence has seen (= position of its next token).
+    fn seq_len(&self, seq: SeqId) -> usize;
+    /// Tokens cached for (layer, seq, kv_head) (smaller than `seq_len` after eviction).
+    fn kv_len(&self, layer: usize, seq: SeqId, kv_head: usize) -> usize;
+    /// Token position of every cached slot of (layer, seq, kv_head), in slot order.
+    fn slot_positions(&self, layer: usize, seq: SeqId, kv_head: usize) -> Vec<u32>;
+    /// Backend name for logs and run records.
+    fn name(&self) -> &'static str;
+}

@@ -1,1 +1,151 @@
-//! (filled in by its issue)
+//! The model layer: configuration, weights, tokenizer, chat template and the llama-family
+//! forward pass, loaded from a Hugging Face checkpoint directory or a GGUF file into one
+//! [`LoadedModel`].
+pub mod chat;
+pub mod config;
+pub mod llama;
+pub mod tiny;
+pub mod tokenizer;
+pub mod weights;
+
+use candle_core::{DType, Device};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use crate::hub::{ModelSource, ResolvedModel};
+pub use config::Config;
+pub use llama::Llama;
+pub use tokenizer::Tokenizer;
+
+/// Errors of the model layer; each names the file or the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: missing; {hint}")]
+    MissingFile { path: PathBuf, hint: String },
+    #[error("{path}: invalid model configuration: {msg}")]
+    BadConfig { path: PathBuf, msg: String },
+    #[error("{path}: architecture {arch:?} is not supported (kvc runs LlamaForCausalLM and MistralForCausalLM checkpoints, and GGUF files of architecture \"llama\")")]
+    UnknownArchitecture { path: PathBuf, arch: String },
+    #[error("{path}: {msg}")]
+    Weights { path: PathBuf, msg: String },
+    #[error("{path}: tensor {name} is missing (is this a complete llama-family checkpoint?)")]
+    MissingTensor { path: PathBuf, name: String },
+    #[error("{path}: tensor {name} has shape {got:?}, the configuration implies {expected:?}")]
+    ShapeMismatch { path: PathBuf, name: String, expected: Vec<usize>, got: Vec<usize> },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    #[error("the prompt has {len} tokens but the model's context holds {max} (prompt + up to {new} new tokens must fit): shorten it or lower --max-new-tokens")]
+    PromptTooLong { len: usize, max: usize, new: usize },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl ModelError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            ModelError::MissingFile { path: path.to_path_buf(), hint: "no such file".into() }
+        } else {
+            ModelError::Io { path: path.to_path_buf(), source }
+        }
+    }
+}
+
+/// A candle error's message without the backtrace candle attaches when `RUST_BACKTRACE` is set
+/// (error lines stay one line).
+pub fn candle_msg(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_msg(inner),
+        candle_core::Error::Context { inner, context } => format!("{context}: {}", candle_msg(inner)),
+        other => other.to_string(),
+    }
+}
+
+/// A model ready to generate: weights, tokenizer, stop set.
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    /// Ids that end generation (see `tokenizer.rs` for the rule).
+    pub stop_ids: BTreeSet<u32>,
+    /// Short model name (for result paths).
+    pub name: String,
+    pub source: ModelSource,
+}
+
+impl LoadedModel {
+    pub fn config(&self) -> &Config {
+        &self.model.cfg
+    }
+
+    /// Build the prompt ids of `text`: through the chat template (a single user turn,
+    /// tokenized without adding special tokens, as transformers' `apply_chat_template`) or as
+    /// raw text (with the tokenizer's BOS, as LongBench's `tokenizer(prompt)`).
+    pub fn prompt_ids(&self, text: &str, chat: bool) -> Result<Vec<u32>, ModelError> {
+        if chat {
+            let tpl = self.tokenizer.chat_template.as_deref().ok_or_else(|| {
+                ModelError::ChatTemplate("the model has no chat template: run without --chat".into())
+            })?;
+            let rendered = chat::render(
+                tpl,
+                &chat::user_turn(text),
+                self.tokenizer.bos_token.as_deref(),
+                self.tokenizer.eos_token.as_deref(),
+            )?;
+            self.tokenizer.encode(&rendered, false)
+        } else {
+            self.tokenizer.encode(text, true)
+        }
+    }
+}
+
+/// Parse `cpu`, `cuda`, `cuda:N`.
+pub fn parse_device(s: &str) -> anyhow::Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ if s == "cuda" || s.starts_with("cuda:") => {
+            let ord: usize = s.strip_prefix("cuda:").map(|n| n.parse()).transpose()?.unwrap_or(0);
+            if !cfg!(feature = "cuda") {
+                anyhow::bail!(
+                    "this kvc was built without CUDA: rebuild with `cargo build --release --features cuda` (see README, \"GPU\") or use --device cpu"
+                );
+            }
+            Device::new_cuda(ord).map_err(|e| anyhow::anyhow!("cannot open {s}: {e}"))
+        }
+        other => anyhow::bail!("unknown device {other:?}: use cpu, cuda or cuda:N"),
+    }
+}
+
+/// Parse `f32`, `f16`, `bf16`.
+pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => anyhow::bail!("unknown dtype {other:?}: use f32, f16 or bf16"),
+    }
+}
+
+/// Load a resolved model in `dtype` on `device`.
+pub fn load(resolved: &ResolvedModel, device: &Device, dtype: DType) -> Result<LoadedModel, ModelError> {
+    let (cfg, tokenizer, mut src) = match &resolved.source {
+        ModelSource::HfDir(dir) => {
+            let cfg = config::load_hf_config(dir)?;
+            let tok = Tokenizer::from_dir(dir)?;
+            (cfg, tok, weights::WeightSource::safetensors_dir(dir)?)
+        }
+        ModelSource::Gguf(path) => {
+            let (src, md) = weights::WeightSource::gguf(path)?;
+            let has_output = src.contains("lm_head.weight");
+            let tok = Tokenizer::from_gguf(path, &md)?;
+            let vocab_len = tok.inner.get_vocab_size(false);
+            let cfg = config::config_from_gguf(path, &md, has_output, vocab_len)?;
+            (cfg, tok, src)
+        }
+    };
+    let model = Llama::load(&cfg, &mut src, dtype, device)?;
+    let stop_ids = tokenizer.stop_ids(&cfg.eos_token_ids);
+    Ok(LoadedModel { model, tokenizer, stop_ids, name: resolved.name.clone(), source: resolved.source.clone() })
+}

@@ -1,0 +1,60 @@
+//! Flags shared by every command that loads a model.
+use candle_core::{DType, Device};
+use clap::Args;
+
+use crate::hub::{HubEnv, ResolvedModel};
+use crate::model::{self, LoadedModel};
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model: a checkpoint directory (config.json + *.safetensors + tokenizer.json), a .gguf
+    /// file, a hub id `org/name[@revision]`, or an alias: llama-3.1-8b, llama-3.1-70b,
+    /// mistral-7b, smollm2-135m (the embedded default; `scripts/fetch-model.sh` installs it).
+    #[arg(long, short = 'm', default_value = "smollm2-135m", env = "KVC_MODEL")]
+    pub model: String,
+    /// Device: cpu, cuda or cuda:N. Default: cuda:0 when kvc was built with CUDA and a GPU is
+    /// present, else cpu.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Compute dtype: f32, f16 or bf16. Default: f32 on the CPU, bf16 on CUDA. Quantized GGUF
+    /// weights are dequantized to it at load.
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+impl ModelArgs {
+    pub fn device(&self) -> anyhow::Result<Device> {
+        match &self.device {
+            Some(d) => model::parse_device(d),
+            None => Ok(default_device()),
+        }
+    }
+
+    pub fn dtype(&self, device: &Device) -> anyhow::Result<DType> {
+        match &self.dtype {
+            Some(d) => model::parse_dtype(d),
+            None => Ok(if device.is_cuda() { DType::BF16 } else { DType::F32 }),
+        }
+    }
+
+    pub fn resolve(&self) -> anyhow::Result<ResolvedModel> {
+        Ok(crate::hub::resolve_model(&self.model, &HubEnv::from_env())?)
+    }
+
+    /// Resolve, then load on the chosen device and dtype.
+    pub fn load(&self) -> anyhow::Result<LoadedModel> {
+        let device = self.device()?;
+        let dtype = self.dtype(&device)?;
+        let resolved = self.resolve()?;
+        Ok(model::load(&resolved, &device, dtype)?)
+    }
+}
+
+/// cuda:0 when built with CUDA and a device opens, else the CPU.
+pub fn default_device() -> Device {
+    #[cfg(feature = "cuda")]
+    if let Ok(d) = Device::new_cuda(0) {
+        return d;
+    }
+    Device::Cpu
+}

@@ -1,0 +1,407 @@
+//! Model configuration: one resolved [`Config`] built either from a Hugging Face `config.json`
+//! (+ `generation_config.json`) or from GGUF metadata (STYLE.md habit 1).
+//!
+//! The serde mirror [`HfConfig`] accepts fields the way they appear in the wild (an
+//! `eos_token_id` that is a number or a list, `rope_scaling` absent or null, `head_dim` absent).
+use serde::Deserialize;
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use crate::model::ModelError;
+
+/// Architecture families that share kvc's llama-family forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// Llama 2/3/3.1, SmolLM2 (`LlamaForCausalLM`, GGUF `llama`).
+    Llama,
+    /// Mistral 7B (`MistralForCausalLM`): llama layers, optional sliding window.
+    Mistral,
+}
+
+/// Llama-3.1 style frequency-dependent RoPE scaling (`rope_type: "llama3"`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Llama3RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+/// The resolved configuration every loader produces and the forward pass reads.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Config {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Longest context the model was trained for (prompt + generated tokens).
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Mistral's sliding attention window, when the checkpoint sets one. kvc attends over the
+    /// whole cache and refuses prompts longer than the window (see `Config::check_context`).
+    pub sliding_window: Option<usize>,
+    pub bos_token_id: Option<u32>,
+    /// Config-level end-of-sequence ids (the tokenizer adds chat-template stop tokens; see
+    /// `model::tokenizer::stop_ids`).
+    pub eos_token_ids: BTreeSet<u32>,
+}
+
+impl Config {
+    /// Number of query heads sharing one kv-head.
+    pub fn gqa_group(&self) -> usize {
+        self.num_attention_heads / self.num_key_value_heads
+    }
+
+    /// Structural sanity checks shared by every loader; errors name the offending field.
+    pub fn validate(&self, source: &Path) -> Result<(), ModelError> {
+        let bad = |msg: String| ModelError::BadConfig { path: source.to_path_buf(), msg };
+        if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
+            return Err(bad("num_attention_heads and num_key_value_heads must be > 0".into()));
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(bad(format!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.num_attention_heads, self.num_key_value_heads
+            )));
+        }
+        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+            return Err(bad(format!("head_dim {} must be even and > 0", self.head_dim)));
+        }
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return Err(bad(format!("{name} must be > 0")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `eos_token_id` appears as a number, a list, or null.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl OneOrMany {
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            OneOrMany::One(x) => vec![*x],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// Mirror of a Hugging Face `config.json` for the llama family (fields as found in the wild).
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfConfig {
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    #[serde(default)]
+    pub model_type: Option<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<OneOrMany>,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_max_pos() -> usize {
+    4096
+}
+
+/// The part of `generation_config.json` kvc reads.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct GenerationConfig {
+    #[serde(default)]
+    pub eos_token_id: Option<OneOrMany>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+}
+
+impl HfConfig {
+    /// Resolve into [`Config`]; `path` names the file in errors.
+    pub fn resolve(&self, path: &Path, gen: Option<&GenerationConfig>) -> Result<Config, ModelError> {
+        let bad = |msg: String| ModelError::BadConfig { path: path.to_path_buf(), msg };
+        let arch_name = self
+            .architectures
+            .first()
+            .cloned()
+            .or_else(|| self.model_type.clone())
+            .unwrap_or_default();
+        let arch = match arch_name.as_str() {
+            "LlamaForCausalLM" | "llama" => Arch::Llama,
+            "MistralForCausalLM" | "mistral" => Arch::Mistral,
+            other => {
+                return Err(ModelError::UnknownArchitecture {
+                    path: path.to_path_buf(),
+                    arch: other.to_string(),
+                })
+            }
+        };
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" {
+                return Err(bad(format!("hidden_act {act:?} is not supported (only \"silu\")")));
+            }
+        }
+        let rope_scaling = match &self.rope_scaling {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(parse_rope_scaling(v).map_err(bad)?),
+        };
+        let num_kv = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
+        if self.num_attention_heads == 0 {
+            return Err(bad("num_attention_heads must be > 0".into()));
+        }
+        let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads);
+        let mut eos: BTreeSet<u32> = BTreeSet::new();
+        if let Some(e) = &self.eos_token_id {
+            eos.extend(e.to_vec());
+        }
+        if let Some(e) = gen.and_then(|g| g.eos_token_id.as_ref()) {
+            eos.extend(e.to_vec());
+        }
+        let cfg = Config {
+            arch,
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: num_kv,
+            head_dim,
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta: self.rope_theta,
+            rope_scaling,
+            max_position_embeddings: self.max_position_embeddings,
+            tie_word_embeddings: self.tie_word_embeddings,
+            sliding_window: self.sliding_window,
+            bos_token_id: self.bos_token_id.or(gen.and_then(|g| g.bos_token_id)),
+            eos_token_ids: eos,
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+}
+
+fn parse_rope_scaling(v: &serde_json::Value) -> Result<Llama3RopeScaling, String> {
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
+    match kind {
+        "llama3" => {
+            let num = |k: &str| {
+                v.get(k)
+                    .and_then(|x| x.as_f64())
+                    .ok_or_else(|| format!("rope_scaling.{k} missing for rope_type llama3"))
+            };
+            Ok(Llama3RopeScaling {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+            })
+        }
+        other => Err(format!(
+            "rope_scaling type {other:?} is not supported (supported: none, \"llama3\")"
+        )),
+    }
+}
+
+/// Read `config.json` (and `generation_config.json` beside it when present).
+pub fn load_hf_config(dir: &Path) -> Result<Config, ModelError> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+    let hf: HfConfig = serde_json::from_str(&text)
+        .map_err(|e| ModelError::BadConfig { path: path.clone(), msg: e.to_string() })?;
+    let gen_path = dir.join("generation_config.json");
+    let gen = if gen_path.exists() {
+        let t = std::fs::read_to_string(&gen_path).map_err(|e| ModelError::io(&gen_path, e))?;
+        Some(
+            serde_json::from_str::<GenerationConfig>(&t)
+                .map_err(|e| ModelError::BadConfig { path: gen_path.clone(), msg: e.to_string() })?,
+        )
+    } else {
+        None
+    };
+    hf.resolve(&path, gen.as_ref())
+}
+
+/// Build the [`Config`] from GGUF metadata (`general.architecture` = `llama`).
+pub fn config_from_gguf(
+    path: &Path,
+    md: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
+    has_output_tensor: bool,
+    vocab_len: usize,
+) -> Result<Config, ModelError> {
+    use candle_core::quantized::gguf_file::Value;
+    let bad = |msg: String| ModelError::BadConfig { path: path.to_path_buf(), msg };
+    let arch_name = md
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or_else(|| bad("GGUF metadata lacks general.architecture".into()))?;
+    let arch = match arch_name.as_str() {
+        "llama" => Arch::Llama,
+        other => {
+            return Err(ModelError::UnknownArchitecture {
+                path: path.to_path_buf(),
+                arch: other.to_string(),
+            })
+        }
+    };
+    let p = |k: &str| format!("{arch_name}.{k}");
+    let int = |k: &str| -> Result<usize, ModelError> {
+        let key = p(k);
+        let v = md.get(&key).ok_or_else(|| bad(format!("GGUF metadata lacks {key}")))?;
+        gguf_to_u64(v).map(|x| x as usize).ok_or_else(|| bad(format!("{key} is not an integer")))
+    };
+    let float = |k: &str| -> Option<f64> {
+        md.get(&p(k)).and_then(|v| match v {
+            Value::F32(x) => Some(*x as f64),
+            Value::F64(x) => Some(*x),
+            _ => None,
+        })
+    };
+    let hidden = int("embedding_length")?;
+    let heads = int("attention.head_count")?;
+    let kv_heads = int("attention.head_count_kv").unwrap_or(heads);
+    let head_dim = int("attention.key_length")
+        .or_else(|_| int("rope.dimension_count"))
+        .unwrap_or(hidden / heads.max(1));
+    let vocab = int("vocab_size").unwrap_or(vocab_len);
+    let tok_id = |k: &str| md.get(k).and_then(gguf_to_u64).map(|x| x as u32);
+    let mut eos = BTreeSet::new();
+    if let Some(e) = tok_id("tokenizer.ggml.eos_token_id") {
+        eos.insert(e);
+    }
+    let rope_scaling = match md.get(&p("rope.scaling.type")).and_then(|v| v.to_string().ok()) {
+        Some(t) if t == "llama3" => {
+            return Err(bad("GGUF rope.scaling.type llama3 without rope_freqs is not supported".into()))
+        }
+        _ => None,
+    };
+    let cfg = Config {
+        arch,
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: int("feed_forward_length")?,
+        num_hidden_layers: int("block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim,
+        rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
+        rope_scaling,
+        max_position_embeddings: int("context_length").unwrap_or(4096),
+        tie_word_embeddings: !has_output_tensor,
+        sliding_window: None,
+        bos_token_id: tok_id("tokenizer.ggml.bos_token_id"),
+        eos_token_ids: eos,
+    };
+    cfg.validate(path)?;
+    Ok(cfg)
+}
+
+pub(crate) fn gguf_to_u64(v: &candle_core::quantized::gguf_file::Value) -> Option<u64> {
+    use candle_core::quantized::gguf_file::Value::*;
+    match v {
+        U8(x) => Some(*x as u64),
+        I8(x) if *x >= 0 => Some(*x as u64),
+        U16(x) => Some(*x as u64),
+        I16(x) if *x >= 0 => Some(*x as u64),
+        U32(x) => Some(*x as u64),
+        I32(x) if *x >= 0 => Some(*x as u64),
+        U64(x) => Some(*x),
+        I64(x) if *x >= 0 => Some(*x as u64),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<Config, ModelError> {
+        let hf: HfConfig = serde_json::from_str(json).unwrap();
+        hf.resolve(Path::new("config.json"), None)
+    }
+
+    #[test]
+    fn llama31_config_resolves_rope_and_eos_list() {
+        let c = parse(
+            r#"{"architectures":["LlamaForCausalLM"],"vocab_size":128256,"hidden_size":4096,
+            "intermediate_size":14336,"num_hidden_layers":32,"num_attention_heads":32,
+            "num_key_value_heads":8,"rms_norm_eps":1e-5,"rope_theta":500000.0,
+            "max_position_embeddings":131072,"eos_token_id":[128001,128008,128009],
+            "rope_scaling":{"factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,
+            "original_max_position_embeddings":8192,"rope_type":"llama3"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.head_dim, 128);
+        assert_eq!(c.gqa_group(), 4);
+        assert_eq!(c.eos_token_ids.iter().copied().collect::<Vec<_>>(), vec![128001, 128008, 128009]);
+        assert_eq!(c.rope_scaling.unwrap().original_max_position_embeddings, 8192);
+    }
+
+    #[test]
+    fn unknown_architecture_and_rope_type_are_errors() {
+        let e = parse(r#"{"architectures":["GPTNeoXForCausalLM"],"vocab_size":8,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("GPTNeoXForCausalLM"), "{e}");
+        let e = parse(r#"{"architectures":["LlamaForCausalLM"],"vocab_size":8,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"rope_scaling":{"type":"yarn","factor":2.0}}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("yarn"), "{e}");
+    }
+
+    #[test]
+    fn heads_must_divide() {
+        let e = parse(r#"{"architectures":["MistralForCausalLM"],"vocab_size":8,"hidden_size":12,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":3,"num_key_value_heads":2}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("multiple"), "{e}");
+    }
+}

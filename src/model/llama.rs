@@ -1,0 +1,218 @@
+//! The llama-family forward pass (Llama 2/3/3.1, Mistral, SmolLM2): RMSNorm, grouped-query
+//! attention with half-rotation RoPE (optionally Llama-3.1 "llama3" frequency scaling), SiLU
+//! MLP, tied or separate LM head. Weight names equal the Hugging Face checkpoint's.
+//!
+//! Attention itself goes through the [`CacheBackend`] given to [`Llama::forward`]; the model
+//! owns no cache, so the same weights serve the contiguous oracle and the paged cache.
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::Linear;
+
+use crate::kvcache::{AttnCall, CacheBackend, Probe, SeqId};
+use crate::model::config::Config;
+use crate::model::weights::WeightSource;
+use crate::model::ModelError;
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+struct Layer {
+    input_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// Rotary tables `[max_pos, head_dim/2]` in the run dtype, grown on demand.
+struct Rope {
+    inv_freq: Vec<f32>,
+    cos: Tensor,
+    sin: Tensor,
+    dtype: DType,
+}
+
+impl Rope {
+    fn new(cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
+        let d = cfg.head_dim;
+        // As transformers: inv_freq = 1 / theta^(arange(0, d, 2) / d), in f32.
+        let mut inv_freq: Vec<f32> =
+            (0..d).step_by(2).map(|i| 1.0 / (cfg.rope_theta as f32).powf(i as f32 / d as f32)).collect();
+        if let Some(s) = &cfg.rope_scaling {
+            let low_wavelen = s.original_max_position_embeddings as f32 / s.low_freq_factor as f32;
+            let high_wavelen = s.original_max_position_embeddings as f32 / s.high_freq_factor as f32;
+            for f in inv_freq.iter_mut() {
+                let wavelen = 2.0 * std::f32::consts::PI / *f;
+                if wavelen > low_wavelen {
+                    *f /= s.factor as f32;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (s.original_max_position_embeddings as f32 / wavelen - s.low_freq_factor as f32)
+                        / (s.high_freq_factor as f32 - s.low_freq_factor as f32);
+                    *f = (1.0 - smooth) * *f / s.factor as f32 + smooth * *f;
+                }
+            }
+        }
+        let mut r = Rope {
+            inv_freq,
+            cos: Tensor::zeros((0, d / 2), dtype, device)?,
+            sin: Tensor::zeros((0, d / 2), dtype, device)?,
+            dtype,
+        };
+        r.ensure(4096.min(cfg.max_position_embeddings), device)?;
+        Ok(r)
+    }
+
+    fn ensure(&mut self, n: usize, device: &Device) -> Result<()> {
+        if self.cos.dim(0)? >= n {
+            return Ok(());
+        }
+        let n = n.next_power_of_two();
+        let half = self.inv_freq.len();
+        let mut freqs = Vec::with_capacity(n * half);
+        for p in 0..n {
+            for f in &self.inv_freq {
+                freqs.push(p as f32 * f);
+            }
+        }
+        let freqs = Tensor::from_vec(freqs, (n, half), device)?;
+        self.cos = freqs.cos()?.to_dtype(self.dtype)?;
+        self.sin = freqs.sin()?.to_dtype(self.dtype)?;
+        Ok(())
+    }
+
+    /// Rotate `x` `[b, h, t, d]` whose tokens sit at positions `start..start + t`.
+    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, start, t)?;
+        let sin = self.sin.narrow(0, start, t)?;
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+    }
+}
+
+/// A loaded llama-family model.
+pub struct Llama {
+    pub cfg: Config,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl Llama {
+    /// Load every weight from `src` (Hugging Face names) in `dtype` on `device`.
+    pub fn load(cfg: &Config, src: &mut WeightSource, dtype: DType, device: &Device) -> std::result::Result<Self, ModelError> {
+        src.set_heads(cfg.num_attention_heads, cfg.num_key_value_heads);
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let qd = cfg.num_attention_heads * cfg.head_dim;
+        let kvd = cfg.num_key_value_heads * cfg.head_dim;
+        let mut get = |name: &str, shape: &[usize]| src.get(name, shape, dtype, device);
+        let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        let eps = cfg.rms_norm_eps as f32;
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let lin = |w: Tensor| Linear::new(w, None);
+            layers.push(Layer {
+                input_norm: RmsNorm { weight: get(&format!("{p}.input_layernorm.weight"), &[h])?, eps },
+                q: lin(get(&format!("{p}.self_attn.q_proj.weight"), &[qd, h])?),
+                k: lin(get(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h])?),
+                v: lin(get(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h])?),
+                o: lin(get(&format!("{p}.self_attn.o_proj.weight"), &[h, qd])?),
+                post_norm: RmsNorm { weight: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?, eps },
+                gate: lin(get(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?),
+                up: lin(get(&format!("{p}.mlp.up_proj.weight"), &[i, h])?),
+                down: lin(get(&format!("{p}.mlp.down_proj.weight"), &[h, i])?),
+            });
+        }
+        let norm = RmsNorm { weight: get("model.norm.weight", &[h])?, eps };
+        let head_w = if cfg.tie_word_embeddings || !src.contains("lm_head.weight") {
+            embed.clone()
+        } else {
+            src.get("lm_head.weight", &[cfg.vocab_size, h], dtype, device)?
+        };
+        let rope = Rope::new(cfg, dtype, device).map_err(ModelError::Candle)?;
+        Ok(Llama {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head: Linear::new(head_w, None),
+            rope,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Run `tokens` (`[t]` ids of one sequence, at its next positions) through the model,
+    /// attending through `cache`. Returns the logits of the last token `[vocab]` in f32.
+    /// `probe` selects queries whose attention probabilities go to `observe(layer, probs, cache)`
+    /// (`probs`: `[1, n_heads, n_probed, kv_len]` f32, see [`crate::kvcache::AttnOut`]).
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        seq: SeqId,
+        cache: &mut dyn CacheBackend,
+        probe: Probe,
+        observe: &mut dyn FnMut(usize, &Tensor, &dyn CacheBackend) -> Result<()>,
+    ) -> Result<Tensor> {
+        let t = tokens.len();
+        let start = cache.seq_len(seq);
+        self.rope.ensure(start + t, &self.device)?;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?; // [1, t, hidden]
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let residual = &x;
+            let hs = layer.input_norm.forward(&x)?;
+            let q = layer.q.forward(&hs)?.reshape((1, t, nh, hd))?.transpose(1, 2)?;
+            let k = layer.k.forward(&hs)?.reshape((1, t, nkv, hd))?.transpose(1, 2)?;
+            let v = layer.v.forward(&hs)?.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = self.rope.apply(&q, start)?;
+            let k = self.rope.apply(&k, start)?;
+            let out = cache.attend(AttnCall { layer: l, seqs: &[seq], q: &q, k: &k, v: &v, scale, probe })?;
+            if let Some(p) = &out.probs {
+                observe(l, p, &*cache)?;
+            }
+            let attn = out.out.transpose(1, 2)?.reshape((1, t, nh * hd))?;
+            let x1 = (residual + layer.o.forward(&attn)?)?;
+            let hs = layer.post_norm.forward(&x1)?;
+            let mlp = layer.down.forward(&(candle_nn::ops::silu(&layer.gate.forward(&hs)?)? * layer.up.forward(&hs)?)?)?;
+            x = (x1 + mlp)?;
+        }
+        let last = x.narrow(1, t - 1, 1)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
+        logits.squeeze(0)?.squeeze(0)?.to_dtype(DType::F32)
+    }
+
+    /// Vocabulary size of the LM head.
+    pub fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    /// Argmax of `logits` `[vocab]` (first index on ties, like torch.argmax).
+    pub fn argmax(logits: &Tensor) -> Result<u32> {
+        let v = logits.to_vec1::<f32>()?;
+        let mut best = 0usize;
+        for (i, x) in v.iter().enumerate() {
+            if *x > v[best] {
+                best = i;
+            }
+        }
+        Ok(best as u32)
+    }
+}
