@@ -1,6 +1,10 @@
 //! Command-line interface: one clap `Args` struct per subcommand, each in its own file, and the
 //! dispatch that maps results to exit codes (0 ok, 1 finished with failures, 2 error).
 use clap::{Parser, Subcommand};
+
+pub mod compare;
+pub mod plot;
+pub mod score;
 use std::process::ExitCode;
 
 use crate::util::Status;
@@ -13,12 +17,20 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {}
+pub enum Command {
+    Score(score::ScoreArgs),
+    Plot(plot::PlotArgs),
+    Compare(compare::CompareArgs),
+}
 
 /// Entry point used by `main.rs`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result: anyhow::Result<Status> = match cli.command {};
+    let result: anyhow::Result<Status> = match cli.command {
+        Command::Score(a) => score::run(a),
+        Command::Plot(a) => plot::run(a),
+        Command::Compare(a) => compare::run(a),
+    };
     match result {
         Ok(Status::Ok) => ExitCode::SUCCESS,
         Ok(Status::Failed) => ExitCode::from(1),
