@@ -165,9 +165,14 @@ fn mutate(rng: &mut StdRng, s: &str) -> String {
     c.into_iter().collect()
 }
 
+fn code_line(rng: &mut StdRng) -> String {
+    let l = pick(rng, CODE_LINES);
+    mutate(rng, l)
+}
+
 fn code_text(rng: &mut StdRng) -> String {
     let n = rng.random_range(0..5);
-    let lines: Vec<String> = (0..n).map(|_| mutate(rng, pick(rng, CODE_LINES))).collect();
+    let lines: Vec<String> = (0..n).map(|_| code_line(rng)).collect();
     let lead = "\n".repeat(rng.random_range(0..3));
     lead + &lines.join(if rng.random_bool(0.2) { "\r\n" } else { "\n" })
 }
@@ -294,7 +299,7 @@ fn random_cases(g: &mut Gen, rng: &mut StdRng) {
         g.metric("count_score", &numbers_text(rng, false), &format!("{}", rng.random_range(0..20)), None);
     }
     for _ in 0..300 {
-        let gt = mutate(rng, pick(rng, CODE_LINES));
+        let gt = code_line(rng);
         let pred = code_text(rng);
         g.metric("code_sim_score", &pred, &gt, None);
         let near = mutate(rng, &gt);
@@ -422,7 +427,7 @@ fn subset_cases(g: &mut Gen, rng: &mut StdRng) {
                         let p = format!("\n{}\n{}", pick(rng, CLASSES), pick(rng, CLASSES));
                         (p, vec![gt])
                     }
-                    "lcc" | "repobench-p" => (code_text(rng), vec![mutate(rng, pick(rng, CODE_LINES))]),
+                    "lcc" | "repobench-p" => (code_text(rng), vec![code_line(rng)]),
                     "passage_count" => (numbers_text(rng, false), vec![format!("{}", rng.random_range(0..13))]),
                     "passage_retrieval_en" => (numbers_text(rng, false), vec![format!("Paragraph {}", rng.random_range(0..13))]),
                     "vcsum" | "dureader" => (zh_text(rng, 15), vec![zh_text(rng, 15)]),
