@@ -6,7 +6,10 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 fn kvc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kvc")).args(args).output().expect("run kvc")
+    Command::new(env!("CARGO_BIN_EXE_kvc"))
+        .args(args)
+        .output()
+        .expect("run kvc")
 }
 
 fn code(o: &Output) -> i32 {
@@ -39,7 +42,9 @@ fn scores_a_longbench_pred_dir() {
     write(&d.path().join("notes.txt"), "ignored");
     let o = kvc(&["score", d.path().to_str().unwrap()]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("result.json")).unwrap()).unwrap();
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("result.json")).unwrap())
+            .unwrap();
     assert_eq!(r["hotpotqa"], 50.0);
     assert_eq!(r["trec"], 50.0);
     assert_eq!(r.as_object().unwrap().len(), 2);
@@ -76,7 +81,9 @@ fn malformed_lines_stop_or_skip_never_silent() {
     let o = kvc(&["score", "--on-error", "skip", d.path().to_str().unwrap()]);
     assert_eq!(code(&o), 1, "{}", stderr(&o));
     assert!(stderr(&o).contains("hotpotqa.jsonl:3"), "{}", stderr(&o));
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("result.json")).unwrap()).unwrap();
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("result.json")).unwrap())
+            .unwrap();
     assert_eq!(r["hotpotqa"], 50.0);
 }
 
@@ -86,13 +93,21 @@ fn bad_input_is_a_clear_error() {
     write(&d.path().join("hotpot.jsonl"), HOTPOT);
     let o = kvc(&["score", d.path().to_str().unwrap()]);
     assert_eq!(code(&o), 2);
-    assert!(stderr(&o).contains("hotpotqa") && stderr(&o).contains("valid names"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("hotpotqa") && stderr(&o).contains("valid names"),
+        "{}",
+        stderr(&o)
+    );
 
     let d = tempfile::tempdir().unwrap();
     write(&d.path().join("qasper.jsonl"), "");
     let o = kvc(&["score", d.path().to_str().unwrap()]);
     assert_eq!(code(&o), 2);
-    assert!(stderr(&o).contains("no prediction records"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no prediction records"),
+        "{}",
+        stderr(&o)
+    );
 
     let o = kvc(&["score", "/nonexistent/dir"]);
     assert_eq!(code(&o), 2);
@@ -125,8 +140,17 @@ fn make_tree(root: &Path, with_full: bool) {
         run("full", "rate1", all_right, TREC, None);
     }
     // kvcompress rate8: hotpotqa 50 (50 % of full), trec 50 (100 % of full).
-    let hot8 = HOTPOT.replace("\"length\": 100}", "\"length\": 100, \"cache_tokens\": 128}");
-    run("kvcompress", "rate8", &hot8, TREC, Some(r#"{"model": "tiny-llama", "method": "kvcompress", "rate": 8}"#));
+    let hot8 = HOTPOT.replace(
+        "\"length\": 100}",
+        "\"length\": 100, \"cache_tokens\": 128}",
+    );
+    run(
+        "kvcompress",
+        "rate8",
+        &hot8,
+        TREC,
+        Some(r#"{"model": "tiny-llama", "method": "kvcompress", "rate": 8}"#),
+    );
     run("snapkv", "tokens128", &hot8, TREC, None);
 }
 
@@ -137,14 +161,28 @@ fn scores_a_results_tree_with_percent_of_full() {
     let o = kvc(&["score", d.path().to_str().unwrap()]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     for run in ["full/rate1", "kvcompress/rate8", "snapkv/tokens128"] {
-        assert!(d.path().join("tiny-llama").join(run).join("result.json").exists(), "{run}");
+        assert!(
+            d.path()
+                .join("tiny-llama")
+                .join(run)
+                .join("result.json")
+                .exists(),
+            "{run}"
+        );
     }
     let mut rdr = csv::Reader::from_path(d.path().join("scores.csv")).unwrap();
     let rows: Vec<csv::StringRecord> = rdr.records().map(|r| r.unwrap()).collect();
     let h = rdr.headers().unwrap().clone();
-    let col = |r: &csv::StringRecord, name: &str| r[h.iter().position(|x| x == name).unwrap()].to_string();
+    let col = |r: &csv::StringRecord, name: &str| {
+        r[h.iter().position(|x| x == name).unwrap()].to_string()
+    };
     assert_eq!(rows.len(), 6);
-    let find = |method: &str, task: &str| rows.iter().find(|r| col(r, "method") == method && col(r, "task") == task).unwrap().clone();
+    let find = |method: &str, task: &str| {
+        rows.iter()
+            .find(|r| col(r, "method") == method && col(r, "task") == task)
+            .unwrap()
+            .clone()
+    };
     let r = find("kvcompress", "hotpotqa");
     assert_eq!(col(&r, "score"), "50.0");
     assert_eq!(col(&r, "full_score"), "100.0");
@@ -161,12 +199,20 @@ fn scores_a_results_tree_with_percent_of_full() {
     let mut rdr = csv::Reader::from_path(d.path().join("summary.csv")).unwrap();
     let h = rdr.headers().unwrap().clone();
     let rows: Vec<csv::StringRecord> = rdr.records().map(|r| r.unwrap()).collect();
-    let col = |r: &csv::StringRecord, name: &str| r[h.iter().position(|x| x == name).unwrap()].to_string();
-    let all = rows.iter().find(|r| col(r, "method") == "kvcompress" && col(r, "category") == "all").unwrap();
+    let col = |r: &csv::StringRecord, name: &str| {
+        r[h.iter().position(|x| x == name).unwrap()].to_string()
+    };
+    let all = rows
+        .iter()
+        .find(|r| col(r, "method") == "kvcompress" && col(r, "category") == "all")
+        .unwrap();
     // mean of 50 % and 100 %.
     assert_eq!(col(all, "percent_of_full"), "75.0");
     assert_eq!(col(all, "n_tasks"), "2");
-    let few = rows.iter().find(|r| col(r, "method") == "kvcompress" && col(r, "category") == "Few-shot Learning").unwrap();
+    let few = rows
+        .iter()
+        .find(|r| col(r, "method") == "kvcompress" && col(r, "category") == "Few-shot Learning")
+        .unwrap();
     assert_eq!(col(few, "percent_of_full"), "100.0");
 }
 
@@ -183,13 +229,20 @@ fn missing_full_cache_is_named() {
     // plot needs percent of full: a clear error.
     let o = kvc(&["plot", d.path().join("scores.csv").to_str().unwrap()]);
     assert_eq!(code(&o), 2);
-    assert!(stderr(&o).contains("percent of full cache is missing"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("percent of full cache is missing"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 fn png_size(p: &Path) -> (u32, u32) {
     let b = std::fs::read(p).unwrap();
     assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n", "{}", p.display());
-    (u32::from_be_bytes(b[16..20].try_into().unwrap()), u32::from_be_bytes(b[20..24].try_into().unwrap()))
+    (
+        u32::from_be_bytes(b[16..20].try_into().unwrap()),
+        u32::from_be_bytes(b[20..24].try_into().unwrap()),
+    )
 }
 
 #[test]
@@ -198,17 +251,36 @@ fn plots_png_and_svg() {
     make_tree(d.path(), true);
     assert_eq!(code(&kvc(&["score", "-q", d.path().to_str().unwrap()])), 0);
     let out = d.path().join("plots");
-    let o = kvc(&["plot", d.path().join("scores.csv").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = kvc(&[
+        "plot",
+        d.path().join("scores.csv").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let files: Vec<PathBuf> = String::from_utf8(o.stdout).unwrap().lines().map(PathBuf::from).collect();
-    for stem in ["tiny-llama__categories_by_rate", "tiny-llama__categories_by_cache", "tiny-llama__kvcompress__subtasks_by_rate"] {
+    let files: Vec<PathBuf> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(PathBuf::from)
+        .collect();
+    for stem in [
+        "tiny-llama__categories_by_rate",
+        "tiny-llama__categories_by_cache",
+        "tiny-llama__kvcompress__subtasks_by_rate",
+    ] {
         let png = out.join(format!("{stem}.png"));
         let svg = out.join(format!("{stem}.svg"));
-        assert!(files.contains(&png) && files.contains(&svg), "{stem}: {files:?}");
+        assert!(
+            files.contains(&png) && files.contains(&svg),
+            "{stem}: {files:?}"
+        );
         let (w, h) = png_size(&png);
         assert!(w >= 800 && h >= 400, "{w}x{h}");
         let s = std::fs::read_to_string(&svg).unwrap();
-        assert!(s.contains("tiny-llama") && s.contains("% of full-cache score"), "svg text");
+        assert!(
+            s.contains("tiny-llama") && s.contains("% of full-cache score"),
+            "svg text"
+        );
     }
 }
 
@@ -220,21 +292,67 @@ fn compare_gates_on_drops() {
     let base = d.path().join("base.csv");
     std::fs::copy(d.path().join("scores.csv"), &base).unwrap();
     // Same file: ok.
-    let o = kvc(&["compare", "--baseline", base.to_str().unwrap(), "--current", base.to_str().unwrap(), "--tolerance", "0"]);
+    let o = kvc(&[
+        "compare",
+        "--baseline",
+        base.to_str().unwrap(),
+        "--current",
+        base.to_str().unwrap(),
+        "--tolerance",
+        "0",
+    ]);
     assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stdout));
     // Make kvcompress/rate8 hotpotqa drop from 50 to 0: both preds wrong.
-    let hot = d.path().join("tiny-llama/kvcompress/rate8/preds/hotpotqa.jsonl");
-    std::fs::write(&hot, HOTPOT.replace("\"pred\": \"Paris\"", "\"pred\": \"Lyon\"")).unwrap();
+    let hot = d
+        .path()
+        .join("tiny-llama/kvcompress/rate8/preds/hotpotqa.jsonl");
+    std::fs::write(
+        &hot,
+        HOTPOT.replace("\"pred\": \"Paris\"", "\"pred\": \"Lyon\""),
+    )
+    .unwrap();
     assert_eq!(code(&kvc(&["score", "-q", d.path().to_str().unwrap()])), 0);
     let cur = d.path().join("scores.csv");
-    let o = kvc(&["compare", "--baseline", base.to_str().unwrap(), "--current", cur.to_str().unwrap(), "--tolerance", "1"]);
+    let o = kvc(&[
+        "compare",
+        "--baseline",
+        base.to_str().unwrap(),
+        "--current",
+        cur.to_str().unwrap(),
+        "--tolerance",
+        "1",
+    ]);
     assert_eq!(code(&o), 1);
     let table = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(table.contains("kvcompress rate8 hotpotqa") && table.contains("DROP") && table.contains("-50.00"), "{table}");
+    assert!(
+        table.contains("kvcompress rate8 hotpotqa")
+            && table.contains("DROP")
+            && table.contains("-50.00"),
+        "{table}"
+    );
     // The category mean (Multi-Doc QA) dropped too.
-    assert!(table.lines().any(|l| l.contains("Multi-Doc QA") && l.contains("DROP")), "{table}");
-    let o = kvc(&["compare", "--baseline", base.to_str().unwrap(), "--current", cur.to_str().unwrap(), "--tolerance", "60"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("Multi-Doc QA") && l.contains("DROP")),
+        "{table}"
+    );
+    let o = kvc(&[
+        "compare",
+        "--baseline",
+        base.to_str().unwrap(),
+        "--current",
+        cur.to_str().unwrap(),
+        "--tolerance",
+        "60",
+    ]);
     assert_eq!(code(&o), 0);
-    let o = kvc(&["compare", "--baseline", "/nonexistent.csv", "--current", cur.to_str().unwrap()]);
+    let o = kvc(&[
+        "compare",
+        "--baseline",
+        "/nonexistent.csv",
+        "--current",
+        cur.to_str().unwrap(),
+    ]);
     assert_eq!(code(&o), 2);
 }

@@ -37,10 +37,18 @@ fn venv_python() -> Option<PathBuf> {
     if let Ok(v) = std::env::var("KVC_CONFORMANCE_VENV") {
         cmd.arg(v);
     }
-    let out = cmd.stderr(Stdio::inherit()).output().expect("run conformance-venv.sh");
-    assert!(out.status.success(), "scripts/conformance-venv.sh failed (needs pip access to PyPI)");
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run conformance-venv.sh");
+    assert!(
+        out.status.success(),
+        "scripts/conformance-venv.sh failed (needs pip access to PyPI)"
+    );
     let text = String::from_utf8(out.stdout).unwrap();
-    Some(PathBuf::from(text.lines().last().expect("venv python path").trim()))
+    Some(PathBuf::from(
+        text.lines().last().expect("venv python path").trim(),
+    ))
 }
 
 fn run_python(py: &Path, backend: &str, cases: &[Value]) -> HashMap<u64, Value> {
@@ -81,31 +89,181 @@ fn same(a: f64, b: f64) -> bool {
 // ------------------------------------------------------------------ case generation
 
 const EN_WORDS: &[&str] = &[
-    "the", "a", "an", "The", "A", "AN", "cat", "dog", "Paris", "paris", "Paris.", "U.S.", "3.14", "2023", "e.g.",
-    "don't", "co-op", "naïve", "ΟΔΟΣ", "İstanbul", "①the", "½", "x²", "the\u{301}", "_the_", "theater", "an-",
-    "a.b", "«the»", "ß", "Straße", "answer", "yes", "no", "unanswerable", "of", "and", "to", "in", "is", "was",
-    "John", "Smith", "1990", "Summit", "the-ater", "thé", "а", "ａ", "the’s", "“the”", "a_b", "the1", "1the",
+    "the",
+    "a",
+    "an",
+    "The",
+    "A",
+    "AN",
+    "cat",
+    "dog",
+    "Paris",
+    "paris",
+    "Paris.",
+    "U.S.",
+    "3.14",
+    "2023",
+    "e.g.",
+    "don't",
+    "co-op",
+    "naïve",
+    "ΟΔΟΣ",
+    "İstanbul",
+    "①the",
+    "½",
+    "x²",
+    "the\u{301}",
+    "_the_",
+    "theater",
+    "an-",
+    "a.b",
+    "«the»",
+    "ß",
+    "Straße",
+    "answer",
+    "yes",
+    "no",
+    "unanswerable",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "John",
+    "Smith",
+    "1990",
+    "Summit",
+    "the-ater",
+    "thé",
+    "а",
+    "ａ",
+    "the’s",
+    "“the”",
+    "a_b",
+    "the1",
+    "1the",
 ];
 const EN_SEPS: &[&str] = &[
-    " ", " ", " ", "  ", "\t", "\n", "\u{1c}", "\u{1f}", "\u{3000}", "\u{a0}", "\u{200b}", "\u{85}", ",", ".", ". ",
-    "!", "?", "—", "…", "\r\n", " . ", "..", " - ", "'", "\"",
+    " ", " ", " ", "  ", "\t", "\n", "\u{1c}", "\u{1f}", "\u{3000}", "\u{a0}", "\u{200b}",
+    "\u{85}", ",", ".", ". ", "!", "?", "—", "…", "\r\n", " . ", "..", " - ", "'", "\"",
 ];
 const ZH_WORDS: &[&str] = &[
-    "北京", "清华大学", "我", "来到", "的", "是", "中国", "人民", "，", "。", "《", "》", "“", "”", "段落", "GPT-4",
-    "2023-01-01", "v1.2.3", "3.14", "50.5%", "T.S.Eliot", "www.x.com", "a--b", "Ａ", "１２", "\u{9FD6}", "\u{9FEF}",
-    "\u{3400}", "𠀀", "ｱ", "한국", " ", "\n", "\r\n", "厦门大学", "研究", "生命", "科学", "发展", "会议", "总结", "iPhone",
-    "iOS", "11", "12.1%", "C++", "C#", "R&D", "a_b", "x.y_z", "—", "…", "、", "：", "？", "！", "（", "）", "·", "B超",
-    "江大桥", "南京市长", "长江大桥", "他来到了网易杭研大厦", "小明硕士毕业于中国科学院计算所", "Hello", "World",
+    "北京",
+    "清华大学",
+    "我",
+    "来到",
+    "的",
+    "是",
+    "中国",
+    "人民",
+    "，",
+    "。",
+    "《",
+    "》",
+    "“",
+    "”",
+    "段落",
+    "GPT-4",
+    "2023-01-01",
+    "v1.2.3",
+    "3.14",
+    "50.5%",
+    "T.S.Eliot",
+    "www.x.com",
+    "a--b",
+    "Ａ",
+    "１２",
+    "\u{9FD6}",
+    "\u{9FEF}",
+    "\u{3400}",
+    "𠀀",
+    "ｱ",
+    "한국",
+    " ",
+    "\n",
+    "\r\n",
+    "厦门大学",
+    "研究",
+    "生命",
+    "科学",
+    "发展",
+    "会议",
+    "总结",
+    "iPhone",
+    "iOS",
+    "11",
+    "12.1%",
+    "C++",
+    "C#",
+    "R&D",
+    "a_b",
+    "x.y_z",
+    "—",
+    "…",
+    "、",
+    "：",
+    "？",
+    "！",
+    "（",
+    "）",
+    "·",
+    "B超",
+    "江大桥",
+    "南京市长",
+    "长江大桥",
+    "他来到了网易杭研大厦",
+    "小明硕士毕业于中国科学院计算所",
+    "Hello",
+    "World",
 ];
 const CODE_LINES: &[&str] = &[
-    "def foo(x):", "    return x + 1", "# comment", "// c", "```python", "```", "print('#')", "url = 'http://x'",
-    "x = 1", "\r", "", " ", "for i in range(10):", "int a = b;", "public void run() {", "}", "self.assertEqual(a, b)",
-    "import os", "a = b // 2", "    #region", "return self._cache[key]", "if (x == null) return;",
-    "    result = [f(x) for x in xs if x]", "éè = 'ü'", "s = \"`\"",
+    "def foo(x):",
+    "    return x + 1",
+    "# comment",
+    "// c",
+    "```python",
+    "```",
+    "print('#')",
+    "url = 'http://x'",
+    "x = 1",
+    "\r",
+    "",
+    " ",
+    "for i in range(10):",
+    "int a = b;",
+    "public void run() {",
+    "}",
+    "self.assertEqual(a, b)",
+    "import os",
+    "a = b // 2",
+    "    #region",
+    "return self._cache[key]",
+    "if (x == null) return;",
+    "    result = [f(x) for x in xs if x]",
+    "éè = 'ü'",
+    "s = \"`\"",
 ];
 const CLASSES: &[&str] = &[
-    "A", "AB", "ABC", "ABCD", "X", "X", "XY", "Location", "Loc", "State", "", "Other location",
-    "Lasting time of somethin", "体育", "体育新闻", "新闻", "Date", "Definition of something", "Abbreviation",
+    "A",
+    "AB",
+    "ABC",
+    "ABCD",
+    "X",
+    "X",
+    "XY",
+    "Location",
+    "Loc",
+    "State",
+    "",
+    "Other location",
+    "Lasting time of somethin",
+    "体育",
+    "体育新闻",
+    "新闻",
+    "Date",
+    "Definition of something",
+    "Abbreviation",
 ];
 
 fn pick<'a>(rng: &mut StdRng, xs: &[&'a str]) -> &'a str {
@@ -179,8 +337,25 @@ fn code_text(rng: &mut StdRng) -> String {
 
 fn numbers_text(rng: &mut StdRng, zh: bool) -> String {
     let parts = [
-        "Paragraph 12", "Paragraph 3", "012", "１２", "12a3", "段落12", "段落3", "The answer is: ", "答案是：", "12", "3",
-        "٣", " and ", ",", "Paragraph", "段落", "7", "x7y", "\n",
+        "Paragraph 12",
+        "Paragraph 3",
+        "012",
+        "１２",
+        "12a3",
+        "段落12",
+        "段落3",
+        "The answer is: ",
+        "答案是：",
+        "12",
+        "3",
+        "٣",
+        " and ",
+        ",",
+        "Paragraph",
+        "段落",
+        "7",
+        "x7y",
+        "\n",
     ];
     let n = rng.random_range(0..5);
     let mut s: String = (0..n).map(|_| pick(rng, &parts)).collect();
@@ -197,61 +372,143 @@ struct Gen {
 impl Gen {
     fn metric(&mut self, metric: &str, pred: &str, gt: &str, classes: Option<Vec<String>>) {
         let id = self.cases.len() as u64;
-        self.cases.push(json!({"id": id, "type": "metric", "metric": metric, "pred": pred, "gt": gt,
-            "all_classes": classes}));
+        self.cases.push(
+            json!({"id": id, "type": "metric", "metric": metric, "pred": pred, "gt": gt,
+            "all_classes": classes}),
+        );
     }
     fn jieba(&mut self, text: &str) {
         let id = self.cases.len() as u64;
-        self.cases.push(json!({"id": id, "type": "jieba", "text": text}));
+        self.cases
+            .push(json!({"id": id, "type": "jieba", "text": text}));
     }
-    fn subset(&mut self, dataset: &str, e: bool, preds: Vec<String>, answers: Vec<Vec<String>>, lengths: Vec<u64>, classes: Option<Vec<String>>) {
+    fn subset(
+        &mut self,
+        dataset: &str,
+        e: bool,
+        preds: Vec<String>,
+        answers: Vec<Vec<String>>,
+        lengths: Vec<u64>,
+        classes: Option<Vec<String>>,
+    ) {
         let id = self.cases.len() as u64;
-        self.cases.push(json!({"id": id, "type": "subset", "dataset": dataset, "e": e, "predictions": preds,
-            "answers": answers, "lengths": lengths, "all_classes": classes}));
+        self.cases.push(
+            json!({"id": id, "type": "subset", "dataset": dataset, "e": e, "predictions": preds,
+            "answers": answers, "lengths": lengths, "all_classes": classes}),
+        );
     }
 }
 
 fn read_rows(name: &str) -> Option<Vec<Value>> {
-    let p = root().join("../shared/longbench").join(format!("{name}.jsonl"));
+    let p = root()
+        .join("../shared/longbench")
+        .join(format!("{name}.jsonl"));
     let text = std::fs::read_to_string(&p).ok()?;
-    Some(text.lines().map(|l| serde_json::from_str(l).unwrap()).collect())
+    Some(
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect(),
+    )
 }
 
 fn hand_written(g: &mut Gen) {
     let v = |xs: &[&str]| Some(xs.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-    for (p, t) in [("", ""), ("", "a"), ("a", ""), (".", "."), ("!!!", "!!!"), ("the", "the"), ("The cat.", "cat"),
-        ("①the cat", "the cat"), ("\u{1c}cat\u{1f}dog", "cat dog"), ("an apple", "Apple"), ("«the» cat", "cat")] {
+    for (p, t) in [
+        ("", ""),
+        ("", "a"),
+        ("a", ""),
+        (".", "."),
+        ("!!!", "!!!"),
+        ("the", "the"),
+        ("The cat.", "cat"),
+        ("①the cat", "the cat"),
+        ("\u{1c}cat\u{1f}dog", "cat dog"),
+        ("an apple", "Apple"),
+        ("«the» cat", "cat"),
+    ] {
         g.metric("qa_f1_score", p, t, None);
     }
-    for (p, t) in [("", ""), ("，。", "北京"), ("北京。", "北京"), ("《书》", "书》"), ("3.14", "314"), ("GPT-4", "gpt 4")] {
+    for (p, t) in [
+        ("", ""),
+        ("，。", "北京"),
+        ("北京。", "北京"),
+        ("《书》", "书》"),
+        ("3.14", "314"),
+        ("GPT-4", "gpt 4"),
+    ] {
         g.metric("qa_f1_zh_score", p, t, None);
     }
-    for (p, t) in [("", "a"), ("a", ""), ("...", "a"), ("a b c", "a b c"), ("b a", "a b"), ("a. ", "a"), (" . ", "x"),
-        ("The cat. The dog.", "the cat. the dog"), ("a a a", "a"), ("x.y.z", "x y z")] {
+    for (p, t) in [
+        ("", "a"),
+        ("a", ""),
+        ("...", "a"),
+        ("a b c", "a b c"),
+        ("b a", "a b"),
+        ("a. ", "a"),
+        (" . ", "x"),
+        ("The cat. The dog.", "the cat. the dog"),
+        ("a a a", "a"),
+        ("x.y.z", "x y z"),
+    ] {
         g.metric("rouge_score", p, t, None);
     }
-    for (p, t) in [("", "北京"), ("北京欢迎你。", "北京欢迎你"), ("3.14是圆周率", "圆周率是3.14")] {
+    for (p, t) in [
+        ("", "北京"),
+        ("北京欢迎你。", "北京欢迎你"),
+        ("3.14是圆周率", "圆周率是3.14"),
+    ] {
         g.metric("rouge_zh_score", p, t, None);
     }
-    g.metric("classification_score", "A AB ABC ABCD", "ABCD", v(&["A", "AB", "ABC", "ABCD"]));
+    g.metric(
+        "classification_score",
+        "A AB ABC ABCD",
+        "ABCD",
+        v(&["A", "AB", "ABC", "ABCD"]),
+    );
     g.metric("classification_score", "XY", "XY", v(&["X", "X", "XY"]));
     g.metric("classification_score", "anything", "XY", v(&["", "XY"]));
-    g.metric("classification_score", "Stateside", "State", v(&["State", "Stateside"]));
+    g.metric(
+        "classification_score",
+        "Stateside",
+        "State",
+        v(&["State", "Stateside"]),
+    );
     g.metric("classification_score", "", "", v(&[""]));
     g.metric("classification_score", "x", "y", v(&[]));
-    for (p, t) in [("Paragraph 12", "Paragraph 12"), ("012 12", "Paragraph 12"), ("１２", "Paragraph 12"), ("", "Paragraph 1"),
-        ("3", "no id here")] {
+    for (p, t) in [
+        ("Paragraph 12", "Paragraph 12"),
+        ("012 12", "Paragraph 12"),
+        ("１２", "Paragraph 12"),
+        ("", "Paragraph 1"),
+        ("3", "no id here"),
+    ] {
         g.metric("retrieval_score", p, t, None);
     }
-    for (p, t) in [("段落27", "段落27"), ("段落２７", "段落27"), ("答案是：段落3和段落30", "段落3")] {
+    for (p, t) in [
+        ("段落27", "段落27"),
+        ("段落２７", "段落27"),
+        ("答案是：段落3和段落30", "段落3"),
+    ] {
         g.metric("retrieval_zh_score", p, t, None);
     }
-    for (p, t) in [("5", "5"), ("05 5", "5"), ("", "5"), ("There are 12 unique paragraphs, 12.", "12")] {
+    for (p, t) in [
+        ("5", "5"),
+        ("05 5", "5"),
+        ("", "5"),
+        ("There are 12 unique paragraphs, 12.", "12"),
+    ] {
         g.metric("count_score", p, t, None);
     }
     let long_gt = "ab".repeat(120);
-    for (p, t) in [("", ""), ("bcbcb", "abacbbc"), ("\n\nx = 1", "x = 1"), ("# c\n// d\n```\n", "x"), ("a\r\nb", "a"),
-        (&*format!("q{}", "ab".repeat(60)), &*long_gt), ("print('#')\nreturn x", "return x")] {
+    for (p, t) in [
+        ("", ""),
+        ("bcbcb", "abacbbc"),
+        ("\n\nx = 1", "x = 1"),
+        ("# c\n// d\n```\n", "x"),
+        ("a\r\nb", "a"),
+        (&*format!("q{}", "ab".repeat(60)), &*long_gt),
+        ("print('#')\nreturn x", "return x"),
+    ] {
         g.metric("code_sim_score", p, t, None);
     }
     // rouge recursion cut-off around ~990 words in one sentence pair, en and zh.
@@ -267,36 +524,69 @@ fn hand_written(g: &mut Gen) {
 fn random_cases(g: &mut Gen, rng: &mut StdRng) {
     for _ in 0..250 {
         let gt = en_text(rng, 6);
-        let pred = if rng.random_bool(0.3) { gt.clone() + &en_text(rng, 3) } else { en_text(rng, 12) };
+        let pred = if rng.random_bool(0.3) {
+            gt.clone() + &en_text(rng, 3)
+        } else {
+            en_text(rng, 12)
+        };
         g.metric("qa_f1_score", &pred, &gt, None);
     }
     for _ in 0..200 {
         let gt = zh_text(rng, 5);
-        let pred = if rng.random_bool(0.3) { zh_text(rng, 2) + &gt } else { zh_text(rng, 8) };
+        let pred = if rng.random_bool(0.3) {
+            zh_text(rng, 2) + &gt
+        } else {
+            zh_text(rng, 8)
+        };
         g.metric("qa_f1_zh_score", &pred, &gt, None);
     }
     for _ in 0..200 {
         let gt = en_text(rng, 40);
-        let pred = if rng.random_bool(0.4) { mutate(rng, &gt) + &en_text(rng, 10) } else { en_text(rng, 40) };
+        let pred = if rng.random_bool(0.4) {
+            mutate(rng, &gt) + &en_text(rng, 10)
+        } else {
+            en_text(rng, 40)
+        };
         g.metric("rouge_score", &pred, &gt, None);
     }
     for _ in 0..120 {
         let gt = zh_text(rng, 20);
-        let pred = if rng.random_bool(0.4) { gt.clone() + &zh_text(rng, 5) } else { zh_text(rng, 20) };
+        let pred = if rng.random_bool(0.4) {
+            gt.clone() + &zh_text(rng, 5)
+        } else {
+            zh_text(rng, 20)
+        };
         g.metric("rouge_zh_score", &pred, &gt, None);
     }
     for _ in 0..200 {
         let k = rng.random_range(0..7);
         let classes: Vec<String> = (0..k).map(|_| pick(rng, CLASSES).to_string()).collect();
-        let pred: String = (0..rng.random_range(0..4)).map(|_| pick(rng, CLASSES).to_string() + " ").collect();
+        let pred: String = (0..rng.random_range(0..4))
+            .map(|_| pick(rng, CLASSES).to_string() + " ")
+            .collect();
         let gt = pick(rng, CLASSES);
         g.metric("classification_score", &pred, gt, Some(classes));
     }
     for _ in 0..120 {
         let id = rng.random_range(0..40);
-        g.metric("retrieval_score", &numbers_text(rng, false), &format!("Paragraph {id}"), None);
-        g.metric("retrieval_zh_score", &numbers_text(rng, true), &format!("段落{id}"), None);
-        g.metric("count_score", &numbers_text(rng, false), &format!("{}", rng.random_range(0..20)), None);
+        g.metric(
+            "retrieval_score",
+            &numbers_text(rng, false),
+            &format!("Paragraph {id}"),
+            None,
+        );
+        g.metric(
+            "retrieval_zh_score",
+            &numbers_text(rng, true),
+            &format!("段落{id}"),
+            None,
+        );
+        g.metric(
+            "count_score",
+            &numbers_text(rng, false),
+            &format!("{}", rng.random_range(0..20)),
+            None,
+        );
     }
     for _ in 0..300 {
         let gt = code_line(rng);
@@ -307,7 +597,9 @@ fn random_cases(g: &mut Gen, rng: &mut StdRng) {
     }
     // Long code references (autojunk for len(b) >= 200).
     for _ in 0..40 {
-        let gt: String = (0..rng.random_range(30..90)).map(|_| pick(rng, &["ab", "a", "b", "x = 1; ", "self.", "()", " "])).collect();
+        let gt: String = (0..rng.random_range(30..90))
+            .map(|_| pick(rng, &["ab", "a", "b", "x = 1; ", "self.", "()", " "]))
+            .collect();
         let pred = mutate(rng, &gt[..gt.len() / 2]) + &mutate(rng, &gt[gt.len() / 2..]);
         g.metric("code_sim_score", &pred.replace('\n', " "), &gt, None);
     }
@@ -316,7 +608,9 @@ fn random_cases(g: &mut Gen, rng: &mut StdRng) {
     }
     // HMM-heavy: random CJK runs that are mostly not dictionary words.
     for _ in 0..150 {
-        let s: String = (0..rng.random_range(1..16)).map(|_| rand_cjk(rng)).collect();
+        let s: String = (0..rng.random_range(1..16))
+            .map(|_| rand_cjk(rng))
+            .collect();
         g.jieba(&s);
     }
 }
@@ -335,7 +629,14 @@ fn real_rows(g: &mut Gen, rng: &mut StdRng) -> usize {
             let pred = match i % 4 {
                 0 => words[..k].join(" "),
                 1 => ans[0].clone(),
-                2 => ans[0].chars().take(ans[0].chars().count() / 2).collect::<String>() + " " + &words[..k.min(50)].join(" "),
+                2 => {
+                    ans[0]
+                        .chars()
+                        .take(ans[0].chars().count() / 2)
+                        .collect::<String>()
+                        + " "
+                        + &words[..k.min(50)].join(" ")
+                }
                 _ => String::new(),
             };
             if i < 60 {
@@ -346,7 +647,14 @@ fn real_rows(g: &mut Gen, rng: &mut StdRng) -> usize {
             lengths.push(r["length"].as_u64().unwrap());
             n += 1;
         }
-        g.subset("multi_news", false, preds.clone(), answers.clone(), lengths.clone(), None);
+        g.subset(
+            "multi_news",
+            false,
+            preds.clone(),
+            answers.clone(),
+            lengths.clone(),
+            None,
+        );
         g.subset("multi_news", true, preds, answers, lengths, None);
     } else {
         eprintln!("!!!!! ../shared/longbench/multi_news.jsonl not found: real-row rouge cases skipped !!!!!");
@@ -410,8 +718,21 @@ fn real_rows(g: &mut Gen, rng: &mut StdRng) -> usize {
 
 fn subset_cases(g: &mut Gen, rng: &mut StdRng) {
     let trec_classes: Vec<String> = CLASSES.iter().map(|s| s.to_string()).collect();
-    for ds in ["trec", "lsht", "samsum", "triviaqa", "lcc", "repobench-p", "passage_count", "passage_retrieval_en", "qasper",
-        "hotpotqa", "gov_report", "vcsum", "dureader"] {
+    for ds in [
+        "trec",
+        "lsht",
+        "samsum",
+        "triviaqa",
+        "lcc",
+        "repobench-p",
+        "passage_count",
+        "passage_retrieval_en",
+        "qasper",
+        "hotpotqa",
+        "gov_report",
+        "vcsum",
+        "dureader",
+    ] {
         for e in [false, true] {
             if e && matches!(ds, "lsht" | "vcsum" | "dureader") {
                 continue;
@@ -428,12 +749,22 @@ fn subset_cases(g: &mut Gen, rng: &mut StdRng) {
                         (p, vec![gt])
                     }
                     "lcc" | "repobench-p" => (code_text(rng), vec![code_line(rng)]),
-                    "passage_count" => (numbers_text(rng, false), vec![format!("{}", rng.random_range(0..13))]),
-                    "passage_retrieval_en" => (numbers_text(rng, false), vec![format!("Paragraph {}", rng.random_range(0..13))]),
+                    "passage_count" => (
+                        numbers_text(rng, false),
+                        vec![format!("{}", rng.random_range(0..13))],
+                    ),
+                    "passage_retrieval_en" => (
+                        numbers_text(rng, false),
+                        vec![format!("Paragraph {}", rng.random_range(0..13))],
+                    ),
                     "vcsum" | "dureader" => (zh_text(rng, 15), vec![zh_text(rng, 15)]),
                     _ => {
                         let a1 = en_text(rng, 6);
-                        let p = if rng.random_bool(0.5) { format!("\n\n{a1}\n{}", en_text(rng, 4)) } else { en_text(rng, 8) };
+                        let p = if rng.random_bool(0.5) {
+                            format!("\n\n{a1}\n{}", en_text(rng, 4))
+                        } else {
+                            en_text(rng, 8)
+                        };
                         (p, vec![a1, en_text(rng, 3)])
                     }
                 };
@@ -446,11 +777,30 @@ fn subset_cases(g: &mut Gen, rng: &mut StdRng) {
         }
     }
     // Rounding ties and near-ties: k successes out of n, count_score gives exactly 0 or 1.
-    for (k, n) in [(1usize, 32usize), (3, 32), (1, 8), (5, 16), (7, 400), (1, 200), (2, 3), (147, 200), (1, 3)] {
-        let preds: Vec<String> = (0..n).map(|i| if i < k { "1".into() } else { "0".into() }).collect();
+    for (k, n) in [
+        (1usize, 32usize),
+        (3, 32),
+        (1, 8),
+        (5, 16),
+        (7, 400),
+        (1, 200),
+        (2, 3),
+        (147, 200),
+        (1, 3),
+    ] {
+        let preds: Vec<String> = (0..n)
+            .map(|i| if i < k { "1".into() } else { "0".into() })
+            .collect();
         let answers = vec![vec!["1".to_string()]; n];
         let lengths: Vec<u64> = (0..n).map(|i| [10, 5000, 9000][i % 3]).collect();
-        g.subset("passage_count", false, preds.clone(), answers.clone(), lengths.clone(), None);
+        g.subset(
+            "passage_count",
+            false,
+            preds.clone(),
+            answers.clone(),
+            lengths.clone(),
+            None,
+        );
         g.subset("passage_count", true, preds, answers, lengths, None);
     }
 }
@@ -465,14 +815,24 @@ fn kvc_metric(case: &Value, opts: &MetricOptions) -> Result<f64, String> {
         .find(|m| m.python_name() == name)
         .unwrap();
     let classes: Option<Vec<String>> = serde_json::from_value(case["all_classes"].clone()).unwrap();
-    metric_score(metric, case["pred"].as_str().unwrap(), case["gt"].as_str().unwrap(), classes.as_deref(), opts)
-        .map_err(|e| e.to_string())
+    metric_score(
+        metric,
+        case["pred"].as_str().unwrap(),
+        case["gt"].as_str().unwrap(),
+        classes.as_deref(),
+        opts,
+    )
+    .map_err(|e| e.to_string())
 }
 
 fn kvc_subset(case: &Value, opts: &MetricOptions) -> SubsetScore {
     let ds = case["dataset"].as_str().unwrap();
     let e = case["e"].as_bool().unwrap();
-    let task = if e { tasks::task(&format!("{ds}_e")).unwrap() } else { tasks::task(ds).unwrap() };
+    let task = if e {
+        tasks::task(&format!("{ds}_e")).unwrap()
+    } else {
+        tasks::task(ds).unwrap()
+    };
     let preds: Vec<String> = serde_json::from_value(case["predictions"].clone()).unwrap();
     let answers: Vec<Vec<String>> = serde_json::from_value(case["answers"].clone()).unwrap();
     let lengths: Vec<u64> = serde_json::from_value(case["lengths"].clone()).unwrap();
@@ -483,13 +843,28 @@ fn kvc_subset(case: &Value, opts: &MetricOptions) -> SubsetScore {
         .zip(lengths)
         .enumerate()
         .map(|(i, ((pred, answers), length))| {
-            (i + 1, PredRecord { pred, answers, all_classes: classes.clone(), length: Some(length), ..Default::default() })
+            (
+                i + 1,
+                PredRecord {
+                    pred,
+                    answers,
+                    all_classes: classes.clone(),
+                    length: Some(length),
+                    ..Default::default()
+                },
+            )
         })
         .collect();
-    score_records(task, &records, e, Path::new("case"), opts).unwrap().score
+    score_records(task, &records, e, Path::new("case"), opts)
+        .unwrap()
+        .score
 }
 
-fn check(cases: &[Value], answers: &HashMap<u64, Value>, opts: &MetricOptions) -> (usize, Vec<String>) {
+fn check(
+    cases: &[Value],
+    answers: &HashMap<u64, Value>,
+    opts: &MetricOptions,
+) -> (usize, Vec<String>) {
     let mut checked = 0;
     let mut failures = Vec::new();
     for c in cases {
@@ -497,7 +872,11 @@ fn check(cases: &[Value], answers: &HashMap<u64, Value>, opts: &MetricOptions) -
         let a = &answers[&id];
         let short = |v: &Value| {
             let s = v.to_string();
-            if s.len() > 300 { format!("{}…", &s[..s.char_indices().take(300).last().unwrap().0]) } else { s }
+            if s.len() > 300 {
+                format!("{}…", &s[..s.char_indices().take(300).last().unwrap().0])
+            } else {
+                s
+            }
         };
         checked += 1;
         match c["type"].as_str().unwrap() {
@@ -513,7 +892,10 @@ fn check(cases: &[Value], answers: &HashMap<u64, Value>, opts: &MetricOptions) -
                 let ours = jieba::cut(c["text"].as_str().unwrap());
                 let theirs: Vec<String> = serde_json::from_value(a["tokens"].clone()).unwrap();
                 if ours != theirs {
-                    failures.push(format!("case {id} jieba {:?}: python {theirs:?} kvc {ours:?}", c["text"]));
+                    failures.push(format!(
+                        "case {id} jieba {:?}: python {theirs:?} kvc {ours:?}",
+                        c["text"]
+                    ));
                 }
             }
             "subset" => {
@@ -527,7 +909,10 @@ fn check(cases: &[Value], answers: &HashMap<u64, Value>, opts: &MetricOptions) -
                     _ => false,
                 };
                 if !ok {
-                    failures.push(format!("case {id} subset {} e={}: python {a} kvc {ours:?}", c["dataset"], c["e"]));
+                    failures.push(format!(
+                        "case {id} subset {} e={}: python {a} kvc {ours:?}",
+                        c["dataset"], c["e"]
+                    ));
                 }
             }
             t => panic!("unknown case type {t}"),
@@ -539,7 +924,7 @@ fn check(cases: &[Value], answers: &HashMap<u64, Value>, opts: &MetricOptions) -
 #[test]
 fn longbench_official_scorer_conformance() {
     let Some(py) = venv_python() else { return };
-    let mut rng = StdRng::seed_from_u64(0x10_6b_e7c4);
+    let mut rng = StdRng::seed_from_u64(0x106b_e7c4);
     let mut g = Gen { cases: Vec::new() };
     hand_written(&mut g);
     random_cases(&mut g, &mut rng);
@@ -560,17 +945,36 @@ fn longbench_official_scorer_conformance() {
     for f in failures.iter().take(25) {
         eprintln!("  {f}");
     }
-    assert!(failures.is_empty(), "{} of {n} cases differ from LongBench's official scorer", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {n} cases differ from LongBench's official scorer",
+        failures.len()
+    );
     assert!(n >= 300, "too few cases: {n}");
 
     // The python-Levenshtein backend of fuzzywuzzy, code similarity only.
-    let code: Vec<Value> = g.cases.iter().filter(|c| c["metric"] == "code_sim_score").cloned().collect();
+    let code: Vec<Value> = g
+        .cases
+        .iter()
+        .filter(|c| c["metric"] == "code_sim_score")
+        .cloned()
+        .collect();
     let answers = run_python(&py, "levenshtein", &code);
-    let opts = MetricOptions { fuzz: FuzzBackend::Levenshtein, ..Default::default() };
+    let opts = MetricOptions {
+        fuzz: FuzzBackend::Levenshtein,
+        ..Default::default()
+    };
     let (n, failures) = check(&code, &answers, &opts);
-    eprintln!("conformance (levenshtein): {n} code cases, {} disagree", failures.len());
+    eprintln!(
+        "conformance (levenshtein): {n} code cases, {} disagree",
+        failures.len()
+    );
     for f in failures.iter().take(25) {
         eprintln!("  {f}");
     }
-    assert!(failures.is_empty(), "{} of {n} code cases differ with the Levenshtein backend", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {n} code cases differ with the Levenshtein backend",
+        failures.len()
+    );
 }

@@ -1,11 +1,15 @@
 //! `kvc compare`: the regression gate between two scores.csv files.
 use std::path::PathBuf;
 
+use std::fmt::Write as _;
+
 use clap::Args;
 
 use crate::report::compare::compare;
 use crate::report::scores::{read_csv, ScoreRow};
 use crate::util::Status;
+
+use super::score::emit_stdout;
 
 #[derive(Args, Debug)]
 #[command(
@@ -41,6 +45,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<Status> {
         args.tolerance.is_finite() && args.tolerance >= 0.0,
         "--tolerance must be a non-negative number of points"
     );
+    let mut out = String::new();
     let base: Vec<ScoreRow> = read_csv(&args.baseline)?;
     let cur: Vec<ScoreRow> = read_csv(&args.current)?;
     let c = compare(&base, &cur, args.tolerance);
@@ -53,9 +58,18 @@ pub fn run(args: CompareArgs) -> anyhow::Result<Status> {
                     "current": d.current, "status": d.status.label()})
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"failed": c.failed(), "diffs": v}))?);
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"failed": c.failed(), "diffs": v}))?
+        );
     } else {
-        print!("{}", c.table());
+        let _ = write!(out, "{}", c.table());
     }
-    Ok(if c.failed() { Status::Failed } else { Status::Ok })
+    emit_stdout(&out)?;
+    Ok(if c.failed() {
+        Status::Failed
+    } else {
+        Status::Ok
+    })
 }

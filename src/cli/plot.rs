@@ -1,11 +1,15 @@
 //! `kvc plot`: the paper's quality figures from a `scores.csv`.
 use std::path::PathBuf;
 
+use std::fmt::Write as _;
+
 use clap::Args;
 
 use crate::report::plot::{draw_figure, quality_figures};
 use crate::report::scores::{read_csv, ScoreRow};
 use crate::util::Status;
+
+use super::score::emit_stdout;
 
 #[derive(Args, Debug)]
 #[command(
@@ -40,22 +44,31 @@ pub struct PlotArgs {
 
 /// Run `kvc plot`.
 pub fn run(args: PlotArgs) -> anyhow::Result<Status> {
+    let mut out = String::new();
     let mut rows: Vec<ScoreRow> = read_csv(&args.scores)?;
     if let Some(m) = &args.model {
         rows.retain(|r| &r.model == m);
-        anyhow::ensure!(!rows.is_empty(), "no rows for model `{m}` in {}", args.scores.display());
+        anyhow::ensure!(
+            !rows.is_empty(),
+            "no rows for model `{m}` in {}",
+            args.scores.display()
+        );
     }
-    let out = args.out.clone().unwrap_or_else(|| {
-        args.scores.parent().map(|p| p.join("plots")).unwrap_or_else(|| PathBuf::from("plots"))
+    let out_dir = args.out.clone().unwrap_or_else(|| {
+        args.scores
+            .parent()
+            .map(|p| p.join("plots"))
+            .unwrap_or_else(|| PathBuf::from("plots"))
     });
     let note = args.scores.display().to_string();
     for (stem, fig) in quality_figures(&rows, &note)? {
-        for p in draw_figure(&fig, &out.join(stem))? {
+        for p in draw_figure(&fig, &out_dir.join(stem))? {
             if !args.quiet {
                 eprintln!("wrote {}", p.display());
             }
-            println!("{}", p.display());
+            let _ = writeln!(out, "{}", p.display());
         }
     }
+    emit_stdout(&out)?;
     Ok(Status::Ok)
 }

@@ -2,6 +2,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use std::fmt::Write as _;
+
 use clap::{Args, ValueEnum};
 
 use crate::eval::metrics::{FuzzBackend, MetricOptions, RecursionLimit};
@@ -119,8 +121,13 @@ fn fmt_score(s: &SubsetScore) -> String {
 
 /// Run `kvc score`.
 pub fn run(args: ScoreArgs) -> anyhow::Result<Status> {
+    let mut out = String::new();
     let (opts, on_error) = args.options();
-    anyhow::ensure!(args.dir.is_dir(), "{} is not a directory", args.dir.display());
+    anyhow::ensure!(
+        args.dir.is_dir(),
+        "{} is not a directory",
+        args.dir.display()
+    );
     let mut failed = false;
     if has_pred_files(&args.dir) {
         let d = score::score_pred_dir(&args.dir, args.e, on_error, &opts)?;
@@ -128,14 +135,26 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<Status> {
         write_atomic(&path, score::result_json(&d.subsets).as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
         for b in &d.skipped {
-            eprintln!("warning: skipped {}:{}: {}", b.path.display(), b.line, b.message);
+            eprintln!(
+                "warning: skipped {}:{}: {}",
+                b.path.display(),
+                b.line,
+                b.message
+            );
         }
         if args.json {
-            println!("{}", score::result_json(&d.subsets));
+            let _ = writeln!(out, "{}", score::result_json(&d.subsets));
         } else {
-            println!("{:<24} {:>5} {:>6}  score", "subset", "n", "failed");
+            let _ = writeln!(out, "{:<24} {:>5} {:>6}  score", "subset", "n", "failed");
             for s in &d.subsets {
-                println!("{:<24} {:>5} {:>6}  {}", s.task.name, s.n, s.n_failed, fmt_score(&s.score));
+                let _ = writeln!(
+                    out,
+                    "{:<24} {:>5} {:>6}  {}",
+                    s.task.name,
+                    s.n,
+                    s.n_failed,
+                    fmt_score(&s.score)
+                );
             }
         }
         if !args.quiet {
@@ -149,7 +168,12 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<Status> {
     } else {
         let t = scores::score_tree(&args.dir, args.e, on_error, &opts)?;
         for b in &t.skipped {
-            eprintln!("warning: skipped {}:{}: {}", b.path.display(), b.line, b.message);
+            eprintln!(
+                "warning: skipped {}:{}: {}",
+                b.path.display(),
+                b.line,
+                b.message
+            );
         }
         if !t.missing_full.is_empty() {
             let msg = format!(
@@ -167,14 +191,22 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<Status> {
         scores::write_csv(&scores_path, &t.rows)?;
         scores::write_csv(&summary_path, &t.summary)?;
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&serde_json::json!({"scores": t.rows, "summary": t.summary}))?);
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"scores": t.rows, "summary": t.summary})
+                )?
+            );
         } else {
-            println!(
+            let _ = writeln!(
+                out,
                 "{:<28} {:<12} {:<11} {:<6} {:<18} {:>7} {:>8}",
                 "model", "method", "budget", "bucket", "category", "score", "%full"
             );
             for s in &t.summary {
-                println!(
+                let _ = writeln!(
+                    out,
                     "{:<28} {:<12} {:<11} {:<6} {:<18} {:>7.2} {:>8}",
                     s.model,
                     s.method,
@@ -182,7 +214,8 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<Status> {
                     s.bucket,
                     s.category,
                     s.score,
-                    s.percent_of_full.map_or("-".to_string(), |p| format!("{p:.1}"))
+                    s.percent_of_full
+                        .map_or("-".to_string(), |p| format!("{p:.1}"))
                 );
             }
         }
@@ -195,9 +228,28 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<Status> {
             );
         }
         if t.n_failed > 0 {
-            eprintln!("{} samples carry an `error` (scored as written)", t.n_failed);
+            eprintln!(
+                "{} samples carry an `error` (scored as written)",
+                t.n_failed
+            );
         }
         failed |= t.n_failed > 0 || !t.skipped.is_empty();
     }
+    emit_stdout(&out)?;
     Ok(if failed { Status::Failed } else { Status::Ok })
+}
+
+/// Write command output to stdout; a closed pipe (`kvc score ... | head`) is not an error.
+pub(crate) fn emit_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|_| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("writing to stdout"))
+        }
+        _ => Ok(()),
+    }
 }

@@ -14,8 +14,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::OnceLock;
 
-const DATASET2PROMPT_JSON: &str = include_str!("../../datasets/longbench/config/dataset2prompt.json");
-const DATASET2MAXLEN_JSON: &str = include_str!("../../datasets/longbench/config/dataset2maxlen.json");
+const DATASET2PROMPT_JSON: &str =
+    include_str!("../../datasets/longbench/config/dataset2prompt.json");
+const DATASET2MAXLEN_JSON: &str =
+    include_str!("../../datasets/longbench/config/dataset2maxlen.json");
 
 /// LongBench task category (README / task.md grouping).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -70,7 +72,11 @@ impl Category {
         };
         found.ok_or_else(|| TaskError::UnknownCategory {
             name: s.to_string(),
-            valid: Category::ALL.iter().map(|c| c.name()).collect::<Vec<_>>().join(", "),
+            valid: Category::ALL
+                .iter()
+                .map(|c| c.name())
+                .collect::<Vec<_>>()
+                .join(", "),
         })
     }
 }
@@ -183,12 +189,14 @@ impl Task {
     /// `{context}` and `{input}` are replaced, `{{`/`}}` unescape, braces inside the values are
     /// not interpreted.
     pub fn build_prompt(&self, context: &str, input: &str) -> Result<String, TaskError> {
-        format_template(self.prompt_template(), &[("context", context), ("input", input)]).map_err(
-            |field| TaskError::TemplateField {
-                task: self.name.to_string(),
-                field,
-            },
+        format_template(
+            self.prompt_template(),
+            &[("context", context), ("input", input)],
         )
+        .map_err(|field| TaskError::TemplateField {
+            task: self.name.to_string(),
+            field,
+        })
     }
 
     /// Whether the subset is English (part of the `en16` set).
@@ -228,27 +236,187 @@ macro_rules! t {
 
 /// The 21 LongBench subsets in pred.py / README order.
 pub const LONGBENCH: [Task; 21] = [
-    t!("narrativeqa", SingleDocQa, En, QaF1, 128, chat = true, first = false),
-    t!("qasper", SingleDocQa, En, QaF1, 128, chat = true, first = false),
-    t!("multifieldqa_en", SingleDocQa, En, QaF1, 64, chat = true, first = false),
-    t!("multifieldqa_zh", SingleDocQa, Zh, QaF1Zh, 64, chat = true, first = false),
-    t!("hotpotqa", MultiDocQa, En, QaF1, 32, chat = true, first = false),
-    t!("2wikimqa", MultiDocQa, En, QaF1, 32, chat = true, first = false),
-    t!("musique", MultiDocQa, En, QaF1, 32, chat = true, first = false),
-    t!("dureader", MultiDocQa, Zh, RougeLZh, 128, chat = true, first = false),
-    t!("gov_report", Summarization, En, RougeL, 512, chat = true, first = false),
-    t!("qmsum", Summarization, En, RougeL, 512, chat = true, first = false),
-    t!("multi_news", Summarization, En, RougeL, 512, chat = true, first = false),
-    t!("vcsum", Summarization, Zh, RougeLZh, 512, chat = true, first = false),
-    t!("trec", FewShot, En, Classification, 64, chat = false, first = true),
-    t!("triviaqa", FewShot, En, QaF1, 32, chat = false, first = true),
-    t!("samsum", FewShot, En, RougeL, 128, chat = false, first = true),
-    t!("lsht", FewShot, Zh, Classification, 64, chat = false, first = true),
-    t!("passage_count", Synthetic, En, Count, 32, chat = true, first = false),
-    t!("passage_retrieval_en", Synthetic, En, Retrieval, 32, chat = true, first = false),
-    t!("passage_retrieval_zh", Synthetic, Zh, RetrievalZh, 32, chat = true, first = false),
+    t!(
+        "narrativeqa",
+        SingleDocQa,
+        En,
+        QaF1,
+        128,
+        chat = true,
+        first = false
+    ),
+    t!(
+        "qasper",
+        SingleDocQa,
+        En,
+        QaF1,
+        128,
+        chat = true,
+        first = false
+    ),
+    t!(
+        "multifieldqa_en",
+        SingleDocQa,
+        En,
+        QaF1,
+        64,
+        chat = true,
+        first = false
+    ),
+    t!(
+        "multifieldqa_zh",
+        SingleDocQa,
+        Zh,
+        QaF1Zh,
+        64,
+        chat = true,
+        first = false
+    ),
+    t!(
+        "hotpotqa",
+        MultiDocQa,
+        En,
+        QaF1,
+        32,
+        chat = true,
+        first = false
+    ),
+    t!(
+        "2wikimqa",
+        MultiDocQa,
+        En,
+        QaF1,
+        32,
+        chat = true,
+        first = false
+    ),
+    t!(
+        "musique",
+        MultiDocQa,
+        En,
+        QaF1,
+        32,
+        chat = true,
+        first = false
+    ),
+    t!(
+        "dureader",
+        MultiDocQa,
+        Zh,
+        RougeLZh,
+        128,
+        chat = true,
+        first = false
+    ),
+    t!(
+        "gov_report",
+        Summarization,
+        En,
+        RougeL,
+        512,
+        chat = true,
+        first = false
+    ),
+    t!(
+        "qmsum",
+        Summarization,
+        En,
+        RougeL,
+        512,
+        chat = true,
+        first = false
+    ),
+    t!(
+        "multi_news",
+        Summarization,
+        En,
+        RougeL,
+        512,
+        chat = true,
+        first = false
+    ),
+    t!(
+        "vcsum",
+        Summarization,
+        Zh,
+        RougeLZh,
+        512,
+        chat = true,
+        first = false
+    ),
+    t!(
+        "trec",
+        FewShot,
+        En,
+        Classification,
+        64,
+        chat = false,
+        first = true
+    ),
+    t!(
+        "triviaqa",
+        FewShot,
+        En,
+        QaF1,
+        32,
+        chat = false,
+        first = true
+    ),
+    t!(
+        "samsum",
+        FewShot,
+        En,
+        RougeL,
+        128,
+        chat = false,
+        first = true
+    ),
+    t!(
+        "lsht",
+        FewShot,
+        Zh,
+        Classification,
+        64,
+        chat = false,
+        first = true
+    ),
+    t!(
+        "passage_count",
+        Synthetic,
+        En,
+        Count,
+        32,
+        chat = true,
+        first = false
+    ),
+    t!(
+        "passage_retrieval_en",
+        Synthetic,
+        En,
+        Retrieval,
+        32,
+        chat = true,
+        first = false
+    ),
+    t!(
+        "passage_retrieval_zh",
+        Synthetic,
+        Zh,
+        RetrievalZh,
+        32,
+        chat = true,
+        first = false
+    ),
     t!("lcc", Code, Code, CodeSim, 64, chat = false, first = false),
-    t!("repobench-p", Code, Code, CodeSim, 64, chat = false, first = false),
+    t!(
+        "repobench-p",
+        Code,
+        Code,
+        CodeSim,
+        64,
+        chat = false,
+        first = false
+    ),
 ];
 
 /// The 13 base subsets that have a LongBench-E variant, in LongBench-E order.
@@ -362,7 +530,8 @@ pub fn dataset2maxlen() -> BTreeMap<String, usize> {
 /// Python `str.format(**fields)` for templates that use only named fields: `{name}` is replaced,
 /// `{{` and `}}` become single braces. Returns the name of an unknown field as the error.
 fn format_template(template: &str, fields: &[(&str, &str)]) -> Result<String, String> {
-    let mut out = String::with_capacity(template.len() + fields.iter().map(|f| f.1.len()).sum::<usize>());
+    let mut out =
+        String::with_capacity(template.len() + fields.iter().map(|f| f.1.len()).sum::<usize>());
     let mut rest = template;
     while let Some(pos) = rest.find(['{', '}']) {
         out.push_str(&rest[..pos]);
@@ -407,18 +576,34 @@ mod tests {
 
     #[test]
     fn chat_template_exclusions_are_the_six() {
-        let no_chat: Vec<_> = LONGBENCH.iter().filter(|t| !t.chat_template).map(|t| t.name).collect();
-        assert_eq!(no_chat, ["trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"]);
+        let no_chat: Vec<_> = LONGBENCH
+            .iter()
+            .filter(|t| !t.chat_template)
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(
+            no_chat,
+            ["trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"]
+        );
     }
 
     #[test]
     fn prompt_fill_is_python_format() {
         let t = task("repobench-p").unwrap();
         let p = t.build_prompt("CTX{x}", "IN").unwrap();
-        assert_eq!(p, "Please complete the code given below. \nCTX{x}INNext line of code:\n");
+        assert_eq!(
+            p,
+            "Please complete the code given below. \nCTX{x}INNext line of code:\n"
+        );
         let t = task("passage_count_e").unwrap();
-        assert!(t.build_prompt("c", "i").unwrap().ends_with("The final answer is: "));
-        assert_eq!(format_template("a{{b}}{c}", &[("c", "C")]).unwrap(), "a{b}C");
+        assert!(t
+            .build_prompt("c", "i")
+            .unwrap()
+            .ends_with("The final answer is: "));
+        assert_eq!(
+            format_template("a{{b}}{c}", &[("c", "C")]).unwrap(),
+            "a{b}C"
+        );
         assert_eq!(format_template("{nope}", &[]).unwrap_err(), "nope");
     }
 
@@ -427,7 +612,10 @@ mod tests {
         let e = task("hotpot").unwrap_err().to_string();
         assert!(e.contains("hotpotqa") && e.contains("repobench-p_e"), "{e}");
         assert_eq!(Category::parse("few-shot").unwrap(), Category::FewShot);
-        assert_eq!(Category::parse("Single-Doc QA").unwrap(), Category::SingleDocQa);
+        assert_eq!(
+            Category::parse("Single-Doc QA").unwrap(),
+            Category::SingleDocQa
+        );
         assert!(Category::parse("nope").is_err());
         assert_eq!(task_set("Code").unwrap().len(), 2);
         assert_eq!(task_set("hotpotqa, trec_e").unwrap().len(), 2);

@@ -103,12 +103,16 @@ mod tests {
 
     #[test]
     fn longbench_pred_line_parses_and_round_trips() {
-        let line = r#"{"pred": "Paris", "answers": ["Paris", 5], "all_classes": null, "length": 1234}"#;
+        let line =
+            r#"{"pred": "Paris", "answers": ["Paris", 5], "all_classes": null, "length": 1234}"#;
         let r = PredRecord::from_json_line(line).unwrap();
         assert_eq!(r.answers, ["Paris", "5"]);
         assert_eq!(r.length, Some(1234));
         let out = r.to_json_line();
-        assert_eq!(out, r#"{"pred":"Paris","answers":["Paris","5"],"all_classes":null,"length":1234}"#);
+        assert_eq!(
+            out,
+            r#"{"pred":"Paris","answers":["Paris","5"],"all_classes":null,"length":1234}"#
+        );
         assert!(PredRecord::from_json_line(r#"{"answers": []}"#).is_err());
     }
 }

@@ -41,7 +41,9 @@ pub enum ScoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}:{line}: not a prediction record: {source} (use --on-error skip to skip such lines)")]
+    #[error(
+        "{path}:{line}: not a prediction record: {source} (use --on-error skip to skip such lines)"
+    )]
     Json {
         path: PathBuf,
         line: usize,
@@ -63,7 +65,9 @@ pub enum ScoreError {
         #[source]
         source: MetricError,
     },
-    #[error("{path}:{line}: LongBench-E subset row has no `length`, which the length buckets need")]
+    #[error(
+        "{path}:{line}: LongBench-E subset row has no `length`, which the length buckets need"
+    )]
     MissingLength { path: PathBuf, line: usize },
     #[error("{dir}: no `<subset>.jsonl` prediction files found")]
     NoPredFiles { dir: PathBuf },
@@ -116,7 +120,10 @@ pub fn read_pred_file(path: &Path, on_error: OnError) -> Result<PredFile, ScoreE
 /// The text eval.py scores for `task`: the first line for trec, triviaqa, samsum, lsht.
 pub fn scored_prediction<'a>(task: &Task, pred: &'a str) -> &'a str {
     if task.first_line_only {
-        pred.trim_start_matches('\n').split('\n').next().unwrap_or("")
+        pred.trim_start_matches('\n')
+            .split('\n')
+            .next()
+            .unwrap_or("")
     } else {
         pred
     }
@@ -294,9 +301,17 @@ pub fn score_records(
         bucket_n: [buckets[0].len(), buckets[1].len(), buckets[2].len()],
         score,
         per_sample,
-        mean_cache_tokens: mean_of(records.iter().map(|(_, r)| r.cache_tokens.map(|x| x as f64))),
+        mean_cache_tokens: mean_of(
+            records
+                .iter()
+                .map(|(_, r)| r.cache_tokens.map(|x| x as f64)),
+        ),
         mean_achieved_rate: mean_of(records.iter().map(|(_, r)| r.achieved_rate)),
-        mean_prompt_tokens: mean_of(records.iter().map(|(_, r)| r.prompt_tokens.map(|x| x as f64))),
+        mean_prompt_tokens: mean_of(
+            records
+                .iter()
+                .map(|(_, r)| r.prompt_tokens.map(|x| x as f64)),
+        ),
     })
 }
 
@@ -317,7 +332,10 @@ impl DirScores {
 /// The subset a pred file holds: eval.py's `filename.split('.')[0]`; with `force_e` (eval.py
 /// `--e`, where LongBench-E files carry the base name) the `_e` task of that name.
 pub fn task_for_file(path: &Path, force_e: bool) -> Result<(&'static Task, bool), ScoreError> {
-    let fname = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let fname = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let stem = fname.split('.').next().unwrap_or("");
     let lookup = |name: &str| {
         tasks::task(name).map_err(|source| ScoreError::UnknownTask {
@@ -347,14 +365,25 @@ pub fn pred_files(dir: &Path) -> Result<Vec<PathBuf>, ScoreError> {
             source,
         })?;
         let p = e.path();
-        if p.is_file() && p.file_name().is_some_and(|n| n.to_string_lossy().ends_with("jsonl")) {
+        if p.is_file()
+            && p.file_name()
+                .is_some_and(|n| n.to_string_lossy().ends_with("jsonl"))
+        {
             files.push(p);
         }
     }
     let order = |p: &PathBuf| {
-        let f = p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let f = p
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let stem = f.split('.').next().unwrap_or("").to_string();
-        (tasks::all_tasks().position(|t| t.name == stem).unwrap_or(usize::MAX), f)
+        (
+            tasks::all_tasks()
+                .position(|t| t.name == stem)
+                .unwrap_or(usize::MAX),
+            f,
+        )
     };
     files.sort_by_key(order);
     Ok(files)
@@ -369,14 +398,17 @@ pub fn score_pred_dir(
 ) -> Result<DirScores, ScoreError> {
     let files = pred_files(dir)?;
     if files.is_empty() {
-        return Err(ScoreError::NoPredFiles { dir: dir.to_path_buf() });
+        return Err(ScoreError::NoPredFiles {
+            dir: dir.to_path_buf(),
+        });
     }
     let mut out = DirScores::default();
     for f in files {
         let (task, e) = task_for_file(&f, force_e)?;
         let pf = read_pred_file(&f, on_error)?;
         out.skipped.extend(pf.skipped);
-        out.subsets.push(score_records(task, &pf.records, e, &f, opts)?);
+        out.subsets
+            .push(score_records(task, &pf.records, e, &f, opts)?);
     }
     Ok(out)
 }
@@ -413,7 +445,10 @@ pub fn result_json(subsets: &[SubsetResult]) -> String {
     if map.is_empty() {
         return "{}".to_string();
     }
-    format!("{{\n{}\n}}", map.into_values().collect::<Vec<_>>().join(",\n"))
+    format!(
+        "{{\n{}\n}}",
+        map.into_values().collect::<Vec<_>>().join(",\n")
+    )
 }
 
 #[cfg(test)]
@@ -430,7 +465,9 @@ mod tests {
 
     #[test]
     fn numpy_sum_is_pairwise() {
-        let a: Vec<f64> = (0..300).map(|i| (i as f64 * 0.1).sin().abs() / 3.0).collect();
+        let a: Vec<f64> = (0..300)
+            .map(|i| (i as f64 * 0.1).sin().abs() / 3.0)
+            .collect();
         let seq: f64 = a.iter().sum();
         // Same value to 1e-12 but computed in a different order.
         assert!((numpy_sum(&a) - seq).abs() < 1e-9);

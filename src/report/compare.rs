@@ -55,12 +55,20 @@ pub struct Comparison {
 impl Comparison {
     /// True when some subset or category dropped beyond the tolerance or went missing.
     pub fn failed(&self) -> bool {
-        self.diffs.iter().any(|d| matches!(d.status, DiffStatus::Drop | DiffStatus::Missing))
+        self.diffs
+            .iter()
+            .any(|d| matches!(d.status, DiffStatus::Drop | DiffStatus::Missing))
     }
 
     /// A fixed-width text table, widest key first column.
     pub fn table(&self) -> String {
-        let w = self.diffs.iter().map(|d| d.key.len()).max().unwrap_or(3).max(3);
+        let w = self
+            .diffs
+            .iter()
+            .map(|d| d.key.len())
+            .max()
+            .unwrap_or(3)
+            .max(3);
         let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}"));
         let mut s = format!(
             "{:<w$}  {:<8}  {:>9}  {:>9}  {:>8}  status\n",
@@ -81,8 +89,16 @@ impl Comparison {
                 d.status.label()
             );
         }
-        let drops = self.diffs.iter().filter(|d| d.status == DiffStatus::Drop).count();
-        let missing = self.diffs.iter().filter(|d| d.status == DiffStatus::Missing).count();
+        let drops = self
+            .diffs
+            .iter()
+            .filter(|d| d.status == DiffStatus::Drop)
+            .count();
+        let missing = self
+            .diffs
+            .iter()
+            .filter(|d| d.status == DiffStatus::Missing)
+            .count();
         s += &format!(
             "{} compared, {} dropped by more than {} points, {} missing\n",
             self.diffs.len(),
@@ -96,16 +112,36 @@ impl Comparison {
 
 fn keyed(rows: &[ScoreRow]) -> BTreeMap<String, (&'static str, f64)> {
     let mut m = BTreeMap::new();
-    let b = |bucket: &str| if bucket.is_empty() { String::new() } else { format!("[{bucket}]") };
+    let b = |bucket: &str| {
+        if bucket.is_empty() {
+            String::new()
+        } else {
+            format!("[{bucket}]")
+        }
+    };
     for r in rows {
         m.insert(
-            format!("{} {} {} {}{}", r.model, r.method, r.budget, r.task, b(&r.bucket)),
+            format!(
+                "{} {} {} {}{}",
+                r.model,
+                r.method,
+                r.budget,
+                r.task,
+                b(&r.bucket)
+            ),
             ("subset", r.score),
         );
     }
     for s in summarize(rows) {
         m.insert(
-            format!("{} {} {} {}{}", s.model, s.method, s.budget, s.category, b(&s.bucket)),
+            format!(
+                "{} {} {} {}{}",
+                s.model,
+                s.method,
+                s.budget,
+                s.category,
+                b(&s.bucket)
+            ),
             ("category", s.score),
         );
     }

@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::tasks::Category;
 use crate::eval::metrics::MetricOptions;
-use crate::eval::score::{self, BadLine, OnError, ScoreError, SubsetResult, SubsetScore, E_BUCKETS};
+use crate::eval::score::{
+    self, BadLine, OnError, ScoreError, SubsetResult, SubsetScore, E_BUCKETS,
+};
 use crate::util::write_atomic;
 
 /// Errors of tree scoring and CSV I/O.
@@ -60,9 +62,15 @@ impl Budget {
     /// Parse a budget directory name: `rate8`, `rate1.5`, `tokens512`.
     pub fn parse_dir(name: &str) -> Option<Budget> {
         if let Some(r) = name.strip_prefix("rate") {
-            r.parse::<f64>().ok().filter(|r| *r >= 1.0 && r.is_finite()).map(Budget::Rate)
+            r.parse::<f64>()
+                .ok()
+                .filter(|r| *r >= 1.0 && r.is_finite())
+                .map(Budget::Rate)
         } else if let Some(t) = name.strip_prefix("tokens") {
-            t.parse::<usize>().ok().filter(|t| *t > 0).map(Budget::Tokens)
+            t.parse::<usize>()
+                .ok()
+                .filter(|t| *t > 0)
+                .map(Budget::Tokens)
         } else {
             None
         }
@@ -170,8 +178,31 @@ pub struct TreeScores {
 pub fn discover_runs(root: &Path) -> Result<Vec<RunId>, ReportError> {
     let mut dirs = Vec::new();
     walk(root, 0, &mut dirs)?;
-    dirs.sort();
-    dirs.into_iter().map(|d| identify_run(root, &d)).collect()
+    let mut runs = dirs
+        .into_iter()
+        .map(|d| identify_run(root, &d))
+        .collect::<Result<Vec<_>, _>>()?;
+    // model, then `full` first, then method name; rate runs by rate, then token runs by size.
+    runs.sort_by(|a, b| {
+        let k = |r: &RunId| {
+            let (kind, x) = match r.budget {
+                Budget::Rate(x) => (0, x),
+                Budget::Tokens(t) => (1, t as f64),
+            };
+            (
+                r.model.clone(),
+                r.method != "full",
+                r.method.clone(),
+                kind,
+                x,
+            )
+        };
+        let (ka, kb) = (k(a), k(b));
+        (&ka.0, ka.1, &ka.2, ka.3)
+            .cmp(&(&kb.0, kb.1, &kb.2, kb.3))
+            .then(ka.4.total_cmp(&kb.4))
+    });
+    Ok(runs)
 }
 
 fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<(), ReportError> {
@@ -219,10 +250,19 @@ fn identify_run(root: &Path, dir: &Path) -> Result<RunId, ReportError> {
     let n = rel.len();
     let model = s("model")
         .or_else(|| (n >= 3).then(|| rel[..n - 2].join("/")))
-        .ok_or_else(|| layout_err("expected <model>/<method>/<budget>/preds (or model/method/rate in run.json)".into()))?;
+        .ok_or_else(|| {
+            layout_err(
+                "expected <model>/<method>/<budget>/preds (or model/method/rate in run.json)"
+                    .into(),
+            )
+        })?;
     let method = s("method")
         .or_else(|| (n >= 2).then(|| rel[n - 2].clone()))
-        .ok_or_else(|| layout_err("cannot tell the method: no run.json `method` and no <method> directory".into()))?;
+        .ok_or_else(|| {
+            layout_err(
+                "cannot tell the method: no run.json `method` and no <method> directory".into(),
+            )
+        })?;
     let budget = if let Some(r) = meta.get("rate").and_then(|v| v.as_f64()) {
         Budget::Rate(r)
     } else if let Some(t) = meta.get("budget_tokens").and_then(|v| v.as_u64()) {
@@ -313,7 +353,8 @@ pub fn fill_percent_of_full(rows: &mut [ScoreRow]) -> Vec<String> {
         match full.get(&key) {
             Some(&f) => {
                 r.full_score = Some(f);
-                r.percent_of_full = (f != 0.0 && f.is_finite() && r.score.is_finite()).then(|| r.score / f * 100.0);
+                r.percent_of_full =
+                    (f != 0.0 && f.is_finite() && r.score.is_finite()).then(|| r.score / f * 100.0);
             }
             None => {
                 let k = if r.bucket.is_empty() {
@@ -335,7 +376,12 @@ pub fn summarize(rows: &[ScoreRow]) -> Vec<SummaryRow> {
     type Key = (String, String, String, String);
     let mut groups: Vec<(Key, Vec<&ScoreRow>)> = Vec::new();
     for r in rows {
-        let k = (r.model.clone(), r.method.clone(), r.budget.clone(), r.bucket.clone());
+        let k = (
+            r.model.clone(),
+            r.method.clone(),
+            r.budget.clone(),
+            r.bucket.clone(),
+        );
         match groups.iter_mut().find(|(g, _)| *g == k) {
             Some((_, v)) => v.push(r),
             None => groups.push((k, vec![r])),
@@ -346,7 +392,16 @@ pub fn summarize(rows: &[ScoreRow]) -> Vec<SummaryRow> {
         let first = members[0];
         let mut cats: Vec<(String, Vec<&ScoreRow>)> = Category::ALL
             .iter()
-            .map(|c| (c.name().to_string(), members.iter().copied().filter(|r| r.category == c.name()).collect()))
+            .map(|c| {
+                (
+                    c.name().to_string(),
+                    members
+                        .iter()
+                        .copied()
+                        .filter(|r| r.category == c.name())
+                        .collect(),
+                )
+            })
             .collect();
         cats.push(("all".to_string(), members.clone()));
         for (cat, rs) in cats {
@@ -368,7 +423,11 @@ pub fn summarize(rows: &[ScoreRow]) -> Vec<SummaryRow> {
                 category: cat,
                 n_tasks: rs.len(),
                 score: mean(&rs.iter().map(|r| r.score).collect::<Vec<_>>()).unwrap_or(f64::NAN),
-                percent_of_full: if pct.len() == rs.len() { mean(&pct) } else { None },
+                percent_of_full: if pct.len() == rs.len() {
+                    mean(&pct)
+                } else {
+                    None
+                },
                 cache_tokens: opt_mean(|r| r.cache_tokens),
                 achieved_rate: opt_mean(|r| r.achieved_rate),
             });

@@ -41,9 +41,18 @@ mod tests {
 
     #[test]
     fn mutation_while_iterating_quirk() {
-        assert_eq!(classification_score("A AB ABC ABCD", "ABCD", &v(&["A", "AB", "ABC", "ABCD"])), 0.5);
+        assert_eq!(
+            classification_score("A AB ABC ABCD", "ABCD", &v(&["A", "AB", "ABC", "ABCD"])),
+            0.5
+        );
         assert_eq!(classification_score("XY", "XY", &v(&["X", "X", "XY"])), 0.5);
-        assert_eq!(classification_score("Location", "Location", &v(&["Loc", "Location"])), 1.0);
-        assert_eq!(classification_score("loc", "Location", &v(&["Location"])), 0.0);
+        assert_eq!(
+            classification_score("Location", "Location", &v(&["Loc", "Location"])),
+            1.0
+        );
+        assert_eq!(
+            classification_score("loc", "Location", &v(&["Location"])),
+            0.0
+        );
     }
 }

@@ -126,6 +126,9 @@ mod tests {
     fn python_han_class_and_crlf() {
         // U+9FD6 is outside Python's han class: emitted alone.
         assert_eq!(cut("\u{9FD6}\r\n \r"), ["\u{9FD6}", "\r\n", " ", "\r"]);
-        assert_eq!(cut("我来到北京清华大学"), ["我", "来到", "北京", "清华大学"]);
+        assert_eq!(
+            cut("我来到北京清华大学"),
+            ["我", "来到", "北京", "清华大学"]
+        );
     }
 }

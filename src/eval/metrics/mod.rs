@@ -46,13 +46,17 @@ pub fn metric_score(
         Metric::QaF1Zh => qa_f1::qa_f1_zh_score(pred, gt),
         Metric::RougeL => rouge::rouge_score(pred, gt, opts.rouge_recursion),
         Metric::RougeLZh => rouge::rouge_zh_score(pred, gt, opts.rouge_recursion),
-        Metric::Classification => {
-            classification::classification_score(pred, gt, all_classes.ok_or(MetricError::NoClasses)?)
+        Metric::Classification => classification::classification_score(
+            pred,
+            gt,
+            all_classes.ok_or(MetricError::NoClasses)?,
+        ),
+        Metric::Retrieval => {
+            retrieval::retrieval_score(pred, gt).ok_or_else(|| MetricError::NoParagraphId {
+                gt: gt.to_string(),
+                pattern: r"Paragraph (\d+)",
+            })?
         }
-        Metric::Retrieval => retrieval::retrieval_score(pred, gt).ok_or_else(|| MetricError::NoParagraphId {
-            gt: gt.to_string(),
-            pattern: r"Paragraph (\d+)",
-        })?,
         Metric::RetrievalZh => {
             retrieval::retrieval_zh_score(pred, gt).ok_or_else(|| MetricError::NoParagraphId {
                 gt: gt.to_string(),

@@ -71,7 +71,10 @@ pub fn remove_articles(s: &str) -> String {
 /// `normalize_answer` (en): lower → drop ASCII punctuation → articles → whitespace collapse.
 pub fn normalize_answer(s: &str) -> String {
     let lower = s.to_lowercase();
-    let no_punc: String = lower.chars().filter(|c| !c.is_ascii_punctuation()).collect();
+    let no_punc: String = lower
+        .chars()
+        .filter(|c| !c.is_ascii_punctuation())
+        .collect();
     let no_art = remove_articles(&no_punc);
     py_split(&no_art).collect::<Vec<_>>().join(" ")
 }
@@ -94,12 +97,18 @@ mod tests {
 
     #[test]
     fn python_split_includes_file_separators() {
-        assert_eq!(py_split("a\u{1c}b \u{3000}c\u{200b}d").collect::<Vec<_>>(), ["a", "b", "c\u{200b}d"]);
+        assert_eq!(
+            py_split("a\u{1c}b \u{3000}c\u{200b}d").collect::<Vec<_>>(),
+            ["a", "b", "c\u{200b}d"]
+        );
     }
 
     #[test]
     fn articles_use_python_word_boundaries() {
-        assert_eq!(normalize_answer("The cat, an apple and a  dog."), "cat apple and dog");
+        assert_eq!(
+            normalize_answer("The cat, an apple and a  dog."),
+            "cat apple and dog"
+        );
         assert_eq!(normalize_answer("the-ater"), "theater");
         // ① is \w in Python (No), so "the" after it is not a word on its own.
         assert_eq!(normalize_answer("①the"), "①the");

@@ -54,7 +54,10 @@ mod tests {
 
     #[test]
     fn string_equality_of_numbers() {
-        assert_eq!(retrieval_score("Paragraph 12, not 012", "Paragraph 12"), Some(0.5));
+        assert_eq!(
+            retrieval_score("Paragraph 12, not 012", "Paragraph 12"),
+            Some(0.5)
+        );
         assert_eq!(retrieval_score("none", "Paragraph 3"), Some(0.0));
         assert_eq!(retrieval_score("3", "no id"), None);
         assert_eq!(retrieval_zh_score("段落５", "段落5"), Some(0.0));

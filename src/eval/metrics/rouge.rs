@@ -152,14 +152,19 @@ mod tests {
 
     #[test]
     fn reference_quirks() {
-        assert_eq!(rouge_l_f("a b c", "a b c", usize::MAX), Ok(2.0 * (1.0 / (2.0 + 1e-8))));
+        assert_eq!(
+            rouge_l_f("a b c", "a b c", usize::MAX),
+            Ok(2.0 * (1.0 / (2.0 + 1e-8)))
+        );
         assert_eq!(rouge_l_f("", "a", usize::MAX), Err(RougeRaise::Empty));
         assert_eq!(rouge_l_f("...", "a", usize::MAX), Err(RougeRaise::Empty));
         // Tie goes left: hyp "b a" vs ref "a b" collects {b}: p = r = 1/2.
         let v = rouge_l_f("b a", "a b", usize::MAX).unwrap();
         assert_eq!(v, 2.0 * ((0.5 * 0.5) / (0.5 + 0.5 + 1e-8)));
         // A whitespace-only piece is the sentence "" whose word "" counts.
-        assert!(rouge_l_f("a. ", "a", usize::MAX).unwrap() < rouge_l_f("a", "a", usize::MAX).unwrap());
+        assert!(
+            rouge_l_f("a. ", "a", usize::MAX).unwrap() < rouge_l_f("a", "a", usize::MAX).unwrap()
+        );
     }
 
     #[test]
