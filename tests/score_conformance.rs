@@ -8,7 +8,8 @@
 //! metric values bit for bit, subset results equal after rounding, jieba token lists equal.
 //! Nothing expected here is computed by kvc: Python is the oracle.
 //!
-//! Skips, loudly, only when `python3` is absent. Set KVC_CONFORMANCE_VENV to reuse a venv.
+//! Skips, loudly, only when `python3` is absent. Set KVC_CONFORMANCE_VENV to reuse a venv,
+//! KVC_CONFORMANCE_SCALE=k for k times the random cases.
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -519,9 +520,30 @@ fn hand_written(g: &mut Gen) {
         let half: String = (0..n).map(|i| format!("w{} ", (i * 7) % n)).collect();
         g.metric("rouge_score", &half, &s, None);
     }
+    // Very unequal sentence lengths: the walk can end early (one side reaches 0 first).
+    let long: String = (0..2000).map(|i| format!("w{i} ")).collect();
+    for short in ["w1999", "w0", "w1000 w1999", "zzz", "w5 w4"] {
+        g.metric("rouge_score", short, &long, None);
+        g.metric("rouge_score", &long, short, None);
+    }
+}
+
+/// KVC_CONFORMANCE_SCALE=k multiplies the random case counts (default 1) for a longer soak.
+fn scale() -> usize {
+    std::env::var("KVC_CONFORMANCE_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1)
 }
 
 fn random_cases(g: &mut Gen, rng: &mut StdRng) {
+    for _ in 0..scale() {
+        random_round(g, rng);
+    }
+}
+
+fn random_round(g: &mut Gen, rng: &mut StdRng) {
     for _ in 0..250 {
         let gt = en_text(rng, 6);
         let pred = if rng.random_bool(0.3) {

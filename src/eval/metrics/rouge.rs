@@ -100,6 +100,11 @@ fn recon_lcs<'a>(
     max_calls: usize,
 ) -> Result<(), RougeRaise> {
     let (nx, ny) = (x.len(), y.len());
+    // The walk ends when i or j reaches 0, so it takes at least min(nx, ny) steps (+1 terminal
+    // call): decide the cut-off before allocating the table (bounds memory on huge inputs).
+    if nx.min(ny).saturating_add(1) > max_calls {
+        return Err(RougeRaise::Recursion);
+    }
     let w = ny + 1;
     let mut table = vec![0u32; (nx + 1) * w];
     for i in 1..=nx {
