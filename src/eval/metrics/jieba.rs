@@ -2,7 +2,7 @@
 //! which LongBench's `qa_f1_zh_score` and `rouge_zh_score` use.
 //!
 //! Built on `jieba-rs` 0.11 (same dictionary words and frequencies, same DAG/route and Viterbi),
-//! which differs from Python jieba in three places (docs/longbench-spec.md §8, §10); this wrapper
+//! which differs from Python jieba in four places (docs/longbench-spec.md §8, §10); this wrapper
 //! fixes each:
 //! 1. Block class: jieba-rs treats U+9FD6..U+9FFF, CJK extensions and compatibility ideographs as
 //!    han; Python's `re_han_default` is `[\u4E00-\u9FD5a-zA-Z0-9+#&._%-]`. We pre-split with
@@ -16,11 +16,14 @@
 //!    jieba-rs once (60,101,964). Adding a never-matching private-use word with frequency 3
 //!    restores Python's total, so `log(total)` is bit-identical.
 //!
-//! Remaining known difference: jieba-rs's HMM emission table is rounded to 6 decimals (max abs
-//! difference 5e-7 from Python's). No segmentation difference from it was observed on the
-//! conformance corpus; it could flip a near-tie Viterbi path in principle.
-use jieba_rs::Jieba;
+//! 4. HMM tables: jieba-rs's built-in emission table is rounded to 6 decimals (max abs difference
+//!    5e-7), which could flip a near-tie Viterbi path. kvc loads Python jieba 0.42.1's own
+//!    `finalseg` tables at full precision instead (`datasets/jieba/hmm_python_0.42.1.model`,
+//!    exported from the PyPI package, MIT), so the HMM is bit-identical too.
+use jieba_rs::{HmmModel, Jieba};
 use std::sync::OnceLock;
+
+static PYTHON_HMM: &str = include_str!("../../../datasets/jieba/hmm_python_0.42.1.model");
 
 fn engine() -> &'static Jieba {
     static J: OnceLock<Jieba> = OnceLock::new();
@@ -28,6 +31,11 @@ fn engine() -> &'static Jieba {
         let mut j = Jieba::new();
         // Fix 3: Python's total counts the duplicate `B超 3 n` line twice.
         j.add_word("\u{E000}", Some(3), None);
+        // Fix 4: Python's full-precision HMM. The embedded file is fixed at build time and
+        // unit-tested to load; should it ever fail, jieba-rs's rounded tables remain in use.
+        if let Ok(model) = HmmModel::load(&mut PYTHON_HMM.as_bytes()) {
+            j.set_hmm_model(model);
+        }
         j
     })
 }
@@ -111,6 +119,12 @@ pub fn cut(text: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn python_hmm_tables_load() {
+        let m = HmmModel::load(&mut PYTHON_HMM.as_bytes());
+        assert!(m.is_ok(), "{:?}", m.err());
+    }
 
     #[test]
     fn python_skip_rule() {
