@@ -70,6 +70,26 @@ pub struct PredRecord {
     pub new_tokens: Option<usize>,
 }
 
+/// `run.json`, written beside a run's `preds/` directory (`<root>/<model>/<method>/<budget>/`).
+/// `kvc score` reads `model`, `method`, `rate` / `budget_tokens` from it (they override the path);
+/// everything else the run wants to record (settings, versions, hardware) goes in `extra`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunMeta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Target compression rate (a `rate<r>` run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f64>,
+    /// Target cache budget in tokens (a `tokens<n>` run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_tokens: Option<usize>,
+    /// Any other fields, kept as written.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
 fn de_answers<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     let values: Vec<serde_json::Value> = Vec::deserialize(d)?;
     values

@@ -2,11 +2,11 @@
 //! category, and say whether anything dropped by more than a tolerance (in LongBench points).
 //!
 //! Keys are (model, method, budget, task, bucket) for subsets and (model, method, budget, bucket,
-//! category) for category means (computed from the rows present in each file with
-//! [`super::scores::summarize`]). A key of the baseline missing from the current file counts as a
+//! category) for category means (computed with [`super::scores::summarize`] over the subsets
+//! present in both files, so adding or dropping a subset does not move a category mean). A key of the baseline missing from the current file counts as a
 //! failure (a gate must not pass because data vanished); keys only in the current file are listed
 //! as new.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::scores::{summarize, ScoreRow};
 
@@ -110,29 +110,38 @@ impl Comparison {
     }
 }
 
-fn keyed(rows: &[ScoreRow]) -> BTreeMap<String, (&'static str, f64)> {
-    let mut m = BTreeMap::new();
-    let b = |bucket: &str| {
-        if bucket.is_empty() {
-            String::new()
-        } else {
-            format!("[{bucket}]")
-        }
-    };
-    for r in rows {
-        m.insert(
-            format!(
-                "{} {} {} {}{}",
-                r.model,
-                r.method,
-                r.budget,
-                r.task,
-                b(&r.bucket)
-            ),
-            ("subset", r.score),
-        );
+fn bucket_suffix(bucket: &str) -> String {
+    if bucket.is_empty() {
+        String::new()
+    } else {
+        format!("[{bucket}]")
     }
-    for s in summarize(rows) {
+}
+
+fn subset_key(r: &ScoreRow) -> String {
+    format!(
+        "{} {} {} {}{}",
+        r.model,
+        r.method,
+        r.budget,
+        r.task,
+        bucket_suffix(&r.bucket)
+    )
+}
+
+/// Subset keys of all rows; category keys from the rows whose subset is in `common` only, so a
+/// subset added or removed on one side does not move the category means.
+fn keyed(rows: &[ScoreRow], common: &BTreeSet<String>) -> BTreeMap<String, (&'static str, f64)> {
+    let mut m = BTreeMap::new();
+    for r in rows {
+        m.insert(subset_key(r), ("subset", r.score));
+    }
+    let shared: Vec<ScoreRow> = rows
+        .iter()
+        .filter(|r| common.contains(&subset_key(r)))
+        .cloned()
+        .collect();
+    for s in summarize(&shared) {
         m.insert(
             format!(
                 "{} {} {} {}{}",
@@ -140,7 +149,7 @@ fn keyed(rows: &[ScoreRow]) -> BTreeMap<String, (&'static str, f64)> {
                 s.method,
                 s.budget,
                 s.category,
-                b(&s.bucket)
+                bucket_suffix(&s.bucket)
             ),
             ("category", s.score),
         );
@@ -150,8 +159,14 @@ fn keyed(rows: &[ScoreRow]) -> BTreeMap<String, (&'static str, f64)> {
 
 /// Compare `current` against `baseline`; a drop is `baseline - current > tolerance`.
 pub fn compare(baseline: &[ScoreRow], current: &[ScoreRow], tolerance: f64) -> Comparison {
-    let b = keyed(baseline);
-    let c = keyed(current);
+    let in_base: BTreeSet<String> = baseline.iter().map(subset_key).collect();
+    let common: BTreeSet<String> = current
+        .iter()
+        .map(subset_key)
+        .filter(|k| in_base.contains(k))
+        .collect();
+    let b = keyed(baseline, &common);
+    let c = keyed(current, &common);
     let mut diffs = Vec::new();
     for (key, (kind, bv)) in &b {
         let d = match c.get(key) {
@@ -197,4 +212,90 @@ pub fn compare(baseline: &[ScoreRow], current: &[ScoreRow], tolerance: f64) -> C
         }
     }
     Comparison { tolerance, diffs }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(method: &str, task: &str, category: &str, score: f64) -> ScoreRow {
+        ScoreRow {
+            model: "m".into(),
+            method: method.into(),
+            budget: "rate8".into(),
+            rate: Some(8.0),
+            budget_tokens: None,
+            task: task.into(),
+            category: category.into(),
+            language: "en".into(),
+            metric: "F1".into(),
+            bucket: String::new(),
+            n: 10,
+            n_failed: 0,
+            score,
+            full_score: None,
+            percent_of_full: None,
+            cache_tokens: None,
+            achieved_rate: None,
+            prompt_tokens: None,
+            fuzz_backend: "difflib".into(),
+        }
+    }
+
+    #[test]
+    fn drop_beyond_tolerance_fails_and_within_passes() {
+        let base = vec![
+            row("kv", "hotpotqa", "Multi-Doc QA", 40.0),
+            row("kv", "musique", "Multi-Doc QA", 20.0),
+        ];
+        let cur = vec![
+            row("kv", "hotpotqa", "Multi-Doc QA", 38.5),
+            row("kv", "musique", "Multi-Doc QA", 20.0),
+        ];
+        // hotpotqa -1.5, category mean -0.75.
+        let c = compare(&base, &cur, 1.0);
+        assert!(c.failed());
+        let drops: Vec<&str> = c
+            .diffs
+            .iter()
+            .filter(|d| d.status == DiffStatus::Drop)
+            .map(|d| d.key.as_str())
+            .collect();
+        assert_eq!(drops, ["m kv rate8 hotpotqa"]);
+        assert!(!compare(&base, &cur, 1.5).failed());
+        // Improvements never fail.
+        assert!(!compare(&cur, &base, 0.0).failed());
+    }
+
+    #[test]
+    fn missing_keys_fail_new_keys_do_not() {
+        let base = vec![row("kv", "hotpotqa", "Multi-Doc QA", 40.0)];
+        let cur = vec![
+            row("kv", "hotpotqa", "Multi-Doc QA", 40.0),
+            row("kv", "trec", "Few-shot Learning", 10.0),
+        ];
+        let c = compare(&base, &cur, 0.0);
+        assert!(!c.failed());
+        assert!(c
+            .diffs
+            .iter()
+            .any(|d| d.status == DiffStatus::New && d.key.ends_with("trec")));
+        let c = compare(&cur, &base, 0.0);
+        assert!(c.failed());
+        assert!(c
+            .diffs
+            .iter()
+            .any(|d| d.status == DiffStatus::Missing && d.key.ends_with("trec")));
+    }
+
+    #[test]
+    fn nan_buckets_compare_equal() {
+        let mut a = row("kv", "hotpotqa_e", "Multi-Doc QA", f64::NAN);
+        a.bucket = "8k+".into();
+        assert!(!compare(&[a.clone()], &[a.clone()], 0.0).failed());
+        let mut b = a.clone();
+        b.score = 10.0;
+        // A bucket that had a score and now has none fails.
+        assert!(compare(&[b], &[a], 0.0).failed());
+    }
 }

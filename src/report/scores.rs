@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::tasks::Category;
 use crate::eval::metrics::MetricOptions;
+use crate::eval::record::RunMeta;
 use crate::eval::score::{
     self, BadLine, OnError, ScoreError, SubsetResult, SubsetScore, E_BUCKETS,
 };
@@ -93,6 +94,12 @@ pub struct RunId {
     pub budget: Budget,
     /// The run directory (holding `preds/` and optionally `run.json`).
     pub dir: PathBuf,
+}
+
+/// The run directory kvc's layout gives a model × method × budget: `<root>/<model>/<method>/<budget>`
+/// (pred files go in its `preds/`, `run.json` beside).
+pub fn run_dir(root: &Path, model: &str, method: &str, budget: Budget) -> PathBuf {
+    root.join(model).join(method).join(budget.label())
 }
 
 impl RunId {
@@ -235,20 +242,21 @@ fn identify_run(root: &Path, dir: &Path) -> Result<RunId, ReportError> {
         .components()
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
         .collect();
-    let meta: serde_json::Value = match std::fs::read_to_string(dir.join("run.json")) {
+    let meta: RunMeta = match std::fs::read_to_string(dir.join("run.json")) {
         Ok(text) => serde_json::from_str(&text).map_err(|e| ReportError::Layout {
             path: dir.join("run.json"),
-            message: format!("not valid JSON: {e}"),
+            message: format!("not a valid run.json: {e}"),
         })?,
-        Err(_) => serde_json::Value::Null,
+        Err(_) => RunMeta::default(),
     };
     let layout_err = |message: String| ReportError::Layout {
         path: dir.to_path_buf(),
         message,
     };
-    let s = |k: &str| meta.get(k).and_then(|v| v.as_str()).map(str::to_string);
     let n = rel.len();
-    let model = s("model")
+    let model = meta
+        .model
+        .clone()
         .or_else(|| (n >= 3).then(|| rel[..n - 2].join("/")))
         .ok_or_else(|| {
             layout_err(
@@ -256,17 +264,19 @@ fn identify_run(root: &Path, dir: &Path) -> Result<RunId, ReportError> {
                     .into(),
             )
         })?;
-    let method = s("method")
+    let method = meta
+        .method
+        .clone()
         .or_else(|| (n >= 2).then(|| rel[n - 2].clone()))
         .ok_or_else(|| {
             layout_err(
                 "cannot tell the method: no run.json `method` and no <method> directory".into(),
             )
         })?;
-    let budget = if let Some(r) = meta.get("rate").and_then(|v| v.as_f64()) {
+    let budget = if let Some(r) = meta.rate {
         Budget::Rate(r)
-    } else if let Some(t) = meta.get("budget_tokens").and_then(|v| v.as_u64()) {
-        Budget::Tokens(t as usize)
+    } else if let Some(t) = meta.budget_tokens {
+        Budget::Tokens(t)
     } else {
         let name = rel.last().cloned().unwrap_or_default();
         Budget::parse_dir(&name).ok_or_else(|| {
@@ -521,5 +531,67 @@ mod tests {
         assert_eq!(Budget::parse_dir("r8"), None);
         assert_eq!(Budget::Rate(8.0).label(), "rate8");
         assert_eq!(Budget::Rate(1.5).label(), "rate1.5");
+    }
+}
+
+#[cfg(test)]
+mod summary_tests {
+    use super::*;
+
+    fn row(method: &str, rate: f64, task: &str, category: &str, score: f64) -> ScoreRow {
+        ScoreRow {
+            model: "m".into(),
+            method: method.into(),
+            budget: Budget::Rate(rate).label(),
+            rate: Some(rate),
+            budget_tokens: None,
+            task: task.into(),
+            category: category.into(),
+            language: "en".into(),
+            metric: "F1".into(),
+            bucket: String::new(),
+            n: 10,
+            n_failed: 0,
+            score,
+            full_score: None,
+            percent_of_full: None,
+            cache_tokens: None,
+            achieved_rate: None,
+            prompt_tokens: None,
+            fuzz_backend: "difflib".into(),
+        }
+    }
+
+    #[test]
+    fn percent_of_full_and_category_means() {
+        let mut rows = vec![
+            row("full", 1.0, "hotpotqa", "Multi-Doc QA", 40.0),
+            row("full", 1.0, "musique", "Multi-Doc QA", 20.0),
+            row("full", 1.0, "trec", "Few-shot Learning", 0.0),
+            row("kv", 8.0, "hotpotqa", "Multi-Doc QA", 30.0),
+            row("kv", 8.0, "musique", "Multi-Doc QA", 20.0),
+            row("kv", 8.0, "trec", "Few-shot Learning", 5.0),
+            row("kv", 8.0, "lcc", "Code", 5.0),
+        ];
+        let missing = fill_percent_of_full(&mut rows);
+        assert_eq!(missing, ["m/lcc"]);
+        assert_eq!(rows[3].percent_of_full, Some(75.0));
+        assert_eq!(rows[4].percent_of_full, Some(100.0));
+        // A zero full-cache score gives no percentage (division by zero), not inf.
+        assert_eq!(rows[5].percent_of_full, None);
+        let s = summarize(&rows);
+        let get = |m: &str, c: &str| {
+            s.iter()
+                .find(|r| r.method == m && r.category == c)
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(get("kv", "Multi-Doc QA").percent_of_full, Some(87.5));
+        assert_eq!(get("kv", "Multi-Doc QA").score, 25.0);
+        assert_eq!(get("kv", "Multi-Doc QA").n_tasks, 2);
+        // `all` has subsets without a percentage: left empty rather than averaged over fewer.
+        assert_eq!(get("kv", "all").percent_of_full, None);
+        assert_eq!(get("kv", "all").n_tasks, 4);
+        assert_eq!(get("full", "all").percent_of_full, None); // trec full = 0
     }
 }
