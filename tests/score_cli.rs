@@ -356,3 +356,47 @@ fn compare_gates_on_drops() {
     ]);
     assert_eq!(code(&o), 2);
 }
+
+#[test]
+fn longbench_e_tree_rows_per_bucket() {
+    let d = tempfile::tempdir().unwrap();
+    // Full: 0-4k has 2 samples (both right), 4-8k 1 (wrong), 8k+ none.
+    // (Not "a"/"b": qa F1 drops the article "a", so it would score 0.)
+    let full = "{\"pred\": \"cat\", \"answers\": [\"cat\"], \"length\": 10}\n\
+                {\"pred\": \"dog\", \"answers\": [\"dog\"], \"length\": 3999}\n\
+                {\"pred\": \"x\", \"answers\": [\"y\"], \"length\": 4000}\n";
+    // rate4: one of the two 0-4k samples right -> 50 % of full in 0-4k.
+    let half = full.replacen("\"pred\": \"cat\"", "\"pred\": \"cow\"", 1);
+    write(&d.path().join("m/full/rate1/preds/hotpotqa_e.jsonl"), full);
+    write(&d.path().join("m/kv/rate4/preds/hotpotqa_e.jsonl"), &half);
+    let o = kvc(&["score", d.path().to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let mut rdr = csv::Reader::from_path(d.path().join("scores.csv")).unwrap();
+    let h = rdr.headers().unwrap().clone();
+    let rows: Vec<csv::StringRecord> = rdr.records().map(|r| r.unwrap()).collect();
+    let col = |r: &csv::StringRecord, name: &str| {
+        r[h.iter().position(|x| x == name).unwrap()].to_string()
+    };
+    assert_eq!(rows.len(), 6);
+    let kv: Vec<_> = rows.iter().filter(|r| col(r, "method") == "kv").collect();
+    let b: Vec<(String, String, String, String)> = kv
+        .iter()
+        .map(|r| {
+            (
+                col(r, "bucket"),
+                col(r, "n"),
+                col(r, "score"),
+                col(r, "percent_of_full"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        b[0],
+        ("0-4k".into(), "2".into(), "50.0".into(), "50.0".into())
+    );
+    assert_eq!(b[1], ("4-8k".into(), "1".into(), "0.0".into(), "".into())); // full is 0: no percentage
+    assert_eq!(
+        (b[2].0.as_str(), b[2].1.as_str(), b[2].2.as_str()),
+        ("8k+", "0", "NaN")
+    );
+}

@@ -22,7 +22,8 @@ use super::scores::ScoreRow;
 use crate::data::tasks::Category;
 
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
-const FONT_NAME: &str = "kvc-sans";
+// Registered under the generic family name, so the SVGs ask the viewer for its own sans-serif.
+const FONT_NAME: &str = "sans-serif";
 
 /// Errors while plotting.
 #[derive(Debug, thiserror::Error)]
@@ -323,8 +324,9 @@ pub fn quality_figures(
             .map(|r| r.task.as_str())
             .collect::<BTreeSet<_>>()
             .len();
-        let subtitle =
-            format!("model: {model}   data: LongBench v1, {n_tasks} subsets   source: {data_note}");
+        let subtitle = format!(
+            "model: {model}  |  data: LongBench v1, {n_tasks} subsets  |  source: {data_note}"
+        );
         let methods: BTreeSet<&str> = mrows.iter().map(|r| r.method.as_str()).collect();
 
         // Per (method, x) -> category -> subset percentages.
