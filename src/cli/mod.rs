@@ -1,6 +1,10 @@
 //! Command-line interface: one clap `Args` struct per subcommand, each in its own file, and the
 //! dispatch that maps results to exit codes (0 ok, 1 finished with failures, 2 error).
 use clap::{Parser, Subcommand};
+
+pub mod compare;
+pub mod plot;
+pub mod score;
 use std::process::ExitCode;
 
 use crate::util::Status;
@@ -19,6 +23,9 @@ pub struct Cli {
 pub enum Command {
     /// Greedy continuation of one prompt (full cache).
     Generate(generate::GenerateArgs),
+    Score(score::ScoreArgs),
+    Plot(plot::PlotArgs),
+    Compare(compare::CompareArgs),
 }
 
 /// Entry point used by `main.rs`.
@@ -26,6 +33,9 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: anyhow::Result<Status> = match cli.command {
         Command::Generate(a) => generate::run(a),
+        Command::Score(a) => score::run(a),
+        Command::Plot(a) => plot::run(a),
+        Command::Compare(a) => compare::run(a),
     };
     match result {
         Ok(Status::Ok) => ExitCode::SUCCESS,

@@ -1,1 +1,5 @@
-//! (filled in by its issue)
+//! LongBench evaluation: the official metrics ([`metrics`]), the prediction-row schema
+//! ([`record`]) and per-sample / per-subset scoring exactly as LongBench's `eval.py` ([`score`]).
+pub mod metrics;
+pub mod record;
+pub mod score;

@@ -1,1 +1,5 @@
-//! (filled in by its issue)
+//! Reports from scored predictions: the tidy CSVs and tree scoring ([`scores`]), the paper's
+//! figures ([`plot`]) and the nightly regression gate ([`compare`]).
+pub mod compare;
+pub mod plot;
+pub mod scores;

@@ -1,0 +1,74 @@
+//! `kvc plot`: the paper's quality figures from a `scores.csv`.
+use std::path::PathBuf;
+
+use std::fmt::Write as _;
+
+use clap::Args;
+
+use crate::report::plot::{draw_figure, quality_figures};
+use crate::report::scores::{read_csv, ScoreRow};
+use crate::util::Status;
+
+use super::score::emit_stdout;
+
+#[derive(Args, Debug)]
+#[command(
+    about = "Plot percent of full-cache score vs compression rate and cache size (PNG + SVG)",
+    long_about = "Plot the KV-Compress paper's quality figures from a scores.csv written by `kvc score <results tree>`:
+
+  <model>__categories_by_rate     % of full-cache score vs compression rate (log2, 1x..64x), one
+                                  panel per category and `all`, one line per method (equal rate)
+  <model>__categories_by_cache    the same vs KV cache tokens (token-budget runs, or rate runs that
+                                  record cache_tokens), one line per method (equal cache size)
+  <model>__<method>__subtasks_by_rate   one panel per category, one line per subset
+
+Each figure is written as .png and .svg. Every row needs a full-cache baseline (method full,
+budget rate1) for its model and subset; the error names the ones missing.
+
+Example:
+  kvc score results/ && kvc plot results/scores.csv --out results/plots"
+)]
+pub struct PlotArgs {
+    /// scores.csv written by `kvc score`.
+    pub scores: PathBuf,
+    /// Output directory (default: a `plots/` directory beside the CSV).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Only this model (default: every model in the CSV).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// No list of written files on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// Run `kvc plot`.
+pub fn run(args: PlotArgs) -> anyhow::Result<Status> {
+    let mut out = String::new();
+    let mut rows: Vec<ScoreRow> = read_csv(&args.scores)?;
+    if let Some(m) = &args.model {
+        rows.retain(|r| &r.model == m);
+        anyhow::ensure!(
+            !rows.is_empty(),
+            "no rows for model `{m}` in {}",
+            args.scores.display()
+        );
+    }
+    let out_dir = args.out.clone().unwrap_or_else(|| {
+        args.scores
+            .parent()
+            .map(|p| p.join("plots"))
+            .unwrap_or_else(|| PathBuf::from("plots"))
+    });
+    let note = args.scores.display().to_string();
+    for (stem, fig) in quality_figures(&rows, &note)? {
+        for p in draw_figure(&fig, &out_dir.join(stem))? {
+            if !args.quiet {
+                eprintln!("wrote {}", p.display());
+            }
+            let _ = writeln!(out, "{}", p.display());
+        }
+    }
+    emit_stdout(&out)?;
+    Ok(Status::Ok)
+}

@@ -1,0 +1,255 @@
+//! `kvc score`: score saved predictions exactly as LongBench's eval.py, without a model.
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use std::fmt::Write as _;
+
+use clap::{Args, ValueEnum};
+
+use crate::eval::metrics::{FuzzBackend, MetricOptions, RecursionLimit};
+use crate::eval::score::{self, OnError, SubsetScore};
+use crate::report::scores;
+use crate::util::{write_atomic, Status};
+
+#[derive(Args, Debug)]
+#[command(
+    about = "Score LongBench predictions exactly as the official eval.py",
+    long_about = "Score LongBench predictions exactly as the official eval.py (same metrics, first-line rule, max over answers, rounding, LongBench-E buckets).
+
+DIR is either
+  * a directory of <subset>.jsonl prediction files (LongBench's own pred/<model>/ works as is):
+    writes DIR/result.json, {subset: score} or for LongBench-E {subset: {\"0-4k\", \"4-8k\", \"8k+\"}};
+  * a results tree results/<model>/<method>/<budget>/preds/<subset>.jsonl with an optional
+    run.json beside preds/ (model, method, rate or budget_tokens; otherwise taken from the path;
+    <budget> is rate<r> like rate8 or tokens<n> like tokens512): writes result.json per run, and
+    DIR/scores.csv (one row per run and subset, with percent of the full-cache score) and
+    DIR/summary.csv (per run and category, and `all`). The full-cache baseline is method `full`,
+    budget rate1.
+
+Exit codes: 0 ok; 1 finished, but some samples carry an `error` or malformed lines were skipped;
+2 error (unreadable file, malformed line with --on-error stop, unknown subset, empty file).
+
+Examples:
+  kvc score pred/llama3.1-8b/                 # LongBench pred dir -> result.json
+  kvc score --e pred_e/llama3.1-8b/           # LongBench-E files named by base subset
+  kvc score results/                          # a sweep -> scores.csv, summary.csv
+  kvc score results/ --on-error skip --json   # machine-readable rows on stdout"
+)]
+pub struct ScoreArgs {
+    /// A directory of <subset>.jsonl pred files, or a results tree.
+    pub dir: PathBuf,
+    /// Score every file as LongBench-E (eval.py --e), where files carry the base subset name.
+    /// Files named <subset>_e.jsonl are LongBench-E without this flag.
+    #[arg(long)]
+    pub e: bool,
+    /// What to do with a line that is not a valid prediction record: stop (exit 2, naming file
+    /// and line) or skip it (reported on stderr, exit 1).
+    #[arg(long, value_enum, default_value_t = OnErrorArg::Stop)]
+    pub on_error: OnErrorArg,
+    /// fuzzywuzzy matcher for code similarity (lcc, repobench-p): difflib is what LongBench's
+    /// requirements install; levenshtein is what you get with python-Levenshtein installed.
+    #[arg(long, value_enum, default_value_t = FuzzArg::Difflib, env = "KVC_FUZZ_BACKEND")]
+    pub fuzz_backend: FuzzArg,
+    /// Reproduce the ROUGE recursion cut-off of this Python (pltrdy rouge 1.0.1 scores 0 when its
+    /// recursive LCS walk overflows the stack, ~990 words in one sentence pair).
+    #[arg(long, value_enum, default_value_t = RecursionArg::Py311, env = "KVC_ROUGE_RECURSION")]
+    pub rouge_recursion: RecursionArg,
+    /// Fail (exit 2) when a model has no full-cache run (method full, budget rate1) for a subset.
+    #[arg(long)]
+    pub require_full: bool,
+    /// Print machine-readable JSON on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress or warnings on stderr (errors still print).
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OnErrorArg {
+    Stop,
+    Skip,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum FuzzArg {
+    Difflib,
+    Levenshtein,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RecursionArg {
+    /// CPython 3.11/3.12
+    Py311,
+    /// CPython 3.8-3.10
+    Py310,
+    /// No cut-off (pltrdy rouge master, not on PyPI)
+    None,
+}
+
+impl ScoreArgs {
+    fn options(&self) -> (MetricOptions, OnError) {
+        let opts = MetricOptions {
+            fuzz: match self.fuzz_backend {
+                FuzzArg::Difflib => FuzzBackend::Difflib,
+                FuzzArg::Levenshtein => FuzzBackend::Levenshtein,
+            },
+            rouge_recursion: match self.rouge_recursion {
+                RecursionArg::Py311 => RecursionLimit::Py311,
+                RecursionArg::Py310 => RecursionLimit::Py310,
+                RecursionArg::None => RecursionLimit::Unlimited,
+            },
+        };
+        let on_error = match self.on_error {
+            OnErrorArg::Stop => OnError::Stop,
+            OnErrorArg::Skip => OnError::Skip,
+        };
+        (opts, on_error)
+    }
+}
+
+fn has_pred_files(dir: &Path) -> bool {
+    score::pred_files(dir).is_ok_and(|f| !f.is_empty())
+}
+
+fn fmt_score(s: &SubsetScore) -> String {
+    match s {
+        SubsetScore::Plain(x) => format!("{x:.2}"),
+        SubsetScore::Buckets(b) => format!("0-4k {:.2}  4-8k {:.2}  8k+ {:.2}", b[0], b[1], b[2]),
+    }
+}
+
+/// Run `kvc score`.
+pub fn run(args: ScoreArgs) -> anyhow::Result<Status> {
+    let mut out = String::new();
+    let (opts, on_error) = args.options();
+    anyhow::ensure!(
+        args.dir.is_dir(),
+        "{} is not a directory",
+        args.dir.display()
+    );
+    let mut failed = false;
+    if has_pred_files(&args.dir) {
+        let d = score::score_pred_dir(&args.dir, args.e, on_error, &opts)?;
+        let path = args.dir.join("result.json");
+        write_atomic(&path, score::result_json(&d.subsets).as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+        for b in &d.skipped {
+            eprintln!(
+                "warning: skipped {}:{}: {}",
+                b.path.display(),
+                b.line,
+                b.message
+            );
+        }
+        if args.json {
+            let _ = writeln!(out, "{}", score::result_json(&d.subsets));
+        } else {
+            let _ = writeln!(out, "{:<24} {:>5} {:>6}  score", "subset", "n", "failed");
+            for s in &d.subsets {
+                let _ = writeln!(
+                    out,
+                    "{:<24} {:>5} {:>6}  {}",
+                    s.task.name,
+                    s.n,
+                    s.n_failed,
+                    fmt_score(&s.score)
+                );
+            }
+        }
+        if !args.quiet {
+            eprintln!("wrote {}", path.display());
+        }
+        failed |= d.has_failures();
+        let n_failed: usize = d.subsets.iter().map(|s| s.n_failed).sum();
+        if n_failed > 0 {
+            eprintln!("{n_failed} samples carry an `error` (scored as written)");
+        }
+    } else {
+        let t = scores::score_tree(&args.dir, args.e, on_error, &opts)?;
+        for b in &t.skipped {
+            eprintln!(
+                "warning: skipped {}:{}: {}",
+                b.path.display(),
+                b.line,
+                b.message
+            );
+        }
+        if !t.missing_full.is_empty() {
+            let msg = format!(
+                "no full-cache baseline (method `full`, budget `rate1`) for {}; percent_of_full is left empty there",
+                t.missing_full.join(", ")
+            );
+            if args.require_full {
+                anyhow::bail!(msg);
+            } else if !args.quiet {
+                eprintln!("warning: {msg}");
+            }
+        }
+        let scores_path = args.dir.join("scores.csv");
+        let summary_path = args.dir.join("summary.csv");
+        scores::write_csv(&scores_path, &t.rows)?;
+        scores::write_csv(&summary_path, &t.summary)?;
+        if args.json {
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"scores": t.rows, "summary": t.summary})
+                )?
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "{:<28} {:<12} {:<11} {:<6} {:<18} {:>7} {:>8}",
+                "model", "method", "budget", "bucket", "category", "score", "%full"
+            );
+            for s in &t.summary {
+                let _ = writeln!(
+                    out,
+                    "{:<28} {:<12} {:<11} {:<6} {:<18} {:>7.2} {:>8}",
+                    s.model,
+                    s.method,
+                    s.budget,
+                    s.bucket,
+                    s.category,
+                    s.score,
+                    s.percent_of_full
+                        .map_or("-".to_string(), |p| format!("{p:.1}"))
+                );
+            }
+        }
+        if !args.quiet {
+            eprintln!(
+                "scored {} runs; wrote {}, {} and result.json per run",
+                t.runs.len(),
+                scores_path.display(),
+                summary_path.display()
+            );
+        }
+        if t.n_failed > 0 {
+            eprintln!(
+                "{} samples carry an `error` (scored as written)",
+                t.n_failed
+            );
+        }
+        failed |= t.n_failed > 0 || !t.skipped.is_empty();
+    }
+    emit_stdout(&out)?;
+    Ok(if failed { Status::Failed } else { Status::Ok })
+}
+
+/// Write command output to stdout; a closed pipe (`kvc score ... | head`) is not an error.
+pub(crate) fn emit_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|_| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("writing to stdout"))
+        }
+        _ => Ok(()),
+    }
+}

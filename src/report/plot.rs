@@ -1,0 +1,494 @@
+//! The KV-Compress paper's quality figures from `scores.csv`, drawn with plotters to PNG and SVG:
+//! - `<model>__categories_by_rate`: percent of full cache vs compression rate (log-2 axis,
+//!   1x..64x), one panel per category plus `all`, one line per method (methods at equal rate);
+//!   lines start at the full-cache point (1x, 100 %);
+//! - `<model>__<method>__subtasks_by_rate`: one panel per category, one line per subset;
+//! - `<model>__categories_by_cache`: percent of full cache vs KV cache size in tokens (log-2
+//!   axis), one line per method (methods at equal cache size). x is a run's token budget, or for a
+//!   rate run its mean kept tokens (`cache_tokens` of the records) when recorded.
+//!
+//! Every figure is a [`Figure`] (panels of named series) drawn by [`draw_figure`]; the throughput
+//! and max-batch figures of issue 7 (`kvc bench`) are to be built the same way in
+//! [`throughput_figure`]. Text uses DejaVu Sans (assets/fonts, Bitstream Vera licence), embedded
+//! so plots render the same on any machine.
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use super::scores::ScoreRow;
+use crate::data::tasks::Category;
+
+static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+// Registered under the generic family name, so the SVGs ask the viewer for its own sans-serif.
+const FONT_NAME: &str = "sans-serif";
+
+/// Errors while plotting.
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    #[error("drawing {path}: {message}")]
+    Draw { path: PathBuf, message: String },
+    #[error("nothing to plot: {0}")]
+    Empty(String),
+    #[error("the embedded font could not be loaded")]
+    Font,
+    #[error("throughput plots need `kvc bench` results (issue 7), which do not exist yet")]
+    NotYet,
+}
+
+/// One line of a panel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    pub name: String,
+    /// Palette index, so one method keeps its colour across figures; `None`: position in panel.
+    pub color: Option<usize>,
+    /// (x, y) in data units; x > 0 (plotted on a log-2 axis).
+    pub points: Vec<(f64, f64)>,
+}
+
+/// One panel of a grid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Panel {
+    pub title: String,
+    pub series: Vec<Series>,
+}
+
+/// A grid of panels sharing axes' meaning.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Figure {
+    pub title: String,
+    /// A second line naming the model and the data.
+    pub subtitle: String,
+    pub x_label: String,
+    pub y_label: String,
+    /// x-axis range as powers of two, e.g. (0, 6) for 1x..64x.
+    pub x_log2: (i32, i32),
+    /// Suffix printed after x tick values ("x" for rates, "" for tokens).
+    pub x_unit: String,
+    /// Draw a dashed reference line at this y (100 % of full cache).
+    pub y_ref: Option<f64>,
+    /// Panel corner for the legend, chosen where the lines usually are not.
+    pub legend: LegendAt,
+    pub panels: Vec<Panel>,
+}
+
+/// Where a panel's legend sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegendAt {
+    UpperLeft,
+    UpperRight,
+    LowerLeft,
+    LowerRight,
+}
+
+fn ensure_font() -> Result<(), PlotError> {
+    static OK: OnceLock<bool> = OnceLock::new();
+    if *OK
+        .get_or_init(|| plotters::style::register_font(FONT_NAME, FontStyle::Normal, FONT).is_ok())
+    {
+        Ok(())
+    } else {
+        Err(PlotError::Font)
+    }
+}
+
+const COLORS: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+fn draw_on<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &Figure) -> Result<(), String> {
+    let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
+    root.fill(&WHITE).map_err(e)?;
+    let (header, body) = root.split_vertically(90);
+    header
+        .draw(&Text::new(
+            fig.title.clone(),
+            (20, 12),
+            (FONT_NAME, 30).into_font(),
+        ))
+        .map_err(e)?;
+    header
+        .draw(&Text::new(
+            fig.subtitle.clone(),
+            (20, 54),
+            (FONT_NAME, 20).into_font().color(&RGBColor(80, 80, 80)),
+        ))
+        .map_err(e)?;
+    let n = fig.panels.len().max(1);
+    let cols = if n <= 3 {
+        n
+    } else if n <= 4 {
+        2
+    } else if n <= 6 {
+        3
+    } else {
+        4
+    };
+    let rows = n.div_ceil(cols);
+    let areas = body.split_evenly((rows, cols));
+    let y_max = fig
+        .panels
+        .iter()
+        .flat_map(|p| p.series.iter().flat_map(|s| s.points.iter().map(|pt| pt.1)))
+        .filter(|y| y.is_finite())
+        .fold(fig.y_ref.unwrap_or(0.0), f64::max);
+    // Headroom above the 100 % line for the legend.
+    let y_top = (((y_max * 1.08) / 10.0).ceil() * 10.0).max(fig.y_ref.map_or(0.0, |r| r + 30.0));
+    let (x0, x1) = (fig.x_log2.0 as f64 - 0.2, fig.x_log2.1 as f64 + 0.2);
+    let unit = fig.x_unit.clone();
+    for (area, panel) in areas.iter().zip(&fig.panels) {
+        let mut chart = ChartBuilder::on(area)
+            .caption(&panel.title, (FONT_NAME, 22))
+            .margin(12)
+            .x_label_area_size(48)
+            .y_label_area_size(62)
+            .build_cartesian_2d(x0..x1, 0f64..y_top.max(10.0))
+            .map_err(e)?;
+        chart
+            .configure_mesh()
+            .x_labels((fig.x_log2.1 - fig.x_log2.0 + 1) as usize)
+            .x_label_formatter(&|v| format!("{}{}", 2f64.powf(v.round()), unit))
+            .y_label_formatter(&|v| format!("{v:.0}"))
+            .x_desc(fig.x_label.as_str())
+            .y_desc(fig.y_label.as_str())
+            .label_style((FONT_NAME, 15))
+            .axis_desc_style((FONT_NAME, 16))
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()
+            .map_err(e)?;
+        if let Some(yr) = fig.y_ref {
+            chart
+                .draw_series(DashedLineSeries::new(
+                    vec![(x0, yr), (x1, yr)],
+                    6,
+                    4,
+                    RGBColor(120, 120, 120).stroke_width(1),
+                ))
+                .map_err(e)?;
+        }
+        for (i, s) in panel.series.iter().enumerate() {
+            let color = COLORS[s.color.unwrap_or(i) % COLORS.len()];
+            let pts: Vec<(f64, f64)> = s
+                .points
+                .iter()
+                .filter(|(x, y)| *x > 0.0 && y.is_finite())
+                .map(|(x, y)| (x.log2(), *y))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(e)?
+                .label(s.name.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(3))
+                });
+            chart
+                .draw_series(pts.iter().map(|p| Circle::new(*p, 4, color.filled())))
+                .map_err(e)?;
+        }
+        if !panel.series.is_empty() {
+            chart
+                .configure_series_labels()
+                .position(match fig.legend {
+                    LegendAt::UpperLeft => SeriesLabelPosition::UpperLeft,
+                    LegendAt::UpperRight => SeriesLabelPosition::UpperRight,
+                    LegendAt::LowerLeft => SeriesLabelPosition::LowerLeft,
+                    LegendAt::LowerRight => SeriesLabelPosition::LowerRight,
+                })
+                .background_style(WHITE.mix(0.85))
+                .border_style(RGBColor(200, 200, 200))
+                .label_font((FONT_NAME, 14))
+                .draw()
+                .map_err(e)?;
+        }
+    }
+    root.present().map_err(e)?;
+    Ok(())
+}
+
+/// Draw `fig` to `<stem>.png` and `<stem>.svg`; returns the two paths.
+pub fn draw_figure(fig: &Figure, stem: &Path) -> Result<Vec<PathBuf>, PlotError> {
+    ensure_font()?;
+    if fig.panels.iter().all(|p| p.series.is_empty()) {
+        return Err(PlotError::Empty(fig.title.clone()));
+    }
+    let n = fig.panels.len().max(1);
+    let cols = if n <= 3 {
+        n
+    } else if n <= 4 {
+        2
+    } else if n <= 6 {
+        3
+    } else {
+        4
+    };
+    let rows = n.div_ceil(cols);
+    let size = ((cols as u32) * 480, 90 + (rows as u32) * 400);
+    if let Some(dir) = stem.parent() {
+        std::fs::create_dir_all(dir).map_err(|err| PlotError::Draw {
+            path: dir.to_path_buf(),
+            message: err.to_string(),
+        })?;
+    }
+    let png = stem.with_extension("png");
+    let svg = stem.with_extension("svg");
+    // Draw to temp names and rename, so a reader never sees a half-written image.
+    let tmp_png = stem.with_extension("tmp.png");
+    let tmp_svg = stem.with_extension("tmp.svg");
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |message: String| PlotError::Draw { path, message }
+    };
+    draw_on(BitMapBackend::new(&tmp_png, size).into_drawing_area(), fig).map_err(err(&png))?;
+    draw_on(SVGBackend::new(&tmp_svg, size).into_drawing_area(), fig).map_err(err(&svg))?;
+    for (t, p) in [(&tmp_png, &png), (&tmp_svg, &svg)] {
+        std::fs::rename(t, p).map_err(|e| PlotError::Draw {
+            path: p.clone(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(vec![png, svg])
+}
+
+/// Placeholder for issue 7: throughput and max batch vs compression rate, from `kvc bench` CSVs.
+/// Build a [`Figure`] (x = rate on the log-2 axis, one line per method) and call [`draw_figure`].
+pub fn throughput_figure() -> Result<Figure, PlotError> {
+    Err(PlotError::NotYet)
+}
+
+fn safe(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn category_panels() -> Vec<String> {
+    Category::ALL
+        .iter()
+        .map(|c| c.name().to_string())
+        .chain(["all".to_string()])
+        .collect()
+}
+
+/// Start a percent-of-full vs rate line at (1x, 100 %) when it has no rate-1 point.
+fn anchor_at_full(points: &mut Vec<(f64, f64)>) {
+    if !points.iter().any(|p| p.0 == 1.0) {
+        points.insert(0, (1.0, 100.0));
+    }
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+/// The paper's quality figures for every model of `rows` (LongBench subsets only; LongBench-E
+/// bucket rows are left out). `data_note` names the data on the figure (e.g. the CSV path).
+pub fn quality_figures(
+    rows: &[ScoreRow],
+    data_note: &str,
+) -> Result<Vec<(String, Figure)>, PlotError> {
+    let rows: Vec<&ScoreRow> = rows.iter().filter(|r| r.bucket.is_empty()).collect();
+    let missing: BTreeSet<String> = rows
+        .iter()
+        .filter(|r| r.percent_of_full.is_none())
+        .map(|r| format!("{}/{}", r.model, r.task))
+        .collect();
+    if !missing.is_empty() {
+        return Err(PlotError::Empty(format!(
+            "percent of full cache is missing for {} (score a tree that has a `full/rate1` run for each model)",
+            missing.into_iter().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    let models: BTreeSet<&str> = rows.iter().map(|r| r.model.as_str()).collect();
+    let mut figs = Vec::new();
+    for model in models {
+        let mrows: Vec<&ScoreRow> = rows.iter().copied().filter(|r| r.model == model).collect();
+        let n_tasks = mrows
+            .iter()
+            .map(|r| r.task.as_str())
+            .collect::<BTreeSet<_>>()
+            .len();
+        let subtitle = format!(
+            "model: {model}  |  data: LongBench v1, {n_tasks} subsets  |  source: {data_note}"
+        );
+        let methods: BTreeSet<&str> = mrows.iter().map(|r| r.method.as_str()).collect();
+
+        // Per (method, x) -> category -> subset percentages.
+        let cat_series = |xof: &dyn Fn(&ScoreRow) -> Option<f64>| -> Vec<Panel> {
+            category_panels()
+                .into_iter()
+                .map(|cat| {
+                    let series = methods
+                        .iter()
+                        .filter_map(|m| {
+                            let mut by_x: BTreeMap<u64, (f64, Vec<f64>)> = BTreeMap::new();
+                            for r in mrows
+                                .iter()
+                                .filter(|r| r.method == *m && (cat == "all" || r.category == cat))
+                            {
+                                if let (Some(x), Some(p)) = (xof(r), r.percent_of_full) {
+                                    by_x.entry(x.to_bits()).or_insert((x, Vec::new())).1.push(p);
+                                }
+                            }
+                            let mut points: Vec<(f64, f64)> =
+                                by_x.into_values().map(|(x, ps)| (x, mean(&ps))).collect();
+                            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                            let color = methods.iter().position(|x| x == m);
+                            (!points.is_empty()).then(|| Series {
+                                name: m.to_string(),
+                                color,
+                                points,
+                            })
+                        })
+                        .collect();
+                    Panel {
+                        title: cat.clone(),
+                        series,
+                    }
+                })
+                .filter(|p: &Panel| !p.series.is_empty())
+                .collect()
+        };
+
+        // Methods at equal rate: every method starts at the full-cache point (1x, 100 %), which
+        // is what rate 1 means (kvc's invariant: rate 1 == uncompressed); `full` itself is that
+        // point and is not drawn as a separate line.
+        let by_rate: Vec<Panel> = cat_series(&|r: &ScoreRow| r.rate)
+            .into_iter()
+            .map(|mut p| {
+                p.series.retain(|s| s.name != "full");
+                for s in &mut p.series {
+                    anchor_at_full(&mut s.points);
+                }
+                p
+            })
+            .filter(|p| !p.series.is_empty())
+            .collect();
+        if !by_rate.is_empty() {
+            figs.push((
+                format!("{}__categories_by_rate", safe(model)),
+                Figure {
+                    title: "Percent of full-cache LongBench score vs compression rate (methods at equal rate)".into(),
+                    subtitle: subtitle.clone(),
+                    x_label: "compression rate (log2)".into(),
+                    y_label: "% of full-cache score".into(),
+                    x_log2: (0, 6),
+                    x_unit: "x".into(),
+                    y_ref: Some(100.0),
+                    legend: LegendAt::UpperRight,
+                    panels: by_rate,
+                },
+            ));
+        }
+        let cache_x = |r: &ScoreRow| {
+            r.budget_tokens
+                .map(|t| t as f64)
+                .or(r.cache_tokens)
+                .filter(|x| *x > 0.0)
+        };
+        let by_cache = cat_series(&cache_x);
+        if !by_cache.is_empty() {
+            let xs: Vec<f64> = mrows.iter().filter_map(|r| cache_x(r)).collect();
+            let lo = xs
+                .iter()
+                .copied()
+                .fold(f64::INFINITY, f64::min)
+                .log2()
+                .floor() as i32;
+            let hi = xs.iter().copied().fold(0.0, f64::max).log2().ceil() as i32;
+            figs.push((
+                format!("{}__categories_by_cache", safe(model)),
+                Figure {
+                    title: "Percent of full-cache LongBench score vs KV cache size (methods at equal cache size)".into(),
+                    subtitle: subtitle.clone(),
+                    x_label: "KV cache tokens per sequence (log2)".into(),
+                    y_label: "% of full-cache score".into(),
+                    x_log2: (lo, hi.max(lo + 1)),
+                    x_unit: String::new(),
+                    y_ref: Some(100.0),
+                    legend: LegendAt::UpperLeft,
+                    panels: by_cache,
+                },
+            ));
+        }
+        for m in methods.iter().filter(|m| **m != "full") {
+            let panels: Vec<Panel> = Category::ALL
+                .iter()
+                .map(|c| {
+                    let present: BTreeSet<&str> = mrows
+                        .iter()
+                        .filter(|r| r.category == c.name() && r.method == *m && r.rate.is_some())
+                        .map(|r| r.task.as_str())
+                        .collect();
+                    // Task table order (as LongBench lists them), then any others by name.
+                    let mut tasks: Vec<&str> = crate::data::tasks::all_tasks()
+                        .map(|t| t.name)
+                        .filter(|t| present.contains(t))
+                        .collect();
+                    let known: BTreeSet<&str> = tasks.iter().copied().collect();
+                    tasks.extend(present.iter().copied().filter(|t| !known.contains(t)));
+                    let series = tasks
+                        .into_iter()
+                        .map(|t| {
+                            let mut points: Vec<(f64, f64)> = mrows
+                                .iter()
+                                .filter(|r| r.method == *m && r.task == t)
+                                .filter_map(|r| Some((r.rate?, r.percent_of_full?)))
+                                .collect();
+                            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                            anchor_at_full(&mut points);
+                            Series {
+                                name: t.to_string(),
+                                color: None,
+                                points,
+                            }
+                        })
+                        .collect();
+                    Panel {
+                        title: c.name().to_string(),
+                        series,
+                    }
+                })
+                .filter(|p: &Panel| !p.series.is_empty())
+                .collect();
+            if !panels.is_empty() {
+                figs.push((
+                    format!("{}__{}__subtasks_by_rate", safe(model), safe(m)),
+                    Figure {
+                        title: format!("{m}: percent of full-cache score per LongBench subset vs compression rate"),
+                        subtitle: subtitle.clone(),
+                        x_label: "compression rate (log2)".into(),
+                        y_label: "% of full-cache score".into(),
+                        x_log2: (0, 6),
+                        x_unit: "x".into(),
+                        y_ref: Some(100.0),
+                        legend: LegendAt::UpperRight,
+                        panels,
+                    },
+                ));
+            }
+        }
+    }
+    if figs.is_empty() {
+        return Err(PlotError::Empty(
+            "no rows with a rate or a cache size".into(),
+        ));
+    }
+    Ok(figs)
+}
