@@ -33,7 +33,11 @@ pub struct ResolvedModel {
 /// Short aliases: (alias, hub id or embedded file, default max input length for LongBench).
 pub const ALIASES: &[(&str, &str, usize)] = &[
     ("llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", 127_500),
-    ("llama-3.1-70b", "meta-llama/Llama-3.1-70B-Instruct", 127_500),
+    (
+        "llama-3.1-70b",
+        "meta-llama/Llama-3.1-70B-Instruct",
+        127_500,
+    ),
     ("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.2", 31_500),
     ("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf", 7_500),
 ];
@@ -50,9 +54,19 @@ pub enum HubError {
     #[error("the embedded model {EMBEDDED_GGUF} is not installed (looked in {looked}): run `scripts/fetch-model.sh` (or set KVC_MODELS_DIR)")]
     EmbeddedMissing { looked: String },
     #[error("{repo}@{rev}: {file} is not in the hub cache {cache} and HF_HUB_OFFLINE=1 forbids downloading: unset HF_HUB_OFFLINE, or download it on a machine with network into the same cache")]
-    OfflineMissing { repo: String, rev: String, file: String, cache: PathBuf },
+    OfflineMissing {
+        repo: String,
+        rev: String,
+        file: String,
+        cache: PathBuf,
+    },
     #[error("{repo}@{rev}: downloading {file} failed: {msg} (gated models need HF_TOKEN; offline machines need HF_HUB_OFFLINE=1 and a filled cache)")]
-    Download { repo: String, rev: String, file: String, msg: String },
+    Download {
+        repo: String,
+        rev: String,
+        file: String,
+        msg: String,
+    },
     #[error("{arg:?} is not a model: give a checkpoint directory, a .gguf file, a hub id like org/name[@revision], or one of the aliases {aliases}")]
     Unknown { arg: String, aliases: String },
 }
@@ -76,12 +90,23 @@ impl HubEnv {
                 .unwrap_or_else(|| PathBuf::from(".cache"))
                 .join("huggingface")
         });
-        let cache = var("HF_HUB_CACHE").map(PathBuf::from).unwrap_or_else(|| home.join("hub"));
+        let cache = var("HF_HUB_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| home.join("hub"));
         let token = var("HF_TOKEN").or_else(|| {
-            std::fs::read_to_string(home.join("token")).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+            std::fs::read_to_string(home.join("token"))
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
         });
-        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"));
-        HubEnv { cache, token, offline }
+        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| {
+            matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+        });
+        HubEnv {
+            cache,
+            token,
+            offline,
+        }
     }
 }
 
@@ -103,19 +128,38 @@ impl RepoKind {
 
 /// Look a file up in the hub cache: `<cache>/<kind>--org--name/snapshots/<commit>/<file>`,
 /// where `<commit>` is `rev` itself when it is a 40-hex commit, else the content of `refs/<rev>`.
-pub fn cached_file(cache: &Path, kind: RepoKind, repo: &str, rev: &str, file: &str) -> Option<PathBuf> {
-    let dir = cache.join(format!("{}--{}", kind.cache_prefix(), repo.replace('/', "--")));
+pub fn cached_file(
+    cache: &Path,
+    kind: RepoKind,
+    repo: &str,
+    rev: &str,
+    file: &str,
+) -> Option<PathBuf> {
+    let dir = cache.join(format!(
+        "{}--{}",
+        kind.cache_prefix(),
+        repo.replace('/', "--")
+    ));
     let commit = if rev.len() == 40 && rev.chars().all(|c| c.is_ascii_hexdigit()) {
         rev.to_string()
     } else {
-        std::fs::read_to_string(dir.join("refs").join(rev)).ok()?.trim().to_string()
+        std::fs::read_to_string(dir.join("refs").join(rev))
+            .ok()?
+            .trim()
+            .to_string()
     };
     let p = dir.join("snapshots").join(commit).join(file);
     p.exists().then_some(p)
 }
 
 /// Fetch `file` of `repo@rev` into the hub cache (or find it there) and return its path.
-pub fn fetch_file(env: &HubEnv, kind: RepoKind, repo: &str, rev: &str, file: &str) -> Result<PathBuf, HubError> {
+pub fn fetch_file(
+    env: &HubEnv,
+    kind: RepoKind,
+    repo: &str,
+    rev: &str,
+    file: &str,
+) -> Result<PathBuf, HubError> {
     if let Some(p) = cached_file(&env.cache, kind, repo, rev, file) {
         return Ok(p);
     }
@@ -132,14 +176,26 @@ pub fn fetch_file(env: &HubEnv, kind: RepoKind, repo: &str, rev: &str, file: &st
         .with_token(env.token.clone())
         .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .build()
-        .map_err(|e| HubError::Download { repo: repo.into(), rev: rev.into(), file: file.into(), msg: e.to_string() })?;
+        .map_err(|e| HubError::Download {
+            repo: repo.into(),
+            rev: rev.into(),
+            file: file.into(),
+            msg: e.to_string(),
+        })?;
     let r = match kind {
-        RepoKind::Model => hf_hub::Repo::with_revision(repo.into(), hf_hub::RepoType::Model, rev.into()),
-        RepoKind::Dataset => hf_hub::Repo::with_revision(repo.into(), hf_hub::RepoType::Dataset, rev.into()),
+        RepoKind::Model => {
+            hf_hub::Repo::with_revision(repo.into(), hf_hub::RepoType::Model, rev.into())
+        }
+        RepoKind::Dataset => {
+            hf_hub::Repo::with_revision(repo.into(), hf_hub::RepoType::Dataset, rev.into())
+        }
     };
-    api.repo(r)
-        .get(file)
-        .map_err(|e| HubError::Download { repo: repo.into(), rev: rev.into(), file: file.into(), msg: e.to_string() })
+    api.repo(r).get(file).map_err(|e| HubError::Download {
+        repo: repo.into(),
+        rev: rev.into(),
+        file: file.into(),
+        msg: e.to_string(),
+    })
 }
 
 /// Directories searched for the embedded model: `$KVC_MODELS_DIR`, `./models`, and `models/`
@@ -163,10 +219,19 @@ pub fn resolve_model(arg: &str, env: &HubEnv) -> Result<ResolvedModel, HubError>
             for d in &dirs {
                 let p = d.join(target);
                 if p.exists() {
-                    return Ok(ResolvedModel { source: ModelSource::Gguf(p), name: alias.into(), hub_id: None, revision: None });
+                    return Ok(ResolvedModel {
+                        source: ModelSource::Gguf(p),
+                        name: alias.into(),
+                        hub_id: None,
+                        revision: None,
+                    });
                 }
             }
-            let looked = dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ");
+            let looked = dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
             return Err(HubError::EmbeddedMissing { looked });
         }
         let mut r = resolve_hub(target, "main", env)?;
@@ -177,8 +242,16 @@ pub fn resolve_model(arg: &str, env: &HubEnv) -> Result<ResolvedModel, HubError>
         if !path.exists() {
             return Err(HubError::NotFound { path: path.into() });
         }
-        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        return Ok(ResolvedModel { source: ModelSource::Gguf(path.into()), name, hub_id: None, revision: None });
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        return Ok(ResolvedModel {
+            source: ModelSource::Gguf(path.into()),
+            name,
+            hub_id: None,
+            revision: None,
+        });
     }
     if path.is_dir() {
         if !path.join("config.json").exists() {
@@ -189,16 +262,25 @@ pub fn resolve_model(arg: &str, env: &HubEnv) -> Result<ResolvedModel, HubError>
             .ok()
             .and_then(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
             .unwrap_or_else(|| arg.to_string());
-        return Ok(ResolvedModel { source: ModelSource::HfDir(path.into()), name, hub_id: None, revision: None });
+        return Ok(ResolvedModel {
+            source: ModelSource::HfDir(path.into()),
+            name,
+            hub_id: None,
+            revision: None,
+        });
     }
     let (id, rev) = arg.split_once('@').unwrap_or((arg, "main"));
-    let looks_like_id = id.split('/').count() == 2 && id.split('/').all(|p| !p.is_empty()) && !id.starts_with('.');
+    let looks_like_id =
+        id.split('/').count() == 2 && id.split('/').all(|p| !p.is_empty()) && !id.starts_with('.');
     if !looks_like_id || rev.is_empty() {
         if arg.contains('/') || arg.starts_with('.') {
             return Err(HubError::NotFound { path: path.into() });
         }
         let aliases = ALIASES.iter().map(|a| a.0).collect::<Vec<_>>().join(", ");
-        return Err(HubError::Unknown { arg: arg.into(), aliases });
+        return Err(HubError::Unknown {
+            arg: arg.into(),
+            aliases,
+        });
     }
     resolve_hub(id, rev, env)
 }
@@ -223,7 +305,11 @@ fn resolve_hub(id: &str, rev: &str, env: &HubEnv) -> Result<ResolvedModel, HubEr
             let mut shards: Vec<String> = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .map(|m| m.values().filter_map(|s| s.as_str().map(str::to_string)).collect())
+                .map(|m| {
+                    m.values()
+                        .filter_map(|s| s.as_str().map(str::to_string))
+                        .collect()
+                })
                 .unwrap_or_default();
             shards.sort();
             shards.dedup();
@@ -238,7 +324,12 @@ fn resolve_hub(id: &str, rev: &str, env: &HubEnv) -> Result<ResolvedModel, HubEr
     let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
     let commit = dir.file_name().map(|s| s.to_string_lossy().into_owned());
     let name = id.rsplit('/').next().unwrap_or(id).to_string();
-    Ok(ResolvedModel { source: ModelSource::HfDir(dir), name, hub_id: Some(id.into()), revision: commit })
+    Ok(ResolvedModel {
+        source: ModelSource::HfDir(dir),
+        name,
+        hub_id: Some(id.into()),
+        revision: commit,
+    })
 }
 
 /// Default LongBench max input length for a resolved model (alias table, else by name).
@@ -282,30 +373,60 @@ mod tests {
         assert!(p.ends_with(format!("snapshots/{commit}/config.json")));
         assert!(cached_file(tmp.path(), RepoKind::Model, "org/m", commit, "config.json").is_some());
         assert!(cached_file(tmp.path(), RepoKind::Model, "org/m", "v2", "config.json").is_none());
-        assert!(cached_file(tmp.path(), RepoKind::Model, "org/m", "main", "tokenizer.json").is_none());
+        assert!(cached_file(
+            tmp.path(),
+            RepoKind::Model,
+            "org/m",
+            "main",
+            "tokenizer.json"
+        )
+        .is_none());
     }
 
     #[test]
     fn offline_miss_names_the_fix() {
         let tmp = tempfile::tempdir().unwrap();
-        let env = HubEnv { cache: tmp.path().into(), token: None, offline: true };
+        let env = HubEnv {
+            cache: tmp.path().into(),
+            token: None,
+            offline: true,
+        };
         let e = resolve_model("org/absent@main", &env).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("HF_HUB_OFFLINE=1") && msg.contains("config.json"), "{msg}");
+        assert!(
+            msg.contains("HF_HUB_OFFLINE=1") && msg.contains("config.json"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn offline_hit_resolves_sharded_checkpoint() {
         let tmp = tempfile::tempdir().unwrap();
         let commit = "89abcdef0123456789abcdef0123456789abcdef";
-        fake_cache(tmp.path(), "org/m", commit, &["config.json", "tokenizer.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]);
-        let snap = tmp.path().join(format!("models--org--m/snapshots/{commit}"));
+        fake_cache(
+            tmp.path(),
+            "org/m",
+            commit,
+            &[
+                "config.json",
+                "tokenizer.json",
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors",
+            ],
+        );
+        let snap = tmp
+            .path()
+            .join(format!("models--org--m/snapshots/{commit}"));
         std::fs::write(
             snap.join("model.safetensors.index.json"),
             r#"{"weight_map":{"a":"model-00001-of-00002.safetensors","b":"model-00002-of-00002.safetensors"}}"#,
         )
         .unwrap();
-        let env = HubEnv { cache: tmp.path().into(), token: None, offline: true };
+        let env = HubEnv {
+            cache: tmp.path().into(),
+            token: None,
+            offline: true,
+        };
         let r = resolve_model("org/m", &env).unwrap();
         assert_eq!(r.source, ModelSource::HfDir(snap.clone()));
         assert_eq!(r.revision.as_deref(), Some(commit));
@@ -317,8 +438,15 @@ mod tests {
 
     #[test]
     fn unknown_alias_lists_valid_ones() {
-        let env = HubEnv { cache: "/nonexistent".into(), token: None, offline: true };
+        let env = HubEnv {
+            cache: "/nonexistent".into(),
+            token: None,
+            offline: true,
+        };
         let e = resolve_model("llama-9", &env).unwrap_err().to_string();
-        assert!(e.contains("llama-3.1-8b") && e.contains("smollm2-135m"), "{e}");
+        assert!(
+            e.contains("llama-3.1-8b") && e.contains("smollm2-135m"),
+            "{e}"
+        );
     }
 }

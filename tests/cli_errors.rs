@@ -6,12 +6,18 @@ use std::process::Command;
 
 fn kvc(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kvc"));
-    c.args(args).env("HF_HUB_OFFLINE", "1").env_remove("KVC_MODEL");
+    c.args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("KVC_MODEL");
     for (k, v) in envs {
         c.env(k, v);
     }
     let o = c.output().unwrap();
-    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
 }
 
 /// Exit 2, no panic, a single `error:` line that contains every `needle`.
@@ -28,7 +34,15 @@ fn assert_clean_error(args: &[&str], envs: &[(&str, &str)], needles: &[&str]) {
 }
 
 fn generate(model: &Path) -> Vec<String> {
-    vec!["generate".into(), "--model".into(), model.display().to_string(), "--prompt".into(), "hello".into(), "--max-new-tokens".into(), "2".into()]
+    vec![
+        "generate".into(),
+        "--model".into(),
+        model.display().to_string(),
+        "--prompt".into(),
+        "hello".into(),
+        "--max-new-tokens".into(),
+        "2".into(),
+    ]
 }
 
 fn args(v: &[String]) -> Vec<&str> {
@@ -37,14 +51,23 @@ fn args(v: &[String]) -> Vec<&str> {
 
 #[test]
 fn missing_gguf_file() {
-    assert_clean_error(&["generate", "-m", "/nonexistent/x.gguf", "-p", "hi"], &[], &["/nonexistent/x.gguf"]);
+    assert_clean_error(
+        &["generate", "-m", "/nonexistent/x.gguf", "-p", "hi"],
+        &[],
+        &["/nonexistent/x.gguf"],
+    );
 }
 
 #[test]
 fn truncated_gguf() {
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("t.gguf");
-    write_gguf(&p, &TinySpec::default(), candle_core::quantized::GgmlDType::Q8_0).unwrap();
+    write_gguf(
+        &p,
+        &TinySpec::default(),
+        candle_core::quantized::GgmlDType::Q8_0,
+    )
+    .unwrap();
     let bytes = std::fs::read(&p).unwrap();
     for cut in [100, bytes.len() / 2, bytes.len() - 10] {
         std::fs::write(&p, &bytes[..cut]).unwrap();
@@ -64,7 +87,12 @@ fn not_a_gguf() {
 fn unknown_quantization_type() {
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("q.gguf");
-    write_gguf(&p, &TinySpec::default(), candle_core::quantized::GgmlDType::Q8_0).unwrap();
+    write_gguf(
+        &p,
+        &TinySpec::default(),
+        candle_core::quantized::GgmlDType::Q8_0,
+    )
+    .unwrap();
     let mut bytes = std::fs::read(&p).unwrap();
     // Tensor info: name, n_dims (u32), dims (u64 x n), ggml type (u32), offset (u64).
     let name = b"token_embd.weight";
@@ -90,9 +118,15 @@ fn wrong_tensor_shape() {
     let tmp = tempfile::tempdir().unwrap();
     write_hf_dir(tmp.path(), &TinySpec::default(), 1).unwrap();
     let cfg = tmp.path().join("config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
     std::fs::write(&cfg, text).unwrap();
-    assert_clean_error(&args(&generate(tmp.path())), &[], &["shape", "mlp.gate_proj"]);
+    assert_clean_error(
+        &args(&generate(tmp.path())),
+        &[],
+        &["shape", "mlp.gate_proj"],
+    );
 }
 
 #[test]
@@ -100,9 +134,15 @@ fn unknown_architecture() {
     let tmp = tempfile::tempdir().unwrap();
     write_hf_dir(tmp.path(), &TinySpec::default(), 1).unwrap();
     let cfg = tmp.path().join("config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("LlamaForCausalLM", "GPTNeoXForCausalLM");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("LlamaForCausalLM", "GPTNeoXForCausalLM");
     std::fs::write(&cfg, text).unwrap();
-    assert_clean_error(&args(&generate(tmp.path())), &[], &["GPTNeoXForCausalLM", "config.json"]);
+    assert_clean_error(
+        &args(&generate(tmp.path())),
+        &[],
+        &["GPTNeoXForCausalLM", "config.json"],
+    );
 }
 
 #[test]
@@ -118,7 +158,13 @@ fn hub_model_missing_offline() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().display().to_string();
     assert_clean_error(
-        &["generate", "-m", "meta-llama/Llama-3.1-8B-Instruct", "-p", "hi"],
+        &[
+            "generate",
+            "-m",
+            "meta-llama/Llama-3.1-8B-Instruct",
+            "-p",
+            "hi",
+        ],
         &[("HF_HUB_CACHE", &cache)],
         &["HF_HUB_OFFLINE=1", "config.json"],
     );
@@ -127,9 +173,27 @@ fn hub_model_missing_offline() {
 #[test]
 fn prompt_longer_than_context() {
     let tmp = tempfile::tempdir().unwrap();
-    write_hf_dir(tmp.path(), &TinySpec { max_pos: 16, ..Default::default() }, 1).unwrap();
+    write_hf_dir(
+        tmp.path(),
+        &TinySpec {
+            max_pos: 16,
+            ..Default::default()
+        },
+        1,
+    )
+    .unwrap();
     let long = "word ".repeat(40);
-    assert_clean_error(&["generate", "-m", &tmp.path().display().to_string(), "-p", &long], &[], &["prompt has", "context"]);
+    assert_clean_error(
+        &[
+            "generate",
+            "-m",
+            &tmp.path().display().to_string(),
+            "-p",
+            &long,
+        ],
+        &[],
+        &["prompt has", "context"],
+    );
 }
 
 #[test]
@@ -153,7 +217,14 @@ fn generate_json_has_the_documented_fields() {
     let (code, out, err) = kvc(&args(&a), &[]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    for k in ["prompt_ids", "output_ids", "output_text", "prefill_ms", "decode_ms", "decode_tokens_per_s"] {
+    for k in [
+        "prompt_ids",
+        "output_ids",
+        "output_text",
+        "prefill_ms",
+        "decode_ms",
+        "decode_tokens_per_s",
+    ] {
         assert!(v.get(k).is_some(), "missing {k}: {v}");
     }
     assert_eq!(v["output_ids"].as_array().unwrap().len(), 2);

@@ -45,13 +45,15 @@ fn smollm2_matches_transformers_greedy_f32_cpu() {
             return;
         }
     };
-    let refs = std::fs::read_to_string(shared().join("reference/smollm2_greedy.jsonl")).expect("reference file");
+    let refs = std::fs::read_to_string(shared().join("reference/smollm2_greedy.jsonl"))
+        .expect("reference file");
     let prompts: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(shared().join("longbench/config/dataset2prompt.json")).unwrap(),
     )
     .unwrap();
     let rederived: std::collections::HashMap<String, serde_json::Value> = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/smollm2_transformers_rederived.jsonl"),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/smollm2_transformers_rederived.jsonl"),
     )
     .unwrap()
     .lines()
@@ -60,7 +62,12 @@ fn smollm2_matches_transformers_greedy_f32_cpu() {
         (v["name"].as_str().unwrap().to_string(), v)
     })
     .collect();
-    let mut lm = kvc::model::load(&resolved, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let mut lm = kvc::model::load(
+        &resolved,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
     let only = std::env::var("KVC_CONFORMANCE_ONLY").ok();
     // KVC_CONFORMANCE_PROMPTS_ONLY=1 checks prompt building for every record in seconds.
     let prompts_only = std::env::var("KVC_CONFORMANCE_PROMPTS_ONLY").is_ok_and(|v| v == "1");
@@ -78,12 +85,16 @@ fn smollm2_matches_transformers_greedy_f32_cpu() {
         } else {
             let task = r["task"].as_str().unwrap();
             let idx = r["row_index"].as_u64().unwrap() as usize;
-            let rows = std::fs::read_to_string(shared().join(format!("longbench/{task}.jsonl"))).unwrap();
-            let row: serde_json::Value = serde_json::from_str(rows.lines().nth(idx).unwrap()).unwrap();
+            let rows =
+                std::fs::read_to_string(shared().join(format!("longbench/{task}.jsonl"))).unwrap();
+            let row: serde_json::Value =
+                serde_json::from_str(rows.lines().nth(idx).unwrap()).unwrap();
             let filled = fill(prompts[task].as_str().unwrap(), &row);
             let max_len = r["max_length"].as_u64().unwrap() as usize;
             let b = kvc::data::prompt::build(&lm, &filled, max_len, true).unwrap();
-            if b.orig_tokens as u64 != r["orig_tokens"].as_u64().unwrap() || b.truncated != r["truncated"].as_bool().unwrap() {
+            if b.orig_tokens as u64 != r["orig_tokens"].as_u64().unwrap()
+                || b.truncated != r["truncated"].as_bool().unwrap()
+            {
                 failures.push(format!(
                     "{name}: kvc counts {} tokens before truncation (truncated: {}), reference {} ({})",
                     b.orig_tokens, b.truncated, r["orig_tokens"], r["truncated"]
@@ -93,7 +104,11 @@ fn smollm2_matches_transformers_greedy_f32_cpu() {
             b.ids
         };
         if ids != want_ids {
-            let first = ids.iter().zip(&want_ids).position(|(a, b)| a != b).unwrap_or(ids.len().min(want_ids.len()));
+            let first = ids
+                .iter()
+                .zip(&want_ids)
+                .position(|(a, b)| a != b)
+                .unwrap_or(ids.len().min(want_ids.len()));
             failures.push(format!(
                 "{name}: prompt ids differ at {first} (kvc {} ids, reference {}): kvc {:?} vs {:?}",
                 ids.len(),
@@ -104,8 +119,11 @@ fn smollm2_matches_transformers_greedy_f32_cpu() {
             continue;
         }
         let recorded_out: Vec<u32> = serde_json::from_value(r["output_ids"].clone()).unwrap();
-        let rederived = rederived.get(&name).unwrap_or_else(|| panic!("{name} missing from the re-derived outputs"));
-        let want_out: Vec<u32> = serde_json::from_value(rederived["plain_output_ids"].clone()).unwrap();
+        let rederived = rederived
+            .get(&name)
+            .unwrap_or_else(|| panic!("{name} missing from the re-derived outputs"));
+        let want_out: Vec<u32> =
+            serde_json::from_value(rederived["plain_output_ids"].clone()).unwrap();
         let params = GenParams {
             max_new_tokens: r["max_new_tokens"].as_u64().unwrap() as usize,
             stop_ids: lm.stop_ids.clone(),
@@ -117,7 +135,10 @@ fn smollm2_matches_transformers_greedy_f32_cpu() {
             report.push(format!("{name}: prompt {} ids ok", ids.len()));
             continue;
         }
-        let p1 = GenParams { max_new_tokens: 1, ..params.clone() };
+        let p1 = GenParams {
+            max_new_tokens: 1,
+            ..params.clone()
+        };
         let mut cache = ContiguousCache::new(lm.config().num_hidden_layers);
         let g = engine::generate(&mut lm.model, &mut cache, &ids, &params, &mut NoHooks).unwrap();
         let logits = g.first_logits.clone().unwrap();
@@ -128,17 +149,25 @@ fn smollm2_matches_transformers_greedy_f32_cpu() {
             max_diff = max_diff.max((logits[*id as usize] - want).abs());
         }
         if max_diff > 1e-3 {
-            failures.push(format!("{name}: first-step top-5 logits differ by {max_diff:.2e} (> 1e-3)"));
+            failures.push(format!(
+                "{name}: first-step top-5 logits differ by {max_diff:.2e} (> 1e-3)"
+            ));
         }
         let agree = g.output_ids == want_out;
         let mut note = String::new();
         if !agree {
-            let step = g.output_ids.iter().zip(&want_out).position(|(a, b)| a != b).unwrap_or(g.output_ids.len().min(want_out.len()));
+            let step = g
+                .output_ids
+                .iter()
+                .zip(&want_out)
+                .position(|(a, b)| a != b)
+                .unwrap_or(g.output_ids.len().min(want_out.len()));
             // Re-run teacher-forced up to the divergence to read the margin there.
             let mut cache = ContiguousCache::new(lm.config().num_hidden_layers);
             let mut forced = ids.clone();
             forced.extend_from_slice(&want_out[..step]);
-            let g1 = engine::generate(&mut lm.model, &mut cache, &forced, &p1, &mut NoHooks).unwrap();
+            let g1 =
+                engine::generate(&mut lm.model, &mut cache, &forced, &p1, &mut NoHooks).unwrap();
             let mut l = g1.first_logits.unwrap();
             l.sort_by(|a, b| b.total_cmp(a));
             let margin = l[0] - l[1];
@@ -157,6 +186,10 @@ fn smollm2_matches_transformers_greedy_f32_cpu() {
     for r in &report {
         eprintln!("{r}");
     }
-    assert!(failures.is_empty(), "conformance failures:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "conformance failures:\n{}",
+        failures.join("\n")
+    );
     assert!(!report.is_empty(), "no reference record was checked");
 }

@@ -11,13 +11,20 @@ use kvc::model::tiny::{write_gguf, write_hf_dir, TinySpec};
 use std::path::Path;
 
 fn resolved(src: ModelSource) -> ResolvedModel {
-    ResolvedModel { source: src, name: "tiny".into(), hub_id: None, revision: None }
+    ResolvedModel {
+        source: src,
+        name: "tiny".into(),
+        hub_id: None,
+        revision: None,
+    }
 }
 
 /// Greedy output ids and first-step logits for a fixed prompt.
 fn run(src: ModelSource, dtype: DType, chat: bool) -> (Vec<u32>, Vec<f32>) {
     let mut lm = kvc::model::load(&resolved(src), &Device::Cpu, dtype).unwrap();
-    let ids = lm.prompt_ids("the cat sat on the mat and then the rat ate it", chat).unwrap();
+    let ids = lm
+        .prompt_ids("the cat sat on the mat and then the rat ate it", chat)
+        .unwrap();
     let params = GenParams {
         max_new_tokens: 12,
         stop_ids: Default::default(), // run the full length
@@ -31,24 +38,37 @@ fn run(src: ModelSource, dtype: DType, chat: bool) -> (Vec<u32>, Vec<f32>) {
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn hf_and_gguf(spec: &TinySpec, q: GgmlDType, dir: &Path) -> (ModelSource, ModelSource) {
     write_hf_dir(&dir.join("hf"), spec, 1).unwrap();
     write_gguf(&dir.join("m.gguf"), spec, q).unwrap();
-    (ModelSource::HfDir(dir.join("hf")), ModelSource::Gguf(dir.join("m.gguf")))
+    (
+        ModelSource::HfDir(dir.join("hf")),
+        ModelSource::Gguf(dir.join("m.gguf")),
+    )
 }
 
 #[test]
 fn gguf_f32_equals_safetensors_tied_and_untied() {
     for tie in [true, false] {
         let tmp = tempfile::tempdir().unwrap();
-        let spec = TinySpec { tie_embeddings: tie, ..Default::default() };
+        let spec = TinySpec {
+            tie_embeddings: tie,
+            ..Default::default()
+        };
         let (hf, gg) = hf_and_gguf(&spec, GgmlDType::F32, tmp.path());
         let (out_hf, l_hf) = run(hf, DType::F32, true);
         let (out_gg, l_gg) = run(gg, DType::F32, true);
-        assert!(max_abs_diff(&l_hf, &l_gg) < 1e-4, "tie={tie}: logits differ by {}", max_abs_diff(&l_hf, &l_gg));
+        assert!(
+            max_abs_diff(&l_hf, &l_gg) < 1e-4,
+            "tie={tie}: logits differ by {}",
+            max_abs_diff(&l_hf, &l_gg)
+        );
         assert_eq!(out_hf, out_gg, "tie={tie}");
     }
 }
@@ -57,17 +77,37 @@ fn gguf_f32_equals_safetensors_tied_and_untied() {
 fn chunking_does_not_change_the_result() {
     let tmp = tempfile::tempdir().unwrap();
     write_hf_dir(tmp.path(), &TinySpec::default(), 1).unwrap();
-    let mut lm = kvc::model::load(&resolved(ModelSource::HfDir(tmp.path().into())), &Device::Cpu, DType::F32).unwrap();
-    let ids = lm.prompt_ids("a b c d e f g h i j k l m n o p q r s t u v w x y z", false).unwrap();
+    let mut lm = kvc::model::load(
+        &resolved(ModelSource::HfDir(tmp.path().into())),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let ids = lm
+        .prompt_ids("a b c d e f g h i j k l m n o p q r s t u v w x y z", false)
+        .unwrap();
     let mut outs = vec![];
     for chunk in [1, 3, 1000] {
-        let params = GenParams { max_new_tokens: 6, stop_ids: Default::default(), min_new_tokens: 0, prefill_chunk: chunk, max_context: 2048 };
+        let params = GenParams {
+            max_new_tokens: 6,
+            stop_ids: Default::default(),
+            min_new_tokens: 0,
+            prefill_chunk: chunk,
+            max_context: 2048,
+        };
         let mut cache = ContiguousCache::new(2);
-        outs.push(engine::generate(&mut lm.model, &mut cache, &ids, &params, &mut NoHooks).unwrap());
+        outs.push(
+            engine::generate(&mut lm.model, &mut cache, &ids, &params, &mut NoHooks).unwrap(),
+        );
     }
     for g in &outs[1..] {
         assert_eq!(g.output_ids, outs[0].output_ids);
-        assert!(max_abs_diff(g.first_logits.as_ref().unwrap(), outs[0].first_logits.as_ref().unwrap()) < 1e-4);
+        assert!(
+            max_abs_diff(
+                g.first_logits.as_ref().unwrap(),
+                outs[0].first_logits.as_ref().unwrap()
+            ) < 1e-4
+        );
     }
 }
 
@@ -77,9 +117,20 @@ fn sharded_checkpoint_equals_single_file() {
     let spec = TinySpec::default();
     write_hf_dir(&tmp.path().join("one"), &spec, 1).unwrap();
     write_hf_dir(&tmp.path().join("three"), &spec, 3).unwrap();
-    assert!(tmp.path().join("three/model.safetensors.index.json").exists());
-    let a = run(ModelSource::HfDir(tmp.path().join("one")), DType::F32, false);
-    let b = run(ModelSource::HfDir(tmp.path().join("three")), DType::F32, false);
+    assert!(tmp
+        .path()
+        .join("three/model.safetensors.index.json")
+        .exists());
+    let a = run(
+        ModelSource::HfDir(tmp.path().join("one")),
+        DType::F32,
+        false,
+    );
+    let b = run(
+        ModelSource::HfDir(tmp.path().join("three")),
+        DType::F32,
+        false,
+    );
     assert_eq!(a, b);
 }
 
@@ -89,18 +140,45 @@ fn quantized_gguf_types_decode_exactly() {
     // dequantize for the same type. Quantization blocks run along rows, so llama.cpp's row
     // permutation of Q/K commutes with it and the GGUF must decode to the very same model.
     // K-quants need rows that are multiples of 256.
-    let spec = TinySpec { hidden: 256, intermediate: 512, heads: 4, kv_heads: 2, tie_embeddings: false, ..Default::default() };
+    let spec = TinySpec {
+        hidden: 256,
+        intermediate: 512,
+        heads: 4,
+        kv_heads: 2,
+        tie_embeddings: false,
+        ..Default::default()
+    };
     let tmp = tempfile::tempdir().unwrap();
     let (_, plain) = run_hf(&tmp.path().join("plain"), &spec);
-    for q in [GgmlDType::F16, GgmlDType::Q8_0, GgmlDType::Q6K, GgmlDType::Q4K, GgmlDType::Q4_1, GgmlDType::Q4_0] {
+    for q in [
+        GgmlDType::F16,
+        GgmlDType::Q8_0,
+        GgmlDType::Q6K,
+        GgmlDType::Q4K,
+        GgmlDType::Q4_1,
+        GgmlDType::Q4_0,
+    ] {
         let p = tmp.path().join(format!("{q:?}.gguf"));
         write_gguf(&p, &spec, q).unwrap();
         let (out_g, l_g) = run(ModelSource::Gguf(p), DType::F32, false);
-        let (out_h, l_h) = run_hf(&tmp.path().join(format!("{q:?}")), &TinySpec { quant_roundtrip: Some(q), ..spec.clone() });
-        assert!(max_abs_diff(&l_g, &l_h) < 1e-4, "{q:?}: GGUF logits differ from the dequantized checkpoint by {}", max_abs_diff(&l_g, &l_h));
+        let (out_h, l_h) = run_hf(
+            &tmp.path().join(format!("{q:?}")),
+            &TinySpec {
+                quant_roundtrip: Some(q),
+                ..spec.clone()
+            },
+        );
+        assert!(
+            max_abs_diff(&l_g, &l_h) < 1e-4,
+            "{q:?}: GGUF logits differ from the dequantized checkpoint by {}",
+            max_abs_diff(&l_g, &l_h)
+        );
         assert_eq!(out_g, out_h, "{q:?}");
         if q != GgmlDType::F16 {
-            assert!(max_abs_diff(&l_g, &plain) > 1e-4, "{q:?}: no quantization error at all — was it really quantized?");
+            assert!(
+                max_abs_diff(&l_g, &plain) > 1e-4,
+                "{q:?}: no quantization error at all — was it really quantized?"
+            );
         }
     }
 }
@@ -131,15 +209,57 @@ fn architecture_variants_run() {
     let tmp = tempfile::tempdir().unwrap();
     let base = TinySpec::default();
     write_hf_dir(&tmp.path().join("llama"), &base, 1).unwrap();
-    write_hf_dir(&tmp.path().join("l3"), &TinySpec { llama3_rope: true, ..base.clone() }, 1).unwrap();
-    write_hf_dir(&tmp.path().join("mistral"), &TinySpec { arch: "MistralForCausalLM", ..base.clone() }, 1).unwrap();
-    write_hf_dir(&tmp.path().join("mha"), &TinySpec { kv_heads: 4, ..base.clone() }, 1).unwrap();
-    let (_, a) = run(ModelSource::HfDir(tmp.path().join("llama")), DType::F32, false);
+    write_hf_dir(
+        &tmp.path().join("l3"),
+        &TinySpec {
+            llama3_rope: true,
+            ..base.clone()
+        },
+        1,
+    )
+    .unwrap();
+    write_hf_dir(
+        &tmp.path().join("mistral"),
+        &TinySpec {
+            arch: "MistralForCausalLM",
+            ..base.clone()
+        },
+        1,
+    )
+    .unwrap();
+    write_hf_dir(
+        &tmp.path().join("mha"),
+        &TinySpec {
+            kv_heads: 4,
+            ..base.clone()
+        },
+        1,
+    )
+    .unwrap();
+    let (_, a) = run(
+        ModelSource::HfDir(tmp.path().join("llama")),
+        DType::F32,
+        false,
+    );
     let (_, b) = run(ModelSource::HfDir(tmp.path().join("l3")), DType::F32, false);
-    let (_, c) = run(ModelSource::HfDir(tmp.path().join("mistral")), DType::F32, false);
-    let (o, _) = run(ModelSource::HfDir(tmp.path().join("mha")), DType::F32, false);
-    assert!(max_abs_diff(&a, &b) > 1e-4, "llama3 rope scaling had no effect");
-    assert!(max_abs_diff(&a, &c) < 1e-6, "mistral layers equal llama layers for the same weights");
+    let (_, c) = run(
+        ModelSource::HfDir(tmp.path().join("mistral")),
+        DType::F32,
+        false,
+    );
+    let (o, _) = run(
+        ModelSource::HfDir(tmp.path().join("mha")),
+        DType::F32,
+        false,
+    );
+    assert!(
+        max_abs_diff(&a, &b) > 1e-4,
+        "llama3 rope scaling had no effect"
+    );
+    assert!(
+        max_abs_diff(&a, &c) < 1e-6,
+        "mistral layers equal llama layers for the same weights"
+    );
     assert_eq!(o.len(), 12);
 }
 
@@ -147,7 +267,12 @@ fn architecture_variants_run() {
 fn stop_set_and_chat_template_from_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     write_hf_dir(tmp.path(), &TinySpec::default(), 1).unwrap();
-    let lm = kvc::model::load(&resolved(ModelSource::HfDir(tmp.path().into())), &Device::Cpu, DType::F32).unwrap();
+    let lm = kvc::model::load(
+        &resolved(ModelSource::HfDir(tmp.path().into())),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
     // generation_config eos [2, 0] ∪ config eos 2 ∪ <|im_end|> (2).
     assert_eq!(lm.stop_ids.iter().copied().collect::<Vec<_>>(), vec![0, 2]);
     let ids = lm.prompt_ids("hi", true).unwrap();

@@ -9,7 +9,9 @@ use crate::model::ModelError;
 use crate::util::Status;
 
 #[derive(Args, Debug)]
-#[command(after_help = "Examples:\n  kvc generate --prompt 'What is the capital of France?' --chat\n  kvc generate -m ./Llama-3.1-8B-Instruct --prompt 'Once upon a time' --max-new-tokens 64 --json")]
+#[command(
+    after_help = "Examples:\n  kvc generate --prompt 'What is the capital of France?' --chat\n  kvc generate -m ./Llama-3.1-8B-Instruct --prompt 'Once upon a time' --max-new-tokens 64 --json"
+)]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -37,7 +39,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<Status> {
     let prompt_ids = lm.prompt_ids(&args.prompt, args.chat)?;
     let max_ctx = lm.config().max_position_embeddings;
     if prompt_ids.len() >= max_ctx {
-        return Err(ModelError::PromptTooLong { len: prompt_ids.len(), max: max_ctx, new: args.max_new_tokens }.into());
+        return Err(ModelError::PromptTooLong {
+            len: prompt_ids.len(),
+            max: max_ctx,
+            new: args.max_new_tokens,
+        }
+        .into());
     }
     let params = GenParams {
         max_new_tokens: args.max_new_tokens,
@@ -47,7 +54,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<Status> {
         max_context: max_ctx,
     };
     let mut cache = ContiguousCache::new(lm.config().num_hidden_layers);
-    let g = engine::generate(&mut lm.model, &mut cache, &prompt_ids, &params, &mut NoHooks)?;
+    let g = engine::generate(
+        &mut lm.model,
+        &mut cache,
+        &prompt_ids,
+        &params,
+        &mut NoHooks,
+    )?;
     let text = lm.tokenizer.decode(&g.output_ids, true)?;
     let mut out = std::io::stdout().lock();
     if args.json {

@@ -42,7 +42,12 @@ pub fn main() -> ExitCode {
         Ok(Status::Failed) => ExitCode::from(1),
         Err(e) => {
             // One line: the chain of contexts joined, inner newlines folded.
-            let msg = format!("{e:#}").lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+            let msg = format!("{e:#}")
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
             eprintln!("error: {msg}");
             ExitCode::from(2)
         }

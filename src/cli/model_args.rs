@@ -33,7 +33,11 @@ impl ModelArgs {
     pub fn dtype(&self, device: &Device) -> anyhow::Result<DType> {
         match &self.dtype {
             Some(d) => model::parse_dtype(d),
-            None => Ok(if device.is_cuda() { DType::BF16 } else { DType::F32 }),
+            None => Ok(if device.is_cuda() {
+                DType::BF16
+            } else {
+                DType::F32
+            }),
         }
     }
 

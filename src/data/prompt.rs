@@ -18,7 +18,11 @@ pub struct BuiltPrompt {
 }
 
 /// LongBench's middle truncation on token ids (`pred.py`): returns the text to use.
-pub fn truncate_middle(lm: &LoadedModel, text: &str, max_len: usize) -> Result<(String, usize, bool), ModelError> {
+pub fn truncate_middle(
+    lm: &LoadedModel,
+    text: &str,
+    max_len: usize,
+) -> Result<(String, usize, bool), ModelError> {
     let ids = lm.tokenizer.encode(text, true)?;
     let n = ids.len();
     if n <= max_len {
@@ -31,8 +35,18 @@ pub fn truncate_middle(lm: &LoadedModel, text: &str, max_len: usize) -> Result<(
 }
 
 /// Truncate `filled` (the template filled with a row) to `max_len` tokens and build the ids.
-pub fn build(lm: &LoadedModel, filled: &str, max_len: usize, chat: bool) -> Result<BuiltPrompt, ModelError> {
+pub fn build(
+    lm: &LoadedModel,
+    filled: &str,
+    max_len: usize,
+    chat: bool,
+) -> Result<BuiltPrompt, ModelError> {
     let (text, orig_tokens, truncated) = truncate_middle(lm, filled, max_len)?;
     let ids = lm.prompt_ids(&text, chat)?;
-    Ok(BuiltPrompt { ids, orig_tokens, truncated, chat })
+    Ok(BuiltPrompt {
+        ids,
+        orig_tokens,
+        truncated,
+        chat,
+    })
 }

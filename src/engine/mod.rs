@@ -60,7 +60,13 @@ pub trait Hooks {
         Probe::None
     }
     /// Attention probabilities of probed queries, per layer.
-    fn observe(&mut self, _layer: usize, _probs: &Tensor, _cache: &dyn CacheBackend, _seq: SeqId) -> Result<()> {
+    fn observe(
+        &mut self,
+        _layer: usize,
+        _probs: &Tensor,
+        _cache: &dyn CacheBackend,
+        _seq: SeqId,
+    ) -> Result<()> {
         Ok(())
     }
     /// After the whole prompt is cached.
@@ -135,7 +141,9 @@ fn generate_seq(
     for (i, r) in chunks.iter().enumerate() {
         let last = i + 1 == chunks.len();
         let p = if last { probe } else { Probe::None };
-        let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| hooks.observe(layer, probs, c, seq);
+        let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
+            hooks.observe(layer, probs, c, seq)
+        };
         let l = model.forward(&prompt[r.clone()], seq, cache, p, &mut observe);
         logits = Some(l?);
     }
@@ -160,7 +168,9 @@ fn generate_seq(
             break FinishReason::Context;
         }
         let probe = hooks.decode_probe();
-        let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| hooks.observe(layer, probs, c, seq);
+        let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
+            hooks.observe(layer, probs, c, seq)
+        };
         logits = model.forward(&[next], seq, cache, probe, &mut observe)?;
         hooks.after_step(cache, seq)?;
     };

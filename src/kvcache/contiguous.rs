@@ -31,11 +31,17 @@ pub struct ContiguousCache {
 
 impl ContiguousCache {
     pub fn new(n_layers: usize) -> Self {
-        Self { n_layers, seqs: HashMap::new(), next_id: 0 }
+        Self {
+            n_layers,
+            seqs: HashMap::new(),
+            next_id: 0,
+        }
     }
 
     fn seq(&self, seq: SeqId) -> Result<&Seq> {
-        self.seqs.get(&seq).ok_or_else(|| candle_core::Error::Msg(format!("unknown sequence {seq}")))
+        self.seqs
+            .get(&seq)
+            .ok_or_else(|| candle_core::Error::Msg(format!("unknown sequence {seq}")))
     }
 }
 
@@ -70,7 +76,12 @@ fn append(slot: &mut Option<LayerKv>, k: &Tensor, v: &Tensor) -> Result<(Tensor,
 /// Causal attention of `q` `[1, nh, t, d]` over `k`,`v` `[1, nkv, total, d]` where the queries
 /// sit at the last `t` positions. Returns the output and the f32 probabilities
 /// `[1, nh, t, total]`.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
     let (b, nh, t, d) = q.dims4()?;
     let (_, nkv, total, _) = k.dims4()?;
     let g = nh / nkv;
@@ -78,7 +89,10 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     let att = (q2.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
     let att = if t > 1 {
         let mask = causal_mask(t, total, q.device())?; // [t, total]
-        let mask = mask.unsqueeze(0)?.broadcast_as((g, t, total))?.reshape((g * t, total))?;
+        let mask = mask
+            .unsqueeze(0)?
+            .broadcast_as((g, t, total))?
+            .reshape((g * t, total))?;
         att.broadcast_add(&mask)?
     } else {
         att
@@ -92,7 +106,15 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
 fn causal_mask(t: usize, total: usize, device: &Device) -> Result<Tensor> {
     let start = total - t;
     let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j <= start + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(mask, (t, total), device)
 }
@@ -101,12 +123,21 @@ impl CacheBackend for ContiguousCache {
     fn add_sequence(&mut self) -> Result<SeqId> {
         let id = self.next_id;
         self.next_id += 1;
-        self.seqs.insert(id, Seq { layers: (0..self.n_layers).map(|_| None).collect(), pos: 0 });
+        self.seqs.insert(
+            id,
+            Seq {
+                layers: (0..self.n_layers).map(|_| None).collect(),
+                pos: 0,
+            },
+        );
         Ok(id)
     }
 
     fn remove_sequence(&mut self, seq: SeqId) -> Result<()> {
-        self.seqs.remove(&seq).map(|_| ()).ok_or_else(|| candle_core::Error::Msg(format!("unknown sequence {seq}")))
+        self.seqs
+            .remove(&seq)
+            .map(|_| ())
+            .ok_or_else(|| candle_core::Error::Msg(format!("unknown sequence {seq}")))
     }
 
     fn attend(&mut self, call: AttnCall<'_>) -> Result<AttnOut> {
@@ -119,7 +150,11 @@ impl CacheBackend for ContiguousCache {
                 .get_mut(&sid)
                 .ok_or_else(|| candle_core::Error::Msg(format!("unknown sequence {sid}")))?;
             let q = call.q.narrow(0, b, 1)?;
-            let (k, v) = append(&mut seq.layers[call.layer], &call.k.narrow(0, b, 1)?, &call.v.narrow(0, b, 1)?)?;
+            let (k, v) = append(
+                &mut seq.layers[call.layer],
+                &call.k.narrow(0, b, 1)?,
+                &call.v.narrow(0, b, 1)?,
+            )?;
             let (out, p) = causal_attention(&q, &k, &v, call.scale)?;
             if call.layer + 1 == self.n_layers {
                 seq.pos += t;
@@ -139,7 +174,11 @@ impl CacheBackend for ContiguousCache {
             None
         } else {
             // Pad to the longest sequence (equal lengths in the usual single-sequence case).
-            let max = probs.iter().map(|p| p.dim(D::Minus1).unwrap_or(0)).max().unwrap_or(0);
+            let max = probs
+                .iter()
+                .map(|p| p.dim(D::Minus1).unwrap_or(0))
+                .max()
+                .unwrap_or(0);
             let padded: Vec<Tensor> = probs
                 .into_iter()
                 .map(|p| {
@@ -161,7 +200,10 @@ impl CacheBackend for ContiguousCache {
     }
 
     fn kv_len(&self, layer: usize, seq: SeqId, _kv_head: usize) -> usize {
-        self.seq(seq).ok().and_then(|s| s.layers.get(layer)?.as_ref().map(|l| l.len)).unwrap_or(0)
+        self.seq(seq)
+            .ok()
+            .and_then(|s| s.layers.get(layer)?.as_ref().map(|l| l.len))
+            .unwrap_or(0)
     }
 
     fn slot_positions(&self, layer: usize, seq: SeqId, kv_head: usize) -> Vec<u32> {
@@ -179,7 +221,12 @@ mod tests {
 
     /// Attention computed one query at a time with explicit loops: the judge for the batched,
     /// masked, grouped version.
-    fn naive(q: &[Vec<Vec<f32>>], k: &[Vec<Vec<f32>>], v: &[Vec<Vec<f32>>], scale: f32) -> Vec<Vec<Vec<f32>>> {
+    fn naive(
+        q: &[Vec<Vec<f32>>],
+        k: &[Vec<Vec<f32>>],
+        v: &[Vec<Vec<f32>>],
+        scale: f32,
+    ) -> Vec<Vec<Vec<f32>>> {
         let nh = q.len();
         let g = nh / k.len();
         let total = k[0].len();
@@ -191,13 +238,22 @@ mod tests {
                         let kv = h / g;
                         let visible = total - t + i + 1;
                         let s: Vec<f32> = (0..visible)
-                            .map(|j| q[h][i].iter().zip(&k[kv][j]).map(|(a, b)| a * b).sum::<f32>() * scale)
+                            .map(|j| {
+                                q[h][i]
+                                    .iter()
+                                    .zip(&k[kv][j])
+                                    .map(|(a, b)| a * b)
+                                    .sum::<f32>()
+                                    * scale
+                            })
                             .collect();
                         let m = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                         let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
                         let z: f32 = e.iter().sum();
                         let d = v[0][0].len();
-                        (0..d).map(|c| (0..visible).map(|j| e[j] / z * v[kv][j][c]).sum()).collect()
+                        (0..d)
+                            .map(|c| (0..visible).map(|j| e[j] / z * v[kv][j][c]).sum())
+                            .collect()
                     })
                     .collect()
             })
@@ -230,12 +286,23 @@ mod tests {
             let p = o.probs.unwrap();
             assert_eq!(p.dims(), &[1, nh, len.min(2), start + len]);
             // each probed row sums to one
-            let sums = p.sum(D::Minus1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let sums = p
+                .sum(D::Minus1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{sums:?}");
             outs.push(o.out);
         }
         assert_eq!(cache.seq_len(s), total);
-        let got = Tensor::cat(&outs, 2).unwrap().squeeze(0).unwrap().to_vec3::<f32>().unwrap();
+        let got = Tensor::cat(&outs, 2)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
         let want = naive(
             &q.squeeze(0).unwrap().to_vec3().unwrap(),
             &k.squeeze(0).unwrap().to_vec3().unwrap(),

@@ -27,17 +27,27 @@ pub fn render(
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
-    env.add_function("raise_exception", |msg: String| -> Result<String, JinjaError> {
-        Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, JinjaError> {
+            Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
     env.add_function("strftime_now", |fmt: String| -> String {
         // transformers passes the current date; kvc renders a fixed date so prompts (and their
         // hashes) are reproducible across days. Llama-3.1's template only shows "%d %b %Y".
-        fmt.replace("%d", "26").replace("%b", "Jul").replace("%Y", "2024").replace("%B", "July").replace("%m", "07")
+        fmt.replace("%d", "26")
+            .replace("%b", "Jul")
+            .replace("%Y", "2024")
+            .replace("%B", "July")
+            .replace("%m", "07")
     });
-    env.add_template("chat", template)
-        .map_err(|e| ModelError::ChatTemplate(format!("the model's chat template does not parse: {e}")))?;
-    let tpl = env.get_template("chat").map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
+    env.add_template("chat", template).map_err(|e| {
+        ModelError::ChatTemplate(format!("the model's chat template does not parse: {e}"))
+    })?;
+    let tpl = env
+        .get_template("chat")
+        .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
     tpl.render(context! {
         messages => messages,
         add_generation_prompt => true,
@@ -49,7 +59,10 @@ pub fn render(
 
 /// A single user turn (what LongBench and `kvc generate --chat` send).
 pub fn user_turn(text: &str) -> Vec<Message> {
-    vec![Message { role: "user".into(), content: text.to_string() }]
+    vec![Message {
+        role: "user".into(),
+        content: text.to_string(),
+    }]
 }
 
 #[cfg(test)]
@@ -69,13 +82,25 @@ mod tests {
 
     #[test]
     fn raise_exception_is_an_error() {
-        let e = render("{{ raise_exception('no system role') }}", &user_turn("x"), None, None).unwrap_err();
+        let e = render(
+            "{{ raise_exception('no system role') }}",
+            &user_turn("x"),
+            None,
+            None,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("no system role"), "{e}");
     }
 
     #[test]
     fn python_string_methods_work() {
-        let s = render("{{ messages[0]['content'].strip() }}", &user_turn("  x  "), None, None).unwrap();
+        let s = render(
+            "{{ messages[0]['content'].strip() }}",
+            &user_turn("  x  "),
+            None,
+            None,
+        )
+        .unwrap();
         assert_eq!(s, "x");
     }
 }

@@ -62,9 +62,14 @@ impl Config {
 
     /// Structural sanity checks shared by every loader; errors name the offending field.
     pub fn validate(&self, source: &Path) -> Result<(), ModelError> {
-        let bad = |msg: String| ModelError::BadConfig { path: source.to_path_buf(), msg };
+        let bad = |msg: String| ModelError::BadConfig {
+            path: source.to_path_buf(),
+            msg,
+        };
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
-            return Err(bad("num_attention_heads and num_key_value_heads must be > 0".into()));
+            return Err(bad(
+                "num_attention_heads and num_key_value_heads must be > 0".into(),
+            ));
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err(bad(format!(
@@ -73,7 +78,10 @@ impl Config {
             )));
         }
         if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return Err(bad(format!("head_dim {} must be even and > 0", self.head_dim)));
+            return Err(bad(format!(
+                "head_dim {} must be even and > 0",
+                self.head_dim
+            )));
         }
         for (name, v) in [
             ("vocab_size", self.vocab_size),
@@ -164,8 +172,15 @@ pub struct GenerationConfig {
 
 impl HfConfig {
     /// Resolve into [`Config`]; `path` names the file in errors.
-    pub fn resolve(&self, path: &Path, gen: Option<&GenerationConfig>) -> Result<Config, ModelError> {
-        let bad = |msg: String| ModelError::BadConfig { path: path.to_path_buf(), msg };
+    pub fn resolve(
+        &self,
+        path: &Path,
+        gen: Option<&GenerationConfig>,
+    ) -> Result<Config, ModelError> {
+        let bad = |msg: String| ModelError::BadConfig {
+            path: path.to_path_buf(),
+            msg,
+        };
         let arch_name = self
             .architectures
             .first()
@@ -184,7 +199,9 @@ impl HfConfig {
         };
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
-                return Err(bad(format!("hidden_act {act:?} is not supported (only \"silu\")")));
+                return Err(bad(format!(
+                    "hidden_act {act:?} is not supported (only \"silu\")"
+                )));
             }
         }
         let rope_scaling = match &self.rope_scaling {
@@ -195,7 +212,9 @@ impl HfConfig {
         if self.num_attention_heads == 0 {
             return Err(bad("num_attention_heads must be > 0".into()));
         }
-        let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads);
+        let head_dim = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads);
         let mut eos: BTreeSet<u32> = BTreeSet::new();
         if let Some(e) = &self.eos_token_id {
             eos.extend(e.to_vec());
@@ -256,14 +275,18 @@ fn parse_rope_scaling(v: &serde_json::Value) -> Result<Llama3RopeScaling, String
 pub fn load_hf_config(dir: &Path) -> Result<Config, ModelError> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-    let hf: HfConfig = serde_json::from_str(&text)
-        .map_err(|e| ModelError::BadConfig { path: path.clone(), msg: e.to_string() })?;
+    let hf: HfConfig = serde_json::from_str(&text).map_err(|e| ModelError::BadConfig {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
     let gen_path = dir.join("generation_config.json");
     let gen = if gen_path.exists() {
         let t = std::fs::read_to_string(&gen_path).map_err(|e| ModelError::io(&gen_path, e))?;
         Some(
-            serde_json::from_str::<GenerationConfig>(&t)
-                .map_err(|e| ModelError::BadConfig { path: gen_path.clone(), msg: e.to_string() })?,
+            serde_json::from_str::<GenerationConfig>(&t).map_err(|e| ModelError::BadConfig {
+                path: gen_path.clone(),
+                msg: e.to_string(),
+            })?,
         )
     } else {
         None
@@ -279,7 +302,10 @@ pub fn config_from_gguf(
     vocab_len: usize,
 ) -> Result<Config, ModelError> {
     use candle_core::quantized::gguf_file::Value;
-    let bad = |msg: String| ModelError::BadConfig { path: path.to_path_buf(), msg };
+    let bad = |msg: String| ModelError::BadConfig {
+        path: path.to_path_buf(),
+        msg,
+    };
     let arch_name = md
         .get("general.architecture")
         .and_then(|v| v.to_string().ok())
@@ -297,8 +323,12 @@ pub fn config_from_gguf(
     let p = |k: &str| format!("{arch_name}.{k}");
     let int = |k: &str| -> Result<usize, ModelError> {
         let key = p(k);
-        let v = md.get(&key).ok_or_else(|| bad(format!("GGUF metadata lacks {key}")))?;
-        gguf_to_u64(v).map(|x| x as usize).ok_or_else(|| bad(format!("{key} is not an integer")))
+        let v = md
+            .get(&key)
+            .ok_or_else(|| bad(format!("GGUF metadata lacks {key}")))?;
+        gguf_to_u64(v)
+            .map(|x| x as usize)
+            .ok_or_else(|| bad(format!("{key} is not an integer")))
     };
     let float = |k: &str| -> Option<f64> {
         md.get(&p(k)).and_then(|v| match v {
@@ -319,9 +349,14 @@ pub fn config_from_gguf(
     if let Some(e) = tok_id("tokenizer.ggml.eos_token_id") {
         eos.insert(e);
     }
-    let rope_scaling = match md.get(&p("rope.scaling.type")).and_then(|v| v.to_string().ok()) {
+    let rope_scaling = match md
+        .get(&p("rope.scaling.type"))
+        .and_then(|v| v.to_string().ok())
+    {
         Some(t) if t == "llama3" => {
-            return Err(bad("GGUF rope.scaling.type llama3 without rope_freqs is not supported".into()))
+            return Err(bad(
+                "GGUF rope.scaling.type llama3 without rope_freqs is not supported".into(),
+            ))
         }
         _ => None,
     };
@@ -384,8 +419,14 @@ mod tests {
         .unwrap();
         assert_eq!(c.head_dim, 128);
         assert_eq!(c.gqa_group(), 4);
-        assert_eq!(c.eos_token_ids.iter().copied().collect::<Vec<_>>(), vec![128001, 128008, 128009]);
-        assert_eq!(c.rope_scaling.unwrap().original_max_position_embeddings, 8192);
+        assert_eq!(
+            c.eos_token_ids.iter().copied().collect::<Vec<_>>(),
+            vec![128001, 128008, 128009]
+        );
+        assert_eq!(
+            c.rope_scaling.unwrap().original_max_position_embeddings,
+            8192
+        );
     }
 
     #[test]

@@ -47,17 +47,21 @@ impl Rope {
     fn new(cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
         let d = cfg.head_dim;
         // As transformers: inv_freq = 1 / theta^(arange(0, d, 2) / d), in f32.
-        let mut inv_freq: Vec<f32> =
-            (0..d).step_by(2).map(|i| 1.0 / (cfg.rope_theta as f32).powf(i as f32 / d as f32)).collect();
+        let mut inv_freq: Vec<f32> = (0..d)
+            .step_by(2)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf(i as f32 / d as f32))
+            .collect();
         if let Some(s) = &cfg.rope_scaling {
             let low_wavelen = s.original_max_position_embeddings as f32 / s.low_freq_factor as f32;
-            let high_wavelen = s.original_max_position_embeddings as f32 / s.high_freq_factor as f32;
+            let high_wavelen =
+                s.original_max_position_embeddings as f32 / s.high_freq_factor as f32;
             for f in inv_freq.iter_mut() {
                 let wavelen = 2.0 * std::f32::consts::PI / *f;
                 if wavelen > low_wavelen {
                     *f /= s.factor as f32;
                 } else if wavelen >= high_wavelen {
-                    let smooth = (s.original_max_position_embeddings as f32 / wavelen - s.low_freq_factor as f32)
+                    let smooth = (s.original_max_position_embeddings as f32 / wavelen
+                        - s.low_freq_factor as f32)
                         / (s.high_freq_factor as f32 - s.low_freq_factor as f32);
                     *f = (1.0 - smooth) * *f / s.factor as f32 + smooth * *f;
                 }
@@ -114,7 +118,12 @@ pub struct Llama {
 
 impl Llama {
     /// Load every weight from `src` (Hugging Face names) in `dtype` on `device`.
-    pub fn load(cfg: &Config, src: &mut WeightSource, dtype: DType, device: &Device) -> std::result::Result<Self, ModelError> {
+    pub fn load(
+        cfg: &Config,
+        src: &mut WeightSource,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, ModelError> {
         src.set_heads(cfg.num_attention_heads, cfg.num_key_value_heads);
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let qd = cfg.num_attention_heads * cfg.head_dim;
@@ -127,18 +136,27 @@ impl Llama {
             let p = format!("model.layers.{l}");
             let lin = |w: Tensor| Linear::new(w, None);
             layers.push(Layer {
-                input_norm: RmsNorm { weight: get(&format!("{p}.input_layernorm.weight"), &[h])?, eps },
+                input_norm: RmsNorm {
+                    weight: get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                    eps,
+                },
                 q: lin(get(&format!("{p}.self_attn.q_proj.weight"), &[qd, h])?),
                 k: lin(get(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h])?),
                 v: lin(get(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h])?),
                 o: lin(get(&format!("{p}.self_attn.o_proj.weight"), &[h, qd])?),
-                post_norm: RmsNorm { weight: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?, eps },
+                post_norm: RmsNorm {
+                    weight: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                    eps,
+                },
                 gate: lin(get(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?),
                 up: lin(get(&format!("{p}.mlp.up_proj.weight"), &[i, h])?),
                 down: lin(get(&format!("{p}.mlp.down_proj.weight"), &[h, i])?),
             });
         }
-        let norm = RmsNorm { weight: get("model.norm.weight", &[h])?, eps };
+        let norm = RmsNorm {
+            weight: get("model.norm.weight", &[h])?,
+            eps,
+        };
         let head_w = if cfg.tie_word_embeddings || !src.contains("lm_head.weight") {
             embed.clone()
         } else {
@@ -174,24 +192,51 @@ impl Llama {
         self.rope.ensure(start + t, &self.device)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?; // [1, t, hidden]
-        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let (nh, nkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
         let scale = 1.0 / (hd as f64).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let hs = layer.input_norm.forward(&x)?;
-            let q = layer.q.forward(&hs)?.reshape((1, t, nh, hd))?.transpose(1, 2)?;
-            let k = layer.k.forward(&hs)?.reshape((1, t, nkv, hd))?.transpose(1, 2)?;
-            let v = layer.v.forward(&hs)?.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = layer
+                .q
+                .forward(&hs)?
+                .reshape((1, t, nh, hd))?
+                .transpose(1, 2)?;
+            let k = layer
+                .k
+                .forward(&hs)?
+                .reshape((1, t, nkv, hd))?
+                .transpose(1, 2)?;
+            let v = layer
+                .v
+                .forward(&hs)?
+                .reshape((1, t, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
             let q = self.rope.apply(&q, start)?;
             let k = self.rope.apply(&k, start)?;
-            let out = cache.attend(AttnCall { layer: l, seqs: &[seq], q: &q, k: &k, v: &v, scale, probe })?;
+            let out = cache.attend(AttnCall {
+                layer: l,
+                seqs: &[seq],
+                q: &q,
+                k: &k,
+                v: &v,
+                scale,
+                probe,
+            })?;
             if let Some(p) = &out.probs {
                 observe(l, p, &*cache)?;
             }
             let attn = out.out.transpose(1, 2)?.reshape((1, t, nh * hd))?;
             let x1 = (residual + layer.o.forward(&attn)?)?;
             let hs = layer.post_norm.forward(&x1)?;
-            let mlp = layer.down.forward(&(candle_nn::ops::silu(&layer.gate.forward(&hs)?)? * layer.up.forward(&hs)?)?)?;
+            let mlp = layer.down.forward(
+                &(candle_nn::ops::silu(&layer.gate.forward(&hs)?)? * layer.up.forward(&hs)?)?,
+            )?;
             x = (x1 + mlp)?;
         }
         let last = x.narrow(1, t - 1, 1)?;

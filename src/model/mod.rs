@@ -21,7 +21,10 @@ pub use tokenizer::Tokenizer;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: missing; {hint}")]
     MissingFile { path: PathBuf, hint: String },
     #[error("{path}: invalid model configuration: {msg}")]
@@ -33,7 +36,12 @@ pub enum ModelError {
     #[error("{path}: tensor {name} is missing (is this a complete llama-family checkpoint?)")]
     MissingTensor { path: PathBuf, name: String },
     #[error("{path}: tensor {name} has shape {got:?}, the configuration implies {expected:?}")]
-    ShapeMismatch { path: PathBuf, name: String, expected: Vec<usize>, got: Vec<usize> },
+    ShapeMismatch {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("chat template: {0}")]
@@ -47,9 +55,15 @@ pub enum ModelError {
 impl ModelError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         if source.kind() == std::io::ErrorKind::NotFound {
-            ModelError::MissingFile { path: path.to_path_buf(), hint: "no such file".into() }
+            ModelError::MissingFile {
+                path: path.to_path_buf(),
+                hint: "no such file".into(),
+            }
         } else {
-            ModelError::Io { path: path.to_path_buf(), source }
+            ModelError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
         }
     }
 }
@@ -59,7 +73,9 @@ impl ModelError {
 pub fn candle_msg(e: &candle_core::Error) -> String {
     match e {
         candle_core::Error::WithBacktrace { inner, .. } => candle_msg(inner),
-        candle_core::Error::Context { inner, context } => format!("{context}: {}", candle_msg(inner)),
+        candle_core::Error::Context { inner, context } => {
+            format!("{context}: {}", candle_msg(inner))
+        }
         other => other.to_string(),
     }
 }
@@ -86,7 +102,9 @@ impl LoadedModel {
     pub fn prompt_ids(&self, text: &str, chat: bool) -> Result<Vec<u32>, ModelError> {
         if chat {
             let tpl = self.tokenizer.chat_template.as_deref().ok_or_else(|| {
-                ModelError::ChatTemplate("the model has no chat template: run without --chat".into())
+                ModelError::ChatTemplate(
+                    "the model has no chat template: run without --chat".into(),
+                )
             })?;
             let rendered = chat::render(
                 tpl,
@@ -106,7 +124,11 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         _ if s == "cuda" || s.starts_with("cuda:") => {
-            let ord: usize = s.strip_prefix("cuda:").map(|n| n.parse()).transpose()?.unwrap_or(0);
+            let ord: usize = s
+                .strip_prefix("cuda:")
+                .map(|n| n.parse())
+                .transpose()?
+                .unwrap_or(0);
             if !cfg!(feature = "cuda") {
                 anyhow::bail!(
                     "this kvc was built without CUDA: rebuild with `cargo build --release --features cuda` (see README, \"GPU\") or use --device cpu"
@@ -129,7 +151,11 @@ pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
 }
 
 /// Load a resolved model in `dtype` on `device`.
-pub fn load(resolved: &ResolvedModel, device: &Device, dtype: DType) -> Result<LoadedModel, ModelError> {
+pub fn load(
+    resolved: &ResolvedModel,
+    device: &Device,
+    dtype: DType,
+) -> Result<LoadedModel, ModelError> {
     let (cfg, tokenizer, mut src) = match &resolved.source {
         ModelSource::HfDir(dir) => {
             let cfg = config::load_hf_config(dir)?;
@@ -147,5 +173,11 @@ pub fn load(resolved: &ResolvedModel, device: &Device, dtype: DType) -> Result<L
     };
     let model = Llama::load(&cfg, &mut src, dtype, device)?;
     let stop_ids = tokenizer.stop_ids(&cfg.eos_token_ids);
-    Ok(LoadedModel { model, tokenizer, stop_ids, name: resolved.name.clone(), source: resolved.source.clone() })
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        stop_ids,
+        name: resolved.name.clone(),
+        source: resolved.source.clone(),
+    })
 }

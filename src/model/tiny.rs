@@ -66,7 +66,18 @@ pub fn tiny_vocab() -> (Vec<String>, Vec<(String, String)>) {
     let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
     alphabet.sort();
     tokens.extend(alphabet.iter().map(|c| c.to_string()));
-    let pairs = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("o", "n"), ("Ġ", "s"), ("r", "e"), ("a", "t")];
+    let pairs = [
+        ("Ġ", "t"),
+        ("h", "e"),
+        ("Ġt", "he"),
+        ("i", "n"),
+        ("Ġ", "a"),
+        ("e", "r"),
+        ("o", "n"),
+        ("Ġ", "s"),
+        ("r", "e"),
+        ("a", "t"),
+    ];
     let mut merges = Vec::new();
     for (a, b) in pairs {
         merges.push((a.to_string(), b.to_string()));
@@ -75,13 +86,36 @@ pub fn tiny_vocab() -> (Vec<String>, Vec<(String, String)>) {
     (tokens, merges)
 }
 
-fn tokenizer(tokens: &[String], merges: &[(String, String)]) -> anyhow::Result<tokenizers::Tokenizer> {
-    let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-    let bpe = BPE::builder().vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges.to_vec()).build().map_err(anyhow::Error::msg)?;
+fn tokenizer(
+    tokens: &[String],
+    merges: &[(String, String)],
+) -> anyhow::Result<tokenizers::Tokenizer> {
+    let vocab: HashMap<String, u32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(
+            vocab
+                .into_iter()
+                .collect::<tokenizers::models::bpe::Vocab>(),
+            merges.to_vec(),
+        )
+        .build()
+        .map_err(anyhow::Error::msg)?;
     let mut t = tokenizers::Tokenizer::new(bpe);
     t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
-    t.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::new(false, true, true)));
-    t.add_special_tokens(SPECIALS.iter().map(|s| AddedToken::from(*s, true)).collect::<Vec<_>>()).map_err(anyhow::Error::msg)?;
+    t.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::new(
+        false, true, true,
+    )));
+    t.add_special_tokens(
+        SPECIALS
+            .iter()
+            .map(|s| AddedToken::from(*s, true))
+            .collect::<Vec<_>>(),
+    )
+    .map_err(anyhow::Error::msg)?;
     Ok(t)
 }
 
@@ -110,18 +144,48 @@ pub fn tiny_weights(spec: &TinySpec, vocab: usize) -> anyhow::Result<Vec<(String
     };
     let ones = |n: usize| Tensor::ones(n, DType::F32, &dev);
     let (h, i) = (spec.hidden, spec.intermediate);
-    let mut w = vec![("model.embed_tokens.weight".to_string(), randn(&[vocab, h], 1.0)?)];
+    let mut w = vec![(
+        "model.embed_tokens.weight".to_string(),
+        randn(&[vocab, h], 1.0)?,
+    )];
     for l in 0..spec.layers {
         let p = format!("model.layers.{l}");
-        w.push((format!("{p}.input_layernorm.weight"), (ones(h)? + randn(&[h], 0.1)?)?));
-        w.push((format!("{p}.self_attn.q_proj.weight"), randn(&[spec.heads * hd, h], spec.scale)?));
-        w.push((format!("{p}.self_attn.k_proj.weight"), randn(&[spec.kv_heads * hd, h], spec.scale)?));
-        w.push((format!("{p}.self_attn.v_proj.weight"), randn(&[spec.kv_heads * hd, h], spec.scale)?));
-        w.push((format!("{p}.self_attn.o_proj.weight"), randn(&[h, spec.heads * hd], spec.scale)?));
-        w.push((format!("{p}.post_attention_layernorm.weight"), (ones(h)? + randn(&[h], 0.1)?)?));
-        w.push((format!("{p}.mlp.gate_proj.weight"), randn(&[i, h], spec.scale)?));
-        w.push((format!("{p}.mlp.up_proj.weight"), randn(&[i, h], spec.scale)?));
-        w.push((format!("{p}.mlp.down_proj.weight"), randn(&[h, i], spec.scale)?));
+        w.push((
+            format!("{p}.input_layernorm.weight"),
+            (ones(h)? + randn(&[h], 0.1)?)?,
+        ));
+        w.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            randn(&[spec.heads * hd, h], spec.scale)?,
+        ));
+        w.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            randn(&[spec.kv_heads * hd, h], spec.scale)?,
+        ));
+        w.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            randn(&[spec.kv_heads * hd, h], spec.scale)?,
+        ));
+        w.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            randn(&[h, spec.heads * hd], spec.scale)?,
+        ));
+        w.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            (ones(h)? + randn(&[h], 0.1)?)?,
+        ));
+        w.push((
+            format!("{p}.mlp.gate_proj.weight"),
+            randn(&[i, h], spec.scale)?,
+        ));
+        w.push((
+            format!("{p}.mlp.up_proj.weight"),
+            randn(&[i, h], spec.scale)?,
+        ));
+        w.push((
+            format!("{p}.mlp.down_proj.weight"),
+            randn(&[h, i], spec.scale)?,
+        ));
     }
     w.push(("model.norm.weight".to_string(), ones(h)?));
     if !spec.tie_embeddings {
@@ -158,10 +222,18 @@ pub fn write_hf_dir(dir: &Path, spec: &TinySpec, shards: usize) -> anyhow::Resul
         cfg["sliding_window"] = serde_json::Value::Null;
     }
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
-    std::fs::write(dir.join("generation_config.json"), r#"{"bos_token_id": 1, "eos_token_id": [2, 0]}"#)?;
+    std::fs::write(
+        dir.join("generation_config.json"),
+        r#"{"bos_token_id": 1, "eos_token_id": [2, 0]}"#,
+    )?;
     let tc = serde_json::json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHATML_TEMPLATE, "add_bos_token": false});
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&tc)?)?;
-    tokenizer(&tokens, &merges)?.save(dir.join("tokenizer.json"), false).map_err(anyhow::Error::msg)?;
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tc)?,
+    )?;
+    tokenizer(&tokens, &merges)?
+        .save(dir.join("tokenizer.json"), false)
+        .map_err(anyhow::Error::msg)?;
     let weights = tiny_weights(spec, vocab)?;
     if shards <= 1 {
         let map: HashMap<String, Tensor> = weights.into_iter().collect();
@@ -178,7 +250,10 @@ pub fn write_hf_dir(dir: &Path, spec: &TinySpec, shards: usize) -> anyhow::Resul
             candle_core::safetensors::save(&map, dir.join(&name))?;
         }
         let idx = serde_json::json!({"metadata": {}, "weight_map": index});
-        std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&idx)?)?;
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            serde_json::to_string_pretty(&idx)?,
+        )?;
     }
     Ok(())
 }
@@ -193,7 +268,8 @@ pub fn write_gguf(path: &Path, spec: &TinySpec, qtype: GgmlDType) -> anyhow::Res
     let weights = tiny_weights(spec, vocab)?;
     let mut qt: Vec<(String, QTensor)> = Vec::new();
     for (name, t) in &weights {
-        let gname = crate::model::weights::gguf_name(name).ok_or_else(|| anyhow::anyhow!("no gguf name for {name}"))?;
+        let gname = crate::model::weights::gguf_name(name)
+            .ok_or_else(|| anyhow::anyhow!("no gguf name for {name}"))?;
         let t = if name.ends_with("q_proj.weight") {
             permute_qk(t, spec.heads)?
         } else if name.ends_with("k_proj.weight") {
@@ -206,7 +282,9 @@ pub fn write_gguf(path: &Path, spec: &TinySpec, qtype: GgmlDType) -> anyhow::Res
     }
     let s = |x: &str| Value::String(x.to_string());
     let u = |x: usize| Value::U32(x as u32);
-    let types: Vec<Value> = (0..vocab).map(|i| Value::I32(if i < SPECIALS.len() { 3 } else { 1 })).collect();
+    let types: Vec<Value> = (0..vocab)
+        .map(|i| Value::I32(if i < SPECIALS.len() { 3 } else { 1 }))
+        .collect();
     let md: Vec<(&str, Value)> = vec![
         ("general.architecture", s("llama")),
         ("general.name", s("tiny")),
@@ -222,9 +300,15 @@ pub fn write_gguf(path: &Path, spec: &TinySpec, qtype: GgmlDType) -> anyhow::Res
         ("llama.vocab_size", u(vocab)),
         ("tokenizer.ggml.model", s("gpt2")),
         ("tokenizer.ggml.pre", s("gpt2")),
-        ("tokenizer.ggml.tokens", Value::Array(tokens.iter().map(|t| s(t)).collect())),
+        (
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.iter().map(|t| s(t)).collect()),
+        ),
         ("tokenizer.ggml.token_type", Value::Array(types)),
-        ("tokenizer.ggml.merges", Value::Array(merges.iter().map(|(a, b)| s(&format!("{a} {b}"))).collect())),
+        (
+            "tokenizer.ggml.merges",
+            Value::Array(merges.iter().map(|(a, b)| s(&format!("{a} {b}"))).collect()),
+        ),
         ("tokenizer.ggml.bos_token_id", u(1)),
         ("tokenizer.ggml.eos_token_id", u(2)),
         ("tokenizer.ggml.add_bos_token", Value::Bool(false)),

@@ -36,7 +36,13 @@ use tokenizers::{AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimi
 use crate::model::ModelError;
 
 /// End-of-turn markers that chat templates write after an assistant message.
-const TURN_END_MARKERS: [&str; 5] = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>"];
+const TURN_END_MARKERS: [&str; 5] = [
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "</s>",
+];
 
 /// A tokenizer with what generation needs beside it.
 pub struct Tokenizer {
@@ -102,14 +108,18 @@ impl Tokenizer {
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: serde_json::Value = if cfg_path.exists() {
             let t = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
-            serde_json::from_str(&t).map_err(|e| ModelError::Tokenizer(format!("{}: {e}", cfg_path.display())))?
+            serde_json::from_str(&t)
+                .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", cfg_path.display())))?
         } else {
             serde_json::Value::Null
         };
         let tok_str = |k: &str| -> Option<String> {
             match cfg.get(k)? {
                 serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+                serde_json::Value::Object(o) => o
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .map(str::to_string),
                 _ => None,
             }
         };
@@ -127,7 +137,8 @@ impl Tokenizer {
         // Newer checkpoints ship the template as a separate file.
         let jinja = dir.join("chat_template.jinja");
         if chat_template.is_none() && jinja.exists() {
-            chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?);
+            chat_template =
+                Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?);
         }
         let bos_token = tok_str("bos_token");
         let adds_bos = match cfg.get("add_bos_token") {
@@ -135,11 +146,20 @@ impl Tokenizer {
             _ => {
                 // Ask the tokenizer itself: does encoding "" with specials produce a BOS?
                 let bos = bos_token.as_deref().and_then(|b| inner.token_to_id(b));
-                let e = inner.encode("a", true).map(|e| e.get_ids().to_vec()).unwrap_or_default();
+                let e = inner
+                    .encode("a", true)
+                    .map(|e| e.get_ids().to_vec())
+                    .unwrap_or_default();
                 bos.is_some() && e.first().copied() == bos
             }
         };
-        Ok(Tokenizer { inner, chat_template, bos_token, eos_token: tok_str("eos_token"), adds_bos })
+        Ok(Tokenizer {
+            inner,
+            chat_template,
+            bos_token,
+            eos_token: tok_str("eos_token"),
+            adds_bos,
+        })
     }
 
     /// Build the tokenizer from GGUF metadata (`tokenizer.ggml.*`).
@@ -149,13 +169,22 @@ impl Tokenizer {
             .get("tokenizer.ggml.model")
             .and_then(|v| v.to_string().ok())
             .cloned()
-            .ok_or_else(|| err("GGUF has no tokenizer.ggml.model: kvc cannot build its tokenizer".into()))?;
+            .ok_or_else(|| {
+                err("GGUF has no tokenizer.ggml.model: kvc cannot build its tokenizer".into())
+            })?;
         let tokens = string_array(md, "tokenizer.ggml.tokens").map_err(&err)?;
         let types: Vec<u32> = match md.get("tokenizer.ggml.token_type") {
-            Some(Value::Array(a)) => a.iter().map(|v| crate::model::config::gguf_to_u64(v).unwrap_or(1) as u32).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| crate::model::config::gguf_to_u64(v).unwrap_or(1) as u32)
+                .collect(),
             _ => vec![1; tokens.len()],
         };
-        let id_of = |k: &str| md.get(k).and_then(crate::model::config::gguf_to_u64).map(|x| x as usize);
+        let id_of = |k: &str| {
+            md.get(k)
+                .and_then(crate::model::config::gguf_to_u64)
+                .map(|x| x as usize)
+        };
         let tok_at = |k: &str| id_of(k).and_then(|i| tokens.get(i).cloned());
         let flag = |k: &str| md.get(k).and_then(|v| v.to_bool().ok());
         let mut inner = match kind.as_str() {
@@ -163,18 +192,31 @@ impl Tokenizer {
                 let merges = string_array(md, "tokenizer.ggml.merges").map_err(&err)?;
                 let merges: Vec<(String, String)> = merges
                     .iter()
-                    .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+                    .map(|m| {
+                        m.split_once(' ')
+                            .map(|(a, b)| (a.to_string(), b.to_string()))
+                    })
                     .collect::<Option<_>>()
                     .ok_or_else(|| err("malformed tokenizer.ggml.merges entry".into()))?;
-                let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+                let vocab: tokenizers::models::bpe::Vocab = tokens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| (t.clone(), i as u32))
+                    .collect();
                 let bpe = BPE::builder()
                     .vocab_and_merges(vocab, merges)
                     .build()
                     .map_err(|e| err(format!("BPE: {e}")))?;
                 let mut t = tokenizers::Tokenizer::new(bpe);
-                let pre = md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+                let pre = md
+                    .get("tokenizer.ggml.pre")
+                    .and_then(|v| v.to_string().ok())
+                    .cloned()
+                    .unwrap_or_default();
                 t.with_pre_tokenizer(Some(gpt2_pre_tokenizer(&pre).map_err(&err)?));
-                t.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevelDecoder::new(false, true, true))));
+                t.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevelDecoder::new(
+                    false, true, true,
+                ))));
                 t
             }
             "llama" => {
@@ -186,9 +228,14 @@ impl Tokenizer {
                             _ => 0.0,
                         })
                         .collect(),
-                    _ => return Err(err("sentencepiece GGUF without tokenizer.ggml.scores".into())),
+                    _ => {
+                        return Err(err(
+                            "sentencepiece GGUF without tokenizer.ggml.scores".into()
+                        ))
+                    }
                 };
-                let unk = tok_at("tokenizer.ggml.unknown_token_id").unwrap_or_else(|| "<unk>".into());
+                let unk =
+                    tok_at("tokenizer.ggml.unknown_token_id").unwrap_or_else(|| "<unk>".into());
                 let bpe = spm_bpe(&tokens, &scores, &types, &unk).map_err(&err)?;
                 let mut t = tokenizers::Tokenizer::new(bpe);
                 let add_space = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
@@ -196,11 +243,17 @@ impl Tokenizer {
                 if add_space {
                     norms.push(Prepend::new("▁".into()).into());
                 }
-                norms.push(Replace::new(" ", "▁").map_err(|e| err(e.to_string()))?.into());
+                norms.push(
+                    Replace::new(" ", "▁")
+                        .map_err(|e| err(e.to_string()))?
+                        .into(),
+                );
                 t.with_normalizer(Some(tokenizers::normalizers::Sequence::new(norms)))
                     .map_err(|e| err(e.to_string()))?;
                 let mut decs: Vec<DecoderWrapper> = vec![
-                    Replace::new("▁", " ").map_err(|e| err(e.to_string()))?.into(),
+                    Replace::new("▁", " ")
+                        .map_err(|e| err(e.to_string()))?
+                        .into(),
                     ByteFallback::new().into(),
                     Fuse::new().into(),
                 ];
@@ -229,13 +282,17 @@ impl Tokenizer {
             .filter(|(_, &ty)| ty == 4)
             .map(|(t, _)| AddedToken::from(t.clone(), false))
             .collect();
-        inner.add_special_tokens(specials).map_err(|e| err(e.to_string()))?;
+        inner
+            .add_special_tokens(specials)
+            .map_err(|e| err(e.to_string()))?;
         inner.add_tokens(user).map_err(|e| err(e.to_string()))?;
         let bos_token = tok_at("tokenizer.ggml.bos_token_id");
         let adds_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(kind == "llama");
         if adds_bos {
             if let Some(b) = &bos_token {
-                let id = inner.token_to_id(b).ok_or_else(|| err("bos token not in vocabulary".into()))?;
+                let id = inner
+                    .token_to_id(b)
+                    .ok_or_else(|| err("bos token not in vocabulary".into()))?;
                 let pp = tokenizers::processors::template::TemplateProcessing::builder()
                     .try_single(format!("{b} $0"))
                     .and_then(|x| x.try_pair(format!("{b} $A {b} $B")))
@@ -246,8 +303,17 @@ impl Tokenizer {
                 inner.with_post_processor(Some(pp));
             }
         }
-        let chat_template = md.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
-        Ok(Tokenizer { inner, chat_template, bos_token, eos_token: tok_at("tokenizer.ggml.eos_token_id"), adds_bos })
+        let chat_template = md
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
+        Ok(Tokenizer {
+            inner,
+            chat_template,
+            bos_token,
+            eos_token: tok_at("tokenizer.ggml.eos_token_id"),
+            adds_bos,
+        })
     }
 }
 
@@ -255,7 +321,11 @@ fn string_array(md: &HashMap<String, Value>, key: &str) -> Result<Vec<String>, S
     match md.get(key) {
         Some(Value::Array(a)) => a
             .iter()
-            .map(|v| v.to_string().cloned().map_err(|_| format!("{key} holds a non-string")))
+            .map(|v| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|_| format!("{key} holds a non-string"))
+            })
             .collect(),
         _ => Err(format!("GGUF metadata lacks {key}")),
     }
@@ -266,16 +336,30 @@ fn gpt2_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, String> {
     const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     let split = |re: &str| -> Result<PreTokenizerWrapper, String> {
-        Ok(Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| e.to_string())?
-            .into())
+        Ok(Split::new(
+            SplitPattern::Regex(re.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| e.to_string())?
+        .into())
     };
     Ok(match pre {
-        "llama-bpe" | "llama3" | "smaug-bpe" => {
-            PreSequence::new(vec![split(LLAMA3)?, ByteLevel::new(false, true, false).into()]).into()
-        }
-        "qwen2" => PreSequence::new(vec![split(QWEN2)?, ByteLevel::new(false, true, false).into()]).into(),
-        "smollm" => PreSequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into(),
+        "llama-bpe" | "llama3" | "smaug-bpe" => PreSequence::new(vec![
+            split(LLAMA3)?,
+            ByteLevel::new(false, true, false).into(),
+        ])
+        .into(),
+        "qwen2" => PreSequence::new(vec![
+            split(QWEN2)?,
+            ByteLevel::new(false, true, false).into(),
+        ])
+        .into(),
+        "smollm" => PreSequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ])
+        .into(),
         _ => ByteLevel::new(false, true, true).into(),
     })
 }
@@ -284,7 +368,11 @@ fn gpt2_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, String> {
 /// pieces of the vocabulary, ordered by the merged piece's score (highest first), ties by the
 /// ids of the parts — Hugging Face's `SentencePieceExtractor` rule.
 fn spm_bpe(tokens: &[String], scores: &[f32], types: &[u32], unk: &str) -> Result<BPE, String> {
-    let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let vocab: HashMap<String, u32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
     let mut merges: Vec<(f32, u32, u32, String, String)> = Vec::new();
     for (i, piece) in tokens.iter().enumerate() {
         if types.get(i).copied().unwrap_or(1) != 1 {
@@ -301,7 +389,12 @@ fn spm_bpe(tokens: &[String], scores: &[f32], types: &[u32], unk: &str) -> Resul
     merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
     let merges = merges.into_iter().map(|m| (m.3, m.4)).collect();
     BPE::builder()
-        .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
+        .vocab_and_merges(
+            vocab
+                .into_iter()
+                .collect::<tokenizers::models::bpe::Vocab>(),
+            merges,
+        )
         .unk_token(unk.to_string())
         .byte_fallback(true)
         .fuse_unk(true)

@@ -16,8 +16,17 @@ use crate::model::ModelError;
 
 /// Where tensors come from.
 pub enum WeightSource {
-    Safetensors { files: Vec<PathBuf>, st: candle_core::safetensors::MmapedSafetensors },
-    Gguf { path: PathBuf, content: gguf_file::Content, file: std::fs::File, heads: usize, kv_heads: usize },
+    Safetensors {
+        files: Vec<PathBuf>,
+        st: candle_core::safetensors::MmapedSafetensors,
+    },
+    Gguf {
+        path: PathBuf,
+        content: gguf_file::Content,
+        file: std::fs::File,
+        heads: usize,
+        kv_heads: usize,
+    },
 }
 
 impl WeightSource {
@@ -27,16 +36,22 @@ impl WeightSource {
         let index = dir.join("model.safetensors.index.json");
         let mut files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Weights {
-                path: index.clone(),
-                msg: format!("not a valid index: {e}"),
-            })?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Weights {
-                path: index.clone(),
-                msg: "no weight_map object".into(),
-            })?;
-            let mut names: Vec<String> =
-                map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::Weights {
+                    path: index.clone(),
+                    msg: format!("not a valid index: {e}"),
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::Weights {
+                    path: index.clone(),
+                    msg: "no weight_map object".into(),
+                })?;
+            let mut names: Vec<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect();
             names.sort();
             names.dedup();
             names.into_iter().map(|n| dir.join(n)).collect()
@@ -63,8 +78,10 @@ impl WeightSource {
             // Parse each header now so a corrupt file is named (the multi-file open below
             // reports errors without the path).
             // SAFETY: the file is mapped read-only and only read while mapped.
-            let mm = unsafe { memmap2::Mmap::map(&std::fs::File::open(f).map_err(|e| ModelError::io(f, e))?) }
-                .map_err(|e| ModelError::io(f, e))?;
+            let mm = unsafe {
+                memmap2::Mmap::map(&std::fs::File::open(f).map_err(|e| ModelError::io(f, e))?)
+            }
+            .map_err(|e| ModelError::io(f, e))?;
             safetensors::SafeTensors::read_metadata(&mm).map_err(|e| ModelError::Weights {
                 path: f.clone(),
                 msg: format!("corrupt or truncated safetensors file: {e}"),
@@ -72,10 +89,13 @@ impl WeightSource {
         }
         // SAFETY: read-only mmaps of files we just validated; the files must not change while
         // kvc runs (the same contract as candle's own loaders).
-        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| ModelError::Weights {
-            path: files[0].clone(),
-            msg: crate::model::candle_msg(&e),
-        })?;
+        let st =
+            unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
+                ModelError::Weights {
+                    path: files[0].clone(),
+                    msg: crate::model::candle_msg(&e),
+                }
+            })?;
         Ok(WeightSource::Safetensors { files, st })
     }
 
@@ -84,15 +104,30 @@ impl WeightSource {
         let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::Weights {
             path: path.to_path_buf(),
-            msg: format!("not a readable GGUF file ({}); the download may be truncated: fetch it again", crate::model::candle_msg(&e)),
+            msg: format!(
+                "not a readable GGUF file ({}); the download may be truncated: fetch it again",
+                crate::model::candle_msg(&e)
+            ),
         })?;
         let md = content.metadata.clone();
-        Ok((WeightSource::Gguf { path: path.to_path_buf(), content, file, heads: 0, kv_heads: 0 }, md))
+        Ok((
+            WeightSource::Gguf {
+                path: path.to_path_buf(),
+                content,
+                file,
+                heads: 0,
+                kv_heads: 0,
+            },
+            md,
+        ))
     }
 
     /// Head counts are needed to undo llama.cpp's Q/K row permutation.
     pub fn set_heads(&mut self, n_heads: usize, n_kv: usize) {
-        if let WeightSource::Gguf { heads, kv_heads, .. } = self {
+        if let WeightSource::Gguf {
+            heads, kv_heads, ..
+        } = self
+        {
             *heads = n_heads;
             *kv_heads = n_kv;
         }
@@ -110,38 +145,72 @@ impl WeightSource {
 
     fn origin(&self) -> PathBuf {
         match self {
-            WeightSource::Safetensors { files, .. } => files[0].parent().unwrap_or(Path::new(".")).to_path_buf(),
+            WeightSource::Safetensors { files, .. } => {
+                files[0].parent().unwrap_or(Path::new(".")).to_path_buf()
+            }
             WeightSource::Gguf { path, .. } => path.clone(),
         }
     }
 
     /// Load `hf_name` with the expected `shape`, converted to `dtype` on `device`.
-    pub fn get(&mut self, hf_name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor, ModelError> {
+    pub fn get(
+        &mut self,
+        hf_name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, ModelError> {
         let origin = self.origin();
         let t = match self {
             WeightSource::Safetensors { st, .. } => {
                 st.load(hf_name, &Device::Cpu).map_err(|e| {
                     if st.get(hf_name).is_err() {
-                        ModelError::MissingTensor { path: origin.clone(), name: hf_name.to_string() }
+                        ModelError::MissingTensor {
+                            path: origin.clone(),
+                            name: hf_name.to_string(),
+                        }
                     } else {
-                        ModelError::Weights { path: origin.clone(), msg: format!("tensor {hf_name}: {}", crate::model::candle_msg(&e)) }
+                        ModelError::Weights {
+                            path: origin.clone(),
+                            msg: format!("tensor {hf_name}: {}", crate::model::candle_msg(&e)),
+                        }
                     }
                 })?
             }
-            WeightSource::Gguf { content, file, heads, kv_heads, .. } => {
-                let g = gguf_name(hf_name)
-                    .ok_or_else(|| ModelError::MissingTensor { path: origin.clone(), name: hf_name.to_string() })?;
+            WeightSource::Gguf {
+                content,
+                file,
+                heads,
+                kv_heads,
+                ..
+            } => {
+                let g = gguf_name(hf_name).ok_or_else(|| ModelError::MissingTensor {
+                    path: origin.clone(),
+                    name: hf_name.to_string(),
+                })?;
                 if !content.tensor_infos.contains_key(&g) {
-                    return Err(ModelError::MissingTensor { path: origin.clone(), name: format!("{g} ({hf_name})") });
+                    return Err(ModelError::MissingTensor {
+                        path: origin.clone(),
+                        name: format!("{g} ({hf_name})"),
+                    });
                 }
-                let q = content.tensor(file, &g, &Device::Cpu).map_err(|e| ModelError::Weights {
-                    path: origin.clone(),
-                    msg: format!("tensor {g}: {}", crate::model::candle_msg(&e)),
-                })?;
-                let t = q.dequantize(&Device::Cpu).map_err(|e| ModelError::Weights {
-                    path: origin.clone(),
-                    msg: format!("dequantizing {g} ({:?}): {}", q.dtype(), crate::model::candle_msg(&e)),
-                })?;
+                let q =
+                    content
+                        .tensor(file, &g, &Device::Cpu)
+                        .map_err(|e| ModelError::Weights {
+                            path: origin.clone(),
+                            msg: format!("tensor {g}: {}", crate::model::candle_msg(&e)),
+                        })?;
+                let t = q
+                    .dequantize(&Device::Cpu)
+                    .map_err(|e| ModelError::Weights {
+                        path: origin.clone(),
+                        msg: format!(
+                            "dequantizing {g} ({:?}): {}",
+                            q.dtype(),
+                            crate::model::candle_msg(&e)
+                        ),
+                    })?;
                 let n = if hf_name.ends_with("self_attn.q_proj.weight") {
                     Some(*heads)
                 } else if hf_name.ends_with("self_attn.k_proj.weight") {
@@ -168,7 +237,10 @@ impl WeightSource {
         }
         t.to_dtype(dtype)
             .and_then(|t| t.to_device(device))
-            .map_err(|e| ModelError::Weights { path: origin, msg: format!("tensor {hf_name}: {}", crate::model::candle_msg(&e)) })
+            .map_err(|e| ModelError::Weights {
+                path: origin,
+                msg: format!("tensor {hf_name}: {}", crate::model::candle_msg(&e)),
+            })
     }
 }
 
@@ -177,14 +249,20 @@ impl WeightSource {
 pub fn unpermute_qk(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     let half = rows / n_head / 2;
-    w.reshape((n_head, half, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))
+    w.reshape((n_head, half, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))
 }
 
 /// llama.cpp's `permute(w, n_head)` (what its converter does); used by tests that write GGUFs.
 pub fn permute_qk(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     let half = rows / n_head / 2;
-    w.reshape((n_head, 2, half, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))
+    w.reshape((n_head, 2, half, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))
 }
 
 /// Hugging Face tensor name -> GGUF tensor name (llama architecture).
@@ -218,7 +296,10 @@ mod tests {
 
     #[test]
     fn permute_roundtrip_and_is_not_identity() {
-        let w = Tensor::arange(0f32, 8.0 * 3.0, &Device::Cpu).unwrap().reshape((8, 3)).unwrap();
+        let w = Tensor::arange(0f32, 8.0 * 3.0, &Device::Cpu)
+            .unwrap()
+            .reshape((8, 3))
+            .unwrap();
         let p = permute_qk(&w, 2).unwrap();
         assert_ne!(p.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
         let back = unpermute_qk(&p, 2).unwrap();
@@ -230,8 +311,14 @@ mod tests {
 
     #[test]
     fn names_map() {
-        assert_eq!(gguf_name("model.layers.12.mlp.down_proj.weight").unwrap(), "blk.12.ffn_down.weight");
-        assert_eq!(gguf_name("model.embed_tokens.weight").unwrap(), "token_embd.weight");
+        assert_eq!(
+            gguf_name("model.layers.12.mlp.down_proj.weight").unwrap(),
+            "blk.12.ffn_down.weight"
+        );
+        assert_eq!(
+            gguf_name("model.embed_tokens.weight").unwrap(),
+            "token_embd.weight"
+        );
         assert!(gguf_name("model.layers.1.self_attn.rotary_emb.inv_freq").is_none());
     }
 }
