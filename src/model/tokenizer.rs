@@ -6,7 +6,9 @@
 //!   (`llama-bpe`/`llama3`, `qwen2`, `smollm` = single digits + GPT-2 split, else GPT-2), never
 //!   adding a prefix space — candle's `TokenizerFromGguf` adds one for unknown `pre` values, which
 //!   changes the ids of every prompt, so kvc builds its own (checked against transformers' ids
-//!   in `tests/conformance_smollm2.rs`).
+//!   in `tests/conformance_smollm2.rs`). Bytes the vocabulary lacks map to the declared
+//!   `unknown_token_id` (transformers does the same; LongBench's passage_retrieval_zh contains
+//!   0x06, which SmolLM2's vocabulary lacks).
 //! - `llama` (sentencepiece): a byte-fallback BPE whose merges are derived from the piece scores
 //!   the way Hugging Face's `SentencePieceExtractor` derives them, with the `▁` normalizer and
 //!   decoder of Llama-2's `tokenizer.json`.
@@ -203,8 +205,13 @@ impl Tokenizer {
                     .enumerate()
                     .map(|(i, t)| (t.clone(), i as u32))
                     .collect();
-                let bpe = BPE::builder()
-                    .vocab_and_merges(vocab, merges)
+                // A byte missing from the vocabulary (SmolLM2 lacks `Ć` = 0x06) becomes the
+                // GGUF's declared unknown token, as transformers does, rather than vanishing.
+                let mut bpe = BPE::builder().vocab_and_merges(vocab, merges);
+                if let Some(unk) = tok_at("tokenizer.ggml.unknown_token_id") {
+                    bpe = bpe.unk_token(unk);
+                }
+                let bpe = bpe
                     .build()
                     .map_err(|e| err(format!("BPE: {e}")))?;
                 let mut t = tokenizers::Tokenizer::new(bpe);
