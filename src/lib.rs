@@ -5,6 +5,7 @@
 //! - [`model`]: config resolution (HF json + GGUF metadata), tokenizer, chat template, the
 //!   llama-family forward pass.
 //! - [`kvcache`]: the cache backends the attention layers read (contiguous reference, paged).
+//! - [`compress`]: compression methods and the runner contract eval/bench use.
 //! - [`engine`]: prefill -> compress -> decode loop, stopping rules.
 //! - [`data`]: LongBench task table, readers, prompt building and truncation.
 //! - [`eval`]: LongBench metrics (exactly as the official scorer) and scoring.
@@ -12,6 +13,7 @@
 //! - [`cli`]: clap argument structs and the subcommand runners.
 
 pub mod cli;
+pub mod compress;
 pub mod data;
 pub mod engine;
 pub mod eval;

@@ -211,9 +211,7 @@ impl Tokenizer {
                 if let Some(unk) = tok_at("tokenizer.ggml.unknown_token_id") {
                     bpe = bpe.unk_token(unk);
                 }
-                let bpe = bpe
-                    .build()
-                    .map_err(|e| err(format!("BPE: {e}")))?;
+                let bpe = bpe.build().map_err(|e| err(format!("BPE: {e}")))?;
                 let mut t = tokenizers::Tokenizer::new(bpe);
                 let pre = md
                     .get("tokenizer.ggml.pre")
