@@ -87,11 +87,17 @@ pub trait Runner {
     ) -> Result<(Generation, CompressionStats)>;
 }
 
+/// Method parameters shared by `kvc eval` and `kvc bench` (flattened into their clap args):
+/// each method's paper defaults, overridable by flags.
+#[derive(clap::Args, Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct MethodOptions {}
+
 /// Build the runner for `spec` at `budget` (`None` = no eviction).
 pub fn runner(
     spec: &MethodSpec,
     budget: Option<Budget>,
     cfg: &Config,
+    _opts: &MethodOptions,
 ) -> anyhow::Result<Box<dyn Runner>> {
     match spec.name.as_str() {
         "full" => {
