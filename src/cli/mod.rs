@@ -9,6 +9,8 @@ use std::process::ExitCode;
 
 use crate::util::Status;
 
+pub mod bench_model;
+pub mod conformance;
 pub mod generate;
 pub mod model_args;
 
@@ -23,6 +25,10 @@ pub struct Cli {
 pub enum Command {
     /// Greedy continuation of one prompt (full cache).
     Generate(generate::GenerateArgs),
+    /// Prefill and single-sequence decode speed of the model (full cache); prints a table.
+    BenchModel(bench_model::BenchModelArgs),
+    /// Replay a transformers reference file and report prompt / logit / output agreement.
+    Conformance(conformance::ConformanceArgs),
     Score(score::ScoreArgs),
     Plot(plot::PlotArgs),
     Compare(compare::CompareArgs),
@@ -33,6 +39,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: anyhow::Result<Status> = match cli.command {
         Command::Generate(a) => generate::run(a),
+        Command::BenchModel(a) => bench_model::run(a),
+        Command::Conformance(a) => conformance::run(a),
         Command::Score(a) => score::run(a),
         Command::Plot(a) => plot::run(a),
         Command::Compare(a) => compare::run(a),

@@ -3,6 +3,7 @@
 //! [`LoadedModel`].
 pub mod chat;
 pub mod config;
+pub mod conformance;
 pub mod llama;
 pub mod tiny;
 pub mod tokenizer;

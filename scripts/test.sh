@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The whole test suite from a fresh clone (the README's test command; .ci/run calls it).
+#   scripts/test.sh            # CPU: fetch model, conformance venv, cargo test
+#   scripts/test.sh --cuda     # also check that the CUDA build compiles (toolchain from PyPI)
+# Installs what it needs: Rust (rustup, when cargo is missing), the embedded model
+# (scripts/fetch-model.sh), the Python venv with LongBench's official metrics
+# (scripts/conformance-venv.sh). Set CARGO_TARGET_DIR to a persistent directory to speed up
+# warm runs; nothing relies on it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cuda=0
+for a in "$@"; do
+  case $a in
+    --cuda) cuda=1 ;;
+    *) echo "test.sh: unknown argument $a (use --cuda)" >&2; exit 2 ;;
+  esac
+done
+t0=$SECONDS
+stamp() { echo "test.sh: [$((SECONDS - t0))s] $*" >&2; }
+
+if ! command -v cargo >/dev/null; then
+  stamp "installing Rust with rustup"
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal >&2
+  # shellcheck disable=SC1091
+  source "$HOME/.cargo/env"
+fi
+stamp "fetching the embedded model"
+scripts/fetch-model.sh
+stamp "preparing the LongBench metrics venv"
+export KVC_CONFORMANCE_VENV=${KVC_CONFORMANCE_VENV:-$PWD/.venv-conformance}
+scripts/conformance-venv.sh "$KVC_CONFORMANCE_VENV" >/dev/null
+stamp "cargo fetch"
+cargo fetch --locked
+stamp "building tests"
+cargo test --locked --no-run
+stamp "running tests"
+CI=${CI:-1} cargo test --locked -- --test-threads=2
+stamp "CPU tests passed"
+if [[ $cuda == 1 ]]; then
+  stamp "CUDA toolchain + cargo build --release --features cuda"
+  eval "$(scripts/cuda-toolchain.sh)"
+  CARGO_TARGET_DIR=${KVC_CUDA_TARGET_DIR:-${CARGO_TARGET_DIR:-target}/cuda} \
+    cargo build --locked --release --features cuda
+  stamp "CUDA build compiles"
+fi
+stamp "done"

@@ -1,0 +1,182 @@
+//! `kvc bench-model`: prefill and single-sequence decode speed of the model layer with the full
+//! (contiguous) cache — the baseline every compressed run is compared with. Prints a table
+//! (and `--json` / `--csv`); never asserts timings.
+//!
+//! Prompts are deterministic pseudo-random token ids (so no tokenizer or data is needed and the
+//! attention pattern is not degenerate); decoding ignores stop tokens and runs exactly
+//! `--decode-tokens` steps. Decode tokens/s counts the forward passes after the first token
+//! (`(n - 1) / decode time`), prefill tokens/s the prompt length over the prefill time. A
+//! warm-up generation runs first on each device (kernel loading, allocator warm-up).
+use clap::Args;
+use std::io::Write;
+use std::path::PathBuf;
+
+use super::model_args::ModelArgs;
+use crate::engine::{self, GenParams, NoHooks};
+use crate::kvcache::contiguous::ContiguousCache;
+use crate::util::Status;
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Examples:\n  kvc bench-model                                   # SmolLM2 on the default device\n  kvc bench-model --device cuda:0 --dtype bf16 --prompt-lens 4000 --decode-tokens 256"
+)]
+pub struct BenchModelArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt lengths to measure (comma-separated tokens).
+    #[arg(long, value_delimiter = ',', default_value = "512,4000")]
+    pub prompt_lens: Vec<usize>,
+    /// Tokens to decode per measurement (stop tokens ignored).
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+    /// Measurements per prompt length; the table reports the median.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Prefill chunk length.
+    #[arg(long, default_value_t = 1024)]
+    pub prefill_chunk: usize,
+    /// Also write the rows as CSV here.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// Print the rows as JSON lines instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Row {
+    model: String,
+    device: String,
+    dtype: String,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+    prefill_ms: f64,
+    prefill_tokens_per_s: f64,
+    decode_ms: f64,
+    decode_tokens_per_s: f64,
+    ms_per_decode_token: f64,
+}
+
+/// Deterministic pseudo-random ids in `[lo, vocab)` (a 64-bit LCG; no `rand` dependency needed).
+fn synthetic_prompt(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let lo = 100.min(vocab.saturating_sub(1));
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (lo + ((x >> 33) as usize) % (vocab - lo)) as u32
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run(args: BenchModelArgs) -> anyhow::Result<Status> {
+    if args.repeats == 0 || args.decode_tokens < 2 {
+        anyhow::bail!("--repeats must be at least 1 and --decode-tokens at least 2");
+    }
+    let mut lm = args.model.load()?;
+    let cfg = lm.config().clone();
+    let layers = cfg.num_hidden_layers;
+    let device = format!("{:?}", lm.model.device);
+    let dtype = format!("{:?}", lm.model.dtype).to_lowercase();
+    for &n in &args.prompt_lens {
+        if n == 0 || n + args.decode_tokens > cfg.max_position_embeddings {
+            anyhow::bail!(
+                "prompt length {n} + {} decode tokens does not fit the model's context of {} tokens",
+                args.decode_tokens,
+                cfg.max_position_embeddings
+            );
+        }
+    }
+    let params = |max_new: usize| GenParams {
+        max_new_tokens: max_new,
+        stop_ids: Default::default(),
+        min_new_tokens: 0,
+        prefill_chunk: args.prefill_chunk,
+        max_context: cfg.max_position_embeddings,
+    };
+    // Warm-up.
+    let warm = synthetic_prompt(64, cfg.vocab_size, 7);
+    engine::generate(
+        &mut lm.model,
+        &mut ContiguousCache::new(layers),
+        &warm,
+        &params(4),
+        &mut NoHooks,
+    )?;
+    let mut rows = Vec::new();
+    for &n in &args.prompt_lens {
+        let (mut pre, mut dec) = (Vec::new(), Vec::new());
+        for rep in 0..args.repeats {
+            let prompt = synthetic_prompt(n, cfg.vocab_size, 1000 + rep as u64);
+            let g = engine::generate(
+                &mut lm.model,
+                &mut ContiguousCache::new(layers),
+                &prompt,
+                &params(args.decode_tokens),
+                &mut NoHooks,
+            )?;
+            pre.push(g.prefill_ms);
+            dec.push(g.decode_ms);
+        }
+        let (p, d) = (median(pre), median(dec));
+        let steps = (args.decode_tokens - 1) as f64;
+        rows.push(Row {
+            model: lm.name.clone(),
+            device: device.clone(),
+            dtype: dtype.clone(),
+            prompt_tokens: n,
+            decode_tokens: args.decode_tokens,
+            prefill_ms: p,
+            prefill_tokens_per_s: n as f64 / (p / 1e3),
+            decode_ms: d,
+            decode_tokens_per_s: steps / (d / 1e3),
+            ms_per_decode_token: d / steps,
+        });
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        for r in &rows {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        }
+    } else {
+        writeln!(
+            out,
+            "{} on {device} ({dtype}), median of {} runs",
+            lm.name, args.repeats
+        )?;
+        writeln!(
+            out,
+            "{:>8} {:>12} {:>14} {:>12} {:>14} {:>10}",
+            "prompt", "prefill ms", "prefill tok/s", "decode ms", "decode tok/s", "ms/token"
+        )?;
+        for r in &rows {
+            writeln!(
+                out,
+                "{:>8} {:>12.1} {:>14.1} {:>12.1} {:>14.1} {:>10.2}",
+                r.prompt_tokens,
+                r.prefill_ms,
+                r.prefill_tokens_per_s,
+                r.decode_ms,
+                r.decode_tokens_per_s,
+                r.ms_per_decode_token
+            )?;
+        }
+    }
+    if let Some(path) = &args.csv {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        for r in &rows {
+            w.serialize(r)?;
+        }
+        crate::util::write_atomic(path, &w.into_inner()?)?;
+    }
+    Ok(Status::Ok)
+}

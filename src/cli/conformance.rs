@@ -1,0 +1,153 @@
+//! `kvc conformance`: replay a transformers reference file (prompt ids, first-step logits,
+//! greedy outputs) on any device and dtype and print the agreement per record and in total.
+//! The strict f32 CPU version of this check is `tests/conformance_smollm2.rs`.
+use clap::Args;
+use std::io::Write;
+use std::path::PathBuf;
+
+use super::model_args::ModelArgs;
+use crate::model::conformance::{self, CheckOptions, OutputAgreement};
+use crate::util::Status;
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Example (the committed SmolLM2 reference, on the GPU in bf16):\n  kvc conformance --device cuda:0 --dtype bf16 \\\n    --reference ../shared/reference/smollm2_greedy.jsonl --longbench ../shared/longbench"
+)]
+pub struct ConformanceArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Reference generations (jsonl: name, kind, prompt_ids, output_ids, first_step_top5_*).
+    #[arg(long)]
+    pub reference: PathBuf,
+    /// Outputs re-derived with transformers' plain greedy generate (the judge for output ids).
+    #[arg(
+        long,
+        default_value = "tests/data/smollm2_transformers_rederived.jsonl"
+    )]
+    pub rederived: PathBuf,
+    /// Directory holding the LongBench `<task>.jsonl` rows the reference prompts come from.
+    #[arg(long)]
+    pub longbench: PathBuf,
+    /// Only records whose name contains this text.
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Check prompt building only.
+    #[arg(long)]
+    pub prompts_only: bool,
+    /// Largest |logit difference| on the recorded top-5 counted as agreement (exit 1 beyond).
+    #[arg(long, default_value_t = 1e-3)]
+    pub logit_tol: f32,
+    /// Largest top-2 margin at which a divergence is a near-tie rather than a failure.
+    #[arg(long, default_value_t = 1e-3)]
+    pub tie_margin: f32,
+    /// Print one JSON object per record and a summary object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: ConformanceArgs) -> anyhow::Result<Status> {
+    let mut lm = args.model.load()?;
+    let opts = CheckOptions {
+        reference: args.reference.clone(),
+        rederived: args.rederived.clone(),
+        longbench: args.longbench.clone(),
+        only: args.only.clone(),
+        prompts_only: args.prompts_only,
+        tie_margin: args.tie_margin,
+        prefill_chunk: 1024,
+    };
+    let json = args.json;
+    let mut stdout = std::io::stdout().lock();
+    if !json {
+        writeln!(
+            stdout,
+            "{:<62} {:>6} {:>10} {:<28} {:>9}",
+            "record", "prompt", "top5 diff", "output vs transformers", "recorded"
+        )?;
+    }
+    let records = conformance::check(&mut lm, &opts, |r| {
+        let mut o = std::io::stdout().lock();
+        if json {
+            let _ = writeln!(o, "{}", serde_json::to_string(r).unwrap_or_default());
+            return;
+        }
+        let out = match &r.output {
+            None => "-".to_string(),
+            Some(OutputAgreement::Identical) => "identical".into(),
+            Some(OutputAgreement::NearTie { step, margin }) => {
+                format!("near-tie @{step} ({margin:.1e})")
+            }
+            Some(OutputAgreement::Diverged { step, margin }) => {
+                format!("DIVERGED @{step} ({margin:.1e})")
+            }
+        };
+        let _ = writeln!(
+            o,
+            "{:<62} {:>6} {:>10} {:<28} {:>9}",
+            r.name,
+            if r.prompt_mismatch.is_some() {
+                "DIFF"
+            } else {
+                "ok"
+            },
+            r.top5_max_diff
+                .map(|d| format!("{d:.2e}"))
+                .unwrap_or("-".into()),
+            out,
+            r.matches_recorded
+                .map(|m| if m { "same" } else { "differs" })
+                .unwrap_or("-"),
+        );
+    })?;
+    let n = records.len();
+    let prompts_ok = records
+        .iter()
+        .filter(|r| r.prompt_mismatch.is_none())
+        .count();
+    let generated: Vec<_> = records.iter().filter(|r| r.output.is_some()).collect();
+    let identical = generated
+        .iter()
+        .filter(|r| r.output == Some(OutputAgreement::Identical))
+        .count();
+    let ties = generated
+        .iter()
+        .filter(|r| matches!(r.output, Some(OutputAgreement::NearTie { .. })))
+        .count();
+    let recorded = generated
+        .iter()
+        .filter(|r| r.matches_recorded == Some(true))
+        .count();
+    let top5_ok = generated
+        .iter()
+        .filter(|r| r.top5_max_diff.is_some_and(|d| d <= args.logit_tol))
+        .count();
+    let failures: Vec<String> = records
+        .iter()
+        .flat_map(|r| r.failures(args.logit_tol))
+        .collect();
+    let summary = serde_json::json!({
+        "model": lm.name, "device": format!("{:?}", lm.model.device), "dtype": format!("{:?}", lm.model.dtype),
+        "records": n, "prompts_identical": prompts_ok, "generated": generated.len(),
+        "top5_within_tol": top5_ok, "logit_tol": args.logit_tol,
+        "outputs_identical": identical, "outputs_near_tie": ties, "outputs_match_recorded": recorded,
+        "failures": failures,
+    });
+    if json {
+        writeln!(stdout, "{summary}")?;
+    } else {
+        writeln!(
+            stdout,
+            "\n{} on {} {}: prompts identical {prompts_ok}/{n}; top-5 logits within {:.0e}: {top5_ok}/{}; greedy outputs identical to transformers {identical}/{} (+{ties} near-ties); identical to the recorded ids {recorded}/{}",
+            lm.name, summary["device"].as_str().unwrap_or(""), summary["dtype"].as_str().unwrap_or(""),
+            args.logit_tol, generated.len(), generated.len(), generated.len()
+        )?;
+        for f in &failures {
+            writeln!(stdout, "FAIL {f}")?;
+        }
+    }
+    Ok(if failures.is_empty() {
+        Status::Ok
+    } else {
+        Status::Failed
+    })
+}
