@@ -106,8 +106,15 @@ fn no_eviction_equals_full_cache_for_every_method() {
                     "{m} at {budget:?} differs from the full cache"
                 );
                 let (a, b) = (g.first_logits.unwrap(), full.first_logits.clone().unwrap());
-                let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-                assert!(diff < 1e-4, "{m} at {budget:?}: first logits differ by {diff}");
+                let diff = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    diff < 1e-4,
+                    "{m} at {budget:?}: first logits differ by {diff}"
+                );
                 assert_eq!(st.kept_kvs, st.prompt_kvs, "{m} at {budget:?}");
                 assert_eq!(st.achieved_rate(), 1.0);
             }
@@ -115,13 +122,46 @@ fn no_eviction_equals_full_cache_for_every_method() {
     }
 }
 
+/// K, V rows `[L, d]` and metrics of every head right after prefill, nothing evicted (slot
+/// order = position order).
+struct Snapshot {
+    k: Vec<Vec<Tensor>>,
+    v: Vec<Vec<Tensor>>,
+    metric: Vec<Vec<Vec<f32>>>,
+}
+
+fn snapshot(c: &PagedCache, seq: SeqId) -> Snapshot {
+    let pool = c.pool();
+    let heads = |f: &dyn Fn(usize, usize) -> Tensor| {
+        (0..pool.layers())
+            .map(|l| (0..pool.kv_heads()).map(|h| f(l, h)).collect())
+            .collect()
+    };
+    Snapshot {
+        k: heads(&|l, h| c.head_k(l, seq, h).unwrap()),
+        v: heads(&|l, h| c.head_v(l, seq, h).unwrap()),
+        metric: (0..pool.layers())
+            .map(|l| {
+                (0..pool.kv_heads())
+                    .map(|h| pool.metrics(l, seq, h).unwrap())
+                    .collect()
+            })
+            .collect(),
+    }
+}
+
 /// Delegates to the method's hooks and checks the cache after every compression step.
 struct Checked<'a> {
+    /// Uncompressed prefill of the same prompt (recorded when `None` and `record`).
+    reference: Option<Snapshot>,
+    record: bool,
     inner: CompressHooks<'a>,
     budget: usize,
     kvcompress: bool,
     protected: usize,
     uniform: bool,
+    /// The method compresses after decode steps too (otherwise budgets hold after prefill only).
+    continual: bool,
     steps: usize,
 }
 
@@ -129,6 +169,51 @@ impl Checked<'_> {
     fn check(&mut self, cache: &dyn CacheBackend, seq: SeqId) {
         self.steps += 1;
         let c = cache.as_paged().unwrap();
+        if self.record {
+            if self.steps == 1 {
+                self.reference = Some(snapshot(c, seq));
+            }
+            return;
+        }
+        // Prompt K/V rows (and, right after prefill, metrics) moved with their positions.
+        if let Some(r) = &self.reference {
+            let pool = c.pool();
+            for l in 0..pool.layers() {
+                for h in 0..pool.kv_heads() {
+                    let pos = pool.positions(l, seq, h).unwrap();
+                    let prompt_len = r.metric[l][h].len() as u32;
+                    let keep: Vec<u32> = (0..pos.len() as u32)
+                        .filter(|&i| pos[i as usize] < prompt_len)
+                        .collect();
+                    let at: Vec<u32> = keep.iter().map(|&i| pos[i as usize]).collect();
+                    let n = keep.len();
+                    let keep = Tensor::from_vec(keep, n, &Device::Cpu).unwrap();
+                    let at = Tensor::from_vec(at, n, &Device::Cpu).unwrap();
+                    for (got, want) in [
+                        (c.head_k(l, seq, h).unwrap(), &r.k[l][h]),
+                        (c.head_v(l, seq, h).unwrap(), &r.v[l][h]),
+                    ] {
+                        let got = got.index_select(&keep, 0).unwrap();
+                        let want = want.index_select(&at, 0).unwrap();
+                        let d = (got - want)
+                            .unwrap()
+                            .abs()
+                            .unwrap()
+                            .sum_all()
+                            .unwrap()
+                            .to_scalar::<f32>()
+                            .unwrap();
+                        assert_eq!(d, 0.0, "K/V rows did not move with their positions");
+                    }
+                    if self.steps == 1 {
+                        let m = pool.metrics(l, seq, h).unwrap();
+                        for (i, &p) in pos.iter().enumerate() {
+                            assert_eq!(m[i], r.metric[l][h][p as usize], "metric of position {p}");
+                        }
+                    }
+                }
+            }
+        }
         let pool = c.pool();
         pool.check().unwrap();
         let bs = pool.block_size();
@@ -146,8 +231,13 @@ impl Checked<'_> {
                 for p in n.saturating_sub(self.protected)..n {
                     assert!(uniq.contains(&(p as u32)), "protected position {p} evicted");
                 }
-                if self.uniform {
-                    assert!(pos.len() <= self.budget, "head holds {} > {}", pos.len(), self.budget);
+                if self.uniform && (self.steps == 1 || self.continual) {
+                    assert!(
+                        pos.len() <= self.budget,
+                        "head holds {} > {}",
+                        pos.len(),
+                        self.budget
+                    );
                 }
             }
         }
@@ -196,24 +286,41 @@ fn compression_holds_budgets_and_keeps_the_pool_consistent() {
         let ids = lm.prompt_ids(TEXT, false).unwrap();
         let cfg = lm.config().clone();
         let opts = small_opts();
+        let mut totals = std::collections::HashMap::new();
         for m in METHODS.iter().filter(|m| **m != "full") {
             let spec = MethodSpec::parse(m).unwrap();
             let policy: Box<dyn Policy> = compress::build_policy(&spec, &cfg, &opts).unwrap();
             let budget = 12;
             let budget_of = move |_: usize| Some(budget);
-            let mut cache = PagedCache::new(
-                PagedSpec {
-                    layers: cfg.num_hidden_layers,
-                    kv_heads: cfg.num_key_value_heads,
-                    head_dim: cfg.head_dim,
-                    block_size: opts.block_size,
-                    dtype: DType::F32,
-                    device: Device::Cpu,
-                },
-                1000,
-            )
-            .unwrap();
+            let no_budget = |_: usize| None;
+            let new_cache = || {
+                PagedCache::new(
+                    PagedSpec {
+                        layers: cfg.num_hidden_layers,
+                        kv_heads: cfg.num_key_value_heads,
+                        head_dim: cfg.head_dim,
+                        block_size: opts.block_size,
+                        dtype: DType::F32,
+                        device: Device::Cpu,
+                    },
+                    1000,
+                )
+                .unwrap()
+            };
             let base = spec.base();
+            let mut rec = Checked {
+                reference: None,
+                record: true,
+                inner: CompressHooks::new(policy.as_ref(), cfg.num_hidden_layers, &no_budget),
+                budget,
+                kvcompress: false,
+                protected: 0,
+                uniform: false,
+                continual: false,
+                steps: 0,
+            };
+            engine::generate(&mut lm.model, &mut new_cache(), &ids, &params(1), &mut rec).unwrap();
+            let mut cache = new_cache();
             let protected = match base {
                 "kvcompress" => opts.protected_window,
                 "streamingllm" => 1, // the newest token is always the most recent
@@ -221,22 +328,33 @@ fn compression_holds_budgets_and_keeps_the_pool_consistent() {
                 _ => opts.snap_window,
             };
             let mut hooks = Checked {
+                reference: rec.reference.take(),
+                record: false,
                 inner: CompressHooks::new(policy.as_ref(), cfg.num_hidden_layers, &budget_of),
                 budget,
                 kvcompress: base == "kvcompress",
                 protected,
                 uniform: matches!(base, "snapkv" | "streamingllm" | "h2o"),
+                continual: policy.continual(),
                 steps: 0,
             };
-            let g = engine::generate(&mut lm.model, &mut cache, &ids, &params(10), &mut hooks)
-                .unwrap();
+            let g =
+                engine::generate(&mut lm.model, &mut cache, &ids, &params(10), &mut hooks).unwrap();
             assert_eq!(g.output_ids.len(), 10);
             assert_eq!(hooks.steps, 10, "{m}"); // prefill + 9 decode steps
             let kept = &hooks.inner.kept;
             let total: usize = kept.per_head.iter().flatten().sum();
-            assert!(total < ids.len() * cfg.num_hidden_layers * cfg.num_key_value_heads, "{m}");
+            assert!(
+                total < ids.len() * cfg.num_hidden_layers * cfg.num_key_value_heads,
+                "{m}"
+            );
             // everything is back in the pool once the sequence is gone
             assert_eq!(cache.memory().used_blocks, 0, "{m}");
+            totals.insert(m.to_string(), total);
+        }
+        // KVCrush spends the same memory as its base (token form: per-head budgets).
+        for b in ["snapkv", "h2o", "ada-snapkv"] {
+            assert_eq!(totals[b], totals[&format!("{b}+kvcrush")], "{b}+kvcrush");
         }
     }
 }
@@ -297,15 +415,23 @@ fn smollm2_short_prompt_matches_full_cache() {
     let resolved = kvc::hub::resolve_model(path, &kvc::hub::HubEnv::from_env()).unwrap();
     let mut lm = kvc::model::load(&resolved, &Device::Cpu, DType::F32).unwrap();
     let ids = lm
-        .prompt_ids("Name three colours of the rainbow and say why the sky is blue.", true)
+        .prompt_ids(
+            "Name three colours of the rainbow and say why the sky is blue.",
+            true,
+        )
         .unwrap();
     let cfg = lm.config().clone();
     let p = params(12);
-    let full = compress::runner(&MethodSpec::parse("full").unwrap(), None, &cfg, &Default::default())
-        .unwrap()
-        .run(&mut lm.model, &ids, &p)
-        .unwrap()
-        .0;
+    let full = compress::runner(
+        &MethodSpec::parse("full").unwrap(),
+        None,
+        &cfg,
+        &Default::default(),
+    )
+    .unwrap()
+    .run(&mut lm.model, &ids, &p)
+    .unwrap()
+    .0;
     for m in ["kvcompress", "snapkv", "h2o", "kvcompress+kvcrush"] {
         let (g, _) = compress::runner(
             &MethodSpec::parse(m).unwrap(),

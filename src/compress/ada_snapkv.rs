@@ -26,7 +26,12 @@ pub struct AdaSnapKv {
 
 /// Kept flags of each head's slots for one layer: `prot[h]` always kept, `cap` extra tokens per
 /// head on average, `floor` of them guaranteed per head.
-pub fn ada_keep(metric: &[Vec<f32>], prot: &[Vec<bool>], cap: usize, floor: usize) -> Vec<Vec<bool>> {
+pub fn ada_keep(
+    metric: &[Vec<f32>],
+    prot: &[Vec<bool>],
+    cap: usize,
+    floor: usize,
+) -> Vec<Vec<bool>> {
     let mut keep: Vec<Vec<bool>> = prot.to_vec();
     let mut rest: Vec<(f32, usize, usize)> = Vec::new();
     for (h, m) in metric.iter().enumerate() {

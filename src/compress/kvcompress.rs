@@ -63,7 +63,10 @@ pub fn select_blocks(metrics: &[Vec<f32>], block_size: usize, n_evict: usize) ->
     let mut cands: Vec<(f32, usize, usize)> = Vec::new();
     for (i, m) in metrics.iter().enumerate() {
         let sorted = sorted_metric(m);
-        for (j, s) in candidate_scores(&sorted, block_size).into_iter().enumerate() {
+        for (j, s) in candidate_scores(&sorted, block_size)
+            .into_iter()
+            .enumerate()
+        {
             if s.is_finite() {
                 cands.push((s, i, j));
             }
@@ -173,12 +176,7 @@ impl Policy for KvCompress {
         Probe::All
     }
 
-    fn score(
-        &self,
-        phase: Phase,
-        probs: &Tensor,
-        positions: &[Vec<u32>],
-    ) -> Result<Vec<Vec<f32>>> {
+    fn score(&self, phase: Phase, probs: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         let spec = match phase {
             Phase::Prefill => ScoreSpec {
                 agg: self.cfg.agg,
@@ -226,7 +224,10 @@ mod tests {
         let sorted = [0.1, 0.2, 0.3, 0.4, 0.5];
         assert_eq!(candidate_scores(&sorted, 2), vec![0.1, 0.3, 0.5]);
         assert_eq!(candidate_scores(&sorted[..4], 2), vec![0.2, 0.4]);
-        assert_eq!(head_evictions(&[0.5, 0.1, 0.4, 0.2, 0.3], 2, 2), vec![1, 3, 4]);
+        assert_eq!(
+            head_evictions(&[0.5, 0.1, 0.4, 0.2, 0.3], 2, 2),
+            vec![1, 3, 4]
+        );
     }
 
     #[test]
@@ -262,13 +263,7 @@ mod tests {
         let target = n_evict.min(total);
         let mut best = f64::INFINITY;
         let mut counts = vec![0usize; cands.len()];
-        fn rec(
-            i: usize,
-            left: usize,
-            cands: &[Vec<f32>],
-            counts: &mut Vec<usize>,
-            best: &mut f64,
-        ) {
+        fn rec(i: usize, left: usize, cands: &[Vec<f32>], counts: &mut Vec<usize>, best: &mut f64) {
             if i == cands.len() {
                 if left == 0 {
                     let s: f64 = counts

@@ -315,14 +315,27 @@ mod tests {
     #[test]
     fn pick_takes_an_even_stride_through_distance_order() {
         let s = |b: &[u8]| b.iter().map(|&x| x == 1).collect::<Vec<bool>>();
-        let sigs = vec![s(&[1, 1]), s(&[0, 0]), s(&[1, 0]), s(&[1, 1]), s(&[0, 0]), s(&[0, 1])];
+        let sigs = vec![
+            s(&[1, 1]),
+            s(&[0, 0]),
+            s(&[1, 0]),
+            s(&[1, 1]),
+            s(&[0, 0]),
+            s(&[0, 1]),
+        ];
         // zeros anchor: distances 2,0,1,2,0,1 -> order 1,4,2,5,0,3; k=3 -> indices 0,2,4
         assert_eq!(pick(&sigs, 3, Anchor::Zeros, 0), vec![1, 2, 0]);
         assert_eq!(pick(&sigs, 10, Anchor::Zeros, 0).len(), 6);
         assert!(pick(&sigs, 0, Anchor::Ones, 0).is_empty());
-        assert_eq!(anchor(Anchor::Alternate, 4, &[], 0), vec![false, true, false, true]);
+        assert_eq!(
+            anchor(Anchor::Alternate, 4, &[], 0),
+            vec![false, true, false, true]
+        );
         // majority: bit 0 set in 3 of 6 (not more than half) -> 0; bit 1 in 3 -> 0
         assert_eq!(anchor(Anchor::Mean, 2, &sigs, 0), vec![false, false]);
-        assert_eq!(anchor(Anchor::Random, 8, &[], 3), anchor(Anchor::Random, 8, &[], 3));
+        assert_eq!(
+            anchor(Anchor::Random, 8, &[], 3),
+            anchor(Anchor::Random, 8, &[], 3)
+        );
     }
 }

@@ -288,7 +288,11 @@ pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
         "kib" => 1 << 10,
         "mib" => 1 << 20,
         "gib" => 1 << 30,
-        u => return Err(format!("unknown size unit `{u}` in `{s}` (B, KB, MB, GB, KiB, MiB, GiB)")),
+        u => {
+            return Err(format!(
+                "unknown size unit `{u}` in `{s}` (B, KB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
     };
     Ok((x * mul as f64) as u64)
 }
@@ -423,7 +427,8 @@ impl Runner for PagedRunner {
             dtype: model.dtype,
             device: model.device.clone(),
         };
-        let tokens = (prompt.len() + params.max_new_tokens).min(params.max_context.max(prompt.len()));
+        let tokens =
+            (prompt.len() + params.max_new_tokens).min(params.max_context.max(prompt.len()));
         let mut cache = match self.kv_memory {
             Some(bytes) => PagedCache::with_memory(spec, bytes)?,
             None => {
@@ -515,7 +520,10 @@ mod tests {
 
     #[test]
     fn parse_names_and_errors() {
-        assert_eq!(MethodSpec::parse("snapkv+kvcrush").unwrap().base(), "snapkv");
+        assert_eq!(
+            MethodSpec::parse("snapkv+kvcrush").unwrap().base(),
+            "snapkv"
+        );
         for m in METHODS {
             MethodSpec::parse(m).unwrap();
         }
@@ -523,7 +531,9 @@ mod tests {
         assert!(e.contains("modifier"), "{e}");
         let e = MethodSpec::parse("full+kvcrush").unwrap_err().to_string();
         assert!(e.contains("not one"), "{e}");
-        let e = MethodSpec::parse("streamingllm+kvcrush").unwrap_err().to_string();
+        let e = MethodSpec::parse("streamingllm+kvcrush")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not one"), "{e}");
         let e = MethodSpec::parse("snap").unwrap_err().to_string();
         assert!(e.contains("known methods: full, kvcompress"), "{e}");

@@ -107,8 +107,7 @@ pub trait Policy: Send {
     fn decode_probe(&self) -> Probe;
     /// Metric increments per kv-head and slot from one layer's probed probabilities
     /// (`positions[g]`: slot positions of kv-head `g`).
-    fn score(&self, phase: Phase, probs: &Tensor, positions: &[Vec<u32>])
-        -> Result<Vec<Vec<f32>>>;
+    fn score(&self, phase: Phase, probs: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>>;
     /// What to evict so the sequence fits `budget` cache tokens per head.
     fn plan(&self, view: &SeqView, budget: usize, phase: Phase) -> EvictionPlan;
     /// Whether [`Policy::plan`] runs after every decode step too.

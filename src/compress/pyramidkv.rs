@@ -63,8 +63,13 @@ impl Policy for PyramidKv {
         if phase == Phase::Decode || view.seq_len <= budget {
             return EvictionPlan::default();
         }
-        let per_layer =
-            pyramid_budgets(budget, self.snap.window, self.layers, view.seq_len, self.beta);
+        let per_layer = pyramid_budgets(
+            budget,
+            self.snap.window,
+            self.layers,
+            view.seq_len,
+            self.beta,
+        );
         per_head_plan(view, |l, _, h| {
             evict_lowest(
                 &h.metric,

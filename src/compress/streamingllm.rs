@@ -31,7 +31,11 @@ impl Policy for StreamingLlm {
         per_head_plan(view, |_, _, h| {
             // Older = cheaper; sinks protected.
             let age: Vec<f32> = h.position.iter().map(|&p| p as f32).collect();
-            let sinks: Vec<bool> = h.position.iter().map(|&p| (p as usize) < self.sink).collect();
+            let sinks: Vec<bool> = h
+                .position
+                .iter()
+                .map(|&p| (p as usize) < self.sink)
+                .collect();
             evict_lowest(&age, &sinks, budget)
         })
     }

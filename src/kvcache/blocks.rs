@@ -21,7 +21,9 @@ use super::SeqId;
 /// Bookkeeping errors; each says what was asked and what exists.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BlockError {
-    #[error("KV cache out of blocks: {needed} more needed, {free} free of {total} (raise --kv-memory)")]
+    #[error(
+        "KV cache out of blocks: {needed} more needed, {free} free of {total} (raise --kv-memory)"
+    )]
     OutOfBlocks {
         needed: usize,
         free: usize,

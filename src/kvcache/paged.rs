@@ -89,8 +89,8 @@ fn be(e: BlockError) -> candle_core::Error {
 impl PagedCache {
     /// A cache of `num_blocks` blocks.
     pub fn new(spec: PagedSpec, num_blocks: usize) -> Result<Self> {
-        let pool = BlockPool::new(spec.layers, spec.kv_heads, spec.block_size, num_blocks)
-            .map_err(be)?;
+        let pool =
+            BlockPool::new(spec.layers, spec.kv_heads, spec.block_size, num_blocks).map_err(be)?;
         let rows = num_blocks * spec.block_size;
         let k = Tensor::zeros((rows, spec.head_dim), spec.dtype, &spec.device)?;
         let v = Tensor::zeros((rows, spec.head_dim), spec.dtype, &spec.device)?;
@@ -133,9 +133,7 @@ impl PagedCache {
         kv_head: usize,
         delta: &[f32],
     ) -> Result<()> {
-        self.pool
-            .add_metric(layer, seq, kv_head, delta)
-            .map_err(be)
+        self.pool.add_metric(layer, seq, kv_head, delta).map_err(be)
     }
 
     /// K rows `[kv_len, head_dim]` of (layer, seq, kv_head) in logical order.
@@ -266,7 +264,10 @@ impl PagedCache {
             let pos = self.pool.positions(layer, seq, h).map_err(be)?;
             for i in 0..t {
                 let qp = (start + i) as u32;
-                mask.extend(pos.iter().map(|&p| if p <= qp { 0.0 } else { f32::NEG_INFINITY }));
+                mask.extend(
+                    pos.iter()
+                        .map(|&p| if p <= qp { 0.0 } else { f32::NEG_INFINITY }),
+                );
                 mask.extend(std::iter::repeat_n(f32::NEG_INFINITY, max - s.len()));
             }
         }
@@ -283,7 +284,10 @@ impl PagedCache {
         let att = (q2.matmul(&kk.t()?)? * scale)?.to_dtype(DType::F32)?;
         let att = att.broadcast_add(&mask)?;
         let p = candle_nn::ops::softmax_last_dim(&att)?;
-        let out = p.to_dtype(vv.dtype())?.matmul(&vv)?.reshape((1, nh, t, d))?;
+        let out = p
+            .to_dtype(vv.dtype())?
+            .matmul(&vv)?
+            .reshape((1, nh, t, d))?;
         Ok((out, p.reshape((1, nh, t, max))?))
     }
 }
@@ -358,9 +362,7 @@ impl CacheBackend for PagedCache {
     }
 
     fn slot_positions(&self, layer: usize, seq: SeqId, kv_head: usize) -> Vec<u32> {
-        self.pool
-            .positions(layer, seq, kv_head)
-            .unwrap_or_default()
+        self.pool.positions(layer, seq, kv_head).unwrap_or_default()
     }
 
     fn name(&self) -> &'static str {
@@ -545,8 +547,20 @@ mod tests {
             // probabilities beyond the head's length are zero
             let n = pos.len();
             if n < 14 {
-                let pad = probs.narrow(1, h * 2, 2).unwrap().narrow(3, n, 14 - n).unwrap();
-                assert_eq!(pad.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+                let pad = probs
+                    .narrow(1, h * 2, 2)
+                    .unwrap()
+                    .narrow(3, n, 14 - n)
+                    .unwrap();
+                assert_eq!(
+                    pad.abs()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap(),
+                    0.0
+                );
             }
         }
     }
