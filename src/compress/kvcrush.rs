@@ -87,8 +87,6 @@ pub fn wrap(
     base: Box<dyn Policy>,
     base_name: &str,
     opts: &MethodOptions,
-    _layers: usize,
-    _kv_heads: usize,
 ) -> std::result::Result<Box<dyn Policy>, CrushError> {
     if !(0.0..1.0).contains(&opts.kvcrush_ratio) {
         return Err(CrushError::BadRatio(opts.kvcrush_ratio));
@@ -337,5 +335,62 @@ mod tests {
             anchor(Anchor::Random, 8, &[], 3),
             anchor(Anchor::Random, 8, &[], 3)
         );
+    }
+
+    #[test]
+    fn block_form_on_kvcompress_keeps_the_memory_of_the_base() {
+        use crate::compress::kvcompress::{KvCompress, KvCompressConfig};
+        use crate::compress::policy::HeadView;
+        use crate::compress::score::Agg;
+        let bs = 2;
+        let head = |seed: u32| HeadView {
+            metric: (0..20u32)
+                .map(|i| ((i * 7 + seed * 13) % 11) as f32)
+                .collect(),
+            position: (0..20).collect(),
+        };
+        let view = SeqView {
+            seq_len: 20,
+            block_size: bs,
+            heads: vec![vec![head(0), head(1)], vec![head(2), head(3)]],
+        };
+        let kc = || KvCompress {
+            cfg: KvCompressConfig {
+                window: 4,
+                agg: Agg::L2Sum,
+                max_pool: 0,
+                buffer: 0,
+                protected: 2,
+                continual: true,
+            },
+            layers: 2,
+            kv_heads: 2,
+        };
+        let crush = KvCrush {
+            base: Box::new(kc()),
+            level: Level::Block,
+            ratio: 0.25,
+            anchor: Anchor::Mean,
+            seed: 0,
+        };
+        let blocks_after = |p: &EvictionPlan| -> usize {
+            view.heads
+                .iter()
+                .enumerate()
+                .flat_map(|(l, layer)| {
+                    layer
+                        .iter()
+                        .enumerate()
+                        .map(move |(h, hv)| (hv.len() - evicted_of(p, l, h).len()).div_ceil(bs))
+                })
+                .sum()
+        };
+        let base = kc().plan(&view, 8, Phase::Prefill);
+        let with = crush.plan(&view, 8, Phase::Prefill);
+        // budget 8 tokens = 4 blocks per head, 16 in all; kvcrush: base at 6 tokens + 1 group
+        // of 2 per head
+        assert_eq!(blocks_after(&base), 16);
+        assert_eq!(blocks_after(&with), 16);
+        assert_ne!(base, with);
     }
 }

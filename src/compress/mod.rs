@@ -360,6 +360,7 @@ pub fn build_policy(
         pool: opts.snap_pool,
     };
     let base: Box<dyn Policy> = match spec.base() {
+        "full" => anyhow::bail!("method `full` evicts nothing: it has no compression policy"),
         "kvcompress" => Box::new(kvcompress::KvCompress {
             cfg: kvcompress::KvCompressConfig {
                 window: opts.kvc_window,
@@ -392,7 +393,7 @@ pub fn build_policy(
         other => anyhow::bail!("method `{other}` is not implemented"),
     };
     if spec.kvcrush() {
-        return Ok(kvcrush::wrap(base, spec.base(), opts, layers, kv_heads)?);
+        return Ok(kvcrush::wrap(base, spec.base(), opts)?);
     }
     Ok(base)
 }
