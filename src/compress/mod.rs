@@ -6,17 +6,58 @@
 //! The eval pipeline only sees this module's types; each method lives in its own file
 //! (`compress/<method>.rs`) and plugs into the engine through [`crate::engine::Hooks`] and a
 //! [`crate::kvcache::CacheBackend`].
+//!
+//! Every method but `full` runs on the paged cache ([`crate::kvcache::paged::PagedCache`]) as a
+//! [`policy::Policy`] driven by [`policy::CompressHooks`] (that module states the order of a
+//! compression step). Method files: [`kvcompress`], [`snapkv`], [`pyramidkv`],
+//! [`streamingllm`], [`h2o`], [`ada_snapkv`], and the [`kvcrush`] modifier (`<method>+kvcrush`).
+//!
+//! Budgets: a rate `r` becomes `M` cache tokens per (layer, kv-head) by KV-Compress's formula
+//! with the 128-token floor ([`crate::kvcache::budget::tokens_for_rate`]) for every method, so
+//! methods compare at equal memory; `r <= 1` evicts nothing. A token budget is `M` directly.
+//! A budget below a method's protected window is clamped to it (with a warning on stderr).
+//! [`CompressionStats`] records what was actually kept after the prefill compression.
 use candle_core::Result;
 
 use crate::engine::{self, GenParams, Generation, NoHooks};
+use crate::kvcache::budget::{tokens_for_rate, MIN_CACHE_TOKENS};
 use crate::kvcache::contiguous::ContiguousCache;
+use crate::kvcache::paged::{PagedCache, PagedSpec, DEFAULT_BLOCK_SIZE};
 use crate::model::{Config, Llama};
+
+pub mod ada_snapkv;
+pub mod h2o;
+pub mod kvcompress;
+pub mod kvcrush;
+pub mod policy;
+pub mod pyramidkv;
+pub mod score;
+pub mod snapkv;
+pub mod streamingllm;
+
+use policy::{CompressHooks, Policy};
+use score::{Agg, PoolKind};
 
 pub use crate::report::scores::Budget;
 
-/// Every method name `--methods` accepts (a `+kvcrush` suffix is allowed on importance methods
-/// once KVCrush lands).
-pub const METHODS: &[&str] = &["full"];
+/// Every method name `--methods` accepts.
+pub const METHODS: &[&str] = &[
+    "full",
+    "kvcompress",
+    "snapkv",
+    "pyramidkv",
+    "streamingllm",
+    "h2o",
+    "ada-snapkv",
+    "kvcompress+kvcrush",
+    "snapkv+kvcrush",
+    "pyramidkv+kvcrush",
+    "h2o+kvcrush",
+    "ada-snapkv+kvcrush",
+];
+
+/// Importance-based methods KVCrush can modify.
+pub const KVCRUSH_BASES: &[&str] = &["kvcompress", "snapkv", "pyramidkv", "h2o", "ada-snapkv"];
 
 /// A parsed `--methods` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +76,20 @@ impl MethodSpec {
                 name: s.to_string(),
             });
         }
+        if s == "kvcrush" {
+            anyhow::bail!(
+                "`kvcrush` is a modifier, not a method: use `<method>+kvcrush` with one of {}",
+                KVCRUSH_BASES.join(", ")
+            );
+        }
+        if let Some(base) = s.strip_suffix("+kvcrush") {
+            if METHODS.contains(&base) {
+                anyhow::bail!(
+                    "`{s}`: kvcrush only modifies an importance-based method ({}); `{base}` is not one",
+                    KVCRUSH_BASES.join(", ")
+                );
+            }
+        }
         anyhow::bail!(
             "unknown compression method `{s}`; known methods: {}",
             METHODS.join(", ")
@@ -44,6 +99,16 @@ impl MethodSpec {
     /// Whether the method keeps every KV (the baseline percentages divide by).
     pub fn is_full(&self) -> bool {
         self.name == "full"
+    }
+
+    /// The importance method (`snapkv` for `snapkv+kvcrush`).
+    pub fn base(&self) -> &str {
+        self.name.strip_suffix("+kvcrush").unwrap_or(&self.name)
+    }
+
+    /// Whether the KVCrush modifier is on.
+    pub fn kvcrush(&self) -> bool {
+        self.name.ends_with("+kvcrush")
     }
 }
 
@@ -57,6 +122,14 @@ pub struct CompressionStats {
     /// KV entries the prompt produced, summed over layers and kv-heads (`prompt_tokens *
     /// layers * kv_heads`).
     pub prompt_kvs: u64,
+    /// Prompt KVs kept per `[layer][kv_head]` after compression (`--dump-allocation`); empty
+    /// for the full cache.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kept_per_head: Vec<Vec<usize>>,
+    /// Cache tokens per head the method was held to (after the rate formula, its 128-token
+    /// floor and clamping to the protected window); `None` when nothing was evicted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_tokens: Option<usize>,
 }
 
 impl CompressionStats {
@@ -88,28 +161,314 @@ pub trait Runner {
 }
 
 /// Method parameters shared by `kvc eval` and `kvc bench` (flattened into their clap args):
-/// each method's paper defaults, overridable by flags.
-#[derive(clap::Args, Debug, Clone, Default, PartialEq, serde::Serialize)]
-pub struct MethodOptions {}
+/// each method's paper defaults, overridable by flags. `Default` equals the flags' defaults.
+#[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MethodOptions {
+    /// Paged cache size (K, V and per-slot metadata), e.g. `2GiB`, `512MiB`, `1000000`.
+    /// Default: exactly what the sample needs without eviction (prompt + max new tokens).
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub kv_memory: Option<u64>,
+    /// Tokens per cache block (one kv-head of one layer per block).
+    #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE, value_parser = positive)]
+    pub block_size: usize,
+    /// Floor of cache tokens per head for rate budgets (KV-Compress: 128).
+    #[arg(long, default_value_t = MIN_CACHE_TOKENS)]
+    pub min_cache_tokens: usize,
+    /// KV-Compress observation window: last prompt queries scored (the paper's rate runs: 8).
+    #[arg(long, default_value_t = 32, value_parser = positive)]
+    pub kvc_window: usize,
+    /// KV-Compress metric aggregation over the window.
+    #[arg(long, value_enum, default_value_t = Agg::L2Sum)]
+    pub kvc_metric: Agg,
+    /// KV-Compress max-pool kernel along keys (0 = off).
+    #[arg(long, default_value_t = 7)]
+    pub max_pool: usize,
+    /// KV-Compress: count a (query, key) pair only when key_pos <= query_pos - buffer.
+    #[arg(long, default_value_t = 0)]
+    pub kvc_buffer: usize,
+    /// KV-Compress: last token positions never evicted (the paper's rate runs: 8).
+    #[arg(long, default_value_t = 32)]
+    pub protected_window: usize,
+    /// KV-Compress: compress only once after prefill (default: also during decoding, holding
+    /// the cache at its budget).
+    #[arg(long)]
+    pub compress_once: bool,
+    /// SnapKV / PyramidKV / Ada-SnapKV observation window (always kept).
+    #[arg(long, default_value_t = 32, value_parser = positive)]
+    pub snap_window: usize,
+    /// SnapKV / PyramidKV / Ada-SnapKV pooling kernel (0 = off).
+    #[arg(long, default_value_t = 5)]
+    pub snap_kernel: usize,
+    /// SnapKV / PyramidKV / Ada-SnapKV pooling kind.
+    #[arg(long, value_enum, default_value_t = PoolKind::Avg)]
+    pub snap_pool: PoolKind,
+    /// PyramidKV: the last layer keeps (budget - window) / beta tokens besides the window.
+    #[arg(long, default_value_t = 20, value_parser = positive)]
+    pub pyramid_beta: usize,
+    /// Ada-SnapKV: share of each head's budget guaranteed before the layer-wide selection.
+    #[arg(long, default_value_t = 0.2)]
+    pub ada_floor: f64,
+    /// StreamingLLM: attention-sink tokens kept at the start.
+    #[arg(long, default_value_t = 4)]
+    pub sink_tokens: usize,
+    /// H2O: share of the budget given to the most recent tokens (the rest: heavy hitters).
+    #[arg(long, default_value_t = 0.5)]
+    pub h2o_recent_ratio: f64,
+    /// H2O: prompt queries whose attention scores the prompt (0 = all, as the paper; this
+    /// prefills the prompt in one chunk).
+    #[arg(long, default_value_t = 0)]
+    pub h2o_queries: usize,
+    /// KVCrush: share of the budget spent on representatives of evicted tokens.
+    #[arg(long, default_value_t = 0.0625)]
+    pub kvcrush_ratio: f64,
+    /// KVCrush anchor signature.
+    #[arg(long, value_enum, default_value_t = kvcrush::Anchor::Mean)]
+    pub kvcrush_anchor: kvcrush::Anchor,
+    /// KVCrush seed of the random anchor.
+    #[arg(long, default_value_t = 0)]
+    pub kvcrush_seed: u64,
+    /// KVCrush form: token (per-token head signatures) or block (block signatures; the
+    /// shipped implementation); auto = block for kvcompress, token otherwise.
+    #[arg(long, value_enum, default_value_t = kvcrush::Level::Auto)]
+    pub kvcrush_level: kvcrush::Level,
+}
+
+impl Default for MethodOptions {
+    fn default() -> Self {
+        MethodOptions {
+            kv_memory: None,
+            block_size: DEFAULT_BLOCK_SIZE,
+            min_cache_tokens: MIN_CACHE_TOKENS,
+            kvc_window: 32,
+            kvc_metric: Agg::L2Sum,
+            max_pool: 7,
+            kvc_buffer: 0,
+            protected_window: 32,
+            compress_once: false,
+            snap_window: 32,
+            snap_kernel: 5,
+            snap_pool: PoolKind::Avg,
+            pyramid_beta: 20,
+            ada_floor: 0.2,
+            sink_tokens: 4,
+            h2o_recent_ratio: 0.5,
+            h2o_queries: 0,
+            kvcrush_ratio: 0.0625,
+            kvcrush_anchor: kvcrush::Anchor::Mean,
+            kvcrush_seed: 0,
+            kvcrush_level: kvcrush::Level::Auto,
+        }
+    }
+}
+
+/// Parse a positive integer flag.
+fn positive(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("`{s}` is not a positive integer")),
+    }
+}
+
+/// Parse a byte size: a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB; case
+/// insensitive).
+pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let x: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 2GiB, 512MiB, 1000000)"))?;
+    let mul: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" => 1_000,
+        "mb" | "m" => 1_000_000,
+        "gb" | "g" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        u => {
+            return Err(format!(
+                "unknown size unit `{u}` in `{s}` (B, KB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    Ok((x * mul as f64) as u64)
+}
 
 /// Build the runner for `spec` at `budget` (`None` = no eviction).
 pub fn runner(
     spec: &MethodSpec,
     budget: Option<Budget>,
     cfg: &Config,
-    _opts: &MethodOptions,
+    opts: &MethodOptions,
 ) -> anyhow::Result<Box<dyn Runner>> {
-    match spec.name.as_str() {
-        "full" => {
-            if budget.is_some() {
-                anyhow::bail!("method `full` keeps every KV: it takes no rate or token budget");
-            }
-            Ok(Box::new(FullRunner {
-                layers: cfg.num_hidden_layers,
-                kv_heads: cfg.num_key_value_heads,
-            }))
+    if spec.is_full() {
+        if budget.is_some() {
+            anyhow::bail!("method `full` keeps every KV: it takes no rate or token budget");
         }
+        return Ok(Box::new(FullRunner {
+            layers: cfg.num_hidden_layers,
+            kv_heads: cfg.num_key_value_heads,
+        }));
+    }
+    let policy = build_policy(spec, cfg, opts)?;
+    if let Some(Budget::Tokens(n)) = budget {
+        if n < policy.min_budget() {
+            eprintln!(
+                "warning: {}: budget of {n} tokens is smaller than the protected window ({}); using {}",
+                spec.name,
+                policy.min_budget(),
+                policy.min_budget()
+            );
+        }
+    }
+    if let Some(Budget::Rate(r)) = budget {
+        if !(r.is_finite() && r > 0.0) {
+            anyhow::bail!("compression rate must be a positive number, got {r}");
+        }
+    }
+    Ok(Box::new(PagedRunner {
+        name: spec.name.clone(),
+        policy,
+        budget,
+        kv_memory: opts.kv_memory,
+        block_size: opts.block_size,
+        min_cache_tokens: opts.min_cache_tokens,
+        layers: cfg.num_hidden_layers,
+        kv_heads: cfg.num_key_value_heads,
+        head_dim: cfg.head_dim,
+        warned: false,
+    }))
+}
+
+/// The policy of a compressed method (not `full`), for callers that drive
+/// [`policy::CompressHooks`] themselves (tests, benchmarks).
+pub fn build_policy(
+    spec: &MethodSpec,
+    cfg: &Config,
+    opts: &MethodOptions,
+) -> anyhow::Result<Box<dyn Policy>> {
+    if opts.block_size == 0 {
+        anyhow::bail!("--block-size must be at least 1");
+    }
+    let (layers, kv_heads) = (cfg.num_hidden_layers, cfg.num_key_value_heads);
+    let snap = snapkv::SnapConfig {
+        window: opts.snap_window,
+        kernel: opts.snap_kernel,
+        pool: opts.snap_pool,
+    };
+    let base: Box<dyn Policy> = match spec.base() {
+        "full" => anyhow::bail!("method `full` evicts nothing: it has no compression policy"),
+        "kvcompress" => Box::new(kvcompress::KvCompress {
+            cfg: kvcompress::KvCompressConfig {
+                window: opts.kvc_window,
+                agg: opts.kvc_metric,
+                max_pool: opts.max_pool,
+                buffer: opts.kvc_buffer,
+                protected: opts.protected_window,
+                continual: !opts.compress_once,
+            },
+            layers,
+            kv_heads,
+        }),
+        "snapkv" => Box::new(snapkv::SnapKv { cfg: snap }),
+        "pyramidkv" => Box::new(pyramidkv::PyramidKv {
+            snap,
+            beta: opts.pyramid_beta,
+            layers,
+        }),
+        "ada-snapkv" => Box::new(ada_snapkv::AdaSnapKv {
+            snap,
+            floor: opts.ada_floor,
+        }),
+        "streamingllm" => Box::new(streamingllm::StreamingLlm {
+            sink: opts.sink_tokens,
+        }),
+        "h2o" => Box::new(h2o::H2o {
+            recent_ratio: opts.h2o_recent_ratio,
+            queries: opts.h2o_queries,
+        }),
         other => anyhow::bail!("method `{other}` is not implemented"),
+    };
+    if spec.kvcrush() {
+        return Ok(kvcrush::wrap(base, spec.base(), opts)?);
+    }
+    Ok(base)
+}
+
+/// Runs a [`Policy`] on a paged cache sized for the sample (or `--kv-memory`).
+struct PagedRunner {
+    name: String,
+    policy: Box<dyn Policy>,
+    budget: Option<Budget>,
+    kv_memory: Option<u64>,
+    block_size: usize,
+    min_cache_tokens: usize,
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    /// A clamp warning was printed already.
+    warned: bool,
+}
+
+impl Runner for PagedRunner {
+    fn run(
+        &mut self,
+        model: &mut Llama,
+        prompt: &[u32],
+        params: &GenParams,
+    ) -> Result<(Generation, CompressionStats)> {
+        let spec = PagedSpec {
+            layers: self.layers,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            block_size: self.block_size,
+            dtype: model.dtype,
+            device: model.device.clone(),
+        };
+        let tokens =
+            (prompt.len() + params.max_new_tokens).min(params.max_context.max(prompt.len()));
+        let mut cache = match self.kv_memory {
+            Some(bytes) => PagedCache::with_memory(spec, bytes)?,
+            None => {
+                let n = spec.blocks_for_tokens(tokens) + self.layers * self.kv_heads;
+                PagedCache::new(spec, n)?
+            }
+        };
+        let (bs, floor, budget) = (self.block_size, self.min_cache_tokens, self.budget);
+        let raw = match budget {
+            None => None,
+            Some(Budget::Rate(r)) => tokens_for_rate(prompt.len(), r, bs, floor),
+            Some(Budget::Tokens(n)) => Some(n),
+        };
+        if let (Some(m), Some(Budget::Rate(_))) = (raw, budget) {
+            if m < self.policy.min_budget() && !self.warned {
+                self.warned = true;
+                eprintln!(
+                    "warning: {}: {m} cache tokens is smaller than the protected window ({}); using {}",
+                    self.name,
+                    self.policy.min_budget(),
+                    self.policy.min_budget()
+                );
+            }
+        }
+        let budget_of = move |_len: usize| raw;
+        let mut hooks = CompressHooks::new(self.policy.as_ref(), self.layers, &budget_of);
+        let g = engine::generate(model, &mut cache, prompt, params, &mut hooks)?;
+        let kept = hooks.kept;
+        let kept_kvs: usize = kept.per_head.iter().flatten().sum();
+        Ok((
+            g,
+            CompressionStats {
+                prompt_tokens: prompt.len(),
+                kept_kvs: kept_kvs as u64,
+                prompt_kvs: (prompt.len() * self.layers * self.kv_heads) as u64,
+                kept_per_head: kept.per_head,
+                budget_tokens: kept.budget,
+            },
+        ))
     }
 }
 
@@ -135,7 +494,51 @@ impl Runner for FullRunner {
                 prompt_tokens: prompt.len(),
                 kept_kvs: kvs,
                 prompt_kvs: kvs,
+                ..Default::default()
             },
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        opts: MethodOptions,
+    }
+
+    #[test]
+    fn default_options_equal_flag_defaults() {
+        assert_eq!(Cli::parse_from(["x"]).opts, MethodOptions::default());
+        let o = Cli::parse_from(["x", "--kv-memory", "2GiB", "--kvc-window", "8"]).opts;
+        assert_eq!(o.kv_memory, Some(2 << 30));
+        assert_eq!(o.kvc_window, 8);
+    }
+
+    #[test]
+    fn parse_names_and_errors() {
+        assert_eq!(
+            MethodSpec::parse("snapkv+kvcrush").unwrap().base(),
+            "snapkv"
+        );
+        for m in METHODS {
+            MethodSpec::parse(m).unwrap();
+        }
+        let e = MethodSpec::parse("kvcrush").unwrap_err().to_string();
+        assert!(e.contains("modifier"), "{e}");
+        let e = MethodSpec::parse("full+kvcrush").unwrap_err().to_string();
+        assert!(e.contains("not one"), "{e}");
+        let e = MethodSpec::parse("streamingllm+kvcrush")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not one"), "{e}");
+        let e = MethodSpec::parse("snap").unwrap_err().to_string();
+        assert!(e.contains("known methods: full, kvcompress"), "{e}");
+        assert_eq!(parse_bytes("1.5KiB"), Ok(1536));
+        assert!(parse_bytes("3 parsecs").is_err());
     }
 }

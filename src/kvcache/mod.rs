@@ -13,10 +13,15 @@
 //! - attention is computed by the backend (a paged backend uses its own kernels).
 //!
 //! Backends: [`contiguous::ContiguousCache`] is the reference (one growing tensor per layer,
-//! the correctness oracle for every compressed backend).
+//! the correctness oracle for every compressed backend); [`paged::PagedCache`] is the paged,
+//! per-(layer, kv-head) cache compression methods evict from ([`blocks`] holds its bookkeeping,
+//! [`budget`] the rate -> tokens -> blocks arithmetic).
 use candle_core::{Result, Tensor};
 
+pub mod blocks;
+pub mod budget;
 pub mod contiguous;
+pub mod paged;
 
 /// A sequence in a cache backend.
 pub type SeqId = usize;
@@ -78,4 +83,13 @@ pub trait CacheBackend {
     fn slot_positions(&self, layer: usize, seq: SeqId, kv_head: usize) -> Vec<u32>;
     /// Backend name for logs and run records.
     fn name(&self) -> &'static str;
+    /// The paged cache behind this backend, if it is one (compression methods evict through
+    /// it).
+    fn as_paged(&self) -> Option<&paged::PagedCache> {
+        None
+    }
+    /// Mutable access to the paged cache behind this backend, if it is one.
+    fn as_paged_mut(&mut self) -> Option<&mut paged::PagedCache> {
+        None
+    }
 }

@@ -1,0 +1,311 @@
+//! The shape of a compression method and the driver that runs it in the engine.
+//!
+//! A method ([`Policy`]) is a scorer (per kv-head, per slot importance from probed attention,
+//! see [`super::score`]) plus a budget allocator and an evictor ([`Policy::plan`]: from a plain
+//! snapshot of the sequence's metrics and positions, [`SeqView`], to an [`EvictionPlan`]).
+//!
+//! One compression step, always in this order ([`CompressHooks`]):
+//! 1. collect metrics: probed attention of every layer is scored ([`Policy::score`]) and added to
+//!    the per-slot metric of the paged cache;
+//! 2. plan evictions: [`Policy::plan`] on a [`SeqView`] snapshot (pure, no tensors);
+//! 3. execute moves: [`PagedCache::evict`] compacts each head, copying K, V, metric and position
+//!    of tail survivors into the evicted holes;
+//! 4. free blocks: the emptied tail blocks go back to the pool.
+//!
+//! It runs once after prefill and, for continual methods, after every decode step.
+use candle_core::{Result, Tensor};
+
+use crate::engine::Hooks;
+use crate::kvcache::blocks::{EvictionPlan, HeadEviction};
+use crate::kvcache::paged::PagedCache;
+use crate::kvcache::{CacheBackend, Probe, SeqId};
+
+/// When a policy is asked to score or plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The prompt has just been cached.
+    Prefill,
+    /// A decode step's token has just been cached.
+    Decode,
+}
+
+/// One head's slots, in logical (slot) order.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HeadView {
+    /// Eviction metric of each slot.
+    pub metric: Vec<f32>,
+    /// Token position of each slot.
+    pub position: Vec<u32>,
+}
+
+impl HeadView {
+    /// Cached tokens.
+    pub fn len(&self) -> usize {
+        self.metric.len()
+    }
+    /// Whether the head is empty.
+    pub fn is_empty(&self) -> bool {
+        self.metric.is_empty()
+    }
+    /// Whether each slot holds one of the last `window` positions of a sequence of `seq_len`.
+    pub fn recent(&self, seq_len: usize, window: usize) -> Vec<bool> {
+        let first = seq_len.saturating_sub(window) as u32;
+        self.position.iter().map(|&p| p >= first).collect()
+    }
+}
+
+/// A plain snapshot of one sequence for planning.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SeqView {
+    /// Tokens the sequence has seen (position of its next token).
+    pub seq_len: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// `[layer][kv_head]`.
+    pub heads: Vec<Vec<HeadView>>,
+}
+
+impl SeqView {
+    /// Snapshot `seq` of `cache`.
+    pub fn of(cache: &PagedCache, seq: SeqId) -> Result<SeqView> {
+        let pool = cache.pool();
+        let wrap = candle_core::Error::wrap;
+        let heads = (0..pool.layers())
+            .map(|l| {
+                (0..pool.kv_heads())
+                    .map(|h| {
+                        Ok(HeadView {
+                            metric: pool.metrics(l, seq, h).map_err(wrap)?,
+                            position: pool.positions(l, seq, h).map_err(wrap)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(SeqView {
+            seq_len: cache.seq_len(seq),
+            block_size: pool.block_size(),
+            heads,
+        })
+    }
+
+    /// Blocks the sequence holds.
+    pub fn blocks(&self) -> usize {
+        self.heads
+            .iter()
+            .flatten()
+            .map(|h| h.len().div_ceil(self.block_size.max(1)))
+            .sum()
+    }
+}
+
+/// A compression method: scorer + budget allocator + evictor (see the module docs).
+pub trait Policy: Send {
+    /// Queries probed in the last prefill chunk.
+    fn prefill_probe(&self) -> Probe;
+    /// Queries probed at decode steps (`Probe::None`: no decode scoring).
+    fn decode_probe(&self) -> Probe;
+    /// Metric increments per kv-head and slot from one layer's probed probabilities
+    /// (`positions[g]`: slot positions of kv-head `g`).
+    fn score(&self, phase: Phase, probs: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>>;
+    /// What to evict so the sequence fits `budget` cache tokens per head.
+    fn plan(&self, view: &SeqView, budget: usize, phase: Phase) -> EvictionPlan;
+    /// Whether [`Policy::plan`] runs after every decode step too.
+    fn continual(&self) -> bool;
+    /// The smallest budget that makes sense (the protected window); smaller budgets are
+    /// clamped to it.
+    fn min_budget(&self) -> usize;
+}
+
+/// Token-level evictor: keep the `keep` highest-metric slots, always keeping `protected` ones
+/// (they count against `keep`); ties evict the lower logical index first. Returns the evicted
+/// logical slots in ascending metric order.
+pub fn evict_lowest(metric: &[f32], protected: &[bool], keep: usize) -> Vec<usize> {
+    let n = metric.len();
+    if n <= keep {
+        return vec![];
+    }
+    let mut cand: Vec<usize> = (0..n).filter(|&i| !protected[i]).collect();
+    cand.sort_by(|&a, &b| metric[a].total_cmp(&metric[b]).then(a.cmp(&b)));
+    let n_evict = (n - keep).min(cand.len());
+    cand.truncate(n_evict);
+    cand
+}
+
+/// A plan evicting `evict(layer, kv_head, head)` from every head.
+pub fn per_head_plan(
+    view: &SeqView,
+    mut evict: impl FnMut(usize, usize, &HeadView) -> Vec<usize>,
+) -> EvictionPlan {
+    let mut plan = EvictionPlan::default();
+    for (l, layer) in view.heads.iter().enumerate() {
+        for (h, head) in layer.iter().enumerate() {
+            let e = evict(l, h, head);
+            if !e.is_empty() {
+                plan.heads.push(HeadEviction {
+                    layer: l,
+                    kv_head: h,
+                    evict: e,
+                });
+            }
+        }
+    }
+    plan
+}
+
+/// What the hooks saw, for [`super::CompressionStats`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Kept {
+    /// Cache tokens per head the method was held to (after clamping); `None` = no eviction.
+    pub budget: Option<usize>,
+    /// Tokens kept per `[layer][kv_head]` right after the prefill compression.
+    pub per_head: Vec<Vec<usize>>,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Slots evicted over the whole generation (prefill and decode).
+    pub evicted: usize,
+}
+
+/// How the per-head budget is found once the prompt length is known.
+pub type BudgetFn<'a> = dyn Fn(usize) -> Option<usize> + 'a;
+
+/// Engine hooks that run a [`Policy`] on a [`PagedCache`] (see the module docs for the order).
+pub struct CompressHooks<'a> {
+    policy: &'a dyn Policy,
+    budget_of: &'a BudgetFn<'a>,
+    /// Metric increments observed and not yet written, per layer and kv-head.
+    pending: Vec<Option<Vec<Vec<f32>>>>,
+    phase: Phase,
+    budget: Option<usize>,
+    /// What was kept.
+    pub kept: Kept,
+}
+
+impl<'a> CompressHooks<'a> {
+    /// Hooks for `policy`; `budget_of(prompt_len)` gives the per-head token budget.
+    pub fn new(policy: &'a dyn Policy, layers: usize, budget_of: &'a BudgetFn<'a>) -> Self {
+        CompressHooks {
+            policy,
+            budget_of,
+            pending: vec![None; layers],
+            phase: Phase::Prefill,
+            budget: None,
+            kept: Kept::default(),
+        }
+    }
+
+    fn flush(&mut self, cache: &mut PagedCache, seq: SeqId) -> Result<()> {
+        for (l, p) in self.pending.iter_mut().enumerate() {
+            if let Some(heads) = p.take() {
+                for (h, d) in heads.iter().enumerate() {
+                    cache.add_metric(l, seq, h, d)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn compress(&mut self, cache: &mut PagedCache, seq: SeqId) -> Result<()> {
+        if let Some(b) = self.budget {
+            let view = SeqView::of(cache, seq)?;
+            let plan = self.policy.plan(&view, b, self.phase);
+            self.kept.evicted += cache.evict(seq, &plan)?.evicted;
+        }
+        Ok(())
+    }
+}
+
+fn paged(cache: &mut dyn CacheBackend) -> Result<&mut PagedCache> {
+    let name = cache.name();
+    cache.as_paged_mut().ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "compression needs the paged cache, got the `{name}` backend"
+        ))
+    })
+}
+
+impl Hooks for CompressHooks<'_> {
+    fn prefill_probe(&self) -> Probe {
+        self.policy.prefill_probe()
+    }
+
+    fn decode_probe(&self) -> Probe {
+        if self.budget.is_some() && self.policy.continual() {
+            self.policy.decode_probe()
+        } else {
+            Probe::None
+        }
+    }
+
+    fn observe(
+        &mut self,
+        layer: usize,
+        probs: &Tensor,
+        cache: &dyn CacheBackend,
+        seq: SeqId,
+    ) -> Result<()> {
+        let nkv = cache
+            .as_paged()
+            .map(|c| c.spec().kv_heads)
+            .unwrap_or_default();
+        let positions: Vec<Vec<u32>> = (0..nkv)
+            .map(|h| cache.slot_positions(layer, seq, h))
+            .collect();
+        let d = self.policy.score(self.phase, probs, &positions)?;
+        match &mut self.pending[layer] {
+            Some(acc) => {
+                for (a, x) in acc.iter_mut().zip(d) {
+                    for (a, x) in a.iter_mut().zip(x) {
+                        *a += x;
+                    }
+                }
+            }
+            slot => *slot = Some(d),
+        }
+        Ok(())
+    }
+
+    fn after_prefill(&mut self, cache: &mut dyn CacheBackend, seq: SeqId) -> Result<()> {
+        let cache = paged(cache)?;
+        self.flush(cache, seq)?;
+        let prompt = cache.seq_len(seq);
+        self.budget = (self.budget_of)(prompt).map(|b| b.max(self.policy.min_budget()));
+        self.compress(cache, seq)?;
+        let pool = cache.pool();
+        self.kept.prompt_tokens = prompt;
+        self.kept.budget = self.budget;
+        self.kept.per_head = (0..pool.layers())
+            .map(|l| {
+                (0..pool.kv_heads())
+                    .map(|h| pool.len(l, seq, h).unwrap_or(0))
+                    .collect()
+            })
+            .collect();
+        self.phase = Phase::Decode;
+        Ok(())
+    }
+
+    fn after_step(&mut self, cache: &mut dyn CacheBackend, seq: SeqId) -> Result<()> {
+        let cache = paged(cache)?;
+        self.flush(cache, seq)?;
+        if self.policy.continual() {
+            self.compress(cache, seq)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evict_lowest_keeps_protected_and_top() {
+        let m = [5.0, 1.0, 3.0, 0.5, 9.0, 2.0];
+        let prot = [false, false, false, true, false, false];
+        assert_eq!(evict_lowest(&m, &prot, 3), vec![1, 5, 2]);
+        // protected slots survive even when they cannot all fit
+        assert_eq!(evict_lowest(&m, &[true; 6], 2), Vec::<usize>::new());
+        assert_eq!(evict_lowest(&m, &prot, 10), Vec::<usize>::new());
+    }
+}

@@ -1,0 +1,213 @@
+//! Scorers: per-(kv-head, slot) importance from the attention probabilities of probed queries.
+//!
+//! One function serves every attention-based method ([`window_scores`]): for each query head,
+//! aggregate the probed queries' probabilities per key (L1 or L2, sum or average over the
+//! queries that saw the key), optionally pool along the key axis (max or average, kernel k,
+//! padding k/2, stride 1, as PyTorch's `max_pool1d` / `avg_pool1d` with `count_include_pad`),
+//! then sum over the query heads that share the kv-head (query-group aggregation: only one KV
+//! per (token, kv-head) is stored or scored).
+//!
+//! KV-Compress: L2-sum over the last w prompt queries, max-pool 7, group sum; decode steps add
+//! `sum over the group of p^2` (L2) or `p` (L1) with no pooling. SnapKV / PyramidKV / Ada-SnapKV:
+//! L1-sum over the window, average-pool 5, group sum (the originals repeat KV heads instead;
+//! sum keeps the ranking of the group mean). H2O: L1-sum over every probed query.
+use candle_core::{Result, Tensor};
+
+/// How probabilities are aggregated over the probed queries.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Agg {
+    /// Sum of p.
+    L1Sum,
+    /// Sum of p^2 (KV-Compress's default).
+    L2Sum,
+    /// Mean of p over the queries that saw the key.
+    L1Avg,
+    /// Mean of p^2 over the queries that saw the key.
+    L2Avg,
+}
+
+impl Agg {
+    fn squared(self) -> bool {
+        matches!(self, Agg::L2Sum | Agg::L2Avg)
+    }
+    fn averaged(self) -> bool {
+        matches!(self, Agg::L1Avg | Agg::L2Avg)
+    }
+    /// The running-sum form used at decode (same power, no average).
+    pub fn decode_form(self) -> Agg {
+        if self.squared() {
+            Agg::L2Sum
+        } else {
+            Agg::L1Sum
+        }
+    }
+}
+
+/// Pooling along the key axis.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolKind {
+    Max,
+    Avg,
+}
+
+/// A scorer's settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoreSpec {
+    /// Aggregation over probed queries.
+    pub agg: Agg,
+    /// `(kernel, kind)`; `None` or kernel <= 1 = no pooling.
+    pub pool: Option<(usize, PoolKind)>,
+    /// Count a (query, key) pair only when `key_pos + buffer <= query_pos`.
+    pub buffer: usize,
+    /// Pool only the slots before the last `pool_skip_last` ones (SnapKV pools the prefix,
+    /// not the observation window, whose keys are kept anyway).
+    pub pool_skip_last: usize,
+}
+
+/// Per-kv-head scores of the slots of one layer.
+///
+/// `probs`: `[1, n_heads, n, max_len]` probabilities of the last `n` queries of the sequence
+/// (positions `newest - n + 1 ..= newest`, `newest` = the largest slot position); `positions[g]`:
+/// token position of each slot of kv-head `g` (its length is the head's kv_len). Returns one
+/// vector per kv-head, aligned with its slots.
+pub fn window_scores(
+    probs: &Tensor,
+    positions: &[Vec<u32>],
+    spec: &ScoreSpec,
+) -> Result<Vec<Vec<f32>>> {
+    let (_, nh, n, max_len) = probs.dims4()?;
+    let nkv = positions.len();
+    if nkv == 0 || nh % nkv != 0 {
+        candle_core::bail!("{nh} query heads do not split over {nkv} kv-heads");
+    }
+    let g = nh / nkv;
+    let p = probs.flatten_all()?.to_vec1::<f32>()?;
+    let newest = positions
+        .iter()
+        .flat_map(|v| v.iter().copied())
+        .max()
+        .unwrap_or(0) as i64;
+    let qpos: Vec<i64> = (0..n).map(|i| newest - (n - 1 - i) as i64).collect();
+    let mut out = Vec::with_capacity(nkv);
+    for (kv, pos) in positions.iter().enumerate() {
+        let len = pos.len().min(max_len);
+        let mut acc = vec![0f32; len];
+        for hq in kv * g..(kv + 1) * g {
+            let mut m = vec![0f32; len];
+            for (i, &qp) in qpos.iter().enumerate() {
+                let row = &p[(hq * n + i) * max_len..(hq * n + i) * max_len + len];
+                for (j, x) in row.iter().enumerate() {
+                    if spec.buffer > 0 && pos[j] as i64 + spec.buffer as i64 > qp {
+                        continue;
+                    }
+                    m[j] += if spec.agg.squared() { x * x } else { *x };
+                }
+            }
+            if spec.agg.averaged() {
+                for (j, v) in m.iter_mut().enumerate() {
+                    let seen = qpos
+                        .iter()
+                        .filter(|&&qp| pos[j] as i64 + spec.buffer as i64 <= qp)
+                        .count();
+                    *v = if seen == 0 { 0.0 } else { *v / seen as f32 };
+                }
+            }
+            if let Some((k, kind)) = spec.pool {
+                let n = m.len().saturating_sub(spec.pool_skip_last);
+                let pooled = pool1d(&m[..n], k, kind);
+                m[..n].copy_from_slice(&pooled);
+            }
+            for (a, v) in acc.iter_mut().zip(&m) {
+                *a += v;
+            }
+        }
+        out.push(acc);
+    }
+    Ok(out)
+}
+
+/// 1-d pooling with kernel `k`, padding `k / 2`, stride 1 (output length = input length for
+/// odd `k`; even kernels are applied centred with the extra element on the right, keeping the
+/// length). Max ignores padding; average counts it (PyTorch's defaults).
+pub fn pool1d(x: &[f32], k: usize, kind: PoolKind) -> Vec<f32> {
+    if k <= 1 {
+        return x.to_vec();
+    }
+    let pad = k / 2;
+    (0..x.len())
+        .map(|i| {
+            let lo = i.saturating_sub(pad);
+            let hi = (i + k - pad).min(x.len());
+            let w = &x[lo..hi];
+            match kind {
+                PoolKind::Max => w.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                PoolKind::Avg => w.iter().sum::<f32>() / k as f32,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn pooling_matches_pytorch_semantics() {
+        let x = [1.0, 5.0, 2.0, 0.0, 0.0, 3.0];
+        assert_eq!(
+            pool1d(&x, 3, PoolKind::Max),
+            vec![5.0, 5.0, 5.0, 2.0, 3.0, 3.0]
+        );
+        // avg_pool1d(k=3, padding=1): edges divide by 3 with zero padding
+        assert_eq!(
+            pool1d(&x, 3, PoolKind::Avg),
+            vec![2.0, 8.0 / 3.0, 7.0 / 3.0, 2.0 / 3.0, 1.0, 1.0]
+        );
+        assert_eq!(pool1d(&x, 1, PoolKind::Max), x.to_vec());
+    }
+
+    #[test]
+    fn l2_sum_avg_and_group_sum() {
+        // 2 query heads, 1 kv-head, 2 probed queries (positions 2, 3), 4 keys.
+        let p: Vec<f32> = vec![
+            // head 0
+            0.5, 0.25, 0.25, 0.0, //
+            0.1, 0.2, 0.3, 0.4, //
+            // head 1
+            1.0, 0.0, 0.0, 0.0, //
+            0.0, 0.0, 0.0, 1.0,
+        ];
+        let probs = Tensor::from_vec(p, (1, 2, 2, 4), &Device::Cpu).unwrap();
+        let pos = vec![vec![0u32, 1, 2, 3]];
+        let s = |agg, buffer| {
+            window_scores(
+                &probs,
+                &pos,
+                &ScoreSpec {
+                    agg,
+                    pool: None,
+                    buffer,
+                    pool_skip_last: 0,
+                },
+            )
+            .unwrap()
+            .remove(0)
+        };
+        let l2 = s(Agg::L2Sum, 0);
+        let want = [0.25 + 0.01 + 1.0, 0.0625 + 0.04, 0.0625 + 0.09, 0.16 + 1.0];
+        for (a, b) in l2.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{l2:?}");
+        }
+        let l1 = s(Agg::L1Sum, 0);
+        assert!((l1[0] - 1.6).abs() < 1e-6);
+        // key 3 was seen by one query only (position 3): avg = sum / 1
+        let avg = s(Agg::L1Avg, 0);
+        assert!((avg[0] - 0.8).abs() < 1e-6 && (avg[3] - 1.4).abs() < 1e-6);
+        // buffer 1: query at 3 counts keys <= 2, query at 2 keys <= 1
+        let b = s(Agg::L1Sum, 1);
+        assert!((b[0] - 1.6).abs() < 1e-6 && (b[2] - 0.3).abs() < 1e-6 && b[3] == 0.0);
+    }
+}

@@ -1,0 +1,616 @@
+//! Block pool and per-(layer, seq, kv-head) block tables: the bookkeeping of the paged cache,
+//! plain data with no tensors (the storage in [`super::paged`] owns K/V and follows the moves
+//! planned here).
+//!
+//! As KV-Compress: one physical block holds `block_size` tokens of ONE kv-head of ONE layer, so
+//! block tables are indexed `[seq][layer][kv_head][logical_block]` with a context length per
+//! (layer, seq, kv-head). A *slot* is a physical token place, `block * block_size + offset`;
+//! every slot carries a metric (f32, the eviction score) and a token position (u32). The slots of
+//! a head are listed in *logical order* (block table order); eviction reorders them, so logical
+//! order is not position order after a compaction (attention is order-independent).
+//!
+//! Departure from the paper's implementation: free blocks are a plain stack (lowest id first)
+//! instead of a GPU free mask; the CUDA port keeps the same contract.
+//!
+//! Memory accounting: a block costs its K and V rows plus its slots' metric and position and its
+//! block-table entry ([`MemoryLayout::bytes_per_block`]), so `--kv-memory` includes metadata.
+use std::collections::BTreeMap;
+
+use super::SeqId;
+
+/// Bookkeeping errors; each says what was asked and what exists.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlockError {
+    #[error(
+        "KV cache out of blocks: {needed} more needed, {free} free of {total} (raise --kv-memory)"
+    )]
+    OutOfBlocks {
+        needed: usize,
+        free: usize,
+        total: usize,
+    },
+    #[error("unknown sequence {0}")]
+    UnknownSeq(SeqId),
+    #[error("sequence {0} already exists")]
+    DuplicateSeq(SeqId),
+    #[error("(layer {layer}, kv-head {kv_head}) is out of range: the cache has {layers} layers and {kv_heads} kv-heads")]
+    BadHead {
+        layer: usize,
+        kv_head: usize,
+        layers: usize,
+        kv_heads: usize,
+    },
+    #[error("slot {slot} of (layer {layer}, seq {seq}, kv-head {kv_head}) is out of range or repeated: the head holds {len} slots")]
+    BadSlot {
+        layer: usize,
+        seq: SeqId,
+        kv_head: usize,
+        slot: usize,
+        len: usize,
+    },
+    #[error("{what}: got {got} values for {len} slots")]
+    BadLength {
+        what: &'static str,
+        got: usize,
+        len: usize,
+    },
+    #[error("--kv-memory {bytes} B is smaller than one block ({per_block} B)")]
+    TooSmall { bytes: u64, per_block: u64 },
+    #[error("block size must be at least 1")]
+    ZeroBlockSize,
+}
+
+/// Sizes that turn a byte budget into blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryLayout {
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Elements per K (and per V) row.
+    pub head_dim: usize,
+    /// Bytes per K/V element (4 for f32).
+    pub dtype_bytes: usize,
+}
+
+impl MemoryLayout {
+    /// Bytes one block costs: K and V rows, metric (f32) and position (u32) per slot, and one
+    /// u32 block-table entry.
+    pub fn bytes_per_block(&self) -> u64 {
+        let bs = self.block_size as u64;
+        bs * (2 * self.head_dim as u64 * self.dtype_bytes as u64 + 4 + 4) + 4
+    }
+
+    /// Blocks that fit in `bytes`.
+    pub fn blocks_for_bytes(&self, bytes: u64) -> Result<usize, BlockError> {
+        if self.block_size == 0 {
+            return Err(BlockError::ZeroBlockSize);
+        }
+        let n = bytes / self.bytes_per_block();
+        if n == 0 {
+            return Err(BlockError::TooSmall {
+                bytes,
+                per_block: self.bytes_per_block(),
+            });
+        }
+        Ok(n as usize)
+    }
+}
+
+/// Used / free report of a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryReport {
+    /// Blocks in the pool.
+    pub total_blocks: usize,
+    /// Blocks held by some head.
+    pub used_blocks: usize,
+    /// Blocks on the free stack.
+    pub free_blocks: usize,
+    /// Bytes per block (K, V, metadata).
+    pub bytes_per_block: u64,
+    /// `used_blocks * bytes_per_block`.
+    pub used_bytes: u64,
+    /// `free_blocks * bytes_per_block`.
+    pub free_bytes: u64,
+}
+
+/// Block tables of one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeqTable {
+    /// Physical block ids per `[layer][kv_head]`, in logical order.
+    pub blocks: Vec<Vec<Vec<u32>>>,
+    /// Cached tokens per `[layer][kv_head]` (the context length of the head).
+    pub len: Vec<Vec<usize>>,
+}
+
+/// One slot copy of a compaction (physical slot ids).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    /// Slot whose K, V, metric and position are copied.
+    pub from: usize,
+    /// Slot they are copied to (an evicted hole).
+    pub to: usize,
+}
+
+/// What to evict from one head (logical slot indices of that head, any order, no repeats).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadEviction {
+    /// Layer of the head.
+    pub layer: usize,
+    /// Kv-head in the layer.
+    pub kv_head: usize,
+    /// Logical slots to evict.
+    pub evict: Vec<usize>,
+}
+
+/// The evictions of one compression step of one sequence.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EvictionPlan {
+    /// Per-head evictions (heads not listed keep everything).
+    pub heads: Vec<HeadEviction>,
+}
+
+impl EvictionPlan {
+    /// Total slots evicted.
+    pub fn evicted(&self) -> usize {
+        self.heads.iter().map(|h| h.evict.len()).sum()
+    }
+}
+
+/// The moves and frees that compact one head after an eviction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compaction {
+    /// Layer of the head.
+    pub layer: usize,
+    /// Sequence of the head.
+    pub seq: SeqId,
+    /// Kv-head in the layer.
+    pub kv_head: usize,
+    /// Tail survivors copied into holes (tail-most survivor to lowest hole).
+    pub moves: Vec<Move>,
+    /// Context length after compaction.
+    pub new_len: usize,
+    /// Blocks emptied by the compaction (the head's last blocks), returned to the pool.
+    pub freed: Vec<u32>,
+}
+
+/// The block pool, per-slot metadata and every sequence's block tables.
+#[derive(Debug, Clone)]
+pub struct BlockPool {
+    /// Tokens per block.
+    block_size: usize,
+    /// Layers of the model.
+    layers: usize,
+    /// Kv-heads per layer.
+    kv_heads: usize,
+    /// Blocks in the pool.
+    num_blocks: usize,
+    /// Free block ids; popped from the end (initialised so the lowest id comes first).
+    free: Vec<u32>,
+    /// Eviction metric per physical slot (`block * block_size + offset`).
+    metric: Vec<f32>,
+    /// Token position per physical slot.
+    position: Vec<u32>,
+    /// Block tables of every live sequence.
+    seqs: BTreeMap<SeqId, SeqTable>,
+}
+
+impl BlockPool {
+    /// A pool of `num_blocks` blocks of `block_size` tokens for `layers` x `kv_heads` heads.
+    pub fn new(
+        layers: usize,
+        kv_heads: usize,
+        block_size: usize,
+        num_blocks: usize,
+    ) -> Result<Self, BlockError> {
+        if block_size == 0 {
+            return Err(BlockError::ZeroBlockSize);
+        }
+        Ok(BlockPool {
+            block_size,
+            layers,
+            kv_heads,
+            num_blocks,
+            free: (0..num_blocks as u32).rev().collect(),
+            metric: vec![0.0; num_blocks * block_size],
+            position: vec![0; num_blocks * block_size],
+            seqs: BTreeMap::new(),
+        })
+    }
+
+    /// Tokens per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+    /// Layers.
+    pub fn layers(&self) -> usize {
+        self.layers
+    }
+    /// Kv-heads per layer.
+    pub fn kv_heads(&self) -> usize {
+        self.kv_heads
+    }
+    /// Blocks in the pool.
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+    /// Blocks on the free stack.
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+    /// Blocks held by sequences.
+    pub fn used_blocks(&self) -> usize {
+        self.num_blocks - self.free.len()
+    }
+    /// Live sequences.
+    pub fn seq_ids(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.seqs.keys().copied()
+    }
+
+    /// Used/free report with `layout`'s block cost.
+    pub fn report(&self, layout: &MemoryLayout) -> MemoryReport {
+        let b = layout.bytes_per_block();
+        MemoryReport {
+            total_blocks: self.num_blocks,
+            used_blocks: self.used_blocks(),
+            free_blocks: self.free_blocks(),
+            bytes_per_block: b,
+            used_bytes: self.used_blocks() as u64 * b,
+            free_bytes: self.free_blocks() as u64 * b,
+        }
+    }
+
+    /// Register an empty sequence.
+    pub fn add_seq(&mut self, seq: SeqId) -> Result<(), BlockError> {
+        if self.seqs.contains_key(&seq) {
+            return Err(BlockError::DuplicateSeq(seq));
+        }
+        self.seqs.insert(
+            seq,
+            SeqTable {
+                blocks: vec![vec![Vec::new(); self.kv_heads]; self.layers],
+                len: vec![vec![0; self.kv_heads]; self.layers],
+            },
+        );
+        Ok(())
+    }
+
+    /// Drop a sequence; its blocks go back to the pool.
+    pub fn remove_seq(&mut self, seq: SeqId) -> Result<(), BlockError> {
+        let t = self.seqs.remove(&seq).ok_or(BlockError::UnknownSeq(seq))?;
+        for layer in t.blocks {
+            for head in layer {
+                self.free.extend(head.into_iter().rev());
+            }
+        }
+        Ok(())
+    }
+
+    /// The block tables of `seq`.
+    pub fn table(&self, seq: SeqId) -> Result<&SeqTable, BlockError> {
+        self.seqs.get(&seq).ok_or(BlockError::UnknownSeq(seq))
+    }
+
+    fn check_head(&self, layer: usize, kv_head: usize) -> Result<(), BlockError> {
+        if layer >= self.layers || kv_head >= self.kv_heads {
+            return Err(BlockError::BadHead {
+                layer,
+                kv_head,
+                layers: self.layers,
+                kv_heads: self.kv_heads,
+            });
+        }
+        Ok(())
+    }
+
+    /// Cached tokens of (layer, seq, kv_head).
+    pub fn len(&self, layer: usize, seq: SeqId, kv_head: usize) -> Result<usize, BlockError> {
+        self.check_head(layer, kv_head)?;
+        Ok(self.table(seq)?.len[layer][kv_head])
+    }
+
+    /// Blocks held by `seq` over all its heads.
+    pub fn seq_blocks(&self, seq: SeqId) -> Result<usize, BlockError> {
+        Ok(self
+            .table(seq)?
+            .blocks
+            .iter()
+            .flatten()
+            .map(|b| b.len())
+            .sum())
+    }
+
+    /// Physical slot of every logical slot of (layer, seq, kv_head).
+    pub fn slots(
+        &self,
+        layer: usize,
+        seq: SeqId,
+        kv_head: usize,
+    ) -> Result<Vec<usize>, BlockError> {
+        self.check_head(layer, kv_head)?;
+        let t = self.table(seq)?;
+        let bs = self.block_size;
+        let blocks = &t.blocks[layer][kv_head];
+        Ok((0..t.len[layer][kv_head])
+            .map(|i| blocks[i / bs] as usize * bs + i % bs)
+            .collect())
+    }
+
+    /// Token positions of (layer, seq, kv_head) in logical order.
+    pub fn positions(
+        &self,
+        layer: usize,
+        seq: SeqId,
+        kv_head: usize,
+    ) -> Result<Vec<u32>, BlockError> {
+        Ok(self
+            .slots(layer, seq, kv_head)?
+            .into_iter()
+            .map(|s| self.position[s])
+            .collect())
+    }
+
+    /// Metrics of (layer, seq, kv_head) in logical order.
+    pub fn metrics(
+        &self,
+        layer: usize,
+        seq: SeqId,
+        kv_head: usize,
+    ) -> Result<Vec<f32>, BlockError> {
+        Ok(self
+            .slots(layer, seq, kv_head)?
+            .into_iter()
+            .map(|s| self.metric[s])
+            .collect())
+    }
+
+    /// Add `delta[i]` to the metric of logical slot `i` (a prefix of the head's slots).
+    pub fn add_metric(
+        &mut self,
+        layer: usize,
+        seq: SeqId,
+        kv_head: usize,
+        delta: &[f32],
+    ) -> Result<(), BlockError> {
+        let slots = self.slots(layer, seq, kv_head)?;
+        if delta.len() > slots.len() {
+            return Err(BlockError::BadLength {
+                what: "metric update",
+                got: delta.len(),
+                len: slots.len(),
+            });
+        }
+        for (s, d) in slots.iter().zip(delta) {
+            self.metric[*s] += d;
+        }
+        Ok(())
+    }
+
+    /// Append tokens at `positions` to (layer, seq, kv_head); returns their physical slots.
+    /// New slots start with metric 0. Nothing changes when blocks run out.
+    pub fn append(
+        &mut self,
+        layer: usize,
+        seq: SeqId,
+        kv_head: usize,
+        positions: &[u32],
+    ) -> Result<Vec<usize>, BlockError> {
+        self.check_head(layer, kv_head)?;
+        let bs = self.block_size;
+        let total = self.num_blocks;
+        let t = self.seqs.get_mut(&seq).ok_or(BlockError::UnknownSeq(seq))?;
+        let len = t.len[layer][kv_head];
+        let blocks = &mut t.blocks[layer][kv_head];
+        let need = (len + positions.len()).div_ceil(bs) - blocks.len();
+        if need > self.free.len() {
+            return Err(BlockError::OutOfBlocks {
+                needed: need,
+                free: self.free.len(),
+                total,
+            });
+        }
+        for _ in 0..need {
+            blocks.push(self.free.pop().expect("checked above"));
+        }
+        let mut out = Vec::with_capacity(positions.len());
+        for (i, &p) in positions.iter().enumerate() {
+            let l = len + i;
+            let s = blocks[l / bs] as usize * bs + l % bs;
+            self.metric[s] = 0.0;
+            self.position[s] = p;
+            out.push(s);
+        }
+        t.len[layer][kv_head] = len + positions.len();
+        Ok(out)
+    }
+
+    /// Plan the compaction of (layer, seq, kv_head) after evicting the logical slots `evict`:
+    /// survivors in the tail (logical index >= new length) move, tail-most first, into the
+    /// lowest evicted holes, so the head's last blocks empty out. Pure: see [`Self::apply`].
+    pub fn plan_compaction(
+        &self,
+        layer: usize,
+        seq: SeqId,
+        kv_head: usize,
+        evict: &[usize],
+    ) -> Result<Compaction, BlockError> {
+        let slots = self.slots(layer, seq, kv_head)?;
+        let len = slots.len();
+        let mut gone = vec![false; len];
+        for &e in evict {
+            if e >= len || gone[e] {
+                return Err(BlockError::BadSlot {
+                    layer,
+                    seq,
+                    kv_head,
+                    slot: e,
+                    len,
+                });
+            }
+            gone[e] = true;
+        }
+        let new_len = len - evict.len();
+        let holes = (0..new_len).filter(|&i| gone[i]);
+        let tail = (new_len..len).rev().filter(|&i| !gone[i]);
+        let moves = holes
+            .zip(tail)
+            .map(|(h, t)| Move {
+                from: slots[t],
+                to: slots[h],
+            })
+            .collect();
+        let blocks = &self.table(seq)?.blocks[layer][kv_head];
+        let keep_blocks = new_len.div_ceil(self.block_size);
+        Ok(Compaction {
+            layer,
+            seq,
+            kv_head,
+            moves,
+            new_len,
+            freed: blocks[keep_blocks..].to_vec(),
+        })
+    }
+
+    /// Apply a compaction to the bookkeeping: copy metric and position along the moves, shrink
+    /// the head, return its emptied blocks to the pool. (The storage copies K/V along the same
+    /// moves before this.)
+    pub fn apply(&mut self, c: &Compaction) -> Result<(), BlockError> {
+        self.check_head(c.layer, c.kv_head)?;
+        for m in &c.moves {
+            self.metric[m.to] = self.metric[m.from];
+            self.position[m.to] = self.position[m.from];
+        }
+        let t = self
+            .seqs
+            .get_mut(&c.seq)
+            .ok_or(BlockError::UnknownSeq(c.seq))?;
+        let blocks = &mut t.blocks[c.layer][c.kv_head];
+        let keep = blocks.len() - c.freed.len();
+        debug_assert_eq!(&blocks[keep..], &c.freed[..]);
+        blocks.truncate(keep);
+        t.len[c.layer][c.kv_head] = c.new_len;
+        self.free.extend(c.freed.iter().rev());
+        Ok(())
+    }
+
+    /// Check the pool's invariants: every block is either free or in exactly one table, each
+    /// head holds exactly `ceil(len / block_size)` blocks. Returns a description of the first
+    /// violation.
+    pub fn check(&self) -> Result<(), String> {
+        let mut owner = vec![0u8; self.num_blocks];
+        for &b in &self.free {
+            owner[b as usize] += 1;
+        }
+        for (seq, t) in &self.seqs {
+            for (l, layer) in t.blocks.iter().enumerate() {
+                for (h, head) in layer.iter().enumerate() {
+                    let len = t.len[l][h];
+                    if head.len() != len.div_ceil(self.block_size) {
+                        return Err(format!(
+                            "seq {seq} layer {l} head {h}: {} blocks for {len} tokens",
+                            head.len()
+                        ));
+                    }
+                    for &b in head {
+                        owner[b as usize] += 1;
+                    }
+                }
+            }
+        }
+        match owner.iter().position(|&o| o != 1) {
+            Some(b) => Err(format!("block {b} is owned {} times", owner[b])),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_allocates_blocks_lazily_and_remove_frees_them() {
+        let mut p = BlockPool::new(2, 2, 4, 10).unwrap();
+        p.add_seq(7).unwrap();
+        let s = p.append(0, 7, 1, &[0, 1, 2, 3, 4]).unwrap();
+        // lowest block ids first: blocks 0 and 1
+        assert_eq!(s, vec![0, 1, 2, 3, 4]);
+        assert_eq!(p.len(0, 7, 1).unwrap(), 5);
+        assert_eq!(p.used_blocks(), 2);
+        let s2 = p.append(1, 7, 0, &[0, 1]).unwrap();
+        assert_eq!(s2, vec![8, 9]);
+        assert_eq!(p.append(0, 7, 1, &[5]).unwrap(), vec![5]);
+        assert_eq!(p.positions(0, 7, 1).unwrap(), vec![0, 1, 2, 3, 4, 5]);
+        p.check().unwrap();
+        assert_eq!(
+            p.append(0, 7, 0, &(0..40).collect::<Vec<_>>()),
+            Err(BlockError::OutOfBlocks {
+                needed: 10,
+                free: 7,
+                total: 10
+            })
+        );
+        // failed append changed nothing
+        assert_eq!(p.len(0, 7, 0).unwrap(), 0);
+        p.remove_seq(7).unwrap();
+        assert_eq!(p.free_blocks(), 10);
+        p.check().unwrap();
+        assert_eq!(p.remove_seq(7), Err(BlockError::UnknownSeq(7)));
+    }
+
+    #[test]
+    fn compaction_moves_tail_into_holes_and_frees_last_blocks() {
+        let mut p = BlockPool::new(1, 1, 4, 4).unwrap();
+        p.add_seq(0).unwrap();
+        p.append(0, 0, 0, &[10, 11, 12, 13, 14, 15, 16, 17, 18, 19])
+            .unwrap();
+        p.add_metric(0, 0, 0, &[0., 1., 2., 3., 4., 5., 6., 7., 8., 9.])
+            .unwrap();
+        // evict 1, 3, 8, 6, 0 -> new_len 5; holes 0, 1, 3 (<5); tail survivors 9, 7, 5
+        let c = p.plan_compaction(0, 0, 0, &[1, 3, 8, 6, 0]).unwrap();
+        assert_eq!(c.new_len, 5);
+        assert_eq!(
+            c.moves,
+            vec![
+                Move { from: 9, to: 0 },
+                Move { from: 7, to: 1 },
+                Move { from: 5, to: 3 }
+            ]
+        );
+        assert_eq!(c.freed, vec![2]);
+        p.apply(&c).unwrap();
+        assert_eq!(p.positions(0, 0, 0).unwrap(), vec![19, 17, 12, 15, 14]);
+        assert_eq!(p.metrics(0, 0, 0).unwrap(), vec![9., 7., 2., 5., 4.]);
+        assert_eq!(p.free_blocks(), 2);
+        p.check().unwrap();
+        // repeated or out-of-range slots are refused
+        assert!(matches!(
+            p.plan_compaction(0, 0, 0, &[1, 1]),
+            Err(BlockError::BadSlot { .. })
+        ));
+        assert!(matches!(
+            p.plan_compaction(0, 0, 0, &[5]),
+            Err(BlockError::BadSlot { .. })
+        ));
+    }
+
+    #[test]
+    fn memory_layout_counts_metadata() {
+        let m = MemoryLayout {
+            block_size: 16,
+            head_dim: 64,
+            dtype_bytes: 4,
+        };
+        // 16 * (2*64*4 + 8) + 4
+        assert_eq!(m.bytes_per_block(), 16 * 520 + 4);
+        assert_eq!(m.blocks_for_bytes(3 * 8324 + 5).unwrap(), 3);
+        assert!(matches!(
+            m.blocks_for_bytes(100),
+            Err(BlockError::TooSmall { .. })
+        ));
+        let mut p = BlockPool::new(1, 1, 16, 3).unwrap();
+        p.add_seq(0).unwrap();
+        p.append(0, 0, 0, &[0; 17]).unwrap();
+        let r = p.report(&m);
+        assert_eq!((r.used_blocks, r.free_blocks), (2, 1));
+        assert_eq!(r.used_bytes, 2 * 8324);
+    }
+}

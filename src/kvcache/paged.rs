@@ -1,0 +1,588 @@
+//! The paged, per-(layer, kv-head) KV storage of KV-Compress on candle tensors (the CPU
+//! reference; the CUDA kernels take this as their oracle).
+//!
+//! Storage: one K and one V tensor `[num_blocks * block_size, head_dim]` shared by every layer,
+//! head and sequence; slot `s` is row `s`. All bookkeeping (block tables, free blocks, per-slot
+//! metric and position) lives in [`BlockPool`]; this type only owns tensors and executes what the
+//! bookkeeping plans:
+//! - append: the pool hands out slots, K/V rows are scattered into them;
+//! - attend: per (sequence, kv-head) the rows of its slots are gathered in logical order, padded
+//!   to the longest head, and attended with a mask built from slot positions (key visible iff
+//!   `position <= query position`; padding masked), with the same ops as
+//!   [`super::contiguous::causal_attention`], so with no eviction the results are identical;
+//! - evict: an [`EvictionPlan`] is turned into per-head [`crate::kvcache::blocks::Compaction`]s,
+//!   K/V rows are copied along the moves, then the pool copies metric/position and frees the
+//!   emptied blocks.
+//!
+//! Departure from the paper's vLLM implementation: attention gathers each head's rows into a
+//! dense tensor (plain matmul) instead of a paged-attention kernel.
+use candle_core::{DType, Device, Result, Tensor, D};
+use std::collections::BTreeMap;
+
+use super::blocks::{BlockError, BlockPool, EvictionPlan, MemoryLayout, MemoryReport};
+use super::{AttnCall, AttnOut, CacheBackend, Probe, SeqId};
+
+/// Default tokens per block (the paper's).
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+/// Shape of a paged cache.
+#[derive(Debug, Clone)]
+pub struct PagedSpec {
+    /// Model layers.
+    pub layers: usize,
+    /// Kv-heads per layer.
+    pub kv_heads: usize,
+    /// Elements per K/V row.
+    pub head_dim: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// K/V dtype (the model's).
+    pub dtype: DType,
+    /// Device of the K/V tensors.
+    pub device: Device,
+}
+
+impl PagedSpec {
+    /// Block cost layout of this spec.
+    pub fn layout(&self) -> MemoryLayout {
+        MemoryLayout {
+            block_size: self.block_size,
+            head_dim: self.head_dim,
+            dtype_bytes: self.dtype.size_in_bytes(),
+        }
+    }
+
+    /// Blocks needed to hold `tokens` tokens of one sequence in every head without eviction.
+    pub fn blocks_for_tokens(&self, tokens: usize) -> usize {
+        self.layers * self.kv_heads * tokens.div_ceil(self.block_size.max(1))
+    }
+}
+
+/// What one eviction did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EvictStats {
+    /// Slots evicted.
+    pub evicted: usize,
+    /// Slot copies made by compaction.
+    pub moved: usize,
+    /// Blocks returned to the pool.
+    pub freed_blocks: usize,
+}
+
+/// See the module docs.
+pub struct PagedCache {
+    spec: PagedSpec,
+    pool: BlockPool,
+    /// `[num_blocks * block_size, head_dim]`.
+    k: Tensor,
+    /// `[num_blocks * block_size, head_dim]`.
+    v: Tensor,
+    /// Tokens seen per sequence (advanced after the last layer's call).
+    pos: BTreeMap<SeqId, usize>,
+    next_id: SeqId,
+}
+
+fn be(e: BlockError) -> candle_core::Error {
+    candle_core::Error::wrap(e)
+}
+
+impl PagedCache {
+    /// A cache of `num_blocks` blocks.
+    pub fn new(spec: PagedSpec, num_blocks: usize) -> Result<Self> {
+        let pool =
+            BlockPool::new(spec.layers, spec.kv_heads, spec.block_size, num_blocks).map_err(be)?;
+        let rows = num_blocks * spec.block_size;
+        let k = Tensor::zeros((rows, spec.head_dim), spec.dtype, &spec.device)?;
+        let v = Tensor::zeros((rows, spec.head_dim), spec.dtype, &spec.device)?;
+        Ok(PagedCache {
+            spec,
+            pool,
+            k,
+            v,
+            pos: BTreeMap::new(),
+            next_id: 0,
+        })
+    }
+
+    /// A cache holding as many blocks as fit in `bytes` (K, V and metadata counted).
+    pub fn with_memory(spec: PagedSpec, bytes: u64) -> Result<Self> {
+        let n = spec.layout().blocks_for_bytes(bytes).map_err(be)?;
+        Self::new(spec, n)
+    }
+
+    /// The shape this cache was built with.
+    pub fn spec(&self) -> &PagedSpec {
+        &self.spec
+    }
+
+    /// The bookkeeping (read only: every change goes through this type).
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    /// Used / free blocks and bytes.
+    pub fn memory(&self) -> MemoryReport {
+        self.pool.report(&self.spec.layout())
+    }
+
+    /// Add `delta[i]` to the metric of logical slot `i` of (layer, seq, kv_head).
+    pub fn add_metric(
+        &mut self,
+        layer: usize,
+        seq: SeqId,
+        kv_head: usize,
+        delta: &[f32],
+    ) -> Result<()> {
+        self.pool.add_metric(layer, seq, kv_head, delta).map_err(be)
+    }
+
+    /// K rows `[kv_len, head_dim]` of (layer, seq, kv_head) in logical order.
+    pub fn head_k(&self, layer: usize, seq: SeqId, kv_head: usize) -> Result<Tensor> {
+        self.gather(&self.k, layer, seq, kv_head)
+    }
+
+    /// V rows `[kv_len, head_dim]` of (layer, seq, kv_head) in logical order.
+    pub fn head_v(&self, layer: usize, seq: SeqId, kv_head: usize) -> Result<Tensor> {
+        self.gather(&self.v, layer, seq, kv_head)
+    }
+
+    fn gather(&self, src: &Tensor, layer: usize, seq: SeqId, kv_head: usize) -> Result<Tensor> {
+        let slots: Vec<u32> = self
+            .pool
+            .slots(layer, seq, kv_head)
+            .map_err(be)?
+            .into_iter()
+            .map(|s| s as u32)
+            .collect();
+        let n = slots.len();
+        src.index_select(&Tensor::from_vec(slots, n, &self.spec.device)?, 0)
+    }
+
+    /// Write `rows` `[n, head_dim]` into physical `slots` of `dst`.
+    fn scatter(&self, dst: &Tensor, slots: &[usize], rows: &Tensor) -> Result<()> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let d = self.spec.head_dim;
+        let idx: Vec<u32> = slots
+            .iter()
+            .flat_map(|&s| std::iter::repeat_n(s as u32, d))
+            .collect();
+        let idx = Tensor::from_vec(idx, (slots.len(), d), &self.spec.device)?;
+        dst.scatter_set(&idx, &rows.contiguous()?, 0)
+    }
+
+    /// Execute an eviction plan for `seq`: compact every listed head (K, V, metric, position
+    /// move together) and free the emptied blocks.
+    pub fn evict(&mut self, seq: SeqId, plan: &EvictionPlan) -> Result<EvictStats> {
+        let mut st = EvictStats::default();
+        for h in &plan.heads {
+            if h.evict.is_empty() {
+                continue;
+            }
+            let c = self
+                .pool
+                .plan_compaction(h.layer, seq, h.kv_head, &h.evict)
+                .map_err(be)?;
+            if !c.moves.is_empty() {
+                let from: Vec<u32> = c.moves.iter().map(|m| m.from as u32).collect();
+                let to: Vec<usize> = c.moves.iter().map(|m| m.to).collect();
+                let n = from.len();
+                let from = Tensor::from_vec(from, n, &self.spec.device)?;
+                // index_select copies, so sources never alias destinations.
+                let k_rows = self.k.index_select(&from, 0)?;
+                let v_rows = self.v.index_select(&from, 0)?;
+                self.scatter(&self.k, &to, &k_rows)?;
+                self.scatter(&self.v, &to, &v_rows)?;
+            }
+            self.pool.apply(&c).map_err(be)?;
+            st.evicted += h.evict.len();
+            st.moved += c.moves.len();
+            st.freed_blocks += c.freed.len();
+        }
+        Ok(st)
+    }
+
+    /// Attention of one sequence: append, gather, masked softmax. Returns the output
+    /// `[1, nh, t, d]` and the probabilities `[1, nh, t, max_kv_len]`.
+    fn attend_one(
+        &mut self,
+        layer: usize,
+        seq: SeqId,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        let (_, nh, t, d) = q.dims4()?;
+        let nkv = self.spec.kv_heads;
+        if k.dim(1)? != nkv || d != self.spec.head_dim {
+            candle_core::bail!(
+                "paged cache built for {nkv} kv-heads of dim {}, got k {:?} / q {:?}",
+                self.spec.head_dim,
+                k.dims(),
+                q.dims()
+            );
+        }
+        let start = *self
+            .pos
+            .get(&seq)
+            .ok_or_else(|| be(BlockError::UnknownSeq(seq)))?;
+        let new_pos: Vec<u32> = (start..start + t).map(|p| p as u32).collect();
+        // Check capacity for all heads first so a failed append leaves the cache unchanged.
+        let bs = self.spec.block_size;
+        let need: usize = (0..nkv)
+            .map(|h| {
+                let len = self.pool.len(layer, seq, h).unwrap_or(0);
+                (len + t).div_ceil(bs) - len.div_ceil(bs)
+            })
+            .sum();
+        if need > self.pool.free_blocks() {
+            return Err(be(BlockError::OutOfBlocks {
+                needed: need,
+                free: self.pool.free_blocks(),
+                total: self.pool.num_blocks(),
+            }));
+        }
+        for h in 0..nkv {
+            let slots = self.pool.append(layer, seq, h, &new_pos).map_err(be)?;
+            let kh = k.narrow(1, h, 1)?.reshape((t, d))?;
+            let vh = v.narrow(1, h, 1)?.reshape((t, d))?;
+            self.scatter(&self.k, &slots, &kh)?;
+            self.scatter(&self.v, &slots, &vh)?;
+        }
+        // Gather every head padded to the longest; padding points at slot 0 and is masked.
+        let slots: Vec<Vec<usize>> = (0..nkv)
+            .map(|h| self.pool.slots(layer, seq, h).map_err(be))
+            .collect::<Result<_>>()?;
+        let max = slots.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut idx = Vec::with_capacity(nkv * max);
+        let mut mask = Vec::with_capacity(nkv * t * max);
+        for (h, s) in slots.iter().enumerate() {
+            idx.extend(s.iter().map(|&x| x as u32));
+            idx.extend(std::iter::repeat_n(0u32, max - s.len()));
+            let pos = self.pool.positions(layer, seq, h).map_err(be)?;
+            for i in 0..t {
+                let qp = (start + i) as u32;
+                mask.extend(
+                    pos.iter()
+                        .map(|&p| if p <= qp { 0.0 } else { f32::NEG_INFINITY }),
+                );
+                mask.extend(std::iter::repeat_n(f32::NEG_INFINITY, max - s.len()));
+            }
+        }
+        let dev = &self.spec.device;
+        let idx = Tensor::from_vec(idx, nkv * max, dev)?;
+        let kk = self.k.index_select(&idx, 0)?.reshape((1, nkv, max, d))?;
+        let vv = self.v.index_select(&idx, 0)?.reshape((1, nkv, max, d))?;
+        let g = nh / nkv;
+        let mask = Tensor::from_vec(mask, (nkv, 1, t, max), dev)?
+            .broadcast_as((nkv, g, t, max))?
+            .reshape((1, nkv, g * t, max))?;
+        // Same ops as the contiguous oracle's causal_attention.
+        let q2 = q.reshape((1, nkv, g * t, d))?;
+        let att = (q2.matmul(&kk.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let att = att.broadcast_add(&mask)?;
+        let p = candle_nn::ops::softmax_last_dim(&att)?;
+        let out = p
+            .to_dtype(vv.dtype())?
+            .matmul(&vv)?
+            .reshape((1, nh, t, d))?;
+        Ok((out, p.reshape((1, nh, t, max))?))
+    }
+}
+
+impl CacheBackend for PagedCache {
+    fn add_sequence(&mut self) -> Result<SeqId> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.pool.add_seq(id).map_err(be)?;
+        self.pos.insert(id, 0);
+        Ok(id)
+    }
+
+    fn remove_sequence(&mut self, seq: SeqId) -> Result<()> {
+        self.pos.remove(&seq);
+        self.pool.remove_seq(seq).map_err(be)
+    }
+
+    fn attend(&mut self, call: AttnCall<'_>) -> Result<AttnOut> {
+        let t = call.q.dim(2)?;
+        let mut outs = Vec::with_capacity(call.seqs.len());
+        let mut probs = Vec::new();
+        for (b, &sid) in call.seqs.iter().enumerate() {
+            let (out, p) = self.attend_one(
+                call.layer,
+                sid,
+                &call.q.narrow(0, b, 1)?,
+                &call.k.narrow(0, b, 1)?,
+                &call.v.narrow(0, b, 1)?,
+                call.scale,
+            )?;
+            if call.layer + 1 == self.spec.layers {
+                *self.pos.get_mut(&sid).expect("checked in attend_one") += t;
+            }
+            outs.push(out);
+            match call.probe {
+                Probe::None => {}
+                Probe::All => probs.push(p),
+                Probe::LastQueries(n) => {
+                    let n = n.min(t);
+                    probs.push(p.narrow(2, t - n, n)?);
+                }
+            }
+        }
+        let out = Tensor::cat(&outs, 0)?;
+        let probs = if probs.is_empty() {
+            None
+        } else {
+            let max = probs
+                .iter()
+                .map(|p| p.dim(D::Minus1).unwrap_or(0))
+                .max()
+                .unwrap_or(0);
+            let padded: Vec<Tensor> = probs
+                .into_iter()
+                .map(|p| {
+                    let len = p.dim(D::Minus1)?;
+                    p.pad_with_zeros(D::Minus1, 0, max - len)
+                })
+                .collect::<Result<_>>()?;
+            Some(Tensor::cat(&padded, 0)?)
+        };
+        Ok(AttnOut { out, probs })
+    }
+
+    fn seq_len(&self, seq: SeqId) -> usize {
+        self.pos.get(&seq).copied().unwrap_or(0)
+    }
+
+    fn kv_len(&self, layer: usize, seq: SeqId, kv_head: usize) -> usize {
+        self.pool.len(layer, seq, kv_head).unwrap_or(0)
+    }
+
+    fn slot_positions(&self, layer: usize, seq: SeqId, kv_head: usize) -> Vec<u32> {
+        self.pool.positions(layer, seq, kv_head).unwrap_or_default()
+    }
+
+    fn name(&self) -> &'static str {
+        "paged"
+    }
+
+    fn as_paged(&self) -> Option<&PagedCache> {
+        Some(self)
+    }
+
+    fn as_paged_mut(&mut self) -> Option<&mut PagedCache> {
+        Some(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kvcache::blocks::HeadEviction;
+    use crate::kvcache::contiguous::{causal_attention, ContiguousCache};
+
+    fn spec(layers: usize, nkv: usize, d: usize, bs: usize) -> PagedSpec {
+        PagedSpec {
+            layers,
+            kv_heads: nkv,
+            head_dim: d,
+            block_size: bs,
+            dtype: DType::F32,
+            device: Device::Cpu,
+        }
+    }
+
+    fn call<'a>(
+        seqs: &'a [SeqId],
+        q: &'a Tensor,
+        k: &'a Tensor,
+        v: &'a Tensor,
+        probe: Probe,
+    ) -> AttnCall<'a> {
+        AttnCall {
+            layer: 0,
+            seqs,
+            q,
+            k,
+            v,
+            scale: 0.5,
+            probe,
+        }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn no_eviction_equals_contiguous_bitwise() {
+        let dev = Device::Cpu;
+        let (nh, nkv, d, total) = (6, 2, 8, 21);
+        let q = Tensor::randn(0f32, 1.0, (1, nh, total, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, nkv, total, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, nkv, total, d), &dev).unwrap();
+        let mut paged = PagedCache::new(spec(1, nkv, d, 4), 64).unwrap();
+        let mut cont = ContiguousCache::new(1);
+        let sp = paged.add_sequence().unwrap();
+        let sc = cont.add_sequence().unwrap();
+        for (start, len) in [(0, 7), (7, 1), (8, 9), (17, 1), (18, 3)] {
+            let (qn, kn, vn) = (
+                q.narrow(2, start, len).unwrap(),
+                k.narrow(2, start, len).unwrap(),
+                v.narrow(2, start, len).unwrap(),
+            );
+            let a = paged
+                .attend(call(&[sp], &qn, &kn, &vn, Probe::LastQueries(3)))
+                .unwrap();
+            let b = cont
+                .attend(call(&[sc], &qn, &kn, &vn, Probe::LastQueries(3)))
+                .unwrap();
+            assert_eq!(max_diff(&a.out, &b.out), 0.0);
+            assert_eq!(max_diff(&a.probs.unwrap(), &b.probs.unwrap()), 0.0);
+        }
+        assert_eq!(paged.seq_len(sp), total);
+        assert_eq!(paged.kv_len(0, sp, 1), total);
+        assert_eq!(paged.memory().used_blocks, 2 * 6);
+        paged.remove_sequence(sp).unwrap();
+        assert_eq!(paged.memory().used_blocks, 0);
+    }
+
+    #[test]
+    fn compacted_heads_attend_like_contiguous_over_survivors() {
+        let dev = Device::Cpu;
+        let (nh, nkv, d, total, bs) = (4, 2, 8, 19, 4);
+        let q = Tensor::randn(0f32, 1.0, (1, nh, total + 1, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, nkv, total + 1, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, nkv, total + 1, d), &dev).unwrap();
+        let mut paged = PagedCache::new(spec(1, nkv, d, bs), 32).unwrap();
+        let s = paged.add_sequence().unwrap();
+        let pre = |x: &Tensor| x.narrow(2, 0, total).unwrap();
+        paged
+            .attend(call(&[s], &pre(&q), &pre(&k), &pre(&v), Probe::None))
+            .unwrap();
+        // Metric = position, so we can check it moved with its slot.
+        for h in 0..nkv {
+            let m: Vec<f32> = (0..total).map(|p| p as f32).collect();
+            paged.add_metric(0, s, h, &m).unwrap();
+        }
+        let evict0 = vec![0, 3, 4, 5, 9, 17];
+        let evict1 = vec![1, 2, 6, 7, 8, 10, 11, 12, 13, 14];
+        let plan = EvictionPlan {
+            heads: vec![
+                HeadEviction {
+                    layer: 0,
+                    kv_head: 0,
+                    evict: evict0.clone(),
+                },
+                HeadEviction {
+                    layer: 0,
+                    kv_head: 1,
+                    evict: evict1.clone(),
+                },
+            ],
+        };
+        let used = paged.memory().used_blocks;
+        let st = paged.evict(s, &plan).unwrap();
+        assert_eq!(st.evicted, 16);
+        // head 0: 19 -> 13 tokens (5 -> 4 blocks); head 1: 19 -> 9 (5 -> 3)
+        assert_eq!(st.freed_blocks, 3);
+        assert_eq!(paged.memory().used_blocks, used - 3);
+        paged.pool().check().unwrap();
+        for (h, ev) in [(0, &evict0), (1, &evict1)] {
+            let pos = paged.slot_positions(0, s, h);
+            let mut sorted = pos.clone();
+            sorted.sort();
+            let want: Vec<u32> = (0..total as u32)
+                .filter(|p| !ev.contains(&(*p as usize)))
+                .collect();
+            assert_eq!(sorted, want, "head {h}");
+            let m = paged.pool().metrics(0, s, h).unwrap();
+            assert_eq!(m, pos.iter().map(|&p| p as f32).collect::<Vec<_>>());
+            // K rows moved with their positions
+            let kh = paged.head_k(0, s, h).unwrap();
+            let idx = Tensor::new(pos.as_slice(), &dev).unwrap();
+            let want_k = k
+                .squeeze(0)
+                .unwrap()
+                .get(h)
+                .unwrap()
+                .index_select(&idx, 0)
+                .unwrap();
+            assert_eq!(max_diff(&kh, &want_k), 0.0);
+        }
+        // Decode one token: equals attention over the survivors of each head.
+        let last = |x: &Tensor| x.narrow(2, total, 1).unwrap();
+        let out = paged
+            .attend(call(&[s], &last(&q), &last(&k), &last(&v), Probe::All))
+            .unwrap();
+        let probs = out.probs.unwrap();
+        assert_eq!(probs.dims(), &[1, nh, 1, 14]);
+        for h in 0..nkv {
+            let pos = paged.slot_positions(0, s, h);
+            let idx = Tensor::new(pos.as_slice(), &dev).unwrap();
+            let sel = |x: &Tensor| {
+                x.narrow(1, h, 1)
+                    .unwrap()
+                    .index_select(&idx, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            };
+            let qh = last(&q).narrow(1, h * 2, 2).unwrap();
+            let (want, _) = causal_attention(&qh, &sel(&k), &sel(&v), 0.5).unwrap();
+            let got = out.out.narrow(1, h * 2, 2).unwrap();
+            assert!(max_diff(&got, &want) < 1e-6);
+            // probabilities beyond the head's length are zero
+            let n = pos.len();
+            if n < 14 {
+                let pad = probs
+                    .narrow(1, h * 2, 2)
+                    .unwrap()
+                    .narrow(3, n, 14 - n)
+                    .unwrap();
+                assert_eq!(
+                    pad.abs()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap(),
+                    0.0
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn sequences_share_the_pool_and_running_out_is_an_error() {
+        let dev = Device::Cpu;
+        let (nh, nkv, d) = (2, 1, 4);
+        let mut paged = PagedCache::new(spec(1, nkv, d, 4), 3).unwrap();
+        let a = paged.add_sequence().unwrap();
+        let b = paged.add_sequence().unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, nh, 6, d), &dev).unwrap();
+        let kv = Tensor::randn(0f32, 1.0, (1, nkv, 6, d), &dev).unwrap();
+        paged.attend(call(&[a], &x, &kv, &kv, Probe::None)).unwrap();
+        let e = paged
+            .attend(call(&[b], &x, &kv, &kv, Probe::None))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("out of blocks"), "{e}");
+        assert_eq!(paged.kv_len(0, b, 0), 0);
+        paged.remove_sequence(a).unwrap();
+        paged.attend(call(&[b], &x, &kv, &kv, Probe::None)).unwrap();
+        assert_eq!(paged.memory().free_blocks, 1);
+    }
+}

@@ -1,0 +1,458 @@
+//! Invariants of the paged cache and every compression method, on tiny random-weight models
+//! (and a short SmolLM2 prompt when the checkpoint is present):
+//! - nothing evicted (rate 1, or a budget above the sequence) => token-for-token the greedy
+//!   output of the contiguous full cache, for every method;
+//! - after every compression step: the pool's blocks are each owned once (free or in one table),
+//!   each sequence holds at most its budget in blocks, no two slots alias, positions in a head
+//!   are distinct and the protected window survives;
+//! - achieved compression is reported honestly (the 128-token floor).
+use candle_core::{DType, Device, Result, Tensor};
+use kvc::compress::policy::{CompressHooks, Policy};
+use kvc::compress::{self, Budget, MethodOptions, MethodSpec, METHODS};
+use kvc::engine::{self, GenParams, Hooks};
+use kvc::hub::{ModelSource, ResolvedModel};
+use kvc::kvcache::budget::allowed_blocks;
+use kvc::kvcache::paged::{PagedCache, PagedSpec};
+use kvc::kvcache::{CacheBackend, Probe, SeqId};
+use kvc::model::tiny::{write_hf_dir, TinySpec};
+use kvc::model::LoadedModel;
+use std::collections::HashSet;
+
+fn tiny(spec: &TinySpec) -> (tempfile::TempDir, LoadedModel) {
+    let tmp = tempfile::tempdir().unwrap();
+    write_hf_dir(tmp.path(), spec, 1).unwrap();
+    let lm = kvc::model::load(
+        &ResolvedModel {
+            source: ModelSource::HfDir(tmp.path().into()),
+            name: "tiny".into(),
+            hub_id: None,
+            revision: None,
+        },
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    (tmp, lm)
+}
+
+fn params(max_new: usize) -> GenParams {
+    GenParams {
+        max_new_tokens: max_new,
+        stop_ids: Default::default(),
+        min_new_tokens: 0,
+        prefill_chunk: 16,
+        max_context: 2048,
+    }
+}
+
+const TEXT: &str = "the quick brown fox jumps over the lazy dog while the cat sat on the mat and \
+                    then the rat ate the cheese that lay in the house that jack built long ago";
+
+/// Small windows so tiny prompts get compressed.
+fn small_opts() -> MethodOptions {
+    MethodOptions {
+        block_size: 4,
+        kvc_window: 4,
+        protected_window: 4,
+        snap_window: 4,
+        sink_tokens: 2,
+        min_cache_tokens: 8,
+        ..Default::default()
+    }
+}
+
+fn specs() -> Vec<TinySpec> {
+    vec![
+        TinySpec::default(), // 4 q heads / 2 kv heads
+        TinySpec {
+            heads: 6,
+            kv_heads: 2, // groups of 3
+            layers: 3,
+            seed: 11,
+            ..Default::default()
+        },
+    ]
+}
+
+#[test]
+fn no_eviction_equals_full_cache_for_every_method() {
+    for ts in specs() {
+        let (_tmp, mut lm) = tiny(&ts);
+        let ids = lm.prompt_ids(TEXT, false).unwrap();
+        let cfg = lm.config().clone();
+        let p = params(16);
+        let full = compress::runner(
+            &MethodSpec::parse("full").unwrap(),
+            None,
+            &cfg,
+            &MethodOptions::default(),
+        )
+        .unwrap()
+        .run(&mut lm.model, &ids, &p)
+        .unwrap()
+        .0;
+        for m in METHODS.iter().filter(|m| **m != "full") {
+            for (budget, opts) in [
+                (Some(Budget::Rate(1.0)), MethodOptions::default()),
+                (Some(Budget::Tokens(10_000)), MethodOptions::default()),
+                (None, small_opts()),
+                (Some(Budget::Tokens(ids.len() + 16)), small_opts()),
+            ] {
+                let mut r =
+                    compress::runner(&MethodSpec::parse(m).unwrap(), budget, &cfg, &opts).unwrap();
+                let (g, st) = r.run(&mut lm.model, &ids, &p).unwrap();
+                assert_eq!(
+                    g.output_ids, full.output_ids,
+                    "{m} at {budget:?} differs from the full cache"
+                );
+                let (a, b) = (g.first_logits.unwrap(), full.first_logits.clone().unwrap());
+                let diff = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    diff < 1e-4,
+                    "{m} at {budget:?}: first logits differ by {diff}"
+                );
+                assert_eq!(st.kept_kvs, st.prompt_kvs, "{m} at {budget:?}");
+                assert_eq!(st.achieved_rate(), 1.0);
+            }
+        }
+    }
+}
+
+/// K, V rows `[L, d]` and metrics of every head right after prefill, nothing evicted (slot
+/// order = position order).
+struct Snapshot {
+    k: Vec<Vec<Tensor>>,
+    v: Vec<Vec<Tensor>>,
+    metric: Vec<Vec<Vec<f32>>>,
+}
+
+fn snapshot(c: &PagedCache, seq: SeqId) -> Snapshot {
+    let pool = c.pool();
+    let heads = |f: &dyn Fn(usize, usize) -> Tensor| {
+        (0..pool.layers())
+            .map(|l| (0..pool.kv_heads()).map(|h| f(l, h)).collect())
+            .collect()
+    };
+    Snapshot {
+        k: heads(&|l, h| c.head_k(l, seq, h).unwrap()),
+        v: heads(&|l, h| c.head_v(l, seq, h).unwrap()),
+        metric: (0..pool.layers())
+            .map(|l| {
+                (0..pool.kv_heads())
+                    .map(|h| pool.metrics(l, seq, h).unwrap())
+                    .collect()
+            })
+            .collect(),
+    }
+}
+
+/// Delegates to the method's hooks and checks the cache after every compression step.
+struct Checked<'a> {
+    /// Uncompressed prefill of the same prompt (recorded when `None` and `record`).
+    reference: Option<Snapshot>,
+    record: bool,
+    inner: CompressHooks<'a>,
+    budget: usize,
+    kvcompress: bool,
+    protected: usize,
+    uniform: bool,
+    /// The method compresses after decode steps too (otherwise budgets hold after prefill only).
+    continual: bool,
+    steps: usize,
+}
+
+impl Checked<'_> {
+    fn check(&mut self, cache: &dyn CacheBackend, seq: SeqId) {
+        self.steps += 1;
+        let c = cache.as_paged().unwrap();
+        if self.record {
+            if self.steps == 1 {
+                self.reference = Some(snapshot(c, seq));
+            }
+            return;
+        }
+        // Prompt K/V rows (and, right after prefill, metrics) moved with their positions.
+        if let Some(r) = &self.reference {
+            let pool = c.pool();
+            for l in 0..pool.layers() {
+                for h in 0..pool.kv_heads() {
+                    let pos = pool.positions(l, seq, h).unwrap();
+                    let prompt_len = r.metric[l][h].len() as u32;
+                    let keep: Vec<u32> = (0..pos.len() as u32)
+                        .filter(|&i| pos[i as usize] < prompt_len)
+                        .collect();
+                    let at: Vec<u32> = keep.iter().map(|&i| pos[i as usize]).collect();
+                    let n = keep.len();
+                    let keep = Tensor::from_vec(keep, n, &Device::Cpu).unwrap();
+                    let at = Tensor::from_vec(at, n, &Device::Cpu).unwrap();
+                    for (got, want) in [
+                        (c.head_k(l, seq, h).unwrap(), &r.k[l][h]),
+                        (c.head_v(l, seq, h).unwrap(), &r.v[l][h]),
+                    ] {
+                        let got = got.index_select(&keep, 0).unwrap();
+                        let want = want.index_select(&at, 0).unwrap();
+                        let d = (got - want)
+                            .unwrap()
+                            .abs()
+                            .unwrap()
+                            .sum_all()
+                            .unwrap()
+                            .to_scalar::<f32>()
+                            .unwrap();
+                        assert_eq!(d, 0.0, "K/V rows did not move with their positions");
+                    }
+                    if self.steps == 1 {
+                        let m = pool.metrics(l, seq, h).unwrap();
+                        for (i, &p) in pos.iter().enumerate() {
+                            assert_eq!(m[i], r.metric[l][h][p as usize], "metric of position {p}");
+                        }
+                    }
+                }
+            }
+        }
+        let pool = c.pool();
+        pool.check().unwrap();
+        let bs = pool.block_size();
+        let mut slots = HashSet::new();
+        for l in 0..pool.layers() {
+            for h in 0..pool.kv_heads() {
+                for s in pool.slots(l, seq, h).unwrap() {
+                    assert!(slots.insert(s), "slot {s} aliased");
+                }
+                let pos = pool.positions(l, seq, h).unwrap();
+                let uniq: HashSet<_> = pos.iter().collect();
+                assert_eq!(uniq.len(), pos.len(), "repeated position in a head");
+                // protected window (last positions) survives
+                let n = cache.seq_len(seq);
+                for p in n.saturating_sub(self.protected)..n {
+                    assert!(uniq.contains(&(p as u32)), "protected position {p} evicted");
+                }
+                if self.uniform && (self.steps == 1 || self.continual) {
+                    assert!(
+                        pos.len() <= self.budget,
+                        "head holds {} > {}",
+                        pos.len(),
+                        self.budget
+                    );
+                }
+            }
+        }
+        if self.kvcompress {
+            let allowed = allowed_blocks(self.budget, pool.layers(), pool.kv_heads(), bs);
+            assert!(pool.seq_blocks(seq).unwrap() <= allowed);
+        }
+        let mem = c.memory();
+        assert_eq!(mem.used_blocks + mem.free_blocks, mem.total_blocks);
+        assert_eq!(mem.used_blocks, pool.seq_blocks(seq).unwrap());
+    }
+}
+
+impl Hooks for Checked<'_> {
+    fn prefill_probe(&self) -> Probe {
+        self.inner.prefill_probe()
+    }
+    fn decode_probe(&self) -> Probe {
+        self.inner.decode_probe()
+    }
+    fn observe(
+        &mut self,
+        layer: usize,
+        probs: &Tensor,
+        cache: &dyn CacheBackend,
+        seq: SeqId,
+    ) -> Result<()> {
+        self.inner.observe(layer, probs, cache, seq)
+    }
+    fn after_prefill(&mut self, cache: &mut dyn CacheBackend, seq: SeqId) -> Result<()> {
+        self.inner.after_prefill(cache, seq)?;
+        self.check(cache, seq);
+        Ok(())
+    }
+    fn after_step(&mut self, cache: &mut dyn CacheBackend, seq: SeqId) -> Result<()> {
+        self.inner.after_step(cache, seq)?;
+        self.check(cache, seq);
+        Ok(())
+    }
+}
+
+#[test]
+fn compression_holds_budgets_and_keeps_the_pool_consistent() {
+    for ts in specs() {
+        let (_tmp, mut lm) = tiny(&ts);
+        let ids = lm.prompt_ids(TEXT, false).unwrap();
+        let cfg = lm.config().clone();
+        let opts = small_opts();
+        let mut totals = std::collections::HashMap::new();
+        for m in METHODS.iter().filter(|m| **m != "full") {
+            let spec = MethodSpec::parse(m).unwrap();
+            let policy: Box<dyn Policy> = compress::build_policy(&spec, &cfg, &opts).unwrap();
+            let budget = 12;
+            let budget_of = move |_: usize| Some(budget);
+            let no_budget = |_: usize| None;
+            let new_cache = || {
+                PagedCache::new(
+                    PagedSpec {
+                        layers: cfg.num_hidden_layers,
+                        kv_heads: cfg.num_key_value_heads,
+                        head_dim: cfg.head_dim,
+                        block_size: opts.block_size,
+                        dtype: DType::F32,
+                        device: Device::Cpu,
+                    },
+                    1000,
+                )
+                .unwrap()
+            };
+            let base = spec.base();
+            let mut rec = Checked {
+                reference: None,
+                record: true,
+                inner: CompressHooks::new(policy.as_ref(), cfg.num_hidden_layers, &no_budget),
+                budget,
+                kvcompress: false,
+                protected: 0,
+                uniform: false,
+                continual: false,
+                steps: 0,
+            };
+            engine::generate(&mut lm.model, &mut new_cache(), &ids, &params(1), &mut rec).unwrap();
+            let mut cache = new_cache();
+            let protected = match base {
+                "kvcompress" => opts.protected_window,
+                "streamingllm" => 1, // the newest token is always the most recent
+                "h2o" => 6,          // recent half of the budget
+                _ => opts.snap_window,
+            };
+            let mut hooks = Checked {
+                reference: rec.reference.take(),
+                record: false,
+                inner: CompressHooks::new(policy.as_ref(), cfg.num_hidden_layers, &budget_of),
+                budget,
+                kvcompress: base == "kvcompress",
+                protected,
+                uniform: matches!(base, "snapkv" | "streamingllm" | "h2o"),
+                continual: policy.continual(),
+                steps: 0,
+            };
+            let g =
+                engine::generate(&mut lm.model, &mut cache, &ids, &params(10), &mut hooks).unwrap();
+            assert_eq!(g.output_ids.len(), 10);
+            assert_eq!(hooks.steps, 10, "{m}"); // prefill + 9 decode steps
+            let kept = &hooks.inner.kept;
+            let total: usize = kept.per_head.iter().flatten().sum();
+            assert!(
+                total < ids.len() * cfg.num_hidden_layers * cfg.num_key_value_heads,
+                "{m}"
+            );
+            // everything is back in the pool once the sequence is gone
+            assert_eq!(cache.memory().used_blocks, 0, "{m}");
+            totals.insert(m.to_string(), total);
+        }
+        // KVCrush spends the same memory as its base (token form: per-head budgets).
+        for b in ["snapkv", "h2o", "ada-snapkv"] {
+            assert_eq!(totals[b], totals[&format!("{b}+kvcrush")], "{b}+kvcrush");
+        }
+    }
+}
+
+#[test]
+fn kvcompress_rate_budget_uses_the_floor_and_reports_achieved_rate() {
+    let (_tmp, mut lm) = tiny(&TinySpec::default());
+    let text = TEXT.repeat(3);
+    let ids = lm.prompt_ids(&text, false).unwrap();
+    assert!(ids.len() > 128, "{}", ids.len());
+    let cfg = lm.config().clone();
+    let mut r = compress::runner(
+        &MethodSpec::parse("kvcompress").unwrap(),
+        Some(Budget::Rate(8.0)),
+        &cfg,
+        &MethodOptions::default(),
+    )
+    .unwrap();
+    let (_, st) = r.run(&mut lm.model, &ids, &params(4)).unwrap();
+    assert_eq!(st.budget_tokens, Some(128));
+    let allowed = allowed_blocks(128, 2, 2, 16) * 16;
+    assert!(st.kept_kvs as usize <= allowed);
+    assert!(st.achieved_rate() > 1.0 && st.achieved_rate() < 8.0);
+    assert_eq!(st.kept_per_head.len(), 2);
+    assert_eq!(
+        st.kept_per_head.iter().flatten().sum::<usize>() as u64,
+        st.kept_kvs
+    );
+}
+
+#[test]
+fn tiny_token_budgets_are_clamped_to_the_protected_window() {
+    let (_tmp, mut lm) = tiny(&TinySpec::default());
+    let ids = lm.prompt_ids(TEXT, false).unwrap();
+    let cfg = lm.config().clone();
+    for m in ["kvcompress", "snapkv", "snapkv+kvcrush"] {
+        let mut r = compress::runner(
+            &MethodSpec::parse(m).unwrap(),
+            Some(Budget::Tokens(1)),
+            &cfg,
+            &small_opts(),
+        )
+        .unwrap();
+        let (_, st) = r.run(&mut lm.model, &ids, &params(3)).unwrap();
+        assert_eq!(st.budget_tokens, Some(4), "{m}");
+    }
+}
+
+/// SmolLM2-135M (GQA 9/3, 30 layers) on a short prompt: with a budget above the sequence every
+/// method reproduces the full cache; kvcompress at a small budget still runs.
+#[test]
+fn smollm2_short_prompt_matches_full_cache() {
+    let path = "/work/main/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+    if !std::path::Path::new(path).exists() {
+        eprintln!("skipped: {path} not present");
+        return;
+    }
+    let resolved = kvc::hub::resolve_model(path, &kvc::hub::HubEnv::from_env()).unwrap();
+    let mut lm = kvc::model::load(&resolved, &Device::Cpu, DType::F32).unwrap();
+    let ids = lm
+        .prompt_ids(
+            "Name three colours of the rainbow and say why the sky is blue.",
+            true,
+        )
+        .unwrap();
+    let cfg = lm.config().clone();
+    let p = params(12);
+    let full = compress::runner(
+        &MethodSpec::parse("full").unwrap(),
+        None,
+        &cfg,
+        &Default::default(),
+    )
+    .unwrap()
+    .run(&mut lm.model, &ids, &p)
+    .unwrap()
+    .0;
+    for m in ["kvcompress", "snapkv", "h2o", "kvcompress+kvcrush"] {
+        let (g, _) = compress::runner(
+            &MethodSpec::parse(m).unwrap(),
+            Some(Budget::Tokens(4096)),
+            &cfg,
+            &MethodOptions::default(),
+        )
+        .unwrap()
+        .run(&mut lm.model, &ids, &p)
+        .unwrap();
+        assert_eq!(g.output_ids, full.output_ids, "{m}");
+    }
+    let (g, st) = compress::runner(
+        &MethodSpec::parse("kvcompress").unwrap(),
+        Some(Budget::Tokens(16)),
+        &cfg,
+        &small_opts(),
+    )
+    .unwrap()
+    .run(&mut lm.model, &ids, &p)
+    .unwrap();
+    assert_eq!(g.output_ids.len(), 12);
+    assert!(st.achieved_rate() > 1.5, "{st:?}");
+}
