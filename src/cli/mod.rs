@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod compare;
+pub mod eval;
 pub mod plot;
 pub mod score;
 use std::process::ExitCode;
@@ -23,6 +24,8 @@ pub struct Cli {
 pub enum Command {
     /// Greedy continuation of one prompt (full cache).
     Generate(generate::GenerateArgs),
+    /// Run LongBench through a sweep of compression methods and rates; score and plot it.
+    Eval(eval::EvalArgs),
     Score(score::ScoreArgs),
     Plot(plot::PlotArgs),
     Compare(compare::CompareArgs),
@@ -33,6 +36,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: anyhow::Result<Status> = match cli.command {
         Command::Generate(a) => generate::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Score(a) => score::run(a),
         Command::Plot(a) => plot::run(a),
         Command::Compare(a) => compare::run(a),
