@@ -573,7 +573,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
     })
 }
 
-/// One screen: a row per run with the `all` score and percent of full, then per category.
+/// One screen: a row per run; the full-cache run shows LongBench scores, the others percent of
+/// the full-cache score (per category and `all`, the per-subset mean). LongBench-E subsets are
+/// scored per length bucket and left out of this table (see summary.csv).
 fn write_table(
     out: &mut String,
     model: &str,
@@ -581,34 +583,33 @@ fn write_table(
     summary: &[scores::SummaryRow],
     plans: &[RunPlan],
 ) {
-    let cats: Vec<String> = {
-        let mut seen: Vec<String> = Vec::new();
-        for s in summary.iter().filter(|s| s.category != "all") {
-            if !seen.contains(&s.category) {
-                seen.push(s.category.clone());
-            }
+    let mut cats: Vec<String> = Vec::new();
+    for s in summary.iter().filter(|s| s.category != "all") {
+        if !cats.contains(&s.category) {
+            cats.push(s.category.clone());
         }
-        seen
-    };
+    }
     let short = |c: &str| -> String {
         match c {
-            "Single-Doc QA" => "SDQA".into(),
-            "Multi-Doc QA" => "MDQA".into(),
+            "Single-Doc QA" => "SDocQA".into(),
+            "Multi-Doc QA" => "MDocQA".into(),
             "Summarization" => "Summ".into(),
-            "Few-shot Learning" => "Few".into(),
+            "Few-shot Learning" => "FewShot".into(),
             "Synthetic" => "Synth".into(),
-            "Code" => "Code".into(),
-            other => other.chars().take(6).collect(),
+            other => other.chars().take(7).collect(),
         }
     };
-    let _ = writeln!(out, "model {model}: LongBench score (% of full cache)");
+    let _ = writeln!(
+        out,
+        "{model}: full/rate1 in LongBench points, other runs in % of full cache"
+    );
     let _ = write!(
         out,
-        "{:<24} {:>5} {:>6} {:>8} {:>15}",
+        "{:<22} {:>5} {:>6} {:>8} {:>7}",
         "run", "n", "failed", "achieved", "all"
     );
     for c in &cats {
-        let _ = write!(out, " {:>15}", short(c));
+        let _ = write!(out, " {:>7}", short(c));
     }
     let _ = writeln!(out);
     for (p, o) in plans.iter().zip(outcomes) {
@@ -622,10 +623,10 @@ fn write_table(
             })
         };
         let cell = |s: Option<&scores::SummaryRow>| match s {
-            Some(s) => match s.percent_of_full {
-                Some(pc) if !p.is_full() => format!("{:.2} ({:.0}%)", s.score, pc),
-                _ => format!("{:.2}", s.score),
-            },
+            Some(s) if p.is_full() => format!("{:.2}", s.score),
+            Some(s) => s
+                .percent_of_full
+                .map_or("-".into(), |pc| format!("{pc:.1}%")),
             None => "-".into(),
         };
         let all = find("all");
@@ -634,7 +635,7 @@ fn write_table(
             .map_or("-".into(), |a| format!("{a:.1}x"));
         let _ = write!(
             out,
-            "{:<24} {:>5} {:>6} {:>8} {:>15}",
+            "{:<22} {:>5} {:>6} {:>8} {:>7}",
             p.label(),
             o.n_selected,
             o.n_failed,
@@ -642,7 +643,7 @@ fn write_table(
             cell(all)
         );
         for c in &cats {
-            let _ = write!(out, " {:>15}", cell(find(c)));
+            let _ = write!(out, " {:>7}", cell(find(c)));
         }
         let _ = writeln!(out);
     }

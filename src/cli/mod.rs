@@ -24,7 +24,6 @@ pub struct Cli {
 pub enum Command {
     /// Greedy continuation of one prompt (full cache).
     Generate(generate::GenerateArgs),
-    /// Run LongBench through a sweep of compression methods and rates; score and plot it.
     Eval(eval::EvalArgs),
     Score(score::ScoreArgs),
     Plot(plot::PlotArgs),
