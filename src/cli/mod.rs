@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod compare;
+pub mod eval;
 pub mod plot;
 pub mod score;
 use std::process::ExitCode;
@@ -25,6 +26,7 @@ pub struct Cli {
 pub enum Command {
     /// Greedy continuation of one prompt (full cache).
     Generate(generate::GenerateArgs),
+    Eval(eval::EvalArgs),
     /// Prefill and single-sequence decode speed of the model (full cache); prints a table.
     BenchModel(bench_model::BenchModelArgs),
     /// Replay a transformers reference file and report prompt / logit / output agreement.
@@ -39,6 +41,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: anyhow::Result<Status> = match cli.command {
         Command::Generate(a) => generate::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::BenchModel(a) => bench_model::run(a),
         Command::Conformance(a) => conformance::run(a),
         Command::Score(a) => score::run(a),

@@ -1,3 +1,5 @@
-//! LongBench data: the task table, readers, prompt building and truncation.
+//! LongBench data: the task table, readers, task selection, prompt building and truncation.
+pub mod longbench;
 pub mod prompt;
+pub mod select;
 pub mod tasks;

@@ -2,4 +2,5 @@
 //! ([`record`]) and per-sample / per-subset scoring exactly as LongBench's `eval.py` ([`score`]).
 pub mod metrics;
 pub mod record;
+pub mod run;
 pub mod score;

@@ -52,6 +52,9 @@ pub struct PredRecord {
     /// Whether the model's chat template was applied to the prompt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<bool>,
+    /// Whether LongBench's middle truncation cut the prompt (it exceeded the max input length).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncated: Option<bool>,
     /// Why generation stopped: `eos`, `stop` (e.g. samsum's newline), `length`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<String>,

@@ -1,0 +1,650 @@
+//! `kvc eval`: generate LongBench predictions for a sweep of compression methods and budgets,
+//! resumably, then score and plot them (see [`crate::eval::run`] for the pipeline).
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::model_args::ModelArgs;
+use super::score::emit_stdout;
+use crate::compress::{self, MethodOptions, MethodSpec};
+use crate::data::longbench::Dataset;
+use crate::data::select::select_tasks;
+use crate::eval::metrics::MetricOptions;
+use crate::eval::record::{PredRecord, RunMeta};
+use crate::eval::run::{
+    self, ChatMode, Observer, RunConfig, RunOutcome, RunPlan, SampleSettings, Sweep, PROMPT_RECIPE,
+};
+use crate::eval::score::OnError;
+use crate::hub::{self, HubEnv, ModelSource};
+use crate::report::plot::{draw_figure, quality_figures};
+use crate::report::scores::{self, Budget};
+use crate::util::Status;
+
+/// The bundled LongBench sample (rows copied unchanged from official files).
+pub const BUNDLED_DATA: &str = "datasets/longbench/sample";
+
+#[derive(Args, Debug)]
+#[command(
+    about = "Run LongBench through a sweep of KV-cache compression methods and rates, then score and plot",
+    long_about = "Run LongBench through a sweep of KV-cache compression methods and budgets, then score
+and plot it.
+
+The sweep is the full-cache run (method full, rate 1: the baseline every percentage divides by,
+computed once) plus every --methods entry at every --rates value above 1 and every
+--cache-tokens budget. Each run writes
+
+  <out>/<model>/<method>/<budget>/run.json              resolved configuration + its hash,
+                                                         versions, model/data revisions, device
+  <out>/<model>/<method>/<budget>/preds/<subset>.jsonl  one row per sample, appended as made
+
+then kvc scores the whole tree exactly as LongBench's eval.py (<out>/scores.csv, summary.csv,
+result.json per run; see `kvc score --help`), draws <out>/plots/ and prints a summary.
+
+Prompts are LongBench's pred.py: the subset's template, middle truncation to the model's max
+input length (Llama-3.1 127500, Mistral-7B-v0.2 31500, SmolLM2 7500 tokens), the chat template
+except for trec, triviaqa, samsum, lsht, lcc, repobench-p, greedy decoding with the subset's max
+new tokens, samsum stopping at a newline.
+
+Resume: rerun the same command. Finished samples (by _id) are skipped, a torn last line left by a
+kill is dropped, and a run directory made with a different configuration is refused unless
+--overwrite. Ctrl-C finishes the sample in flight and stops (twice: abandon it at once).
+
+Exit codes: 0 ok; 1 finished, but some samples failed (recorded as rows with `error`, e.g. a
+prompt too long or out of memory); 2 error (bad input, interrupted)."
+)]
+#[command(after_help = "Examples:
+  kvc eval                                        # SmolLM2 on the bundled sample, rates 1,2,4,8,64
+  kvc eval -m llama-3.1-8b --data-dir hub --rates 1,2,4,8,64 --device cuda:0
+  kvc eval -m mistral-7b --data-dir ~/LongBench/data.zip --tasks code,few-shot --limit 50
+  kvc eval --data-dir ./data --tasks hotpotqa --methods snapkv,kvcompress --cache-tokens 128,512
+  kvc eval --data-dir ./data --tasks e --methods full --json > summary.json
+
+Data (--data-dir): a directory of <subset>.jsonl (the official files), the official data.zip,
+or `hub` (THUDM/LongBench data.zip in the Hugging Face cache; HF_HUB_OFFLINE=1 reads the cache
+only). Task sets: en16 (default), all, e (LongBench-E), a category (single-doc-qa, multi-doc-qa,
+summarization, few-shot, synthetic, code) or subset names, comma-separated.")]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub sweep: SweepArgs,
+    #[command(flatten)]
+    pub generation: GenerationArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// Which rows.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Data")]
+pub struct DataArgs {
+    /// LongBench data: a directory of <subset>.jsonl, the official data.zip, `hub` or
+    /// `hub:org/name[@revision]`. Default: the small sample bundled in datasets/longbench/sample
+    /// (3 subsets, 2 rows each).
+    #[arg(long, env = "KVC_DATA_DIR")]
+    pub data_dir: Option<String>,
+    /// Subsets: en16 (default; with the bundled sample: its subsets), all, e, category names,
+    /// subset names; comma-separated.
+    #[arg(long)]
+    pub tasks: Option<String>,
+    /// At most N samples per subset (the first N in file order).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Only these sample ids (`_id`), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub samples: Vec<String>,
+}
+
+/// Which runs.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Sweep")]
+pub struct SweepArgs {
+    /// Compression methods, comma-separated (the full-cache baseline is always run).
+    #[arg(long, value_delimiter = ',', default_value = "kvcompress")]
+    pub methods: Vec<String>,
+    /// Compression rates (prompt KVs / kept KVs, >= 1; 1 = the full cache). Default:
+    /// 1,2,4,8,16,32,64 (1,2,4,8,64 on the bundled sample; none when --cache-tokens is given).
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Option<Vec<f64>>,
+    /// Fixed cache budgets in tokens per kv-head (rounded up to the block size, 16), e.g.
+    /// 128,256,512,1024.
+    #[arg(long, value_delimiter = ',')]
+    pub cache_tokens: Vec<usize>,
+    #[command(flatten)]
+    pub method_options: MethodOptions,
+}
+
+/// How each sample is generated.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Generation")]
+pub struct GenerationArgs {
+    /// Max new tokens for every subset (default: each subset's LongBench value, 32-512).
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Middle-truncate prompts to this many tokens (default: the model's LongBench value, else
+    /// its context minus 512).
+    #[arg(long)]
+    pub max_input_tokens: Option<usize>,
+    /// Chat template: auto (LongBench's rule), always, never. Recorded per sample.
+    #[arg(long, value_enum, default_value_t = ChatMode::Auto)]
+    pub chat: ChatMode,
+    /// Prefill chunk length (memory vs speed).
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+}
+
+/// Where results go and how progress shows.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Output")]
+pub struct OutputArgs {
+    /// Results tree root.
+    #[arg(long, default_value = "results")]
+    pub out: PathBuf,
+    /// Discard the existing predictions of every run this command touches and start over.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// No progress bars (they are also hidden when stderr is not a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Print the final summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Only errors and warnings on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// The bundled sample directory: `./datasets/longbench/sample`, else beside the sources.
+fn bundled_dir() -> PathBuf {
+    let local = PathBuf::from(BUNDLED_DATA);
+    if local.is_dir() {
+        return local;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(BUNDLED_DATA)
+}
+
+/// Progress display: one bar per run on a terminal, else a line per run.
+struct Progress {
+    show_bars: bool,
+    quiet: bool,
+    bar: Option<ProgressBar>,
+    t0: Instant,
+    tokens: usize,
+    warnings: Vec<String>,
+}
+
+impl Observer for Progress {
+    fn run_start(&mut self, plan: &RunPlan, total: usize, done: usize) {
+        self.t0 = Instant::now();
+        self.tokens = 0;
+        if self.show_bars {
+            let bar = ProgressBar::new(total as u64);
+            bar.set_style(
+                ProgressStyle::with_template("{prefix:>22} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            bar.set_prefix(plan.label());
+            bar.set_position(done as u64);
+            bar.reset_eta();
+            self.bar = Some(bar);
+        } else if !self.quiet {
+            eprintln!(
+                "run {}: {total} samples ({done} already done)",
+                plan.label()
+            );
+        }
+    }
+
+    fn sample(&mut self, rec: &PredRecord, tokens: usize) {
+        self.tokens += tokens;
+        if let Some(b) = &self.bar {
+            let secs = self.t0.elapsed().as_secs_f64().max(1e-9);
+            b.set_message(format!("{:.0} tok/s", self.tokens as f64 / secs));
+            b.inc(1);
+            if let Some(e) = &rec.error {
+                b.println(format!(
+                    "warning: {} {}: {e}",
+                    rec.task.as_deref().unwrap_or(""),
+                    rec.id.as_deref().unwrap_or("")
+                ));
+            }
+        } else if let Some(e) = &rec.error {
+            eprintln!(
+                "warning: {} {} failed: {e}",
+                rec.task.as_deref().unwrap_or(""),
+                rec.id.as_deref().unwrap_or("")
+            );
+        }
+    }
+
+    fn run_end(&mut self, o: &RunOutcome) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+        if !self.quiet {
+            eprintln!(
+                "run {}: {} new, {} resumed, {} failed{} -> {}",
+                o.run,
+                o.n_new,
+                o.n_resumed,
+                o.n_failed,
+                if o.interrupted { ", interrupted" } else { "" },
+                o.dir.display()
+            );
+        }
+    }
+
+    fn warn(&mut self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.println(format!("warning: {msg}")),
+            None => eprintln!("warning: {msg}"),
+        }
+        self.warnings.push(msg.to_string());
+    }
+}
+
+/// Run `kvc eval`.
+pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
+    let quiet = args.output.quiet;
+    let note = |m: &str| {
+        if !quiet {
+            eprintln!("{m}");
+        }
+    };
+
+    // 1. Everything that can be checked without the model.
+    let methods = args
+        .sweep
+        .methods
+        .iter()
+        .map(|m| MethodSpec::parse(m))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let bundled = args.data.data_dir.is_none();
+    let rates = match &args.sweep.rates {
+        Some(r) => r.clone(),
+        None if !args.sweep.cache_tokens.is_empty() => vec![],
+        None if bundled => vec![1.0, 2.0, 4.0, 8.0, 64.0],
+        None => vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
+    };
+    let (plans, notes) = run::plan_runs(&methods, &rates, &args.sweep.cache_tokens)?;
+    for n in &notes {
+        eprintln!("note: {n}");
+    }
+    let env = HubEnv::from_env();
+    let data = match &args.data.data_dir {
+        Some(d) => Dataset::open(d, &env)?,
+        None => Dataset::open_path(&bundled_dir()).context(
+            "the bundled LongBench sample is missing (run from the kvc checkout, or pass --data-dir)",
+        )?,
+    };
+    let tasks = match &args.data.tasks {
+        Some(t) => select_tasks(t)?,
+        None if bundled => {
+            let have = data.subsets()?;
+            crate::data::tasks::LONGBENCH
+                .iter()
+                .filter(|t| have.iter().any(|h| h == t.name))
+                .collect()
+        }
+        None => select_tasks("en16")?,
+    };
+    let samples: Option<BTreeSet<String>> =
+        (!args.data.samples.is_empty()).then(|| args.data.samples.iter().cloned().collect());
+    let subsets = run::inspect_data(&data, &tasks, args.data.limit, samples.as_ref(), !bundled)?;
+    let (files_json, data_warnings) = run::data_report(&subsets);
+    for w in &data_warnings {
+        eprintln!("warning: {w}");
+    }
+    note(&format!(
+        "data: {} ({} subsets, {} samples); runs: {}",
+        data.description,
+        subsets.len(),
+        subsets.iter().map(|s| s.ids.len()).sum::<usize>(),
+        plans
+            .iter()
+            .map(RunPlan::label)
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+
+    // 2. The model, and every run's method built once up front (so an unimplemented method
+    //    fails now, not after hours of full-cache generation).
+    let device = args.model.device()?;
+    let dtype = args.model.dtype(&device)?;
+    let resolved = args.model.resolve()?;
+    let t_load = Instant::now();
+    let mut lm = crate::model::load(&resolved, &device, dtype)?;
+    note(&format!(
+        "model: {} loaded in {:.1}s on {:?} ({:?})",
+        lm.name,
+        t_load.elapsed().as_secs_f64(),
+        device,
+        dtype
+    ));
+    for p in &plans {
+        compress::runner(
+            &p.method,
+            p.compress_budget(),
+            lm.config(),
+            &args.sweep.method_options,
+        )
+        .with_context(|| format!("run {}", p.label()))?;
+    }
+    let max_input = match args.generation.max_input_tokens {
+        Some(m) => m,
+        None => match hub::default_max_input(&lm.name) {
+            Some(m) => m,
+            None => {
+                let m = lm
+                    .config()
+                    .max_position_embeddings
+                    .saturating_sub(512)
+                    .max(1);
+                eprintln!("note: no LongBench max input length is known for {}: truncating prompts to {m} tokens (context - 512); set --max-input-tokens", lm.name);
+                m
+            }
+        },
+    };
+    let model_source = match &resolved.source {
+        ModelSource::HfDir(p) | ModelSource::Gguf(p) => {
+            resolved.hub_id.clone().unwrap_or_else(|| {
+                p.canonicalize()
+                    .unwrap_or_else(|_| p.clone())
+                    .display()
+                    .to_string()
+            })
+        }
+    };
+    let dtype_name = format!("{dtype:?}").to_lowercase();
+    let device_name = format!("{device:?}");
+    let method_options_json = serde_json::to_value(&args.sweep.method_options)?;
+    let task_names: Vec<&str> = tasks.iter().map(|t| t.name).collect();
+    let argv: Vec<String> = std::env::args().collect();
+    let meta = |p: &RunPlan| -> RunMeta {
+        let cfg = RunConfig {
+            model: resolved.name.clone(),
+            model_source: model_source.clone(),
+            model_revision: resolved.revision.clone(),
+            dtype: dtype_name.clone(),
+            method: p.method.name.clone(),
+            rate: match p.budget {
+                Budget::Rate(r) => Some(r),
+                Budget::Tokens(_) => None,
+            },
+            budget_tokens: match p.budget {
+                Budget::Tokens(t) => Some(t),
+                Budget::Rate(_) => None,
+            },
+            method_options: method_options_json.clone(),
+            max_input_tokens: max_input,
+            max_new_tokens: args.generation.max_new_tokens,
+            chat: args.generation.chat,
+            prompt: PROMPT_RECIPE.into(),
+        };
+        let mut m = RunMeta {
+            model: Some(cfg.model.clone()),
+            method: Some(cfg.method.clone()),
+            rate: cfg.rate,
+            budget_tokens: cfg.budget_tokens,
+            extra: Default::default(),
+        };
+        let x = &mut m.extra;
+        x.insert("config_hash".into(), cfg.hash().into());
+        x.insert(
+            "config".into(),
+            serde_json::to_value(&cfg).unwrap_or_default(),
+        );
+        x.insert("kvc_version".into(), env!("CARGO_PKG_VERSION").into());
+        x.insert("device".into(), device_name.clone().into());
+        x.insert(
+            "data".into(),
+            serde_json::json!({
+                "source": data.description,
+                "hub_repo": data.hub_repo,
+                "revision": data.revision,
+                "bundled_sample": bundled,
+                "files": files_json,
+            }),
+        );
+        x.insert("warnings".into(), serde_json::json!(data_warnings));
+        x.insert("tasks".into(), serde_json::json!(task_names));
+        x.insert("limit".into(), serde_json::json!(args.data.limit));
+        x.insert("command".into(), serde_json::json!(argv));
+        x.insert(
+            "updated_unix".into(),
+            serde_json::json!(std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)),
+        );
+        m
+    };
+
+    // 3. Ctrl-C: first press finishes the sample in flight, second abandons it.
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                eprintln!("\ninterrupted: abandoning the sample in flight; rerun the same command to resume");
+                std::process::exit(2);
+            }
+            eprintln!("\nstopping after the sample in flight (Ctrl-C again to abandon it)");
+        });
+    }
+
+    // 4. The sweep.
+    let sweep = Sweep {
+        out: &args.output.out,
+        data: &data,
+        subsets: &subsets,
+        settings: SampleSettings {
+            max_input_tokens: max_input,
+            max_new_tokens: args.generation.max_new_tokens,
+            chat: args.generation.chat,
+            prefill_chunk: args.generation.prefill_chunk,
+        },
+        method_options: &args.sweep.method_options,
+        overwrite: args.output.overwrite,
+        meta: &meta,
+        stop: &stop,
+    };
+    let mut progress = Progress {
+        show_bars: !args.output.no_progress && !quiet && std::io::stderr().is_terminal(),
+        quiet,
+        bar: None,
+        t0: Instant::now(),
+        tokens: 0,
+        warnings: Vec::new(),
+    };
+    let mut outcomes = Vec::new();
+    let mut appended = 0;
+    for p in &plans {
+        let o = run::run_one(&mut lm, p, &sweep, &mut progress, &mut appended)?;
+        let stopped = o.interrupted;
+        outcomes.push(o);
+        if stopped {
+            break;
+        }
+    }
+    if outcomes.iter().any(|o| o.interrupted) {
+        anyhow::bail!(
+            "interrupted by Ctrl-C after {appended} new samples; every finished sample is saved under {}: rerun the same command to resume",
+            args.output.out.display()
+        );
+    }
+
+    // 5. Score the tree, plot, summarize.
+    let t = scores::score_tree(
+        &args.output.out,
+        false,
+        OnError::Stop,
+        &MetricOptions::default(),
+    )
+    .with_context(|| format!("scoring {}", args.output.out.display()))?;
+    let scores_path = args.output.out.join("scores.csv");
+    let summary_path = args.output.out.join("summary.csv");
+    scores::write_csv(&scores_path, &t.rows)?;
+    scores::write_csv(&summary_path, &t.summary)?;
+    let model_rows: Vec<_> = t
+        .rows
+        .iter()
+        .filter(|r| r.model == lm.name)
+        .cloned()
+        .collect();
+    let mut plots = Vec::new();
+    let plot_dir = args.output.out.join("plots");
+    let has_compressed = model_rows.iter().any(|r| r.method != "full");
+    if has_compressed {
+        match quality_figures(&model_rows, &scores_path.display().to_string()) {
+            Ok(figs) => {
+                for (stem, fig) in figs {
+                    match draw_figure(&fig, &plot_dir.join(stem)) {
+                        Ok(ps) => plots.extend(ps),
+                        Err(e) => eprintln!("warning: plot: {e}"),
+                    }
+                }
+            }
+            Err(e) => eprintln!("warning: no plots: {e}"),
+        }
+    }
+    let n_failed: usize = outcomes.iter().map(|o| o.n_failed).sum();
+    let summary: Vec<_> = t
+        .summary
+        .iter()
+        .filter(|s| {
+            s.model == lm.name
+                && plans
+                    .iter()
+                    .any(|p| p.method.name == s.method && p.budget.label() == s.budget)
+        })
+        .cloned()
+        .collect();
+    let mut out = String::new();
+    if args.output.json {
+        let v = serde_json::json!({
+            "model": lm.name,
+            "out": args.output.out,
+            "runs": outcomes,
+            "summary": summary,
+            "scores_csv": scores_path,
+            "summary_csv": summary_path,
+            "plots": plots,
+            "n_failed": n_failed,
+            "warnings": data_warnings.iter().chain(&progress.warnings).collect::<Vec<_>>(),
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    } else {
+        write_table(&mut out, &lm.name, &outcomes, &summary, &plans);
+        writeln!(
+            out,
+            "\nwrote {}, {}{}",
+            scores_path.display(),
+            summary_path.display(),
+            if plots.is_empty() {
+                String::new()
+            } else {
+                format!(", {} plots in {}", plots.len(), plot_dir.display())
+            }
+        )?;
+        if n_failed > 0 {
+            writeln!(
+                out,
+                "{n_failed} samples failed (rows with `error`; scored as written)"
+            )?;
+        }
+    }
+    emit_stdout(&out)?;
+    Ok(if n_failed > 0 {
+        Status::Failed
+    } else {
+        Status::Ok
+    })
+}
+
+/// One screen: a row per run; the full-cache run shows LongBench scores, the others percent of
+/// the full-cache score (per category and `all`, the per-subset mean). LongBench-E subsets are
+/// scored per length bucket and left out of this table (see summary.csv).
+fn write_table(
+    out: &mut String,
+    model: &str,
+    outcomes: &[RunOutcome],
+    summary: &[scores::SummaryRow],
+    plans: &[RunPlan],
+) {
+    let mut cats: Vec<String> = Vec::new();
+    for s in summary.iter().filter(|s| s.category != "all") {
+        if !cats.contains(&s.category) {
+            cats.push(s.category.clone());
+        }
+    }
+    let short = |c: &str| -> String {
+        match c {
+            "Single-Doc QA" => "SDocQA".into(),
+            "Multi-Doc QA" => "MDocQA".into(),
+            "Summarization" => "Summ".into(),
+            "Few-shot Learning" => "FewShot".into(),
+            "Synthetic" => "Synth".into(),
+            other => other.chars().take(7).collect(),
+        }
+    };
+    let _ = writeln!(
+        out,
+        "{model}: full/rate1 in LongBench points, other runs in % of full cache"
+    );
+    let _ = write!(
+        out,
+        "{:<22} {:>5} {:>6} {:>8} {:>7}",
+        "run", "n", "failed", "achieved", "all"
+    );
+    for c in &cats {
+        let _ = write!(out, " {:>7}", short(c));
+    }
+    let _ = writeln!(out);
+    for (p, o) in plans.iter().zip(outcomes) {
+        let label = p.budget.label();
+        let find = |cat: &str| {
+            summary.iter().find(|s| {
+                s.method == p.method.name
+                    && s.budget == label
+                    && s.category == cat
+                    && s.bucket.is_empty()
+            })
+        };
+        let cell = |s: Option<&scores::SummaryRow>| match s {
+            Some(s) if p.is_full() => format!("{:.2}", s.score),
+            Some(s) => s
+                .percent_of_full
+                .map_or("-".into(), |pc| format!("{pc:.1}%")),
+            None => "-".into(),
+        };
+        let all = find("all");
+        let achieved = all
+            .and_then(|s| s.achieved_rate)
+            .map_or("-".into(), |a| format!("{a:.1}x"));
+        let _ = write!(
+            out,
+            "{:<22} {:>5} {:>6} {:>8} {:>7}",
+            p.label(),
+            o.n_selected,
+            o.n_failed,
+            achieved,
+            cell(all)
+        );
+        for c in &cats {
+            let _ = write!(out, " {:>7}", cell(find(c)));
+        }
+        let _ = writeln!(out);
+    }
+}

@@ -1,0 +1,824 @@
+//! The `kvc eval` pipeline: a sweep of runs (method × budget) over LongBench subsets, with
+//! per-sample prediction rows appended and flushed as they are made, and resumable runs.
+//!
+//! Order of one invocation:
+//! 1. [`plan_runs`]: the full-cache run (`full/rate1`, computed once and shared by every method's
+//!    percentages) first, then each method × rate > 1 and × token budget. A rate of 1 *is* the
+//!    full cache (KV-Compress at rate 1 must equal the uncompressed output token for token), so
+//!    it is not run again per method.
+//! 2. [`inspect_data`]: one streaming pass per subset that validates every row, picks the
+//!    samples (`--samples`, then `--limit` in file order) and checks the file against the
+//!    official sha256 table.
+//! 3. Per run: [`prepare_run_dir`] (run.json with the resolved configuration and its hash;
+//!    refuses a directory made with another configuration unless `overwrite`), then per subset
+//!    [`load_existing`] (finished `_id`s; a torn last line is cut off) and the remaining
+//!    samples, each appended to `preds/<subset>.jsonl` and synced before the next one starts.
+//!    A failing sample (prompt too long, out of memory, ...) is written as a row with `error`.
+//! 4. Scoring and plots are the caller's (the CLI runs `report::scores::score_tree`).
+//!
+//! Prompts follow LongBench's `pred.py` (see [`crate::data::prompt`]); generation is greedy with
+//! the subset's max new tokens; samsum stops at a newline as pred.py does (its stop ids are the
+//! tokenizer's eos and the newline id, at least one new token).
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::compress::{self, Budget, MethodOptions, MethodSpec, Runner};
+use crate::data::longbench::{hex, verdict, DataError, Dataset, Verdict};
+use crate::data::prompt;
+use crate::data::tasks::Task;
+use crate::engine::{FinishReason, GenParams};
+use crate::eval::record::{PredRecord, RunMeta};
+use crate::model::{candle_msg, LoadedModel};
+use crate::report::scores::run_dir;
+use crate::util::write_atomic;
+
+/// Block size of the paged cache: token budgets are rounded up to a multiple of it.
+pub const BLOCK_SIZE: usize = 16;
+
+/// Errors of the pipeline; each names the file or the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} was made with a different configuration ({diffs}): rerun with the same settings to resume it, pass --overwrite to discard its predictions and start over, or choose another --out")]
+    ConfigMismatch { path: PathBuf, diffs: String },
+    #[error("{path} holds predictions but no run.json (not made by `kvc eval`): pass --overwrite to discard them, or choose another --out")]
+    Foreign { path: PathBuf },
+    #[error("{path}:{line}: not a prediction row ({msg}); only a torn last line is repaired: remove the line, or pass --overwrite to start the run over")]
+    BadPredLine {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
+    #[error("invalid budget: {0}")]
+    Budget(String),
+    #[error("--samples: no row with _id {missing} in the selected subsets ({tasks})")]
+    SamplesNotFound { missing: String, tasks: String },
+    #[error("{0}")]
+    Method(String),
+}
+
+fn io(path: &Path, source: std::io::Error) -> EvalError {
+    EvalError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One run of the sweep.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunPlan {
+    pub method: MethodSpec,
+    /// The directory budget (`rate1` for the full cache).
+    pub budget: Budget,
+}
+
+impl RunPlan {
+    pub fn is_full(&self) -> bool {
+        self.method.is_full()
+    }
+    /// The budget handed to [`compress::runner`] (`None` for the full cache).
+    pub fn compress_budget(&self) -> Option<Budget> {
+        (!self.is_full()).then_some(self.budget)
+    }
+    /// `full/rate1`, `kvcompress/rate8`.
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.method.name, self.budget.label())
+    }
+}
+
+/// The runs of a sweep, full cache first, and notes to show (rounded budgets).
+pub fn plan_runs(
+    methods: &[MethodSpec],
+    rates: &[f64],
+    cache_tokens: &[usize],
+) -> Result<(Vec<RunPlan>, Vec<String>), EvalError> {
+    let mut notes = Vec::new();
+    for &r in rates {
+        if !(r.is_finite() && r >= 1.0) {
+            return Err(EvalError::Budget(format!(
+                "rate {r}: a compression rate is prompt KVs / kept KVs, so it must be >= 1 (1 = full cache)"
+            )));
+        }
+    }
+    let mut tokens = Vec::new();
+    for &t in cache_tokens {
+        if t == 0 {
+            return Err(EvalError::Budget(
+                "--cache-tokens 0: a cache budget must be at least one block (16 tokens)".into(),
+            ));
+        }
+        let r = t.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        if r != t {
+            notes.push(format!(
+                "cache budget {t} is not a multiple of the block size {BLOCK_SIZE}: using {r}"
+            ));
+        }
+        if !tokens.contains(&r) {
+            tokens.push(r);
+        }
+    }
+    let full = MethodSpec {
+        name: "full".into(),
+    };
+    let mut runs = vec![RunPlan {
+        method: full,
+        budget: Budget::Rate(1.0),
+    }];
+    for m in methods.iter().filter(|m| !m.is_full()) {
+        let budgets = rates
+            .iter()
+            .filter(|r| **r > 1.0)
+            .map(|r| Budget::Rate(*r))
+            .chain(tokens.iter().map(|t| Budget::Tokens(*t)));
+        for b in budgets {
+            let p = RunPlan {
+                method: m.clone(),
+                budget: b,
+            };
+            if !runs.contains(&p) {
+                runs.push(p);
+            }
+        }
+    }
+    Ok((runs, notes))
+}
+
+/// Whether the model's chat template wraps the prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatMode {
+    /// LongBench's rule: every subset but trec, triviaqa, samsum, lsht, lcc, repobench-p (and
+    /// never for a model without a chat template).
+    Auto,
+    /// Every subset.
+    Always,
+    /// No subset.
+    Never,
+}
+
+/// The settings that decide a run's predictions; hashed into run.json. Two invocations with
+/// equal configurations may share (resume) a run directory; the task selection, `--limit` and
+/// the device are not part of it (they choose which samples, not how each is made).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub model: String,
+    /// The checkpoint path or hub id.
+    pub model_source: String,
+    pub model_revision: Option<String>,
+    pub dtype: String,
+    pub method: String,
+    pub rate: Option<f64>,
+    pub budget_tokens: Option<usize>,
+    pub method_options: serde_json::Value,
+    /// Middle-truncation length in tokens (LongBench's per-model max input length).
+    pub max_input_tokens: usize,
+    /// `--max-new-tokens` (None = each subset's own).
+    pub max_new_tokens: Option<usize>,
+    pub chat: ChatMode,
+    /// The prompt recipe (bumped if kvc's prompt building ever changes).
+    pub prompt: String,
+}
+
+/// The prompt recipe recorded in [`RunConfig::prompt`].
+pub const PROMPT_RECIPE: &str = "longbench-v1-pred.py";
+
+impl RunConfig {
+    /// sha256 of the JSON form, first 16 hex digits.
+    pub fn hash(&self) -> String {
+        let json = serde_json::to_string(self).unwrap_or_default();
+        hex(&Sha256::digest(json.as_bytes()))[..16].to_string()
+    }
+}
+
+/// Field-by-field differences between two JSON objects (`field: old -> new`).
+fn json_diffs(old: &serde_json::Value, new: &serde_json::Value) -> String {
+    let (Some(o), Some(n)) = (old.as_object(), new.as_object()) else {
+        return "unreadable old configuration".into();
+    };
+    let keys: BTreeSet<&String> = o.keys().chain(n.keys()).collect();
+    let d: Vec<String> = keys
+        .into_iter()
+        .filter(|k| o.get(*k) != n.get(*k))
+        .map(|k| {
+            let show = |v: Option<&serde_json::Value>| v.map_or("-".into(), |v| v.to_string());
+            format!("{k}: {} -> {}", show(o.get(k)), show(n.get(k)))
+        })
+        .collect();
+    if d.is_empty() {
+        "same settings, different hash".into()
+    } else {
+        d.join(", ")
+    }
+}
+
+/// Make `dir` ready for a run with `meta` (whose `extra.config` / `extra.config_hash` are
+/// set): resume when the existing run.json has the same hash, start over when `overwrite`,
+/// refuse otherwise. Writes run.json.
+pub fn prepare_run_dir(dir: &Path, meta: &RunMeta, overwrite: bool) -> Result<(), EvalError> {
+    let run_json = dir.join("run.json");
+    let preds = dir.join("preds");
+    let has_preds = std::fs::read_dir(&preds).is_ok_and(|mut rd| rd.next().is_some());
+    let new_hash = meta.extra.get("config_hash");
+    let mut discard = overwrite;
+    if !overwrite {
+        if run_json.is_file() {
+            let text = std::fs::read_to_string(&run_json).map_err(|e| io(&run_json, e))?;
+            let old: RunMeta = serde_json::from_str(&text).map_err(|e| EvalError::BadPredLine {
+                path: run_json.clone(),
+                line: e.line(),
+                msg: e.to_string(),
+            })?;
+            if old.extra.get("config_hash") != new_hash {
+                if has_preds {
+                    return Err(EvalError::ConfigMismatch {
+                        path: dir.to_path_buf(),
+                        diffs: json_diffs(
+                            old.extra.get("config").unwrap_or(&serde_json::Value::Null),
+                            meta.extra.get("config").unwrap_or(&serde_json::Value::Null),
+                        ),
+                    });
+                }
+                discard = true;
+            }
+        } else if has_preds {
+            return Err(EvalError::Foreign {
+                path: dir.to_path_buf(),
+            });
+        }
+    }
+    if discard {
+        if preds.exists() {
+            std::fs::remove_dir_all(&preds).map_err(|e| io(&preds, e))?;
+        }
+        let _ = std::fs::remove_file(dir.join("result.json"));
+    }
+    std::fs::create_dir_all(&preds).map_err(|e| io(&preds, e))?;
+    let json = serde_json::to_string_pretty(meta).unwrap_or_default();
+    write_atomic(&run_json, json.as_bytes()).map_err(|e| io(&run_json, e))
+}
+
+/// What an existing prediction file holds.
+#[derive(Debug, Default)]
+pub struct Existing {
+    /// `_id`s with a row (failed ones included).
+    pub done: HashSet<String>,
+    /// Rows with `error`.
+    pub n_failed: usize,
+    /// Bytes of a torn (unterminated) last line that were cut off.
+    pub torn_bytes: usize,
+}
+
+/// Read a prediction file for resuming: collect the finished ids; cut off an unterminated last
+/// line (a write interrupted by a kill); any other bad line is an error naming it.
+pub fn load_existing(path: &Path) -> Result<Existing, EvalError> {
+    let mut ex = Existing::default();
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ex),
+        Err(e) => return Err(io(path, e)),
+    };
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+    if complete < bytes.len() {
+        ex.torn_bytes = bytes.len() - complete;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| io(path, e))?;
+        f.set_len(complete as u64).map_err(|e| io(path, e))?;
+        f.sync_all().map_err(|e| io(path, e))?;
+    }
+    let body = &bytes[..complete];
+    let body = body.strip_suffix(b"\n").unwrap_or(body);
+    for (i, line) in body.split(|&b| b == b'\n').enumerate() {
+        if complete == 0 {
+            break;
+        }
+        let bad = |msg: String| EvalError::BadPredLine {
+            path: path.to_path_buf(),
+            line: i + 1,
+            msg,
+        };
+        let text = std::str::from_utf8(line).map_err(|_| bad("not valid UTF-8".into()))?;
+        let rec = PredRecord::from_json_line(text).map_err(|e| bad(e.to_string()))?;
+        let id = rec.id.ok_or_else(|| bad("no `_id`".into()))?;
+        if rec.error.is_some() {
+            ex.n_failed += 1;
+        }
+        ex.done.insert(id);
+    }
+    Ok(ex)
+}
+
+/// The samples of one subset this invocation asks for, and its file's checksum verdict.
+#[derive(Debug, Clone)]
+pub struct SubsetPlan {
+    pub task: &'static Task,
+    /// Selected `_id`s in file order.
+    pub ids: Vec<String>,
+    /// Rows in the file.
+    pub n_rows: usize,
+    pub verdict: Option<Verdict>,
+}
+
+/// Validate every selected subset (all rows parse, LongBench-E rows have `length`), pick the
+/// samples (`samples` filter, then `limit` in file order) and, when `check_sums`, compare each
+/// file with the official sha256. Streams one subset at a time.
+pub fn inspect_data(
+    ds: &Dataset,
+    tasks: &[&'static Task],
+    limit: Option<usize>,
+    samples: Option<&BTreeSet<String>>,
+    check_sums: bool,
+) -> Result<Vec<SubsetPlan>, EvalError> {
+    for t in tasks {
+        ds.require(t.name)?;
+    }
+    let mut out = Vec::new();
+    let mut found: BTreeSet<String> = BTreeSet::new();
+    for &task in tasks {
+        let mut ids = Vec::new();
+        let mut seen = HashSet::new();
+        let mut n_rows = 0;
+        for r in ds.rows(task.name)? {
+            let (line, row) = r?;
+            n_rows += 1;
+            if task.longbench_e && row.length.is_none() {
+                return Err(DataError::BadRow {
+                    path: ds.label(task.name),
+                    line,
+                    msg: "missing field `length` (LongBench-E buckets on it)".into(),
+                }
+                .into());
+            }
+            if samples.is_some_and(|s| !s.contains(&row.id)) {
+                continue;
+            }
+            if limit.is_some_and(|l| ids.len() >= l) || !seen.insert(row.id.clone()) {
+                continue;
+            }
+            found.insert(row.id.clone());
+            ids.push(row.id);
+        }
+        let verdict = if check_sums {
+            Some(verdict(task.name, &ds.sha256(task.name)?))
+        } else {
+            None
+        };
+        out.push(SubsetPlan {
+            task,
+            ids,
+            n_rows,
+            verdict,
+        });
+    }
+    if let Some(s) = samples {
+        let missing: Vec<&str> = s
+            .iter()
+            .filter(|id| !found.contains(*id))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            return Err(EvalError::SamplesNotFound {
+                missing: missing.join(", "),
+                tasks: tasks.iter().map(|t| t.name).collect::<Vec<_>>().join(", "),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Per-sample settings shared by a sweep.
+#[derive(Debug, Clone)]
+pub struct SampleSettings {
+    pub max_input_tokens: usize,
+    pub max_new_tokens: Option<usize>,
+    pub chat: ChatMode,
+    pub prefill_chunk: usize,
+}
+
+/// Generate one sample; failures become a row with `error` (never an `Err`).
+pub fn run_sample(
+    lm: &mut LoadedModel,
+    runner: &mut dyn Runner,
+    plan: &RunPlan,
+    task: &Task,
+    row: &crate::data::longbench::Row,
+    s: &SampleSettings,
+) -> PredRecord {
+    let mut rec = PredRecord {
+        pred: String::new(),
+        answers: row.answers.clone(),
+        all_classes: row.all_classes.clone(),
+        length: row.length,
+        id: Some(row.id.clone()),
+        task: Some(task.name.to_string()),
+        model: Some(lm.name.clone()),
+        method: Some(plan.method.name.clone()),
+        rate: match plan.budget {
+            Budget::Rate(r) => Some(r),
+            Budget::Tokens(_) => None,
+        },
+        budget_tokens: match plan.budget {
+            Budget::Tokens(t) => Some(t),
+            Budget::Rate(_) => None,
+        },
+        ..Default::default()
+    };
+    if let Err(e) = generate_into(lm, runner, task, row, s, &mut rec) {
+        rec.error = Some(e);
+    }
+    rec
+}
+
+fn generate_into(
+    lm: &mut LoadedModel,
+    runner: &mut dyn Runner,
+    task: &Task,
+    row: &crate::data::longbench::Row,
+    s: &SampleSettings,
+    rec: &mut PredRecord,
+) -> Result<(), String> {
+    let filled = task
+        .build_prompt(&row.context, &row.input)
+        .map_err(|e| e.to_string())?;
+    let has_template = lm.tokenizer.chat_template.is_some();
+    let chat = match s.chat {
+        ChatMode::Auto => task.chat_template && has_template,
+        ChatMode::Always => true,
+        ChatMode::Never => false,
+    };
+    rec.chat_template = Some(chat);
+    let built = prompt::build(lm, &filled, s.max_input_tokens, chat).map_err(|e| e.to_string())?;
+    rec.truncated = Some(built.truncated);
+    rec.prompt_tokens = Some(built.ids.len());
+    let max_ctx = lm.config().max_position_embeddings;
+    if built.ids.len() >= max_ctx {
+        return Err(format!(
+            "prompt too long: {} tokens after truncation to {} (+ chat template), the model's context holds {max_ctx}: lower --max-input-tokens",
+            built.ids.len(),
+            s.max_input_tokens
+        ));
+    }
+    let (stop_ids, min_new) = if task.base == "samsum" {
+        // pred.py: eos_token_id=[tokenizer.eos_token_id, encode("\n")[-1]], min_length=len+1.
+        let mut ids: BTreeSet<u32> = lm
+            .tokenizer
+            .eos_token
+            .as_deref()
+            .and_then(|t| lm.tokenizer.token_to_id(t))
+            .into_iter()
+            .collect();
+        if ids.is_empty() {
+            ids = lm.stop_ids.clone();
+        }
+        let nl = lm
+            .tokenizer
+            .encode("\n", false)
+            .map_err(|e| e.to_string())?;
+        ids.extend(nl.last());
+        (ids, 1)
+    } else {
+        (lm.stop_ids.clone(), 0)
+    };
+    let params = GenParams {
+        max_new_tokens: s.max_new_tokens.unwrap_or(task.max_new_tokens),
+        stop_ids,
+        min_new_tokens: min_new,
+        prefill_chunk: s.prefill_chunk,
+        max_context: max_ctx,
+    };
+    let (g, stats) = runner
+        .run(&mut lm.model, &built.ids, &params)
+        .map_err(|e| candle_msg(&e))?;
+    rec.pred = lm
+        .tokenizer
+        .decode(&g.output_ids, true)
+        .map_err(|e| e.to_string())?;
+    rec.new_tokens = Some(g.output_ids.len());
+    rec.finish_reason = Some(
+        match g.finish_reason {
+            FinishReason::Stop => {
+                if g.output_ids.last().is_some_and(|t| lm.stop_ids.contains(t)) {
+                    "eos"
+                } else {
+                    "stop"
+                }
+            }
+            FinishReason::Length => "length",
+            FinishReason::Context => "context",
+        }
+        .to_string(),
+    );
+    rec.cache_tokens = Some(stats.cache_tokens(lm.config()));
+    rec.achieved_rate = Some(stats.achieved_rate());
+    rec.prefill_ms = Some(g.prefill_ms);
+    rec.decode_ms = Some(g.decode_ms);
+    Ok(())
+}
+
+/// Appends rows to a prediction file, each synced before returning.
+pub struct PredWriter {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl PredWriter {
+    pub fn open(path: &Path) -> Result<PredWriter, EvalError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| io(path, e))?;
+        Ok(PredWriter {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    /// One line, written with a single `write_all` and synced.
+    pub fn append(&mut self, rec: &PredRecord) -> Result<(), EvalError> {
+        let mut line = rec.to_json_line();
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|_| self.file.sync_data())
+            .map_err(|e| io(&self.path, e))
+    }
+}
+
+/// What happened in one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunOutcome {
+    pub run: String,
+    pub dir: PathBuf,
+    /// Samples this invocation selected.
+    pub n_selected: usize,
+    /// Of those, already finished before (resumed).
+    pub n_resumed: usize,
+    /// Generated now.
+    pub n_new: usize,
+    /// Rows with `error` among the selected (old and new).
+    pub n_failed: usize,
+    /// Stopped by Ctrl-C before the end.
+    pub interrupted: bool,
+}
+
+/// Progress events for the caller's display.
+pub trait Observer {
+    /// A run starts: `total` selected samples, `done` of them finished before.
+    fn run_start(&mut self, _plan: &RunPlan, _total: usize, _done: usize) {}
+    /// A sample finished (`tokens` = prompt + generated).
+    fn sample(&mut self, _rec: &PredRecord, _tokens: usize) {}
+    fn run_end(&mut self, _outcome: &RunOutcome) {}
+    fn warn(&mut self, _msg: &str) {}
+}
+
+/// Everything a sweep needs besides the model.
+pub struct Sweep<'a> {
+    pub out: &'a Path,
+    pub data: &'a Dataset,
+    pub subsets: &'a [SubsetPlan],
+    pub settings: SampleSettings,
+    pub method_options: &'a MethodOptions,
+    pub overwrite: bool,
+    /// Builds the run.json of a run from its plan (the CLI knows versions, device, ...).
+    pub meta: &'a dyn Fn(&RunPlan) -> RunMeta,
+    pub stop: &'a AtomicBool,
+}
+
+/// Test hooks (environment): abort the process after N appended rows (a kill without any
+/// cleanup), and sleep before each sample (so a test can interrupt a run midway).
+fn test_hooks() -> (Option<usize>, Option<u64>) {
+    let num = |k: &str| std::env::var(k).ok().and_then(|v| v.parse().ok());
+    (
+        num("KVC_EVAL_TEST_ABORT_AFTER").map(|n: u64| n as usize),
+        num("KVC_EVAL_TEST_SAMPLE_DELAY_MS"),
+    )
+}
+
+/// Run one plan over every subset (resuming), appending rows.
+pub fn run_one(
+    lm: &mut LoadedModel,
+    plan: &RunPlan,
+    sw: &Sweep,
+    obs: &mut dyn Observer,
+    appended: &mut usize,
+) -> Result<RunOutcome, EvalError> {
+    let dir = run_dir(sw.out, &lm.name, &plan.method.name, plan.budget);
+    prepare_run_dir(&dir, &(sw.meta)(plan), sw.overwrite)?;
+    let mut runner = compress::runner(
+        &plan.method,
+        plan.compress_budget(),
+        lm.config(),
+        sw.method_options,
+    )
+    .map_err(|e| EvalError::Method(format!("{e:#}")))?;
+    let (abort_after, delay_ms) = test_hooks();
+    let mut out = RunOutcome {
+        run: plan.label(),
+        dir: dir.clone(),
+        n_selected: sw.subsets.iter().map(|s| s.ids.len()).sum(),
+        n_resumed: 0,
+        n_new: 0,
+        n_failed: 0,
+        interrupted: false,
+    };
+    // Resume state of every subset first, so the progress bar knows the total.
+    let mut todo: Vec<(usize, HashSet<String>)> = Vec::new();
+    for (i, sp) in sw.subsets.iter().enumerate() {
+        let path = dir.join("preds").join(format!("{}.jsonl", sp.task.name));
+        let ex = load_existing(&path)?;
+        if ex.torn_bytes > 0 {
+            obs.warn(&format!(
+                "{}: dropped a torn last line ({} bytes) left by an interrupted write; that sample is redone",
+                path.display(),
+                ex.torn_bytes
+            ));
+        }
+        out.n_failed += ex.n_failed;
+        let rest: HashSet<String> = sp
+            .ids
+            .iter()
+            .filter(|id| !ex.done.contains(*id))
+            .cloned()
+            .collect();
+        out.n_resumed += sp.ids.len() - rest.len();
+        todo.push((i, rest));
+    }
+    obs.run_start(plan, out.n_selected, out.n_resumed);
+    'subsets: for (i, rest) in todo {
+        if rest.is_empty() {
+            continue;
+        }
+        let sp = &sw.subsets[i];
+        let path = dir.join("preds").join(format!("{}.jsonl", sp.task.name));
+        let mut w = PredWriter::open(&path)?;
+        let mut left = rest.len();
+        let mut rest = rest;
+        for r in sw.data.rows(sp.task.name)? {
+            if left == 0 {
+                break;
+            }
+            let (_, row) = r?;
+            if !rest.remove(&row.id) {
+                continue;
+            }
+            left -= 1;
+            if sw.stop.load(Ordering::SeqCst) {
+                out.interrupted = true;
+                break 'subsets;
+            }
+            if let Some(ms) = delay_ms {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+            let rec = run_sample(lm, runner.as_mut(), plan, sp.task, &row, &sw.settings);
+            w.append(&rec)?;
+            *appended += 1;
+            out.n_new += 1;
+            if rec.error.is_some() {
+                out.n_failed += 1;
+            }
+            let tokens = rec.prompt_tokens.unwrap_or(0) + rec.new_tokens.unwrap_or(0);
+            obs.sample(&rec, tokens);
+            if abort_after.is_some_and(|n| *appended >= n) {
+                std::process::abort();
+            }
+        }
+    }
+    if sw.stop.load(Ordering::SeqCst) && out.n_resumed + out.n_new < out.n_selected {
+        out.interrupted = true;
+    }
+    obs.run_end(&out);
+    Ok(out)
+}
+
+/// Checksum verdicts as a JSON map for run.json, and the warnings for differing files.
+pub fn data_report(subsets: &[SubsetPlan]) -> (serde_json::Value, Vec<String>) {
+    let mut files = BTreeMap::new();
+    let mut warnings = Vec::new();
+    for s in subsets {
+        if let Some(v) = &s.verdict {
+            if let Verdict::Differs { sha256, official } = v {
+                warnings.push(format!(
+                    "{}: the data file differs from the official LongBench file (sha256 {sha256}, official {official}); scores may not compare with published numbers",
+                    s.task.name
+                ));
+            }
+            files.insert(
+                s.task.name.to_string(),
+                serde_json::to_value(v).unwrap_or_default(),
+            );
+        }
+    }
+    (serde_json::to_value(files).unwrap_or_default(), warnings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(n: &str) -> MethodSpec {
+        MethodSpec { name: n.into() }
+    }
+
+    #[test]
+    fn plan_puts_full_first_once_and_rounds_token_budgets() {
+        let (runs, notes) =
+            plan_runs(&[m("full"), m("kvcompress")], &[1.0, 2.0, 8.0], &[100, 128]).unwrap();
+        let labels: Vec<_> = runs.iter().map(RunPlan::label).collect();
+        assert_eq!(
+            labels,
+            [
+                "full/rate1",
+                "kvcompress/rate2",
+                "kvcompress/rate8",
+                "kvcompress/tokens112",
+                "kvcompress/tokens128"
+            ]
+        );
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].contains("100") && notes[0].contains("112"));
+        assert!(runs[0].compress_budget().is_none());
+        assert_eq!(runs[1].compress_budget(), Some(Budget::Rate(2.0)));
+        let e = plan_runs(&[m("kvcompress")], &[0.5], &[]).unwrap_err();
+        assert!(e.to_string().contains(">= 1"), "{e}");
+        assert!(plan_runs(&[], &[f64::NAN], &[]).is_err());
+        assert!(plan_runs(&[], &[], &[0]).is_err());
+    }
+
+    #[test]
+    fn torn_last_line_is_cut_and_bad_middle_line_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("x.jsonl");
+        let good = r#"{"pred":"a","answers":["a"],"all_classes":null,"_id":"1"}"#;
+        let failed = r#"{"pred":"","answers":["a"],"all_classes":null,"_id":"2","error":"oom"}"#;
+        std::fs::write(&p, format!("{good}\n{failed}\n{{\"pred\":\"b\",\"ans")).unwrap();
+        let ex = load_existing(&p).unwrap();
+        assert_eq!(ex.done.len(), 2);
+        assert_eq!(ex.n_failed, 1);
+        assert!(ex.torn_bytes > 0);
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            format!("{good}\n{failed}\n")
+        );
+        std::fs::write(&p, format!("{good}\nnot json\n{good}\n")).unwrap();
+        let e = load_existing(&p).unwrap_err().to_string();
+        assert!(e.contains("x.jsonl:2"), "{e}");
+        assert!(load_existing(&tmp.path().join("absent.jsonl"))
+            .unwrap()
+            .done
+            .is_empty());
+    }
+
+    #[test]
+    fn config_mismatch_is_refused_unless_overwrite() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = |max_input| RunConfig {
+            model: "m".into(),
+            model_source: "/m".into(),
+            model_revision: None,
+            dtype: "f32".into(),
+            method: "full".into(),
+            rate: Some(1.0),
+            budget_tokens: None,
+            method_options: serde_json::json!({}),
+            max_input_tokens: max_input,
+            max_new_tokens: None,
+            chat: ChatMode::Auto,
+            prompt: PROMPT_RECIPE.into(),
+        };
+        let meta = |c: RunConfig| {
+            let mut m = RunMeta::default();
+            m.extra.insert("config_hash".into(), c.hash().into());
+            m.extra
+                .insert("config".into(), serde_json::to_value(&c).unwrap());
+            m
+        };
+        let dir = tmp.path().join("run");
+        prepare_run_dir(&dir, &meta(cfg(100)), false).unwrap();
+        std::fs::write(dir.join("preds/trec.jsonl"), "{}\n").unwrap();
+        // Same configuration: resumes (keeps the file).
+        prepare_run_dir(&dir, &meta(cfg(100)), false).unwrap();
+        assert!(dir.join("preds/trec.jsonl").exists());
+        let e = prepare_run_dir(&dir, &meta(cfg(200)), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("max_input_tokens: 100 -> 200") && e.contains("--overwrite"),
+            "{e}"
+        );
+        prepare_run_dir(&dir, &meta(cfg(200)), true).unwrap();
+        assert!(!dir.join("preds/trec.jsonl").exists());
+    }
+}

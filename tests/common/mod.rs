@@ -1,0 +1,112 @@
+//! Helpers shared by the eval tests: fixture LongBench rows and a hand-written zip writer.
+#![allow(dead_code)]
+use std::io::Write;
+use std::path::Path;
+
+/// A LongBench-shaped row (official field order).
+pub fn row(id: &str, context: &str, input: &str, answers: &[&str], dataset: &str) -> String {
+    serde_json::json!({
+        "input": input,
+        "context": context,
+        "answers": answers,
+        "length": context.split_whitespace().count(),
+        "dataset": dataset,
+        "language": "en",
+        "all_classes": null,
+        "_id": id,
+    })
+    .to_string()
+}
+
+/// `n` rows of `subset`, ids `<subset>-<i>`, CRLF-terminated like the official files.
+pub fn subset_rows(subset: &str, n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            let ctx = format!(
+                "Passage {i}: the cat sat on the mat and then the rat ate the hat number {i}. {}",
+                "there is a tale here. ".repeat(i % 3 + 1)
+            );
+            row(
+                &format!("{subset}-{i}"),
+                &ctx,
+                &format!("what did the rat eat in passage {i}?"),
+                &["the hat"],
+                subset,
+            ) + "\r\n"
+        })
+        .collect()
+}
+
+/// Write a zip with the given members (deflated when `deflate`), as `zip -r` does.
+pub fn write_zip(path: &Path, members: &[(&str, &[u8])], deflate: bool) {
+    let mut out: Vec<u8> = Vec::new();
+    let mut central: Vec<u8> = Vec::new();
+    let u16le = |v: &mut Vec<u8>, x: u16| v.extend_from_slice(&x.to_le_bytes());
+    let u32le = |v: &mut Vec<u8>, x: u32| v.extend_from_slice(&x.to_le_bytes());
+    for (name, data) in members {
+        let mut crc = flate2::Crc::new();
+        crc.update(data);
+        let body = if deflate {
+            let mut e =
+                flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        } else {
+            data.to_vec()
+        };
+        let method = if deflate { 8 } else { 0 };
+        let offset = out.len() as u32;
+        u32le(&mut out, 0x0403_4b50);
+        u16le(&mut out, 20);
+        u16le(&mut out, 0);
+        u16le(&mut out, method);
+        u16le(&mut out, 0);
+        u16le(&mut out, 0x21);
+        u32le(&mut out, crc.sum());
+        u32le(&mut out, body.len() as u32);
+        u32le(&mut out, data.len() as u32);
+        u16le(&mut out, name.len() as u16);
+        u16le(&mut out, 0);
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&body);
+        u32le(&mut central, 0x0201_4b50);
+        u16le(&mut central, 20);
+        u16le(&mut central, 20);
+        u16le(&mut central, 0);
+        u16le(&mut central, method);
+        u16le(&mut central, 0);
+        u16le(&mut central, 0x21);
+        u32le(&mut central, crc.sum());
+        u32le(&mut central, body.len() as u32);
+        u32le(&mut central, data.len() as u32);
+        u16le(&mut central, name.len() as u16);
+        u16le(&mut central, 0);
+        u16le(&mut central, 0);
+        u16le(&mut central, 0);
+        u16le(&mut central, 0);
+        u32le(&mut central, 0);
+        u32le(&mut central, offset);
+        central.extend_from_slice(name.as_bytes());
+    }
+    let cd_offset = out.len() as u32;
+    out.extend_from_slice(&central);
+    u32le(&mut out, 0x0605_4b50);
+    u16le(&mut out, 0);
+    u16le(&mut out, 0);
+    u16le(&mut out, members.len() as u16);
+    u16le(&mut out, members.len() as u16);
+    u32le(&mut out, central.len() as u32);
+    u32le(&mut out, cd_offset);
+    u16le(&mut out, 0);
+    std::fs::write(path, out).unwrap();
+}
+
+/// A hub cache holding `datasets--<repo>/snapshots/<commit>/<file>` with `refs/main`.
+pub fn hub_cache_with(root: &Path, repo: &str, commit: &str, file: &str, bytes: &[u8]) {
+    let dir = root.join(format!("datasets--{}", repo.replace('/', "--")));
+    std::fs::create_dir_all(dir.join("refs")).unwrap();
+    std::fs::write(dir.join("refs/main"), commit).unwrap();
+    let snap = dir.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::write(snap.join(file), bytes).unwrap();
+}

@@ -1,0 +1,404 @@
+//! `kvc eval` end to end on the CPU with a tiny random model and fixture subsets: a run killed
+//! midway (abort hook and a real Ctrl-C) resumes, and every sample ends up exactly once with a
+//! score; a changed configuration is refused unless --overwrite; bad input exits 2 with one
+//! clear line.
+mod common;
+
+use common::{hub_cache_with, row, subset_rows, write_zip};
+use kvc::model::tiny::{write_hf_dir, TinySpec};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    model: PathBuf,
+    data: PathBuf,
+    out: PathBuf,
+    root: PathBuf,
+}
+
+/// A tiny model (directory name `tiny`), hotpotqa (5 rows, chat template) and samsum (3 rows,
+/// no chat template, newline stop).
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    write_hf_dir(&model, &TinySpec::default(), 1).unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("hotpotqa.jsonl"), subset_rows("hotpotqa", 5)).unwrap();
+    std::fs::write(data.join("samsum.jsonl"), subset_rows("samsum", 3)).unwrap();
+    Fixture {
+        out: tmp.path().join("results"),
+        root: tmp.path().to_path_buf(),
+        _tmp: tmp,
+        model,
+        data,
+    }
+}
+
+impl Fixture {
+    fn args(&self, extra: &[&str]) -> Vec<String> {
+        let data = self.data.to_str().unwrap().to_string();
+        self.args_with_data(&data, extra)
+    }
+
+    fn args_with_data(&self, data: &str, extra: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = [
+            "eval",
+            "--model",
+            self.model.to_str().unwrap(),
+            "--data-dir",
+            data,
+            "--tasks",
+            "hotpotqa,samsum",
+            "--methods",
+            "full",
+            "--max-new-tokens",
+            "3",
+            "--out",
+            self.out.to_str().unwrap(),
+            "--no-progress",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(i) = extra.iter().position(|a| *a == "--tasks") {
+            // The caller's --tasks replaces the default one.
+            let j = v.iter().position(|a| a == "--tasks").unwrap();
+            v[j + 1] = extra[i + 1].to_string();
+            v.extend(
+                extra
+                    .iter()
+                    .enumerate()
+                    .filter(|(k, _)| *k != i && *k != i + 1)
+                    .map(|(_, s)| s.to_string()),
+            );
+            return v;
+        }
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+
+    fn cmd(&self, extra: &[&str], envs: &[(&str, &str)]) -> Command {
+        self.cmd_with(self.args(extra), envs)
+    }
+
+    fn cmd_with(&self, args: Vec<String>, envs: &[(&str, &str)]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kvc"));
+        c.args(args)
+            .current_dir(&self.root)
+            .env("HF_HUB_OFFLINE", "1")
+            .env_remove("KVC_MODEL")
+            .env_remove("KVC_DATA_DIR")
+            .env_remove("KVC_EVAL_TEST_ABORT_AFTER")
+            .env_remove("KVC_EVAL_TEST_SAMPLE_DELAY_MS");
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn run(&self, extra: &[&str], envs: &[(&str, &str)]) -> Output {
+        self.cmd(extra, envs).output().unwrap()
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        self.out.join("tiny/full/rate1")
+    }
+
+    fn pred_lines(&self, subset: &str) -> Vec<serde_json::Value> {
+        let p = self.run_dir().join(format!("preds/{subset}.jsonl"));
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Every selected sample exactly once, and each scored in scores.csv with n equal to the rows.
+fn assert_complete(f: &Fixture) {
+    for (subset, n) in [("hotpotqa", 5), ("samsum", 3)] {
+        let rows = f.pred_lines(subset);
+        let mut count: BTreeMap<String, usize> = BTreeMap::new();
+        for r in &rows {
+            *count
+                .entry(r["_id"].as_str().unwrap().to_string())
+                .or_default() += 1;
+            assert_eq!(r["method"], "full");
+            assert_eq!(r["rate"], 1.0);
+            assert_eq!(r["achieved_rate"], 1.0);
+            assert!(r["cache_tokens"].as_u64().unwrap() > 0);
+            assert!(r.get("error").is_none(), "{r}");
+        }
+        assert_eq!(count.len(), n, "{subset}: {count:?}");
+        assert!(count.values().all(|c| *c == 1), "{subset}: {count:?}");
+        // The chat decision follows LongBench (samsum is a continuation task).
+        assert!(rows
+            .iter()
+            .all(|r| r["chat_template"] == (subset == "hotpotqa")));
+    }
+    let csv = std::fs::read_to_string(f.out.join("scores.csv")).unwrap();
+    let mut seen = 0;
+    for line in csv.lines().skip(1) {
+        let cells: Vec<&str> = line.split(',').collect();
+        if cells[1] == "full" && (cells[5] == "hotpotqa" || cells[5] == "samsum") {
+            let n: usize = cells[10].parse().unwrap();
+            assert_eq!(n, if cells[5] == "hotpotqa" { 5 } else { 3 }, "{line}");
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 2, "{csv}");
+    assert!(f.run_dir().join("result.json").is_file());
+    assert!(f.out.join("summary.csv").is_file());
+}
+
+#[test]
+fn killed_run_resumes_and_every_sample_appears_once() {
+    let f = fixture();
+    // A kill after 3 rows (abort: no cleanup at all).
+    let o = f.run(&[], &[("KVC_EVAL_TEST_ABORT_AFTER", "3")]);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(f.pred_lines("hotpotqa").len(), 3, "{}", text(&o));
+    // A torn last line, as a kill in the middle of a write leaves.
+    let p = f.run_dir().join("preds/hotpotqa.jsonl");
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes.extend_from_slice(br#"{"pred":"half a li"#);
+    std::fs::write(&p, bytes).unwrap();
+    let run_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.run_dir().join("run.json")).unwrap())
+            .unwrap();
+    assert_eq!(run_json["method"], "full");
+    assert_eq!(run_json["config"]["max_new_tokens"], 3);
+    assert!(run_json["config_hash"].as_str().unwrap().len() == 16);
+
+    let o = f.run(&[], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("torn last line"), "{err}");
+    assert!(err.contains("3 resumed"), "{err}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("full/rate1") && out.contains("scores.csv"),
+        "{out}"
+    );
+    assert_complete(&f);
+
+    // A third run has nothing to do and changes nothing.
+    let before = std::fs::read(&p).unwrap();
+    let o = f.run(&["--json"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["runs"][0]["n_new"], 0);
+    assert_eq!(v["runs"][0]["n_resumed"], 8);
+    assert_eq!(v["model"], "tiny");
+    assert!(v["summary"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["category"] == "all"));
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+}
+
+#[test]
+fn ctrl_c_finishes_the_sample_in_flight_then_resume_completes() {
+    let f = fixture();
+    let child = f
+        .cmd(&[], &[("KVC_EVAL_TEST_SAMPLE_DELAY_MS", "400")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let preds = f.run_dir().join("preds/hotpotqa.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&preds).map_or(0, |s| s.lines().count()) < 1 {
+        assert!(t0.elapsed().as_secs() < 120, "no row after 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("interrupted") && err.contains("resume"),
+        "{err}"
+    );
+    let n = f.pred_lines("hotpotqa").len() + f.pred_lines("samsum").len();
+    assert!((1..8).contains(&n), "{n} rows");
+    let o = f.run(&[], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_complete(&f);
+}
+
+#[test]
+fn changed_configuration_is_refused_unless_overwrite() {
+    let f = fixture();
+    let o = f.run(&["--limit", "1"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // --limit and --tasks are not part of the configuration: this extends the same run.
+    let o = f.run(&["--limit", "2"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(f.pred_lines("hotpotqa").len(), 2);
+    let untruncated = f.pred_lines("hotpotqa")[0]["prompt_tokens"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(f.pred_lines("hotpotqa")[0]["truncated"], false);
+    let o = f.run(&["--limit", "2", "--max-input-tokens", "64"], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("max_input_tokens") && err.contains("--overwrite") && !err.contains("panick"),
+        "{err}"
+    );
+    let o = f.run(
+        &["--limit", "1", "--max-input-tokens", "64", "--overwrite"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let rows = f.pred_lines("hotpotqa");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["truncated"], true);
+    // 64 template tokens + the chat template's own (the tiny vocabulary is byte-level).
+    let truncated = rows[0]["prompt_tokens"].as_u64().unwrap();
+    assert!(truncated < untruncated, "{truncated} vs {untruncated}");
+}
+
+#[test]
+fn failed_samples_are_rows_with_error_and_exit_1() {
+    let f = fixture();
+    // A prompt longer than the tiny model's context (2048): recorded, not fatal.
+    let long = "word ".repeat(3000);
+    let mut body = subset_rows("hotpotqa", 2);
+    body.push_str(&(row("hotpotqa-long", &long, "q?", &["a"], "hotpotqa") + "\r\n"));
+    std::fs::write(f.data.join("hotpotqa.jsonl"), body).unwrap();
+    let o = f.run(
+        &["--tasks", "hotpotqa", "--max-input-tokens", "100000"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let rows = f.pred_lines("hotpotqa");
+    assert_eq!(rows.len(), 3);
+    let bad: Vec<_> = rows.iter().filter(|r| r.get("error").is_some()).collect();
+    assert_eq!(bad.len(), 1);
+    assert_eq!(bad[0]["_id"], "hotpotqa-long");
+    assert!(bad[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("prompt too long"));
+    // The failed row is scored as written (n includes it).
+    assert!(String::from_utf8_lossy(&o.stdout).contains("1 samples failed"));
+}
+
+/// Exit 2 and one `error:` line containing every needle.
+fn assert_error(o: &Output, needles: &[&str]) {
+    assert_eq!(o.status.code(), Some(2), "{}", text(o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error: ")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "lacks {n:?}: {err}");
+    }
+}
+
+#[test]
+fn bad_input_is_one_clear_error() {
+    let f = fixture();
+    assert_error(
+        &f.run(&["--tasks", "hotpotqa,bogus"], &[]),
+        &["`bogus`", "en16", "repobench-p"],
+    );
+    assert_error(
+        &f.run(&["--tasks", "lcc"], &[]),
+        &["`lcc`", "found: hotpotqa, samsum"],
+    );
+    assert_error(&f.run(&["--rates", "1,0.5"], &[]), &["0.5", ">= 1"]);
+    assert_error(&f.run(&["--methods", "nope"], &[]), &["nope", "full"]);
+    assert_error(
+        &f.run(&["--samples", "hotpotqa-1,zzz"], &[]),
+        &["zzz", "--samples"],
+    );
+    // A row without `context`: file and line.
+    let mut body = subset_rows("samsum", 1);
+    body.push_str("{\"input\": \"q\", \"answers\": [\"a\"], \"length\": 1, \"_id\": \"s9\"}\r\n");
+    std::fs::write(f.data.join("samsum.jsonl"), body).unwrap();
+    assert_error(&f.run(&[], &[]), &["samsum.jsonl:2", "context"]);
+    assert!(
+        !f.out.join("tiny").exists(),
+        "nothing is written before validation"
+    );
+}
+
+#[test]
+fn reads_data_zip_and_the_hub_cache_offline() {
+    let f = fixture();
+    let zip = f.root.join("data.zip");
+    write_zip(
+        &zip,
+        &[
+            ("data/hotpotqa.jsonl", subset_rows("hotpotqa", 5).as_bytes()),
+            ("data/samsum.jsonl", subset_rows("samsum", 3).as_bytes()),
+        ],
+        true,
+    );
+    let cache = f.root.join("hub");
+    let commit = "fedcba9876543210fedcba9876543210fedcba98";
+    hub_cache_with(
+        &cache,
+        "THUDM/LongBench",
+        commit,
+        "data.zip",
+        &std::fs::read(&zip).unwrap(),
+    );
+    let cache_s = cache.to_str().unwrap();
+    let o = f
+        .cmd_with(
+            f.args_with_data("hub", &["--samples", "hotpotqa-2,samsum-0"]),
+            &[("HF_HUB_CACHE", cache_s)],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let run_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.run_dir().join("run.json")).unwrap())
+            .unwrap();
+    assert_eq!(run_json["data"]["revision"], commit);
+    assert_eq!(run_json["data"]["hub_repo"], "THUDM/LongBench");
+    // Not the official files: recorded as a warning per subset.
+    assert_eq!(run_json["data"]["files"]["hotpotqa"]["status"], "differs");
+    assert!(run_json["warnings"][0]
+        .as_str()
+        .unwrap()
+        .contains("differs from the official"));
+    assert_eq!(f.pred_lines("hotpotqa").len(), 1);
+    assert_eq!(f.pred_lines("samsum")[0]["_id"], "samsum-0");
+    // The same data from the zip file directly resumes the same run (the data path is not part
+    // of the configuration).
+    let o = f
+        .cmd_with(
+            f.args_with_data(zip.to_str().unwrap(), &["--limit", "2"]),
+            &[],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(
+        f.pred_lines("hotpotqa").len(),
+        3,
+        "hotpotqa-0, -1 added to -2"
+    );
+}
