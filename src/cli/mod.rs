@@ -26,6 +26,7 @@ pub struct Cli {
 pub enum Command {
     /// Greedy continuation of one prompt (full cache).
     Generate(generate::GenerateArgs),
+    /// Run LongBench through a sweep of compression methods and rates; score and plot it.
     Eval(eval::EvalArgs),
     /// Prefill and single-sequence decode speed of the model (full cache); prints a table.
     BenchModel(bench_model::BenchModelArgs),
