@@ -110,12 +110,16 @@ const COLORS: [RGBColor; 10] = [
 fn draw_on<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &Figure) -> Result<(), String> {
     let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
     root.fill(&WHITE).map_err(e)?;
+    // Shrink the title font so long titles fit narrow (one- or two-panel) figures; DejaVu Sans
+    // averages about 0.55 em per character.
+    let width = root.dim_in_pixel().0 as f64;
+    let title_px = ((width - 40.0) / (0.56 * fig.title.chars().count().max(1) as f64)).clamp(14.0, 30.0);
     let (header, body) = root.split_vertically(90);
     header
         .draw(&Text::new(
             fig.title.clone(),
             (20, 12),
-            (FONT_NAME, 30).into_font(),
+            (FONT_NAME, title_px).into_font(),
         ))
         .map_err(e)?;
     header
