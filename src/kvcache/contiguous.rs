@@ -4,10 +4,10 @@
 //! This is the oracle: plain matmul + softmax attention (softmax in f32, as transformers' eager
 //! attention), no eviction. Compressed backends must reproduce its outputs when nothing is
 //! evicted.
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 use std::collections::HashMap;
 
-use super::{AttnCall, AttnOut, CacheBackend, Probe, SeqId};
+use super::{AttnCall, AttnOut, CacheBackend, SeqId};
 
 struct LayerKv {
     k: Tensor,
@@ -160,38 +160,12 @@ impl CacheBackend for ContiguousCache {
                 seq.pos += t;
             }
             outs.push(out);
-            match call.probe {
-                Probe::None => {}
-                Probe::All => probs.push(p),
-                Probe::LastQueries(n) => {
-                    let n = n.min(t);
-                    probs.push(p.narrow(2, t - n, n)?);
-                }
+            if let Some(p) = super::probed_rows(p, call.probe, t)? {
+                probs.push(p);
             }
         }
         let out = Tensor::cat(&outs, 0)?;
-        let probs = if probs.is_empty() {
-            None
-        } else {
-            // Pad to the longest sequence (equal lengths in the usual single-sequence case).
-            let max = probs
-                .iter()
-                .map(|p| p.dim(D::Minus1).unwrap_or(0))
-                .max()
-                .unwrap_or(0);
-            let padded: Vec<Tensor> = probs
-                .into_iter()
-                .map(|p| {
-                    let len = p.dim(D::Minus1)?;
-                    if len == max {
-                        Ok(p)
-                    } else {
-                        p.pad_with_zeros(D::Minus1, 0, max - len)
-                    }
-                })
-                .collect::<Result<_>>()?;
-            Some(Tensor::cat(&padded, 0)?)
-        };
+        let probs = super::stack_probs(probs)?;
         Ok(AttnOut { out, probs })
     }
 
@@ -218,6 +192,8 @@ impl CacheBackend for ContiguousCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kvcache::Probe;
+    use candle_core::D;
 
     /// Attention computed one query at a time with explicit loops: the judge for the batched,
     /// masked, grouped version.

@@ -93,3 +93,40 @@ pub trait CacheBackend {
         None
     }
 }
+
+/// The probed rows of one sequence's probabilities `p` `[1, nh, t, kv]` (shared by backends).
+pub fn probed_rows(p: Tensor, probe: Probe, t: usize) -> Result<Option<Tensor>> {
+    Ok(match probe {
+        Probe::None => None,
+        Probe::All => Some(p),
+        Probe::LastQueries(n) => {
+            let n = n.min(t);
+            Some(p.narrow(2, t - n, n)?)
+        }
+    })
+}
+
+/// Stack per-sequence probabilities into `[batch, nh, n_probed, max_kv_len]`, zero-padding each
+/// to the longest kv length (see [`AttnOut::probs`]).
+pub fn stack_probs(probs: Vec<Tensor>) -> Result<Option<Tensor>> {
+    if probs.is_empty() {
+        return Ok(None);
+    }
+    let max = probs
+        .iter()
+        .map(|p| p.dim(candle_core::D::Minus1).unwrap_or(0))
+        .max()
+        .unwrap_or(0);
+    let padded: Vec<Tensor> = probs
+        .into_iter()
+        .map(|p| {
+            let len = p.dim(candle_core::D::Minus1)?;
+            if len == max {
+                Ok(p)
+            } else {
+                p.pad_with_zeros(candle_core::D::Minus1, 0, max - len)
+            }
+        })
+        .collect::<Result<_>>()?;
+    Ok(Some(Tensor::cat(&padded, 0)?))
+}

@@ -16,11 +16,11 @@
 //!
 //! Departure from the paper's vLLM implementation: attention gathers each head's rows into a
 //! dense tensor (plain matmul) instead of a paged-attention kernel.
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 use std::collections::BTreeMap;
 
 use super::blocks::{BlockError, BlockPool, EvictionPlan, MemoryLayout, MemoryReport};
-use super::{AttnCall, AttnOut, CacheBackend, Probe, SeqId};
+use super::{AttnCall, AttnOut, CacheBackend, SeqId};
 
 /// Default tokens per block (the paper's).
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
@@ -323,33 +323,12 @@ impl CacheBackend for PagedCache {
                 *self.pos.get_mut(&sid).expect("checked in attend_one") += t;
             }
             outs.push(out);
-            match call.probe {
-                Probe::None => {}
-                Probe::All => probs.push(p),
-                Probe::LastQueries(n) => {
-                    let n = n.min(t);
-                    probs.push(p.narrow(2, t - n, n)?);
-                }
+            if let Some(p) = super::probed_rows(p, call.probe, t)? {
+                probs.push(p);
             }
         }
         let out = Tensor::cat(&outs, 0)?;
-        let probs = if probs.is_empty() {
-            None
-        } else {
-            let max = probs
-                .iter()
-                .map(|p| p.dim(D::Minus1).unwrap_or(0))
-                .max()
-                .unwrap_or(0);
-            let padded: Vec<Tensor> = probs
-                .into_iter()
-                .map(|p| {
-                    let len = p.dim(D::Minus1)?;
-                    p.pad_with_zeros(D::Minus1, 0, max - len)
-                })
-                .collect::<Result<_>>()?;
-            Some(Tensor::cat(&padded, 0)?)
-        };
+        let probs = super::stack_probs(probs)?;
         Ok(AttnOut { out, probs })
     }
 
@@ -383,6 +362,7 @@ mod tests {
     use super::*;
     use crate::kvcache::blocks::HeadEviction;
     use crate::kvcache::contiguous::{causal_attention, ContiguousCache};
+    use crate::kvcache::Probe;
 
     fn spec(layers: usize, nkv: usize, d: usize, bs: usize) -> PagedSpec {
         PagedSpec {

@@ -113,7 +113,8 @@ fn draw_on<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &Figure) -> Re
     // Shrink the title font so long titles fit narrow (one- or two-panel) figures; DejaVu Sans
     // averages about 0.55 em per character.
     let width = root.dim_in_pixel().0 as f64;
-    let title_px = ((width - 40.0) / (0.56 * fig.title.chars().count().max(1) as f64)).clamp(14.0, 30.0);
+    let title_px =
+        ((width - 40.0) / (0.56 * fig.title.chars().count().max(1) as f64)).clamp(14.0, 30.0);
     let (header, body) = root.split_vertically(90);
     header
         .draw(&Text::new(
