@@ -1,4 +1,6 @@
-//! Conformance with transformers (the judge): `../shared/reference/smollm2_greedy.jsonl` holds
+//! Conformance with transformers (the judge): `tests/data/smollm2_greedy.jsonl` (a copy of
+//! `../shared/reference/smollm2_greedy.jsonl`, described in `tests/data/smollm2_greedy.README.md`;
+//! the LongBench rows it was made from are in `tests/data/conformance_longbench/`, byte for byte) holds
 //! transformers' greedy outputs of SmolLM2-135M-Instruct (GGUF dequantized to f32). In f32 on
 //! the CPU kvc must build identical prompt ids for every record (chat template and LongBench
 //! middle truncation included), match the recorded first-step top-5 logits within 1e-3, and
@@ -44,9 +46,9 @@ fn smollm2_matches_transformers_greedy_f32_cpu() {
     )
     .unwrap();
     let opts = CheckOptions {
-        reference: root().join("../shared/reference/smollm2_greedy.jsonl"),
+        reference: root().join("tests/data/smollm2_greedy.jsonl"),
         rederived: root().join("tests/data/smollm2_transformers_rederived.jsonl"),
-        longbench: root().join("../shared/longbench"),
+        longbench: root().join("tests/data/conformance_longbench"),
         only: std::env::var("KVC_CONFORMANCE_ONLY").ok(),
         prompts_only: std::env::var("KVC_CONFORMANCE_PROMPTS_ONLY").is_ok_and(|v| v == "1"),
         tie_margin: 1e-3,

@@ -11,13 +11,13 @@ use crate::util::Status;
 
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Example (the committed SmolLM2 reference, on the GPU in bf16):\n  kvc conformance --device cuda:0 --dtype bf16 \\\n    --reference ../shared/reference/smollm2_greedy.jsonl --longbench ../shared/longbench"
+    after_help = "Examples (the committed SmolLM2 reference):\n  kvc conformance                                   # f32 on the CPU: must agree exactly\n  kvc conformance --device cuda:0 --dtype bf16      # agreement rate in bf16"
 )]
 pub struct ConformanceArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Reference generations (jsonl: name, kind, prompt_ids, output_ids, first_step_top5_*).
-    #[arg(long)]
+    #[arg(long, default_value = "tests/data/smollm2_greedy.jsonl")]
     pub reference: PathBuf,
     /// Outputs re-derived with transformers' plain greedy generate (the judge for output ids).
     #[arg(
@@ -26,7 +26,7 @@ pub struct ConformanceArgs {
     )]
     pub rederived: PathBuf,
     /// Directory holding the LongBench `<task>.jsonl` rows the reference prompts come from.
-    #[arg(long)]
+    #[arg(long, default_value = "tests/data/conformance_longbench")]
     pub longbench: PathBuf,
     /// Only records whose name contains this text.
     #[arg(long)]

@@ -167,10 +167,25 @@ pub fn check(
                     text.lines().map(str::to_string).collect(),
                 );
             }
-            let line = rows_cache[task_name]
-                .get(idx)
-                .with_context(|| format!("{task_name}.jsonl has no row {idx}"))?;
-            let row: serde_json::Value = serde_json::from_str(line)?;
+            // The row is found by the `_id` in the record's name (`task:_id`), so a file holding
+            // only the needed rows works; `row_index` is the fallback.
+            let want_id = name.split_once(':').map(|(_, id)| id);
+            let rows = &rows_cache[task_name];
+            let by_id = want_id.and_then(|id| {
+                rows.iter().find_map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                    (v["_id"].as_str() == Some(id)).then_some(v)
+                })
+            });
+            let row: serde_json::Value = match by_id {
+                Some(v) => v,
+                None => {
+                    let line = rows
+                        .get(idx)
+                        .with_context(|| format!("{task_name}.jsonl has no row {idx}"))?;
+                    serde_json::from_str(line)?
+                }
+            };
             let task = tasks::task(task_name)?;
             let filled = task.build_prompt(
                 row["context"].as_str().unwrap_or_default(),
