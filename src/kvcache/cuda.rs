@@ -11,14 +11,18 @@
 //! - [`paged_decode`]: paged decode attention over per-(row, kv-head) block tables, GQA groups in
 //!   one CUDA block, partitioned (split-K) when [`DecodeWorkspace`] says so, writing the softmax
 //!   probabilities per slot and adding the KV-Compress decode metric when given;
-//! - [`move_slots`]: a compaction move plan (K, V, metric, position).
+//! - [`move_slots`]: a compaction move plan (K, V, metric, position);
+//! - [`kvcompress_evict`]: KV-Compress's whole eviction step for one sequence on the device
+//!   (per-head sort, candidate scoring, global selection, compaction); only block tables and
+//!   lengths go up and per-head counts and lengths come back.
 //!
-//! Departure from the paper's implementation: block tables and move plans are built on the host
-//! by [`super::blocks::BlockPool`] and uploaded (a few KB per step); eviction scheduling on the
-//! device (sort, selection, plan) is not ported yet.
+//! Departure from the paper's implementation: block tables are built on the host by
+//! [`super::blocks::BlockPool`] and uploaded (a few KB per step); the paged cache's compression
+//! path still plans on the host ([`kvcompress_evict`] is tested and benchmarked, not yet wired
+//! into [`super::paged::PagedCache`], whose metric/position bookkeeping lives on the host).
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::ops::{check_moves, check_write, DecodeShape, OpsError};
+use super::ops::{check_moves, check_write, DecodeShape, EvictStep, OpsError};
 
 /// Head dims the decode kernel is instantiated for (others use candle ops).
 pub const DECODE_HEAD_DIMS: [usize; 2] = [64, 128];
@@ -48,10 +52,13 @@ pub struct DeviceTables {
     pub ctx_lens: Tensor,
     /// Longest context length.
     pub max_len: usize,
+    /// Whether no block is shared by two rows was checked.
+    disjoint: bool,
 }
 
 impl DeviceTables {
     /// Check `block_tables` / `ctx_lens` against `shape` (see [`DecodeShape::check`]) and upload.
+    /// Use [`Self::upload_disjoint`] when the call adds the metric.
     pub fn upload(
         shape: DecodeShape,
         block_tables: &[u32],
@@ -59,8 +66,31 @@ impl DeviceTables {
         device: &Device,
     ) -> Result<Self> {
         shape.check(block_tables, ctx_lens)?;
+        Self::upload_checked(shape, block_tables, ctx_lens, device, false)
+    }
+
+    /// As [`Self::upload`], also checking that no block is shared by two rows
+    /// ([`DecodeShape::check_disjoint`]): required for a decode call that adds the metric.
+    pub fn upload_disjoint(
+        shape: DecodeShape,
+        block_tables: &[u32],
+        ctx_lens: &[u32],
+        device: &Device,
+    ) -> Result<Self> {
+        shape.check_disjoint(block_tables, ctx_lens)?;
+        Self::upload_checked(shape, block_tables, ctx_lens, device, true)
+    }
+
+    fn upload_checked(
+        shape: DecodeShape,
+        block_tables: &[u32],
+        ctx_lens: &[u32],
+        device: &Device,
+        disjoint: bool,
+    ) -> Result<Self> {
         let rows = shape.batch * shape.num_kv_heads;
         Ok(DeviceTables {
+            disjoint,
             shape,
             block_tables: Tensor::from_slice(
                 block_tables,
@@ -262,6 +292,13 @@ pub fn paged_decode_into(
     let s = &tables.shape;
     let num_slots = check_cache(k_cache, v_cache, s.head_dim)?;
     check_meta(metric, None, num_slots)?;
+    if metric.is_some() && !tables.disjoint {
+        return Err(OpsError::Shape(
+            "a decode call adding the metric needs tables from DeviceTables::upload_disjoint"
+                .into(),
+        )
+        .into());
+    }
     let want = [s.batch, s.n_heads(), s.head_dim];
     if q.dims() != want || out.dims() != want || q.dtype() != k_cache.dtype() {
         return Err(OpsError::Shape(format!(
@@ -331,6 +368,80 @@ pub fn paged_decode(
     Ok((out, want_probs.then_some(ws.probs)))
 }
 
+/// Longest head [`kvcompress_evict`] sorts in shared memory (128 KiB of keys on an H100).
+pub const EVICT_MAX_LEN: usize = 16384;
+
+/// KV-Compress's eviction step for one sequence on the device (twin:
+/// [`super::ops::kvcompress_evict`]): `block_tables` `[heads, max_blocks]` and `ctx_lens`
+/// `[heads]` of the sequence's heads (all layers x kv-heads), slots with
+/// `position >= first_protected` never evicted, `n_evict` blocks taken over all heads. Moves
+/// K, V, `metric` `[num_slots]` f32 and `position` `[num_slots]` u32 in place; returns the
+/// per-head counts and new lengths (the only data coming back).
+#[allow(clippy::too_many_arguments)]
+pub fn kvcompress_evict(
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    metric: &Tensor,
+    position: &Tensor,
+    block_tables: &[u32],
+    ctx_lens: &[u32],
+    block_size: usize,
+    first_protected: u32,
+    n_evict: usize,
+) -> Result<EvictStep> {
+    let (num_slots, d) = k_cache.dims2()?;
+    check_cache(k_cache, v_cache, d)?;
+    check_meta(Some(metric), Some(position), num_slots)?;
+    let heads = ctx_lens.len();
+    let max_len = ctx_lens.iter().copied().max().unwrap_or(0) as usize;
+    if heads == 0 || max_len == 0 || n_evict == 0 {
+        return Ok(EvictStep {
+            counts: vec![0; heads],
+            new_lens: ctx_lens.to_vec(),
+        });
+    }
+    if max_len > EVICT_MAX_LEN {
+        return Err(OpsError::Shape(format!(
+            "device eviction sorts heads of at most {EVICT_MAX_LEN} tokens, got {max_len}"
+        ))
+        .into());
+    }
+    if block_tables.len() % heads != 0 {
+        return Err(OpsError::Shape("block_tables must be [heads, max_blocks]".into()).into());
+    }
+    let max_blocks = block_tables.len() / heads;
+    let shape = DecodeShape {
+        batch: 1,
+        num_kv_heads: heads,
+        group: 1,
+        head_dim: d,
+        max_blocks,
+        block_size,
+        probs_stride: max_blocks * block_size,
+        num_slots,
+    };
+    shape.check_disjoint(block_tables, ctx_lens)?;
+    let dev = k_cache.device();
+    let tables = Tensor::from_slice(block_tables, (heads, max_blocks), dev)?;
+    let lens = Tensor::from_slice(ctx_lens, heads, dev)?;
+    let counts = imp::kvcompress_evict(
+        k_cache,
+        v_cache,
+        metric,
+        position,
+        &tables,
+        &lens,
+        block_size,
+        max_len,
+        first_protected,
+        n_evict,
+    )?;
+    Ok(EvictStep {
+        counts: counts.to_vec1::<u32>()?,
+        new_lens: lens.to_vec1::<u32>()?,
+    })
+}
+
 #[cfg(not(feature = "cuda"))]
 mod imp {
     //! Stubs of a build without CUDA.
@@ -375,6 +486,22 @@ mod imp {
     ) -> Result<()> {
         Err(OpsError::NoCuda.into())
     }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn kvcompress_evict(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: usize,
+        _: usize,
+        _: u32,
+        _: usize,
+    ) -> Result<Tensor> {
+        Err(OpsError::NoCuda.into())
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -389,6 +516,7 @@ mod imp {
     static PAGED_ATTENTION: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/paged_attention.fatbin"));
     static KV_CACHE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kv_cache.fatbin"));
+    static EVICT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/evict.fatbin"));
 
     type FuncCache = HashMap<(usize, String), CudaFunction>;
     type ModCache = HashMap<(usize, &'static str), Arc<cudarc::driver::CudaModule>>;
@@ -398,7 +526,8 @@ mod imp {
         OpsError::Cuda(e.to_string()).into()
     }
 
-    /// `name` from module `module` ("paged_attention" | "kv_cache"), loaded once per context.
+    /// `name` from module `module` ("paged_attention" | "kv_cache" | "evict"), loaded once per
+    /// context.
     fn func(stream: &Arc<CudaStream>, module: &'static str, name: &str) -> Result<CudaFunction> {
         let ctx = stream.context();
         let key = Arc::as_ptr(ctx) as usize;
@@ -414,6 +543,7 @@ mod imp {
             None => {
                 let bin = match module {
                     "paged_attention" => PAGED_ATTENTION,
+                    "evict" => EVICT,
                     _ => KV_CACHE,
                 };
                 let m = ctx
@@ -666,5 +796,110 @@ mod imp {
         // Safety: arguments match paged_decode_reduce_*.
         unsafe { b.launch(cfg) }.map_err(cu)?;
         Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn kvcompress_evict(
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        metric: &Tensor,
+        position: &Tensor,
+        tables: &Tensor,
+        lens: &Tensor,
+        block_size: usize,
+        max_len: usize,
+        first_protected: u32,
+        n_evict: usize,
+    ) -> Result<Tensor> {
+        use cudarc::driver::sys::CUfunction_attribute_enum as Attr;
+        let dev = k_cache.device();
+        let stream = device(k_cache)?.cuda_stream();
+        let (heads, max_blocks) = tables.dims2()?;
+        let pow2 = max_len.next_power_of_two();
+        let smem = pow2 * 8;
+        let sort = func(&stream, "evict", "kvc_sort_candidates")?;
+        let select = func(&stream, "evict", "kvc_select_blocks")?;
+        let compact = func(&stream, "evict", "kvc_compact_heads")?;
+        sort.set_attribute(
+            Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(|e| cu(format!("{smem} B of shared memory for the sort: {e}")))?;
+        let order = Tensor::zeros((heads, max_len), DType::U32, dev)?;
+        let cand = Tensor::zeros((heads, max_blocks), DType::F32, dev)?;
+        let counts = Tensor::zeros(heads, DType::U32, dev)?;
+        let lt = Tensor::zeros(heads, DType::U32, dev)?;
+        let scratch = Tensor::zeros((heads, 3, max_len), DType::U32, dev)?;
+        let (mb, bs, stride, p2) = (
+            max_blocks as i32,
+            block_size as i32,
+            max_len as i32,
+            pow2 as i32,
+        );
+        let p = [
+            ptr(Some(&order), &stream)?,
+            ptr(Some(&cand), &stream)?,
+            ptr(Some(metric), &stream)?,
+            ptr(Some(position), &stream)?,
+            ptr(Some(tables), &stream)?,
+            ptr(Some(lens), &stream)?,
+        ];
+        let mut b = stream.launch_builder(&sort);
+        for x in &p {
+            b.arg(x);
+        }
+        b.arg(&mb)
+            .arg(&bs)
+            .arg(&stride)
+            .arg(&p2)
+            .arg(&first_protected);
+        let cfg = |grid: usize, smem: usize| LaunchConfig {
+            grid_dim: (grid as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // Safety: arguments match kvc_sort_candidates; tables were checked on the host.
+        unsafe { b.launch(cfg(heads, smem)) }.map_err(cu)?;
+        let (heads_i, n) = (heads as i32, n_evict as u64);
+        let q = [
+            ptr(Some(&counts), &stream)?,
+            ptr(Some(&lt), &stream)?,
+            p[1],
+            p[5],
+        ];
+        let mut b = stream.launch_builder(&select);
+        for x in &q {
+            b.arg(x);
+        }
+        b.arg(&heads_i).arg(&mb).arg(&bs).arg(&n);
+        // Safety: arguments match kvc_select_blocks.
+        unsafe { b.launch(cfg(1, 0)) }.map_err(cu)?;
+        let row_bytes = k_cache.dim(1)? * k_cache.dtype().size_in_bytes();
+        if row_bytes % 4 != 0 {
+            return Err(OpsError::Shape(format!(
+                "K/V rows of {row_bytes} B (need a multiple of 4)"
+            ))
+            .into());
+        }
+        let row_words = (row_bytes / 4) as i32;
+        let r = [
+            ptr(Some(k_cache), &stream)?,
+            ptr(Some(v_cache), &stream)?,
+            p[2],
+            p[3],
+            p[5],
+            ptr(Some(&scratch), &stream)?,
+            p[0],
+            q[0],
+            p[4],
+        ];
+        let mut b = stream.launch_builder(&compact);
+        for x in &r {
+            b.arg(x);
+        }
+        b.arg(&mb).arg(&bs).arg(&stride).arg(&row_words);
+        // Safety: arguments match kvc_compact_heads.
+        unsafe { b.launch(cfg(heads, 0)) }.map_err(cu)?;
+        Ok(counts)
     }
 }

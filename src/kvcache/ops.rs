@@ -92,26 +92,28 @@ fn check_len(what: &'static str, got: usize, expected: usize) -> Result<(), OpsE
     Ok(())
 }
 
-/// Check that `slots` are in range and distinct (`seen` is reused across calls).
-fn check_slots(
-    what: &'static str,
-    slots: &[u32],
-    num_slots: usize,
-    seen: &mut [bool],
-) -> Result<(), OpsError> {
-    for &s in slots {
-        let s = s as usize;
-        if s >= num_slots {
-            return Err(OpsError::Slot {
-                what,
-                slot: s,
-                num_slots,
-            });
+/// Check that every slot of `lists` is below `num_slots` and that no slot appears twice over
+/// all lists (O(n log n) in the slots listed, nothing proportional to the cache).
+fn check_slots(what: &'static str, lists: &[&[u32]], num_slots: usize) -> Result<(), OpsError> {
+    let mut all: Vec<u32> = Vec::with_capacity(lists.iter().map(|l| l.len()).sum());
+    for l in lists {
+        for &s in *l {
+            if s as usize >= num_slots {
+                return Err(OpsError::Slot {
+                    what,
+                    slot: s as usize,
+                    num_slots,
+                });
+            }
+            all.push(s);
         }
-        if seen[s] {
-            return Err(OpsError::Repeated { what, slot: s });
-        }
-        seen[s] = true;
+    }
+    all.sort_unstable();
+    if let Some(w) = all.windows(2).find(|w| w[0] == w[1]) {
+        return Err(OpsError::Repeated {
+            what,
+            slot: w[0] as usize,
+        });
     }
     Ok(())
 }
@@ -128,12 +130,7 @@ pub fn check_write(
     let n = slots.len();
     check_len("write_kv positions", positions.len(), n)?;
     check_len("write_kv k_new/v_new", new_elems, n * head_dim)?;
-    check_slots(
-        "write_kv slots",
-        slots,
-        num_slots,
-        &mut vec![false; num_slots],
-    )
+    check_slots("write_kv slots", &[slots], num_slots)
 }
 
 /// Write new K/V rows (RoPE applied) into `slots`, setting their metric to 0 and their position.
@@ -175,9 +172,7 @@ pub fn write_kv<T: Copy>(
 /// (compaction moves tail survivors into evicted holes, so the copies commute).
 pub fn check_moves(num_slots: usize, from: &[u32], to: &[u32]) -> Result<(), OpsError> {
     check_len("move_slots to", to.len(), from.len())?;
-    let mut seen = vec![false; num_slots];
-    check_slots("move_slots from", from, num_slots, &mut seen)?;
-    check_slots("move_slots to", to, num_slots, &mut seen)
+    check_slots("move_slots from/to", &[from, to], num_slots)
 }
 
 /// Execute a compaction move plan: copy K, V, metric and position of slot `from[i]` to slot
@@ -238,8 +233,26 @@ impl DecodeShape {
     }
 
     /// Check the tables against the shape: lengths, context lengths within capacity, block ids
-    /// within the cache, no block shared by two rows (the metric update needs that).
+    /// within the cache (what memory safety needs; O(blocks in use)).
     pub fn check(&self, block_tables: &[u32], ctx_lens: &[u32]) -> Result<(), OpsError> {
+        self.used_blocks(block_tables, ctx_lens).map(|_| ())
+    }
+
+    /// [`Self::check`], and no block shared by two rows (what the metric update and the
+    /// compaction need; O(n log n) in the blocks in use).
+    pub fn check_disjoint(&self, block_tables: &[u32], ctx_lens: &[u32]) -> Result<(), OpsError> {
+        let mut used = self.used_blocks(block_tables, ctx_lens)?;
+        used.sort_unstable();
+        if let Some(w) = used.windows(2).find(|w| w[0] == w[1]) {
+            return Err(OpsError::Repeated {
+                what: "block_tables (block id)",
+                slot: w[0] as usize,
+            });
+        }
+        Ok(())
+    }
+
+    fn used_blocks(&self, block_tables: &[u32], ctx_lens: &[u32]) -> Result<Vec<u32>, OpsError> {
         let rows = self.batch * self.num_kv_heads;
         if self.block_size == 0 || self.head_dim == 0 || self.group == 0 {
             return Err(OpsError::Shape(format!(
@@ -249,33 +262,25 @@ impl DecodeShape {
         check_len("block_tables", block_tables.len(), rows * self.max_blocks)?;
         check_len("ctx_lens", ctx_lens.len(), rows)?;
         let num_blocks = self.num_slots / self.block_size;
-        let mut owner = vec![false; num_blocks];
+        let cap = (self.max_blocks * self.block_size).min(self.probs_stride);
+        let mut used = Vec::new();
         for (r, &len) in ctx_lens.iter().enumerate() {
             let len = len as usize;
-            let cap = (self.max_blocks * self.block_size).min(self.probs_stride);
             if len > cap {
                 return Err(OpsError::CtxLen { row: r, len, cap });
             }
-            let used = &block_tables[r * self.max_blocks..][..len.div_ceil(self.block_size)];
-            for &b in used {
-                let b = b as usize;
-                if b >= num_blocks {
+            for &b in &block_tables[r * self.max_blocks..][..len.div_ceil(self.block_size)] {
+                if b as usize >= num_blocks {
                     return Err(OpsError::Slot {
                         what: "block_tables (block id)",
-                        slot: b,
+                        slot: b as usize,
                         num_slots: num_blocks,
                     });
                 }
-                if owner[b] {
-                    return Err(OpsError::Repeated {
-                        what: "block_tables (block id)",
-                        slot: b,
-                    });
-                }
-                owner[b] = true;
+                used.push(b);
             }
         }
-        Ok(())
+        Ok(used)
     }
 }
 
@@ -316,8 +321,10 @@ pub fn paged_decode<T: KvElem>(
     check_len("v_cache", v_cache.len(), s.num_slots * d)?;
     if let Some(m) = &metric {
         check_len("metric", m.len(), s.num_slots)?;
+        s.check_disjoint(block_tables, ctx_lens)?;
+    } else {
+        s.check(block_tables, ctx_lens)?;
     }
-    s.check(block_tables, ctx_lens)?;
     let mut metric = metric;
     let mut out = vec![0f32; s.batch * nh * d];
     let mut probs = vec![0f32; s.batch * nh * s.probs_stride];
@@ -366,6 +373,112 @@ pub fn paged_decode<T: KvElem>(
         }
     }
     Ok(DecodeOut { out, probs })
+}
+
+/// What one device-side KV-Compress eviction step did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvictStep {
+    /// Candidates (blocks) taken per head.
+    pub counts: Vec<u32>,
+    /// Context length of each head after compaction.
+    pub new_lens: Vec<u32>,
+}
+
+/// KV-Compress's eviction step for ONE sequence on slices (twin of `kernels/evict.cu`):
+/// protected slots (`position >= first_protected`) count as +inf, each head's slots are sorted
+/// ascending (ties by logical index), candidates scored, the `n_evict` lowest finite candidates
+/// over all heads taken ([`crate::compress::kvcompress::select_blocks`]), each head evicts the
+/// prefix [`crate::compress::kvcompress::head_evictions`] gives, then is compacted (tail
+/// survivors, tail-most first, into the lowest holes, as
+/// [`super::blocks::BlockPool::plan_compaction`]) moving K, V, metric and position.
+///
+/// `block_tables`: `[heads, max_blocks]`; `ctx_lens`: `[heads]` (updated); metrics must be
+/// finite or +inf.
+#[allow(clippy::too_many_arguments)]
+pub fn kvcompress_evict<T: Copy>(
+    k_cache: &mut [T],
+    v_cache: &mut [T],
+    metric: &mut [f32],
+    position: &mut [u32],
+    block_tables: &[u32],
+    ctx_lens: &mut [u32],
+    max_blocks: usize,
+    block_size: usize,
+    head_dim: usize,
+    first_protected: u32,
+    n_evict: usize,
+) -> Result<EvictStep, OpsError> {
+    use crate::compress::kvcompress::{head_evictions, select_blocks};
+    let heads = ctx_lens.len();
+    let num_slots = metric.len();
+    check_len("position", position.len(), num_slots)?;
+    check_len("k_cache", k_cache.len(), num_slots * head_dim)?;
+    let shape = DecodeShape {
+        batch: 1,
+        num_kv_heads: heads,
+        group: 1,
+        head_dim,
+        max_blocks,
+        block_size,
+        probs_stride: max_blocks * block_size,
+        num_slots,
+    };
+    shape.check_disjoint(block_tables, ctx_lens)?;
+    let slots: Vec<Vec<usize>> = (0..heads)
+        .map(|h| {
+            let t = &block_tables[h * max_blocks..];
+            (0..ctx_lens[h] as usize)
+                .map(|i| t[i / block_size] as usize * block_size + i % block_size)
+                .collect()
+        })
+        .collect();
+    let masked: Vec<Vec<f32>> = slots
+        .iter()
+        .map(|s| {
+            s.iter()
+                .map(|&x| {
+                    if position[x] >= first_protected {
+                        f32::INFINITY
+                    } else {
+                        metric[x]
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let counts = select_blocks(&masked, block_size, n_evict);
+    for (h, &k) in counts.iter().enumerate() {
+        let evict = head_evictions(&masked[h], block_size, k);
+        if evict.is_empty() {
+            continue;
+        }
+        let len = slots[h].len();
+        let mut gone = vec![false; len];
+        for &e in &evict {
+            gone[e] = true;
+        }
+        let new_len = len - evict.len();
+        let holes = (0..new_len).filter(|&i| gone[i]);
+        let tail = (new_len..len).rev().filter(|&i| !gone[i]);
+        let (from, to): (Vec<u32>, Vec<u32>) = holes
+            .zip(tail)
+            .map(|(hole, t)| (slots[h][t] as u32, slots[h][hole] as u32))
+            .unzip();
+        move_slots(
+            k_cache,
+            v_cache,
+            Some(metric),
+            Some(position),
+            &from,
+            &to,
+            head_dim,
+        )?;
+        ctx_lens[h] = new_len as u32;
+    }
+    Ok(EvictStep {
+        counts: counts.into_iter().map(|c| c as u32).collect(),
+        new_lens: ctx_lens.to_vec(),
+    })
 }
 
 #[cfg(test)]
@@ -471,7 +584,60 @@ mod tests {
         // a table pointing past the cache is refused
         let bad = paged_decode(&shape, &q, &k, &v, &[3, 4, 0], &[3], 0.5, None);
         assert!(matches!(bad, Err(OpsError::Slot { .. })), "{bad:?}");
-        let bad = paged_decode(&shape, &q, &k, &v, &[3, 3, 0], &[3], 0.5, None);
+        let bad = paged_decode(&shape, &q, &k, &v, &[3, 3, 0], &[3], 0.5, Some(&mut metric));
         assert!(matches!(bad, Err(OpsError::Repeated { .. })), "{bad:?}");
+    }
+
+    #[test]
+    fn evict_twin_compacts_like_the_pool() {
+        use crate::kvcache::blocks::BlockPool;
+        // 2 heads, block size 2; head 0: 5 tokens, head 1: 3 tokens.
+        let mut pool = BlockPool::new(1, 2, 2, 8).unwrap();
+        pool.add_seq(0).unwrap();
+        pool.append(0, 0, 0, &[0, 1, 2, 3, 4]).unwrap();
+        pool.append(0, 0, 1, &[0, 1, 2]).unwrap();
+        let mut metric = vec![0f32; 16];
+        let mut position = vec![0u32; 16];
+        let ms = [[5.0, 0.1, 0.2, 9.0, 1.0], [0.05, 7.0, 1.0, 0.0, 0.0]];
+        for h in 0..2 {
+            for (i, s) in pool.slots(0, 0, h).unwrap().into_iter().enumerate() {
+                metric[s] = ms[h][i];
+                position[s] = i as u32;
+            }
+        }
+        let t = pool.table(0).unwrap();
+        let mut tables = vec![0u32; 2 * 3];
+        for h in 0..2 {
+            tables[h * 3..][..t.blocks[0][h].len()].copy_from_slice(&t.blocks[0][h]);
+        }
+        let mut lens = vec![5u32, 3];
+        let d = 1;
+        let mut k: Vec<f32> = (0..16).map(|x| x as f32).collect();
+        let mut v = k.clone();
+        // protect position 4 (head 0's last token); evict 2 blocks.
+        let st = kvcompress_evict(
+            &mut k,
+            &mut v,
+            &mut metric,
+            &mut position,
+            &tables,
+            &mut lens,
+            3,
+            2,
+            d,
+            4,
+            2,
+        )
+        .unwrap();
+        // head 0 (h = 1): masked sorted [0.1, 0.2, 5, 9, inf] -> candidates (sorted index
+        // 0, 2, 4) [0.1, 5, inf]; head 1 (h = 1): sorted [0.05, 1, 7] -> [0.05, 7].
+        // Lowest two: 0.05 (head 1), 0.1 (head 0); each head evicts its lowest slot.
+        assert_eq!(st.counts, vec![1, 1]);
+        assert_eq!(st.new_lens, vec![4, 2]);
+        let mut sorted0: Vec<u32> = (0..4)
+            .map(|i| position[tables[i / 2] as usize * 2 + i % 2])
+            .collect();
+        sorted0.sort();
+        assert_eq!(sorted0, vec![0, 2, 3, 4]);
     }
 }
