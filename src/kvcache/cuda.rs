@@ -104,6 +104,7 @@ impl DeviceTables {
 }
 
 /// Scratch of a decode call: scores/probabilities and the partitions' softmax states.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub struct DecodeWorkspace {
     /// `[batch, n_heads, probs_stride]` f32: scores, then probabilities.
     pub probs: Tensor,

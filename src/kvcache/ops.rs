@@ -640,4 +640,203 @@ mod tests {
         sorted0.sort();
         assert_eq!(sorted0, vec![0, 2, 3, 4]);
     }
+
+    /// The twins agree with the CPU paged cache (the oracle path): after random appends and a
+    /// compaction, `paged_decode` over the pool's tables equals `PagedCache::attend` for a
+    /// decode step (outputs and probabilities), and `kvcompress_evict` equals the host plan
+    /// (`select_blocks` + `head_evictions` + `BlockPool::plan_compaction`).
+    #[test]
+    fn twins_agree_with_the_cpu_paged_cache() {
+        use crate::compress::kvcompress::{head_evictions, select_blocks};
+        use crate::kvcache::blocks::{EvictionPlan, HeadEviction};
+        use crate::kvcache::paged::{PagedCache, PagedSpec};
+        use crate::kvcache::{AttnCall, CacheBackend, Probe};
+        use candle_core::{DType, Device, Tensor};
+        let dev = Device::Cpu;
+        let (nkv, g, d, bs, t) = (2usize, 3usize, 8usize, 4usize, 23usize);
+        let nh = nkv * g;
+        let spec = PagedSpec {
+            layers: 1,
+            kv_heads: nkv,
+            head_dim: d,
+            block_size: bs,
+            dtype: DType::F32,
+            device: dev.clone(),
+        };
+        let mut cache = PagedCache::new(spec, 40).unwrap();
+        let s = cache.add_sequence().unwrap();
+        let q = Tensor::randn(0f32, 1.0, (1, nh, t + 1, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, nkv, t + 1, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, nkv, t + 1, d), &dev).unwrap();
+        let nar = |x: &Tensor, a: usize, n: usize| x.narrow(2, a, n).unwrap().contiguous().unwrap();
+        cache
+            .attend(AttnCall {
+                layer: 0,
+                seqs: &[s],
+                q: &nar(&q, 0, t),
+                k: &nar(&k, 0, t),
+                v: &nar(&v, 0, t),
+                scale: 0.35,
+                probe: Probe::None,
+            })
+            .unwrap();
+        // Evict a few slots of head 1 so the tables are not in position order.
+        cache
+            .evict(
+                s,
+                &EvictionPlan {
+                    heads: vec![HeadEviction {
+                        layer: 0,
+                        kv_head: 1,
+                        evict: vec![0, 3, 7, 8, 9],
+                    }],
+                },
+            )
+            .unwrap();
+        // Decode step on the CPU path, then the twin over the same (post-append) state.
+        let out = cache
+            .attend(AttnCall {
+                layer: 0,
+                seqs: &[s],
+                q: &nar(&q, t, 1),
+                k: &nar(&k, t, 1),
+                v: &nar(&v, t, 1),
+                scale: 0.35,
+                probe: Probe::All,
+            })
+            .unwrap();
+        let pool = cache.pool();
+        let lens: Vec<u32> = (0..nkv)
+            .map(|h| pool.len(0, s, h).unwrap() as u32)
+            .collect();
+        let max_len = *lens.iter().max().unwrap() as usize;
+        let mb = max_len.div_ceil(bs);
+        let mut tables = vec![0u32; nkv * mb];
+        for h in 0..nkv {
+            let bl = &pool.table(s).unwrap().blocks[0][h];
+            tables[h * mb..][..bl.len()].copy_from_slice(bl);
+        }
+        // Whole K/V storage as slices (gathering every slot in physical order).
+        let num_slots = pool.num_blocks() * bs;
+        let all: Vec<u32> = (0..num_slots as u32).collect();
+        let idx = Tensor::new(all.as_slice(), &dev).unwrap();
+        let shape = DecodeShape {
+            batch: 1,
+            num_kv_heads: nkv,
+            group: g,
+            head_dim: d,
+            max_blocks: mb,
+            block_size: bs,
+            probs_stride: max_len,
+            num_slots,
+        };
+        let phys = |x: &Tensor| -> Vec<f32> {
+            x.index_select(&idx, 0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let (kv_k, kv_v) = cache.storage();
+        let qv: Vec<f32> = nar(&q, t, 1).flatten_all().unwrap().to_vec1().unwrap();
+        let r = paged_decode(
+            &shape,
+            &qv,
+            &phys(kv_k),
+            &phys(kv_v),
+            &tables,
+            &lens,
+            0.35,
+            None,
+        )
+        .unwrap();
+        let want_out: Vec<f32> = out.out.flatten_all().unwrap().to_vec1().unwrap();
+        let want_p: Vec<f32> = out.probs.unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for (a, b) in r.out.iter().zip(&want_out) {
+            assert!((a - b).abs() < 1e-5, "out {a} vs {b}");
+        }
+        for (a, b) in r.probs.iter().zip(&want_p) {
+            assert!((a - b).abs() < 1e-6, "probs {a} vs {b}");
+        }
+
+        // Eviction twin vs the host plan on the pool's own metrics (with ties).
+        let metrics: Vec<Vec<f32>> = (0..nkv)
+            .map(|h| {
+                (0..lens[h] as usize)
+                    .map(|i| ((i * 7 + h) % 5) as f32)
+                    .collect()
+            })
+            .collect();
+        for (h, m) in metrics.iter().enumerate() {
+            cache.add_metric(0, s, h, m).unwrap();
+        }
+        let first_protected = (t + 1 - 3) as u32;
+        let pool = cache.pool();
+        let mut metric = vec![0f32; num_slots];
+        let mut position = vec![0u32; num_slots];
+        let mut masked = Vec::new();
+        for h in 0..nkv {
+            let sl = pool.slots(0, s, h).unwrap();
+            let mm = pool.metrics(0, s, h).unwrap();
+            let pp = pool.positions(0, s, h).unwrap();
+            for i in 0..sl.len() {
+                metric[sl[i]] = mm[i];
+                position[sl[i]] = pp[i];
+            }
+            masked.push(
+                mm.iter()
+                    .zip(&pp)
+                    .map(|(&m, &p)| {
+                        if p >= first_protected {
+                            f32::INFINITY
+                        } else {
+                            m
+                        }
+                    })
+                    .collect::<Vec<f32>>(),
+            );
+        }
+        let counts = select_blocks(&masked, bs, 3);
+        let mut plan = EvictionPlan::default();
+        for (h, &c) in counts.iter().enumerate() {
+            plan.heads.push(HeadEviction {
+                layer: 0,
+                kv_head: h,
+                evict: head_evictions(&masked[h], bs, c),
+            });
+        }
+        let mut kf = phys(cache.storage().0);
+        let mut vf = phys(cache.storage().1);
+        let mut lens2 = lens.clone();
+        let st = kvcompress_evict(
+            &mut kf,
+            &mut vf,
+            &mut metric,
+            &mut position,
+            &tables,
+            &mut lens2,
+            mb,
+            bs,
+            d,
+            first_protected,
+            3,
+        )
+        .unwrap();
+        assert_eq!(
+            st.counts,
+            counts.iter().map(|&c| c as u32).collect::<Vec<_>>()
+        );
+        cache.evict(s, &plan).unwrap();
+        let pool = cache.pool();
+        for h in 0..nkv {
+            assert_eq!(pool.len(0, s, h).unwrap() as u32, lens2[h]);
+            let sl = pool.slots(0, s, h).unwrap();
+            let got_pos: Vec<u32> = sl.iter().map(|&x| position[x]).collect();
+            assert_eq!(got_pos, pool.positions(0, s, h).unwrap(), "head {h}");
+            let got_m: Vec<f32> = sl.iter().map(|&x| metric[x]).collect();
+            assert_eq!(got_m, pool.metrics(0, s, h).unwrap(), "head {h}");
+        }
+        assert_eq!(phys(cache.storage().0), kf);
+    }
 }

@@ -146,6 +146,11 @@ impl PagedCache {
         self.pool.add_metric(layer, seq, kv_head, delta).map_err(be)
     }
 
+    /// The K and V storage `[num_blocks * block_size, head_dim]` (slot `s` is row `s`).
+    pub fn storage(&self) -> (&Tensor, &Tensor) {
+        (&self.k, &self.v)
+    }
+
     /// K rows `[kv_len, head_dim]` of (layer, seq, kv_head) in logical order.
     pub fn head_k(&self, layer: usize, seq: SeqId, kv_head: usize) -> Result<Tensor> {
         self.gather(&self.k, layer, seq, kv_head)
