@@ -482,6 +482,7 @@ pub fn kvcompress_evict<T: Copy>(
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)]
 mod tests {
     use super::*;
 
