@@ -15,12 +15,16 @@
 //! Backends: [`contiguous::ContiguousCache`] is the reference (one growing tensor per layer,
 //! the correctness oracle for every compressed backend); [`paged::PagedCache`] is the paged,
 //! per-(layer, kv-head) cache compression methods evict from ([`blocks`] holds its bookkeeping,
-//! [`budget`] the rate -> tokens -> blocks arithmetic).
+//! [`budget`] the rate -> tokens -> blocks arithmetic). On a CUDA device the paged cache runs
+//! its appends, decode attention and compaction moves with kvc's kernels ([`cuda`], whose
+//! plain-Rust twins are in [`ops`]).
 use candle_core::{Result, Tensor};
 
 pub mod blocks;
 pub mod budget;
 pub mod contiguous;
+pub mod cuda;
+pub mod ops;
 pub mod paged;
 
 /// A sequence in a cache backend.

@@ -14,13 +14,23 @@
 //!   K/V rows are copied along the moves, then the pool copies metric/position and frees the
 //!   emptied blocks.
 //!
-//! Departure from the paper's vLLM implementation: attention gathers each head's rows into a
-//! dense tensor (plain matmul) instead of a paged-attention kernel.
+//! On a CUDA device the same bookkeeping drives kvc's kernels ([`super::cuda`]): appends are
+//! one `write_kv` launch per (layer, sequence), decode steps (one token per sequence, head dim
+//! 64/128, f32/bf16/f16) are one paged-attention launch pair over every sequence of the call
+//! with per-head block tables uploaded from the pool, and compactions one `move_slots` launch
+//! per head. Prefill (and unsupported shapes) keep the candle-op path below on the device.
+//!
+//! Departure from the paper's vLLM implementation: on the CPU, attention gathers each head's
+//! rows into a dense tensor (plain matmul) instead of a paged-attention kernel; on CUDA the
+//! per-slot metric and position stay in the host-side pool (the decode kernel's probabilities
+//! are returned to the hooks, which score them on the host as on the CPU).
 use candle_core::{DType, Device, Result, Tensor};
 use std::collections::BTreeMap;
 
 use super::blocks::{BlockError, BlockPool, EvictionPlan, MemoryLayout, MemoryReport};
-use super::{AttnCall, AttnOut, CacheBackend, SeqId};
+use super::cuda::{self, DeviceTables};
+use super::ops::DecodeShape;
+use super::{AttnCall, AttnOut, CacheBackend, Probe, SeqId};
 
 /// Default tokens per block (the paper's).
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
@@ -136,6 +146,11 @@ impl PagedCache {
         self.pool.add_metric(layer, seq, kv_head, delta).map_err(be)
     }
 
+    /// The K and V storage `[num_blocks * block_size, head_dim]` (slot `s` is row `s`).
+    pub fn storage(&self) -> (&Tensor, &Tensor) {
+        (&self.k, &self.v)
+    }
+
     /// K rows `[kv_len, head_dim]` of (layer, seq, kv_head) in logical order.
     pub fn head_k(&self, layer: usize, seq: SeqId, kv_head: usize) -> Result<Tensor> {
         self.gather(&self.k, layer, seq, kv_head)
@@ -184,7 +199,11 @@ impl PagedCache {
                 .pool
                 .plan_compaction(h.layer, seq, h.kv_head, &h.evict)
                 .map_err(be)?;
-            if !c.moves.is_empty() {
+            if !c.moves.is_empty() && self.on_cuda() {
+                let from: Vec<u32> = c.moves.iter().map(|m| m.from as u32).collect();
+                let to: Vec<u32> = c.moves.iter().map(|m| m.to as u32).collect();
+                cuda::move_slots(&self.k, &self.v, None, None, &from, &to)?;
+            } else if !c.moves.is_empty() {
                 let from: Vec<u32> = c.moves.iter().map(|m| m.from as u32).collect();
                 let to: Vec<usize> = c.moves.iter().map(|m| m.to).collect();
                 let n = from.len();
@@ -201,6 +220,142 @@ impl PagedCache {
             st.freed_blocks += c.freed.len();
         }
         Ok(st)
+    }
+
+    /// Whether K/V live on a CUDA device (kvc's kernels run the storage ops).
+    fn on_cuda(&self) -> bool {
+        self.spec.device.is_cuda()
+    }
+
+    /// Append `k`/`v` `[1, nkv, t, d]` of `seq` at its next positions in every kv-head of
+    /// `layer`; returns the position of the first new token. Capacity is checked for all heads
+    /// first, so a failed append leaves the cache unchanged.
+    fn append_seq(&mut self, layer: usize, seq: SeqId, k: &Tensor, v: &Tensor) -> Result<usize> {
+        let (_, nkv, t, d) = k.dims4()?;
+        if nkv != self.spec.kv_heads || d != self.spec.head_dim || v.dims() != k.dims() {
+            candle_core::bail!(
+                "paged cache built for {} kv-heads of dim {}, got k {:?} / v {:?}",
+                self.spec.kv_heads,
+                self.spec.head_dim,
+                k.dims(),
+                v.dims()
+            );
+        }
+        let start = *self
+            .pos
+            .get(&seq)
+            .ok_or_else(|| be(BlockError::UnknownSeq(seq)))?;
+        let new_pos: Vec<u32> = (start..start + t).map(|p| p as u32).collect();
+        let bs = self.spec.block_size;
+        let need: usize = (0..nkv)
+            .map(|h| {
+                let len = self.pool.len(layer, seq, h).unwrap_or(0);
+                (len + t).div_ceil(bs) - len.div_ceil(bs)
+            })
+            .sum();
+        if need > self.pool.free_blocks() {
+            return Err(be(BlockError::OutOfBlocks {
+                needed: need,
+                free: self.pool.free_blocks(),
+                total: self.pool.num_blocks(),
+            }));
+        }
+        if self.on_cuda() {
+            // One launch for every head: rows in (head, token) order.
+            let mut slots = Vec::with_capacity(nkv * t);
+            for h in 0..nkv {
+                let s = self.pool.append(layer, seq, h, &new_pos).map_err(be)?;
+                slots.extend(s.into_iter().map(|x| x as u32));
+            }
+            let positions: Vec<u32> = (0..nkv).flat_map(|_| new_pos.iter().copied()).collect();
+            let rows = |x: &Tensor| x.contiguous()?.reshape((nkv * t, d));
+            cuda::write_kv(
+                &self.k,
+                &self.v,
+                None,
+                None,
+                &rows(k)?,
+                &rows(v)?,
+                &slots,
+                &positions,
+            )?;
+        } else {
+            for h in 0..nkv {
+                let slots = self.pool.append(layer, seq, h, &new_pos).map_err(be)?;
+                let kh = k.narrow(1, h, 1)?.reshape((t, d))?;
+                let vh = v.narrow(1, h, 1)?.reshape((t, d))?;
+                self.scatter(&self.k, &slots, &kh)?;
+                self.scatter(&self.v, &slots, &vh)?;
+            }
+        }
+        Ok(start)
+    }
+
+    /// Decode step of every sequence of `call` (one token each) with the CUDA paged-attention
+    /// kernels: append, upload the block tables of `call.layer`, one launch pair.
+    fn attend_decode_cuda(&mut self, call: &AttnCall<'_>) -> Result<AttnOut> {
+        let (b, nh, _, d) = call.q.dims4()?;
+        let nkv = self.spec.kv_heads;
+        for (i, &sid) in call.seqs.iter().enumerate() {
+            self.append_seq(
+                call.layer,
+                sid,
+                &call.k.narrow(0, i, 1)?,
+                &call.v.narrow(0, i, 1)?,
+            )?;
+        }
+        let bs = self.spec.block_size;
+        let mut lens = Vec::with_capacity(b * nkv);
+        for &sid in call.seqs {
+            let t = self.pool.table(sid).map_err(be)?;
+            lens.extend(t.len[call.layer].iter().map(|&l| l as u32));
+        }
+        let max_len = lens.iter().copied().max().unwrap_or(0) as usize;
+        let max_blocks = max_len.div_ceil(bs).max(1);
+        let mut tables = vec![0u32; b * nkv * max_blocks];
+        for (i, &sid) in call.seqs.iter().enumerate() {
+            let t = self.pool.table(sid).map_err(be)?;
+            for (h, blocks) in t.blocks[call.layer].iter().enumerate() {
+                tables[(i * nkv + h) * max_blocks..][..blocks.len()].copy_from_slice(blocks);
+            }
+        }
+        let stride = max_len.max(1);
+        let shape = DecodeShape {
+            batch: b,
+            num_kv_heads: nkv,
+            group: nh / nkv,
+            head_dim: d,
+            max_blocks,
+            block_size: bs,
+            probs_stride: stride,
+            num_slots: self.pool.num_blocks() * bs,
+        };
+        let dev = &self.spec.device;
+        let tables = DeviceTables::upload(shape, &tables, &lens, dev)?;
+        let mut q = call.q.reshape((b, nh, d))?.contiguous()?;
+        if q.layout().start_offset() != 0 {
+            q = q.copy()?;
+        }
+        let want = call.probe != Probe::None;
+        let (out, probs) = cuda::paged_decode(
+            &q,
+            &self.k,
+            &self.v,
+            &tables,
+            call.scale as f32,
+            None,
+            want,
+            None,
+        )?;
+        if call.layer + 1 == self.spec.layers {
+            for &sid in call.seqs {
+                *self.pos.get_mut(&sid).expect("appended above") += 1;
+            }
+        }
+        Ok(AttnOut {
+            out: out.reshape((b, nh, 1, d))?,
+            probs: probs.map(|p| p.reshape((b, nh, 1, stride))).transpose()?,
+        })
     }
 
     /// Attention of one sequence: append, gather, masked softmax. Returns the output
@@ -224,33 +379,7 @@ impl PagedCache {
                 q.dims()
             );
         }
-        let start = *self
-            .pos
-            .get(&seq)
-            .ok_or_else(|| be(BlockError::UnknownSeq(seq)))?;
-        let new_pos: Vec<u32> = (start..start + t).map(|p| p as u32).collect();
-        // Check capacity for all heads first so a failed append leaves the cache unchanged.
-        let bs = self.spec.block_size;
-        let need: usize = (0..nkv)
-            .map(|h| {
-                let len = self.pool.len(layer, seq, h).unwrap_or(0);
-                (len + t).div_ceil(bs) - len.div_ceil(bs)
-            })
-            .sum();
-        if need > self.pool.free_blocks() {
-            return Err(be(BlockError::OutOfBlocks {
-                needed: need,
-                free: self.pool.free_blocks(),
-                total: self.pool.num_blocks(),
-            }));
-        }
-        for h in 0..nkv {
-            let slots = self.pool.append(layer, seq, h, &new_pos).map_err(be)?;
-            let kh = k.narrow(1, h, 1)?.reshape((t, d))?;
-            let vh = v.narrow(1, h, 1)?.reshape((t, d))?;
-            self.scatter(&self.k, &slots, &kh)?;
-            self.scatter(&self.v, &slots, &vh)?;
-        }
+        let start = self.append_seq(layer, seq, k, v)?;
         // Gather every head padded to the longest; padding points at slot 0 and is masked.
         let slots: Vec<Vec<usize>> = (0..nkv)
             .map(|h| self.pool.slots(layer, seq, h).map_err(be))
@@ -307,7 +436,16 @@ impl CacheBackend for PagedCache {
     }
 
     fn attend(&mut self, call: AttnCall<'_>) -> Result<AttnOut> {
-        let t = call.q.dim(2)?;
+        let (_, nh, t, d) = call.q.dims4()?;
+        let nkv = self.spec.kv_heads;
+        if self.on_cuda()
+            && t == 1
+            && nh % nkv == 0
+            && cuda::decode_supported(self.spec.dtype, d, nh / nkv)
+            && call.q.dtype() == self.spec.dtype
+        {
+            return self.attend_decode_cuda(&call);
+        }
         let mut outs = Vec::with_capacity(call.seqs.len());
         let mut probs = Vec::new();
         for (b, &sid) in call.seqs.iter().enumerate() {

@@ -1,0 +1,90 @@
+// Paged KV storage ops: writing new K/V rows into their slots, and executing a compaction move
+// plan. Slot s is row s of the K and V caches `[num_slots, head_dim]` and entry s of the per-slot
+// metric (f32) and position (u32) arrays (KV-Compress layout: one block = block_size tokens of
+// one kv-head of one layer; the block tables live elsewhere, these kernels only see slots).
+//
+// Rust twins (same contracts): kvc::kvcache::ops::write_kv and kvc::kvcache::ops::move_slots.
+#include "common.cuh"
+
+namespace kvc {
+
+// One thread per element of the n x head_dim rows; thread (row, 0) also sets the metadata.
+template <typename T>
+__device__ void write_kv(
+    T* __restrict__ k_cache,            // [num_slots, head_dim] (out: rows `slots`)
+    T* __restrict__ v_cache,            // [num_slots, head_dim] (out: rows `slots`)
+    float* __restrict__ metric,         // [num_slots] f32 or null (out: 0 at `slots`)
+    uint32_t* __restrict__ position,    // [num_slots] u32 or null (out: `positions` at `slots`)
+    const T* __restrict__ k_new,        // [n, head_dim] (RoPE applied)
+    const T* __restrict__ v_new,        // [n, head_dim]
+    const uint32_t* __restrict__ slots,      // [n] distinct physical slots
+    const uint32_t* __restrict__ positions,  // [n] token positions
+    int n,                              // rows to write
+    int head_dim) {                     // elements per row
+  const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (size_t)n * head_dim) return;
+  const int r = (int)(idx / head_dim), d = (int)(idx % head_dim);
+  const size_t dst = (size_t)slots[r] * head_dim + d;
+  k_cache[dst] = k_new[idx];
+  v_cache[dst] = v_new[idx];
+  if (d == 0) {
+    if (metric != nullptr) metric[slots[r]] = 0.f;
+    if (position != nullptr) position[slots[r]] = positions[r];
+  }
+}
+
+// Copies slot from[i] to slot to[i] (K, V rows, metric, position). Sources and destinations
+// are disjoint sets (a compaction moves tail survivors into evicted holes), so the order of the
+// copies does not matter.
+template <typename T>
+__device__ void move_slots(
+    T* __restrict__ k_cache,            // [num_slots, head_dim]
+    T* __restrict__ v_cache,            // [num_slots, head_dim]
+    float* __restrict__ metric,         // [num_slots] f32 or null
+    uint32_t* __restrict__ position,    // [num_slots] u32 or null
+    const uint32_t* __restrict__ from,  // [n] source slots
+    const uint32_t* __restrict__ to,    // [n] destination slots
+    int n,                              // moves
+    int head_dim) {                     // elements per row
+  const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (size_t)n * head_dim) return;
+  const int r = (int)(idx / head_dim), d = (int)(idx % head_dim);
+  const size_t src = (size_t)from[r] * head_dim + d, dst = (size_t)to[r] * head_dim + d;
+  k_cache[dst] = k_cache[src];
+  v_cache[dst] = v_cache[src];
+  if (d == 0) {
+    if (metric != nullptr) metric[to[r]] = metric[from[r]];
+    if (position != nullptr) position[to[r]] = position[from[r]];
+  }
+}
+
+}  // namespace kvc
+
+#define KVC_KV_OPS(TN, T)                                                                     \
+  extern "C" __global__ void write_kv_##TN(                                                   \
+      T* k_cache,              /* [num_slots, head_dim] */                                    \
+      T* v_cache,              /* [num_slots, head_dim] */                                    \
+      float* metric,           /* [num_slots] f32 or null */                                  \
+      uint32_t* position,      /* [num_slots] u32 or null */                                  \
+      const T* k_new,          /* [n, head_dim] */                                            \
+      const T* v_new,          /* [n, head_dim] */                                            \
+      const uint32_t* slots,   /* [n] */                                                      \
+      const uint32_t* positions, /* [n] */                                                    \
+      int n, int head_dim) {                                                                  \
+    kvc::write_kv<T>(k_cache, v_cache, metric, position, k_new, v_new, slots, positions, n,  \
+                     head_dim);                                                               \
+  }                                                                                           \
+  extern "C" __global__ void move_slots_##TN(                                                 \
+      T* k_cache,              /* [num_slots, head_dim] */                                    \
+      T* v_cache,              /* [num_slots, head_dim] */                                    \
+      float* metric,           /* [num_slots] f32 or null */                                  \
+      uint32_t* position,      /* [num_slots] u32 or null */                                  \
+      const uint32_t* from,    /* [n] */                                                      \
+      const uint32_t* to,      /* [n] */                                                      \
+      int n, int head_dim) {                                                                  \
+    kvc::move_slots<T>(k_cache, v_cache, metric, position, from, to, n, head_dim);            \
+  }
+
+KVC_KV_OPS(f32, float)
+KVC_KV_OPS(bf16, __nv_bfloat16)
+KVC_KV_OPS(f16, __half)

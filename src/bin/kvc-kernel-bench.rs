@@ -1,0 +1,315 @@
+//! `kvc-kernel-bench` (feature `cuda`): times kvc's paged-cache kernels on the GPU and prints a
+//! table (stdout; `--csv FILE` writes it too).
+//!
+//! - paged decode attention on the memory-bound shape of issue 6 (default: batch 64, 4096
+//!   tokens per head, head dim 128, bf16, 8 kv-heads / 32 query heads, block size 16, blocks in
+//!   random pool order), for several partition sizes, with and without the probability +
+//!   KV-Compress metric outputs. GB/s counts the bytes the kernel must move: K and V of every
+//!   cached slot once, q, out, and (when written) the probabilities and the metric read+write;
+//!   compared with the ~3.0 TB/s device-memory copy ceiling measured on the H100.
+//! - one KV-Compress compression step of an 8B-shaped model (32 layers x 8 kv-heads, 8192 tokens
+//!   per head, half of the blocks evicted) entirely on the device, and the compaction move
+//!   executor alone on a plan of the same size.
+//!
+//! Method: random normal inputs (never all zeros), `--warmup` untimed launches, then `--iters`
+//! launches each bracketed by CUDA events on candle's stream; medians reported.
+use candle_core::{DType, Device, Tensor};
+use clap::Parser;
+use cudarc::driver::sys::CUevent_flags;
+use kvc::kvcache::cuda::{self, DecodeWorkspace, DeviceTables};
+use kvc::kvcache::ops::DecodeShape;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+#[derive(Parser, Debug)]
+#[command(about = "Time kvc's CUDA paged-cache kernels (decode attention, compaction moves)")]
+struct Args {
+    /// Sequences per decode step.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Cached tokens per (sequence, kv-head).
+    #[arg(long, default_value_t = 4096)]
+    ctx: usize,
+    /// Head dim (64 or 128).
+    #[arg(long, default_value_t = 128)]
+    head_dim: usize,
+    /// Kv-heads.
+    #[arg(long, default_value_t = 8)]
+    kv_heads: usize,
+    /// Query heads.
+    #[arg(long, default_value_t = 32)]
+    q_heads: usize,
+    /// Tokens per block.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// K/V dtype: bf16, f16, f32.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Partition sizes to time (0 = one partition per head; `auto` = kvc's default choice).
+    #[arg(long, value_delimiter = ',', default_value = "0,auto,2048,1024,512")]
+    parts: Vec<String>,
+    /// Timed launches per row.
+    #[arg(long, default_value_t = 50)]
+    iters: usize,
+    /// Untimed launches first.
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    /// Device-memory bandwidth to compare with (GB/s).
+    #[arg(long, default_value_t = 3000.0)]
+    peak_gbs: f64,
+    /// Also write the table as CSV here.
+    #[arg(long)]
+    csv: Option<std::path::PathBuf>,
+}
+
+fn median(mut v: Vec<f32>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2] as f64
+}
+
+/// Median milliseconds of `f` over `iters` event-bracketed runs after `warmup` runs.
+fn time(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> candle_core::Result<()>,
+) -> anyhow::Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    stream.synchronize()?;
+    let mut ms = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let a = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        f()?;
+        let b = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        ms.push(a.elapsed_ms(&b)?);
+    }
+    Ok(median(ms))
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let dev = Device::new_cuda(0)?;
+    let Device::Cuda(cd) = &dev else {
+        anyhow::bail!("not a CUDA device")
+    };
+    let stream = cd.cuda_stream();
+    let dtype = match a.dtype.as_str() {
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        "f32" => DType::F32,
+        o => anyhow::bail!("unknown dtype {o}: bf16, f16 or f32"),
+    };
+    if a.q_heads % a.kv_heads != 0 {
+        anyhow::bail!("--q-heads must be a multiple of --kv-heads");
+    }
+    let (b, nkv, d, bs) = (a.batch, a.kv_heads, a.head_dim, a.block_size);
+    let g = a.q_heads / nkv;
+    let blocks_per_head = a.ctx.div_ceil(bs);
+    let num_blocks = b * nkv * blocks_per_head;
+    let num_slots = num_blocks * bs;
+    let esz = dtype.size_in_bytes();
+    eprintln!(
+        "K/V cache: {num_slots} slots x {d} x 2 ({:.2} GB), filling with random normals...",
+        (2 * num_slots * d * esz) as f64 / 1e9
+    );
+    let rn = |n: usize| -> candle_core::Result<Tensor> {
+        Tensor::randn(0f32, 1.0, (n, d), &dev)?.to_dtype(dtype)
+    };
+    let k = rn(num_slots)?;
+    let v = rn(num_slots)?;
+    let q = Tensor::randn(0f32, 1.0, (b, a.q_heads, d), &dev)?.to_dtype(dtype)?;
+    let metric = Tensor::zeros(num_slots, DType::F32, &dev)?;
+    // Blocks in random pool order (as after many allocations and compactions).
+    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+    ids.shuffle(&mut rand::rngs::StdRng::seed_from_u64(7));
+    let shape = DecodeShape {
+        batch: b,
+        num_kv_heads: nkv,
+        group: g,
+        head_dim: d,
+        max_blocks: blocks_per_head,
+        block_size: bs,
+        probs_stride: a.ctx,
+        num_slots,
+    };
+    let lens = vec![a.ctx as u32; b * nkv];
+    let tables = DeviceTables::upload_disjoint(shape, &ids, &lens, &dev)?;
+    let out = Tensor::zeros((b, a.q_heads, d), dtype, &dev)?;
+    let scale = 1.0 / (d as f32).sqrt();
+
+    let kv_bytes = (2 * b * nkv * a.ctx * d * esz) as f64;
+    let qo_bytes = (2 * b * a.q_heads * d * esz) as f64;
+    let probs_bytes = (b * a.q_heads * a.ctx * 4) as f64;
+    let metric_bytes = (2 * b * nkv * a.ctx * 4) as f64;
+    let mut rows: Vec<[String; 7]> = Vec::new();
+    for p in &a.parts {
+        let part_slots = match p.as_str() {
+            "auto" => None,
+            "0" => Some(a.ctx),
+            x => Some(x.parse::<usize>()?),
+        };
+        let ws = DecodeWorkspace::new(&shape, a.ctx, part_slots, &dev)?;
+        for with_probs in [false, true] {
+            let m = with_probs.then_some(&metric);
+            let ms = time(&stream, a.warmup, a.iters, || {
+                cuda::paged_decode_into(&q, &k, &v, &tables, &ws, &out, scale, m, with_probs)
+            })?;
+            let bytes = kv_bytes
+                + qo_bytes
+                + if with_probs {
+                    probs_bytes + metric_bytes
+                } else {
+                    0.0
+                };
+            let gbs = bytes / (ms * 1e-3) / 1e9;
+            rows.push([
+                "paged_decode".into(),
+                format!(
+                    "{}{}",
+                    if p == "auto" { "auto:" } else { "" },
+                    if ws.num_parts == 1 {
+                        "1 part".to_string()
+                    } else {
+                        format!("{}x{}", ws.num_parts, ws.part_slots)
+                    }
+                ),
+                if with_probs {
+                    "probs+metric"
+                } else {
+                    "out only"
+                }
+                .into(),
+                format!("{:.1}", bytes / 1e6),
+                format!("{:.4}", ms),
+                format!("{:.0}", gbs),
+                format!("{:.1}%", 100.0 * gbs / a.peak_gbs),
+            ]);
+        }
+    }
+
+    // Compaction moves of one compression step: 32 layers x 8 kv-heads x 8192 tokens, d = 128,
+    // half the slots of every head moved (a 2x eviction), one launch.
+    {
+        let (layers, heads, toks, dm) = (32usize, 8usize, 8192usize, 128usize);
+        let n_slots = layers * heads * toks;
+        let kk = Tensor::randn(0f32, 1.0, (n_slots, dm), &dev)?.to_dtype(dtype)?;
+        let vv = Tensor::randn(0f32, 1.0, (n_slots, dm), &dev)?.to_dtype(dtype)?;
+        let met = Tensor::zeros(n_slots, DType::F32, &dev)?;
+        let pos = Tensor::zeros(n_slots, DType::U32, &dev)?;
+        let mut from = Vec::new();
+        let mut to = Vec::new();
+        for h in 0..layers * heads {
+            let base = (h * toks) as u32;
+            let half = (toks / 2) as u32;
+            for i in 0..half / 2 {
+                // holes at even slots of the first half, survivors from the tail
+                to.push(base + 2 * i);
+                from.push(base + toks as u32 - 1 - i);
+            }
+        }
+        let n = from.len();
+        let ms = time(&stream, a.warmup, a.iters, || {
+            cuda::move_slots(&kk, &vv, Some(&met), Some(&pos), &from, &to)
+        })?;
+        let bytes = (n * (2 * 2 * dm * esz + 2 * 4 + 2 * 4 + 2 * 4)) as f64;
+        let gbs = bytes / (ms * 1e-3) / 1e9;
+        // The whole KV-Compress step on the device (sort + candidates + selection +
+        // compaction) on the same shape: every head 8192 tokens in shuffled blocks, random
+        // metrics, last 8 positions protected, half of the blocks evicted. Includes the upload
+        // of the block tables and the download of per-head counts and lengths.
+        let bs16 = 16usize;
+        let per_head = toks / bs16;
+        let mut blk: Vec<u32> = (0..(layers * heads * per_head) as u32).collect();
+        blk.shuffle(&mut rand::rngs::StdRng::seed_from_u64(3));
+        let lens = vec![toks as u32; layers * heads];
+        let met = Tensor::rand(0f32, 1.0, n_slots, &dev)?;
+        let pos_host: Vec<u32> = (0..n_slots as u32).map(|s| s % toks as u32).collect();
+        let pos = Tensor::from_slice(&pos_host, n_slots, &dev)?;
+        let n_evict = layers * heads * per_head / 2;
+        let mut taken = 0u32;
+        let ms_e = time(&stream, a.warmup.min(3), a.iters.min(20), || {
+            let st = cuda::kvcompress_evict(
+                &kk,
+                &vv,
+                &met,
+                &pos,
+                &blk,
+                &lens,
+                bs16,
+                toks as u32 - 8,
+                n_evict,
+            )?;
+            taken = st.counts.iter().sum();
+            Ok(())
+        })?;
+        rows.push([
+            "kvcompress_evict".into(),
+            format!("{} heads x {toks}", layers * heads),
+            format!("sort+select+compact, {taken} blocks freed"),
+            format!(
+                "{:.1}",
+                (n_slots * (4 + 4) + n_slots / 2 * 2 * dm * esz) as f64 / 1e6
+            ),
+            format!("{:.4}", ms_e),
+            "-".into(),
+            format!("{:.0}% of 5 ms", 100.0 * ms_e / 5.0),
+        ]);
+        rows.push([
+            "move_slots".into(),
+            format!("{n} moves"),
+            "8B-shaped step (host plan upload included)".into(),
+            format!("{:.1}", bytes / 1e6),
+            format!("{:.4}", ms),
+            format!("{:.0}", gbs),
+            format!("{:.1}%", 100.0 * gbs / a.peak_gbs),
+        ]);
+    }
+
+    let head = [
+        "kernel",
+        "partitions",
+        "outputs",
+        "MB moved",
+        "median ms",
+        "GB/s",
+        "of peak",
+    ];
+    println!(
+        "# kvc-kernel-bench: batch {b}, ctx {}, head dim {d}, {} q-heads / {nkv} kv-heads, block {bs}, {:?}; {} iters after {} warm-up, CUDA events, medians; peak {} GB/s",
+        a.ctx, a.q_heads, dtype, a.iters, a.warmup, a.peak_gbs
+    );
+    let w: Vec<usize> = (0..7)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([head[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |r: &[String]| {
+        r.iter()
+            .zip(&w)
+            .map(|(s, w)| format!("{s:<w$}"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    println!(
+        "{}",
+        line(&head.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    );
+    for r in &rows {
+        println!("{}", line(r));
+    }
+    if let Some(p) = &a.csv {
+        let mut wtr = csv::Writer::from_path(p)?;
+        wtr.write_record(head)?;
+        for r in &rows {
+            wtr.write_record(r)?;
+        }
+        wtr.flush()?;
+    }
+    Ok(())
+}

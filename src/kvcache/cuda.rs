@@ -1,0 +1,906 @@
+//! Host side of kvc's CUDA kernels (`kernels/*.cu`, compiled by `build.rs` into fatbins embedded
+//! here): validation on the host, then launches on the candle device's stream, reading and
+//! writing candle CUDA tensors in place.
+//!
+//! Each entry point has a plain-Rust twin in [`super::ops`] with the same contract (the tests'
+//! oracle). Without the `cuda` feature every entry point exists and returns
+//! [`OpsError::NoCuda`] (feature flags stub, never fork call sites).
+//!
+//! Entry points:
+//! - [`write_kv`]: new K/V rows into their slots (+ metric 0 and position when given);
+//! - [`paged_decode`]: paged decode attention over per-(row, kv-head) block tables, GQA groups in
+//!   one CUDA block, partitioned (split-K) when [`DecodeWorkspace`] says so, writing the softmax
+//!   probabilities per slot and adding the KV-Compress decode metric when given;
+//! - [`move_slots`]: a compaction move plan (K, V, metric, position);
+//! - [`kvcompress_evict`]: KV-Compress's whole eviction step for one sequence on the device
+//!   (per-head sort, candidate scoring, global selection, compaction); only block tables and
+//!   lengths go up and per-head counts and lengths come back.
+//!
+//! Departure from the paper's implementation: block tables are built on the host by
+//! [`super::blocks::BlockPool`] and uploaded (a few KB per step); the paged cache's compression
+//! path still plans on the host ([`kvcompress_evict`] is tested and benchmarked, not yet wired
+//! into [`super::paged::PagedCache`], whose metric/position bookkeeping lives on the host).
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::ops::{check_moves, check_write, DecodeShape, EvictStep, OpsError};
+
+/// Head dims the decode kernel is instantiated for (others use candle ops).
+pub const DECODE_HEAD_DIMS: [usize; 2] = [64, 128];
+/// Largest GQA group the decode kernel handles in one CUDA block.
+pub const DECODE_MAX_GROUP: usize = 16;
+
+/// Whether this build has the CUDA kernels.
+pub fn available() -> bool {
+    cfg!(feature = "cuda")
+}
+
+/// Whether [`paged_decode`] supports this dtype / head dim / group (and the build has CUDA).
+pub fn decode_supported(dtype: DType, head_dim: usize, group: usize) -> bool {
+    available()
+        && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+        && DECODE_HEAD_DIMS.contains(&head_dim)
+        && (1..=DECODE_MAX_GROUP).contains(&group)
+}
+
+/// Block tables and context lengths of a decode call, validated and on the device.
+pub struct DeviceTables {
+    /// The shape they were checked against.
+    pub shape: DecodeShape,
+    /// `[batch, num_kv_heads, max_blocks]` u32.
+    pub block_tables: Tensor,
+    /// `[batch, num_kv_heads]` u32.
+    pub ctx_lens: Tensor,
+    /// Longest context length.
+    pub max_len: usize,
+    /// Whether no block is shared by two rows was checked.
+    disjoint: bool,
+}
+
+impl DeviceTables {
+    /// Check `block_tables` / `ctx_lens` against `shape` (see [`DecodeShape::check`]) and upload.
+    /// Use [`Self::upload_disjoint`] when the call adds the metric.
+    pub fn upload(
+        shape: DecodeShape,
+        block_tables: &[u32],
+        ctx_lens: &[u32],
+        device: &Device,
+    ) -> Result<Self> {
+        shape.check(block_tables, ctx_lens)?;
+        Self::upload_checked(shape, block_tables, ctx_lens, device, false)
+    }
+
+    /// As [`Self::upload`], also checking that no block is shared by two rows
+    /// ([`DecodeShape::check_disjoint`]): required for a decode call that adds the metric.
+    pub fn upload_disjoint(
+        shape: DecodeShape,
+        block_tables: &[u32],
+        ctx_lens: &[u32],
+        device: &Device,
+    ) -> Result<Self> {
+        shape.check_disjoint(block_tables, ctx_lens)?;
+        Self::upload_checked(shape, block_tables, ctx_lens, device, true)
+    }
+
+    fn upload_checked(
+        shape: DecodeShape,
+        block_tables: &[u32],
+        ctx_lens: &[u32],
+        device: &Device,
+        disjoint: bool,
+    ) -> Result<Self> {
+        let rows = shape.batch * shape.num_kv_heads;
+        Ok(DeviceTables {
+            disjoint,
+            shape,
+            block_tables: Tensor::from_slice(
+                block_tables,
+                (shape.batch, shape.num_kv_heads, shape.max_blocks),
+                device,
+            )?,
+            ctx_lens: Tensor::from_slice(ctx_lens, rows, device)?,
+            max_len: ctx_lens.iter().copied().max().unwrap_or(0) as usize,
+        })
+    }
+}
+
+/// Scratch of a decode call: scores/probabilities and the partitions' softmax states.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub struct DecodeWorkspace {
+    /// `[batch, n_heads, probs_stride]` f32: scores, then probabilities.
+    pub probs: Tensor,
+    /// `[batch, n_heads, num_parts]` f32.
+    part_max: Tensor,
+    /// `[batch, n_heads, num_parts]` f32.
+    part_sum: Tensor,
+    /// `[batch, n_heads, num_parts, head_dim]` f32.
+    part_out: Tensor,
+    /// Slots per partition.
+    pub part_slots: usize,
+    /// Partitions per head.
+    pub num_parts: usize,
+}
+
+/// Default partition size: one partition when there are enough (row, kv-head) pairs to fill the
+/// GPU (about 4 CUDA blocks per SM of an H100), else split the longest context so that there
+/// are, with partitions of at least 256 slots (multiples of 64).
+pub fn default_part_slots(shape: &DecodeShape, max_len: usize) -> usize {
+    let rows = shape.batch * shape.num_kv_heads;
+    let target = 528usize;
+    if rows >= target / 2 || max_len <= 256 {
+        return max_len.max(1);
+    }
+    let parts = target.div_ceil(rows.max(1));
+    (max_len.div_ceil(parts).div_ceil(64) * 64).max(256)
+}
+
+impl DecodeWorkspace {
+    /// Scratch for `shape` with contexts up to `max_len`, partitions of `part_slots` slots
+    /// (`None`: [`default_part_slots`]).
+    pub fn new(
+        shape: &DecodeShape,
+        max_len: usize,
+        part_slots: Option<usize>,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::filled(shape, max_len, part_slots, device, 0.0)
+    }
+
+    /// As [`Self::new`] with every scratch element set to `value` (tests poison it with NaN:
+    /// the kernels must write everything they read).
+    pub fn filled(
+        shape: &DecodeShape,
+        max_len: usize,
+        part_slots: Option<usize>,
+        device: &Device,
+        value: f32,
+    ) -> Result<Self> {
+        let part_slots = part_slots
+            .unwrap_or_else(|| default_part_slots(shape, max_len))
+            .max(1);
+        let num_parts = max_len.div_ceil(part_slots).max(1);
+        let (b, nh, d) = (shape.batch, shape.n_heads(), shape.head_dim);
+        let z = |s: &[usize]| Tensor::full(value, s, device);
+        Ok(DecodeWorkspace {
+            probs: z(&[b, nh, shape.probs_stride])?,
+            part_max: z(&[b, nh, num_parts])?,
+            part_sum: z(&[b, nh, num_parts])?,
+            part_out: z(&[b, nh, num_parts, d])?,
+            part_slots,
+            num_parts,
+        })
+    }
+}
+
+fn check_cache(k_cache: &Tensor, v_cache: &Tensor, head_dim: usize) -> Result<usize> {
+    let (n, d) = k_cache.dims2()?;
+    if d != head_dim || v_cache.dims() != k_cache.dims() || v_cache.dtype() != k_cache.dtype() {
+        return Err(OpsError::Shape(format!(
+            "K/V caches must both be [num_slots, {head_dim}] of one dtype, got K {:?} {:?} / V {:?} {:?}",
+            k_cache.dims(),
+            k_cache.dtype(),
+            v_cache.dims(),
+            v_cache.dtype()
+        ))
+        .into());
+    }
+    Ok(n)
+}
+
+fn check_meta(metric: Option<&Tensor>, position: Option<&Tensor>, num_slots: usize) -> Result<()> {
+    for (t, dt, what) in [
+        (metric, DType::F32, "metric"),
+        (position, DType::U32, "position"),
+    ] {
+        if let Some(t) = t {
+            if t.dims() != [num_slots] || t.dtype() != dt {
+                return Err(OpsError::Shape(format!(
+                    "{what} must be [{num_slots}] {dt:?}, got {:?} {:?}",
+                    t.dims(),
+                    t.dtype()
+                ))
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Write `k_new`/`v_new` `[n, head_dim]` into rows `slots` of `k_cache`/`v_cache`
+/// `[num_slots, head_dim]` (in place); when given, set `metric[slot] = 0` and
+/// `position[slot] = positions[i]`. Twin: [`super::ops::write_kv`].
+#[allow(clippy::too_many_arguments)]
+pub fn write_kv(
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    metric: Option<&Tensor>,
+    position: Option<&Tensor>,
+    k_new: &Tensor,
+    v_new: &Tensor,
+    slots: &[u32],
+    positions: &[u32],
+) -> Result<()> {
+    let d = k_new.dim(1)?;
+    let num_slots = check_cache(k_cache, v_cache, d)?;
+    check_meta(metric, position, num_slots)?;
+    if k_new.dims() != v_new.dims() || k_new.dtype() != k_cache.dtype() {
+        return Err(OpsError::Shape(format!(
+            "k_new/v_new must be [n, {d}] {:?}, got {:?} / {:?}",
+            k_cache.dtype(),
+            k_new.dims(),
+            v_new.dims()
+        ))
+        .into());
+    }
+    check_write(num_slots, d, k_new.elem_count(), slots, positions)?;
+    if slots.is_empty() {
+        return Ok(());
+    }
+    let dev = k_cache.device();
+    let s = Tensor::from_slice(slots, slots.len(), dev)?;
+    let p = Tensor::from_slice(positions, positions.len(), dev)?;
+    imp::write_kv(
+        k_cache,
+        v_cache,
+        metric,
+        position,
+        &k_new.contiguous()?,
+        &v_new.contiguous()?,
+        &s,
+        &p,
+    )
+}
+
+/// Copy K, V (and metric, position when given) of slot `from[i]` to slot `to[i]`, in place;
+/// `from ∪ to` must be distinct. Twin: [`super::ops::move_slots`].
+pub fn move_slots(
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    metric: Option<&Tensor>,
+    position: Option<&Tensor>,
+    from: &[u32],
+    to: &[u32],
+) -> Result<()> {
+    let num_slots = check_cache(k_cache, v_cache, k_cache.dim(1)?)?;
+    check_meta(metric, position, num_slots)?;
+    check_moves(num_slots, from, to)?;
+    if from.is_empty() {
+        return Ok(());
+    }
+    let dev = k_cache.device();
+    let f = Tensor::from_slice(from, from.len(), dev)?;
+    let t = Tensor::from_slice(to, to.len(), dev)?;
+    imp::move_slots(k_cache, v_cache, metric, position, &f, &t)
+}
+
+/// Paged decode attention (twin: [`super::ops::paged_decode`]): `q` `[batch, n_heads, head_dim]`
+/// over `k_cache`/`v_cache` `[num_slots, head_dim]` through `tables`; writes `out`
+/// `[batch, n_heads, head_dim]` (q's dtype) and, with `write_probs`, the probabilities into
+/// `ws.probs` `[batch, n_heads, probs_stride]` (zero beyond each head's length); with `metric`
+/// `[num_slots]` f32, adds `sum over the group of p^2` per slot. Nothing is allocated: this is
+/// what the benchmark times.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_decode_into(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    tables: &DeviceTables,
+    ws: &DecodeWorkspace,
+    out: &Tensor,
+    scale: f32,
+    metric: Option<&Tensor>,
+    write_probs: bool,
+) -> Result<()> {
+    let s = &tables.shape;
+    let num_slots = check_cache(k_cache, v_cache, s.head_dim)?;
+    check_meta(metric, None, num_slots)?;
+    if metric.is_some() && !tables.disjoint {
+        return Err(OpsError::Shape(
+            "a decode call adding the metric needs tables from DeviceTables::upload_disjoint"
+                .into(),
+        )
+        .into());
+    }
+    let want = [s.batch, s.n_heads(), s.head_dim];
+    if q.dims() != want || out.dims() != want || q.dtype() != k_cache.dtype() {
+        return Err(OpsError::Shape(format!(
+            "q and out must be {want:?} {:?}, got q {:?} {:?}, out {:?}",
+            k_cache.dtype(),
+            q.dims(),
+            q.dtype(),
+            out.dims()
+        ))
+        .into());
+    }
+    if num_slots != s.num_slots
+        || ws.probs.dims() != [s.batch, s.n_heads(), s.probs_stride]
+        || ws.num_parts * ws.part_slots < tables.max_len
+    {
+        return Err(OpsError::Shape(format!(
+            "decode workspace / tables do not match the call ({s:?}, {num_slots} slots, {} parts of {})",
+            ws.num_parts, ws.part_slots
+        ))
+        .into());
+    }
+    if !decode_supported(q.dtype(), s.head_dim, s.group) {
+        return Err(if available() {
+            OpsError::Shape(format!(
+                "paged decode kernel: dtype {:?}, head dim {} (supported {DECODE_HEAD_DIMS:?}), group {} (max {DECODE_MAX_GROUP}) not supported",
+                q.dtype(),
+                s.head_dim,
+                s.group
+            ))
+        } else {
+            OpsError::NoCuda
+        }
+        .into());
+    }
+    imp::paged_decode(
+        q,
+        k_cache,
+        v_cache,
+        tables,
+        ws,
+        out,
+        scale,
+        metric,
+        write_probs,
+    )
+}
+
+/// [`paged_decode_into`] allocating its output and scratch: returns the output
+/// `[batch, n_heads, head_dim]` and, with `want_probs`, the probabilities
+/// `[batch, n_heads, probs_stride]` f32.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_decode(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    tables: &DeviceTables,
+    scale: f32,
+    metric: Option<&Tensor>,
+    want_probs: bool,
+    part_slots: Option<usize>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let ws = DecodeWorkspace::new(&tables.shape, tables.max_len, part_slots, q.device())?;
+    let out = Tensor::zeros(q.dims(), q.dtype(), q.device())?;
+    paged_decode_into(
+        q, k_cache, v_cache, tables, &ws, &out, scale, metric, want_probs,
+    )?;
+    Ok((out, want_probs.then_some(ws.probs)))
+}
+
+/// Longest head [`kvcompress_evict`] sorts in shared memory (128 KiB of keys on an H100).
+pub const EVICT_MAX_LEN: usize = 16384;
+
+/// KV-Compress's eviction step for one sequence on the device (twin:
+/// [`super::ops::kvcompress_evict`]): `block_tables` `[heads, max_blocks]` and `ctx_lens`
+/// `[heads]` of the sequence's heads (all layers x kv-heads), slots with
+/// `position >= first_protected` never evicted, `n_evict` blocks taken over all heads. Moves
+/// K, V, `metric` `[num_slots]` f32 and `position` `[num_slots]` u32 in place; returns the
+/// per-head counts and new lengths (the only data coming back).
+#[allow(clippy::too_many_arguments)]
+pub fn kvcompress_evict(
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    metric: &Tensor,
+    position: &Tensor,
+    block_tables: &[u32],
+    ctx_lens: &[u32],
+    block_size: usize,
+    first_protected: u32,
+    n_evict: usize,
+) -> Result<EvictStep> {
+    let (num_slots, d) = k_cache.dims2()?;
+    check_cache(k_cache, v_cache, d)?;
+    check_meta(Some(metric), Some(position), num_slots)?;
+    let heads = ctx_lens.len();
+    let max_len = ctx_lens.iter().copied().max().unwrap_or(0) as usize;
+    if heads == 0 || max_len == 0 || n_evict == 0 {
+        return Ok(EvictStep {
+            counts: vec![0; heads],
+            new_lens: ctx_lens.to_vec(),
+        });
+    }
+    if max_len > EVICT_MAX_LEN {
+        return Err(OpsError::Shape(format!(
+            "device eviction sorts heads of at most {EVICT_MAX_LEN} tokens, got {max_len}"
+        ))
+        .into());
+    }
+    if block_tables.len() % heads != 0 {
+        return Err(OpsError::Shape("block_tables must be [heads, max_blocks]".into()).into());
+    }
+    let max_blocks = block_tables.len() / heads;
+    let shape = DecodeShape {
+        batch: 1,
+        num_kv_heads: heads,
+        group: 1,
+        head_dim: d,
+        max_blocks,
+        block_size,
+        probs_stride: max_blocks * block_size,
+        num_slots,
+    };
+    shape.check_disjoint(block_tables, ctx_lens)?;
+    let dev = k_cache.device();
+    let tables = Tensor::from_slice(block_tables, (heads, max_blocks), dev)?;
+    let lens = Tensor::from_slice(ctx_lens, heads, dev)?;
+    let counts = imp::kvcompress_evict(
+        k_cache,
+        v_cache,
+        metric,
+        position,
+        &tables,
+        &lens,
+        block_size,
+        max_len,
+        first_protected,
+        n_evict,
+    )?;
+    Ok(EvictStep {
+        counts: counts.to_vec1::<u32>()?,
+        new_lens: lens.to_vec1::<u32>()?,
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+mod imp {
+    //! Stubs of a build without CUDA.
+    use super::*;
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_kv(
+        _: &Tensor,
+        _: &Tensor,
+        _: Option<&Tensor>,
+        _: Option<&Tensor>,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> Result<()> {
+        Err(OpsError::NoCuda.into())
+    }
+
+    pub fn move_slots(
+        _: &Tensor,
+        _: &Tensor,
+        _: Option<&Tensor>,
+        _: Option<&Tensor>,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> Result<()> {
+        Err(OpsError::NoCuda.into())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_decode(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &DeviceTables,
+        _: &DecodeWorkspace,
+        _: &Tensor,
+        _: f32,
+        _: Option<&Tensor>,
+        _: bool,
+    ) -> Result<()> {
+        Err(OpsError::NoCuda.into())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn kvcompress_evict(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: usize,
+        _: usize,
+        _: u32,
+        _: usize,
+    ) -> Result<Tensor> {
+        Err(OpsError::NoCuda.into())
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    //! Module loading and launches through cudarc on candle's stream.
+    use super::*;
+    use candle_core::{CudaDevice, Storage};
+    use cudarc::driver::{CudaFunction, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    static PAGED_ATTENTION: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/paged_attention.fatbin"));
+    static KV_CACHE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kv_cache.fatbin"));
+    static EVICT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/evict.fatbin"));
+
+    type FuncCache = HashMap<(usize, String), CudaFunction>;
+    type ModCache = HashMap<(usize, &'static str), Arc<cudarc::driver::CudaModule>>;
+    static FUNCS: OnceLock<Mutex<(ModCache, FuncCache)>> = OnceLock::new();
+
+    fn cu(e: impl std::fmt::Display) -> candle_core::Error {
+        OpsError::Cuda(e.to_string()).into()
+    }
+
+    /// `name` from module `module` ("paged_attention" | "kv_cache" | "evict"), loaded once per
+    /// context.
+    fn func(stream: &Arc<CudaStream>, module: &'static str, name: &str) -> Result<CudaFunction> {
+        let ctx = stream.context();
+        let key = Arc::as_ptr(ctx) as usize;
+        let mut g = FUNCS
+            .get_or_init(Default::default)
+            .lock()
+            .map_err(|_| cu("kernel cache poisoned"))?;
+        if let Some(f) = g.1.get(&(key, name.to_string())) {
+            return Ok(f.clone());
+        }
+        let m = match g.0.get(&(key, module)) {
+            Some(m) => m.clone(),
+            None => {
+                let bin = match module {
+                    "paged_attention" => PAGED_ATTENTION,
+                    "evict" => EVICT,
+                    _ => KV_CACHE,
+                };
+                let m = ctx
+                    .load_module(cudarc::nvrtc::Ptx::from_binary(bin.to_vec()))
+                    .map_err(|e| cu(format!("loading kernels/{module}.cu: {e}")))?;
+                g.0.insert((key, module), m.clone());
+                m
+            }
+        };
+        let f = m
+            .load_function(name)
+            .map_err(|e| cu(format!("kernel {name} in kernels/{module}.cu: {e}")))?;
+        g.1.insert((key, name.to_string()), f.clone());
+        Ok(f)
+    }
+
+    fn device(t: &Tensor) -> Result<CudaDevice> {
+        match t.device() {
+            Device::Cuda(d) => Ok(d.clone()),
+            d => Err(OpsError::Shape(format!("expected a CUDA tensor, got one on {d:?}")).into()),
+        }
+    }
+
+    /// Device address of a contiguous CUDA tensor's first element (0 for `None`). The caller
+    /// keeps the tensor alive until the launch is queued; candle frees stream-ordered.
+    fn ptr(t: Option<&Tensor>, stream: &CudaStream) -> Result<u64> {
+        let Some(t) = t else { return Ok(0) };
+        let (st, l) = t.storage_and_layout();
+        if !l.is_contiguous() {
+            return Err(OpsError::Shape(format!("tensor {:?} is not contiguous", t.dims())).into());
+        }
+        let Storage::Cuda(cs) = &*st else {
+            return Err(OpsError::Shape("expected a CUDA tensor".into()).into());
+        };
+        let base = match t.dtype() {
+            DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(stream).0,
+            DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.device_ptr(stream).0,
+            DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(stream).0,
+            DType::U32 => cs.as_cuda_slice::<u32>()?.device_ptr(stream).0,
+            dt => return Err(OpsError::Shape(format!("unsupported dtype {dt:?}")).into()),
+        };
+        Ok(base + (l.start_offset() * t.dtype().size_in_bytes()) as u64)
+    }
+
+    fn dtype_name(dt: DType) -> Result<&'static str> {
+        Ok(match dt {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            dt => {
+                return Err(
+                    OpsError::Shape(format!("K/V dtype {dt:?} (f32, bf16, f16 only)")).into(),
+                )
+            }
+        })
+    }
+
+    fn grid_1d(n: usize) -> Result<LaunchConfig> {
+        let blocks = n.div_ceil(256);
+        if blocks > u32::MAX as usize {
+            return Err(OpsError::Shape(format!("{n} elements is too many")).into());
+        }
+        Ok(LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_kv(
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        metric: Option<&Tensor>,
+        position: Option<&Tensor>,
+        k_new: &Tensor,
+        v_new: &Tensor,
+        slots: &Tensor,
+        positions: &Tensor,
+    ) -> Result<()> {
+        let stream = device(k_cache)?.cuda_stream();
+        let name = format!("write_kv_{}", dtype_name(k_cache.dtype())?);
+        let f = func(&stream, "kv_cache", &name)?;
+        let (n, d) = k_new.dims2()?;
+        let ptrs = [
+            ptr(Some(k_cache), &stream)?,
+            ptr(Some(v_cache), &stream)?,
+            ptr(metric, &stream)?,
+            ptr(position, &stream)?,
+            ptr(Some(k_new), &stream)?,
+            ptr(Some(v_new), &stream)?,
+            ptr(Some(slots), &stream)?,
+            ptr(Some(positions), &stream)?,
+        ];
+        let (n_i, d_i) = (n as i32, d as i32);
+        let mut b = stream.launch_builder(&f);
+        for p in &ptrs {
+            b.arg(p);
+        }
+        b.arg(&n_i).arg(&d_i);
+        // Safety: arguments match write_kv_<dtype>'s signature; every slot was checked in range.
+        unsafe { b.launch(grid_1d(n * d)?) }.map_err(cu)?;
+        Ok(())
+    }
+
+    pub fn move_slots(
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        metric: Option<&Tensor>,
+        position: Option<&Tensor>,
+        from: &Tensor,
+        to: &Tensor,
+    ) -> Result<()> {
+        let stream = device(k_cache)?.cuda_stream();
+        let name = format!("move_slots_{}", dtype_name(k_cache.dtype())?);
+        let f = func(&stream, "kv_cache", &name)?;
+        let d = k_cache.dim(1)?;
+        let n = from.dim(0)?;
+        let ptrs = [
+            ptr(Some(k_cache), &stream)?,
+            ptr(Some(v_cache), &stream)?,
+            ptr(metric, &stream)?,
+            ptr(position, &stream)?,
+            ptr(Some(from), &stream)?,
+            ptr(Some(to), &stream)?,
+        ];
+        let (n_i, d_i) = (n as i32, d as i32);
+        let mut b = stream.launch_builder(&f);
+        for p in &ptrs {
+            b.arg(p);
+        }
+        b.arg(&n_i).arg(&d_i);
+        // Safety: arguments match move_slots_<dtype>; the plan was checked in range and disjoint.
+        unsafe { b.launch(grid_1d(n * d)?) }.map_err(cu)?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_decode(
+        q: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        tables: &DeviceTables,
+        ws: &DecodeWorkspace,
+        out: &Tensor,
+        scale: f32,
+        metric: Option<&Tensor>,
+        write_probs: bool,
+    ) -> Result<()> {
+        let s = &tables.shape;
+        let stream = device(q)?.cuda_stream();
+        let tn = dtype_name(q.dtype())?;
+        let gmax = [1usize, 2, 4, 8, 16]
+            .into_iter()
+            .find(|&g| g >= s.group)
+            .unwrap_or(16);
+        let part = func(
+            &stream,
+            "paged_attention",
+            &format!("paged_decode_part_{tn}_d{}_g{gmax}", s.head_dim),
+        )?;
+        let reduce = func(
+            &stream,
+            "paged_attention",
+            &format!("paged_decode_reduce_{tn}"),
+        )?;
+        for (v, what) in [
+            (ptr(Some(q), &stream)?, "q"),
+            (ptr(Some(k_cache), &stream)?, "k_cache"),
+            (ptr(Some(v_cache), &stream)?, "v_cache"),
+        ] {
+            if v % 16 != 0 {
+                return Err(OpsError::Shape(format!("{what} is not 16-byte aligned")).into());
+            }
+        }
+        let i = |x: usize| -> Result<i32> {
+            i32::try_from(x).map_err(|_| OpsError::Shape(format!("{x} does not fit i32")).into())
+        };
+        let (nkv, group, mb, bs, stride) = (
+            i(s.num_kv_heads)?,
+            i(s.group)?,
+            i(s.max_blocks)?,
+            i(s.block_size)?,
+            i(s.probs_stride)?,
+        );
+        let (ps, np, hd) = (i(ws.part_slots)?, i(ws.num_parts)?, i(s.head_dim)?);
+        let wp: i32 = write_probs.into();
+        let p = [
+            ptr(Some(&ws.probs), &stream)?,
+            ptr(Some(&ws.part_max), &stream)?,
+            ptr(Some(&ws.part_sum), &stream)?,
+            ptr(Some(&ws.part_out), &stream)?,
+            ptr(Some(q), &stream)?,
+            ptr(Some(k_cache), &stream)?,
+            ptr(Some(v_cache), &stream)?,
+            ptr(Some(&tables.block_tables), &stream)?,
+            ptr(Some(&tables.ctx_lens), &stream)?,
+        ];
+        let grid_y = s.num_kv_heads as u32;
+        let grid_z = s.batch as u32;
+        if s.batch > 65535 || s.batch == 0 || s.num_kv_heads == 0 {
+            return Err(OpsError::Shape(format!("batch {} out of range", s.batch)).into());
+        }
+        let mut b = stream.launch_builder(&part);
+        for x in &p {
+            b.arg(x);
+        }
+        b.arg(&nkv)
+            .arg(&group)
+            .arg(&mb)
+            .arg(&bs)
+            .arg(&stride)
+            .arg(&ps)
+            .arg(&np)
+            .arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (ws.num_parts as u32, grid_y, grid_z),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Safety: arguments match paged_decode_part_*; tables were checked against the cache.
+        unsafe { b.launch(cfg) }.map_err(cu)?;
+        let r = [
+            ptr(Some(out), &stream)?,
+            p[0],
+            ptr(metric, &stream)?,
+            p[1],
+            p[2],
+            p[3],
+            p[7],
+            p[8],
+        ];
+        let mut b = stream.launch_builder(&reduce);
+        for x in &r {
+            b.arg(x);
+        }
+        b.arg(&nkv)
+            .arg(&group)
+            .arg(&hd)
+            .arg(&mb)
+            .arg(&bs)
+            .arg(&stride)
+            .arg(&np)
+            .arg(&wp);
+        let cfg = LaunchConfig {
+            grid_dim: (grid_y, grid_z, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Safety: arguments match paged_decode_reduce_*.
+        unsafe { b.launch(cfg) }.map_err(cu)?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn kvcompress_evict(
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        metric: &Tensor,
+        position: &Tensor,
+        tables: &Tensor,
+        lens: &Tensor,
+        block_size: usize,
+        max_len: usize,
+        first_protected: u32,
+        n_evict: usize,
+    ) -> Result<Tensor> {
+        use cudarc::driver::sys::CUfunction_attribute_enum as Attr;
+        let dev = k_cache.device();
+        let stream = device(k_cache)?.cuda_stream();
+        let (heads, max_blocks) = tables.dims2()?;
+        let pow2 = max_len.next_power_of_two();
+        let smem = pow2 * 8;
+        let sort = func(&stream, "evict", "kvc_sort_candidates")?;
+        let select = func(&stream, "evict", "kvc_select_blocks")?;
+        let compact = func(&stream, "evict", "kvc_compact_heads")?;
+        sort.set_attribute(
+            Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(|e| cu(format!("{smem} B of shared memory for the sort: {e}")))?;
+        let order = Tensor::zeros((heads, max_len), DType::U32, dev)?;
+        let cand = Tensor::zeros((heads, max_blocks), DType::F32, dev)?;
+        let counts = Tensor::zeros(heads, DType::U32, dev)?;
+        let lt = Tensor::zeros(heads, DType::U32, dev)?;
+        let scratch = Tensor::zeros((heads, 3, max_len), DType::U32, dev)?;
+        let (mb, bs, stride, p2) = (
+            max_blocks as i32,
+            block_size as i32,
+            max_len as i32,
+            pow2 as i32,
+        );
+        let p = [
+            ptr(Some(&order), &stream)?,
+            ptr(Some(&cand), &stream)?,
+            ptr(Some(metric), &stream)?,
+            ptr(Some(position), &stream)?,
+            ptr(Some(tables), &stream)?,
+            ptr(Some(lens), &stream)?,
+        ];
+        let mut b = stream.launch_builder(&sort);
+        for x in &p {
+            b.arg(x);
+        }
+        b.arg(&mb)
+            .arg(&bs)
+            .arg(&stride)
+            .arg(&p2)
+            .arg(&first_protected);
+        let cfg = |grid: usize, smem: usize| LaunchConfig {
+            grid_dim: (grid as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // Safety: arguments match kvc_sort_candidates; tables were checked on the host.
+        unsafe { b.launch(cfg(heads, smem)) }.map_err(cu)?;
+        let (heads_i, n) = (heads as i32, n_evict as u64);
+        let q = [
+            ptr(Some(&counts), &stream)?,
+            ptr(Some(&lt), &stream)?,
+            p[1],
+            p[5],
+        ];
+        let mut b = stream.launch_builder(&select);
+        for x in &q {
+            b.arg(x);
+        }
+        b.arg(&heads_i).arg(&mb).arg(&bs).arg(&n);
+        // Safety: arguments match kvc_select_blocks.
+        unsafe { b.launch(cfg(1, 0)) }.map_err(cu)?;
+        let row_bytes = k_cache.dim(1)? * k_cache.dtype().size_in_bytes();
+        if row_bytes % 4 != 0 {
+            return Err(OpsError::Shape(format!(
+                "K/V rows of {row_bytes} B (need a multiple of 4)"
+            ))
+            .into());
+        }
+        let row_words = (row_bytes / 4) as i32;
+        let r = [
+            ptr(Some(k_cache), &stream)?,
+            ptr(Some(v_cache), &stream)?,
+            p[2],
+            p[3],
+            p[5],
+            ptr(Some(&scratch), &stream)?,
+            p[0],
+            q[0],
+            p[4],
+        ];
+        let mut b = stream.launch_builder(&compact);
+        for x in &r {
+            b.arg(x);
+        }
+        b.arg(&mb).arg(&bs).arg(&stride).arg(&row_words);
+        // Safety: arguments match kvc_compact_heads.
+        unsafe { b.launch(cfg(heads, 0)) }.map_err(cu)?;
+        Ok(counts)
+    }
+}

@@ -1,0 +1,843 @@
+//! Plain-Rust twins of the paged-cache CUDA kernels (`kernels/kv_cache.cu`,
+//! `kernels/paged_attention.cu`): same contracts, same f32 arithmetic, on host slices. They are
+//! the oracle of the kernel tests (`tests/cuda_kernels.rs`) and the reference for anyone
+//! porting the kernels; the CPU [`super::paged::PagedCache`] keeps its candle-op path (bitwise
+//! equal to the contiguous oracle), which follows the same contracts.
+//!
+//! Layout (KV-Compress): slot `s` is row `s` of K and V `[num_slots, head_dim]` and entry `s` of
+//! the per-slot metric (f32) and position (u32) arrays. Logical slot `i` of row `r` (one
+//! (sequence, kv-head) of one layer) is physical slot
+//! `block_tables[r][i / block_size] * block_size + i % block_size`, for `i < ctx_lens[r]`.
+//!
+//! Also home of [`DecodeShape`], the host-side validation shared by the twin and the CUDA
+//! wrappers, so a bad table is refused before any kernel reads out of bounds.
+use half::{bf16, f16};
+
+/// Bad arguments to a paged-cache op; each names the argument and what was expected.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum OpsError {
+    #[error("{what}: expected {expected} elements, got {got}")]
+    Len {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    #[error("{what}: slot {slot} is out of range (the cache has {num_slots} slots)")]
+    Slot {
+        what: &'static str,
+        slot: usize,
+        num_slots: usize,
+    },
+    #[error("{what}: slot {slot} appears twice (or is both a source and a destination)")]
+    Repeated { what: &'static str, slot: usize },
+    #[error("row {row}: context length {len} exceeds its capacity {cap} (max_blocks * block_size, probs stride)")]
+    CtxLen { row: usize, len: usize, cap: usize },
+    #[error("{0}")]
+    Shape(String),
+    #[error("this kvc was built without CUDA: rebuild with `cargo build --release --features cuda` (see README, \"GPU\")")]
+    NoCuda,
+    #[error("CUDA: {0}")]
+    Cuda(String),
+}
+
+impl From<OpsError> for candle_core::Error {
+    fn from(e: OpsError) -> Self {
+        candle_core::Error::wrap(e)
+    }
+}
+
+/// An element type of the K/V cache (converted to f32 for arithmetic, as the kernels do).
+pub trait KvElem: Copy + Send + Sync + 'static {
+    /// To f32.
+    fn to_f32(self) -> f32;
+    /// From f32, rounding to nearest even.
+    fn from_f32(x: f32) -> Self;
+}
+
+impl KvElem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl KvElem for bf16 {
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+impl KvElem for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+
+fn check_len(what: &'static str, got: usize, expected: usize) -> Result<(), OpsError> {
+    if got != expected {
+        return Err(OpsError::Len {
+            what,
+            expected,
+            got,
+        });
+    }
+    Ok(())
+}
+
+/// Check that every slot of `lists` is below `num_slots` and that no slot appears twice over
+/// all lists (O(n log n) in the slots listed, nothing proportional to the cache).
+fn check_slots(what: &'static str, lists: &[&[u32]], num_slots: usize) -> Result<(), OpsError> {
+    let mut all: Vec<u32> = Vec::with_capacity(lists.iter().map(|l| l.len()).sum());
+    for l in lists {
+        for &s in *l {
+            if s as usize >= num_slots {
+                return Err(OpsError::Slot {
+                    what,
+                    slot: s as usize,
+                    num_slots,
+                });
+            }
+            all.push(s);
+        }
+    }
+    all.sort_unstable();
+    if let Some(w) = all.windows(2).find(|w| w[0] == w[1]) {
+        return Err(OpsError::Repeated {
+            what,
+            slot: w[0] as usize,
+        });
+    }
+    Ok(())
+}
+
+/// Validate a write: `k_new`/`v_new` `[n, head_dim]`, `slots`/`positions` `[n]`, slots distinct
+/// and below `num_slots`.
+pub fn check_write(
+    num_slots: usize,
+    head_dim: usize,
+    new_elems: usize,
+    slots: &[u32],
+    positions: &[u32],
+) -> Result<(), OpsError> {
+    let n = slots.len();
+    check_len("write_kv positions", positions.len(), n)?;
+    check_len("write_kv k_new/v_new", new_elems, n * head_dim)?;
+    check_slots("write_kv slots", &[slots], num_slots)
+}
+
+/// Write new K/V rows (RoPE applied) into `slots`, setting their metric to 0 and their position.
+/// Twin of `write_kv_<dtype>`. `k_cache`/`v_cache`: `[num_slots, head_dim]`; `metric`,
+/// `position`: `[num_slots]` (skipped when `None`); `k_new`/`v_new`: `[n, head_dim]`.
+#[allow(clippy::too_many_arguments)]
+pub fn write_kv<T: Copy>(
+    k_cache: &mut [T],
+    v_cache: &mut [T],
+    metric: Option<&mut [f32]>,
+    position: Option<&mut [u32]>,
+    k_new: &[T],
+    v_new: &[T],
+    slots: &[u32],
+    positions: &[u32],
+    head_dim: usize,
+) -> Result<(), OpsError> {
+    let num_slots = k_cache.len() / head_dim.max(1);
+    check_len("write_kv v_cache", v_cache.len(), k_cache.len())?;
+    check_len("write_kv v_new", v_new.len(), k_new.len())?;
+    check_write(num_slots, head_dim, k_new.len(), slots, positions)?;
+    let mut metric = metric;
+    let mut position = position;
+    for (r, (&s, &p)) in slots.iter().zip(positions).enumerate() {
+        let (s, src) = (s as usize, r * head_dim);
+        k_cache[s * head_dim..(s + 1) * head_dim].copy_from_slice(&k_new[src..src + head_dim]);
+        v_cache[s * head_dim..(s + 1) * head_dim].copy_from_slice(&v_new[src..src + head_dim]);
+        if let Some(m) = metric.as_deref_mut() {
+            m[s] = 0.0;
+        }
+        if let Some(pos) = position.as_deref_mut() {
+            pos[s] = p;
+        }
+    }
+    Ok(())
+}
+
+/// Validate a move plan: `from`/`to` of equal length, in range, and all `from ∪ to` distinct
+/// (compaction moves tail survivors into evicted holes, so the copies commute).
+pub fn check_moves(num_slots: usize, from: &[u32], to: &[u32]) -> Result<(), OpsError> {
+    check_len("move_slots to", to.len(), from.len())?;
+    check_slots("move_slots from/to", &[from, to], num_slots)
+}
+
+/// Execute a compaction move plan: copy K, V, metric and position of slot `from[i]` to slot
+/// `to[i]`. Twin of `move_slots_<dtype>`.
+pub fn move_slots<T: Copy>(
+    k_cache: &mut [T],
+    v_cache: &mut [T],
+    metric: Option<&mut [f32]>,
+    position: Option<&mut [u32]>,
+    from: &[u32],
+    to: &[u32],
+    head_dim: usize,
+) -> Result<(), OpsError> {
+    let num_slots = k_cache.len() / head_dim.max(1);
+    check_len("move_slots v_cache", v_cache.len(), k_cache.len())?;
+    check_moves(num_slots, from, to)?;
+    let mut metric = metric;
+    let mut position = position;
+    for (&f, &t) in from.iter().zip(to) {
+        let (f, t) = (f as usize, t as usize);
+        k_cache.copy_within(f * head_dim..(f + 1) * head_dim, t * head_dim);
+        v_cache.copy_within(f * head_dim..(f + 1) * head_dim, t * head_dim);
+        if let Some(m) = metric.as_deref_mut() {
+            m[t] = m[f];
+        }
+        if let Some(p) = position.as_deref_mut() {
+            p[t] = p[f];
+        }
+    }
+    Ok(())
+}
+
+/// Shape of a paged decode-attention call (one query token per batch row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeShape {
+    /// Batch rows (sequences).
+    pub batch: usize,
+    /// Kv-heads per layer.
+    pub num_kv_heads: usize,
+    /// Query heads per kv-head.
+    pub group: usize,
+    /// Elements per Q/K/V row.
+    pub head_dim: usize,
+    /// Row length of the block tables.
+    pub max_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Row length of the probability output (at least every context length).
+    pub probs_stride: usize,
+    /// Slots in the K/V caches.
+    pub num_slots: usize,
+}
+
+impl DecodeShape {
+    /// Query heads per batch row.
+    pub fn n_heads(&self) -> usize {
+        self.num_kv_heads * self.group
+    }
+
+    /// Check the tables against the shape: lengths, context lengths within capacity, block ids
+    /// within the cache (what memory safety needs; O(blocks in use)).
+    pub fn check(&self, block_tables: &[u32], ctx_lens: &[u32]) -> Result<(), OpsError> {
+        self.used_blocks(block_tables, ctx_lens).map(|_| ())
+    }
+
+    /// [`Self::check`], and no block shared by two rows (what the metric update and the
+    /// compaction need; O(n log n) in the blocks in use).
+    pub fn check_disjoint(&self, block_tables: &[u32], ctx_lens: &[u32]) -> Result<(), OpsError> {
+        let mut used = self.used_blocks(block_tables, ctx_lens)?;
+        used.sort_unstable();
+        if let Some(w) = used.windows(2).find(|w| w[0] == w[1]) {
+            return Err(OpsError::Repeated {
+                what: "block_tables (block id)",
+                slot: w[0] as usize,
+            });
+        }
+        Ok(())
+    }
+
+    fn used_blocks(&self, block_tables: &[u32], ctx_lens: &[u32]) -> Result<Vec<u32>, OpsError> {
+        let rows = self.batch * self.num_kv_heads;
+        if self.block_size == 0 || self.head_dim == 0 || self.group == 0 {
+            return Err(OpsError::Shape(format!(
+                "paged decode: block_size, head_dim and group must be positive ({self:?})"
+            )));
+        }
+        check_len("block_tables", block_tables.len(), rows * self.max_blocks)?;
+        check_len("ctx_lens", ctx_lens.len(), rows)?;
+        let num_blocks = self.num_slots / self.block_size;
+        let cap = (self.max_blocks * self.block_size).min(self.probs_stride);
+        let mut used = Vec::new();
+        for (r, &len) in ctx_lens.iter().enumerate() {
+            let len = len as usize;
+            if len > cap {
+                return Err(OpsError::CtxLen { row: r, len, cap });
+            }
+            for &b in &block_tables[r * self.max_blocks..][..len.div_ceil(self.block_size)] {
+                if b as usize >= num_blocks {
+                    return Err(OpsError::Slot {
+                        what: "block_tables (block id)",
+                        slot: b as usize,
+                        num_slots: num_blocks,
+                    });
+                }
+                used.push(b);
+            }
+        }
+        Ok(used)
+    }
+}
+
+/// What [`paged_decode`] returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeOut {
+    /// `[batch, n_heads, head_dim]` f32 (the kernel rounds this to the cache dtype).
+    pub out: Vec<f32>,
+    /// `[batch, n_heads, probs_stride]` softmax probabilities in logical slot order, zero beyond
+    /// each head's context length.
+    pub probs: Vec<f32>,
+}
+
+/// Paged decode attention (twin of `paged_decode_part_*` + `paged_decode_reduce_*`): for each
+/// batch row `b` and query head `h` (kv-head `h / group`), softmax of `(q * scale) . k_i` over
+/// the head's `ctx_lens` logical slots, output `sum_i p_i v_i`; a head with no slots outputs
+/// zeros. When `metric` is given, adds the KV-Compress decode metric
+/// `metric[slot_i] += sum over the group's query heads of p_i^2`.
+///
+/// `q`: `[batch, n_heads, head_dim]`; `k_cache`, `v_cache`: `[num_slots, head_dim]`;
+/// `block_tables`: `[batch, num_kv_heads, max_blocks]`; `ctx_lens`: `[batch, num_kv_heads]`;
+/// `metric`: `[num_slots]`.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_decode<T: KvElem>(
+    shape: &DecodeShape,
+    q: &[T],
+    k_cache: &[T],
+    v_cache: &[T],
+    block_tables: &[u32],
+    ctx_lens: &[u32],
+    scale: f32,
+    metric: Option<&mut [f32]>,
+) -> Result<DecodeOut, OpsError> {
+    let s = shape;
+    let (d, nh, nkv, g) = (s.head_dim, s.n_heads(), s.num_kv_heads, s.group);
+    check_len("q", q.len(), s.batch * nh * d)?;
+    check_len("k_cache", k_cache.len(), s.num_slots * d)?;
+    check_len("v_cache", v_cache.len(), s.num_slots * d)?;
+    if let Some(m) = &metric {
+        check_len("metric", m.len(), s.num_slots)?;
+        s.check_disjoint(block_tables, ctx_lens)?;
+    } else {
+        s.check(block_tables, ctx_lens)?;
+    }
+    let mut metric = metric;
+    let mut out = vec![0f32; s.batch * nh * d];
+    let mut probs = vec![0f32; s.batch * nh * s.probs_stride];
+    for b in 0..s.batch {
+        for kvh in 0..nkv {
+            let row = b * nkv + kvh;
+            let len = ctx_lens[row] as usize;
+            let table = &block_tables[row * s.max_blocks..(row + 1) * s.max_blocks];
+            let slots: Vec<usize> = (0..len)
+                .map(|i| table[i / s.block_size] as usize * s.block_size + i % s.block_size)
+                .collect();
+            let mut m2 = vec![0f32; len];
+            for h in kvh * g..(kvh + 1) * g {
+                let qh: Vec<f32> = q[(b * nh + h) * d..][..d]
+                    .iter()
+                    .map(|x| x.to_f32() * scale)
+                    .collect();
+                let sc: Vec<f32> = slots
+                    .iter()
+                    .map(|&sl| {
+                        qh.iter()
+                            .zip(&k_cache[sl * d..(sl + 1) * d])
+                            .map(|(a, k)| a * k.to_f32())
+                            .sum()
+                    })
+                    .collect();
+                let mx = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = sc.iter().map(|x| (x - mx).exp()).collect();
+                let z: f32 = e.iter().sum();
+                let o = &mut out[(b * nh + h) * d..][..d];
+                let prow = &mut probs[(b * nh + h) * s.probs_stride..][..s.probs_stride];
+                for (i, (&sl, &ei)) in slots.iter().zip(&e).enumerate() {
+                    let p = ei / z;
+                    prow[i] = p;
+                    m2[i] += p * p;
+                    for (oc, vc) in o.iter_mut().zip(&v_cache[sl * d..(sl + 1) * d]) {
+                        *oc += p * vc.to_f32();
+                    }
+                }
+            }
+            if let Some(m) = metric.as_deref_mut() {
+                for (&sl, x) in slots.iter().zip(&m2) {
+                    m[sl] += x;
+                }
+            }
+        }
+    }
+    Ok(DecodeOut { out, probs })
+}
+
+/// What one device-side KV-Compress eviction step did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvictStep {
+    /// Candidates (blocks) taken per head.
+    pub counts: Vec<u32>,
+    /// Context length of each head after compaction.
+    pub new_lens: Vec<u32>,
+}
+
+/// KV-Compress's eviction step for ONE sequence on slices (twin of `kernels/evict.cu`):
+/// protected slots (`position >= first_protected`) count as +inf, each head's slots are sorted
+/// ascending (ties by logical index), candidates scored, the `n_evict` lowest finite candidates
+/// over all heads taken ([`crate::compress::kvcompress::select_blocks`]), each head evicts the
+/// prefix [`crate::compress::kvcompress::head_evictions`] gives, then is compacted (tail
+/// survivors, tail-most first, into the lowest holes, as
+/// [`super::blocks::BlockPool::plan_compaction`]) moving K, V, metric and position.
+///
+/// `block_tables`: `[heads, max_blocks]`; `ctx_lens`: `[heads]` (updated); metrics must be
+/// finite or +inf.
+#[allow(clippy::too_many_arguments)]
+pub fn kvcompress_evict<T: Copy>(
+    k_cache: &mut [T],
+    v_cache: &mut [T],
+    metric: &mut [f32],
+    position: &mut [u32],
+    block_tables: &[u32],
+    ctx_lens: &mut [u32],
+    max_blocks: usize,
+    block_size: usize,
+    head_dim: usize,
+    first_protected: u32,
+    n_evict: usize,
+) -> Result<EvictStep, OpsError> {
+    use crate::compress::kvcompress::{head_evictions, select_blocks};
+    let heads = ctx_lens.len();
+    let num_slots = metric.len();
+    check_len("position", position.len(), num_slots)?;
+    check_len("k_cache", k_cache.len(), num_slots * head_dim)?;
+    let shape = DecodeShape {
+        batch: 1,
+        num_kv_heads: heads,
+        group: 1,
+        head_dim,
+        max_blocks,
+        block_size,
+        probs_stride: max_blocks * block_size,
+        num_slots,
+    };
+    shape.check_disjoint(block_tables, ctx_lens)?;
+    let slots: Vec<Vec<usize>> = (0..heads)
+        .map(|h| {
+            let t = &block_tables[h * max_blocks..];
+            (0..ctx_lens[h] as usize)
+                .map(|i| t[i / block_size] as usize * block_size + i % block_size)
+                .collect()
+        })
+        .collect();
+    let masked: Vec<Vec<f32>> = slots
+        .iter()
+        .map(|s| {
+            s.iter()
+                .map(|&x| {
+                    if position[x] >= first_protected {
+                        f32::INFINITY
+                    } else {
+                        metric[x]
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let counts = select_blocks(&masked, block_size, n_evict);
+    for (h, &k) in counts.iter().enumerate() {
+        let evict = head_evictions(&masked[h], block_size, k);
+        if evict.is_empty() {
+            continue;
+        }
+        let len = slots[h].len();
+        let mut gone = vec![false; len];
+        for &e in &evict {
+            gone[e] = true;
+        }
+        let new_len = len - evict.len();
+        let holes = (0..new_len).filter(|&i| gone[i]);
+        let tail = (new_len..len).rev().filter(|&i| !gone[i]);
+        let (from, to): (Vec<u32>, Vec<u32>) = holes
+            .zip(tail)
+            .map(|(hole, t)| (slots[h][t] as u32, slots[h][hole] as u32))
+            .unzip();
+        move_slots(
+            k_cache,
+            v_cache,
+            Some(metric),
+            Some(position),
+            &from,
+            &to,
+            head_dim,
+        )?;
+        ctx_lens[h] = new_len as u32;
+    }
+    Ok(EvictStep {
+        counts: counts.into_iter().map(|c| c as u32).collect(),
+        new_lens: ctx_lens.to_vec(),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::needless_range_loop)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_then_move_follow_the_plan() {
+        let d = 2;
+        let mut k = vec![0f32; 8 * d];
+        let mut v = vec![0f32; 8 * d];
+        let mut m = vec![9f32; 8];
+        let mut p = vec![0u32; 8];
+        let kn: Vec<f32> = (0..3 * d).map(|x| x as f32).collect();
+        let vn: Vec<f32> = kn.iter().map(|x| -x).collect();
+        write_kv(
+            &mut k,
+            &mut v,
+            Some(&mut m),
+            Some(&mut p),
+            &kn,
+            &vn,
+            &[5, 1, 7],
+            &[10, 11, 12],
+            d,
+        )
+        .unwrap();
+        assert_eq!(&k[10..12], &[0., 1.]);
+        assert_eq!(&v[2..4], &[-2., -3.]);
+        assert_eq!((m[5], m[0], p[7]), (0., 9., 12));
+        move_slots(
+            &mut k,
+            &mut v,
+            Some(&mut m),
+            Some(&mut p),
+            &[7, 1],
+            &[0, 3],
+            d,
+        )
+        .unwrap();
+        assert_eq!(&k[0..2], &[4., 5.]);
+        assert_eq!((p[0], p[3]), (12, 11));
+        // repeated / overlapping / out-of-range plans are refused
+        let e = move_slots(&mut k, &mut v, None, None, &[1, 2], &[2, 3], d);
+        assert!(matches!(e, Err(OpsError::Repeated { .. })), "{e:?}");
+        let e = move_slots(&mut k, &mut v, None, None, &[9], &[0], d);
+        assert!(matches!(e, Err(OpsError::Slot { .. })), "{e:?}");
+        let e = write_kv(&mut k, &mut v, None, None, &kn, &vn, &[1, 1, 2], &[0; 3], d);
+        assert!(matches!(e, Err(OpsError::Repeated { .. })), "{e:?}");
+    }
+
+    #[test]
+    fn decode_twin_matches_dense_attention_and_accumulates_metric() {
+        // 1 batch row, 1 kv-head, group 2, head_dim 2, block size 2, 3 tokens in blocks [3, 1].
+        let shape = DecodeShape {
+            batch: 1,
+            num_kv_heads: 1,
+            group: 2,
+            head_dim: 2,
+            max_blocks: 3,
+            block_size: 2,
+            probs_stride: 4,
+            num_slots: 8,
+        };
+        let mut k = vec![0f32; 16];
+        let mut v = vec![0f32; 16];
+        // logical 0 -> slot 6, 1 -> slot 7, 2 -> slot 2
+        for (i, sl) in [6usize, 7, 2].into_iter().enumerate() {
+            k[sl * 2] = i as f32;
+            k[sl * 2 + 1] = 1.0;
+            v[sl * 2] = 10.0 * i as f32;
+            v[sl * 2 + 1] = 1.0;
+        }
+        let q = vec![1f32, 0.0, 0.0, 1.0];
+        let mut metric = vec![1f32; 8];
+        let r = paged_decode(
+            &shape,
+            &q,
+            &k,
+            &v,
+            &[3, 1, 99],
+            &[3],
+            0.5,
+            Some(&mut metric),
+        )
+        .unwrap();
+        // head 0: scores 0, 0.5, 1.0
+        let e: Vec<f32> = [0f32, 0.5, 1.0].iter().map(|x| x.exp()).collect();
+        let z: f32 = e.iter().sum();
+        let p0: Vec<f32> = e.iter().map(|x| x / z).collect();
+        for i in 0..3 {
+            assert!((r.probs[i] - p0[i]).abs() < 1e-6);
+            // head 1: equal scores
+            assert!((r.probs[4 + i] - 1.0 / 3.0).abs() < 1e-6);
+        }
+        assert_eq!(r.probs[3], 0.0);
+        let want0 = 10.0 * p0[1] + 20.0 * p0[2];
+        assert!((r.out[0] - want0).abs() < 1e-5 && (r.out[1] - 1.0).abs() < 1e-6);
+        assert!((r.out[2] - 10.0).abs() < 1e-5);
+        let m6 = 1.0 + p0[0] * p0[0] + 1.0 / 9.0;
+        assert!((metric[6] - m6).abs() < 1e-6);
+        assert_eq!(metric[0], 1.0);
+        // a table pointing past the cache is refused
+        let bad = paged_decode(&shape, &q, &k, &v, &[3, 4, 0], &[3], 0.5, None);
+        assert!(matches!(bad, Err(OpsError::Slot { .. })), "{bad:?}");
+        let bad = paged_decode(&shape, &q, &k, &v, &[3, 3, 0], &[3], 0.5, Some(&mut metric));
+        assert!(matches!(bad, Err(OpsError::Repeated { .. })), "{bad:?}");
+    }
+
+    #[test]
+    fn evict_twin_compacts_like_the_pool() {
+        use crate::kvcache::blocks::BlockPool;
+        // 2 heads, block size 2; head 0: 5 tokens, head 1: 3 tokens.
+        let mut pool = BlockPool::new(1, 2, 2, 8).unwrap();
+        pool.add_seq(0).unwrap();
+        pool.append(0, 0, 0, &[0, 1, 2, 3, 4]).unwrap();
+        pool.append(0, 0, 1, &[0, 1, 2]).unwrap();
+        let mut metric = vec![0f32; 16];
+        let mut position = vec![0u32; 16];
+        let ms = [[5.0, 0.1, 0.2, 9.0, 1.0], [0.05, 7.0, 1.0, 0.0, 0.0]];
+        for h in 0..2 {
+            for (i, s) in pool.slots(0, 0, h).unwrap().into_iter().enumerate() {
+                metric[s] = ms[h][i];
+                position[s] = i as u32;
+            }
+        }
+        let t = pool.table(0).unwrap();
+        let mut tables = vec![0u32; 2 * 3];
+        for h in 0..2 {
+            tables[h * 3..][..t.blocks[0][h].len()].copy_from_slice(&t.blocks[0][h]);
+        }
+        let mut lens = vec![5u32, 3];
+        let d = 1;
+        let mut k: Vec<f32> = (0..16).map(|x| x as f32).collect();
+        let mut v = k.clone();
+        // protect position 4 (head 0's last token); evict 2 blocks.
+        let st = kvcompress_evict(
+            &mut k,
+            &mut v,
+            &mut metric,
+            &mut position,
+            &tables,
+            &mut lens,
+            3,
+            2,
+            d,
+            4,
+            2,
+        )
+        .unwrap();
+        // head 0 (h = 1): masked sorted [0.1, 0.2, 5, 9, inf] -> candidates (sorted index
+        // 0, 2, 4) [0.1, 5, inf]; head 1 (h = 1): sorted [0.05, 1, 7] -> [0.05, 7].
+        // Lowest two: 0.05 (head 1), 0.1 (head 0); each head evicts its lowest slot.
+        assert_eq!(st.counts, vec![1, 1]);
+        assert_eq!(st.new_lens, vec![4, 2]);
+        let mut sorted0: Vec<u32> = (0..4)
+            .map(|i| position[tables[i / 2] as usize * 2 + i % 2])
+            .collect();
+        sorted0.sort();
+        assert_eq!(sorted0, vec![0, 2, 3, 4]);
+    }
+
+    /// The twins agree with the CPU paged cache (the oracle path): after random appends and a
+    /// compaction, `paged_decode` over the pool's tables equals `PagedCache::attend` for a
+    /// decode step (outputs and probabilities), and `kvcompress_evict` equals the host plan
+    /// (`select_blocks` + `head_evictions` + `BlockPool::plan_compaction`).
+    #[test]
+    fn twins_agree_with_the_cpu_paged_cache() {
+        use crate::compress::kvcompress::{head_evictions, select_blocks};
+        use crate::kvcache::blocks::{EvictionPlan, HeadEviction};
+        use crate::kvcache::paged::{PagedCache, PagedSpec};
+        use crate::kvcache::{AttnCall, CacheBackend, Probe};
+        use candle_core::{DType, Device, Tensor};
+        let dev = Device::Cpu;
+        let (nkv, g, d, bs, t) = (2usize, 3usize, 8usize, 4usize, 23usize);
+        let nh = nkv * g;
+        let spec = PagedSpec {
+            layers: 1,
+            kv_heads: nkv,
+            head_dim: d,
+            block_size: bs,
+            dtype: DType::F32,
+            device: dev.clone(),
+        };
+        let mut cache = PagedCache::new(spec, 40).unwrap();
+        let s = cache.add_sequence().unwrap();
+        let q = Tensor::randn(0f32, 1.0, (1, nh, t + 1, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, nkv, t + 1, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, nkv, t + 1, d), &dev).unwrap();
+        let nar = |x: &Tensor, a: usize, n: usize| x.narrow(2, a, n).unwrap().contiguous().unwrap();
+        cache
+            .attend(AttnCall {
+                layer: 0,
+                seqs: &[s],
+                q: &nar(&q, 0, t),
+                k: &nar(&k, 0, t),
+                v: &nar(&v, 0, t),
+                scale: 0.35,
+                probe: Probe::None,
+            })
+            .unwrap();
+        // Evict a few slots of head 1 so the tables are not in position order.
+        cache
+            .evict(
+                s,
+                &EvictionPlan {
+                    heads: vec![HeadEviction {
+                        layer: 0,
+                        kv_head: 1,
+                        evict: vec![0, 3, 7, 8, 9],
+                    }],
+                },
+            )
+            .unwrap();
+        // Decode step on the CPU path, then the twin over the same (post-append) state.
+        let out = cache
+            .attend(AttnCall {
+                layer: 0,
+                seqs: &[s],
+                q: &nar(&q, t, 1),
+                k: &nar(&k, t, 1),
+                v: &nar(&v, t, 1),
+                scale: 0.35,
+                probe: Probe::All,
+            })
+            .unwrap();
+        let pool = cache.pool();
+        let lens: Vec<u32> = (0..nkv)
+            .map(|h| pool.len(0, s, h).unwrap() as u32)
+            .collect();
+        let max_len = *lens.iter().max().unwrap() as usize;
+        let mb = max_len.div_ceil(bs);
+        let mut tables = vec![0u32; nkv * mb];
+        for h in 0..nkv {
+            let bl = &pool.table(s).unwrap().blocks[0][h];
+            tables[h * mb..][..bl.len()].copy_from_slice(bl);
+        }
+        // Whole K/V storage as slices (gathering every slot in physical order).
+        let num_slots = pool.num_blocks() * bs;
+        let all: Vec<u32> = (0..num_slots as u32).collect();
+        let idx = Tensor::new(all.as_slice(), &dev).unwrap();
+        let shape = DecodeShape {
+            batch: 1,
+            num_kv_heads: nkv,
+            group: g,
+            head_dim: d,
+            max_blocks: mb,
+            block_size: bs,
+            probs_stride: max_len,
+            num_slots,
+        };
+        let phys = |x: &Tensor| -> Vec<f32> {
+            x.index_select(&idx, 0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let (kv_k, kv_v) = cache.storage();
+        let qv: Vec<f32> = nar(&q, t, 1).flatten_all().unwrap().to_vec1().unwrap();
+        let r = paged_decode(
+            &shape,
+            &qv,
+            &phys(kv_k),
+            &phys(kv_v),
+            &tables,
+            &lens,
+            0.35,
+            None,
+        )
+        .unwrap();
+        let want_out: Vec<f32> = out.out.flatten_all().unwrap().to_vec1().unwrap();
+        let want_p: Vec<f32> = out.probs.unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for (a, b) in r.out.iter().zip(&want_out) {
+            assert!((a - b).abs() < 1e-5, "out {a} vs {b}");
+        }
+        for (a, b) in r.probs.iter().zip(&want_p) {
+            assert!((a - b).abs() < 1e-6, "probs {a} vs {b}");
+        }
+
+        // Eviction twin vs the host plan on the pool's own metrics (with ties).
+        let metrics: Vec<Vec<f32>> = (0..nkv)
+            .map(|h| {
+                (0..lens[h] as usize)
+                    .map(|i| ((i * 7 + h) % 5) as f32)
+                    .collect()
+            })
+            .collect();
+        for (h, m) in metrics.iter().enumerate() {
+            cache.add_metric(0, s, h, m).unwrap();
+        }
+        let first_protected = (t + 1 - 3) as u32;
+        let pool = cache.pool();
+        let mut metric = vec![0f32; num_slots];
+        let mut position = vec![0u32; num_slots];
+        let mut masked = Vec::new();
+        for h in 0..nkv {
+            let sl = pool.slots(0, s, h).unwrap();
+            let mm = pool.metrics(0, s, h).unwrap();
+            let pp = pool.positions(0, s, h).unwrap();
+            for i in 0..sl.len() {
+                metric[sl[i]] = mm[i];
+                position[sl[i]] = pp[i];
+            }
+            masked.push(
+                mm.iter()
+                    .zip(&pp)
+                    .map(|(&m, &p)| {
+                        if p >= first_protected {
+                            f32::INFINITY
+                        } else {
+                            m
+                        }
+                    })
+                    .collect::<Vec<f32>>(),
+            );
+        }
+        let counts = select_blocks(&masked, bs, 3);
+        let mut plan = EvictionPlan::default();
+        for (h, &c) in counts.iter().enumerate() {
+            plan.heads.push(HeadEviction {
+                layer: 0,
+                kv_head: h,
+                evict: head_evictions(&masked[h], bs, c),
+            });
+        }
+        let mut kf = phys(cache.storage().0);
+        let mut vf = phys(cache.storage().1);
+        let mut lens2 = lens.clone();
+        let st = kvcompress_evict(
+            &mut kf,
+            &mut vf,
+            &mut metric,
+            &mut position,
+            &tables,
+            &mut lens2,
+            mb,
+            bs,
+            d,
+            first_protected,
+            3,
+        )
+        .unwrap();
+        assert_eq!(
+            st.counts,
+            counts.iter().map(|&c| c as u32).collect::<Vec<_>>()
+        );
+        cache.evict(s, &plan).unwrap();
+        let pool = cache.pool();
+        for h in 0..nkv {
+            assert_eq!(pool.len(0, s, h).unwrap() as u32, lens2[h]);
+            let sl = pool.slots(0, s, h).unwrap();
+            let got_pos: Vec<u32> = sl.iter().map(|&x| position[x]).collect();
+            assert_eq!(got_pos, pool.positions(0, s, h).unwrap(), "head {h}");
+            let got_m: Vec<f32> = sl.iter().map(|&x| metric[x]).collect();
+            assert_eq!(got_m, pool.metrics(0, s, h).unwrap(), "head {h}");
+        }
+        assert_eq!(phys(cache.storage().0), kf);
+    }
+}
