@@ -126,7 +126,7 @@ fn failed_samples_exit_1() {
 
 fn make_tree(root: &Path, with_full: bool) {
     let run = |method: &str, budget: &str, hotpot: &str, trec: &str, meta: Option<&str>| {
-        let dir = root.join("tiny-llama").join(method).join(budget);
+        let dir = root.join("tiny-llama.Q4_1").join(method).join(budget);
         write(&dir.join("preds/hotpotqa.jsonl"), hotpot);
         write(&dir.join("preds/trec.jsonl"), trec);
         if let Some(m) = meta {
@@ -149,7 +149,7 @@ fn make_tree(root: &Path, with_full: bool) {
         "rate8",
         &hot8,
         TREC,
-        Some(r#"{"model": "tiny-llama", "method": "kvcompress", "rate": 8}"#),
+        Some(r#"{"model": "tiny-llama.Q4_1", "method": "kvcompress", "rate": 8}"#),
     );
     run("snapkv", "tokens128", &hot8, TREC, None);
 }
@@ -163,7 +163,7 @@ fn scores_a_results_tree_with_percent_of_full() {
     for run in ["full/rate1", "kvcompress/rate8", "snapkv/tokens128"] {
         assert!(
             d.path()
-                .join("tiny-llama")
+                .join("tiny-llama.Q4_1")
                 .join(run)
                 .join("result.json")
                 .exists(),
@@ -222,10 +222,10 @@ fn missing_full_cache_is_named() {
     make_tree(d.path(), false);
     let o = kvc(&["score", d.path().to_str().unwrap()]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert!(stderr(&o).contains("tiny-llama/hotpotqa"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("tiny-llama.Q4_1/hotpotqa"), "{}", stderr(&o));
     let o = kvc(&["score", "--require-full", d.path().to_str().unwrap()]);
     assert_eq!(code(&o), 2);
-    assert!(stderr(&o).contains("tiny-llama/trec"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("tiny-llama.Q4_1/trec"), "{}", stderr(&o));
     // plot needs percent of full: a clear error.
     let o = kvc(&["plot", d.path().join("scores.csv").to_str().unwrap()]);
     assert_eq!(code(&o), 2);
@@ -264,9 +264,9 @@ fn plots_png_and_svg() {
         .map(PathBuf::from)
         .collect();
     for stem in [
-        "tiny-llama__categories_by_rate",
-        "tiny-llama__categories_by_cache",
-        "tiny-llama__kvcompress__subtasks_by_rate",
+        "tiny-llama.Q4_1__categories_by_rate",
+        "tiny-llama.Q4_1__categories_by_cache",
+        "tiny-llama.Q4_1__kvcompress__subtasks_by_rate",
     ] {
         let png = out.join(format!("{stem}.png"));
         let svg = out.join(format!("{stem}.svg"));
@@ -278,7 +278,7 @@ fn plots_png_and_svg() {
         assert!(w >= 800 && h >= 400, "{w}x{h}");
         let s = std::fs::read_to_string(&svg).unwrap();
         assert!(
-            s.contains("tiny-llama") && s.contains("% of full-cache score"),
+            s.contains("tiny-llama.Q4_1") && s.contains("% of full-cache score"),
             "svg text"
         );
     }
@@ -305,7 +305,7 @@ fn compare_gates_on_drops() {
     // Make kvcompress/rate8 hotpotqa drop from 50 to 0: both preds wrong.
     let hot = d
         .path()
-        .join("tiny-llama/kvcompress/rate8/preds/hotpotqa.jsonl");
+        .join("tiny-llama.Q4_1/kvcompress/rate8/preds/hotpotqa.jsonl");
     std::fs::write(
         &hot,
         HOTPOT.replace("\"pred\": \"Paris\"", "\"pred\": \"Lyon\""),

@@ -12,7 +12,7 @@ mkdir -p "$out" "$res"
 TASKS=${TASKS:-multi_news,multifieldqa_zh,passage_retrieval_zh}
 start=$SECONDS
 # SIGINT: kvc finishes the sample in flight, flushes and exits; rerun to resume.
-timeout -s INT "${BUDGET_S:-500}" "$kvc" eval --model "$model" --data-dir "$data" --tasks "$TASKS" \
+timeout --foreground -s INT "${BUDGET_S:-500}" "$kvc" eval --model "$model" --data-dir "$data" --tasks "$TASKS" \
   --limit "${LIMIT:-8}" --methods "${METHODS:-kvcompress}" --rates "${RATES:-1,2,4,8,16,32,64}" \
   --device cuda:0 --out "$res" --no-progress ${EXTRA:-} > "$out/eval-$(date +%H%M%S).log" 2>&1
 echo "eval rc=$? after $((SECONDS - start)) s"

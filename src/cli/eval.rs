@@ -433,10 +433,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
 
     // 3. Ctrl-C: first press finishes the sample in flight, second abandons it.
     let stop = Arc::new(AtomicBool::new(false));
+    let abandon = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
+        let abandon = abandon.clone();
         let _ = ctrlc::set_handler(move || {
             if stop.swap(true, Ordering::SeqCst) {
+                abandon.store(true, Ordering::SeqCst);
                 eprintln!("\ninterrupted: abandoning the sample in flight; rerun the same command to resume");
                 std::process::exit(2);
             }
@@ -459,6 +462,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
         overwrite: args.output.overwrite,
         meta: &meta,
         stop: &stop,
+        abandon: &abandon,
     };
     let mut progress = Progress {
         show_bars: !args.output.no_progress && !quiet && std::io::stderr().is_terminal(),

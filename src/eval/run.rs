@@ -594,7 +594,12 @@ pub struct Sweep<'a> {
     pub overwrite: bool,
     /// Builds the run.json of a run from its plan (the CLI knows versions, device, ...).
     pub meta: &'a dyn Fn(&RunPlan) -> RunMeta,
+    /// Ctrl-C once: finish the sample in flight, then stop.
     pub stop: &'a AtomicBool,
+    /// Ctrl-C twice: the process is exiting. Set *before* `exit` is called, so a sample that
+    /// fails because exit tore the CUDA context down (CUDA_ERROR_DEINITIALIZED) sees it and is
+    /// not written as a failed row (resume would then skip it for good).
+    pub abandon: &'a AtomicBool,
 }
 
 /// Test hooks (environment): abort the process after N appended rows (a kill without any
@@ -683,6 +688,10 @@ pub fn run_one(
                 std::thread::sleep(std::time::Duration::from_millis(ms));
             }
             let rec = run_sample(lm, runner.as_mut(), plan, sp.task, &row, &sw.settings);
+            if sw.abandon.load(Ordering::SeqCst) {
+                out.interrupted = true;
+                break 'subsets;
+            }
             w.append(&rec)?;
             *appended += 1;
             out.n_new += 1;

@@ -245,11 +245,11 @@ pub fn draw_figure(fig: &Figure, stem: &Path) -> Result<Vec<PathBuf>, PlotError>
             message: err.to_string(),
         })?;
     }
-    let png = stem.with_extension("png");
-    let svg = stem.with_extension("svg");
+    let png = with_suffix(stem, ".png");
+    let svg = with_suffix(stem, ".svg");
     // Draw to temp names and rename, so a reader never sees a half-written image.
-    let tmp_png = stem.with_extension("tmp.png");
-    let tmp_svg = stem.with_extension("tmp.svg");
+    let tmp_png = with_suffix(stem, ".tmp.png");
+    let tmp_svg = with_suffix(stem, ".tmp.svg");
     let err = |path: &Path| {
         let path = path.to_path_buf();
         move |message: String| PlotError::Draw { path, message }
@@ -269,6 +269,14 @@ pub fn draw_figure(fig: &Figure, stem: &Path) -> Result<Vec<PathBuf>, PlotError>
 /// Build a [`Figure`] (x = rate on the log-2 axis, one line per method) and call [`draw_figure`].
 pub fn throughput_figure() -> Result<Figure, PlotError> {
     Err(PlotError::NotYet)
+}
+
+/// `stem` + `suffix` as a path. Not `Path::with_extension`: stems carry model names with dots
+/// (`SmolLM2-135M-Instruct.Q4_1__categories_by_rate`), whose "extension" it would replace.
+fn with_suffix(stem: &Path, suffix: &str) -> PathBuf {
+    let mut name = stem.as_os_str().to_os_string();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 fn safe(s: &str) -> String {
