@@ -27,7 +27,7 @@ pub enum Command {
     /// Greedy continuation of one prompt (full cache).
     Generate(generate::GenerateArgs),
     /// Run LongBench through a sweep of compression methods and rates; score and plot it.
-    Eval(eval::EvalArgs),
+    Eval(Box<eval::EvalArgs>),
     /// Prefill and single-sequence decode speed of the model (full cache); prints a table.
     BenchModel(bench_model::BenchModelArgs),
     /// Replay a transformers reference file and report prompt / logit / output agreement.
@@ -42,7 +42,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: anyhow::Result<Status> = match cli.command {
         Command::Generate(a) => generate::run(a),
-        Command::Eval(a) => eval::run(a),
+        Command::Eval(a) => eval::run(*a),
         Command::BenchModel(a) => bench_model::run(a),
         Command::Conformance(a) => conformance::run(a),
         Command::Score(a) => score::run(a),

@@ -4,7 +4,7 @@
 //! This is the oracle: plain matmul + softmax attention (softmax in f32, as transformers' eager
 //! attention), no eviction. Compressed backends must reproduce its outputs when nothing is
 //! evicted.
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use std::collections::HashMap;
 
 use super::{AttnCall, AttnOut, CacheBackend, SeqId};
@@ -88,9 +88,8 @@ pub fn causal_attention(
     let q2 = q.reshape((b, nkv, g * t, d))?;
     let att = (q2.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
     let att = if t > 1 {
-        let mask = causal_mask(t, total, q.device())?; // [t, total]
-        let mask = mask
-            .unsqueeze(0)?
+        let key_pos = Tensor::arange(0u32, total as u32, q.device())?.reshape((1, total))?;
+        let mask = super::causal_mask(&key_pos, total - t, t)? // [1, t, total]
             .broadcast_as((g, t, total))?
             .reshape((g * t, total))?;
         att.broadcast_add(&mask)?
@@ -100,23 +99,6 @@ pub fn causal_attention(
     let p = candle_nn::ops::softmax_last_dim(&att)?;
     let out = p.to_dtype(v.dtype())?.matmul(v)?.reshape((b, nh, t, d))?;
     Ok((out, p.reshape((b, nh, t, total))?))
-}
-
-/// `[t, total]` additive mask: query i (position total - t + i) sees keys 0..=total - t + i.
-fn causal_mask(t: usize, total: usize, device: &Device) -> Result<Tensor> {
-    let start = total - t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..total).map(move |j| {
-                if j <= start + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(mask, (t, total), device)
 }
 
 impl CacheBackend for ContiguousCache {
@@ -191,9 +173,10 @@ impl CacheBackend for ContiguousCache {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::needless_range_loop)]
     use super::*;
     use crate::kvcache::Probe;
-    use candle_core::D;
+    use candle_core::{Device, D};
 
     /// Attention computed one query at a time with explicit loops: the judge for the batched,
     /// masked, grouped version.

@@ -386,26 +386,21 @@ impl PagedCache {
             .collect::<Result<_>>()?;
         let max = slots.iter().map(|s| s.len()).max().unwrap_or(0);
         let mut idx = Vec::with_capacity(nkv * max);
-        let mut mask = Vec::with_capacity(nkv * t * max);
+        let mut key_pos = Vec::with_capacity(nkv * max);
         for (h, s) in slots.iter().enumerate() {
             idx.extend(s.iter().map(|&x| x as u32));
             idx.extend(std::iter::repeat_n(0u32, max - s.len()));
-            let pos = self.pool.positions(layer, seq, h).map_err(be)?;
-            for i in 0..t {
-                let qp = (start + i) as u32;
-                mask.extend(
-                    pos.iter()
-                        .map(|&p| if p <= qp { 0.0 } else { f32::NEG_INFINITY }),
-                );
-                mask.extend(std::iter::repeat_n(f32::NEG_INFINITY, max - s.len()));
-            }
+            key_pos.extend(self.pool.positions(layer, seq, h).map_err(be)?);
+            key_pos.extend(std::iter::repeat_n(u32::MAX, max - s.len()));
         }
         let dev = &self.spec.device;
         let idx = Tensor::from_vec(idx, nkv * max, dev)?;
         let kk = self.k.index_select(&idx, 0)?.reshape((1, nkv, max, d))?;
         let vv = self.v.index_select(&idx, 0)?.reshape((1, nkv, max, d))?;
         let g = nh / nkv;
-        let mask = Tensor::from_vec(mask, (nkv, 1, t, max), dev)?
+        let key_pos = Tensor::from_vec(key_pos, (nkv, max), dev)?;
+        let mask = super::causal_mask(&key_pos, start, t)?
+            .reshape((nkv, 1, t, max))?
             .broadcast_as((nkv, g, t, max))?
             .reshape((1, nkv, g * t, max))?;
         // Same ops as the contiguous oracle's causal_attention.
