@@ -60,13 +60,42 @@ pub struct KvCompress {
 /// slot metrics of head `i` with protected slots already +inf. Candidates with +inf (or NaN)
 /// scores are never taken, so fewer than `n_evict` may be.
 pub fn select_blocks(metrics: &[Vec<f32>], block_size: usize, n_evict: usize) -> Vec<usize> {
+    // A head can give at most `n_evict` candidates, and its first k candidates need only its
+    // `(k - 1) * bs + h` lowest slots: partial selection instead of sorting every head (with
+    // continual compression this runs after nearly every decode step, where `n_evict` is 1 or 2
+    // and heads hold thousands of slots). Same result as sorting: the order is total.
     let mut cands: Vec<(f32, usize, usize)> = Vec::new();
     for (i, m) in metrics.iter().enumerate() {
-        let sorted = sorted_metric(m);
-        for (j, s) in candidate_scores(&sorted, block_size)
-            .into_iter()
-            .enumerate()
-        {
+        let h = last_block_tokens(m.len(), block_size);
+        let k = m.len().div_ceil(block_size).min(n_evict);
+        if k == 0 {
+            continue;
+        }
+        let order = lowest_order(m, (k - 1) * block_size + h);
+        for j in 0..k {
+            let s = m[order[j * block_size + h - 1]];
+            if !s.is_finite() {
+                break; // candidates are non-decreasing within a head
+            }
+            cands.push((s, i, j));
+        }
+    }
+    cands.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let mut counts = vec![0; metrics.len()];
+    for &(_, i, _) in cands.iter().take(n_evict) {
+        counts[i] += 1;
+    }
+    counts
+}
+
+/// [`select_blocks`] in its straightforward form: every head sorted fully, every candidate
+/// scored. The reference the tests and `kvc-plan-bench` compare the partial selection with.
+pub fn select_blocks_by_full_sort(metrics: &[Vec<f32>], bs: usize, n_evict: usize) -> Vec<usize> {
+    let mut cands: Vec<(f32, usize, usize)> = Vec::new();
+    for (i, m) in metrics.iter().enumerate() {
+        let mut sorted = m.clone();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        for (j, s) in candidate_scores(&sorted, bs).into_iter().enumerate() {
             if s.is_finite() {
                 cands.push((s, i, j));
             }
@@ -80,12 +109,45 @@ pub fn select_blocks(metrics: &[Vec<f32>], block_size: usize, n_evict: usize) ->
     counts
 }
 
-fn sorted_order(m: &[f32]) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..m.len()).collect();
-    idx.sort_by(|&a, &b| m[a].total_cmp(&m[b]).then(a.cmp(&b)));
-    idx
+/// Logical indices of the `n` lowest slots of `m` in ascending (metric, index) order: a
+/// partial selection (O(len + n log n)), equal to the first `n` of a full sort. Sorts packed
+/// u64 keys (order-preserving metric bits, then the index) rather than indices through a
+/// comparator: no indirection, and ties fall to the index by construction.
+fn lowest_order(m: &[f32], n: usize) -> Vec<usize> {
+    let n = n.min(m.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut keys: Vec<u64> = m
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (u64::from(total_order_key(x)) << 32) | i as u64)
+        .collect();
+    if n < keys.len() {
+        keys.select_nth_unstable(n - 1);
+        keys.truncate(n);
+    }
+    keys.sort_unstable();
+    keys.into_iter().map(|k| (k & 0xffff_ffff) as usize).collect()
 }
 
+/// A u32 whose unsigned order is `f32::total_cmp`'s order (sign bit flipped for positives,
+/// all bits flipped for negatives).
+fn total_order_key(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+#[cfg(test)]
+fn sorted_order(m: &[f32]) -> Vec<usize> {
+    lowest_order(m, m.len())
+}
+
+#[cfg(test)]
 fn sorted_metric(m: &[f32]) -> Vec<f32> {
     sorted_order(m).into_iter().map(|i| m[i]).collect()
 }
@@ -114,10 +176,7 @@ pub fn head_evictions(metric: &[f32], bs: usize, k: usize) -> Vec<usize> {
     if k == 0 {
         return vec![];
     }
-    let n = (k - 1) * bs + last_block_tokens(metric.len(), bs);
-    let mut order = sorted_order(metric);
-    order.truncate(n);
-    order
+    lowest_order(metric, (k - 1) * bs + last_block_tokens(metric.len(), bs))
 }
 
 impl KvCompress {
@@ -151,20 +210,24 @@ impl KvCompress {
 
     /// The plan evicting `counts[i]` candidates from head `i` (`(layer, head)` order).
     pub fn plan_counts(&self, view: &SeqView, counts: &[usize]) -> EvictionPlan {
-        let masked = self.masked_metrics(view);
-        let mut plan = EvictionPlan::default();
-        let nkv = view.heads.first().map_or(0, |l| l.len());
-        for (i, &k) in counts.iter().enumerate() {
-            if k > 0 {
-                plan.heads.push(HeadEviction {
-                    layer: i / nkv,
-                    kv_head: i % nkv,
-                    evict: head_evictions(&masked[i], view.block_size, k),
-                });
-            }
-        }
-        plan
+        plan_from_masked(&self.masked_metrics(view), view, counts)
     }
+}
+
+/// [`KvCompress::plan_counts`] on metrics already masked.
+fn plan_from_masked(masked: &[Vec<f32>], view: &SeqView, counts: &[usize]) -> EvictionPlan {
+    let mut plan = EvictionPlan::default();
+    let nkv = view.heads.first().map_or(0, |l| l.len());
+    for (i, &k) in counts.iter().enumerate() {
+        if k > 0 {
+            plan.heads.push(HeadEviction {
+                layer: i / nkv,
+                kv_head: i % nkv,
+                evict: head_evictions(&masked[i], view.block_size, k),
+            });
+        }
+    }
+    plan
 }
 
 impl Policy for KvCompress {
@@ -199,8 +262,9 @@ impl Policy for KvCompress {
         if n == 0 {
             return EvictionPlan::default();
         }
-        let counts = self.counts(view, n);
-        self.plan_counts(view, &counts)
+        let masked = self.masked_metrics(view);
+        let counts = select_blocks(&masked, view.block_size, n);
+        plan_from_masked(&masked, view, &counts)
     }
 
     fn continual(&self) -> bool {
@@ -306,7 +370,53 @@ mod tests {
         }
     }
 
+    #[test]
+    fn total_order_key_orders_like_total_cmp() {
+        let xs = [
+            f32::NEG_INFINITY, -1e30, -1.0, -1e-40, -0.0, 0.0, 1e-40, 0.5, 1.0, 3e38,
+            f32::INFINITY, f32::NAN, -f32::NAN,
+        ];
+        for a in xs {
+            for b in xs {
+                assert_eq!(
+                    total_order_key(a).cmp(&total_order_key(b)),
+                    a.total_cmp(&b),
+                    "{a} vs {b}"
+                );
+            }
+        }
+    }
+
     proptest! {
+        #[test]
+        fn partial_selection_equals_full_sort(
+            heads in prop::collection::vec(prop::collection::vec(0u8..12, 0..80), 1..8),
+            inf_tail in 0usize..20,
+            bs in 1usize..17,
+            n_evict in 0usize..12,
+        ) {
+            // ties frequent; a protected (+inf) tail on every head as the window mask makes
+            let metrics: Vec<Vec<f32>> = heads
+                .iter()
+                .map(|h| {
+                    let mut v: Vec<f32> = h.iter().map(|&x| x as f32 * 0.5).collect();
+                    let n = v.len();
+                    for x in v.iter_mut().skip(n.saturating_sub(inf_tail)) {
+                        *x = f32::INFINITY;
+                    }
+                    v
+                })
+                .collect();
+            let counts = select_blocks(&metrics, bs, n_evict);
+            prop_assert_eq!(&counts, &select_blocks_by_full_sort(&metrics, bs, n_evict));
+            for (m, &k) in metrics.iter().zip(&counts) {
+                let mut full: Vec<usize> = (0..m.len()).collect();
+                full.sort_by(|&a, &b| m[a].total_cmp(&m[b]).then(a.cmp(&b)));
+                let n = if k == 0 { 0 } else { (k - 1) * bs + last_block_tokens(m.len(), bs) };
+                prop_assert_eq!(head_evictions(m, bs, k), full[..n].to_vec());
+            }
+        }
+
         #[test]
         fn selection_equals_brute_force(
             heads in prop::collection::vec(prop::collection::vec(0u8..20, 0..9), 1..5),

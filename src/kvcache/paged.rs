@@ -191,33 +191,48 @@ impl PagedCache {
     /// move together) and free the emptied blocks.
     pub fn evict(&mut self, seq: SeqId, plan: &EvictionPlan) -> Result<EvictStats> {
         let mut st = EvictStats::default();
+        // Plan every head first, then one move launch for the whole plan: heads own disjoint
+        // blocks, so their moves never alias (with continual compression this runs after
+        // nearly every decode step; a launch and an upload per head was most of its cost).
+        let mut compactions = Vec::with_capacity(plan.heads.len());
+        let (mut from, mut to) = (Vec::new(), Vec::new());
+        let mut seen = std::collections::BTreeSet::new();
         for h in &plan.heads {
             if h.evict.is_empty() {
                 continue;
+            }
+            if !seen.insert((h.layer, h.kv_head)) {
+                candle_core::bail!(
+                    "eviction plan lists layer {} kv-head {} twice",
+                    h.layer,
+                    h.kv_head
+                );
             }
             let c = self
                 .pool
                 .plan_compaction(h.layer, seq, h.kv_head, &h.evict)
                 .map_err(be)?;
-            if !c.moves.is_empty() && self.on_cuda() {
-                let from: Vec<u32> = c.moves.iter().map(|m| m.from as u32).collect();
-                let to: Vec<u32> = c.moves.iter().map(|m| m.to as u32).collect();
-                cuda::move_slots(&self.k, &self.v, None, None, &from, &to)?;
-            } else if !c.moves.is_empty() {
-                let from: Vec<u32> = c.moves.iter().map(|m| m.from as u32).collect();
-                let to: Vec<usize> = c.moves.iter().map(|m| m.to).collect();
-                let n = from.len();
-                let from = Tensor::from_vec(from, n, &self.spec.device)?;
-                // index_select copies, so sources never alias destinations.
-                let k_rows = self.k.index_select(&from, 0)?;
-                let v_rows = self.v.index_select(&from, 0)?;
-                self.scatter(&self.k, &to, &k_rows)?;
-                self.scatter(&self.v, &to, &v_rows)?;
-            }
-            self.pool.apply(&c).map_err(be)?;
+            from.extend(c.moves.iter().map(|m| m.from as u32));
+            to.extend(c.moves.iter().map(|m| m.to));
             st.evicted += h.evict.len();
             st.moved += c.moves.len();
             st.freed_blocks += c.freed.len();
+            compactions.push(c);
+        }
+        if !from.is_empty() && self.on_cuda() {
+            let to: Vec<u32> = to.iter().map(|&x| x as u32).collect();
+            cuda::move_slots(&self.k, &self.v, None, None, &from, &to)?;
+        } else if !from.is_empty() {
+            let n = from.len();
+            let from = Tensor::from_vec(from, n, &self.spec.device)?;
+            // index_select copies, so sources never alias destinations.
+            let k_rows = self.k.index_select(&from, 0)?;
+            let v_rows = self.v.index_select(&from, 0)?;
+            self.scatter(&self.k, &to, &k_rows)?;
+            self.scatter(&self.v, &to, &v_rows)?;
+        }
+        for c in &compactions {
+            self.pool.apply(c).map_err(be)?;
         }
         Ok(st)
     }
