@@ -402,3 +402,31 @@ fn reads_data_zip_and_the_hub_cache_offline() {
         "hotpotqa-0, -1 added to -2"
     );
 }
+
+#[test]
+fn embedded_default_runs_the_shortest_rows_of_two_bundled_subsets() {
+    // No --data-dir, --tasks or --limit: the bundled sample's default selection (a few minutes
+    // with SmolLM2 on a CPU): one row of multi_news and of multifieldqa_zh, nothing else.
+    let f = fixture();
+    let args: Vec<String> = [
+        "eval",
+        "--model",
+        f.model.to_str().unwrap(),
+        "--methods",
+        "full",
+        "--max-new-tokens",
+        "2",
+        "--out",
+        f.out.to_str().unwrap(),
+        "--no-progress",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let o = f.cmd_with(args, &[]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("2 subsets, 2 samples"), "{}", text(&o));
+    assert_eq!(f.pred_lines("multi_news").len(), 1);
+    assert_eq!(f.pred_lines("multifieldqa_zh").len(), 1);
+    assert!(!f.run_dir().join("preds/passage_retrieval_zh.jsonl").exists());
+}
