@@ -430,3 +430,43 @@ fn embedded_default_runs_the_shortest_rows_of_two_bundled_subsets() {
     assert_eq!(f.pred_lines("multifieldqa_zh").len(), 1);
     assert!(!f.run_dir().join("preds/passage_retrieval_zh.jsonl").exists());
 }
+
+#[test]
+fn retry_failed_redoes_failed_samples_only_when_asked() {
+    let f = fixture();
+    // The long row fails (prompt longer than the tiny model's context).
+    let long = "word ".repeat(3000);
+    let write = |ctx: &str| {
+        let mut body = subset_rows("hotpotqa", 2);
+        body.push_str(&(row("hotpotqa-long", ctx, "q?", &["a"], "hotpotqa") + "\r\n"));
+        std::fs::write(f.data.join("hotpotqa.jsonl"), body).unwrap();
+    };
+    write(&long);
+    let args = ["--tasks", "hotpotqa", "--max-input-tokens", "100000"];
+    assert_eq!(f.run(&args, &[]).status.code(), Some(1));
+    // The cause goes away (the row shortened, same _id); a plain rerun keeps the failed row.
+    write("short context");
+    let o = f.run(&args, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let errors = |f: &Fixture| {
+        f.pred_lines("hotpotqa")
+            .iter()
+            .filter(|r| r.get("error").is_some())
+            .count()
+    };
+    assert_eq!(f.pred_lines("hotpotqa").len(), 3);
+    assert_eq!(errors(&f), 1);
+    // --retry-failed removes the failed row and redoes that sample only.
+    let mut retry = args.to_vec();
+    retry.push("--retry-failed");
+    let o = f.run(&retry, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("retrying 1 failed sample"), "{}", text(&o));
+    let rows = f.pred_lines("hotpotqa");
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert_eq!(errors(&f), 0);
+    let ids: std::collections::BTreeSet<_> =
+        rows.iter().map(|r| r["_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids.len(), 3);
+    assert!(ids.contains("hotpotqa-long"));
+}

@@ -61,7 +61,8 @@ new tokens, samsum stopping at a newline.
 
 Resume: rerun the same command. Finished samples (by _id) are skipped, a torn last line left by a
 kill is dropped, and a run directory made with a different configuration is refused unless
---overwrite. Ctrl-C finishes the sample in flight and stops (twice: abandon it at once).
+--overwrite. Failed samples count as done; --retry-failed redoes them. Ctrl-C finishes the
+sample in flight and stops (twice: abandon it at once).
 
 Exit codes: 0 ok; 1 finished, but some samples failed (recorded as rows with `error`, e.g. a
 prompt too long or out of memory); 2 error (bad input, interrupted)."
@@ -160,6 +161,10 @@ pub struct OutputArgs {
     /// Discard the existing predictions of every run this command touches and start over.
     #[arg(long)]
     pub overwrite: bool,
+    /// On resume, redo the samples recorded as failed (rows with `error`, e.g. out of memory):
+    /// their rows are removed and the samples generated again. Without it they count as done.
+    #[arg(long)]
+    pub retry_failed: bool,
     /// No progress bars (they are also hidden when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
@@ -477,6 +482,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
         meta: &meta,
         stop: &stop,
         abandon: &abandon,
+        retry_failed: args.output.retry_failed,
     };
     let mut progress = Progress {
         show_bars: !args.output.no_progress && !quiet && std::io::stderr().is_terminal(),

@@ -320,6 +320,42 @@ pub fn load_existing(path: &Path) -> Result<Existing, EvalError> {
     Ok(ex)
 }
 
+/// Remove the rows with `error` whose `_id` is in `ids` from a prediction file (for
+/// `--retry-failed`): the kept lines, byte for byte, go to a temporary file that replaces the
+/// original once synced, so an interruption leaves either file whole. Returns the rows removed.
+pub fn drop_failed_rows(path: &Path, ids: &HashSet<String>) -> Result<usize, EvalError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io(path, e)),
+    };
+    let mut kept = String::with_capacity(text.len());
+    let mut removed = 0;
+    for line in text.split_inclusive('\n') {
+        let failed = PredRecord::from_json_line(line.trim_end())
+            .ok()
+            .filter(|r| r.error.is_some())
+            .and_then(|r| r.id)
+            .is_some_and(|id| ids.contains(&id));
+        if failed {
+            removed += 1;
+        } else {
+            kept.push_str(line);
+        }
+    }
+    if removed > 0 {
+        let tmp = path.with_extension("jsonl.tmp");
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(kept.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        };
+        write().map_err(|e| io(path, e))?;
+    }
+    Ok(removed)
+}
+
 /// The samples of one subset this invocation asks for, and its file's checksum verdict.
 #[derive(Debug, Clone)]
 pub struct SubsetPlan {
@@ -600,6 +636,8 @@ pub struct Sweep<'a> {
     /// fails because exit tore the CUDA context down (CUDA_ERROR_DEINITIALIZED) sees it and is
     /// not written as a failed row (resume would then skip it for good).
     pub abandon: &'a AtomicBool,
+    /// Redo samples whose rows carry an `error` (their rows are removed first).
+    pub retry_failed: bool,
 }
 
 /// Test hooks (environment): abort the process after N appended rows (a kill without any
@@ -643,7 +681,18 @@ pub fn run_one(
     let mut todo: Vec<(usize, HashSet<String>)> = Vec::new();
     for (i, sp) in sw.subsets.iter().enumerate() {
         let path = dir.join("preds").join(format!("{}.jsonl", sp.task.name));
-        let ex = load_existing(&path)?;
+        let mut ex = load_existing(&path)?;
+        if sw.retry_failed && ex.n_failed > 0 {
+            let wanted: HashSet<String> = sp.ids.iter().cloned().collect();
+            let n = drop_failed_rows(&path, &wanted)?;
+            if n > 0 {
+                obs.warn(&format!(
+                    "{}: retrying {n} failed sample(s) (--retry-failed)",
+                    path.display()
+                ));
+                ex = load_existing(&path)?;
+            }
+        }
         if ex.torn_bytes > 0 {
             obs.warn(&format!(
                 "{}: dropped a torn last line ({} bytes) left by an interrupted write; that sample is redone",
