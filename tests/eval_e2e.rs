@@ -470,3 +470,53 @@ fn retry_failed_redoes_failed_samples_only_when_asked() {
     assert_eq!(ids.len(), 3);
     assert!(ids.contains("hotpotqa-long"));
 }
+
+#[test]
+fn dump_allocation_records_kept_kvs_per_layer_and_head() {
+    let f = fixture();
+    let spec = TinySpec::default();
+    let o = f.run(
+        &[
+            "--tasks",
+            "hotpotqa",
+            "--limit",
+            "2",
+            "--methods",
+            "kvcompress",
+            "--rates",
+            "4",
+            "--min-cache-tokens",
+            "16",
+            "--protected-window",
+            "8",
+            "--dump-allocation",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let p = f.out.join("tiny/kvcompress/rate4/preds/hotpotqa.jsonl");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        let kept: Vec<Vec<u64>> = serde_json::from_value(r["kept_per_head"].clone())
+            .unwrap_or_else(|e| panic!("kept_per_head: {e}: {r}"));
+        assert_eq!(kept.len(), spec.layers);
+        assert!(kept.iter().all(|l| l.len() == spec.kv_heads));
+        let prompt = r["prompt_tokens"].as_u64().unwrap();
+        assert!(kept.iter().flatten().all(|&k| k <= prompt), "{kept:?}");
+        // achieved_rate is prompt KVs / kept KVs over the same matrix.
+        let total: u64 = kept.iter().flatten().sum();
+        let heads = (spec.layers * spec.kv_heads) as f64;
+        let want = prompt as f64 * heads / total as f64;
+        let got = r["achieved_rate"].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-9 * want, "{got} vs {want}");
+        assert!(got > 1.5, "rate 4 compressed: achieved {got}");
+    }
+    // Without the flag, no allocation in the rows (the full-cache run never has it).
+    let full = f.pred_lines("hotpotqa");
+    assert!(full.iter().all(|r| r.get("kept_per_head").is_none()));
+}

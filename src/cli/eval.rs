@@ -165,6 +165,11 @@ pub struct OutputArgs {
     /// their rows are removed and the samples generated again. Without it they count as done.
     #[arg(long)]
     pub retry_failed: bool,
+    /// Record in every compressed row the prompt KVs kept per (layer, kv-head) after the
+    /// prefill compression (`kept_per_head`, layers x kv-heads): KV-Compress's variable
+    /// per-head and per-layer rates, for plots.
+    #[arg(long)]
+    pub dump_allocation: bool,
     /// No progress bars (they are also hidden when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
@@ -476,6 +481,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
             max_new_tokens: args.generation.max_new_tokens,
             chat: args.generation.chat,
             prefill_chunk: args.generation.prefill_chunk,
+            dump_allocation: args.output.dump_allocation,
         },
         method_options: &args.sweep.method_options,
         overwrite: args.output.overwrite,

@@ -71,6 +71,10 @@ pub struct PredRecord {
     /// Number of generated tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_tokens: Option<usize>,
+    /// Prompt KVs kept per `[layer][kv_head]` after the prefill compression (`kvc eval
+    /// --dump-allocation`, compressed runs only): the variable per-head, per-layer rates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_per_head: Option<Vec<Vec<usize>>>,
 }
 
 /// `run.json`, written beside a run's `preds/` directory (`<root>/<model>/<method>/<budget>/`).

@@ -441,6 +441,8 @@ pub struct SampleSettings {
     pub max_new_tokens: Option<usize>,
     pub chat: ChatMode,
     pub prefill_chunk: usize,
+    /// Record `kept_per_head` in every compressed row.
+    pub dump_allocation: bool,
 }
 
 /// Generate one sample; failures become a row with `error` (never an `Err`).
@@ -557,6 +559,9 @@ fn generate_into(
         .to_string(),
     );
     rec.cache_tokens = Some(stats.cache_tokens(lm.config()));
+    if s.dump_allocation && !stats.kept_per_head.is_empty() {
+        rec.kept_per_head = Some(stats.kept_per_head.clone());
+    }
     rec.achieved_rate = Some(stats.achieved_rate());
     rec.prefill_ms = Some(g.prefill_ms);
     rec.decode_ms = Some(g.decode_ms);
