@@ -128,9 +128,7 @@ fn lowest_order(m: &[f32], n: usize) -> Vec<usize> {
         keys.truncate(n);
     }
     keys.sort_unstable();
-    keys.into_iter()
-        .map(|k| (k & 0xffff_ffff) as usize)
-        .collect()
+    keys.into_iter().map(|k| (k & 0xffff_ffff) as usize).collect()
 }
 
 /// A u32 whose unsigned order is `f32::total_cmp`'s order (sign bit flipped for positives,
@@ -259,22 +257,6 @@ impl Policy for KvCompress {
         window_scores(probs, positions, &spec)
     }
 
-    /// `sum over the group of p^2` (`p` for L1 metrics) per slot, as the decode form of
-    /// [`window_scores`] (one query, no pooling, no buffer), on the probabilities' device.
-    fn decode_scores_device(&self, probs: &Tensor, n_kv: usize) -> Result<Option<Tensor>> {
-        let (b, nh, n, len) = probs.dims4()?;
-        if b != 1 || n != 1 || n_kv == 0 || nh % n_kv != 0 {
-            return Ok(None); // not a single-sequence decode step: the host path handles it
-        }
-        let p = probs.reshape((n_kv, nh / n_kv, len))?;
-        let p = if self.cfg.agg.decode_form() == Agg::L2Sum {
-            p.sqr()?
-        } else {
-            p
-        };
-        Ok(Some(p.sum(1)?))
-    }
-
     fn plan(&self, view: &SeqView, budget: usize, _phase: Phase) -> EvictionPlan {
         let n = self.blocks_to_evict(view, budget);
         if n == 0 {
@@ -389,58 +371,10 @@ mod tests {
     }
 
     #[test]
-    fn device_decode_scores_equal_the_host_scorer() {
-        use candle_core::{Device, Tensor};
-        for agg in [Agg::L2Sum, Agg::L1Sum, Agg::L2Avg] {
-            let pol = KvCompress {
-                cfg: KvCompressConfig {
-                    window: 8,
-                    agg,
-                    max_pool: 7,
-                    buffer: 0,
-                    protected: 8,
-                    continual: true,
-                },
-                layers: 1,
-                kv_heads: 2,
-            };
-            // 6 query heads over 2 kv-heads; heads hold 9 and 6 slots (probs padded to 9).
-            let probs = Tensor::rand(0f32, 1.0, (1, 6, 1, 9), &Device::Cpu).unwrap();
-            let positions = vec![(0..9).collect::<Vec<u32>>(), vec![0, 2, 3, 5, 7, 8]];
-            let host = pol.score(Phase::Decode, &probs, &positions).unwrap();
-            let dev = pol
-                .decode_scores_device(&probs, 2)
-                .unwrap()
-                .expect("single-sequence decode")
-                .to_vec2::<f32>()
-                .unwrap();
-            for (h, want) in host.iter().enumerate() {
-                for (j, w) in want.iter().enumerate() {
-                    assert!(
-                        (dev[h][j] - w).abs() <= 1e-6 * w.abs().max(1.0),
-                        "{agg:?} head {h} slot {j}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
     fn total_order_key_orders_like_total_cmp() {
         let xs = [
-            f32::NEG_INFINITY,
-            -1e30,
-            -1.0,
-            -1e-40,
-            -0.0,
-            0.0,
-            1e-40,
-            0.5,
-            1.0,
-            3e38,
-            f32::INFINITY,
-            f32::NAN,
-            -f32::NAN,
+            f32::NEG_INFINITY, -1e30, -1.0, -1e-40, -0.0, 0.0, 1e-40, 0.5, 1.0, 3e38,
+            f32::INFINITY, f32::NAN, -f32::NAN,
         ];
         for a in xs {
             for b in xs {

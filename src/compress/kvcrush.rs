@@ -273,9 +273,6 @@ impl Policy for KvCrush {
     fn score(&self, phase: Phase, probs: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         self.base.score(phase, probs, positions)
     }
-    fn decode_scores_device(&self, probs: &Tensor, n_kv: usize) -> Result<Option<Tensor>> {
-        self.base.decode_scores_device(probs, n_kv)
-    }
     fn plan(&self, view: &SeqView, budget: usize, phase: Phase) -> EvictionPlan {
         if phase == Phase::Decode {
             return self.base.plan(view, budget, phase);

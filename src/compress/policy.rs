@@ -108,13 +108,6 @@ pub trait Policy: Send {
     /// Metric increments per kv-head and slot from one layer's probed probabilities
     /// (`positions[g]`: slot positions of kv-head `g`).
     fn score(&self, phase: Phase, probs: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>>;
-    /// Decode-step increments `[n_kv, max_len]` computed on the probabilities' device, or
-    /// `None` to use [`Policy::score`] on the host. Lets the hooks keep every layer's scores on
-    /// the GPU until the step ends and fetch them in one copy (one sync per step instead of
-    /// one per layer). Must equal `score(Phase::Decode, ..)` on each head's slots.
-    fn decode_scores_device(&self, _probs: &Tensor, _n_kv: usize) -> Result<Option<Tensor>> {
-        Ok(None)
-    }
     /// What to evict so the sequence fits `budget` cache tokens per head.
     fn plan(&self, view: &SeqView, budget: usize, phase: Phase) -> EvictionPlan;
     /// Whether [`Policy::plan`] runs after every decode step too.
@@ -182,8 +175,6 @@ pub struct CompressHooks<'a> {
     budget_of: &'a BudgetFn<'a>,
     /// Metric increments observed and not yet written, per layer and kv-head.
     pending: Vec<Option<Vec<Vec<f32>>>>,
-    /// Decode-step increments still on the device, per layer (`[n_kv, max_len]`).
-    pending_dev: Vec<Option<Tensor>>,
     phase: Phase,
     budget: Option<usize>,
     /// What was kept.
@@ -197,7 +188,6 @@ impl<'a> CompressHooks<'a> {
             policy,
             budget_of,
             pending: vec![None; layers],
-            pending_dev: vec![None; layers],
             phase: Phase::Prefill,
             budget: None,
             kept: Kept::default(),
@@ -205,38 +195,6 @@ impl<'a> CompressHooks<'a> {
     }
 
     fn flush(&mut self, cache: &mut PagedCache, seq: SeqId) -> Result<()> {
-        // Device increments: padded to one width, stacked, copied to the host once.
-        let dev: Vec<(usize, Tensor)> = self
-            .pending_dev
-            .iter_mut()
-            .enumerate()
-            .filter_map(|(l, t)| t.take().map(|t| (l, t)))
-            .collect();
-        if !dev.is_empty() {
-            let width = dev
-                .iter()
-                .map(|(_, t)| t.dim(1).unwrap_or(0))
-                .max()
-                .unwrap_or(0);
-            let padded: Vec<Tensor> = dev
-                .iter()
-                .map(|(_, t)| {
-                    let w = t.dim(1)?;
-                    if w == width {
-                        Ok(t.clone())
-                    } else {
-                        t.pad_with_zeros(1, 0, width - w)
-                    }
-                })
-                .collect::<Result<_>>()?;
-            let all = Tensor::stack(&padded, 0)?.to_vec3::<f32>()?;
-            for ((l, _), heads) in dev.iter().zip(all) {
-                for (h, d) in heads.iter().enumerate() {
-                    let len = cache.kv_len(*l, seq, h);
-                    cache.add_metric(*l, seq, h, &d[..len.min(d.len())])?;
-                }
-            }
-        }
         for (l, p) in self.pending.iter_mut().enumerate() {
             if let Some(heads) = p.take() {
                 for (h, d) in heads.iter().enumerate() {
@@ -290,12 +248,6 @@ impl Hooks for CompressHooks<'_> {
             .as_paged()
             .map(|c| c.spec().kv_heads)
             .unwrap_or_default();
-        if self.phase == Phase::Decode && self.pending_dev[layer].is_none() {
-            if let Some(t) = self.policy.decode_scores_device(probs, nkv)? {
-                self.pending_dev[layer] = Some(t);
-                return Ok(());
-            }
-        }
         let positions: Vec<Vec<u32>> = (0..nkv)
             .map(|h| cache.slot_positions(layer, seq, h))
             .collect();
