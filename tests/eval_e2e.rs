@@ -428,7 +428,10 @@ fn embedded_default_runs_the_shortest_rows_of_two_bundled_subsets() {
     assert!(text(&o).contains("2 subsets, 2 samples"), "{}", text(&o));
     assert_eq!(f.pred_lines("multi_news").len(), 1);
     assert_eq!(f.pred_lines("multifieldqa_zh").len(), 1);
-    assert!(!f.run_dir().join("preds/passage_retrieval_zh.jsonl").exists());
+    assert!(!f
+        .run_dir()
+        .join("preds/passage_retrieval_zh.jsonl")
+        .exists());
 }
 
 #[test]
@@ -461,12 +464,18 @@ fn retry_failed_redoes_failed_samples_only_when_asked() {
     retry.push("--retry-failed");
     let o = f.run(&retry, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    assert!(text(&o).contains("retrying 1 failed sample"), "{}", text(&o));
+    assert!(
+        text(&o).contains("retrying 1 failed sample"),
+        "{}",
+        text(&o)
+    );
     let rows = f.pred_lines("hotpotqa");
     assert_eq!(rows.len(), 3, "{rows:?}");
     assert_eq!(errors(&f), 0);
-    let ids: std::collections::BTreeSet<_> =
-        rows.iter().map(|r| r["_id"].as_str().unwrap().to_string()).collect();
+    let ids: std::collections::BTreeSet<_> = rows
+        .iter()
+        .map(|r| r["_id"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ids.len(), 3);
     assert!(ids.contains("hotpotqa-long"));
 }

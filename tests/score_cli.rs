@@ -222,10 +222,18 @@ fn missing_full_cache_is_named() {
     make_tree(d.path(), false);
     let o = kvc(&["score", d.path().to_str().unwrap()]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert!(stderr(&o).contains("tiny-llama.Q4_1/hotpotqa"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("tiny-llama.Q4_1/hotpotqa"),
+        "{}",
+        stderr(&o)
+    );
     let o = kvc(&["score", "--require-full", d.path().to_str().unwrap()]);
     assert_eq!(code(&o), 2);
-    assert!(stderr(&o).contains("tiny-llama.Q4_1/trec"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("tiny-llama.Q4_1/trec"),
+        "{}",
+        stderr(&o)
+    );
     // plot needs percent of full: a clear error.
     let o = kvc(&["plot", d.path().join("scores.csv").to_str().unwrap()]);
     assert_eq!(code(&o), 2);

@@ -60,7 +60,10 @@ fn main() {
             })
             .collect();
         let total_blocks = heads * a.ctx.div_ceil(bs);
-        for (step, n_evict) in [("continual (1 block)", 1), ("after prefill (half)", total_blocks / 2)] {
+        for (step, n_evict) in [
+            ("continual (1 block)", 1),
+            ("after prefill (half)", total_blocks / 2),
+        ] {
             let partial = median_ms(a.iters, || {
                 let counts = select_blocks(&metrics, bs, n_evict);
                 for (m, &k) in metrics.iter().zip(&counts) {

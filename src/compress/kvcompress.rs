@@ -128,7 +128,9 @@ fn lowest_order(m: &[f32], n: usize) -> Vec<usize> {
         keys.truncate(n);
     }
     keys.sort_unstable();
-    keys.into_iter().map(|k| (k & 0xffff_ffff) as usize).collect()
+    keys.into_iter()
+        .map(|k| (k & 0xffff_ffff) as usize)
+        .collect()
 }
 
 /// A u32 whose unsigned order is `f32::total_cmp`'s order (sign bit flipped for positives,
@@ -373,8 +375,19 @@ mod tests {
     #[test]
     fn total_order_key_orders_like_total_cmp() {
         let xs = [
-            f32::NEG_INFINITY, -1e30, -1.0, -1e-40, -0.0, 0.0, 1e-40, 0.5, 1.0, 3e38,
-            f32::INFINITY, f32::NAN, -f32::NAN,
+            f32::NEG_INFINITY,
+            -1e30,
+            -1.0,
+            -1e-40,
+            -0.0,
+            0.0,
+            1e-40,
+            0.5,
+            1.0,
+            3e38,
+            f32::INFINITY,
+            f32::NAN,
+            -f32::NAN,
         ];
         for a in xs {
             for b in xs {

@@ -170,7 +170,11 @@ mod tests {
         for (h, row) in pos.iter().enumerate() {
             for (i, mi) in m[h].iter().enumerate() {
                 for (j, &p) in row.iter().enumerate() {
-                    let want = if p as usize <= q_start + i { 0.0 } else { f32::NEG_INFINITY };
+                    let want = if p as usize <= q_start + i {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    };
                     assert_eq!(mi[j], want, "head {h} query {i} key {j}");
                 }
             }
