@@ -71,6 +71,9 @@ pub struct PredRecord {
     /// Number of generated tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_tokens: Option<usize>,
+    /// RULER NIAH rows: depth of the queried needle in percent of the context (0 = start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth: Option<f64>,
 }
 
 /// `run.json`, written beside a run's `preds/` directory (`<root>/<model>/<method>/<budget>/`).
