@@ -63,14 +63,31 @@ pub fn sentences(text: &str) -> Vec<String> {
     out
 }
 
-/// Insert `needles` (text, depth fraction in [0, 1]) into `units` at index
-/// `floor(len × fraction)` of the original units; needles at the same index keep their order.
+/// Insert `needles` (text, depth fraction in [0, 1]) between `units` at the unit boundary
+/// nearest to that fraction of the haystack's characters (so depth means the same in a real
+/// text with sentences of any length); needles at the same boundary keep their order.
 pub fn insert(units: Vec<String>, needles: &[(String, f64)]) -> Vec<String> {
     let n = units.len();
+    // cum[i] = characters before unit i (boundary i), i in 0..=n.
+    let mut cum = Vec::with_capacity(n + 1);
+    cum.push(0usize);
+    for u in &units {
+        cum.push(cum.last().copied().unwrap_or(0) + u.chars().count() + 1);
+    }
+    let total = *cum.last().unwrap_or(&0) as f64;
+    let boundary = |f: f64| -> usize {
+        let target = total * f.clamp(0.0, 1.0);
+        let i = cum.partition_point(|&c| (c as f64) < target).min(n);
+        if i > 0 && (target - cum[i - 1] as f64) < (cum[i] as f64 - target) {
+            i - 1
+        } else {
+            i
+        }
+    };
     let mut at: Vec<(usize, usize)> = needles
         .iter()
         .enumerate()
-        .map(|(k, (_, f))| (((n as f64) * f.clamp(0.0, 1.0)).floor() as usize, k))
+        .map(|(k, (_, f))| (boundary(*f), k))
         .collect();
     at.sort();
     let mut out = Vec::with_capacity(n + needles.len());

@@ -195,7 +195,9 @@ mod tests {
         for i in [0, 1, 4] {
             let Family(spec) = family(i);
             for depth in [0.0, 25.0, 50.0, 90.0] {
-                let b = build(&spec, 400, &ctx(depth));
+                // Real text: depth moves in whole sentences, so use a realistic haystack size.
+                let units = if spec.hay == Hay::Text { 3000 } else { 400 };
+                let b = build(&spec, units, &ctx(depth));
                 let target = format!("is: {}.", b.answers[0]);
                 let pos = b.body.find(&target).unwrap() as f64;
                 let start = b.body.find('\n').unwrap() as f64;
