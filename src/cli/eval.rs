@@ -326,7 +326,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
         }
     }
     if !ruler_tasks.is_empty() {
-        anyhow::ensure!(args.data.ruler_samples > 0, "--ruler-samples must be at least 1");
+        anyhow::ensure!(
+            args.data.ruler_samples > 0,
+            "--ruler-samples must be at least 1"
+        );
         anyhow::ensure!(
             !args.data.lengths.is_empty() && args.data.lengths.iter().all(|l| *l > 0),
             "--lengths: give positive token lengths, e.g. 1024,2048,4096"
@@ -614,7 +617,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
         }
     }
     let depth_rows = crate::report::heatmap::write_depth_csv(&args.output.out, &t)?;
-    let depth_rows: Vec<_> = depth_rows.into_iter().filter(|r| r.model == lm.name).collect();
+    let depth_rows: Vec<_> = depth_rows
+        .into_iter()
+        .filter(|r| r.model == lm.name)
+        .collect();
     if !depth_rows.is_empty() {
         match crate::report::heatmap::draw_all(&depth_rows, &plot_dir) {
             Ok(ps) => plots.extend(ps),

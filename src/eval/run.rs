@@ -432,12 +432,11 @@ pub fn generate_ruler(
     for rt in &plan.tasks {
         for &length in &plan.lengths {
             let name = ruler::subset_name(rt, length);
-            let task = crate::data::tasks::ruler_task(&name).ok_or_else(|| {
-                RulerError::UnknownTask {
+            let task =
+                crate::data::tasks::ruler_task(&name).ok_or_else(|| RulerError::UnknownTask {
                     name: name.clone(),
                     valid: String::new(),
-                }
-            })?;
+                })?;
             let chat = match s.chat {
                 ChatMode::Auto => task.chat_template && lm.tokenizer.chat_template.is_some(),
                 ChatMode::Always => true,

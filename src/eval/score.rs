@@ -141,7 +141,9 @@ pub fn sample_score(
     let p = scored_prediction(task, pred);
     match task.metric {
         // RULER scores the reference list as a whole, not max over references.
-        tasks::Metric::StringMatchAll => return Ok(super::metrics::ruler::string_match_all(p, answers)),
+        tasks::Metric::StringMatchAll => {
+            return Ok(super::metrics::ruler::string_match_all(p, answers))
+        }
         tasks::Metric::StringMatchPart => {
             return Ok(super::metrics::ruler::string_match_part(p, answers))
         }

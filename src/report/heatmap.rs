@@ -113,7 +113,10 @@ pub fn heat_figures(rows: &[DepthRow]) -> Vec<(String, HeatFigure)> {
                 .collect();
             panels.push(("all NIAH".to_string(), cells));
         }
-        let stem = format!("{}__{method}__{budget}__ruler_depth", model.replace('/', "_"));
+        let stem = format!(
+            "{}__{method}__{budget}__ruler_depth",
+            model.replace('/', "_")
+        );
         out.push((
             stem,
             HeatFigure {
@@ -132,19 +135,36 @@ fn shade(score: f64) -> RGBColor {
     RGBColor(lerp(214.0, 26.0), lerp(69.0, 150.0), lerp(65.0, 65.0))
 }
 
-fn draw_on<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &HeatFigure) -> Result<(), String> {
+fn draw_on<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    fig: &HeatFigure,
+) -> Result<(), String> {
     let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
     root.fill(&WHITE).map_err(e)?;
     let (header, body) = root.split_vertically(60);
     header
-        .draw(&Text::new(fig.title.clone(), (20, 16), ("sans-serif", 22).into_font()))
+        .draw(&Text::new(
+            fig.title.clone(),
+            (20, 16),
+            ("sans-serif", 22).into_font(),
+        ))
         .map_err(e)?;
     let n = fig.panels.len().max(1);
     let cols = n.min(3);
     let areas = body.split_evenly((n.div_ceil(cols), cols));
     for (area, (title, cells)) in areas.iter().zip(&fig.panels) {
-        let lengths: Vec<usize> = cells.keys().map(|k| k.0).collect::<BTreeSet<_>>().into_iter().collect();
-        let depths: Vec<i64> = cells.keys().map(|k| k.1).collect::<BTreeSet<_>>().into_iter().collect();
+        let lengths: Vec<usize> = cells
+            .keys()
+            .map(|k| k.0)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let depths: Vec<i64> = cells
+            .keys()
+            .map(|k| k.1)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let (nx, ny) = (lengths.len().max(1), depths.len().max(1));
         let mut chart = ChartBuilder::on(area)
             .caption(title, ("sans-serif", 20))
@@ -161,7 +181,8 @@ fn draw_on<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &HeatFigure) -
             .x_labels(nx)
             .y_labels(ny)
             .x_label_formatter(&move |v| {
-                lx.get(v.floor() as usize).map_or(String::new(), |l| l.to_string())
+                lx.get(v.floor() as usize)
+                    .map_or(String::new(), |l| l.to_string())
             })
             .y_label_formatter(&move |v| {
                 dy.get(v.floor() as usize)
@@ -212,7 +233,12 @@ pub fn draw_heatmap(fig: &HeatFigure, stem: &Path) -> Result<Vec<PathBuf>, PlotE
         })?;
     }
     let with = |s: &str| PathBuf::from(format!("{}{s}", stem.display()));
-    let (png, svg, tpng, tsvg) = (with(".png"), with(".svg"), with(".tmp.png"), with(".tmp.svg"));
+    let (png, svg, tpng, tsvg) = (
+        with(".png"),
+        with(".svg"),
+        with(".tmp.png"),
+        with(".tmp.svg"),
+    );
     let err = |p: &Path| {
         let path = p.to_path_buf();
         move |message: String| PlotError::Draw { path, message }
@@ -230,7 +256,10 @@ pub fn draw_heatmap(fig: &HeatFigure, stem: &Path) -> Result<Vec<PathBuf>, PlotE
 
 /// Write `ruler_depth.csv` beside `scores.csv` when the tree has RULER depth rows; returns the
 /// rows (empty: nothing written).
-pub fn write_depth_csv(dir: &Path, t: &TreeScores) -> Result<Vec<DepthRow>, super::scores::ReportError> {
+pub fn write_depth_csv(
+    dir: &Path,
+    t: &TreeScores,
+) -> Result<Vec<DepthRow>, super::scores::ReportError> {
     let rows = depth_rows(t);
     if !rows.is_empty() {
         super::scores::write_csv(&dir.join("ruler_depth.csv"), &rows)?;
@@ -281,6 +310,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let files = draw_all(&rows, tmp.path()).unwrap();
         assert_eq!(files.len(), 2);
-        assert!(files.iter().all(|f| f.exists() && std::fs::metadata(f).unwrap().len() > 1000));
+        assert!(files
+            .iter()
+            .all(|f| f.exists() && std::fs::metadata(f).unwrap().len() > 1000));
     }
 }

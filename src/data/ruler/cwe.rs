@@ -30,7 +30,14 @@ fn numbered(words: &[String]) -> String {
 }
 
 /// (context, common words) with `num_words` distinct words drawn by `stream`.
-fn example(ctx: &SampleCtx, stream: &str, num_words: usize, cw: usize, ucw: usize, num_cw: usize) -> (String, Vec<String>) {
+fn example(
+    ctx: &SampleCtx,
+    stream: &str,
+    num_words: usize,
+    cw: usize,
+    ucw: usize,
+    num_cw: usize,
+) -> (String, Vec<String>) {
     let mut rng = ctx.rng(stream);
     let p = pool();
     let picked: Vec<String> = rng
@@ -51,7 +58,14 @@ fn example(ctx: &SampleCtx, stream: &str, num_words: usize, cw: usize, ucw: usiz
 }
 
 /// Build a common-words prompt with `units` distinct words.
-pub fn build(freq_cw: usize, freq_ucw: usize, num_cw: usize, length: usize, units: usize, ctx: &SampleCtx) -> Built {
+pub fn build(
+    freq_cw: usize,
+    freq_ucw: usize,
+    num_cw: usize,
+    length: usize,
+    units: usize,
+    ctx: &SampleCtx,
+) -> Built {
     let ((ex_n, ex_cw, ex_ucw), (cw, ucw)) = if length < 4096 {
         ((20, 3, 1), (6, 1))
     } else {
@@ -89,7 +103,12 @@ mod tests {
         assert_eq!(b.answers.len(), 10);
         let task = b.body.rsplit(TEMPLATE_HEAD).next().unwrap();
         for a in &b.answers {
-            assert_eq!(task.matches(&format!(". {a} ")).count() + task.matches(&format!(". {a}\n")).count(), 30, "{a}");
+            assert_eq!(
+                task.matches(&format!(". {a} ")).count()
+                    + task.matches(&format!(". {a}\n")).count(),
+                30,
+                "{a}"
+            );
         }
         assert_eq!(task.matches(". ").count(), 10 * 30 + 90 * 3);
     }

@@ -5,7 +5,8 @@ use super::{Built, SampleCtx};
 
 const TEMPLATE_HEAD: &str = "Read the following coded text and track the frequency of each coded word. Find the three most frequently appeared coded words. ";
 const QUESTION: &str = "\nQuestion: Do not provide any explanation. Please ignore the dots '....'. What are the three most frequently appeared words in the above coded text?";
-const PREFIX: &str = " Answer: According to the coded text above, the three most frequently appeared words are:";
+const PREFIX: &str =
+    " Answer: According to the coded text above, the three most frequently appeared words are:";
 
 /// Riemann zeta by direct summation with an Euler-Maclaurin tail (alpha > 1).
 fn zeta(alpha: f64) -> f64 {
@@ -22,7 +23,9 @@ pub fn build(alpha: f64, length: usize, units: usize, ctx: &SampleCtx) -> Built 
     let mut vocab: Vec<String> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     while vocab.len() < vocab_size {
-        let w: String = (0..6).map(|_| (b'a' + rng.below(26) as u8) as char).collect();
+        let w: String = (0..6)
+            .map(|_| (b'a' + rng.below(26) as u8) as char)
+            .collect();
         if seen.insert(w.clone()) {
             vocab.push(w);
         }

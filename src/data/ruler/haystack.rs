@@ -112,7 +112,8 @@ mod tests {
 
     #[test]
     fn sentences_split_on_end_marks_before_capitals() {
-        let s = sentences("Mr. Smith went home. It was 5 p.m. on a Sunday. \"Yes,\" he said. 3 left.");
+        let s =
+            sentences("Mr. Smith went home. It was 5 p.m. on a Sunday. \"Yes,\" he said. 3 left.");
         assert_eq!(
             s,
             [
@@ -131,7 +132,10 @@ mod tests {
     #[test]
     fn insert_puts_needles_at_their_fraction() {
         let units: Vec<String> = (0..10).map(|i| i.to_string()).collect();
-        let out = insert(units, &[("A".into(), 0.5), ("B".into(), 0.0), ("C".into(), 1.0)]);
+        let out = insert(
+            units,
+            &[("A".into(), 0.5), ("B".into(), 0.0), ("C".into(), 1.0)],
+        );
         assert_eq!(out.join(""), "B01234A56789C");
     }
 }

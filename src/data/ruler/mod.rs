@@ -111,7 +111,10 @@ pub struct NiahSpec {
 pub enum Family {
     Niah(NiahSpec),
     /// Variable tracking: chains of `VAR X = VAR Y` assignments.
-    Vt { chains: usize, hops: usize },
+    Vt {
+        chains: usize,
+        hops: usize,
+    },
     /// Common-words extraction.
     Cwe {
         freq_cw: usize,
@@ -119,7 +122,9 @@ pub enum Family {
         num_cw: usize,
     },
     /// Frequent-words extraction over a Zipf-distributed coded vocabulary.
-    Fwe { alpha: f64 },
+    Fwe {
+        alpha: f64,
+    },
 }
 
 /// One RULER task.
@@ -168,14 +173,70 @@ const fn niah(
 
 /// The suite, in RULER's order.
 pub const TASKS: [RulerTask; 11] = [
-    niah("niah_single_1", "ruler_niah_single_1", Hay::Noise, Kind::Words, Kind::Numbers, (1, 1, 1)),
-    niah("niah_single_2", "ruler_niah_single_2", Hay::Text, Kind::Words, Kind::Numbers, (1, 1, 1)),
-    niah("niah_single_3", "ruler_niah_single_3", Hay::Text, Kind::Words, Kind::Uuids, (1, 1, 1)),
-    niah("niah_multikey_1", "ruler_niah_multikey_1", Hay::Text, Kind::Words, Kind::Numbers, (4, 1, 1)),
-    niah("niah_multikey_2", "ruler_niah_multikey_2", Hay::Needles, Kind::Words, Kind::Numbers, (1, 1, 1)),
-    niah("niah_multikey_3", "ruler_niah_multikey_3", Hay::Needles, Kind::Uuids, Kind::Uuids, (1, 1, 1)),
-    niah("niah_multivalue", "ruler_niah_multivalue", Hay::Text, Kind::Words, Kind::Numbers, (1, 4, 1)),
-    niah("niah_multiquery", "ruler_niah_multiquery", Hay::Text, Kind::Words, Kind::Numbers, (4, 1, 4)),
+    niah(
+        "niah_single_1",
+        "ruler_niah_single_1",
+        Hay::Noise,
+        Kind::Words,
+        Kind::Numbers,
+        (1, 1, 1),
+    ),
+    niah(
+        "niah_single_2",
+        "ruler_niah_single_2",
+        Hay::Text,
+        Kind::Words,
+        Kind::Numbers,
+        (1, 1, 1),
+    ),
+    niah(
+        "niah_single_3",
+        "ruler_niah_single_3",
+        Hay::Text,
+        Kind::Words,
+        Kind::Uuids,
+        (1, 1, 1),
+    ),
+    niah(
+        "niah_multikey_1",
+        "ruler_niah_multikey_1",
+        Hay::Text,
+        Kind::Words,
+        Kind::Numbers,
+        (4, 1, 1),
+    ),
+    niah(
+        "niah_multikey_2",
+        "ruler_niah_multikey_2",
+        Hay::Needles,
+        Kind::Words,
+        Kind::Numbers,
+        (1, 1, 1),
+    ),
+    niah(
+        "niah_multikey_3",
+        "ruler_niah_multikey_3",
+        Hay::Needles,
+        Kind::Uuids,
+        Kind::Uuids,
+        (1, 1, 1),
+    ),
+    niah(
+        "niah_multivalue",
+        "ruler_niah_multivalue",
+        Hay::Text,
+        Kind::Words,
+        Kind::Numbers,
+        (1, 4, 1),
+    ),
+    niah(
+        "niah_multiquery",
+        "ruler_niah_multiquery",
+        Hay::Text,
+        Kind::Words,
+        Kind::Numbers,
+        (4, 1, 4),
+    ),
     RulerTask {
         name: "vt",
         base: "ruler_vt",
@@ -520,11 +581,16 @@ pub fn generate(
                 min
             };
         }
-        let found = fit(min, max, hint, |u| -> Result<Option<(Built, usize)>, RulerError> {
-            let b = build(task, length, u, &ctx);
-            let t = m.tokens(&b)?;
-            Ok((t <= budget).then_some((b, t)))
-        })?;
+        let found = fit(
+            min,
+            max,
+            hint,
+            |u| -> Result<Option<(Built, usize)>, RulerError> {
+                let b = build(task, length, u, &ctx);
+                let t = m.tokens(&b)?;
+                Ok((t <= budget).then_some((b, t)))
+            },
+        )?;
         let Some((units, (built, prompt_tokens))) = found else {
             let prompt = m.tokens(&build(task, length, min, &ctx))?;
             return Err(RulerError::TooShort {
@@ -573,7 +639,10 @@ mod tests {
         assert_eq!(select("ruler").unwrap().unwrap().len(), 11);
         assert_eq!(select("ruler:cwe").unwrap().unwrap()[0].name, "cwe");
         let e = select("ruler:xyz").unwrap().unwrap_err().to_string();
-        assert!(e.contains("ruler:xyz") && e.contains("niah_multiquery"), "{e}");
+        assert!(
+            e.contains("ruler:xyz") && e.contains("niah_multiquery"),
+            "{e}"
+        );
         assert!(select("hotpotqa").is_none());
         let a = sample_id(t, 1024, 0, 42);
         assert_eq!(a, sample_id(t, 1024, 0, 42));
@@ -590,7 +659,10 @@ mod tests {
         for _ in 0..4000 {
             counts[r.below(4)] += 1;
         }
-        assert!(counts.iter().all(|&c| (900..1100).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (900..1100).contains(&c)),
+            "{counts:?}"
+        );
         let s1 = Rng::new(&["a", "b"]).sample(100, 5);
         assert_eq!(s1, Rng::new(&["a", "b"]).sample(100, 5));
         assert_ne!(s1, Rng::new(&["ab", ""]).sample(100, 5));

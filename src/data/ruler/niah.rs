@@ -67,7 +67,11 @@ pub fn build(spec: &NiahSpec, units: usize, ctx: &SampleCtx) -> Built {
     }
     let values: Vec<Vec<String>> = keys
         .iter()
-        .map(|_| (0..spec.num_v).map(|_| random_value(spec.value, &mut rng)).collect())
+        .map(|_| {
+            (0..spec.num_v)
+                .map(|_| random_value(spec.value, &mut rng))
+                .collect()
+        })
         .collect();
     let queries = rng.sample(spec.num_k, spec.num_q);
     // The first value of the first queried key sits at the sweep depth; every other needle at
@@ -105,7 +109,10 @@ pub fn build(spec: &NiahSpec, units: usize, ctx: &SampleCtx) -> Built {
         [one] => one.to_string(),
         [init @ .., last] => format!(
             "{}, and {last}",
-            init.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            init.iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         [] => String::new(),
     };
@@ -127,7 +134,8 @@ pub fn build(spec: &NiahSpec, units: usize, ctx: &SampleCtx) -> Built {
     let body = format!(
         "{some} special magic {tv} {are} hidden within the following text. Make sure to memorize it. I will quiz you about the {tv} afterwards.\n{context}\nWhat {are_all} the special magic {tv} for {query} mentioned in the provided text?"
     );
-    let prefix = format!(" The special magic {tv} for {query} mentioned in the provided text {are}");
+    let prefix =
+        format!(" The special magic {tv} for {query} mentioned in the provided text {are}");
     Built {
         body,
         prefix,
@@ -167,7 +175,11 @@ mod tests {
     fn single_template_is_singular_and_multi_lists_queries() {
         let Family(spec) = family(0);
         let b = build(&spec, 10, &ctx(50.0));
-        assert!(b.body.starts_with("A special magic number is hidden"), "{}", b.body);
+        assert!(
+            b.body.starts_with("A special magic number is hidden"),
+            "{}",
+            b.body
+        );
         assert!(b.body.contains("What is the special magic number for "));
         assert!(b.prefix.ends_with("mentioned in the provided text is"));
         assert_eq!(b.answers.len(), 1);
@@ -203,7 +215,10 @@ mod tests {
                 let start = b.body.find('\n').unwrap() as f64;
                 let end = b.body.rfind('\n').unwrap() as f64;
                 let frac = (pos - start) / (end - start) * 100.0;
-                assert!((frac - depth).abs() < 3.0, "task {i} depth {depth}: at {frac:.1}");
+                assert!(
+                    (frac - depth).abs() < 3.0,
+                    "task {i} depth {depth}: at {frac:.1}"
+                );
             }
         }
     }

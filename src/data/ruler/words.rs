@@ -101,7 +101,12 @@ pub fn word_pool(extra: usize) -> Vec<String> {
         // Three syllables: 70^3 = 343,000 words, enumerated with a stride coprime to 70^3 so
         // neighbours differ in their first syllable.
         let k = (i * 7919) % (n_syl * n_syl * n_syl);
-        let w = format!("{}{}{}", syl(k % n_syl), syl((k / n_syl) % n_syl), syl(k / (n_syl * n_syl)));
+        let w = format!(
+            "{}{}{}",
+            syl(k % n_syl),
+            syl((k / n_syl) % n_syl),
+            syl(k / (n_syl * n_syl))
+        );
         i += 1;
         if !english.contains(&w) {
             v.push(w);

@@ -39,7 +39,10 @@ mod tests {
     #[test]
     fn all_is_the_fraction_found_case_insensitively() {
         let r = v(&["1234567", "Apple-Pie", "x"]);
-        assert_eq!(string_match_all("The values: 1234567 and apple-pie", &r), 2.0 / 3.0);
+        assert_eq!(
+            string_match_all("The values: 1234567 and apple-pie", &r),
+            2.0 / 3.0
+        );
         assert_eq!(string_match_all("", &r), 0.0);
         assert_eq!(string_match_all("anything", &[]), 0.0);
         assert_eq!(string_match_all("APPLE-PIE 1234567 X", &r), 1.0);
