@@ -101,8 +101,10 @@ pub struct DataArgs {
     /// of multifieldqa_zh, a few minutes on a CPU; `--tasks all` for the whole sample).
     #[arg(long, env = "KVC_DATA_DIR")]
     pub data_dir: Option<String>,
-    /// Subsets: en16 (default; with the bundled sample: multi_news,multifieldqa_zh), all, e, category names,
-    /// subset names; comma-separated.
+    /// Subsets: en16 (default; with the bundled sample: multi_news,multifieldqa_zh), all, e,
+    /// category names, subset names, `ruler` (the generated RULER suite) or `ruler:<task>`
+    /// (niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, fwe);
+    /// comma-separated.
     #[arg(long)]
     pub tasks: Option<String>,
     /// At most N samples per subset (the first N in file order).
@@ -111,6 +113,18 @@ pub struct DataArgs {
     /// Only these sample ids (`_id`), comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub samples: Vec<String>,
+    /// RULER: sequence lengths in tokens (prompt with chat template and answer prefix, plus the
+    /// task's tokens to generate), measured with the model's tokenizer; each task × length is
+    /// one subset (`ruler_<task>_<length>`).
+    #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096,8192")]
+    pub lengths: Vec<usize>,
+    /// RULER: samples per task and length (needle depths sweep 0-100 % evenly across them).
+    #[arg(long, default_value_t = 10)]
+    pub ruler_samples: usize,
+    /// RULER: generator seed; the same seed, model tokenizer and settings give byte-identical
+    /// prompts on any machine.
+    #[arg(long, default_value_t = crate::data::ruler::DEFAULT_SEED)]
+    pub seed: u64,
 }
 
 /// Which runs.
@@ -305,8 +319,43 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
             "the bundled LongBench sample is missing (run from the kvc checkout, or pass --data-dir)",
         )?,
     };
+    // RULER entries (`ruler`, `ruler:<task>`) are generated after the model loads (prompts
+    // are fitted with its tokenizer); the rest are LongBench subsets.
+    let mut ruler_tasks: Vec<&'static crate::data::ruler::RulerTask> = Vec::new();
+    let mut longbench_spec: Vec<&str> = Vec::new();
+    for item in args
+        .data
+        .tasks
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        match crate::data::ruler::select(item) {
+            Some(r) => {
+                for t in r? {
+                    if !ruler_tasks.iter().any(|x| x.name == t.name) {
+                        ruler_tasks.push(t);
+                    }
+                }
+            }
+            None => longbench_spec.push(item),
+        }
+    }
+    if !ruler_tasks.is_empty() {
+        anyhow::ensure!(
+            args.data.ruler_samples > 0,
+            "--ruler-samples must be at least 1"
+        );
+        anyhow::ensure!(
+            !args.data.lengths.is_empty() && args.data.lengths.iter().all(|l| *l > 0),
+            "--lengths: give positive token lengths, e.g. 1024,2048,4096"
+        );
+    }
     let tasks = match &args.data.tasks {
-        Some(t) => select_tasks(t)?,
+        Some(_) if longbench_spec.is_empty() => Vec::new(),
+        Some(_) => select_tasks(&longbench_spec.join(","))?,
         None if bundled => {
             let have = data.subsets()?;
             crate::data::tasks::LONGBENCH
@@ -325,7 +374,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
         }
         l => l,
     };
-    let subsets = run::inspect_data(&data, &tasks, limit, samples.as_ref(), !bundled)?;
+    let mut subsets = run::inspect_data(&data, &tasks, limit, samples.as_ref(), !bundled)?;
     let (files_json, data_warnings) = run::data_report(&subsets);
     for w in &data_warnings {
         eprintln!("warning: {w}");
@@ -380,6 +429,43 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
             }
         },
     };
+    let settings = SampleSettings {
+        max_input_tokens: max_input,
+        max_new_tokens: args.generation.max_new_tokens,
+        chat: args.generation.chat,
+        prefill_chunk: args.generation.prefill_chunk,
+        dump_allocation: args.output.dump_allocation,
+    };
+    let mut generated = std::collections::BTreeMap::new();
+    if !ruler_tasks.is_empty() {
+        let t_gen = Instant::now();
+        let plan = run::RulerPlan {
+            tasks: ruler_tasks.clone(),
+            lengths: args.data.lengths.clone(),
+            samples: args.data.ruler_samples,
+            seed: args.data.seed,
+        };
+        let (mut ruler_subsets, rows) = run::generate_ruler(&lm, &plan, &settings)?;
+        if let Some(s) = &samples {
+            for sp in &mut ruler_subsets {
+                sp.ids.retain(|id| s.contains(id));
+            }
+        }
+        if let Some(l) = args.data.limit {
+            for sp in &mut ruler_subsets {
+                sp.ids.truncate(l);
+            }
+        }
+        note(&format!(
+            "ruler: {} subsets x {} samples generated in {:.1}s (seed {})",
+            ruler_subsets.len(),
+            args.data.ruler_samples,
+            t_gen.elapsed().as_secs_f64(),
+            args.data.seed
+        ));
+        subsets.extend(ruler_subsets);
+        generated = rows;
+    }
     let model_source = match &resolved.source {
         ModelSource::HfDir(p) | ModelSource::Gguf(p) => {
             resolved.hub_id.clone().unwrap_or_else(|| {
@@ -393,7 +479,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
     let dtype_name = format!("{dtype:?}").to_lowercase();
     let device_name = format!("{device:?}");
     let method_options_json = serde_json::to_value(&args.sweep.method_options)?;
-    let task_names: Vec<&str> = tasks.iter().map(|t| t.name).collect();
+    let task_names: Vec<&str> = subsets.iter().map(|s| s.task.name).collect();
+    let ruler_json = (!ruler_tasks.is_empty()).then(|| {
+        serde_json::json!({
+            "generator": crate::data::ruler::GENERATOR_VERSION,
+            "tasks": ruler_tasks.iter().map(|t| t.name).collect::<Vec<_>>(),
+            "lengths": args.data.lengths,
+            "samples": args.data.ruler_samples,
+            "seed": args.data.seed,
+        })
+    });
     let argv: Vec<String> = std::env::args().collect();
     let meta = |p: &RunPlan| -> RunMeta {
         let cfg = RunConfig {
@@ -443,6 +538,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
         );
         x.insert("warnings".into(), serde_json::json!(data_warnings));
         x.insert("tasks".into(), serde_json::json!(task_names));
+        if let Some(r) = &ruler_json {
+            x.insert("ruler".into(), r.clone());
+        }
         x.insert("limit".into(), serde_json::json!(args.data.limit));
         x.insert("command".into(), serde_json::json!(argv));
         x.insert(
@@ -475,14 +573,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
     let sweep = Sweep {
         out: &args.output.out,
         data: &data,
+        generated: &generated,
         subsets: &subsets,
-        settings: SampleSettings {
-            max_input_tokens: max_input,
-            max_new_tokens: args.generation.max_new_tokens,
-            chat: args.generation.chat,
-            prefill_chunk: args.generation.prefill_chunk,
-            dump_allocation: args.output.dump_allocation,
-        },
+        settings,
         method_options: &args.sweep.method_options,
         overwrite: args.output.overwrite,
         meta: &meta,
@@ -547,6 +640,17 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
                 }
             }
             Err(e) => eprintln!("warning: no plots: {e}"),
+        }
+    }
+    let depth_rows = crate::report::heatmap::write_depth_csv(&args.output.out, &t)?;
+    let depth_rows: Vec<_> = depth_rows
+        .into_iter()
+        .filter(|r| r.model == lm.name)
+        .collect();
+    if !depth_rows.is_empty() {
+        match crate::report::heatmap::draw_all(&depth_rows, &plot_dir) {
+            Ok(ps) => plots.extend(ps),
+            Err(e) => eprintln!("warning: RULER depth plot: {e}"),
         }
     }
     let n_failed: usize = outcomes.iter().map(|o| o.n_failed).sum();

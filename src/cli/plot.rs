@@ -22,6 +22,9 @@ use super::score::emit_stdout;
                                   record cache_tokens), one line per method (equal cache size)
   <model>__<method>__subtasks_by_rate   one panel per category, one line per subset
 
+  <model>__<method>__<budget>__ruler_depth   RULER NIAH accuracy by needle depth x length
+                                  (from ruler_depth.csv beside the scores.csv, when present)
+
 Each figure is written as .png and .svg. Every row needs a full-cache baseline (method full,
 budget rate1) for its model and subset; the error names the ones missing.
 
@@ -63,6 +66,20 @@ pub fn run(args: PlotArgs) -> anyhow::Result<Status> {
     let note = args.scores.display().to_string();
     for (stem, fig) in quality_figures(&rows, &note)? {
         for p in draw_figure(&fig, &out_dir.join(stem))? {
+            if !args.quiet {
+                eprintln!("wrote {}", p.display());
+            }
+            let _ = writeln!(out, "{}", p.display());
+        }
+    }
+    // RULER depth x length heat-maps, when `kvc score` wrote ruler_depth.csv beside the CSV.
+    let depth_csv = args.scores.with_file_name("ruler_depth.csv");
+    if depth_csv.is_file() {
+        let mut rows: Vec<crate::report::heatmap::DepthRow> = read_csv(&depth_csv)?;
+        if let Some(m) = &args.model {
+            rows.retain(|r| &r.model == m);
+        }
+        for p in crate::report::heatmap::draw_all(&rows, &out_dir)? {
             if !args.quiet {
                 eprintln!("wrote {}", p.display());
             }

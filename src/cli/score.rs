@@ -190,6 +190,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<Status> {
         let summary_path = args.dir.join("summary.csv");
         scores::write_csv(&scores_path, &t.rows)?;
         scores::write_csv(&summary_path, &t.summary)?;
+        crate::report::heatmap::write_depth_csv(&args.dir, &t)?;
         if args.json {
             let _ = writeln!(
                 out,

@@ -97,6 +97,13 @@ pub struct Row {
     pub all_classes: Option<Vec<String>>,
     #[serde(rename = "_id")]
     pub id: String,
+    /// Text appended after the chat template's generation prompt (RULER rows; never in
+    /// LongBench files).
+    #[serde(default)]
+    pub answer_prefix: Option<String>,
+    /// Depth (percent of the context) of the queried needle (RULER NIAH rows).
+    #[serde(default)]
+    pub depth: Option<f64>,
 }
 
 /// Only the id of a row (cheap pass for counting and `--samples`).

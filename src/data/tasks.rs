@@ -28,17 +28,20 @@ pub enum Category {
     FewShot,
     Synthetic,
     Code,
+    /// kvc's generated RULER suite (`src/data/ruler/`), not a LongBench category.
+    SyntheticRuler,
 }
 
 impl Category {
-    /// All six categories in the paper's / README's order.
-    pub const ALL: [Category; 6] = [
+    /// The six LongBench categories in the paper's / README's order, then kvc's RULER suite.
+    pub const ALL: [Category; 7] = [
         Category::SingleDocQa,
         Category::MultiDocQa,
         Category::Summarization,
         Category::FewShot,
         Category::Synthetic,
         Category::Code,
+        Category::SyntheticRuler,
     ];
 
     /// The display name used in LongBench's README and in kvc's CSVs ("Single-Doc QA", ...).
@@ -50,6 +53,7 @@ impl Category {
             Category::FewShot => "Few-shot Learning",
             Category::Synthetic => "Synthetic",
             Category::Code => "Code",
+            Category::SyntheticRuler => "Synthetic-RULER",
         }
     }
 
@@ -68,6 +72,7 @@ impl Category {
             "fewshotlearning" | "fewshot" => Some(Category::FewShot),
             "synthetic" | "synthetictasks" => Some(Category::Synthetic),
             "code" | "codecompletion" => Some(Category::Code),
+            "syntheticruler" => Some(Category::SyntheticRuler),
             _ => None,
         };
         found.ok_or_else(|| TaskError::UnknownCategory {
@@ -126,6 +131,10 @@ pub enum Metric {
     Count,
     /// `code_sim_score`
     CodeSim,
+    /// RULER's `string_match_all`: the fraction of the references found in the prediction.
+    StringMatchAll,
+    /// RULER's `string_match_part`: 1 if any reference is found in the prediction.
+    StringMatchPart,
 }
 
 impl Metric {
@@ -141,6 +150,8 @@ impl Metric {
             Metric::RetrievalZh => "retrieval_zh_score",
             Metric::Count => "count_score",
             Metric::CodeSim => "code_sim_score",
+            Metric::StringMatchAll => "string_match_all",
+            Metric::StringMatchPart => "string_match_part",
         }
     }
 
@@ -153,6 +164,8 @@ impl Metric {
                 "Accuracy"
             }
             Metric::CodeSim => "Edit Sim",
+            Metric::StringMatchAll => "Match All",
+            Metric::StringMatchPart => "Match Any",
         }
     }
 }
@@ -182,7 +195,16 @@ pub struct Task {
 impl Task {
     /// The prompt template (`dataset2prompt.json`, exact), with `{context}` and `{input}`.
     pub fn prompt_template(&self) -> &'static str {
+        if self.is_ruler() {
+            // RULER rows carry their whole prompt in `context` (see `data::ruler`).
+            return "{context}";
+        }
         prompts().get(self.base).map(String::as_str).unwrap_or("")
+    }
+
+    /// A generated RULER subset (`ruler_<task>_<length>`).
+    pub fn is_ruler(&self) -> bool {
+        self.category == Category::SyntheticRuler
     }
 
     /// Fill the prompt template as Python's `template.format(**row)` does for these templates:
@@ -480,14 +502,48 @@ pub fn en16() -> impl Iterator<Item = &'static Task> {
     LONGBENCH.iter().filter(|t| t.is_english())
 }
 
-/// Look a task up by name (`"hotpotqa"`, `"hotpotqa_e"`). The error lists every valid name.
+/// Look a task up by name (`"hotpotqa"`, `"hotpotqa_e"`, or a RULER subset
+/// `"ruler_niah_single_1_4096"`). The error lists every valid name.
 pub fn task(name: &str) -> Result<&'static Task, TaskError> {
+    if let Some(t) = ruler_task(name) {
+        return Ok(t);
+    }
     all_tasks()
         .find(|t| t.name == name)
         .ok_or_else(|| TaskError::UnknownTask {
             name: name.to_string(),
             valid: all_tasks().map(|t| t.name).collect::<Vec<_>>().join(", "),
         })
+}
+
+/// The task of a RULER subset (`ruler_<task>_<length>`): made on first use and kept for the
+/// process (one small leaked struct per subset name), so RULER subsets flow through the same
+/// `&'static Task` code paths as LongBench's.
+pub fn ruler_task(name: &str) -> Option<&'static Task> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static MADE: OnceLock<Mutex<HashMap<String, &'static Task>>> = OnceLock::new();
+    let (rt, _length) = crate::data::ruler::parse_subset(name)?;
+    let mut made = MADE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = made.get(name) {
+        return Some(t);
+    }
+    let t: &'static Task = Box::leak(Box::new(Task {
+        name: Box::leak(name.to_string().into_boxed_str()),
+        base: rt.base,
+        category: Category::SyntheticRuler,
+        language: Language::En,
+        metric: rt.metric,
+        max_new_tokens: rt.max_new_tokens,
+        chat_template: true,
+        first_line_only: false,
+        longbench_e: false,
+    }));
+    made.insert(name.to_string(), t);
+    Some(t)
 }
 
 /// The 21-subset tasks of one category (Chinese subsets included), in table order.

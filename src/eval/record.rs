@@ -75,6 +75,9 @@ pub struct PredRecord {
     /// --dump-allocation`, compressed runs only): the variable per-head, per-layer rates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kept_per_head: Option<Vec<Vec<usize>>>,
+    /// RULER NIAH rows: depth of the queried needle in percent of the context (0 = start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth: Option<f64>,
 }
 
 /// `run.json`, written beside a run's `preds/` directory (`<root>/<model>/<method>/<budget>/`).

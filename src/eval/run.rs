@@ -434,6 +434,66 @@ pub fn inspect_data(
     Ok(out)
 }
 
+/// The RULER part of a sweep: which tasks, lengths, samples, seed.
+#[derive(Debug, Clone)]
+pub struct RulerPlan {
+    pub tasks: Vec<&'static crate::data::ruler::RulerTask>,
+    pub lengths: Vec<usize>,
+    pub samples: usize,
+    pub seed: u64,
+}
+
+/// Generated rows by subset name (RULER), streamed like a data file's.
+pub type GeneratedRows = BTreeMap<String, Vec<crate::data::longbench::Row>>;
+
+/// Generate the RULER subsets with the model's tokenizer (prompts measured exactly as
+/// [`run_sample`] builds them): one [`SubsetPlan`] per task × length and the rows by subset.
+pub fn generate_ruler(
+    lm: &LoadedModel,
+    plan: &RulerPlan,
+    s: &SampleSettings,
+) -> Result<(Vec<SubsetPlan>, GeneratedRows), crate::data::ruler::RulerError> {
+    use crate::data::ruler::{self, Measure, RulerError};
+    let context = lm.config().max_position_embeddings;
+    for &length in &plan.lengths {
+        if length > context {
+            return Err(RulerError::BeyondContext { length, context });
+        }
+    }
+    let mut subsets = Vec::new();
+    let mut rows = BTreeMap::new();
+    for rt in &plan.tasks {
+        for &length in &plan.lengths {
+            let name = ruler::subset_name(rt, length);
+            let task =
+                crate::data::tasks::ruler_task(&name).ok_or_else(|| RulerError::UnknownTask {
+                    name: name.clone(),
+                    valid: String::new(),
+                })?;
+            let chat = match s.chat {
+                ChatMode::Auto => task.chat_template && lm.tokenizer.chat_template.is_some(),
+                ChatMode::Always => true,
+                ChatMode::Never => false,
+            };
+            let m = Measure {
+                tokenizer: &lm.tokenizer,
+                chat,
+            };
+            let max_new = s.max_new_tokens.unwrap_or(rt.max_new_tokens);
+            let samples = ruler::generate(rt, length, plan.samples, plan.seed, max_new, &m)?;
+            let r: Vec<crate::data::longbench::Row> = samples.iter().map(|x| x.row()).collect();
+            subsets.push(SubsetPlan {
+                task,
+                ids: r.iter().map(|x| x.id.clone()).collect(),
+                n_rows: r.len(),
+                verdict: None,
+            });
+            rows.insert(name, r);
+        }
+    }
+    Ok((subsets, rows))
+}
+
 /// Per-sample settings shared by a sweep.
 #[derive(Debug, Clone)]
 pub struct SampleSettings {
@@ -459,6 +519,7 @@ pub fn run_sample(
         answers: row.answers.clone(),
         all_classes: row.all_classes.clone(),
         length: row.length,
+        depth: row.depth,
         id: Some(row.id.clone()),
         task: Some(task.name.to_string()),
         model: Some(lm.name.clone()),
@@ -497,7 +558,24 @@ fn generate_into(
         ChatMode::Never => false,
     };
     rec.chat_template = Some(chat);
-    let built = prompt::build(lm, &filled, s.max_input_tokens, chat).map_err(|e| e.to_string())?;
+    let built = if task.is_ruler() {
+        // Generated to fit: no truncation; the answer prefix follows the generation prompt.
+        let ids = crate::model::prompt_ids_for(
+            &lm.tokenizer,
+            &filled,
+            chat,
+            row.answer_prefix.as_deref().unwrap_or(""),
+        )
+        .map_err(|e| e.to_string())?;
+        prompt::BuiltPrompt {
+            orig_tokens: ids.len(),
+            ids,
+            truncated: false,
+            chat,
+        }
+    } else {
+        prompt::build(lm, &filled, s.max_input_tokens, chat).map_err(|e| e.to_string())?
+    };
     rec.truncated = Some(built.truncated);
     rec.prompt_tokens = Some(built.ids.len());
     let max_ctx = lm.config().max_position_embeddings;
@@ -629,6 +707,8 @@ pub trait Observer {
 pub struct Sweep<'a> {
     pub out: &'a Path,
     pub data: &'a Dataset,
+    /// Generated subsets (RULER), by subset name; every other subset streams from `data`.
+    pub generated: &'a BTreeMap<String, Vec<crate::data::longbench::Row>>,
     pub subsets: &'a [SubsetPlan],
     pub settings: SampleSettings,
     pub method_options: &'a MethodOptions,
@@ -725,11 +805,20 @@ pub fn run_one(
         let mut w = PredWriter::open(&path)?;
         let mut left = rest.len();
         let mut rest = rest;
-        for r in sw.data.rows(sp.task.name)? {
+        let rows: Box<dyn Iterator<Item = Result<crate::data::longbench::Row, EvalError>>> =
+            match sw.generated.get(sp.task.name) {
+                Some(rows) => Box::new(rows.iter().cloned().map(Ok)),
+                None => Box::new(
+                    sw.data
+                        .rows(sp.task.name)?
+                        .map(|r| r.map(|(_, row)| row).map_err(EvalError::from)),
+                ),
+            };
+        for r in rows {
             if left == 0 {
                 break;
             }
-            let (_, row) = r?;
+            let row = r?;
             if !rest.remove(&row.id) {
                 continue;
             }

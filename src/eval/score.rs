@@ -129,7 +129,8 @@ pub fn scored_prediction<'a>(task: &Task, pred: &'a str) -> &'a str {
     }
 }
 
-/// One sample's score: max over `answers` of the task's metric (0 with no answers).
+/// One sample's score: max over `answers` of the task's metric (0 with no answers); for RULER's
+/// `string_match_all` / `string_match_part`, the metric over the whole list.
 pub fn sample_score(
     task: &Task,
     pred: &str,
@@ -138,6 +139,16 @@ pub fn sample_score(
     opts: &MetricOptions,
 ) -> Result<f64, MetricError> {
     let p = scored_prediction(task, pred);
+    match task.metric {
+        // RULER scores the reference list as a whole, not max over references.
+        tasks::Metric::StringMatchAll => {
+            return Ok(super::metrics::ruler::string_match_all(p, answers))
+        }
+        tasks::Metric::StringMatchPart => {
+            return Ok(super::metrics::ruler::string_match_part(p, answers))
+        }
+        _ => {}
+    }
     let mut score = 0.0f64;
     for gt in answers {
         let s = metric_score(task.metric, p, gt, all_classes, opts)?;
@@ -236,6 +247,8 @@ pub struct SubsetResult {
     pub score: SubsetScore,
     /// Per-sample scores in file order (0..1).
     pub per_sample: Vec<f64>,
+    /// Per-sample needle depth (RULER NIAH rows; `None` elsewhere), aligned with `per_sample`.
+    pub depths: Vec<Option<f64>>,
     /// Means of the run fields over the records that have them.
     pub mean_cache_tokens: Option<f64>,
     pub mean_achieved_rate: Option<f64>,
@@ -301,6 +314,7 @@ pub fn score_records(
         bucket_n: [buckets[0].len(), buckets[1].len(), buckets[2].len()],
         score,
         per_sample,
+        depths: records.iter().map(|(_, r)| r.depth).collect(),
         mean_cache_tokens: mean_of(
             records
                 .iter()

@@ -101,22 +101,35 @@ impl LoadedModel {
     /// tokenized without adding special tokens, as transformers' `apply_chat_template`) or as
     /// raw text (with the tokenizer's BOS, as LongBench's `tokenizer(prompt)`).
     pub fn prompt_ids(&self, text: &str, chat: bool) -> Result<Vec<u32>, ModelError> {
-        if chat {
-            let tpl = self.tokenizer.chat_template.as_deref().ok_or_else(|| {
-                ModelError::ChatTemplate(
-                    "the model has no chat template: run without --chat".into(),
-                )
-            })?;
-            let rendered = chat::render(
-                tpl,
-                &chat::user_turn(text),
-                self.tokenizer.bos_token.as_deref(),
-                self.tokenizer.eos_token.as_deref(),
-            )?;
-            self.tokenizer.encode(&rendered, false)
-        } else {
-            self.tokenizer.encode(text, true)
-        }
+        prompt_ids_for(&self.tokenizer, text, chat, "")
+    }
+}
+
+/// [`LoadedModel::prompt_ids`] on a bare tokenizer, with an answer prefix appended after the
+/// chat template's generation prompt (RULER puts its answer prefix in the assistant turn; the
+/// rendered string and the prefix are tokenized together). LongBench prompts pass "".
+pub fn prompt_ids_for(
+    tok: &Tokenizer,
+    text: &str,
+    chat: bool,
+    answer_prefix: &str,
+) -> Result<Vec<u32>, ModelError> {
+    if chat {
+        let tpl = tok.chat_template.as_deref().ok_or_else(|| {
+            ModelError::ChatTemplate("the model has no chat template: run without --chat".into())
+        })?;
+        let mut rendered = chat::render(
+            tpl,
+            &chat::user_turn(text),
+            tok.bos_token.as_deref(),
+            tok.eos_token.as_deref(),
+        )?;
+        rendered.push_str(answer_prefix);
+        tok.encode(&rendered, false)
+    } else if answer_prefix.is_empty() {
+        tok.encode(text, true)
+    } else {
+        tok.encode(&format!("{text}{answer_prefix}"), true)
     }
 }
 

@@ -83,7 +83,7 @@ pub enum LegendAt {
     LowerRight,
 }
 
-fn ensure_font() -> Result<(), PlotError> {
+pub(crate) fn ensure_font() -> Result<(), PlotError> {
     static OK: OnceLock<bool> = OnceLock::new();
     if *OK
         .get_or_init(|| plotters::style::register_font(FONT_NAME, FontStyle::Normal, FONT).is_ok())

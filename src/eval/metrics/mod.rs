@@ -8,6 +8,7 @@ pub mod normalize;
 pub mod qa_f1;
 pub mod retrieval;
 pub mod rouge;
+pub mod ruler;
 
 pub use code_sim::FuzzBackend;
 pub use rouge::RecursionLimit;
@@ -32,7 +33,8 @@ pub enum MetricError {
     NoClasses,
 }
 
-/// One metric on one (prediction, ground truth) pair, as `dataset2metric[dataset](pred, gt,
+/// One metric on one (prediction, ground truth) pair (RULER's metrics are over the whole
+/// reference list: see [`crate::eval::score::sample_score`]), as `dataset2metric[dataset](pred, gt,
 /// all_classes=all_classes)` in eval.py.
 pub fn metric_score(
     metric: Metric,
@@ -65,5 +67,8 @@ pub fn metric_score(
         }
         Metric::Count => retrieval::count_score(pred, gt),
         Metric::CodeSim => code_sim::code_sim_score(pred, gt, opts.fuzz),
+        Metric::StringMatchAll | Metric::StringMatchPart => {
+            ruler::string_match_part(pred, std::slice::from_ref(&gt.to_string()))
+        }
     })
 }
