@@ -13,6 +13,7 @@
 //! - [`cli`]: clap argument structs and the subcommand runners.
 
 pub mod cli;
+pub mod bench;
 pub mod compress;
 pub mod data;
 pub mod engine;
