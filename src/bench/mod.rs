@@ -201,3 +201,38 @@ pub fn run_one(
     };
     scheduler::run(model, Some(policy), prompts, &cfg, on_finish)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_memory_is_bytes_or_a_fraction() {
+        assert_eq!(parse_kv_memory("2GiB"), Ok(KvMemory::Bytes(2 << 30)));
+        assert_eq!(parse_kv_memory("1000000"), Ok(KvMemory::Bytes(1_000_000)));
+        assert_eq!(parse_kv_memory("0.5"), Ok(KvMemory::Fraction(0.5)));
+        assert_eq!(parse_kv_memory("1.0"), Ok(KvMemory::Fraction(1.0)));
+        assert!(parse_kv_memory("1.5").unwrap_err().contains("fraction"));
+        assert!(parse_kv_memory("0.0").is_err());
+        assert!(parse_kv_memory("lots").is_err());
+    }
+
+    #[test]
+    fn baseline_rate_runs_first_once() {
+        let sw = SweepConfig {
+            rates: vec![8.0, 1.0, 2.0, 8.0],
+            input_lens: vec![100],
+            output_len: 1,
+            num_prompts: 1,
+            kv_bytes: 0,
+            block_size: 16,
+            min_cache_tokens: 128,
+            protected_window: 32,
+            prefill_chunk: 512,
+            max_batch: 256,
+            score_decode: true,
+            seed: 0,
+        };
+        assert_eq!(sw.rates_with_baseline(), vec![1.0, 2.0, 8.0]);
+    }
+}
