@@ -47,8 +47,9 @@ pub struct BenchArgs {
     /// KV pool size: bytes with a unit (`2GiB`, `512MiB`, `1000000`) or a fraction of the
     /// device's free memory (`0.5`; CPU: of MemAvailable). Choose it small enough that the full
     /// cache cannot hold every request at once (the output says whether it is memory-bound).
-    #[arg(long, value_name = "BYTES|FRACTION", value_parser = bench::parse_kv_memory)]
-    pub kv_memory: KvMemory,
+    #[arg(long, value_name = "BYTES|FRACTION", value_parser = bench::parse_kv_memory,
+          required_unless_present = "plot_only")]
+    pub kv_memory: Option<KvMemory>,
     /// Tokens per cache block (one kv-head of one layer per block).
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -83,6 +84,9 @@ pub struct BenchArgs {
     /// sweeps split over several time-limited calls.
     #[arg(long)]
     pub resume: bool,
+    /// Only redraw the plots of `<out>/bench/<model>/throughput.csv` (nothing is measured).
+    #[arg(long)]
+    pub plot_only: bool,
     /// No progress bar (it is also hidden when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
@@ -98,11 +102,23 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Status> {
     if let Some(r) = args.rates.iter().find(|r| !(r.is_finite() && **r >= 1.0)) {
         anyhow::bail!("--rates: compression rates must be at least 1 (1 = full cache), got {r}");
     }
+    if args.plot_only {
+        let name = args.model.resolve()?.name;
+        let dir = args.out.join("bench").join(&name);
+        let csv_path = dir.join("throughput.csv");
+        let rows = report::read_csv(&csv_path)?;
+        let n = draw_plots(&rows, &dir, &csv_path)?;
+        eprintln!("wrote {n} plots in {}", dir.join("plots").display());
+        return Ok(Status::Ok);
+    }
     let mut lm = args.model.load()?;
     let cfg = lm.config().clone();
     let device = lm.model.device.clone();
     let dtype = lm.model.dtype;
-    let kv_bytes = bench::kv_bytes(args.kv_memory, &device)?;
+    let kv_memory = args
+        .kv_memory
+        .ok_or_else(|| anyhow::anyhow!("--kv-memory is required (bytes such as 2GiB, or a fraction such as 0.5)"))?;
+    let kv_bytes = bench::kv_bytes(kv_memory, &device)?;
     let sw = SweepConfig {
         rates: args.rates.clone(),
         input_lens: args.input_lens.clone(),
@@ -253,17 +269,29 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Status> {
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    let plots = dir.join("plots");
-    let note = csv_path.display().to_string();
-    let mut drawn = Vec::new();
-    for (stem, fig) in crate::report::plot::throughput_figures(&rows, &note)? {
-        drawn.extend(crate::report::plot::draw_figure(&fig, &plots.join(stem))?);
-    }
-    eprintln!("wrote {} and {} plots in {}", csv_path.display(), drawn.len(), plots.display());
+    let n = draw_plots(&rows, &dir, &csv_path)?;
+    eprintln!(
+        "wrote {} and {n} plots in {}",
+        csv_path.display(),
+        dir.join("plots").display()
+    );
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print!("{}", report::table(&rows));
     }
     Ok(Status::Ok)
+}
+
+/// Draw the throughput figures of `rows` into `<dir>/plots`; returns the files written.
+fn draw_plots(rows: &[ThroughputRow], dir: &std::path::Path, csv: &std::path::Path) -> anyhow::Result<usize> {
+    let note = csv
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut drawn = 0;
+    for (stem, fig) in crate::report::plot::throughput_figures(rows, &note)? {
+        drawn += crate::report::plot::draw_figure(&fig, &dir.join("plots").join(stem))?.len();
+    }
+    Ok(drawn)
 }

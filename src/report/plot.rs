@@ -116,6 +116,8 @@ fn draw_on<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &Figure) -> Re
     let width = root.dim_in_pixel().0 as f64;
     let title_px =
         ((width - 40.0) / (0.56 * fig.title.chars().count().max(1) as f64)).clamp(14.0, 30.0);
+    let sub_px =
+        ((width - 40.0) / (0.56 * fig.subtitle.chars().count().max(1) as f64)).clamp(10.0, 20.0);
     let (header, body) = root.split_vertically(90);
     header
         .draw(&Text::new(
@@ -128,7 +130,7 @@ fn draw_on<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &Figure) -> Re
         .draw(&Text::new(
             fig.subtitle.clone(),
             (20, 54),
-            (FONT_NAME, 20).into_font().color(&RGBColor(80, 80, 80)),
+            (FONT_NAME, sub_px).into_font().color(&RGBColor(80, 80, 80)),
         ))
         .map_err(e)?;
     let n = fig.panels.len().max(1);
@@ -259,7 +261,8 @@ pub fn draw_figure(fig: &Figure, stem: &Path) -> Result<Vec<PathBuf>, PlotError>
         4
     };
     let rows = n.div_ceil(cols);
-    let size = ((cols as u32) * 480, 90 + (rows as u32) * 400);
+    // At least 760 px wide, so one-panel figures keep a readable title and subtitle.
+    let size = (((cols as u32) * 480).max(760), 90 + (rows as u32) * 400);
     if let Some(dir) = stem.parent() {
         std::fs::create_dir_all(dir).map_err(|err| PlotError::Draw {
             path: dir.to_path_buf(),
@@ -306,13 +309,13 @@ pub fn throughput_figures(
     let r = &rows[0];
     let bound = rows.iter().any(|r| r.memory_bound);
     let subtitle = format!(
-        "model: {model} ({}, {})  |  {} prompts x {} output tokens  |  KV pool {:.2} GiB{}  |  {data_note}",
+        "{model} ({}, {})  |  {} prompts x {} output tokens  |  KV pool {}{}  |  {data_note}",
         r.device,
         r.dtype,
         r.num_prompts,
         r.output_len,
-        r.kv_memory_bytes as f64 / (1u64 << 30) as f64,
-        if bound { " (full cache memory-bound)" } else { "" }
+        human_bytes(r.kv_memory_bytes),
+        if bound { ", full cache memory-bound" } else { "" }
     );
     let log2_range = |xs: &[f64]| {
         let lo = xs.iter().copied().fold(f64::INFINITY, f64::min).log2().floor() as i32;
@@ -463,6 +466,16 @@ pub fn throughput_figures(
         },
     ));
     Ok(figs)
+}
+
+/// `1.50 GiB`, `53.4 MiB`.
+fn human_bytes(b: u64) -> String {
+    let gib = b as f64 / (1u64 << 30) as f64;
+    if gib >= 1.0 {
+        format!("{gib:.2} GiB")
+    } else {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    }
 }
 
 /// `stem` + `suffix` as a path. Not `Path::with_extension`: stems carry model names with dots
