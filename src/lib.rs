@@ -12,8 +12,8 @@
 //! - [`report`]: CSV writers, plots, regression comparison.
 //! - [`cli`]: clap argument structs and the subcommand runners.
 
-pub mod cli;
 pub mod bench;
+pub mod cli;
 pub mod compress;
 pub mod data;
 pub mod engine;

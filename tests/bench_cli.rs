@@ -38,7 +38,12 @@ fn base<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
 }
 
 fn one_error_line(o: &Output) -> String {
-    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(lines.len(), 1, "{err}");
@@ -56,8 +61,17 @@ fn bench_writes_csv_plots_json_and_resumes() {
     // blocks; a full 48+6-token sequence needs 56: the full cache holds 1 of 4.
     let mut args = base(m, o);
     args.extend([
-        "--rates", "4", "--input-lens", "32,48", "--output-len", "6", "--num-prompts", "4",
-        "--kv-memory", "60000", "--json",
+        "--rates",
+        "4",
+        "--input-lens",
+        "32,48",
+        "--output-len",
+        "6",
+        "--num-prompts",
+        "4",
+        "--kv-memory",
+        "60000",
+        "--json",
     ]);
     let r = kvc(&args);
     let stderr = String::from_utf8_lossy(&r.stderr);
@@ -82,7 +96,10 @@ fn bench_writes_csv_plots_json_and_resumes() {
         "memory_source",
         "speedup_vs_full",
     ] {
-        assert!(header.split(',').any(|c| c == col), "{col} missing in {header}");
+        assert!(
+            header.split(',').any(|c| c == col),
+            "{col} missing in {header}"
+        );
     }
     assert_eq!(csv.lines().count(), 5);
     for row in &rows {
@@ -113,8 +130,17 @@ fn bench_writes_csv_plots_json_and_resumes() {
     // Resume: the four pairs exist; only rate 2 is new.
     let mut args = base(m, o);
     args.extend([
-        "--rates", "2,4", "--input-lens", "32,48", "--output-len", "6", "--num-prompts", "4",
-        "--kv-memory", "60000", "--resume",
+        "--rates",
+        "2,4",
+        "--input-lens",
+        "32,48",
+        "--output-len",
+        "6",
+        "--num-prompts",
+        "4",
+        "--kv-memory",
+        "60000",
+        "--resume",
     ]);
     let r = kvc(&args);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
@@ -135,9 +161,25 @@ fn bad_input_exits_2_with_one_line() {
         a.extend(extra);
         one_error_line(&kvc(&a))
     };
-    let e = run(&["--rates", "0.5,2", "--input-lens", "32", "--output-len", "4", "--kv-memory", "1MiB"]);
+    let e = run(&[
+        "--rates",
+        "0.5,2",
+        "--input-lens",
+        "32",
+        "--output-len",
+        "4",
+        "--kv-memory",
+        "1MiB",
+    ]);
     assert!(e.contains("at least 1"), "{e}");
-    let e = run(&["--input-lens", "48", "--output-len", "6", "--kv-memory", "2000"]);
+    let e = run(&[
+        "--input-lens",
+        "48",
+        "--output-len",
+        "6",
+        "--kv-memory",
+        "2000",
+    ]);
     assert!(e.contains("too small") && e.contains("minimum is"), "{e}");
     // The minimum it names is enough.
     let min: String = e
@@ -148,11 +190,27 @@ fn bad_input_exits_2_with_one_line() {
         .take_while(|c| c.is_ascii_digit())
         .collect();
     let mut a = base(m, o);
-    a.extend(["--rates", "1,8", "--input-lens", "48", "--output-len", "6", "--num-prompts", "3"]);
+    a.extend([
+        "--rates",
+        "1,8",
+        "--input-lens",
+        "48",
+        "--output-len",
+        "6",
+        "--num-prompts",
+        "3",
+    ]);
     a.extend(["--kv-memory", &min]);
     let r = kvc(&a);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let e = run(&["--input-lens", "2000", "--output-len", "100", "--kv-memory", "1GiB"]);
+    let e = run(&[
+        "--input-lens",
+        "2000",
+        "--output-len",
+        "100",
+        "--kv-memory",
+        "1GiB",
+    ]);
     assert!(e.contains("exceeds the model's context of 2048"), "{e}");
     let e = run(&["--input-lens", "32", "--kv-memory", "1.5"]);
     assert!(e.contains("fraction"), "{e}");

@@ -47,7 +47,12 @@ fn opts() -> MethodOptions {
 }
 
 fn policy(lm: &LoadedModel) -> Box<dyn Policy> {
-    build_policy(&MethodSpec::parse("kvcompress").unwrap(), lm.config(), &opts()).unwrap()
+    build_policy(
+        &MethodSpec::parse("kvcompress").unwrap(),
+        lm.config(),
+        &opts(),
+    )
+    .unwrap()
 }
 
 fn spec(lm: &LoadedModel) -> PagedSpec {
@@ -80,8 +85,14 @@ fn prompts_of(lens: &[usize], lm: &LoadedModel, seed: u64) -> Vec<Vec<u32>> {
     lens.iter()
         .enumerate()
         .map(|(i, &l)| {
-            synthetic::prompts(1, l, lm.config().vocab_size, &Default::default(), seed + i as u64)
-                .remove(0)
+            synthetic::prompts(
+                1,
+                l,
+                lm.config().vocab_size,
+                &Default::default(),
+                seed + i as u64,
+            )
+            .remove(0)
         })
         .collect()
 }

@@ -50,15 +50,20 @@ pub fn free_memory(device: &Device) -> anyhow::Result<u64> {
     if let Some((free, _)) = cuda::device_memory(device)? {
         return Ok(free);
     }
-    let info = std::fs::read_to_string("/proc/meminfo")
-        .map_err(|e| anyhow::anyhow!("cannot read /proc/meminfo for a fractional --kv-memory: {e}; give bytes (e.g. 2GiB)"))?;
+    let info = std::fs::read_to_string("/proc/meminfo").map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read /proc/meminfo for a fractional --kv-memory: {e}; give bytes (e.g. 2GiB)"
+        )
+    })?;
     info.lines()
         .find_map(|l| {
             let rest = l.strip_prefix("MemAvailable:")?;
             let kb: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
             Some(kb * 1024)
         })
-        .ok_or_else(|| anyhow::anyhow!("no MemAvailable in /proc/meminfo: give --kv-memory in bytes"))
+        .ok_or_else(|| {
+            anyhow::anyhow!("no MemAvailable in /proc/meminfo: give --kv-memory in bytes")
+        })
 }
 
 /// Resolve `--kv-memory` to bytes on `device`.
@@ -100,7 +105,12 @@ impl SweepConfig {
 }
 
 /// The paged cache shape of `cfg` at `dtype` on `device`.
-pub fn paged_spec(cfg: &Config, block_size: usize, dtype: candle_core::DType, device: &Device) -> PagedSpec {
+pub fn paged_spec(
+    cfg: &Config,
+    block_size: usize,
+    dtype: candle_core::DType,
+    device: &Device,
+) -> PagedSpec {
     PagedSpec {
         layers: cfg.num_hidden_layers,
         kv_heads: cfg.num_key_value_heads,
@@ -113,7 +123,12 @@ pub fn paged_spec(cfg: &Config, block_size: usize, dtype: candle_core::DType, de
 
 /// Check the sweep against the model and the budget: rates >= 1, lengths within the context,
 /// a pool that holds at least one sequence of every configuration. Returns the pool's blocks.
-pub fn validate(sw: &SweepConfig, cfg: &Config, spec: &PagedSpec, min_budget: usize) -> anyhow::Result<usize> {
+pub fn validate(
+    sw: &SweepConfig,
+    cfg: &Config,
+    spec: &PagedSpec,
+    min_budget: usize,
+) -> anyhow::Result<usize> {
     if let Some(r) = sw.rates.iter().find(|r| !(r.is_finite() && **r >= 1.0)) {
         anyhow::bail!("--rates: compression rates must be at least 1 (1 = full cache), got {r}");
     }
@@ -140,7 +155,8 @@ pub fn validate(sw: &SweepConfig, cfg: &Config, spec: &PagedSpec, min_budget: us
     let mut need = (0usize, 0usize, 0f64);
     for &l in &sw.input_lens {
         for r in sw.rates_with_baseline() {
-            let n = scheduler::min_blocks(spec, l, sw.output_len, r, sw.min_cache_tokens, min_budget);
+            let n =
+                scheduler::min_blocks(spec, l, sw.output_len, r, sw.min_cache_tokens, min_budget);
             if n > need.0 {
                 need = (n, l, r);
             }
@@ -162,19 +178,35 @@ pub fn validate(sw: &SweepConfig, cfg: &Config, spec: &PagedSpec, min_budget: us
 }
 
 /// Full-cache sequences of `input_len + output_len` tokens a pool of `blocks` holds at once.
-pub fn full_cache_fits(spec: &PagedSpec, blocks: usize, input_len: usize, output_len: usize) -> usize {
+pub fn full_cache_fits(
+    spec: &PagedSpec,
+    blocks: usize,
+    input_len: usize,
+    output_len: usize,
+) -> usize {
     blocks / spec.blocks_for_tokens(input_len + output_len).max(1)
 }
 
 /// Per-head token budget at `rate` for `input_len` (clamped to the protected window).
-pub fn budget_tokens(sw: &SweepConfig, input_len: usize, rate: f64, min_budget: usize) -> Option<usize> {
+pub fn budget_tokens(
+    sw: &SweepConfig,
+    input_len: usize,
+    rate: f64,
+    min_budget: usize,
+) -> Option<usize> {
     tokens_for_rate(input_len, rate, sw.block_size, sw.min_cache_tokens).map(|m| m.max(min_budget))
 }
 
 /// Ids synthetic prompts avoid: stop ids and the tokenizer's added (special) tokens.
 pub fn excluded_ids(lm: &crate::model::LoadedModel) -> BTreeSet<u32> {
     let mut ex: BTreeSet<u32> = lm.stop_ids.clone();
-    ex.extend(lm.tokenizer.inner.get_added_tokens_decoder().keys().copied());
+    ex.extend(
+        lm.tokenizer
+            .inner
+            .get_added_tokens_decoder()
+            .keys()
+            .copied(),
+    );
     ex
 }
 

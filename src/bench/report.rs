@@ -170,8 +170,17 @@ pub fn read_csv(path: &Path) -> anyhow::Result<Vec<ThroughputRow>> {
 pub fn table(rows: &[ThroughputRow]) -> String {
     let mut s = format!(
         "{:>6} {:>7} {:>10} {:>10} {:>8} {:>8} {:>7} {:>7} {:>7} {:>8} {:>8}\n",
-        "rate", "input", "tok/s", "out tok/s", "req/s", "speedup", "maxB", "meanB", "peak%",
-        "comp %", "preempt"
+        "rate",
+        "input",
+        "tok/s",
+        "out tok/s",
+        "req/s",
+        "speedup",
+        "maxB",
+        "meanB",
+        "peak%",
+        "comp %",
+        "preempt"
     );
     for r in rows {
         s += &format!(

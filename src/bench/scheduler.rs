@@ -281,11 +281,16 @@ pub fn run(
             let mut logits = None;
             let chunks = prefill_chunks(ctx.len(), cfg.prefill_chunk, min_last);
             for (i, r) in chunks.iter().enumerate() {
-                let p = if i + 1 == chunks.len() { probe } else { Probe::None };
-                let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| match &mut hooks {
-                    Some(h) => h.observe(layer, probs, c, seq),
-                    None => Ok(()),
+                let p = if i + 1 == chunks.len() {
+                    probe
+                } else {
+                    Probe::None
                 };
+                let mut observe =
+                    |layer: usize, probs: &Tensor, c: &dyn CacheBackend| match &mut hooks {
+                        Some(h) => h.observe(layer, probs, c, seq),
+                        None => Ok(()),
+                    };
                 logits = Some(model.forward(&ctx[r.clone()], seq, &mut cache, p, &mut observe)?);
             }
             let next = Llama::argmax(&logits.expect("non-empty prompt"))?;
@@ -339,9 +344,8 @@ pub fn run(
                 .filter(|&i| {
                     let r = &running[i];
                     r.hooks.is_some()
-                        && r.allowed.is_some_and(|a| {
-                            cache.pool().seq_blocks(r.seq).unwrap_or(0) > a
-                        })
+                        && r.allowed
+                            .is_some_and(|a| cache.pool().seq_blocks(r.seq).unwrap_or(0) > a)
                 })
                 .collect();
             if !over.is_empty() {

@@ -26,9 +26,18 @@ impl SplitMix64 {
 
 /// `n` prompts of exactly `len` ids in `0..vocab`, none in `exclude` (special tokens, stop
 /// ids). Prompt `i` depends only on `(seed, i)`.
-pub fn prompts(n: usize, len: usize, vocab: usize, exclude: &BTreeSet<u32>, seed: u64) -> Vec<Vec<u32>> {
+pub fn prompts(
+    n: usize,
+    len: usize,
+    vocab: usize,
+    exclude: &BTreeSet<u32>,
+    seed: u64,
+) -> Vec<Vec<u32>> {
     let allowed: Vec<u32> = (0..vocab as u32).filter(|i| !exclude.contains(i)).collect();
-    assert!(!allowed.is_empty(), "every id of the vocabulary is excluded");
+    assert!(
+        !allowed.is_empty(),
+        "every id of the vocabulary is excluded"
+    );
     (0..n)
         .map(|i| {
             let mut rng = SplitMix64(seed ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));

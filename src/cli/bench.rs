@@ -115,9 +115,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Status> {
     let cfg = lm.config().clone();
     let device = lm.model.device.clone();
     let dtype = lm.model.dtype;
-    let kv_memory = args
-        .kv_memory
-        .ok_or_else(|| anyhow::anyhow!("--kv-memory is required (bytes such as 2GiB, or a fraction such as 0.5)"))?;
+    let kv_memory = args.kv_memory.ok_or_else(|| {
+        anyhow::anyhow!("--kv-memory is required (bytes such as 2GiB, or a fraction such as 0.5)")
+    })?;
     let kv_bytes = bench::kv_bytes(kv_memory, &device)?;
     let sw = SweepConfig {
         rates: args.rates.clone(),
@@ -177,17 +177,34 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Status> {
         "kvc_window": args.kvc_window,
         "kvc_version": env!("CARGO_PKG_VERSION"),
     });
-    write_atomic(&dir.join("run.json"), serde_json::to_string_pretty(&run_json)?.as_bytes())?;
+    write_atomic(
+        &dir.join("run.json"),
+        serde_json::to_string_pretty(&run_json)?.as_bytes(),
+    )?;
 
     // Warm-up (kernel loading, allocator) on a small pool, not measured.
     {
-        let warm = synthetic::prompts(2, 64.min(sw.input_lens[0]), cfg.vocab_size, &bench::excluded_ids(&lm), 99);
+        let warm = synthetic::prompts(
+            2,
+            64.min(sw.input_lens[0]),
+            cfg.vocab_size,
+            &bench::excluded_ids(&lm),
+            99,
+        );
         let warm_sw = SweepConfig {
             output_len: 4,
             ..sw.clone()
         };
         let need = spec.blocks_for_tokens(64 + 4) * 2 + 4 * spec.layers * spec.kv_heads;
-        bench::run_one(&mut lm.model, policy.as_ref(), &warm, &warm_sw, need, 1.0, &mut |_| {})?;
+        bench::run_one(
+            &mut lm.model,
+            policy.as_ref(),
+            &warm,
+            &warm_sw,
+            need,
+            1.0,
+            &mut |_| {},
+        )?;
     }
 
     let rates = sw.rates_with_baseline();
@@ -224,7 +241,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Status> {
         );
     }
     for &l in &sw.input_lens {
-        let prompts = synthetic::prompts(sw.num_prompts, l, cfg.vocab_size, &excluded, sw.seed ^ l as u64);
+        let prompts = synthetic::prompts(
+            sw.num_prompts,
+            l,
+            cfg.vocab_size,
+            &excluded,
+            sw.seed ^ l as u64,
+        );
         for &rate in &rates {
             if rows.iter().any(|r| r.rate == rate && r.input_len == l) {
                 if let Some(b) = &bar {
@@ -236,11 +259,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Status> {
                 b.set_prefix(format!("{rate}x, {l} tok"));
             }
             let base = bar.as_ref().map_or(0, |b| b.position());
-            let out = bench::run_one(&mut lm.model, policy.as_ref(), &prompts, &sw, blocks, rate, &mut |done| {
-                if let Some(b) = &bar {
-                    b.set_position(base + done as u64);
-                }
-            })?;
+            let out = bench::run_one(
+                &mut lm.model,
+                policy.as_ref(),
+                &prompts,
+                &sw,
+                blocks,
+                rate,
+                &mut |done| {
+                    if let Some(b) = &bar {
+                        b.set_position(base + done as u64);
+                    }
+                },
+            )?;
             let meta = RowMeta {
                 model: &lm.name,
                 device: &device_s,
@@ -261,7 +292,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Status> {
                 );
             }
             rows.push(row);
-            rows.sort_by(|a, b| a.input_len.cmp(&b.input_len).then(a.rate.total_cmp(&b.rate)));
+            rows.sort_by(|a, b| {
+                a.input_len
+                    .cmp(&b.input_len)
+                    .then(a.rate.total_cmp(&b.rate))
+            });
             report::fill_speedups(&mut rows);
             write_atomic(&csv_path, &report::to_csv(&rows)?)?;
         }
@@ -284,7 +319,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Status> {
 }
 
 /// Draw the throughput figures of `rows` into `<dir>/plots`; returns the files written.
-fn draw_plots(rows: &[ThroughputRow], dir: &std::path::Path, csv: &std::path::Path) -> anyhow::Result<usize> {
+fn draw_plots(
+    rows: &[ThroughputRow],
+    dir: &std::path::Path,
+    csv: &std::path::Path,
+) -> anyhow::Result<usize> {
     let note = csv
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -224,12 +224,22 @@ impl Llama {
         let pos_t = Tensor::new(pos.as_slice(), &self.device)?;
         let half = self.cfg.head_dim / 2;
         // Per-sequence rows of the rotary tables: [B, 1, head_dim/2].
-        let cos = self.rope.cos.index_select(&pos_t, 0)?.reshape((b, 1, half))?;
-        let sin = self.rope.sin.index_select(&pos_t, 0)?.reshape((b, 1, half))?;
+        let cos = self
+            .rope
+            .cos
+            .index_select(&pos_t, 0)?
+            .reshape((b, 1, half))?;
+        let sin = self
+            .rope
+            .sin
+            .index_select(&pos_t, 0)?
+            .reshape((b, 1, half))?;
         let rope = |x: &Tensor| candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin);
         let x = self.layers_forward(x, seqs, &rope, cache, probe, observe)?;
         let logits = self.lm_head.forward(&self.norm.forward(&x)?)?; // [B, 1, vocab]
-        logits.reshape((b, self.cfg.vocab_size))?.to_dtype(DType::F32)
+        logits
+            .reshape((b, self.cfg.vocab_size))?
+            .to_dtype(DType::F32)
     }
 
     /// The decoder layers over `x` `[b, t, hidden]` (row `i` belongs to `seqs[i]`); `rope`

@@ -315,10 +315,19 @@ pub fn throughput_figures(
         r.num_prompts,
         r.output_len,
         human_bytes(r.kv_memory_bytes),
-        if bound { ", full cache memory-bound" } else { "" }
+        if bound {
+            ", full cache memory-bound"
+        } else {
+            ""
+        }
     );
     let log2_range = |xs: &[f64]| {
-        let lo = xs.iter().copied().fold(f64::INFINITY, f64::min).log2().floor() as i32;
+        let lo = xs
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+            .log2()
+            .floor() as i32;
         let hi = xs.iter().copied().fold(0.0, f64::max).log2().ceil() as i32;
         (lo, hi.max(lo + 1))
     };
@@ -357,11 +366,7 @@ pub fn throughput_figures(
                     points: vec![(lo, b), (hi, b)],
                     dashed: true,
                 });
-                if let Some((rt, y)) = points
-                    .iter()
-                    .copied()
-                    .max_by(|a, b| a.1.total_cmp(&b.1))
-                {
+                if let Some((rt, y)) = points.iter().copied().max_by(|a, b| a.1.total_cmp(&b.1)) {
                     note = Some(format!("best: {:.2}x full cache at {rt}x", y / b));
                 }
             }
@@ -391,7 +396,11 @@ pub fn throughput_figures(
             .iter()
             .enumerate()
             .map(|(i, &rt)| Series {
-                name: if rt <= 1.0 { "full cache (1x)".into() } else { format!("{rt}x") },
+                name: if rt <= 1.0 {
+                    "full cache (1x)".into()
+                } else {
+                    format!("{rt}x")
+                },
                 color: Some(i),
                 points: lens
                     .iter()
