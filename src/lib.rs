@@ -12,6 +12,7 @@
 //! - [`report`]: CSV writers, plots, regression comparison.
 //! - [`cli`]: clap argument structs and the subcommand runners.
 
+pub mod bench;
 pub mod cli;
 pub mod compress;
 pub mod data;

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use crate::util::Status;
 
+pub mod bench;
 pub mod bench_model;
 pub mod conformance;
 pub mod generate;
@@ -28,6 +29,9 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Run LongBench through a sweep of compression methods and rates; score and plot it.
     Eval(Box<eval::EvalArgs>),
+    /// Throughput benchmark of the KV-Compress paper: continuous batching over one KV budget,
+    /// compression rates 1..64; writes throughput.csv and plots.
+    Bench(Box<bench::BenchArgs>),
     /// Prefill and single-sequence decode speed of the model (full cache); prints a table.
     BenchModel(bench_model::BenchModelArgs),
     /// Replay a transformers reference file and report prompt / logit / output agreement.
@@ -43,6 +47,7 @@ pub fn main() -> ExitCode {
     let result: anyhow::Result<Status> = match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(*a),
+        Command::Bench(a) => bench::run(*a),
         Command::BenchModel(a) => bench_model::run(a),
         Command::Conformance(a) => conformance::run(a),
         Command::Score(a) => score::run(a),

@@ -177,6 +177,10 @@ pub struct CompressHooks<'a> {
     pending: Vec<Option<Vec<Vec<f32>>>>,
     phase: Phase,
     budget: Option<usize>,
+    /// Decode-time compression runs only when [`CompressHooks::compress_now`] is called (the
+    /// benchmark scheduler's "on memory pressure"); `Some(score)`: whether decode steps still
+    /// probe and score attention so those compressions see decode metrics.
+    on_demand: Option<bool>,
     /// What was kept.
     pub kept: Kept,
 }
@@ -190,8 +194,31 @@ impl<'a> CompressHooks<'a> {
             pending: vec![None; layers],
             phase: Phase::Prefill,
             budget: None,
+            on_demand: None,
             kept: Kept::default(),
         }
+    }
+
+    /// Compress during decoding only when [`CompressHooks::compress_now`] is called (not after
+    /// every step); `score_decode`: keep probing and scoring decode attention meanwhile (the
+    /// paper's running metric), else decode KVs keep metric 0.
+    pub fn on_demand(mut self, score_decode: bool) -> Self {
+        self.on_demand = Some(score_decode);
+        self
+    }
+
+    /// The per-head token budget fixed after prefill (`None`: no eviction, or not yet known).
+    pub fn budget(&self) -> Option<usize> {
+        self.budget
+    }
+
+    /// Write pending metrics and compress `seq` back to its budget now (a decode-phase
+    /// compression step); returns the slots evicted.
+    pub fn compress_now(&mut self, cache: &mut PagedCache, seq: SeqId) -> Result<usize> {
+        self.flush(cache, seq)?;
+        let before = self.kept.evicted;
+        self.compress(cache, seq)?;
+        Ok(self.kept.evicted - before)
     }
 
     fn flush(&mut self, cache: &mut PagedCache, seq: SeqId) -> Result<()> {
@@ -230,7 +257,11 @@ impl Hooks for CompressHooks<'_> {
     }
 
     fn decode_probe(&self) -> Probe {
-        if self.budget.is_some() && self.policy.continual() {
+        let scored = match self.on_demand {
+            Some(score) => score,
+            None => self.policy.continual(),
+        };
+        if self.budget.is_some() && scored {
             self.policy.decode_probe()
         } else {
             Probe::None
@@ -288,7 +319,7 @@ impl Hooks for CompressHooks<'_> {
     fn after_step(&mut self, cache: &mut dyn CacheBackend, seq: SeqId) -> Result<()> {
         let cache = paged(cache)?;
         self.flush(cache, seq)?;
-        if self.policy.continual() {
+        if self.on_demand.is_none() && self.policy.continual() {
             self.compress(cache, seq)?;
         }
         Ok(())

@@ -34,6 +34,13 @@ pub fn available() -> bool {
     cfg!(feature = "cuda")
 }
 
+/// Free and total bytes of `device`'s memory (CUDA: the driver's `cuMemGetInfo`, which sees
+/// every allocation on the GPU, candle's included); `None` on the CPU or without the `cuda`
+/// feature.
+pub fn device_memory(device: &Device) -> Result<Option<(u64, u64)>> {
+    imp::device_memory(device)
+}
+
 /// Whether [`paged_decode`] supports this dtype / head dim / group (and the build has CUDA).
 pub fn decode_supported(dtype: DType, head_dim: usize, group: usize) -> bool {
     available()
@@ -448,6 +455,10 @@ mod imp {
     //! Stubs of a build without CUDA.
     use super::*;
 
+    pub fn device_memory(_: &Device) -> Result<Option<(u64, u64)>> {
+        Ok(None)
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn write_kv(
         _: &Tensor,
@@ -513,6 +524,20 @@ mod imp {
     use cudarc::driver::{CudaFunction, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex, OnceLock};
+
+    pub fn device_memory(device: &Device) -> Result<Option<(u64, u64)>> {
+        match device {
+            Device::Cuda(d) => {
+                let (free, total) = d
+                    .cuda_stream()
+                    .context()
+                    .mem_get_info()
+                    .map_err(|e| candle_core::Error::Msg(format!("cuMemGetInfo: {e}")))?;
+                Ok(Some((free as u64, total as u64)))
+            }
+            _ => Ok(None),
+        }
+    }
 
     static PAGED_ATTENTION: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/paged_attention.fatbin"));

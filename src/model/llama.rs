@@ -191,7 +191,69 @@ impl Llama {
         let start = cache.seq_len(seq);
         self.rope.ensure(start + t, &self.device)?;
         let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?; // [1, t, hidden]
+        let x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?; // [1, t, hidden]
+        let rope = |x: &Tensor| self.rope.apply(x, start);
+        let x = self.layers_forward(x, &[seq], &rope, cache, probe, observe)?;
+        let last = x.narrow(1, t - 1, 1)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
+        logits.squeeze(0)?.squeeze(0)?.to_dtype(DType::F32)
+    }
+
+    /// One decode step of a batch: `tokens[i]` is the next token of `seqs[i]` (each at its own
+    /// next position). Every projection and MLP runs once over the batch `[B, 1, hidden]`;
+    /// attention goes to the backend in one call per layer with all sequences (the paged CUDA
+    /// path attends them in one kernel launch, the CPU path loops over them). Returns the
+    /// logits `[B, vocab]` in f32. `observe` gets `[B, n_heads, 1, max_kv_len]` probabilities.
+    pub fn forward_decode(
+        &mut self,
+        tokens: &[u32],
+        seqs: &[SeqId],
+        cache: &mut dyn CacheBackend,
+        probe: Probe,
+        observe: &mut dyn FnMut(usize, &Tensor, &dyn CacheBackend) -> Result<()>,
+    ) -> Result<Tensor> {
+        let b = tokens.len();
+        if b == 0 || b != seqs.len() {
+            candle_core::bail!("decode batch of {b} tokens for {} sequences", seqs.len());
+        }
+        let pos: Vec<u32> = seqs.iter().map(|&s| cache.seq_len(s) as u32).collect();
+        let max = pos.iter().copied().max().unwrap_or(0) as usize;
+        self.rope.ensure(max + 1, &self.device)?;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let x = self.embed.index_select(&ids, 0)?.unsqueeze(1)?; // [B, 1, hidden]
+        let pos_t = Tensor::new(pos.as_slice(), &self.device)?;
+        let half = self.cfg.head_dim / 2;
+        // Per-sequence rows of the rotary tables: [B, 1, head_dim/2].
+        let cos = self
+            .rope
+            .cos
+            .index_select(&pos_t, 0)?
+            .reshape((b, 1, half))?;
+        let sin = self
+            .rope
+            .sin
+            .index_select(&pos_t, 0)?
+            .reshape((b, 1, half))?;
+        let rope = |x: &Tensor| candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin);
+        let x = self.layers_forward(x, seqs, &rope, cache, probe, observe)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&x)?)?; // [B, 1, vocab]
+        logits
+            .reshape((b, self.cfg.vocab_size))?
+            .to_dtype(DType::F32)
+    }
+
+    /// The decoder layers over `x` `[b, t, hidden]` (row `i` belongs to `seqs[i]`); `rope`
+    /// rotates `[b, heads, t, head_dim]` at the rows' positions.
+    fn layers_forward(
+        &self,
+        mut x: Tensor,
+        seqs: &[SeqId],
+        rope: &dyn Fn(&Tensor) -> Result<Tensor>,
+        cache: &mut dyn CacheBackend,
+        probe: Probe,
+        observe: &mut dyn FnMut(usize, &Tensor, &dyn CacheBackend) -> Result<()>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (
             self.cfg.num_attention_heads,
             self.cfg.num_key_value_heads,
@@ -204,24 +266,24 @@ impl Llama {
             let q = layer
                 .q
                 .forward(&hs)?
-                .reshape((1, t, nh, hd))?
+                .reshape((b, t, nh, hd))?
                 .transpose(1, 2)?;
             let k = layer
                 .k
                 .forward(&hs)?
-                .reshape((1, t, nkv, hd))?
+                .reshape((b, t, nkv, hd))?
                 .transpose(1, 2)?;
             let v = layer
                 .v
                 .forward(&hs)?
-                .reshape((1, t, nkv, hd))?
+                .reshape((b, t, nkv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
-            let q = self.rope.apply(&q, start)?;
-            let k = self.rope.apply(&k, start)?;
+            let q = rope(&q)?;
+            let k = rope(&k)?;
             let out = cache.attend(AttnCall {
                 layer: l,
-                seqs: &[seq],
+                seqs,
                 q: &q,
                 k: &k,
                 v: &v,
@@ -231,7 +293,7 @@ impl Llama {
             if let Some(p) = &out.probs {
                 observe(l, p, &*cache)?;
             }
-            let attn = out.out.transpose(1, 2)?.reshape((1, t, nh * hd))?;
+            let attn = out.out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
             let x1 = (residual + layer.o.forward(&attn)?)?;
             let hs = layer.post_norm.forward(&x1)?;
             let mlp = layer.down.forward(
@@ -239,9 +301,7 @@ impl Llama {
             )?;
             x = (x1 + mlp)?;
         }
-        let last = x.narrow(1, t - 1, 1)?;
-        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
-        logits.squeeze(0)?.squeeze(0)?.to_dtype(DType::F32)
+        Ok(x)
     }
 
     /// Vocabulary size of the LM head.

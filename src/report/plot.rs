@@ -8,8 +8,7 @@
 //!   rate run its mean kept tokens (`cache_tokens` of the records) when recorded.
 //!
 //! Every figure is a [`Figure`] (panels of named series) drawn by [`draw_figure`]; the throughput
-//! and max-batch figures of issue 7 (`kvc bench`) are to be built the same way in
-//! [`throughput_figure`]. Text uses DejaVu Sans (assets/fonts, Bitstream Vera licence), embedded
+//! and max-batch figures of `kvc bench` are built the same way in [`throughput_figures`]. Text uses DejaVu Sans (assets/fonts, Bitstream Vera licence), embedded
 //! so plots render the same on any machine.
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -34,8 +33,6 @@ pub enum PlotError {
     Empty(String),
     #[error("the embedded font could not be loaded")]
     Font,
-    #[error("throughput plots need `kvc bench` results (issue 7), which do not exist yet")]
-    NotYet,
 }
 
 /// One line of a panel.
@@ -46,6 +43,8 @@ pub struct Series {
     pub color: Option<usize>,
     /// (x, y) in data units; x > 0 (plotted on a log-2 axis).
     pub points: Vec<(f64, f64)>,
+    /// Drawn dashed without markers (a baseline).
+    pub dashed: bool,
 }
 
 /// One panel of a grid.
@@ -53,6 +52,8 @@ pub struct Series {
 pub struct Panel {
     pub title: String,
     pub series: Vec<Series>,
+    /// A line of text in the panel's upper left corner (e.g. the best speed-up).
+    pub note: Option<String>,
 }
 
 /// A grid of panels sharing axes' meaning.
@@ -115,6 +116,8 @@ fn draw_on<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &Figure) -> Re
     let width = root.dim_in_pixel().0 as f64;
     let title_px =
         ((width - 40.0) / (0.56 * fig.title.chars().count().max(1) as f64)).clamp(14.0, 30.0);
+    let sub_px =
+        ((width - 40.0) / (0.56 * fig.subtitle.chars().count().max(1) as f64)).clamp(10.0, 20.0);
     let (header, body) = root.split_vertically(90);
     header
         .draw(&Text::new(
@@ -127,7 +130,7 @@ fn draw_on<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &Figure) -> Re
         .draw(&Text::new(
             fig.subtitle.clone(),
             (20, 54),
-            (FONT_NAME, 20).into_font().color(&RGBColor(80, 80, 80)),
+            (FONT_NAME, sub_px).into_font().color(&RGBColor(80, 80, 80)),
         ))
         .map_err(e)?;
     let n = fig.panels.len().max(1);
@@ -190,6 +193,16 @@ fn draw_on<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &Figure) -> Re
                 .filter(|(x, y)| *x > 0.0 && y.is_finite())
                 .map(|(x, y)| (x.log2(), *y))
                 .collect();
+            if s.dashed {
+                chart
+                    .draw_series(DashedLineSeries::new(pts, 8, 5, color.stroke_width(2)))
+                    .map_err(e)?
+                    .label(s.name.clone())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 8, y)], color.stroke_width(2))
+                    });
+                continue;
+            }
             chart
                 .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
                 .map_err(e)?
@@ -199,6 +212,16 @@ fn draw_on<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &Figure) -> Re
                 });
             chart
                 .draw_series(pts.iter().map(|p| Circle::new(*p, 4, color.filled())))
+                .map_err(e)?;
+        }
+        if let Some(note) = &panel.note {
+            let top = y_top.max(10.0);
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    note.clone(),
+                    (x0 + 0.08 * (x1 - x0), top * 0.96),
+                    (FONT_NAME, 16).into_font(),
+                )))
                 .map_err(e)?;
         }
         if !panel.series.is_empty() {
@@ -238,7 +261,8 @@ pub fn draw_figure(fig: &Figure, stem: &Path) -> Result<Vec<PathBuf>, PlotError>
         4
     };
     let rows = n.div_ceil(cols);
-    let size = ((cols as u32) * 480, 90 + (rows as u32) * 400);
+    // At least 760 px wide, so one-panel figures keep a readable title and subtitle.
+    let size = (((cols as u32) * 480).max(760), 90 + (rows as u32) * 400);
     if let Some(dir) = stem.parent() {
         std::fs::create_dir_all(dir).map_err(|err| PlotError::Draw {
             path: dir.to_path_buf(),
@@ -265,10 +289,202 @@ pub fn draw_figure(fig: &Figure, stem: &Path) -> Result<Vec<PathBuf>, PlotError>
     Ok(vec![png, svg])
 }
 
-/// Placeholder for issue 7: throughput and max batch vs compression rate, from `kvc bench` CSVs.
-/// Build a [`Figure`] (x = rate on the log-2 axis, one line per method) and call [`draw_figure`].
-pub fn throughput_figure() -> Result<Figure, PlotError> {
-    Err(PlotError::NotYet)
+/// The throughput figures of `kvc bench` rows (one model), as `(file stem, figure)`:
+/// - `throughput_vs_rate`: total tokens/s vs compression rate, one panel per input length, the
+///   full-cache (rate 1) throughput dashed, the best speed-up written in the panel;
+/// - `throughput_vs_input_len`: total tokens/s vs input length, one line per rate;
+/// - `max_batch_vs_rate`, `max_batch_vs_input_len`: the largest decode batch reached.
+pub fn throughput_figures(
+    rows: &[crate::bench::report::ThroughputRow],
+    data_note: &str,
+) -> Result<Vec<(String, Figure)>, PlotError> {
+    if rows.is_empty() {
+        return Err(PlotError::Empty("no throughput rows".into()));
+    }
+    let model = rows[0].model.clone();
+    let lens: BTreeSet<usize> = rows.iter().map(|r| r.input_len).collect();
+    let mut rates: Vec<f64> = rows.iter().map(|r| r.rate).collect();
+    rates.sort_by(f64::total_cmp);
+    rates.dedup();
+    let r = &rows[0];
+    let bound = rows.iter().any(|r| r.memory_bound);
+    let subtitle = format!(
+        "{model} ({}, {})  |  {} prompts x {} output tokens  |  KV pool {}{}  |  {data_note}",
+        r.device,
+        r.dtype,
+        r.num_prompts,
+        r.output_len,
+        human_bytes(r.kv_memory_bytes),
+        if bound {
+            ", full cache memory-bound"
+        } else {
+            ""
+        }
+    );
+    let log2_range = |xs: &[f64]| {
+        let lo = xs
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+            .log2()
+            .floor() as i32;
+        let hi = xs.iter().copied().fold(0.0, f64::max).log2().ceil() as i32;
+        (lo, hi.max(lo + 1))
+    };
+    let rate_range = log2_range(&rates);
+    let len_f: Vec<f64> = lens.iter().map(|&l| l as f64).collect();
+    let len_range = log2_range(&len_f);
+    let value = |rate: f64, len: usize, f: &dyn Fn(&crate::bench::report::ThroughputRow) -> f64| {
+        rows.iter()
+            .find(|r| r.rate == rate && r.input_len == len)
+            .map(f)
+    };
+    let tps = |r: &crate::bench::report::ThroughputRow| r.tokens_per_s;
+    let batch = |r: &crate::bench::report::ThroughputRow| r.max_batch as f64;
+
+    // Throughput vs rate, one panel per input length.
+    let panels: Vec<Panel> = lens
+        .iter()
+        .map(|&len| {
+            let points: Vec<(f64, f64)> = rates
+                .iter()
+                .filter_map(|&rt| Some((rt, value(rt, len, &tps)?)))
+                .collect();
+            let base = value(1.0, len, &tps);
+            let mut series = vec![Series {
+                name: "kvcompress".into(),
+                color: Some(0),
+                points: points.clone(),
+                dashed: false,
+            }];
+            let mut note = None;
+            if let Some(b) = base.filter(|b| *b > 0.0) {
+                let (lo, hi) = (rates[0], *rates.last().expect("non-empty"));
+                series.push(Series {
+                    name: "full cache (1x)".into(),
+                    color: Some(7),
+                    points: vec![(lo, b), (hi, b)],
+                    dashed: true,
+                });
+                if let Some((rt, y)) = points.iter().copied().max_by(|a, b| a.1.total_cmp(&b.1)) {
+                    note = Some(format!("best: {:.2}x full cache at {rt}x", y / b));
+                }
+            }
+            Panel {
+                title: format!("input {len} tokens"),
+                series,
+                note,
+            }
+        })
+        .collect();
+    let mut figs = vec![(
+        format!("{}__throughput_vs_rate", safe(&model)),
+        Figure {
+            title: "Total throughput (prompt + output tokens/s) vs compression rate".into(),
+            subtitle: subtitle.clone(),
+            x_label: "compression rate (log2)".into(),
+            y_label: "tokens/s".into(),
+            x_log2: rate_range,
+            x_unit: "x".into(),
+            y_ref: None,
+            legend: LegendAt::LowerRight,
+            panels,
+        },
+    )];
+    let by_len = |f: &dyn Fn(&crate::bench::report::ThroughputRow) -> f64| -> Vec<Series> {
+        rates
+            .iter()
+            .enumerate()
+            .map(|(i, &rt)| Series {
+                name: if rt <= 1.0 {
+                    "full cache (1x)".into()
+                } else {
+                    format!("{rt}x")
+                },
+                color: Some(i),
+                points: lens
+                    .iter()
+                    .filter_map(|&l| Some((l as f64, value(rt, l, f)?)))
+                    .collect(),
+                dashed: rt <= 1.0,
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect()
+    };
+    let by_rate = |f: &dyn Fn(&crate::bench::report::ThroughputRow) -> f64| -> Vec<Series> {
+        lens.iter()
+            .enumerate()
+            .map(|(i, &l)| Series {
+                name: format!("input {l}"),
+                color: Some(i),
+                points: rates
+                    .iter()
+                    .filter_map(|&rt| Some((rt, value(rt, l, f)?)))
+                    .collect(),
+                dashed: false,
+            })
+            .collect()
+    };
+    let one = |title: &str, series: Vec<Series>| {
+        vec![Panel {
+            title: title.into(),
+            series,
+            note: None,
+        }]
+    };
+    figs.push((
+        format!("{}__throughput_vs_input_len", safe(&model)),
+        Figure {
+            title: "Total throughput vs input length, one line per compression rate".into(),
+            subtitle: subtitle.clone(),
+            x_label: "input tokens (log2)".into(),
+            y_label: "tokens/s".into(),
+            x_log2: len_range,
+            x_unit: String::new(),
+            y_ref: None,
+            legend: LegendAt::UpperRight,
+            panels: one("all rates", by_len(&tps)),
+        },
+    ));
+    figs.push((
+        format!("{}__max_batch_vs_rate", safe(&model)),
+        Figure {
+            title: "Largest concurrent decode batch vs compression rate".into(),
+            subtitle: subtitle.clone(),
+            x_label: "compression rate (log2)".into(),
+            y_label: "max decode batch".into(),
+            x_log2: rate_range,
+            x_unit: "x".into(),
+            y_ref: None,
+            legend: LegendAt::UpperLeft,
+            panels: one("all input lengths", by_rate(&batch)),
+        },
+    ));
+    figs.push((
+        format!("{}__max_batch_vs_input_len", safe(&model)),
+        Figure {
+            title: "Largest concurrent decode batch vs input length".into(),
+            subtitle,
+            x_label: "input tokens (log2)".into(),
+            y_label: "max decode batch".into(),
+            x_log2: len_range,
+            x_unit: String::new(),
+            y_ref: None,
+            legend: LegendAt::UpperRight,
+            panels: one("all rates", by_len(&batch)),
+        },
+    ));
+    Ok(figs)
+}
+
+/// `1.50 GiB`, `53.4 MiB`.
+fn human_bytes(b: u64) -> String {
+    let gib = b as f64 / (1u64 << 30) as f64;
+    if gib >= 1.0 {
+        format!("{gib:.2} GiB")
+    } else {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    }
 }
 
 /// `stem` + `suffix` as a path. Not `Path::with_extension`: stems carry model names with dots
@@ -367,12 +583,14 @@ pub fn quality_figures(
                                 name: m.to_string(),
                                 color,
                                 points,
+                                dashed: false,
                             })
                         })
                         .collect();
                     Panel {
                         title: cat.clone(),
                         series,
+                        note: None,
                     }
                 })
                 .filter(|p: &Panel| !p.series.is_empty())
@@ -470,12 +688,14 @@ pub fn quality_figures(
                                 name: t.to_string(),
                                 color: None,
                                 points,
+                                dashed: false,
                             }
                         })
                         .collect();
                     Panel {
                         title: c.name().to_string(),
                         series,
+                        note: None,
                     }
                 })
                 .filter(|p: &Panel| !p.series.is_empty())

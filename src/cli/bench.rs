@@ -1,0 +1,336 @@
+//! `kvc bench`: the KV-Compress paper's throughput benchmark (see [`crate::bench`]).
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use super::model_args::ModelArgs;
+use crate::bench::report::{self, RowMeta, ThroughputRow};
+use crate::bench::{self, synthetic, KvMemory, SweepConfig};
+use crate::compress::{self, MethodOptions, MethodSpec};
+use crate::util::{write_atomic, Status};
+
+#[derive(Args, Debug)]
+#[command(
+    long_about = "The KV-Compress paper's throughput benchmark: synthetic prompts of each input \
+length, greedy decoding of exactly --output-len tokens (stop tokens ignored), continuous batching \
+of --num-prompts requests over ONE block pool of --kv-memory bytes. With compression (rate > 1) \
+every sequence is compressed to its budget right after prefill and again whenever the free blocks \
+cannot cover the next decode step (new prefills pause meanwhile); the freed memory lets more \
+sequences decode at once. Rate 1 is the full-cache baseline (same scheduler, no eviction, \
+preemption when out of blocks, like vanilla vLLM) and always runs.\n\n\
+Writes <out>/bench/<model>/throughput.csv (one row per rate and input length; columns in the \
+README), run.json (the configuration) and plots/ (throughput and max batch vs rate and vs input \
+length). The CSV is rewritten after every configuration, so an interrupted sweep keeps what \
+finished.",
+    after_help = "Examples:\n  \
+kvc bench --model llama-3.1-8b --device cuda:0 --kv-memory 8GiB          # the paper's sweep\n  \
+kvc bench --kv-memory 0.5 --rates 1,8,64 --input-lens 2000 --output-len 500\n  \
+kvc bench --device cpu --kv-memory 64MiB --rates 1,4,16,64 --input-lens 256,512 \\\n      \
+--output-len 32 --num-prompts 16                                      # a CPU smoke run"
+)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Compression rates (comma-separated, each >= 1; 1 = full cache, always run).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64")]
+    pub rates: Vec<f64>,
+    /// Prompt lengths in tokens (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "500,1000,2000,4000,6000")]
+    pub input_lens: Vec<usize>,
+    /// Tokens generated per request (exactly; stop tokens are ignored).
+    #[arg(long, default_value_t = 500)]
+    pub output_len: usize,
+    /// Requests per (rate, input length), all queued at once.
+    #[arg(long, default_value_t = 256)]
+    pub num_prompts: usize,
+    /// KV pool size: bytes with a unit (`2GiB`, `512MiB`, `1000000`) or a fraction of the
+    /// device's free memory (`0.5`; CPU: of MemAvailable). Choose it small enough that the full
+    /// cache cannot hold every request at once (the output says whether it is memory-bound).
+    #[arg(long, value_name = "BYTES|FRACTION", value_parser = bench::parse_kv_memory,
+          required_unless_present = "plot_only")]
+    pub kv_memory: Option<KvMemory>,
+    /// Tokens per cache block (one kv-head of one layer per block).
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Floor of cache tokens per head for rate budgets (KV-Compress: 128).
+    #[arg(long, default_value_t = 128)]
+    pub min_cache_tokens: usize,
+    /// Last token positions never evicted (the paper's throughput runs: 32).
+    #[arg(long, default_value_t = 32)]
+    pub protected_window: usize,
+    /// Observation window: last prompt queries scored after prefill.
+    #[arg(long, default_value_t = 32)]
+    pub kvc_window: usize,
+    /// Do not score decode attention into the eviction metric (saves reading probabilities
+    /// back every step; decode-time KVs then keep metric 0 and go first once out of the
+    /// protected window). Default: scored, as the paper.
+    #[arg(long)]
+    pub no_decode_metric: bool,
+    /// Most sequences decoded at once (vLLM's max_num_seqs).
+    #[arg(long, default_value_t = 256)]
+    pub max_batch: usize,
+    /// Prefill chunk length in tokens.
+    #[arg(long, default_value_t = 1024)]
+    pub prefill_chunk: usize,
+    /// Seed of the synthetic prompts.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Results tree root.
+    #[arg(long, default_value = "results")]
+    pub out: PathBuf,
+    /// Keep the rows of an earlier run in the same directory (same model, output length,
+    /// prompts, pool and device) and measure only the missing (rate, input length) pairs; for
+    /// sweeps split over several time-limited calls.
+    #[arg(long)]
+    pub resume: bool,
+    /// Only redraw the plots of `<out>/bench/<model>/throughput.csv` (nothing is measured).
+    #[arg(long)]
+    pub plot_only: bool,
+    /// No progress bar (it is also hidden when stderr is not a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Print the rows as a JSON array on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<Status> {
+    if args.block_size == 0 || args.max_batch == 0 || args.prefill_chunk == 0 {
+        anyhow::bail!("--block-size, --max-batch and --prefill-chunk must be at least 1");
+    }
+    if let Some(r) = args.rates.iter().find(|r| !(r.is_finite() && **r >= 1.0)) {
+        anyhow::bail!("--rates: compression rates must be at least 1 (1 = full cache), got {r}");
+    }
+    if args.plot_only {
+        let name = args.model.resolve()?.name;
+        let dir = args.out.join("bench").join(&name);
+        let csv_path = dir.join("throughput.csv");
+        let rows = report::read_csv(&csv_path)?;
+        let n = draw_plots(&rows, &dir, &csv_path)?;
+        eprintln!("wrote {n} plots in {}", dir.join("plots").display());
+        return Ok(Status::Ok);
+    }
+    let mut lm = args.model.load()?;
+    let cfg = lm.config().clone();
+    let device = lm.model.device.clone();
+    let dtype = lm.model.dtype;
+    let kv_memory = args.kv_memory.ok_or_else(|| {
+        anyhow::anyhow!("--kv-memory is required (bytes such as 2GiB, or a fraction such as 0.5)")
+    })?;
+    let kv_bytes = bench::kv_bytes(kv_memory, &device)?;
+    let sw = SweepConfig {
+        rates: args.rates.clone(),
+        input_lens: args.input_lens.clone(),
+        output_len: args.output_len,
+        num_prompts: args.num_prompts,
+        kv_bytes,
+        block_size: args.block_size,
+        min_cache_tokens: args.min_cache_tokens,
+        protected_window: args.protected_window,
+        prefill_chunk: args.prefill_chunk,
+        max_batch: args.max_batch,
+        score_decode: !args.no_decode_metric,
+        seed: args.seed,
+    };
+    let opts = MethodOptions {
+        block_size: args.block_size,
+        min_cache_tokens: args.min_cache_tokens,
+        protected_window: args.protected_window,
+        kvc_window: args.kvc_window,
+        ..Default::default()
+    };
+    let policy = compress::build_policy(&MethodSpec::parse("kvcompress")?, &cfg, &opts)?;
+    let spec = bench::paged_spec(&cfg, args.block_size, dtype, &device);
+    let blocks = bench::validate(&sw, &cfg, &spec, policy.min_budget())?;
+    let per_block = spec.layout().bytes_per_block();
+    let dir = args.out.join("bench").join(&lm.name);
+    std::fs::create_dir_all(&dir)?;
+    let device_s = format!("{device:?}");
+    let dtype_s = format!("{dtype:?}").to_lowercase();
+    eprintln!(
+        "kvc bench: {} on {device_s} ({dtype_s}); KV pool {kv_bytes} bytes = {blocks} blocks of {per_block} bytes ({} tokens of one kv-head each)",
+        lm.name, args.block_size
+    );
+    for &l in &sw.input_lens {
+        let fits = bench::full_cache_fits(&spec, blocks, l, sw.output_len);
+        eprintln!(
+            "  input {l} + output {}: the full cache holds {fits} of {} sequences at once: {}",
+            sw.output_len,
+            sw.num_prompts,
+            if fits < sw.num_prompts {
+                "memory-bound"
+            } else {
+                "NOT memory-bound (compression cannot raise the batch; use a smaller --kv-memory)"
+            }
+        );
+    }
+    let run_json = serde_json::json!({
+        "command": std::env::args().collect::<Vec<_>>(),
+        "model": lm.name,
+        "device": device_s,
+        "dtype": dtype_s,
+        "kv_memory_bytes": kv_bytes,
+        "total_blocks": blocks,
+        "bytes_per_block": per_block,
+        "sweep": sw,
+        "kvc_window": args.kvc_window,
+        "kvc_version": env!("CARGO_PKG_VERSION"),
+    });
+    write_atomic(
+        &dir.join("run.json"),
+        serde_json::to_string_pretty(&run_json)?.as_bytes(),
+    )?;
+
+    // Warm-up (kernel loading, allocator) on a small pool, not measured.
+    {
+        let warm = synthetic::prompts(
+            2,
+            64.min(sw.input_lens[0]),
+            cfg.vocab_size,
+            &bench::excluded_ids(&lm),
+            99,
+        );
+        let warm_sw = SweepConfig {
+            output_len: 4,
+            ..sw.clone()
+        };
+        let need = spec.blocks_for_tokens(64 + 4) * 2 + 4 * spec.layers * spec.kv_heads;
+        bench::run_one(
+            &mut lm.model,
+            policy.as_ref(),
+            &warm,
+            &warm_sw,
+            need,
+            1.0,
+            &mut |_| {},
+        )?;
+    }
+
+    let rates = sw.rates_with_baseline();
+    let total = (rates.len() * sw.input_lens.len() * sw.num_prompts) as u64;
+    let bar = (!args.no_progress && std::io::stderr().is_terminal()).then(|| {
+        let b = ProgressBar::new(total);
+        b.set_style(
+            ProgressStyle::with_template("{prefix:>18} [{bar:30}] {pos}/{len} requests, eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        b
+    });
+    let excluded = bench::excluded_ids(&lm);
+    let csv_path = dir.join("throughput.csv");
+    let mut rows: Vec<ThroughputRow> = Vec::new();
+    if args.resume && csv_path.exists() {
+        let same = |r: &ThroughputRow| {
+            r.model == lm.name
+                && r.device == device_s
+                && r.dtype == dtype_s
+                && r.output_len == sw.output_len
+                && r.num_prompts == sw.num_prompts
+                && r.total_blocks == blocks
+                && r.bytes_per_block == per_block
+        };
+        let old = report::read_csv(&csv_path)?;
+        let n = old.len();
+        rows = old.into_iter().filter(same).collect();
+        eprintln!(
+            "  --resume: keeping {} of {n} rows of {} (the others were measured with another configuration)",
+            rows.len(),
+            csv_path.display()
+        );
+    }
+    for &l in &sw.input_lens {
+        let prompts = synthetic::prompts(
+            sw.num_prompts,
+            l,
+            cfg.vocab_size,
+            &excluded,
+            sw.seed ^ l as u64,
+        );
+        for &rate in &rates {
+            if rows.iter().any(|r| r.rate == rate && r.input_len == l) {
+                if let Some(b) = &bar {
+                    b.inc(sw.num_prompts as u64);
+                }
+                continue;
+            }
+            if let Some(b) = &bar {
+                b.set_prefix(format!("{rate}x, {l} tok"));
+            }
+            let base = bar.as_ref().map_or(0, |b| b.position());
+            let out = bench::run_one(
+                &mut lm.model,
+                policy.as_ref(),
+                &prompts,
+                &sw,
+                blocks,
+                rate,
+                &mut |done| {
+                    if let Some(b) = &bar {
+                        b.set_position(base + done as u64);
+                    }
+                },
+            )?;
+            let meta = RowMeta {
+                model: &lm.name,
+                device: &device_s,
+                dtype: &dtype_s,
+                rate,
+                input_len: l,
+                output_len: sw.output_len,
+                num_prompts: sw.num_prompts,
+                bytes_per_block: per_block,
+                budget_tokens: bench::budget_tokens(&sw, l, rate, policy.min_budget()),
+                full_cache_fits: bench::full_cache_fits(&spec, blocks, l, sw.output_len),
+            };
+            let row = ThroughputRow::new(&meta, &out.stats);
+            if bar.is_none() && !args.no_progress {
+                eprintln!(
+                    "  {rate}x, input {l}: {:.1} tokens/s, max batch {}, {:.1} s",
+                    row.tokens_per_s, row.max_batch, row.elapsed_time
+                );
+            }
+            rows.push(row);
+            rows.sort_by(|a, b| {
+                a.input_len
+                    .cmp(&b.input_len)
+                    .then(a.rate.total_cmp(&b.rate))
+            });
+            report::fill_speedups(&mut rows);
+            write_atomic(&csv_path, &report::to_csv(&rows)?)?;
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let n = draw_plots(&rows, &dir, &csv_path)?;
+    eprintln!(
+        "wrote {} and {n} plots in {}",
+        csv_path.display(),
+        dir.join("plots").display()
+    );
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", report::table(&rows));
+    }
+    Ok(Status::Ok)
+}
+
+/// Draw the throughput figures of `rows` into `<dir>/plots`; returns the files written.
+fn draw_plots(
+    rows: &[ThroughputRow],
+    dir: &std::path::Path,
+    csv: &std::path::Path,
+) -> anyhow::Result<usize> {
+    let note = csv
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut drawn = 0;
+    for (stem, fig) in crate::report::plot::throughput_figures(rows, &note)? {
+        drawn += crate::report::plot::draw_figure(&fig, &dir.join("plots").join(stem))?.len();
+    }
+    Ok(drawn)
+}
