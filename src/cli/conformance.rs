@@ -55,6 +55,7 @@ pub fn run(args: ConformanceArgs) -> anyhow::Result<Status> {
         prompts_only: args.prompts_only,
         tie_margin: args.tie_margin,
         prefill_chunk: 1024,
+        max_long_generations: None,
     };
     let json = args.json;
     let mut stdout = std::io::stdout().lock();
