@@ -75,6 +75,7 @@ fn sched(rate: f64, output_len: usize, num_blocks: usize) -> SchedConfig {
         block_size: BS,
         min_cache_tokens: 8,
         prefill_chunk: 16,
+        prefill_batch: 4,
         max_batch: 256,
         score_decode: true,
         check_invariants: true,
@@ -121,7 +122,8 @@ fn alone(lm: &mut LoadedModel, prompt: &[u32], n: usize) -> Vec<u32> {
 fn batched_rate1_equals_each_request_alone_on_the_contiguous_cache() {
     let (_t, mut lm) = tiny(&TinySpec::default());
     let p = policy(&lm);
-    let lens = [23, 40, 9, 31, 40, 17];
+    // Two runs of equal lengths: those are prefilled together (prefill_batch 4).
+    let lens = [23, 40, 40, 9, 31, 31, 31, 17];
     let prompts = prompts_of(&lens, &lm, 5);
     let out_len = 12;
     let want: Vec<Vec<u32>> = prompts
@@ -152,6 +154,38 @@ fn batched_rate1_equals_each_request_alone_on_the_contiguous_cache() {
         } else {
             assert_eq!(st.max_batch, lens.len(), "{st:?}");
             assert_eq!(st.preemptions, 0);
+        }
+    }
+}
+
+#[test]
+fn batched_prefill_equals_one_at_a_time_with_and_without_compression() {
+    let (_t, mut lm) = tiny(&TinySpec::default());
+    let p = policy(&lm);
+    let prompts = prompts_of(&[37; 7], &lm, 9);
+    let out_len = 10;
+    let sp = spec(&lm);
+    for rate in [1.0, 4.0] {
+        let blocks = 10 * min_blocks(&sp, 37, out_len, 1.0, 8, 4);
+        let run = |lm: &mut LoadedModel, prefill_batch: usize| {
+            let cfg = SchedConfig {
+                prefill_batch,
+                ..sched(rate, out_len, blocks)
+            };
+            scheduler::run(&mut lm.model, Some(p.as_ref()), &prompts, &cfg, &mut |_| {}).unwrap()
+        };
+        let one = run(&mut lm, 1);
+        let four = run(&mut lm, 4);
+        assert_eq!(one.stats.prefill_batches, 7, "rate {rate}");
+        assert_eq!(four.stats.prefill_batches, 2, "rate {rate}: groups of 4 + 3");
+        assert_eq!(four.outputs, one.outputs, "rate {rate}");
+        assert_eq!(four.stats.evicted_slots, one.stats.evicted_slots, "rate {rate}");
+        if rate > 1.0 {
+            assert!(one.stats.evicted_slots > 0);
+        } else {
+            let want: Vec<Vec<u32>> =
+                prompts.iter().map(|pr| alone(&mut lm, pr, out_len)).collect();
+            assert_eq!(one.outputs, want);
         }
     }
 }

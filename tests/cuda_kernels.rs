@@ -612,4 +612,74 @@ mod e2e {
             );
         }
     }
+
+    /// The benchmark scheduler on the GPU (batched decode through the paged CUDA kernels, one
+    /// `write_kv` per layer for the whole batch, batched prefill, device argmax) generates what
+    /// each request alone generates on the CPU's contiguous cache, at rate 1.
+    #[test]
+    fn cuda_bench_scheduler_rate_1_equals_cpu_alone() {
+        use kvc::bench::{scheduler, synthetic};
+        use kvc::engine::NoHooks;
+        use kvc::kvcache::contiguous::ContiguousCache;
+        let dev = gpu();
+        let spec = TinySpec {
+            hidden: 384,
+            heads: 6,
+            kv_heads: 2,
+            layers: 3,
+            seed: 5,
+            ..Default::default()
+        };
+        let (_t, mut lm) = load(&spec, &dev);
+        let (_t2, mut cpu) = load(&spec, &Device::Cpu);
+        let cfg = lm.config().clone();
+        let lens = [40, 40, 40, 23, 57, 57, 9];
+        let prompts: Vec<Vec<u32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| {
+                synthetic::prompts(1, l, cfg.vocab_size, &Default::default(), 7 + i as u64)
+                    .remove(0)
+            })
+            .collect();
+        let out_len = 20;
+        let params = GenParams {
+            max_new_tokens: out_len,
+            stop_ids: Default::default(),
+            min_new_tokens: 0,
+            prefill_chunk: 16,
+            max_context: 2048,
+        };
+        let want: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                kvc::engine::generate(
+                    &mut cpu.model,
+                    &mut ContiguousCache::new(cfg.num_hidden_layers),
+                    p,
+                    &params,
+                    &mut NoHooks,
+                )
+                .unwrap()
+                .output_ids
+            })
+            .collect();
+        let sc = scheduler::SchedConfig {
+            rate: 1.0,
+            output_len: out_len,
+            num_blocks: 4096,
+            block_size: 16,
+            min_cache_tokens: 8,
+            prefill_chunk: 16,
+            prefill_batch: 4,
+            max_batch: 256,
+            score_decode: false,
+            check_invariants: true,
+        };
+        let out = scheduler::run(&mut lm.model, None, &prompts, &sc, &mut |_| {}).unwrap();
+        assert_eq!(out.stats.max_batch, lens.len());
+        assert!(out.stats.prefill_batches < lens.len(), "{:?}", out.stats);
+        assert_eq!(out.outputs, want, "GPU scheduler vs CPU alone");
+        eprintln!("SUMMARY bench scheduler on the GPU: {} requests identical to CPU alone", lens.len());
+    }
 }

@@ -2,8 +2,9 @@
 //! on memory pressure: the scheduler of `kvc bench` (the paper's throughput benchmark).
 //!
 //! One loop iteration:
-//! 1. **Admit** (unless paused): while the waiting queue's head fits, prefill it (one sequence,
-//!    chunked), compress it to its budget right away (KV-Compress after prefill, through
+//! 1. **Admit** (unless paused): while the waiting queue's head fits, prefill it together with
+//!    the requests behind it that have the same context length and fit too (up to
+//!    `prefill_batch`, chunked; [`Llama::forward_prefill_batch`]), compress each to its budget right away (KV-Compress after prefill, through
 //!    [`CompressHooks`]), take its first output token from the prefill logits, and add it to the
 //!    decode batch. A request fits when the free blocks cover its whole prompt (held until the
 //!    compression right after prefill) and, after that compression, still leave one block per
@@ -22,8 +23,8 @@
 //! benchmark, vLLM `ignore_eos`). At rate 1 (full cache) no hooks run, so the only way out of
 //! memory pressure is preemption: that is the baseline's memory bound.
 //!
-//! Departures from the paper's vLLM scheduler: prefills run one sequence at a time (vLLM
-//! batches prefills up to a token budget); the admission headroom is one block per
+//! Departures from the paper's vLLM scheduler: prefills are batched only across requests of
+//! equal context length (vLLM packs any prompts up to a token budget); the admission headroom is one block per
 //! (layer, kv-head) and running sequence instead of vLLM's 1 % watermark (KV-Compress blocks are
 //! per head, so a step can need up to `layers x kv_heads` new blocks per sequence); compression
 //! planning runs on the host ([`crate::kvcache::paged`]). A preempted sequence's budget is
@@ -52,8 +53,10 @@ pub struct SchedConfig {
     pub block_size: usize,
     /// Floor of cache tokens per head for rate budgets (KV-Compress: 128).
     pub min_cache_tokens: usize,
-    /// Prefill chunk length.
+    /// Prefill chunk length (tokens per sequence per forward pass).
     pub prefill_chunk: usize,
+    /// Most waiting requests of one context length prefilled together (1 = one at a time).
+    pub prefill_batch: usize,
     /// Most sequences decoded at once (vLLM's `max_num_seqs`, default 256).
     pub max_batch: usize,
     /// Score decode attention into the eviction metric (the paper's running metric).
@@ -87,6 +90,8 @@ pub struct SchedStats {
     pub compress_ms: f64,
     /// Time in prefill forward passes.
     pub prefill_ms: f64,
+    /// Prefill groups (requests prefilled together count once).
+    pub prefill_batches: usize,
     /// Time in decode forward passes (incl. reading back the next tokens).
     pub decode_ms: f64,
     /// On-demand compression rounds (each compresses every sequence over its budget).
@@ -138,7 +143,13 @@ fn step_need(cache: &PagedCache, seq: SeqId) -> usize {
     n
 }
 
+/// Greedy next token of every row of `logits` `[B, vocab]`. On a GPU the argmax runs there and
+/// only B ids come back (not B x vocab floats); on the CPU the first index wins ties, as
+/// `Llama::argmax` (the tests compare with single-sequence generation).
 fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    if logits.device().is_cuda() {
+        return logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>();
+    }
     Ok(logits
         .to_vec2::<f32>()?
         .iter()
@@ -237,89 +248,121 @@ pub fn run(
     };
 
     while !waiting.is_empty() || !running.is_empty() {
-        // 1. Admissions.
+        // 1. Admissions: a group of waiting requests with one context length, prefilled
+        // together.
         while !paused && running.len() < cfg.max_batch.max(1) {
             let Some(head) = waiting.front() else { break };
-            let ctx: Vec<u32> = prompts[head.idx]
-                .iter()
-                .chain(head.output.iter())
-                .copied()
-                .collect();
-            let full = spec.blocks_for_tokens(ctx.len());
+            let ctx_len = |r: &Req| prompts[r.idx].len() + r.output.len();
+            let len = ctx_len(head);
+            let full = spec.blocks_for_tokens(len);
             let after = if compressing {
-                budget_blocks(ctx.len()).unwrap_or(full).min(full)
+                budget_blocks(len).unwrap_or(full).min(full)
             } else {
                 full
             };
             let free = cache.pool().free_blocks();
-            let reserve = (running.len() + 1) * heads;
-            let fits = free >= full && free - after >= reserve;
-            if !fits {
+            // The whole group holds its full prompts until the compression after prefill.
+            let fits = |n: usize| {
+                free >= n * full && free - n * after >= (running.len() + n) * heads
+            };
+            let mut k = 0;
+            while k < cfg.prefill_batch.max(1)
+                && running.len() + k < cfg.max_batch.max(1)
+                && k < waiting.len()
+                && ctx_len(&waiting[k]) == len
+                && fits(k + 1)
+            {
+                k += 1;
+            }
+            if k == 0 {
                 if running.is_empty() && free < full {
                     candle_core::bail!(
-                        "a {}-token sequence needs {full} blocks to prefill but the pool has {free} free of {}",
-                        ctx.len(),
+                        "a {len}-token sequence needs {full} blocks to prefill but the pool has {free} free of {}",
                         cfg.num_blocks
                     );
                 }
                 if !running.is_empty() {
                     break;
                 }
+                k = 1; // alone, without headroom: the decode step will compress or fail clearly
             }
-            let mut req = waiting.pop_front().expect("checked above");
-            let seq = cache.add_sequence()?;
-            let mut hooks = compressing.then(|| {
-                CompressHooks::new(policy.expect("compressing"), spec.layers, &budget_of)
-                    .on_demand(cfg.score_decode)
-            });
-            let probe = hooks.as_ref().map_or(Probe::None, |h| h.prefill_probe());
+            let group: Vec<Req> = waiting.drain(..k).collect();
+            let ctxs: Vec<Vec<u32>> = group
+                .iter()
+                .map(|r| prompts[r.idx].iter().chain(r.output.iter()).copied().collect())
+                .collect();
+            let mut seqs = Vec::with_capacity(k);
+            let mut hooks = Vec::with_capacity(k);
+            for _ in 0..k {
+                seqs.push(cache.add_sequence()?);
+                hooks.push(compressing.then(|| {
+                    CompressHooks::new(policy.expect("compressing"), spec.layers, &budget_of)
+                        .on_demand(cfg.score_decode)
+                }));
+            }
+            let probe = hooks[0].as_ref().map_or(Probe::None, |h| h.prefill_probe());
             let min_last = match probe {
                 Probe::LastQueries(w) => w,
                 _ => 1,
             };
             let tp = Instant::now();
             let mut logits = None;
-            let chunks = prefill_chunks(ctx.len(), cfg.prefill_chunk, min_last);
+            let chunks = prefill_chunks(len, cfg.prefill_chunk, min_last);
             for (i, r) in chunks.iter().enumerate() {
                 let p = if i + 1 == chunks.len() {
                     probe
                 } else {
                     Probe::None
                 };
-                let mut observe =
-                    |layer: usize, probs: &Tensor, c: &dyn CacheBackend| match &mut hooks {
-                        Some(h) => h.observe(layer, probs, c, seq),
-                        None => Ok(()),
-                    };
-                logits = Some(model.forward(&ctx[r.clone()], seq, &mut cache, p, &mut observe)?);
+                let rows: Vec<&[u32]> = ctxs.iter().map(|c| &c[r.clone()]).collect();
+                let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
+                    for (row, (h, &seq)) in hooks.iter_mut().zip(&seqs).enumerate() {
+                        if let Some(h) = h {
+                            h.observe(layer, &probs.narrow(0, row, 1)?, c, seq)?;
+                        }
+                    }
+                    Ok(())
+                };
+                logits = Some(model.forward_prefill_batch(
+                    &rows,
+                    &seqs,
+                    &mut cache,
+                    p,
+                    &mut observe,
+                )?);
             }
-            let next = Llama::argmax(&logits.expect("non-empty prompt"))?;
+            let next = argmax_rows(&logits.expect("non-empty prompt"))?;
             st.prefill_ms += tp.elapsed().as_secs_f64() * 1e3;
+            st.prefill_batches += 1;
             st.peak_blocks = st.peak_blocks.max(cache.pool().used_blocks());
-            let mut allowed = None;
-            if let Some(h) = &mut hooks {
-                let tc = Instant::now();
-                let before = h.kept.evicted;
-                h.after_prefill(&mut cache, seq)?;
-                st.evicted_slots += (h.kept.evicted - before) as u64;
-                st.compress_ms += tc.elapsed().as_secs_f64() * 1e3;
-                allowed = h
-                    .budget()
-                    .map(|m| allowed_blocks(m, spec.layers, spec.kv_heads, bs));
-            }
-            req.output.push(next);
-            if req.output.len() >= cfg.output_len {
-                cache.remove_sequence(seq)?;
-                finish(req, &mut outputs, &mut st);
-                on_finish(st.requests);
-            } else {
-                running.push(Running {
-                    req,
-                    seq,
-                    hooks,
-                    next,
-                    allowed,
-                });
+            for (((mut req, seq), mut hooks), next) in
+                group.into_iter().zip(seqs).zip(hooks).zip(next)
+            {
+                let mut allowed = None;
+                if let Some(h) = &mut hooks {
+                    let tc = Instant::now();
+                    let before = h.kept.evicted;
+                    h.after_prefill(&mut cache, seq)?;
+                    st.evicted_slots += (h.kept.evicted - before) as u64;
+                    st.compress_ms += tc.elapsed().as_secs_f64() * 1e3;
+                    allowed = h
+                        .budget()
+                        .map(|m| allowed_blocks(m, spec.layers, spec.kv_heads, bs));
+                }
+                req.output.push(next);
+                if req.output.len() >= cfg.output_len {
+                    cache.remove_sequence(seq)?;
+                    finish(req, &mut outputs, &mut st);
+                    on_finish(st.requests);
+                } else {
+                    running.push(Running {
+                        req,
+                        seq,
+                        hooks,
+                        next,
+                        allowed,
+                    });
+                }
             }
             if cfg.check_invariants {
                 cache.pool().check().map_err(candle_core::Error::Msg)?;

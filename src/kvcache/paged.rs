@@ -311,14 +311,7 @@ impl PagedCache {
     fn attend_decode_cuda(&mut self, call: &AttnCall<'_>) -> Result<AttnOut> {
         let (b, nh, _, d) = call.q.dims4()?;
         let nkv = self.spec.kv_heads;
-        for (i, &sid) in call.seqs.iter().enumerate() {
-            self.append_seq(
-                call.layer,
-                sid,
-                &call.k.narrow(0, i, 1)?,
-                &call.v.narrow(0, i, 1)?,
-            )?;
-        }
+        self.append_decode_cuda(call)?;
         let bs = self.spec.block_size;
         let mut lens = Vec::with_capacity(b * nkv);
         for &sid in call.seqs {
@@ -371,6 +364,61 @@ impl PagedCache {
             out: out.reshape((b, nh, 1, d))?,
             probs: probs.map(|p| p.reshape((b, nh, 1, stride))).transpose()?,
         })
+    }
+
+    /// Appends the one new token of every sequence of a decode batch with ONE `write_kv`
+    /// launch for the layer (rows in (sequence, kv-head) order, as `k` `[b, nkv, 1, d]` lies in
+    /// memory). Appending sequence by sequence cost a copy, two uploads and a launch per
+    /// sequence and layer: at batch 17 that was most of a 27 ms decode step on the H100.
+    fn append_decode_cuda(&mut self, call: &AttnCall<'_>) -> Result<()> {
+        let (b, nkv, t, d) = call.k.dims4()?;
+        if t != 1 || nkv != self.spec.kv_heads || d != self.spec.head_dim {
+            candle_core::bail!(
+                "decode append expects k [b, {}, 1, {}], got {:?}",
+                self.spec.kv_heads,
+                self.spec.head_dim,
+                call.k.dims()
+            );
+        }
+        let bs = self.spec.block_size;
+        let mut need = 0;
+        for &sid in call.seqs {
+            for h in 0..nkv {
+                let len = self.pool.len(call.layer, sid, h).map_err(be)?;
+                need += usize::from(len % bs == 0);
+            }
+        }
+        if need > self.pool.free_blocks() {
+            return Err(be(BlockError::OutOfBlocks {
+                needed: need,
+                free: self.pool.free_blocks(),
+                total: self.pool.num_blocks(),
+            }));
+        }
+        let mut slots = Vec::with_capacity(b * nkv);
+        let mut positions = Vec::with_capacity(b * nkv);
+        for &sid in call.seqs {
+            let p = *self
+                .pos
+                .get(&sid)
+                .ok_or_else(|| be(BlockError::UnknownSeq(sid)))? as u32;
+            for h in 0..nkv {
+                let s = self.pool.append(call.layer, sid, h, &[p]).map_err(be)?;
+                slots.push(s[0] as u32);
+                positions.push(p);
+            }
+        }
+        let rows = |x: &Tensor| x.contiguous()?.reshape((b * nkv, d));
+        cuda::write_kv(
+            &self.k,
+            &self.v,
+            None,
+            None,
+            &rows(call.k)?,
+            &rows(call.v)?,
+            &slots,
+            &positions,
+        )
     }
 
     /// Attention of one sequence: append, gather, masked softmax. Returns the output

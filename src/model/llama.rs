@@ -199,6 +199,45 @@ impl Llama {
         logits.squeeze(0)?.squeeze(0)?.to_dtype(DType::F32)
     }
 
+    /// A prefill chunk of several sequences at once: `tokens[i]` (all of the same length `t`)
+    /// continues `seqs[i]`, and every sequence must be at the same position (the benchmark's
+    /// synthetic prompts are). Projections and MLPs run once over `[B, t, hidden]`, which is
+    /// what amortises the per-launch cost of a small model on a GPU; attention is per sequence
+    /// in the backend. Returns the last token's logits `[B, vocab]` in f32; `observe` gets
+    /// `[B, n_heads, n_probed, kv_len]` probabilities.
+    pub fn forward_prefill_batch(
+        &mut self,
+        tokens: &[&[u32]],
+        seqs: &[SeqId],
+        cache: &mut dyn CacheBackend,
+        probe: Probe,
+        observe: &mut dyn FnMut(usize, &Tensor, &dyn CacheBackend) -> Result<()>,
+    ) -> Result<Tensor> {
+        let b = tokens.len();
+        if b == 0 || b != seqs.len() {
+            candle_core::bail!("prefill batch of {b} rows for {} sequences", seqs.len());
+        }
+        let t = tokens[0].len();
+        if t == 0 || tokens.iter().any(|r| r.len() != t) {
+            candle_core::bail!("a batched prefill needs non-empty rows of one length");
+        }
+        let start = cache.seq_len(seqs[0]);
+        if seqs.iter().any(|&s| cache.seq_len(s) != start) {
+            candle_core::bail!("a batched prefill needs every sequence at the same position");
+        }
+        self.rope.ensure(start + t, &self.device)?;
+        let flat: Vec<u32> = tokens.iter().flat_map(|r| r.iter().copied()).collect();
+        let ids = Tensor::new(flat.as_slice(), &self.device)?;
+        let x = self.embed.index_select(&ids, 0)?.reshape((b, t, ()))?; // [B, t, hidden]
+        let rope = |x: &Tensor| self.rope.apply(x, start);
+        let x = self.layers_forward(x, seqs, &rope, cache, probe, observe)?;
+        let last = x.narrow(1, t - 1, 1)?.contiguous()?; // strided when B > 1
+        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?; // [B, 1, vocab]
+        logits
+            .reshape((b, self.cfg.vocab_size))?
+            .to_dtype(DType::F32)
+    }
+
     /// One decode step of a batch: `tokens[i]` is the next token of `seqs[i]` (each at its own
     /// next position). Every projection and MLP runs once over the batch `[B, 1, hidden]`;
     /// attention goes to the backend in one call per layer with all sequences (the paged CUDA
