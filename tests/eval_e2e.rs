@@ -528,4 +528,20 @@ fn dump_allocation_records_kept_kvs_per_layer_and_head() {
     // Without the flag, no allocation in the rows (the full-cache run never has it).
     let full = f.pred_lines("hotpotqa");
     assert!(full.iter().all(|r| r.get("kept_per_head").is_none()));
+    // The end of the run wrote allocation.csv (one row per layer x kv-head, shares averaging
+    // to 1 over the heads) and its heat-map.
+    let csv = std::fs::read_to_string(f.out.join("allocation.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(lines[0].starts_with("model,method,budget,rate,task,layer,kv_head,n,kept,share"));
+    assert_eq!(lines.len(), 1 + spec.layers * spec.kv_heads, "{csv}");
+    let share_sum: f64 = lines[1..]
+        .iter()
+        .map(|l| l.rsplit(',').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    let heads = (spec.layers * spec.kv_heads) as f64;
+    assert!((share_sum / heads - 1.0).abs() < 1e-9, "{csv}");
+    assert!(f
+        .out
+        .join("plots/tiny__kvcompress__rate4__allocation.png")
+        .is_file());
 }

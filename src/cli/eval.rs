@@ -653,6 +653,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
             Err(e) => eprintln!("warning: RULER depth plot: {e}"),
         }
     }
+    let alloc_rows: Vec<_> = crate::report::allocation::write_alloc_csv(&args.output.out, &t)?
+        .into_iter()
+        .filter(|r| r.model == lm.name)
+        .collect();
+    if !alloc_rows.is_empty() {
+        match crate::report::allocation::draw_all(&alloc_rows, &plot_dir) {
+            Ok(ps) => plots.extend(ps),
+            Err(e) => eprintln!("warning: allocation plot: {e}"),
+        }
+    }
     let n_failed: usize = outcomes.iter().map(|o| o.n_failed).sum();
     let summary: Vec<_> = t
         .summary

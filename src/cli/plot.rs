@@ -24,6 +24,9 @@ use super::score::emit_stdout;
 
   <model>__<method>__<budget>__ruler_depth   RULER NIAH accuracy by needle depth x length
                                   (from ruler_depth.csv beside the scores.csv, when present)
+  <model>__<method>__<budget>__allocation    KVs kept per layer x kv-head after prefill, as a
+                                  share of the mean head (from allocation.csv, written by
+                                  `kvc score` when the rows come from `kvc eval --dump-allocation`)
 
 Each figure is written as .png and .svg. Every row needs a full-cache baseline (method full,
 budget rate1) for its model and subset; the error names the ones missing.
@@ -80,6 +83,20 @@ pub fn run(args: PlotArgs) -> anyhow::Result<Status> {
             rows.retain(|r| &r.model == m);
         }
         for p in crate::report::heatmap::draw_all(&rows, &out_dir)? {
+            if !args.quiet {
+                eprintln!("wrote {}", p.display());
+            }
+            let _ = writeln!(out, "{}", p.display());
+        }
+    }
+    // Per-head allocation heat-maps, when `kvc score` wrote allocation.csv beside the CSV.
+    let alloc_csv = args.scores.with_file_name("allocation.csv");
+    if alloc_csv.is_file() {
+        let mut rows: Vec<crate::report::allocation::AllocRow> = read_csv(&alloc_csv)?;
+        if let Some(m) = &args.model {
+            rows.retain(|r| &r.model == m);
+        }
+        for p in crate::report::allocation::draw_all(&rows, &out_dir)? {
             if !args.quiet {
                 eprintln!("wrote {}", p.display());
             }

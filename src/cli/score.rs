@@ -191,6 +191,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<Status> {
         scores::write_csv(&scores_path, &t.rows)?;
         scores::write_csv(&summary_path, &t.summary)?;
         crate::report::heatmap::write_depth_csv(&args.dir, &t)?;
+        crate::report::allocation::write_alloc_csv(&args.dir, &t)?;
         if args.json {
             let _ = writeln!(
                 out,

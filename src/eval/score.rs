@@ -249,6 +249,9 @@ pub struct SubsetResult {
     pub per_sample: Vec<f64>,
     /// Per-sample needle depth (RULER NIAH rows; `None` elsewhere), aligned with `per_sample`.
     pub depths: Vec<Option<f64>>,
+    /// Per-sample KVs kept per (layer, kv-head) after prefill compression (`--dump-allocation`
+    /// rows; `None` elsewhere), aligned with `per_sample`.
+    pub allocations: Vec<Option<Vec<Vec<usize>>>>,
     /// Means of the run fields over the records that have them.
     pub mean_cache_tokens: Option<f64>,
     pub mean_achieved_rate: Option<f64>,
@@ -315,6 +318,7 @@ pub fn score_records(
         score,
         per_sample,
         depths: records.iter().map(|(_, r)| r.depth).collect(),
+        allocations: records.iter().map(|(_, r)| r.kept_per_head.clone()).collect(),
         mean_cache_tokens: mean_of(
             records
                 .iter()

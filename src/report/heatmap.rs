@@ -70,11 +70,30 @@ pub fn depth_rows(t: &TreeScores) -> Vec<DepthRow> {
 /// Cells of one heat-map panel: (length, depth) -> score.
 pub type HeatCells = BTreeMap<(usize, i64), f64>;
 
-/// One heat-map figure: panels of (task, cells (length, depth) -> score).
-#[derive(Debug, Clone, PartialEq)]
+/// One heat-map figure: panels of (title, cells (x, y) -> value). The RULER figures put
+/// (length, depth in hundredths of a percent) -> score; the allocation figures of
+/// [`super::allocation`] (kv-head, layer) -> share of the budget.
+#[derive(Debug, Clone)]
 pub struct HeatFigure {
     pub title: String,
     pub panels: Vec<(String, HeatCells)>,
+    pub x_desc: String,
+    pub y_desc: String,
+    /// Tick labels of the x and y keys.
+    pub x_label: fn(usize) -> String,
+    pub y_label: fn(i64) -> String,
+    /// Values mapped to the colour scale's ends (red .. green).
+    pub scale: (f64, f64),
+    /// Decimals printed in each cell.
+    pub decimals: usize,
+}
+
+fn length_label(l: usize) -> String {
+    l.to_string()
+}
+
+fn depth_label(d: i64) -> String {
+    format!("{:.0}%", d as f64 / 100.0)
 }
 
 /// One figure per model × method × budget: `<model>__<method>__<budget>__ruler_depth`.
@@ -125,15 +144,21 @@ pub fn heat_figures(rows: &[DepthRow]) -> Vec<(String, HeatFigure)> {
             HeatFigure {
                 title: format!("{model} {method} {budget}: RULER NIAH accuracy by depth x length"),
                 panels,
+                x_desc: "length (tokens)".into(),
+                y_desc: "needle depth".into(),
+                x_label: length_label,
+                y_label: depth_label,
+                scale: (0.0, 100.0),
+                decimals: 0,
             },
         ));
     }
     out
 }
 
-/// White (0) -> dark green (100).
-fn shade(score: f64) -> RGBColor {
-    let t = (score / 100.0).clamp(0.0, 1.0);
+/// Red (`lo`) -> dark green (`hi`).
+fn shade(v: f64, (lo, hi): (f64, f64)) -> RGBColor {
+    let t = if hi > lo { ((v - lo) / (hi - lo)).clamp(0.0, 1.0) } else { 1.0 };
     let lerp = |a: f64, b: f64| (a + (b - a) * t).round() as u8;
     RGBColor(lerp(214.0, 26.0), lerp(69.0, 150.0), lerp(65.0, 65.0))
 }
@@ -178,21 +203,16 @@ fn draw_on<DB: DrawingBackend>(
             .map_err(e)?;
         let lx = lengths.clone();
         let dy = depths.clone();
+        let (fx, fy) = (fig.x_label, fig.y_label);
         chart
             .configure_mesh()
             .disable_mesh()
             .x_labels(nx)
-            .y_labels(ny)
-            .x_label_formatter(&move |v| {
-                lx.get(v.floor() as usize)
-                    .map_or(String::new(), |l| l.to_string())
-            })
-            .y_label_formatter(&move |v| {
-                dy.get(v.floor() as usize)
-                    .map_or(String::new(), |d| format!("{:.0}%", *d as f64 / 100.0))
-            })
-            .x_desc("length (tokens)")
-            .y_desc("needle depth")
+            .y_labels(ny.min(32))
+            .x_label_formatter(&move |v| lx.get(v.floor() as usize).map_or(String::new(), |l| fx(*l)))
+            .y_label_formatter(&move |v| dy.get(v.floor() as usize).map_or(String::new(), |d| fy(*d)))
+            .x_desc(fig.x_desc.as_str())
+            .y_desc(fig.y_desc.as_str())
             .label_style(("sans-serif", 13))
             .draw()
             .map_err(e)?;
@@ -205,12 +225,16 @@ fn draw_on<DB: DrawingBackend>(
                 chart
                     .draw_series(std::iter::once(Rectangle::new(
                         [(x, y), (x + 1.0, y + 1.0)],
-                        shade(*s).filled(),
+                        shade(*s, fig.scale).filled(),
                     )))
                     .map_err(e)?;
+                // Values only where a cell is tall enough to hold them.
+                if ny > 12 {
+                    continue;
+                }
                 chart
                     .draw_series(std::iter::once(Text::new(
-                        format!("{s:.0}"),
+                        format!("{s:.*}", fig.decimals),
                         (x + 0.4, y + 0.6),
                         ("sans-serif", 13).into_font(),
                     )))

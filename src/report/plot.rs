@@ -553,9 +553,19 @@ pub fn quality_figures(
             .map(|r| r.task.as_str())
             .collect::<BTreeSet<_>>()
             .len();
-        let subtitle = format!(
-            "model: {model}  |  data: LongBench v1, {n_tasks} subsets  |  source: {data_note}"
-        );
+        let n_ruler = mrows
+            .iter()
+            .map(|r| r.task.as_str())
+            .filter(|t| t.starts_with("ruler_"))
+            .collect::<BTreeSet<_>>()
+            .len();
+        let data = match (n_tasks - n_ruler, n_ruler) {
+            (_, 0) => format!("LongBench v1, {n_tasks} subsets"),
+            (0, n) => format!("RULER-style synthetic suite, {n} task x length subsets"),
+            (lb, n) => format!("LongBench v1, {lb} subsets + RULER-style, {n} subsets"),
+        };
+        let bench = if n_ruler == n_tasks { "score" } else { "LongBench score" };
+        let subtitle = format!("model: {model}  |  data: {data}  |  source: {data_note}");
         let methods: BTreeSet<&str> = mrows.iter().map(|r| r.method.as_str()).collect();
 
         // Per (method, x) -> category -> subset percentages.
@@ -615,7 +625,9 @@ pub fn quality_figures(
             figs.push((
                 format!("{}__categories_by_rate", safe(model)),
                 Figure {
-                    title: "Percent of full-cache LongBench score vs compression rate (methods at equal rate)".into(),
+                    title: format!(
+                        "Percent of full-cache {bench} vs compression rate (methods at equal rate)"
+                    ),
                     subtitle: subtitle.clone(),
                     x_label: "compression rate (log2)".into(),
                     y_label: "% of full-cache score".into(),
@@ -646,7 +658,9 @@ pub fn quality_figures(
             figs.push((
                 format!("{}__categories_by_cache", safe(model)),
                 Figure {
-                    title: "Percent of full-cache LongBench score vs KV cache size (methods at equal cache size)".into(),
+                    title: format!(
+                        "Percent of full-cache {bench} vs KV cache size (methods at equal cache size)"
+                    ),
                     subtitle: subtitle.clone(),
                     x_label: "KV cache tokens per sequence (log2)".into(),
                     y_label: "% of full-cache score".into(),
@@ -704,7 +718,7 @@ pub fn quality_figures(
                 figs.push((
                     format!("{}__{}__subtasks_by_rate", safe(model), safe(m)),
                     Figure {
-                        title: format!("{m}: percent of full-cache score per LongBench subset vs compression rate"),
+                        title: format!("{m}: percent of full-cache score per subset vs compression rate"),
                         subtitle: subtitle.clone(),
                         x_label: "compression rate (log2)".into(),
                         y_label: "% of full-cache score".into(),
