@@ -293,6 +293,30 @@ fn plots_png_and_svg() {
 }
 
 #[test]
+fn a_subset_with_full_cache_score_0_is_left_out_of_the_plots_and_counted() {
+    let d = tempfile::tempdir().unwrap();
+    make_tree(d.path(), true);
+    // The full cache gets every hotpotqa answer wrong: its percentages do not exist.
+    let wrong = "{\"pred\": \"Lyon\", \"answers\": [\"Paris\"], \"all_classes\": null, \"length\": 100}\n";
+    write(
+        &d.path().join("tiny-llama.Q4_1/full/rate1/preds/hotpotqa.jsonl"),
+        wrong,
+    );
+    assert_eq!(code(&kvc(&["score", "-q", d.path().to_str().unwrap()])), 0);
+    let out = d.path().join("plots");
+    let o = kvc(&[
+        "plot",
+        d.path().join("scores.csv").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let svg = std::fs::read_to_string(out.join("tiny-llama.Q4_1__categories_by_rate.svg")).unwrap();
+    assert!(svg.contains("1 subsets"), "only trec is drawn");
+    assert!(svg.contains("+1 left out: full-cache score 0"), "the left-out subset is counted");
+}
+
+#[test]
 fn compare_gates_on_drops() {
     let d = tempfile::tempdir().unwrap();
     make_tree(d.path(), true);

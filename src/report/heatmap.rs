@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::{Deserialize, Serialize};
 
 use super::plot::PlotError;
@@ -194,6 +195,9 @@ fn draw_on<DB: DrawingBackend>(
             .into_iter()
             .collect();
         let (nx, ny) = (lengths.len().max(1), depths.len().max(1));
+        // Cell (i, j) spans [i, i+1) x [j, j+1). Plotters puts its own tick labels at "nice"
+        // values, i.e. on cell edges, so the mesh draws none and each label is written at its
+        // cell's centre, converted to pixels (`backend_coord`) and drawn on the root area.
         let mut chart = ChartBuilder::on(area)
             .caption(title, ("sans-serif", 20))
             .margin(10)
@@ -201,21 +205,31 @@ fn draw_on<DB: DrawingBackend>(
             .y_label_area_size(56)
             .build_cartesian_2d(0f64..nx as f64, 0f64..ny as f64)
             .map_err(e)?;
-        let lx = lengths.clone();
-        let dy = depths.clone();
-        let (fx, fy) = (fig.x_label, fig.y_label);
         chart
             .configure_mesh()
             .disable_mesh()
-            .x_labels(nx)
-            .y_labels(ny.min(32))
-            .x_label_formatter(&move |v| lx.get(v.floor() as usize).map_or(String::new(), |l| fx(*l)))
-            .y_label_formatter(&move |v| dy.get(v.floor() as usize).map_or(String::new(), |d| fy(*d)))
+            .x_labels(0)
+            .y_labels(0)
             .x_desc(fig.x_desc.as_str())
             .y_desc(fig.y_desc.as_str())
             .label_style(("sans-serif", 13))
             .draw()
             .map_err(e)?;
+        let tick = ("sans-serif", 13).into_font();
+        // Every label along x; along y at most ~16, evenly spaced.
+        let y_step = ny.div_ceil(16).max(1);
+        for (i, l) in lengths.iter().enumerate() {
+            let (px, py) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
+            let style = tick.clone().into_text_style(&root).pos(Pos::new(HPos::Center, VPos::Top));
+            root.draw(&Text::new((fig.x_label)(*l), (px, py + 4), style))
+                .map_err(e)?;
+        }
+        for (j, d) in depths.iter().enumerate().step_by(y_step) {
+            let (px, py) = chart.backend_coord(&(0.0, j as f64 + 0.5));
+            let style = tick.clone().into_text_style(&root).pos(Pos::new(HPos::Right, VPos::Center));
+            root.draw(&Text::new((fig.y_label)(*d), (px - 4, py), style))
+                .map_err(e)?;
+        }
         for (i, l) in lengths.iter().enumerate() {
             for (j, d) in depths.iter().enumerate() {
                 let Some(s) = cells.get(&(*l, *d)) else {
@@ -232,11 +246,12 @@ fn draw_on<DB: DrawingBackend>(
                 if ny > 12 {
                     continue;
                 }
+                let style = tick.clone().into_text_style(&root).pos(Pos::new(HPos::Center, VPos::Center));
                 chart
                     .draw_series(std::iter::once(Text::new(
                         format!("{s:.*}", fig.decimals),
-                        (x + 0.4, y + 0.6),
-                        ("sans-serif", 13).into_font(),
+                        (x + 0.5, y + 0.5),
+                        style,
                     )))
                     .map_err(e)?;
             }

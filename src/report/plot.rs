@@ -527,12 +527,23 @@ fn mean(v: &[f64]) -> f64 {
 }
 
 /// The paper's quality figures for every model of `rows` (LongBench subsets only; LongBench-E
-/// bucket rows are left out). `data_note` names the data on the figure (e.g. the CSV path).
+/// bucket rows are left out, and so are subsets whose full-cache score is 0: no percentage of
+/// it exists — the figure's subtitle counts them). `data_note` names the data on the figure
+/// (e.g. the CSV path).
 pub fn quality_figures(
     rows: &[ScoreRow],
     data_note: &str,
 ) -> Result<Vec<(String, Figure)>, PlotError> {
-    let rows: Vec<&ScoreRow> = rows.iter().filter(|r| r.bucket.is_empty()).collect();
+    let zero_full: BTreeSet<(&str, &str)> = rows
+        .iter()
+        .filter(|r| r.full_score == Some(0.0))
+        .map(|r| (r.model.as_str(), r.task.as_str()))
+        .collect();
+    let rows: Vec<&ScoreRow> = rows
+        .iter()
+        .filter(|r| r.bucket.is_empty())
+        .filter(|r| !zero_full.contains(&(r.model.as_str(), r.task.as_str())))
+        .collect();
     let missing: BTreeSet<String> = rows
         .iter()
         .filter(|r| r.percent_of_full.is_none())
@@ -565,7 +576,14 @@ pub fn quality_figures(
             (lb, n) => format!("LongBench v1, {lb} subsets + RULER-style, {n} subsets"),
         };
         let bench = if n_ruler == n_tasks { "score" } else { "LongBench score" };
-        let subtitle = format!("model: {model}  |  data: {data}  |  source: {data_note}");
+        let n_zero = zero_full.iter().filter(|(m, _)| *m == model).count();
+        let zero_note = if n_zero > 0 {
+            format!(" (+{n_zero} left out: full-cache score 0)")
+        } else {
+            String::new()
+        };
+        let subtitle =
+            format!("model: {model}  |  data: {data}{zero_note}  |  source: {data_note}");
         let methods: BTreeSet<&str> = mrows.iter().map(|r| r.method.as_str()).collect();
 
         // Per (method, x) -> category -> subset percentages.
