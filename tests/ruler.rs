@@ -266,6 +266,25 @@ fn eval_runs_scores_resumes_and_plots_ruler_rows() {
     let o = r.kvc(&other);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(std::fs::read_to_string(&preds).unwrap().lines().count(), 4);
+
+    // --samples picks generated rows by `_id`, like LongBench rows; an unknown id is named.
+    let r2 = setup();
+    let mut pick = args[..6].to_vec();
+    pick.extend(["--methods", "full", "--samples", id0.as_str()]);
+    let o = r2.kvc(&pick);
+    assert!(o.status.success(), "{}", text(&o));
+    let one = std::fs::read_to_string(
+        r2.out
+            .join("tiny/full/rate1/preds/ruler_niah_single_1_1024.jsonl"),
+    )
+    .unwrap();
+    assert_eq!(one.lines().count(), 1, "{one}");
+    assert!(one.contains(&id0));
+    let mut bad = args[..6].to_vec();
+    bad.extend(["--methods", "full", "--samples", "no-such-id"]);
+    let o = r2.kvc(&bad);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("no row with _id no-such-id"), "{}", text(&o));
 }
 
 #[test]

@@ -466,6 +466,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
         subsets.extend(ruler_subsets);
         generated = rows;
     }
+    run::check_samples_found(samples.as_ref(), &subsets)?;
     let model_source = match &resolved.source {
         ModelSource::HfDir(p) | ModelSource::Gguf(p) => {
             resolved.hub_id.clone().unwrap_or_else(|| {

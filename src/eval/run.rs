@@ -369,7 +369,8 @@ pub struct SubsetPlan {
 
 /// Validate every selected subset (all rows parse, LongBench-E rows have `length`), pick the
 /// samples (`samples` filter, then `limit` in file order) and, when `check_sums`, compare each
-/// file with the official sha256. Streams one subset at a time.
+/// file with the official sha256. Streams one subset at a time. Ids of `samples` found in no
+/// subset are reported by [`check_samples_found`] once RULER subsets are added too.
 pub fn inspect_data(
     ds: &Dataset,
     tasks: &[&'static Task],
@@ -381,7 +382,6 @@ pub fn inspect_data(
         ds.require(t.name)?;
     }
     let mut out = Vec::new();
-    let mut found: BTreeSet<String> = BTreeSet::new();
     for &task in tasks {
         let mut ids = Vec::new();
         let mut seen = HashSet::new();
@@ -403,7 +403,6 @@ pub fn inspect_data(
             if limit.is_some_and(|l| ids.len() >= l) || !seen.insert(row.id.clone()) {
                 continue;
             }
-            found.insert(row.id.clone());
             ids.push(row.id);
         }
         let verdict = if check_sums {
@@ -418,20 +417,36 @@ pub fn inspect_data(
             verdict,
         });
     }
-    if let Some(s) = samples {
-        let missing: Vec<&str> = s
-            .iter()
-            .filter(|id| !found.contains(*id))
-            .map(String::as_str)
-            .collect();
-        if !missing.is_empty() {
-            return Err(EvalError::SamplesNotFound {
-                missing: missing.join(", "),
-                tasks: tasks.iter().map(|t| t.name).collect::<Vec<_>>().join(", "),
-            });
-        }
-    }
     Ok(out)
+}
+
+/// `--samples`: every requested id must be among the selected subsets' samples (LongBench rows
+/// and generated RULER rows alike); call once all subsets are planned.
+pub fn check_samples_found(
+    samples: Option<&BTreeSet<String>>,
+    subsets: &[SubsetPlan],
+) -> Result<(), EvalError> {
+    let Some(s) = samples else { return Ok(()) };
+    let found: HashSet<&str> = subsets
+        .iter()
+        .flat_map(|p| p.ids.iter().map(String::as_str))
+        .collect();
+    let missing: Vec<&str> = s
+        .iter()
+        .map(String::as_str)
+        .filter(|id| !found.contains(id))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(EvalError::SamplesNotFound {
+        missing: missing.join(", "),
+        tasks: subsets
+            .iter()
+            .map(|p| p.task.name)
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
 }
 
 /// The RULER part of a sweep: which tasks, lengths, samples, seed.
