@@ -171,30 +171,113 @@ pub fn fetch_file(
             cache: env.cache.clone(),
         });
     }
+    let download_err = |msg: String| HubError::Download {
+        repo: repo.into(),
+        rev: rev.into(),
+        file: file.into(),
+        msg,
+    };
+    api_repo(env, kind, repo, rev)
+        .map_err(download_err)?
+        .get(file)
+        .map_err(|e| download_err(e.to_string()))
+}
+
+/// The hf-hub handle of `repo@rev`, caching into `env.cache`.
+fn api_repo(
+    env: &HubEnv,
+    kind: RepoKind,
+    repo: &str,
+    rev: &str,
+) -> Result<hf_hub::api::sync::ApiRepo, String> {
     let api = hf_hub::api::sync::ApiBuilder::new()
         .with_cache_dir(env.cache.clone())
         .with_token(env.token.clone())
         .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .build()
-        .map_err(|e| HubError::Download {
+        .map_err(|e| e.to_string())?;
+    let t = match kind {
+        RepoKind::Model => hf_hub::RepoType::Model,
+        RepoKind::Dataset => hf_hub::RepoType::Dataset,
+    };
+    Ok(api.repo(hf_hub::Repo::with_revision(repo.into(), t, rev.into())))
+}
+
+/// The cached snapshot directory of `repo@rev` (`rev` a commit, or a ref in `refs/`), with
+/// its commit.
+pub fn cached_snapshot(cache: &Path, kind: RepoKind, repo: &str, rev: &str) -> Option<(PathBuf, String)> {
+    let dir = cache.join(format!(
+        "{}--{}",
+        kind.cache_prefix(),
+        repo.replace('/', "--")
+    ));
+    let commit = if rev.len() == 40 && rev.chars().all(|c| c.is_ascii_hexdigit()) {
+        rev.to_string()
+    } else {
+        std::fs::read_to_string(dir.join("refs").join(rev))
+            .ok()?
+            .trim()
+            .to_string()
+    };
+    let p = dir.join("snapshots").join(&commit);
+    p.is_dir().then_some((p, commit))
+}
+
+/// Every file of `repo@rev` whose name ends with `suffix`, in the hub cache: the cached
+/// snapshot when it holds such files (offline too), else the repo's file list from the hub and
+/// each matching file downloaded. Returns the snapshot directory and its commit.
+pub fn fetch_matching(
+    env: &HubEnv,
+    kind: RepoKind,
+    repo: &str,
+    rev: &str,
+    suffix: &str,
+) -> Result<(PathBuf, String), HubError> {
+    if let Some((dir, commit)) = cached_snapshot(&env.cache, kind, repo, rev) {
+        if has_suffix(&dir, suffix, 4) {
+            return Ok((dir, commit));
+        }
+    }
+    let what = format!("*{suffix}");
+    if env.offline {
+        return Err(HubError::OfflineMissing {
             repo: repo.into(),
             rev: rev.into(),
-            file: file.into(),
-            msg: e.to_string(),
-        })?;
-    let r = match kind {
-        RepoKind::Model => {
-            hf_hub::Repo::with_revision(repo.into(), hf_hub::RepoType::Model, rev.into())
-        }
-        RepoKind::Dataset => {
-            hf_hub::Repo::with_revision(repo.into(), hf_hub::RepoType::Dataset, rev.into())
-        }
-    };
-    api.repo(r).get(file).map_err(|e| HubError::Download {
+            file: what,
+            cache: env.cache.clone(),
+        });
+    }
+    let err = |msg: String| HubError::Download {
         repo: repo.into(),
         rev: rev.into(),
-        file: file.into(),
-        msg: e.to_string(),
+        file: what.clone(),
+        msg,
+    };
+    let api = api_repo(env, kind, repo, rev).map_err(err)?;
+    let info = api.info().map_err(|e| err(e.to_string()))?;
+    let files: Vec<String> = info
+        .siblings
+        .into_iter()
+        .map(|s| s.rfilename)
+        .filter(|f| f.ends_with(suffix))
+        .collect();
+    if files.is_empty() {
+        return Err(err(format!("the repository has no {what} file")));
+    }
+    for f in &files {
+        api.get(f).map_err(|e| err(format!("{f}: {e}")))?;
+    }
+    cached_snapshot(&env.cache, kind, repo, &info.sha)
+        .ok_or_else(|| err(format!("downloaded, but no snapshot {} in the cache", info.sha)))
+}
+
+fn has_suffix(dir: &Path, suffix: &str, depth: usize) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|rd| {
+        rd.flatten().any(|e| {
+            let p = e.path();
+            p.to_string_lossy().ends_with(suffix)
+                || (depth > 0 && p.is_dir() && has_suffix(&p, suffix, depth - 1))
+        })
     })
 }
 

@@ -75,8 +75,9 @@ prompt too long or out of memory); 2 error (bad input, interrupted)."
   kvc eval --data-dir ./data --tasks e --methods full --json > summary.json
 
 Data (--data-dir): a directory of <subset>.jsonl (the official files), the official data.zip,
-or `hub` (THUDM/LongBench data.zip in the Hugging Face cache; HF_HUB_OFFLINE=1 reads the cache
-only). Task sets: en16 (default), all, e (LongBench-E), a category (single-doc-qa, multi-doc-qa,
+parquet files (<subset>.parquet, <subset>/*.parquet or data/<subset>/*.parquet, e.g. the mirror
+Xnhyacinth/LongBench), or `hub` (THUDM/LongBench data.zip in the Hugging Face cache, falling
+back to the parquet mirror; HF_HUB_OFFLINE=1 reads the cache only). Task sets: en16 (default), all, e (LongBench-E), a category (single-doc-qa, multi-doc-qa,
 summarization, few-shot, synthetic, code) or subset names, comma-separated.")]
 pub struct EvalArgs {
     #[command(flatten)]
@@ -95,7 +96,8 @@ pub struct EvalArgs {
 #[derive(Args, Debug)]
 #[command(next_help_heading = "Data")]
 pub struct DataArgs {
-    /// LongBench data: a directory of <subset>.jsonl, the official data.zip, `hub` or
+    /// LongBench data: a directory of <subset>.jsonl, the official data.zip, parquet files (a
+    /// file, or a directory of <subset>.parquet / <subset>/*.parquet), `hub` or
     /// `hub:org/name[@revision]`. Default: the small sample bundled in datasets/longbench/sample
     /// (3 subsets, 2 rows each; without --tasks/--limit only the shortest row of multi_news and
     /// of multifieldqa_zh, a few minutes on a CPU; `--tasks all` for the whole sample).

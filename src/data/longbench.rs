@@ -8,9 +8,12 @@
 //! - the hub: dataset `THUDM/LongBench`, file `data.zip`, fetched through [`crate::hub`] into the
 //!   standard hub cache (`datasets--THUDM--LongBench/snapshots/<commit>/data.zip`), offline aware.
 //!
-//! The parquet mirror (`Xnhyacinth/LongBench`) is not read: the `parquet` crate (even without
-//! arrow) roughly doubles kvc's dependency compile time, and its file layout could not be checked
-//! from here; `data.zip` holds the same rows. See [`DataError::ParquetUnsupported`].
+//! - parquet files (the hub mirror `Xnhyacinth/LongBench`, or any conversion of the official
+//!   files with LongBench's field names): a `.parquet` file, or a directory holding
+//!   `<subset>.parquet`, `<subset>/*.parquet` or `data/<subset>/*.parquet`. Rows are read with
+//!   the `parquet` crate's record API (no arrow) and turned into the same JSON rows, streamed.
+//!   The official sha256 cannot be checked on converted files ([`Verdict::Mirror`]). From the
+//!   hub the mirror is the fallback when `data.zip` cannot be had ([`Dataset::from_hub`]).
 //!
 //! Rows are streamed ([`RowIter`]): one subset is open at a time and only the current line is in
 //! memory. A row that is not valid JSON or lacks a field is an error naming the file and line.
@@ -32,7 +35,7 @@ use crate::hub::{self, HubEnv, HubError, RepoKind};
 /// The official dataset repository on the hub and the file fetched from it.
 pub const HUB_REPO: &str = "THUDM/LongBench";
 pub const HUB_FILE: &str = "data.zip";
-/// The parquet mirror (not read by this build; named in errors).
+/// The parquet mirror: the fallback when `data.zip` cannot be fetched.
 pub const PARQUET_MIRROR: &str = "Xnhyacinth/LongBench";
 
 const CHECKSUMS_TSV: &str = include_str!("../../datasets/longbench/official_checksums.tsv");
@@ -62,12 +65,13 @@ pub enum DataError {
     Zip { path: String, msg: String },
     #[error("{path}: not LongBench data: give a directory of <subset>.jsonl files, the official data.zip, or `hub` (download THUDM/LongBench data.zip into the Hugging Face cache)")]
     NotData { path: PathBuf },
-    #[error("{path}: parquet files are not supported by this build (no parquet reader); use the official data.zip (`--data-dir hub`, or download https://huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip)")]
-    ParquetUnsupported { path: PathBuf },
-    #[error("LongBench data from the hub: {source}; the parquet mirror {PARQUET_MIRROR} is not a fallback in this build (no parquet reader): get data.zip into the cache, or pass --data-dir with a local copy")]
+    #[error("{path}: {msg} (parquet files must hold LongBench's fields: input, context, answers, length, dataset, language, all_classes, _id; snappy or uncompressed; otherwise use the official data.zip)")]
+    Parquet { path: String, msg: String },
+    #[error("LongBench data from the hub: {source}; the parquet mirror {PARQUET_MIRROR} did not help either: {mirror}. Get data.zip into the cache, or pass --data-dir with a local copy")]
     Hub {
         #[source]
         source: HubError,
+        mirror: String,
     },
 }
 
@@ -134,6 +138,8 @@ pub enum DataSource {
     Dir(PathBuf),
     /// A `data.zip` holding `data/<subset>.jsonl` (or `<subset>.jsonl`).
     Zip(PathBuf),
+    /// Parquet files per subset (several when a subset is split into shards), in name order.
+    Parquet(BTreeMap<String, Vec<PathBuf>>),
 }
 
 /// An opened LongBench source.
@@ -158,6 +164,9 @@ pub enum Verdict {
     Differs { sha256: String, official: String },
     /// The subset is not in the table.
     Unknown { sha256: String },
+    /// Read from parquet (a mirror): the official bytes cannot be compared. `sha256` is of the
+    /// rows as kvc reads them (JSON lines), stable for the same files.
+    Mirror { sha256: String },
 }
 
 /// The official sha256 table: subset -> (bytes, sha256).
@@ -217,7 +226,7 @@ impl Dataset {
                     revision: None,
                     hub_repo: None,
                 }),
-                Some("parquet") => Err(DataError::ParquetUnsupported { path: path.into() }),
+                Some("parquet") => Self::from_parquet(path, &[path.to_path_buf()]),
                 _ => Err(DataError::NotData { path: path.into() }),
             };
         }
@@ -252,17 +261,94 @@ impl Dataset {
         if path.join(HUB_FILE).is_file() {
             return Self::open_path(&path.join(HUB_FILE));
         }
-        if walk_has_parquet(path, 2) {
+        let mut files = Vec::new();
+        walk_parquet(path, 3, &mut files);
+        if !files.is_empty() {
             // A directory of parquet files or per-subset folders (the mirror's layout).
-            return Err(DataError::ParquetUnsupported { path: path.into() });
+            return Self::from_parquet(path, &files);
         }
         Err(DataError::NotData { path: path.into() })
     }
 
-    /// `data.zip` of `repo@rev` from the hub cache (downloading it unless offline).
+    /// A parquet source from `files` under `root`: each file belongs to the subset named by its
+    /// stem or by the nearest parent directory that is a LongBench subset name
+    /// (`multi_news.parquet`, `multi_news/test-00000-of-00001.parquet`,
+    /// `data/multi_news/train.parquet`). Files naming no subset are an error listing them.
+    fn from_parquet(root: &Path, files: &[PathBuf]) -> Result<Dataset, DataError> {
+        let mut map: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+        let mut stray = Vec::new();
+        for f in files {
+            match parquet_subset(f) {
+                Some(s) => map.entry(s).or_default().push(f.clone()),
+                None => stray.push(f.display().to_string()),
+            }
+        }
+        if map.is_empty() {
+            return Err(DataError::Parquet {
+                path: root.display().to_string(),
+                msg: format!(
+                    "no parquet file is named after a LongBench subset ({})",
+                    stray.join(", ")
+                ),
+            });
+        }
+        for v in map.values_mut() {
+            v.sort();
+        }
+        Ok(Dataset {
+            source: DataSource::Parquet(map),
+            description: format!("{} (parquet)", root.display()),
+            revision: None,
+            hub_repo: None,
+        })
+    }
+
+    /// Whether rows come from a converted copy (parquet) rather than the official files.
+    pub fn is_mirror(&self) -> bool {
+        matches!(self.source, DataSource::Parquet(_))
+    }
+
+    /// How a subset's data compares with the official file.
+    pub fn verdict(&self, subset: &str) -> Result<Verdict, DataError> {
+        let sha256 = self.sha256(subset)?;
+        Ok(if self.is_mirror() {
+            Verdict::Mirror { sha256 }
+        } else {
+            verdict(subset, &sha256)
+        })
+    }
+
+    /// `data.zip` of `repo@rev` from the hub cache (downloading it unless offline). When that
+    /// fails for the official repo, the parquet mirror ([`PARQUET_MIRROR`]@main) is used: its
+    /// snapshot in the cache (offline), or every `*.parquet` file of it downloaded there.
     pub fn from_hub(repo: &str, rev: &str, env: &HubEnv) -> Result<Dataset, DataError> {
-        let p = hub::fetch_file(env, RepoKind::Dataset, repo, rev, HUB_FILE)
-            .map_err(|source| DataError::Hub { source })?;
+        let p = match hub::fetch_file(env, RepoKind::Dataset, repo, rev, HUB_FILE) {
+            Ok(p) => p,
+            Err(source) if repo == HUB_REPO => {
+                return match hub::fetch_matching(env, RepoKind::Dataset, PARQUET_MIRROR, "main", ".parquet") {
+                    Ok((snapshot, commit)) => {
+                        eprintln!(
+                            "warning: {repo}: {source}; using the parquet mirror {PARQUET_MIRROR}@{commit}"
+                        );
+                        let mut d = Self::open_path(&snapshot)?;
+                        d.description = format!("parquet mirror {PARQUET_MIRROR}@{commit} ({})", snapshot.display());
+                        d.revision = Some(commit);
+                        d.hub_repo = Some(PARQUET_MIRROR.into());
+                        Ok(d)
+                    }
+                    Err(e) => Err(DataError::Hub {
+                        source,
+                        mirror: e.to_string(),
+                    }),
+                };
+            }
+            Err(source) => {
+                return Err(DataError::Hub {
+                    source,
+                    mirror: "not tried (only for THUDM/LongBench)".into(),
+                })
+            }
+        };
         let commit = p
             .parent()
             .and_then(|d| d.file_name())
@@ -293,6 +379,7 @@ impl Dataset {
                 })
                 .collect::<Vec<_>>(),
             DataSource::Zip(z) => zip_members(z)?.into_keys().collect(),
+            DataSource::Parquet(m) => m.keys().cloned().collect(),
         };
         v.sort();
         Ok(v)
@@ -320,6 +407,13 @@ impl Dataset {
         match &self.source {
             DataSource::Dir(d) => d.join(format!("{subset}.jsonl")).display().to_string(),
             DataSource::Zip(z) => format!("{}!{subset}.jsonl", z.display()),
+            DataSource::Parquet(m) => match m.get(subset).and_then(|v| v.first()) {
+                Some(f) if m[subset].len() > 1 => {
+                    format!("{} (+{} shards, parquet rows)", f.display(), m[subset].len() - 1)
+                }
+                Some(f) => format!("{} (parquet rows)", f.display()),
+                None => format!("{subset}.parquet"),
+            },
         }
     }
 
@@ -342,6 +436,13 @@ impl Dataset {
                     unreachable!("require fails for a missing member");
                 };
                 open_member(z, m)
+            }
+            DataSource::Parquet(m) => {
+                let Some(files) = m.get(subset) else {
+                    self.require(subset)?;
+                    unreachable!("require fails for a missing subset");
+                };
+                Ok(Box::new(ParquetJsonl::new(files.clone())))
             }
         }
     }
@@ -374,14 +475,98 @@ impl Dataset {
     }
 }
 
-fn walk_has_parquet(dir: &Path, depth: usize) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|rd| {
-        rd.flatten().any(|e| {
-            let p = e.path();
-            p.extension().is_some_and(|x| x == "parquet")
-                || (depth > 0 && p.is_dir() && walk_has_parquet(&p, depth - 1))
-        })
-    })
+/// Every `*.parquet` under `dir`, `depth` levels deep at most.
+fn walk_parquet(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "parquet") && p.is_file() {
+            out.push(p);
+        } else if depth > 0 && p.is_dir() {
+            walk_parquet(&p, depth - 1, out);
+        }
+    }
+}
+
+/// The LongBench subset a parquet file holds: its stem, else the nearest of its two parent
+/// directories, that is a known subset name.
+fn parquet_subset(f: &Path) -> Option<String> {
+    let known = |s: &str| official_checksums().contains_key(s);
+    let stem = f.file_stem()?.to_string_lossy();
+    if known(&stem) {
+        return Some(stem.into_owned());
+    }
+    f.ancestors()
+        .skip(1)
+        .take(2)
+        .filter_map(|a| a.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .find(|n| known(n))
+}
+
+/// The rows of parquet files as LongBench JSON lines (what [`RowIter`] reads), one row at a
+/// time. Written by hand because the `parquet` crate yields records, not bytes: this adapter
+/// lets the JSONL path (row errors with line numbers, `--samples`, checksums of what was read)
+/// stay the only row reader. A read error surfaces as an `io::Error` naming the file.
+struct ParquetJsonl {
+    files: std::vec::IntoIter<PathBuf>,
+    rows: Option<(PathBuf, parquet::record::reader::RowIter<'static>)>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl ParquetJsonl {
+    fn new(files: Vec<PathBuf>) -> Self {
+        ParquetJsonl {
+            files: files.into_iter(),
+            rows: None,
+            buf: Vec::new(),
+            pos: 0,
+        }
+    }
+
+    /// The next row as one JSON line into `buf`; false at the end of the last file.
+    fn fill(&mut self) -> std::io::Result<bool> {
+        let err = |f: &Path, e: &dyn std::fmt::Display| {
+            std::io::Error::other(format!("{}: parquet: {e}", f.display()))
+        };
+        loop {
+            if let Some((f, it)) = &mut self.rows {
+                match it.next() {
+                    Some(Ok(row)) => {
+                        self.buf.clear();
+                        serde_json::to_writer(&mut self.buf, &row.to_json_value())
+                            .map_err(|e| err(f, &e))?;
+                        self.buf.push(b'\n');
+                        self.pos = 0;
+                        return Ok(true);
+                    }
+                    Some(Err(e)) => return Err(err(f, &e)),
+                    None => self.rows = None,
+                }
+            }
+            let Some(f) = self.files.next() else {
+                return Ok(false);
+            };
+            let file = File::open(&f).map_err(|e| err(&f, &e))?;
+            let reader = parquet::file::serialized_reader::SerializedFileReader::new(file)
+                .map_err(|e| err(&f, &e))?;
+            self.rows = Some((f, reader.into_iter()));
+        }
+    }
+}
+
+impl Read for ParquetJsonl {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.buf.len() && !self.fill()? {
+            return Ok(0);
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 /// Lower-case hex of bytes.

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::compress::{self, Budget, MethodOptions, MethodSpec, Runner};
-use crate::data::longbench::{hex, verdict, DataError, Dataset, Verdict};
+use crate::data::longbench::{hex, DataError, Dataset, Verdict};
 use crate::data::prompt;
 use crate::data::tasks::Task;
 use crate::engine::{FinishReason, GenParams};
@@ -406,7 +406,7 @@ pub fn inspect_data(
             ids.push(row.id);
         }
         let verdict = if check_sums {
-            Some(verdict(task.name, &ds.sha256(task.name)?))
+            Some(ds.verdict(task.name)?)
         } else {
             None
         };
@@ -876,11 +876,16 @@ pub fn data_report(subsets: &[SubsetPlan]) -> (serde_json::Value, Vec<String>) {
     let mut warnings = Vec::new();
     for s in subsets {
         if let Some(v) = &s.verdict {
-            if let Verdict::Differs { sha256, official } = v {
-                warnings.push(format!(
+            match v {
+                Verdict::Differs { sha256, official } => warnings.push(format!(
                     "{}: the data file differs from the official LongBench file (sha256 {sha256}, official {official}); scores may not compare with published numbers",
                     s.task.name
-                ));
+                )),
+                Verdict::Mirror { .. } => warnings.push(format!(
+                    "{}: read from parquet, not the official JSONL file: its rows cannot be checked against the official sha256",
+                    s.task.name
+                )),
+                _ => {}
             }
             files.insert(
                 s.task.name.to_string(),

@@ -107,6 +107,7 @@ pub fn hub_cache_with(root: &Path, repo: &str, commit: &str, file: &str, bytes: 
     std::fs::create_dir_all(dir.join("refs")).unwrap();
     std::fs::write(dir.join("refs/main"), commit).unwrap();
     let snap = dir.join("snapshots").join(commit);
-    std::fs::create_dir_all(&snap).unwrap();
-    std::fs::write(snap.join(file), bytes).unwrap();
+    let path = snap.join(file);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, bytes).unwrap();
 }
