@@ -141,7 +141,7 @@ pub fn alloc_figures(rows: &[AllocRow]) -> Vec<(String, HeatFigure)> {
             format!("{}__{method}__{budget}__allocation", model.replace('/', "_")),
             HeatFigure {
                 title: format!(
-                    "{model} {method} {budget}: KVs kept per head after prefill, share of the mean head (1 = uniform)"
+                    "{model} {method} {budget}: KVs kept per head after prefill / mean head (1 = uniform; red 0, green {hi:.1})"
                 ),
                 panels,
                 x_desc: "kv-head".into(),
