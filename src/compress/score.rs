@@ -77,6 +77,60 @@ pub fn window_scores(
     positions: &[Vec<u32>],
     spec: &ScoreSpec,
 ) -> Result<Vec<Vec<f32>>> {
+    if spec.buffer == 0 && !spec.agg.averaged() {
+        window_scores_summed(probs, positions, spec)
+    } else {
+        window_scores_general(probs, positions, spec)
+    }
+}
+
+/// [`window_scores`] when every probed query counts for every key (no buffer, no average):
+/// the sum over the probed queries runs where `probs` lives (on a GPU: two ops) and only
+/// `[n_heads, max_len]` comes to the host, `n` times less than the probabilities themselves
+/// (32x for KV-Compress's window). Pooling and the group sum follow on the host.
+fn window_scores_summed(
+    probs: &Tensor,
+    positions: &[Vec<u32>],
+    spec: &ScoreSpec,
+) -> Result<Vec<Vec<f32>>> {
+    let (_, nh, _, max_len) = probs.dims4()?;
+    let nkv = positions.len();
+    if nkv == 0 || nh % nkv != 0 {
+        candle_core::bail!("{nh} query heads do not split over {nkv} kv-heads");
+    }
+    let g = nh / nkv;
+    let summed = if spec.agg.squared() {
+        probs.sqr()?.sum(2)?
+    } else {
+        probs.sum(2)?
+    };
+    let m = summed.flatten_all()?.to_vec1::<f32>()?; // [nh * max_len]
+    let mut out = Vec::with_capacity(nkv);
+    for (kv, pos) in positions.iter().enumerate() {
+        let len = pos.len().min(max_len);
+        let mut acc = vec![0f32; len];
+        for hq in kv * g..(kv + 1) * g {
+            let mut row = m[hq * max_len..hq * max_len + len].to_vec();
+            if let Some((k, kind)) = spec.pool {
+                let n = row.len().saturating_sub(spec.pool_skip_last);
+                let pooled = pool1d(&row[..n], k, kind);
+                row[..n].copy_from_slice(&pooled);
+            }
+            for (a, v) in acc.iter_mut().zip(&row) {
+                *a += v;
+            }
+        }
+        out.push(acc);
+    }
+    Ok(out)
+}
+
+/// [`window_scores`] for every spec, on the host (the reference of the summed path).
+pub fn window_scores_general(
+    probs: &Tensor,
+    positions: &[Vec<u32>],
+    spec: &ScoreSpec,
+) -> Result<Vec<Vec<f32>>> {
     let (_, nh, n, max_len) = probs.dims4()?;
     let nkv = positions.len();
     if nkv == 0 || nh % nkv != 0 {
@@ -153,6 +207,40 @@ pub fn pool1d(x: &[f32], k: usize, kind: PoolKind) -> Vec<f32> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn summed_path_equals_the_general_one() {
+        // Random probabilities, ragged heads (padding beyond a head's length is ignored),
+        // every sum aggregation with and without pooling.
+        let mut state = 7u64;
+        let mut rnd = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for (nh, nkv, n, len) in [(9, 3, 32, 200), (4, 2, 5, 17), (2, 1, 1, 3)] {
+            let p: Vec<f32> = (0..nh * n * len).map(|_| rnd()).collect();
+            let probs = Tensor::from_vec(p, (1, nh, n, len), &Device::Cpu).unwrap();
+            let positions: Vec<Vec<u32>> = (0..nkv)
+                .map(|h| (0..(len - h * (len / 4)) as u32).collect())
+                .collect();
+            for agg in [Agg::L1Sum, Agg::L2Sum] {
+                for pool in [None, Some((7, PoolKind::Max)), Some((5, PoolKind::Avg))] {
+                    for pool_skip_last in [0, 2] {
+                        let spec = ScoreSpec { agg, pool, buffer: 0, pool_skip_last };
+                        let fast = window_scores(&probs, &positions, &spec).unwrap();
+                        let slow = window_scores_general(&probs, &positions, &spec).unwrap();
+                        assert_eq!(fast.len(), slow.len());
+                        for (a, b) in fast.iter().zip(&slow) {
+                            assert_eq!(a.len(), b.len());
+                            for (x, y) in a.iter().zip(b) {
+                                assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{spec:?}: {x} vs {y}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn pooling_matches_pytorch_semantics() {
