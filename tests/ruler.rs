@@ -88,7 +88,10 @@ fn prompts_fit_the_length_closely_with_the_model_tokenizer() {
         tokenizer: &tok,
         chat: true,
     };
-    for length in [1024usize, 2048] {
+    // The tiny byte-level tokenizer spends several times more tokens on the same text: vt's
+    // fixed part alone exceeds 1024 of them, and cwe's word list grows with the length.
+    let lengths: &[usize] = if which == "tiny" { &[2048] } else { &[1024, 2048] };
+    for &length in lengths {
         for t in TASKS.iter() {
             let samples = ruler::generate(t, length, 2, 42, t.max_new_tokens, &m).unwrap();
             for s in &samples {
