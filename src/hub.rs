@@ -135,20 +135,7 @@ pub fn cached_file(
     rev: &str,
     file: &str,
 ) -> Option<PathBuf> {
-    let dir = cache.join(format!(
-        "{}--{}",
-        kind.cache_prefix(),
-        repo.replace('/', "--")
-    ));
-    let commit = if rev.len() == 40 && rev.chars().all(|c| c.is_ascii_hexdigit()) {
-        rev.to_string()
-    } else {
-        std::fs::read_to_string(dir.join("refs").join(rev))
-            .ok()?
-            .trim()
-            .to_string()
-    };
-    let p = dir.join("snapshots").join(commit).join(file);
+    let p = cached_snapshot(cache, kind, repo, rev)?.0.join(file);
     p.exists().then_some(p)
 }
 

@@ -70,7 +70,7 @@ pub enum DataError {
     #[error("LongBench data from the hub: {source}; the parquet mirror {PARQUET_MIRROR} did not help either: {mirror}. Get data.zip into the cache, or pass --data-dir with a local copy")]
     Hub {
         #[source]
-        source: HubError,
+        source: Box<HubError>,
         mirror: String,
     },
 }
@@ -337,14 +337,14 @@ impl Dataset {
                         Ok(d)
                     }
                     Err(e) => Err(DataError::Hub {
-                        source,
+                        source: Box::new(source),
                         mirror: e.to_string(),
                     }),
                 };
             }
             Err(source) => {
                 return Err(DataError::Hub {
-                    source,
+                    source: Box::new(source),
                     mirror: "not tried (only for THUDM/LongBench)".into(),
                 })
             }
