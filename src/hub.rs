@@ -192,7 +192,12 @@ fn api_repo(
 
 /// The cached snapshot directory of `repo@rev` (`rev` a commit, or a ref in `refs/`), with
 /// its commit.
-pub fn cached_snapshot(cache: &Path, kind: RepoKind, repo: &str, rev: &str) -> Option<(PathBuf, String)> {
+pub fn cached_snapshot(
+    cache: &Path,
+    kind: RepoKind,
+    repo: &str,
+    rev: &str,
+) -> Option<(PathBuf, String)> {
     let dir = cache.join(format!(
         "{}--{}",
         kind.cache_prefix(),
@@ -254,8 +259,12 @@ pub fn fetch_matching(
     for f in &files {
         api.get(f).map_err(|e| err(format!("{f}: {e}")))?;
     }
-    cached_snapshot(&env.cache, kind, repo, &info.sha)
-        .ok_or_else(|| err(format!("downloaded, but no snapshot {} in the cache", info.sha)))
+    cached_snapshot(&env.cache, kind, repo, &info.sha).ok_or_else(|| {
+        err(format!(
+            "downloaded, but no snapshot {} in the cache",
+            info.sha
+        ))
+    })
 }
 
 fn has_suffix(dir: &Path, suffix: &str, depth: usize) -> bool {

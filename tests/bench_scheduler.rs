@@ -177,14 +177,22 @@ fn batched_prefill_equals_one_at_a_time_with_and_without_compression() {
         let one = run(&mut lm, 1);
         let four = run(&mut lm, 4);
         assert_eq!(one.stats.prefill_batches, 7, "rate {rate}");
-        assert_eq!(four.stats.prefill_batches, 2, "rate {rate}: groups of 4 + 3");
+        assert_eq!(
+            four.stats.prefill_batches, 2,
+            "rate {rate}: groups of 4 + 3"
+        );
         assert_eq!(four.outputs, one.outputs, "rate {rate}");
-        assert_eq!(four.stats.evicted_slots, one.stats.evicted_slots, "rate {rate}");
+        assert_eq!(
+            four.stats.evicted_slots, one.stats.evicted_slots,
+            "rate {rate}"
+        );
         if rate > 1.0 {
             assert!(one.stats.evicted_slots > 0);
         } else {
-            let want: Vec<Vec<u32>> =
-                prompts.iter().map(|pr| alone(&mut lm, pr, out_len)).collect();
+            let want: Vec<Vec<u32>> = prompts
+                .iter()
+                .map(|pr| alone(&mut lm, pr, out_len))
+                .collect();
             assert_eq!(one.outputs, want);
         }
     }

@@ -680,6 +680,9 @@ mod e2e {
         assert_eq!(out.stats.max_batch, lens.len());
         assert!(out.stats.prefill_batches < lens.len(), "{:?}", out.stats);
         assert_eq!(out.outputs, want, "GPU scheduler vs CPU alone");
-        eprintln!("SUMMARY bench scheduler on the GPU: {} requests identical to CPU alone", lens.len());
+        eprintln!(
+            "SUMMARY bench scheduler on the GPU: {} requests identical to CPU alone",
+            lens.len()
+        );
     }
 }

@@ -62,7 +62,8 @@ fn not_data_and_bad_parquet_are_clear_errors() {
     std::fs::write(tmp.path().join("misc/train.parquet"), b"PAR1").unwrap();
     let e = Dataset::open_path(tmp.path()).unwrap_err().to_string();
     assert!(
-        e.contains("misc/train.parquet") && e.contains("no parquet file is named after a LongBench subset"),
+        e.contains("misc/train.parquet")
+            && e.contains("no parquet file is named after a LongBench subset"),
         "{e}"
     );
     // A corrupt parquet file of a subset: reading it names the file.
@@ -70,8 +71,17 @@ fn not_data_and_bad_parquet_are_clear_errors() {
     std::fs::write(tmp.path().join("hotpotqa/test.parquet"), b"PAR1").unwrap();
     let ds = Dataset::open_path(tmp.path()).unwrap();
     assert_eq!(ds.subsets().unwrap(), ["hotpotqa"]);
-    let e = ds.rows("hotpotqa").unwrap().next().unwrap().unwrap_err().to_string();
-    assert!(e.contains("hotpotqa/test.parquet") && e.contains("parquet"), "{e}");
+    let e = ds
+        .rows("hotpotqa")
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("hotpotqa/test.parquet") && e.contains("parquet"),
+        "{e}"
+    );
     let z = tmp.path().join("bad.zip");
     std::fs::write(&z, b"not a zip").unwrap();
     let ds = Dataset::open_path(&z).unwrap();
@@ -101,9 +111,15 @@ fn parquet_rows_equal_the_official_jsonl_rows() {
         let got: Vec<_> = ds.rows(subset).unwrap().map(|r| r.unwrap().1).collect();
         let want = official_rows(subset);
         assert_eq!(got.len(), want.len());
-        assert_eq!(got, want, "{subset}: every field, answers and nulls included");
+        assert_eq!(
+            got, want,
+            "{subset}: every field, answers and nulls included"
+        );
         // Converted rows cannot be checked against the official bytes: said, not faked.
-        assert!(matches!(ds.verdict(subset).unwrap(), Verdict::Mirror { .. }));
+        assert!(matches!(
+            ds.verdict(subset).unwrap(),
+            Verdict::Mirror { .. }
+        ));
     }
     // One file given directly: its subset comes from the parent directory.
     let f = parquet_fixture().join("data/multi_news/test-00000-of-00001.parquet");
@@ -136,8 +152,16 @@ fn hub_falls_back_to_the_parquet_mirror_in_the_cache() {
     let ds = Dataset::open("hub", &env).unwrap();
     assert_eq!(ds.hub_repo.as_deref(), Some("Xnhyacinth/LongBench"));
     assert_eq!(ds.revision.as_deref(), Some(commit));
-    assert!(ds.description.contains("parquet mirror"), "{}", ds.description);
-    let got: Vec<_> = ds.rows("multi_news").unwrap().map(|r| r.unwrap().1).collect();
+    assert!(
+        ds.description.contains("parquet mirror"),
+        "{}",
+        ds.description
+    );
+    let got: Vec<_> = ds
+        .rows("multi_news")
+        .unwrap()
+        .map(|r| r.unwrap().1)
+        .collect();
     assert_eq!(got, official_rows("multi_news"));
 }
 

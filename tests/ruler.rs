@@ -90,7 +90,11 @@ fn prompts_fit_the_length_closely_with_the_model_tokenizer() {
     };
     // The tiny byte-level tokenizer spends several times more tokens on the same text: vt's
     // fixed part alone exceeds 1024 of them, and cwe's word list grows with the length.
-    let lengths: &[usize] = if which == "tiny" { &[2048] } else { &[1024, 2048] };
+    let lengths: &[usize] = if which == "tiny" {
+        &[2048]
+    } else {
+        &[1024, 2048]
+    };
     for &length in lengths {
         for t in TASKS.iter() {
             let samples = ruler::generate(t, length, 2, 42, t.max_new_tokens, &m).unwrap();
@@ -287,7 +291,11 @@ fn eval_runs_scores_resumes_and_plots_ruler_rows() {
     bad.extend(["--methods", "full", "--samples", "no-such-id"]);
     let o = r2.kvc(&bad);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("no row with _id no-such-id"), "{}", text(&o));
+    assert!(
+        text(&o).contains("no row with _id no-such-id"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]

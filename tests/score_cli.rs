@@ -297,9 +297,11 @@ fn a_subset_with_full_cache_score_0_is_left_out_of_the_plots_and_counted() {
     let d = tempfile::tempdir().unwrap();
     make_tree(d.path(), true);
     // The full cache gets every hotpotqa answer wrong: its percentages do not exist.
-    let wrong = "{\"pred\": \"Lyon\", \"answers\": [\"Paris\"], \"all_classes\": null, \"length\": 100}\n";
+    let wrong =
+        "{\"pred\": \"Lyon\", \"answers\": [\"Paris\"], \"all_classes\": null, \"length\": 100}\n";
     write(
-        &d.path().join("tiny-llama.Q4_1/full/rate1/preds/hotpotqa.jsonl"),
+        &d.path()
+            .join("tiny-llama.Q4_1/full/rate1/preds/hotpotqa.jsonl"),
         wrong,
     );
     assert_eq!(code(&kvc(&["score", "-q", d.path().to_str().unwrap()])), 0);
@@ -313,7 +315,10 @@ fn a_subset_with_full_cache_score_0_is_left_out_of_the_plots_and_counted() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let svg = std::fs::read_to_string(out.join("tiny-llama.Q4_1__categories_by_rate.svg")).unwrap();
     assert!(svg.contains("1 subsets"), "only trec is drawn");
-    assert!(svg.contains("+1 left out: full-cache score 0"), "the left-out subset is counted");
+    assert!(
+        svg.contains("+1 left out: full-cache score 0"),
+        "the left-out subset is counted"
+    );
 }
 
 #[test]

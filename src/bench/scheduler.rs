@@ -262,9 +262,8 @@ pub fn run(
             };
             let free = cache.pool().free_blocks();
             // The whole group holds its full prompts until the compression after prefill.
-            let fits = |n: usize| {
-                free >= n * full && free - n * after >= (running.len() + n) * heads
-            };
+            let fits =
+                |n: usize| free >= n * full && free - n * after >= (running.len() + n) * heads;
             let mut k = 0;
             while k < cfg.prefill_batch.max(1)
                 && running.len() + k < cfg.max_batch.max(1)
@@ -289,7 +288,13 @@ pub fn run(
             let group: Vec<Req> = waiting.drain(..k).collect();
             let ctxs: Vec<Vec<u32>> = group
                 .iter()
-                .map(|r| prompts[r.idx].iter().chain(r.output.iter()).copied().collect())
+                .map(|r| {
+                    prompts[r.idx]
+                        .iter()
+                        .chain(r.output.iter())
+                        .copied()
+                        .collect()
+                })
                 .collect();
             let mut seqs = Vec::with_capacity(k);
             let mut hooks = Vec::with_capacity(k);
@@ -323,13 +328,8 @@ pub fn run(
                     }
                     Ok(())
                 };
-                logits = Some(model.forward_prefill_batch(
-                    &rows,
-                    &seqs,
-                    &mut cache,
-                    p,
-                    &mut observe,
-                )?);
+                logits =
+                    Some(model.forward_prefill_batch(&rows, &seqs, &mut cache, p, &mut observe)?);
             }
             let next = argmax_rows(&logits.expect("non-empty prompt"))?;
             st.prefill_ms += tp.elapsed().as_secs_f64() * 1e3;

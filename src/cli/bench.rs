@@ -101,7 +101,10 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<Status> {
-    if args.block_size == 0 || args.max_batch == 0 || args.prefill_chunk == 0 || args.prefill_batch == 0
+    if args.block_size == 0
+        || args.max_batch == 0
+        || args.prefill_chunk == 0
+        || args.prefill_batch == 0
     {
         anyhow::bail!(
             "--block-size, --max-batch, --prefill-chunk and --prefill-batch must be at least 1"

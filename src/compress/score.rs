@@ -214,7 +214,9 @@ mod tests {
         // every sum aggregation with and without pooling.
         let mut state = 7u64;
         let mut rnd = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 40) as f32 / (1u64 << 24) as f32
         };
         for (nh, nkv, n, len) in [(9, 3, 32, 200), (4, 2, 5, 17), (2, 1, 1, 3)] {
@@ -226,14 +228,22 @@ mod tests {
             for agg in [Agg::L1Sum, Agg::L2Sum] {
                 for pool in [None, Some((7, PoolKind::Max)), Some((5, PoolKind::Avg))] {
                     for pool_skip_last in [0, 2] {
-                        let spec = ScoreSpec { agg, pool, buffer: 0, pool_skip_last };
+                        let spec = ScoreSpec {
+                            agg,
+                            pool,
+                            buffer: 0,
+                            pool_skip_last,
+                        };
                         let fast = window_scores(&probs, &positions, &spec).unwrap();
                         let slow = window_scores_general(&probs, &positions, &spec).unwrap();
                         assert_eq!(fast.len(), slow.len());
                         for (a, b) in fast.iter().zip(&slow) {
                             assert_eq!(a.len(), b.len());
                             for (x, y) in a.iter().zip(b) {
-                                assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{spec:?}: {x} vs {y}");
+                                assert!(
+                                    (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                                    "{spec:?}: {x} vs {y}"
+                                );
                             }
                         }
                     }

@@ -325,13 +325,22 @@ impl Dataset {
         let p = match hub::fetch_file(env, RepoKind::Dataset, repo, rev, HUB_FILE) {
             Ok(p) => p,
             Err(source) if repo == HUB_REPO => {
-                return match hub::fetch_matching(env, RepoKind::Dataset, PARQUET_MIRROR, "main", ".parquet") {
+                return match hub::fetch_matching(
+                    env,
+                    RepoKind::Dataset,
+                    PARQUET_MIRROR,
+                    "main",
+                    ".parquet",
+                ) {
                     Ok((snapshot, commit)) => {
                         eprintln!(
                             "warning: {repo}: {source}; using the parquet mirror {PARQUET_MIRROR}@{commit}"
                         );
                         let mut d = Self::open_path(&snapshot)?;
-                        d.description = format!("parquet mirror {PARQUET_MIRROR}@{commit} ({})", snapshot.display());
+                        d.description = format!(
+                            "parquet mirror {PARQUET_MIRROR}@{commit} ({})",
+                            snapshot.display()
+                        );
                         d.revision = Some(commit);
                         d.hub_repo = Some(PARQUET_MIRROR.into());
                         Ok(d)
@@ -409,7 +418,11 @@ impl Dataset {
             DataSource::Zip(z) => format!("{}!{subset}.jsonl", z.display()),
             DataSource::Parquet(m) => match m.get(subset).and_then(|v| v.first()) {
                 Some(f) if m[subset].len() > 1 => {
-                    format!("{} (+{} shards, parquet rows)", f.display(), m[subset].len() - 1)
+                    format!(
+                        "{} (+{} shards, parquet rows)",
+                        f.display(),
+                        m[subset].len() - 1
+                    )
                 }
                 Some(f) => format!("{} (parquet rows)", f.display()),
                 None => format!("{subset}.parquet"),

@@ -318,7 +318,10 @@ pub fn score_records(
         score,
         per_sample,
         depths: records.iter().map(|(_, r)| r.depth).collect(),
-        allocations: records.iter().map(|(_, r)| r.kept_per_head.clone()).collect(),
+        allocations: records
+            .iter()
+            .map(|(_, r)| r.kept_per_head.clone())
+            .collect(),
         mean_cache_tokens: mean_of(
             records
                 .iter()

@@ -227,7 +227,10 @@ pub fn check(
             ));
         }
         let long = want_ids.len() > LONG_PROMPT;
-        let over_long_cap = long && opts.max_long_generations.is_some_and(|n| long_generated >= n);
+        let over_long_cap = long
+            && opts
+                .max_long_generations
+                .is_some_and(|n| long_generated >= n);
         if opts.prompts_only || rec.prompt_mismatch.is_some() || over_long_cap {
             on_record(&rec);
             out.push(rec);

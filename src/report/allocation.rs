@@ -224,6 +224,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let files = draw_all(&rows, tmp.path()).unwrap();
         assert_eq!(files.len(), 2);
-        assert!(files.iter().all(|f| std::fs::metadata(f).unwrap().len() > 1000));
+        assert!(files
+            .iter()
+            .all(|f| std::fs::metadata(f).unwrap().len() > 1000));
     }
 }

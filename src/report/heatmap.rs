@@ -159,7 +159,11 @@ pub fn heat_figures(rows: &[DepthRow]) -> Vec<(String, HeatFigure)> {
 
 /// Red (`lo`) -> dark green (`hi`).
 fn shade(v: f64, (lo, hi): (f64, f64)) -> RGBColor {
-    let t = if hi > lo { ((v - lo) / (hi - lo)).clamp(0.0, 1.0) } else { 1.0 };
+    let t = if hi > lo {
+        ((v - lo) / (hi - lo)).clamp(0.0, 1.0)
+    } else {
+        1.0
+    };
     let lerp = |a: f64, b: f64| (a + (b - a) * t).round() as u8;
     RGBColor(lerp(214.0, 26.0), lerp(69.0, 150.0), lerp(65.0, 65.0))
 }
@@ -220,13 +224,19 @@ fn draw_on<DB: DrawingBackend>(
         let y_step = ny.div_ceil(16).max(1);
         for (i, l) in lengths.iter().enumerate() {
             let (px, py) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
-            let style = tick.clone().into_text_style(&root).pos(Pos::new(HPos::Center, VPos::Top));
+            let style = tick
+                .clone()
+                .into_text_style(&root)
+                .pos(Pos::new(HPos::Center, VPos::Top));
             root.draw(&Text::new((fig.x_label)(*l), (px, py + 4), style))
                 .map_err(e)?;
         }
         for (j, d) in depths.iter().enumerate().step_by(y_step) {
             let (px, py) = chart.backend_coord(&(0.0, j as f64 + 0.5));
-            let style = tick.clone().into_text_style(&root).pos(Pos::new(HPos::Right, VPos::Center));
+            let style = tick
+                .clone()
+                .into_text_style(&root)
+                .pos(Pos::new(HPos::Right, VPos::Center));
             root.draw(&Text::new((fig.y_label)(*d), (px - 4, py), style))
                 .map_err(e)?;
         }
@@ -246,7 +256,10 @@ fn draw_on<DB: DrawingBackend>(
                 if ny > 12 {
                     continue;
                 }
-                let style = tick.clone().into_text_style(&root).pos(Pos::new(HPos::Center, VPos::Center));
+                let style = tick
+                    .clone()
+                    .into_text_style(&root)
+                    .pos(Pos::new(HPos::Center, VPos::Center));
                 chart
                     .draw_series(std::iter::once(Text::new(
                         format!("{s:.*}", fig.decimals),

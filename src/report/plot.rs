@@ -575,7 +575,11 @@ pub fn quality_figures(
             (0, n) => format!("RULER-style synthetic suite, {n} task x length subsets"),
             (lb, n) => format!("LongBench v1, {lb} subsets + RULER-style, {n} subsets"),
         };
-        let bench = if n_ruler == n_tasks { "score" } else { "LongBench score" };
+        let bench = if n_ruler == n_tasks {
+            "score"
+        } else {
+            "LongBench score"
+        };
         let n_zero = zero_full.iter().filter(|(m, _)| *m == model).count();
         let zero_note = if n_zero > 0 {
             format!(" (+{n_zero} left out: full-cache score 0)")
@@ -736,7 +740,9 @@ pub fn quality_figures(
                 figs.push((
                     format!("{}__{}__subtasks_by_rate", safe(model), safe(m)),
                     Figure {
-                        title: format!("{m}: percent of full-cache score per subset vs compression rate"),
+                        title: format!(
+                            "{m}: percent of full-cache score per subset vs compression rate"
+                        ),
                         subtitle: subtitle.clone(),
                         x_label: "compression rate (log2)".into(),
                         y_label: "% of full-cache score".into(),
