@@ -16,7 +16,18 @@ for a in "$@"; do
   esac
 done
 t0=$SECONDS
-stamp() { echo "test.sh: [$((SECONDS - t0))s] $*" >&2; }
+target=${CARGO_TARGET_DIR:-target}
+# Each stamp also reports the disk: the CI machine's disk is small (a run once failed with
+# "No space left on device" in the CUDA step), so the footprint is measured, not guessed.
+stamp() {
+  local used free
+  used=$(du -sh "$target" 2>/dev/null | cut -f1 || true)
+  free=$(df -h --output=avail . 2>/dev/null | tail -1 | tr -d ' ' || true)
+  echo "test.sh: [$((SECONDS - t0))s] $* (target ${used:-0}, disk free ${free:-?})" >&2
+}
+# Incremental compilation state is for edit-compile loops; on a clean clone it only costs
+# disk (GBs with many test binaries) and time. A developer's exported value wins.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 
 if ! command -v cargo >/dev/null; then
   stamp "installing Rust with rustup"
@@ -41,6 +52,9 @@ if [[ $cuda == 1 ]]; then
   # crate that the `cuda` feature does not touch (tokenizers, plotters, ...) is reused, and only
   # candle, cudarc, our kernels (nvcc) and kvc are rebuilt. The GPU binaries themselves are
   # release builds (scripts/gpu/README.md); this checks that the same code compiles.
+  # The CPU build of kvc itself (lib, bins, ~15 test executables) is rebuilt with the feature
+  # anyway; removing it first keeps the peak disk use near one build, not two.
+  cargo clean --locked -p kvc
   stamp "CUDA toolchain + cargo build --features cuda (bins + the CUDA kernel tests)"
   eval "$(scripts/cuda-toolchain.sh)"
   cargo build --locked --features cuda --bins --test cuda_kernels
