@@ -122,6 +122,55 @@ fn no_eviction_equals_full_cache_for_every_method() {
     }
 }
 
+/// One prefill continued under several budgets (what `kvc eval` does for a method's rates)
+/// gives, budget by budget, exactly what a separate run gives: the same tokens, the same first
+/// logits, the same kept KVs per head. The budgets evict (checked), and decoding goes on long
+/// enough for continual compression to run in every copy.
+#[test]
+fn shared_prefill_equals_separate_runs_for_every_method() {
+    let mut methods: Vec<String> = METHODS
+        .iter()
+        .filter(|m| **m != "full")
+        .map(|m| m.to_string())
+        .collect();
+    methods.extend(["kvcompress+kvcrush".into(), "snapkv+kvcrush".into()]);
+    for ts in specs() {
+        let (_tmp, mut lm) = tiny(&ts);
+        let ids = lm.prompt_ids(TEXT, false).unwrap();
+        let cfg = lm.config().clone();
+        let p = params(12);
+        let opts = small_opts();
+        let budgets = [
+            Some(Budget::Rate(2.0)),
+            Some(Budget::Tokens(12)),
+            Some(Budget::Rate(1.0)),
+            Some(Budget::Rate(64.0)),
+        ];
+        for m in &methods {
+            let spec = MethodSpec::parse(m).unwrap();
+            let mut shared = compress::runner(&spec, budgets[0], &cfg, &opts).unwrap();
+            let forks = shared
+                .run_budgets(&mut lm.model, &ids, &p, &budgets)
+                .unwrap();
+            assert_eq!(forks.len(), budgets.len());
+            let mut evicted_somewhere = false;
+            for (b, fork) in budgets.iter().zip(forks) {
+                let (g, st) = fork.unwrap();
+                let mut alone = compress::runner(&spec, *b, &cfg, &opts).unwrap();
+                let (g1, st1) = alone.run(&mut lm.model, &ids, &p).unwrap();
+                assert_eq!(g.output_ids, g1.output_ids, "{m} at {b:?}: tokens differ");
+                assert_eq!(
+                    g.first_logits, g1.first_logits,
+                    "{m} at {b:?}: logits differ"
+                );
+                assert_eq!(st, st1, "{m} at {b:?}: kept KVs differ");
+                evicted_somewhere |= st.kept_kvs < st.prompt_kvs;
+            }
+            assert!(evicted_somewhere, "{m}: no budget evicted anything");
+        }
+    }
+}
+
 /// K, V rows `[L, d]` and metrics of every head right after prefill, nothing evicted (slot
 /// order = position order).
 struct Snapshot {

@@ -545,3 +545,97 @@ fn dump_allocation_records_kept_kvs_per_layer_and_head() {
         .join("plots/tiny__kvcompress__rate4__allocation.png")
         .is_file());
 }
+
+/// Rows of `<out>/tiny/<method>/<budget>/preds/hotpotqa.jsonl` by `_id`.
+fn rows_by_id(out: &std::path::Path, run: &str) -> BTreeMap<String, serde_json::Value> {
+    let p = out.join(format!("tiny/{run}/preds/hotpotqa.jsonl"));
+    std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["_id"].as_str().unwrap().to_string(), v)
+        })
+        .collect()
+}
+
+/// The rates of a method share each sample's prefill (the default): a run killed in the middle
+/// of a sample's rates resumes each run on its own, and every row equals the row of a sweep
+/// that prefilled every run separately (`--no-shared-prefill`), timings aside.
+#[test]
+fn shared_prefill_rows_equal_separate_runs_and_resume_per_run() {
+    let args = [
+        "--tasks",
+        "hotpotqa",
+        "--limit",
+        "2",
+        "--methods",
+        "kvcompress,snapkv",
+        "--rates",
+        "2,4",
+        "--min-cache-tokens",
+        "16",
+        "--protected-window",
+        "8",
+    ];
+    let shared = fixture();
+    // full: 2 rows; kvcompress rate2+rate4 on the first sample: rows 3, 4; the second sample's
+    // rate-2 row is the 5th: the kill leaves rate4 one row short.
+    let o = shared.run(&args, &[("KVC_EVAL_TEST_ABORT_AFTER", "5")]);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(rows_by_id(&shared.out, "kvcompress/rate2").len(), 2);
+    assert_eq!(rows_by_id(&shared.out, "kvcompress/rate4").len(), 1);
+    let o = shared.run(&args, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("run kvcompress rate2,rate4"), "{err}");
+
+    let separate = fixture();
+    let mut sep_args = args.to_vec();
+    sep_args.push("--no-shared-prefill");
+    let o = separate.run(&sep_args, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+
+    let mut compressed = 0;
+    for run in [
+        "kvcompress/rate2",
+        "kvcompress/rate4",
+        "snapkv/rate2",
+        "snapkv/rate4",
+    ] {
+        let a = rows_by_id(&shared.out, run);
+        let b = rows_by_id(&separate.out, run);
+        assert_eq!(a.len(), 2, "{run}: every sample exactly once");
+        assert_eq!(
+            a.keys().collect::<Vec<_>>(),
+            b.keys().collect::<Vec<_>>(),
+            "{run}"
+        );
+        for (id, ra) in &a {
+            let rb = &b[id];
+            for k in [
+                "pred",
+                "prompt_tokens",
+                "new_tokens",
+                "finish_reason",
+                "cache_tokens",
+                "achieved_rate",
+                "rate",
+            ] {
+                assert_eq!(ra[k], rb[k], "{run} {id}: {k}");
+            }
+            assert!(ra.get("error").is_none(), "{ra}");
+            assert!(rb.get("prefill_shared").is_none(), "{rb}");
+            if ra["achieved_rate"].as_f64().unwrap() > 1.2 {
+                compressed += 1;
+            }
+        }
+    }
+    assert!(
+        compressed >= 4,
+        "the budgets must evict for the comparison to mean anything"
+    );
+    // Snapkv's two rates ran in one group from the start: both rows say so.
+    let s = rows_by_id(&shared.out, "snapkv/rate4");
+    assert!(s.values().all(|r| r["prefill_shared"] == 2), "{s:?}");
+}

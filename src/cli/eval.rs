@@ -144,6 +144,12 @@ pub struct SweepArgs {
     /// 128,256,512,1024.
     #[arg(long, value_delimiter = ',')]
     pub cache_tokens: Vec<usize>,
+    /// Prefill every run on its own. By default each sample is prefilled once per method and
+    /// every rate continues from a copy of that cache (the output is token for token the same;
+    /// a 7-rate sweep does 1 prefill instead of 7). Use this when `prefill_ms` must time each
+    /// run alone.
+    #[arg(long)]
+    pub no_shared_prefill: bool,
     #[command(flatten)]
     pub method_options: MethodOptions,
 }
@@ -217,7 +223,7 @@ struct Progress {
 }
 
 impl Observer for Progress {
-    fn run_start(&mut self, plan: &RunPlan, total: usize, done: usize) {
+    fn run_start(&mut self, label: &str, total: usize, done: usize) {
         self.t0 = Instant::now();
         self.tokens = 0;
         if self.show_bars {
@@ -227,15 +233,12 @@ impl Observer for Progress {
                     .unwrap_or_else(|_| ProgressStyle::default_bar())
                     .progress_chars("=> "),
             );
-            bar.set_prefix(plan.label());
+            bar.set_prefix(label.to_string());
             bar.set_position(done as u64);
             bar.reset_eta();
             self.bar = Some(bar);
         } else if !self.quiet {
-            eprintln!(
-                "run {}: {total} samples ({done} already done)",
-                plan.label()
-            );
+            eprintln!("run {label}: {total} samples ({done} already done)");
         }
     }
 
@@ -596,10 +599,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
     };
     let mut outcomes = Vec::new();
     let mut appended = 0;
-    for p in &plans {
-        let o = run::run_one(&mut lm, p, &sweep, &mut progress, &mut appended)?;
-        let stopped = o.interrupted;
-        outcomes.push(o);
+    for group in run::group_plans(&plans, !args.sweep.no_shared_prefill) {
+        let os = run::run_group(&mut lm, &group, &sweep, &mut progress, &mut appended)?;
+        let stopped = os.iter().any(|o| o.interrupted);
+        outcomes.extend(os);
         if stopped {
             break;
         }

@@ -23,6 +23,7 @@ use crate::engine::{self, GenParams, Generation, NoHooks};
 use crate::kvcache::budget::{tokens_for_rate, MIN_CACHE_TOKENS};
 use crate::kvcache::contiguous::ContiguousCache;
 use crate::kvcache::paged::{PagedCache, PagedSpec, DEFAULT_BLOCK_SIZE};
+use crate::kvcache::CacheBackend;
 use crate::model::{Config, Llama};
 
 pub mod ada_snapkv;
@@ -35,7 +36,7 @@ pub mod score;
 pub mod snapkv;
 pub mod streamingllm;
 
-use policy::{CompressHooks, Policy};
+use policy::{CompressHooks, Kept, Policy};
 use score::{Agg, PoolKind};
 
 pub use crate::report::scores::Budget;
@@ -158,6 +159,20 @@ pub trait Runner {
         prompt: &[u32],
         params: &GenParams,
     ) -> Result<(Generation, CompressionStats)>;
+
+    /// Greedy generation of `prompt` under each of `budgets` (the method this runner was built
+    /// with; its own budget is ignored). A compressed method prefills once and continues each
+    /// budget from a copy of that cache, token for token what [`Runner::run`] gives for each
+    /// budget alone (the prompt's KVs and prefill metrics do not depend on the budget). The
+    /// outer `Err` is a failed prefill (every budget fails); an inner one, one budget's failure.
+    /// Each generation's `prefill_ms` is the shared prefill plus its own compression.
+    fn run_budgets(
+        &mut self,
+        model: &mut Llama,
+        prompt: &[u32],
+        params: &GenParams,
+        budgets: &[Option<Budget>],
+    ) -> Result<Vec<Result<(Generation, CompressionStats)>>>;
 }
 
 /// Method parameters shared by `kvc eval` and `kvc bench` (flattened into their clap args):
@@ -413,13 +428,9 @@ struct PagedRunner {
     warned: bool,
 }
 
-impl Runner for PagedRunner {
-    fn run(
-        &mut self,
-        model: &mut Llama,
-        prompt: &[u32],
-        params: &GenParams,
-    ) -> Result<(Generation, CompressionStats)> {
+impl PagedRunner {
+    /// A cache sized for the sample (prompt + new tokens), or for `--kv-memory`.
+    fn cache_for(&self, model: &Llama, prompt: &[u32], params: &GenParams) -> Result<PagedCache> {
         let spec = PagedSpec {
             layers: self.layers,
             kv_heads: self.kv_heads,
@@ -430,17 +441,22 @@ impl Runner for PagedRunner {
         };
         let tokens =
             (prompt.len() + params.max_new_tokens).min(params.max_context.max(prompt.len()));
-        let mut cache = match self.kv_memory {
-            Some(bytes) => PagedCache::with_memory(spec, bytes)?,
+        match self.kv_memory {
+            Some(bytes) => PagedCache::with_memory(spec, bytes),
             None => {
                 let n = spec.blocks_for_tokens(tokens) + self.layers * self.kv_heads;
-                PagedCache::new(spec, n)?
+                PagedCache::new(spec, n)
             }
-        };
-        let (bs, floor, budget) = (self.block_size, self.min_cache_tokens, self.budget);
+        }
+    }
+
+    /// Per-head cache tokens for `budget` on a prompt of `prompt_len` tokens (warns once when
+    /// the protected window clamps it).
+    fn raw_budget(&mut self, prompt_len: usize, budget: Option<Budget>) -> Option<usize> {
+        let (bs, floor) = (self.block_size, self.min_cache_tokens);
         let raw = match budget {
             None => None,
-            Some(Budget::Rate(r)) => tokens_for_rate(prompt.len(), r, bs, floor),
+            Some(Budget::Rate(r)) => tokens_for_rate(prompt_len, r, bs, floor),
             Some(Budget::Tokens(n)) => Some(n),
         };
         if let (Some(m), Some(Budget::Rate(_))) = (raw, budget) {
@@ -454,21 +470,70 @@ impl Runner for PagedRunner {
                 );
             }
         }
+        raw
+    }
+
+    fn stats(&self, prompt_len: usize, kept: Kept) -> CompressionStats {
+        let kept_kvs: usize = kept.per_head.iter().flatten().sum();
+        CompressionStats {
+            prompt_tokens: prompt_len,
+            kept_kvs: kept_kvs as u64,
+            prompt_kvs: (prompt_len * self.layers * self.kv_heads) as u64,
+            kept_per_head: kept.per_head,
+            budget_tokens: kept.budget,
+        }
+    }
+}
+
+impl Runner for PagedRunner {
+    fn run(
+        &mut self,
+        model: &mut Llama,
+        prompt: &[u32],
+        params: &GenParams,
+    ) -> Result<(Generation, CompressionStats)> {
+        let mut cache = self.cache_for(model, prompt, params)?;
+        let raw = self.raw_budget(prompt.len(), self.budget);
         let budget_of = move |_len: usize| raw;
         let mut hooks = CompressHooks::new(self.policy.as_ref(), self.layers, &budget_of);
         let g = engine::generate(model, &mut cache, prompt, params, &mut hooks)?;
         let kept = hooks.kept;
-        let kept_kvs: usize = kept.per_head.iter().flatten().sum();
-        Ok((
-            g,
-            CompressionStats {
-                prompt_tokens: prompt.len(),
-                kept_kvs: kept_kvs as u64,
-                prompt_kvs: (prompt.len() * self.layers * self.kv_heads) as u64,
-                kept_per_head: kept.per_head,
-                budget_tokens: kept.budget,
-            },
-        ))
+        Ok((g, self.stats(prompt.len(), kept)))
+    }
+
+    fn run_budgets(
+        &mut self,
+        model: &mut Llama,
+        prompt: &[u32],
+        params: &GenParams,
+        budgets: &[Option<Budget>],
+    ) -> Result<Vec<Result<(Generation, CompressionStats)>>> {
+        let raws: Vec<Option<usize>> = budgets
+            .iter()
+            .map(|b| self.raw_budget(prompt.len(), *b))
+            .collect();
+        let mut cache = self.cache_for(model, prompt, params)?;
+        let seq = cache.add_sequence()?;
+        let unknown = |_len: usize| None;
+        let mut proto = CompressHooks::new(self.policy.as_ref(), self.layers, &unknown);
+        let pre = engine::prefill(model, &mut cache, seq, prompt, params, &mut proto)?;
+        let mut out = Vec::with_capacity(budgets.len());
+        for (i, raw) in raws.iter().enumerate() {
+            let raw = *raw;
+            let budget_of = move |_len: usize| raw;
+            let mut hooks = proto.fork(&budget_of);
+            // The last budget continues in the prefilled cache itself; the others in copies.
+            let r = if i + 1 == raws.len() {
+                engine::decode(model, &mut cache, seq, &pre, params, &mut hooks)
+            } else {
+                cache
+                    .deep_copy()
+                    .and_then(|mut c| engine::decode(model, &mut c, seq, &pre, params, &mut hooks))
+            };
+            let kept = hooks.kept;
+            out.push(r.map(|g| (g, self.stats(prompt.len(), kept))));
+        }
+        Ok(out)
     }
 }
 
@@ -479,6 +544,22 @@ struct FullRunner {
 }
 
 impl Runner for FullRunner {
+    fn run_budgets(
+        &mut self,
+        model: &mut Llama,
+        prompt: &[u32],
+        params: &GenParams,
+        budgets: &[Option<Budget>],
+    ) -> Result<Vec<Result<(Generation, CompressionStats)>>> {
+        if budgets.iter().any(|b| b.is_some()) {
+            candle_core::bail!("method `full` keeps every KV: it takes no rate or token budget");
+        }
+        Ok(budgets
+            .iter()
+            .map(|_| self.run(model, prompt, params))
+            .collect())
+    }
+
     fn run(
         &mut self,
         model: &mut Llama,

@@ -207,6 +207,23 @@ impl<'a> CompressHooks<'a> {
         self
     }
 
+    /// These hooks for another budget, taken after a prefill and before its compression: the
+    /// prefill's pending metrics are copied, the budget is found anew by `budget_of`.
+    pub fn fork<'b>(&self, budget_of: &'b BudgetFn<'b>) -> CompressHooks<'b>
+    where
+        'a: 'b,
+    {
+        CompressHooks {
+            policy: self.policy,
+            budget_of,
+            pending: self.pending.clone(),
+            phase: self.phase,
+            budget: None,
+            on_demand: self.on_demand,
+            kept: Kept::default(),
+        }
+    }
+
     /// The per-head token budget fixed after prefill (`None`: no eviction, or not yet known).
     pub fn budget(&self) -> Option<usize> {
         self.budget

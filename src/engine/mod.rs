@@ -1,5 +1,6 @@
 //! Generation loop for one sequence: chunked prefill -> (hook: compress) -> greedy decode with
-//! a stop set, a minimum length and a context limit.
+//! a stop set, a minimum length and a context limit. [`prefill`] and [`decode`] are the two
+//! halves, so one prefill can be continued under several budgets (see `compress::Runner`).
 //!
 //! Hooks ([`Hooks`]) are where compression plugs in without touching this loop: they choose
 //! which queries to probe, receive the attention probabilities of those queries per layer, and
@@ -130,6 +131,36 @@ fn generate_seq(
     params: &GenParams,
     hooks: &mut dyn Hooks,
 ) -> Result<Generation> {
+    let pre = prefill(model, cache, seq, prompt, params, hooks)?;
+    decode(model, cache, seq, &pre, params, hooks)
+}
+
+/// A prompt in the cache, before [`Hooks::after_prefill`] ran: what [`decode`] continues from.
+/// One prefill can be continued several times from copies of the cache (a sweep over budgets
+/// of one method shares it: the prompt's KVs and the prefill metrics do not depend on the
+/// budget, only the compression after prefill does).
+#[derive(Debug, Clone)]
+pub struct Prefilled {
+    /// Logits after the last prompt token `[vocab]`.
+    pub logits: Tensor,
+    pub prompt_len: usize,
+    /// Wall time of the prefill forward passes.
+    pub ms: f64,
+}
+
+/// Prefill `prompt` into `cache` in chunks, probing the last chunk as `hooks` ask; does not
+/// call [`Hooks::after_prefill`] (that is [`decode`]'s first step).
+pub fn prefill(
+    model: &mut Llama,
+    cache: &mut dyn CacheBackend,
+    seq: SeqId,
+    prompt: &[u32],
+    params: &GenParams,
+    hooks: &mut dyn Hooks,
+) -> Result<Prefilled> {
+    if prompt.is_empty() {
+        candle_core::bail!("empty prompt");
+    }
     let t0 = Instant::now();
     let probe = hooks.prefill_probe();
     let min_last = match probe {
@@ -147,13 +178,31 @@ fn generate_seq(
         let l = model.forward(&prompt[r.clone()], seq, cache, p, &mut observe);
         logits = Some(l?);
     }
+    Ok(Prefilled {
+        logits: logits.expect("non-empty prompt"),
+        prompt_len: prompt.len(),
+        ms: t0.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+/// Continue from a prefill: [`Hooks::after_prefill`] (compression; its time counts as
+/// prefill time, added to `pre.ms`), then greedy decoding.
+pub fn decode(
+    model: &mut Llama,
+    cache: &mut dyn CacheBackend,
+    seq: SeqId,
+    pre: &Prefilled,
+    params: &GenParams,
+    hooks: &mut dyn Hooks,
+) -> Result<Generation> {
+    let t0 = Instant::now();
     hooks.after_prefill(cache, seq)?;
-    let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let prefill_ms = pre.ms + t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
-    let mut logits = logits.expect("non-empty prompt");
+    let mut logits = pre.logits.clone();
     let first_logits = Some(logits.to_vec1::<f32>()?);
     let mut out = Vec::new();
-    let mut pos = prompt.len();
+    let mut pos = pre.prompt_len;
     let finish = loop {
         let next = Llama::argmax(&logits)?;
         out.push(next);

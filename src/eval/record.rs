@@ -68,6 +68,11 @@ pub struct PredRecord {
     /// Decode wall time in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode_ms: Option<f64>,
+    /// Runs that shared this sample's prefill (`kvc eval` prefills once per sample for all
+    /// budgets of a method; absent when the prefill was this run's own). `prefill_ms` is then
+    /// the shared prefill plus this run's compression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_shared: Option<usize>,
     /// Number of generated tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_tokens: Option<usize>,

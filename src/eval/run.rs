@@ -26,11 +26,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::compress::{self, Budget, MethodOptions, MethodSpec, Runner};
+use crate::compress::{self, Budget, CompressionStats, MethodOptions, MethodSpec, Runner};
 use crate::data::longbench::{hex, DataError, Dataset, Verdict};
 use crate::data::prompt;
 use crate::data::tasks::Task;
-use crate::engine::{FinishReason, GenParams};
+use crate::engine::{FinishReason, GenParams, Generation};
 use crate::eval::record::{PredRecord, RunMeta};
 use crate::model::{candle_msg, LoadedModel};
 use crate::report::scores::run_dir;
@@ -520,16 +520,14 @@ pub struct SampleSettings {
     pub dump_allocation: bool,
 }
 
-/// Generate one sample; failures become a row with `error` (never an `Err`).
-pub fn run_sample(
-    lm: &mut LoadedModel,
-    runner: &mut dyn Runner,
+/// The row every run of `plan` writes for `row` before generating (no prediction yet).
+fn base_record(
+    lm: &LoadedModel,
     plan: &RunPlan,
     task: &Task,
     row: &crate::data::longbench::Row,
-    s: &SampleSettings,
 ) -> PredRecord {
-    let mut rec = PredRecord {
+    PredRecord {
         pred: String::new(),
         answers: row.answers.clone(),
         all_classes: row.all_classes.clone(),
@@ -548,21 +546,99 @@ pub fn run_sample(
             Budget::Rate(_) => None,
         },
         ..Default::default()
-    };
-    if let Err(e) = generate_into(lm, runner, task, row, s, &mut rec) {
-        rec.error = Some(e);
     }
-    rec
 }
 
-fn generate_into(
+/// Generate one sample; failures become a row with `error` (never an `Err`).
+pub fn run_sample(
     lm: &mut LoadedModel,
     runner: &mut dyn Runner,
+    plan: &RunPlan,
     task: &Task,
     row: &crate::data::longbench::Row,
     s: &SampleSettings,
-    rec: &mut PredRecord,
-) -> Result<(), String> {
+) -> PredRecord {
+    run_sample_budgets(lm, runner, &[plan], task, row, s)
+        .pop()
+        .expect("one record per plan")
+}
+
+/// Generate one sample under every plan of `plans` (one method, different budgets: `runner`
+/// prefills once and continues each budget from a copy of the cache). One record per plan, in
+/// order; failures become rows with `error` (never an `Err`).
+pub fn run_sample_budgets(
+    lm: &mut LoadedModel,
+    runner: &mut dyn Runner,
+    plans: &[&RunPlan],
+    task: &Task,
+    row: &crate::data::longbench::Row,
+    s: &SampleSettings,
+) -> Vec<PredRecord> {
+    let mut recs: Vec<PredRecord> = plans
+        .iter()
+        .map(|p| base_record(lm, p, task, row))
+        .collect();
+    let prepared = match prepare(lm, task, row, s) {
+        Ok(p) => p,
+        Err(e) => {
+            for r in &mut recs {
+                r.error = Some(e.clone());
+            }
+            return recs;
+        }
+    };
+    for r in &mut recs {
+        r.chat_template = Some(prepared.chat);
+        r.truncated = Some(prepared.truncated);
+        r.prompt_tokens = Some(prepared.ids.len());
+        if plans.len() > 1 {
+            r.prefill_shared = Some(plans.len());
+        }
+    }
+    if let Some(e) = &prepared.too_long {
+        for r in &mut recs {
+            r.error = Some(e.clone());
+        }
+        return recs;
+    }
+    let budgets: Vec<Option<Budget>> = plans.iter().map(|p| p.compress_budget()).collect();
+    match runner.run_budgets(&mut lm.model, &prepared.ids, &prepared.params, &budgets) {
+        Err(e) => {
+            let e = candle_msg(&e);
+            for r in &mut recs {
+                r.error = Some(e.clone());
+            }
+        }
+        Ok(results) => {
+            for (rec, res) in recs.iter_mut().zip(results) {
+                let filled = res
+                    .map_err(|e| candle_msg(&e))
+                    .and_then(|(g, stats)| fill(lm, rec, &g, &stats, s));
+                if let Err(e) = filled {
+                    rec.error = Some(e);
+                }
+            }
+        }
+    }
+    recs
+}
+
+/// A sample's prompt ids and decoding parameters.
+struct Prepared {
+    ids: Vec<u32>,
+    params: GenParams,
+    chat: bool,
+    truncated: bool,
+    /// The prompt does not fit the model's context (the rows record the prompt, then fail).
+    too_long: Option<String>,
+}
+
+fn prepare(
+    lm: &LoadedModel,
+    task: &Task,
+    row: &crate::data::longbench::Row,
+    s: &SampleSettings,
+) -> Result<Prepared, String> {
     let filled = task
         .build_prompt(&row.context, &row.input)
         .map_err(|e| e.to_string())?;
@@ -572,7 +648,6 @@ fn generate_into(
         ChatMode::Always => true,
         ChatMode::Never => false,
     };
-    rec.chat_template = Some(chat);
     let built = if task.is_ruler() {
         // Generated to fit: no truncation; the answer prefix follows the generation prompt.
         let ids = crate::model::prompt_ids_for(
@@ -591,16 +666,14 @@ fn generate_into(
     } else {
         prompt::build(lm, &filled, s.max_input_tokens, chat).map_err(|e| e.to_string())?
     };
-    rec.truncated = Some(built.truncated);
-    rec.prompt_tokens = Some(built.ids.len());
     let max_ctx = lm.config().max_position_embeddings;
-    if built.ids.len() >= max_ctx {
-        return Err(format!(
+    let too_long = (built.ids.len() >= max_ctx).then(|| {
+        format!(
             "prompt too long: {} tokens after truncation to {} (+ chat template), the model's context holds {max_ctx}: lower --max-input-tokens",
             built.ids.len(),
             s.max_input_tokens
-        ));
-    }
+        )
+    });
     let (stop_ids, min_new) = if task.base == "samsum" {
         // pred.py: eos_token_id=[tokenizer.eos_token_id, encode("\n")[-1]], min_length=len+1.
         let mut ids: BTreeSet<u32> = lm
@@ -629,9 +702,23 @@ fn generate_into(
         prefill_chunk: s.prefill_chunk,
         max_context: max_ctx,
     };
-    let (g, stats) = runner
-        .run(&mut lm.model, &built.ids, &params)
-        .map_err(|e| candle_msg(&e))?;
+    Ok(Prepared {
+        ids: built.ids,
+        params,
+        chat,
+        truncated: built.truncated,
+        too_long,
+    })
+}
+
+/// Write a generation's prediction, finish reason, kept KVs and timings into `rec`.
+fn fill(
+    lm: &LoadedModel,
+    rec: &mut PredRecord,
+    g: &Generation,
+    stats: &CompressionStats,
+    s: &SampleSettings,
+) -> Result<(), String> {
     rec.pred = lm
         .tokenizer
         .decode(&g.output_ids, true)
@@ -710,8 +797,9 @@ pub struct RunOutcome {
 
 /// Progress events for the caller's display.
 pub trait Observer {
-    /// A run starts: `total` selected samples, `done` of them finished before.
-    fn run_start(&mut self, _plan: &RunPlan, _total: usize, _done: usize) {}
+    /// A run (or a group of runs sharing prefills, [`run_group`]) starts: `total` selected
+    /// samples, `done` of them finished before.
+    fn run_start(&mut self, _label: &str, _total: usize, _done: usize) {}
     /// A sample finished (`tokens` = prompt + generated).
     fn sample(&mut self, _rec: &PredRecord, _tokens: usize) {}
     fn run_end(&mut self, _outcome: &RunOutcome) {}
@@ -758,68 +846,132 @@ pub fn run_one(
     obs: &mut dyn Observer,
     appended: &mut usize,
 ) -> Result<RunOutcome, EvalError> {
-    let dir = run_dir(sw.out, &lm.name, &plan.method.name, plan.budget);
-    prepare_run_dir(&dir, &(sw.meta)(plan), sw.overwrite)?;
+    let mut o = run_group(lm, &[plan], sw, obs, appended)?;
+    Ok(o.pop().expect("one outcome per plan"))
+}
+
+/// The plans of a sweep in groups that share each sample's prefill: every budget of one
+/// compressed method is one group (its prompt KVs and prefill metrics do not depend on the
+/// budget); `full` and, with `share` off, every plan are groups of their own. Plan order is
+/// kept within and across groups (by first member).
+pub fn group_plans(plans: &[RunPlan], share: bool) -> Vec<Vec<&RunPlan>> {
+    let mut groups: Vec<Vec<&RunPlan>> = Vec::new();
+    for p in plans {
+        let joins = share && !p.is_full();
+        match groups
+            .iter_mut()
+            .find(|g| joins && g[0].method == p.method && !g[0].is_full())
+        {
+            Some(g) => g.push(p),
+            None => groups.push(vec![p]),
+        }
+    }
+    groups
+}
+
+/// Label of a group for progress lines: the run's label, or `method ×N budgets`.
+fn group_label(plans: &[&RunPlan]) -> String {
+    match plans {
+        [p] => p.label(),
+        _ => format!(
+            "{} {}",
+            plans[0].method.name,
+            plans
+                .iter()
+                .map(|p| p.budget.label())
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    }
+}
+
+/// Run a group of plans of one method (see [`group_plans`]) over every subset, resuming each
+/// run on its own: a sample is generated once for all runs that still lack it (one prefill),
+/// and each run's row is appended to its own file. One outcome per plan, in order.
+pub fn run_group(
+    lm: &mut LoadedModel,
+    plans: &[&RunPlan],
+    sw: &Sweep,
+    obs: &mut dyn Observer,
+    appended: &mut usize,
+) -> Result<Vec<RunOutcome>, EvalError> {
+    let (abort_after, delay_ms) = test_hooks();
     let mut runner = compress::runner(
-        &plan.method,
-        plan.compress_budget(),
+        &plans[0].method,
+        plans[0].compress_budget(),
         lm.config(),
         sw.method_options,
     )
     .map_err(|e| EvalError::Method(format!("{e:#}")))?;
-    let (abort_after, delay_ms) = test_hooks();
-    let mut out = RunOutcome {
-        run: plan.label(),
-        dir: dir.clone(),
-        n_selected: sw.subsets.iter().map(|s| s.ids.len()).sum(),
-        n_resumed: 0,
-        n_new: 0,
-        n_failed: 0,
-        interrupted: false,
-    };
-    // Resume state of every subset first, so the progress bar knows the total.
-    let mut todo: Vec<(usize, HashSet<String>)> = Vec::new();
-    for (i, sp) in sw.subsets.iter().enumerate() {
-        let path = dir.join("preds").join(format!("{}.jsonl", sp.task.name));
-        let mut ex = load_existing(&path)?;
-        if sw.retry_failed && ex.n_failed > 0 {
-            let wanted: HashSet<String> = sp.ids.iter().cloned().collect();
-            let n = drop_failed_rows(&path, &wanted)?;
-            if n > 0 {
-                obs.warn(&format!(
-                    "{}: retrying {n} failed sample(s) (--retry-failed)",
-                    path.display()
-                ));
-                ex = load_existing(&path)?;
+    let mut outs = Vec::with_capacity(plans.len());
+    // Per plan, per subset: the selected ids not finished yet.
+    let mut todo: Vec<Vec<HashSet<String>>> = Vec::with_capacity(plans.len());
+    for plan in plans {
+        let dir = run_dir(sw.out, &lm.name, &plan.method.name, plan.budget);
+        prepare_run_dir(&dir, &(sw.meta)(plan), sw.overwrite)?;
+        let mut out = RunOutcome {
+            run: plan.label(),
+            dir: dir.clone(),
+            n_selected: sw.subsets.iter().map(|s| s.ids.len()).sum(),
+            n_resumed: 0,
+            n_new: 0,
+            n_failed: 0,
+            interrupted: false,
+        };
+        // Resume state of every subset first, so the progress bar knows the total.
+        let mut rests = Vec::with_capacity(sw.subsets.len());
+        for sp in sw.subsets {
+            let path = dir.join("preds").join(format!("{}.jsonl", sp.task.name));
+            let mut ex = load_existing(&path)?;
+            if sw.retry_failed && ex.n_failed > 0 {
+                let wanted: HashSet<String> = sp.ids.iter().cloned().collect();
+                let n = drop_failed_rows(&path, &wanted)?;
+                if n > 0 {
+                    obs.warn(&format!(
+                        "{}: retrying {n} failed sample(s) (--retry-failed)",
+                        path.display()
+                    ));
+                    ex = load_existing(&path)?;
+                }
             }
+            if ex.torn_bytes > 0 {
+                obs.warn(&format!(
+                    "{}: dropped a torn last line ({} bytes) left by an interrupted write; that sample is redone",
+                    path.display(),
+                    ex.torn_bytes
+                ));
+            }
+            out.n_failed += ex.n_failed;
+            let rest: HashSet<String> = sp
+                .ids
+                .iter()
+                .filter(|id| !ex.done.contains(*id))
+                .cloned()
+                .collect();
+            out.n_resumed += sp.ids.len() - rest.len();
+            rests.push(rest);
         }
-        if ex.torn_bytes > 0 {
-            obs.warn(&format!(
-                "{}: dropped a torn last line ({} bytes) left by an interrupted write; that sample is redone",
-                path.display(),
-                ex.torn_bytes
-            ));
-        }
-        out.n_failed += ex.n_failed;
-        let rest: HashSet<String> = sp
-            .ids
-            .iter()
-            .filter(|id| !ex.done.contains(*id))
-            .cloned()
-            .collect();
-        out.n_resumed += sp.ids.len() - rest.len();
-        todo.push((i, rest));
+        todo.push(rests);
+        outs.push(out);
     }
-    obs.run_start(plan, out.n_selected, out.n_resumed);
-    'subsets: for (i, rest) in todo {
-        if rest.is_empty() {
+    let total: usize = outs.iter().map(|o| o.n_selected).sum();
+    let done: usize = outs.iter().map(|o| o.n_resumed).sum();
+    obs.run_start(&group_label(plans), total, done);
+    let mut interrupted = false;
+    'subsets: for (i, sp) in sw.subsets.iter().enumerate() {
+        let mut left: usize = todo.iter().map(|t| t[i].len()).sum();
+        if left == 0 {
             continue;
         }
-        let sp = &sw.subsets[i];
-        let path = dir.join("preds").join(format!("{}.jsonl", sp.task.name));
-        let mut w = PredWriter::open(&path)?;
-        let mut left = rest.len();
-        let mut rest = rest;
+        let mut writers: Vec<Option<PredWriter>> = Vec::with_capacity(plans.len());
+        for (k, o) in outs.iter().enumerate() {
+            writers.push(if todo[k][i].is_empty() {
+                None
+            } else {
+                let path = o.dir.join("preds").join(format!("{}.jsonl", sp.task.name));
+                Some(PredWriter::open(&path)?)
+            });
+        }
         let rows: Box<dyn Iterator<Item = Result<crate::data::longbench::Row, EvalError>>> =
             match sw.generated.get(sp.task.name) {
                 Some(rows) => Box::new(rows.iter().cloned().map(Ok)),
@@ -834,40 +986,57 @@ pub fn run_one(
                 break;
             }
             let row = r?;
-            if !rest.remove(&row.id) {
+            let need: Vec<usize> = (0..plans.len())
+                .filter(|&k| todo[k][i].remove(&row.id))
+                .collect();
+            if need.is_empty() {
                 continue;
             }
-            left -= 1;
+            left -= need.len();
             if sw.stop.load(Ordering::SeqCst) {
-                out.interrupted = true;
+                interrupted = true;
                 break 'subsets;
             }
             if let Some(ms) = delay_ms {
                 std::thread::sleep(std::time::Duration::from_millis(ms));
             }
-            let rec = run_sample(lm, runner.as_mut(), plan, sp.task, &row, &sw.settings);
+            let these: Vec<&RunPlan> = need.iter().map(|&k| plans[k]).collect();
+            let recs = run_sample_budgets(lm, runner.as_mut(), &these, sp.task, &row, &sw.settings);
             if sw.abandon.load(Ordering::SeqCst) {
-                out.interrupted = true;
+                interrupted = true;
                 break 'subsets;
             }
-            w.append(&rec)?;
-            *appended += 1;
-            out.n_new += 1;
-            if rec.error.is_some() {
-                out.n_failed += 1;
-            }
-            let tokens = rec.prompt_tokens.unwrap_or(0) + rec.new_tokens.unwrap_or(0);
-            obs.sample(&rec, tokens);
-            if abort_after.is_some_and(|n| *appended >= n) {
-                std::process::abort();
+            for (j, (&k, rec)) in need.iter().zip(recs).enumerate() {
+                let w = writers[k]
+                    .as_mut()
+                    .expect("a writer for every plan with work");
+                w.append(&rec)?;
+                *appended += 1;
+                outs[k].n_new += 1;
+                if rec.error.is_some() {
+                    outs[k].n_failed += 1;
+                }
+                // The prompt is processed once for the group: count it once.
+                let prompt = if j == 0 {
+                    rec.prompt_tokens.unwrap_or(0)
+                } else {
+                    0
+                };
+                obs.sample(&rec, prompt + rec.new_tokens.unwrap_or(0));
+                if abort_after.is_some_and(|n| *appended >= n) {
+                    std::process::abort();
+                }
             }
         }
     }
-    if sw.stop.load(Ordering::SeqCst) && out.n_resumed + out.n_new < out.n_selected {
-        out.interrupted = true;
+    let stopped = interrupted || sw.stop.load(Ordering::SeqCst);
+    for o in &mut outs {
+        o.interrupted = stopped && o.n_resumed + o.n_new < o.n_selected;
     }
-    obs.run_end(&out);
-    Ok(out)
+    for o in &outs {
+        obs.run_end(o);
+    }
+    Ok(outs)
 }
 
 /// Checksum verdicts as a JSON map for run.json, and the warnings for differing files.

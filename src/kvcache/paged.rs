@@ -120,6 +120,20 @@ impl PagedCache {
         Self::new(spec, n)
     }
 
+    /// An independent copy: bookkeeping and K/V storage copied (on the cache's device), so
+    /// writes and evictions in one never show in the other. Used to continue one prefill under
+    /// several budgets.
+    pub fn deep_copy(&self) -> Result<Self> {
+        Ok(PagedCache {
+            spec: self.spec.clone(),
+            pool: self.pool.clone(),
+            k: self.k.copy()?,
+            v: self.v.copy()?,
+            pos: self.pos.clone(),
+            next_id: self.next_id,
+        })
+    }
+
     /// The shape this cache was built with.
     pub fn spec(&self) -> &PagedSpec {
         &self.spec
