@@ -139,34 +139,47 @@ fn shared_prefill_equals_separate_runs_for_every_method() {
         let ids = lm.prompt_ids(TEXT, false).unwrap();
         let cfg = lm.config().clone();
         let p = params(12);
-        let opts = small_opts();
-        let budgets = [
-            Some(Budget::Rate(2.0)),
-            Some(Budget::Tokens(12)),
-            Some(Budget::Rate(1.0)),
-            Some(Budget::Rate(64.0)),
-        ];
-        for m in &methods {
-            let spec = MethodSpec::parse(m).unwrap();
-            let mut shared = compress::runner(&spec, budgets[0], &cfg, &opts).unwrap();
-            let forks = shared
-                .run_budgets(&mut lm.model, &ids, &p, &budgets)
-                .unwrap();
-            assert_eq!(forks.len(), budgets.len());
-            let mut evicted_somewhere = false;
-            for (b, fork) in budgets.iter().zip(forks) {
-                let (g, st) = fork.unwrap();
-                let mut alone = compress::runner(&spec, *b, &cfg, &opts).unwrap();
-                let (g1, st1) = alone.run(&mut lm.model, &ids, &p).unwrap();
-                assert_eq!(g.output_ids, g1.output_ids, "{m} at {b:?}: tokens differ");
-                assert_eq!(
-                    g.first_logits, g1.first_logits,
-                    "{m} at {b:?}: logits differ"
-                );
-                assert_eq!(st, st1, "{m} at {b:?}: kept KVs differ");
-                evicted_somewhere |= st.kept_kvs < st.prompt_kvs;
+        // Without --kv-memory the budgets fork sequences in one pool and decode in one batch;
+        // with it, each decodes alone in a copy of the prefilled cache.
+        for opts in [
+            small_opts(),
+            MethodOptions {
+                kv_memory: Some(8 << 20),
+                ..small_opts()
+            },
+        ] {
+            let budgets = [
+                Some(Budget::Rate(2.0)),
+                Some(Budget::Tokens(12)),
+                Some(Budget::Rate(1.0)),
+                Some(Budget::Rate(64.0)),
+            ];
+            for m in &methods {
+                let spec = MethodSpec::parse(m).unwrap();
+                let mut shared = compress::runner(&spec, budgets[0], &cfg, &opts).unwrap();
+                let forks = shared
+                    .run_budgets(&mut lm.model, &ids, &p, &budgets)
+                    .unwrap();
+                assert_eq!(forks.len(), budgets.len());
+                let mut evicted_somewhere = false;
+                for (b, fork) in budgets.iter().zip(forks) {
+                    let (g, st) = fork.unwrap();
+                    let mut alone = compress::runner(&spec, *b, &cfg, &opts).unwrap();
+                    let (g1, st1) = alone.run(&mut lm.model, &ids, &p).unwrap();
+                    assert_eq!(
+                        g.output_ids, g1.output_ids,
+                        "{m} at {b:?} (kv_memory {:?}): tokens differ",
+                        opts.kv_memory
+                    );
+                    assert_eq!(
+                        g.first_logits, g1.first_logits,
+                        "{m} at {b:?}: logits differ"
+                    );
+                    assert_eq!(st, st1, "{m} at {b:?}: kept KVs differ");
+                    evicted_somewhere |= st.kept_kvs < st.prompt_kvs;
+                }
+                assert!(evicted_somewhere, "{m}: no budget evicted anything");
             }
-            assert!(evicted_somewhere, "{m}: no budget evicted anything");
         }
     }
 }

@@ -19,11 +19,11 @@
 //! [`CompressionStats`] records what was actually kept after the prefill compression.
 use candle_core::Result;
 
-use crate::engine::{self, GenParams, Generation, NoHooks};
+use crate::engine::{self, GenParams, Generation, Hooks, NoHooks};
 use crate::kvcache::budget::{tokens_for_rate, MIN_CACHE_TOKENS};
 use crate::kvcache::contiguous::ContiguousCache;
 use crate::kvcache::paged::{PagedCache, PagedSpec, DEFAULT_BLOCK_SIZE};
-use crate::kvcache::CacheBackend;
+use crate::kvcache::{CacheBackend, SeqId};
 use crate::model::{Config, Llama};
 
 pub mod ada_snapkv;
@@ -36,7 +36,7 @@ pub mod score;
 pub mod snapkv;
 pub mod streamingllm;
 
-use policy::{CompressHooks, Kept, Policy};
+use policy::{BudgetFn, CompressHooks, Kept, Policy};
 use score::{Agg, PoolKind};
 
 pub use crate::report::scores::Budget;
@@ -512,12 +512,30 @@ impl Runner for PagedRunner {
             .iter()
             .map(|b| self.raw_budget(prompt.len(), *b))
             .collect();
+        if budgets.len() > 1 && self.kv_memory.is_none() {
+            self.run_batched(model, prompt, params, &raws)
+        } else {
+            self.run_copies(model, prompt, params, &raws)
+        }
+    }
+}
+
+impl PagedRunner {
+    /// [`Runner::run_budgets`] with `--kv-memory` (or one budget): each budget decodes alone
+    /// in a copy of the prefilled cache (so each has the pool size the user asked for).
+    fn run_copies(
+        &mut self,
+        model: &mut Llama,
+        prompt: &[u32],
+        params: &GenParams,
+        raws: &[Option<usize>],
+    ) -> Result<Vec<Result<(Generation, CompressionStats)>>> {
         let mut cache = self.cache_for(model, prompt, params)?;
         let seq = cache.add_sequence()?;
         let unknown = |_len: usize| None;
         let mut proto = CompressHooks::new(self.policy.as_ref(), self.layers, &unknown);
         let pre = engine::prefill(model, &mut cache, seq, prompt, params, &mut proto)?;
-        let mut out = Vec::with_capacity(budgets.len());
+        let mut out = Vec::with_capacity(raws.len());
         for (i, raw) in raws.iter().enumerate() {
             let raw = *raw;
             let budget_of = move |_len: usize| raw;
@@ -532,6 +550,136 @@ impl Runner for PagedRunner {
             };
             let kept = hooks.kept;
             out.push(r.map(|g| (g, self.stats(prompt.len(), kept))));
+        }
+        Ok(out)
+    }
+
+    /// [`Runner::run_budgets`] in one pool: the prompt is prefilled once, each budget gets a
+    /// forked sequence (copied, then compressed before the next copy, so at most one
+    /// uncompressed copy exists besides the original), and all budgets decode in one batch
+    /// ([`engine::decode_batch`]): a sweep's rates cost one decode pass, not one each.
+    fn run_batched(
+        &mut self,
+        model: &mut Llama,
+        prompt: &[u32],
+        params: &GenParams,
+        raws: &[Option<usize>],
+    ) -> Result<Vec<Result<(Generation, CompressionStats)>>> {
+        let spec = PagedSpec {
+            layers: self.layers,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            block_size: self.block_size,
+            dtype: model.dtype,
+            device: model.device.clone(),
+        };
+        // Pool: the original and one transient copy of the prompt, plus every fork at its
+        // budget with room to decode. A head may keep more than the budget (KV-Compress
+        // allocates across heads), but a sequence's total stays within budget x heads, plus
+        // one partly filled block per head.
+        let heads = self.layers * self.kv_heads;
+        let tokens =
+            (prompt.len() + params.max_new_tokens).min(params.max_context.max(prompt.len()));
+        let full = spec.blocks_for_tokens(tokens) + heads;
+        let min_budget = self.policy.min_budget();
+        let fork_blocks = |raw: Option<usize>| match raw {
+            None => full,
+            Some(b) => (spec.blocks_for_tokens(b.max(min_budget).min(prompt.len()))
+                + spec.blocks_for_tokens(params.max_new_tokens)
+                + 2 * heads)
+                .min(full),
+        };
+        let n_blocks = 2 * (spec.blocks_for_tokens(prompt.len()) + heads)
+            + raws.iter().map(|r| fork_blocks(*r)).sum::<usize>();
+        let mut cache = PagedCache::new(spec, n_blocks)?;
+        let seq0 = cache.add_sequence()?;
+        let unknown = |_len: usize| None;
+        let mut proto = CompressHooks::new(self.policy.as_ref(), self.layers, &unknown);
+        let pre = engine::prefill(model, &mut cache, seq0, prompt, params, &mut proto)?;
+        let budget_fns: Vec<Box<BudgetFn>> = raws
+            .iter()
+            .map(|&raw| Box::new(move |_len: usize| raw) as Box<BudgetFn>)
+            .collect();
+        let mut hooks: Vec<CompressHooks> =
+            budget_fns.iter().map(|f| proto.fork(f.as_ref())).collect();
+        // Fork and compress; the last budget takes the original sequence.
+        let mut seqs = Vec::with_capacity(raws.len());
+        let mut errors: Vec<Option<candle_core::Error>> = Vec::with_capacity(raws.len());
+        let mut prefill_ms = Vec::with_capacity(raws.len());
+        for (i, h) in hooks.iter_mut().enumerate() {
+            let t = std::time::Instant::now();
+            let r = if i + 1 == raws.len() {
+                Ok(seq0)
+            } else {
+                cache.fork_sequence(seq0)
+            }
+            .and_then(|s| h.after_prefill(&mut cache, s).map(|_| s));
+            match r {
+                Ok(s) => {
+                    seqs.push(Some(s));
+                    errors.push(None);
+                }
+                Err(e) => {
+                    seqs.push(None);
+                    errors.push(Some(e));
+                }
+            }
+            prefill_ms.push(pre.ms + t.elapsed().as_secs_f64() * 1e3);
+        }
+        let live: Vec<usize> = (0..raws.len()).filter(|&i| seqs[i].is_some()).collect();
+        let live_seqs: Vec<SeqId> = live.iter().map(|&i| seqs[i].expect("live")).collect();
+        let first_logits = pre.logits.to_vec1::<f32>()?;
+        let decoded = {
+            let mut live_hooks: Vec<&mut dyn Hooks> = Vec::with_capacity(live.len());
+            for (i, h) in hooks.iter_mut().enumerate() {
+                if seqs[i].is_some() {
+                    live_hooks.push(h);
+                }
+            }
+            engine::decode_batch(
+                model,
+                &mut cache,
+                &live_seqs,
+                &mut live_hooks,
+                &pre.logits,
+                prompt.len(),
+                params,
+            )
+        };
+        let mut decoded: Vec<Option<Result<engine::BatchOutput>>> = match decoded {
+            Ok(v) => {
+                let mut all: Vec<Option<Result<engine::BatchOutput>>> =
+                    (0..raws.len()).map(|_| None).collect();
+                for (&i, o) in live.iter().zip(v) {
+                    all[i] = Some(Ok(o));
+                }
+                all
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                (0..raws.len())
+                    .map(|_| Some(Err(candle_core::Error::Msg(msg.clone()))))
+                    .collect()
+            }
+        };
+        let mut out = Vec::with_capacity(raws.len());
+        for (i, h) in hooks.into_iter().enumerate() {
+            let r = match (errors[i].take(), decoded[i].take()) {
+                (Some(e), _) => Err(e),
+                (None, Some(Ok(o))) => Ok((
+                    Generation {
+                        output_ids: o.output_ids,
+                        finish_reason: o.finish_reason,
+                        first_logits: Some(first_logits.clone()),
+                        prefill_ms: prefill_ms[i],
+                        decode_ms: o.decode_ms,
+                    },
+                    self.stats(prompt.len(), h.kept),
+                )),
+                (None, Some(Err(e))) => Err(e),
+                (None, None) => Err(candle_core::Error::Msg("fork was not decoded".into())),
+            };
+            out.push(r);
         }
         Ok(out)
     }

@@ -232,6 +232,111 @@ pub fn decode(
     })
 }
 
+/// How one sequence of [`decode_batch`] ended.
+#[derive(Debug, Clone)]
+pub struct BatchOutput {
+    pub output_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+    /// From the start of the batch to this sequence's last token.
+    pub decode_ms: f64,
+}
+
+/// Greedy decoding of forks of one prompt in one batch: `seqs[i]` (already through its
+/// `hooks[i].after_prefill`) continues from the shared prefill logits `first` `[vocab]`; one
+/// [`Llama::forward_decode`] per step over the sequences still running, each with its own
+/// hooks (scoring, continual compression) and stop. Per sequence, the tokens single-sequence
+/// [`decode`] gives (same stop rules; argmax on the host, first maximum, as [`Llama::argmax`]).
+pub fn decode_batch(
+    model: &mut Llama,
+    cache: &mut dyn CacheBackend,
+    seqs: &[SeqId],
+    hooks: &mut [&mut dyn Hooks],
+    first: &Tensor,
+    prompt_len: usize,
+    params: &GenParams,
+) -> Result<Vec<BatchOutput>> {
+    let n = seqs.len();
+    if hooks.len() != n {
+        candle_core::bail!("{} hooks for {n} sequences", hooks.len());
+    }
+    let t0 = Instant::now();
+    let first = Llama::argmax(first)?;
+    let mut next = vec![first; n];
+    let mut outs: Vec<Vec<u32>> = vec![Vec::new(); n];
+    let mut done: Vec<Option<BatchOutput>> = vec![None; n];
+    let mut live: Vec<usize> = (0..n).collect();
+    let mut pos = prompt_len;
+    loop {
+        pos += 1;
+        let mut still = Vec::with_capacity(live.len());
+        for &i in &live {
+            let tok = next[i];
+            outs[i].push(tok);
+            let len = outs[i].len();
+            let finish = if params.stop_ids.contains(&tok) && len >= params.min_new_tokens.max(1) {
+                Some(FinishReason::Stop)
+            } else if len >= params.max_new_tokens {
+                Some(FinishReason::Length)
+            } else if pos >= params.max_context {
+                Some(FinishReason::Context)
+            } else {
+                None
+            };
+            match finish {
+                Some(f) => {
+                    done[i] = Some(BatchOutput {
+                        output_ids: std::mem::take(&mut outs[i]),
+                        finish_reason: f,
+                        decode_ms: t0.elapsed().as_secs_f64() * 1e3,
+                    })
+                }
+                None => still.push(i),
+            }
+        }
+        live = still;
+        if live.is_empty() {
+            break;
+        }
+        // One probe for the batch: every fork runs the same policy.
+        let probe = live
+            .iter()
+            .map(|&i| hooks[i].decode_probe())
+            .find(|p| !matches!(p, Probe::None))
+            .unwrap_or(Probe::None);
+        let tokens: Vec<u32> = live.iter().map(|&i| next[i]).collect();
+        let batch: Vec<SeqId> = live.iter().map(|&i| seqs[i]).collect();
+        let logits = {
+            let (live, hooks) = (&live, &mut *hooks);
+            let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
+                for (row, &i) in live.iter().enumerate() {
+                    if !matches!(hooks[i].decode_probe(), Probe::None) {
+                        hooks[i].observe(layer, &probs.narrow(0, row, 1)?, c, seqs[i])?;
+                    }
+                }
+                Ok(())
+            };
+            model.forward_decode(&tokens, &batch, cache, probe, &mut observe)?
+        };
+        for &i in &live {
+            hooks[i].after_step(cache, seqs[i])?;
+        }
+        let rows = logits.to_vec2::<f32>()?;
+        for (row, &i) in rows.iter().zip(&live) {
+            let mut best = 0usize;
+            for (j, x) in row.iter().enumerate() {
+                if *x > row[best] {
+                    best = j;
+                }
+            }
+            next[i] = best as u32;
+        }
+    }
+    Ok(done
+        .into_iter()
+        .map(|d| d.expect("every sequence finishes"))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -273,6 +273,44 @@ impl BlockPool {
         Ok(())
     }
 
+    /// Register `dst` as a copy of `src`: the same length in every head, in newly allocated
+    /// blocks, with metrics and positions copied. Returns the physical slot copies the storage
+    /// must make for K/V. Nothing changes when blocks run out.
+    pub fn fork_seq(&mut self, src: SeqId, dst: SeqId) -> Result<Vec<Move>, BlockError> {
+        if self.seqs.contains_key(&dst) {
+            return Err(BlockError::DuplicateSeq(dst));
+        }
+        let t = self.table(src)?.clone();
+        let need: usize = t.blocks.iter().flatten().map(|b| b.len()).sum();
+        if need > self.free.len() {
+            return Err(BlockError::OutOfBlocks {
+                needed: need,
+                free: self.free.len(),
+                total: self.num_blocks,
+            });
+        }
+        let bs = self.block_size;
+        let mut blocks = vec![vec![Vec::new(); self.kv_heads]; self.layers];
+        let mut copies = Vec::new();
+        for (l, layer) in t.blocks.iter().enumerate() {
+            for (h, head) in layer.iter().enumerate() {
+                for (i, &b) in head.iter().enumerate() {
+                    let nb = self.free.pop().expect("checked above");
+                    blocks[l][h].push(nb);
+                    let used = (t.len[l][h] - i * bs).min(bs);
+                    for o in 0..used {
+                        let (from, to) = (b as usize * bs + o, nb as usize * bs + o);
+                        self.metric[to] = self.metric[from];
+                        self.position[to] = self.position[from];
+                        copies.push(Move { from, to });
+                    }
+                }
+            }
+        }
+        self.seqs.insert(dst, SeqTable { blocks, len: t.len });
+        Ok(copies)
+    }
+
     /// Drop a sequence; its blocks go back to the pool.
     pub fn remove_seq(&mut self, seq: SeqId) -> Result<(), BlockError> {
         let t = self.seqs.remove(&seq).ok_or(BlockError::UnknownSeq(seq))?;
@@ -525,6 +563,7 @@ impl BlockPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     #[test]
     fn append_allocates_blocks_lazily_and_remove_frees_them() {
@@ -590,6 +629,53 @@ mod tests {
             p.plan_compaction(0, 0, 0, &[5]),
             Err(BlockError::BadSlot { .. })
         ));
+    }
+
+    #[test]
+    fn fork_copies_lengths_metrics_positions_into_own_blocks() {
+        let mut p = BlockPool::new(2, 2, 4, 12).unwrap();
+        p.add_seq(0).unwrap();
+        p.append(0, 0, 0, &[0, 1, 2, 3, 4]).unwrap();
+        p.append(1, 0, 1, &[0, 1]).unwrap();
+        p.add_metric(0, 0, 0, &[5., 4., 3., 2., 1.]).unwrap();
+        let copies = p.fork_seq(0, 1).unwrap();
+        // 5 + 2 filled slots copied, into blocks the source does not own.
+        assert_eq!(copies.len(), 7);
+        let src: HashSet<usize> = [(0, 0), (1, 1)]
+            .iter()
+            .flat_map(|&(l, h)| p.slots(l, 0, h).unwrap())
+            .collect();
+        assert!(copies
+            .iter()
+            .all(|m| src.contains(&m.from) && !src.contains(&m.to)));
+        for (l, h) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+            assert_eq!(p.len(l, 1, h).unwrap(), p.len(l, 0, h).unwrap());
+            assert_eq!(p.positions(l, 1, h).unwrap(), p.positions(l, 0, h).unwrap());
+            assert_eq!(p.metrics(l, 1, h).unwrap(), p.metrics(l, 0, h).unwrap());
+        }
+        assert_eq!(p.used_blocks(), 6);
+        p.check().unwrap();
+        // Independent afterwards: the copy's metric and removal leave the source alone.
+        p.add_metric(0, 1, 0, &[1.; 5]).unwrap();
+        assert_eq!(p.metrics(0, 0, 0).unwrap(), vec![5., 4., 3., 2., 1.]);
+        p.remove_seq(1).unwrap();
+        assert_eq!(p.used_blocks(), 3);
+        p.check().unwrap();
+        // Not enough blocks: an error, nothing allocated.
+        let mut small = BlockPool::new(1, 1, 4, 3).unwrap();
+        small.add_seq(0).unwrap();
+        small.append(0, 0, 0, &[0, 1, 2, 3, 4]).unwrap();
+        assert!(matches!(
+            small.fork_seq(0, 1),
+            Err(BlockError::OutOfBlocks {
+                needed: 2,
+                free: 1,
+                ..
+            })
+        ));
+        assert_eq!(small.free_blocks(), 1);
+        assert!(small.table(1).is_err());
+        assert!(matches!(p.fork_seq(0, 0), Err(BlockError::DuplicateSeq(0))));
     }
 
     #[test]

@@ -134,6 +134,40 @@ impl PagedCache {
         })
     }
 
+    /// A new sequence holding a copy of `src` (K/V, metrics, positions, length per head) in
+    /// blocks of its own: one prefill continued under several budgets in one pool.
+    pub fn fork_sequence(&mut self, src: SeqId) -> Result<SeqId> {
+        let pos = *self
+            .pos
+            .get(&src)
+            .ok_or_else(|| be(BlockError::UnknownSeq(src)))?;
+        let id = self.next_id;
+        let copies = self.pool.fork_seq(src, id).map_err(be)?;
+        self.next_id += 1;
+        self.pos.insert(id, pos);
+        let from: Vec<u32> = copies.iter().map(|m| m.from as u32).collect();
+        let to: Vec<usize> = copies.iter().map(|m| m.to).collect();
+        let copied = if from.is_empty() {
+            Ok(())
+        } else if self.on_cuda() {
+            let to: Vec<u32> = to.iter().map(|&x| x as u32).collect();
+            cuda::move_slots(&self.k, &self.v, None, None, &from, &to)
+        } else {
+            let n = from.len();
+            let from = Tensor::from_vec(from, n, &self.spec.device)?;
+            let k_rows = self.k.index_select(&from, 0)?;
+            let v_rows = self.v.index_select(&from, 0)?;
+            self.scatter(&self.k, &to, &k_rows)
+                .and_then(|_| self.scatter(&self.v, &to, &v_rows))
+        };
+        if let Err(e) = copied {
+            self.pos.remove(&id);
+            let _ = self.pool.remove_seq(id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
     /// The shape this cache was built with.
     pub fn spec(&self) -> &PagedSpec {
         &self.spec
