@@ -591,7 +591,15 @@ impl PagedRunner {
         };
         let n_blocks = 2 * (spec.blocks_for_tokens(prompt.len()) + heads)
             + raws.iter().map(|r| fork_blocks(*r)).sum::<usize>();
-        let mut cache = PagedCache::new(spec, n_blocks)?;
+        let bytes = n_blocks as u64 * spec.layout().bytes_per_block();
+        let mut cache = PagedCache::new(spec, n_blocks).map_err(|e| {
+            candle_core::Error::Msg(format!(
+                "{e}: allocating one pool for the {} budgets of this sample ({n_blocks} blocks, {:.1} MiB); \
+                 --no-shared-prefill runs one budget at a time",
+                raws.len(),
+                bytes as f64 / (1 << 20) as f64
+            ))
+        })?;
         let seq0 = cache.add_sequence()?;
         let unknown = |_len: usize| None;
         let mut proto = CompressHooks::new(self.policy.as_ref(), self.layers, &unknown);
