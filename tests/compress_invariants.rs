@@ -184,6 +184,66 @@ fn shared_prefill_equals_separate_runs_for_every_method() {
     }
 }
 
+/// Several prompts of different lengths, each under its own list of budgets, prefilled one by
+/// one and decoded in one batch (`kvc eval --batch-samples`): each (prompt, budget) gives what
+/// a separate run gives, token for token, with the same kept KVs.
+#[test]
+fn batched_prompts_equal_separate_runs() {
+    let ts = &specs()[1];
+    let (_tmp, mut lm) = tiny(ts);
+    let cfg = lm.config().clone();
+    let long = lm.prompt_ids(TEXT, false).unwrap();
+    let short = lm
+        .prompt_ids(
+            "a cat sat on the mat and looked at the dog for a long while",
+            false,
+        )
+        .unwrap();
+    assert!(short.len() < long.len());
+    let p = params(10);
+    let opts = small_opts();
+    let budgets = vec![
+        vec![Some(Budget::Rate(2.0)), Some(Budget::Rate(8.0))],
+        vec![Some(Budget::Tokens(12))],
+        vec![
+            Some(Budget::Rate(4.0)),
+            Some(Budget::Rate(1.0)),
+            Some(Budget::Rate(64.0)),
+        ],
+    ];
+    let prompts: Vec<&[u32]> = vec![&long, &short, &long];
+    for m in [
+        "kvcompress",
+        "snapkv",
+        "h2o",
+        "streamingllm",
+        "kvcompress+kvcrush",
+    ] {
+        let spec = MethodSpec::parse(m).unwrap();
+        let mut r = compress::runner(&spec, None, &cfg, &opts).unwrap();
+        let out = r
+            .run_prompts(&mut lm.model, &prompts, &p, &budgets)
+            .unwrap();
+        assert_eq!(out.len(), prompts.len());
+        for ((prompt, bs), res) in prompts.iter().zip(&budgets).zip(out) {
+            let res = res.unwrap();
+            assert_eq!(res.len(), bs.len());
+            for (b, got) in bs.iter().zip(res) {
+                let (g, st) = got.unwrap();
+                let mut alone = compress::runner(&spec, *b, &cfg, &opts).unwrap();
+                let (g1, st1) = alone.run(&mut lm.model, prompt, &p).unwrap();
+                assert_eq!(
+                    g.output_ids,
+                    g1.output_ids,
+                    "{m} at {b:?}, prompt of {}",
+                    prompt.len()
+                );
+                assert_eq!(st, st1, "{m} at {b:?}, prompt of {}", prompt.len());
+            }
+        }
+    }
+}
+
 /// K, V rows `[L, d]` and metrics of every head right after prefill, nothing evicted (slot
 /// order = position order).
 struct Snapshot {

@@ -559,9 +559,10 @@ fn rows_by_id(out: &std::path::Path, run: &str) -> BTreeMap<String, serde_json::
         .collect()
 }
 
-/// The rates of a method share each sample's prefill (the default): a run killed in the middle
-/// of a sample's rates resumes each run on its own, and every row equals the row of a sweep
-/// that prefilled every run separately (`--no-shared-prefill`), timings aside.
+/// The rates of a method share each sample's prefill (the default), and with --batch-samples
+/// several samples decode together: a run killed in the middle of a sample's rates resumes
+/// each run on its own, and every row equals the row of a sweep that prefilled and decoded
+/// every run separately (`--no-shared-prefill`, one sample at a time), timings aside.
 #[test]
 fn shared_prefill_rows_equal_separate_runs_and_resume_per_run() {
     let args = [
@@ -579,8 +580,12 @@ fn shared_prefill_rows_equal_separate_runs_and_resume_per_run() {
         "8",
     ];
     let shared = fixture();
-    // full: 2 rows; kvcompress rate2+rate4 on the first sample: rows 3, 4; the second sample's
-    // rate-2 row is the 5th: the kill leaves rate4 one row short.
+    // Both samples in one batch too (--batch-samples 2). full: 2 rows; kvcompress rate2+rate4
+    // on the first sample: rows 3, 4; the second sample's rate-2 row is the 5th: the kill
+    // leaves rate4 one row short.
+    let mut shared_args = args.to_vec();
+    shared_args.extend(["--batch-samples", "2"]);
+    let args = shared_args;
     let o = shared.run(&args, &[("KVC_EVAL_TEST_ABORT_AFTER", "5")]);
     assert_ne!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(rows_by_id(&shared.out, "kvcompress/rate2").len(), 2);
@@ -591,7 +596,7 @@ fn shared_prefill_rows_equal_separate_runs_and_resume_per_run() {
     assert!(err.contains("run kvcompress rate2,rate4"), "{err}");
 
     let separate = fixture();
-    let mut sep_args = args.to_vec();
+    let mut sep_args: Vec<&str> = args[..args.len() - 2].to_vec();
     sep_args.push("--no-shared-prefill");
     let o = separate.run(&sep_args, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));

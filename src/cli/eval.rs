@@ -150,6 +150,12 @@ pub struct SweepArgs {
     /// run alone.
     #[arg(long)]
     pub no_shared_prefill: bool,
+    /// Samples of a subset generated together: each prompt is prefilled on its own, then all
+    /// of them (every rate of each) decode in one batch. Pays off where a decode step costs
+    /// about the same for 1 or 64 sequences (a GPU with a small model); 1 = one sample at a
+    /// time. The output is the same either way; Ctrl-C finishes the samples in flight.
+    #[arg(long, default_value_t = 1, value_parser = crate::compress::positive)]
+    pub batch_samples: usize,
     #[command(flatten)]
     pub method_options: MethodOptions,
 }
@@ -588,6 +594,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
         stop: &stop,
         abandon: &abandon,
         retry_failed: args.output.retry_failed,
+        batch_samples: args.sweep.batch_samples,
     };
     let mut progress = Progress {
         show_bars: !args.output.no_progress && !quiet && std::io::stderr().is_terminal(),

@@ -173,7 +173,28 @@ pub trait Runner {
         params: &GenParams,
         budgets: &[Option<Budget>],
     ) -> Result<Vec<Result<(Generation, CompressionStats)>>>;
+
+    /// [`Runner::run_budgets`] for several prompts with the same decoding parameters (one
+    /// subset): prompt `s` under `budgets[s]`. A compressed method (without `--kv-memory`)
+    /// prefills each prompt once and decodes every (prompt, budget) in one batch; the others
+    /// run the prompts one after another. Per prompt, the outer `Err` is its failed prefill.
+    fn run_prompts(
+        &mut self,
+        model: &mut Llama,
+        prompts: &[&[u32]],
+        params: &GenParams,
+        budgets: &[Vec<Option<Budget>>],
+    ) -> Result<Vec<PromptResults>> {
+        Ok(prompts
+            .iter()
+            .zip(budgets)
+            .map(|(p, b)| self.run_budgets(model, p, params, b))
+            .collect())
+    }
 }
+
+/// One prompt's generations under each of its budgets ([`Runner::run_prompts`]).
+pub type PromptResults = Result<Vec<Result<(Generation, CompressionStats)>>>;
 
 /// Method parameters shared by `kvc eval` and `kvc bench` (flattened into their clap args):
 /// each method's paper defaults, overridable by flags. `Default` equals the flags' defaults.
@@ -277,7 +298,7 @@ impl Default for MethodOptions {
 }
 
 /// Parse a positive integer flag.
-fn positive(s: &str) -> std::result::Result<usize, String> {
+pub fn positive(s: &str) -> std::result::Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(format!("`{s}` is not a positive integer")),
@@ -513,10 +534,34 @@ impl Runner for PagedRunner {
             .map(|b| self.raw_budget(prompt.len(), *b))
             .collect();
         if budgets.len() > 1 && self.kv_memory.is_none() {
-            self.run_batched(model, prompt, params, &raws)
+            self.run_batched(model, &[prompt], params, &[raws])?
+                .pop()
+                .expect("one result per prompt")
         } else {
             self.run_copies(model, prompt, params, &raws)
         }
+    }
+
+    fn run_prompts(
+        &mut self,
+        model: &mut Llama,
+        prompts: &[&[u32]],
+        params: &GenParams,
+        budgets: &[Vec<Option<Budget>>],
+    ) -> Result<Vec<PromptResults>> {
+        if self.kv_memory.is_some() {
+            return Ok(prompts
+                .iter()
+                .zip(budgets)
+                .map(|(p, b)| self.run_budgets(model, p, params, b))
+                .collect());
+        }
+        let raws: Vec<Vec<Option<usize>>> = prompts
+            .iter()
+            .zip(budgets)
+            .map(|(p, bs)| bs.iter().map(|b| self.raw_budget(p.len(), *b)).collect())
+            .collect();
+        self.run_batched(model, prompts, params, &raws)
     }
 }
 
@@ -554,17 +599,18 @@ impl PagedRunner {
         Ok(out)
     }
 
-    /// [`Runner::run_budgets`] in one pool: the prompt is prefilled once, each budget gets a
-    /// forked sequence (copied, then compressed before the next copy, so at most one
-    /// uncompressed copy exists besides the original), and all budgets decode in one batch
-    /// ([`engine::decode_batch`]): a sweep's rates cost one decode pass, not one each.
+    /// [`Runner::run_prompts`] in one pool: each prompt is prefilled once, each of its budgets
+    /// gets a forked sequence (copied, then compressed before the next copy, so at most one
+    /// uncompressed copy exists besides the original), and every (prompt, budget) decodes in
+    /// one batch ([`engine::decode_batch`]): a sweep's rates, and several samples, cost one
+    /// decode pass.
     fn run_batched(
         &mut self,
         model: &mut Llama,
-        prompt: &[u32],
+        prompts: &[&[u32]],
         params: &GenParams,
-        raws: &[Option<usize>],
-    ) -> Result<Vec<Result<(Generation, CompressionStats)>>> {
+        raws: &[Vec<Option<usize>>],
+    ) -> Result<Vec<PromptResults>> {
         let spec = PagedSpec {
             layers: self.layers,
             kv_heads: self.kv_heads,
@@ -573,124 +619,179 @@ impl PagedRunner {
             dtype: model.dtype,
             device: model.device.clone(),
         };
-        // Pool: the original and one transient copy of the prompt, plus every fork at its
-        // budget with room to decode. A head may keep more than the budget (KV-Compress
+        // Pool: one original and one transient copy of the longest prompt, plus every fork at
+        // its budget with room to decode. A head may keep more than the budget (KV-Compress
         // allocates across heads), but a sequence's total stays within budget x heads, plus
         // one partly filled block per head.
         let heads = self.layers * self.kv_heads;
-        let tokens =
-            (prompt.len() + params.max_new_tokens).min(params.max_context.max(prompt.len()));
-        let full = spec.blocks_for_tokens(tokens) + heads;
         let min_budget = self.policy.min_budget();
-        let fork_blocks = |raw: Option<usize>| match raw {
-            None => full,
-            Some(b) => (spec.blocks_for_tokens(b.max(min_budget).min(prompt.len()))
+        let full = |len: usize| {
+            let tokens = (len + params.max_new_tokens).min(params.max_context.max(len));
+            spec.blocks_for_tokens(tokens) + heads
+        };
+        let fork_blocks = |len: usize, raw: Option<usize>| match raw {
+            None => full(len),
+            Some(b) => (spec.blocks_for_tokens(b.max(min_budget).min(len))
                 + spec.blocks_for_tokens(params.max_new_tokens)
                 + 2 * heads)
-                .min(full),
+                .min(full(len)),
         };
-        let n_blocks = 2 * (spec.blocks_for_tokens(prompt.len()) + heads)
-            + raws.iter().map(|r| fork_blocks(*r)).sum::<usize>();
+        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let n_blocks = 2 * (spec.blocks_for_tokens(longest) + heads)
+            + prompts
+                .iter()
+                .zip(raws)
+                .flat_map(|(p, rs)| rs.iter().map(|r| fork_blocks(p.len(), *r)))
+                .sum::<usize>();
+        let n_forks: usize = raws.iter().map(|r| r.len()).sum();
         let bytes = n_blocks as u64 * spec.layout().bytes_per_block();
         let mut cache = PagedCache::new(spec, n_blocks).map_err(|e| {
             candle_core::Error::Msg(format!(
-                "{e}: allocating one pool for the {} budgets of this sample ({n_blocks} blocks, {:.1} MiB); \
-                 --no-shared-prefill runs one budget at a time",
-                raws.len(),
+                "{e}: allocating one pool for {n_forks} sequences ({} prompts x their budgets; \
+                 {n_blocks} blocks, {:.1} MiB); --no-shared-prefill runs one budget at a time",
+                prompts.len(),
                 bytes as f64 / (1 << 20) as f64
             ))
         })?;
-        let seq0 = cache.add_sequence()?;
-        let unknown = |_len: usize| None;
-        let mut proto = CompressHooks::new(self.policy.as_ref(), self.layers, &unknown);
-        let pre = engine::prefill(model, &mut cache, seq0, prompt, params, &mut proto)?;
-        let budget_fns: Vec<Box<BudgetFn>> = raws
+        let budget_fns: Vec<Vec<Box<BudgetFn>>> = raws
             .iter()
-            .map(|&raw| Box::new(move |_len: usize| raw) as Box<BudgetFn>)
+            .map(|rs| {
+                rs.iter()
+                    .map(|&raw| Box::new(move |_len: usize| raw) as Box<BudgetFn>)
+                    .collect()
+            })
             .collect();
-        let mut hooks: Vec<CompressHooks> =
-            budget_fns.iter().map(|f| proto.fork(f.as_ref())).collect();
-        // Fork and compress; the last budget takes the original sequence.
-        let mut seqs = Vec::with_capacity(raws.len());
-        let mut errors: Vec<Option<candle_core::Error>> = Vec::with_capacity(raws.len());
-        let mut prefill_ms = Vec::with_capacity(raws.len());
-        for (i, h) in hooks.iter_mut().enumerate() {
-            let t = std::time::Instant::now();
-            let r = if i + 1 == raws.len() {
-                Ok(seq0)
-            } else {
-                cache.fork_sequence(seq0)
-            }
-            .and_then(|s| h.after_prefill(&mut cache, s).map(|_| s));
-            match r {
-                Ok(s) => {
-                    seqs.push(Some(s));
-                    errors.push(None);
+        let unknown = |_len: usize| None;
+        // Per prompt: its prefill's error, or where its forks start.
+        let mut prompt_err: Vec<Option<candle_core::Error>> = Vec::with_capacity(prompts.len());
+        let mut first_logits: Vec<Vec<f32>> = Vec::with_capacity(prompts.len());
+        // Per fork (prompt-major): hooks, sequence or error, prefill time.
+        let mut hooks: Vec<CompressHooks> = Vec::with_capacity(n_forks);
+        let mut forks: Vec<Fork> = Vec::with_capacity(n_forks);
+        for (s, prompt) in prompts.iter().enumerate() {
+            let prefilled = cache.add_sequence().and_then(|seq0| {
+                let mut proto = CompressHooks::new(self.policy.as_ref(), self.layers, &unknown);
+                match engine::prefill(model, &mut cache, seq0, prompt, params, &mut proto)
+                    .and_then(|pre| Ok((Llama::argmax(&pre.logits)?, pre)))
+                {
+                    Ok((first, pre)) => Ok((seq0, proto, pre, first)),
+                    Err(e) => {
+                        let _ = cache.remove_sequence(seq0);
+                        Err(e)
+                    }
                 }
+            });
+            let (seq0, proto, pre, first) = match prefilled {
+                Ok(x) => x,
                 Err(e) => {
-                    seqs.push(None);
-                    errors.push(Some(e));
+                    prompt_err.push(Some(e));
+                    first_logits.push(Vec::new());
+                    continue;
                 }
+            };
+            prompt_err.push(None);
+            first_logits.push(pre.logits.to_vec1::<f32>()?);
+            let n = budget_fns[s].len();
+            for (k, f) in budget_fns[s].iter().enumerate() {
+                let mut h = proto.fork(f.as_ref());
+                let t = std::time::Instant::now();
+                // The last budget takes the original sequence.
+                let r = if k + 1 == n {
+                    Ok(seq0)
+                } else {
+                    cache.fork_sequence(seq0)
+                }
+                .and_then(|seq| h.after_prefill(&mut cache, seq).map(|_| seq));
+                let (seq, err) = match r {
+                    Ok(seq) => (Some(seq), None),
+                    Err(e) => (None, Some(e)),
+                };
+                forks.push(Fork {
+                    prompt: s,
+                    seq,
+                    err,
+                    start: engine::BatchStart {
+                        first,
+                        prompt_len: prompt.len(),
+                    },
+                    prefill_ms: pre.ms + t.elapsed().as_secs_f64() * 1e3,
+                });
+                hooks.push(h);
             }
-            prefill_ms.push(pre.ms + t.elapsed().as_secs_f64() * 1e3);
         }
-        let live: Vec<usize> = (0..raws.len()).filter(|&i| seqs[i].is_some()).collect();
-        let live_seqs: Vec<SeqId> = live.iter().map(|&i| seqs[i].expect("live")).collect();
-        let first_logits = pre.logits.to_vec1::<f32>()?;
+        let live: Vec<usize> = (0..forks.len())
+            .filter(|&i| forks[i].seq.is_some())
+            .collect();
         let decoded = {
+            let seqs: Vec<SeqId> = live.iter().map(|&i| forks[i].seq.expect("live")).collect();
+            let starts: Vec<engine::BatchStart> = live.iter().map(|&i| forks[i].start).collect();
             let mut live_hooks: Vec<&mut dyn Hooks> = Vec::with_capacity(live.len());
             for (i, h) in hooks.iter_mut().enumerate() {
-                if seqs[i].is_some() {
+                if forks[i].seq.is_some() {
                     live_hooks.push(h);
                 }
             }
-            engine::decode_batch(
-                model,
-                &mut cache,
-                &live_seqs,
-                &mut live_hooks,
-                &pre.logits,
-                prompt.len(),
-                params,
-            )
+            if seqs.is_empty() {
+                Ok(Vec::new())
+            } else {
+                engine::decode_batch(model, &mut cache, &seqs, &mut live_hooks, &starts, params)
+            }
         };
-        let mut decoded: Vec<Option<Result<engine::BatchOutput>>> = match decoded {
+        let mut outputs: Vec<Option<Result<engine::BatchOutput>>> =
+            (0..forks.len()).map(|_| None).collect();
+        match decoded {
             Ok(v) => {
-                let mut all: Vec<Option<Result<engine::BatchOutput>>> =
-                    (0..raws.len()).map(|_| None).collect();
                 for (&i, o) in live.iter().zip(v) {
-                    all[i] = Some(Ok(o));
+                    outputs[i] = Some(Ok(o));
                 }
-                all
             }
             Err(e) => {
                 let msg = e.to_string();
-                (0..raws.len())
-                    .map(|_| Some(Err(candle_core::Error::Msg(msg.clone()))))
-                    .collect()
+                for &i in &live {
+                    outputs[i] = Some(Err(candle_core::Error::Msg(msg.clone())));
+                }
             }
-        };
-        let mut out = Vec::with_capacity(raws.len());
-        for (i, h) in hooks.into_iter().enumerate() {
-            let r = match (errors[i].take(), decoded[i].take()) {
+        }
+        let mut out: Vec<PromptResults> = prompt_err
+            .into_iter()
+            .map(|e| match e {
+                Some(e) => Err(e),
+                None => Ok(Vec::new()),
+            })
+            .collect();
+        for ((f, h), o) in forks.into_iter().zip(hooks).zip(outputs) {
+            let r = match (f.err, o) {
                 (Some(e), _) => Err(e),
                 (None, Some(Ok(o))) => Ok((
                     Generation {
                         output_ids: o.output_ids,
                         finish_reason: o.finish_reason,
-                        first_logits: Some(first_logits.clone()),
-                        prefill_ms: prefill_ms[i],
+                        first_logits: Some(first_logits[f.prompt].clone()),
+                        prefill_ms: f.prefill_ms,
                         decode_ms: o.decode_ms,
                     },
-                    self.stats(prompt.len(), h.kept),
+                    self.stats(f.start.prompt_len, h.kept),
                 )),
                 (None, Some(Err(e))) => Err(e),
                 (None, None) => Err(candle_core::Error::Msg("fork was not decoded".into())),
             };
-            out.push(r);
+            if let Ok(v) = &mut out[f.prompt] {
+                v.push(r);
+            }
         }
         Ok(out)
     }
+}
+
+/// One (prompt, budget) of [`PagedRunner::run_batched`].
+struct Fork {
+    prompt: usize,
+    /// Its sequence, or why it has none.
+    seq: Option<SeqId>,
+    err: Option<candle_core::Error>,
+    start: engine::BatchStart,
+    /// The prompt's prefill plus this fork's copy and compression.
+    prefill_ms: f64,
 }
 
 /// The full cache: the contiguous reference backend, no hooks.

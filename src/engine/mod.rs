@@ -241,43 +241,54 @@ pub struct BatchOutput {
     pub decode_ms: f64,
 }
 
-/// Greedy decoding of forks of one prompt in one batch: `seqs[i]` (already through its
-/// `hooks[i].after_prefill`) continues from the shared prefill logits `first` `[vocab]`; one
-/// [`Llama::forward_decode`] per step over the sequences still running, each with its own
-/// hooks (scoring, continual compression) and stop. Per sequence, the tokens single-sequence
-/// [`decode`] gives (same stop rules; argmax on the host, first maximum, as [`Llama::argmax`]).
+/// Where a sequence of [`decode_batch`] starts: its first generated token (the argmax of its
+/// prefill logits) and its prompt length.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchStart {
+    pub first: u32,
+    pub prompt_len: usize,
+}
+
+/// Greedy decoding of several prefilled sequences in one batch (forks of one prompt under
+/// several budgets, and forks of several prompts): `seqs[i]`, already through its
+/// `hooks[i].after_prefill`, continues from `starts[i]`; one [`Llama::forward_decode`] per step
+/// over the sequences still running, each with its own hooks (scoring, continual compression)
+/// and stop. Per sequence, the tokens single-sequence [`decode`] gives (same stop rules;
+/// argmax on the host, first maximum, as [`Llama::argmax`]).
 pub fn decode_batch(
     model: &mut Llama,
     cache: &mut dyn CacheBackend,
     seqs: &[SeqId],
     hooks: &mut [&mut dyn Hooks],
-    first: &Tensor,
-    prompt_len: usize,
+    starts: &[BatchStart],
     params: &GenParams,
 ) -> Result<Vec<BatchOutput>> {
     let n = seqs.len();
-    if hooks.len() != n {
-        candle_core::bail!("{} hooks for {n} sequences", hooks.len());
+    if hooks.len() != n || starts.len() != n {
+        candle_core::bail!(
+            "{} hooks and {} starts for {n} sequences",
+            hooks.len(),
+            starts.len()
+        );
     }
     let t0 = Instant::now();
-    let first = Llama::argmax(first)?;
-    let mut next = vec![first; n];
+    let mut next: Vec<u32> = starts.iter().map(|s| s.first).collect();
+    let mut pos: Vec<usize> = starts.iter().map(|s| s.prompt_len).collect();
     let mut outs: Vec<Vec<u32>> = vec![Vec::new(); n];
     let mut done: Vec<Option<BatchOutput>> = vec![None; n];
     let mut live: Vec<usize> = (0..n).collect();
-    let mut pos = prompt_len;
     loop {
-        pos += 1;
         let mut still = Vec::with_capacity(live.len());
         for &i in &live {
             let tok = next[i];
             outs[i].push(tok);
+            pos[i] += 1;
             let len = outs[i].len();
             let finish = if params.stop_ids.contains(&tok) && len >= params.min_new_tokens.max(1) {
                 Some(FinishReason::Stop)
             } else if len >= params.max_new_tokens {
                 Some(FinishReason::Length)
-            } else if pos >= params.max_context {
+            } else if pos[i] >= params.max_context {
                 Some(FinishReason::Context)
             } else {
                 None

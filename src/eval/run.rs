@@ -574,48 +574,97 @@ pub fn run_sample_budgets(
     row: &crate::data::longbench::Row,
     s: &SampleSettings,
 ) -> Vec<PredRecord> {
-    let mut recs: Vec<PredRecord> = plans
+    let all: Vec<usize> = (0..plans.len()).collect();
+    run_samples(lm, runner, plans, task, &[(row.clone(), all)], s)
+        .pop()
+        .expect("one sample")
+}
+
+/// Generate several samples of one subset, sample `i` under the plans `chunk[i].1` (indices
+/// into `plans`, one method): the runner prefills each prompt once and decodes every (sample,
+/// plan) in one batch. Per sample, one record per listed plan, in that order; failures become
+/// rows with `error` (never an `Err`).
+pub fn run_samples(
+    lm: &mut LoadedModel,
+    runner: &mut dyn Runner,
+    plans: &[&RunPlan],
+    task: &Task,
+    chunk: &[(crate::data::longbench::Row, Vec<usize>)],
+    s: &SampleSettings,
+) -> Vec<Vec<PredRecord>> {
+    let mut recs: Vec<Vec<PredRecord>> = chunk
         .iter()
-        .map(|p| base_record(lm, p, task, row))
+        .map(|(row, need)| {
+            need.iter()
+                .map(|&k| base_record(lm, plans[k], task, row))
+                .collect()
+        })
         .collect();
-    let prepared = match prepare(lm, task, row, s) {
-        Ok(p) => p,
-        Err(e) => {
-            for r in &mut recs {
-                r.error = Some(e.clone());
-            }
-            return recs;
+    let fail = |recs: &mut Vec<PredRecord>, e: &str| {
+        for r in recs {
+            r.error = Some(e.to_string());
         }
     };
-    for r in &mut recs {
-        r.chat_template = Some(prepared.chat);
-        r.truncated = Some(prepared.truncated);
-        r.prompt_tokens = Some(prepared.ids.len());
-        if plans.len() > 1 {
-            r.prefill_shared = Some(plans.len());
-        }
-    }
-    if let Some(e) = &prepared.too_long {
-        for r in &mut recs {
-            r.error = Some(e.clone());
-        }
-        return recs;
-    }
-    let budgets: Vec<Option<Budget>> = plans.iter().map(|p| p.compress_budget()).collect();
-    match runner.run_budgets(&mut lm.model, &prepared.ids, &prepared.params, &budgets) {
-        Err(e) => {
-            let e = candle_msg(&e);
-            for r in &mut recs {
-                r.error = Some(e.clone());
+    // Prompts that can run: (sample index, prepared).
+    let mut ready: Vec<(usize, Prepared)> = Vec::new();
+    for (i, (row, need)) in chunk.iter().enumerate() {
+        let prepared = match prepare(lm, task, row, s) {
+            Ok(p) => p,
+            Err(e) => {
+                fail(&mut recs[i], &e);
+                continue;
+            }
+        };
+        for r in &mut recs[i] {
+            r.chat_template = Some(prepared.chat);
+            r.truncated = Some(prepared.truncated);
+            r.prompt_tokens = Some(prepared.ids.len());
+            if need.len() > 1 {
+                r.prefill_shared = Some(need.len());
             }
         }
-        Ok(results) => {
-            for (rec, res) in recs.iter_mut().zip(results) {
-                let filled = res
-                    .map_err(|e| candle_msg(&e))
-                    .and_then(|(g, stats)| fill(lm, rec, &g, &stats, s));
-                if let Err(e) = filled {
-                    rec.error = Some(e);
+        match &prepared.too_long {
+            Some(e) => fail(&mut recs[i], e),
+            None => ready.push((i, prepared)),
+        }
+    }
+    if ready.is_empty() {
+        return recs;
+    }
+    // One subset: every prompt has the same decoding parameters.
+    let params = ready[0].1.params.clone();
+    let prompts: Vec<&[u32]> = ready.iter().map(|(_, p)| p.ids.as_slice()).collect();
+    let budgets: Vec<Vec<Option<Budget>>> = ready
+        .iter()
+        .map(|(i, _)| {
+            chunk[*i]
+                .1
+                .iter()
+                .map(|&k| plans[k].compress_budget())
+                .collect()
+        })
+        .collect();
+    match runner.run_prompts(&mut lm.model, &prompts, &params, &budgets) {
+        Err(e) => {
+            let e = candle_msg(&e);
+            for (i, _) in &ready {
+                fail(&mut recs[*i], &e);
+            }
+        }
+        Ok(per_prompt) => {
+            for ((i, _), res) in ready.iter().zip(per_prompt) {
+                match res {
+                    Err(e) => fail(&mut recs[*i], &candle_msg(&e)),
+                    Ok(results) => {
+                        for (rec, res) in recs[*i].iter_mut().zip(results) {
+                            let filled = res
+                                .map_err(|e| candle_msg(&e))
+                                .and_then(|(g, stats)| fill(lm, rec, &g, &stats, s));
+                            if let Err(e) = filled {
+                                rec.error = Some(e);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -826,6 +875,9 @@ pub struct Sweep<'a> {
     pub abandon: &'a AtomicBool,
     /// Redo samples whose rows carry an `error` (their rows are removed first).
     pub retry_failed: bool,
+    /// Samples of a subset generated together (each under every budget it lacks): prefilled
+    /// one by one, decoded in one batch. 1 = one sample at a time.
+    pub batch_samples: usize,
 }
 
 /// Test hooks (environment): abort the process after N appended rows (a kill without any
@@ -981,18 +1033,25 @@ pub fn run_group(
                         .map(|r| r.map(|(_, row)| row).map_err(EvalError::from)),
                 ),
             };
-        for r in rows {
-            if left == 0 {
+        let mut rows = rows;
+        loop {
+            // The next samples (up to --batch-samples) and the runs that lack each.
+            let mut chunk: Vec<(crate::data::longbench::Row, Vec<usize>)> = Vec::new();
+            while chunk.len() < sw.batch_samples.max(1) && left > 0 {
+                let Some(r) = rows.next() else { break };
+                let row = r?;
+                let need: Vec<usize> = (0..plans.len())
+                    .filter(|&k| todo[k][i].remove(&row.id))
+                    .collect();
+                if need.is_empty() {
+                    continue;
+                }
+                left -= need.len();
+                chunk.push((row, need));
+            }
+            if chunk.is_empty() {
                 break;
             }
-            let row = r?;
-            let need: Vec<usize> = (0..plans.len())
-                .filter(|&k| todo[k][i].remove(&row.id))
-                .collect();
-            if need.is_empty() {
-                continue;
-            }
-            left -= need.len();
             if sw.stop.load(Ordering::SeqCst) {
                 interrupted = true;
                 break 'subsets;
@@ -1000,31 +1059,32 @@ pub fn run_group(
             if let Some(ms) = delay_ms {
                 std::thread::sleep(std::time::Duration::from_millis(ms));
             }
-            let these: Vec<&RunPlan> = need.iter().map(|&k| plans[k]).collect();
-            let recs = run_sample_budgets(lm, runner.as_mut(), &these, sp.task, &row, &sw.settings);
+            let recs = run_samples(lm, runner.as_mut(), plans, sp.task, &chunk, &sw.settings);
             if sw.abandon.load(Ordering::SeqCst) {
                 interrupted = true;
                 break 'subsets;
             }
-            for (j, (&k, rec)) in need.iter().zip(recs).enumerate() {
-                let w = writers[k]
-                    .as_mut()
-                    .expect("a writer for every plan with work");
-                w.append(&rec)?;
-                *appended += 1;
-                outs[k].n_new += 1;
-                if rec.error.is_some() {
-                    outs[k].n_failed += 1;
-                }
-                // The prompt is processed once for the group: count it once.
-                let prompt = if j == 0 {
-                    rec.prompt_tokens.unwrap_or(0)
-                } else {
-                    0
-                };
-                obs.sample(&rec, prompt + rec.new_tokens.unwrap_or(0));
-                if abort_after.is_some_and(|n| *appended >= n) {
-                    std::process::abort();
+            for ((_, need), recs) in chunk.iter().zip(recs) {
+                for (j, (&k, rec)) in need.iter().zip(recs).enumerate() {
+                    let w = writers[k]
+                        .as_mut()
+                        .expect("a writer for every plan with work");
+                    w.append(&rec)?;
+                    *appended += 1;
+                    outs[k].n_new += 1;
+                    if rec.error.is_some() {
+                        outs[k].n_failed += 1;
+                    }
+                    // The prompt is processed once for the group: count it once.
+                    let prompt = if j == 0 {
+                        rec.prompt_tokens.unwrap_or(0)
+                    } else {
+                        0
+                    };
+                    obs.sample(&rec, prompt + rec.new_tokens.unwrap_or(0));
+                    if abort_after.is_some_and(|n| *appended >= n) {
+                        std::process::abort();
+                    }
                 }
             }
         }
