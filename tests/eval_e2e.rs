@@ -640,6 +640,22 @@ fn shared_prefill_rows_equal_separate_runs_and_resume_per_run() {
         compressed >= 4,
         "the budgets must evict for the comparison to mean anything"
     );
+    let run_json = |f: &Fixture| -> serde_json::Value {
+        let p = f.out.join("tiny/snapkv/rate2/run.json");
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let (a, b) = (run_json(&shared), run_json(&separate));
+    assert_eq!(a["scheduling"]["batch_samples"], 2);
+    assert_eq!(a["scheduling"]["shared_prefill"], true);
+    assert_eq!(b["scheduling"]["shared_prefill"], false);
+    // Scheduling changes timings only: it is not part of the configuration (the two fixtures
+    // differ only in their model's temporary path).
+    let config = |v: &serde_json::Value| {
+        let mut c = v["config"].clone();
+        c.as_object_mut().unwrap().remove("model_source");
+        c
+    };
+    assert_eq!(config(&a), config(&b));
     // Snapkv's two rates ran in one group from the start: both rows say so.
     let s = rows_by_id(&shared.out, "snapkv/rate4");
     assert!(s.values().all(|r| r["prefill_shared"] == 2), "{s:?}");

@@ -554,6 +554,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
             x.insert("ruler".into(), r.clone());
         }
         x.insert("limit".into(), serde_json::json!(args.data.limit));
+        // How samples were scheduled: changes timings, never outputs (not in the hash).
+        x.insert(
+            "scheduling".into(),
+            serde_json::json!({
+                "shared_prefill": !args.sweep.no_shared_prefill,
+                "batch_samples": args.sweep.batch_samples,
+            }),
+        );
         x.insert("command".into(), serde_json::json!(argv));
         x.insert(
             "updated_unix".into(),
