@@ -462,7 +462,7 @@ pub struct RulerPlan {
 pub type GeneratedRows = BTreeMap<String, Vec<crate::data::longbench::Row>>;
 
 /// Generate the RULER subsets with the model's tokenizer (prompts measured exactly as
-/// [`run_sample`] builds them): one [`SubsetPlan`] per task × length and the rows by subset.
+/// [`run_samples`] builds them): one [`SubsetPlan`] per task × length and the rows by subset.
 pub fn generate_ruler(
     lm: &LoadedModel,
     plan: &RulerPlan,
@@ -547,37 +547,6 @@ fn base_record(
         },
         ..Default::default()
     }
-}
-
-/// Generate one sample; failures become a row with `error` (never an `Err`).
-pub fn run_sample(
-    lm: &mut LoadedModel,
-    runner: &mut dyn Runner,
-    plan: &RunPlan,
-    task: &Task,
-    row: &crate::data::longbench::Row,
-    s: &SampleSettings,
-) -> PredRecord {
-    run_sample_budgets(lm, runner, &[plan], task, row, s)
-        .pop()
-        .expect("one record per plan")
-}
-
-/// Generate one sample under every plan of `plans` (one method, different budgets: `runner`
-/// prefills once and continues each budget from a copy of the cache). One record per plan, in
-/// order; failures become rows with `error` (never an `Err`).
-pub fn run_sample_budgets(
-    lm: &mut LoadedModel,
-    runner: &mut dyn Runner,
-    plans: &[&RunPlan],
-    task: &Task,
-    row: &crate::data::longbench::Row,
-    s: &SampleSettings,
-) -> Vec<PredRecord> {
-    let all: Vec<usize> = (0..plans.len()).collect();
-    run_samples(lm, runner, plans, task, &[(row.clone(), all)], s)
-        .pop()
-        .expect("one sample")
 }
 
 /// Generate several samples of one subset, sample `i` under the plans `chunk[i].1` (indices
@@ -888,18 +857,6 @@ fn test_hooks() -> (Option<usize>, Option<u64>) {
         num("KVC_EVAL_TEST_ABORT_AFTER").map(|n: u64| n as usize),
         num("KVC_EVAL_TEST_SAMPLE_DELAY_MS"),
     )
-}
-
-/// Run one plan over every subset (resuming), appending rows.
-pub fn run_one(
-    lm: &mut LoadedModel,
-    plan: &RunPlan,
-    sw: &Sweep,
-    obs: &mut dyn Observer,
-    appended: &mut usize,
-) -> Result<RunOutcome, EvalError> {
-    let mut o = run_group(lm, &[plan], sw, obs, appended)?;
-    Ok(o.pop().expect("one outcome per plan"))
 }
 
 /// The plans of a sweep in groups that share each sample's prefill: every budget of one
