@@ -656,7 +656,9 @@ pub fn quality_figures(
                     x_log2: (0, 6),
                     x_unit: "x".into(),
                     y_ref: Some(100.0),
-                    legend: LegendAt::UpperRight,
+                    // Curves start at 100 % at 1x and fall with the rate (sometimes to 0 at
+                    // high rates): the lower left is the corner they leave empty.
+                    legend: LegendAt::LowerLeft,
                     panels: by_rate,
                 },
             ));
@@ -689,7 +691,8 @@ pub fn quality_figures(
                     x_log2: (lo, hi.max(lo + 1)),
                     x_unit: String::new(),
                     y_ref: Some(100.0),
-                    legend: LegendAt::UpperLeft,
+                    // LongBench curves rarely fall below half of full at any cache size.
+                    legend: LegendAt::LowerLeft,
                     panels: by_cache,
                 },
             ));
@@ -749,7 +752,7 @@ pub fn quality_figures(
                         x_log2: (0, 6),
                         x_unit: "x".into(),
                         y_ref: Some(100.0),
-                        legend: LegendAt::UpperRight,
+                        legend: LegendAt::LowerLeft,
                         panels,
                     },
                 ));
