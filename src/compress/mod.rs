@@ -185,12 +185,23 @@ pub trait Runner {
         params: &GenParams,
         budgets: &[Vec<Option<Budget>>],
     ) -> Result<Vec<PromptResults>> {
-        Ok(prompts
-            .iter()
-            .zip(budgets)
-            .map(|(p, b)| self.run_budgets(model, p, params, b))
-            .collect())
+        Ok(prompts_one_by_one(self, model, prompts, params, budgets))
     }
+}
+
+/// [`Runner::run_prompts`] one prompt after another (the trait's default).
+fn prompts_one_by_one(
+    runner: &mut (impl Runner + ?Sized),
+    model: &mut Llama,
+    prompts: &[&[u32]],
+    params: &GenParams,
+    budgets: &[Vec<Option<Budget>>],
+) -> Vec<PromptResults> {
+    prompts
+        .iter()
+        .zip(budgets)
+        .map(|(p, b)| runner.run_budgets(model, p, params, b))
+        .collect()
 }
 
 /// One prompt's generations under each of its budgets ([`Runner::run_prompts`]).
@@ -450,16 +461,21 @@ struct PagedRunner {
 }
 
 impl PagedRunner {
-    /// A cache sized for the sample (prompt + new tokens), or for `--kv-memory`.
-    fn cache_for(&self, model: &Llama, prompt: &[u32], params: &GenParams) -> Result<PagedCache> {
-        let spec = PagedSpec {
+    /// The cache shape for `model`.
+    fn spec(&self, model: &Llama) -> PagedSpec {
+        PagedSpec {
             layers: self.layers,
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
             block_size: self.block_size,
             dtype: model.dtype,
             device: model.device.clone(),
-        };
+        }
+    }
+
+    /// A cache sized for the sample (prompt + new tokens), or for `--kv-memory`.
+    fn cache_for(&self, model: &Llama, prompt: &[u32], params: &GenParams) -> Result<PagedCache> {
+        let spec = self.spec(model);
         let tokens =
             (prompt.len() + params.max_new_tokens).min(params.max_context.max(prompt.len()));
         match self.kv_memory {
@@ -550,11 +566,7 @@ impl Runner for PagedRunner {
         budgets: &[Vec<Option<Budget>>],
     ) -> Result<Vec<PromptResults>> {
         if self.kv_memory.is_some() {
-            return Ok(prompts
-                .iter()
-                .zip(budgets)
-                .map(|(p, b)| self.run_budgets(model, p, params, b))
-                .collect());
+            return Ok(prompts_one_by_one(self, model, prompts, params, budgets));
         }
         let raws: Vec<Vec<Option<usize>>> = prompts
             .iter()
@@ -611,14 +623,7 @@ impl PagedRunner {
         params: &GenParams,
         raws: &[Vec<Option<usize>>],
     ) -> Result<Vec<PromptResults>> {
-        let spec = PagedSpec {
-            layers: self.layers,
-            kv_heads: self.kv_heads,
-            head_dim: self.head_dim,
-            block_size: self.block_size,
-            dtype: model.dtype,
-            device: model.device.clone(),
-        };
+        let spec = self.spec(model);
         // Pool: one original and one transient copy of the longest prompt, plus every fork at
         // its budget with room to decode. A head may keep more than the budget (KV-Compress
         // allocates across heads), but a sequence's total stays within budget x heads, plus
