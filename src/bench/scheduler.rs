@@ -153,15 +153,7 @@ fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     Ok(logits
         .to_vec2::<f32>()?
         .iter()
-        .map(|row| {
-            let mut best = 0usize;
-            for (i, x) in row.iter().enumerate() {
-                if *x > row[best] {
-                    best = i;
-                }
-            }
-            best as u32
-        })
+        .map(|row| Llama::argmax_host(row))
         .collect())
 }
 

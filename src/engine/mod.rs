@@ -38,6 +38,22 @@ pub struct GenParams {
     pub max_context: usize,
 }
 
+impl GenParams {
+    /// Whether generation ends after token `tok`, the `generated`-th, with the context now
+    /// holding `pos` tokens (stop ids count only from `min_new_tokens` on).
+    pub fn finish(&self, tok: u32, generated: usize, pos: usize) -> Option<FinishReason> {
+        if self.stop_ids.contains(&tok) && generated >= self.min_new_tokens.max(1) {
+            Some(FinishReason::Stop)
+        } else if generated >= self.max_new_tokens {
+            Some(FinishReason::Length)
+        } else if pos >= self.max_context {
+            Some(FinishReason::Context)
+        } else {
+            None
+        }
+    }
+}
+
 /// The result of one generation.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Generation {
@@ -114,9 +130,6 @@ pub fn generate(
     params: &GenParams,
     hooks: &mut dyn Hooks,
 ) -> Result<Generation> {
-    if prompt.is_empty() {
-        candle_core::bail!("empty prompt");
-    }
     let seq = cache.add_sequence()?;
     let result = generate_seq(model, cache, seq, prompt, params, hooks);
     cache.remove_sequence(seq)?;
@@ -207,14 +220,8 @@ pub fn decode(
         let next = Llama::argmax(&logits)?;
         out.push(next);
         pos += 1;
-        if params.stop_ids.contains(&next) && out.len() >= params.min_new_tokens.max(1) {
-            break FinishReason::Stop;
-        }
-        if out.len() >= params.max_new_tokens {
-            break FinishReason::Length;
-        }
-        if pos >= params.max_context {
-            break FinishReason::Context;
+        if let Some(f) = params.finish(next, out.len(), pos) {
+            break f;
         }
         let probe = hooks.decode_probe();
         let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
@@ -283,17 +290,7 @@ pub fn decode_batch(
             let tok = next[i];
             outs[i].push(tok);
             pos[i] += 1;
-            let len = outs[i].len();
-            let finish = if params.stop_ids.contains(&tok) && len >= params.min_new_tokens.max(1) {
-                Some(FinishReason::Stop)
-            } else if len >= params.max_new_tokens {
-                Some(FinishReason::Length)
-            } else if pos[i] >= params.max_context {
-                Some(FinishReason::Context)
-            } else {
-                None
-            };
-            match finish {
+            match params.finish(tok, outs[i].len(), pos[i]) {
                 Some(f) => {
                     done[i] = Some(BatchOutput {
                         output_ids: std::mem::take(&mut outs[i]),
@@ -308,19 +305,21 @@ pub fn decode_batch(
         if live.is_empty() {
             break;
         }
-        // One probe for the batch: every fork runs the same policy.
-        let probe = live
+        // Which sequences score this step's attention; one probe for the batch (every fork
+        // runs the same policy).
+        let probes: Vec<Probe> = live.iter().map(|&i| hooks[i].decode_probe()).collect();
+        let probe = probes
             .iter()
-            .map(|&i| hooks[i].decode_probe())
+            .copied()
             .find(|p| !matches!(p, Probe::None))
             .unwrap_or(Probe::None);
         let tokens: Vec<u32> = live.iter().map(|&i| next[i]).collect();
         let batch: Vec<SeqId> = live.iter().map(|&i| seqs[i]).collect();
         let logits = {
-            let (live, hooks) = (&live, &mut *hooks);
+            let (live, hooks, probes) = (&live, &mut *hooks, &probes);
             let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
                 for (row, &i) in live.iter().enumerate() {
-                    if !matches!(hooks[i].decode_probe(), Probe::None) {
+                    if !matches!(probes[row], Probe::None) {
                         hooks[i].observe(layer, &probs.narrow(0, row, 1)?, c, seqs[i])?;
                     }
                 }
@@ -333,13 +332,7 @@ pub fn decode_batch(
         }
         let rows = logits.to_vec2::<f32>()?;
         for (row, &i) in rows.iter().zip(&live) {
-            let mut best = 0usize;
-            for (j, x) in row.iter().enumerate() {
-                if *x > row[best] {
-                    best = j;
-                }
-            }
-            next[i] = best as u32;
+            next[i] = Llama::argmax_host(row);
         }
     }
     Ok(done

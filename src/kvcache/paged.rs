@@ -147,20 +147,7 @@ impl PagedCache {
         self.pos.insert(id, pos);
         let from: Vec<u32> = copies.iter().map(|m| m.from as u32).collect();
         let to: Vec<usize> = copies.iter().map(|m| m.to).collect();
-        let copied = if from.is_empty() {
-            Ok(())
-        } else if self.on_cuda() {
-            let to: Vec<u32> = to.iter().map(|&x| x as u32).collect();
-            cuda::move_slots(&self.k, &self.v, None, None, &from, &to)
-        } else {
-            let n = from.len();
-            let from = Tensor::from_vec(from, n, &self.spec.device)?;
-            let k_rows = self.k.index_select(&from, 0)?;
-            let v_rows = self.v.index_select(&from, 0)?;
-            self.scatter(&self.k, &to, &k_rows)
-                .and_then(|_| self.scatter(&self.v, &to, &v_rows))
-        };
-        if let Err(e) = copied {
+        if let Err(e) = self.copy_rows(from, &to) {
             self.pos.remove(&id);
             let _ = self.pool.remove_seq(id);
             return Err(e);
@@ -267,22 +254,30 @@ impl PagedCache {
             st.freed_blocks += c.freed.len();
             compactions.push(c);
         }
-        if !from.is_empty() && self.on_cuda() {
-            let to: Vec<u32> = to.iter().map(|&x| x as u32).collect();
-            cuda::move_slots(&self.k, &self.v, None, None, &from, &to)?;
-        } else if !from.is_empty() {
-            let n = from.len();
-            let from = Tensor::from_vec(from, n, &self.spec.device)?;
-            // index_select copies, so sources never alias destinations.
-            let k_rows = self.k.index_select(&from, 0)?;
-            let v_rows = self.v.index_select(&from, 0)?;
-            self.scatter(&self.k, &to, &k_rows)?;
-            self.scatter(&self.v, &to, &v_rows)?;
-        }
+        self.copy_rows(from, &to)?;
         for c in &compactions {
             self.pool.apply(c).map_err(be)?;
         }
         Ok(st)
+    }
+
+    /// Copy the K and V rows of slots `from[i]` to slots `to[i]` (the storage half of a
+    /// compaction or a fork; destinations are distinct and never sources).
+    fn copy_rows(&self, from: Vec<u32>, to: &[usize]) -> Result<()> {
+        if from.is_empty() {
+            return Ok(());
+        }
+        if self.on_cuda() {
+            let to: Vec<u32> = to.iter().map(|&x| x as u32).collect();
+            return cuda::move_slots(&self.k, &self.v, None, None, &from, &to);
+        }
+        let n = from.len();
+        let from = Tensor::from_vec(from, n, &self.spec.device)?;
+        // index_select copies, so sources never alias destinations.
+        let k_rows = self.k.index_select(&from, 0)?;
+        let v_rows = self.v.index_select(&from, 0)?;
+        self.scatter(&self.k, to, &k_rows)?;
+        self.scatter(&self.v, to, &v_rows)
     }
 
     /// Whether K/V live on a CUDA device (kvc's kernels run the storage ops).

@@ -350,13 +350,17 @@ impl Llama {
 
     /// Argmax of `logits` `[vocab]` (first index on ties, like torch.argmax).
     pub fn argmax(logits: &Tensor) -> Result<u32> {
-        let v = logits.to_vec1::<f32>()?;
+        Ok(Self::argmax_host(&logits.to_vec1::<f32>()?))
+    }
+
+    /// Argmax of one row of logits on the host, first index on ties ([`Llama::argmax`]).
+    pub fn argmax_host(row: &[f32]) -> u32 {
         let mut best = 0usize;
-        for (i, x) in v.iter().enumerate() {
-            if *x > v[best] {
+        for (i, x) in row.iter().enumerate() {
+            if *x > row[best] {
                 best = i;
             }
         }
-        Ok(best as u32)
+        best as u32
     }
 }
