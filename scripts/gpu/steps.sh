@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Short GPU-machine steps that are not a resumable sweep (those are eval-sweep.sh and
+# bench.sh). Run after unpack.sh put the staged files under /tmp/kvc/:
+#   bash scripts/gpu/steps.sh STEP [STEP...]
+# Each step writes its log and a tarball of its results under $OUT/<step>/ and prints a short
+# summary; a step's time limit (seconds) can be set with <STEP>_S, e.g. RULER_FULL_S=240.
+#   info        GPU, driver, whether nsys is installed
+#   ruler-full  full-cache RULER table, all 11 tasks at 1k/2k/4k/8k, 4 samples each (issue 8)
+#   ab-shared   the same kvcompress sweep (multi_news, first 2 rows, rates 2..64) with the shared
+#               prefill + batched decode and with --no-shared-prefill: wall time of each and
+#               whether the predictions agree (issue 6)
+#   profile     nsys profile of a short `kvc bench` at 2000 tokens (rate 1 and 16): kernel,
+#               memcpy and CUDA API summaries (issue 7), when nsys exists there
+set -uo pipefail
+KVC=${KVC:-/tmp/kvc/target/gpu-stage/kvc-gpu}
+MODEL=${MODEL:-/tmp/kvc/models/SmolLM2-135M-Instruct.Q4_1.gguf}
+DATA=${DATA:-/tmp/kvc/.gpu-ref/longbench}
+OUT=${OUT:-gpu-out}
+
+step_info() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory --format=csv
+  command -v nsys || ls /usr/local/cuda/bin | grep -i -E 'nsys|ncu' || echo "no nsys"
+  ls -d /opt/nvidia/nsight* /usr/local/cuda/nsight* 2>/dev/null || true
+}
+
+step_ruler_full() {
+  local o=$OUT/ruler-full res=/tmp/kvc/ruler-full
+  mkdir -p "$o"
+  /usr/bin/time -f "ruler-full wall %e s" timeout --foreground -s INT "${RULER_FULL_S:-240}" \
+    "$KVC" eval --model "$MODEL" --tasks ruler --lengths 1024,2048,4096,8192 --ruler-samples 4 \
+    --methods full --device cuda:0 --out "$res" --no-progress > "$o/eval.log" 2>&1
+  echo "ruler-full rc=$?"
+  tar -czf "$o/results.tgz" -C /tmp/kvc ruler-full
+  tail -n 8 "$o/eval.log"
+}
+
+step_ab_shared() {
+  local o=$OUT/ab-shared
+  mkdir -p "$o"
+  local common=(eval --model "$MODEL" --data-dir "$DATA" --tasks multi_news --limit 2
+    --methods kvcompress --rates 2,4,8,16,32,64 --device cuda:0 --no-progress)
+  for mode in shared separate; do
+    local extra=(--batch-samples 2)
+    [ "$mode" = separate ] && extra=(--no-shared-prefill)
+    local s=$SECONDS
+    timeout --foreground -s INT "${AB_SHARED_S:-150}" "$KVC" "${common[@]}" "${extra[@]}" \
+      --out "/tmp/kvc/ab/$mode" > "$o/$mode.log" 2>&1
+    echo "ab-shared $mode rc=$? wall $((SECONDS - s)) s"
+  done
+  tar -czf "$o/results.tgz" -C /tmp/kvc ab
+  # Predictions of the two modes, run by run.
+  python3 - <<'PY'
+import json, pathlib
+root = pathlib.Path("/tmp/kvc/ab")
+for f in sorted((root / "shared").rglob("preds/*.jsonl")):
+    g = root / "separate" / f.relative_to(root / "shared")
+    a = {r["_id"]: r for r in map(json.loads, f.read_text().splitlines())}
+    b = {r["_id"]: r for r in map(json.loads, g.read_text().splitlines())} if g.exists() else {}
+    same = sum(1 for k in a if k in b and a[k].get("pred") == b[k].get("pred"))
+    print(f"{f.relative_to(root / 'shared')}: {same}/{len(a)} predictions identical")
+PY
+}
+
+step_profile() {
+  local o=$OUT/profile nsys
+  mkdir -p "$o"
+  nsys=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
+  [ -n "$nsys" ] || { echo "profile: no nsys on this machine"; return; }
+  for r in 1 16; do
+    timeout --foreground "${PROFILE_S:-120}" "$nsys" profile -o "/tmp/kvc/prof-r$r" --force-overwrite true \
+      --trace cuda "$KVC" bench --model "$MODEL" --device cuda:0 --rates "$r" --input-lens 2000 \
+      --output-len 100 --num-prompts 32 --kv-memory 1GiB --out "/tmp/kvc/prof-bench-r$r" \
+      --no-progress --no-decode-metric > "$o/bench-r$r.log" 2>&1
+    echo "profile rate $r rc=$?"
+    "$nsys" stats --force-export true --report cuda_gpu_kern_sum,cuda_gpu_mem_time_sum,cuda_api_sum \
+      --format csv --output "$o/r$r" "/tmp/kvc/prof-r$r.nsys-rep" > /dev/null 2>&1
+    head -n 12 "$o"/r"$r"_cuda_api_sum.csv 2>/dev/null | cut -c1-160
+  done
+}
+
+[ $# -ge 1 ] || { sed -n 2,16p "$0"; exit 2; }
+for s in "$@"; do
+  echo "== $s"
+  "step_${s//-/_}"
+done
