@@ -421,9 +421,7 @@ pub fn run(
         let logits = {
             let running = &mut running;
             let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
-                // One device-to-host copy per layer, not one per sequence (scoring is on the
-                // host).
-                let probs = probs.to_device(&candle_core::Device::Cpu)?;
+                let probs = crate::kvcache::decode_probs_on_host(probs)?;
                 for (i, r) in running.iter_mut().enumerate() {
                     if let Some(h) = &mut r.hooks {
                         h.observe(layer, &probs.narrow(0, i, 1)?, c, r.seq)?;

@@ -318,6 +318,7 @@ pub fn decode_batch(
         let logits = {
             let (live, hooks, probes) = (&live, &mut *hooks, &probes);
             let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
+                let probs = crate::kvcache::decode_probs_on_host(probs)?;
                 for (row, &i) in live.iter().enumerate() {
                     if !matches!(probes[row], Probe::None) {
                         hooks[i].observe(layer, &probs.narrow(0, row, 1)?, c, seqs[i])?;
@@ -327,9 +328,15 @@ pub fn decode_batch(
             };
             model.forward_decode(&tokens, &batch, cache, probe, &mut observe)?
         };
-        for &i in &live {
-            hooks[i].after_step(cache, seqs[i])?;
+        // Every sequence's continual compression; their K/V moves run as one copy.
+        if let Some(p) = cache.as_paged_mut() {
+            p.defer_moves();
         }
+        let stepped = live
+            .iter()
+            .try_for_each(|&i| hooks[i].after_step(cache, seqs[i]));
+        let flushed = cache.as_paged_mut().map_or(Ok(()), |p| p.flush_moves());
+        stepped.and(flushed)?;
         let rows = logits.to_vec2::<f32>()?;
         for (row, &i) in rows.iter().zip(&live) {
             next[i] = Llama::argmax_host(row);

@@ -90,6 +90,18 @@ pub struct PagedCache {
     /// Tokens seen per sequence (advanced after the last layer's call).
     pos: BTreeMap<SeqId, usize>,
     next_id: SeqId,
+    /// K/V row moves of evictions collected since [`PagedCache::defer_moves`], not executed
+    /// yet (the bookkeeping already moved).
+    deferred: Option<DeferredMoves>,
+}
+
+/// Compaction moves waiting for [`PagedCache::flush_moves`].
+#[derive(Debug, Default)]
+struct DeferredMoves {
+    from: Vec<u32>,
+    to: Vec<usize>,
+    /// Sequences with moves in the lists: evicting one of them again runs the lists first.
+    seqs: std::collections::BTreeSet<SeqId>,
 }
 
 fn be(e: BlockError) -> candle_core::Error {
@@ -111,6 +123,7 @@ impl PagedCache {
             v,
             pos: BTreeMap::new(),
             next_id: 0,
+            deferred: None,
         })
     }
 
@@ -124,6 +137,7 @@ impl PagedCache {
     /// writes and evictions in one never show in the other. Used to continue one prefill under
     /// several budgets.
     pub fn deep_copy(&self) -> Result<Self> {
+        self.check_no_pending()?;
         Ok(PagedCache {
             spec: self.spec.clone(),
             pool: self.pool.clone(),
@@ -131,12 +145,14 @@ impl PagedCache {
             v: self.v.copy()?,
             pos: self.pos.clone(),
             next_id: self.next_id,
+            deferred: None,
         })
     }
 
     /// A new sequence holding a copy of `src` (K/V, metrics, positions, length per head) in
     /// blocks of its own: one prefill continued under several budgets in one pool.
     pub fn fork_sequence(&mut self, src: SeqId) -> Result<SeqId> {
+        self.run_pending()?;
         let pos = *self
             .pos
             .get(&src)
@@ -197,6 +213,7 @@ impl PagedCache {
     }
 
     fn gather(&self, src: &Tensor, layer: usize, seq: SeqId, kv_head: usize) -> Result<Tensor> {
+        self.check_no_pending()?;
         let slots: Vec<u32> = self
             .pool
             .slots(layer, seq, kv_head)
@@ -225,6 +242,14 @@ impl PagedCache {
     /// Execute an eviction plan for `seq`: compact every listed head (K, V, metric, position
     /// move together) and free the emptied blocks.
     pub fn evict(&mut self, seq: SeqId, plan: &EvictionPlan) -> Result<EvictStats> {
+        if self
+            .deferred
+            .as_ref()
+            .is_some_and(|d| d.seqs.contains(&seq))
+        {
+            // Its earlier moves must land before slots of it move again.
+            self.run_pending()?;
+        }
         let mut st = EvictStats::default();
         // Plan every head first, then one move launch for the whole plan: heads own disjoint
         // blocks, so their moves never alias (with continual compression this runs after
@@ -254,11 +279,56 @@ impl PagedCache {
             st.freed_blocks += c.freed.len();
             compactions.push(c);
         }
-        self.copy_rows(from, &to)?;
+        match &mut self.deferred {
+            Some(d) if !from.is_empty() => {
+                d.from.extend(from);
+                d.to.extend(to);
+                d.seqs.insert(seq);
+            }
+            _ => self.copy_rows(from, &to)?,
+        }
         for c in &compactions {
             self.pool.apply(c).map_err(be)?;
         }
         Ok(st)
+    }
+
+    /// Collect the K/V moves of the following [`PagedCache::evict`] calls instead of running
+    /// each at once; [`PagedCache::flush_moves`] runs them all in one copy. Continual
+    /// compression of a decode batch evicts from every sequence after every step: on a GPU one
+    /// launch and two synchronising uploads per sequence, where one of each does. Sequences
+    /// own disjoint blocks, so the moves of different sequences never alias. The block
+    /// bookkeeping moves at once; attention flushes first, so the cache never reads stale
+    /// rows. If the deferred copy fails, the sequences with collected moves are unusable (the
+    /// caller fails them all, as a failed decode step does).
+    pub fn defer_moves(&mut self) {
+        self.deferred.get_or_insert_with(DeferredMoves::default);
+    }
+
+    /// Run the moves collected since [`PagedCache::defer_moves`] and stop collecting.
+    pub fn flush_moves(&mut self) -> Result<()> {
+        self.run_pending()?;
+        self.deferred = None;
+        Ok(())
+    }
+
+    /// Run the collected moves, if any, and keep collecting.
+    fn run_pending(&mut self) -> Result<()> {
+        let Some(d) = &mut self.deferred else {
+            return Ok(());
+        };
+        let from = std::mem::take(&mut d.from);
+        let to = std::mem::take(&mut d.to);
+        d.seqs.clear();
+        self.copy_rows(from, &to)
+    }
+
+    /// Readers of K/V storage through `&self` cannot run collected moves: refuse instead.
+    fn check_no_pending(&self) -> Result<()> {
+        if self.deferred.as_ref().is_some_and(|d| !d.from.is_empty()) {
+            candle_core::bail!("paged cache: evictions are pending; call flush_moves first");
+        }
+        Ok(())
     }
 
     /// Copy the K and V rows of slots `from[i]` to slots `to[i]` (the storage half of a
@@ -537,6 +607,7 @@ impl CacheBackend for PagedCache {
     }
 
     fn attend(&mut self, call: AttnCall<'_>) -> Result<AttnOut> {
+        self.run_pending()?;
         let (_, nh, t, d) = call.q.dims4()?;
         let nkv = self.spec.kv_heads;
         if self.on_cuda()
@@ -676,6 +747,83 @@ mod tests {
         assert_eq!(paged.memory().used_blocks, 2 * 6);
         paged.remove_sequence(sp).unwrap();
         assert_eq!(paged.memory().used_blocks, 0);
+    }
+
+    /// Deferred evictions of several sequences (and a second eviction of one of them before
+    /// the flush) leave every head with the same K/V rows as evicting one plan at a time.
+    #[test]
+    fn deferred_moves_equal_immediate_evictions() {
+        let dev = Device::Cpu;
+        let (nkv, d, total, bs) = (2, 4, 23, 4);
+        let fill = |c: &mut PagedCache| -> Vec<SeqId> {
+            (0..3)
+                .map(|i| {
+                    let s = c.add_sequence().unwrap();
+                    let k = Tensor::arange(0f32, (nkv * total * d) as f32, &dev)
+                        .unwrap()
+                        .affine(1.0, 1000.0 * i as f64)
+                        .unwrap()
+                        .reshape((1, nkv, total, d))
+                        .unwrap();
+                    let v = (&k * -1.0).unwrap();
+                    let q = Tensor::ones((1, nkv, total, d), DType::F32, &dev).unwrap();
+                    c.attend(call(&[s], &q, &k, &v, Probe::None)).unwrap();
+                    s
+                })
+                .collect()
+        };
+        let plan = |evict: &[usize]| EvictionPlan {
+            heads: (0..nkv)
+                .map(|h| HeadEviction {
+                    layer: 0,
+                    kv_head: h,
+                    evict: evict.iter().map(|&x| (x + 3 * h) % total).collect(),
+                })
+                .collect(),
+        };
+        // The first plan's holes are near the tail, so the second compaction's sources are
+        // rows the first one moved there.
+        let first = [15usize, 16];
+        let second = [0usize, 1, 2, 3, 4, 5, 6];
+        let mut now = PagedCache::new(spec(1, nkv, d, bs), 64).unwrap();
+        let mut late = PagedCache::new(spec(1, nkv, d, bs), 64).unwrap();
+        let (a, b) = (fill(&mut now), fill(&mut late));
+        for &s in &a {
+            now.evict(s, &plan(&first)).unwrap();
+        }
+        now.evict(a[1], &plan(&second)).unwrap();
+        late.defer_moves();
+        for &s in &b {
+            late.evict(s, &plan(&first)).unwrap();
+        }
+        // The same sequence again: its first moves must land before these.
+        late.evict(b[1], &plan(&second)).unwrap();
+        assert!(
+            late.head_k(0, b[0], 0).is_err(),
+            "readers refuse pending moves"
+        );
+        late.flush_moves().unwrap();
+        late.pool().check().unwrap();
+        for (&sa, &sb) in a.iter().zip(&b) {
+            for h in 0..nkv {
+                assert_eq!(now.slot_positions(0, sa, h), late.slot_positions(0, sb, h));
+                for (x, y) in [
+                    (
+                        now.head_k(0, sa, h).unwrap(),
+                        late.head_k(0, sb, h).unwrap(),
+                    ),
+                    (
+                        now.head_v(0, sa, h).unwrap(),
+                        late.head_v(0, sb, h).unwrap(),
+                    ),
+                ] {
+                    assert_eq!(max_diff(&x, &y), 0.0, "seq {sb} head {h}");
+                }
+            }
+        }
+        // Not collecting any more: evictions run at once again.
+        late.evict(b[0], &plan(&second)).unwrap();
+        late.head_k(0, b[0], 0).unwrap();
     }
 
     #[test]
