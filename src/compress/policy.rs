@@ -15,7 +15,7 @@
 //! It runs once after prefill and, for continual methods, after every decode step.
 use candle_core::{Result, Tensor};
 
-use crate::engine::Hooks;
+use crate::engine::{Hooks, StepPlanner};
 use crate::kvcache::blocks::{EvictionPlan, HeadEviction};
 use crate::kvcache::paged::PagedCache;
 use crate::kvcache::{CacheBackend, Probe, SeqId};
@@ -100,7 +100,7 @@ impl SeqView {
 }
 
 /// A compression method: scorer + budget allocator + evictor (see the module docs).
-pub trait Policy: Send {
+pub trait Policy: Send + Sync {
     /// Queries probed in the last prefill chunk.
     fn prefill_probe(&self) -> Probe;
     /// Queries probed at decode steps (`Probe::None`: no decode scoring).
@@ -126,9 +126,16 @@ pub fn evict_lowest(metric: &[f32], protected: &[bool], keep: usize) -> Vec<usiz
         return vec![];
     }
     let mut cand: Vec<usize> = (0..n).filter(|&i| !protected[i]).collect();
-    cand.sort_by(|&a, &b| metric[a].total_cmp(&metric[b]).then(a.cmp(&b)));
+    let cheaper = |a: &usize, b: &usize| metric[*a].total_cmp(&metric[*b]).then(a.cmp(b));
     let n_evict = (n - keep).min(cand.len());
+    // Continual methods evict a slot or two of hundreds after every decode step: select the
+    // cheapest first (linear), then order only those. The order is total (ties by slot), so
+    // this is exactly the prefix of the full sort.
+    if n_evict < cand.len() {
+        cand.select_nth_unstable_by(n_evict, cheaper);
+    }
     cand.truncate(n_evict);
+    cand.sort_by(cheaper);
     cand
 }
 
@@ -167,7 +174,7 @@ pub struct Kept {
 }
 
 /// How the per-head budget is found once the prompt length is known.
-pub type BudgetFn<'a> = dyn Fn(usize) -> Option<usize> + 'a;
+pub type BudgetFn<'a> = dyn Fn(usize) -> Option<usize> + Sync + 'a;
 
 /// Engine hooks that run a [`Policy`] on a [`PagedCache`] (see the module docs for the order).
 pub struct CompressHooks<'a> {
@@ -334,11 +341,36 @@ impl Hooks for CompressHooks<'_> {
     }
 
     fn after_step(&mut self, cache: &mut dyn CacheBackend, seq: SeqId) -> Result<()> {
-        let cache = paged(cache)?;
-        self.flush(cache, seq)?;
-        if self.on_demand.is_none() && self.policy.continual() {
-            self.compress(cache, seq)?;
-        }
+        let plan = match self.step_plan(cache, seq)? {
+            Some(planner) => planner(paged(cache)?)?,
+            None => return Ok(()),
+        };
+        self.apply_step_plan(cache, seq, plan)
+    }
+
+    fn step_plan(
+        &mut self,
+        cache: &mut dyn CacheBackend,
+        seq: SeqId,
+    ) -> Result<Option<StepPlanner<'_>>> {
+        self.flush(paged(cache)?, seq)?;
+        let (Some(budget), None, true) = (self.budget, self.on_demand, self.policy.continual())
+        else {
+            return Ok(None);
+        };
+        let (policy, phase) = (self.policy, self.phase);
+        Ok(Some(Box::new(move |c: &PagedCache| {
+            Ok(policy.plan(&SeqView::of(c, seq)?, budget, phase))
+        })))
+    }
+
+    fn apply_step_plan(
+        &mut self,
+        cache: &mut dyn CacheBackend,
+        seq: SeqId,
+        plan: EvictionPlan,
+    ) -> Result<()> {
+        self.kept.evicted += paged(cache)?.evict(seq, &plan)?.evicted;
         Ok(())
     }
 }
@@ -346,6 +378,27 @@ impl Hooks for CompressHooks<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn evict_lowest_is_the_prefix_of_the_full_sort() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for n in [1usize, 2, 7, 40, 300] {
+            for _ in 0..20 {
+                // Few distinct values, so ties are common.
+                let m: Vec<f32> = (0..n).map(|_| rng.random_range(0..5) as f32).collect();
+                let prot: Vec<bool> = (0..n).map(|_| rng.random_bool(0.2)).collect();
+                let keep = rng.random_range(0..=n);
+                let mut want: Vec<usize> = (0..n).filter(|&i| !prot[i]).collect();
+                want.sort_by(|&a, &b| m[a].total_cmp(&m[b]).then(a.cmp(&b)));
+                want.truncate((n - keep).min(want.len()));
+                if n <= keep {
+                    want.clear();
+                }
+                assert_eq!(evict_lowest(&m, &prot, keep), want, "n {n} keep {keep}");
+            }
+        }
+    }
 
     #[test]
     fn evict_lowest_keeps_protected_and_top() {

@@ -99,12 +99,22 @@ fn window_scores_summed(
         candle_core::bail!("{nh} query heads do not split over {nkv} kv-heads");
     }
     let g = nh / nkv;
-    let summed = if spec.agg.squared() {
-        probs.sqr()?.sum(2)?
+    let m = if probs.dim(2)? == 1 {
+        // One query (a decode step): nothing to sum; square on the host, as `sqr` would
+        // (x * x), without the two intermediate tensors (this runs per sequence and layer).
+        let mut m = probs.flatten_all()?.to_vec1::<f32>()?;
+        if spec.agg.squared() {
+            m.iter_mut().for_each(|x| *x *= *x);
+        }
+        m
     } else {
-        probs.sum(2)?
+        let summed = if spec.agg.squared() {
+            probs.sqr()?.sum(2)?
+        } else {
+            probs.sum(2)?
+        };
+        summed.flatten_all()?.to_vec1::<f32>()? // [nh * max_len]
     };
-    let m = summed.flatten_all()?.to_vec1::<f32>()?; // [nh * max_len]
     let mut out = Vec::with_capacity(nkv);
     for (kv, pos) in positions.iter().enumerate() {
         let len = pos.len().min(max_len);
@@ -219,7 +229,8 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             (state >> 40) as f32 / (1u64 << 24) as f32
         };
-        for (nh, nkv, n, len) in [(9, 3, 32, 200), (4, 2, 5, 17), (2, 1, 1, 3)] {
+        // n = 1 is a decode step (the host-squared path).
+        for (nh, nkv, n, len) in [(9, 3, 32, 200), (4, 2, 5, 17), (2, 1, 1, 3), (9, 3, 1, 300)] {
             let p: Vec<f32> = (0..nh * n * len).map(|_| rnd()).collect();
             let probs = Tensor::from_vec(p, (1, nh, n, len), &Device::Cpu).unwrap();
             let positions: Vec<Vec<u32>> = (0..nkv)

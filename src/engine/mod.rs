@@ -9,8 +9,14 @@ use candle_core::{Result, Tensor};
 use std::collections::BTreeSet;
 use std::time::Instant;
 
+use crate::kvcache::blocks::EvictionPlan;
+use crate::kvcache::paged::PagedCache;
 use crate::kvcache::{CacheBackend, Probe, SeqId};
 use crate::model::Llama;
+
+/// The read-only half of a decode step's compression (snapshot the sequence, plan its
+/// evictions), handed out by [`Hooks::step_plan`] so a batch can plan on several threads.
+pub type StepPlanner<'a> = Box<dyn FnOnce(&PagedCache) -> Result<EvictionPlan> + Send + 'a>;
 
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -66,8 +72,9 @@ pub struct Generation {
     pub decode_ms: f64,
 }
 
-/// Extension points for compression methods.
-pub trait Hooks {
+/// Extension points for compression methods (`Send`: a decode batch scores and plans its
+/// sequences on several threads).
+pub trait Hooks: Send {
     /// Queries to probe during prefill (e.g. the observation window).
     fn prefill_probe(&self) -> Probe {
         Probe::None
@@ -92,6 +99,27 @@ pub trait Hooks {
     }
     /// After each decode step's token is cached.
     fn after_step(&mut self, _cache: &mut dyn CacheBackend, _seq: SeqId) -> Result<()> {
+        Ok(())
+    }
+    /// [`Hooks::after_step`] in halves, for [`decode_batch`]: write what the step observed
+    /// into the cache and return the planning work, which only reads the cache (`None`:
+    /// nothing to plan), so the plans of all sequences of a batch can run on several threads;
+    /// [`Hooks::apply_step_plan`] then executes each. The default runs `after_step` whole.
+    fn step_plan(
+        &mut self,
+        cache: &mut dyn CacheBackend,
+        seq: SeqId,
+    ) -> Result<Option<StepPlanner<'_>>> {
+        self.after_step(cache, seq)?;
+        Ok(None)
+    }
+    /// Execute a plan made by the planner of [`Hooks::step_plan`].
+    fn apply_step_plan(
+        &mut self,
+        _cache: &mut dyn CacheBackend,
+        _seq: SeqId,
+        _plan: EvictionPlan,
+    ) -> Result<()> {
         Ok(())
     }
 }
@@ -239,6 +267,85 @@ pub fn decode(
     })
 }
 
+/// Score a decode step's probabilities `[live, nh, 1, kv]` of `layer` for every live sequence
+/// that probes (`probes[row]` for `live[row]`): one copy to the host, then each sequence's
+/// [`Hooks::observe`] on all cores (each writes only its own pending metrics, so the result is
+/// the same as one after another; on a 2-core CPU scoring 48 SmolLM2 sequences costs ~40 ms
+/// per step one by one, see `kvc-step-bench`).
+pub fn observe_batch(
+    layer: usize,
+    probs: &Tensor,
+    cache: &dyn CacheBackend,
+    seqs: &[SeqId],
+    hooks: &mut [&mut dyn Hooks],
+    live: &[usize],
+    probes: &[Probe],
+) -> Result<()> {
+    use rayon::prelude::*;
+    let probs = crate::kvcache::decode_probs_on_host(probs)?;
+    let mut row_of = vec![None; hooks.len()];
+    for (row, &i) in live.iter().enumerate() {
+        if !matches!(probes[row], Probe::None) {
+            row_of[i] = Some(row);
+        }
+    }
+    hooks
+        .par_iter_mut()
+        .enumerate()
+        .try_for_each(|(i, h)| match row_of[i] {
+            Some(row) => h.observe(layer, &probs.narrow(0, row, 1)?, cache, seqs[i]),
+            None => Ok(()),
+        })
+}
+
+/// The continual compression of every live sequence of a decode batch after a step: metrics
+/// written one sequence after another, the plans (snapshot + selection, pure host work that
+/// grows with the batch: ~1–2 ms per SmolLM2 sequence on a 2-core CPU, see `kvc-step-bench`)
+/// on all cores, then the evictions one after another with their K/V moves collected into one
+/// copy ([`PagedCache::defer_moves`]). Sequences own disjoint blocks, so the result is the same
+/// as [`Hooks::after_step`] sequence by sequence.
+pub fn step_compression(
+    cache: &mut dyn CacheBackend,
+    seqs: &[SeqId],
+    hooks: &mut [&mut dyn Hooks],
+    live: &[usize],
+) -> Result<()> {
+    use rayon::prelude::*;
+    let mut is_live = vec![false; hooks.len()];
+    for &i in live {
+        is_live[i] = true;
+    }
+    let mut planners = Vec::with_capacity(live.len());
+    for (i, h) in hooks.iter_mut().enumerate() {
+        if is_live[i] {
+            if let Some(p) = h.step_plan(cache, seqs[i])? {
+                planners.push((i, p));
+            }
+        }
+    }
+    if planners.is_empty() {
+        return Ok(());
+    }
+    let plans: Vec<(usize, Result<EvictionPlan>)> = {
+        let paged = cache.as_paged().ok_or_else(|| {
+            candle_core::Error::Msg("step compression needs the paged cache".into())
+        })?;
+        planners
+            .into_par_iter()
+            .map(|(i, p)| (i, p(paged)))
+            .collect()
+    };
+    let Some(paged) = cache.as_paged_mut() else {
+        unreachable!("checked above");
+    };
+    paged.defer_moves();
+    let applied = plans
+        .into_iter()
+        .try_for_each(|(i, plan)| hooks[i].apply_step_plan(&mut *paged, seqs[i], plan?));
+    let flushed = paged.flush_moves();
+    applied.and(flushed)
+}
+
 /// How one sequence of [`decode_batch`] ended.
 #[derive(Debug, Clone)]
 pub struct BatchOutput {
@@ -318,25 +425,11 @@ pub fn decode_batch(
         let logits = {
             let (live, hooks, probes) = (&live, &mut *hooks, &probes);
             let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
-                let probs = crate::kvcache::decode_probs_on_host(probs)?;
-                for (row, &i) in live.iter().enumerate() {
-                    if !matches!(probes[row], Probe::None) {
-                        hooks[i].observe(layer, &probs.narrow(0, row, 1)?, c, seqs[i])?;
-                    }
-                }
-                Ok(())
+                observe_batch(layer, probs, c, seqs, hooks, live, probes)
             };
             model.forward_decode(&tokens, &batch, cache, probe, &mut observe)?
         };
-        // Every sequence's continual compression; their K/V moves run as one copy.
-        if let Some(p) = cache.as_paged_mut() {
-            p.defer_moves();
-        }
-        let stepped = live
-            .iter()
-            .try_for_each(|&i| hooks[i].after_step(cache, seqs[i]));
-        let flushed = cache.as_paged_mut().map_or(Ok(()), |p| p.flush_moves());
-        stepped.and(flushed)?;
+        step_compression(cache, seqs, hooks, &live)?;
         let rows = logits.to_vec2::<f32>()?;
         for (row, &i) in rows.iter().zip(&live) {
             next[i] = Llama::argmax_host(row);

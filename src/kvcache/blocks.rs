@@ -379,11 +379,11 @@ impl BlockPool {
         seq: SeqId,
         kv_head: usize,
     ) -> Result<Vec<u32>, BlockError> {
-        Ok(self
-            .slots(layer, seq, kv_head)?
-            .into_iter()
-            .map(|s| self.position[s])
-            .collect())
+        let mut out = Vec::new();
+        for r in self.runs(layer, seq, kv_head)? {
+            out.extend_from_slice(&self.position[r]);
+        }
+        Ok(out)
     }
 
     /// Metrics of (layer, seq, kv_head) in logical order.
@@ -393,11 +393,11 @@ impl BlockPool {
         seq: SeqId,
         kv_head: usize,
     ) -> Result<Vec<f32>, BlockError> {
-        Ok(self
-            .slots(layer, seq, kv_head)?
-            .into_iter()
-            .map(|s| self.metric[s])
-            .collect())
+        let mut out = Vec::new();
+        for r in self.runs(layer, seq, kv_head)? {
+            out.extend_from_slice(&self.metric[r]);
+        }
+        Ok(out)
     }
 
     /// Add `delta[i]` to the metric of logical slot `i` (a prefix of the head's slots).
@@ -408,18 +408,49 @@ impl BlockPool {
         kv_head: usize,
         delta: &[f32],
     ) -> Result<(), BlockError> {
-        let slots = self.slots(layer, seq, kv_head)?;
-        if delta.len() > slots.len() {
+        let runs = self.runs(layer, seq, kv_head)?;
+        let len: usize = runs.iter().map(|r| r.len()).sum();
+        if delta.len() > len {
             return Err(BlockError::BadLength {
                 what: "metric update",
                 got: delta.len(),
-                len: slots.len(),
+                len,
             });
         }
-        for (s, d) in slots.iter().zip(delta) {
-            self.metric[*s] += d;
+        let mut rest = delta;
+        for r in runs {
+            let n = r.len().min(rest.len());
+            for (m, d) in self.metric[r.start..r.start + n].iter_mut().zip(&rest[..n]) {
+                *m += d;
+            }
+            rest = &rest[n..];
         }
         Ok(())
+    }
+
+    /// The physical slot ranges of (layer, seq, kv_head), one per block, in logical order
+    /// (the last one partial). Metrics and positions are read and written a block at a time
+    /// through these: continual compression snapshots every head of every sequence after
+    /// every decode step, and a per-slot index list was most of that cost.
+    fn runs(
+        &self,
+        layer: usize,
+        seq: SeqId,
+        kv_head: usize,
+    ) -> Result<Vec<std::ops::Range<usize>>, BlockError> {
+        self.check_head(layer, kv_head)?;
+        let t = self.table(seq)?;
+        let bs = self.block_size;
+        let len = t.len[layer][kv_head];
+        Ok(t.blocks[layer][kv_head]
+            .iter()
+            .enumerate()
+            .take(len.div_ceil(bs))
+            .map(|(i, &b)| {
+                let start = b as usize * bs;
+                start..start + bs.min(len - i * bs)
+            })
+            .collect())
     }
 
     /// Append tokens at `positions` to (layer, seq, kv_head); returns their physical slots.

@@ -69,8 +69,9 @@ pub struct AttnOut {
     pub probs: Option<Tensor>,
 }
 
-/// A KV-cache backend (see the module docs).
-pub trait CacheBackend {
+/// A KV-cache backend (see the module docs). `Sync`: the sequences of a decode batch are
+/// scored and planned on several threads against one shared cache.
+pub trait CacheBackend: Send + Sync {
     /// Register a new, empty sequence.
     fn add_sequence(&mut self) -> Result<SeqId>;
     /// Drop a sequence and release its memory.

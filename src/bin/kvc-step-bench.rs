@@ -1,0 +1,264 @@
+//! `kvc-step-bench`: times the host work of continual compression in a decode batch — what
+//! `engine::decode_batch` does per step besides the forward pass — and prints a table.
+//!
+//! A paged cache of SmolLM2-135M's shape (30 layers x 3 kv-heads, head dim 64, block 16, f32 on
+//! the CPU) holds `--batch` forks of one random `--ctx`-token prompt, each compressed to
+//! `--rate` by the method's real hooks. Each decode step appends one random token per sequence
+//! and layer (untimed: on a GPU that is the attention kernel), then times, per step:
+//! - `observe`: scoring every layer's decode probabilities for every sequence (the metric; on
+//!   all cores, `engine::observe_batch`);
+//! - `after_step`: writing the metrics, planning (on all cores) and executing the evictions of
+//!   every sequence (`engine::step_compression`, as `decode_batch` runs it).
+//!
+//! On a GPU machine these run on the host between two forward passes, so when they exceed
+//! the forward's step time (6–12 ms for SmolLM2 on an H200) they set the decode speed.
+use candle_core::{DType, Device, Result, Tensor};
+use clap::Parser;
+use kvc::compress::policy::{CompressHooks, Phase, SeqView};
+use kvc::compress::{build_policy, MethodOptions, MethodSpec};
+use kvc::engine::{observe_batch, step_compression, Hooks};
+use kvc::kvcache::paged::{PagedCache, PagedSpec};
+use kvc::kvcache::{AttnCall, CacheBackend, Probe, SeqId};
+use kvc::model::config::{Arch, Config};
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+#[command(about = "Time the host work of continual compression per decode step; prints a table")]
+struct Args {
+    /// Sequences decoding together.
+    #[arg(long, default_value_t = 48)]
+    batch: usize,
+    /// Prompt tokens per sequence, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,4000")]
+    ctx: Vec<usize>,
+    /// Methods, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "kvcompress,h2o,streamingllm"
+    )]
+    methods: Vec<String>,
+    /// Compression rate after prefill.
+    #[arg(long, default_value_t = 2.0)]
+    rate: f64,
+    /// Timed decode steps (median reported).
+    #[arg(long, default_value_t = 8)]
+    steps: usize,
+    /// Split `after_step` into its parts (snapshot, plan, evict) by running them one by one
+    /// instead of through the hooks (decode metrics are then not written to the cache).
+    #[arg(long)]
+    breakdown: bool,
+    /// Threads for the parallel parts, comma-separated (one table row each; default: all
+    /// cores). 1 is the sequential baseline.
+    #[arg(long, value_delimiter = ',')]
+    threads: Vec<usize>,
+}
+
+const LAYERS: usize = 30;
+const KV: usize = 3;
+const GROUP: usize = 3;
+const D: usize = 64;
+const BS: usize = 16;
+
+fn smollm2_config() -> Config {
+    Config {
+        arch: Arch::Llama,
+        vocab_size: 49152,
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_hidden_layers: LAYERS,
+        num_attention_heads: KV * GROUP,
+        num_key_value_heads: KV,
+        head_dim: D,
+        rms_norm_eps: 1e-5,
+        rope_theta: 100000.0,
+        rope_scaling: None,
+        max_position_embeddings: 8192,
+        tie_word_embeddings: true,
+        sliding_window: None,
+        bos_token_id: Some(1),
+        eos_token_ids: Default::default(),
+    }
+}
+
+fn attend(
+    cache: &mut PagedCache,
+    layer: usize,
+    seqs: &[SeqId],
+    t: usize,
+    nh: usize,
+    probe: Probe,
+) -> Result<Option<Tensor>> {
+    let dev = Device::Cpu;
+    let b = seqs.len();
+    let q = Tensor::randn(0f32, 1.0, (b, nh, t, D), &dev)?;
+    let k = Tensor::randn(0f32, 1.0, (b, KV, t, D), &dev)?;
+    let v = Tensor::randn(0f32, 1.0, (b, KV, t, D), &dev)?;
+    let out = cache.attend(AttnCall {
+        layer,
+        seqs,
+        q: &q,
+        k: &k,
+        v: &v,
+        scale: 0.125,
+        probe,
+    })?;
+    Ok(out.probs)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median ms per step of: observe, after_step, and (with --breakdown) snapshot, plan, evict.
+fn run(a: &Args, method: &str, ctx: usize) -> anyhow::Result<Vec<f64>> {
+    let cfg = smollm2_config();
+    let policy = build_policy(
+        &MethodSpec {
+            name: method.into(),
+        },
+        &cfg,
+        &MethodOptions::default(),
+    )?;
+    let heads = LAYERS * KV;
+    let budget = ((ctx as f64 / a.rate).ceil() as usize).max(128);
+    // Source prompt, then forks: room for every fork at the full prompt (compressed after).
+    let blocks = (a.batch + 2) * heads * ((ctx + a.steps + 4).div_ceil(BS) + 1);
+    let spec = PagedSpec {
+        layers: LAYERS,
+        kv_heads: KV,
+        head_dim: D,
+        block_size: BS,
+        dtype: DType::F32,
+        device: Device::Cpu,
+    };
+    let mut cache = PagedCache::new(spec, blocks)?;
+    let src = cache.add_sequence()?;
+    // Fill in chunks with one query head per kv-head (only the cache's contents matter).
+    for layer in 0..LAYERS {
+        let mut done = 0;
+        while done < ctx {
+            let t = 512.min(ctx - done);
+            attend(&mut cache, layer, &[src], t, KV, Probe::None)?;
+            done += t;
+        }
+    }
+    for l in 0..LAYERS {
+        for h in 0..KV {
+            let m: Vec<f32> = Tensor::rand(0f32, 1.0, ctx, &Device::Cpu)?.to_vec1()?;
+            cache.add_metric(l, src, h, &m)?;
+        }
+    }
+    let budget_of = move |_len: usize| Some(budget);
+    let mut seqs = vec![src];
+    for _ in 1..a.batch {
+        seqs.push(cache.fork_sequence(src)?);
+    }
+    let mut hooks: Vec<CompressHooks> = seqs
+        .iter()
+        .map(|_| CompressHooks::new(policy.as_ref(), LAYERS, &budget_of))
+        .collect();
+    for (h, &s) in hooks.iter_mut().zip(&seqs) {
+        h.after_prefill(&mut cache, s)?;
+    }
+    let probe = hooks[0].decode_probe();
+    let live: Vec<usize> = (0..seqs.len()).collect();
+    let (mut t_obs, mut t_step, mut t_parts) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..a.steps {
+        let mut obs = 0.0;
+        for layer in 0..LAYERS {
+            let probs = attend(&mut cache, layer, &seqs, 1, KV * GROUP, probe)?;
+            if let Some(p) = probs {
+                let t = Instant::now();
+                let mut hs: Vec<&mut dyn Hooks> =
+                    hooks.iter_mut().map(|h| h as &mut dyn Hooks).collect();
+                let probes = vec![probe; seqs.len()];
+                observe_batch(layer, &p, &cache, &seqs, &mut hs, &live, &probes)?;
+                obs += t.elapsed().as_secs_f64() * 1e3;
+            }
+        }
+        let t = Instant::now();
+        cache.defer_moves();
+        if a.breakdown {
+            let mut parts = [0.0; 3];
+            for &s in &seqs {
+                let t0 = Instant::now();
+                let view = SeqView::of(&cache, s)?;
+                let t1 = Instant::now();
+                let plan = policy.plan(&view, budget, Phase::Decode);
+                let t2 = Instant::now();
+                cache.evict(s, &plan)?;
+                parts[0] += (t1 - t0).as_secs_f64() * 1e3;
+                parts[1] += (t2 - t1).as_secs_f64() * 1e3;
+                parts[2] += t2.elapsed().as_secs_f64() * 1e3;
+            }
+            t_parts.push(parts);
+        } else {
+            // What `engine::decode_batch` runs after each step.
+            let mut hs: Vec<&mut dyn Hooks> =
+                hooks.iter_mut().map(|h| h as &mut dyn Hooks).collect();
+            step_compression(&mut cache, &seqs, &mut hs, &live)?;
+        }
+        cache.flush_moves()?;
+        t_step.push(t.elapsed().as_secs_f64() * 1e3);
+        t_obs.push(obs);
+    }
+    let mut out = vec![median(t_obs), median(t_step)];
+    if a.breakdown {
+        out.extend((0..3).map(|i| median(t_parts.iter().map(|p| p[i]).collect())));
+    }
+    Ok(out)
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    println!(
+        "# kvc-step-bench: SmolLM2-135M shape (30 x 3 kv-heads, d 64, block 16), f32 CPU cache, batch {}, rate {}; median of {} steps; {} cores",
+        a.batch,
+        a.rate,
+        a.steps,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!(
+        "{:<14} {:>6} {:>7} {:>11} {:>14} {:>10} {:>11}{}",
+        "method",
+        "ctx",
+        "threads",
+        "observe ms",
+        "after_step ms",
+        "total ms",
+        "per seq ms",
+        if a.breakdown {
+            "  snapshot ms    plan ms   evict ms"
+        } else {
+            ""
+        }
+    );
+    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = if a.threads.is_empty() {
+        vec![all]
+    } else {
+        a.threads.clone()
+    };
+    for m in &a.methods {
+        for &ctx in &a.ctx {
+            for &nt in &threads {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(nt).build()?;
+                let r = pool.install(|| run(&a, m, ctx))?;
+                let parts: String = r[2..].iter().map(|x| format!(" {x:>12.2}")).collect();
+                println!(
+                    "{:<14} {:>6} {:>7} {:>11.2} {:>14.2} {:>10.2} {:>11.3}{parts}",
+                    m,
+                    ctx,
+                    nt,
+                    r[0],
+                    r[1],
+                    r[0] + r[1],
+                    (r[0] + r[1]) / a.batch as f64
+                );
+            }
+        }
+    }
+    Ok(())
+}
