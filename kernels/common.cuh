@@ -38,6 +38,56 @@ __device__ __forceinline__ void load8(const __half* __restrict__ p, float out[8]
   }
 }
 
+// 8 consecutive elements held as raw 16-byte words (1 for 16-bit types, 2 for f32), so that a
+// kernel can keep many loads in flight before converting.
+template <typename T>
+struct Pack8 {
+  uint4 w[sizeof(T) / 2];
+};
+
+// Read-only load of 8 consecutive elements at `p` (16-byte aligned).
+template <typename T>
+__device__ __forceinline__ Pack8<T> ldg8(const T* __restrict__ p) {
+  Pack8<T> r;
+#pragma unroll
+  for (int i = 0; i < (int)(sizeof(T) / 2); ++i) r.w[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ Pack8<T> zero8() {
+  Pack8<T> r;
+#pragma unroll
+  for (int i = 0; i < (int)(sizeof(T) / 2); ++i) r.w[i] = make_uint4(0, 0, 0, 0);
+  return r;
+}
+
+__device__ __forceinline__ void unpack8(const Pack8<float>& r, float out[8]) {
+  const uint32_t* u = reinterpret_cast<const uint32_t*>(r.w);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = __uint_as_float(u[i]);
+}
+
+// bf16 -> f32 is exact: the bf16 bits are the high half of the f32.
+__device__ __forceinline__ void unpack8(const Pack8<__nv_bfloat16>& r, float out[8]) {
+  const uint32_t u[4] = {r.w[0].x, r.w[0].y, r.w[0].z, r.w[0].w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __uint_as_float(u[i] << 16);
+    out[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+  }
+}
+
+__device__ __forceinline__ void unpack8(const Pack8<__half>& r, float out[8]) {
+  const __half2* h = reinterpret_cast<const __half2*>(&r.w[0]);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(h[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }

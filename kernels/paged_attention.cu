@@ -4,12 +4,15 @@
 //
 // Two kernels, always launched as a pair (the partitioned, "split-K" form; one partition is the
 // plain form):
-//   paged_decode_part_<dtype>_d<D>_g<GMAX>: grid (num_parts, num_kv_heads, batch), 128 threads.
+//   paged_decode_{async,part}_<dtype>_d<D>_g<GMAX>: grid (num_parts, num_kv_heads, batch), 128
+//     threads; `async` streams K/V through cp.async shared-memory stages (dynamic shared memory,
+//     see the macros at the end; the default), `part` through registers.
 //     Partition `part` covers logical slots [part * part_slots, min((part+1) * part_slots, len)).
 //     Writes the scaled scores q.k * scale of its slots to `scores` (the probability buffer, used
 //     as scratch), and its partial softmax state: max, sum of exp(s - max), and the unnormalised
 //     output sum_i exp(s_i - max) * v_i.
-//   paged_decode_reduce_<dtype>: grid (num_kv_heads, batch), 128 threads.
+//   paged_decode_reduce_<dtype>: grid (num_kv_heads, batch, ceil(probs_stride / 1024)), 256
+//     threads; z = 0 also writes the output.
 //     Combines the partitions into the output, then (when asked) turns the scores into
 //     probabilities p (zero beyond each head's length) and adds the KV-Compress decode metric
 //     metric[slot] += sum over the group's query heads of p^2.
@@ -28,9 +31,139 @@ namespace kvc {
 
 constexpr int NT = 128;       // threads per block
 constexpr int NWARPS = NT / 32;
-constexpr int UNROLL = 4;     // keys per thread group in flight
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
 
-template <typename T, int D, int GMAX>
+// Register pipeline: keys in flight per lane and iteration, as many as the registers allow
+// without spilling (each key holds 16 bytes of K and 16 of V per lane; the group's running
+// outputs take 8 f32 registers per query head).
+template <int GMAX>
+struct Unroll {
+  static constexpr int value = GMAX <= 4 ? 8 : (GMAX == 8 ? 4 : 2);
+};
+
+// Async pipeline: keys per lane and stage, and stages (STAGES - 1 stages of loads in flight
+// while one is consumed).
+constexpr int ASYNC_U = 4;
+constexpr int ASYNC_STAGES = 4;
+
+// One lane's running softmax state for the GMAX query heads of its group (the lanes of one
+// key group hold the same m and l; each holds its 8 output elements).
+template <int GMAX>
+struct SoftmaxState {
+  float m[GMAX], l[GMAX], acc[GMAX][8];
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int h = 0; h < GMAX; ++h) {
+      m[h] = -FLT_MAX;
+      l[h] = 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[h][e] = 0.f;
+    }
+  }
+};
+
+// Consume U keys (one per u; K and V already loaded as raw words): scores in the log2 domain
+// (reduced over the TPK lanes of the key), the scaled scores stored for the probabilities /
+// metric, online softmax update, then p * v.
+template <typename T, int TPK, int GMAX, int U>
+__device__ __forceinline__ void consume_keys(
+    SoftmaxState<GMAX>& st, const float (&qr)[GMAX][8], const Pack8<T> (&kraw)[U],
+    const Pack8<T> (&vraw)[U], const bool (&ok)[U], const int (&idx)[U],
+    float* __restrict__ scores, size_t head0, int probs_stride, int group, int store_scores,
+    int sub) {
+  float sc[U][GMAX];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    float kf[8];
+    unpack8(kraw[u], kf);
+#pragma unroll
+    for (int h = 0; h < GMAX; ++h) {
+      float dot = 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dot = fmaf(qr[h][e], kf[e], dot);
+#pragma unroll
+      for (int o = TPK / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+      sc[u][h] = dot;
+    }
+  }
+  if (store_scores && sub == 0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (ok[u])
+#pragma unroll
+        for (int h = 0; h < GMAX; ++h)
+          if (h < group) scores[(head0 + h) * probs_stride + idx[u]] = sc[u][h] * LN2;
+  }
+#pragma unroll
+  for (int h = 0; h < GMAX; ++h) {
+    float mn = st.m[h];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (ok[u]) mn = fmaxf(mn, sc[u][h]);
+    const float alpha = exp2f(st.m[h] - mn);  // 0 when m was -FLT_MAX and mn is a score
+    st.m[h] = mn;
+    st.l[h] *= alpha;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) st.acc[h][e] *= alpha;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const float p = ok[u] ? exp2f(sc[u][h] - mn) : 0.f;
+      sc[u][h] = p;
+      st.l[h] += p;
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    float vf[8];
+    unpack8(vraw[u], vf);
+#pragma unroll
+    for (int h = 0; h < GMAX; ++h)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) st.acc[h][e] = fmaf(sc[u][h], vf[e], st.acc[h][e]);
+  }
+}
+
+// Physical slot of logical slot i (shift for power-of-two block sizes, bshift < 0 otherwise).
+__device__ __forceinline__ size_t slot_at(const uint32_t* __restrict__ table, int i,
+                                          int block_size, int bshift) {
+  const uint32_t blk = bshift >= 0 ? (uint32_t)i >> bshift : (uint32_t)i / block_size;
+  const uint32_t off = (uint32_t)i - blk * (uint32_t)block_size;
+  return (size_t)(__ldg(table + blk) * (uint32_t)block_size + off);
+}
+
+// 16-byte asynchronous global -> shared copy (sm_80+), zero-filled when !pred (nothing read).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  const int n = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// One partition of one (sequence, kv-head): a single pass over its keys with an online
+// softmax (FlashDecoding style). Every group of TPK = D / 8 lanes owns one key at a time (8
+// elements per lane), keeps its own running max / sum / output for all query heads of the
+// group, and the states are merged at the end (within the warp by shuffles, across the 4
+// warps in shared memory). Warps never synchronise inside the loop. Scores are kept in the
+// log2 domain (q pre-scaled by scale * log2 e, exp2 on the SFU) and stored in natural units.
+//
+// Decode attention is bound by device-memory bandwidth only with enough bytes in flight per
+// SM; two ways to keep loads in flight:
+// - ASYNC = false: each lane loads U keys' K and V into registers, then consumes them;
+// - ASYNC = true: each warp streams its keys through ASYNC_STAGES shared-memory stages with
+//   cp.async (loads for the next ASYNC_STAGES - 1 stages in flight while one is consumed,
+//   without holding registers). Each lane reads back only the bytes it copied itself, so
+//   cp.async.wait_group is the only synchronisation.
+// (The two-pass form this replaced, scores first and then p * v, reached ~20 % of the H200's
+// bandwidth on 2026-12-02; the register pipeline ~54 %.)
+template <typename T, int D, int GMAX, bool ASYNC>
 __device__ void paged_decode_part(
     float* __restrict__ scores,          // [batch, n_heads, probs_stride] f32 (out: scaled scores)
     float* __restrict__ part_max,        // [batch, n_heads, num_parts] f32 (out)
@@ -48,22 +181,29 @@ __device__ void paged_decode_part(
     int probs_stride,                    // row length of scores (>= every ctx_len)
     int part_slots,                      // slots per partition (>= 1)
     int num_parts,                       // partitions per head (grid x)
-    float scale) {                       // softmax scale
-  constexpr int TPK = D / 8;             // threads per key: 8 elements each
-  constexpr int NGROUPS = NT / TPK;      // keys per block-iteration
+    float scale,                         // softmax scale
+    int store_scores) {                  // 1: write the scaled scores (probs / metric wanted)
+  constexpr int TPK = D / 8;             // lanes per key: 8 elements each
+  constexpr int KPW = 32 / TPK;          // keys per warp and load
+  constexpr int U = ASYNC ? ASYNC_U : Unroll<GMAX>::value;  // keys per lane and iteration
+  constexpr int KPI = KPW * U;           // keys per warp and iteration
   __shared__ float q_s[GMAX * D];
-  __shared__ float red[NWARPS * (D > GMAX ? D : GMAX)];
-  __shared__ float m_s[GMAX];
+  __shared__ float red_acc[NWARPS][GMAX][D];
+  __shared__ float red_m[NWARPS][GMAX], red_l[NWARPS][GMAX];
+  // Async stages: [warp][stage][K | V][KPI keys][D] (dynamic shared memory).
+  extern __shared__ __align__(16) unsigned char stage_mem[];
 
   const int part = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
-  const int tid = threadIdx.x, lane = tid % TPK, gid = tid / TPK;
-  const int warp = tid / 32, wlane = tid % 32;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int sub = lane % TPK, kg = lane / TPK;  // element chunk, key within the load
   const int n_heads = num_kv_heads * group;
   const uint32_t* table = block_tables + ((size_t)b * num_kv_heads + kvh) * max_blocks;
   const int len = (int)ctx_lens[b * num_kv_heads + kvh];
   const int start = part * part_slots;
   const int end = min(start + part_slots, len);
   const size_t head0 = (size_t)b * n_heads + (size_t)kvh * group;  // first query head
+  // Power-of-two block sizes (the usual 16 / 32) map slots with shifts instead of divisions.
+  const int bshift = (block_size & (block_size - 1)) == 0 ? __ffs(block_size) - 1 : -1;
 
   if (start >= end) {  // empty partition: neutral softmax state
     for (int h = 0; h < group; ++h) {
@@ -77,141 +217,150 @@ __device__ void paged_decode_part(
     return;
   }
 
-  // Queries of the group, scaled, into shared memory (zeros for padding heads).
+  // Queries of the group, scaled into the log2 domain (zeros for padding heads).
   for (int i = tid; i < GMAX * D; i += NT) {
     const int h = i / D;
-    q_s[i] = h < group ? to_f32(q[(head0 + h) * D + i % D]) * scale : 0.f;
+    q_s[i] = h < group ? to_f32(q[(head0 + h) * D + i % D]) * (scale * LOG2E) : 0.f;
   }
   __syncthreads();
   float qr[GMAX][8];
 #pragma unroll
   for (int h = 0; h < GMAX; ++h)
 #pragma unroll
-    for (int e = 0; e < 8; ++e) qr[h][e] = q_s[h * D + lane * 8 + e];
+    for (int e = 0; e < 8; ++e) qr[h][e] = q_s[h * D + sub * 8 + e];
 
-  // Phase 1: scores of this partition's keys, running max per head.
-  float mx[GMAX];
+  SoftmaxState<GMAX> st;
+  st.init();
+  const int first = start + warp * KPI;  // this warp's first key; it then strides by NWARPS * KPI
+
+  if constexpr (!ASYNC) {
+    for (int base = first; base < end; base += NWARPS * KPI) {
+      Pack8<T> kraw[U], vraw[U];
+      bool ok[U];
+      int idx[U];
 #pragma unroll
-  for (int h = 0; h < GMAX; ++h) mx[h] = -FLT_MAX;
-  for (int base = start; base < end; base += NGROUPS * UNROLL) {
-    float kr[UNROLL][8];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int i = base + u * NGROUPS + gid;
-      if (i < end) {
-        const uint32_t s = slot_of(table, i, block_size);
-        load8(k_cache + (size_t)s * D + lane * 8, kr[u]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) kr[u][e] = 0.f;
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int i = base + u * NGROUPS + gid;
-#pragma unroll
-      for (int h = 0; h < GMAX; ++h) {
-        float dot = 0.f;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) dot += qr[h][e] * kr[u][e];
-#pragma unroll
-        for (int o = TPK / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-        if (i < end) {
-          mx[h] = fmaxf(mx[h], dot);
-          if (lane == 0 && h < group) scores[(head0 + h) * probs_stride + i] = dot;
+      for (int u = 0; u < U; ++u) {
+        const int i = base + u * KPW + kg;
+        idx[u] = i;
+        ok[u] = i < end;
+        if (ok[u]) {
+          const size_t s = slot_at(table, i, block_size, bshift);
+          kraw[u] = ldg8(k_cache + s * D + sub * 8);
+          vraw[u] = ldg8(v_cache + s * D + sub * 8);
+        } else {
+          kraw[u] = zero8<T>();
+          vraw[u] = zero8<T>();
         }
       }
+      consume_keys<T, TPK, GMAX, U>(st, qr, kraw, vraw, ok, idx, scores, head0, probs_stride,
+                                    group, store_scores, sub);
     }
-  }
-  // Block max per head.
+  } else {
+    constexpr int W16 = sizeof(T) / 2;  // 16-byte words per lane and row chunk
+    T* stages = reinterpret_cast<T*>(stage_mem) + (size_t)warp * ASYNC_STAGES * 2 * KPI * D;
+    const int n_it = first < end ? (end - first + NWARPS * KPI - 1) / (NWARPS * KPI) : 0;
+    // Copies of iteration `it` into stage it % ASYNC_STAGES (zeros past the end); always one
+    // commit group per call so that wait_group counts iterations.
+    auto issue = [&](int it) {
+      if (it < n_it) {
+        T* kst = stages + (size_t)(it % ASYNC_STAGES) * 2 * KPI * D;
+        T* vst = kst + KPI * D;
+        const int base = first + it * NWARPS * KPI;
 #pragma unroll
-  for (int h = 0; h < GMAX; ++h) {
-    const float m = warp_max(mx[h]);
-    if (wlane == 0) red[warp * GMAX + h] = m;
-  }
-  __syncthreads();  // also makes this block's score writes visible to all its threads
-  if (tid < GMAX) {
-    float m = -FLT_MAX;
-    for (int w = 0; w < NWARPS; ++w) m = fmaxf(m, red[w * GMAX + tid]);
-    m_s[tid] = m;
-  }
-  __syncthreads();
-  float mh[GMAX];
+        for (int u = 0; u < U; ++u) {
+          const int i = base + u * KPW + kg;
+          const bool ok = i < end;
+          const size_t s = ok ? slot_at(table, i, block_size, bshift) : 0;
+          const int row = u * KPW + kg;
 #pragma unroll
-  for (int h = 0; h < GMAX; ++h) mh[h] = m_s[h];
-
-  // Phase 2: p = exp(s - max), sum p, sum p * v.
-  float acc[GMAX][8];
-  float sum[GMAX];
-#pragma unroll
-  for (int h = 0; h < GMAX; ++h) {
-    sum[h] = 0.f;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[h][e] = 0.f;
-  }
-  for (int base = start; base < end; base += NGROUPS * UNROLL) {
-    float vr[UNROLL][8];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int i = base + u * NGROUPS + gid;
-      if (i < end) {
-        const uint32_t s = slot_of(table, i, block_size);
-        load8(v_cache + (size_t)s * D + lane * 8, vr[u]);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int i = base + u * NGROUPS + gid;
-      if (i < end) {
-#pragma unroll
-        for (int h = 0; h < GMAX; ++h) {
-          if (h < group) {
-            const float p = expf(scores[(head0 + h) * probs_stride + i] - mh[h]);
-            sum[h] += p;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[h][e] += p * vr[u][e];
+          for (int w = 0; w < W16; ++w) {
+            cp_async16(kst + row * D + sub * 8 + w * (8 / W16), k_cache + s * D + sub * 8 + w * (8 / W16), ok);
+            cp_async16(vst + row * D + sub * 8 + w * (8 / W16), v_cache + s * D + sub * 8 + w * (8 / W16), ok);
           }
         }
       }
-    }
-  }
-  // Reduce over the thread groups: first inside each warp, then across warps in shared memory.
-  // (Loops over GMAX with a uniform guard so acc stays in registers.)
+      cp_async_commit();
+    };
 #pragma unroll
-  for (int h = 0; h < GMAX; ++h) {
-    if (h < group) {
+    for (int it = 0; it < ASYNC_STAGES - 1; ++it) issue(it);
+    for (int it = 0; it < n_it; ++it) {
+      issue(it + ASYNC_STAGES - 1);
+      cp_async_wait<ASYNC_STAGES - 1>();  // this lane's copies of iteration `it` have landed
+      const T* kst = stages + (size_t)(it % ASYNC_STAGES) * 2 * KPI * D;
+      const T* vst = kst + KPI * D;
+      const int base = first + it * NWARPS * KPI;
+      Pack8<T> kraw[U], vraw[U];
+      bool ok[U];
+      int idx[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int row = u * KPW + kg;
+        idx[u] = base + row;
+        ok[u] = idx[u] < end;
+        kraw[u] = *reinterpret_cast<const Pack8<T>*>(kst + row * D + sub * 8);
+        vraw[u] = *reinterpret_cast<const Pack8<T>*>(vst + row * D + sub * 8);
+      }
+      consume_keys<T, TPK, GMAX, U>(st, qr, kraw, vraw, ok, idx, scores, head0, probs_stride,
+                                    group, store_scores, sub);
+    }
+    cp_async_wait<0>();
+  }
+
+  // Merge the key groups of the warp (lanes sub, sub + TPK, ... hold the same elements).
+#pragma unroll
+  for (int o = TPK; o < 32; o <<= 1) {
+#pragma unroll
+    for (int h = 0; h < GMAX; ++h) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, st.m[h], o);
+      const float l2 = __shfl_xor_sync(0xffffffffu, st.l[h], o);
+      const float mn = fmaxf(st.m[h], m2);
+      const float a = exp2f(st.m[h] - mn), c = exp2f(m2 - mn);
+      st.m[h] = mn;
+      st.l[h] = st.l[h] * a + l2 * c;
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        float a = acc[h][e];
+        const float x2 = __shfl_xor_sync(0xffffffffu, st.acc[h][e], o);
+        st.acc[h][e] = st.acc[h][e] * a + x2 * c;
+      }
+    }
+  }
+  // Merge the warps.
+  if (kg == 0) {
 #pragma unroll
-        for (int o = 16; o >= TPK; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
-        acc[h][e] = a;
-      }
-      const float s = warp_sum(lane == 0 ? sum[h] : 0.f);
-      __syncthreads();  // red is free
-      if (wlane < TPK) {
+    for (int h = 0; h < GMAX; ++h) {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) red[warp * D + wlane * 8 + e] = acc[h][e];
+      for (int e = 0; e < 8; ++e) red_acc[warp][h][sub * 8 + e] = st.acc[h][e];
+      if (sub == 0) {
+        red_m[warp][h] = st.m[h];
+        red_l[warp][h] = st.l[h];
       }
-      __syncthreads();
-      const size_t hp = (head0 + h) * num_parts + part;
-      for (int d = tid; d < D; d += NT) {
-        float a = 0.f;
-        for (int w = 0; w < NWARPS; ++w) a += red[w * D + d];
-        part_out[hp * D + d] = a;
-      }
-      __syncthreads();
-      if (wlane == 0) red[warp] = s;
-      __syncthreads();
-      if (tid == 0) {
-        float t = 0.f;
-        for (int w = 0; w < NWARPS; ++w) t += red[w];
-        part_sum[hp] = t;
-        part_max[hp] = mh[h];
-      }
+    }
+  }
+  __syncthreads();
+  for (int x = tid; x < group * D; x += NT) {
+    const int h = x / D, d = x % D;
+    float mx = -FLT_MAX;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, red_m[w][h]);
+    float o = 0.f, t = 0.f;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) {
+      const float c = exp2f(red_m[w][h] - mx);
+      o += red_acc[w][h][d] * c;
+      t += red_l[w][h] * c;
+    }
+    const size_t hp = (head0 + h) * num_parts + part;
+    part_out[hp * D + d] = o;
+    if (d == 0) {
+      part_sum[hp] = t;
+      part_max[hp] = mx * LN2;
     }
   }
 }
+
+// Slots per CUDA block of the reduce kernel's probability pass (grid z).
+constexpr int REDUCE_CHUNK = 1024;
+constexpr int RT = 256;  // threads per block of the reduce kernel
 
 template <typename T>
 __device__ void paged_decode_reduce(
@@ -232,11 +381,13 @@ __device__ void paged_decode_reduce(
     int num_parts,                       // partitions per head
     int write_probs) {                   // 1: finalise probs (and zero the padding), 0: leave
   __shared__ float M_s[32], S_s[32];     // group <= 32
-  const int kvh = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+  const int kvh = blockIdx.x, b = blockIdx.y, chunk = blockIdx.z, tid = threadIdx.x;
   const int n_heads = num_kv_heads * group;
   const uint32_t* table = block_tables + ((size_t)b * num_kv_heads + kvh) * max_blocks;
   const int len = (int)ctx_lens[b * num_kv_heads + kvh];
   const size_t head0 = (size_t)b * n_heads + (size_t)kvh * group;
+  // Every chunk derives the heads' softmax totals (a few values per partition); chunk 0 also
+  // writes the output rows.
   for (int h = 0; h < group; ++h) {
     const size_t hp = (head0 + h) * num_parts;
     float M = -FLT_MAX;
@@ -244,11 +395,13 @@ __device__ void paged_decode_reduce(
     float S = 0.f;
     for (int p = 0; p < num_parts; ++p) S += part_sum[hp + p] * expf(part_max[hp + p] - M);
     const float inv = S > 0.f ? 1.f / S : 0.f;
-    for (int d = tid; d < head_dim; d += blockDim.x) {
-      float a = 0.f;
-      for (int p = 0; p < num_parts; ++p)
-        a += part_out[(hp + p) * head_dim + d] * expf(part_max[hp + p] - M);
-      out[(head0 + h) * head_dim + d] = from_f32<T>(a * inv);
+    if (chunk == 0) {
+      for (int d = tid; d < head_dim; d += RT) {
+        float a = 0.f;
+        for (int p = 0; p < num_parts; ++p)
+          a += part_out[(hp + p) * head_dim + d] * expf(part_max[hp + p] - M);
+        out[(head0 + h) * head_dim + d] = from_f32<T>(a * inv);
+      }
     }
     if (tid == 0) {
       M_s[h] = M;
@@ -257,7 +410,9 @@ __device__ void paged_decode_reduce(
   }
   __syncthreads();
   if (!write_probs && metric == nullptr) return;
-  for (int i = tid; i < len; i += blockDim.x) {
+  const int bshift = (block_size & (block_size - 1)) == 0 ? __ffs(block_size) - 1 : -1;
+  const int c0 = chunk * REDUCE_CHUNK, c1 = min(c0 + REDUCE_CHUNK, probs_stride);
+  for (int i = c0 + tid; i < min(c1, len); i += RT) {
     float m2 = 0.f;
     for (int h = 0; h < group; ++h) {
       float* row = probs + (head0 + h) * probs_stride;
@@ -265,19 +420,22 @@ __device__ void paged_decode_reduce(
       if (write_probs) row[i] = p;
       m2 += p * p;
     }
-    if (metric != nullptr) metric[slot_of(table, i, block_size)] += m2;
+    if (metric != nullptr) {
+      const uint32_t blk = bshift >= 0 ? (uint32_t)i >> bshift : (uint32_t)i / block_size;
+      metric[table[blk] * (uint32_t)block_size + ((uint32_t)i - blk * block_size)] += m2;
+    }
   }
   if (write_probs) {
     for (int h = 0; h < group; ++h) {
       float* row = probs + (head0 + h) * probs_stride;
-      for (int i = len + tid; i < probs_stride; i += blockDim.x) row[i] = 0.f;
+      for (int i = max(c0, len) + tid; i < c1; i += RT) row[i] = 0.f;
     }
   }
 }
 
 }  // namespace kvc
 
-#define KVC_DECODE_PART(NAME, T, D, G)                                                        \
+#define KVC_DECODE_PART(NAME, T, D, G, ASYNC)                                                 \
   extern "C" __global__ void __launch_bounds__(kvc::NT) NAME(                                 \
       float* scores,           /* [batch, n_heads, probs_stride] f32 */                       \
       float* part_max,         /* [batch, n_heads, num_parts] f32 */                          \
@@ -289,18 +447,27 @@ __device__ void paged_decode_reduce(
       const uint32_t* block_tables, /* [batch, num_kv_heads, max_blocks] */                   \
       const uint32_t* ctx_lens,     /* [batch, num_kv_heads] */                               \
       int num_kv_heads, int group, int max_blocks, int block_size, int probs_stride,          \
-      int part_slots, int num_parts, float scale) {                                           \
-    kvc::paged_decode_part<T, D, G>(scores, part_max, part_sum, part_out, q, k_cache, v_cache,\
-                                    block_tables, ctx_lens, num_kv_heads, group, max_blocks,  \
-                                    block_size, probs_stride, part_slots, num_parts, scale);  \
+      int part_slots, int num_parts, float scale, int store_scores) {                         \
+    kvc::paged_decode_part<T, D, G, ASYNC>(scores, part_max, part_sum, part_out, q, k_cache,  \
+                                           v_cache, block_tables, ctx_lens, num_kv_heads,     \
+                                           group, max_blocks, block_size, probs_stride,       \
+                                           part_slots, num_parts, scale, store_scores);       \
   }
 
-#define KVC_DECODE_PART_G(TN, T, D)                       \
-  KVC_DECODE_PART(paged_decode_part_##TN##_d##D##_g1, T, D, 1)   \
-  KVC_DECODE_PART(paged_decode_part_##TN##_d##D##_g2, T, D, 2)   \
-  KVC_DECODE_PART(paged_decode_part_##TN##_d##D##_g4, T, D, 4)   \
-  KVC_DECODE_PART(paged_decode_part_##TN##_d##D##_g8, T, D, 8)   \
-  KVC_DECODE_PART(paged_decode_part_##TN##_d##D##_g16, T, D, 16)
+// Names: paged_decode_part_<dtype>_d<D>_g<GMAX> (register pipeline) and
+// paged_decode_async_<dtype>_d<D>_g<GMAX> (cp.async pipeline, dynamic shared memory:
+// NWARPS * ASYNC_STAGES * 2 * (32 / (D / 8)) * ASYNC_U * D * sizeof(T) bytes).
+#define KVC_DECODE_PART_G(TN, T, D)                                     \
+  KVC_DECODE_PART(paged_decode_part_##TN##_d##D##_g1, T, D, 1, false)   \
+  KVC_DECODE_PART(paged_decode_part_##TN##_d##D##_g2, T, D, 2, false)   \
+  KVC_DECODE_PART(paged_decode_part_##TN##_d##D##_g4, T, D, 4, false)   \
+  KVC_DECODE_PART(paged_decode_part_##TN##_d##D##_g8, T, D, 8, false)   \
+  KVC_DECODE_PART(paged_decode_part_##TN##_d##D##_g16, T, D, 16, false) \
+  KVC_DECODE_PART(paged_decode_async_##TN##_d##D##_g1, T, D, 1, true)   \
+  KVC_DECODE_PART(paged_decode_async_##TN##_d##D##_g2, T, D, 2, true)   \
+  KVC_DECODE_PART(paged_decode_async_##TN##_d##D##_g4, T, D, 4, true)   \
+  KVC_DECODE_PART(paged_decode_async_##TN##_d##D##_g8, T, D, 8, true)   \
+  KVC_DECODE_PART(paged_decode_async_##TN##_d##D##_g16, T, D, 16, true)
 
 #define KVC_DECODE_PART_DG(TN, T) \
   KVC_DECODE_PART_G(TN, T, 64)    \
@@ -311,7 +478,7 @@ KVC_DECODE_PART_DG(bf16, __nv_bfloat16)
 KVC_DECODE_PART_DG(f16, __half)
 
 #define KVC_DECODE_REDUCE(NAME, T)                                                            \
-  extern "C" __global__ void NAME(                                                            \
+  extern "C" __global__ void __launch_bounds__(kvc::RT) NAME(                                 \
       T* out,                  /* [batch, n_heads, head_dim] */                               \
       float* probs,            /* [batch, n_heads, probs_stride] f32 */                       \
       float* metric,           /* [num_slots] f32 or null */                                  \

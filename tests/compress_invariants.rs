@@ -239,6 +239,14 @@ fn batched_prompts_equal_separate_runs() {
                     prompt.len()
                 );
                 assert_eq!(st, st1, "{m} at {b:?}, prompt of {}", prompt.len());
+                // Step accounting: a batch's steps up to this sequence's end, and its own.
+                for gen in [&g, &g1] {
+                    let t = gen.decode_times;
+                    assert_eq!(t.steps, gen.output_ids.len() - 1, "{m} at {b:?}");
+                    let parts = t.forward_ms + t.observe_ms + t.compress_ms + t.sample_ms;
+                    assert!(parts <= gen.decode_ms + 1e-6, "{m} at {b:?}: {t:?}");
+                    assert!(t.forward_ms > 0.0, "{m} at {b:?}: {t:?}");
+                }
             }
         }
     }

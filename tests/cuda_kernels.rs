@@ -12,7 +12,7 @@
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 use kvc::kvcache::blocks::BlockPool;
-use kvc::kvcache::cuda::{self, DecodeWorkspace, DeviceTables};
+use kvc::kvcache::cuda::{self, DecodePipeline, DecodeWorkspace, DeviceTables};
 use kvc::kvcache::ops::{self, DecodeShape, KvElem};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -80,6 +80,7 @@ struct Case {
     batch: usize,
     max_ctx: usize,
     part_slots: Option<usize>,
+    pipeline: DecodePipeline,
     seed: u64,
 }
 
@@ -254,7 +255,8 @@ fn run_case<T: KvElem + candle_core::WithDType>(c: &Case) -> String {
     )
     .unwrap();
     let tabs = DeviceTables::upload_disjoint(shape, &tables, &lens, &dev).unwrap();
-    let ws = DecodeWorkspace::filled(&shape, max_len, c.part_slots, &dev, f32::NAN).unwrap();
+    let mut ws = DecodeWorkspace::filled(&shape, max_len, c.part_slots, &dev, f32::NAN).unwrap();
+    ws.pipeline = c.pipeline;
     let out = Tensor::full(f32::NAN, (b, nh, d), &dev)
         .unwrap()
         .to_dtype(c.dtype)
@@ -277,8 +279,8 @@ fn run_case<T: KvElem + candle_core::WithDType>(c: &Case) -> String {
     let (wp, ep) = compare(&f32s(&ws.probs), &want.probs, pa, pr);
     let (wm, em) = compare(&host::<f32>(&metric_d), &metric_h, pa, pr);
     let line = format!(
-        "{:?} bs={bs} d={d} g={g} nkv={nkv} batch={b} max_len={max_len} parts={}x{}: moves={moves_total} out_err={eo:.2e} probs_err={ep:.2e} metric_err={em:.2e}",
-        c.dtype, ws.num_parts, ws.part_slots
+        "{:?} {:?} bs={bs} d={d} g={g} nkv={nkv} batch={b} max_len={max_len} parts={}x{}: moves={moves_total} out_err={eo:.2e} probs_err={ep:.2e} metric_err={em:.2e}",
+        c.dtype, c.pipeline, ws.num_parts, ws.part_slots
     );
     assert!(
         wo <= 1.0 && wp <= 1.0 && wm <= 1.0,
@@ -291,21 +293,25 @@ fn cases() -> Vec<Case> {
     let mut v = Vec::new();
     let mut seed = 1;
     for dtype in [DType::F32, DType::BF16, DType::F16] {
-        for (bs, d) in [(16, 64), (32, 128), (16, 128), (32, 64)] {
+        // 24: a block size that is not a power of two (the kernels divide instead of shifting).
+        for (bs, d) in [(16, 64), (32, 128), (16, 128), (32, 64), (24, 128)] {
             for g in [1, 3, 4, 8] {
                 for part_slots in [None, Some(64)] {
-                    seed += 1;
-                    v.push(Case {
-                        dtype,
-                        block_size: bs,
-                        head_dim: d,
-                        group: g,
-                        num_kv_heads: 2 + (seed as usize % 2),
-                        batch: 3,
-                        max_ctx: 300,
-                        part_slots,
-                        seed,
-                    });
+                    for pipeline in [DecodePipeline::Async, DecodePipeline::Registers] {
+                        seed += 1;
+                        v.push(Case {
+                            dtype,
+                            block_size: bs,
+                            head_dim: d,
+                            group: g,
+                            num_kv_heads: 2 + (seed as usize % 2),
+                            batch: 3,
+                            max_ctx: 300,
+                            part_slots,
+                            pipeline,
+                            seed,
+                        });
+                    }
                 }
             }
         }
@@ -334,11 +340,13 @@ fn kernels_match_twins_on_random_ragged_evicted_caches() {
 fn long_context_split_k_matches_twin() {
     // Long ragged contexts; default partitioning (split for a small batch) and explicit sizes.
     let mut n = 0;
-    for (dtype, part_slots) in [
-        (DType::BF16, None),
-        (DType::BF16, Some(512)),
-        (DType::F32, None),
-        (DType::F16, Some(1000)),
+    for (dtype, part_slots, pipeline) in [
+        (DType::BF16, None, DecodePipeline::Async),
+        (DType::BF16, Some(512), DecodePipeline::Async),
+        (DType::F32, None, DecodePipeline::Async),
+        (DType::F16, Some(1000), DecodePipeline::Async),
+        (DType::BF16, None, DecodePipeline::Registers),
+        (DType::F16, Some(1000), DecodePipeline::Registers),
     ] {
         let c = Case {
             dtype,
@@ -349,12 +357,95 @@ fn long_context_split_k_matches_twin() {
             batch: 2,
             max_ctx: 5000,
             part_slots,
+            pipeline,
             seed: 99 + n,
         };
         eprintln!("{}", run(&c));
         n += 1;
     }
     eprintln!("SUMMARY long_context_split_k: {n} cases passed");
+}
+
+fn prefill_softmax_case<T: KvElem + candle_core::WithDType>(
+    shape: &ops::SoftmaxShape,
+    rng: &mut StdRng,
+) -> String {
+    let dev = gpu();
+    let (nkv, n, t) = (shape.kv_heads, shape.n, shape.t);
+    // Positions: a shuffled 0..n per kv-head (unsorted, as after evictions), the last 3 keys
+    // padding; queries start so that the first ones cannot see every key.
+    let mut key_pos = Vec::with_capacity(nkv * n);
+    for _ in 0..nkv {
+        let mut p: Vec<u32> = (0..n as u32).collect();
+        for i in (1..n).rev() {
+            p.swap(i, rng.random_range(0..=i));
+        }
+        for x in p.iter_mut().skip(n.saturating_sub(3)) {
+            *x = u32::MAX;
+        }
+        key_pos.extend(p);
+    }
+    let q_start = (n.saturating_sub(t + 5)) as u32;
+    let att = rnd(rng, shape.rows() * n, 6.0);
+    let att_t: Vec<T> = att.iter().map(|&x| T::from_f32(x)).collect();
+    let scale = 0.125f32 * 1.37;
+    let (want_p, want_probs) =
+        ops::prefill_softmax(shape, &att_t, &key_pos, q_start, scale).unwrap();
+    let att_d = to_dev::<T>(&att, &[1, nkv, shape.group * t, n], &dev);
+    let kp = Tensor::from_vec(key_pos, (nkv, n), &dev).unwrap();
+    let (p, probs) = cuda::prefill_softmax(&att_d, &kp, shape, q_start, scale).unwrap();
+    assert_eq!(p.dims(), att_d.dims());
+    assert_eq!(p.dtype(), att_d.dtype());
+    let want_p: Vec<f32> = want_p.iter().map(|x| x.to_f32()).collect();
+    // p in T: one rounding of a probability that may differ by an f32 ulp.
+    let rt = if T::DTYPE == DType::F32 { 2e-6 } else { 8e-3 };
+    let (wp, ep) = compare(&f32s(&p), &want_p, 1e-7, rt);
+    let (wq, eq) = match (&probs, shape.probed) {
+        (None, 0) => (0.0, 0.0),
+        (Some(pr), _) => {
+            assert_eq!(pr.dims(), &[nkv * shape.group, shape.probed, n]);
+            compare(&host::<f32>(pr), &want_probs, 1e-7, 2e-6)
+        }
+        (None, _) => panic!("probed queries asked, no probabilities returned"),
+    };
+    let line = format!(
+        "{:?} kv={nkv} g={} t={t} n={n} probed={}: p_err={ep:.2e} probs_err={eq:.2e}",
+        T::DTYPE,
+        shape.group,
+        shape.probed
+    );
+    assert!(wp <= 1.0 && wq <= 1.0, "out of tolerance: {line}");
+    line
+}
+
+/// The prefill softmax kernel (scale + causal mask from positions + softmax, f32 probabilities
+/// of the probed queries) against its twin: every dtype, groups 1-8, one query to 64, rows
+/// shorter and much longer than the 256-thread block, no probe / a window / every query.
+#[test]
+fn prefill_softmax_matches_twin() {
+    let mut rng = StdRng::seed_from_u64(77);
+    let mut n = 0;
+    for (g, t, keys, probed) in [
+        (1usize, 1usize, 9usize, 1usize),
+        (3, 7, 300, 4),
+        (4, 33, 1000, 0),
+        (8, 16, 2500, 16),
+        (3, 64, 70, 32),
+        (3, 20, 9000, 8),
+    ] {
+        let shape = ops::SoftmaxShape {
+            kv_heads: 2,
+            group: g,
+            t,
+            n: keys,
+            probed,
+        };
+        eprintln!("{}", prefill_softmax_case::<f32>(&shape, &mut rng));
+        eprintln!("{}", prefill_softmax_case::<bf16>(&shape, &mut rng));
+        eprintln!("{}", prefill_softmax_case::<f16>(&shape, &mut rng));
+        n += 3;
+    }
+    eprintln!("SUMMARY prefill_softmax: {n} cases passed");
 }
 
 #[test]

@@ -631,6 +631,21 @@ fn shared_prefill_rows_equal_separate_runs_and_resume_per_run() {
             }
             assert!(ra.get("error").is_none(), "{ra}");
             assert!(rb.get("prefill_shared").is_none(), "{rb}");
+            // The decode breakdown: one forward pass per generated token but the last, in the
+            // batch (shared) as alone (separate).
+            for r in [ra, rb] {
+                let t = &r["decode_times"];
+                assert_eq!(
+                    t["steps"].as_u64(),
+                    r["new_tokens"].as_u64().map(|n| n - 1),
+                    "{run} {id}: {r}"
+                );
+                let parts: f64 = ["forward_ms", "observe_ms", "compress_ms", "sample_ms"]
+                    .iter()
+                    .map(|k| t[*k].as_f64().unwrap())
+                    .sum();
+                assert!(parts <= r["decode_ms"].as_f64().unwrap() + 1e-6, "{r}");
+            }
             if ra["achieved_rate"].as_f64().unwrap() > 1.2 {
                 compressed += 1;
             }

@@ -9,6 +9,7 @@
 #   ab-shared   the same kvcompress sweep (multi_news, first 2 rows, rates 2..64) with the shared
 #               prefill + batched decode and with --no-shared-prefill: wall time of each and
 #               whether the predictions agree (issue 6)
+#   ncu-prefill per-kernel GPU time of one 4000-token bench-model prefill (ncu), summed by kernel
 #   profile     nsys profile of a short `kvc bench` at 2000 tokens (rate 1 and 16): kernel,
 #               memcpy and CUDA API summaries (issue 7), when nsys exists there
 set -uo pipefail
@@ -76,6 +77,37 @@ step_profile() {
       --format csv --output "$o/r$r" "/tmp/kvc/prof-r$r.nsys-rep" > /dev/null 2>&1
     head -n 12 "$o"/r"$r"_cuda_api_sum.csv 2>/dev/null | cut -c1-160
   done
+}
+
+step_ncu_prefill() {
+  # Per-kernel GPU time of a prefill (ncu, one metric: each kernel timed alone, serialised):
+  # which kernels a 4000-token SmolLM2 prefill spends its time in.
+  local o=$OUT/ncu-prefill ncu
+  mkdir -p "$o"
+  ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  [ -n "$ncu" ] || { echo "ncu-prefill: no ncu on this machine"; return; }
+  timeout --foreground "${NCU_PREFILL_S:-150}" "$ncu" --metrics gpu__time_duration.sum --csv \
+    --log-file "$o/ncu.csv" "$KVC" bench-model --model "$MODEL" --device cuda:0 \
+    --prompt-lens "${NCU_LEN:-4000}" --decode-tokens 4 --repeats 1 > "$o/bench-model.log" 2>&1
+  echo "ncu-prefill rc=$?"
+  python3 - "$o/ncu.csv" <<'PY' | tee "$o/summary.txt"
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+if not rows:
+    print("no ncu rows"); sys.exit()
+h = rows[0]; ki = h.index("Kernel Name"); vi = h.index("Metric Value"); ui = h.index("Metric Unit")
+tot = collections.defaultdict(float); cnt = collections.Counter()
+for r in rows[1:]:
+    try: v = float(r[vi].replace(",", ""))
+    except ValueError: continue
+    v *= {"ns": 1e-6, "nsecond": 1e-6, "us": 1e-3, "usecond": 1e-3, "ms": 1.0, "msecond": 1.0,
+          "s": 1e3, "second": 1e3}.get(r[ui], 1.0)
+    name = r[ki].split("(")[0][:70]; tot[name] += v; cnt[name] += 1
+all_ms = sum(tot.values())
+print(f"{sum(cnt.values())} kernels, {all_ms:.1f} ms of GPU time (prefill + 4 decode steps)")
+for k, v in sorted(tot.items(), key=lambda x: -x[1])[:25]:
+    print(f"{v:9.2f} ms {100*v/all_ms:5.1f}% {cnt[k]:6d}x  {k}")
+PY
 }
 
 [ $# -ge 1 ] || { sed -n 2,16p "$0"; exit 2; }

@@ -774,6 +774,7 @@ impl PagedRunner {
                         first_logits: Some(first_logits[f.prompt].clone()),
                         prefill_ms: f.prefill_ms,
                         decode_ms: o.decode_ms,
+                        decode_times: o.decode_times,
                     },
                     self.stats(f.start.prompt_len, h.kept),
                 )),

@@ -70,6 +70,30 @@ pub struct Generation {
     pub first_logits: Option<Vec<f32>>,
     pub prefill_ms: f64,
     pub decode_ms: f64,
+    /// Where `decode_ms` went (host view).
+    pub decode_times: DecodeTimes,
+}
+
+/// Where a decode's wall time went, seen from the host, summed over its steps (a batch's
+/// totals up to the sequence's last token for [`decode_batch`]). On the GPU the host waits
+/// for the device only where it reads results back, so device time lands in `observe_ms`
+/// (the copy of each probed layer's probabilities) and `sample_ms` (the logits).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DecodeTimes {
+    /// Decode steps (forward passes).
+    pub steps: usize,
+    /// The forward pass without the observe callbacks: kernel launches (CPU: the compute).
+    pub forward_ms: f64,
+    /// Scoring the probed attention: probabilities to the host, then every sequence's hook.
+    pub observe_ms: f64,
+    /// Continual compression after each step: plans, evictions, K/V moves.
+    pub compress_ms: f64,
+    /// Logits to the host and the argmax.
+    pub sample_ms: f64,
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 /// Extension points for compression methods (`Send`: a decode batch scores and plans its
@@ -244,26 +268,40 @@ pub fn decode(
     let first_logits = Some(logits.to_vec1::<f32>()?);
     let mut out = Vec::new();
     let mut pos = pre.prompt_len;
+    let mut times = DecodeTimes::default();
     let finish = loop {
+        let t = Instant::now();
         let next = Llama::argmax(&logits)?;
+        times.sample_ms += ms_since(t);
         out.push(next);
         pos += 1;
         if let Some(f) = params.finish(next, out.len(), pos) {
             break f;
         }
         let probe = hooks.decode_probe();
+        let mut observe_ms = 0.0;
         let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
-            hooks.observe(layer, probs, c, seq)
+            let t = Instant::now();
+            let r = hooks.observe(layer, probs, c, seq);
+            observe_ms += ms_since(t);
+            r
         };
+        let t = Instant::now();
         logits = model.forward(&[next], seq, cache, probe, &mut observe)?;
+        times.forward_ms += ms_since(t) - observe_ms;
+        times.observe_ms += observe_ms;
+        times.steps += 1;
+        let t = Instant::now();
         hooks.after_step(cache, seq)?;
+        times.compress_ms += ms_since(t);
     };
     Ok(Generation {
         output_ids: out,
         finish_reason: finish,
         first_logits,
         prefill_ms,
-        decode_ms: t1.elapsed().as_secs_f64() * 1e3,
+        decode_ms: ms_since(t1),
+        decode_times: times,
     })
 }
 
@@ -353,6 +391,8 @@ pub struct BatchOutput {
     pub finish_reason: FinishReason,
     /// From the start of the batch to this sequence's last token.
     pub decode_ms: f64,
+    /// The batch's step times up to this sequence's last token.
+    pub decode_times: DecodeTimes,
 }
 
 /// Where a sequence of [`decode_batch`] starts: its first generated token (the argmax of its
@@ -391,6 +431,7 @@ pub fn decode_batch(
     let mut outs: Vec<Vec<u32>> = vec![Vec::new(); n];
     let mut done: Vec<Option<BatchOutput>> = vec![None; n];
     let mut live: Vec<usize> = (0..n).collect();
+    let mut times = DecodeTimes::default();
     loop {
         let mut still = Vec::with_capacity(live.len());
         for &i in &live {
@@ -402,7 +443,8 @@ pub fn decode_batch(
                     done[i] = Some(BatchOutput {
                         output_ids: std::mem::take(&mut outs[i]),
                         finish_reason: f,
-                        decode_ms: t0.elapsed().as_secs_f64() * 1e3,
+                        decode_ms: ms_since(t0),
+                        decode_times: times,
                     })
                 }
                 None => still.push(i),
@@ -422,18 +464,30 @@ pub fn decode_batch(
             .unwrap_or(Probe::None);
         let tokens: Vec<u32> = live.iter().map(|&i| next[i]).collect();
         let batch: Vec<SeqId> = live.iter().map(|&i| seqs[i]).collect();
+        let t = Instant::now();
+        let mut observe_ms = 0.0;
         let logits = {
             let (live, hooks, probes) = (&live, &mut *hooks, &probes);
             let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
-                observe_batch(layer, probs, c, seqs, hooks, live, probes)
+                let t = Instant::now();
+                let r = observe_batch(layer, probs, c, seqs, hooks, live, probes);
+                observe_ms += ms_since(t);
+                r
             };
             model.forward_decode(&tokens, &batch, cache, probe, &mut observe)?
         };
+        times.forward_ms += ms_since(t) - observe_ms;
+        times.observe_ms += observe_ms;
+        times.steps += 1;
+        let t = Instant::now();
         step_compression(cache, seqs, hooks, &live)?;
+        times.compress_ms += ms_since(t);
+        let t = Instant::now();
         let rows = logits.to_vec2::<f32>()?;
         for (row, &i) in rows.iter().zip(&live) {
             next[i] = Llama::argmax_host(row);
         }
+        times.sample_ms += ms_since(t);
     }
     Ok(done
         .into_iter()

@@ -68,6 +68,11 @@ pub struct PredRecord {
     /// Decode wall time in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode_ms: Option<f64>,
+    /// Where `decode_ms` went: steps, forward launches, attention scoring (incl. the wait for
+    /// the GPU), continual compression, sampling (milliseconds, host view; a batched decode's
+    /// totals for the whole batch up to this row's last token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_times: Option<crate::engine::DecodeTimes>,
     /// Runs that shared this sample's prefill (`kvc eval` prefills once per sample for all
     /// budgets of a method; absent when the prefill was this run's own). `prefill_ms` is then
     /// the shared prefill plus this run's compression.

@@ -11,6 +11,8 @@
 //! - [`paged_decode`]: paged decode attention over per-(row, kv-head) block tables, GQA groups in
 //!   one CUDA block, partitioned (split-K) when [`DecodeWorkspace`] says so, writing the softmax
 //!   probabilities per slot and adding the KV-Compress decode metric when given;
+//! - [`prefill_softmax`]: prefill attention's scale + causal mask + softmax in one pass (the
+//!   observation window's f32 probabilities on the side);
 //! - [`move_slots`]: a compaction move plan (K, V, metric, position);
 //! - [`kvcompress_evict`]: KV-Compress's whole eviction step for one sequence on the device
 //!   (per-head sort, candidate scoring, global selection, compaction); only block tables and
@@ -22,7 +24,7 @@
 //! into [`super::paged::PagedCache`], whose metric/position bookkeeping lives on the host).
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::ops::{check_moves, check_write, DecodeShape, EvictStep, OpsError};
+use super::ops::{check_moves, check_write, DecodeShape, EvictStep, OpsError, SoftmaxShape};
 
 /// Head dims the decode kernel is instantiated for (others use candle ops).
 pub const DECODE_HEAD_DIMS: [usize; 2] = [64, 128];
@@ -110,6 +112,24 @@ impl DeviceTables {
     }
 }
 
+/// How the decode kernel keeps K/V loads in flight (`kernels/paged_attention.cu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodePipeline {
+    /// Each lane loads several keys into registers, then consumes them.
+    Registers,
+    /// Each warp streams keys through shared-memory stages with `cp.async` (sm_80+), several
+    /// stages in flight while one is consumed. The default.
+    Async,
+}
+
+/// Dynamic shared memory of the async decode kernel: 4 warps x 4 stages x (K + V) x 4 keys per
+/// lane x 32 lanes x 8 elements (`ASYNC_STAGES`, `ASYNC_U` in the kernel).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn async_stage_bytes(head_dim: usize, dtype: DType) -> usize {
+    let keys_per_stage = (32 / (head_dim / 8)) * 4;
+    4 * 4 * 2 * keys_per_stage * head_dim * dtype.size_in_bytes()
+}
+
 /// Scratch of a decode call: scores/probabilities and the partitions' softmax states.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub struct DecodeWorkspace {
@@ -125,19 +145,21 @@ pub struct DecodeWorkspace {
     pub part_slots: usize,
     /// Partitions per head.
     pub num_parts: usize,
+    /// Load pipeline of the decode kernel ([`DecodePipeline::Async`] unless set).
+    pub pipeline: DecodePipeline,
 }
 
-/// Default partition size: one partition when there are enough (row, kv-head) pairs to fill the
-/// GPU (about 4 CUDA blocks per SM of an H100), else split the longest context so that there
-/// are, with partitions of at least 256 slots (multiples of 64).
+/// Default partition size for the async decode kernel, from the H200 measurements of
+/// 2026-12-02 (`results/committed/issue6-h200-2026-12-02b/`): about 1024 CUDA blocks in all (the
+/// kernel fits 3 per SM; 132 SMs), but partitions of at least 2048 slots — shorter ones lost
+/// 5–15 % to the extra partial states at batch 64 x 4096 and batch 2 x 32768 — and never more
+/// than the longest context. Multiples of 64.
 pub fn default_part_slots(shape: &DecodeShape, max_len: usize) -> usize {
     let rows = shape.batch * shape.num_kv_heads;
-    let target = 528usize;
-    if rows >= target / 2 || max_len <= 256 {
-        return max_len.max(1);
-    }
-    let parts = target.div_ceil(rows.max(1));
-    (max_len.div_ceil(parts).div_ceil(64) * 64).max(256)
+    let target_blocks = 1024usize;
+    let parts = target_blocks.div_ceil(rows.max(1));
+    let even = max_len.div_ceil(parts).div_ceil(64) * 64;
+    even.max(2048.min(max_len)).max(1)
 }
 
 impl DecodeWorkspace {
@@ -174,6 +196,7 @@ impl DecodeWorkspace {
             part_out: z(&[b, nh, num_parts, d])?,
             part_slots,
             num_parts,
+            pipeline: DecodePipeline::Async,
         })
     }
 }
@@ -376,6 +399,57 @@ pub fn paged_decode(
     Ok((out, want_probs.then_some(ws.probs)))
 }
 
+/// Whether [`prefill_softmax`] supports this dtype (and the build has CUDA).
+pub fn prefill_softmax_supported(dtype: DType) -> bool {
+    available() && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// Prefill attention's softmax on the device (`kernels/prefill_softmax.cu`; twin
+/// [`super::ops::prefill_softmax`]): scale, causal mask from `key_pos` `[kv_heads, n]` u32 (u32::MAX:
+/// padding), softmax in f32, in one pass. `att` holds `shape.rows()` rows of `shape.n` raw
+/// scores `q . k` in the compute dtype (contiguous, e.g. `[1, kv_heads, group * t, n]`). Returns
+/// the probabilities in `att`'s dtype and shape, and the f32 probabilities of the last
+/// `shape.probed` queries of every query head `[kv_heads * group, probed, n]` (`None` when
+/// `probed` is 0).
+pub fn prefill_softmax(
+    att: &Tensor,
+    key_pos: &Tensor,
+    shape: &SoftmaxShape,
+    q_start: u32,
+    scale: f32,
+) -> Result<(Tensor, Option<Tensor>)> {
+    shape.check(att.elem_count(), key_pos.elem_count())?;
+    if key_pos.dtype() != DType::U32 {
+        return Err(
+            OpsError::Shape(format!("key_pos must be u32, got {:?}", key_pos.dtype())).into(),
+        );
+    }
+    if shape.rows() > i32::MAX as usize || shape.n > i32::MAX as usize {
+        return Err(OpsError::Shape(format!(
+            "{} rows of {} keys is too many",
+            shape.rows(),
+            shape.n
+        ))
+        .into());
+    }
+    let att = att.contiguous()?;
+    let key_pos = key_pos.contiguous()?;
+    let dev = att.device();
+    // Safety: the kernel writes every element of both outputs (every row's n columns; every
+    // probed row is the last `probed` queries of one query head).
+    let p = unsafe { Tensor::empty(att.shape(), att.dtype(), dev)? };
+    let probs = if shape.probed > 0 {
+        let sh = (shape.kv_heads * shape.group, shape.probed, shape.n);
+        Some(unsafe { Tensor::empty(sh, DType::F32, dev)? })
+    } else {
+        None
+    };
+    if shape.rows() > 0 && shape.n > 0 {
+        imp::prefill_softmax(&p, probs.as_ref(), &att, &key_pos, shape, q_start, scale)?;
+    }
+    Ok((p, probs))
+}
+
 /// Longest head [`kvcompress_evict`] sorts in shared memory (128 KiB of keys on an H100).
 pub const EVICT_MAX_LEN: usize = 16384;
 
@@ -484,6 +558,18 @@ mod imp {
         Err(OpsError::NoCuda.into())
     }
 
+    pub fn prefill_softmax(
+        _: &Tensor,
+        _: Option<&Tensor>,
+        _: &Tensor,
+        _: &Tensor,
+        _: &SoftmaxShape,
+        _: u32,
+        _: f32,
+    ) -> Result<()> {
+        Err(OpsError::NoCuda.into())
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn paged_decode(
         _: &Tensor,
@@ -543,6 +629,8 @@ mod imp {
         include_bytes!(concat!(env!("OUT_DIR"), "/paged_attention.fatbin"));
     static KV_CACHE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kv_cache.fatbin"));
     static EVICT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/evict.fatbin"));
+    static PREFILL_SOFTMAX: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/prefill_softmax.fatbin"));
 
     type FuncCache = HashMap<(usize, String), CudaFunction>;
     type ModCache = HashMap<(usize, &'static str), Arc<cudarc::driver::CudaModule>>;
@@ -552,7 +640,8 @@ mod imp {
         OpsError::Cuda(e.to_string()).into()
     }
 
-    /// `name` from module `module` ("paged_attention" | "kv_cache" | "evict"), loaded once per
+    /// `name` from module `module` ("paged_attention" | "kv_cache" | "evict" |
+    /// "prefill_softmax"), loaded once per
     /// context.
     fn func(stream: &Arc<CudaStream>, module: &'static str, name: &str) -> Result<CudaFunction> {
         let ctx = stream.context();
@@ -570,6 +659,7 @@ mod imp {
                 let bin = match module {
                     "paged_attention" => PAGED_ATTENTION,
                     "evict" => EVICT,
+                    "prefill_softmax" => PREFILL_SOFTMAX,
                     _ => KV_CACHE,
                 };
                 let m = ctx
@@ -675,6 +765,54 @@ mod imp {
         Ok(())
     }
 
+    pub fn prefill_softmax(
+        p_out: &Tensor,
+        probs: Option<&Tensor>,
+        att: &Tensor,
+        key_pos: &Tensor,
+        shape: &SoftmaxShape,
+        q_start: u32,
+        scale: f32,
+    ) -> Result<()> {
+        let stream = device(att)?.cuda_stream();
+        let name = format!("prefill_softmax_{}", dtype_name(att.dtype())?);
+        let f = func(&stream, "prefill_softmax", &name)?;
+        let ptrs = [
+            ptr(Some(p_out), &stream)?,
+            ptr(probs, &stream)?,
+            ptr(Some(att), &stream)?,
+            ptr(Some(key_pos), &stream)?,
+        ];
+        let (n, t, g, probed) = (
+            shape.n as i32,
+            shape.t as i32,
+            shape.group as i32,
+            if probs.is_some() {
+                shape.probed as i32
+            } else {
+                0
+            },
+        );
+        let mut b = stream.launch_builder(&f);
+        for p in &ptrs {
+            b.arg(p);
+        }
+        b.arg(&n)
+            .arg(&t)
+            .arg(&g)
+            .arg(&probed)
+            .arg(&q_start)
+            .arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (shape.rows() as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Safety: arguments match prefill_softmax_<dtype>; lengths were checked against shape.
+        unsafe { b.launch(cfg) }.map_err(cu)?;
+        Ok(())
+    }
+
     pub fn move_slots(
         k_cache: &Tensor,
         v_cache: &Tensor,
@@ -726,11 +864,23 @@ mod imp {
             .into_iter()
             .find(|&g| g >= s.group)
             .unwrap_or(16);
+        let (kind, smem) = match ws.pipeline {
+            DecodePipeline::Registers => ("part", 0),
+            DecodePipeline::Async => ("async", async_stage_bytes(s.head_dim, q.dtype())),
+        };
         let part = func(
             &stream,
             "paged_attention",
-            &format!("paged_decode_part_{tn}_d{}_g{gmax}", s.head_dim),
+            &format!("paged_decode_{kind}_{tn}_d{}_g{gmax}", s.head_dim),
         )?;
+        if smem > 0 {
+            use cudarc::driver::sys::CUfunction_attribute_enum as Attr;
+            part.set_attribute(
+                Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| cu(format!("{smem} B of shared memory for decode stages: {e}")))?;
+        }
         let reduce = func(
             &stream,
             "paged_attention",
@@ -757,6 +907,8 @@ mod imp {
         );
         let (ps, np, hd) = (i(ws.part_slots)?, i(ws.num_parts)?, i(s.head_dim)?);
         let wp: i32 = write_probs.into();
+        // The scores are scratch for the probabilities and the metric only.
+        let store_scores: i32 = (write_probs || metric.is_some()).into();
         let p = [
             ptr(Some(&ws.probs), &stream)?,
             ptr(Some(&ws.part_max), &stream)?,
@@ -784,11 +936,12 @@ mod imp {
             .arg(&stride)
             .arg(&ps)
             .arg(&np)
-            .arg(&scale);
+            .arg(&scale)
+            .arg(&store_scores);
         let cfg = LaunchConfig {
             grid_dim: (ws.num_parts as u32, grid_y, grid_z),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem as u32,
         };
         // Safety: arguments match paged_decode_part_*; tables were checked against the cache.
         unsafe { b.launch(cfg) }.map_err(cu)?;
@@ -814,9 +967,21 @@ mod imp {
             .arg(&stride)
             .arg(&np)
             .arg(&wp);
+        // The probability / metric pass is spread over chunks of 1024 slots (REDUCE_CHUNK in
+        // kernels/paged_attention.cu); without it one block per head does the output only.
+        let chunks = if write_probs || metric.is_some() {
+            s.probs_stride.div_ceil(1024).max(1)
+        } else {
+            1
+        };
+        if chunks > 65535 {
+            return Err(
+                OpsError::Shape(format!("probs_stride {} too long", s.probs_stride)).into(),
+            );
+        }
         let cfg = LaunchConfig {
-            grid_dim: (grid_y, grid_z, 1),
-            block_dim: (128, 1, 1),
+            grid_dim: (grid_y, grid_z, chunks as u32),
+            block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         // Safety: arguments match paged_decode_reduce_*.

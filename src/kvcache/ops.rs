@@ -294,6 +294,94 @@ pub struct DecodeOut {
     pub probs: Vec<f32>,
 }
 
+/// Shape of a prefill softmax ([`prefill_softmax`]): `kv_heads * group * t` rows (kv-head,
+/// query head of its group, query) of `n` keys each, and the number of last queries whose f32
+/// probabilities are wanted (the probe: 0, the observation window, or `t`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SoftmaxShape {
+    pub kv_heads: usize,
+    pub group: usize,
+    pub t: usize,
+    pub n: usize,
+    pub probed: usize,
+}
+
+impl SoftmaxShape {
+    /// Rows of scores.
+    pub fn rows(&self) -> usize {
+        self.kv_heads * self.group * self.t
+    }
+
+    /// Checks the slice lengths against the shape.
+    pub fn check(&self, att: usize, key_pos: usize) -> Result<(), OpsError> {
+        if self.probed > self.t {
+            return Err(OpsError::Shape(format!(
+                "probed queries {} exceed the {} queries",
+                self.probed, self.t
+            )));
+        }
+        check_len("att", att, self.rows() * self.n)?;
+        check_len("key_pos", key_pos, self.kv_heads * self.n)
+    }
+}
+
+/// Prefill attention's softmax (twin of `kernels/prefill_softmax.cu`): per row (kv-head `r /
+/// (group * t)`, query `q = r % t` at position `q_start + q`), the scaled scores rounded to `T`
+/// as candle's affine in `T` does (`T(att * T(scale))`), keys with `key_pos > q_start + q`
+/// hidden, softmax `exp(x - max) * (1 / sum)` in f32. Returns the probabilities in `T`
+/// `[rows, n]` and the f32 probabilities of the last `probed` queries of every query head
+/// `[kv_heads * group, probed, n]`. A row without a visible key is all zeros.
+pub fn prefill_softmax<T: KvElem>(
+    shape: &SoftmaxShape,
+    att: &[T],
+    key_pos: &[u32],
+    q_start: u32,
+    scale: f32,
+) -> Result<(Vec<T>, Vec<f32>), OpsError> {
+    let s = shape;
+    s.check(att.len(), key_pos.len())?;
+    let n = s.n;
+    let scale_t = T::from_f32(scale).to_f32();
+    let mut p_out = Vec::with_capacity(att.len());
+    let mut probs = vec![0f32; s.kv_heads * s.group * s.probed * n];
+    let mut x = vec![0f32; n];
+    for r in 0..s.rows() {
+        let (kvh, j, q) = (r / (s.group * s.t), (r / s.t) % s.group, r % s.t);
+        let qpos = q_start + q as u32;
+        let kpos = &key_pos[kvh * n..][..n];
+        let row = &att[r * n..][..n];
+        let mut m = f32::NEG_INFINITY;
+        for ((xi, a), &kp) in x.iter_mut().zip(row).zip(kpos) {
+            *xi = if kp > qpos {
+                f32::NEG_INFINITY
+            } else {
+                T::from_f32(a.to_f32() * scale_t).to_f32()
+            };
+            m = m.max(*xi);
+        }
+        let sum: f32 = x
+            .iter()
+            .filter(|v| **v != f32::NEG_INFINITY)
+            .map(|v| (v - m).exp())
+            .sum();
+        let inv = 1.0 / sum;
+        let first = s.t - s.probed;
+        let base = ((kvh * s.group + j) * s.probed + q.saturating_sub(first)) * n;
+        for (col, &v) in x.iter().enumerate() {
+            let p = if v == f32::NEG_INFINITY || m == f32::NEG_INFINITY {
+                0.0
+            } else {
+                (v - m).exp() * inv
+            };
+            p_out.push(T::from_f32(p));
+            if q >= first {
+                probs[base + col] = p;
+            }
+        }
+    }
+    Ok((p_out, probs))
+}
+
 /// Paged decode attention (twin of `paged_decode_part_*` + `paged_decode_reduce_*`): for each
 /// batch row `b` and query head `h` (kv-head `h / group`), softmax of `(q * scale) . k_i` over
 /// the head's `ctx_lens` logical slots, output `sum_i p_i v_i`; a head with no slots outputs
@@ -646,6 +734,110 @@ mod tests {
     /// compaction, `paged_decode` over the pool's tables equals `PagedCache::attend` for a
     /// decode step (outputs and probabilities), and `kvcompress_evict` equals the host plan
     /// (`select_blocks` + `head_evictions` + `BlockPool::plan_compaction`).
+    /// The prefill softmax twin (the oracle of `kernels/prefill_softmax.cu`) computes what the
+    /// candle chain of the CPU paged cache computes: scale in T, f32, causal mask from
+    /// unsorted key positions with padding, softmax; probed rows are the last queries.
+    #[test]
+    fn prefill_softmax_twin_matches_the_candle_chain() {
+        use candle_core::{DType, Device, Tensor};
+        let dev = Device::Cpu;
+        let (nkv, g, t, n, q_start, probed) = (2usize, 3usize, 5usize, 13usize, 9u32, 2usize);
+        let scale = 0.37f32;
+        // Unsorted positions (as after evictions), some after the first queries, one padding.
+        let key_pos: Vec<u32> = (0..nkv * n)
+            .map(|i| {
+                let (h, j) = (i / n, i % n);
+                if h == 1 && j == n - 1 {
+                    u32::MAX
+                } else {
+                    ((j * 7 + h * 3) % 15) as u32
+                }
+            })
+            .collect();
+        let shape = SoftmaxShape {
+            kv_heads: nkv,
+            group: g,
+            t,
+            n,
+            probed,
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            let att = Tensor::randn(0f32, 3.0, (1, nkv, g * t, n), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let kp = Tensor::from_vec(key_pos.clone(), (nkv, n), &dev).unwrap();
+            let mask = crate::kvcache::causal_mask(&kp, q_start as usize, t)
+                .unwrap()
+                .reshape((nkv, 1, t, n))
+                .unwrap()
+                .broadcast_as((nkv, g, t, n))
+                .unwrap()
+                .reshape((1, nkv, g * t, n))
+                .unwrap();
+            let scaled = (att.clone() * scale as f64)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let want =
+                candle_nn::ops::softmax_last_dim(&scaled.broadcast_add(&mask).unwrap()).unwrap();
+            let want_f: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+            let want_t: Vec<f32> = want
+                .to_dtype(dtype)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let (got_t, got_p): (Vec<f32>, Vec<f32>) = match dtype {
+                DType::F32 => {
+                    let a: Vec<f32> = att.flatten_all().unwrap().to_vec1().unwrap();
+                    prefill_softmax(&shape, &a, &key_pos, q_start, scale).unwrap()
+                }
+                _ => {
+                    let a: Vec<bf16> = att.flatten_all().unwrap().to_vec1().unwrap();
+                    let (p, probs) = prefill_softmax(&shape, &a, &key_pos, q_start, scale).unwrap();
+                    (p.iter().map(|x| x.to_f32()).collect(), probs)
+                }
+            };
+            let ulp_t = if dtype == DType::F32 { 1e-6 } else { 8e-3 };
+            for (i, (a, b)) in got_t.iter().zip(&want_t).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-7 + ulp_t * b.abs(),
+                    "{dtype:?} p[{i}]: {a} vs {b}"
+                );
+            }
+            let mut hidden = 0;
+            for h in 0..nkv * g {
+                for qq in 0..probed {
+                    let q = t - probed + qq;
+                    for j in 0..n {
+                        let a = got_p[(h * probed + qq) * n + j];
+                        let b = want_f[(h * t + q) * n + j];
+                        assert!(
+                            (a - b).abs() <= 1e-6,
+                            "{dtype:?} probs h{h} q{q} k{j}: {a} vs {b}"
+                        );
+                        hidden += usize::from(b == 0.0);
+                    }
+                }
+            }
+            assert!(
+                hidden > 0,
+                "the mask must hide some keys of the probed queries"
+            );
+        }
+        // Bad shapes are refused.
+        let bad = SoftmaxShape {
+            probed: t + 1,
+            ..shape
+        };
+        assert!(prefill_softmax(&bad, &vec![0f32; shape.rows() * n], &key_pos, 0, 1.0).is_err());
+        assert!(prefill_softmax(&shape, &[0f32; 3], &key_pos, 0, 1.0).is_err());
+    }
+
     #[test]
     fn twins_agree_with_the_cpu_paged_cache() {
         use crate::compress::kvcompress::{head_evictions, select_blocks};

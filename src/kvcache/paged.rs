@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 
 use super::blocks::{BlockError, BlockPool, EvictionPlan, MemoryLayout, MemoryReport};
 use super::cuda::{self, DeviceTables};
-use super::ops::DecodeShape;
+use super::ops::{DecodeShape, SoftmaxShape};
 use super::{AttnCall, AttnOut, CacheBackend, Probe, SeqId};
 
 /// Default tokens per block (the paper's).
@@ -535,7 +535,10 @@ impl PagedCache {
     }
 
     /// Attention of one sequence: append, gather, masked softmax. Returns the output
-    /// `[1, nh, t, d]` and the probabilities `[1, nh, t, max_kv_len]`.
+    /// `[1, nh, t, d]` and the probed queries' probabilities `[1, nh, n_probed, max_kv_len]`.
+    /// On CUDA the scale, mask and softmax are one kernel (`cuda::prefill_softmax`); elsewhere
+    /// candle ops, the same as the contiguous oracle's.
+    #[allow(clippy::too_many_arguments)]
     fn attend_one(
         &mut self,
         layer: usize,
@@ -544,7 +547,8 @@ impl PagedCache {
         k: &Tensor,
         v: &Tensor,
         scale: f64,
-    ) -> Result<(Tensor, Tensor)> {
+        probe: Probe,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (_, nh, t, d) = q.dims4()?;
         let nkv = self.spec.kv_heads;
         if k.dim(1)? != nkv || d != self.spec.head_dim {
@@ -575,12 +579,32 @@ impl PagedCache {
         let vv = self.v.index_select(&idx, 0)?.reshape((1, nkv, max, d))?;
         let g = nh / nkv;
         let key_pos = Tensor::from_vec(key_pos, (nkv, max), dev)?;
+        let q2 = q.reshape((1, nkv, g * t, d))?;
+        if self.on_cuda() && cuda::prefill_softmax_supported(q.dtype()) {
+            let probed = match probe {
+                Probe::None => 0,
+                Probe::All => t,
+                Probe::LastQueries(n) => n.min(t),
+            };
+            let shape = SoftmaxShape {
+                kv_heads: nkv,
+                group: g,
+                t,
+                n: max,
+                probed,
+            };
+            let att = q2.matmul(&kk.t()?)?;
+            let (p, probs) =
+                cuda::prefill_softmax(&att, &key_pos, &shape, start as u32, scale as f32)?;
+            let out = p.matmul(&vv)?.reshape((1, nh, t, d))?;
+            let probs = probs.map(|p| p.reshape((1, nh, probed, max))).transpose()?;
+            return Ok((out, probs));
+        }
         let mask = super::causal_mask(&key_pos, start, t)?
             .reshape((nkv, 1, t, max))?
             .broadcast_as((nkv, g, t, max))?
             .reshape((1, nkv, g * t, max))?;
         // Same ops as the contiguous oracle's causal_attention.
-        let q2 = q.reshape((1, nkv, g * t, d))?;
         let att = (q2.matmul(&kk.t()?)? * scale)?.to_dtype(DType::F32)?;
         let att = att.broadcast_add(&mask)?;
         let p = candle_nn::ops::softmax_last_dim(&att)?;
@@ -588,7 +612,10 @@ impl PagedCache {
             .to_dtype(vv.dtype())?
             .matmul(&vv)?
             .reshape((1, nh, t, d))?;
-        Ok((out, p.reshape((1, nh, t, max))?))
+        Ok((
+            out,
+            super::probed_rows(p.reshape((1, nh, t, max))?, probe, t)?,
+        ))
     }
 }
 
@@ -628,12 +655,13 @@ impl CacheBackend for PagedCache {
                 &call.k.narrow(0, b, 1)?,
                 &call.v.narrow(0, b, 1)?,
                 call.scale,
+                call.probe,
             )?;
             if call.layer + 1 == self.spec.layers {
                 *self.pos.get_mut(&sid).expect("checked in attend_one") += t;
             }
             outs.push(out);
-            if let Some(p) = super::probed_rows(p, call.probe, t)? {
+            if let Some(p) = p {
                 probs.push(p);
             }
         }
