@@ -101,6 +101,21 @@ template <> __device__ __forceinline__ __half from_f32<__half>(float x) {
   return __float2half(x);
 }
 
+// 2^x on the special function unit (ex2.approx.ftz: about 2 ulp; -inf and results below the
+// normal range give 0). exp2f adds a denormal range fix-up around the same instruction (three
+// more instructions), which is a measurable share of a bandwidth-bound decode loop.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// A compile-time bool as a value, to hoist a uniform branch out of a loop with a generic lambda.
+template <bool B>
+struct BoolTag {
+  static constexpr bool value = B;
+};
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));

@@ -101,14 +101,14 @@ __device__ __forceinline__ void consume_keys(
 #pragma unroll
     for (int u = 0; u < U; ++u)
       if (ok[u]) mn = fmaxf(mn, sc[u][h]);
-    const float alpha = exp2f(st.m[h] - mn);  // 0 when m was -FLT_MAX and mn is a score
+    const float alpha = fast_exp2(st.m[h] - mn);  // 0 when m was -FLT_MAX and mn is a score
     st.m[h] = mn;
     st.l[h] *= alpha;
 #pragma unroll
     for (int e = 0; e < 8; ++e) st.acc[h][e] *= alpha;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const float p = ok[u] ? exp2f(sc[u][h] - mn) : 0.f;
+      const float p = ok[u] ? fast_exp2(sc[u][h] - mn) : 0.f;
       sc[u][h] = p;
       st.l[h] += p;
     }
@@ -124,10 +124,12 @@ __device__ __forceinline__ void consume_keys(
   }
 }
 
-// Physical slot of logical slot i (shift for power-of-two block sizes, bshift < 0 otherwise).
+// Physical slot of logical slot i (POW2: block_size == 1 << bshift, a shift instead of a
+// division).
+template <bool POW2>
 __device__ __forceinline__ size_t slot_at(const uint32_t* __restrict__ table, int i,
                                           int block_size, int bshift) {
-  const uint32_t blk = bshift >= 0 ? (uint32_t)i >> bshift : (uint32_t)i / block_size;
+  const uint32_t blk = POW2 ? (uint32_t)i >> bshift : (uint32_t)i / block_size;
   const uint32_t off = (uint32_t)i - blk * (uint32_t)block_size;
   return (size_t)(__ldg(table + blk) * (uint32_t)block_size + off);
 }
@@ -161,8 +163,12 @@ __device__ __forceinline__ void cp_async_wait() {
 //   cp.async (loads for the next ASYNC_STAGES - 1 stages in flight while one is consumed,
 //   without holding registers). Each lane reads back only the bytes it copied itself, so
 //   cp.async.wait_group is the only synchronisation.
-// (The two-pass form this replaced, scores first and then p * v, reached ~20 % of the H200's
-// bandwidth on 2026-12-02; the register pipeline ~54 %.)
+// Measured on the H200 (batch 64 x 4096 x d128 bf16, results/committed/issue6-h200-2026-12-02b):
+// the two-pass form this replaced (scores first, then p * v) streamed 23 % of the copy rate;
+// the register pipeline 71 %, the async one 90 % (73 % with the probabilities and the metric).
+// Past a certain point the loop is bound by instruction issue, not memory: per-key branches
+// (the slot division, exp2f's denormal fix-up) cost 30 % of the loop's instructions before
+// they were hoisted / replaced.
 template <typename T, int D, int GMAX, bool ASYNC>
 __device__ void paged_decode_part(
     float* __restrict__ scores,          // [batch, n_heads, probs_stride] f32 (out: scaled scores)
@@ -233,6 +239,10 @@ __device__ void paged_decode_part(
   st.init();
   const int first = start + warp * KPI;  // this warp's first key; it then strides by NWARPS * KPI
 
+  // The key loop, compiled once for power-of-two block sizes and once for others (the choice
+  // is uniform: branching on it per key cost convergence barriers around every load).
+  auto key_loop = [&](auto pow2) {
+  constexpr bool POW2 = decltype(pow2)::value;
   if constexpr (!ASYNC) {
     for (int base = first; base < end; base += NWARPS * KPI) {
       Pack8<T> kraw[U], vraw[U];
@@ -244,7 +254,7 @@ __device__ void paged_decode_part(
         idx[u] = i;
         ok[u] = i < end;
         if (ok[u]) {
-          const size_t s = slot_at(table, i, block_size, bshift);
+          const size_t s = slot_at<POW2>(table, i, block_size, bshift);
           kraw[u] = ldg8(k_cache + s * D + sub * 8);
           vraw[u] = ldg8(v_cache + s * D + sub * 8);
         } else {
@@ -270,7 +280,7 @@ __device__ void paged_decode_part(
         for (int u = 0; u < U; ++u) {
           const int i = base + u * KPW + kg;
           const bool ok = i < end;
-          const size_t s = ok ? slot_at(table, i, block_size, bshift) : 0;
+          const size_t s = ok ? slot_at<POW2>(table, i, block_size, bshift) : 0;
           const int row = u * KPW + kg;
 #pragma unroll
           for (int w = 0; w < W16; ++w) {
@@ -304,6 +314,12 @@ __device__ void paged_decode_part(
                                     group, store_scores, sub);
     }
     cp_async_wait<0>();
+  }
+  };
+  if (bshift >= 0) {
+    key_loop(BoolTag<true>{});
+  } else {
+    key_loop(BoolTag<false>{});
   }
 
   // Merge the key groups of the warp (lanes sub, sub + TPK, ... hold the same elements).
