@@ -193,6 +193,15 @@ pub struct BlockPool {
     seqs: BTreeMap<SeqId, SeqTable>,
 }
 
+/// The elements of `src` over `runs`, in order (a block-sized slice copy each).
+fn gather<T: Copy>(src: &[T], runs: Vec<std::ops::Range<usize>>) -> Vec<T> {
+    let mut out = Vec::with_capacity(runs.iter().map(|r| r.len()).sum());
+    for r in runs {
+        out.extend_from_slice(&src[r]);
+    }
+    out
+}
+
 impl BlockPool {
     /// A pool of `num_blocks` blocks of `block_size` tokens for `layers` x `kv_heads` heads.
     pub fn new(
@@ -363,12 +372,10 @@ impl BlockPool {
         seq: SeqId,
         kv_head: usize,
     ) -> Result<Vec<usize>, BlockError> {
-        self.check_head(layer, kv_head)?;
-        let t = self.table(seq)?;
-        let bs = self.block_size;
-        let blocks = &t.blocks[layer][kv_head];
-        Ok((0..t.len[layer][kv_head])
-            .map(|i| blocks[i / bs] as usize * bs + i % bs)
+        Ok(self
+            .runs(layer, seq, kv_head)?
+            .into_iter()
+            .flatten()
             .collect())
     }
 
@@ -379,11 +386,7 @@ impl BlockPool {
         seq: SeqId,
         kv_head: usize,
     ) -> Result<Vec<u32>, BlockError> {
-        let mut out = Vec::new();
-        for r in self.runs(layer, seq, kv_head)? {
-            out.extend_from_slice(&self.position[r]);
-        }
-        Ok(out)
+        Ok(gather(&self.position, self.runs(layer, seq, kv_head)?))
     }
 
     /// Metrics of (layer, seq, kv_head) in logical order.
@@ -393,11 +396,7 @@ impl BlockPool {
         seq: SeqId,
         kv_head: usize,
     ) -> Result<Vec<f32>, BlockError> {
-        let mut out = Vec::new();
-        for r in self.runs(layer, seq, kv_head)? {
-            out.extend_from_slice(&self.metric[r]);
-        }
-        Ok(out)
+        Ok(gather(&self.metric, self.runs(layer, seq, kv_head)?))
     }
 
     /// Add `delta[i]` to the metric of logical slot `i` (a prefix of the head's slots).
