@@ -1,17 +1,23 @@
-// KV-Compress eviction scheduling on the device for ONE sequence: per-head sort of the slot
-// metrics, block-candidate scoring, global selection of the cheapest candidates over all heads
-// (layers x kv-heads) of the sequence, and per-head compaction (tail survivors into evicted
-// holes: K, V, metric, position) with the new context lengths. Only `n_evict` and a few
-// scalars come from the host; no per-slot data crosses PCIe.
+// KV-Compress eviction scheduling on the device for a batch of sequences: per-head sort of the
+// slot metrics, block-candidate scoring, global selection of the cheapest candidates over all
+// heads (layers x kv-heads) of each sequence, and per-head compaction (tail survivors into
+// evicted holes: K, V, metric, position) with the new context lengths. The host sends the
+// block tables, lengths, `n_evict` and the protected position per sequence; what comes back is
+// the per-head counts and lengths. No per-slot data crosses PCIe.
+//
+// The heads of all sequences are rows of one [heads, max_blocks] table; sequence s owns rows
+// head_start[s] .. head_start[s + 1] (its layers x kv-heads, in (layer, kv-head) order).
 //
 // Three launches, in this order:
 //   kvc_sort_candidates: grid (heads), 1024 threads, dynamic smem 8 * pow2 bytes
 //     (pow2 = next power of two >= the longest head, <= 16384 on an H100 with the opt-in).
-//     Sorts each head's logical slots ascending by metric (protected and empty slots +inf, ties
+//     Sorts each head's logical slots ascending by metric (protected slots, position >=
+//     first_protected[head], and empty ones +inf; ties
 //     by logical index), writes the sorted order and the head's candidate scores:
 //     candidate j = sorted metric [j * block_size + h - 1], h = tokens in the head's last block.
-//   kvc_select_blocks: grid 1, 1024 threads. Takes the n_evict lowest finite candidates over all
-//     heads (ties by head, then candidate index), writes how many each head gives.
+//   kvc_select_blocks: grid (sequences), 1024 threads. Per sequence, takes its n_evict lowest
+//     finite candidates over its heads (ties by head, then candidate index), writes how many
+//     each head gives.
 //   kvc_compact_heads: grid (heads), 1024 threads. Head giving k candidates evicts its
 //     (k - 1) * block_size + h lowest slots (a prefix of its sorted order); survivors in the tail
 //     (logical >= new length), tail-most first, move into the lowest evicted holes; ctx_lens
@@ -51,16 +57,16 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_sort_candidates(
     int block_size,                  // tokens per block
     int order_stride,                // row length of order (>= every ctx_len)
     int pow2,                        // power of two >= every ctx_len (sort width)
-    uint32_t first_protected) {      // positions >= this are never evicted
+    const uint32_t* first_protected) {  // [heads] u32: positions >= this are never evicted
   extern __shared__ unsigned long long keys[];  // [pow2]: (ord(metric) << 32) | logical slot
   const int head = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
-  const uint32_t len = ctx_lens[head];
+  const uint32_t len = ctx_lens[head], protect = first_protected[head];
   const uint32_t* table = block_tables + (size_t)head * max_blocks;
   for (int i = tid; i < pow2; i += nt) {
     unsigned long long key = ~0ull;
     if ((uint32_t)i < len) {
       const uint32_t s = kvc::slot_of(table, i, block_size);
-      const float m = position[s] >= first_protected ? __int_as_float(0x7f800000) : metric[s];
+      const float m = position[s] >= protect ? __int_as_float(0x7f800000) : metric[s];
       key = ((unsigned long long)kvc::ord(m) << 32) | (uint32_t)i;
     }
     keys[i] = key;
@@ -120,16 +126,24 @@ __device__ unsigned long long block_sum(unsigned long long v, unsigned long long
 }  // namespace kvc
 
 extern "C" __global__ void __launch_bounds__(1024) kvc_select_blocks(
-    uint32_t* counts,                // [heads] u32 (out: candidates taken per head)
-    uint32_t* lt_scratch,            // [heads] u32 (scratch)
-    const float* cand,               // [heads, max_blocks] f32, non-decreasing per head
-    const uint32_t* ctx_lens,        // [heads] u32
-    int heads,                       // heads of the sequence (layers x kv-heads)
+    uint32_t* counts_all,            // [heads] u32 (out: candidates taken per head)
+    uint32_t* lt_all,                // [heads] u32 (scratch)
+    const float* cand_all,           // [heads, max_blocks] f32, non-decreasing per head
+    const uint32_t* ctx_lens_all,    // [heads] u32
+    const uint32_t* head_start,      // [sequences + 1] u32: first head row of each sequence
+    const unsigned long long* n_evict_of,  // [sequences] candidates (blocks) to take
     int max_blocks,                  // row length of cand
-    int block_size,                  // tokens per block
-    unsigned long long n_evict) {    // candidates (blocks) to take
+    int block_size) {                // tokens per block
   __shared__ unsigned long long red[32];
   const int tid = threadIdx.x, nt = blockDim.x;
+  // This block's sequence: its heads only.
+  const uint32_t first = head_start[blockIdx.x];
+  const int heads = (int)(head_start[blockIdx.x + 1] - first);
+  const unsigned long long n_evict = n_evict_of[blockIdx.x];
+  uint32_t* counts = counts_all + first;
+  uint32_t* lt_scratch = lt_all + first;
+  const float* cand = cand_all + (size_t)first * max_blocks;
+  const uint32_t* ctx_lens = ctx_lens_all + first;
   auto nb = [&](int h) { return (ctx_lens[h] + block_size - 1) / block_size; };
   auto total_le = [&](uint32_t k) {
     unsigned long long c = 0;

@@ -586,3 +586,101 @@ fn smollm2_short_prompt_matches_full_cache() {
     assert_eq!(g.output_ids.len(), 12);
     assert!(st.achieved_rate() > 1.5, "{st:?}");
 }
+
+/// KV-Compress's continual compression through the device path (`--compress-on device`: the
+/// decode metric added where attention is computed, evictions chosen and made from the cache's
+/// own metric tensors by the eviction kernels' twins on the CPU) gives token for token what the
+/// host path gives (probabilities to the host, scored, planned, evicted), alone and batched,
+/// with the same evictions counted; and a sequence really runs on that path.
+#[test]
+fn device_compression_equals_host_compression() {
+    use kvc::compress::CompressOn;
+    for ts in specs() {
+        let (_tmp, mut lm) = tiny(&ts);
+        let cfg = lm.config().clone();
+        let long = lm.prompt_ids(TEXT, false).unwrap();
+        let short = lm
+            .prompt_ids(
+                "a cat sat on the mat and looked at the dog for a while",
+                false,
+            )
+            .unwrap();
+        let p = params(24);
+        let budgets = vec![
+            vec![Some(Budget::Rate(2.0)), Some(Budget::Tokens(12))],
+            vec![Some(Budget::Tokens(16)), Some(Budget::Rate(4.0))],
+        ];
+        let prompts: Vec<&[u32]> = vec![&long, &short];
+        let spec = MethodSpec::parse("kvcompress").unwrap();
+        let run = |lm: &mut LoadedModel, on: CompressOn| {
+            let opts = MethodOptions {
+                compress_on: on,
+                min_cache_tokens: 4,
+                ..small_opts()
+            };
+            let mut r = compress::runner(&spec, None, &cfg, &opts).unwrap();
+            let batched: Vec<_> = r
+                .run_prompts(&mut lm.model, &prompts, &p, &budgets)
+                .unwrap()
+                .into_iter()
+                .flat_map(|res| res.unwrap())
+                .map(|g| {
+                    let (g, st) = g.unwrap();
+                    (g.output_ids, st)
+                })
+                .collect();
+            let mut alone = compress::runner(&spec, Some(Budget::Tokens(12)), &cfg, &opts).unwrap();
+            let (g, st) = alone.run(&mut lm.model, &long, &p).unwrap();
+            (batched, (g.output_ids, st))
+        };
+        let host = run(&mut lm, CompressOn::Host);
+        let device = run(&mut lm, CompressOn::Device);
+        assert_eq!(device, host, "layers {}", ts.layers);
+        assert!(host.1 .0.len() > 8, "decoding ran: {:?}", host.1 .0);
+
+        // The path is really taken: after prefill the sequence's metric lives in the cache's
+        // tensors, decode probes nothing, and steps evict through evict_on_device.
+        let opts = small_opts();
+        let policy = compress::build_policy(&spec, &cfg, &opts).unwrap();
+        let budget_of = |_: usize| Some(12);
+        let mut hooks = CompressHooks::new(policy.as_ref(), cfg.num_hidden_layers, &budget_of);
+        let mut cache = PagedCache::new(
+            PagedSpec {
+                layers: cfg.num_hidden_layers,
+                kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim,
+                block_size: opts.block_size,
+                dtype: DType::F32,
+                device: Device::Cpu,
+            },
+            1000,
+        )
+        .unwrap();
+        assert!(!cache.device_compression(), "host by default on the CPU");
+        cache.set_device_compression(true);
+        let seq = cache.add_sequence().unwrap();
+        let pre = engine::prefill(
+            &mut lm.model,
+            &mut cache,
+            seq,
+            &long,
+            &params(12),
+            &mut hooks,
+        )
+        .unwrap();
+        assert!(!cache.metric_on_device(seq), "prefill scores on the host");
+        let g = engine::decode(
+            &mut lm.model,
+            &mut cache,
+            seq,
+            &pre,
+            &params(12),
+            &mut hooks,
+        )
+        .unwrap();
+        assert!(cache.metric_on_device(seq));
+        assert_eq!(hooks.decode_probe(), Probe::None);
+        assert!(hooks.kept.evicted > long.len() - 12, "{:?}", hooks.kept);
+        assert_eq!(g.output_ids.len(), 12);
+    }
+}

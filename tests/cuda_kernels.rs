@@ -472,17 +472,31 @@ fn bad_tables_are_refused_before_launch() {
 }
 
 /// Device eviction step (sort + candidates + selection + compaction) against its twin, with
-/// tied metrics (quantised to eighths), a protected window, empty heads, several block sizes.
+/// tied metrics (quantised to eighths), a protected window, empty heads, several block sizes;
+/// the heads split into several sequences (one batched step: each sequence selects over its
+/// own heads, with its own protected window and block count) or all in one.
 #[test]
 fn device_eviction_step_matches_twin() {
     let dev = gpu();
     let mut n_cases = 0;
-    for (bs, d, heads, max_ctx, share, seed) in [
-        (16usize, 64usize, 24usize, 600usize, 0.5f32, 1u64),
-        (32, 128, 16, 1000, 0.3, 2),
-        (16, 128, 64, 300, 0.9, 3),
-        (16, 64, 8, 5000, 0.5, 4),
-        (16, 64, 12, 200, 2.0, 5), // more blocks asked than finite candidates
+    for (bs, d, heads, max_ctx, share, seed, segments) in [
+        (
+            16usize,
+            64usize,
+            24usize,
+            600usize,
+            0.5f32,
+            1u64,
+            vec![24usize],
+        ),
+        (32, 128, 16, 1000, 0.3, 2, vec![16]),
+        (16, 128, 64, 300, 0.9, 3, vec![64]),
+        (16, 64, 8, 5000, 0.5, 4, vec![8]),
+        (16, 64, 12, 200, 2.0, 5, vec![12]), // more blocks asked than finite candidates
+        (16, 64, 24, 600, 0.5, 6, vec![6, 6, 6, 6]),
+        (16, 128, 30, 900, 0.4, 7, vec![5, 17, 8]),
+        (32, 64, 40, 400, 1.5, 8, vec![10, 10, 10, 10]),
+        (16, 64, 90, 2500, 0.05, 9, vec![9; 10]), // continual-compression shape: few blocks each
     ] {
         let mut rng = StdRng::seed_from_u64(seed);
         let per_head = max_ctx.div_ceil(bs);
@@ -516,8 +530,6 @@ fn device_eviction_step_matches_twin() {
                 break;
             }
         }
-        let seq_len = *lens.iter().max().unwrap() as u32;
-        let first_protected = seq_len.saturating_sub(8);
         let mut metric: Vec<f32> = (0..num_slots)
             .map(|_| (rng.random::<f32>() * 8.0).floor() / 8.0)
             .collect();
@@ -541,44 +553,64 @@ fn device_eviction_step_matches_twin() {
             tables[h * per_head..][..t.blocks[0][h].len()].copy_from_slice(&t.blocks[0][h]);
         }
         let mut lens_u: Vec<u32> = lens.iter().map(|&x| x as u32).collect();
+        // Per sequence: its protected window and a share of its blocks.
+        let mut seqs = Vec::new();
+        let mut first = 0;
+        for &n in &segments {
+            let rows = first..first + n;
+            first = rows.end;
+            let seq_len = rows.clone().map(|h| lens[h]).max().unwrap_or(0) as u32;
+            let held: usize = rows.map(|h| lens[h].div_ceil(bs)).sum();
+            seqs.push(ops::EvictSeq {
+                heads: n,
+                first_protected: seq_len.saturating_sub(rng.random_range(0..16)),
+                n_evict: (held as f32 * share) as usize,
+            });
+        }
         let blocks = pool.used_blocks();
-        let n_evict = (blocks as f32 * share) as usize;
-        let got = cuda::kvcompress_evict(
-            &k_dev,
-            &v_dev,
-            &m_dev,
-            &p_dev,
-            &tables,
-            &lens_u,
-            bs,
-            first_protected,
-            n_evict,
-        )
-        .unwrap();
-        let want = ops::kvcompress_evict(
+        let n_evict: usize = seqs.iter().map(|s| s.n_evict).sum();
+        let got = if let [one] = &seqs[..] {
+            vec![cuda::kvcompress_evict(
+                &k_dev,
+                &v_dev,
+                &m_dev,
+                &p_dev,
+                &tables,
+                &lens_u,
+                bs,
+                one.first_protected,
+                one.n_evict,
+            )
+            .unwrap()]
+        } else {
+            cuda::kvcompress_evict_batch(
+                &k_dev, &v_dev, &m_dev, &p_dev, &tables, &lens_u, &seqs, bs,
+            )
+            .unwrap()
+        };
+        let want = ops::kvcompress_evict_batch(
             &mut k,
             &mut v,
             &mut metric,
             &mut position,
             &tables,
             &mut lens_u,
+            &seqs,
             per_head,
             bs,
             d,
-            first_protected,
-            n_evict,
         )
         .unwrap();
-        assert_eq!(got.counts, want.counts, "counts (case {seed})");
-        assert_eq!(got.new_lens, want.new_lens, "lengths (case {seed})");
+        assert_eq!(got, want, "counts and lengths per sequence (case {seed})");
         let bits = |x: &[bf16]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&host::<bf16>(&k_dev)), bits(&k), "K (case {seed})");
         assert_eq!(bits(&host::<bf16>(&v_dev)), bits(&v), "V (case {seed})");
         assert_eq!(host::<f32>(&m_dev), metric, "metric (case {seed})");
         assert_eq!(host::<u32>(&p_dev), position, "position (case {seed})");
-        let taken: u32 = got.counts.iter().sum();
+        let taken: u32 = got.iter().flat_map(|g| &g.counts).sum();
         eprintln!(
-            "device eviction bs={bs} d={d} heads={heads} max_ctx={max_ctx}: {blocks} blocks, asked {n_evict}, took {taken}; identical to twin"
+            "device eviction bs={bs} d={d} heads={heads} in {} sequences, max_ctx={max_ctx}: {blocks} blocks, asked {n_evict}, took {taken}; identical to twin",
+            segments.len()
         );
         n_cases += 1;
     }
@@ -702,6 +734,126 @@ mod e2e {
                 cs.kept_kvs
             );
         }
+    }
+
+    /// KV-Compress's continual compression on the GPU through the device path (decode metric
+    /// added by the decode kernel, evictions chosen and made by `kernels/evict.cu` in one batch
+    /// per step) against the host path (probabilities copied back, scored and planned on the
+    /// host): several prompts x budgets decoded in one batch, and one sequence alone.
+    #[test]
+    fn cuda_device_compression_equals_host_compression() {
+        use kvc::compress::CompressOn;
+        let dev = gpu();
+        let params = GenParams {
+            max_new_tokens: 32,
+            stop_ids: Default::default(),
+            min_new_tokens: 0,
+            prefill_chunk: 16,
+            max_context: 2048,
+        };
+        let spec = TinySpec {
+            hidden: 384,
+            heads: 6,
+            kv_heads: 2,
+            layers: 3,
+            seed: 11,
+            ..Default::default()
+        };
+        let (_t, mut lm) = load(&spec, &dev);
+        let cfg = lm.config().clone();
+        let long = lm.prompt_ids(TEXT, false).unwrap();
+        let short = lm
+            .prompt_ids(
+                "a cat sat on the mat and looked at the dog for a while",
+                false,
+            )
+            .unwrap();
+        let prompts: Vec<&[u32]> = vec![&long, &short, &long];
+        let budgets = vec![
+            vec![Some(Budget::Rate(2.0)), Some(Budget::Tokens(12))],
+            vec![Some(Budget::Tokens(16)), Some(Budget::Rate(4.0))],
+            vec![Some(Budget::Rate(8.0))],
+        ];
+        let kvc = MethodSpec::parse("kvcompress").unwrap();
+        let run = |lm: &mut kvc::model::LoadedModel, on: CompressOn| {
+            let opts = MethodOptions {
+                compress_on: on,
+                block_size: 4,
+                kvc_window: 4,
+                protected_window: 4,
+                min_cache_tokens: 4,
+                ..Default::default()
+            };
+            let mut r = compress::runner(&kvc, None, &cfg, &opts).unwrap();
+            let mut out: Vec<_> = r
+                .run_prompts(&mut lm.model, &prompts, &params, &budgets)
+                .unwrap()
+                .into_iter()
+                .flat_map(|res| res.unwrap())
+                .map(|g| {
+                    let (g, st) = g.unwrap();
+                    (g.output_ids, st)
+                })
+                .collect();
+            let mut alone = compress::runner(&kvc, Some(Budget::Tokens(12)), &cfg, &opts).unwrap();
+            let (g, st) = alone.run(&mut lm.model, &long, &params).unwrap();
+            out.push((g.output_ids, st));
+            out
+        };
+        let host = run(&mut lm, CompressOn::Host);
+        let device = run(&mut lm, CompressOn::Auto);
+        for (i, (d, h)) in device.iter().zip(&host).enumerate() {
+            let same = d.0.iter().zip(&h.0).take_while(|(a, b)| a == b).count();
+            eprintln!(
+                "device vs host compression, sequence {i}: common prefix {same}/{}",
+                h.0.len()
+            );
+        }
+        assert_eq!(device, host, "device vs host compression on the GPU");
+        eprintln!(
+            "SUMMARY device compression on the GPU: {} sequences identical to the host path",
+            host.len()
+        );
+    }
+
+    /// `full` on the GPU decodes several prompts in one batch through the paged cache (nothing
+    /// evicted): token for token what each prompt gives alone on the contiguous cache, with
+    /// the full run's statistics.
+    #[test]
+    fn cuda_full_batched_equals_alone() {
+        let dev = gpu();
+        let params = GenParams {
+            max_new_tokens: 20,
+            stop_ids: Default::default(),
+            min_new_tokens: 0,
+            prefill_chunk: 16,
+            max_context: 2048,
+        };
+        let spec = TinySpec {
+            hidden: 384,
+            heads: 6,
+            kv_heads: 2,
+            layers: 3,
+            seed: 3,
+            ..Default::default()
+        };
+        let (_t, mut lm) = load(&spec, &dev);
+        let cfg = lm.config().clone();
+        let long = lm.prompt_ids(TEXT, false).unwrap();
+        let short = lm.prompt_ids("a cat sat on the mat", false).unwrap();
+        let prompts: Vec<&[u32]> = vec![&long, &short, &long[5..]];
+        let full = MethodSpec::parse("full").unwrap();
+        let mut r = compress::runner(&full, None, &cfg, &MethodOptions::default()).unwrap();
+        let batched = r
+            .run_prompts(&mut lm.model, &prompts, &params, &vec![vec![None]; 3])
+            .unwrap();
+        for (p, res) in prompts.iter().zip(batched) {
+            let (g, st) = res.unwrap().pop().unwrap().unwrap();
+            let (g1, st1) = r.run(&mut lm.model, p, &params).unwrap();
+            assert_eq!(g.output_ids, g1.output_ids, "prompt of {}", p.len());
+            assert_eq!(st, st1);
+        }
+        eprintln!("SUMMARY full batched on the GPU: 3 prompts identical to each alone");
     }
 
     /// The benchmark scheduler on the GPU (batched decode through the paged CUDA kernels, one

@@ -143,20 +143,6 @@ fn step_need(cache: &PagedCache, seq: SeqId) -> usize {
     n
 }
 
-/// Greedy next token of every row of `logits` `[B, vocab]`. On a GPU the argmax runs there and
-/// only B ids come back (not B x vocab floats); on the CPU the first index wins ties, as
-/// `Llama::argmax` (the tests compare with single-sequence generation).
-fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
-    if logits.device().is_cuda() {
-        return logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>();
-    }
-    Ok(logits
-        .to_vec2::<f32>()?
-        .iter()
-        .map(|row| Llama::argmax_host(row))
-        .collect())
-}
-
 /// The smallest pool (in blocks) that can serve one request of `input_len + output_len`
 /// tokens at `rate` with `layers x kv_heads` heads (see the module docs): the whole prompt
 /// during prefill; at rate 1 the whole final sequence; with compression its budget plus one
@@ -323,7 +309,7 @@ pub fn run(
                 logits =
                     Some(model.forward_prefill_batch(&rows, &seqs, &mut cache, p, &mut observe)?);
             }
-            let next = argmax_rows(&logits.expect("non-empty prompt"))?;
+            let next = Llama::argmax_rows(&logits.expect("non-empty prompt"))?;
             st.prefill_ms += tp.elapsed().as_secs_f64() * 1e3;
             st.prefill_batches += 1;
             st.peak_blocks = st.peak_blocks.max(cache.pool().used_blocks());
@@ -431,7 +417,7 @@ pub fn run(
             };
             model.forward_decode(&tokens, &seqs, &mut cache, probe, &mut observe)?
         };
-        let next = argmax_rows(&logits)?;
+        let next = Llama::argmax_rows(&logits)?;
         st.decode_ms += td.elapsed().as_secs_f64() * 1e3;
         st.decode_steps += 1;
         batch_sum += running.len();

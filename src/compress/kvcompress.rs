@@ -21,7 +21,7 @@
 //! evicts nothing (see [`crate::kvcache::budget`]).
 use candle_core::{Result, Tensor};
 
-use super::policy::{Phase, Policy, SeqView};
+use super::policy::{DeviceStepSpec, Phase, Policy, SeqView};
 use super::score::{window_scores, Agg, PoolKind, ScoreSpec};
 use crate::kvcache::blocks::{EvictionPlan, HeadEviction};
 use crate::kvcache::budget::allowed_blocks;
@@ -275,6 +275,14 @@ impl Policy for KvCompress {
 
     fn min_budget(&self) -> usize {
         self.cfg.protected
+    }
+
+    fn device_step(&self, budget: usize, block_size: usize) -> Option<DeviceStepSpec> {
+        // The decode kernel adds p^2 (the decode form of the squared metrics) only.
+        (self.cfg.agg.decode_form() == Agg::L2Sum).then(|| DeviceStepSpec {
+            protected: self.cfg.protected,
+            allowed_blocks: allowed_blocks(budget, self.layers, self.kv_heads, block_size),
+        })
     }
 }
 

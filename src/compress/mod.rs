@@ -17,13 +17,14 @@
 //! methods compare at equal memory; `r <= 1` evicts nothing. A token budget is `M` directly.
 //! A budget below a method's protected window is clamped to it (with a warning on stderr).
 //! [`CompressionStats`] records what was actually kept after the prefill compression.
-use candle_core::Result;
+use candle_core::{Result, Tensor};
 
 use crate::engine::{self, GenParams, Generation, Hooks, NoHooks};
+use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::budget::{tokens_for_rate, MIN_CACHE_TOKENS};
 use crate::kvcache::contiguous::ContiguousCache;
 use crate::kvcache::paged::{PagedCache, PagedSpec, DEFAULT_BLOCK_SIZE};
-use crate::kvcache::{CacheBackend, SeqId};
+use crate::kvcache::{CacheBackend, Probe, SeqId};
 use crate::model::{Config, Llama};
 
 pub mod ada_snapkv;
@@ -36,7 +37,7 @@ pub mod score;
 pub mod snapkv;
 pub mod streamingllm;
 
-use policy::{BudgetFn, CompressHooks, Kept, Policy};
+use policy::{BudgetFn, CompressHooks, Kept, Phase, Policy, SeqView};
 use score::{Agg, PoolKind};
 
 pub use crate::report::scores::Budget;
@@ -207,6 +208,18 @@ fn prompts_one_by_one(
 /// One prompt's generations under each of its budgets ([`Runner::run_prompts`]).
 pub type PromptResults = Result<Vec<Result<(Generation, CompressionStats)>>>;
 
+/// Where KV-Compress's continual compression runs (`--compress-on`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CompressOn {
+    /// The device path on a GPU, the host elsewhere.
+    #[default]
+    Auto,
+    /// Score and plan on the host.
+    Host,
+    /// The device path (on the CPU: the kernels' twins).
+    Device,
+}
+
 /// Method parameters shared by `kvc eval` and `kvc bench` (flattened into their clap args):
 /// each method's paper defaults, overridable by flags. `Default` equals the flags' defaults.
 #[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
@@ -240,6 +253,16 @@ pub struct MethodOptions {
     /// the cache at its budget).
     #[arg(long)]
     pub compress_once: bool,
+    /// Where KV-Compress's continual compression runs. auto: on a GPU, decode attention is
+    /// scored in the decode kernel and evictions are chosen and made by `kernels/evict.cu`
+    /// (nothing per slot crosses PCIe); on the CPU, on the host. host: probabilities go to
+    /// the host every step, which scores and plans (the A/B reference). device: the device
+    /// path everywhere (on the CPU the kernels' plain-Rust twins run it: slow, for tests).
+    /// Other methods always score and plan on the host. Not part of a run's configuration
+    /// (like the device, it picks where the method runs, not what it does).
+    #[arg(long, value_enum, default_value_t = CompressOn::Auto)]
+    #[serde(skip)]
+    pub compress_on: CompressOn,
     /// SnapKV / PyramidKV / Ada-SnapKV observation window (always kept).
     #[arg(long, default_value_t = 32, value_parser = positive)]
     pub snap_window: usize,
@@ -292,6 +315,7 @@ impl Default for MethodOptions {
             kvc_buffer: 0,
             protected_window: 32,
             compress_once: false,
+            compress_on: CompressOn::Auto,
             snap_window: 32,
             snap_kernel: 5,
             snap_pool: PoolKind::Avg,
@@ -358,6 +382,19 @@ pub fn runner(
         return Ok(Box::new(FullRunner {
             layers: cfg.num_hidden_layers,
             kv_heads: cfg.num_key_value_heads,
+            batched: PagedRunner {
+                name: spec.name.clone(),
+                policy: Box::new(KeepAll),
+                budget: None,
+                kv_memory: None,
+                block_size: opts.block_size,
+                min_cache_tokens: opts.min_cache_tokens,
+                compress_on: opts.compress_on,
+                layers: cfg.num_hidden_layers,
+                kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim,
+                warned: false,
+            },
         }));
     }
     let policy = build_policy(spec, cfg, opts)?;
@@ -383,6 +420,7 @@ pub fn runner(
         kv_memory: opts.kv_memory,
         block_size: opts.block_size,
         min_cache_tokens: opts.min_cache_tokens,
+        compress_on: opts.compress_on,
         layers: cfg.num_hidden_layers,
         kv_heads: cfg.num_key_value_heads,
         head_dim: cfg.head_dim,
@@ -453,6 +491,8 @@ struct PagedRunner {
     kv_memory: Option<u64>,
     block_size: usize,
     min_cache_tokens: usize,
+    /// `--compress-on`.
+    compress_on: CompressOn,
     layers: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -478,12 +518,23 @@ impl PagedRunner {
         let spec = self.spec(model);
         let tokens =
             (prompt.len() + params.max_new_tokens).min(params.max_context.max(prompt.len()));
-        match self.kv_memory {
+        let mut cache = match self.kv_memory {
             Some(bytes) => PagedCache::with_memory(spec, bytes),
             None => {
                 let n = spec.blocks_for_tokens(tokens) + self.layers * self.kv_heads;
                 PagedCache::new(spec, n)
             }
+        }?;
+        self.set_compression_device(&mut cache);
+        Ok(cache)
+    }
+
+    /// `--compress-on` host/device overrides the cache's default (device on CUDA).
+    fn set_compression_device(&self, cache: &mut PagedCache) {
+        match self.compress_on {
+            CompressOn::Auto => {}
+            CompressOn::Host => cache.set_device_compression(false),
+            CompressOn::Device => cache.set_device_compression(true),
         }
     }
 
@@ -658,6 +709,7 @@ impl PagedRunner {
                 bytes as f64 / (1 << 20) as f64
             ))
         })?;
+        self.set_compression_device(&mut cache);
         let budget_fns: Vec<Vec<Box<BudgetFn>>> = raws
             .iter()
             .map(|rs| {
@@ -800,10 +852,42 @@ struct Fork {
     prefill_ms: f64,
 }
 
-/// The full cache: the contiguous reference backend, no hooks.
+/// The full cache: the contiguous reference backend, no hooks. On a GPU, several prompts
+/// ([`Runner::run_prompts`], `--batch-samples`) decode in one batch through the paged cache
+/// with nothing evicted (`batched`), as the compressed runs do: one sample at a time the full
+/// run of a LongBench sweep took longer than all its compressed runs together. The paged cache
+/// without eviction attends over the same keys (tests: paged rate 1 = contiguous, token for
+/// token, on the CPU and the GPU); on the GPU its decode kernel rounds differently from the
+/// contiguous cache's candle ops, so bf16 outputs may differ in rare tokens.
 struct FullRunner {
     layers: usize,
     kv_heads: usize,
+    /// The paged runner that decodes batches of prompts on a GPU.
+    batched: PagedRunner,
+}
+
+/// `full` on the paged cache: probes nothing, evicts nothing.
+struct KeepAll;
+
+impl Policy for KeepAll {
+    fn prefill_probe(&self) -> Probe {
+        Probe::None
+    }
+    fn decode_probe(&self) -> Probe {
+        Probe::None
+    }
+    fn score(&self, _: Phase, _: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        Ok(positions.iter().map(|p| vec![0.0; p.len()]).collect())
+    }
+    fn plan(&self, _: &SeqView, _: usize, _: Phase) -> EvictionPlan {
+        EvictionPlan::default()
+    }
+    fn continual(&self) -> bool {
+        false
+    }
+    fn min_budget(&self) -> usize {
+        0
+    }
 }
 
 impl Runner for FullRunner {
@@ -831,16 +915,44 @@ impl Runner for FullRunner {
     ) -> Result<(Generation, CompressionStats)> {
         let mut cache = ContiguousCache::new(self.layers);
         let g = engine::generate(model, &mut cache, prompt, params, &mut NoHooks)?;
-        let kvs = (prompt.len() * self.layers * self.kv_heads) as u64;
-        Ok((
-            g,
-            CompressionStats {
-                prompt_tokens: prompt.len(),
-                kept_kvs: kvs,
-                prompt_kvs: kvs,
-                ..Default::default()
-            },
-        ))
+        Ok((g, self.stats(prompt.len())))
+    }
+
+    fn run_prompts(
+        &mut self,
+        model: &mut Llama,
+        prompts: &[&[u32]],
+        params: &GenParams,
+        budgets: &[Vec<Option<Budget>>],
+    ) -> Result<Vec<PromptResults>> {
+        if !model.device.is_cuda() || prompts.len() < 2 {
+            return Ok(prompts_one_by_one(self, model, prompts, params, budgets));
+        }
+        if budgets.iter().flatten().any(|b| b.is_some()) {
+            candle_core::bail!("method `full` keeps every KV: it takes no rate or token budget");
+        }
+        let mut out = self.batched.run_prompts(model, prompts, params, budgets)?;
+        // The full run's statistics, whichever cache ran it.
+        for (p, res) in prompts.iter().zip(&mut out) {
+            if let Ok(gens) = res {
+                for (_, st) in gens.iter_mut().flatten() {
+                    *st = self.stats(p.len());
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl FullRunner {
+    fn stats(&self, prompt_len: usize) -> CompressionStats {
+        let kvs = (prompt_len * self.layers * self.kv_heads) as u64;
+        CompressionStats {
+            prompt_tokens: prompt_len,
+            kept_kvs: kvs,
+            prompt_kvs: kvs,
+            ..Default::default()
+        }
     }
 }
 

@@ -15,9 +15,9 @@
 //! It runs once after prefill and, for continual methods, after every decode step.
 use candle_core::{Result, Tensor};
 
-use crate::engine::{Hooks, StepPlanner};
+use crate::engine::{Hooks, StepWork};
 use crate::kvcache::blocks::{EvictionPlan, HeadEviction};
-use crate::kvcache::paged::PagedCache;
+use crate::kvcache::paged::{DeviceEvict, EvictStats, PagedCache};
 use crate::kvcache::{CacheBackend, Probe, SeqId};
 
 /// When a policy is asked to score or plan.
@@ -69,19 +69,15 @@ impl SeqView {
     /// Snapshot `seq` of `cache`.
     pub fn of(cache: &PagedCache, seq: SeqId) -> Result<SeqView> {
         let pool = cache.pool();
-        let wrap = candle_core::Error::wrap;
+        let mut meta = cache.seq_meta(seq)?.into_iter();
         let heads = (0..pool.layers())
-            .map(|l| {
-                (0..pool.kv_heads())
-                    .map(|h| {
-                        Ok(HeadView {
-                            metric: pool.metrics(l, seq, h).map_err(wrap)?,
-                            position: pool.positions(l, seq, h).map_err(wrap)?,
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()
+            .map(|_| {
+                (&mut meta)
+                    .take(pool.kv_heads())
+                    .map(|(metric, position)| HeadView { metric, position })
+                    .collect()
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect();
         Ok(SeqView {
             seq_len: cache.seq_len(seq),
             block_size: pool.block_size(),
@@ -115,6 +111,22 @@ pub trait Policy: Send + Sync {
     /// The smallest budget that makes sense (the protected window); smaller budgets are
     /// clamped to it.
     fn min_budget(&self) -> usize;
+    /// Whether this policy's decode scoring and step eviction are exactly what the device
+    /// computes, KV-Compress's decode metric (`sum over the group of p^2`, added by the decode
+    /// kernel) and block evictor (`kernels/evict.cu`), and with what limits for `budget`
+    /// tokens per head. `None` (the default): scored and planned on the host.
+    fn device_step(&self, _budget: usize, _block_size: usize) -> Option<DeviceStepSpec> {
+        None
+    }
+}
+
+/// How a policy's continual compression runs on the device ([`Policy::device_step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceStepSpec {
+    /// The last positions never evicted.
+    pub protected: usize,
+    /// Blocks a sequence may hold; the excess is evicted after a step.
+    pub allowed_blocks: usize,
 }
 
 /// Token-level evictor: keep the `keep` highest-metric slots, always keeping `protected` ones
@@ -188,6 +200,9 @@ pub struct CompressHooks<'a> {
     /// benchmark scheduler's "on memory pressure"); `Some(score)`: whether decode steps still
     /// probe and score attention so those compressions see decode metrics.
     on_demand: Option<bool>,
+    /// Decode steps score and evict on the device (set after prefill, see
+    /// [`Policy::device_step`] and [`PagedCache::keep_metric_on_device`]).
+    device: Option<DeviceStepSpec>,
     /// What was kept.
     pub kept: Kept,
 }
@@ -202,6 +217,7 @@ impl<'a> CompressHooks<'a> {
             phase: Phase::Prefill,
             budget: None,
             on_demand: None,
+            device: None,
             kept: Kept::default(),
         }
     }
@@ -227,6 +243,7 @@ impl<'a> CompressHooks<'a> {
             phase: self.phase,
             budget: None,
             on_demand: self.on_demand,
+            device: None,
             kept: Kept::default(),
         }
     }
@@ -266,6 +283,21 @@ impl<'a> CompressHooks<'a> {
     }
 }
 
+/// What KV-Compress's device evictor must take from `seq` now: the blocks it holds beyond
+/// its allowance, its last `protected` positions kept (what [`Policy::plan`] of KV-Compress
+/// evicts on the host).
+fn device_request(cache: &PagedCache, seq: SeqId, d: DeviceStepSpec) -> Result<DeviceEvict> {
+    let held = cache
+        .pool()
+        .seq_blocks(seq)
+        .map_err(candle_core::Error::wrap)?;
+    Ok(DeviceEvict {
+        seq,
+        n_evict: held.saturating_sub(d.allowed_blocks),
+        first_protected: cache.seq_len(seq).saturating_sub(d.protected) as u32,
+    })
+}
+
 fn paged(cache: &mut dyn CacheBackend) -> Result<&mut PagedCache> {
     let name = cache.name();
     cache.as_paged_mut().ok_or_else(|| {
@@ -285,7 +317,7 @@ impl Hooks for CompressHooks<'_> {
             Some(score) => score,
             None => self.policy.continual(),
         };
-        if self.budget.is_some() && scored {
+        if self.budget.is_some() && scored && self.device.is_none() {
             self.policy.decode_probe()
         } else {
             Probe::None
@@ -325,7 +357,24 @@ impl Hooks for CompressHooks<'_> {
         self.flush(cache, seq)?;
         let prompt = cache.seq_len(seq);
         self.budget = (self.budget_of)(prompt).map(|b| b.max(self.policy.min_budget()));
-        self.compress(cache, seq)?;
+        // KV-Compress on a GPU evicts on the device from here on, this first compression
+        // included (the same selection as its host plan, without snapshotting every head).
+        let bs = cache.spec().block_size;
+        let device = match (self.budget, self.on_demand) {
+            (Some(b), None) if cache.device_compression() => self.policy.device_step(b, bs),
+            _ => None,
+        };
+        match device {
+            Some(d) => {
+                cache.keep_metric_on_device(seq)?;
+                let st = cache.evict_on_device(&[device_request(cache, seq, d)?])?;
+                self.device_evicted(st[0]);
+                if self.policy.continual() {
+                    self.device = Some(d);
+                }
+            }
+            None => self.compress(cache, seq)?,
+        }
         let pool = cache.pool();
         self.kept.prompt_tokens = prompt;
         self.kept.budget = self.budget;
@@ -342,26 +391,39 @@ impl Hooks for CompressHooks<'_> {
 
     fn after_step(&mut self, cache: &mut dyn CacheBackend, seq: SeqId) -> Result<()> {
         let plan = match self.step_plan(cache, seq)? {
-            Some(planner) => planner(paged(cache)?)?,
+            Some(StepWork::Plan(planner)) => Ok(planner(paged(cache)?)?),
+            Some(StepWork::Device(r)) => Err(r),
             None => return Ok(()),
         };
-        self.apply_step_plan(cache, seq, plan)
+        match plan {
+            Ok(plan) => self.apply_step_plan(cache, seq, plan),
+            Err(r) => {
+                let st = paged(cache)?.evict_on_device(&[r])?;
+                self.device_evicted(st[0]);
+                Ok(())
+            }
+        }
     }
 
     fn step_plan(
         &mut self,
         cache: &mut dyn CacheBackend,
         seq: SeqId,
-    ) -> Result<Option<StepPlanner<'_>>> {
-        self.flush(paged(cache)?, seq)?;
+    ) -> Result<Option<StepWork<'_>>> {
+        let cache = paged(cache)?;
+        self.flush(cache, seq)?;
         let (Some(budget), None, true) = (self.budget, self.on_demand, self.policy.continual())
         else {
             return Ok(None);
         };
+        if let Some(d) = self.device {
+            let r = device_request(cache, seq, d)?;
+            return Ok((r.n_evict > 0).then_some(StepWork::Device(r)));
+        }
         let (policy, phase) = (self.policy, self.phase);
-        Ok(Some(Box::new(move |c: &PagedCache| {
+        Ok(Some(StepWork::Plan(Box::new(move |c: &PagedCache| {
             Ok(policy.plan(&SeqView::of(c, seq)?, budget, phase))
-        })))
+        }))))
     }
 
     fn apply_step_plan(
@@ -372,6 +434,10 @@ impl Hooks for CompressHooks<'_> {
     ) -> Result<()> {
         self.kept.evicted += paged(cache)?.evict(seq, &plan)?.evicted;
         Ok(())
+    }
+
+    fn device_evicted(&mut self, stats: EvictStats) {
+        self.kept.evicted += stats.evicted;
     }
 }
 

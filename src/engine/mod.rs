@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 use crate::kvcache::blocks::EvictionPlan;
-use crate::kvcache::paged::PagedCache;
+use crate::kvcache::paged::{DeviceEvict, EvictStats, PagedCache};
 use crate::kvcache::{CacheBackend, Probe, SeqId};
 use crate::model::Llama;
 
@@ -133,7 +133,7 @@ pub trait Hooks: Send {
         &mut self,
         cache: &mut dyn CacheBackend,
         seq: SeqId,
-    ) -> Result<Option<StepPlanner<'_>>> {
+    ) -> Result<Option<StepWork<'_>>> {
         self.after_step(cache, seq)?;
         Ok(None)
     }
@@ -146,6 +146,18 @@ pub trait Hooks: Send {
     ) -> Result<()> {
         Ok(())
     }
+    /// What the device eviction asked for by [`StepWork::Device`] did.
+    fn device_evicted(&mut self, _stats: EvictStats) {}
+}
+
+/// The compression work of one sequence after a decode step ([`Hooks::step_plan`]).
+pub enum StepWork<'a> {
+    /// A plan to make on the host (it only reads the cache, so the plans of a batch run on
+    /// several threads), then executed by [`Hooks::apply_step_plan`].
+    Plan(StepPlanner<'a>),
+    /// KV-Compress's eviction from the device metric: the requests of a batch run together in
+    /// one [`PagedCache::evict_on_device`], then [`Hooks::device_evicted`].
+    Device(DeviceEvict),
 }
 
 /// No compression.
@@ -359,14 +371,17 @@ pub fn step_compression(
         is_live[i] = true;
     }
     let mut planners = Vec::with_capacity(live.len());
+    let mut on_device = Vec::new();
     for (i, h) in hooks.iter_mut().enumerate() {
         if is_live[i] {
-            if let Some(p) = h.step_plan(cache, seqs[i])? {
-                planners.push((i, p));
+            match h.step_plan(cache, seqs[i])? {
+                Some(StepWork::Plan(p)) => planners.push((i, p)),
+                Some(StepWork::Device(r)) => on_device.push((i, r)),
+                None => {}
             }
         }
     }
-    if planners.is_empty() {
+    if planners.is_empty() && on_device.is_empty() {
         return Ok(());
     }
     let plans: Vec<(usize, Result<EvictionPlan>)> = {
@@ -381,6 +396,16 @@ pub fn step_compression(
     let Some(paged) = cache.as_paged_mut() else {
         unreachable!("checked above");
     };
+    if !on_device.is_empty() {
+        let reqs: Vec<DeviceEvict> = on_device.iter().map(|(_, r)| *r).collect();
+        let stats = paged.evict_on_device(&reqs)?;
+        for ((i, _), st) in on_device.iter().zip(stats) {
+            hooks[*i].device_evicted(st);
+        }
+    }
+    if plans.is_empty() {
+        return Ok(());
+    }
     paged.defer_moves();
     let applied = plans
         .into_iter()
@@ -508,9 +533,8 @@ pub fn decode_batch(
         step_compression(cache, seqs, hooks, &live)?;
         times.compress_ms += ms_since(t);
         let t = Instant::now();
-        let rows = logits.to_vec2::<f32>()?;
-        for (row, &i) in rows.iter().zip(&live) {
-            next[i] = Llama::argmax_host(row);
+        for (tok, &i) in Llama::argmax_rows(&logits)?.into_iter().zip(&live) {
+            next[i] = tok;
         }
         times.sample_ms += ms_since(t);
     }

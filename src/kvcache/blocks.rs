@@ -399,6 +399,47 @@ impl BlockPool {
         Ok(gather(&self.metric, self.runs(layer, seq, kv_head)?))
     }
 
+    /// Every physical slot's metric and position (`block * block_size + offset`): what a
+    /// cache mirrors to its device when metrics move there.
+    pub fn slot_meta(&self) -> (&[f32], &[u32]) {
+        (&self.metric, &self.position)
+    }
+
+    /// Shorten (layer, seq, kv_head) to its first `new_len` slots and free the blocks past
+    /// them: the bookkeeping of a compaction done elsewhere (the device's eviction kernels move
+    /// the surviving slots into the head's first `new_len` logical slots). The pool's
+    /// metric/position of the head are not moved: the caller keeps them elsewhere. Returns the
+    /// blocks freed.
+    pub fn truncate(
+        &mut self,
+        layer: usize,
+        seq: SeqId,
+        kv_head: usize,
+        new_len: usize,
+    ) -> Result<usize, BlockError> {
+        self.check_head(layer, kv_head)?;
+        let len = self.len(layer, seq, kv_head)?;
+        if new_len > len {
+            return Err(BlockError::BadLength {
+                what: "truncated length",
+                got: new_len,
+                len,
+            });
+        }
+        let blocks = &self.table(seq)?.blocks[layer][kv_head];
+        let keep = new_len.div_ceil(self.block_size);
+        let c = Compaction {
+            layer,
+            seq,
+            kv_head,
+            moves: Vec::new(),
+            new_len,
+            freed: blocks[keep..].to_vec(),
+        };
+        self.apply(&c)?;
+        Ok(c.freed.len())
+    }
+
     /// Add `delta[i]` to the metric of logical slot `i` (a prefix of the head's slots).
     pub fn add_metric(
         &mut self,

@@ -24,7 +24,9 @@
 //! into [`super::paged::PagedCache`], whose metric/position bookkeeping lives on the host).
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::ops::{check_moves, check_write, DecodeShape, EvictStep, OpsError, SoftmaxShape};
+use super::ops::{
+    check_moves, check_write, DecodeShape, EvictSeq, EvictStep, OpsError, SoftmaxShape,
+};
 
 /// Head dims the decode kernel is instantiated for (others use candle ops).
 pub const DECODE_HEAD_DIMS: [usize; 2] = [64, 128];
@@ -453,12 +455,9 @@ pub fn prefill_softmax(
 /// Longest head [`kvcompress_evict`] sorts in shared memory (128 KiB of keys on an H100).
 pub const EVICT_MAX_LEN: usize = 16384;
 
-/// KV-Compress's eviction step for one sequence on the device (twin:
-/// [`super::ops::kvcompress_evict`]): `block_tables` `[heads, max_blocks]` and `ctx_lens`
-/// `[heads]` of the sequence's heads (all layers x kv-heads), slots with
-/// `position >= first_protected` never evicted, `n_evict` blocks taken over all heads. Moves
-/// K, V, `metric` `[num_slots]` f32 and `position` `[num_slots]` u32 in place; returns the
-/// per-head counts and new lengths (the only data coming back).
+/// KV-Compress's eviction step for one sequence on the device: [`kvcompress_evict_batch`]
+/// with one sequence owning every row of `block_tables` `[heads, max_blocks]` and `ctx_lens`
+/// `[heads]` (all layers x kv-heads).
 #[allow(clippy::too_many_arguments)]
 pub fn kvcompress_evict(
     k_cache: &Tensor,
@@ -471,16 +470,70 @@ pub fn kvcompress_evict(
     first_protected: u32,
     n_evict: usize,
 ) -> Result<EvictStep> {
+    let seq = EvictSeq {
+        heads: ctx_lens.len(),
+        first_protected,
+        n_evict,
+    };
+    let mut steps = kvcompress_evict_batch(
+        k_cache,
+        v_cache,
+        metric,
+        position,
+        block_tables,
+        ctx_lens,
+        &[seq],
+        block_size,
+    )?;
+    Ok(steps.pop().expect("one sequence"))
+}
+
+/// KV-Compress's eviction step for several sequences on the device (twin:
+/// [`super::ops::kvcompress_evict_batch`]): sequence `i` owns the next `seqs[i].heads` rows of
+/// `block_tables` `[heads, max_blocks]` and `ctx_lens` `[heads]`; its slots with
+/// `position >= first_protected` are never evicted and `n_evict` blocks are taken over its
+/// heads. Moves K, V, `metric` `[num_slots]` f32 and `position` `[num_slots]` u32 in place;
+/// returns each sequence's per-head counts and new lengths (the only data coming back). Three
+/// launches whatever the number of sequences.
+#[allow(clippy::too_many_arguments)]
+pub fn kvcompress_evict_batch(
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    metric: &Tensor,
+    position: &Tensor,
+    block_tables: &[u32],
+    ctx_lens: &[u32],
+    seqs: &[EvictSeq],
+    block_size: usize,
+) -> Result<Vec<EvictStep>> {
     let (num_slots, d) = k_cache.dims2()?;
     check_cache(k_cache, v_cache, d)?;
     check_meta(Some(metric), Some(position), num_slots)?;
     let heads = ctx_lens.len();
+    if seqs.iter().map(|s| s.heads).sum::<usize>() != heads {
+        return Err(OpsError::Shape(format!(
+            "{heads} heads in ctx_lens, {} in the sequences",
+            seqs.iter().map(|s| s.heads).sum::<usize>()
+        ))
+        .into());
+    }
+    // What each sequence gets back when nothing runs.
+    let unchanged = || {
+        let mut first = 0;
+        seqs.iter()
+            .map(|s| {
+                let rows = first..first + s.heads;
+                first = rows.end;
+                EvictStep {
+                    counts: vec![0; s.heads],
+                    new_lens: ctx_lens[rows].to_vec(),
+                }
+            })
+            .collect::<Vec<_>>()
+    };
     let max_len = ctx_lens.iter().copied().max().unwrap_or(0) as usize;
-    if heads == 0 || max_len == 0 || n_evict == 0 {
-        return Ok(EvictStep {
-            counts: vec![0; heads],
-            new_lens: ctx_lens.to_vec(),
-        });
+    if heads == 0 || max_len == 0 || seqs.iter().all(|s| s.n_evict == 0) {
+        return Ok(unchanged());
     }
     if max_len > EVICT_MAX_LEN {
         return Err(OpsError::Shape(format!(
@@ -504,6 +557,16 @@ pub fn kvcompress_evict(
     };
     shape.check_disjoint(block_tables, ctx_lens)?;
     let dev = k_cache.device();
+    // Per head: protected position; per sequence: first head row and blocks to take.
+    let mut protect = Vec::with_capacity(heads);
+    let mut head_start = Vec::with_capacity(seqs.len() + 1);
+    head_start.push(0u32);
+    for s in seqs {
+        protect.extend(std::iter::repeat_n(s.first_protected, s.heads));
+        head_start.push(head_start.last().copied().unwrap_or(0) + s.heads as u32);
+    }
+    // i64 on the device (candle has no u64), read as unsigned long long by the kernel.
+    let n_evict: Vec<i64> = seqs.iter().map(|s| s.n_evict as i64).collect();
     let tables = Tensor::from_slice(block_tables, (heads, max_blocks), dev)?;
     let lens = Tensor::from_slice(ctx_lens, heads, dev)?;
     let counts = imp::kvcompress_evict(
@@ -511,17 +574,45 @@ pub fn kvcompress_evict(
         v_cache,
         metric,
         position,
-        &tables,
-        &lens,
+        &EvictArgs {
+            tables: &tables,
+            lens: &lens,
+            protect: &Tensor::from_slice(&protect, heads, dev)?,
+            head_start: &Tensor::from_slice(&head_start, seqs.len() + 1, dev)?,
+            n_evict: &Tensor::from_slice(&n_evict, seqs.len(), dev)?,
+        },
         block_size,
         max_len,
-        first_protected,
-        n_evict,
     )?;
-    Ok(EvictStep {
-        counts: counts.to_vec1::<u32>()?,
-        new_lens: lens.to_vec1::<u32>()?,
-    })
+    let counts = counts.to_vec1::<u32>()?;
+    let new_lens = lens.to_vec1::<u32>()?;
+    let mut first = 0;
+    Ok(seqs
+        .iter()
+        .map(|s| {
+            let rows = first..first + s.heads;
+            first = rows.end;
+            EvictStep {
+                counts: counts[rows.clone()].to_vec(),
+                new_lens: new_lens[rows].to_vec(),
+            }
+        })
+        .collect())
+}
+
+/// The device inputs of a batched eviction (see [`kvcompress_evict_batch`]).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct EvictArgs<'a> {
+    /// `[heads, max_blocks]` u32.
+    tables: &'a Tensor,
+    /// `[heads]` u32 (updated in place).
+    lens: &'a Tensor,
+    /// `[heads]` u32: first protected position.
+    protect: &'a Tensor,
+    /// `[sequences + 1]` u32: first head row of each sequence.
+    head_start: &'a Tensor,
+    /// `[sequences]` i64: blocks to take.
+    n_evict: &'a Tensor,
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -585,17 +676,13 @@ mod imp {
         Err(OpsError::NoCuda.into())
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn kvcompress_evict(
         _: &Tensor,
         _: &Tensor,
         _: &Tensor,
         _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
+        _: &EvictArgs<'_>,
         _: usize,
-        _: usize,
-        _: u32,
         _: usize,
     ) -> Result<Tensor> {
         Err(OpsError::NoCuda.into())
@@ -699,6 +786,7 @@ mod imp {
             DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.device_ptr(stream).0,
             DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(stream).0,
             DType::U32 => cs.as_cuda_slice::<u32>()?.device_ptr(stream).0,
+            DType::I64 => cs.as_cuda_slice::<i64>()?.device_ptr(stream).0,
             dt => return Err(OpsError::Shape(format!("unsupported dtype {dt:?}")).into()),
         };
         Ok(base + (l.start_offset() * t.dtype().size_in_bytes()) as u64)
@@ -989,23 +1077,20 @@ mod imp {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn kvcompress_evict(
         k_cache: &Tensor,
         v_cache: &Tensor,
         metric: &Tensor,
         position: &Tensor,
-        tables: &Tensor,
-        lens: &Tensor,
+        a: &EvictArgs<'_>,
         block_size: usize,
         max_len: usize,
-        first_protected: u32,
-        n_evict: usize,
     ) -> Result<Tensor> {
         use cudarc::driver::sys::CUfunction_attribute_enum as Attr;
         let dev = k_cache.device();
         let stream = device(k_cache)?.cuda_stream();
-        let (heads, max_blocks) = tables.dims2()?;
+        let (heads, max_blocks) = a.tables.dims2()?;
+        let n_seqs = a.n_evict.dim(0)?;
         let pow2 = max_len.next_power_of_two();
         let smem = pow2 * 8;
         let sort = func(&stream, "evict", "kvc_sort_candidates")?;
@@ -1032,18 +1117,15 @@ mod imp {
             ptr(Some(&cand), &stream)?,
             ptr(Some(metric), &stream)?,
             ptr(Some(position), &stream)?,
-            ptr(Some(tables), &stream)?,
-            ptr(Some(lens), &stream)?,
+            ptr(Some(a.tables), &stream)?,
+            ptr(Some(a.lens), &stream)?,
         ];
+        let protect = ptr(Some(a.protect), &stream)?;
         let mut b = stream.launch_builder(&sort);
         for x in &p {
             b.arg(x);
         }
-        b.arg(&mb)
-            .arg(&bs)
-            .arg(&stride)
-            .arg(&p2)
-            .arg(&first_protected);
+        b.arg(&mb).arg(&bs).arg(&stride).arg(&p2).arg(&protect);
         let cfg = |grid: usize, smem: usize| LaunchConfig {
             grid_dim: (grid as u32, 1, 1),
             block_dim: (1024, 1, 1),
@@ -1051,20 +1133,21 @@ mod imp {
         };
         // Safety: arguments match kvc_sort_candidates; tables were checked on the host.
         unsafe { b.launch(cfg(heads, smem)) }.map_err(cu)?;
-        let (heads_i, n) = (heads as i32, n_evict as u64);
         let q = [
             ptr(Some(&counts), &stream)?,
             ptr(Some(&lt), &stream)?,
             p[1],
             p[5],
+            ptr(Some(a.head_start), &stream)?,
+            ptr(Some(a.n_evict), &stream)?,
         ];
         let mut b = stream.launch_builder(&select);
         for x in &q {
             b.arg(x);
         }
-        b.arg(&heads_i).arg(&mb).arg(&bs).arg(&n);
-        // Safety: arguments match kvc_select_blocks.
-        unsafe { b.launch(cfg(1, 0)) }.map_err(cu)?;
+        b.arg(&mb).arg(&bs);
+        // Safety: arguments match kvc_select_blocks; head_start partitions the rows.
+        unsafe { b.launch(cfg(n_seqs, 0)) }.map_err(cu)?;
         let row_bytes = k_cache.dim(1)? * k_cache.dtype().size_in_bytes();
         if row_bytes % 4 != 0 {
             return Err(OpsError::Shape(format!(

@@ -20,16 +20,23 @@
 //! with per-head block tables uploaded from the pool, and compactions one `move_slots` launch
 //! per head. Prefill (and unsupported shapes) keep the candle-op path below on the device.
 //!
+//! Where the per-slot metric and position live: in the host pool, until a sequence moves them
+//! to the device ([`PagedCache::keep_metric_on_device`], what KV-Compress does on a GPU after
+//! prefill). From then on the decode kernel adds KV-Compress's decode metric as it attends,
+//! and [`PagedCache::evict_on_device`] runs the eviction kernels (`kernels/evict.cu`) for a
+//! batch of sequences: block tables go up, new head lengths come back, the pool shortens the
+//! heads and frees their blocks. No per-slot data crosses PCIe. The other methods score and
+//! plan on the host (probabilities copied back).
+//!
 //! Departure from the paper's vLLM implementation: on the CPU, attention gathers each head's
-//! rows into a dense tensor (plain matmul) instead of a paged-attention kernel; on CUDA the
-//! per-slot metric and position stay in the host-side pool (the decode kernel's probabilities
-//! are returned to the hooks, which score them on the host as on the CPU).
+//! rows into a dense tensor (plain matmul) instead of a paged-attention kernel; block tables
+//! stay on the host and are uploaded per layer and per eviction step.
 use candle_core::{DType, Device, Result, Tensor};
 use std::collections::BTreeMap;
 
 use super::blocks::{BlockError, BlockPool, EvictionPlan, MemoryLayout, MemoryReport};
 use super::cuda::{self, DeviceTables};
-use super::ops::{DecodeShape, SoftmaxShape};
+use super::ops::{self, DecodeShape, SoftmaxShape};
 use super::{AttnCall, AttnOut, CacheBackend, Probe, SeqId};
 
 /// Default tokens per block (the paper's).
@@ -93,6 +100,33 @@ pub struct PagedCache {
     /// K/V row moves of evictions collected since [`PagedCache::defer_moves`], not executed
     /// yet (the bookkeeping already moved).
     deferred: Option<DeferredMoves>,
+    /// Per-slot metric and position in tensors on the cache's device, from the first
+    /// [`PagedCache::keep_metric_on_device`] on; every later write and move keeps them in step
+    /// with K/V.
+    meta: Option<DeviceMeta>,
+    /// Whether sequences may keep their metric on the device (default: on a CUDA device).
+    device_compression: bool,
+}
+
+/// See [`PagedCache::keep_metric_on_device`].
+#[derive(Debug)]
+struct DeviceMeta {
+    /// `[num_slots]` f32.
+    metric: Tensor,
+    /// `[num_slots]` u32.
+    position: Tensor,
+    /// Sequences whose metric (and position) live here: the pool's copies of theirs are stale.
+    seqs: std::collections::BTreeSet<SeqId>,
+}
+
+/// One sequence of [`PagedCache::evict_on_device`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceEvict {
+    pub seq: SeqId,
+    /// Blocks to evict over its heads.
+    pub n_evict: usize,
+    /// Slots with `position >= first_protected` are never evicted.
+    pub first_protected: u32,
 }
 
 /// Compaction moves waiting for [`PagedCache::flush_moves`].
@@ -117,13 +151,15 @@ impl PagedCache {
         let k = Tensor::zeros((rows, spec.head_dim), spec.dtype, &spec.device)?;
         let v = Tensor::zeros((rows, spec.head_dim), spec.dtype, &spec.device)?;
         Ok(PagedCache {
-            spec,
             pool,
             k,
             v,
             pos: BTreeMap::new(),
             next_id: 0,
             deferred: None,
+            meta: None,
+            device_compression: spec.device.is_cuda(),
+            spec,
         })
     }
 
@@ -146,6 +182,15 @@ impl PagedCache {
             pos: self.pos.clone(),
             next_id: self.next_id,
             deferred: None,
+            meta: match &self.meta {
+                Some(m) => Some(DeviceMeta {
+                    metric: m.metric.copy()?,
+                    position: m.position.copy()?,
+                    seqs: m.seqs.clone(),
+                }),
+                None => None,
+            },
+            device_compression: self.device_compression,
         })
     }
 
@@ -167,6 +212,11 @@ impl PagedCache {
             self.pos.remove(&id);
             let _ = self.pool.remove_seq(id);
             return Err(e);
+        }
+        if let Some(m) = &mut self.meta {
+            if m.seqs.contains(&src) {
+                m.seqs.insert(id);
+            }
         }
         Ok(id)
     }
@@ -194,7 +244,325 @@ impl PagedCache {
         kv_head: usize,
         delta: &[f32],
     ) -> Result<()> {
+        if self.metric_on_device(seq) {
+            let mut slots = self.pool.slots(layer, seq, kv_head).map_err(be)?;
+            if delta.len() > slots.len() {
+                return Err(be(BlockError::BadLength {
+                    what: "metric update",
+                    got: delta.len(),
+                    len: slots.len(),
+                }));
+            }
+            slots.truncate(delta.len());
+            let idx = self.slot_index(&slots)?;
+            let add = Tensor::from_slice(delta, delta.len(), &self.spec.device)?;
+            let m = self.meta.as_mut().expect("sequence on the device");
+            m.metric = m.metric.index_add(&idx, &add, 0)?;
+            return Ok(());
+        }
         self.pool.add_metric(layer, seq, kv_head, delta).map_err(be)
+    }
+
+    /// Whether sequences may keep their metric on the device
+    /// ([`PagedCache::keep_metric_on_device`]); on by default on a CUDA device.
+    pub fn device_compression(&self) -> bool {
+        self.device_compression
+    }
+
+    /// Allow or forbid [`PagedCache::keep_metric_on_device`] (`--host-compression` turns it off
+    /// to compare; tests turn it on for the CPU, where the kernels' plain-Rust twins run).
+    pub fn set_device_compression(&mut self, on: bool) {
+        self.device_compression = on;
+    }
+
+    /// From now on keep `seq`'s per-slot metric and position in tensors on the cache's device:
+    /// decode steps add KV-Compress's decode metric (`sum over the group of p^2`) there (the
+    /// decode kernel does it as it attends; nothing goes to the host), and
+    /// [`PagedCache::evict_on_device`] evicts from them. The host pool's metric/position of
+    /// `seq` are stale from here on; [`PagedCache::seq_meta`] and `slot_positions` read the
+    /// device's. The first call mirrors the pool's metadata of every slot to the device;
+    /// later calls upload `seq`'s.
+    pub fn keep_metric_on_device(&mut self, seq: SeqId) -> Result<()> {
+        if !self.device_compression {
+            candle_core::bail!("device compression is off for this cache");
+        }
+        self.run_pending()?;
+        if !self.pos.contains_key(&seq) {
+            return Err(be(BlockError::UnknownSeq(seq)));
+        }
+        let dev = self.spec.device.clone();
+        match &self.meta {
+            None => {
+                let (metric, position) = self.pool.slot_meta();
+                let n = metric.len();
+                self.meta = Some(DeviceMeta {
+                    metric: Tensor::from_slice(metric, n, &dev)?,
+                    position: Tensor::from_slice(position, n, &dev)?,
+                    seqs: Default::default(),
+                });
+            }
+            Some(m) if !m.seqs.contains(&seq) => {
+                let (mut slots, mut metric, mut position) = (Vec::new(), Vec::new(), Vec::new());
+                for l in 0..self.spec.layers {
+                    for h in 0..self.spec.kv_heads {
+                        slots.extend(self.pool.slots(l, seq, h).map_err(be)?);
+                        metric.extend(self.pool.metrics(l, seq, h).map_err(be)?);
+                        position.extend(self.pool.positions(l, seq, h).map_err(be)?);
+                    }
+                }
+                let idx = self.slot_index(&slots)?;
+                let n = slots.len();
+                m.metric
+                    .scatter_set(&idx, &Tensor::from_vec(metric, n, &dev)?, 0)?;
+                m.position
+                    .scatter_set(&idx, &Tensor::from_vec(position, n, &dev)?, 0)?;
+            }
+            Some(_) => {}
+        }
+        self.meta.as_mut().expect("created above").seqs.insert(seq);
+        Ok(())
+    }
+
+    /// Whether `seq` keeps its metric on the device.
+    pub fn metric_on_device(&self, seq: SeqId) -> bool {
+        self.meta.as_ref().is_some_and(|m| m.seqs.contains(&seq))
+    }
+
+    /// Token positions of (layer, seq, kv_head) in logical order, from wherever they live.
+    pub fn positions(&self, layer: usize, seq: SeqId, kv_head: usize) -> Result<Vec<u32>> {
+        if self.metric_on_device(seq) {
+            return Ok(self.device_meta(layer, seq, kv_head)?.1);
+        }
+        self.pool.positions(layer, seq, kv_head).map_err(be)
+    }
+
+    /// Metrics and positions of every head of `seq`, in (layer, kv-head) order, from wherever
+    /// they live (a download for a sequence whose metric is on the device).
+    pub fn seq_meta(&self, seq: SeqId) -> Result<Vec<(Vec<f32>, Vec<u32>)>> {
+        let mut out = Vec::with_capacity(self.spec.layers * self.spec.kv_heads);
+        for l in 0..self.spec.layers {
+            for h in 0..self.spec.kv_heads {
+                out.push(if self.metric_on_device(seq) {
+                    self.device_meta(l, seq, h)?
+                } else {
+                    (
+                        self.pool.metrics(l, seq, h).map_err(be)?,
+                        self.pool.positions(l, seq, h).map_err(be)?,
+                    )
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// One head's metric and position from the device tensors.
+    fn device_meta(
+        &self,
+        layer: usize,
+        seq: SeqId,
+        kv_head: usize,
+    ) -> Result<(Vec<f32>, Vec<u32>)> {
+        self.check_no_pending()?;
+        let m = self.meta.as_ref().expect("sequence on the device");
+        let slots = self.pool.slots(layer, seq, kv_head).map_err(be)?;
+        let idx = self.slot_index(&slots)?;
+        Ok((
+            m.metric.index_select(&idx, 0)?.to_vec1()?,
+            m.position.index_select(&idx, 0)?.to_vec1()?,
+        ))
+    }
+
+    /// Add KV-Compress's decode metric of one decode step of `seq` in `layer` to the device
+    /// metric off the CUDA decode kernel (which adds it itself): `p` `[1, nh, 1, max_len]`
+    /// probabilities, zero past each head's length; slot `i` of kv-head `h` gains
+    /// `sum over h's query group of p^2`.
+    fn add_decode_metric(&mut self, layer: usize, seq: SeqId, p: &Tensor) -> Result<()> {
+        let nkv = self.spec.kv_heads;
+        let (_, nh, _, max) = p.dims4()?;
+        // Summed over the group in head order, as the host scorer does.
+        let m2 = p
+            .reshape((nkv, nh / nkv, max))?
+            .sqr()?
+            .sum(1)?
+            .to_dtype(DType::F32)?;
+        let (mut slots, mut rows) = (Vec::new(), Vec::new());
+        for h in 0..nkv {
+            let s = self.pool.slots(layer, seq, h).map_err(be)?;
+            rows.push(m2.get(h)?.narrow(0, 0, s.len())?);
+            slots.extend(s);
+        }
+        let idx = self.slot_index(&slots)?;
+        let add = Tensor::cat(&rows, 0)?;
+        let m = self.meta.as_mut().expect("sequence on the device");
+        m.metric = m.metric.index_add(&idx, &add, 0)?;
+        Ok(())
+    }
+
+    /// KV-Compress's eviction step for several sequences whose metric is on the device
+    /// ([`PagedCache::keep_metric_on_device`]): each evicts `n_evict` blocks chosen over its
+    /// heads from the device metric (protected positions kept), and is compacted, by
+    /// `kernels/evict.cu` in one batch on CUDA (three launches; the block tables go up, the new
+    /// lengths come back) or by its twin ([`ops::kvcompress_evict_batch`]) elsewhere. The pool
+    /// then shortens each head and frees its emptied blocks. Heads longer than the device sort
+    /// holds ([`cuda::EVICT_MAX_LEN`]) are planned on the host from their downloaded metrics
+    /// with the same selection.
+    pub fn evict_on_device(&mut self, reqs: &[DeviceEvict]) -> Result<Vec<EvictStats>> {
+        use crate::compress::kvcompress::{head_evictions, select_blocks};
+        self.run_pending()?;
+        let (layers, nkv, bs) = (self.spec.layers, self.spec.kv_heads, self.spec.block_size);
+        let mut stats = vec![EvictStats::default(); reqs.len()];
+        let mut batch = Vec::new();
+        for (i, r) in reqs.iter().enumerate() {
+            if !self.metric_on_device(r.seq) {
+                candle_core::bail!("sequence {} keeps its metric on the host", r.seq);
+            }
+            if r.n_evict == 0 {
+                continue;
+            }
+            let t = self.pool.table(r.seq).map_err(be)?;
+            let longest = t.len.iter().flatten().copied().max().unwrap_or(0);
+            if self.on_cuda() && longest > cuda::EVICT_MAX_LEN {
+                // The host plan: the twin's selection on the downloaded metrics.
+                let masked: Vec<Vec<f32>> = self
+                    .seq_meta(r.seq)?
+                    .into_iter()
+                    .map(|(m, p)| {
+                        m.iter()
+                            .zip(&p)
+                            .map(|(&m, &p)| {
+                                if p >= r.first_protected {
+                                    f32::INFINITY
+                                } else {
+                                    m
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let counts = select_blocks(&masked, bs, r.n_evict);
+                let mut plan = EvictionPlan::default();
+                for (j, &k) in counts.iter().enumerate().filter(|(_, &k)| k > 0) {
+                    plan.heads.push(super::blocks::HeadEviction {
+                        layer: j / nkv,
+                        kv_head: j % nkv,
+                        evict: head_evictions(&masked[j], bs, k),
+                    });
+                }
+                stats[i] = self.evict(r.seq, &plan)?;
+            } else {
+                batch.push(i);
+            }
+        }
+        if batch.is_empty() {
+            return Ok(stats);
+        }
+        // Tables of every head of the batch's sequences, (sequence, layer, kv-head) order.
+        let mut lens = Vec::with_capacity(batch.len() * layers * nkv);
+        let mut max_blocks = 1;
+        for &i in &batch {
+            let t = self.pool.table(reqs[i].seq).map_err(be)?;
+            for l in 0..layers {
+                for h in 0..nkv {
+                    lens.push(t.len[l][h] as u32);
+                    max_blocks = max_blocks.max(t.blocks[l][h].len());
+                }
+            }
+        }
+        let mut tables = vec![0u32; lens.len() * max_blocks];
+        let mut row = 0;
+        for &i in &batch {
+            let t = self.pool.table(reqs[i].seq).map_err(be)?;
+            for blocks in t.blocks.iter().flatten() {
+                tables[row * max_blocks..][..blocks.len()].copy_from_slice(blocks);
+                row += 1;
+            }
+        }
+        let seqs: Vec<ops::EvictSeq> = batch
+            .iter()
+            .map(|&i| ops::EvictSeq {
+                heads: layers * nkv,
+                first_protected: reqs[i].first_protected,
+                n_evict: reqs[i].n_evict,
+            })
+            .collect();
+        let steps = if self.on_cuda() {
+            let m = self.meta.as_ref().expect("checked above");
+            cuda::kvcompress_evict_batch(
+                &self.k,
+                &self.v,
+                &m.metric,
+                &m.position,
+                &tables,
+                &lens,
+                &seqs,
+                bs,
+            )?
+        } else {
+            self.evict_batch_twin(&tables, &mut lens, &seqs, max_blocks)?
+        };
+        for (&i, step) in batch.iter().zip(steps) {
+            let seq = reqs[i].seq;
+            for (j, &new_len) in step.new_lens.iter().enumerate() {
+                let (l, h) = (j / nkv, j % nkv);
+                let old = self.pool.len(l, seq, h).map_err(be)?;
+                let new_len = new_len as usize;
+                if new_len < old {
+                    stats[i].evicted += old - new_len;
+                    stats[i].freed_blocks += self.pool.truncate(l, seq, h, new_len).map_err(be)?;
+                }
+            }
+        }
+        Ok(stats)
+    }
+
+    /// [`ops::kvcompress_evict_batch`] on host copies of the storage, written back (the CPU
+    /// side of [`PagedCache::evict_on_device`]: slow, for tests and CPU runs that ask for it).
+    fn evict_batch_twin(
+        &mut self,
+        tables: &[u32],
+        lens: &mut [u32],
+        seqs: &[ops::EvictSeq],
+        max_blocks: usize,
+    ) -> Result<Vec<ops::EvictStep>> {
+        fn run<T: candle_core::WithDType>(
+            c: &mut PagedCache,
+            tables: &[u32],
+            lens: &mut [u32],
+            seqs: &[ops::EvictSeq],
+            max_blocks: usize,
+        ) -> Result<Vec<ops::EvictStep>> {
+            let (rows, d) = c.k.dims2()?;
+            let dev = c.spec.device.clone();
+            let mut k = c.k.flatten_all()?.to_vec1::<T>()?;
+            let mut v = c.v.flatten_all()?.to_vec1::<T>()?;
+            let m = c.meta.as_mut().expect("checked by the caller");
+            let mut metric = m.metric.to_vec1::<f32>()?;
+            let mut position = m.position.to_vec1::<u32>()?;
+            let steps = ops::kvcompress_evict_batch(
+                &mut k,
+                &mut v,
+                &mut metric,
+                &mut position,
+                tables,
+                lens,
+                seqs,
+                max_blocks,
+                c.spec.block_size,
+                d,
+            )
+            .map_err(candle_core::Error::wrap)?;
+            m.metric = Tensor::from_vec(metric, rows, &dev)?;
+            m.position = Tensor::from_vec(position, rows, &dev)?;
+            c.k = Tensor::from_vec(k, (rows, d), &dev)?;
+            c.v = Tensor::from_vec(v, (rows, d), &dev)?;
+            Ok(steps)
+        }
+        match self.spec.dtype {
+            DType::F32 => run::<f32>(self, tables, lens, seqs, max_blocks),
+            DType::BF16 => run::<half::bf16>(self, tables, lens, seqs, max_blocks),
+            DType::F16 => run::<half::f16>(self, tables, lens, seqs, max_blocks),
+            dt => candle_core::bail!("paged cache dtype {dt:?}"),
+        }
     }
 
     /// The K and V storage `[num_blocks * block_size, head_dim]` (slot `s` is row `s`).
@@ -339,7 +707,8 @@ impl PagedCache {
         }
         if self.on_cuda() {
             let to: Vec<u32> = to.iter().map(|&x| x as u32).collect();
-            return cuda::move_slots(&self.k, &self.v, None, None, &from, &to);
+            let (m, p) = self.meta_tensors();
+            return cuda::move_slots(&self.k, &self.v, m, p, &from, &to);
         }
         let n = from.len();
         let from = Tensor::from_vec(from, n, &self.spec.device)?;
@@ -347,7 +716,44 @@ impl PagedCache {
         let k_rows = self.k.index_select(&from, 0)?;
         let v_rows = self.v.index_select(&from, 0)?;
         self.scatter(&self.k, to, &k_rows)?;
-        self.scatter(&self.v, to, &v_rows)
+        self.scatter(&self.v, to, &v_rows)?;
+        if let Some(m) = &self.meta {
+            let to = self.slot_index(to)?;
+            m.metric
+                .scatter_set(&to, &m.metric.index_select(&from, 0)?, 0)?;
+            m.position
+                .scatter_set(&to, &m.position.index_select(&from, 0)?, 0)?;
+        }
+        Ok(())
+    }
+
+    /// The device metric and position, once any sequence keeps its metric there.
+    fn meta_tensors(&self) -> (Option<&Tensor>, Option<&Tensor>) {
+        match &self.meta {
+            Some(m) => (Some(&m.metric), Some(&m.position)),
+            None => (None, None),
+        }
+    }
+
+    /// `slots` as a u32 index tensor on the cache's device.
+    fn slot_index(&self, slots: &[usize]) -> Result<Tensor> {
+        let idx: Vec<u32> = slots.iter().map(|&s| s as u32).collect();
+        Tensor::from_vec(idx, slots.len(), &self.spec.device)
+    }
+
+    /// Set the device metric to 0 and the position to `positions[i]` at `slots[i]` (a write
+    /// off the CUDA kernels: the CUDA path's `write_kv` does this itself).
+    fn init_meta(&self, slots: &[usize], positions: &[u32]) -> Result<()> {
+        let Some(m) = &self.meta else { return Ok(()) };
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let idx = self.slot_index(slots)?;
+        let dev = &self.spec.device;
+        m.metric
+            .scatter_set(&idx, &Tensor::zeros(slots.len(), DType::F32, dev)?, 0)?;
+        m.position
+            .scatter_set(&idx, &Tensor::from_slice(positions, slots.len(), dev)?, 0)
     }
 
     /// Whether K/V live on a CUDA device (kvc's kernels run the storage ops).
@@ -397,11 +803,12 @@ impl PagedCache {
             }
             let positions: Vec<u32> = (0..nkv).flat_map(|_| new_pos.iter().copied()).collect();
             let rows = |x: &Tensor| x.contiguous()?.reshape((nkv * t, d));
+            let (m, p) = self.meta_tensors();
             cuda::write_kv(
                 &self.k,
                 &self.v,
-                None,
-                None,
+                m,
+                p,
                 &rows(k)?,
                 &rows(v)?,
                 &slots,
@@ -414,6 +821,7 @@ impl PagedCache {
                 let vh = v.narrow(1, h, 1)?.reshape((t, d))?;
                 self.scatter(&self.k, &slots, &kh)?;
                 self.scatter(&self.v, &slots, &vh)?;
+                self.init_meta(&slots, &new_pos)?;
             }
         }
         Ok(start)
@@ -452,7 +860,19 @@ impl PagedCache {
             num_slots: self.pool.num_blocks() * bs,
         };
         let dev = &self.spec.device;
-        let tables = DeviceTables::upload(shape, &tables, &lens, dev)?;
+        // The decode metric goes straight into the device metric when a sequence of the call
+        // keeps its metric there (it adds to the others' slots too, whose device metric is
+        // unused: theirs is on the host).
+        let metric = self
+            .meta
+            .as_ref()
+            .filter(|m| call.seqs.iter().any(|s| m.seqs.contains(s)))
+            .map(|m| &m.metric);
+        let tables = if metric.is_some() {
+            DeviceTables::upload_disjoint(shape, &tables, &lens, dev)?
+        } else {
+            DeviceTables::upload(shape, &tables, &lens, dev)?
+        };
         let mut q = call.q.reshape((b, nh, d))?.contiguous()?;
         if q.layout().start_offset() != 0 {
             q = q.copy()?;
@@ -464,7 +884,7 @@ impl PagedCache {
             &self.v,
             &tables,
             call.scale as f32,
-            None,
+            metric,
             want,
             None,
         )?;
@@ -522,11 +942,12 @@ impl PagedCache {
             }
         }
         let rows = |x: &Tensor| x.contiguous()?.reshape((b * nkv, d));
+        let (m, p) = self.meta_tensors();
         cuda::write_kv(
             &self.k,
             &self.v,
-            None,
-            None,
+            m,
+            p,
             &rows(call.k)?,
             &rows(call.v)?,
             &slots,
@@ -570,7 +991,7 @@ impl PagedCache {
         for (h, s) in slots.iter().enumerate() {
             idx.extend(s.iter().map(|&x| x as u32));
             idx.extend(std::iter::repeat_n(0u32, max - s.len()));
-            key_pos.extend(self.pool.positions(layer, seq, h).map_err(be)?);
+            key_pos.extend(self.positions(layer, seq, h)?);
             key_pos.extend(std::iter::repeat_n(u32::MAX, max - s.len()));
         }
         let dev = &self.spec.device;
@@ -630,6 +1051,9 @@ impl CacheBackend for PagedCache {
 
     fn remove_sequence(&mut self, seq: SeqId) -> Result<()> {
         self.pos.remove(&seq);
+        if let Some(m) = &mut self.meta {
+            m.seqs.remove(&seq);
+        }
         self.pool.remove_seq(seq).map_err(be)
     }
 
@@ -648,6 +1072,13 @@ impl CacheBackend for PagedCache {
         let mut outs = Vec::with_capacity(call.seqs.len());
         let mut probs = Vec::new();
         for (b, &sid) in call.seqs.iter().enumerate() {
+            let on_device = self.metric_on_device(sid);
+            if on_device && t != 1 {
+                candle_core::bail!(
+                    "sequence {sid} keeps its metric on the device and can only decode \
+                     (a call of {t} tokens)"
+                );
+            }
             let (out, p) = self.attend_one(
                 call.layer,
                 sid,
@@ -655,13 +1086,17 @@ impl CacheBackend for PagedCache {
                 &call.k.narrow(0, b, 1)?,
                 &call.v.narrow(0, b, 1)?,
                 call.scale,
-                call.probe,
+                if on_device { Probe::All } else { call.probe },
             )?;
+            if on_device {
+                let p = p.as_ref().expect("probed above");
+                self.add_decode_metric(call.layer, sid, p)?;
+            }
             if call.layer + 1 == self.spec.layers {
                 *self.pos.get_mut(&sid).expect("checked in attend_one") += t;
             }
             outs.push(out);
-            if let Some(p) = p {
+            if let Some(p) = p.filter(|_| call.probe != Probe::None) {
                 probs.push(p);
             }
         }
@@ -679,7 +1114,7 @@ impl CacheBackend for PagedCache {
     }
 
     fn slot_positions(&self, layer: usize, seq: SeqId, kv_head: usize) -> Vec<u32> {
-        self.pool.positions(layer, seq, kv_head).unwrap_or_default()
+        self.positions(layer, seq, kv_head).unwrap_or_default()
     }
 
     fn name(&self) -> &'static str {
@@ -852,6 +1287,123 @@ mod tests {
         // Not collecting any more: evictions run at once again.
         late.evict(b[0], &plan(&second)).unwrap();
         late.head_k(0, b[0], 0).unwrap();
+    }
+
+    /// The device-metric path of several sequences (one batched eviction, here through the
+    /// kernels' twin) leaves every head as the host path leaves it: a KV-Compress plan made
+    /// from the same metrics on the host and run through `evict`. Metrics are quantised so
+    /// ties are common; sequences have different lengths (ragged heads after a first round).
+    #[test]
+    fn device_eviction_equals_host_plan() {
+        use crate::compress::kvcompress::{head_evictions, select_blocks};
+        use rand::{Rng, SeedableRng};
+        let dev = Device::Cpu;
+        let (layers, nkv, d, bs) = (2, 3, 4, 4);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut host = PagedCache::new(spec(layers, nkv, d, bs), 400).unwrap();
+        let lens = [37usize, 20, 51];
+        let mut seqs = Vec::new();
+        for (i, &t) in lens.iter().enumerate() {
+            let s = host.add_sequence().unwrap();
+            for l in 0..layers {
+                let k = Tensor::randn(0f32, 1.0, (1, nkv, t, d), &dev).unwrap();
+                let v = Tensor::randn(0f32, 1.0, (1, nkv, t, d), &dev).unwrap();
+                let q = Tensor::randn(0f32, 1.0, (1, nkv, t, d), &dev).unwrap();
+                let one = [s];
+                let mut c = call(&one, &q, &k, &v, Probe::None);
+                c.layer = l;
+                host.attend(c).unwrap();
+                for h in 0..nkv {
+                    let m: Vec<f32> = (0..t)
+                        .map(|_| rng.random_range(0..6) as f32 + i as f32)
+                        .collect();
+                    host.add_metric(l, s, h, &m).unwrap();
+                }
+            }
+            seqs.push(s);
+        }
+        let mut device = host.deep_copy().unwrap();
+        device.set_device_compression(true);
+        for &s in &seqs {
+            device.keep_metric_on_device(s).unwrap();
+        }
+        for (round, n_evict) in [(0, [5usize, 2, 9]), (1, [3, 0, 4])] {
+            let reqs: Vec<DeviceEvict> = seqs
+                .iter()
+                .zip(n_evict)
+                .map(|(&seq, n)| DeviceEvict {
+                    seq,
+                    n_evict: n,
+                    first_protected: (host.seq_len(seq) - 3 - round) as u32,
+                })
+                .collect();
+            let got = device.evict_on_device(&reqs).unwrap();
+            for (r, st) in reqs.iter().zip(got) {
+                let masked: Vec<Vec<f32>> = host
+                    .seq_meta(r.seq)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(m, p)| {
+                        m.iter()
+                            .zip(&p)
+                            .map(|(&m, &p)| {
+                                if p >= r.first_protected {
+                                    f32::INFINITY
+                                } else {
+                                    m
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let counts = select_blocks(&masked, bs, r.n_evict);
+                let mut plan = EvictionPlan::default();
+                for (j, &k) in counts.iter().enumerate().filter(|(_, &k)| k > 0) {
+                    plan.heads.push(HeadEviction {
+                        layer: j / nkv,
+                        kv_head: j % nkv,
+                        evict: head_evictions(&masked[j], bs, k),
+                    });
+                }
+                let want = host.evict(r.seq, &plan).unwrap();
+                assert_eq!(
+                    (st.evicted, st.freed_blocks),
+                    (want.evicted, want.freed_blocks)
+                );
+            }
+            assert_eq!(device.pool().free_blocks(), host.pool().free_blocks());
+            device.pool().check().unwrap();
+            for &s in &seqs {
+                assert_eq!(
+                    device.seq_meta(s).unwrap(),
+                    host.seq_meta(s).unwrap(),
+                    "round {round}"
+                );
+                for l in 0..layers {
+                    for h in 0..nkv {
+                        for (x, y) in [
+                            (
+                                device.head_k(l, s, h).unwrap(),
+                                host.head_k(l, s, h).unwrap(),
+                            ),
+                            (
+                                device.head_v(l, s, h).unwrap(),
+                                host.head_v(l, s, h).unwrap(),
+                            ),
+                        ] {
+                            assert_eq!(max_diff(&x, &y), 0.0, "seq {s} layer {l} head {h}");
+                        }
+                    }
+                }
+            }
+        }
+        // A sequence whose metric is on the host is refused, not evicted from stale data.
+        let e = host.evict_on_device(&[DeviceEvict {
+            seq: seqs[0],
+            n_evict: 1,
+            first_protected: 0,
+        }]);
+        assert!(e.is_err());
     }
 
     #[test]
