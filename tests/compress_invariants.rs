@@ -61,6 +61,22 @@ fn small_opts() -> MethodOptions {
     }
 }
 
+/// An f32 paged cache of 1000 blocks on the CPU for `cfg`.
+fn cpu_cache(cfg: &kvc::model::Config, block_size: usize) -> PagedCache {
+    PagedCache::new(
+        PagedSpec {
+            layers: cfg.num_hidden_layers,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            block_size,
+            dtype: DType::F32,
+            device: Device::Cpu,
+        },
+        1000,
+    )
+    .unwrap()
+}
+
 fn specs() -> Vec<TinySpec> {
     vec![
         TinySpec::default(), // 4 q heads / 2 kv heads
@@ -243,7 +259,8 @@ fn batched_prompts_equal_separate_runs() {
                 for gen in [&g, &g1] {
                     let t = gen.decode_times;
                     assert_eq!(t.steps, gen.output_ids.len() - 1, "{m} at {b:?}");
-                    let parts = t.forward_ms + t.observe_ms + t.compress_ms + t.sample_ms;
+                    let parts =
+                        t.forward_ms + t.sync_ms + t.observe_ms + t.compress_ms + t.sample_ms;
                     assert!(parts <= gen.decode_ms + 1e-6, "{m} at {b:?}: {t:?}");
                     assert!(t.forward_ms > 0.0, "{m} at {b:?}: {t:?}");
                 }
@@ -423,20 +440,7 @@ fn compression_holds_budgets_and_keeps_the_pool_consistent() {
             let budget = 12;
             let budget_of = move |_: usize| Some(budget);
             let no_budget = |_: usize| None;
-            let new_cache = || {
-                PagedCache::new(
-                    PagedSpec {
-                        layers: cfg.num_hidden_layers,
-                        kv_heads: cfg.num_key_value_heads,
-                        head_dim: cfg.head_dim,
-                        block_size: opts.block_size,
-                        dtype: DType::F32,
-                        device: Device::Cpu,
-                    },
-                    1000,
-                )
-                .unwrap()
-            };
+            let new_cache = || cpu_cache(&cfg, opts.block_size);
             let base = spec.base();
             let mut rec = Checked {
                 reference: None,
@@ -644,18 +648,7 @@ fn device_compression_equals_host_compression() {
         let policy = compress::build_policy(&spec, &cfg, &opts).unwrap();
         let budget_of = |_: usize| Some(12);
         let mut hooks = CompressHooks::new(policy.as_ref(), cfg.num_hidden_layers, &budget_of);
-        let mut cache = PagedCache::new(
-            PagedSpec {
-                layers: cfg.num_hidden_layers,
-                kv_heads: cfg.num_key_value_heads,
-                head_dim: cfg.head_dim,
-                block_size: opts.block_size,
-                dtype: DType::F32,
-                device: Device::Cpu,
-            },
-            1000,
-        )
-        .unwrap();
+        let mut cache = cpu_cache(&cfg, opts.block_size);
         assert!(!cache.device_compression(), "host by default on the CPU");
         cache.set_device_compression(true);
         let seq = cache.add_sequence().unwrap();

@@ -641,19 +641,36 @@ mod e2e {
         (tmp, lm)
     }
 
+    /// Greedy decoding of `max_new` tokens, prefill in chunks of 16.
+    fn params(max_new: usize) -> GenParams {
+        GenParams {
+            max_new_tokens: max_new,
+            stop_ids: Default::default(),
+            min_new_tokens: 0,
+            prefill_chunk: 16,
+            max_context: 2048,
+        }
+    }
+
+    /// A 3-layer model with head dim 64 and groups of 3 (6 query heads, 2 kv-heads).
+    fn tiny6x2(seed: u64) -> TinySpec {
+        TinySpec {
+            hidden: 384,
+            heads: 6,
+            kv_heads: 2,
+            layers: 3,
+            seed,
+            ..Default::default()
+        }
+    }
+
     const TEXT: &str = "the quick brown fox jumps over the lazy dog while the cat sat on the mat \
                         and then the rat ate the cheese that lay in the house that jack built";
 
     #[test]
     fn cuda_paged_rate_1_equals_contiguous_greedy() {
         let dev = gpu();
-        let params = GenParams {
-            max_new_tokens: 24,
-            stop_ids: Default::default(),
-            min_new_tokens: 0,
-            prefill_chunk: 16,
-            max_context: 2048,
-        };
+        let params = params(24);
         // head dim 64: groups of 2 and 3
         for spec in [
             TinySpec {
@@ -744,21 +761,8 @@ mod e2e {
     fn cuda_device_compression_equals_host_compression() {
         use kvc::compress::CompressOn;
         let dev = gpu();
-        let params = GenParams {
-            max_new_tokens: 32,
-            stop_ids: Default::default(),
-            min_new_tokens: 0,
-            prefill_chunk: 16,
-            max_context: 2048,
-        };
-        let spec = TinySpec {
-            hidden: 384,
-            heads: 6,
-            kv_heads: 2,
-            layers: 3,
-            seed: 11,
-            ..Default::default()
-        };
+        let params = params(32);
+        let spec = tiny6x2(11);
         let (_t, mut lm) = load(&spec, &dev);
         let cfg = lm.config().clone();
         let long = lm.prompt_ids(TEXT, false).unwrap();
@@ -822,21 +826,8 @@ mod e2e {
     #[test]
     fn cuda_full_batched_equals_alone() {
         let dev = gpu();
-        let params = GenParams {
-            max_new_tokens: 20,
-            stop_ids: Default::default(),
-            min_new_tokens: 0,
-            prefill_chunk: 16,
-            max_context: 2048,
-        };
-        let spec = TinySpec {
-            hidden: 384,
-            heads: 6,
-            kv_heads: 2,
-            layers: 3,
-            seed: 3,
-            ..Default::default()
-        };
+        let params = params(20);
+        let spec = tiny6x2(3);
         let (_t, mut lm) = load(&spec, &dev);
         let cfg = lm.config().clone();
         let long = lm.prompt_ids(TEXT, false).unwrap();
@@ -865,14 +856,7 @@ mod e2e {
         use kvc::engine::NoHooks;
         use kvc::kvcache::contiguous::ContiguousCache;
         let dev = gpu();
-        let spec = TinySpec {
-            hidden: 384,
-            heads: 6,
-            kv_heads: 2,
-            layers: 3,
-            seed: 5,
-            ..Default::default()
-        };
+        let spec = tiny6x2(5);
         let (_t, mut lm) = load(&spec, &dev);
         let (_t2, mut cpu) = load(&spec, &Device::Cpu);
         let cfg = lm.config().clone();
@@ -886,13 +870,7 @@ mod e2e {
             })
             .collect();
         let out_len = 20;
-        let params = GenParams {
-            max_new_tokens: out_len,
-            stop_ids: Default::default(),
-            min_new_tokens: 0,
-            prefill_chunk: 16,
-            max_context: 2048,
-        };
+        let params = params(out_len);
         let want: Vec<Vec<u32>> = prompts
             .iter()
             .map(|p| {

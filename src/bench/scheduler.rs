@@ -34,7 +34,7 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use crate::compress::policy::{CompressHooks, Policy};
-use crate::engine::{prefill_chunks, Hooks};
+use crate::engine::{self, prefill_chunks, Hooks};
 use crate::kvcache::budget::{allowed_blocks, tokens_for_rate};
 use crate::kvcache::paged::{PagedCache, PagedSpec};
 use crate::kvcache::{cuda, CacheBackend, Probe, SeqId};
@@ -406,7 +406,7 @@ pub fn run(
             .unwrap_or(Probe::None);
         let logits = {
             let running = &mut running;
-            let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
+            let mut score = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
                 let probs = crate::kvcache::decode_probs_on_host(probs)?;
                 for (i, r) in running.iter_mut().enumerate() {
                     if let Some(h) = &mut r.hooks {
@@ -415,7 +415,10 @@ pub fn run(
                 }
                 Ok(())
             };
-            model.forward_decode(&tokens, &seqs, &mut cache, probe, &mut observe)?
+            let mut times = engine::DecodeTimes::default();
+            engine::forward_then_observe(
+                model, &mut cache, &tokens, &seqs, probe, &mut times, &mut score,
+            )?
         };
         let next = Llama::argmax_rows(&logits)?;
         st.decode_ms += td.elapsed().as_secs_f64() * 1e3;

@@ -216,6 +216,44 @@ impl KvCompress {
     }
 }
 
+/// KV-Compress's plan taking `n_evict` blocks over the heads of one sequence, from each
+/// head's (metric, position) in (layer, kv-head) order; slots with `position >=
+/// first_protected` are kept. What [`Policy::plan`] does from a [`SeqView`], for callers that
+/// hold the raw per-head data (the paged cache's host fallback of its device eviction).
+pub fn plan_from_meta(
+    meta: &[(Vec<f32>, Vec<u32>)],
+    kv_heads: usize,
+    block_size: usize,
+    first_protected: u32,
+    n_evict: usize,
+) -> EvictionPlan {
+    let masked: Vec<Vec<f32>> = meta
+        .iter()
+        .map(|(m, p)| {
+            m.iter()
+                .zip(p)
+                .map(|(&m, &p)| {
+                    if p >= first_protected {
+                        f32::INFINITY
+                    } else {
+                        m
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let counts = select_blocks(&masked, block_size, n_evict);
+    let mut plan = EvictionPlan::default();
+    for (i, &k) in counts.iter().enumerate().filter(|(_, &k)| k > 0) {
+        plan.heads.push(HeadEviction {
+            layer: i / kv_heads,
+            kv_head: i % kv_heads,
+            evict: head_evictions(&masked[i], block_size, k),
+        });
+    }
+    plan
+}
+
 /// [`KvCompress::plan_counts`] on metrics already masked.
 fn plan_from_masked(masked: &[Vec<f32>], view: &SeqView, counts: &[usize]) -> EvictionPlan {
     let mut plan = EvictionPlan::default();

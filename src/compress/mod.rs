@@ -379,22 +379,13 @@ pub fn runner(
         if budget.is_some() {
             anyhow::bail!("method `full` keeps every KV: it takes no rate or token budget");
         }
+        let mut batched = PagedRunner::new(&spec.name, Box::new(KeepAll), None, cfg, opts);
+        // The full cache is never bounded (the contiguous cache ignores --kv-memory too).
+        batched.kv_memory = None;
         return Ok(Box::new(FullRunner {
             layers: cfg.num_hidden_layers,
             kv_heads: cfg.num_key_value_heads,
-            batched: PagedRunner {
-                name: spec.name.clone(),
-                policy: Box::new(KeepAll),
-                budget: None,
-                kv_memory: None,
-                block_size: opts.block_size,
-                min_cache_tokens: opts.min_cache_tokens,
-                compress_on: opts.compress_on,
-                layers: cfg.num_hidden_layers,
-                kv_heads: cfg.num_key_value_heads,
-                head_dim: cfg.head_dim,
-                warned: false,
-            },
+            batched,
         }));
     }
     let policy = build_policy(spec, cfg, opts)?;
@@ -413,19 +404,9 @@ pub fn runner(
             anyhow::bail!("compression rate must be a positive number, got {r}");
         }
     }
-    Ok(Box::new(PagedRunner {
-        name: spec.name.clone(),
-        policy,
-        budget,
-        kv_memory: opts.kv_memory,
-        block_size: opts.block_size,
-        min_cache_tokens: opts.min_cache_tokens,
-        compress_on: opts.compress_on,
-        layers: cfg.num_hidden_layers,
-        kv_heads: cfg.num_key_value_heads,
-        head_dim: cfg.head_dim,
-        warned: false,
-    }))
+    Ok(Box::new(PagedRunner::new(
+        &spec.name, policy, budget, cfg, opts,
+    )))
 }
 
 /// The policy of a compressed method (not `full`), for callers that drive
@@ -501,6 +482,28 @@ struct PagedRunner {
 }
 
 impl PagedRunner {
+    fn new(
+        name: &str,
+        policy: Box<dyn Policy>,
+        budget: Option<Budget>,
+        cfg: &Config,
+        opts: &MethodOptions,
+    ) -> Self {
+        PagedRunner {
+            name: name.to_string(),
+            policy,
+            budget,
+            kv_memory: opts.kv_memory,
+            block_size: opts.block_size,
+            min_cache_tokens: opts.min_cache_tokens,
+            compress_on: opts.compress_on,
+            layers: cfg.num_hidden_layers,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            warned: false,
+        }
+    }
+
     /// The cache shape for `model`.
     fn spec(&self, model: &Llama) -> PagedSpec {
         PagedSpec {

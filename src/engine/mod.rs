@@ -75,15 +75,20 @@ pub struct Generation {
 }
 
 /// Where a decode's wall time went, seen from the host, summed over its steps (a batch's
-/// totals up to the sequence's last token for [`decode_batch`]). On the GPU the host waits
-/// for the device only where it reads results back, so device time lands in `observe_ms`
-/// (the copy of each probed layer's probabilities) and `sample_ms` (the logits).
+/// totals up to the sequence's last token for [`decode_batch`]). On the GPU [`decode_batch`]
+/// waits for the forward's kernels before scoring and compressing (`sync_ms`), so the other
+/// parts are the host's own work plus their own device work; single-sequence [`decode`] does
+/// not wait (`sync_ms` 0), its device time lands where results are read back.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DecodeTimes {
     /// Decode steps (forward passes).
     pub steps: usize,
     /// The forward pass without the observe callbacks: kernel launches (CPU: the compute).
     pub forward_ms: f64,
+    /// Waiting for the device to finish the forward's kernels (GPU only; 0 on the CPU): with
+    /// `forward_ms`, says whether a step is bound by launching or by the device.
+    #[serde(default)]
+    pub sync_ms: f64,
     /// Scoring the probed attention: probabilities to the host, then every sequence's hook.
     pub observe_ms: f64,
     /// Continual compression after each step: plans, evictions, K/V moves.
@@ -414,6 +419,54 @@ pub fn step_compression(
     applied.and(flushed)
 }
 
+/// One decode forward of a batch, its probed probabilities scored by `score(layer, probs,
+/// cache)` after the forward (or once the held ones pass [`OBSERVE_HOLD_BYTES`]), not as each
+/// layer returns them: scoring a layer needs its probabilities on the host, and copying them
+/// there waits for the device, so scoring layer by layer stalled the device 30 times per
+/// SmolLM2 step while the host scored. The result is the same: a layer's scores depend on its
+/// probabilities and its own slots' positions, which later layers of the step do not change.
+/// Adds the forward's launch, device wait and scoring times to `times`; returns the logits.
+/// Used by [`decode_batch`] and the benchmark scheduler.
+pub fn forward_then_observe(
+    model: &mut Llama,
+    cache: &mut dyn CacheBackend,
+    tokens: &[u32],
+    batch: &[SeqId],
+    probe: Probe,
+    times: &mut DecodeTimes,
+    score: &mut dyn FnMut(usize, &Tensor, &dyn CacheBackend) -> Result<()>,
+) -> Result<Tensor> {
+    let t = Instant::now();
+    let mut observe_ms = 0.0;
+    let mut held: Vec<(usize, Tensor)> = Vec::new();
+    let logits = {
+        let (held, observe_ms) = (&mut held, &mut observe_ms);
+        let score = &mut *score;
+        let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
+            held.push((layer, probs.clone()));
+            let bytes: usize = held.iter().map(|(_, p)| p.elem_count() * 4).sum();
+            if bytes <= OBSERVE_HOLD_BYTES {
+                return Ok(());
+            }
+            let t = Instant::now();
+            let r = held.drain(..).try_for_each(|(l, p)| score(l, &p, c));
+            *observe_ms += ms_since(t);
+            r
+        };
+        model.forward_decode(tokens, batch, cache, probe, &mut observe)?
+    };
+    times.forward_ms += ms_since(t) - observe_ms;
+    let t = Instant::now();
+    logits.device().synchronize()?;
+    times.sync_ms += ms_since(t);
+    let t = Instant::now();
+    for (l, p) in held.drain(..) {
+        score(l, &p, &*cache)?;
+    }
+    times.observe_ms += observe_ms + ms_since(t);
+    Ok(logits)
+}
+
 /// How one sequence of [`decode_batch`] ended.
 #[derive(Debug, Clone)]
 pub struct BatchOutput {
@@ -494,40 +547,13 @@ pub fn decode_batch(
             .unwrap_or(Probe::None);
         let tokens: Vec<u32> = live.iter().map(|&i| next[i]).collect();
         let batch: Vec<SeqId> = live.iter().map(|&i| seqs[i]).collect();
-        let t = Instant::now();
-        let mut observe_ms = 0.0;
-        // Each layer's probabilities are scored after the forward (or once the held ones pass
-        // OBSERVE_HOLD_BYTES), not as the layer returns them: scoring a layer needs them on the
-        // host, and copying them there waits for the device, so scoring layer by layer stalled
-        // the device 30 times per SmolLM2 step while the host scored. The result is the same:
-        // a layer's scores depend on its probabilities and its own slots' positions, which
-        // later layers of the step do not change.
-        let mut held: Vec<(usize, Tensor)> = Vec::new();
         let logits = {
             let (live, hooks, probes) = (&live, &mut *hooks, &probes);
-            let (held, observe_ms) = (&mut held, &mut observe_ms);
-            let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
-                held.push((layer, probs.clone()));
-                let bytes: usize = held.iter().map(|(_, p)| p.elem_count() * 4).sum();
-                if bytes <= OBSERVE_HOLD_BYTES {
-                    return Ok(());
-                }
-                let t = Instant::now();
-                let r = held
-                    .drain(..)
-                    .try_for_each(|(l, p)| observe_batch(l, &p, c, seqs, hooks, live, probes));
-                *observe_ms += ms_since(t);
-                r
+            let mut score = |l: usize, p: &Tensor, c: &dyn CacheBackend| {
+                observe_batch(l, p, c, seqs, hooks, live, probes)
             };
-            model.forward_decode(&tokens, &batch, cache, probe, &mut observe)?
+            forward_then_observe(model, cache, &tokens, &batch, probe, &mut times, &mut score)?
         };
-        times.forward_ms += ms_since(t) - observe_ms;
-        let t = Instant::now();
-        for (l, p) in held.drain(..) {
-            observe_batch(l, &p, &*cache, seqs, hooks, &live, &probes)?;
-        }
-        observe_ms += ms_since(t);
-        times.observe_ms += observe_ms;
         times.steps += 1;
         let t = Instant::now();
         step_compression(cache, seqs, hooks, &live)?;

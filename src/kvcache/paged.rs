@@ -407,7 +407,7 @@ impl PagedCache {
     /// holds ([`cuda::EVICT_MAX_LEN`]) are planned on the host from their downloaded metrics
     /// with the same selection.
     pub fn evict_on_device(&mut self, reqs: &[DeviceEvict]) -> Result<Vec<EvictStats>> {
-        use crate::compress::kvcompress::{head_evictions, select_blocks};
+        use crate::compress::kvcompress::plan_from_meta;
         self.run_pending()?;
         let (layers, nkv, bs) = (self.spec.layers, self.spec.kv_heads, self.spec.block_size);
         let mut stats = vec![EvictStats::default(); reqs.len()];
@@ -423,31 +423,13 @@ impl PagedCache {
             let longest = t.len.iter().flatten().copied().max().unwrap_or(0);
             if self.on_cuda() && longest > cuda::EVICT_MAX_LEN {
                 // The host plan: the twin's selection on the downloaded metrics.
-                let masked: Vec<Vec<f32>> = self
-                    .seq_meta(r.seq)?
-                    .into_iter()
-                    .map(|(m, p)| {
-                        m.iter()
-                            .zip(&p)
-                            .map(|(&m, &p)| {
-                                if p >= r.first_protected {
-                                    f32::INFINITY
-                                } else {
-                                    m
-                                }
-                            })
-                            .collect()
-                    })
-                    .collect();
-                let counts = select_blocks(&masked, bs, r.n_evict);
-                let mut plan = EvictionPlan::default();
-                for (j, &k) in counts.iter().enumerate().filter(|(_, &k)| k > 0) {
-                    plan.heads.push(super::blocks::HeadEviction {
-                        layer: j / nkv,
-                        kv_head: j % nkv,
-                        evict: head_evictions(&masked[j], bs, k),
-                    });
-                }
+                let plan = plan_from_meta(
+                    &self.seq_meta(r.seq)?,
+                    nkv,
+                    bs,
+                    r.first_protected,
+                    r.n_evict,
+                );
                 stats[i] = self.evict(r.seq, &plan)?;
             } else {
                 batch.push(i);
@@ -1295,7 +1277,7 @@ mod tests {
     /// ties are common; sequences have different lengths (ragged heads after a first round).
     #[test]
     fn device_eviction_equals_host_plan() {
-        use crate::compress::kvcompress::{head_evictions, select_blocks};
+        use crate::compress::kvcompress::plan_from_meta;
         use rand::{Rng, SeedableRng};
         let dev = Device::Cpu;
         let (layers, nkv, d, bs) = (2, 3, 4, 4);
@@ -1339,32 +1321,8 @@ mod tests {
                 .collect();
             let got = device.evict_on_device(&reqs).unwrap();
             for (r, st) in reqs.iter().zip(got) {
-                let masked: Vec<Vec<f32>> = host
-                    .seq_meta(r.seq)
-                    .unwrap()
-                    .into_iter()
-                    .map(|(m, p)| {
-                        m.iter()
-                            .zip(&p)
-                            .map(|(&m, &p)| {
-                                if p >= r.first_protected {
-                                    f32::INFINITY
-                                } else {
-                                    m
-                                }
-                            })
-                            .collect()
-                    })
-                    .collect();
-                let counts = select_blocks(&masked, bs, r.n_evict);
-                let mut plan = EvictionPlan::default();
-                for (j, &k) in counts.iter().enumerate().filter(|(_, &k)| k > 0) {
-                    plan.heads.push(HeadEviction {
-                        layer: j / nkv,
-                        kv_head: j % nkv,
-                        evict: head_evictions(&masked[j], bs, k),
-                    });
-                }
+                let meta = host.seq_meta(r.seq).unwrap();
+                let plan = plan_from_meta(&meta, nkv, bs, r.first_protected, r.n_evict);
                 let want = host.evict(r.seq, &plan).unwrap();
                 assert_eq!(
                     (st.evicted, st.freed_blocks),
