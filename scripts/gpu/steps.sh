@@ -9,6 +9,9 @@
 #   ab-shared   the same kvcompress sweep (multi_news, first 2 rows, rates 2..64) with the shared
 #               prefill + batched decode and with --no-shared-prefill: wall time of each and
 #               whether the predictions agree (issue 6)
+#   ab-compress KV-Compress with --compress-on host and auto (device) on the 3 subsets (8 rows,
+#               rates 2..64, --batch-samples 8): wall time, identical predictions, and the
+#               per-step decode_times of each (issue 6)
 #   ncu-prefill per-kernel GPU time of one 4000-token bench-model prefill (ncu), summed by kernel
 #   profile     nsys profile of a short `kvc bench` at 2000 tokens (rate 1 and 16): kernel,
 #               memcpy and CUDA API summaries (issue 7), when nsys exists there
@@ -59,6 +62,42 @@ for f in sorted((root / "shared").rglob("preds/*.jsonl")):
     b = {r["_id"]: r for r in map(json.loads, g.read_text().splitlines())} if g.exists() else {}
     same = sum(1 for k in a if k in b and a[k].get("pred") == b[k].get("pred"))
     print(f"{f.relative_to(root / 'shared')}: {same}/{len(a)} predictions identical")
+PY
+}
+
+step_ab_compress() {
+  local o=$OUT/ab-compress
+  mkdir -p "$o"
+  for mode in auto host; do
+    local s=$SECONDS
+    timeout --foreground -s INT "${AB_COMPRESS_S:-200}" "$KVC" eval --model "$MODEL" \
+      --data-dir "$DATA" --limit 8 --methods kvcompress --rates 2,4,8,16,32,64 \
+      --batch-samples 8 --compress-on "$mode" --device cuda:0 --no-progress \
+      --out "/tmp/kvc/ab-compress/$mode" > "$o/$mode.log" 2>&1
+    echo "ab-compress $mode rc=$? wall $((SECONDS - s)) s"
+  done
+  tar -czf "$o/results.tgz" -C /tmp/kvc ab-compress
+  python3 - <<'PY' | tee "$o/summary.txt"
+import json, pathlib, collections
+root = pathlib.Path("/tmp/kvc/ab-compress")
+same = total = 0
+for f in sorted((root / "auto").rglob("kvcompress/*/preds/*.jsonl")):
+    g = root / "host" / f.relative_to(root / "auto")
+    a = [json.loads(l)["pred"] for l in f.read_text().splitlines()]
+    b = [json.loads(l)["pred"] for l in g.read_text().splitlines()] if g.exists() else []
+    total += len(a); same += sum(x == y for x, y in zip(a, b))
+print(f"identical predictions: {same}/{total}")
+print("mode task rows: per step ms forward sync observe compress sample")
+for mode in ("auto", "host"):
+    acc = collections.defaultdict(collections.Counter)
+    for f in (root / mode).rglob("kvcompress/*/preds/*.jsonl"):
+        for l in f.read_text().splitlines():
+            r = json.loads(l); c = acc[f.stem]; c["rows"] += 1
+            for k, v in (r.get("decode_times") or {}).items(): c[k] += v
+    for task, c in sorted(acc.items()):
+        st = c["steps"] or 1
+        print(mode, task, c["rows"], *(f"{c[k] / st:.1f}" for k in
+              ("forward_ms", "sync_ms", "observe_ms", "compress_ms", "sample_ms")))
 PY
 }
 
