@@ -153,8 +153,10 @@ pub struct SweepArgs {
     /// Samples of a subset generated together: each prompt is prefilled on its own, then all
     /// of them (every rate of each) decode in one batch (measured: 1.5x with 2 samples on a
     /// 2-core CPU; most where a decode step costs about the same for 1 or 64 sequences, as on a
-    /// GPU with a small model); 1 = one sample at a time. The output is the same either way;
-    /// Ctrl-C finishes the samples in flight.
+    /// GPU with a small model); 1 = one sample at a time. The output is the same either way,
+    /// except for `full` on a GPU, whose batches decode through the paged cache instead of the
+    /// contiguous one (other kernels: bf16 outputs may differ in rare tokens); Ctrl-C finishes
+    /// the samples in flight.
     #[arg(long, default_value_t = 1, value_parser = crate::compress::positive)]
     pub batch_samples: usize,
     #[command(flatten)]
