@@ -185,17 +185,11 @@ impl KvCompress {
     /// Metrics of every head with the protected window (and nothing else) masked to +inf,
     /// in `(layer, head)` order.
     pub fn masked_metrics(&self, view: &SeqView) -> Vec<Vec<f32>> {
+        let first = view.seq_len.saturating_sub(self.cfg.protected) as u32;
         view.heads
             .iter()
             .flatten()
-            .map(|h| {
-                let prot = h.recent(view.seq_len, self.cfg.protected);
-                h.metric
-                    .iter()
-                    .zip(prot)
-                    .map(|(&m, p)| if p { f32::INFINITY } else { m })
-                    .collect()
-            })
+            .map(|h| mask_protected(&h.metric, &h.position, first))
             .collect()
     }
 
@@ -212,7 +206,12 @@ impl KvCompress {
 
     /// The plan evicting `counts[i]` candidates from head `i` (`(layer, head)` order).
     pub fn plan_counts(&self, view: &SeqView, counts: &[usize]) -> EvictionPlan {
-        plan_from_masked(&self.masked_metrics(view), view, counts)
+        plan_from_masked(
+            &self.masked_metrics(view),
+            self.kv_heads,
+            view.block_size,
+            counts,
+        )
     }
 }
 
@@ -229,20 +228,35 @@ pub fn plan_from_meta(
 ) -> EvictionPlan {
     let masked: Vec<Vec<f32>> = meta
         .iter()
-        .map(|(m, p)| {
-            m.iter()
-                .zip(p)
-                .map(|(&m, &p)| {
-                    if p >= first_protected {
-                        f32::INFINITY
-                    } else {
-                        m
-                    }
-                })
-                .collect()
-        })
+        .map(|(m, p)| mask_protected(m, p, first_protected))
         .collect();
     let counts = select_blocks(&masked, block_size, n_evict);
+    plan_from_masked(&masked, kv_heads, block_size, &counts)
+}
+
+/// A head's metrics with the slots at positions `>= first_protected` masked to +inf.
+fn mask_protected(metric: &[f32], position: &[u32], first_protected: u32) -> Vec<f32> {
+    metric
+        .iter()
+        .zip(position)
+        .map(|(&m, &p)| {
+            if p >= first_protected {
+                f32::INFINITY
+            } else {
+                m
+            }
+        })
+        .collect()
+}
+
+/// The plan evicting `counts[i]` candidates from head `i` of metrics already masked
+/// (`(layer, kv-head)` order).
+fn plan_from_masked(
+    masked: &[Vec<f32>],
+    kv_heads: usize,
+    block_size: usize,
+    counts: &[usize],
+) -> EvictionPlan {
     let mut plan = EvictionPlan::default();
     for (i, &k) in counts.iter().enumerate().filter(|(_, &k)| k > 0) {
         plan.heads.push(HeadEviction {
@@ -250,22 +264,6 @@ pub fn plan_from_meta(
             kv_head: i % kv_heads,
             evict: head_evictions(&masked[i], block_size, k),
         });
-    }
-    plan
-}
-
-/// [`KvCompress::plan_counts`] on metrics already masked.
-fn plan_from_masked(masked: &[Vec<f32>], view: &SeqView, counts: &[usize]) -> EvictionPlan {
-    let mut plan = EvictionPlan::default();
-    let nkv = view.heads.first().map_or(0, |l| l.len());
-    for (i, &k) in counts.iter().enumerate() {
-        if k > 0 {
-            plan.heads.push(HeadEviction {
-                layer: i / nkv,
-                kv_head: i % nkv,
-                evict: head_evictions(&masked[i], view.block_size, k),
-            });
-        }
     }
     plan
 }
@@ -304,7 +302,7 @@ impl Policy for KvCompress {
         }
         let masked = self.masked_metrics(view);
         let counts = select_blocks(&masked, view.block_size, n);
-        plan_from_masked(&masked, view, &counts)
+        plan_from_masked(&masked, self.kv_heads, view.block_size, &counts)
     }
 
     fn continual(&self) -> bool {

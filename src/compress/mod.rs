@@ -377,7 +377,7 @@ pub fn runner(
 ) -> anyhow::Result<Box<dyn Runner>> {
     if spec.is_full() {
         if budget.is_some() {
-            anyhow::bail!("method `full` keeps every KV: it takes no rate or token budget");
+            anyhow::bail!(FULL_TAKES_NO_BUDGET);
         }
         let mut batched = PagedRunner::new(&spec.name, Box::new(KeepAll), None, cfg, opts);
         // The full cache is never bounded (the contiguous cache ignores --kv-memory too).
@@ -869,6 +869,8 @@ struct FullRunner {
     batched: PagedRunner,
 }
 
+const FULL_TAKES_NO_BUDGET: &str = "method `full` keeps every KV: it takes no rate or token budget";
+
 /// `full` on the paged cache: probes nothing, evicts nothing.
 struct KeepAll;
 
@@ -880,7 +882,7 @@ impl Policy for KeepAll {
         Probe::None
     }
     fn score(&self, _: Phase, _: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-        Ok(positions.iter().map(|p| vec![0.0; p.len()]).collect())
+        Ok(policy::zero_scores(positions))
     }
     fn plan(&self, _: &SeqView, _: usize, _: Phase) -> EvictionPlan {
         EvictionPlan::default()
@@ -902,7 +904,7 @@ impl Runner for FullRunner {
         budgets: &[Option<Budget>],
     ) -> Result<Vec<Result<(Generation, CompressionStats)>>> {
         if budgets.iter().any(|b| b.is_some()) {
-            candle_core::bail!("method `full` keeps every KV: it takes no rate or token budget");
+            candle_core::bail!("{FULL_TAKES_NO_BUDGET}");
         }
         Ok(budgets
             .iter()
@@ -932,7 +934,7 @@ impl Runner for FullRunner {
             return Ok(prompts_one_by_one(self, model, prompts, params, budgets));
         }
         if budgets.iter().flatten().any(|b| b.is_some()) {
-            candle_core::bail!("method `full` keeps every KV: it takes no rate or token budget");
+            candle_core::bail!("{FULL_TAKES_NO_BUDGET}");
         }
         let mut out = self.batched.run_prompts(model, prompts, params, budgets)?;
         // The full run's statistics, whichever cache ran it.

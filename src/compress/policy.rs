@@ -129,6 +129,12 @@ pub struct DeviceStepSpec {
     pub allowed_blocks: usize,
 }
 
+/// The scores of a method that scores nothing (StreamingLLM, `full`): 0 for every slot of
+/// every kv-head (`positions[g]`: kv-head `g`'s slots).
+pub fn zero_scores(positions: &[Vec<u32>]) -> Vec<Vec<f32>> {
+    positions.iter().map(|p| vec![0.0; p.len()]).collect()
+}
+
 /// Token-level evictor: keep the `keep` highest-metric slots, always keeping `protected` ones
 /// (they count against `keep`); ties evict the lower logical index first. Returns the evicted
 /// logical slots in ascending metric order.

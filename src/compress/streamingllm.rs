@@ -6,7 +6,7 @@
 //! the paper's position shift inside the cache is not applied, as for every method here).
 use candle_core::{Result, Tensor};
 
-use super::policy::{evict_lowest, per_head_plan, Phase, Policy, SeqView};
+use super::policy::{evict_lowest, per_head_plan, zero_scores, Phase, Policy, SeqView};
 
 /// The slots StreamingLLM evicts from a head holding tokens at `position`: all but `keep`, oldest
 /// first, never a sink (position < `sink`) — what [`evict_lowest`] gives with the age as the
@@ -62,7 +62,7 @@ impl Policy for StreamingLlm {
         Probe::None
     }
     fn score(&self, _: Phase, _: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-        Ok(positions.iter().map(|p| vec![0.0; p.len()]).collect())
+        Ok(zero_scores(positions))
     }
     fn plan(&self, view: &SeqView, budget: usize, _: Phase) -> EvictionPlan {
         per_head_plan(view, |_, _, h| evict_oldest(&h.position, self.sink, budget))
