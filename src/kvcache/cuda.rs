@@ -510,30 +510,16 @@ pub fn kvcompress_evict_batch(
     check_cache(k_cache, v_cache, d)?;
     check_meta(Some(metric), Some(position), num_slots)?;
     let heads = ctx_lens.len();
-    if seqs.iter().map(|s| s.heads).sum::<usize>() != heads {
+    let seq_heads: usize = seqs.iter().map(|s| s.heads).sum();
+    if seq_heads != heads {
         return Err(OpsError::Shape(format!(
-            "{heads} heads in ctx_lens, {} in the sequences",
-            seqs.iter().map(|s| s.heads).sum::<usize>()
+            "{heads} heads in ctx_lens, {seq_heads} in the sequences"
         ))
         .into());
     }
-    // What each sequence gets back when nothing runs.
-    let unchanged = || {
-        let mut first = 0;
-        seqs.iter()
-            .map(|s| {
-                let rows = first..first + s.heads;
-                first = rows.end;
-                EvictStep {
-                    counts: vec![0; s.heads],
-                    new_lens: ctx_lens[rows].to_vec(),
-                }
-            })
-            .collect::<Vec<_>>()
-    };
     let max_len = ctx_lens.iter().copied().max().unwrap_or(0) as usize;
     if heads == 0 || max_len == 0 || seqs.iter().all(|s| s.n_evict == 0) {
-        return Ok(unchanged());
+        return Ok(split_steps(seqs, &vec![0; heads], ctx_lens));
     }
     if max_len > EVICT_MAX_LEN {
         return Err(OpsError::Shape(format!(
@@ -545,16 +531,7 @@ pub fn kvcompress_evict_batch(
         return Err(OpsError::Shape("block_tables must be [heads, max_blocks]".into()).into());
     }
     let max_blocks = block_tables.len() / heads;
-    let shape = DecodeShape {
-        batch: 1,
-        num_kv_heads: heads,
-        group: 1,
-        head_dim: d,
-        max_blocks,
-        block_size,
-        probs_stride: max_blocks * block_size,
-        num_slots,
-    };
+    let shape = DecodeShape::for_eviction(heads, d, max_blocks, block_size, num_slots);
     shape.check_disjoint(block_tables, ctx_lens)?;
     let dev = k_cache.device();
     // Per head: protected position; per sequence: first head row and blocks to take.
@@ -584,11 +561,17 @@ pub fn kvcompress_evict_batch(
         block_size,
         max_len,
     )?;
-    let counts = counts.to_vec1::<u32>()?;
-    let new_lens = lens.to_vec1::<u32>()?;
+    Ok(split_steps(
+        seqs,
+        &counts.to_vec1::<u32>()?,
+        &lens.to_vec1::<u32>()?,
+    ))
+}
+
+/// Per-head `counts` and `new_lens` of a batched eviction cut into each sequence's rows.
+fn split_steps(seqs: &[EvictSeq], counts: &[u32], new_lens: &[u32]) -> Vec<EvictStep> {
     let mut first = 0;
-    Ok(seqs
-        .iter()
+    seqs.iter()
         .map(|s| {
             let rows = first..first + s.heads;
             first = rows.end;
@@ -597,7 +580,7 @@ pub fn kvcompress_evict_batch(
                 new_lens: new_lens[rows].to_vec(),
             }
         })
-        .collect())
+        .collect()
 }
 
 /// The device inputs of a batched eviction (see [`kvcompress_evict_batch`]).

@@ -227,6 +227,27 @@ pub struct DecodeShape {
 }
 
 impl DecodeShape {
+    /// The shape the eviction step checks its tables against: `heads` rows of `max_blocks`
+    /// blocks (one batch row, groups of one, a context of up to `max_blocks` blocks).
+    pub fn for_eviction(
+        heads: usize,
+        head_dim: usize,
+        max_blocks: usize,
+        block_size: usize,
+        num_slots: usize,
+    ) -> Self {
+        DecodeShape {
+            batch: 1,
+            num_kv_heads: heads,
+            group: 1,
+            head_dim,
+            max_blocks,
+            block_size,
+            probs_stride: max_blocks * block_size,
+            num_slots,
+        }
+    }
+
     /// Query heads per batch row.
     pub fn n_heads(&self) -> usize {
         self.num_kv_heads * self.group
@@ -507,16 +528,7 @@ pub fn kvcompress_evict<T: Copy>(
     let num_slots = metric.len();
     check_len("position", position.len(), num_slots)?;
     check_len("k_cache", k_cache.len(), num_slots * head_dim)?;
-    let shape = DecodeShape {
-        batch: 1,
-        num_kv_heads: heads,
-        group: 1,
-        head_dim,
-        max_blocks,
-        block_size,
-        probs_stride: max_blocks * block_size,
-        num_slots,
-    };
+    let shape = DecodeShape::for_eviction(heads, head_dim, max_blocks, block_size, num_slots);
     shape.check_disjoint(block_tables, ctx_lens)?;
     let slots: Vec<Vec<usize>> = (0..heads)
         .map(|h| {
@@ -605,16 +617,7 @@ pub fn kvcompress_evict_batch<T: Copy>(
 ) -> Result<Vec<EvictStep>, OpsError> {
     let heads: usize = seqs.iter().map(|s| s.heads).sum();
     check_len("ctx_lens", ctx_lens.len(), heads)?;
-    let whole = DecodeShape {
-        batch: 1,
-        num_kv_heads: heads,
-        group: 1,
-        head_dim,
-        max_blocks,
-        block_size,
-        probs_stride: max_blocks * block_size,
-        num_slots: metric.len(),
-    };
+    let whole = DecodeShape::for_eviction(heads, head_dim, max_blocks, block_size, metric.len());
     whole.check_disjoint(block_tables, ctx_lens)?;
     let mut first = 0;
     let mut steps = Vec::with_capacity(seqs.len());

@@ -138,6 +138,19 @@ struct DeferredMoves {
     seqs: std::collections::BTreeSet<SeqId>,
 }
 
+/// The block tables and token counts of `heads` (each a head's blocks and length) as the
+/// kernels take them: one `[heads, max_blocks]` array padded with block 0 to the longest
+/// (`max_blocks` at least 1), the lengths, and `max_blocks`.
+fn padded_tables(heads: &[(&Vec<u32>, &usize)]) -> (Vec<u32>, Vec<u32>, usize) {
+    let max_blocks = heads.iter().map(|(b, _)| b.len()).max().unwrap_or(0).max(1);
+    let mut tables = vec![0u32; heads.len() * max_blocks];
+    for (row, (blocks, _)) in tables.chunks_exact_mut(max_blocks).zip(heads) {
+        row[..blocks.len()].copy_from_slice(blocks);
+    }
+    let lens = heads.iter().map(|(_, &l)| l as u32).collect();
+    (tables, lens, max_blocks)
+}
+
 fn be(e: BlockError) -> candle_core::Error {
     candle_core::Error::wrap(e)
 }
@@ -269,8 +282,9 @@ impl PagedCache {
         self.device_compression
     }
 
-    /// Allow or forbid [`PagedCache::keep_metric_on_device`] (`--host-compression` turns it off
-    /// to compare; tests turn it on for the CPU, where the kernels' plain-Rust twins run).
+    /// Allow or forbid [`PagedCache::keep_metric_on_device`] (`--compress-on host` turns it off
+    /// to compare; `--compress-on device` turns it on for the CPU, where the kernels'
+    /// plain-Rust twins run).
     pub fn set_device_compression(&mut self, on: bool) {
         self.device_compression = on;
     }
@@ -331,45 +345,60 @@ impl PagedCache {
     /// Token positions of (layer, seq, kv_head) in logical order, from wherever they live.
     pub fn positions(&self, layer: usize, seq: SeqId, kv_head: usize) -> Result<Vec<u32>> {
         if self.metric_on_device(seq) {
-            return Ok(self.device_meta(layer, seq, kv_head)?.1);
+            let mut one = self.device_meta(seq, &[(layer, kv_head)])?;
+            return Ok(one.pop().expect("one head").1);
         }
         self.pool.positions(layer, seq, kv_head).map_err(be)
     }
 
     /// Metrics and positions of every head of `seq`, in (layer, kv-head) order, from wherever
-    /// they live (a download for a sequence whose metric is on the device).
+    /// they live (one download for a sequence whose metric is on the device).
     pub fn seq_meta(&self, seq: SeqId) -> Result<Vec<(Vec<f32>, Vec<u32>)>> {
-        let mut out = Vec::with_capacity(self.spec.layers * self.spec.kv_heads);
-        for l in 0..self.spec.layers {
-            for h in 0..self.spec.kv_heads {
-                out.push(if self.metric_on_device(seq) {
-                    self.device_meta(l, seq, h)?
-                } else {
-                    (
-                        self.pool.metrics(l, seq, h).map_err(be)?,
-                        self.pool.positions(l, seq, h).map_err(be)?,
-                    )
-                });
-            }
+        let heads: Vec<(usize, usize)> = (0..self.spec.layers)
+            .flat_map(|l| (0..self.spec.kv_heads).map(move |h| (l, h)))
+            .collect();
+        if self.metric_on_device(seq) {
+            return self.device_meta(seq, &heads);
         }
-        Ok(out)
+        heads
+            .into_iter()
+            .map(|(l, h)| {
+                Ok((
+                    self.pool.metrics(l, seq, h).map_err(be)?,
+                    self.pool.positions(l, seq, h).map_err(be)?,
+                ))
+            })
+            .collect()
     }
 
-    /// One head's metric and position from the device tensors.
+    /// The metric and position of `heads` (layer, kv-head) of `seq` from the device tensors:
+    /// one gather and one download of each for all of them.
     fn device_meta(
         &self,
-        layer: usize,
         seq: SeqId,
-        kv_head: usize,
-    ) -> Result<(Vec<f32>, Vec<u32>)> {
+        heads: &[(usize, usize)],
+    ) -> Result<Vec<(Vec<f32>, Vec<u32>)>> {
         self.check_no_pending()?;
         let m = self.meta.as_ref().expect("sequence on the device");
-        let slots = self.pool.slots(layer, seq, kv_head).map_err(be)?;
+        let mut slots = Vec::new();
+        let mut lens = Vec::with_capacity(heads.len());
+        for &(l, h) in heads {
+            let s = self.pool.slots(l, seq, h).map_err(be)?;
+            lens.push(s.len());
+            slots.extend(s);
+        }
         let idx = self.slot_index(&slots)?;
-        Ok((
-            m.metric.index_select(&idx, 0)?.to_vec1()?,
-            m.position.index_select(&idx, 0)?.to_vec1()?,
-        ))
+        let metric = m.metric.index_select(&idx, 0)?.to_vec1::<f32>()?;
+        let position = m.position.index_select(&idx, 0)?.to_vec1::<u32>()?;
+        let mut at = 0;
+        Ok(lens
+            .into_iter()
+            .map(|n| {
+                let r = at..at + n;
+                at += n;
+                (metric[r.clone()].to_vec(), position[r].to_vec())
+            })
+            .collect())
     }
 
     /// Add KV-Compress's decode metric of one decode step of `seq` in `layer` to the device
@@ -439,26 +468,12 @@ impl PagedCache {
             return Ok(stats);
         }
         // Tables of every head of the batch's sequences, (sequence, layer, kv-head) order.
-        let mut lens = Vec::with_capacity(batch.len() * layers * nkv);
-        let mut max_blocks = 1;
+        let mut heads = Vec::with_capacity(batch.len() * layers * nkv);
         for &i in &batch {
             let t = self.pool.table(reqs[i].seq).map_err(be)?;
-            for l in 0..layers {
-                for h in 0..nkv {
-                    lens.push(t.len[l][h] as u32);
-                    max_blocks = max_blocks.max(t.blocks[l][h].len());
-                }
-            }
+            heads.extend(t.blocks.iter().flatten().zip(t.len.iter().flatten()));
         }
-        let mut tables = vec![0u32; lens.len() * max_blocks];
-        let mut row = 0;
-        for &i in &batch {
-            let t = self.pool.table(reqs[i].seq).map_err(be)?;
-            for blocks in t.blocks.iter().flatten() {
-                tables[row * max_blocks..][..blocks.len()].copy_from_slice(blocks);
-                row += 1;
-            }
-        }
+        let (tables, mut lens, max_blocks) = padded_tables(&heads);
         let seqs: Vec<ops::EvictSeq> = batch
             .iter()
             .map(|&i| ops::EvictSeq {
@@ -816,20 +831,13 @@ impl PagedCache {
         let nkv = self.spec.kv_heads;
         self.append_decode_cuda(call)?;
         let bs = self.spec.block_size;
-        let mut lens = Vec::with_capacity(b * nkv);
+        let mut heads = Vec::with_capacity(b * nkv);
         for &sid in call.seqs {
             let t = self.pool.table(sid).map_err(be)?;
-            lens.extend(t.len[call.layer].iter().map(|&l| l as u32));
+            heads.extend(t.blocks[call.layer].iter().zip(&t.len[call.layer]));
         }
+        let (tables, lens, max_blocks) = padded_tables(&heads);
         let max_len = lens.iter().copied().max().unwrap_or(0) as usize;
-        let max_blocks = max_len.div_ceil(bs).max(1);
-        let mut tables = vec![0u32; b * nkv * max_blocks];
-        for (i, &sid) in call.seqs.iter().enumerate() {
-            let t = self.pool.table(sid).map_err(be)?;
-            for (h, blocks) in t.blocks[call.layer].iter().enumerate() {
-                tables[(i * nkv + h) * max_blocks..][..blocks.len()].copy_from_slice(blocks);
-            }
-        }
         let stride = max_len.max(1);
         let shape = DecodeShape {
             batch: b,
