@@ -396,6 +396,8 @@ impl Hooks for CompressHooks<'_> {
     }
 
     fn after_step(&mut self, cache: &mut dyn CacheBackend, seq: SeqId) -> Result<()> {
+        // The work borrows `self` until the match ends, so the host plan is made inside it
+        // and both kinds of work run after it (Ok: a host plan, Err: a device request).
         let plan = match self.step_plan(cache, seq)? {
             Some(StepWork::Plan(planner)) => Ok(planner(paged(cache)?)?),
             Some(StepWork::Device(r)) => Err(r),

@@ -267,11 +267,8 @@ impl PagedCache {
                 }));
             }
             slots.truncate(delta.len());
-            let idx = self.slot_index(&slots)?;
             let add = Tensor::from_slice(delta, delta.len(), &self.spec.device)?;
-            let m = self.meta.as_mut().expect("sequence on the device");
-            m.metric = m.metric.index_add(&idx, &add, 0)?;
-            return Ok(());
+            return self.add_device_metric(&slots, &add);
         }
         self.pool.add_metric(layer, seq, kv_head, delta).map_err(be)
     }
@@ -420,10 +417,14 @@ impl PagedCache {
             rows.push(m2.get(h)?.narrow(0, 0, s.len())?);
             slots.extend(s);
         }
-        let idx = self.slot_index(&slots)?;
-        let add = Tensor::cat(&rows, 0)?;
+        self.add_device_metric(&slots, &Tensor::cat(&rows, 0)?)
+    }
+
+    /// `metric[slots[i]] += add[i]` in the device metric.
+    fn add_device_metric(&mut self, slots: &[usize], add: &Tensor) -> Result<()> {
+        let idx = self.slot_index(slots)?;
         let m = self.meta.as_mut().expect("sequence on the device");
-        m.metric = m.metric.index_add(&idx, &add, 0)?;
+        m.metric = m.metric.index_add(&idx, add, 0)?;
         Ok(())
     }
 
