@@ -5,20 +5,25 @@
 // block tables, lengths, `n_evict` and the protected position per sequence; what comes back is
 // the per-head counts and lengths. No per-slot data crosses PCIe.
 //
-// The heads of all sequences are rows of one [heads, max_blocks] table; sequence s owns rows
-// head_start[s] .. head_start[s + 1] (its layers x kv-heads, in (layer, kv-head) order).
+// The heads of all sequences lie back to back: head h's blocks are blocks[start[h] ..
+// start[h + 1]] (exactly ceil(ctx_lens[h] / block_size) of them, checked on the host), and the
+// per-head outputs use the same offsets: candidates at cand[start[h] ..], the sorted order at
+// order[start[h] * block_size ..]. Sequence s owns heads head_start[s] .. head_start[s + 1]
+// (its layers x kv-heads, in (layer, kv-head) order).
 //
 // Three launches, in this order:
 //   kvc_sort_candidates: grid (heads), 1024 threads, dynamic smem 8 * pow2 bytes
 //     (pow2 = next power of two >= the longest head, <= 16384 on an H100 with the opt-in).
 //     Sorts each head's logical slots ascending by metric (protected slots, position >=
-//     first_protected[head], and empty ones +inf; ties
-//     by logical index), writes the sorted order and the head's candidate scores:
+//     first_protected[head], +inf; ties by logical index) with a bitonic sort as wide as the
+//     head's own next power of two (a 300-token head of a batch whose longest is 8000 sorts
+//     512 keys, not 8192), writes the sorted order and the head's candidate scores:
 //     candidate j = sorted metric [j * block_size + h - 1], h = tokens in the head's last block.
 //   kvc_select_blocks: grid (sequences), 1024 threads. Per sequence, takes its n_evict lowest
 //     finite candidates over its heads (ties by head, then candidate index), writes how many
 //     each head gives.
-//   kvc_compact_heads: grid (heads), 1024 threads. Head giving k candidates evicts its
+//   kvc_compact_heads: grid (heads), 1024 threads, dynamic smem 5 * max_len bytes (evicted
+//     flags and the hole / survivor lists of the head). Head giving k candidates evicts its
 //     (k - 1) * block_size + h lowest slots (a prefix of its sorted order); survivors in the tail
 //     (logical >= new length), tail-most first, move into the lowest evicted holes; ctx_lens
 //     shrink. Freed blocks are the head's blocks past ceil(new_len / block_size).
@@ -47,22 +52,23 @@ __device__ __forceinline__ uint32_t last_block_tokens(uint32_t len, uint32_t bs)
 }  // namespace kvc
 
 extern "C" __global__ void __launch_bounds__(1024) kvc_sort_candidates(
-    uint32_t* order,                 // [heads, order_stride] u32 (out: sorted logical slots)
-    float* cand,                     // [heads, max_blocks] f32 (out: candidate scores, +inf pad)
+    uint32_t* order,                 // [total blocks * block_size] u32 (out: sorted logical slots)
+    float* cand,                     // [total blocks] f32 (out: candidate scores)
     const float* metric,             // [num_slots] f32
     const uint32_t* position,        // [num_slots] u32
-    const uint32_t* block_tables,    // [heads, max_blocks] u32
+    const uint32_t* blocks,          // [total blocks] u32: every head's blocks, back to back
+    const uint32_t* start,           // [heads + 1] u32: first block of each head in `blocks`
     const uint32_t* ctx_lens,        // [heads] u32
-    int max_blocks,                  // row length of block_tables and cand
     int block_size,                  // tokens per block
-    int order_stride,                // row length of order (>= every ctx_len)
-    int pow2,                        // power of two >= every ctx_len (sort width)
     const uint32_t* first_protected) {  // [heads] u32: positions >= this are never evicted
-  extern __shared__ unsigned long long keys[];  // [pow2]: (ord(metric) << 32) | logical slot
+  extern __shared__ unsigned long long keys[];  // [next pow2 of len]: (ord(metric) << 32) | slot
   const int head = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
   const uint32_t len = ctx_lens[head], protect = first_protected[head];
-  const uint32_t* table = block_tables + (size_t)head * max_blocks;
-  for (int i = tid; i < pow2; i += nt) {
+  if (len == 0) return;
+  const uint32_t* table = blocks + start[head];
+  int width = 1;
+  while ((uint32_t)width < len) width <<= 1;
+  for (int i = tid; i < width; i += nt) {
     unsigned long long key = ~0ull;
     if ((uint32_t)i < len) {
       const uint32_t s = kvc::slot_of(table, i, block_size);
@@ -73,9 +79,9 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_sort_candidates(
   }
   __syncthreads();
   // Bitonic sort, ascending.
-  for (int k = 2; k <= pow2; k <<= 1) {
+  for (int k = 2; k <= width; k <<= 1) {
     for (int j = k >> 1; j > 0; j >>= 1) {
-      for (int i = tid; i < pow2; i += nt) {
+      for (int i = tid; i < width; i += nt) {
         const int p = i ^ j;
         if (p > i) {
           const unsigned long long a = keys[i], b = keys[p];
@@ -89,16 +95,13 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_sort_candidates(
       __syncthreads();
     }
   }
-  for (uint32_t i = tid; i < len; i += nt) order[(size_t)head * order_stride + i] = (uint32_t)keys[i];
+  uint32_t* ord_row = order + (size_t)start[head] * block_size;
+  for (uint32_t i = tid; i < len; i += nt) ord_row[i] = (uint32_t)keys[i];
   const uint32_t h = kvc::last_block_tokens(len, block_size);
   const uint32_t nblocks = (len + block_size - 1) / block_size;
-  for (int j = tid; j < max_blocks; j += nt) {
-    float c = __int_as_float(0x7f800000);
-    if ((uint32_t)j < nblocks) {
-      const float m = kvc::unord((uint32_t)(keys[(size_t)j * block_size + h - 1] >> 32));
-      if (isfinite(m)) c = m;
-    }
-    cand[(size_t)head * max_blocks + j] = c;
+  for (uint32_t j = tid; j < nblocks; j += nt) {
+    const float m = kvc::unord((uint32_t)(keys[(size_t)j * block_size + h - 1] >> 32));
+    cand[start[head] + j] = isfinite(m) ? m : __int_as_float(0x7f800000);
   }
 }
 
@@ -128,12 +131,10 @@ __device__ unsigned long long block_sum(unsigned long long v, unsigned long long
 extern "C" __global__ void __launch_bounds__(1024) kvc_select_blocks(
     uint32_t* counts_all,            // [heads] u32 (out: candidates taken per head)
     uint32_t* lt_all,                // [heads] u32 (scratch)
-    const float* cand_all,           // [heads, max_blocks] f32, non-decreasing per head
-    const uint32_t* ctx_lens_all,    // [heads] u32
+    const float* cand_all,           // [total blocks] f32, non-decreasing per head
+    const uint32_t* start_all,       // [heads + 1] u32: first candidate (block) of each head
     const uint32_t* head_start,      // [sequences + 1] u32: first head row of each sequence
-    const unsigned long long* n_evict_of,  // [sequences] candidates (blocks) to take
-    int max_blocks,                  // row length of cand
-    int block_size) {                // tokens per block
+    const unsigned long long* n_evict_of) {  // [sequences] candidates (blocks) to take
   __shared__ unsigned long long red[32];
   const int tid = threadIdx.x, nt = blockDim.x;
   // This block's sequence: its heads only.
@@ -142,12 +143,13 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_select_blocks(
   const unsigned long long n_evict = n_evict_of[blockIdx.x];
   uint32_t* counts = counts_all + first;
   uint32_t* lt_scratch = lt_all + first;
-  const float* cand = cand_all + (size_t)first * max_blocks;
-  const uint32_t* ctx_lens = ctx_lens_all + first;
-  auto nb = [&](int h) { return (ctx_lens[h] + block_size - 1) / block_size; };
+  const uint32_t* start = start_all + first;
+  // Head h's candidates (one per block) and their number.
+  auto cand = [&](int h) { return cand_all + start[h]; };
+  auto nb = [&](int h) { return start[h + 1] - start[h]; };
   auto total_le = [&](uint32_t k) {
     unsigned long long c = 0;
-    for (int h = tid; h < heads; h += nt) c += kvc::count_le(cand + (size_t)h * max_blocks, nb(h), k);
+    for (int h = tid; h < heads; h += nt) c += kvc::count_le(cand(h), nb(h), k);
     return kvc::block_sum(c, red);
   };
   const unsigned long long finite = total_le(kvc::ORD_INF - 1);
@@ -164,7 +166,7 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_select_blocks(
   // Strictly below K: taken; equal to K: taken in head order until n.
   unsigned long long below = 0;
   for (int h = tid; h < heads; h += nt) {
-    const uint32_t lt = K == 0 ? 0 : kvc::count_le(cand + (size_t)h * max_blocks, nb(h), K - 1);
+    const uint32_t lt = K == 0 ? 0 : kvc::count_le(cand(h), nb(h), K - 1);
     lt_scratch[h] = lt;
     below += lt;
   }
@@ -173,7 +175,7 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_select_blocks(
   if (tid == 0) {
     unsigned long long rem = n - below;
     for (int h = 0; h < heads; ++h) {
-      const uint32_t le = kvc::count_le(cand + (size_t)h * max_blocks, nb(h), K);
+      const uint32_t le = kvc::count_le(cand(h), nb(h), K);
       const unsigned long long eq = le - lt_scratch[h];
       const unsigned long long t = rem < eq ? rem : eq;
       counts[h] = lt_scratch[h] + (uint32_t)t;
@@ -188,25 +190,26 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_compact_heads(
     float* metric,                   // [num_slots] f32
     uint32_t* position,              // [num_slots] u32
     uint32_t* ctx_lens,              // [heads] u32 (in/out)
-    uint32_t* scratch,               // [heads, 3, order_stride] u32 (holes, survivors, flags)
-    const uint32_t* order,           // [heads, order_stride] u32 (sorted logical slots)
+    const uint32_t* order,           // [total blocks * block_size] u32 (sorted logical slots)
     const uint32_t* counts,          // [heads] u32 candidates taken per head
-    const uint32_t* block_tables,    // [heads, max_blocks] u32
-    int max_blocks,                  // row length of block_tables
+    const uint32_t* blocks,          // [total blocks] u32: every head's blocks, back to back
+    const uint32_t* start,           // [heads + 1] u32: first block of each head in `blocks`
     int block_size,                  // tokens per block
-    int order_stride,                // row length of order
+    int max_len,                     // longest head (sizes the shared lists)
     int row_words) {                 // 4-byte words per K/V row (head_dim * elem_size / 4)
+  // Shared: holes and tail survivors (u16: heads hold at most 16384 tokens), evicted flags.
+  extern __shared__ uint16_t lists[];
   __shared__ int cnt_s[2];
   const int head = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
   const uint32_t len = ctx_lens[head], k = counts[head];
   if (k == 0 || len == 0) return;
   const uint32_t e = (k - 1) * block_size + kvc::last_block_tokens(len, block_size);
   const uint32_t new_len = len - e;
-  const uint32_t* table = block_tables + (size_t)head * max_blocks;
-  const uint32_t* ord_row = order + (size_t)head * order_stride;
-  uint32_t* holes = scratch + (size_t)head * 3 * order_stride;
-  uint32_t* tail = holes + order_stride;
-  uint32_t* gone = tail + order_stride;  // 1 = evicted, per logical slot
+  const uint32_t* table = blocks + start[head];
+  const uint32_t* ord_row = order + (size_t)start[head] * block_size;
+  uint16_t* holes = lists;
+  uint16_t* tail = lists + max_len;
+  uint8_t* gone = reinterpret_cast<uint8_t*>(lists + 2 * max_len);  // 1 = evicted, per slot
   for (uint32_t i = tid; i < len; i += nt) gone[i] = 0;
   __syncthreads();
   for (uint32_t r = tid; r < e; r += nt) gone[ord_row[r]] = 1;
@@ -224,7 +227,7 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_compact_heads(
     __syncthreads();
     int off = cnt_s[0];
     for (int x = 0; x < w; ++x) off += warp_off[x];
-    if (f) holes[off + __popc(ball & ((1u << l) - 1))] = i;
+    if (f) holes[off + __popc(ball & ((1u << l) - 1))] = (uint16_t)i;
     __syncthreads();
     if (tid == 0) {
       int t = 0;
@@ -248,7 +251,7 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_compact_heads(
     __syncthreads();
     int off = cnt_s[1];
     for (int x = 0; x < w; ++x) off += warp_off[x];
-    if (f) tail[off + __popc(ball & ((1u << l) - 1))] = i;
+    if (f) tail[off + __popc(ball & ((1u << l) - 1))] = (uint16_t)i;
     __syncthreads();
     if (tid == 0) {
       int t = 0;

@@ -18,8 +18,10 @@
 //     metric[slot] += sum over the group's query heads of p^2.
 //
 // Contract (the Rust twin is kvc::kvcache::ops::paged_decode):
-// - logical slot i of (b, kv-head g) is physical slot
-//   block_tables[b][g][i / block_size] * block_size + i % block_size, for i < ctx_lens[b][g];
+// - logical slot i of row r = (b, kv-head g) is physical slot
+//   block_tables[table_start[r] + i / block_size] * block_size + i % block_size, for
+//   i < ctx_lens[r] (table_start[r] = r * max_blocks for a padded [batch, kv-heads, max_blocks]
+//   table; the paged cache uploads only the blocks in use, back to back);
 // - no two (b, g) rows share a block (the metric update has no atomics);
 // - query head h uses kv-head h / group; a head with ctx_len 0 outputs zeros;
 // - rows are 16-byte aligned, head_dim = D in {64, 128} (other head dims: the Rust side uses
@@ -178,11 +180,11 @@ __device__ void paged_decode_part(
     const T* __restrict__ q,             // [batch, n_heads, D]
     const T* __restrict__ k_cache,       // [num_slots, D]
     const T* __restrict__ v_cache,       // [num_slots, D]
-    const uint32_t* __restrict__ block_tables,  // [batch, num_kv_heads, max_blocks]
+    const uint32_t* __restrict__ block_tables,  // blocks of every row, at table_start[row]
     const uint32_t* __restrict__ ctx_lens,      // [batch, num_kv_heads]
+    const uint32_t* __restrict__ table_start,   // [batch, num_kv_heads]: first block of the row
     int num_kv_heads,                    // kv-heads per layer
     int group,                           // query heads per kv-head (<= GMAX)
-    int max_blocks,                      // row length of block_tables
     int block_size,                      // tokens per block
     int probs_stride,                    // row length of scores (>= every ctx_len)
     int part_slots,                      // slots per partition (>= 1)
@@ -203,7 +205,7 @@ __device__ void paged_decode_part(
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int sub = lane % TPK, kg = lane / TPK;  // element chunk, key within the load
   const int n_heads = num_kv_heads * group;
-  const uint32_t* table = block_tables + ((size_t)b * num_kv_heads + kvh) * max_blocks;
+  const uint32_t* table = block_tables + table_start[b * num_kv_heads + kvh];
   const int len = (int)ctx_lens[b * num_kv_heads + kvh];
   const int start = part * part_slots;
   const int end = min(start + part_slots, len);
@@ -386,12 +388,12 @@ __device__ void paged_decode_reduce(
     const float* __restrict__ part_max,  // [batch, n_heads, num_parts] f32
     const float* __restrict__ part_sum,  // [batch, n_heads, num_parts] f32
     const float* __restrict__ part_out,  // [batch, n_heads, num_parts, head_dim] f32
-    const uint32_t* __restrict__ block_tables,  // [batch, num_kv_heads, max_blocks]
+    const uint32_t* __restrict__ block_tables,  // blocks of every row, at table_start[row]
     const uint32_t* __restrict__ ctx_lens,      // [batch, num_kv_heads]
+    const uint32_t* __restrict__ table_start,   // [batch, num_kv_heads]: first block of the row
     int num_kv_heads,                    // kv-heads per layer
     int group,                           // query heads per kv-head
     int head_dim,                        // elements per row
-    int max_blocks,                      // row length of block_tables
     int block_size,                      // tokens per block
     int probs_stride,                    // row length of probs
     int num_parts,                       // partitions per head
@@ -399,7 +401,7 @@ __device__ void paged_decode_reduce(
   __shared__ float M_s[32], S_s[32];     // group <= 32
   const int kvh = blockIdx.x, b = blockIdx.y, chunk = blockIdx.z, tid = threadIdx.x;
   const int n_heads = num_kv_heads * group;
-  const uint32_t* table = block_tables + ((size_t)b * num_kv_heads + kvh) * max_blocks;
+  const uint32_t* table = block_tables + table_start[b * num_kv_heads + kvh];
   const int len = (int)ctx_lens[b * num_kv_heads + kvh];
   const size_t head0 = (size_t)b * n_heads + (size_t)kvh * group;
   // Every chunk derives the heads' softmax totals (a few values per partition); chunk 0 also
@@ -460,13 +462,14 @@ __device__ void paged_decode_reduce(
       const T* q,              /* [batch, n_heads, D] */                                      \
       const T* k_cache,        /* [num_slots, D] */                                           \
       const T* v_cache,        /* [num_slots, D] */                                           \
-      const uint32_t* block_tables, /* [batch, num_kv_heads, max_blocks] */                   \
+      const uint32_t* block_tables, /* blocks of every row, at table_start[row] */            \
       const uint32_t* ctx_lens,     /* [batch, num_kv_heads] */                               \
-      int num_kv_heads, int group, int max_blocks, int block_size, int probs_stride,          \
+      const uint32_t* table_start,  /* [batch, num_kv_heads] */                               \
+      int num_kv_heads, int group, int block_size, int probs_stride,                          \
       int part_slots, int num_parts, float scale, int store_scores) {                         \
     kvc::paged_decode_part<T, D, G, ASYNC>(scores, part_max, part_sum, part_out, q, k_cache,  \
-                                           v_cache, block_tables, ctx_lens, num_kv_heads,     \
-                                           group, max_blocks, block_size, probs_stride,       \
+                                           v_cache, block_tables, ctx_lens, table_start,      \
+                                           num_kv_heads, group, block_size, probs_stride,     \
                                            part_slots, num_parts, scale, store_scores);       \
   }
 
@@ -501,13 +504,14 @@ KVC_DECODE_PART_DG(f16, __half)
       const float* part_max,   /* [batch, n_heads, num_parts] f32 */                          \
       const float* part_sum,   /* [batch, n_heads, num_parts] f32 */                          \
       const float* part_out,   /* [batch, n_heads, num_parts, head_dim] f32 */                \
-      const uint32_t* block_tables, /* [batch, num_kv_heads, max_blocks] */                   \
+      const uint32_t* block_tables, /* blocks of every row, at table_start[row] */            \
       const uint32_t* ctx_lens,     /* [batch, num_kv_heads] */                               \
-      int num_kv_heads, int group, int head_dim, int max_blocks, int block_size,              \
+      const uint32_t* table_start,  /* [batch, num_kv_heads] */                               \
+      int num_kv_heads, int group, int head_dim, int block_size,                              \
       int probs_stride, int num_parts, int write_probs) {                                     \
     kvc::paged_decode_reduce<T>(out, probs, metric, part_max, part_sum, part_out,            \
-                                block_tables, ctx_lens, num_kv_heads, group, head_dim,       \
-                                max_blocks, block_size, probs_stride, num_parts,             \
+                                block_tables, ctx_lens, table_start, num_kv_heads, group,    \
+                                head_dim, block_size, probs_stride, num_parts,               \
                                 write_probs);                                                 \
   }
 

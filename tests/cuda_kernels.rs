@@ -15,6 +15,7 @@ use kvc::kvcache::blocks::BlockPool;
 use kvc::kvcache::cuda::{self, DecodePipeline, DecodeWorkspace, DeviceTables};
 use kvc::kvcache::ops::{self, DecodeShape, KvElem};
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 fn gpu() -> Device {
@@ -449,6 +450,35 @@ fn prefill_softmax_matches_twin() {
 }
 
 #[test]
+fn set_meta_matches_twin() {
+    // A large scattered write (candle's scatter_set ran such lists in one thread) and a bad one.
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(11);
+    let num_slots = 1 << 21;
+    let mut all: Vec<u32> = (0..num_slots as u32).collect();
+    all.shuffle(&mut rng);
+    let slots = &all[..700_000];
+    let m = rnd(&mut rng, slots.len(), 4.0);
+    let p: Vec<u32> = (0..slots.len())
+        .map(|_| rng.random_range(0..9000))
+        .collect();
+    let mut metric = rnd(&mut rng, num_slots, 1.0);
+    let mut position: Vec<u32> = (0..num_slots as u32).collect();
+    let m_dev = Tensor::from_slice(&metric, num_slots, &dev).unwrap();
+    let p_dev = Tensor::from_slice(&position, num_slots, &dev).unwrap();
+    cuda::set_meta(&m_dev, &p_dev, slots, &m, &p).unwrap();
+    ops::set_meta(&mut metric, &mut position, slots, &m, &p).unwrap();
+    assert_eq!(host::<f32>(&m_dev), metric);
+    assert_eq!(host::<u32>(&p_dev), position);
+    let e = cuda::set_meta(&m_dev, &p_dev, &[3, 3], &[0.0; 2], &[0; 2]);
+    assert!(e.is_err(), "a repeated slot must be refused");
+    eprintln!(
+        "SUMMARY set_meta: {} slots identical to the twin; repeats refused",
+        slots.len()
+    );
+}
+
+#[test]
 fn bad_tables_are_refused_before_launch() {
     let dev = gpu();
     let shape = DecodeShape {
@@ -497,6 +527,7 @@ fn device_eviction_step_matches_twin() {
         (16, 128, 30, 900, 0.4, 7, vec![5, 17, 8]),
         (32, 64, 40, 400, 1.5, 8, vec![10, 10, 10, 10]),
         (16, 64, 90, 2500, 0.05, 9, vec![9; 10]), // continual-compression shape: few blocks each
+        (16, 64, 20, 16384, 0.3, 10, vec![4; 5]), // the longest head the device sorts
     ] {
         let mut rng = StdRng::seed_from_u64(seed);
         let per_head = max_ctx.div_ceil(bs);
@@ -552,7 +583,7 @@ fn device_eviction_step_matches_twin() {
         for h in 0..heads {
             tables[h * per_head..][..t.blocks[0][h].len()].copy_from_slice(&t.blocks[0][h]);
         }
-        let mut lens_u: Vec<u32> = lens.iter().map(|&x| x as u32).collect();
+        let lens_u: Vec<u32> = lens.iter().map(|&x| x as u32).collect();
         // Per sequence: its protected window and a share of its blocks.
         let mut seqs = Vec::new();
         let mut first = 0;
@@ -583,20 +614,16 @@ fn device_eviction_step_matches_twin() {
             )
             .unwrap()]
         } else {
-            cuda::kvcompress_evict_batch(
-                &k_dev, &v_dev, &m_dev, &p_dev, &tables, &lens_u, &seqs, bs,
-            )
-            .unwrap()
+            let ht = ops::HeadTables::from_padded(&tables, &lens_u, per_head, bs);
+            cuda::kvcompress_evict_batch(&k_dev, &v_dev, &m_dev, &p_dev, &ht, &seqs, bs).unwrap()
         };
         let want = ops::kvcompress_evict_batch(
             &mut k,
             &mut v,
             &mut metric,
             &mut position,
-            &tables,
-            &mut lens_u,
+            &ops::HeadTables::from_padded(&tables, &lens_u, per_head, bs),
             &seqs,
-            per_head,
             bs,
             d,
         )

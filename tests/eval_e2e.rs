@@ -645,7 +645,21 @@ fn shared_prefill_rows_equal_separate_runs_and_resume_per_run() {
                     .map(|k| t[*k].as_f64().unwrap())
                     .sum();
                 assert!(parts <= r["decode_ms"].as_f64().unwrap() + 1e-6, "{r}");
+                // The prefill breakdown adds up to prefill_ms; only the shared prefill forks.
+                let p = &r["prefill_times"];
+                let parts: f64 = ["forward_ms", "observe_ms", "fork_ms", "compress_ms"]
+                    .iter()
+                    .map(|k| p[*k].as_f64().unwrap())
+                    .sum();
+                let total = r["prefill_ms"].as_f64().unwrap();
+                assert!((parts - total).abs() <= 1e-6 * total.max(1.0), "{r}");
+                assert!(p["forward_ms"].as_f64().unwrap() > 0.0, "{r}");
+                assert!(
+                    p["observe_ms"].as_f64().unwrap() > 0.0,
+                    "{run}: a probed prefill {r}"
+                );
             }
+            assert_eq!(rb["prefill_times"]["fork_ms"].as_f64(), Some(0.0), "{rb}");
             if ra["achieved_rate"].as_f64().unwrap() > 1.2 {
                 compressed += 1;
             }

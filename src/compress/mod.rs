@@ -754,14 +754,17 @@ impl PagedRunner {
             let n = budget_fns[s].len();
             for (k, f) in budget_fns[s].iter().enumerate() {
                 let mut h = proto.fork(f.as_ref());
-                let t = std::time::Instant::now();
                 // The last budget takes the original sequence.
-                let r = if k + 1 == n {
-                    Ok(seq0)
+                let (forked, fork_ms) = if k + 1 == n {
+                    (Ok(seq0), 0.0)
                 } else {
-                    cache.fork_sequence(seq0)
-                }
-                .and_then(|seq| h.after_prefill(&mut cache, seq).map(|_| seq));
+                    let t = std::time::Instant::now();
+                    let r = cache.fork_sequence(seq0);
+                    (r, t.elapsed().as_secs_f64() * 1e3)
+                };
+                let t = std::time::Instant::now();
+                let r = forked.and_then(|seq| h.after_prefill(&mut cache, seq).map(|_| seq));
+                let compress_ms = t.elapsed().as_secs_f64() * 1e3;
                 let (seq, err) = match r {
                     Ok(seq) => (Some(seq), None),
                     Err(e) => (None, Some(e)),
@@ -774,7 +777,12 @@ impl PagedRunner {
                         first,
                         prompt_len: prompt.len(),
                     },
-                    prefill_ms: pre.ms + t.elapsed().as_secs_f64() * 1e3,
+                    prefill_ms: pre.ms + fork_ms + compress_ms,
+                    prefill_times: engine::PrefillTimes {
+                        fork_ms,
+                        compress_ms,
+                        ..pre.times
+                    },
                 });
                 hooks.push(h);
             }
@@ -828,6 +836,7 @@ impl PagedRunner {
                         finish_reason: o.finish_reason,
                         first_logits: Some(first_logits[f.prompt].clone()),
                         prefill_ms: f.prefill_ms,
+                        prefill_times: f.prefill_times,
                         decode_ms: o.decode_ms,
                         decode_times: o.decode_times,
                     },
@@ -853,6 +862,8 @@ struct Fork {
     start: engine::BatchStart,
     /// The prompt's prefill plus this fork's copy and compression.
     prefill_ms: f64,
+    /// Its parts (shared forward and observe, its own fork and compression).
+    prefill_times: engine::PrefillTimes,
 }
 
 /// The full cache: the contiguous reference backend, no hooks. On a GPU, several prompts

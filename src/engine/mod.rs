@@ -69,9 +69,29 @@ pub struct Generation {
     #[serde(skip)]
     pub first_logits: Option<Vec<f32>>,
     pub prefill_ms: f64,
+    /// Where `prefill_ms` went (host view).
+    pub prefill_times: PrefillTimes,
     pub decode_ms: f64,
     /// Where `decode_ms` went (host view).
     pub decode_times: DecodeTimes,
+}
+
+/// Where a prefill's wall time went (milliseconds, host view). Runs sharing one prefill
+/// (`kvc eval`'s rates of a method) each report the shared `forward_ms` and `observe_ms` and
+/// their own `fork_ms` and `compress_ms`, so a sample's wall time is the shared part once plus
+/// every run's own part.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PrefillTimes {
+    /// The chunks' forward passes without the observe callbacks, up to the device finishing
+    /// them.
+    pub forward_ms: f64,
+    /// Scoring the probed queries of the last chunk: their probabilities to the host (which
+    /// waits for the layer's queued kernels) and the hooks' scoring.
+    pub observe_ms: f64,
+    /// Copying the prefilled sequence for this run (0 for the run that keeps the original).
+    pub fork_ms: f64,
+    /// The compression after prefill ([`Hooks::after_prefill`]).
+    pub compress_ms: f64,
 }
 
 /// Where a decode's wall time went, seen from the host, summed over its steps (a batch's
@@ -228,6 +248,8 @@ pub struct Prefilled {
     pub prompt_len: usize,
     /// Wall time of the prefill forward passes.
     pub ms: f64,
+    /// Its forward and observe parts (`fork_ms`, `compress_ms` 0).
+    pub times: PrefillTimes,
 }
 
 /// Prefill `prompt` into `cache` in chunks, probing the last chunk as `hooks` ask; does not
@@ -251,19 +273,31 @@ pub fn prefill(
     };
     let chunks = prefill_chunks(prompt.len(), params.prefill_chunk, min_last);
     let mut logits = None;
+    let mut observe_ms = 0.0;
     for (i, r) in chunks.iter().enumerate() {
         let last = i + 1 == chunks.len();
         let p = if last { probe } else { Probe::None };
         let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
-            hooks.observe(layer, probs, c, seq)
+            let t = Instant::now();
+            let r = hooks.observe(layer, probs, c, seq);
+            observe_ms += ms_since(t);
+            r
         };
         let l = model.forward(&prompt[r.clone()], seq, cache, p, &mut observe);
         logits = Some(l?);
     }
+    // The forward's time includes the device's (launches return before the kernels finish).
+    model.device.synchronize()?;
+    let ms = ms_since(t0);
     Ok(Prefilled {
         logits: logits.expect("non-empty prompt"),
         prompt_len: prompt.len(),
-        ms: t0.elapsed().as_secs_f64() * 1e3,
+        ms,
+        times: PrefillTimes {
+            forward_ms: ms - observe_ms,
+            observe_ms,
+            ..Default::default()
+        },
     })
 }
 
@@ -279,7 +313,8 @@ pub fn decode(
 ) -> Result<Generation> {
     let t0 = Instant::now();
     hooks.after_prefill(cache, seq)?;
-    let prefill_ms = pre.ms + t0.elapsed().as_secs_f64() * 1e3;
+    let compress_ms = ms_since(t0);
+    let prefill_ms = pre.ms + compress_ms;
     let t1 = Instant::now();
     let mut logits = pre.logits.clone();
     let first_logits = Some(logits.to_vec1::<f32>()?);
@@ -317,6 +352,10 @@ pub fn decode(
         finish_reason: finish,
         first_logits,
         prefill_ms,
+        prefill_times: PrefillTimes {
+            compress_ms,
+            ..pre.times
+        },
         decode_ms: ms_since(t1),
         decode_times: times,
     })

@@ -65,6 +65,10 @@ pub struct PredRecord {
     /// Prefill wall time in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefill_ms: Option<f64>,
+    /// Where `prefill_ms` went: forward passes, scoring the probed queries, copying the
+    /// prefilled sequence for this run, compressing it (milliseconds, host view).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_times: Option<crate::engine::PrefillTimes>,
     /// Decode wall time in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode_ms: Option<f64>,

@@ -762,6 +762,7 @@ fn fill(
     }
     rec.achieved_rate = Some(stats.achieved_rate());
     rec.prefill_ms = Some(g.prefill_ms);
+    rec.prefill_times = Some(g.prefill_times);
     rec.decode_ms = Some(g.decode_ms);
     rec.decode_times = Some(g.decode_times);
     Ok(())

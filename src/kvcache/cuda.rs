@@ -25,7 +25,8 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::ops::{
-    check_moves, check_write, DecodeShape, EvictSeq, EvictStep, OpsError, SoftmaxShape,
+    check_meta_set, check_moves, check_write, DecodeShape, EvictSeq, EvictStep, HeadTables,
+    OpsError, SoftmaxShape,
 };
 
 /// Head dims the decode kernel is instantiated for (others use candle ops).
@@ -57,10 +58,13 @@ pub fn decode_supported(dtype: DType, head_dim: usize, group: usize) -> bool {
 pub struct DeviceTables {
     /// The shape they were checked against.
     pub shape: DecodeShape,
-    /// `[batch, num_kv_heads, max_blocks]` u32.
+    /// u32 block ids: row `r`'s blocks start at `table_start[r]`.
     pub block_tables: Tensor,
     /// `[batch, num_kv_heads]` u32.
     pub ctx_lens: Tensor,
+    /// `[batch * num_kv_heads]` u32: where each row's blocks start in `block_tables`
+    /// (`r * max_blocks` for a padded table, back to back for [`Self::upload_heads`]).
+    pub table_start: Tensor,
     /// Longest context length.
     pub max_len: usize,
     /// Whether no block is shared by two rows was checked.
@@ -68,8 +72,9 @@ pub struct DeviceTables {
 }
 
 impl DeviceTables {
-    /// Check `block_tables` / `ctx_lens` against `shape` (see [`DecodeShape::check`]) and upload.
-    /// Use [`Self::upload_disjoint`] when the call adds the metric.
+    /// Check a padded `block_tables` `[batch, num_kv_heads, max_blocks]` and `ctx_lens`
+    /// against `shape` (see [`DecodeShape::check`]) and upload. Use [`Self::upload_disjoint`]
+    /// when the call adds the metric.
     pub fn upload(
         shape: DecodeShape,
         block_tables: &[u32],
@@ -77,7 +82,7 @@ impl DeviceTables {
         device: &Device,
     ) -> Result<Self> {
         shape.check(block_tables, ctx_lens)?;
-        Self::upload_checked(shape, block_tables, ctx_lens, device, false)
+        Self::upload_padded(shape, block_tables, ctx_lens, device, false)
     }
 
     /// As [`Self::upload`], also checking that no block is shared by two rows
@@ -89,10 +94,38 @@ impl DeviceTables {
         device: &Device,
     ) -> Result<Self> {
         shape.check_disjoint(block_tables, ctx_lens)?;
-        Self::upload_checked(shape, block_tables, ctx_lens, device, true)
+        Self::upload_padded(shape, block_tables, ctx_lens, device, true)
     }
 
-    fn upload_checked(
+    /// The rows' blocks back to back (only the blocks in use go up: a padded table of a batch
+    /// with one long head is mostly padding), checked against `shape`
+    /// ([`DecodeShape::check_heads`]; `disjoint`: also that no block is shared, required for a
+    /// call that adds the metric).
+    pub fn upload_heads(
+        shape: DecodeShape,
+        tables: &HeadTables,
+        device: &Device,
+        disjoint: bool,
+    ) -> Result<Self> {
+        shape.check_heads(tables, disjoint)?;
+        // An empty tensor cannot be launched on: one block of padding when no row holds any.
+        let blocks = if tables.blocks.is_empty() {
+            &[0u32][..]
+        } else {
+            &tables.blocks
+        };
+        let rows = tables.heads();
+        Ok(DeviceTables {
+            disjoint,
+            shape,
+            block_tables: Tensor::from_slice(blocks, blocks.len(), device)?,
+            ctx_lens: Tensor::from_slice(&tables.lens, rows, device)?,
+            table_start: Tensor::from_slice(&tables.start[..rows], rows, device)?,
+            max_len: tables.lens.iter().copied().max().unwrap_or(0) as usize,
+        })
+    }
+
+    fn upload_padded(
         shape: DecodeShape,
         block_tables: &[u32],
         ctx_lens: &[u32],
@@ -100,15 +133,13 @@ impl DeviceTables {
         disjoint: bool,
     ) -> Result<Self> {
         let rows = shape.batch * shape.num_kv_heads;
+        let start: Vec<u32> = (0..rows).map(|r| (r * shape.max_blocks) as u32).collect();
         Ok(DeviceTables {
             disjoint,
             shape,
-            block_tables: Tensor::from_slice(
-                block_tables,
-                (shape.batch, shape.num_kv_heads, shape.max_blocks),
-                device,
-            )?,
+            block_tables: Tensor::from_slice(block_tables, block_tables.len(), device)?,
             ctx_lens: Tensor::from_slice(ctx_lens, rows, device)?,
+            table_start: Tensor::from_slice(&start, rows, device)?,
             max_len: ctx_lens.iter().copied().max().unwrap_or(0) as usize,
         })
     }
@@ -304,6 +335,33 @@ pub fn move_slots(
     imp::move_slots(k_cache, v_cache, metric, position, &f, &t)
 }
 
+/// Set `metric[slots[i]] = m[i]` and `position[slots[i]] = p[i]` on the device (twin:
+/// [`super::ops::set_meta`]): one thread per slot, where candle's `scatter_set` of a 1-D
+/// tensor runs its index list in a single thread.
+pub fn set_meta(
+    metric: &Tensor,
+    position: &Tensor,
+    slots: &[u32],
+    m: &[f32],
+    p: &[u32],
+) -> Result<()> {
+    let num_slots = metric.dim(0)?;
+    check_meta(Some(metric), Some(position), num_slots)?;
+    check_meta_set(num_slots, position.dim(0)?, slots, m, p)?;
+    if slots.is_empty() {
+        return Ok(());
+    }
+    let dev = metric.device();
+    let n = slots.len();
+    imp::set_meta(
+        metric,
+        position,
+        &Tensor::from_slice(slots, n, dev)?,
+        &Tensor::from_slice(m, n, dev)?,
+        &Tensor::from_slice(p, n, dev)?,
+    )
+}
+
 /// Paged decode attention (twin: [`super::ops::paged_decode`]): `q` `[batch, n_heads, head_dim]`
 /// over `k_cache`/`v_cache` `[num_slots, head_dim]` through `tables`; writes `out`
 /// `[batch, n_heads, head_dim]` (q's dtype) and, with `write_probs`, the probabilities into
@@ -327,7 +385,7 @@ pub fn paged_decode_into(
     check_meta(metric, None, num_slots)?;
     if metric.is_some() && !tables.disjoint {
         return Err(OpsError::Shape(
-            "a decode call adding the metric needs tables from DeviceTables::upload_disjoint"
+            "a decode call adding the metric needs tables checked disjoint (DeviceTables::upload_disjoint, or upload_heads with disjoint)"
                 .into(),
         )
         .into());
@@ -475,13 +533,14 @@ pub fn kvcompress_evict(
         first_protected,
         n_evict,
     };
+    let max_blocks = block_tables.len() / ctx_lens.len().max(1);
+    let tables = HeadTables::from_padded(block_tables, ctx_lens, max_blocks, block_size);
     let mut steps = kvcompress_evict_batch(
         k_cache,
         v_cache,
         metric,
         position,
-        block_tables,
-        ctx_lens,
+        &tables,
         &[seq],
         block_size,
     )?;
@@ -489,37 +548,35 @@ pub fn kvcompress_evict(
 }
 
 /// KV-Compress's eviction step for several sequences on the device (twin:
-/// [`super::ops::kvcompress_evict_batch`]): sequence `i` owns the next `seqs[i].heads` rows of
-/// `block_tables` `[heads, max_blocks]` and `ctx_lens` `[heads]`; its slots with
-/// `position >= first_protected` are never evicted and `n_evict` blocks are taken over its
-/// heads. Moves K, V, `metric` `[num_slots]` f32 and `position` `[num_slots]` u32 in place;
-/// returns each sequence's per-head counts and new lengths (the only data coming back). Three
-/// launches whatever the number of sequences.
-#[allow(clippy::too_many_arguments)]
+/// [`super::ops::kvcompress_evict_batch`]): sequence `i` owns the next `seqs[i].heads` heads of
+/// `tables`; its slots with `position >= first_protected` are never evicted and `n_evict`
+/// blocks are taken over its heads. Moves K, V, `metric` `[num_slots]` f32 and `position`
+/// `[num_slots]` u32 in place; returns each sequence's per-head counts and new lengths (the
+/// only data coming back). Three launches whatever the number of sequences; what goes up is
+/// the blocks in use (not a table padded to the longest head) and a few numbers per head.
 pub fn kvcompress_evict_batch(
     k_cache: &Tensor,
     v_cache: &Tensor,
     metric: &Tensor,
     position: &Tensor,
-    block_tables: &[u32],
-    ctx_lens: &[u32],
+    tables: &HeadTables,
     seqs: &[EvictSeq],
     block_size: usize,
 ) -> Result<Vec<EvictStep>> {
     let (num_slots, d) = k_cache.dims2()?;
     check_cache(k_cache, v_cache, d)?;
     check_meta(Some(metric), Some(position), num_slots)?;
-    let heads = ctx_lens.len();
+    let heads = tables.heads();
     let seq_heads: usize = seqs.iter().map(|s| s.heads).sum();
     if seq_heads != heads {
         return Err(OpsError::Shape(format!(
-            "{heads} heads in ctx_lens, {seq_heads} in the sequences"
+            "{heads} heads in the tables, {seq_heads} in the sequences"
         ))
         .into());
     }
-    let max_len = ctx_lens.iter().copied().max().unwrap_or(0) as usize;
+    let max_len = tables.lens.iter().copied().max().unwrap_or(0) as usize;
     if heads == 0 || max_len == 0 || seqs.iter().all(|s| s.n_evict == 0) {
-        return Ok(split_steps(seqs, &vec![0; heads], ctx_lens));
+        return Ok(split_steps(seqs, &vec![0; heads], &tables.lens));
     }
     if max_len > EVICT_MAX_LEN {
         return Err(OpsError::Shape(format!(
@@ -527,12 +584,7 @@ pub fn kvcompress_evict_batch(
         ))
         .into());
     }
-    if block_tables.len() % heads != 0 {
-        return Err(OpsError::Shape("block_tables must be [heads, max_blocks]".into()).into());
-    }
-    let max_blocks = block_tables.len() / heads;
-    let shape = DecodeShape::for_eviction(heads, d, max_blocks, block_size, num_slots);
-    shape.check_disjoint(block_tables, ctx_lens)?;
+    tables.check_disjoint(block_size, num_slots)?;
     let dev = k_cache.device();
     // Per head: protected position; per sequence: first head row and blocks to take.
     let mut protect = Vec::with_capacity(heads);
@@ -544,15 +596,21 @@ pub fn kvcompress_evict_batch(
     }
     // i64 on the device (candle has no u64), read as unsigned long long by the kernel.
     let n_evict: Vec<i64> = seqs.iter().map(|s| s.n_evict as i64).collect();
-    let tables = Tensor::from_slice(block_tables, (heads, max_blocks), dev)?;
-    let lens = Tensor::from_slice(ctx_lens, heads, dev)?;
+    // An empty tensor cannot be launched on: one block of padding when no head holds any.
+    let blocks = if tables.blocks.is_empty() {
+        &[0u32][..]
+    } else {
+        &tables.blocks
+    };
+    let lens = Tensor::from_slice(&tables.lens, heads, dev)?;
     let counts = imp::kvcompress_evict(
         k_cache,
         v_cache,
         metric,
         position,
         &EvictArgs {
-            tables: &tables,
+            blocks: &Tensor::from_slice(blocks, blocks.len(), dev)?,
+            start: &Tensor::from_slice(&tables.start, heads + 1, dev)?,
             lens: &lens,
             protect: &Tensor::from_slice(&protect, heads, dev)?,
             head_start: &Tensor::from_slice(&head_start, seqs.len() + 1, dev)?,
@@ -586,8 +644,10 @@ fn split_steps(seqs: &[EvictSeq], counts: &[u32], new_lens: &[u32]) -> Vec<Evict
 /// The device inputs of a batched eviction (see [`kvcompress_evict_batch`]).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct EvictArgs<'a> {
-    /// `[heads, max_blocks]` u32.
-    tables: &'a Tensor,
+    /// `[total blocks]` u32: every head's blocks, head after head ([`HeadTables::blocks`]).
+    blocks: &'a Tensor,
+    /// `[heads + 1]` u32: where each head's blocks start ([`HeadTables::start`]).
+    start: &'a Tensor,
     /// `[heads]` u32 (updated in place).
     lens: &'a Tensor,
     /// `[heads]` u32: first protected position.
@@ -629,6 +689,10 @@ mod imp {
         _: &Tensor,
         _: &Tensor,
     ) -> Result<()> {
+        Err(OpsError::NoCuda.into())
+    }
+
+    pub fn set_meta(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<()> {
         Err(OpsError::NoCuda.into())
     }
 
@@ -916,6 +980,34 @@ mod imp {
         Ok(())
     }
 
+    pub fn set_meta(
+        metric: &Tensor,
+        position: &Tensor,
+        slots: &Tensor,
+        m: &Tensor,
+        p: &Tensor,
+    ) -> Result<()> {
+        let stream = device(metric)?.cuda_stream();
+        let f = func(&stream, "kv_cache", "set_meta")?;
+        let n = slots.dim(0)?;
+        let ptrs = [
+            ptr(Some(metric), &stream)?,
+            ptr(Some(position), &stream)?,
+            ptr(Some(slots), &stream)?,
+            ptr(Some(m), &stream)?,
+            ptr(Some(p), &stream)?,
+        ];
+        let n_i = n as i32;
+        let mut b = stream.launch_builder(&f);
+        for x in &ptrs {
+            b.arg(x);
+        }
+        b.arg(&n_i);
+        // Safety: arguments match set_meta; slots were checked distinct and in range.
+        unsafe { b.launch(grid_1d(n)?) }.map_err(cu)?;
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn paged_decode(
         q: &Tensor,
@@ -969,10 +1061,9 @@ mod imp {
         let i = |x: usize| -> Result<i32> {
             i32::try_from(x).map_err(|_| OpsError::Shape(format!("{x} does not fit i32")).into())
         };
-        let (nkv, group, mb, bs, stride) = (
+        let (nkv, group, bs, stride) = (
             i(s.num_kv_heads)?,
             i(s.group)?,
-            i(s.max_blocks)?,
             i(s.block_size)?,
             i(s.probs_stride)?,
         );
@@ -990,6 +1081,7 @@ mod imp {
             ptr(Some(v_cache), &stream)?,
             ptr(Some(&tables.block_tables), &stream)?,
             ptr(Some(&tables.ctx_lens), &stream)?,
+            ptr(Some(&tables.table_start), &stream)?,
         ];
         let grid_y = s.num_kv_heads as u32;
         let grid_z = s.batch as u32;
@@ -1002,7 +1094,6 @@ mod imp {
         }
         b.arg(&nkv)
             .arg(&group)
-            .arg(&mb)
             .arg(&bs)
             .arg(&stride)
             .arg(&ps)
@@ -1025,6 +1116,7 @@ mod imp {
             p[3],
             p[7],
             p[8],
+            p[9],
         ];
         let mut b = stream.launch_builder(&reduce);
         for x in &r {
@@ -1033,7 +1125,6 @@ mod imp {
         b.arg(&nkv)
             .arg(&group)
             .arg(&hd)
-            .arg(&mb)
             .arg(&bs)
             .arg(&stride)
             .arg(&np)
@@ -1072,64 +1163,73 @@ mod imp {
         use cudarc::driver::sys::CUfunction_attribute_enum as Attr;
         let dev = k_cache.device();
         let stream = device(k_cache)?.cuda_stream();
-        let (heads, max_blocks) = a.tables.dims2()?;
+        let heads = a.lens.dim(0)?;
+        let total_blocks = a.blocks.dim(0)?;
         let n_seqs = a.n_evict.dim(0)?;
-        let pow2 = max_len.next_power_of_two();
-        let smem = pow2 * 8;
+        let sort_smem = max_len.next_power_of_two() * 8;
+        // Holes and survivors as u16, evicted flags as u8 (see kvc_compact_heads).
+        let compact_smem = (5 * max_len).next_multiple_of(4);
         let sort = func(&stream, "evict", "kvc_sort_candidates")?;
         let select = func(&stream, "evict", "kvc_select_blocks")?;
         let compact = func(&stream, "evict", "kvc_compact_heads")?;
-        sort.set_attribute(
-            Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .map_err(|e| cu(format!("{smem} B of shared memory for the sort: {e}")))?;
-        let order = Tensor::zeros((heads, max_len), DType::U32, dev)?;
-        let cand = Tensor::zeros((heads, max_blocks), DType::F32, dev)?;
-        let counts = Tensor::zeros(heads, DType::U32, dev)?;
-        let lt = Tensor::zeros(heads, DType::U32, dev)?;
-        let scratch = Tensor::zeros((heads, 3, max_len), DType::U32, dev)?;
-        let (mb, bs, stride, p2) = (
-            max_blocks as i32,
-            block_size as i32,
-            max_len as i32,
-            pow2 as i32,
-        );
-        let p = [
+        for (f, bytes, what) in [
+            (&sort, sort_smem, "sort"),
+            (&compact, compact_smem, "compaction"),
+        ] {
+            f.set_attribute(
+                Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .map_err(|e| cu(format!("{bytes} B of shared memory for the {what}: {e}")))?;
+        }
+        // Safety (all three): every element is written by the kernels before it is read — the
+        // sort writes each head's order and candidates, the selection every head's counts and
+        // `lt` of its sequence (head_start partitions the heads).
+        let order = unsafe { Tensor::empty(total_blocks * block_size, DType::U32, dev)? };
+        let cand = unsafe { Tensor::empty(total_blocks, DType::F32, dev)? };
+        let counts = unsafe { Tensor::empty(heads, DType::U32, dev)? };
+        let lt = unsafe { Tensor::empty(heads, DType::U32, dev)? };
+        let bs = block_size as i32;
+        let (order_p, cand_p, metric_p, position_p) = (
             ptr(Some(&order), &stream)?,
             ptr(Some(&cand), &stream)?,
             ptr(Some(metric), &stream)?,
             ptr(Some(position), &stream)?,
-            ptr(Some(a.tables), &stream)?,
+        );
+        let (blocks_p, start_p, lens_p) = (
+            ptr(Some(a.blocks), &stream)?,
+            ptr(Some(a.start), &stream)?,
             ptr(Some(a.lens), &stream)?,
-        ];
-        let protect = ptr(Some(a.protect), &stream)?;
-        let mut b = stream.launch_builder(&sort);
-        for x in &p {
-            b.arg(x);
-        }
-        b.arg(&mb).arg(&bs).arg(&stride).arg(&p2).arg(&protect);
+        );
         let cfg = |grid: usize, smem: usize| LaunchConfig {
             grid_dim: (grid as u32, 1, 1),
             block_dim: (1024, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        // Safety: arguments match kvc_sort_candidates; tables were checked on the host.
-        unsafe { b.launch(cfg(heads, smem)) }.map_err(cu)?;
-        let q = [
-            ptr(Some(&counts), &stream)?,
-            ptr(Some(&lt), &stream)?,
-            p[1],
-            p[5],
-            ptr(Some(a.head_start), &stream)?,
-            ptr(Some(a.n_evict), &stream)?,
-        ];
-        let mut b = stream.launch_builder(&select);
-        for x in &q {
+        let mut b = stream.launch_builder(&sort);
+        for x in [
+            &order_p,
+            &cand_p,
+            &metric_p,
+            &position_p,
+            &blocks_p,
+            &start_p,
+            &lens_p,
+        ] {
             b.arg(x);
         }
-        b.arg(&mb).arg(&bs);
-        // Safety: arguments match kvc_select_blocks; head_start partitions the rows.
+        let protect = ptr(Some(a.protect), &stream)?;
+        b.arg(&bs).arg(&protect);
+        // Safety: arguments match kvc_sort_candidates; the tables were checked on the host.
+        unsafe { b.launch(cfg(heads, sort_smem)) }.map_err(cu)?;
+        let (counts_p, lt_p) = (ptr(Some(&counts), &stream)?, ptr(Some(&lt), &stream)?);
+        let head_start = ptr(Some(a.head_start), &stream)?;
+        let n_evict = ptr(Some(a.n_evict), &stream)?;
+        let mut b = stream.launch_builder(&select);
+        for x in [&counts_p, &lt_p, &cand_p, &start_p, &head_start, &n_evict] {
+            b.arg(x);
+        }
+        // Safety: arguments match kvc_select_blocks; head_start partitions the heads.
         unsafe { b.launch(cfg(n_seqs, 0)) }.map_err(cu)?;
         let row_bytes = k_cache.dim(1)? * k_cache.dtype().size_in_bytes();
         if row_bytes % 4 != 0 {
@@ -1138,25 +1238,25 @@ mod imp {
             ))
             .into());
         }
-        let row_words = (row_bytes / 4) as i32;
-        let r = [
-            ptr(Some(k_cache), &stream)?,
-            ptr(Some(v_cache), &stream)?,
-            p[2],
-            p[3],
-            p[5],
-            ptr(Some(&scratch), &stream)?,
-            p[0],
-            q[0],
-            p[4],
-        ];
+        let (row_words, max_len) = ((row_bytes / 4) as i32, max_len as i32);
+        let (k_p, v_p) = (ptr(Some(k_cache), &stream)?, ptr(Some(v_cache), &stream)?);
         let mut b = stream.launch_builder(&compact);
-        for x in &r {
+        for x in [
+            &k_p,
+            &v_p,
+            &metric_p,
+            &position_p,
+            &lens_p,
+            &order_p,
+            &counts_p,
+            &blocks_p,
+            &start_p,
+        ] {
             b.arg(x);
         }
-        b.arg(&mb).arg(&bs).arg(&stride).arg(&row_words);
-        // Safety: arguments match kvc_compact_heads.
-        unsafe { b.launch(cfg(heads, 0)) }.map_err(cu)?;
+        b.arg(&bs).arg(&max_len).arg(&row_words);
+        // Safety: arguments match kvc_compact_heads; its lists fit `compact_smem`.
+        unsafe { b.launch(cfg(heads, compact_smem)) }.map_err(cu)?;
         Ok(counts)
     }
 }

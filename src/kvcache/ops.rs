@@ -8,6 +8,8 @@
 //! the per-slot metric (f32) and position (u32) arrays. Logical slot `i` of row `r` (one
 //! (sequence, kv-head) of one layer) is physical slot
 //! `block_tables[r][i / block_size] * block_size + i % block_size`, for `i < ctx_lens[r]`.
+//! The twins take padded `[rows, max_blocks]` tables; the paged cache hands the kernels only
+//! the blocks in use, rows back to back ([`HeadTables`]).
 //!
 //! Also home of [`DecodeShape`], the host-side validation shared by the twin and the CUDA
 //! wrappers, so a bad table is refused before any kernel reads out of bounds.
@@ -116,6 +118,38 @@ fn check_slots(what: &'static str, lists: &[&[u32]], num_slots: usize) -> Result
         });
     }
     Ok(())
+}
+
+/// Set `metric[slots[i]] = m[i]` and `position[slots[i]] = p[i]` (twin of `set_meta`); slots
+/// distinct and in range.
+pub fn set_meta(
+    metric: &mut [f32],
+    position: &mut [u32],
+    slots: &[u32],
+    m: &[f32],
+    p: &[u32],
+) -> Result<(), OpsError> {
+    check_meta_set(metric.len(), position.len(), slots, m, p)?;
+    for ((&s, &mv), &pv) in slots.iter().zip(m).zip(p) {
+        metric[s as usize] = mv;
+        position[s as usize] = pv;
+    }
+    Ok(())
+}
+
+/// Validate [`set_meta`]'s arguments: metric and position of `num_slots` entries, `m` and `p`
+/// one per slot, slots distinct and below `num_slots`.
+pub fn check_meta_set(
+    num_slots: usize,
+    positions_len: usize,
+    slots: &[u32],
+    m: &[f32],
+    p: &[u32],
+) -> Result<(), OpsError> {
+    check_len("set_meta position", positions_len, num_slots)?;
+    check_len("set_meta values", m.len(), slots.len())?;
+    check_len("set_meta positions", p.len(), slots.len())?;
+    check_slots("set_meta slots", &[slots], num_slots)
 }
 
 /// Validate a write: `k_new`/`v_new` `[n, head_dim]`, `slots`/`positions` `[n]`, slots distinct
@@ -260,32 +294,53 @@ impl DecodeShape {
     }
 
     /// [`Self::check`], and no block shared by two rows (what the metric update and the
-    /// compaction need; one pass over the blocks in use with a bitmap of the pool's blocks:
-    /// a decode step that adds the metric checks every layer's tables, ~50k blocks each at
-    /// batch 96, where sorting them cost milliseconds per step).
+    /// compaction need; [`distinct_blocks`]).
     pub fn check_disjoint(&self, block_tables: &[u32], ctx_lens: &[u32]) -> Result<(), OpsError> {
         let used = self.used_blocks(block_tables, ctx_lens)?;
-        let mut seen = vec![0u64; (self.num_slots / self.block_size).div_ceil(64)];
-        for b in used {
-            let (w, bit) = (b as usize / 64, 1u64 << (b % 64));
-            if seen[w] & bit != 0 {
-                return Err(OpsError::Repeated {
-                    what: "block_tables (block id)",
-                    slot: b as usize,
-                });
-            }
-            seen[w] |= bit;
+        distinct_blocks(
+            "block_tables (block id)",
+            used,
+            self.num_slots / self.block_size,
+        )
+    }
+
+    /// [`Self::check`] (and, with `disjoint`, [`Self::check_disjoint`]) for tables whose rows'
+    /// blocks lie back to back ([`HeadTables`]) instead of in a padded array.
+    pub fn check_heads(&self, tables: &HeadTables, disjoint: bool) -> Result<(), OpsError> {
+        self.check_dims()?;
+        check_len(
+            "head tables",
+            tables.heads(),
+            self.batch * self.num_kv_heads,
+        )?;
+        let cap = (self.max_blocks * self.block_size).min(self.probs_stride);
+        if let Some((row, &len)) = tables
+            .lens
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l as usize > cap)
+        {
+            return Err(OpsError::CtxLen {
+                row,
+                len: len as usize,
+                cap,
+            });
+        }
+        tables.validate(self.block_size, self.num_slots, disjoint)
+    }
+
+    fn check_dims(&self) -> Result<(), OpsError> {
+        if self.block_size == 0 || self.head_dim == 0 || self.group == 0 {
+            return Err(OpsError::Shape(format!(
+                "paged decode: block_size, head_dim and group must be positive ({self:?})"
+            )));
         }
         Ok(())
     }
 
     fn used_blocks(&self, block_tables: &[u32], ctx_lens: &[u32]) -> Result<Vec<u32>, OpsError> {
         let rows = self.batch * self.num_kv_heads;
-        if self.block_size == 0 || self.head_dim == 0 || self.group == 0 {
-            return Err(OpsError::Shape(format!(
-                "paged decode: block_size, head_dim and group must be positive ({self:?})"
-            )));
-        }
+        self.check_dims()?;
         check_len("block_tables", block_tables.len(), rows * self.max_blocks)?;
         check_len("ctx_lens", ctx_lens.len(), rows)?;
         let num_blocks = self.num_slots / self.block_size;
@@ -598,45 +653,185 @@ pub struct EvictSeq {
     pub n_evict: usize,
 }
 
+/// The block tables of many heads back to back, as the batched eviction takes them: head `h`
+/// owns `blocks[start[h]..start[h + 1]]`, exactly `ceil(lens[h] / block_size)` blocks. Unlike a
+/// `[heads, max_blocks]` array padded to the longest head, its size is the blocks in use: at 192
+/// SmolLM2 sequences (17k heads) a padded table was ~35 MB built and uploaded per decode step
+/// for ~2 MB of blocks, because one long head set the width of all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeadTables {
+    /// Physical block ids, head after head.
+    pub blocks: Vec<u32>,
+    /// `[heads + 1]`: where each head's blocks start in `blocks` (the last is `blocks.len()`).
+    pub start: Vec<u32>,
+    /// `[heads]`: tokens cached per head.
+    pub lens: Vec<u32>,
+}
+
+impl HeadTables {
+    /// Tables of `heads`, each its blocks and length.
+    pub fn from_heads<'a>(heads: impl IntoIterator<Item = (&'a [u32], usize)>) -> Self {
+        let mut t = HeadTables {
+            start: vec![0],
+            ..Default::default()
+        };
+        for (b, len) in heads {
+            t.blocks.extend_from_slice(b);
+            t.start.push(t.blocks.len() as u32);
+            t.lens.push(len as u32);
+        }
+        t
+    }
+
+    /// Tables of a padded `[heads, max_blocks]` array (each row's first `ceil(len /
+    /// block_size)` blocks).
+    pub fn from_padded(tables: &[u32], lens: &[u32], max_blocks: usize, block_size: usize) -> Self {
+        Self::from_heads(lens.iter().enumerate().map(|(h, &l)| {
+            let n = (l as usize).div_ceil(block_size.max(1)).min(max_blocks);
+            (&tables[h * max_blocks..][..n], l as usize)
+        }))
+    }
+
+    /// Number of heads.
+    pub fn heads(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// Blocks of head `h`.
+    pub fn head(&self, h: usize) -> &[u32] {
+        &self.blocks[self.start[h] as usize..self.start[h + 1] as usize]
+    }
+
+    /// What the kernels need for memory safety: `start` partitions `blocks`, every head holds
+    /// exactly `ceil(len / block_size)` blocks, and every block id is below `num_slots /
+    /// block_size`.
+    pub fn check(&self, block_size: usize, num_slots: usize) -> Result<(), OpsError> {
+        self.validate(block_size, num_slots, false)
+    }
+
+    /// [`Self::check`], and no block belongs to two heads (one pass with a bitmap of the
+    /// pool's blocks): what the eviction kernels and a decode call that adds the metric need.
+    pub fn check_disjoint(&self, block_size: usize, num_slots: usize) -> Result<(), OpsError> {
+        self.validate(block_size, num_slots, true)
+    }
+
+    fn validate(
+        &self,
+        block_size: usize,
+        num_slots: usize,
+        disjoint: bool,
+    ) -> Result<(), OpsError> {
+        let heads = self.heads();
+        check_len("head table starts", self.start.len(), heads + 1)?;
+        if block_size == 0 || self.start[0] != 0 || self.start[heads] as usize != self.blocks.len()
+        {
+            return Err(OpsError::Shape(format!(
+                "head tables: starts must run from 0 to the {} blocks (got {:?}..{:?}), block size {block_size}",
+                self.blocks.len(),
+                self.start.first(),
+                self.start.last()
+            )));
+        }
+        for h in 0..heads {
+            let (a, b) = (self.start[h], self.start[h + 1]);
+            let want = (self.lens[h] as usize).div_ceil(block_size);
+            if b < a || (b - a) as usize != want {
+                return Err(OpsError::Shape(format!(
+                    "head {h}: {} tokens need {want} blocks, its table has {}",
+                    self.lens[h],
+                    b as i64 - a as i64
+                )));
+            }
+        }
+        let num_blocks = num_slots / block_size;
+        if let Some(&b) = self.blocks.iter().find(|&&b| b as usize >= num_blocks) {
+            return Err(OpsError::Slot {
+                what: "head tables (block id)",
+                slot: b as usize,
+                num_slots: num_blocks,
+            });
+        }
+        if !disjoint {
+            return Ok(());
+        }
+        distinct_blocks(
+            "head tables (block id)",
+            self.blocks.iter().copied(),
+            num_blocks,
+        )
+    }
+}
+
+/// No block id of `blocks` (each below `num_blocks`) appears twice: one pass with a bitmap of
+/// the pool's blocks (a decode step that adds the metric checks every layer's tables, ~50k
+/// blocks each at batch 96, where sorting them cost milliseconds per step).
+fn distinct_blocks(
+    what: &'static str,
+    blocks: impl IntoIterator<Item = u32>,
+    num_blocks: usize,
+) -> Result<(), OpsError> {
+    let mut seen = vec![0u64; num_blocks.div_ceil(64)];
+    for b in blocks {
+        let (w, bit) = (b as usize / 64, 1u64 << (b % 64));
+        if seen[w] & bit != 0 {
+            return Err(OpsError::Repeated {
+                what,
+                slot: b as usize,
+            });
+        }
+        seen[w] |= bit;
+    }
+    Ok(())
+}
+
 /// [`kvcompress_evict`] for several sequences at once (twin of the batched launches of
-/// `kernels/evict.cu`): sequence `i` owns the next `seqs[i].heads` rows of `block_tables`
-/// `[heads, max_blocks]` and `ctx_lens` `[heads]` (updated), and is evicted on its own. All
-/// tables must be disjoint (sequences own their blocks).
+/// `kernels/evict.cu`): sequence `i` owns the next `seqs[i].heads` heads of `tables` and is
+/// evicted on its own. Tables must be disjoint (sequences own their blocks); `tables` is not
+/// changed (the new lengths are in the returned steps).
 #[allow(clippy::too_many_arguments)]
 pub fn kvcompress_evict_batch<T: Copy>(
     k_cache: &mut [T],
     v_cache: &mut [T],
     metric: &mut [f32],
     position: &mut [u32],
-    block_tables: &[u32],
-    ctx_lens: &mut [u32],
+    tables: &HeadTables,
     seqs: &[EvictSeq],
-    max_blocks: usize,
     block_size: usize,
     head_dim: usize,
 ) -> Result<Vec<EvictStep>, OpsError> {
     let heads: usize = seqs.iter().map(|s| s.heads).sum();
-    check_len("ctx_lens", ctx_lens.len(), heads)?;
-    let whole = DecodeShape::for_eviction(heads, head_dim, max_blocks, block_size, metric.len());
-    whole.check_disjoint(block_tables, ctx_lens)?;
+    check_len("head tables", tables.heads(), heads)?;
+    tables.check_disjoint(block_size, metric.len())?;
     let mut first = 0;
     let mut steps = Vec::with_capacity(seqs.len());
     for s in seqs {
         let rows = first..first + s.heads;
+        first = rows.end;
+        // This sequence's heads as the one-sequence twin takes them (padded to its longest).
+        let max_blocks = rows
+            .clone()
+            .map(|h| tables.head(h).len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut padded = vec![0u32; s.heads * max_blocks];
+        for (row, h) in padded.chunks_exact_mut(max_blocks).zip(rows.clone()) {
+            row[..tables.head(h).len()].copy_from_slice(tables.head(h));
+        }
+        let mut lens = tables.lens[rows].to_vec();
         steps.push(kvcompress_evict(
             k_cache,
             v_cache,
             metric,
             position,
-            &block_tables[rows.start * max_blocks..rows.end * max_blocks],
-            &mut ctx_lens[rows.clone()],
+            &padded,
+            &mut lens,
             max_blocks,
             block_size,
             head_dim,
             s.first_protected,
             s.n_evict,
         )?);
-        first = rows.end;
     }
     Ok(steps)
 }
@@ -689,6 +884,56 @@ mod tests {
         assert!(matches!(e, Err(OpsError::Slot { .. })), "{e:?}");
         let e = write_kv(&mut k, &mut v, None, None, &kn, &vn, &[1, 1, 2], &[0; 3], d);
         assert!(matches!(e, Err(OpsError::Repeated { .. })), "{e:?}");
+    }
+
+    #[test]
+    fn set_meta_sets_listed_slots_and_refuses_repeats() {
+        let (mut m, mut p) = (vec![9f32; 6], vec![7u32; 6]);
+        set_meta(&mut m, &mut p, &[4, 1], &[0.5, 1.5], &[40, 10]).unwrap();
+        assert_eq!(m, vec![9., 1.5, 9., 9., 0.5, 9.]);
+        assert_eq!(p, vec![7, 10, 7, 7, 40, 7]);
+        let e = set_meta(&mut m, &mut p, &[2, 2], &[0.; 2], &[0; 2]);
+        assert!(
+            matches!(e, Err(OpsError::Repeated { slot: 2, .. })),
+            "{e:?}"
+        );
+        let e = set_meta(&mut m, &mut p, &[6], &[0.], &[0]);
+        assert!(matches!(e, Err(OpsError::Slot { slot: 6, .. })), "{e:?}");
+        let e = set_meta(&mut m, &mut p, &[1], &[0.; 2], &[0]);
+        assert!(matches!(e, Err(OpsError::Len { .. })), "{e:?}");
+    }
+
+    #[test]
+    fn head_tables_hold_the_blocks_in_use_and_refuse_bad_ones() {
+        // bs 4: head 0 has 5 tokens (2 blocks), head 1 none, head 2 4 tokens (1 block).
+        let padded = [7, 2, 9, 9, 9, 9, 3, 9, 9];
+        let t = HeadTables::from_padded(&padded, &[5, 0, 4], 3, 4);
+        assert_eq!(t.blocks, vec![7, 2, 3]);
+        assert_eq!(t.start, vec![0, 2, 2, 3]);
+        assert_eq!(
+            (t.head(0), t.head(1), t.head(2)),
+            (&[7, 2][..], &[][..], &[3][..])
+        );
+        assert_eq!(t.check_disjoint(4, 8 * 4), Ok(()));
+        // a block id past the pool, a block twice, a head with a block too few or too many
+        let e = t.check_disjoint(4, 7 * 4);
+        assert!(matches!(e, Err(OpsError::Slot { slot: 7, .. })), "{e:?}");
+        let mut dup = t.clone();
+        dup.blocks[2] = 7;
+        let e = dup.check_disjoint(4, 8 * 4);
+        assert!(
+            matches!(e, Err(OpsError::Repeated { slot: 7, .. })),
+            "{e:?}"
+        );
+        let mut short = t.clone();
+        short.lens[2] = 5;
+        assert!(matches!(
+            short.check_disjoint(4, 32),
+            Err(OpsError::Shape(_))
+        ));
+        let mut cut = t.clone();
+        cut.start[3] = 2;
+        assert!(matches!(cut.check_disjoint(4, 32), Err(OpsError::Shape(_))));
     }
 
     #[test]

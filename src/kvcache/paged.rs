@@ -138,19 +138,6 @@ struct DeferredMoves {
     seqs: std::collections::BTreeSet<SeqId>,
 }
 
-/// The block tables and token counts of `heads` (each a head's blocks and length) as the
-/// kernels take them: one `[heads, max_blocks]` array padded with block 0 to the longest
-/// (`max_blocks` at least 1), the lengths, and `max_blocks`.
-fn padded_tables(heads: &[(&Vec<u32>, &usize)]) -> (Vec<u32>, Vec<u32>, usize) {
-    let max_blocks = heads.iter().map(|(b, _)| b.len()).max().unwrap_or(0).max(1);
-    let mut tables = vec![0u32; heads.len() * max_blocks];
-    for (row, (blocks, _)) in tables.chunks_exact_mut(max_blocks).zip(heads) {
-        row[..blocks.len()].copy_from_slice(blocks);
-    }
-    let lens = heads.iter().map(|(_, &l)| l as u32).collect();
-    (tables, lens, max_blocks)
-}
-
 fn be(e: BlockError) -> candle_core::Error {
     candle_core::Error::wrap(e)
 }
@@ -321,12 +308,17 @@ impl PagedCache {
                         position.extend(self.pool.positions(l, seq, h).map_err(be)?);
                     }
                 }
-                let idx = self.slot_index(&slots)?;
-                let n = slots.len();
-                m.metric
-                    .scatter_set(&idx, &Tensor::from_vec(metric, n, &dev)?, 0)?;
-                m.position
-                    .scatter_set(&idx, &Tensor::from_vec(position, n, &dev)?, 0)?;
+                let slots: Vec<u32> = slots.into_iter().map(|s| s as u32).collect();
+                if dev.is_cuda() {
+                    cuda::set_meta(&m.metric, &m.position, &slots, &metric, &position)?;
+                } else {
+                    let n = slots.len();
+                    let idx = Tensor::from_vec(slots, n, &dev)?;
+                    m.metric
+                        .scatter_set(&idx, &Tensor::from_vec(metric, n, &dev)?, 0)?;
+                    m.position
+                        .scatter_set(&idx, &Tensor::from_vec(position, n, &dev)?, 0)?;
+                }
             }
             Some(_) => {}
         }
@@ -472,9 +464,15 @@ impl PagedCache {
         let mut heads = Vec::with_capacity(batch.len() * layers * nkv);
         for &i in &batch {
             let t = self.pool.table(reqs[i].seq).map_err(be)?;
-            heads.extend(t.blocks.iter().flatten().zip(t.len.iter().flatten()));
+            heads.extend(
+                t.blocks
+                    .iter()
+                    .flatten()
+                    .zip(t.len.iter().flatten())
+                    .map(|(b, &l)| (&b[..], l)),
+            );
         }
-        let (tables, mut lens, max_blocks) = padded_tables(&heads);
+        let tables = ops::HeadTables::from_heads(heads);
         let seqs: Vec<ops::EvictSeq> = batch
             .iter()
             .map(|&i| ops::EvictSeq {
@@ -491,12 +489,11 @@ impl PagedCache {
                 &m.metric,
                 &m.position,
                 &tables,
-                &lens,
                 &seqs,
                 bs,
             )?
         } else {
-            self.evict_batch_twin(&tables, &mut lens, &seqs, max_blocks)?
+            self.evict_batch_twin(&tables, &seqs)?
         };
         for (&i, step) in batch.iter().zip(steps) {
             let seq = reqs[i].seq;
@@ -517,17 +514,13 @@ impl PagedCache {
     /// side of [`PagedCache::evict_on_device`]: slow, for tests and CPU runs that ask for it).
     fn evict_batch_twin(
         &mut self,
-        tables: &[u32],
-        lens: &mut [u32],
+        tables: &ops::HeadTables,
         seqs: &[ops::EvictSeq],
-        max_blocks: usize,
     ) -> Result<Vec<ops::EvictStep>> {
         fn run<T: candle_core::WithDType>(
             c: &mut PagedCache,
-            tables: &[u32],
-            lens: &mut [u32],
+            tables: &ops::HeadTables,
             seqs: &[ops::EvictSeq],
-            max_blocks: usize,
         ) -> Result<Vec<ops::EvictStep>> {
             let (rows, d) = c.k.dims2()?;
             let dev = c.spec.device.clone();
@@ -542,9 +535,7 @@ impl PagedCache {
                 &mut metric,
                 &mut position,
                 tables,
-                lens,
                 seqs,
-                max_blocks,
                 c.spec.block_size,
                 d,
             )
@@ -556,9 +547,9 @@ impl PagedCache {
             Ok(steps)
         }
         match self.spec.dtype {
-            DType::F32 => run::<f32>(self, tables, lens, seqs, max_blocks),
-            DType::BF16 => run::<half::bf16>(self, tables, lens, seqs, max_blocks),
-            DType::F16 => run::<half::f16>(self, tables, lens, seqs, max_blocks),
+            DType::F32 => run::<f32>(self, tables, seqs),
+            DType::BF16 => run::<half::bf16>(self, tables, seqs),
+            DType::F16 => run::<half::f16>(self, tables, seqs),
             dt => candle_core::bail!("paged cache dtype {dt:?}"),
         }
     }
@@ -835,10 +826,22 @@ impl PagedCache {
         let mut heads = Vec::with_capacity(b * nkv);
         for &sid in call.seqs {
             let t = self.pool.table(sid).map_err(be)?;
-            heads.extend(t.blocks[call.layer].iter().zip(&t.len[call.layer]));
+            heads.extend(
+                t.blocks[call.layer]
+                    .iter()
+                    .zip(&t.len[call.layer])
+                    .map(|(b, &l)| (&b[..], l)),
+            );
         }
-        let (tables, lens, max_blocks) = padded_tables(&heads);
-        let max_len = lens.iter().copied().max().unwrap_or(0) as usize;
+        // Only the blocks in use go up (a table padded to the longest head was mostly padding
+        // in a batch of mixed budgets: ~1 MB per layer at 192 SmolLM2 sequences).
+        let tables = ops::HeadTables::from_heads(heads);
+        let max_blocks = (0..tables.heads())
+            .map(|r| tables.head(r).len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let max_len = tables.lens.iter().copied().max().unwrap_or(0) as usize;
         let stride = max_len.max(1);
         let shape = DecodeShape {
             batch: b,
@@ -859,11 +862,7 @@ impl PagedCache {
             .as_ref()
             .filter(|m| call.seqs.iter().any(|s| m.seqs.contains(s)))
             .map(|m| &m.metric);
-        let tables = if metric.is_some() {
-            DeviceTables::upload_disjoint(shape, &tables, &lens, dev)?
-        } else {
-            DeviceTables::upload(shape, &tables, &lens, dev)?
-        };
+        let tables = DeviceTables::upload_heads(shape, &tables, dev, metric.is_some())?;
         let mut q = call.q.reshape((b, nh, d))?.contiguous()?;
         if q.layout().start_offset() != 0 {
             q = q.copy()?;
