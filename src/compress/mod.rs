@@ -777,7 +777,6 @@ impl PagedRunner {
                         first,
                         prompt_len: prompt.len(),
                     },
-                    prefill_ms: pre.ms + fork_ms + compress_ms,
                     prefill_times: engine::PrefillTimes {
                         fork_ms,
                         compress_ms,
@@ -835,7 +834,7 @@ impl PagedRunner {
                         output_ids: o.output_ids,
                         finish_reason: o.finish_reason,
                         first_logits: Some(first_logits[f.prompt].clone()),
-                        prefill_ms: f.prefill_ms,
+                        prefill_ms: f.prefill_times.total(),
                         prefill_times: f.prefill_times,
                         decode_ms: o.decode_ms,
                         decode_times: o.decode_times,
@@ -860,9 +859,7 @@ struct Fork {
     seq: Option<SeqId>,
     err: Option<candle_core::Error>,
     start: engine::BatchStart,
-    /// The prompt's prefill plus this fork's copy and compression.
-    prefill_ms: f64,
-    /// Its parts (shared forward and observe, its own fork and compression).
+    /// The prompt's prefill (shared forward and observe) plus this fork's copy and compression.
     prefill_times: engine::PrefillTimes,
 }
 

@@ -94,6 +94,13 @@ pub struct PrefillTimes {
     pub compress_ms: f64,
 }
 
+impl PrefillTimes {
+    /// The whole prefill wall time (what rows report as `prefill_ms`).
+    pub fn total(&self) -> f64 {
+        self.forward_ms + self.observe_ms + self.fork_ms + self.compress_ms
+    }
+}
+
 /// Where a decode's wall time went, seen from the host, summed over its steps (a batch's
 /// totals up to the sequence's last token for [`decode_batch`]). On the GPU [`decode_batch`]
 /// waits for the forward's kernels before scoring and compressing (`sync_ms`), so the other
@@ -246,9 +253,8 @@ pub struct Prefilled {
     /// Logits after the last prompt token `[vocab]`.
     pub logits: Tensor,
     pub prompt_len: usize,
-    /// Wall time of the prefill forward passes.
-    pub ms: f64,
-    /// Its forward and observe parts (`fork_ms`, `compress_ms` 0).
+    /// Wall time of the prefill forward passes: its forward and observe parts (`fork_ms`,
+    /// `compress_ms` 0).
     pub times: PrefillTimes,
 }
 
@@ -292,7 +298,6 @@ pub fn prefill(
     Ok(Prefilled {
         logits: logits.expect("non-empty prompt"),
         prompt_len: prompt.len(),
-        ms,
         times: PrefillTimes {
             forward_ms: ms - observe_ms,
             observe_ms,
@@ -302,7 +307,7 @@ pub fn prefill(
 }
 
 /// Continue from a prefill: [`Hooks::after_prefill`] (compression; its time counts as
-/// prefill time, added to `pre.ms`), then greedy decoding.
+/// prefill time, `compress_ms` of the generation's `prefill_times`), then greedy decoding.
 pub fn decode(
     model: &mut Llama,
     cache: &mut dyn CacheBackend,
@@ -313,8 +318,10 @@ pub fn decode(
 ) -> Result<Generation> {
     let t0 = Instant::now();
     hooks.after_prefill(cache, seq)?;
-    let compress_ms = ms_since(t0);
-    let prefill_ms = pre.ms + compress_ms;
+    let prefill_times = PrefillTimes {
+        compress_ms: ms_since(t0),
+        ..pre.times
+    };
     let t1 = Instant::now();
     let mut logits = pre.logits.clone();
     let first_logits = Some(logits.to_vec1::<f32>()?);
@@ -351,11 +358,8 @@ pub fn decode(
         output_ids: out,
         finish_reason: finish,
         first_logits,
-        prefill_ms,
-        prefill_times: PrefillTimes {
-            compress_ms,
-            ..pre.times
-        },
+        prefill_ms: prefill_times.total(),
+        prefill_times,
         decode_ms: ms_since(t1),
         decode_times: times,
     })

@@ -108,12 +108,7 @@ impl DeviceTables {
         disjoint: bool,
     ) -> Result<Self> {
         shape.check_heads(tables, disjoint)?;
-        // An empty tensor cannot be launched on: one block of padding when no row holds any.
-        let blocks = if tables.blocks.is_empty() {
-            &[0u32][..]
-        } else {
-            &tables.blocks
-        };
+        let blocks = tables.upload_blocks();
         let rows = tables.heads();
         Ok(DeviceTables {
             disjoint,
@@ -596,12 +591,7 @@ pub fn kvcompress_evict_batch(
     }
     // i64 on the device (candle has no u64), read as unsigned long long by the kernel.
     let n_evict: Vec<i64> = seqs.iter().map(|s| s.n_evict as i64).collect();
-    // An empty tensor cannot be launched on: one block of padding when no head holds any.
-    let blocks = if tables.blocks.is_empty() {
-        &[0u32][..]
-    } else {
-        &tables.blocks
-    };
+    let blocks = tables.upload_blocks();
     let lens = Tensor::from_slice(&tables.lens, heads, dev)?;
     let counts = imp::kvcompress_evict(
         k_cache,

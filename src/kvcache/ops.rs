@@ -326,7 +326,7 @@ impl DecodeShape {
             tables.heads(),
             self.batch * self.num_kv_heads,
         )?;
-        let cap = (self.max_blocks * self.block_size).min(self.probs_stride);
+        let cap = self.ctx_cap();
         if let Some((row, &len)) = tables
             .lens
             .iter()
@@ -340,6 +340,11 @@ impl DecodeShape {
             });
         }
         tables.validate(self.block_size, self.num_slots, disjoint)
+    }
+
+    /// Longest context a row may have: its blocks and its probabilities row.
+    fn ctx_cap(&self) -> usize {
+        (self.max_blocks * self.block_size).min(self.probs_stride)
     }
 
     fn check_dims(&self) -> Result<(), OpsError> {
@@ -357,7 +362,7 @@ impl DecodeShape {
         check_len("block_tables", block_tables.len(), rows * self.max_blocks)?;
         check_len("ctx_lens", ctx_lens.len(), rows)?;
         let num_blocks = self.num_slots / self.block_size;
-        let cap = (self.max_blocks * self.block_size).min(self.probs_stride);
+        let cap = self.ctx_cap();
         let mut used = Vec::new();
         for (r, &len) in ctx_lens.iter().enumerate() {
             let len = len as usize;
@@ -710,6 +715,26 @@ impl HeadTables {
         self.lens.len()
     }
 
+    /// Blocks of the longest head's table (at least 1, as a padded table's width).
+    pub fn max_blocks(&self) -> usize {
+        self.start
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0)
+            .max(1)
+    }
+
+    /// `blocks` as a device upload takes it: never empty (an empty tensor cannot be launched
+    /// on), one unread block 0 when no head holds any.
+    pub fn upload_blocks(&self) -> &[u32] {
+        if self.blocks.is_empty() {
+            &[0]
+        } else {
+            &self.blocks
+        }
+    }
+
     /// Blocks of head `h`.
     pub fn head(&self, h: usize) -> &[u32] {
         &self.blocks[self.start[h] as usize..self.start[h + 1] as usize]
@@ -954,6 +979,9 @@ mod tests {
             (&[7, 2][..], &[][..], &[3][..])
         );
         assert_eq!(t.check_disjoint(4, 8 * 4), Ok(()));
+        assert_eq!((t.max_blocks(), t.upload_blocks()), (2, &[7, 2, 3][..]));
+        let none = HeadTables::from_padded(&[5, 5], &[0, 0], 1, 4);
+        assert_eq!((none.max_blocks(), none.upload_blocks()), (1, &[0][..]));
         // a block id past the pool, a block twice, a head with a block too few or too many
         let e = t.check_disjoint(4, 7 * 4);
         assert!(matches!(e, Err(OpsError::Slot { slot: 7, .. })), "{e:?}");

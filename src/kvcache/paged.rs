@@ -836,11 +836,7 @@ impl PagedCache {
         // Only the blocks in use go up (a table padded to the longest head was mostly padding
         // in a batch of mixed budgets: ~1 MB per layer at 192 SmolLM2 sequences).
         let tables = ops::HeadTables::from_heads(heads);
-        let max_blocks = (0..tables.heads())
-            .map(|r| tables.head(r).len())
-            .max()
-            .unwrap_or(0)
-            .max(1);
+        let max_blocks = tables.max_blocks();
         let max_len = tables.lens.iter().copied().max().unwrap_or(0) as usize;
         let stride = max_len.max(1);
         let shape = DecodeShape {
