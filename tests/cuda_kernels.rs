@@ -478,6 +478,73 @@ fn set_meta_matches_twin() {
     );
 }
 
+/// The window scorer (`kernels/score.cu`) against its twin: GQA groups 1-8, one probed query
+/// (a decode step) or a window, ragged heads (one empty, one full), lengths off the kernel's
+/// 256-slot tile, every aggregation and pooling the methods use, with and without the
+/// unpooled tail; the zeros past each head are compared too.
+#[test]
+fn window_score_matches_twin() {
+    use kvc::compress::score::window_score_twin;
+    use kvc::kvcache::cuda::WindowScoreArgs;
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(21);
+    let mut n_cases = 0;
+    let mut worst = 0f32;
+    for (nkv, group, probed, max_len) in [
+        (3, 3, 32, 7431),
+        (2, 1, 1, 300),
+        (4, 4, 8, 257),
+        (1, 8, 16, 1000),
+        (8, 2, 32, 4096),
+    ] {
+        let p: Vec<f32> = (0..nkv * group * probed * max_len)
+            .map(|_| rng.random::<f32>() / 64.0)
+            .collect();
+        let probs = Tensor::from_slice(&p, (1, nkv * group, probed, max_len), &dev).unwrap();
+        let lens: Vec<usize> = (0..nkv)
+            .map(|h| match h {
+                0 => max_len,
+                1 => 0,
+                _ => rng.random_range(1..=max_len),
+            })
+            .collect();
+        for squared in [false, true] {
+            for (pool_k, pool_max) in [(0, true), (7, true), (5, false), (64, true)] {
+                for pool_skip_last in [0, 32] {
+                    let a = WindowScoreArgs {
+                        group,
+                        squared,
+                        pool_k,
+                        pool_max,
+                        pool_skip_last,
+                    };
+                    let got = host::<f32>(&cuda::window_score(&probs, &lens, &a).unwrap());
+                    let want = window_score_twin(&p, &lens, probed, max_len, &a);
+                    let (w, maxabs) = compare(&got, &want, 1e-7, 1e-5);
+                    assert!(
+                        w <= 1.0,
+                        "{a:?} nkv {nkv} probed {probed} max_len {max_len}: max err {maxabs}"
+                    );
+                    worst = worst.max(maxabs);
+                    n_cases += 1;
+                }
+            }
+        }
+    }
+    // Refused: a head longer than the probabilities, a group that does not split the heads.
+    let probs = Tensor::zeros((1, 6, 2, 10), DType::F32, &dev).unwrap();
+    let a = WindowScoreArgs {
+        group: 3,
+        squared: true,
+        pool_k: 7,
+        pool_max: true,
+        pool_skip_last: 0,
+    };
+    assert!(cuda::window_score(&probs, &[10, 11], &a).is_err());
+    assert!(cuda::window_score(&probs, &[10, 10, 10], &a).is_err());
+    eprintln!("SUMMARY window_score: {n_cases} cases match the twin (max abs err {worst:.2e}); bad shapes refused");
+}
+
 #[test]
 fn bad_tables_are_refused_before_launch() {
     let dev = gpu();

@@ -13,6 +13,8 @@
 //! sum keeps the ranking of the group mean). H2O: L1-sum over every probed query.
 use candle_core::{Result, Tensor};
 
+use crate::kvcache::cuda::{self, WindowScoreArgs};
+
 /// How probabilities are aggregated over the probed queries.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -84,55 +86,93 @@ pub fn window_scores(
     }
 }
 
-/// [`window_scores`] when every probed query counts for every key (no buffer, no average):
-/// the sum over the probed queries runs where `probs` lives (on a GPU: two ops) and only
-/// `[n_heads, max_len]` comes to the host, `n` times less than the probabilities themselves
-/// (32x for KV-Compress's window). Pooling and the group sum follow on the host.
+/// [`window_scores`] when every probed query counts for every key (no buffer, no average).
+/// On a GPU, `kernels/score.cu` sums over the probed queries, pools and sums over the group
+/// in one launch, and only `[kv_heads, max_len]` comes to the host (`group x n` times less
+/// than the probabilities); elsewhere its twin, [`window_score_twin`], runs on the host.
 fn window_scores_summed(
     probs: &Tensor,
     positions: &[Vec<u32>],
     spec: &ScoreSpec,
 ) -> Result<Vec<Vec<f32>>> {
-    let (_, nh, _, max_len) = probs.dims4()?;
+    let (_, nh, n, max_len) = probs.dims4()?;
     let nkv = positions.len();
     if nkv == 0 || nh % nkv != 0 {
         candle_core::bail!("{nh} query heads do not split over {nkv} kv-heads");
     }
-    let g = nh / nkv;
-    let m = if probs.dim(2)? == 1 {
-        // One query (a decode step): nothing to sum; square on the host, as `sqr` would
-        // (x * x), without the two intermediate tensors (this runs per sequence and layer).
-        let mut m = probs.flatten_all()?.to_vec1::<f32>()?;
-        if spec.agg.squared() {
-            m.iter_mut().for_each(|x| *x *= *x);
-        }
-        m
+    let args = kernel_args(spec, nh / nkv);
+    let lens: Vec<usize> = positions.iter().map(|p| p.len().min(max_len)).collect();
+    let flat = if probs.device().is_cuda() {
+        let p = probs.to_dtype(candle_core::DType::F32)?;
+        cuda::window_score(&p, &lens, &args)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
     } else {
-        let summed = if spec.agg.squared() {
-            probs.sqr()?.sum(2)?
-        } else {
-            probs.sum(2)?
-        };
-        summed.flatten_all()?.to_vec1::<f32>()? // [nh * max_len]
+        let p = probs.flatten_all()?.to_vec1::<f32>()?;
+        window_score_twin(&p, &lens, n, max_len, &args)
     };
-    let mut out = Vec::with_capacity(nkv);
-    for (kv, pos) in positions.iter().enumerate() {
-        let len = pos.len().min(max_len);
-        let mut acc = vec![0f32; len];
-        for hq in kv * g..(kv + 1) * g {
-            let mut row = m[hq * max_len..hq * max_len + len].to_vec();
-            if let Some((k, kind)) = spec.pool {
-                let n = row.len().saturating_sub(spec.pool_skip_last);
-                let pooled = pool1d(&row[..n], k, kind);
-                row[..n].copy_from_slice(&pooled);
+    Ok(lens
+        .iter()
+        .enumerate()
+        .map(|(h, &l)| flat[h * max_len..h * max_len + l].to_vec())
+        .collect())
+}
+
+/// A summed spec in the kernel's terms.
+fn kernel_args(spec: &ScoreSpec, group: usize) -> WindowScoreArgs {
+    let (pool_k, pool_max) = match spec.pool {
+        Some((k, kind)) => (k, kind == PoolKind::Max),
+        None => (0, true),
+    };
+    WindowScoreArgs {
+        group,
+        squared: spec.agg.squared(),
+        pool_k,
+        pool_max,
+        pool_skip_last: spec.pool_skip_last,
+    }
+}
+
+/// Twin of `kernels/score.cu` (and the host path of [`window_scores`] for summed specs):
+/// `p` `[kv_heads * group, n, max_len]` probabilities, `lens[h]` slots of kv-head `h`; returns
+/// `[kv_heads, max_len]` (zero past each head's length). Per query head, the probed queries
+/// are summed in ascending order (squared first for L2), the first `len - pool_skip_last`
+/// slots pooled ([`pool1d`]); the group's query heads are summed in ascending order.
+pub fn window_score_twin(
+    p: &[f32],
+    lens: &[usize],
+    n: usize,
+    max_len: usize,
+    a: &WindowScoreArgs,
+) -> Vec<f32> {
+    let mut out = vec![0f32; lens.len() * max_len];
+    let mut m = vec![0f32; max_len];
+    for (h, &len) in lens.iter().enumerate() {
+        let acc = &mut out[h * max_len..h * max_len + len];
+        for hq in h * a.group..(h + 1) * a.group {
+            m[..len].fill(0.0);
+            for i in 0..n {
+                let row = &p[(hq * n + i) * max_len..][..len];
+                for (s, x) in m.iter_mut().zip(row) {
+                    *s += if a.squared { x * x } else { *x };
+                }
             }
-            for (a, v) in acc.iter_mut().zip(&row) {
-                *a += v;
+            let pooled_len = len.saturating_sub(a.pool_skip_last);
+            if a.pool_k > 1 {
+                let kind = if a.pool_max {
+                    PoolKind::Max
+                } else {
+                    PoolKind::Avg
+                };
+                let pooled = pool1d(&m[..pooled_len], a.pool_k, kind);
+                m[..pooled_len].copy_from_slice(&pooled);
+            }
+            for (x, v) in acc.iter_mut().zip(&m) {
+                *x += v;
             }
         }
-        out.push(acc);
     }
-    Ok(out)
+    out
 }
 
 /// [`window_scores`] for every spec, on the host (the reference of the summed path).

@@ -357,6 +357,78 @@ pub fn set_meta(
     )
 }
 
+/// The settings of [`window_score`] (the method's `ScoreSpec`, in the kernel's terms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowScoreArgs {
+    /// Query heads per kv-head.
+    pub group: usize,
+    /// Sum `p^2` (L2) instead of `p` (L1) over the probed queries.
+    pub squared: bool,
+    /// Pooling kernel along the slot axis (<= 1: none).
+    pub pool_k: usize,
+    /// Max pooling (else average, counting the padding).
+    pub pool_max: bool,
+    /// Slots at the end of each head left unpooled.
+    pub pool_skip_last: usize,
+}
+
+/// Threads (slots) per block of `window_score` (`WS_TILE` in `kernels/score.cu`).
+const WS_TILE: usize = 256;
+
+/// The window scorer on the device (`kernels/score.cu`; twin:
+/// `compress::score::window_score_twin`): from `probs` `[kv_heads * group, probed, max_len]`
+/// f32 (any leading dims of 1) and each kv-head's slot count `lens` (<= max_len), the scores
+/// `[kv_heads, max_len]` f32 (zero past each head's length): summed (or squared and summed)
+/// over the probed queries, pooled along the slots, summed over the group.
+pub fn window_score(probs: &Tensor, lens: &[usize], a: &WindowScoreArgs) -> Result<Tensor> {
+    let dims = probs.dims();
+    let (nh, probed, max_len) = match dims.len() {
+        3 => (dims[0], dims[1], dims[2]),
+        4 if dims[0] == 1 => (dims[1], dims[2], dims[3]),
+        _ => {
+            return Err(OpsError::Shape(format!(
+                "window_score: probs must be [heads, probed, max_len], got {dims:?}"
+            ))
+            .into())
+        }
+    };
+    let nkv = lens.len();
+    if a.group == 0 || nh != nkv * a.group || probs.dtype() != DType::F32 {
+        return Err(OpsError::Shape(format!(
+            "window_score: {nh} f32 query heads for {nkv} kv-heads of group {}, got {:?}",
+            a.group,
+            probs.dtype()
+        ))
+        .into());
+    }
+    if let Some(l) = lens.iter().find(|&&l| l > max_len) {
+        return Err(OpsError::Shape(format!(
+            "window_score: a head of {l} slots in probabilities of {max_len}"
+        ))
+        .into());
+    }
+    let span = WS_TILE + if a.pool_k > 1 { a.pool_k } else { 0 };
+    let shared = span * a.group * 4;
+    if shared > 48 * 1024 || max_len > i32::MAX as usize || probed > i32::MAX as usize {
+        return Err(OpsError::Shape(format!(
+            "window_score: pooling kernel {} over groups of {} needs {shared} B of shared memory (48 KiB at most)",
+            a.pool_k, a.group
+        ))
+        .into());
+    }
+    let dev = probs.device();
+    if nkv == 0 || max_len == 0 || probed == 0 {
+        return Tensor::zeros((nkv, max_len), DType::F32, dev);
+    }
+    let probs = probs.contiguous()?;
+    let lens: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+    let lens = Tensor::from_vec(lens, nkv, dev)?;
+    // Safety: the kernel writes every element of out (every column of every kv-head row).
+    let out = unsafe { Tensor::empty((nkv, max_len), DType::F32, dev)? };
+    imp::window_score(&out, &probs, &lens, a, probed, max_len, shared)?;
+    Ok(out)
+}
+
 /// Paged decode attention (twin: [`super::ops::paged_decode`]): `q` `[batch, n_heads, head_dim]`
 /// over `k_cache`/`v_cache` `[num_slots, head_dim]` through `tables`; writes `out`
 /// `[batch, n_heads, head_dim]` (q's dtype) and, with `write_probs`, the probabilities into
@@ -686,6 +758,18 @@ mod imp {
         Err(OpsError::NoCuda.into())
     }
 
+    pub fn window_score(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &WindowScoreArgs,
+        _: usize,
+        _: usize,
+        _: usize,
+    ) -> Result<()> {
+        Err(OpsError::NoCuda.into())
+    }
+
     pub fn prefill_softmax(
         _: &Tensor,
         _: Option<&Tensor>,
@@ -755,6 +839,7 @@ mod imp {
     static EVICT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/evict.fatbin"));
     static PREFILL_SOFTMAX: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/prefill_softmax.fatbin"));
+    static SCORE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/score.fatbin"));
 
     type FuncCache = HashMap<(usize, String), CudaFunction>;
     type ModCache = HashMap<(usize, &'static str), Arc<cudarc::driver::CudaModule>>;
@@ -765,8 +850,7 @@ mod imp {
     }
 
     /// `name` from module `module` ("paged_attention" | "kv_cache" | "evict" |
-    /// "prefill_softmax"), loaded once per
-    /// context.
+    /// "prefill_softmax" | "score"), loaded once per context.
     fn func(stream: &Arc<CudaStream>, module: &'static str, name: &str) -> Result<CudaFunction> {
         let ctx = stream.context();
         let key = Arc::as_ptr(ctx) as usize;
@@ -784,6 +868,7 @@ mod imp {
                     "paged_attention" => PAGED_ATTENTION,
                     "evict" => EVICT,
                     "prefill_softmax" => PREFILL_SOFTMAX,
+                    "score" => SCORE,
                     _ => KV_CACHE,
                 };
                 let m = ctx
@@ -995,6 +1080,49 @@ mod imp {
         b.arg(&n_i);
         // Safety: arguments match set_meta; slots were checked distinct and in range.
         unsafe { b.launch(grid_1d(n)?) }.map_err(cu)?;
+        Ok(())
+    }
+
+    pub fn window_score(
+        out: &Tensor,
+        probs: &Tensor,
+        lens: &Tensor,
+        a: &WindowScoreArgs,
+        probed: usize,
+        max_len: usize,
+        shared: usize,
+    ) -> Result<()> {
+        let stream = device(probs)?.cuda_stream();
+        let f = func(&stream, "score", "window_score")?;
+        let nkv = lens.dim(0)?;
+        let ptrs = [
+            ptr(Some(out), &stream)?,
+            ptr(Some(probs), &stream)?,
+            ptr(Some(lens), &stream)?,
+        ];
+        let ints = [
+            a.group as i32,
+            probed as i32,
+            max_len as i32,
+            a.squared as i32,
+            a.pool_k as i32,
+            a.pool_max as i32,
+            a.pool_skip_last.min(i32::MAX as usize) as i32,
+        ];
+        let mut b = stream.launch_builder(&f);
+        for x in &ptrs {
+            b.arg(x);
+        }
+        for x in &ints {
+            b.arg(x);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (max_len.div_ceil(WS_TILE) as u32, nkv as u32, 1),
+            block_dim: (WS_TILE as u32, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        // Safety: arguments match window_score; shapes and lens were checked by the caller.
+        unsafe { b.launch(cfg) }.map_err(cu)?;
         Ok(())
     }
 
