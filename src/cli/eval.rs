@@ -152,13 +152,14 @@ pub struct SweepArgs {
     pub no_shared_prefill: bool,
     /// Samples of a subset generated together: each prompt is prefilled on its own, then all
     /// of them (every rate of each) decode in one batch (measured: 1.5x with 2 samples on a
-    /// 2-core CPU; most where a decode step costs about the same for 1 or 64 sequences, as on a
-    /// GPU with a small model); 1 = one sample at a time. The output is the same either way,
-    /// except for `full` on a GPU, whose batches decode through the paged cache instead of the
-    /// contiguous one (other kernels: bf16 outputs may differ in rare tokens); Ctrl-C finishes
-    /// the samples in flight.
-    #[arg(long, default_value_t = 1, value_parser = crate::compress::positive)]
-    pub batch_samples: usize,
+    /// 2-core CPU; on an H200 the SmolLM2 sweep takes 349 s with 32); 1 = one sample at a
+    /// time. Default: 1 on the CPU; on a GPU as many as its free memory holds at the longest
+    /// prompt, at most 32 (printed at the start; 1 for an 8B model at 128k on 80 GB). The
+    /// output is the same either way, except for `full` on a GPU, whose batches decode through
+    /// the paged cache instead of the contiguous one (other kernels: bf16 outputs may differ in
+    /// rare tokens); Ctrl-C finishes the samples in flight.
+    #[arg(long, value_parser = crate::compress::positive)]
+    pub batch_samples: Option<usize>,
     #[command(flatten)]
     pub method_options: MethodOptions,
 }
@@ -487,6 +488,44 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
         generated = rows;
     }
     run::check_samples_found(samples.as_ref(), &subsets)?;
+    let batch_samples = match args.sweep.batch_samples {
+        Some(b) => b,
+        None if device.is_cuda() => {
+            let longest = if ruler_tasks.is_empty() {
+                max_input
+            } else {
+                max_input.max(args.data.lengths.iter().copied().max().unwrap_or(0))
+            };
+            let new = subsets
+                .iter()
+                .map(|s| {
+                    args.generation
+                        .max_new_tokens
+                        .unwrap_or(s.task.max_new_tokens)
+                })
+                .max()
+                .unwrap_or(0);
+            let c = lm.config();
+            let per_sample = run::sample_kv_bytes(
+                c.num_hidden_layers,
+                c.num_key_value_heads,
+                c.head_dim,
+                dtype.size_in_bytes(),
+                args.sweep.method_options.block_size,
+                longest + new,
+            );
+            let free = crate::kvcache::cuda::device_memory(&device)?.map(|(free, _)| free);
+            let b = run::auto_batch_samples(free, per_sample);
+            note(&format!(
+                "batch: {b} samples at a time ({:.1} GiB free, {:.0} MiB per sample at {} tokens; --batch-samples sets it)",
+                free.unwrap_or(0) as f64 / (1u64 << 30) as f64,
+                per_sample as f64 / (1u64 << 20) as f64,
+                longest + new
+            ));
+            b
+        }
+        None => 1,
+    };
     let model_source = match &resolved.source {
         ModelSource::HfDir(p) | ModelSource::Gguf(p) => {
             resolved.hub_id.clone().unwrap_or_else(|| {
@@ -568,7 +607,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
             "scheduling".into(),
             serde_json::json!({
                 "shared_prefill": !args.sweep.no_shared_prefill,
-                "batch_samples": args.sweep.batch_samples,
+                "batch_samples": batch_samples,
             }),
         );
         x.insert("command".into(), serde_json::json!(argv));
@@ -611,7 +650,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
         stop: &stop,
         abandon: &abandon,
         retry_failed: args.output.retry_failed,
-        batch_samples: args.sweep.batch_samples,
+        batch_samples,
     };
     let mut progress = Progress {
         show_bars: !args.output.no_progress && !quiet && std::io::stderr().is_terminal(),

@@ -826,6 +826,44 @@ pub trait Observer {
     fn warn(&mut self, _msg: &str) {}
 }
 
+/// Most samples `kvc eval` batches by default on a GPU (the SmolLM2 sweep was measured with 32).
+pub const AUTO_BATCH_MAX: usize = 32;
+
+/// Bytes the paged cache of one sample may take at `tokens` tokens of context: every head of
+/// every layer full (K, V, metric, position and table entries, [`MemoryLayout`]), twice (the
+/// prompt's cache and its forks at their budgets, which together never exceed one more full
+/// copy, as `PagedRunner::run_batched` sizes its pool).
+///
+/// [`MemoryLayout`]: crate::kvcache::blocks::MemoryLayout
+pub fn sample_kv_bytes(
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtype_bytes: usize,
+    block_size: usize,
+    tokens: usize,
+) -> u64 {
+    let bs = block_size.max(1);
+    let layout = crate::kvcache::blocks::MemoryLayout {
+        block_size: bs,
+        head_dim,
+        dtype_bytes,
+    };
+    let blocks_per_head = tokens.div_ceil(bs) as u64 + 1;
+    2 * (layers * kv_heads) as u64 * blocks_per_head * layout.bytes_per_block()
+}
+
+/// `--batch-samples` when not given: the samples whose caches ([`sample_kv_bytes`]) fit in
+/// three quarters of the device's free memory (the rest is for prefill activations and
+/// attention scores), less one sample's worth for the transient copy a fork makes; at least 1,
+/// at most [`AUTO_BATCH_MAX`]. `free`: `None` on the CPU (1).
+pub fn auto_batch_samples(free: Option<u64>, per_sample: u64) -> usize {
+    let Some(free) = free else { return 1 };
+    let per = per_sample.max(1);
+    let usable = (free / 4 * 3).saturating_sub(per);
+    ((usable / per) as usize).clamp(1, AUTO_BATCH_MAX)
+}
+
 /// Everything a sweep needs besides the model.
 pub struct Sweep<'a> {
     pub out: &'a Path,
@@ -1087,6 +1125,23 @@ pub fn data_report(subsets: &[SubsetPlan]) -> (serde_json::Value, Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_batch_fits_free_memory() {
+        // SmolLM2-135M in bf16 at 7500 + 512 tokens: ~364 MiB per sample.
+        let smol = sample_kv_bytes(30, 3, 64, 2, 16, 8012);
+        assert!((350 << 20..380 << 20).contains(&smol), "{smol}");
+        // Llama-3.1-8B in bf16 at 127500 + 512 tokens: ~32 GiB per sample.
+        let llama = sample_kv_bytes(32, 8, 128, 2, 16, 128_012);
+        assert!((31 << 30..33 << 30).contains(&llama), "{llama}");
+        assert_eq!(auto_batch_samples(None, smol), 1, "the CPU");
+        assert_eq!(auto_batch_samples(Some(139 << 30), smol), AUTO_BATCH_MAX);
+        // An 80 GB H100 with the 8B model's 16 GB of weights loaded.
+        assert_eq!(auto_batch_samples(Some(63 << 30), llama), 1);
+        // 3/4 of 8 GiB = 6 GiB, less one sample of 1 GiB: 5.
+        assert_eq!(auto_batch_samples(Some(8 << 30), 1 << 30), 5);
+        assert_eq!(auto_batch_samples(Some(1 << 20), 1 << 30), 1);
+    }
 
     fn m(n: &str) -> MethodSpec {
         MethodSpec { name: n.into() }
