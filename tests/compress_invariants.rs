@@ -615,65 +615,74 @@ fn device_compression_equals_host_compression() {
             vec![Some(Budget::Tokens(16)), Some(Budget::Rate(4.0))],
         ];
         let prompts: Vec<&[u32]> = vec![&long, &short];
-        let spec = MethodSpec::parse("kvcompress").unwrap();
-        let run = |lm: &mut LoadedModel, on: CompressOn| {
+        // KVCrush (a large share, so its picks change the prefill compression): its prefill
+        // compression is planned on the host either way, its decode steps are KV-Compress's.
+        for name in ["kvcompress", "kvcompress+kvcrush"] {
+            let spec = MethodSpec::parse(name).unwrap();
+            let run = |lm: &mut LoadedModel, on: CompressOn| {
+                let opts = MethodOptions {
+                    compress_on: on,
+                    min_cache_tokens: 4,
+                    kvcrush_ratio: 0.5,
+                    ..small_opts()
+                };
+                let mut r = compress::runner(&spec, None, &cfg, &opts).unwrap();
+                let batched: Vec<_> = r
+                    .run_prompts(&mut lm.model, &prompts, &p, &budgets)
+                    .unwrap()
+                    .into_iter()
+                    .flat_map(|res| res.unwrap())
+                    .map(|g| {
+                        let (g, st) = g.unwrap();
+                        (g.output_ids, st)
+                    })
+                    .collect();
+                let mut alone =
+                    compress::runner(&spec, Some(Budget::Tokens(12)), &cfg, &opts).unwrap();
+                let (g, st) = alone.run(&mut lm.model, &long, &p).unwrap();
+                (batched, (g.output_ids, st))
+            };
+            let host = run(&mut lm, CompressOn::Host);
+            let device = run(&mut lm, CompressOn::Device);
+            assert_eq!(device, host, "{name}, layers {}", ts.layers);
+            assert!(host.1 .0.len() > 8, "decoding ran: {:?}", host.1 .0);
+
+            // The path is really taken: after prefill the sequence's metric lives in the cache's
+            // tensors, decode probes nothing, and steps evict through evict_on_device.
             let opts = MethodOptions {
-                compress_on: on,
-                min_cache_tokens: 4,
+                kvcrush_ratio: 0.5,
                 ..small_opts()
             };
-            let mut r = compress::runner(&spec, None, &cfg, &opts).unwrap();
-            let batched: Vec<_> = r
-                .run_prompts(&mut lm.model, &prompts, &p, &budgets)
-                .unwrap()
-                .into_iter()
-                .flat_map(|res| res.unwrap())
-                .map(|g| {
-                    let (g, st) = g.unwrap();
-                    (g.output_ids, st)
-                })
-                .collect();
-            let mut alone = compress::runner(&spec, Some(Budget::Tokens(12)), &cfg, &opts).unwrap();
-            let (g, st) = alone.run(&mut lm.model, &long, &p).unwrap();
-            (batched, (g.output_ids, st))
-        };
-        let host = run(&mut lm, CompressOn::Host);
-        let device = run(&mut lm, CompressOn::Device);
-        assert_eq!(device, host, "layers {}", ts.layers);
-        assert!(host.1 .0.len() > 8, "decoding ran: {:?}", host.1 .0);
-
-        // The path is really taken: after prefill the sequence's metric lives in the cache's
-        // tensors, decode probes nothing, and steps evict through evict_on_device.
-        let opts = small_opts();
-        let policy = compress::build_policy(&spec, &cfg, &opts).unwrap();
-        let budget_of = |_: usize| Some(12);
-        let mut hooks = CompressHooks::new(policy.as_ref(), cfg.num_hidden_layers, &budget_of);
-        let mut cache = cpu_cache(&cfg, opts.block_size);
-        assert!(!cache.device_compression(), "host by default on the CPU");
-        cache.set_device_compression(true);
-        let seq = cache.add_sequence().unwrap();
-        let pre = engine::prefill(
-            &mut lm.model,
-            &mut cache,
-            seq,
-            &long,
-            &params(12),
-            &mut hooks,
-        )
-        .unwrap();
-        assert!(!cache.metric_on_device(seq), "prefill scores on the host");
-        let g = engine::decode(
-            &mut lm.model,
-            &mut cache,
-            seq,
-            &pre,
-            &params(12),
-            &mut hooks,
-        )
-        .unwrap();
-        assert!(cache.metric_on_device(seq));
-        assert_eq!(hooks.decode_probe(), Probe::None);
-        assert!(hooks.kept.evicted > long.len() - 12, "{:?}", hooks.kept);
-        assert_eq!(g.output_ids.len(), 12);
+            let policy = compress::build_policy(&spec, &cfg, &opts).unwrap();
+            let budget_of = |_: usize| Some(12);
+            let mut hooks = CompressHooks::new(policy.as_ref(), cfg.num_hidden_layers, &budget_of);
+            let mut cache = cpu_cache(&cfg, opts.block_size);
+            assert!(!cache.device_compression(), "host by default on the CPU");
+            cache.set_device_compression(true);
+            let seq = cache.add_sequence().unwrap();
+            let pre = engine::prefill(
+                &mut lm.model,
+                &mut cache,
+                seq,
+                &long,
+                &params(12),
+                &mut hooks,
+            )
+            .unwrap();
+            assert!(!cache.metric_on_device(seq), "prefill scores on the host");
+            let g = engine::decode(
+                &mut lm.model,
+                &mut cache,
+                seq,
+                &pre,
+                &params(12),
+                &mut hooks,
+            )
+            .unwrap();
+            assert!(cache.metric_on_device(seq));
+            assert_eq!(hooks.decode_probe(), Probe::None);
+            assert!(hooks.kept.evicted > long.len() - 12, "{:?}", hooks.kept);
+            assert_eq!(g.output_ids.len(), 12);
+        }
     }
 }

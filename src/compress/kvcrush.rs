@@ -28,7 +28,7 @@ use candle_core::{Result, Tensor};
 use rand::{Rng, SeedableRng};
 use std::collections::HashSet;
 
-use super::policy::{Phase, Policy, SeqView};
+use super::policy::{DeviceStepSpec, Phase, Policy, SeqView};
 use super::MethodOptions;
 use crate::kvcache::blocks::{EvictionPlan, HeadEviction};
 use crate::kvcache::Probe;
@@ -303,6 +303,15 @@ impl Policy for KvCrush {
     }
     fn min_budget(&self) -> usize {
         self.base.min_budget()
+    }
+    /// Decode steps are the base's alone ([`Policy::plan`] above), so they run where the
+    /// base's run (KV-Compress: on the device).
+    fn device_step(&self, budget: usize, block_size: usize) -> Option<DeviceStepSpec> {
+        self.base.device_step(budget, block_size)
+    }
+    /// The prefill compression's picks are host code.
+    fn device_prefill(&self) -> bool {
+        false
     }
 }
 

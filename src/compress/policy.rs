@@ -118,6 +118,12 @@ pub trait Policy: Send + Sync {
     fn device_step(&self, _budget: usize, _block_size: usize) -> Option<DeviceStepSpec> {
         None
     }
+    /// Whether the compression right after prefill is [`Policy::device_step`]'s eviction too
+    /// (the default). `false`: it is planned on the host ([`Policy::plan`]), and only the
+    /// decode steps after it run on the device (KVCrush, whose prefill picks are host code).
+    fn device_prefill(&self) -> bool {
+        true
+    }
 }
 
 /// How a policy's continual compression runs on the device ([`Policy::device_step`]).
@@ -372,9 +378,14 @@ impl Hooks for CompressHooks<'_> {
         };
         match device {
             Some(d) => {
-                cache.keep_metric_on_device(seq)?;
-                let st = cache.evict_on_device(&[device_request(cache, seq, d)?])?;
-                self.device_evicted(st[0]);
+                if self.policy.device_prefill() {
+                    cache.keep_metric_on_device(seq)?;
+                    let st = cache.evict_on_device(&[device_request(cache, seq, d)?])?;
+                    self.device_evicted(st[0]);
+                } else {
+                    self.compress(cache, seq)?;
+                    cache.keep_metric_on_device(seq)?;
+                }
                 if self.policy.continual() {
                     self.device = Some(d);
                 }
