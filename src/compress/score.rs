@@ -304,6 +304,28 @@ mod tests {
     }
 
     #[test]
+    fn device_scorer_refuses_bad_shapes_before_launching() {
+        // Checked before any launch, so on the CPU too (where a valid call has no kernel).
+        let probs = Tensor::zeros((1, 6, 2, 10), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let a = WindowScoreArgs {
+            group: 3,
+            squared: true,
+            pool_k: 7,
+            pool_max: true,
+            pool_skip_last: 0,
+        };
+        let err = |lens: &[usize], a: &WindowScoreArgs| {
+            cuda::window_score(&probs, lens, a).unwrap_err().to_string()
+        };
+        assert!(err(&[10, 11], &a).contains("11 slots"));
+        assert!(err(&[10, 10, 10], &a).contains("kv-heads of group 3"));
+        let wide = WindowScoreArgs { pool_k: 5000, ..a };
+        assert!(err(&[10, 10], &wide).contains("shared memory"));
+        let bf16 = probs.to_dtype(candle_core::DType::BF16).unwrap();
+        assert!(cuda::window_score(&bf16, &[10, 10], &a).is_err());
+    }
+
+    #[test]
     fn pooling_matches_pytorch_semantics() {
         let x = [1.0, 5.0, 2.0, 0.0, 0.0, 3.0];
         assert_eq!(

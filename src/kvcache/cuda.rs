@@ -407,9 +407,15 @@ pub fn window_score(probs: &Tensor, lens: &[usize], a: &WindowScoreArgs) -> Resu
         ))
         .into());
     }
+    if max_len > i32::MAX as usize || probed > i32::MAX as usize {
+        return Err(OpsError::Shape(format!(
+            "window_score: {probed} probed queries x {max_len} slots is too many"
+        ))
+        .into());
+    }
     let span = WS_TILE + if a.pool_k > 1 { a.pool_k } else { 0 };
     let shared = span * a.group * 4;
-    if shared > 48 * 1024 || max_len > i32::MAX as usize || probed > i32::MAX as usize {
+    if shared > 48 * 1024 {
         return Err(OpsError::Shape(format!(
             "window_score: pooling kernel {} over groups of {} needs {shared} B of shared memory (48 KiB at most)",
             a.pool_k, a.group
