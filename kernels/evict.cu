@@ -11,7 +11,8 @@
 // order[start[h] * block_size ..]. Sequence s owns heads head_start[s] .. head_start[s + 1]
 // (its layers x kv-heads, in (layer, kv-head) order).
 //
-// Three launches, in this order:
+// Three launches, in this order (four with KVCrush's block form, which runs between the
+// selection and the compaction):
 //   kvc_sort_candidates: grid (heads), 1024 threads, dynamic smem 8 * pow2 bytes
 //     (pow2 = next power of two >= the longest head, <= 16384 on an H100 with the opt-in).
 //     Sorts each head's logical slots ascending by metric (protected slots, position >=
@@ -26,10 +27,19 @@
 //     flags and the hole / survivor lists of the head). Head giving k candidates evicts its
 //     (k - 1) * block_size + h lowest slots (a prefix of its sorted order); survivors in the tail
 //     (logical >= new length), tail-most first, move into the lowest evicted holes; ctx_lens
-//     shrink. Freed blocks are the head's blocks past ceil(new_len / block_size).
+//     shrink. Freed blocks are the head's blocks past ceil(new_len / block_size). With KVCrush,
+//     the groups `kvc_crush_pick` kept are left out of that prefix and the head evicts
+//     `evict_n[head]` slots.
+//   kvc_crush_pick (KVCrush's block form): grid (layers, sequences), 1024 threads. Per
+//     (sequence, layer): the median of the layer's unprotected metrics, each head's evicted
+//     prefix cut into groups of block_size from the top, a group's signature (its slots in
+//     position order, bit = metric >= median), the anchor (given, or the per-bit majority),
+//     Hamming distances, the stable order by (distance, head, group), and the groups at ranks
+//     floor(i * n / K), i < K (all when K >= n) are kept.
 //
-// Rust twin: kvc::kvcache::ops::kvcompress_evict (built from kvc::compress::kvcompress's
-// select_blocks / head_evictions and BlockPool::plan_compaction).
+// Rust twins: kvc::kvcache::ops::kvcompress_evict (built from kvc::compress::kvcompress's
+// select_blocks / head_evictions, kvc::compress::kvcrush::block_picks and
+// BlockPool::plan_compaction).
 #include "common.cuh"
 
 namespace kvc {
@@ -184,6 +194,215 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_select_blocks(
   }
 }
 
+namespace kvc {
+constexpr int CRUSH_MAX_HEADS = 64;  // kv-heads per layer
+constexpr int CRUSH_BINS = 66;       // distances 0..=64, and 65 for "no group"
+
+// Slots of a head's sorted order with a key below ORD_INF (its evictable slots: protected ones
+// sort last as +inf; unprotected metrics are finite).
+__device__ uint32_t evictable_prefix(const float* metric, const uint32_t* position,
+                                     const uint32_t* ord_row, const uint32_t* table, uint32_t len,
+                                     int bs, uint32_t protect) {
+  uint32_t lo = 0, hi = len;
+  while (lo < hi) {
+    const uint32_t mid = (lo + hi) / 2;
+    const uint32_t s = slot_of(table, ord_row[mid], bs);
+    if (position[s] < protect) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// Of a head's first `n` sorted slots (ascending metric), how many have ord(metric) <= k.
+__device__ uint32_t sorted_le(const float* metric, const uint32_t* ord_row, const uint32_t* table,
+                              uint32_t n, int bs, uint32_t k) {
+  uint32_t lo = 0, hi = n;
+  while (lo < hi) {
+    const uint32_t mid = (lo + hi) / 2;
+    if (ord(metric[slot_of(table, ord_row[mid], bs)]) <= k) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+}  // namespace kvc
+
+extern "C" __global__ void __launch_bounds__(1024) kvc_crush_pick(
+    uint32_t* evict_n,               // [heads] u32 (out: slots each head evicts after the picks)
+    uint8_t* picked,                 // [total blocks] u8 (out: group g of head h, counted from
+                                     //   the top of its evicted prefix, is kept iff
+                                     //   picked[start[h] + g]; written for g < prefix / bs)
+    unsigned long long* sig,         // [total blocks] u64 scratch: a layer's groups from
+                                     //   start[its first head]
+    uint32_t* rank,                  // [total blocks] u32 scratch, same indexing
+    const float* metric,             // [num_slots] f32
+    const uint32_t* position,        // [num_slots] u32
+    const uint32_t* order,           // [total blocks * block_size] u32 (kvc_sort_candidates)
+    const uint32_t* counts,          // [heads] u32 (kvc_select_blocks)
+    const uint32_t* blocks,          // [total blocks] u32: every head's blocks, back to back
+    const uint32_t* start,           // [heads + 1] u32: first block of each head in `blocks`
+    const uint32_t* ctx_lens,        // [heads] u32
+    const uint32_t* first_protected, // [heads] u32
+    const uint32_t* head_start,      // [sequences + 1] u32: first head row of each sequence
+    const uint32_t* groups_of,       // [sequences] u32: groups kept per layer (0: no KVCrush)
+    const unsigned long long* anchor_of,  // [sequences] u64: anchor bits (bit i: the i-th slot
+                                          //   of a group in position order)
+    const uint32_t* mean_of,         // [sequences] u32: 1 = anchor is the per-bit majority
+    int block_size,                  // tokens per block (<= 64: one u64 signature)
+    int kv_heads) {                  // heads per layer (<= CRUSH_MAX_HEADS)
+  __shared__ uint32_t e_s[kvc::CRUSH_MAX_HEADS], goff[kvc::CRUSH_MAX_HEADS + 1];
+  __shared__ uint32_t picks_s[kvc::CRUSH_MAX_HEADS], u_s[kvc::CRUSH_MAX_HEADS];
+  __shared__ uint32_t bits_s[64], base_s[kvc::CRUSH_BINS], wcnt[32][kvc::CRUSH_BINS];
+  __shared__ uint32_t le_s[kvc::CRUSH_MAX_HEADS];
+  __shared__ float median_s;
+  __shared__ unsigned long long anchor_s;
+  const int seq = blockIdx.y, tid = threadIdx.x, nt = blockDim.x;
+  const int lane = tid % 32, w = tid / 32, nw = nt / 32;
+  const uint32_t r0 = head_start[seq] + blockIdx.x * kv_heads;
+  if (r0 + kv_heads > head_start[seq + 1]) return;
+  const int bs = block_size;
+  const uint32_t K = groups_of[seq];
+  // Evicted prefix and groups of each head.
+  if (tid < kv_heads) {
+    const uint32_t h = r0 + tid, len = ctx_lens[h], k = counts[h];
+    e_s[tid] = k == 0 ? 0 : (k - 1) * bs + kvc::last_block_tokens(len, bs);
+    picks_s[tid] = 0;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    goff[0] = 0;
+    for (int h = 0; h < kv_heads; ++h) goff[h + 1] = goff[h] + (K == 0 ? 0 : e_s[h] / bs);
+  }
+  __syncthreads();
+  const uint32_t n = goff[kv_heads];
+  auto head_of = [&](uint32_t j) {
+    int h = 0;
+    while (goff[h + 1] <= j) ++h;
+    return h;
+  };
+  const uint32_t base = start[r0];
+  if (n > 0 && K < n) {
+    // Median of the layer's unprotected metrics: the element of rank u / 2 among the heads'
+    // sorted evictable prefixes, found by bisection over ord keys (warp 0, lanes over heads).
+    if (w == 0) {
+      uint32_t u = 0;
+      for (int h = lane; h < kv_heads; h += 32) {
+        const uint32_t hh = r0 + h;
+        const uint32_t* ord_row = order + (size_t)start[hh] * bs;
+        u_s[h] = kvc::evictable_prefix(metric, position, ord_row, blocks + start[hh],
+                                       ctx_lens[hh], bs, first_protected[hh]);
+        u += u_s[h];
+      }
+      for (int o = 16; o > 0; o >>= 1) u += __shfl_xor_sync(0xffffffffu, u, o);
+      float med = 0.0f;
+      if (u > 0) {
+        const uint32_t want = u / 2;  // smallest key with more than `want` keys <= it
+        uint32_t lo = 0, hi = kvc::ORD_INF - 1;
+        while (lo < hi) {
+          const uint32_t mid = lo + (hi - lo) / 2;
+          uint32_t c = 0;
+          for (int h = lane; h < kv_heads; h += 32) {
+            const uint32_t hh = r0 + h;
+            c += kvc::sorted_le(metric, order + (size_t)start[hh] * bs, blocks + start[hh],
+                                u_s[h], bs, mid);
+          }
+          for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
+          if (c > want) hi = mid; else lo = mid + 1;
+        }
+        med = kvc::unord(lo);
+      }
+      if (lane == 0) median_s = med;
+    }
+    if (tid < 64) bits_s[tid] = 0;
+    __syncthreads();
+    const float median = median_s;
+    // Signatures: bit i = the metric of the group's i-th slot in position order >= median.
+    for (uint32_t j = tid; j < n; j += nt) {
+      const int h = head_of(j);
+      const uint32_t hh = r0 + h, g = j - goff[h];
+      const uint32_t* ord_row = order + (size_t)start[hh] * bs;
+      const uint32_t* table = blocks + start[hh];
+      const uint32_t first = e_s[h] - (g + 1) * bs;
+      uint32_t pos[64];
+      bool one[64];
+      for (int t = 0; t < bs; ++t) {
+        const uint32_t s = kvc::slot_of(table, ord_row[first + t], bs);
+        pos[t] = position[s];
+        one[t] = metric[s] >= median;
+      }
+      unsigned long long x = 0;
+      for (int t = 0; t < bs; ++t) {
+        int r = 0;  // positions within a head are distinct
+        for (int q = 0; q < bs; ++q) r += pos[q] < pos[t];
+        if (one[t]) x |= 1ull << r;
+      }
+      sig[base + j] = x;
+      if (mean_of[seq]) {
+        for (unsigned long long y = x; y; y &= y - 1) atomicAdd(&bits_s[__ffsll(y) - 1], 1u);
+      }
+    }
+    __syncthreads();
+    if (tid == 0) {
+      unsigned long long a = anchor_of[seq];
+      if (mean_of[seq]) {
+        a = 0;
+        for (int b = 0; b < bs; ++b)
+          if (2 * bits_s[b] > n) a |= 1ull << b;
+      }
+      anchor_s = a;
+    }
+    // Stable ranks by (distance, group index): a histogram of the distances gives each
+    // distance's first rank; chunk by chunk, a group's rank adds the groups of the same
+    // distance before it (earlier warps' counts, then earlier lanes by __match_any_sync).
+    for (int b = tid; b < kvc::CRUSH_BINS; b += nt) base_s[b] = 0;
+    __syncthreads();
+    const unsigned long long anchor = anchor_s;
+    for (uint32_t j = tid; j < n; j += nt) atomicAdd(&base_s[__popcll(sig[base + j] ^ anchor)], 1u);
+    __syncthreads();
+    if (tid == 0) {
+      uint32_t run = 0;
+      for (int b = 0; b < kvc::CRUSH_BINS; ++b) {
+        const uint32_t c = base_s[b];
+        base_s[b] = run;
+        run += c;
+      }
+    }
+    __syncthreads();
+    for (uint32_t c0 = 0; c0 < n; c0 += nt) {
+      const uint32_t j = c0 + tid;
+      const int d = j < n ? __popcll(sig[base + j] ^ anchor) : kvc::CRUSH_BINS - 1;
+      const unsigned same = __match_any_sync(0xffffffffu, d);
+      for (int b = lane; b < kvc::CRUSH_BINS; b += 32) wcnt[w][b] = 0;
+      __syncwarp();
+      if (lane == __ffs(same) - 1) wcnt[w][d] = __popc(same);
+      __syncthreads();
+      for (int b = tid; b < kvc::CRUSH_BINS; b += nt) {
+        uint32_t run = base_s[b];
+        for (int x = 0; x < nw; ++x) {
+          const uint32_t c = wcnt[x][b];
+          wcnt[x][b] = run;
+          run += c;
+        }
+        base_s[b] = run;
+      }
+      __syncthreads();
+      if (j < n) rank[base + j] = wcnt[w][d] + __popc(same & ((1u << lane) - 1));
+      __syncthreads();
+    }
+  }
+  // Picks: rank r is kept iff r = floor(i * n / K) for some i < K, i.e. i = ceil(r * K / n).
+  for (uint32_t j = tid; j < n; j += nt) {
+    const int h = head_of(j);
+    bool keep = true;
+    if (K < n) {
+      const unsigned long long r = rank[base + j];
+      const unsigned long long i = (r * K + n - 1) / n;
+      keep = i < K && i * n / K == r;
+    }
+    picked[start[r0 + h] + (j - goff[h])] = keep;
+    if (keep) atomicAdd(&picks_s[h], 1u);
+  }
+  __syncthreads();
+  if (tid < kv_heads) evict_n[r0 + tid] = e_s[tid] - picks_s[tid] * bs;
+}
+
 extern "C" __global__ void __launch_bounds__(1024) kvc_compact_heads(
     float* k_cache_f,                // [num_slots, head_dim] K (any 2- or 4-byte dtype, as words)
     float* v_cache_f,                // [num_slots, head_dim] V
@@ -194,6 +413,8 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_compact_heads(
     const uint32_t* counts,          // [heads] u32 candidates taken per head
     const uint32_t* blocks,          // [total blocks] u32: every head's blocks, back to back
     const uint32_t* start,           // [heads + 1] u32: first block of each head in `blocks`
+    const uint32_t* evict_n,         // [heads] u32 or null: slots evicted after KVCrush's picks
+    const uint8_t* picked,           // [total blocks] u8 or null: kvc_crush_pick's kept groups
     int block_size,                  // tokens per block
     int max_len,                     // longest head (sizes the shared lists)
     int row_words) {                 // 4-byte words per K/V row (head_dim * elem_size / 4)
@@ -203,7 +424,10 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_compact_heads(
   const int head = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
   const uint32_t len = ctx_lens[head], k = counts[head];
   if (k == 0 || len == 0) return;
-  const uint32_t e = (k - 1) * block_size + kvc::last_block_tokens(len, block_size);
+  // The base's prefix of the sorted order, and what is evicted of it after KVCrush's picks.
+  const uint32_t prefix = (k - 1) * block_size + kvc::last_block_tokens(len, block_size);
+  const uint32_t e = evict_n ? evict_n[head] : prefix;
+  if (e == 0) return;
   const uint32_t new_len = len - e;
   const uint32_t* table = blocks + start[head];
   const uint32_t* ord_row = order + (size_t)start[head] * block_size;
@@ -212,7 +436,13 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_compact_heads(
   uint8_t* gone = reinterpret_cast<uint8_t*>(lists + 2 * max_len);  // 1 = evicted, per slot
   for (uint32_t i = tid; i < len; i += nt) gone[i] = 0;
   __syncthreads();
-  for (uint32_t r = tid; r < e; r += nt) gone[ord_row[r]] = 1;
+  for (uint32_t r = tid; r < prefix; r += nt) {
+    if (e != prefix) {
+      const uint32_t g = (prefix - 1 - r) / block_size;  // group from the top
+      if (g < prefix / block_size && picked[start[head] + g]) continue;
+    }
+    gone[ord_row[r]] = 1;
+  }
   __syncthreads();
   // Holes: evicted logical slots < new_len, ascending (stable compaction by chunks + ballots).
   if (tid == 0) cnt_s[0] = 0;

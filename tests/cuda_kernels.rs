@@ -561,12 +561,20 @@ fn bad_tables_are_refused_before_launch() {
 /// Device eviction step (sort + candidates + selection + compaction) against its twin, with
 /// tied metrics (quantised to eighths), a protected window, empty heads, several block sizes;
 /// the heads split into several sequences (one batched step: each sequence selects over its
-/// own heads, with its own protected window and block count) or all in one.
+/// own heads, with its own protected window and block count) or all in one. The cases with
+/// KVCrush (`kvc_crush_pick` between selection and compaction; layers of `kv_heads`, groups
+/// kept per head, anchor, and whether only every other sequence asks for it) check its picks
+/// against `kvcrush::block_picks` through the twin: ties in the median and in distances, layers
+/// with more groups than a block has threads, all groups kept, block size 64, 64 kv-heads.
 #[test]
 fn device_eviction_step_matches_twin() {
+    use kvc::compress::kvcrush::{Anchor, BlockPicks};
     let dev = gpu();
     let mut n_cases = 0;
-    for (bs, d, heads, max_ctx, share, seed, segments) in [
+    let mut n_crush = 0;
+    type Crush = Option<(usize, usize, Anchor, bool)>;
+    let plain: Crush = None;
+    for (bs, d, heads, max_ctx, share, seed, segments, crush) in [
         (
             16usize,
             64usize,
@@ -575,16 +583,107 @@ fn device_eviction_step_matches_twin() {
             0.5f32,
             1u64,
             vec![24usize],
+            plain,
         ),
-        (32, 128, 16, 1000, 0.3, 2, vec![16]),
-        (16, 128, 64, 300, 0.9, 3, vec![64]),
-        (16, 64, 8, 5000, 0.5, 4, vec![8]),
-        (16, 64, 12, 200, 2.0, 5, vec![12]), // more blocks asked than finite candidates
-        (16, 64, 24, 600, 0.5, 6, vec![6, 6, 6, 6]),
-        (16, 128, 30, 900, 0.4, 7, vec![5, 17, 8]),
-        (32, 64, 40, 400, 1.5, 8, vec![10, 10, 10, 10]),
-        (16, 64, 90, 2500, 0.05, 9, vec![9; 10]), // continual-compression shape: few blocks each
-        (16, 64, 20, 16384, 0.3, 10, vec![4; 5]), // the longest head the device sorts
+        (32, 128, 16, 1000, 0.3, 2, vec![16], None),
+        (16, 128, 64, 300, 0.9, 3, vec![64], None),
+        (16, 64, 8, 5000, 0.5, 4, vec![8], None),
+        (16, 64, 12, 200, 2.0, 5, vec![12], None), // more blocks asked than finite candidates
+        (16, 64, 24, 600, 0.5, 6, vec![6, 6, 6, 6], None),
+        (16, 128, 30, 900, 0.4, 7, vec![5, 17, 8], None),
+        (32, 64, 40, 400, 1.5, 8, vec![10, 10, 10, 10], None),
+        (16, 64, 90, 2500, 0.05, 9, vec![9; 10], None), // continual-compression shape
+        (16, 64, 20, 16384, 0.3, 10, vec![4; 5], None), // the longest head the device sorts
+        (
+            16,
+            64,
+            24,
+            600,
+            0.5,
+            11,
+            vec![24],
+            Some((3, 1, Anchor::Mean, false)),
+        ),
+        (
+            16,
+            128,
+            30,
+            900,
+            0.4,
+            12,
+            vec![6, 12, 12],
+            Some((3, 2, Anchor::Ones, false)),
+        ),
+        (
+            32,
+            64,
+            40,
+            400,
+            0.6,
+            13,
+            vec![8; 5],
+            Some((8, 1, Anchor::Random, false)),
+        ),
+        (
+            64,
+            64,
+            16,
+            2000,
+            0.5,
+            14,
+            vec![16],
+            Some((2, 3, Anchor::Mean, false)),
+        ),
+        (
+            16,
+            64,
+            90,
+            4000,
+            0.3,
+            15,
+            vec![9; 10],
+            Some((3, 1, Anchor::Mean, true)),
+        ),
+        (
+            16,
+            64,
+            8,
+            16384,
+            0.5,
+            16,
+            vec![8],
+            Some((8, 1, Anchor::Mean, false)),
+        ),
+        (
+            16,
+            64,
+            64,
+            300,
+            0.9,
+            17,
+            vec![64],
+            Some((64, 1, Anchor::Alternate, false)),
+        ),
+        (
+            8,
+            64,
+            12,
+            100,
+            0.5,
+            18,
+            vec![12],
+            Some((4, 5, Anchor::Zeros, false)),
+        ), // all kept
+        (
+            16,
+            64,
+            30,
+            3000,
+            1.5,
+            19,
+            vec![30],
+            Some((3, 1, Anchor::Mean, false)),
+        ),
     ] {
         let mut rng = StdRng::seed_from_u64(seed);
         let per_head = max_ctx.div_ceil(bs);
@@ -644,20 +743,33 @@ fn device_eviction_step_matches_twin() {
         // Per sequence: its protected window and a share of its blocks.
         let mut seqs = Vec::new();
         let mut first = 0;
-        for &n in &segments {
+        for (i, &n) in segments.iter().enumerate() {
             let rows = first..first + n;
             first = rows.end;
             let seq_len = rows.clone().map(|h| lens[h]).max().unwrap_or(0) as u32;
             let held: usize = rows.map(|h| lens[h].div_ceil(bs)).sum();
+            let (kv_heads, picks) = match crush {
+                Some((kvh, groups_per_head, anchor, alternate)) => (
+                    kvh,
+                    (!alternate || i % 2 == 0).then_some(BlockPicks {
+                        groups_per_head,
+                        anchor,
+                        seed: seed + i as u64,
+                    }),
+                ),
+                None => (n, None),
+            };
             seqs.push(ops::EvictSeq {
                 heads: n,
+                kv_heads,
                 first_protected: seq_len.saturating_sub(rng.random_range(0..16)),
                 n_evict: (held as f32 * share) as usize,
+                crush: picks,
             });
         }
         let blocks = pool.used_blocks();
         let n_evict: usize = seqs.iter().map(|s| s.n_evict).sum();
-        let got = if let [one] = &seqs[..] {
+        let got = if let ([one], None) = (&seqs[..], crush) {
             vec![cuda::kvcompress_evict(
                 &k_dev,
                 &v_dev,
@@ -674,6 +786,7 @@ fn device_eviction_step_matches_twin() {
             let ht = ops::HeadTables::from_padded(&tables, &lens_u, per_head, bs);
             cuda::kvcompress_evict_batch(&k_dev, &v_dev, &m_dev, &p_dev, &ht, &seqs, bs).unwrap()
         };
+        let before = crush.map(|_| (k.clone(), v.clone(), metric.clone(), position.clone()));
         let want = ops::kvcompress_evict_batch(
             &mut k,
             &mut v,
@@ -692,13 +805,45 @@ fn device_eviction_step_matches_twin() {
         assert_eq!(host::<f32>(&m_dev), metric, "metric (case {seed})");
         assert_eq!(host::<u32>(&p_dev), position, "position (case {seed})");
         let taken: u32 = got.iter().flat_map(|g| &g.counts).sum();
+        // With KVCrush: its picks kept slots back (the new lengths exceed a run without them).
+        let kept_back = match &before {
+            Some((k0, v0, m0, p0)) => {
+                let mut base = seqs.clone();
+                for s in &mut base {
+                    s.crush = None;
+                }
+                let (mut k0, mut v0, mut m0, mut p0) =
+                    (k0.clone(), v0.clone(), m0.clone(), p0.clone());
+                let plain = ops::kvcompress_evict_batch(
+                    &mut k0,
+                    &mut v0,
+                    &mut m0,
+                    &mut p0,
+                    &ops::HeadTables::from_padded(&tables, &lens_u, per_head, bs),
+                    &base,
+                    bs,
+                    d,
+                )
+                .unwrap();
+                let lens_of = |st: &[ops::EvictStep]| -> u64 {
+                    st.iter().flat_map(|s| &s.new_lens).map(|&l| l as u64).sum()
+                };
+                let kept = lens_of(&want) - lens_of(&plain);
+                assert!(kept > 0, "KVCrush kept nothing back (case {seed})");
+                n_crush += 1;
+                kept
+            }
+            None => 0,
+        };
         eprintln!(
-            "device eviction bs={bs} d={d} heads={heads} in {} sequences, max_ctx={max_ctx}: {blocks} blocks, asked {n_evict}, took {taken}; identical to twin",
+            "device eviction bs={bs} d={d} heads={heads} in {} sequences, max_ctx={max_ctx}, kvcrush {crush:?}: {blocks} blocks, asked {n_evict}, took {taken}, kvcrush kept {kept_back} slots back; identical to twin",
             segments.len()
         );
         n_cases += 1;
     }
-    eprintln!("SUMMARY device_eviction: {n_cases} cases identical to the twin");
+    eprintln!(
+        "SUMMARY device_eviction: {n_cases} cases ({n_crush} with KVCrush) identical to the twin"
+    );
 }
 
 mod e2e {
@@ -862,46 +1007,55 @@ mod e2e {
             vec![Some(Budget::Tokens(16)), Some(Budget::Rate(4.0))],
             vec![Some(Budget::Rate(8.0))],
         ];
-        let kvc = MethodSpec::parse("kvcompress").unwrap();
-        let run = |lm: &mut kvc::model::LoadedModel, on: CompressOn| {
-            let opts = MethodOptions {
-                compress_on: on,
-                block_size: 4,
-                kvc_window: 4,
-                protected_window: 4,
-                min_cache_tokens: 4,
-                ..Default::default()
+        // KVCrush's block form (a large share, so its picks change the prefill compression)
+        // runs its prefill picks through `kvc_crush_pick` and its decode steps as KV-Compress's.
+        for name in ["kvcompress", "kvcompress+kvcrush"] {
+            let method = MethodSpec::parse(name).unwrap();
+            let run = |lm: &mut kvc::model::LoadedModel, on: CompressOn| {
+                let opts = MethodOptions {
+                    compress_on: on,
+                    block_size: 4,
+                    kvc_window: 4,
+                    protected_window: 4,
+                    min_cache_tokens: 4,
+                    kvcrush_ratio: 0.5,
+                    ..Default::default()
+                };
+                let mut r = compress::runner(&method, None, &cfg, &opts).unwrap();
+                let mut out: Vec<_> = r
+                    .run_prompts(&mut lm.model, &prompts, &params, &budgets)
+                    .unwrap()
+                    .into_iter()
+                    .flat_map(|res| res.unwrap())
+                    .map(|g| {
+                        let (g, st) = g.unwrap();
+                        (g.output_ids, st)
+                    })
+                    .collect();
+                let mut alone =
+                    compress::runner(&method, Some(Budget::Tokens(12)), &cfg, &opts).unwrap();
+                let (g, st) = alone.run(&mut lm.model, &long, &params).unwrap();
+                out.push((g.output_ids, st));
+                out
             };
-            let mut r = compress::runner(&kvc, None, &cfg, &opts).unwrap();
-            let mut out: Vec<_> = r
-                .run_prompts(&mut lm.model, &prompts, &params, &budgets)
-                .unwrap()
-                .into_iter()
-                .flat_map(|res| res.unwrap())
-                .map(|g| {
-                    let (g, st) = g.unwrap();
-                    (g.output_ids, st)
-                })
-                .collect();
-            let mut alone = compress::runner(&kvc, Some(Budget::Tokens(12)), &cfg, &opts).unwrap();
-            let (g, st) = alone.run(&mut lm.model, &long, &params).unwrap();
-            out.push((g.output_ids, st));
-            out
-        };
-        let host = run(&mut lm, CompressOn::Host);
-        let device = run(&mut lm, CompressOn::Auto);
-        for (i, (d, h)) in device.iter().zip(&host).enumerate() {
-            let same = d.0.iter().zip(&h.0).take_while(|(a, b)| a == b).count();
+            let host = run(&mut lm, CompressOn::Host);
+            let device = run(&mut lm, CompressOn::Auto);
+            for (i, (d, h)) in device.iter().zip(&host).enumerate() {
+                let same = d.0.iter().zip(&h.0).take_while(|(a, b)| a == b).count();
+                eprintln!(
+                    "{name}: device vs host compression, sequence {i}: common prefix {same}/{}",
+                    h.0.len()
+                );
+            }
+            assert_eq!(
+                device, host,
+                "{name}: device vs host compression on the GPU"
+            );
             eprintln!(
-                "device vs host compression, sequence {i}: common prefix {same}/{}",
-                h.0.len()
+                "SUMMARY {name} device compression on the GPU: {} sequences identical to the host path",
+                host.len()
             );
         }
-        assert_eq!(device, host, "device vs host compression on the GPU");
-        eprintln!(
-            "SUMMARY device compression on the GPU: {} sequences identical to the host path",
-            host.len()
-        );
     }
 
     /// `full` on the GPU decodes several prompts in one batch through the paged cache (nothing

@@ -217,21 +217,51 @@ impl KvCompress {
 
 /// KV-Compress's plan taking `n_evict` blocks over the heads of one sequence, from each
 /// head's (metric, position) in (layer, kv-head) order; slots with `position >=
-/// first_protected` are kept. What [`Policy::plan`] does from a [`SeqView`], for callers that
-/// hold the raw per-head data (the paged cache's host fallback of its device eviction).
+/// first_protected` are kept; with `crush`, KVCrush's block form then takes its
+/// representatives out of the evictions ([`super::kvcrush::block_picks`]). What
+/// [`Policy::plan`] does from a [`SeqView`], for callers that hold the raw per-head data (the
+/// paged cache's host fallback of its device eviction).
 pub fn plan_from_meta(
     meta: &[(Vec<f32>, Vec<u32>)],
     kv_heads: usize,
     block_size: usize,
     first_protected: u32,
     n_evict: usize,
+    crush: Option<&super::kvcrush::BlockPicks>,
 ) -> EvictionPlan {
     let masked: Vec<Vec<f32>> = meta
         .iter()
         .map(|(m, p)| mask_protected(m, p, first_protected))
         .collect();
     let counts = select_blocks(&masked, block_size, n_evict);
-    plan_from_masked(&masked, kv_heads, block_size, &counts)
+    let Some(picks) = crush else {
+        return plan_from_masked(&masked, kv_heads, block_size, &counts);
+    };
+    let mut evicted: Vec<Vec<usize>> = masked
+        .iter()
+        .zip(&counts)
+        .map(|(m, &k)| head_evictions(m, block_size, k))
+        .collect();
+    let heads: Vec<(&[f32], &[u32])> = meta.iter().map(|(m, p)| (&m[..], &p[..])).collect();
+    super::kvcrush::block_picks(
+        &heads,
+        &mut evicted,
+        kv_heads,
+        first_protected,
+        block_size,
+        picks,
+    );
+    let mut plan = EvictionPlan::default();
+    for (i, evict) in evicted.into_iter().enumerate() {
+        if !evict.is_empty() {
+            plan.heads.push(HeadEviction {
+                layer: i / kv_heads,
+                kv_head: i % kv_heads,
+                evict,
+            });
+        }
+    }
+    plan
 }
 
 /// A head's metrics with the slots at positions `>= first_protected` masked to +inf.
@@ -318,6 +348,7 @@ impl Policy for KvCompress {
         (self.cfg.agg.decode_form() == Agg::L2Sum).then(|| DeviceStepSpec {
             protected: self.cfg.protected,
             allowed_blocks: allowed_blocks(budget, self.layers, self.kv_heads, block_size),
+            crush: None,
         })
     }
 }

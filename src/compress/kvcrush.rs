@@ -208,58 +208,126 @@ impl KvCrush {
 
     /// Block form: un-evict `k * kv_heads` groups of `block_size` evicted slots per layer.
     fn block_form(&self, view: &SeqView, base: &EvictionPlan, k: usize) -> EvictionPlan {
+        let kv_heads = view.heads.first().map_or(0, Vec::len);
+        let heads: Vec<(&[f32], &[u32])> = view
+            .heads
+            .iter()
+            .flatten()
+            .map(|h| (&h.metric[..], &h.position[..]))
+            .collect();
+        let mut evicted: Vec<Vec<usize>> = (0..heads.len())
+            .map(|i| evicted_of(base, i / kv_heads.max(1), i % kv_heads.max(1)))
+            .collect();
+        let first_protected = view.seq_len.saturating_sub(self.base.min_budget()) as u32;
+        let picks = BlockPicks {
+            groups_per_head: k,
+            anchor: self.anchor,
+            seed: self.seed,
+        };
         let bs = view.block_size;
-        let prot_window = self.base.min_budget();
-        let mut out = Vec::new();
-        for (l, layer) in view.heads.iter().enumerate() {
-            // Top half of the layer's evictable scores -> 1.
-            let mut ev_scores: Vec<f32> = layer
-                .iter()
-                .flat_map(|h| {
-                    let prot = h.recent(view.seq_len, prot_window);
-                    h.metric
-                        .iter()
-                        .zip(prot)
-                        .filter(|(_, p)| !p)
-                        .map(|(m, _)| *m)
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            ev_scores.sort_by(|a, b| a.total_cmp(b));
-            let median = ev_scores.get(ev_scores.len() / 2).copied().unwrap_or(0.0);
-            let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
-            let mut evicted: Vec<Vec<usize>> = Vec::new();
-            for (h, head) in layer.iter().enumerate() {
-                let mut ev = evicted_of(base, l, h);
-                ev.sort_by(|&a, &b| head.metric[a].total_cmp(&head.metric[b]).then(a.cmp(&b)));
-                let mut end = ev.len();
-                while end >= bs {
-                    groups.push((h, ev[end - bs..end].to_vec()));
-                    end -= bs;
-                }
-                evicted.push(ev);
-            }
-            let sigs: Vec<Vec<bool>> = groups
-                .iter()
-                .map(|(h, g)| {
-                    let mut g = g.clone();
-                    g.sort_by_key(|&i| layer[*h].position[i]);
-                    g.iter().map(|&i| layer[*h].metric[i] >= median).collect()
-                })
-                .collect();
-            let mut back: Vec<HashSet<usize>> = vec![HashSet::new(); layer.len()];
-            for j in pick(&sigs, k * layer.len(), self.anchor, self.seed) {
-                back[groups[j].0].extend(groups[j].1.iter().copied());
-            }
-            out.push(
-                evicted
-                    .into_iter()
-                    .zip(&back)
-                    .map(|(ev, b)| ev.into_iter().filter(|i| !b.contains(i)).collect())
-                    .collect(),
-            );
+        block_picks(&heads, &mut evicted, kv_heads, first_protected, bs, &picks);
+        let mut layers = vec![];
+        let mut rest = evicted.into_iter();
+        for _ in 0..view.heads.len() {
+            layers.push((&mut rest).take(kv_heads).collect());
         }
-        to_plan(out)
+        to_plan(layers)
+    }
+
+    /// Groups of `block_size` slots kept per head by the block form at `budget` tokens per
+    /// head (`k`; the base then plans with `budget - k * block_size`).
+    fn block_groups(&self, budget: usize, block_size: usize) -> usize {
+        let bs = block_size.max(1);
+        let room = budget.saturating_sub(self.base.min_budget());
+        ((self.ratio * budget as f64 / bs as f64).round() as usize).min(room / bs)
+    }
+}
+
+/// KVCrush's block form as one step of an eviction (what `kernels/evict.cu: kvc_crush_pick`
+/// runs on the device between the base's block selection and the compaction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockPicks {
+    /// Groups kept per head on average: `groups_per_head * kv_heads` per layer.
+    pub groups_per_head: usize,
+    /// Anchor mode.
+    pub anchor: Anchor,
+    /// Seed of the random anchor.
+    pub seed: u64,
+}
+
+/// Longest block (bits of a group's signature) [`BlockPicks`] runs with on the device.
+pub const DEVICE_MAX_BLOCK: usize = 64;
+
+/// The anchor of a `bits`-bit signature as a bit mask (bit `i`: the `i`-th slot of a group in
+/// position order), for the device; `None` for [`Anchor::Mean`], which depends on the groups.
+pub fn anchor_mask(mode: Anchor, bits: usize, seed: u64) -> Option<u64> {
+    if mode == Anchor::Mean {
+        return None;
+    }
+    let a = anchor(mode, bits.min(64), &[], seed);
+    Some(
+        a.iter()
+            .enumerate()
+            .fold(0, |m, (i, &b)| m | (b as u64) << i),
+    )
+}
+
+/// KVCrush's block form on a base eviction, layer by layer (the module docs): `heads[i]` is
+/// head `i`'s (metric, position) by logical slot in (layer, kv-head) order (`kv_heads` per
+/// layer), `evicted[i]` the slots the base evicts from
+/// it (changed in place: the representatives' slots are taken out), slots at positions `>=
+/// first_protected` are never evictable. Per layer, the median of the evictable metrics splits
+/// each slot into 1 (`>=` median) or 0; each head's evicted slots, in (metric, slot) order, are
+/// cut from the top into groups of `block_size`; a group's signature is its bits in position
+/// order; [`pick`] chooses `groups_per_head * kv_heads` of the layer's groups (ties in distance
+/// keep (head, group-from-the-top) order).
+pub fn block_picks(
+    heads: &[(&[f32], &[u32])],
+    evicted: &mut [Vec<usize>],
+    kv_heads: usize,
+    first_protected: u32,
+    block_size: usize,
+    p: &BlockPicks,
+) {
+    let bs = block_size.max(1);
+    let kvh = kv_heads.max(1);
+    for (layer, ev_layer) in heads.chunks(kvh).zip(evicted.chunks_mut(kvh)) {
+        let mut scores: Vec<f32> = layer
+            .iter()
+            .flat_map(|(m, pos)| {
+                m.iter()
+                    .zip(pos.iter())
+                    .filter(|(_, &q)| q < first_protected)
+                    .map(|(&x, _)| x)
+            })
+            .collect();
+        scores.sort_by(|a, b| a.total_cmp(b));
+        let median = scores.get(scores.len() / 2).copied().unwrap_or(0.0);
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (h, ((metric, _), ev)) in layer.iter().zip(ev_layer.iter_mut()).enumerate() {
+            ev.sort_by(|&a, &b| metric[a].total_cmp(&metric[b]).then(a.cmp(&b)));
+            let mut end = ev.len();
+            while end >= bs {
+                groups.push((h, ev[end - bs..end].to_vec()));
+                end -= bs;
+            }
+        }
+        let sigs: Vec<Vec<bool>> = groups
+            .iter()
+            .map(|(h, g)| {
+                let (metric, pos) = layer[*h];
+                let mut g = g.clone();
+                g.sort_by_key(|&i| pos[i]);
+                g.iter().map(|&i| metric[i] >= median).collect()
+            })
+            .collect();
+        let mut back: Vec<HashSet<usize>> = vec![HashSet::new(); layer.len()];
+        for j in pick(&sigs, p.groups_per_head * layer.len(), p.anchor, p.seed) {
+            back[groups[j].0].extend(groups[j].1.iter().copied());
+        }
+        for (ev, b) in ev_layer.iter_mut().zip(&back) {
+            ev.retain(|i| !b.contains(i));
+        }
     }
 }
 
@@ -281,7 +349,7 @@ impl Policy for KvCrush {
         match self.level {
             Level::Block => {
                 let bs = view.block_size.max(1);
-                let k = ((self.ratio * budget as f64 / bs as f64).round() as usize).min(room / bs);
+                let k = self.block_groups(budget, bs);
                 let base = self.base.plan(view, budget - k * bs, phase);
                 if k == 0 {
                     return base;
@@ -309,9 +377,23 @@ impl Policy for KvCrush {
     fn device_step(&self, budget: usize, block_size: usize) -> Option<DeviceStepSpec> {
         self.base.device_step(budget, block_size)
     }
-    /// The prefill compression's picks are host code.
-    fn device_prefill(&self) -> bool {
-        false
+    /// The block form's prefill compression runs on the device when the base's steps do: the
+    /// base's selection at `budget - k * block_size`, then [`BlockPicks`] (`kvc_crush_pick`).
+    /// The token form plans on the host (`None`).
+    fn device_prefill(&self, budget: usize, block_size: usize) -> Option<DeviceStepSpec> {
+        if self.level != Level::Block || block_size > DEVICE_MAX_BLOCK {
+            return None;
+        }
+        let k = self.block_groups(budget, block_size);
+        let mut spec = self.base.device_step(budget - k * block_size, block_size)?;
+        if k > 0 {
+            spec.crush = Some(BlockPicks {
+                groups_per_head: k,
+                anchor: self.anchor,
+                seed: self.seed,
+            });
+        }
+        Some(spec)
     }
 }
 
@@ -344,6 +426,49 @@ mod tests {
             anchor(Anchor::Random, 8, &[], 3),
             anchor(Anchor::Random, 8, &[], 3)
         );
+    }
+
+    /// The block form worked by hand on one layer of two heads (block size 2): the median of
+    /// the unprotected metrics is 0.35; head 0's evictions [1, 3, 4, 2] (metric order) make
+    /// groups [4, 2] (signature in position order: 0.4 -> 1, 0.3 -> 0) and [1, 3] (0, 0); head
+    /// 1's [0, 3, 4] make one group [3, 4] (0, 1) and leave slot 0 ungrouped.
+    #[test]
+    fn block_picks_follow_signatures_distances_and_stride() {
+        let m0 = [0.5, 0.1, 0.4, 0.2, 0.3, 9.0];
+        let m1 = [0.05, 0.6, 0.7, 0.15, 0.35, 8.0];
+        let pos: Vec<u32> = (0..6).collect();
+        let heads: Vec<(&[f32], &[u32])> = vec![(&m0, &pos), (&m1, &pos)];
+        let run = |groups_per_head, anchor| {
+            let mut ev = vec![vec![1, 3, 4, 2], vec![0, 3, 4]];
+            let p = BlockPicks {
+                groups_per_head,
+                anchor,
+                seed: 0,
+            };
+            block_picks(&heads, &mut ev, 2, 5, 2, &p);
+            ev
+        };
+        // Mean anchor: bits set in 1 of 3 groups -> [0, 0]; distances 1, 0, 1; order
+        // [1, 3], [4, 2], [3, 4]; K = 2 of n = 3 takes ranks 0 and 1: head 0's groups.
+        assert_eq!(run(1, Anchor::Mean), vec![vec![], vec![0, 3, 4]]);
+        // Ones: distances 1, 2, 1; order [4, 2], [3, 4], [1, 3]; ranks 0 and 1 kept.
+        assert_eq!(run(1, Anchor::Ones), vec![vec![1, 3], vec![0]]);
+        // K = 4 >= 3 groups: all kept, only the ungrouped slot is evicted.
+        assert_eq!(run(2, Anchor::Zeros), vec![vec![], vec![0]]);
+        // A protected slot's metric does not count toward the median: protecting nothing
+        // adds 9.0 and 8.0 (median 0.4), so [3, 4] becomes (0, 0) and ties with [1, 3].
+        let mut ev = vec![vec![1, 3, 4, 2], vec![0, 3, 4]];
+        let p = BlockPicks {
+            groups_per_head: 1,
+            anchor: Anchor::Ones,
+            seed: 0,
+        };
+        block_picks(&heads, &mut ev, 2, 6, 2, &p);
+        // Ones: distances [4, 2] (1, 0) -> 1, [1, 3] -> 2, [3, 4] -> 2; order [4, 2], [1, 3],
+        // [3, 4]; ranks 0 and 1: head 0's groups.
+        assert_eq!(ev, vec![vec![], vec![0, 3, 4]]);
+        assert_eq!(anchor_mask(Anchor::Alternate, 4, 0), Some(0b1010));
+        assert_eq!(anchor_mask(Anchor::Mean, 4, 0), None);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! It runs once after prefill and, for continual methods, after every decode step.
 use candle_core::{Result, Tensor};
 
+use super::kvcrush::BlockPicks;
 use crate::engine::{Hooks, StepWork};
 use crate::kvcache::blocks::{EvictionPlan, HeadEviction};
 use crate::kvcache::paged::{DeviceEvict, EvictStats, PagedCache};
@@ -118,11 +119,12 @@ pub trait Policy: Send + Sync {
     fn device_step(&self, _budget: usize, _block_size: usize) -> Option<DeviceStepSpec> {
         None
     }
-    /// Whether the compression right after prefill is [`Policy::device_step`]'s eviction too
-    /// (the default). `false`: it is planned on the host ([`Policy::plan`]), and only the
-    /// decode steps after it run on the device (KVCrush, whose prefill picks are host code).
-    fn device_prefill(&self) -> bool {
-        true
+    /// How the compression right after prefill runs on the device at `budget` tokens per head
+    /// (asked only when [`Policy::device_step`] is `Some`): by default the same eviction as a
+    /// decode step; KVCrush's block form adds its picks. `None`: it is planned on the host
+    /// ([`Policy::plan`]), and only the decode steps after it run on the device.
+    fn device_prefill(&self, budget: usize, block_size: usize) -> Option<DeviceStepSpec> {
+        self.device_step(budget, block_size)
     }
 }
 
@@ -133,6 +135,8 @@ pub struct DeviceStepSpec {
     pub protected: usize,
     /// Blocks a sequence may hold; the excess is evicted after a step.
     pub allowed_blocks: usize,
+    /// KVCrush's block form on top of the selection (prefill compression only).
+    pub crush: Option<BlockPicks>,
 }
 
 /// The scores of a method that scores nothing (StreamingLLM, `full`): 0 for every slot of
@@ -307,6 +311,7 @@ fn device_request(cache: &PagedCache, seq: SeqId, d: DeviceStepSpec) -> Result<D
         seq,
         n_evict: held.saturating_sub(d.allowed_blocks),
         first_protected: cache.seq_len(seq).saturating_sub(d.protected) as u32,
+        crush: d.crush,
     })
 }
 
@@ -373,18 +378,23 @@ impl Hooks for CompressHooks<'_> {
         // included (the same selection as its host plan, without snapshotting every head).
         let bs = cache.spec().block_size;
         let device = match (self.budget, self.on_demand) {
-            (Some(b), None) if cache.device_compression() => self.policy.device_step(b, bs),
+            (Some(b), None) if cache.device_compression() => {
+                self.policy.device_step(b, bs).map(|d| (b, d))
+            }
             _ => None,
         };
         match device {
-            Some(d) => {
-                if self.policy.device_prefill() {
-                    cache.keep_metric_on_device(seq)?;
-                    let st = cache.evict_on_device(&[device_request(cache, seq, d)?])?;
-                    self.device_evicted(st[0]);
-                } else {
-                    self.compress(cache, seq)?;
-                    cache.keep_metric_on_device(seq)?;
+            Some((b, d)) => {
+                match self.policy.device_prefill(b, bs) {
+                    Some(p) => {
+                        cache.keep_metric_on_device(seq)?;
+                        let st = cache.evict_on_device(&[device_request(cache, seq, p)?])?;
+                        self.device_evicted(st[0]);
+                    }
+                    None => {
+                        self.compress(cache, seq)?;
+                        cache.keep_metric_on_device(seq)?;
+                    }
                 }
                 if self.policy.continual() {
                     self.device = Some(d);

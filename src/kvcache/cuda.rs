@@ -14,14 +14,13 @@
 //! - [`prefill_softmax`]: prefill attention's scale + causal mask + softmax in one pass (the
 //!   observation window's f32 probabilities on the side);
 //! - [`move_slots`]: a compaction move plan (K, V, metric, position);
-//! - [`kvcompress_evict`]: KV-Compress's whole eviction step for one sequence on the device
-//!   (per-head sort, candidate scoring, global selection, compaction); only block tables and
-//!   lengths go up and per-head counts and lengths come back.
+//! - [`kvcompress_evict_batch`]: KV-Compress's whole eviction step for a batch of sequences on
+//!   the device (per-head sort, candidate scoring, selection per sequence, KVCrush's block-form
+//!   picks where asked, compaction); only block tables and lengths go up and per-head counts
+//!   and lengths come back ([`super::paged::PagedCache::evict_on_device`]).
 //!
 //! Departure from the paper's implementation: block tables are built on the host by
-//! [`super::blocks::BlockPool`] and uploaded (a few KB per step); the paged cache's compression
-//! path still plans on the host ([`kvcompress_evict`] is tested and benchmarked, not yet wired
-//! into [`super::paged::PagedCache`], whose metric/position bookkeeping lives on the host).
+//! [`super::blocks::BlockPool`] and uploaded (the blocks in use, a few KB per sequence).
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::ops::{
@@ -603,8 +602,10 @@ pub fn kvcompress_evict(
 ) -> Result<EvictStep> {
     let seq = EvictSeq {
         heads: ctx_lens.len(),
+        kv_heads: ctx_lens.len(),
         first_protected,
         n_evict,
+        crush: None,
     };
     let max_blocks = block_tables.len() / ctx_lens.len().max(1);
     let tables = HeadTables::from_padded(block_tables, ctx_lens, max_blocks, block_size);
@@ -623,7 +624,9 @@ pub fn kvcompress_evict(
 /// KV-Compress's eviction step for several sequences on the device (twin:
 /// [`super::ops::kvcompress_evict_batch`]): sequence `i` owns the next `seqs[i].heads` heads of
 /// `tables`; its slots with `position >= first_protected` are never evicted and `n_evict`
-/// blocks are taken over its heads. Moves K, V, `metric` `[num_slots]` f32 and `position`
+/// blocks are taken over its heads; with `crush`, KVCrush's block form keeps its groups out of
+/// the evictions (`kvc_crush_pick`: block size <= [`CRUSH_MAX_BLOCK`], layers of at most
+/// [`CRUSH_MAX_KV_HEADS`] kv-heads, the same `kv_heads` for every sequence). Moves K, V, `metric` `[num_slots]` f32 and `position`
 /// `[num_slots]` u32 in place; returns each sequence's per-head counts and new lengths (the
 /// only data coming back). Three launches whatever the number of sequences; what goes up is
 /// the blocks in use (not a table padded to the longest head) and a few numbers per head.
@@ -658,6 +661,7 @@ pub fn kvcompress_evict_batch(
         .into());
     }
     tables.check_disjoint(block_size, num_slots)?;
+    let crush = crush_inputs(seqs, block_size)?;
     let dev = k_cache.device();
     // Per head: protected position; per sequence: first head row and blocks to take.
     let mut protect = Vec::with_capacity(heads);
@@ -683,6 +687,16 @@ pub fn kvcompress_evict_batch(
             protect: &Tensor::from_slice(&protect, heads, dev)?,
             head_start: &Tensor::from_slice(&head_start, seqs.len() + 1, dev)?,
             n_evict: &Tensor::from_slice(&n_evict, seqs.len(), dev)?,
+            crush: match &crush {
+                Some(c) => Some(CrushArgs {
+                    groups: Tensor::from_slice(&c.groups, seqs.len(), dev)?,
+                    anchor: Tensor::from_slice(&c.anchor, seqs.len(), dev)?,
+                    mean: Tensor::from_slice(&c.mean, seqs.len(), dev)?,
+                    kv_heads: c.kv_heads,
+                    layers: c.layers,
+                }),
+                None => None,
+            },
         },
         block_size,
         max_len,
@@ -692,6 +706,70 @@ pub fn kvcompress_evict_batch(
         &counts.to_vec1::<u32>()?,
         &lens.to_vec1::<u32>()?,
     ))
+}
+
+/// Longest block KVCrush's device picks take (a group's signature is one u64).
+pub const CRUSH_MAX_BLOCK: usize = crate::compress::kvcrush::DEVICE_MAX_BLOCK;
+/// Most kv-heads per layer KVCrush's device picks take (`kernels/evict.cu: CRUSH_MAX_HEADS`).
+pub const CRUSH_MAX_KV_HEADS: usize = 64;
+
+/// KVCrush's per-sequence inputs of a batched eviction, on the host.
+struct CrushInputs {
+    /// `[sequences]`: groups kept per layer (0: no KVCrush).
+    groups: Vec<u32>,
+    /// `[sequences]`: anchor bits (i64 on the device, read as u64).
+    anchor: Vec<i64>,
+    /// `[sequences]`: 1 = the anchor is the per-bit majority.
+    mean: Vec<u32>,
+    kv_heads: usize,
+    /// Most layers of a sequence (the launch's grid).
+    layers: usize,
+}
+
+/// What `kvc_crush_pick` needs, checked (`None`: no sequence asks for KVCrush).
+fn crush_inputs(seqs: &[EvictSeq], block_size: usize) -> Result<Option<CrushInputs>> {
+    use crate::compress::kvcrush::anchor_mask;
+    let Some(first) = seqs.iter().find(|s| s.crush.is_some()) else {
+        return Ok(None);
+    };
+    let kv_heads = first.kv_heads;
+    if block_size > CRUSH_MAX_BLOCK || kv_heads == 0 || kv_heads > CRUSH_MAX_KV_HEADS {
+        return Err(OpsError::Shape(format!(
+            "KVCrush's device picks take blocks of at most {CRUSH_MAX_BLOCK} tokens and 1..={CRUSH_MAX_KV_HEADS} kv-heads per layer, got {block_size} and {kv_heads}"
+        ))
+        .into());
+    }
+    let mut c = CrushInputs {
+        groups: vec![],
+        anchor: vec![],
+        mean: vec![],
+        kv_heads,
+        layers: 0,
+    };
+    for s in seqs {
+        if s.kv_heads != kv_heads || s.heads % kv_heads != 0 {
+            return Err(OpsError::Shape(format!(
+                "KVCrush's device picks need every sequence in layers of {kv_heads} kv-heads, got {} heads in layers of {}",
+                s.heads, s.kv_heads
+            ))
+            .into());
+        }
+        c.layers = c.layers.max(s.heads / kv_heads);
+        let (groups, bits) = match &s.crush {
+            Some(p) => (
+                p.groups_per_head * kv_heads,
+                anchor_mask(p.anchor, block_size, p.seed),
+            ),
+            None => (0, Some(0)),
+        };
+        c.groups.push(
+            u32::try_from(groups)
+                .map_err(|_| OpsError::Shape(format!("KVCrush: {groups} groups per layer")))?,
+        );
+        c.mean.push(bits.is_none() as u32);
+        c.anchor.push(bits.unwrap_or(0) as i64);
+    }
+    Ok(Some(c))
 }
 
 /// Per-head `counts` and `new_lens` of a batched eviction cut into each sequence's rows.
@@ -724,6 +802,21 @@ struct EvictArgs<'a> {
     head_start: &'a Tensor,
     /// `[sequences]` i64: blocks to take.
     n_evict: &'a Tensor,
+    /// KVCrush's picks (`kvc_crush_pick` runs between the selection and the compaction).
+    crush: Option<CrushArgs>,
+}
+
+/// The device inputs of KVCrush's picks (see [`CrushInputs`]).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct CrushArgs {
+    /// `[sequences]` u32.
+    groups: Tensor,
+    /// `[sequences]` i64.
+    anchor: Tensor,
+    /// `[sequences]` u32.
+    mean: Tensor,
+    kv_heads: usize,
+    layers: usize,
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -914,6 +1007,7 @@ mod imp {
             DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.device_ptr(stream).0,
             DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(stream).0,
             DType::U32 => cs.as_cuda_slice::<u32>()?.device_ptr(stream).0,
+            DType::U8 => cs.as_cuda_slice::<u8>()?.device_ptr(stream).0,
             DType::I64 => cs.as_cuda_slice::<i64>()?.device_ptr(stream).0,
             dt => return Err(OpsError::Shape(format!("unsupported dtype {dt:?}")).into()),
         };
@@ -1355,6 +1449,57 @@ mod imp {
         }
         // Safety: arguments match kvc_select_blocks; head_start partitions the heads.
         unsafe { b.launch(cfg(n_seqs, 0)) }.map_err(cu)?;
+        // KVCrush: the kept groups and each head's evicted count, for the compaction.
+        let crushed = match &a.crush {
+            Some(c) => {
+                let pick = func(&stream, "evict", "kvc_crush_pick")?;
+                // Safety: kvc_crush_pick writes every head's evict_n and every group's picked
+                // flag that the compaction reads (groups of the base's prefix), and its
+                // scratch before reading it.
+                let evict_n = unsafe { Tensor::empty(heads, DType::U32, dev)? };
+                let picked = unsafe { Tensor::empty(total_blocks, DType::U8, dev)? };
+                let sig = unsafe { Tensor::empty(total_blocks, DType::I64, dev)? };
+                let rank = unsafe { Tensor::empty(total_blocks, DType::U32, dev)? };
+                let ps = [
+                    ptr(Some(&evict_n), &stream)?,
+                    ptr(Some(&picked), &stream)?,
+                    ptr(Some(&sig), &stream)?,
+                    ptr(Some(&rank), &stream)?,
+                    metric_p,
+                    position_p,
+                    order_p,
+                    counts_p,
+                    blocks_p,
+                    start_p,
+                    lens_p,
+                    protect,
+                    head_start,
+                    ptr(Some(&c.groups), &stream)?,
+                    ptr(Some(&c.anchor), &stream)?,
+                    ptr(Some(&c.mean), &stream)?,
+                ];
+                let mut b = stream.launch_builder(&pick);
+                for x in &ps {
+                    b.arg(x);
+                }
+                let kvh = c.kv_heads as i32;
+                b.arg(&bs).arg(&kvh);
+                let grid = LaunchConfig {
+                    grid_dim: (c.layers as u32, n_seqs as u32, 1),
+                    block_dim: (1024, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // Safety: arguments match kvc_crush_pick; kv_heads and block_size were checked
+                // against its limits, every sequence's heads are whole layers.
+                unsafe { b.launch(grid) }.map_err(cu)?;
+                Some((evict_n, picked))
+            }
+            None => None,
+        };
+        let (evict_n_p, picked_p) = match &crushed {
+            Some((e, p)) => (ptr(Some(e), &stream)?, ptr(Some(p), &stream)?),
+            None => (0, 0),
+        };
         let row_bytes = k_cache.dim(1)? * k_cache.dtype().size_in_bytes();
         if row_bytes % 4 != 0 {
             return Err(OpsError::Shape(format!(
@@ -1375,6 +1520,8 @@ mod imp {
             &counts_p,
             &blocks_p,
             &start_p,
+            &evict_n_p,
+            &picked_p,
         ] {
             b.arg(x);
         }

@@ -573,15 +573,17 @@ pub struct EvictStep {
 }
 
 /// KV-Compress's eviction step for ONE sequence on slices (twin of `kernels/evict.cu`):
-/// protected slots (`position >= first_protected`) count as +inf, each head's slots are sorted
-/// ascending (ties by logical index), candidates scored, the `n_evict` lowest finite candidates
-/// over all heads taken ([`crate::compress::kvcompress::select_blocks`]), each head evicts the
-/// prefix [`crate::compress::kvcompress::head_evictions`] gives, then is compacted (tail
-/// survivors, tail-most first, into the lowest holes, as
+/// protected slots (`position >= seq.first_protected`) count as +inf, each head's slots are
+/// sorted ascending (ties by logical index), candidates scored, the `seq.n_evict` lowest finite
+/// candidates over all heads taken ([`crate::compress::kvcompress::select_blocks`]), each head
+/// evicts the prefix [`crate::compress::kvcompress::head_evictions`] gives; with `seq.crush`,
+/// KVCrush's block form takes its representatives back out of those prefixes
+/// ([`crate::compress::kvcrush::block_picks`], layers of `seq.kv_heads` heads). Then each head
+/// is compacted (tail survivors, tail-most first, into the lowest holes, as
 /// [`super::blocks::BlockPool::plan_compaction`]) moving K, V, metric and position.
 ///
-/// `block_tables`: `[heads, max_blocks]`; `ctx_lens`: `[heads]` (updated); metrics must be
-/// finite or +inf.
+/// `block_tables`: `[heads, max_blocks]` (`heads` = `ctx_lens.len()`, `seq.heads` is not
+/// read); `ctx_lens`: `[heads]` (updated); unprotected metrics must be finite.
 #[allow(clippy::too_many_arguments)]
 pub fn kvcompress_evict<T: Copy>(
     k_cache: &mut [T],
@@ -593,8 +595,7 @@ pub fn kvcompress_evict<T: Copy>(
     max_blocks: usize,
     block_size: usize,
     head_dim: usize,
-    first_protected: u32,
-    n_evict: usize,
+    seq: &EvictSeq,
 ) -> Result<EvictStep, OpsError> {
     use crate::compress::kvcompress::{head_evictions, select_blocks};
     let heads = ctx_lens.len();
@@ -616,7 +617,7 @@ pub fn kvcompress_evict<T: Copy>(
         .map(|s| {
             s.iter()
                 .map(|&x| {
-                    if position[x] >= first_protected {
+                    if position[x] >= seq.first_protected {
                         f32::INFINITY
                     } else {
                         metric[x]
@@ -625,15 +626,45 @@ pub fn kvcompress_evict<T: Copy>(
                 .collect()
         })
         .collect();
-    let counts = select_blocks(&masked, block_size, n_evict);
-    for (h, &k) in counts.iter().enumerate() {
-        let evict = head_evictions(&masked[h], block_size, k);
+    let counts = select_blocks(&masked, block_size, seq.n_evict);
+    let mut evicted: Vec<Vec<usize>> = masked
+        .iter()
+        .zip(&counts)
+        .map(|(m, &k)| head_evictions(m, block_size, k))
+        .collect();
+    if let Some(picks) = &seq.crush {
+        if seq.kv_heads == 0 || heads % seq.kv_heads != 0 {
+            return Err(OpsError::Shape(format!(
+                "KVCrush's picks group {heads} heads into layers of {} kv-heads",
+                seq.kv_heads
+            )));
+        }
+        let meta: Vec<(Vec<f32>, Vec<u32>)> = slots
+            .iter()
+            .map(|s| {
+                (
+                    s.iter().map(|&x| metric[x]).collect(),
+                    s.iter().map(|&x| position[x]).collect(),
+                )
+            })
+            .collect();
+        let views: Vec<(&[f32], &[u32])> = meta.iter().map(|(m, p)| (&m[..], &p[..])).collect();
+        crate::compress::kvcrush::block_picks(
+            &views,
+            &mut evicted,
+            seq.kv_heads,
+            seq.first_protected,
+            block_size,
+            picks,
+        );
+    }
+    for (h, evict) in evicted.iter().enumerate() {
         if evict.is_empty() {
             continue;
         }
         let len = slots[h].len();
         let mut gone = vec![false; len];
-        for &e in &evict {
+        for &e in evict {
             gone[e] = true;
         }
         let new_len = len - evict.len();
@@ -665,10 +696,14 @@ pub fn kvcompress_evict<T: Copy>(
 pub struct EvictSeq {
     /// Its heads (layers x kv-heads): the next `heads` rows of the batch's tables.
     pub heads: usize,
+    /// kv-heads per layer (how KVCrush's picks group the heads; read only with `crush`).
+    pub kv_heads: usize,
     /// Its slots with `position >= first_protected` are never evicted.
     pub first_protected: u32,
     /// Blocks to evict over its heads.
     pub n_evict: usize,
+    /// KVCrush's block form after the selection.
+    pub crush: Option<crate::compress::kvcrush::BlockPicks>,
 }
 
 /// The block tables of many heads back to back, as the batched eviction takes them: head `h`
@@ -858,17 +893,8 @@ pub fn kvcompress_evict_batch<T: Copy>(
         }
         let mut lens = tables.lens[rows].to_vec();
         steps.push(kvcompress_evict(
-            k_cache,
-            v_cache,
-            metric,
-            position,
-            &padded,
-            &mut lens,
-            max_blocks,
-            block_size,
-            head_dim,
-            s.first_protected,
-            s.n_evict,
+            k_cache, v_cache, metric, position, &padded, &mut lens, max_blocks, block_size,
+            head_dim, s,
         )?);
     }
     Ok(steps)
@@ -1098,8 +1124,13 @@ mod tests {
             3,
             2,
             d,
-            4,
-            2,
+            &EvictSeq {
+                heads: 2,
+                kv_heads: 2,
+                first_protected: 4,
+                n_evict: 2,
+                crush: None,
+            },
         )
         .unwrap();
         // head 0 (h = 1): masked sorted [0.1, 0.2, 5, 9, inf] -> candidates (sorted index
@@ -1396,8 +1427,13 @@ mod tests {
             mb,
             bs,
             d,
-            first_protected,
-            3,
+            &EvictSeq {
+                heads: lens.len(),
+                kv_heads: lens.len(),
+                first_protected,
+                n_evict: 3,
+                crush: None,
+            },
         )
         .unwrap();
         assert_eq!(

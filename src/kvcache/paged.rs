@@ -127,6 +127,8 @@ pub struct DeviceEvict {
     pub n_evict: usize,
     /// Slots with `position >= first_protected` are never evicted.
     pub first_protected: u32,
+    /// KVCrush's block form after the selection (`kernels/evict.cu: kvc_crush_pick`).
+    pub crush: Option<crate::compress::kvcrush::BlockPicks>,
 }
 
 /// Compaction moves waiting for [`PagedCache::flush_moves`].
@@ -451,6 +453,7 @@ impl PagedCache {
                     bs,
                     r.first_protected,
                     r.n_evict,
+                    r.crush.as_ref(),
                 );
                 stats[i] = self.evict(r.seq, &plan)?;
             } else {
@@ -477,8 +480,10 @@ impl PagedCache {
             .iter()
             .map(|&i| ops::EvictSeq {
                 heads: layers * nkv,
+                kv_heads: nkv,
                 first_protected: reqs[i].first_protected,
                 n_evict: reqs[i].n_evict,
+                crush: reqs[i].crush,
             })
             .collect();
         let steps = if self.on_cuda() {
@@ -1282,6 +1287,7 @@ mod tests {
     #[test]
     fn device_eviction_equals_host_plan() {
         use crate::compress::kvcompress::plan_from_meta;
+        use crate::compress::kvcrush::{Anchor, BlockPicks};
         use rand::{Rng, SeedableRng};
         let dev = Device::Cpu;
         let (layers, nkv, d, bs) = (2, 3, 4, 4);
@@ -1313,7 +1319,7 @@ mod tests {
         for &s in &seqs {
             device.keep_metric_on_device(s).unwrap();
         }
-        for (round, n_evict) in [(0, [5usize, 2, 9]), (1, [3, 0, 4])] {
+        for (round, n_evict) in [(0, [5usize, 7, 9]), (1, [3, 0, 4])] {
             let reqs: Vec<DeviceEvict> = seqs
                 .iter()
                 .zip(n_evict)
@@ -1321,12 +1327,30 @@ mod tests {
                     seq,
                     n_evict: n,
                     first_protected: (host.seq_len(seq) - 3 - round) as u32,
+                    // KVCrush's block form on the second sequence (its twin's picks).
+                    crush: (seq == seqs[1]).then_some(BlockPicks {
+                        groups_per_head: 1,
+                        anchor: Anchor::Mean,
+                        seed: 0,
+                    }),
                 })
                 .collect();
             let got = device.evict_on_device(&reqs).unwrap();
             for (r, st) in reqs.iter().zip(got) {
                 let meta = host.seq_meta(r.seq).unwrap();
-                let plan = plan_from_meta(&meta, nkv, bs, r.first_protected, r.n_evict);
+                let plan = plan_from_meta(
+                    &meta,
+                    nkv,
+                    bs,
+                    r.first_protected,
+                    r.n_evict,
+                    r.crush.as_ref(),
+                );
+                if r.crush.is_some() && r.n_evict > 0 {
+                    let plain = plan_from_meta(&meta, nkv, bs, r.first_protected, r.n_evict, None);
+                    let n = |p: &EvictionPlan| p.heads.iter().map(|h| h.evict.len()).sum::<usize>();
+                    assert!(n(&plan) < n(&plain), "KVCrush keeps groups back");
+                }
                 let want = host.evict(r.seq, &plan).unwrap();
                 assert_eq!(
                     (st.evicted, st.freed_blocks),
@@ -1364,6 +1388,7 @@ mod tests {
             seq: seqs[0],
             n_evict: 1,
             first_protected: 0,
+            crush: None,
         }]);
         assert!(e.is_err());
     }
