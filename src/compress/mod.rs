@@ -752,6 +752,21 @@ impl PagedRunner {
             prompt_err.push(None);
             first_logits.push(pre.logits.to_vec1::<f32>()?);
             let n = budget_fns[s].len();
+            // Forks that compress on the device copy the prompt's metric there with their
+            // blocks (counted in the first fork's compression time).
+            let mut proto = proto;
+            let t = std::time::Instant::now();
+            let shared = if n > 1 {
+                proto.share_device_metric(&mut cache, seq0)
+            } else {
+                Ok(false)
+            };
+            let mut share_ms = t.elapsed().as_secs_f64() * 1e3;
+            if let Err(e) = shared {
+                let _ = cache.remove_sequence(seq0);
+                *prompt_err.last_mut().expect("pushed above") = Some(e);
+                continue;
+            }
             for (k, f) in budget_fns[s].iter().enumerate() {
                 let mut h = proto.fork(f.as_ref());
                 // The last budget takes the original sequence.
@@ -764,7 +779,7 @@ impl PagedRunner {
                 };
                 let t = std::time::Instant::now();
                 let r = forked.and_then(|seq| h.after_prefill(&mut cache, seq).map(|_| seq));
-                let compress_ms = t.elapsed().as_secs_f64() * 1e3;
+                let compress_ms = t.elapsed().as_secs_f64() * 1e3 + std::mem::take(&mut share_ms);
                 let (seq, err) = match r {
                     Ok(seq) => (Some(seq), None),
                     Err(e) => (None, Some(e)),

@@ -264,6 +264,23 @@ impl<'a> CompressHooks<'a> {
         }
     }
 
+    /// Before `seq` (prefilled with these hooks) is forked for several budgets: when its forks
+    /// will compress on the device ([`Policy::device_step`]), write its pending metrics and move
+    /// its metric to the device once ([`PagedCache::keep_metric_on_device`]), so each fork
+    /// copies it there with its blocks instead of uploading its own (one upload per prompt
+    /// instead of one per budget). Returns whether it did.
+    pub fn share_device_metric(&mut self, cache: &mut PagedCache, seq: SeqId) -> Result<bool> {
+        let bs = cache.spec().block_size;
+        let device = self.on_demand.is_none()
+            && cache.device_compression()
+            && self.policy.device_step(cache.seq_len(seq), bs).is_some();
+        if device {
+            self.flush(cache, seq)?;
+            cache.keep_metric_on_device(seq)?;
+        }
+        Ok(device)
+    }
+
     /// The per-head token budget fixed after prefill (`None`: no eviction, or not yet known).
     pub fn budget(&self) -> Option<usize> {
         self.budget

@@ -130,6 +130,15 @@ pub struct Move {
     pub to: usize,
 }
 
+/// One block copy of a fork (physical block ids): K, V, metric and position of every slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockCopy {
+    /// Block copied.
+    pub from: usize,
+    /// Newly allocated block it is copied to.
+    pub to: usize,
+}
+
 /// What to evict from one head (logical slot indices of that head, any order, no repeats).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeadEviction {
@@ -283,9 +292,10 @@ impl BlockPool {
     }
 
     /// Register `dst` as a copy of `src`: the same length in every head, in newly allocated
-    /// blocks, with metrics and positions copied. Returns the physical slot copies the storage
-    /// must make for K/V. Nothing changes when blocks run out.
-    pub fn fork_seq(&mut self, src: SeqId, dst: SeqId) -> Result<Vec<Move>, BlockError> {
+    /// blocks, with metrics and positions copied. Returns the block copies the storage must
+    /// make for K/V (whole blocks: slots past a head's length carry nothing that is read).
+    /// Nothing changes when blocks run out.
+    pub fn fork_seq(&mut self, src: SeqId, dst: SeqId) -> Result<Vec<BlockCopy>, BlockError> {
         if self.seqs.contains_key(&dst) {
             return Err(BlockError::DuplicateSeq(dst));
         }
@@ -311,8 +321,11 @@ impl BlockPool {
                         let (from, to) = (b as usize * bs + o, nb as usize * bs + o);
                         self.metric[to] = self.metric[from];
                         self.position[to] = self.position[from];
-                        copies.push(Move { from, to });
                     }
+                    copies.push(BlockCopy {
+                        from: b as usize,
+                        to: nb as usize,
+                    });
                 }
             }
         }
@@ -710,12 +723,14 @@ mod tests {
         p.append(1, 0, 1, &[0, 1]).unwrap();
         p.add_metric(0, 0, 0, &[5., 4., 3., 2., 1.]).unwrap();
         let copies = p.fork_seq(0, 1).unwrap();
-        // 5 + 2 filled slots copied, into blocks the source does not own.
-        assert_eq!(copies.len(), 7);
+        // The 2 + 1 blocks of 5 + 2 tokens copied, into blocks the source does not own.
+        assert_eq!(copies.len(), 3);
         let src: HashSet<usize> = [(0, 0), (1, 1)]
             .iter()
-            .flat_map(|&(l, h)| p.slots(l, 0, h).unwrap())
+            .flat_map(|&(l, h)| p.table(0).unwrap().blocks[l][h].clone())
+            .map(|b| b as usize)
             .collect();
+        assert_eq!(src.len(), 3);
         assert!(copies
             .iter()
             .all(|m| src.contains(&m.from) && !src.contains(&m.to)));

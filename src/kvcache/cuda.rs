@@ -24,8 +24,8 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::ops::{
-    check_meta_set, check_moves, check_write, DecodeShape, EvictSeq, EvictStep, HeadTables,
-    OpsError, SoftmaxShape,
+    check_block_copies, check_meta_set, check_moves, check_write, DecodeShape, EvictSeq, EvictStep,
+    HeadTables, OpsError, SoftmaxShape,
 };
 
 /// Head dims the decode kernel is instantiated for (others use candle ops).
@@ -327,6 +327,46 @@ pub fn move_slots(
     let f = Tensor::from_slice(from, from.len(), dev)?;
     let t = Tensor::from_slice(to, to.len(), dev)?;
     imp::move_slots(k_cache, v_cache, metric, position, &f, &t)
+}
+
+/// Copy whole blocks on the device (twin: [`super::ops::copy_blocks`]): block `to[i]` gets
+/// block `from[i]`'s K and V rows and, when given, its metrics and positions. What a fork into
+/// new blocks needs: one id per block instead of one per slot.
+pub fn copy_blocks(
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    metric: Option<&Tensor>,
+    position: Option<&Tensor>,
+    from: &[u32],
+    to: &[u32],
+    block_size: usize,
+) -> Result<()> {
+    let num_slots = check_cache(k_cache, v_cache, k_cache.dim(1)?)?;
+    check_meta(metric, position, num_slots)?;
+    check_block_copies(num_slots, block_size, from, to)?;
+    if from.is_empty() {
+        return Ok(());
+    }
+    let row_bytes = k_cache.dim(1)? * k_cache.dtype().size_in_bytes();
+    if row_bytes % 4 != 0 {
+        return Err(OpsError::Shape(format!(
+            "copy_blocks: K/V rows of {row_bytes} B (need a multiple of 4)"
+        ))
+        .into());
+    }
+    let dev = k_cache.device();
+    let f = Tensor::from_slice(from, from.len(), dev)?;
+    let t = Tensor::from_slice(to, to.len(), dev)?;
+    imp::copy_blocks(
+        k_cache,
+        v_cache,
+        metric,
+        position,
+        &f,
+        &t,
+        block_size,
+        row_bytes / 4,
+    )
 }
 
 /// Set `metric[slots[i]] = m[i]` and `position[slots[i]] = p[i]` on the device (twin:
@@ -857,6 +897,20 @@ mod imp {
         Err(OpsError::NoCuda.into())
     }
 
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_blocks(
+        _: &Tensor,
+        _: &Tensor,
+        _: Option<&Tensor>,
+        _: Option<&Tensor>,
+        _: &Tensor,
+        _: &Tensor,
+        _: usize,
+        _: usize,
+    ) -> Result<()> {
+        Err(OpsError::NoCuda.into())
+    }
+
     pub fn window_score(
         _: &Tensor,
         _: &Tensor,
@@ -1180,6 +1234,45 @@ mod imp {
         b.arg(&n_i);
         // Safety: arguments match set_meta; slots were checked distinct and in range.
         unsafe { b.launch(grid_1d(n)?) }.map_err(cu)?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_blocks(
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        metric: Option<&Tensor>,
+        position: Option<&Tensor>,
+        from: &Tensor,
+        to: &Tensor,
+        block_size: usize,
+        row_words: usize,
+    ) -> Result<()> {
+        let stream = device(k_cache)?.cuda_stream();
+        let f = func(&stream, "kv_cache", "copy_blocks")?;
+        let n = from.dim(0)?;
+        let ptrs = [
+            ptr(Some(k_cache), &stream)?,
+            ptr(Some(v_cache), &stream)?,
+            ptr(metric, &stream)?,
+            ptr(position, &stream)?,
+            ptr(Some(from), &stream)?,
+            ptr(Some(to), &stream)?,
+        ];
+        let (n_i, bs, rw) = (n as i32, block_size as i32, row_words as i32);
+        let mut b = stream.launch_builder(&f);
+        for x in &ptrs {
+            b.arg(x);
+        }
+        b.arg(&n_i).arg(&bs).arg(&rw);
+        let cfg = LaunchConfig {
+            grid_dim: (n.min(65535) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Safety: arguments match copy_blocks; block ids were checked in range and distinct
+        // over both lists (no copy reads a block another writes), rows are whole 4-byte words.
+        unsafe { b.launch(cfg) }.map_err(cu)?;
         Ok(())
     }
 

@@ -252,6 +252,54 @@ pub fn move_slots<T: Copy>(
     Ok(())
 }
 
+/// Copy whole blocks: block `to[i]` gets the `block_size` K and V rows, metrics and positions
+/// of block `from[i]` (twin of `copy_blocks`; a fork into newly allocated blocks). Blocks are
+/// below `num_slots / block_size`, and no block id appears twice over both lists.
+#[allow(clippy::too_many_arguments)]
+pub fn copy_blocks<T: Copy>(
+    k_cache: &mut [T],
+    v_cache: &mut [T],
+    metric: Option<&mut [f32]>,
+    position: Option<&mut [u32]>,
+    from: &[u32],
+    to: &[u32],
+    block_size: usize,
+    head_dim: usize,
+) -> Result<(), OpsError> {
+    let num_slots = k_cache.len() / head_dim.max(1);
+    check_len("copy_blocks v_cache", v_cache.len(), k_cache.len())?;
+    check_block_copies(num_slots, block_size, from, to)?;
+    let (mut metric, mut position) = (metric, position);
+    let rows = block_size * head_dim;
+    for (&f, &t) in from.iter().zip(to) {
+        let (f, t) = (f as usize, t as usize);
+        k_cache.copy_within(f * rows..(f + 1) * rows, t * rows);
+        v_cache.copy_within(f * rows..(f + 1) * rows, t * rows);
+        let (fs, ts) = (f * block_size, t * block_size);
+        if let Some(m) = metric.as_deref_mut() {
+            m.copy_within(fs..fs + block_size, ts);
+        }
+        if let Some(p) = position.as_deref_mut() {
+            p.copy_within(fs..fs + block_size, ts);
+        }
+    }
+    Ok(())
+}
+
+/// Validate [`copy_blocks`]'s lists for a pool of `num_slots` slots in blocks of `block_size`.
+pub fn check_block_copies(
+    num_slots: usize,
+    block_size: usize,
+    from: &[u32],
+    to: &[u32],
+) -> Result<(), OpsError> {
+    check_len("copy_blocks to", to.len(), from.len())?;
+    if block_size == 0 {
+        return Err(OpsError::Shape("copy_blocks: block size 0".into()));
+    }
+    check_slots("copy_blocks from/to", &[from, to], num_slots / block_size)
+}
+
 /// Shape of a paged decode-attention call (one query token per batch row).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeShape {
@@ -991,6 +1039,52 @@ mod tests {
         assert!(matches!(e, Err(OpsError::Slot { slot: 6, .. })), "{e:?}");
         let e = set_meta(&mut m, &mut p, &[1], &[0.; 2], &[0]);
         assert!(matches!(e, Err(OpsError::Len { .. })), "{e:?}");
+    }
+
+    #[test]
+    fn copy_blocks_copies_whole_blocks_and_refuses_overlaps() {
+        // 4 blocks of 2 slots, head dim 3: copy block 0 -> 3 and block 2 -> 1.
+        let (bs, d) = (2, 3);
+        let mut k: Vec<f32> = (0..8 * d).map(|x| x as f32).collect();
+        let mut v: Vec<f32> = k.iter().map(|x| -x).collect();
+        let mut m: Vec<f32> = (0..8).map(|x| x as f32 / 10.0).collect();
+        let mut p: Vec<u32> = (100..108).collect();
+        let (k0, v0, m0, p0) = (k.clone(), v.clone(), m.clone(), p.clone());
+        copy_blocks(
+            &mut k,
+            &mut v,
+            Some(&mut m),
+            Some(&mut p),
+            &[0, 2],
+            &[3, 1],
+            bs,
+            d,
+        )
+        .unwrap();
+        for (from, to) in [(0usize, 3usize), (2, 1)] {
+            let (f, t) = (from * bs, to * bs);
+            assert_eq!(k[t * d..(t + bs) * d], k0[f * d..(f + bs) * d]);
+            assert_eq!(v[t * d..(t + bs) * d], v0[f * d..(f + bs) * d]);
+            assert_eq!(m[t..t + bs], m0[f..f + bs]);
+            assert_eq!(p[t..t + bs], p0[f..f + bs]);
+        }
+        // Sources unchanged.
+        assert_eq!(
+            (k[..2 * d].to_vec(), p[4..6].to_vec()),
+            (k0[..2 * d].to_vec(), p0[4..6].to_vec())
+        );
+        let mut run =
+            |from: &[u32], to: &[u32]| copy_blocks(&mut k, &mut v, None, None, from, to, bs, d);
+        // A destination that is also a source, a block past the pool, unequal lists.
+        assert!(matches!(
+            run(&[0, 1], &[1, 3]),
+            Err(OpsError::Repeated { slot: 1, .. })
+        ));
+        assert!(matches!(
+            run(&[0], &[4]),
+            Err(OpsError::Slot { slot: 4, .. })
+        ));
+        assert!(matches!(run(&[0, 1], &[3]), Err(OpsError::Len { .. })));
     }
 
     #[test]

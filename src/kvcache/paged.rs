@@ -34,7 +34,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use std::collections::BTreeMap;
 
-use super::blocks::{BlockError, BlockPool, EvictionPlan, MemoryLayout, MemoryReport};
+use super::blocks::{BlockCopy, BlockError, BlockPool, EvictionPlan, MemoryLayout, MemoryReport};
 use super::cuda::{self, DeviceTables};
 use super::ops::{self, DecodeShape, SoftmaxShape};
 use super::{AttnCall, AttnOut, CacheBackend, Probe, SeqId};
@@ -208,9 +208,7 @@ impl PagedCache {
         let copies = self.pool.fork_seq(src, id).map_err(be)?;
         self.next_id += 1;
         self.pos.insert(id, pos);
-        let from: Vec<u32> = copies.iter().map(|m| m.from as u32).collect();
-        let to: Vec<usize> = copies.iter().map(|m| m.to).collect();
-        if let Err(e) = self.copy_rows(from, &to) {
+        if let Err(e) = self.copy_blocks(&copies) {
             self.pos.remove(&id);
             let _ = self.pool.remove_seq(id);
             return Err(e);
@@ -695,6 +693,27 @@ impl PagedCache {
 
     /// Copy the K and V rows of slots `from[i]` to slots `to[i]` (the storage half of a
     /// compaction or a fork; destinations are distinct and never sources).
+    /// Copy whole blocks of the storage (K, V and the device metric/position): a fork. On CUDA
+    /// one launch over block ids; elsewhere the blocks' slots through [`Self::copy_rows`].
+    fn copy_blocks(&self, copies: &[BlockCopy]) -> Result<()> {
+        let bs = self.spec.block_size;
+        if self.on_cuda() {
+            let from: Vec<u32> = copies.iter().map(|c| c.from as u32).collect();
+            let to: Vec<u32> = copies.iter().map(|c| c.to as u32).collect();
+            let (m, p) = self.meta_tensors();
+            return cuda::copy_blocks(&self.k, &self.v, m, p, &from, &to, bs);
+        }
+        let from: Vec<u32> = copies
+            .iter()
+            .flat_map(|c| (c.from * bs..(c.from + 1) * bs).map(|s| s as u32))
+            .collect();
+        let to: Vec<usize> = copies
+            .iter()
+            .flat_map(|c| c.to * bs..(c.to + 1) * bs)
+            .collect();
+        self.copy_rows(from, &to)
+    }
+
     fn copy_rows(&self, from: Vec<u32>, to: &[usize]) -> Result<()> {
         if from.is_empty() {
             return Ok(());
