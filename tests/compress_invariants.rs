@@ -164,11 +164,14 @@ fn shared_prefill_equals_separate_runs_for_every_method() {
                 ..small_opts()
             },
         ] {
+            // `None` last: the keep-all fork a GPU eval gives `full` (it takes the prompt's
+            // own cache).
             let budgets = [
                 Some(Budget::Rate(2.0)),
                 Some(Budget::Tokens(12)),
                 Some(Budget::Rate(1.0)),
                 Some(Budget::Rate(64.0)),
+                None,
             ];
             for m in &methods {
                 let spec = MethodSpec::parse(m).unwrap();

@@ -1151,7 +1151,32 @@ mod e2e {
             assert_eq!(g.output_ids, g1.output_ids, "prompt of {}", p.len());
             assert_eq!(st, st1);
         }
-        eprintln!("SUMMARY full batched on the GPU: 3 prompts identical to each alone");
+        // `kvc eval` on a GPU runs `full` as a keep-all fork (budget None, last) of the first
+        // compressed method's prefill, decoding in that method's batch.
+        let kvc = MethodSpec::parse("kvcompress").unwrap();
+        let opts = MethodOptions {
+            block_size: 4,
+            min_cache_tokens: 4,
+            ..Default::default()
+        };
+        let mut r2 = compress::runner(&kvc, None, &cfg, &opts).unwrap();
+        let budgets = vec![vec![Some(Budget::Rate(2.0)), Some(Budget::Rate(8.0)), None]; 3];
+        let grouped = r2
+            .run_prompts(&mut lm.model, &prompts, &params, &budgets)
+            .unwrap();
+        for (p, res) in prompts.iter().zip(grouped) {
+            let (g, _) = res.unwrap().pop().unwrap().unwrap();
+            let (g1, _) = r.run(&mut lm.model, p, &params).unwrap();
+            assert_eq!(
+                g.output_ids,
+                g1.output_ids,
+                "keep-all fork, prompt of {}",
+                p.len()
+            );
+        }
+        eprintln!(
+            "SUMMARY full batched on the GPU: 3 prompts identical to each alone, as full's own batch and as keep-all forks in kvcompress's"
+        );
     }
 
     /// The benchmark scheduler on the GPU (batched decode through the paged CUDA kernels, one

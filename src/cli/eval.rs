@@ -146,8 +146,9 @@ pub struct SweepArgs {
     pub cache_tokens: Vec<usize>,
     /// Prefill every run on its own. By default each sample is prefilled once per method and
     /// every rate continues from a copy of that cache, all rates decoding in one batch (the
-    /// output is token for token the same; a 7-rate sweep does 1 prefill instead of 7). Use
-    /// this when `prefill_ms` and `decode_ms` must time each run alone.
+    /// output is token for token the same; a 7-rate sweep does 1 prefill instead of 7; on a
+    /// GPU `full` is a keep-all member of the first method's batch). Use this when
+    /// `prefill_ms` and `decode_ms` must time each run alone.
     #[arg(long)]
     pub no_shared_prefill: bool,
     /// Samples of a subset generated together: each prompt is prefilled on its own, then all
@@ -488,6 +489,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
         generated = rows;
     }
     run::check_samples_found(samples.as_ref(), &subsets)?;
+    // On a GPU `full` decodes through the paged cache in batches anyway: it joins the first
+    // compressed method's group as a keep-all fork of its prefill (run::group_plans).
+    let full_joins = device.is_cuda();
     let batch_samples = match args.sweep.batch_samples {
         Some(b) => b,
         None if device.is_cuda() => {
@@ -607,6 +611,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
             "scheduling".into(),
             serde_json::json!({
                 "shared_prefill": !args.sweep.no_shared_prefill,
+                "full_shares_prefill": !args.sweep.no_shared_prefill && full_joins,
                 "batch_samples": batch_samples,
             }),
         );
@@ -662,7 +667,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
     };
     let mut outcomes = Vec::new();
     let mut appended = 0;
-    for group in run::group_plans(&plans, !args.sweep.no_shared_prefill) {
+    for group in run::group_plans(&plans, !args.sweep.no_shared_prefill, full_joins) {
         let os = run::run_group(&mut lm, &group, &sweep, &mut progress, &mut appended)?;
         let stopped = os.iter().any(|o| o.interrupted);
         outcomes.extend(os);

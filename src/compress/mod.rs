@@ -974,13 +974,19 @@ impl Runner for FullRunner {
 
 impl FullRunner {
     fn stats(&self, prompt_len: usize) -> CompressionStats {
-        let kvs = (prompt_len * self.layers * self.kv_heads) as u64;
-        CompressionStats {
-            prompt_tokens: prompt_len,
-            kept_kvs: kvs,
-            prompt_kvs: kvs,
-            ..Default::default()
-        }
+        full_stats(prompt_len, self.layers, self.kv_heads)
+    }
+}
+
+/// The statistics of a full-cache generation of a `prompt_len`-token prompt, whichever
+/// runner made it (`full`'s own, or a compressed method's keep-all fork, `None` budget).
+pub fn full_stats(prompt_len: usize, layers: usize, kv_heads: usize) -> CompressionStats {
+    let kvs = (prompt_len * layers * kv_heads) as u64;
+    CompressionStats {
+        prompt_tokens: prompt_len,
+        kept_kvs: kvs,
+        prompt_kvs: kvs,
+        ..Default::default()
     }
 }
 

@@ -625,10 +625,19 @@ pub fn run_samples(
                 match res {
                     Err(e) => fail(&mut recs[*i], &candle_msg(&e)),
                     Ok(results) => {
-                        for (rec, res) in recs[*i].iter_mut().zip(results) {
-                            let filled = res
-                                .map_err(|e| candle_msg(&e))
-                                .and_then(|(g, stats)| fill(lm, rec, &g, &stats, s));
+                        let (n_layers, kvh) = (
+                            lm.config().num_hidden_layers,
+                            lm.config().num_key_value_heads,
+                        );
+                        for ((rec, res), &k) in recs[*i].iter_mut().zip(results).zip(&chunk[*i].1) {
+                            // A `full` row from a compressed method's keep-all fork records
+                            // the full run's statistics, as `full`'s own runner does.
+                            let full = plans[k].is_full().then(|| {
+                                compress::full_stats(rec.prompt_tokens.unwrap_or(0), n_layers, kvh)
+                            });
+                            let filled = res.map_err(|e| candle_msg(&e)).and_then(|(g, stats)| {
+                                fill(lm, rec, &g, full.as_ref().unwrap_or(&stats), s)
+                            });
                             if let Err(e) = filled {
                                 rec.error = Some(e);
                             }
@@ -901,11 +910,19 @@ fn test_hooks() -> (Option<usize>, Option<u64>) {
 
 /// The plans of a sweep in groups that share each sample's prefill: every budget of one
 /// compressed method is one group (its prompt KVs and prefill metrics do not depend on the
-/// budget); `full` and, with `share` off, every plan are groups of their own. Plan order is
-/// kept within and across groups (by first member).
-pub fn group_plans(plans: &[RunPlan], share: bool) -> Vec<Vec<&RunPlan>> {
+/// budget); with `share` off, every plan is a group of its own. `full` is a group of its own
+/// too, unless `full_joins`: then it is the last member of the first compressed method's group
+/// (a keep-all fork of that method's prefill, taking the prompt's own cache: no prefill and no
+/// copy of its own; kvc does this on a GPU, where `full`'s batches decode through the paged
+/// cache either way). Plan order is kept otherwise (groups by first member).
+pub fn group_plans(plans: &[RunPlan], share: bool, full_joins: bool) -> Vec<Vec<&RunPlan>> {
     let mut groups: Vec<Vec<&RunPlan>> = Vec::new();
+    let mut full = Vec::new();
     for p in plans {
+        if p.is_full() && share && full_joins {
+            full.push(p);
+            continue;
+        }
         let joins = share && !p.is_full();
         match groups
             .iter_mut()
@@ -913,6 +930,13 @@ pub fn group_plans(plans: &[RunPlan], share: bool) -> Vec<Vec<&RunPlan>> {
         {
             Some(g) => g.push(p),
             None => groups.push(vec![p]),
+        }
+    }
+    if let Some(g) = groups.iter_mut().find(|g| !g[0].is_full()) {
+        g.extend(full);
+    } else {
+        for (i, p) in full.into_iter().enumerate() {
+            groups.insert(i, vec![p]);
         }
     }
     groups
@@ -945,9 +969,11 @@ pub fn run_group(
     appended: &mut usize,
 ) -> Result<Vec<RunOutcome>, EvalError> {
     let (abort_after, delay_ms) = test_hooks();
+    // The group's method (a `full` member is a keep-all fork of it, see [`group_plans`]).
+    let lead = plans.iter().find(|p| !p.is_full()).unwrap_or(&plans[0]);
     let mut runner = compress::runner(
-        &plans[0].method,
-        plans[0].compress_budget(),
+        &lead.method,
+        lead.compress_budget(),
         lm.config(),
         sw.method_options,
     )
@@ -1170,6 +1196,37 @@ mod tests {
         assert!(e.to_string().contains(">= 1"), "{e}");
         assert!(plan_runs(&[], &[f64::NAN], &[]).is_err());
         assert!(plan_runs(&[], &[], &[0]).is_err());
+    }
+
+    #[test]
+    fn full_joins_the_first_method_group_last_only_when_asked() {
+        let (runs, _) = plan_runs(
+            &[m("full"), m("kvcompress"), m("snapkv")],
+            &[1.0, 2.0, 8.0],
+            &[],
+        )
+        .unwrap();
+        let labels = |share, joins| -> Vec<Vec<String>> {
+            group_plans(&runs, share, joins)
+                .iter()
+                .map(|g| g.iter().map(|p| p.label()).collect())
+                .collect()
+        };
+        let (f, k2, k8) = ("full/rate1", "kvcompress/rate2", "kvcompress/rate8");
+        let (s2, s8) = ("snapkv/rate2", "snapkv/rate8");
+        assert_eq!(
+            labels(true, false),
+            vec![vec![f], vec![k2, k8], vec![s2, s8]]
+        );
+        // `full` last: its fork takes the prompt's own cache.
+        assert_eq!(labels(true, true), vec![vec![k2, k8, f], vec![s2, s8]]);
+        assert_eq!(
+            labels(false, true),
+            vec![vec![f], vec![k2], vec![k8], vec![s2], vec![s8]]
+        );
+        let (only_full, _) = plan_runs(&[m("full")], &[1.0], &[]).unwrap();
+        let g = group_plans(&only_full, true, true);
+        assert_eq!((g.len(), g[0][0].label()), (1, f.to_string()));
     }
 
     #[test]
