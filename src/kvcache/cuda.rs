@@ -176,17 +176,19 @@ pub struct DecodeWorkspace {
     pub pipeline: DecodePipeline,
 }
 
-/// Default partition size for the async decode kernel, from the H200 measurements of
-/// 2026-12-02 (`results/committed/issue6-h200-2026-12-02b/`): about 1024 CUDA blocks in all (the
-/// kernel fits 3 per SM; 132 SMs), but partitions of at least 2048 slots — shorter ones lost
-/// 5–15 % to the extra partial states at batch 64 x 4096 and batch 2 x 32768 — and never more
-/// than the longest context. Multiples of 64.
-pub fn default_part_slots(shape: &DecodeShape, max_len: usize) -> usize {
-    let rows = shape.batch * shape.num_kv_heads;
-    let target_blocks = 1024usize;
-    let parts = target_blocks.div_ceil(rows.max(1));
-    let even = max_len.div_ceil(parts).div_ceil(64) * 64;
-    even.max(2048.min(max_len)).max(1)
+/// Slots per partition of the split-K decode kernel unless a caller sets it.
+pub const PART_SLOTS: usize = 2048;
+
+/// Default partition size for the async decode kernel: [`PART_SLOTS`] (a single partition for
+/// contexts up to it). Fixed, so that a row's attention (which slots each partial softmax
+/// sums, then the merge) does not depend on the other rows of its batch: sized from the batch
+/// (about 1024 CUDA blocks in all), it doubled to 4096 slots when `full`'s 8k-token rows joined
+/// a sweep's batch, and the bf16 outputs of the other rows' long contexts changed (30 % of
+/// rate-2 predictions on the H200, 2026-12-02). Partitions shorter than 2048 slots lost 5–15 %
+/// at batch 64 x 4096 and batch 2 x 32768 (`results/committed/issue6-h200-2026-12-02b/`); at
+/// both shapes 2048 was the measured best or near-best row.
+pub fn default_part_slots(_shape: &DecodeShape, max_len: usize) -> usize {
+    PART_SLOTS.min(max_len).max(1)
 }
 
 impl DecodeWorkspace {
