@@ -643,17 +643,12 @@ fn device_eviction_step_matches_twin() {
     let mut n_crush = 0;
     type Crush = Option<(usize, usize, Anchor, bool)>;
     let plain: Crush = None;
-    for (bs, d, heads, max_ctx, share, seed, segments, crush) in [
-        (
-            16usize,
-            64usize,
-            24usize,
-            600usize,
-            0.5f32,
-            1u64,
-            vec![24usize],
-            plain,
-        ),
+    // (block size, head dim, heads, longest head, share of blocks evicted, seed, heads per
+    // sequence, KVCrush: kv-heads per layer, groups kept per head, anchor, every other
+    // sequence only)
+    #[rustfmt::skip]
+    let cases = [
+        (16usize, 64usize, 24usize, 600usize, 0.5f32, 1u64, vec![24usize], plain),
         (32, 128, 16, 1000, 0.3, 2, vec![16], None),
         (16, 128, 64, 300, 0.9, 3, vec![64], None),
         (16, 64, 8, 5000, 0.5, 4, vec![8], None),
@@ -663,97 +658,17 @@ fn device_eviction_step_matches_twin() {
         (32, 64, 40, 400, 1.5, 8, vec![10, 10, 10, 10], None),
         (16, 64, 90, 2500, 0.05, 9, vec![9; 10], None), // continual-compression shape
         (16, 64, 20, 16384, 0.3, 10, vec![4; 5], None), // the longest head the device sorts
-        (
-            16,
-            64,
-            24,
-            600,
-            0.5,
-            11,
-            vec![24],
-            Some((3, 1, Anchor::Mean, false)),
-        ),
-        (
-            16,
-            128,
-            30,
-            900,
-            0.4,
-            12,
-            vec![6, 12, 12],
-            Some((3, 2, Anchor::Ones, false)),
-        ),
-        (
-            32,
-            64,
-            40,
-            400,
-            0.6,
-            13,
-            vec![8; 5],
-            Some((8, 1, Anchor::Random, false)),
-        ),
-        (
-            64,
-            64,
-            16,
-            2000,
-            0.5,
-            14,
-            vec![16],
-            Some((2, 3, Anchor::Mean, false)),
-        ),
-        (
-            16,
-            64,
-            90,
-            4000,
-            0.3,
-            15,
-            vec![9; 10],
-            Some((3, 1, Anchor::Mean, true)),
-        ),
-        (
-            16,
-            64,
-            8,
-            16384,
-            0.5,
-            16,
-            vec![8],
-            Some((8, 1, Anchor::Mean, false)),
-        ),
-        (
-            16,
-            64,
-            64,
-            300,
-            0.9,
-            17,
-            vec![64],
-            Some((64, 1, Anchor::Alternate, false)),
-        ),
-        (
-            8,
-            64,
-            12,
-            100,
-            0.5,
-            18,
-            vec![12],
-            Some((4, 5, Anchor::Zeros, false)),
-        ), // all kept
-        (
-            16,
-            64,
-            30,
-            3000,
-            1.5,
-            19,
-            vec![30],
-            Some((3, 1, Anchor::Mean, false)),
-        ),
-    ] {
+        (16, 64, 24, 600, 0.5, 11, vec![24], Some((3, 1, Anchor::Mean, false))),
+        (16, 128, 30, 900, 0.4, 12, vec![6, 12, 12], Some((3, 2, Anchor::Ones, false))),
+        (32, 64, 40, 400, 0.6, 13, vec![8; 5], Some((8, 1, Anchor::Random, false))),
+        (64, 64, 16, 2000, 0.5, 14, vec![16], Some((2, 3, Anchor::Mean, false))),
+        (16, 64, 90, 4000, 0.3, 15, vec![9; 10], Some((3, 1, Anchor::Mean, true))),
+        (16, 64, 8, 16384, 0.5, 16, vec![8], Some((8, 1, Anchor::Mean, false))), // > 1024 groups
+        (16, 64, 64, 300, 0.9, 17, vec![64], Some((64, 1, Anchor::Alternate, false))),
+        (8, 64, 12, 100, 0.5, 18, vec![12], Some((4, 5, Anchor::Zeros, false))), // all kept
+        (16, 64, 30, 3000, 1.5, 19, vec![30], Some((3, 1, Anchor::Mean, false))),
+    ];
+    for (bs, d, heads, max_ctx, share, seed, segments, crush) in cases {
         let mut rng = StdRng::seed_from_u64(seed);
         let per_head = max_ctx.div_ceil(bs);
         let num_blocks = heads * per_head + 3;
