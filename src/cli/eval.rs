@@ -491,8 +491,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
     }
     run::check_samples_found(samples.as_ref(), &subsets)?;
     // On a GPU `full` decodes through the paged cache in batches anyway: it joins the first
-    // compressed method's group as a keep-all fork of its prefill (run::group_plans).
-    let full_joins = device.is_cuda();
+    // compressed method's group as a keep-all fork of its prefill (run::group_plans). Not with
+    // --kv-memory, which bounds that method's pool and never the full cache.
+    let full_joins = device.is_cuda() && args.sweep.method_options.kv_memory.is_none();
     let batch_samples = match args.sweep.batch_samples {
         Some(b) => b,
         None if device.is_cuda() => {
