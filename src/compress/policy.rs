@@ -392,7 +392,8 @@ impl Hooks for CompressHooks<'_> {
         let prompt = cache.seq_len(seq);
         self.budget = (self.budget_of)(prompt).map(|b| b.max(self.policy.min_budget()));
         // KV-Compress on a GPU evicts on the device from here on, this first compression
-        // included (the same selection as its host plan, without snapshotting every head).
+        // included (the same selection as its host plan, without snapshotting every head;
+        // KVCrush's block form adds its picks to it, `Policy::device_prefill`).
         let bs = cache.spec().block_size;
         let device = match (self.budget, self.on_demand) {
             (Some(b), None) if cache.device_compression() => {
