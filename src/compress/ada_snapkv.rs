@@ -12,7 +12,7 @@ use candle_core::{Result, Tensor};
 
 use super::policy::{Phase, Policy, SeqView};
 use super::snapkv::SnapConfig;
-use crate::kvcache::blocks::{EvictionPlan, HeadEviction};
+use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::Probe;
 
 /// The policy (see the module docs).
@@ -69,31 +69,23 @@ impl Policy for AdaSnapKv {
         self.snap.score(probs, positions)
     }
     fn plan(&self, view: &SeqView, budget: usize, phase: Phase) -> EvictionPlan {
-        let mut plan = EvictionPlan::default();
         if phase == Phase::Decode {
-            return plan;
+            return EvictionPlan::default();
         }
         let cap = budget.saturating_sub(self.snap.window);
         let floor = (cap as f64 * self.floor.clamp(0.0, 1.0)) as usize;
-        for (l, layer) in view.heads.iter().enumerate() {
+        let mut evicted = Vec::new();
+        for layer in &view.heads {
             let metric: Vec<Vec<f32>> = layer.iter().map(|h| h.metric.clone()).collect();
             let prot: Vec<Vec<bool>> = layer
                 .iter()
                 .map(|h| h.recent(view.seq_len, self.snap.window))
                 .collect();
-            let keep = ada_keep(&metric, &prot, cap, floor);
-            for (h, k) in keep.iter().enumerate() {
-                let evict: Vec<usize> = (0..k.len()).filter(|&i| !k[i]).collect();
-                if !evict.is_empty() {
-                    plan.heads.push(HeadEviction {
-                        layer: l,
-                        kv_head: h,
-                        evict,
-                    });
-                }
+            for k in ada_keep(&metric, &prot, cap, floor) {
+                evicted.push((0..k.len()).filter(|&i| !k[i]).collect());
             }
         }
-        plan
+        EvictionPlan::from_heads(evicted, view.heads.first().map_or(0, Vec::len))
     }
     fn continual(&self) -> bool {
         false

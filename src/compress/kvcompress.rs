@@ -23,7 +23,7 @@ use candle_core::{Result, Tensor};
 
 use super::policy::{DeviceStepSpec, Phase, Policy, SeqView};
 use super::score::{window_scores, Agg, PoolKind, ScoreSpec};
-use crate::kvcache::blocks::{EvictionPlan, HeadEviction};
+use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::budget::allowed_blocks;
 use crate::kvcache::Probe;
 
@@ -234,34 +234,19 @@ pub fn plan_from_meta(
         .map(|(m, p)| mask_protected(m, p, first_protected))
         .collect();
     let counts = select_blocks(&masked, block_size, n_evict);
-    let Some(picks) = crush else {
-        return plan_from_masked(&masked, kv_heads, block_size, &counts);
-    };
-    let mut evicted: Vec<Vec<usize>> = masked
-        .iter()
-        .zip(&counts)
-        .map(|(m, &k)| head_evictions(m, block_size, k))
-        .collect();
-    let heads: Vec<(&[f32], &[u32])> = meta.iter().map(|(m, p)| (&m[..], &p[..])).collect();
-    super::kvcrush::block_picks(
-        &heads,
-        &mut evicted,
-        kv_heads,
-        first_protected,
-        block_size,
-        picks,
-    );
-    let mut plan = EvictionPlan::default();
-    for (i, evict) in evicted.into_iter().enumerate() {
-        if !evict.is_empty() {
-            plan.heads.push(HeadEviction {
-                layer: i / kv_heads,
-                kv_head: i % kv_heads,
-                evict,
-            });
-        }
+    let mut evicted = head_evictions_of(&masked, block_size, &counts);
+    if let Some(picks) = crush {
+        let heads: Vec<(&[f32], &[u32])> = meta.iter().map(|(m, p)| (&m[..], &p[..])).collect();
+        super::kvcrush::block_picks(
+            &heads,
+            &mut evicted,
+            kv_heads,
+            first_protected,
+            block_size,
+            picks,
+        );
     }
-    plan
+    EvictionPlan::from_heads(evicted, kv_heads)
 }
 
 /// A head's metrics with the slots at positions `>= first_protected` masked to +inf.
@@ -279,6 +264,20 @@ fn mask_protected(metric: &[f32], position: &[u32], first_protected: u32) -> Vec
         .collect()
 }
 
+/// What each head evicts when head `i` gives `counts[i]` candidates of its metrics, already
+/// masked ([`head_evictions`]).
+pub fn head_evictions_of(
+    masked: &[Vec<f32>],
+    block_size: usize,
+    counts: &[usize],
+) -> Vec<Vec<usize>> {
+    masked
+        .iter()
+        .zip(counts)
+        .map(|(m, &k)| head_evictions(m, block_size, k))
+        .collect()
+}
+
 /// The plan evicting `counts[i]` candidates from head `i` of metrics already masked
 /// (`(layer, kv-head)` order).
 fn plan_from_masked(
@@ -287,15 +286,7 @@ fn plan_from_masked(
     block_size: usize,
     counts: &[usize],
 ) -> EvictionPlan {
-    let mut plan = EvictionPlan::default();
-    for (i, &k) in counts.iter().enumerate().filter(|(_, &k)| k > 0) {
-        plan.heads.push(HeadEviction {
-            layer: i / kv_heads,
-            kv_head: i % kv_heads,
-            evict: head_evictions(&masked[i], block_size, k),
-        });
-    }
-    plan
+    EvictionPlan::from_heads(head_evictions_of(masked, block_size, counts), kv_heads)
 }
 
 impl Policy for KvCompress {

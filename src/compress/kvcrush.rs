@@ -30,7 +30,7 @@ use std::collections::HashSet;
 
 use super::policy::{DeviceStepSpec, Phase, Policy, SeqView};
 use super::MethodOptions;
-use crate::kvcache::blocks::{EvictionPlan, HeadEviction};
+use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::Probe;
 
 /// Anchor signature the Hamming distances are measured to.
@@ -151,22 +151,6 @@ fn evicted_of(plan: &EvictionPlan, layer: usize, head: usize) -> Vec<usize> {
         .unwrap_or_default()
 }
 
-fn to_plan(evicted: Vec<Vec<Vec<usize>>>) -> EvictionPlan {
-    let mut plan = EvictionPlan::default();
-    for (l, layer) in evicted.into_iter().enumerate() {
-        for (h, evict) in layer.into_iter().enumerate() {
-            if !evict.is_empty() {
-                plan.heads.push(HeadEviction {
-                    layer: l,
-                    kv_head: h,
-                    evict,
-                });
-            }
-        }
-    }
-    plan
-}
-
 impl KvCrush {
     /// Token form: un-evict `b` tokens per head chosen by kv-head signatures.
     fn token_form(&self, view: &SeqView, base: &EvictionPlan, b: usize) -> EvictionPlan {
@@ -186,7 +170,6 @@ impl KvCrush {
                         .collect()
                 })
                 .collect();
-            let mut layer_out = Vec::new();
             for (h, ev) in evicted.into_iter().enumerate() {
                 let sigs: Vec<Vec<bool>> = ev
                     .iter()
@@ -199,11 +182,10 @@ impl KvCrush {
                     .into_iter()
                     .map(|j| ev[j])
                     .collect();
-                layer_out.push(ev.into_iter().filter(|i| !back.contains(i)).collect());
+                out.push(ev.into_iter().filter(|i| !back.contains(i)).collect());
             }
-            out.push(layer_out);
         }
-        to_plan(out)
+        EvictionPlan::from_heads(out, view.heads.first().map_or(0, Vec::len))
     }
 
     /// Block form: un-evict `k * kv_heads` groups of `block_size` evicted slots per layer.
@@ -226,12 +208,7 @@ impl KvCrush {
         };
         let bs = view.block_size;
         block_picks(&heads, &mut evicted, kv_heads, first_protected, bs, &picks);
-        let mut layers = vec![];
-        let mut rest = evicted.into_iter();
-        for _ in 0..view.heads.len() {
-            layers.push((&mut rest).take(kv_heads).collect());
-        }
-        to_plan(layers)
+        EvictionPlan::from_heads(evicted, kv_heads)
     }
 
     /// Groups of `block_size` slots kept per head by the block form at `budget` tokens per

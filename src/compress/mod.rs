@@ -741,7 +741,7 @@ impl PagedRunner {
                     }
                 }
             });
-            let (seq0, proto, pre, first) = match prefilled {
+            let (seq0, mut proto, pre, first) = match prefilled {
                 Ok(x) => x,
                 Err(e) => {
                     prompt_err.push(Some(e));
@@ -754,7 +754,6 @@ impl PagedRunner {
             let n = budget_fns[s].len();
             // Forks that compress on the device copy the prompt's metric there with their
             // blocks (counted in the first fork's compression time).
-            let mut proto = proto;
             let t = std::time::Instant::now();
             let shared = if n > 1 {
                 proto.share_device_metric(&mut cache, seq0)

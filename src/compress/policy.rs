@@ -17,7 +17,7 @@ use candle_core::{Result, Tensor};
 
 use super::kvcrush::BlockPicks;
 use crate::engine::{Hooks, StepWork};
-use crate::kvcache::blocks::{EvictionPlan, HeadEviction};
+use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::paged::{DeviceEvict, EvictStats, PagedCache};
 use crate::kvcache::{CacheBackend, Probe, SeqId};
 
@@ -172,20 +172,15 @@ pub fn per_head_plan(
     view: &SeqView,
     mut evict: impl FnMut(usize, usize, &HeadView) -> Vec<usize>,
 ) -> EvictionPlan {
-    let mut plan = EvictionPlan::default();
-    for (l, layer) in view.heads.iter().enumerate() {
-        for (h, head) in layer.iter().enumerate() {
-            let e = evict(l, h, head);
-            if !e.is_empty() {
-                plan.heads.push(HeadEviction {
-                    layer: l,
-                    kv_head: h,
-                    evict: e,
-                });
-            }
-        }
-    }
-    plan
+    let kv_heads = view.heads.first().map_or(0, Vec::len);
+    let evicted = view.heads.iter().enumerate().flat_map(|(l, layer)| {
+        layer
+            .iter()
+            .enumerate()
+            .map(|(h, head)| evict(l, h, head))
+            .collect::<Vec<_>>()
+    });
+    EvictionPlan::from_heads(evicted, kv_heads)
 }
 
 /// What the hooks saw, for [`super::CompressionStats`].

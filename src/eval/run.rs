@@ -932,12 +932,10 @@ pub fn group_plans(plans: &[RunPlan], share: bool, full_joins: bool) -> Vec<Vec<
             None => groups.push(vec![p]),
         }
     }
-    if let Some(g) = groups.iter_mut().find(|g| !g[0].is_full()) {
-        g.extend(full);
-    } else {
-        for (i, p) in full.into_iter().enumerate() {
-            groups.insert(i, vec![p]);
-        }
+    // `full` was held back only when joining: every group here is a compressed method's.
+    match groups.first_mut() {
+        Some(g) => g.extend(full),
+        None => groups.extend(full.into_iter().map(|p| vec![p])),
     }
     groups
 }

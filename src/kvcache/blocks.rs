@@ -158,6 +158,24 @@ pub struct EvictionPlan {
 }
 
 impl EvictionPlan {
+    /// The plan evicting `evicted[i]` from head `i` of a sequence, heads in (layer, kv-head)
+    /// order with `kv_heads` per layer; heads with nothing to evict are left out.
+    pub fn from_heads(evicted: impl IntoIterator<Item = Vec<usize>>, kv_heads: usize) -> Self {
+        let kvh = kv_heads.max(1);
+        EvictionPlan {
+            heads: evicted
+                .into_iter()
+                .enumerate()
+                .filter(|(_, e)| !e.is_empty())
+                .map(|(i, evict)| HeadEviction {
+                    layer: i / kvh,
+                    kv_head: i % kvh,
+                    evict,
+                })
+                .collect(),
+        }
+    }
+
     /// Total slots evicted.
     pub fn evicted(&self) -> usize {
         self.heads.iter().map(|h| h.evict.len()).sum()
@@ -713,6 +731,18 @@ mod tests {
             p.plan_compaction(0, 0, 0, &[5]),
             Err(BlockError::BadSlot { .. })
         ));
+    }
+
+    #[test]
+    fn plan_from_heads_numbers_layers_and_skips_empty_heads() {
+        let p = EvictionPlan::from_heads(vec![vec![1], vec![], vec![], vec![0, 2]], 2);
+        let got: Vec<_> = p
+            .heads
+            .iter()
+            .map(|h| (h.layer, h.kv_head, h.evict.clone()))
+            .collect();
+        assert_eq!(got, vec![(0, 0, vec![1]), (1, 1, vec![0, 2])]);
+        assert_eq!(p.evicted(), 3);
     }
 
     #[test]

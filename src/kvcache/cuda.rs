@@ -668,8 +668,8 @@ pub fn kvcompress_evict(
 /// `tables`; its slots with `position >= first_protected` are never evicted and `n_evict`
 /// blocks are taken over its heads; with `crush`, KVCrush's block form keeps its groups out of
 /// the evictions (`kvc_crush_pick`: block size <= [`CRUSH_MAX_BLOCK`], layers of at most
-/// [`CRUSH_MAX_KV_HEADS`] kv-heads, the same `kv_heads` for every sequence). Moves K, V, `metric` `[num_slots]` f32 and `position`
-/// `[num_slots]` u32 in place; returns each sequence's per-head counts and new lengths (the
+/// [`CRUSH_MAX_KV_HEADS`] kv-heads, the same `kv_heads` for every sequence). Moves K, V,
+/// `metric` `[num_slots]` f32 and `position` `[num_slots]` u32 in place; returns each sequence's per-head counts and new lengths (the
 /// only data coming back). Three launches whatever the number of sequences; what goes up is
 /// the blocks in use (not a table padded to the longest head) and a few numbers per head.
 pub fn kvcompress_evict_batch(
@@ -703,8 +703,8 @@ pub fn kvcompress_evict_batch(
         .into());
     }
     tables.check_disjoint(block_size, num_slots)?;
-    let crush = crush_inputs(seqs, block_size)?;
     let dev = k_cache.device();
+    let crush = crush_args(seqs, block_size, dev)?;
     // Per head: protected position; per sequence: first head row and blocks to take.
     let mut protect = Vec::with_capacity(heads);
     let mut head_start = Vec::with_capacity(seqs.len() + 1);
@@ -729,16 +729,7 @@ pub fn kvcompress_evict_batch(
             protect: &Tensor::from_slice(&protect, heads, dev)?,
             head_start: &Tensor::from_slice(&head_start, seqs.len() + 1, dev)?,
             n_evict: &Tensor::from_slice(&n_evict, seqs.len(), dev)?,
-            crush: match &crush {
-                Some(c) => Some(CrushArgs {
-                    groups: Tensor::from_slice(&c.groups, seqs.len(), dev)?,
-                    anchor: Tensor::from_slice(&c.anchor, seqs.len(), dev)?,
-                    mean: Tensor::from_slice(&c.mean, seqs.len(), dev)?,
-                    kv_heads: c.kv_heads,
-                    layers: c.layers,
-                }),
-                None => None,
-            },
+            crush,
         },
         block_size,
         max_len,
@@ -755,21 +746,8 @@ pub const CRUSH_MAX_BLOCK: usize = crate::compress::kvcrush::DEVICE_MAX_BLOCK;
 /// Most kv-heads per layer KVCrush's device picks take (`kernels/evict.cu: CRUSH_MAX_HEADS`).
 pub const CRUSH_MAX_KV_HEADS: usize = 64;
 
-/// KVCrush's per-sequence inputs of a batched eviction, on the host.
-struct CrushInputs {
-    /// `[sequences]`: groups kept per layer (0: no KVCrush).
-    groups: Vec<u32>,
-    /// `[sequences]`: anchor bits (i64 on the device, read as u64).
-    anchor: Vec<i64>,
-    /// `[sequences]`: 1 = the anchor is the per-bit majority.
-    mean: Vec<u32>,
-    kv_heads: usize,
-    /// Most layers of a sequence (the launch's grid).
-    layers: usize,
-}
-
-/// What `kvc_crush_pick` needs, checked (`None`: no sequence asks for KVCrush).
-fn crush_inputs(seqs: &[EvictSeq], block_size: usize) -> Result<Option<CrushInputs>> {
+/// What `kvc_crush_pick` needs, checked and uploaded (`None`: no sequence asks for KVCrush).
+fn crush_args(seqs: &[EvictSeq], block_size: usize, dev: &Device) -> Result<Option<CrushArgs>> {
     use crate::compress::kvcrush::anchor_mask;
     let Some(first) = seqs.iter().find(|s| s.crush.is_some()) else {
         return Ok(None);
@@ -781,13 +759,8 @@ fn crush_inputs(seqs: &[EvictSeq], block_size: usize) -> Result<Option<CrushInpu
         ))
         .into());
     }
-    let mut c = CrushInputs {
-        groups: vec![],
-        anchor: vec![],
-        mean: vec![],
-        kv_heads,
-        layers: 0,
-    };
+    let (mut groups, mut anchor, mut mean) = (vec![], vec![], vec![]);
+    let mut layers = 0;
     for s in seqs {
         if s.kv_heads != kv_heads || s.heads % kv_heads != 0 {
             return Err(OpsError::Shape(format!(
@@ -796,22 +769,30 @@ fn crush_inputs(seqs: &[EvictSeq], block_size: usize) -> Result<Option<CrushInpu
             ))
             .into());
         }
-        c.layers = c.layers.max(s.heads / kv_heads);
-        let (groups, bits) = match &s.crush {
+        layers = layers.max(s.heads / kv_heads);
+        let (g, bits) = match &s.crush {
             Some(p) => (
                 p.groups_per_head * kv_heads,
                 anchor_mask(p.anchor, block_size, p.seed),
             ),
             None => (0, Some(0)),
         };
-        c.groups.push(
-            u32::try_from(groups)
-                .map_err(|_| OpsError::Shape(format!("KVCrush: {groups} groups per layer")))?,
+        groups.push(
+            u32::try_from(g)
+                .map_err(|_| OpsError::Shape(format!("KVCrush: {g} groups per layer")))?,
         );
-        c.mean.push(bits.is_none() as u32);
-        c.anchor.push(bits.unwrap_or(0) as i64);
+        mean.push(bits.is_none() as u32);
+        // i64 on the device (candle has no u64), read as unsigned long long by the kernel.
+        anchor.push(bits.unwrap_or(0) as i64);
     }
-    Ok(Some(c))
+    let n = seqs.len();
+    Ok(Some(CrushArgs {
+        groups: Tensor::from_vec(groups, n, dev)?,
+        anchor: Tensor::from_vec(anchor, n, dev)?,
+        mean: Tensor::from_vec(mean, n, dev)?,
+        kv_heads,
+        layers,
+    }))
 }
 
 /// Per-head `counts` and `new_lens` of a batched eviction cut into each sequence's rows.
@@ -848,16 +829,18 @@ struct EvictArgs<'a> {
     crush: Option<CrushArgs>,
 }
 
-/// The device inputs of KVCrush's picks (see [`CrushInputs`]).
+/// The device inputs of KVCrush's picks ([`crush_args`]).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct CrushArgs {
-    /// `[sequences]` u32.
+    /// `[sequences]` u32: groups kept per layer (0: no KVCrush).
     groups: Tensor,
-    /// `[sequences]` i64.
+    /// `[sequences]` i64: anchor bits (read as u64).
     anchor: Tensor,
-    /// `[sequences]` u32.
+    /// `[sequences]` u32: 1 = the anchor is the per-bit majority.
     mean: Tensor,
+    /// kv-heads per layer (the same for every sequence).
     kv_heads: usize,
+    /// Most layers of a sequence (the launch's grid).
     layers: usize,
 }
 

@@ -645,7 +645,7 @@ pub fn kvcompress_evict<T: Copy>(
     head_dim: usize,
     seq: &EvictSeq,
 ) -> Result<EvictStep, OpsError> {
-    use crate::compress::kvcompress::{head_evictions, select_blocks};
+    use crate::compress::kvcompress::{head_evictions_of, select_blocks};
     let heads = ctx_lens.len();
     let num_slots = metric.len();
     check_len("position", position.len(), num_slots)?;
@@ -675,11 +675,7 @@ pub fn kvcompress_evict<T: Copy>(
         })
         .collect();
     let counts = select_blocks(&masked, block_size, seq.n_evict);
-    let mut evicted: Vec<Vec<usize>> = masked
-        .iter()
-        .zip(&counts)
-        .map(|(m, &k)| head_evictions(m, block_size, k))
-        .collect();
+    let mut evicted = head_evictions_of(&masked, block_size, &counts);
     if let Some(picks) = &seq.crush {
         if seq.kv_heads == 0 || heads % seq.kv_heads != 0 {
             return Err(OpsError::Shape(format!(
