@@ -4,7 +4,8 @@
 // one kv-head of one layer; the block tables live elsewhere, these kernels only see slots).
 //
 // Rust twins (same contracts): kvc::kvcache::ops::write_kv, kvc::kvcache::ops::move_slots,
-// kvc::kvcache::ops::set_meta and kvc::kvcache::ops::copy_blocks.
+// kvc::kvcache::ops::set_meta and kvc::kvcache::ops::copy_blocks; gather_kv's is candle's
+// index_select on the CPU.
 #include "common.cuh"
 
 namespace kvc {
@@ -132,5 +133,27 @@ extern "C" __global__ void copy_blocks(
       if (metric) metric[d] = metric[s];
       if (position) position[d] = position[s];
     }
+  }
+}
+
+// Gathers rows idx[i] of the K and V caches into k_out / v_out (a prefill's keys and values,
+// in logical order). candle's index_select computes source offsets in 32-bit unsigned ints, so
+// it read wrong rows of a cache past 2^32 elements (a 23 GB SmolLM2 pool at --batch-samples
+// 64, 2026-12-03: garbage predictions); every offset here is 64-bit. One thread per 4-byte word.
+extern "C" __global__ void gather_kv(
+    uint32_t* k_out,          // [n, row_words] out
+    uint32_t* v_out,          // [n, row_words] out
+    const uint32_t* k_cache,  // [num_slots, row_words] K as 4-byte words (any 2- or 4-byte dtype)
+    const uint32_t* v_cache,  // [num_slots, row_words] V
+    const uint32_t* idx,      // [n] slots to read (each < num_slots, checked on the host)
+    int n,                    // rows
+    int row_words) {          // 4-byte words per row
+  const size_t total = (size_t)n * row_words;
+  for (size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x; x < total;
+       x += (size_t)blockDim.x * gridDim.x) {
+    const size_t r = x / row_words, w = x % row_words;
+    const size_t src = (size_t)idx[r] * row_words + w;
+    k_out[x] = k_cache[src];
+    v_out[x] = v_cache[src];
   }
 }

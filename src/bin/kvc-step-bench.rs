@@ -17,7 +17,10 @@ use clap::Parser;
 use kvc::compress::policy::{CompressHooks, Phase, SeqView};
 use kvc::compress::{build_policy, MethodOptions, MethodSpec};
 use kvc::engine::{observe_batch, step_compression, Hooks};
+use kvc::kvcache::blocks::BlockPool;
+use kvc::kvcache::ops::{DecodeShape, HeadTables};
 use kvc::kvcache::paged::{PagedCache, PagedSpec};
+use kvc::kvcache::step_tables::StepTables;
 use kvc::kvcache::{AttnCall, CacheBackend, Probe, SeqId};
 use kvc::model::config::{Arch, Config};
 use std::time::Instant;
@@ -52,6 +55,11 @@ struct Args {
     /// cores). 1 is the sequential baseline.
     #[arg(long, value_delimiter = ',')]
     threads: Vec<usize>,
+    /// Instead: time the host side of a CUDA decode step's block tables (append one token to
+    /// every head, tables for every layer, checks, uploads; no device), per layer as before
+    /// 2026-12-03 against `StepTables` kept between steps. `--ctx` is then the tokens per head.
+    #[arg(long)]
+    decode_tables: bool,
 }
 
 const LAYERS: usize = 30;
@@ -211,8 +219,142 @@ fn run(a: &Args, method: &str, ctx: usize) -> anyhow::Result<Vec<f64>> {
     Ok(out)
 }
 
+/// Median ms per step of a CUDA decode step's table work for `a.batch` sequences of `ctx`
+/// tokens per head: (per layer, as before 2026-12-03; `StepTables`; the eviction's tables
+/// built; built, checked and uploaded).
+fn decode_tables(a: &Args, ctx: usize) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let dev = Device::Cpu;
+    let heads = LAYERS * KV;
+    let blocks = 2 * a.batch * heads * ((ctx + a.steps + 4).div_ceil(BS) + 1);
+    let mut pool = BlockPool::new(LAYERS, KV, BS, blocks)?;
+    let seqs: Vec<SeqId> = (0..a.batch).collect();
+    for &s in &seqs {
+        pool.add_seq(s)?;
+        // Heads of slightly different lengths, as compressed heads are.
+        for l in 0..LAYERS {
+            for h in 0..KV {
+                let n = ctx - (s + l + h) % BS.min(ctx);
+                let pos: Vec<u32> = (0..n as u32).collect();
+                pool.append(l, s, h, &pos)?;
+            }
+        }
+    }
+    let num_slots = blocks * BS;
+    let mut old_pool = pool.clone();
+    let mut before = Vec::new();
+    for step in 0..a.steps {
+        let t = Instant::now();
+        for l in 0..LAYERS {
+            let (mut slots, mut positions) = (Vec::new(), Vec::new());
+            for &s in &seqs {
+                for h in 0..KV {
+                    let x = old_pool.append(l, s, h, &[(ctx + step) as u32])?;
+                    slots.push(x[0] as u32);
+                    positions.push((ctx + step) as u32);
+                }
+            }
+            let mut hs = Vec::with_capacity(seqs.len() * KV);
+            for &s in &seqs {
+                let t = old_pool.table(s)?;
+                hs.extend(t.blocks[l].iter().zip(&t.len[l]).map(|(b, &n)| (&b[..], n)));
+            }
+            let tables = HeadTables::from_heads(hs);
+            let shape = DecodeShape {
+                batch: seqs.len(),
+                num_kv_heads: KV,
+                group: GROUP,
+                head_dim: D,
+                max_blocks: tables.max_blocks(),
+                block_size: BS,
+                probs_stride: ctx + a.steps + 1,
+                num_slots,
+            };
+            shape.check_heads(&tables, true)?;
+            let up = |v: &[u32]| Tensor::from_slice(v, v.len(), &dev);
+            std::hint::black_box((
+                up(&slots)?,
+                up(&positions)?,
+                up(tables.upload_blocks())?,
+                up(&tables.lens)?,
+                up(&tables.start)?,
+            ));
+        }
+        before.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut tables = StepTables::build(&pool, &seqs, &dev)?;
+    let mut after = Vec::new();
+    for step in 0..a.steps {
+        let t = Instant::now();
+        let with_pos: Vec<(SeqId, u32)> = seqs.iter().map(|&s| (s, (ctx + step) as u32)).collect();
+        let positions: Vec<u32> = with_pos.iter().map(|p| p.1).collect();
+        let app = pool.append_step(&with_pos)?;
+        if !tables.follow(&pool, &app, &positions, &[])? {
+            tables = StepTables::build(&pool, &seqs, &dev)?;
+            let lens = tables.lens().to_vec();
+            tables.upload_step(&app.slots, &positions, lens, Default::default())?;
+        }
+        for l in 0..LAYERS {
+            std::hint::black_box(tables.layer(l)?);
+        }
+        after.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    // The host side of a decode step's device eviction (`PagedCache::evict_on_device`) for
+    // the same batch: every head's tables, sequence-major, and their checks.
+    let mut evict = Vec::new();
+    for _ in 0..a.steps {
+        let t = Instant::now();
+        let mut hs = Vec::with_capacity(seqs.len() * heads);
+        for &s in &seqs {
+            let t = pool.table(s)?;
+            hs.extend(
+                t.blocks
+                    .iter()
+                    .flatten()
+                    .zip(t.len.iter().flatten())
+                    .map(|(b, &n)| (&b[..], n)),
+            );
+        }
+        let tables = HeadTables::from_heads(hs);
+        let built = t.elapsed().as_secs_f64() * 1e3;
+        tables.check_disjoint(BS, num_slots)?;
+        let up = |v: &[u32]| Tensor::from_slice(v, v.len(), &dev);
+        std::hint::black_box((
+            up(tables.upload_blocks())?,
+            up(&tables.lens)?,
+            up(&tables.start)?,
+        ));
+        evict.push((built, t.elapsed().as_secs_f64() * 1e3));
+    }
+    let build = median(evict.iter().map(|e| e.0).collect());
+    let total = median(evict.iter().map(|e| e.1).collect());
+    Ok((median(before), median(after), build, total))
+}
+
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if a.decode_tables {
+        println!(
+            "# kvc-step-bench --decode-tables: SmolLM2-135M shape (30 x 3 kv-heads, block 16), batch {}, host only; median of {} steps",
+            a.batch, a.steps
+        );
+        println!(
+            "{:>6} {:>18} {:>18} {:>8} {:>20} {:>20}",
+            "ctx",
+            "per layer ms",
+            "step tables ms",
+            "ratio",
+            "evict tables ms",
+            "+ checks, upload ms"
+        );
+        for &ctx in &a.ctx {
+            let (b, s, eb, et) = decode_tables(&a, ctx)?;
+            println!(
+                "{ctx:>6} {b:>18.2} {s:>18.2} {:>7.1}x {eb:>20.2} {et:>20.2}",
+                b / s
+            );
+        }
+        return Ok(());
+    }
     println!(
         "# kvc-step-bench: SmolLM2-135M shape (30 x 3 kv-heads, d 64, block 16), f32 CPU cache, batch {}, rate {}; median of {} steps; {} cores",
         a.batch,

@@ -121,6 +121,15 @@ pub struct SeqTable {
     pub len: Vec<Vec<usize>>,
 }
 
+/// What [`BlockPool::append_step`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepAppend {
+    /// The new token's slot per row `(layer * batch + i) * kv_heads + head`.
+    pub slots: Vec<u32>,
+    /// Blocks taken: (row, index in the row's table, block id), sequence by sequence.
+    pub new_blocks: Vec<(u32, u32, u32)>,
+}
+
 /// One slot copy of a compaction (physical slot ids).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Move {
@@ -351,6 +360,13 @@ impl BlockPool {
         Ok(copies)
     }
 
+    /// Replace `seq`'s tables as they are, breaking the pool's invariants (tests of the checks
+    /// that catch a broken pool).
+    #[cfg(test)]
+    pub(crate) fn set_table_for_test(&mut self, seq: SeqId, t: SeqTable) {
+        self.seqs.insert(seq, t);
+    }
+
     /// Drop a sequence; its blocks go back to the pool.
     pub fn remove_seq(&mut self, seq: SeqId) -> Result<(), BlockError> {
         let t = self.seqs.remove(&seq).ok_or(BlockError::UnknownSeq(seq))?;
@@ -559,6 +575,58 @@ impl BlockPool {
             out.push(s);
         }
         t.len[layer][kv_head] = len + positions.len();
+        Ok(out)
+    }
+
+    /// One decode step of a batch: sequence `seqs[i].0` appends one token at position
+    /// `seqs[i].1` to every head of every layer. Checks first that the pool holds every block
+    /// the step needs (nothing changes otherwise), then appends with one table lookup per
+    /// sequence: [`Self::append`] per (layer, sequence, head) cost a lookup and an allocation
+    /// each, 20k per step at 224 SmolLM2 sequences. Rows are `(layer * seqs.len() + i) *
+    /// kv_heads + head`.
+    pub fn append_step(&mut self, seqs: &[(SeqId, u32)]) -> Result<StepAppend, BlockError> {
+        let (bs, nl, nkv, n) = (self.block_size, self.layers, self.kv_heads, seqs.len());
+        let mut need = 0;
+        let mut seen = std::collections::BTreeSet::new();
+        for &(seq, _) in seqs {
+            if !seen.insert(seq) {
+                return Err(BlockError::DuplicateSeq(seq));
+            }
+            let t = self.table(seq)?;
+            need += t.len.iter().flatten().filter(|&&l| l % bs == 0).count();
+        }
+        if need > self.free.len() {
+            return Err(BlockError::OutOfBlocks {
+                needed: need,
+                free: self.free.len(),
+                total: self.num_blocks,
+            });
+        }
+        let mut out = StepAppend {
+            slots: vec![0; nl * n * nkv],
+            new_blocks: Vec::new(),
+        };
+        for (i, &(seq, p)) in seqs.iter().enumerate() {
+            let t = self.seqs.get_mut(&seq).expect("looked up above");
+            for l in 0..nl {
+                for h in 0..nkv {
+                    let row = (l * n + i) * nkv + h;
+                    let len = t.len[l][h];
+                    let blocks = &mut t.blocks[l][h];
+                    if len % bs == 0 {
+                        let b = self.free.pop().expect("counted above");
+                        blocks.push(b);
+                        out.new_blocks
+                            .push((row as u32, (blocks.len() - 1) as u32, b));
+                    }
+                    let s = blocks[len / bs] as usize * bs + len % bs;
+                    self.metric[s] = 0.0;
+                    self.position[s] = p;
+                    out.slots[row] = s as u32;
+                    t.len[l][h] = len + 1;
+                }
+            }
+        }
         Ok(out)
     }
 

@@ -21,6 +21,7 @@
 //!
 //! Departure from the paper's implementation: block tables are built on the host by
 //! [`super::blocks::BlockPool`] and uploaded (the blocks in use, a few KB per sequence).
+use super::step_tables::LayerViews;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::ops::{
@@ -119,6 +120,32 @@ impl DeviceTables {
         })
     }
 
+    /// The views of one layer of a decode step's device tables ([`StepTables`], built from
+    /// the pool and checked for range and overlap when they were built), checked against
+    /// `shape`'s rows and context cap.
+    ///
+    /// [`StepTables`]: super::step_tables::StepTables
+    pub fn from_step(shape: DecodeShape, views: LayerViews) -> Result<Self> {
+        let rows = shape.batch * shape.num_kv_heads;
+        let cap = (shape.max_blocks * shape.block_size).min(shape.probs_stride);
+        if views.starts.dims() != [rows] || views.lens.dims() != [rows] || views.max_len > cap {
+            return Err(OpsError::Shape(format!(
+                "step tables of {:?} rows, longest {} tokens, for a decode call of {rows} rows capped at {cap} ({shape:?})",
+                views.starts.dims(),
+                views.max_len
+            ))
+            .into());
+        }
+        Ok(DeviceTables {
+            disjoint: true,
+            shape,
+            block_tables: views.blocks,
+            ctx_lens: views.lens,
+            table_start: views.starts,
+            max_len: views.max_len,
+        })
+    }
+
     fn upload_padded(
         shape: DecodeShape,
         block_tables: &[u32],
@@ -192,6 +219,15 @@ pub fn default_part_slots(_shape: &DecodeShape, max_len: usize) -> usize {
 }
 
 impl DecodeWorkspace {
+    /// Whether this scratch serves a call of `shape` with contexts up to `max_len` (with the
+    /// default partitions).
+    pub fn fits(&self, shape: &DecodeShape, max_len: usize) -> bool {
+        self.probs.dims() == [shape.batch, shape.n_heads(), shape.probs_stride]
+            && self.part_slots == default_part_slots(shape, max_len).max(1)
+            && self.num_parts == max_len.div_ceil(self.part_slots).max(1)
+            && self.part_out.dim(3).ok() == Some(shape.head_dim)
+    }
+
     /// Scratch for `shape` with contexts up to `max_len`, partitions of `part_slots` slots
     /// (`None`: [`default_part_slots`]).
     pub fn new(
@@ -309,6 +345,56 @@ pub fn write_kv(
     )
 }
 
+/// [`write_kv`] with the slots and positions already on the device (`[n]` u32 each, from a
+/// decode step's upload: the pool handed the slots out, so they are in range and distinct).
+#[allow(clippy::too_many_arguments)]
+pub fn write_kv_at(
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    metric: Option<&Tensor>,
+    position: Option<&Tensor>,
+    k_new: &Tensor,
+    v_new: &Tensor,
+    slots: &Tensor,
+    positions: &Tensor,
+) -> Result<()> {
+    let (n, d) = k_new.dims2()?;
+    let num_slots = check_cache(k_cache, v_cache, d)?;
+    check_meta(metric, position, num_slots)?;
+    if k_new.dims() != v_new.dims()
+        || k_new.dtype() != k_cache.dtype()
+        || slots.dims() != [n]
+        || positions.dims() != [n]
+        || slots.dtype() != DType::U32
+        || positions.dtype() != DType::U32
+    {
+        return Err(OpsError::Shape(format!(
+            "k_new/v_new must be [n, {d}] {:?} with [n] u32 slots and positions, got {:?} / {:?} / {:?} {:?} / {:?} {:?}",
+            k_cache.dtype(),
+            k_new.dims(),
+            v_new.dims(),
+            slots.dims(),
+            slots.dtype(),
+            positions.dims(),
+            positions.dtype()
+        ))
+        .into());
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    imp::write_kv(
+        k_cache,
+        v_cache,
+        metric,
+        position,
+        &k_new.contiguous()?,
+        &v_new.contiguous()?,
+        slots,
+        positions,
+    )
+}
+
 /// Copy K, V (and metric, position when given) of slot `from[i]` to slot `to[i]`, in place;
 /// `from ∪ to` must be distinct. Twin: [`super::ops::move_slots`].
 pub fn move_slots(
@@ -369,6 +455,43 @@ pub fn copy_blocks(
         block_size,
         row_bytes / 4,
     )
+}
+
+/// Rows `idx` (`[n]` u32, each below `num_slots`, on the cache's device) of the K and V caches
+/// `[num_slots, head_dim]`: `[n, head_dim]` each. On CUDA a kernel with 64-bit offsets (candle's
+/// `index_select` wraps its offsets at 2^32 elements, which a large pool passes); elsewhere
+/// `index_select`, the twin. `max_slot`: the largest id of `idx`, checked against the cache.
+pub fn gather_kv(
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    idx: &Tensor,
+    max_slot: Option<u32>,
+) -> Result<(Tensor, Tensor)> {
+    let (num_slots, d) = k_cache.dims2()?;
+    check_cache(k_cache, v_cache, d)?;
+    let n = idx.dims1()?;
+    if idx.dtype() != DType::U32 || max_slot.is_some_and(|m| m as usize >= num_slots) {
+        return Err(OpsError::Shape(format!(
+            "gather_kv: [n] u32 ids below {num_slots}, got {:?} {:?} (max {max_slot:?})",
+            idx.dims(),
+            idx.dtype()
+        ))
+        .into());
+    }
+    if !k_cache.device().is_cuda() || n == 0 {
+        return Ok((k_cache.index_select(idx, 0)?, v_cache.index_select(idx, 0)?));
+    }
+    let row_bytes = d * k_cache.dtype().size_in_bytes();
+    if row_bytes % 4 != 0 {
+        return Err(OpsError::Shape(format!(
+            "gather_kv: K/V rows of {row_bytes} B (need a multiple of 4)"
+        ))
+        .into());
+    }
+    let k = Tensor::zeros((n, d), k_cache.dtype(), k_cache.device())?;
+    let v = Tensor::zeros((n, d), k_cache.dtype(), k_cache.device())?;
+    imp::gather_kv(&k, &v, k_cache, v_cache, idx, row_bytes / 4)?;
+    Ok((k, v))
 }
 
 /// Set `metric[slots[i]] = m[i]` and `position[slots[i]] = p[i]` on the device (twin:
@@ -882,6 +1005,17 @@ mod imp {
         Err(OpsError::NoCuda.into())
     }
 
+    pub fn gather_kv(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: usize,
+    ) -> Result<()> {
+        Err(OpsError::NoCuda.into())
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn copy_blocks(
         _: &Tensor,
@@ -1261,6 +1395,41 @@ mod imp {
         Ok(())
     }
 
+    pub fn gather_kv(
+        k_out: &Tensor,
+        v_out: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        idx: &Tensor,
+        row_words: usize,
+    ) -> Result<()> {
+        let stream = device(k_cache)?.cuda_stream();
+        let f = func(&stream, "kv_cache", "gather_kv")?;
+        let n = idx.dim(0)?;
+        let ptrs = [
+            ptr(Some(k_out), &stream)?,
+            ptr(Some(v_out), &stream)?,
+            ptr(Some(k_cache), &stream)?,
+            ptr(Some(v_cache), &stream)?,
+            ptr(Some(idx), &stream)?,
+        ];
+        let (n_i, rw) = (n as i32, row_words as i32);
+        let mut b = stream.launch_builder(&f);
+        for x in &ptrs {
+            b.arg(x);
+        }
+        b.arg(&n_i).arg(&rw);
+        let cfg = LaunchConfig {
+            grid_dim: ((n * row_words).div_ceil(256).clamp(1, 65535) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Safety: arguments match gather_kv; the outputs are [n, row_words] words and the ids
+        // were checked below the cache's rows by the caller.
+        unsafe { b.launch(cfg) }.map_err(cu)?;
+        Ok(())
+    }
+
     pub fn window_score(
         out: &Tensor,
         probs: &Tensor,
@@ -1607,5 +1776,36 @@ mod imp {
         // Safety: arguments match kvc_compact_heads; its lists fit `compact_smem`.
         unsafe { b.launch(cfg(heads, compact_smem)) }.map_err(cu)?;
         Ok(counts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On the CPU `gather_kv` is `index_select` of both caches; ids past the cache, or not u32,
+    /// are refused before any read.
+    #[test]
+    fn gather_kv_checks_then_gathers() {
+        let dev = Device::Cpu;
+        let k = Tensor::arange(0f32, 40.0, &dev)
+            .unwrap()
+            .reshape((10, 4))
+            .unwrap();
+        let v = (&k * -1.0).unwrap();
+        let idx = Tensor::new(&[9u32, 0, 9, 3], &dev).unwrap();
+        let (gk, gv) = gather_kv(&k, &v, &idx, Some(9)).unwrap();
+        assert_eq!(
+            gk.to_vec2::<f32>().unwrap()[0],
+            vec![36.0, 37.0, 38.0, 39.0]
+        );
+        assert_eq!(
+            gk.to_vec2::<f32>().unwrap()[3],
+            vec![12.0, 13.0, 14.0, 15.0]
+        );
+        assert_eq!(gv.to_vec2::<f32>().unwrap()[1], vec![0.0, -1.0, -2.0, -3.0]);
+        assert!(gather_kv(&k, &v, &idx, Some(10)).is_err());
+        let wide = Tensor::new(&[1i64, 2], &dev).unwrap();
+        assert!(gather_kv(&k, &v, &wide, Some(2)).is_err());
     }
 }

@@ -26,6 +26,7 @@ pub mod contiguous;
 pub mod cuda;
 pub mod ops;
 pub mod paged;
+pub mod step_tables;
 
 /// A sequence in a cache backend.
 pub type SeqId = usize;

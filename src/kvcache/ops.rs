@@ -832,7 +832,7 @@ impl HeadTables {
         self.validate(block_size, num_slots, true)
     }
 
-    fn validate(
+    pub(crate) fn validate(
         &self,
         block_size: usize,
         num_slots: usize,

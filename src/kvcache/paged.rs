@@ -37,6 +37,7 @@ use std::collections::BTreeMap;
 use super::blocks::{BlockCopy, BlockError, BlockPool, EvictionPlan, MemoryLayout, MemoryReport};
 use super::cuda::{self, DeviceTables};
 use super::ops::{self, DecodeShape, SoftmaxShape};
+use super::step_tables::StepTables;
 use super::{AttnCall, AttnOut, CacheBackend, Probe, SeqId};
 
 /// Default tokens per block (the paper's).
@@ -106,6 +107,20 @@ pub struct PagedCache {
     meta: Option<DeviceMeta>,
     /// Whether sequences may keep their metric on the device (default: on a CUDA device).
     device_compression: bool,
+    /// The CUDA decode batch's block tables, kept on the device between steps.
+    step: Option<DecodeStep>,
+    /// Sequences whose tables changed since the last decode step other than by its appends
+    /// (evictions, prompt appends): the next step refreshes their rows.
+    changed: std::collections::BTreeSet<SeqId>,
+}
+
+/// The decode step in progress on CUDA (see [`StepTables`]).
+struct DecodeStep {
+    tables: StepTables,
+    /// The layer the next decode call must be for.
+    next_layer: usize,
+    /// Scratch shared by the layers of a step that return no probabilities.
+    ws: Option<cuda::DecodeWorkspace>,
 }
 
 /// See [`PagedCache::keep_metric_on_device`].
@@ -161,6 +176,8 @@ impl PagedCache {
             deferred: None,
             meta: None,
             device_compression: spec.device.is_cuda(),
+            step: None,
+            changed: Default::default(),
             spec,
         })
     }
@@ -193,6 +210,8 @@ impl PagedCache {
                 None => None,
             },
             device_compression: self.device_compression,
+            step: None,
+            changed: Default::default(),
         })
     }
 
@@ -500,14 +519,24 @@ impl PagedCache {
         };
         for (&i, step) in batch.iter().zip(steps) {
             let seq = reqs[i].seq;
-            for (j, &new_len) in step.new_lens.iter().enumerate() {
-                let (l, h) = (j / nkv, j % nkv);
-                let old = self.pool.len(l, seq, h).map_err(be)?;
-                let new_len = new_len as usize;
-                if new_len < old {
-                    stats[i].evicted += old - new_len;
-                    stats[i].freed_blocks += self.pool.truncate(l, seq, h, new_len).map_err(be)?;
-                }
+            // The heads that shrank, from one table lookup (a step evicts from a few heads of
+            // each of ~200 sequences: a lookup per head was 17k per step).
+            let lens = &self.pool.table(seq).map_err(be)?.len;
+            let shrunk: Vec<(usize, usize, usize)> = step
+                .new_lens
+                .iter()
+                .enumerate()
+                .filter_map(|(j, &n)| {
+                    let (l, h) = (j / nkv, j % nkv);
+                    let old = lens[l][h];
+                    ((n as usize) < old).then_some((l, h, old))
+                })
+                .collect();
+            for (l, h, old) in shrunk {
+                let new_len = step.new_lens[l * nkv + h] as usize;
+                self.changed.insert(seq);
+                stats[i].evicted += old - new_len;
+                stats[i].freed_blocks += self.pool.truncate(l, seq, h, new_len).map_err(be)?;
             }
         }
         Ok(stats)
@@ -564,15 +593,16 @@ impl PagedCache {
 
     /// K rows `[kv_len, head_dim]` of (layer, seq, kv_head) in logical order.
     pub fn head_k(&self, layer: usize, seq: SeqId, kv_head: usize) -> Result<Tensor> {
-        self.gather(&self.k, layer, seq, kv_head)
+        Ok(self.gather(layer, seq, kv_head)?.0)
     }
 
     /// V rows `[kv_len, head_dim]` of (layer, seq, kv_head) in logical order.
     pub fn head_v(&self, layer: usize, seq: SeqId, kv_head: usize) -> Result<Tensor> {
-        self.gather(&self.v, layer, seq, kv_head)
+        Ok(self.gather(layer, seq, kv_head)?.1)
     }
 
-    fn gather(&self, src: &Tensor, layer: usize, seq: SeqId, kv_head: usize) -> Result<Tensor> {
+    /// K and V rows of (layer, seq, kv_head) in logical order.
+    fn gather(&self, layer: usize, seq: SeqId, kv_head: usize) -> Result<(Tensor, Tensor)> {
         self.check_no_pending()?;
         let slots: Vec<u32> = self
             .pool
@@ -581,8 +611,9 @@ impl PagedCache {
             .into_iter()
             .map(|s| s as u32)
             .collect();
-        let n = slots.len();
-        src.index_select(&Tensor::from_vec(slots, n, &self.spec.device)?, 0)
+        let (n, top) = (slots.len(), slots.iter().copied().max());
+        let idx = Tensor::from_vec(slots, n, &self.spec.device)?;
+        cuda::gather_kv(&self.k, &self.v, &idx, top)
     }
 
     /// Write `rows` `[n, head_dim]` into physical `slots` of `dst`.
@@ -646,6 +677,9 @@ impl PagedCache {
                 d.seqs.insert(seq);
             }
             _ => self.copy_rows(from, &to)?,
+        }
+        if !compactions.is_empty() {
+            self.changed.insert(seq);
         }
         for c in &compactions {
             self.pool.apply(c).map_err(be)?;
@@ -792,6 +826,7 @@ impl PagedCache {
             .pos
             .get(&seq)
             .ok_or_else(|| be(BlockError::UnknownSeq(seq)))?;
+        self.changed.insert(seq);
         let new_pos: Vec<u32> = (start..start + t).map(|p| p as u32).collect();
         let bs = self.spec.block_size;
         let need: usize = (0..nkv)
@@ -841,39 +876,72 @@ impl PagedCache {
     }
 
     /// Decode step of every sequence of `call` (one token each) with the CUDA paged-attention
-    /// kernels: append, upload the block tables of `call.layer`, one launch pair.
+    /// kernels. The layer-0 call appends the step's token to every head of every layer and
+    /// brings the batch's device block tables up to date ([`Self::begin_decode_step`]); every
+    /// layer then writes its K/V and attends through views of them: one write launch and one
+    /// launch pair per layer, no upload.
     fn attend_decode_cuda(&mut self, call: &AttnCall<'_>) -> Result<AttnOut> {
         let (b, nh, _, d) = call.q.dims4()?;
         let nkv = self.spec.kv_heads;
-        self.append_decode_cuda(call)?;
-        let bs = self.spec.block_size;
-        let mut heads = Vec::with_capacity(b * nkv);
-        for &sid in call.seqs {
-            let t = self.pool.table(sid).map_err(be)?;
-            heads.extend(
-                t.blocks[call.layer]
-                    .iter()
-                    .zip(&t.len[call.layer])
-                    .map(|(b, &l)| (&b[..], l)),
+        let (kb, kh, kt, kd) = call.k.dims4()?;
+        if (kb, kh, kt, kd) != (b, nkv, 1, d)
+            || d != self.spec.head_dim
+            || call.v.dims() != call.k.dims()
+        {
+            candle_core::bail!(
+                "decode call expects k, v [{b}, {nkv}, 1, {}], got {:?} / {:?}",
+                self.spec.head_dim,
+                call.k.dims(),
+                call.v.dims()
             );
         }
-        // Only the blocks in use go up (a table padded to the longest head was mostly padding
-        // in a batch of mixed budgets: ~1 MB per layer at 192 SmolLM2 sequences).
-        let tables = ops::HeadTables::from_heads(heads);
-        let max_blocks = tables.max_blocks();
-        let max_len = tables.lens.iter().copied().max().unwrap_or(0) as usize;
-        let stride = max_len.max(1);
+        if call.layer == 0 {
+            self.begin_decode_step(call.seqs)?;
+        }
+        let step = match &mut self.step {
+            Some(s) if s.next_layer == call.layer && s.tables.matches(call.seqs) => s,
+            _ => candle_core::bail!(
+                "decode call for layer {} of a batch whose step did not start at layer 0 \
+                 (calls must run layer 0, 1, ... with the same sequences)",
+                call.layer
+            ),
+        };
+        step.next_layer += 1;
+        let views = step.tables.layer(call.layer)?;
+        let rows = |x: &Tensor| x.contiguous()?.reshape((b * nkv, d));
+        let (m, p) = match &self.meta {
+            Some(m) => (Some(&m.metric), Some(&m.position)),
+            None => (None, None),
+        };
+        cuda::write_kv_at(
+            &self.k,
+            &self.v,
+            m,
+            p,
+            &rows(call.k)?,
+            &rows(call.v)?,
+            &views.slots,
+            &views.positions,
+        )?;
+        let want = call.probe != Probe::None;
+        // Probabilities asked for come back as wide as the layer's longest head; otherwise
+        // one stride for every layer of the step, so that they share one scratch.
+        let stride = if want {
+            views.max_len
+        } else {
+            step.tables.max_len()
+        }
+        .max(1);
         let shape = DecodeShape {
             batch: b,
             num_kv_heads: nkv,
             group: nh / nkv,
             head_dim: d,
-            max_blocks,
-            block_size: bs,
+            max_blocks: views.max_blocks,
+            block_size: self.spec.block_size,
             probs_stride: stride,
-            num_slots: self.pool.num_blocks() * bs,
+            num_slots: self.pool.num_blocks() * self.spec.block_size,
         };
-        let dev = &self.spec.device;
         // The decode metric goes straight into the device metric when a sequence of the call
         // keeps its metric there (it adds to the others' slots too, whose device metric is
         // unused: theirs is on the host).
@@ -882,87 +950,97 @@ impl PagedCache {
             .as_ref()
             .filter(|m| call.seqs.iter().any(|s| m.seqs.contains(s)))
             .map(|m| &m.metric);
-        let tables = DeviceTables::upload_heads(shape, &tables, dev, metric.is_some())?;
+        let tables = DeviceTables::from_step(shape, views)?;
         let mut q = call.q.reshape((b, nh, d))?.contiguous()?;
         if q.layout().start_offset() != 0 {
             q = q.copy()?;
         }
-        let want = call.probe != Probe::None;
-        let (out, probs) = cuda::paged_decode(
+        let dev = &self.spec.device;
+        let out = Tensor::zeros((b, nh, d), q.dtype(), dev)?;
+        let ws = if want {
+            cuda::DecodeWorkspace::new(&shape, stride, None, dev)?
+        } else {
+            match step.ws.take() {
+                Some(ws) if ws.fits(&shape, stride) => ws,
+                _ => cuda::DecodeWorkspace::new(&shape, stride, None, dev)?,
+            }
+        };
+        cuda::paged_decode_into(
             &q,
             &self.k,
             &self.v,
             &tables,
+            &ws,
+            &out,
             call.scale as f32,
             metric,
             want,
-            None,
         )?;
+        let probs = if want {
+            Some(ws.probs.reshape((b, nh, 1, stride))?)
+        } else {
+            step.ws = Some(ws);
+            None
+        };
         if call.layer + 1 == self.spec.layers {
             for &sid in call.seqs {
-                *self.pos.get_mut(&sid).expect("appended above") += 1;
+                *self.pos.get_mut(&sid).expect("appended at layer 0") += 1;
             }
         }
         Ok(AttnOut {
             out: out.reshape((b, nh, 1, d))?,
-            probs: probs.map(|p| p.reshape((b, nh, 1, stride))).transpose()?,
+            probs,
         })
     }
 
-    /// Appends the one new token of every sequence of a decode batch with ONE `write_kv`
-    /// launch for the layer (rows in (sequence, kv-head) order, as `k` `[b, nkv, 1, d]` lies in
-    /// memory). Appending sequence by sequence cost a copy, two uploads and a launch per
-    /// sequence and layer: at batch 17 that was most of a 27 ms decode step on the H100.
-    fn append_decode_cuda(&mut self, call: &AttnCall<'_>) -> Result<()> {
-        let (b, nkv, t, d) = call.k.dims4()?;
-        if t != 1 || nkv != self.spec.kv_heads || d != self.spec.head_dim {
-            candle_core::bail!(
-                "decode append expects k [b, {}, 1, {}], got {:?}",
-                self.spec.kv_heads,
-                self.spec.head_dim,
-                call.k.dims()
-            );
-        }
-        let bs = self.spec.block_size;
-        let mut need = 0;
-        for &sid in call.seqs {
-            for h in 0..nkv {
-                let len = self.pool.len(call.layer, sid, h).map_err(be)?;
-                need += usize::from(len % bs == 0);
+    /// The layer-0 work of a CUDA decode step: append one token to every head of every layer
+    /// of every sequence ([`BlockPool::append_step`], all or nothing) and bring the batch's
+    /// device tables up to date: follow the appends and the rows of sequences changed since
+    /// the last step when the batch is the same, rebuild them otherwise.
+    fn begin_decode_step(&mut self, seqs: &[SeqId]) -> Result<()> {
+        let positions = seqs
+            .iter()
+            .map(|s| {
+                self.pos
+                    .get(s)
+                    .map(|&p| p as u32)
+                    .ok_or_else(|| be(BlockError::UnknownSeq(*s)))
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        let with_pos: Vec<(SeqId, u32)> = seqs
+            .iter()
+            .copied()
+            .zip(positions.iter().copied())
+            .collect();
+        let app = self.pool.append_step(&with_pos).map_err(be)?;
+        let mut step = self.step.take();
+        let followed = match &mut step {
+            Some(s) if s.tables.matches(seqs) => {
+                let changed: Vec<usize> = (0..seqs.len())
+                    .filter(|&i| self.changed.contains(&seqs[i]))
+                    .collect();
+                s.tables.follow(&self.pool, &app, &positions, &changed)?
             }
-        }
-        if need > self.pool.free_blocks() {
-            return Err(be(BlockError::OutOfBlocks {
-                needed: need,
-                free: self.pool.free_blocks(),
-                total: self.pool.num_blocks(),
-            }));
-        }
-        let mut slots = Vec::with_capacity(b * nkv);
-        let mut positions = Vec::with_capacity(b * nkv);
-        for &sid in call.seqs {
-            let p = *self
-                .pos
-                .get(&sid)
-                .ok_or_else(|| be(BlockError::UnknownSeq(sid)))? as u32;
-            for h in 0..nkv {
-                let s = self.pool.append(call.layer, sid, h, &[p]).map_err(be)?;
-                slots.push(s[0] as u32);
-                positions.push(p);
+            _ => false,
+        };
+        self.changed.clear();
+        let step = if followed {
+            step.expect("followed")
+        } else {
+            let mut tables = StepTables::build(&self.pool, seqs, &self.spec.device)?;
+            let lens = tables.lens().to_vec();
+            tables.upload_step(&app.slots, &positions, lens, Default::default())?;
+            DecodeStep {
+                tables,
+                next_layer: 0,
+                ws: step.and_then(|s| s.ws),
             }
-        }
-        let rows = |x: &Tensor| x.contiguous()?.reshape((b * nkv, d));
-        let (m, p) = self.meta_tensors();
-        cuda::write_kv(
-            &self.k,
-            &self.v,
-            m,
-            p,
-            &rows(call.k)?,
-            &rows(call.v)?,
-            &slots,
-            &positions,
-        )
+        };
+        self.step = Some(DecodeStep {
+            next_layer: 0,
+            ..step
+        });
+        Ok(())
     }
 
     /// Attention of one sequence: append, gather, masked softmax. Returns the output
@@ -1005,9 +1083,10 @@ impl PagedCache {
             key_pos.extend(std::iter::repeat_n(u32::MAX, max - s.len()));
         }
         let dev = &self.spec.device;
+        let top = idx.iter().copied().max();
         let idx = Tensor::from_vec(idx, nkv * max, dev)?;
-        let kk = self.k.index_select(&idx, 0)?.reshape((1, nkv, max, d))?;
-        let vv = self.v.index_select(&idx, 0)?.reshape((1, nkv, max, d))?;
+        let (kk, vv) = cuda::gather_kv(&self.k, &self.v, &idx, top)?;
+        let (kk, vv) = (kk.reshape((1, nkv, max, d))?, vv.reshape((1, nkv, max, d))?);
         let g = nh / nkv;
         let key_pos = Tensor::from_vec(key_pos, (nkv, max), dev)?;
         let q2 = q.reshape((1, nkv, g * t, d))?;
