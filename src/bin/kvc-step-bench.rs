@@ -290,8 +290,7 @@ fn decode_tables(a: &Args, ctx: usize) -> anyhow::Result<(f64, f64, f64, f64)> {
         let app = pool.append_step(&with_pos)?;
         if !tables.follow(&pool, &app, &positions, &[])? {
             tables = StepTables::build(&pool, &seqs, &dev)?;
-            let lens = tables.lens().to_vec();
-            tables.upload_step(&app.slots, &positions, lens, Default::default())?;
+            tables.start_step(&app, &positions)?;
         }
         for l in 0..LAYERS {
             std::hint::black_box(tables.layer(l)?);
@@ -303,18 +302,7 @@ fn decode_tables(a: &Args, ctx: usize) -> anyhow::Result<(f64, f64, f64, f64)> {
     let mut evict = Vec::new();
     for _ in 0..a.steps {
         let t = Instant::now();
-        let mut hs = Vec::with_capacity(seqs.len() * heads);
-        for &s in &seqs {
-            let t = pool.table(s)?;
-            hs.extend(
-                t.blocks
-                    .iter()
-                    .flatten()
-                    .zip(t.len.iter().flatten())
-                    .map(|(b, &n)| (&b[..], n)),
-            );
-        }
-        let tables = HeadTables::from_heads(hs);
+        let tables = HeadTables::of_seqs(&pool, &seqs)?;
         let built = t.elapsed().as_secs_f64() * 1e3;
         tables.check_disjoint(BS, num_slots)?;
         let up = |v: &[u32]| Tensor::from_slice(v, v.len(), &dev);

@@ -127,7 +127,7 @@ impl DeviceTables {
     /// [`StepTables`]: super::step_tables::StepTables
     pub fn from_step(shape: DecodeShape, views: LayerViews) -> Result<Self> {
         let rows = shape.batch * shape.num_kv_heads;
-        let cap = (shape.max_blocks * shape.block_size).min(shape.probs_stride);
+        let cap = shape.ctx_cap();
         if views.starts.dims() != [rows] || views.lens.dims() != [rows] || views.max_len > cap {
             return Err(OpsError::Shape(format!(
                 "step tables of {:?} rows, longest {} tokens, for a decode call of {rows} rows capped at {cap} ({shape:?})",
@@ -314,19 +314,14 @@ pub fn write_kv(
     slots: &[u32],
     positions: &[u32],
 ) -> Result<()> {
-    let d = k_new.dim(1)?;
-    let num_slots = check_cache(k_cache, v_cache, d)?;
-    check_meta(metric, position, num_slots)?;
-    if k_new.dims() != v_new.dims() || k_new.dtype() != k_cache.dtype() {
-        return Err(OpsError::Shape(format!(
-            "k_new/v_new must be [n, {d}] {:?}, got {:?} / {:?}",
-            k_cache.dtype(),
-            k_new.dims(),
-            v_new.dims()
-        ))
-        .into());
-    }
-    check_write(num_slots, d, k_new.elem_count(), slots, positions)?;
+    let num_slots = check_new_rows(k_cache, v_cache, metric, position, k_new, v_new)?;
+    check_write(
+        num_slots,
+        k_new.dim(1)?,
+        k_new.elem_count(),
+        slots,
+        positions,
+    )?;
     if slots.is_empty() {
         return Ok(());
     }
@@ -345,6 +340,31 @@ pub fn write_kv(
     )
 }
 
+/// The caches, metadata and new rows of a K/V write agree (shapes, dtypes); returns the
+/// cache's slots.
+fn check_new_rows(
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    metric: Option<&Tensor>,
+    position: Option<&Tensor>,
+    k_new: &Tensor,
+    v_new: &Tensor,
+) -> Result<usize> {
+    let d = k_new.dim(1)?;
+    let num_slots = check_cache(k_cache, v_cache, d)?;
+    check_meta(metric, position, num_slots)?;
+    if k_new.dims() != v_new.dims() || k_new.dtype() != k_cache.dtype() {
+        return Err(OpsError::Shape(format!(
+            "k_new/v_new must be [n, {d}] {:?}, got {:?} / {:?}",
+            k_cache.dtype(),
+            k_new.dims(),
+            v_new.dims()
+        ))
+        .into());
+    }
+    Ok(num_slots)
+}
+
 /// [`write_kv`] with the slots and positions already on the device (`[n]` u32 each, from a
 /// decode step's upload: the pool handed the slots out, so they are in range and distinct).
 #[allow(clippy::too_many_arguments)]
@@ -358,27 +378,17 @@ pub fn write_kv_at(
     slots: &Tensor,
     positions: &Tensor,
 ) -> Result<()> {
-    let (n, d) = k_new.dims2()?;
-    let num_slots = check_cache(k_cache, v_cache, d)?;
-    check_meta(metric, position, num_slots)?;
-    if k_new.dims() != v_new.dims()
-        || k_new.dtype() != k_cache.dtype()
-        || slots.dims() != [n]
-        || positions.dims() != [n]
-        || slots.dtype() != DType::U32
-        || positions.dtype() != DType::U32
-    {
-        return Err(OpsError::Shape(format!(
-            "k_new/v_new must be [n, {d}] {:?} with [n] u32 slots and positions, got {:?} / {:?} / {:?} {:?} / {:?} {:?}",
-            k_cache.dtype(),
-            k_new.dims(),
-            v_new.dims(),
-            slots.dims(),
-            slots.dtype(),
-            positions.dims(),
-            positions.dtype()
-        ))
-        .into());
+    check_new_rows(k_cache, v_cache, metric, position, k_new, v_new)?;
+    let (n, _) = k_new.dims2()?;
+    for (t, what) in [(slots, "slots"), (positions, "positions")] {
+        if t.dims() != [n] || t.dtype() != DType::U32 {
+            return Err(OpsError::Shape(format!(
+                "{what} must be [{n}] u32 (one per new row), got {:?} {:?}",
+                t.dims(),
+                t.dtype()
+            ))
+            .into());
+        }
     }
     if n == 0 {
         return Ok(());
@@ -435,26 +445,25 @@ pub fn copy_blocks(
     if from.is_empty() {
         return Ok(());
     }
-    let row_bytes = k_cache.dim(1)? * k_cache.dtype().size_in_bytes();
-    if row_bytes % 4 != 0 {
-        return Err(OpsError::Shape(format!(
-            "copy_blocks: K/V rows of {row_bytes} B (need a multiple of 4)"
-        ))
-        .into());
-    }
+    let row_words = row_words(k_cache, "copy_blocks")?;
     let dev = k_cache.device();
     let f = Tensor::from_slice(from, from.len(), dev)?;
     let t = Tensor::from_slice(to, to.len(), dev)?;
     imp::copy_blocks(
-        k_cache,
-        v_cache,
-        metric,
-        position,
-        &f,
-        &t,
-        block_size,
-        row_bytes / 4,
+        k_cache, v_cache, metric, position, &f, &t, block_size, row_words,
     )
+}
+
+/// 4-byte words per K/V row of `cache` (the block copy and gather kernels move words).
+fn row_words(cache: &Tensor, what: &str) -> Result<usize> {
+    let row_bytes = cache.dim(1)? * cache.dtype().size_in_bytes();
+    if row_bytes % 4 != 0 {
+        return Err(OpsError::Shape(format!(
+            "{what}: K/V rows of {row_bytes} B (need a multiple of 4)"
+        ))
+        .into());
+    }
+    Ok(row_bytes / 4)
 }
 
 /// Rows `idx` (`[n]` u32, each below `num_slots`, on the cache's device) of the K and V caches
@@ -481,16 +490,10 @@ pub fn gather_kv(
     if !k_cache.device().is_cuda() || n == 0 {
         return Ok((k_cache.index_select(idx, 0)?, v_cache.index_select(idx, 0)?));
     }
-    let row_bytes = d * k_cache.dtype().size_in_bytes();
-    if row_bytes % 4 != 0 {
-        return Err(OpsError::Shape(format!(
-            "gather_kv: K/V rows of {row_bytes} B (need a multiple of 4)"
-        ))
-        .into());
-    }
+    let words = row_words(k_cache, "gather_kv")?;
     let k = Tensor::zeros((n, d), k_cache.dtype(), k_cache.device())?;
     let v = Tensor::zeros((n, d), k_cache.dtype(), k_cache.device())?;
-    imp::gather_kv(&k, &v, k_cache, v_cache, idx, row_bytes / 4)?;
+    imp::gather_kv(&k, &v, k_cache, v_cache, idx, words)?;
     Ok((k, v))
 }
 

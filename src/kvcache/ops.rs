@@ -391,7 +391,7 @@ impl DecodeShape {
     }
 
     /// Longest context a row may have: its blocks and its probabilities row.
-    fn ctx_cap(&self) -> usize {
+    pub fn ctx_cap(&self) -> usize {
         (self.max_blocks * self.block_size).min(self.probs_stride)
     }
 
@@ -778,6 +778,25 @@ impl HeadTables {
             t.lens.push(len as u32);
         }
         t
+    }
+
+    /// Tables of every head of `seqs` in `pool`, (sequence, layer, kv-head) order: what a
+    /// batched device eviction takes.
+    pub fn of_seqs(
+        pool: &super::blocks::BlockPool,
+        seqs: &[super::SeqId],
+    ) -> Result<Self, super::blocks::BlockError> {
+        let tables = seqs
+            .iter()
+            .map(|&s| pool.table(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::from_heads(tables.into_iter().flat_map(|t| {
+            t.blocks
+                .iter()
+                .flatten()
+                .zip(t.len.iter().flatten())
+                .map(|(b, &l)| (&b[..], l))
+        })))
     }
 
     /// Tables of a padded `[heads, max_blocks]` array (each row's first `ceil(len /

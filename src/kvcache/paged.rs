@@ -134,6 +134,17 @@ struct DeviceMeta {
     seqs: std::collections::BTreeSet<SeqId>,
 }
 
+impl DeviceMeta {
+    /// The metric and position tensors of `meta`, `None` each without it (what the write and
+    /// move kernels take).
+    fn tensors(meta: Option<&DeviceMeta>) -> (Option<&Tensor>, Option<&Tensor>) {
+        match meta {
+            Some(m) => (Some(&m.metric), Some(&m.position)),
+            None => (None, None),
+        }
+    }
+}
+
 /// One sequence of [`PagedCache::evict_on_device`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceEvict {
@@ -480,19 +491,8 @@ impl PagedCache {
         if batch.is_empty() {
             return Ok(stats);
         }
-        // Tables of every head of the batch's sequences, (sequence, layer, kv-head) order.
-        let mut heads = Vec::with_capacity(batch.len() * layers * nkv);
-        for &i in &batch {
-            let t = self.pool.table(reqs[i].seq).map_err(be)?;
-            heads.extend(
-                t.blocks
-                    .iter()
-                    .flatten()
-                    .zip(t.len.iter().flatten())
-                    .map(|(b, &l)| (&b[..], l)),
-            );
-        }
-        let tables = ops::HeadTables::from_heads(heads);
+        let ids: Vec<SeqId> = batch.iter().map(|&i| reqs[i].seq).collect();
+        let tables = ops::HeadTables::of_seqs(&self.pool, &ids).map_err(be)?;
         let seqs: Vec<ops::EvictSeq> = batch
             .iter()
             .map(|&i| ops::EvictSeq {
@@ -776,10 +776,7 @@ impl PagedCache {
 
     /// The device metric and position, once any sequence keeps its metric there.
     fn meta_tensors(&self) -> (Option<&Tensor>, Option<&Tensor>) {
-        match &self.meta {
-            Some(m) => (Some(&m.metric), Some(&m.position)),
-            None => (None, None),
-        }
+        DeviceMeta::tensors(self.meta.as_ref())
     }
 
     /// `slots` as a u32 index tensor on the cache's device.
@@ -909,10 +906,7 @@ impl PagedCache {
         step.next_layer += 1;
         let views = step.tables.layer(call.layer)?;
         let rows = |x: &Tensor| x.contiguous()?.reshape((b * nkv, d));
-        let (m, p) = match &self.meta {
-            Some(m) => (Some(&m.metric), Some(&m.position)),
-            None => (None, None),
-        };
+        let (m, p) = DeviceMeta::tensors(self.meta.as_ref());
         cuda::write_kv_at(
             &self.k,
             &self.v,
@@ -1028,8 +1022,7 @@ impl PagedCache {
             step.expect("followed")
         } else {
             let mut tables = StepTables::build(&self.pool, seqs, &self.spec.device)?;
-            let lens = tables.lens().to_vec();
-            tables.upload_step(&app.slots, &positions, lens, Default::default())?;
+            tables.start_step(&app, &positions)?;
             DecodeStep {
                 tables,
                 next_layer: 0,

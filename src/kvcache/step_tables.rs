@@ -64,7 +64,7 @@ pub struct LayerViews {
 
 impl StepTables {
     /// Tables of `seqs` as `pool` holds them now, checked (block ids in range, no block in two
-    /// rows) and uploaded. [`Self::upload_step`] must follow before [`Self::layer`].
+    /// rows) and uploaded. [`Self::start_step`] must follow before [`Self::layer`].
     pub fn build(pool: &BlockPool, seqs: &[SeqId], device: &Device) -> Result<Self> {
         let (layers, kv_heads, bs) = (pool.layers(), pool.kv_heads(), pool.block_size());
         let tables = seqs
@@ -161,8 +161,12 @@ impl StepTables {
         }
         // Rows of changed sequences: every row is checked against its room before any
         // difference is recorded, so a `false` return leaves the mirror as the device has it.
-        for &i in changed {
-            let t = pool.table(self.seqs[i]).map_err(candle_core::Error::wrap)?;
+        let tables = changed
+            .iter()
+            .map(|&i| pool.table(self.seqs[i]).map(|t| (i, t)))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(candle_core::Error::wrap)?;
+        for &(i, t) in &tables {
             for l in 0..self.layers {
                 for h in 0..self.kv_heads {
                     let row = (l * n + i) * self.kv_heads + h;
@@ -175,8 +179,7 @@ impl StepTables {
         for (&j, &b) in idx.iter().zip(&val) {
             self.host[j as usize] = b;
         }
-        for &i in changed {
-            let t = pool.table(self.seqs[i]).map_err(candle_core::Error::wrap)?;
+        for &(i, t) in &tables {
             for l in 0..self.layers {
                 for h in 0..self.kv_heads {
                     let row = (l * n + i) * self.kv_heads + h;
@@ -192,13 +195,21 @@ impl StepTables {
                 }
             }
         }
-        self.upload_step(&app.slots, positions, lens, (idx, val))?;
+        self.upload(&app.slots, positions, lens, (idx, val))?;
         Ok(true)
     }
 
+    /// Upload the first step after [`Self::build`] (the pool already holds the step `app`,
+    /// taken at `positions[i]` for sequence `i`; the rows' lengths are the built ones).
+    pub fn start_step(&mut self, app: &StepAppend, positions: &[u32]) -> Result<()> {
+        let lens = self.lens.clone();
+        self.upload(&app.slots, positions, lens, Default::default())
+    }
+
     /// Upload a step's `slots` (per row), `positions` (per sequence) and the rows' `lens`
-    /// in one buffer, and scatter `patch` (flat index, block id) into the table.
-    pub fn upload_step(
+    /// in one buffer, and scatter `patch` (flat index, block id; already in `host`) into the
+    /// table.
+    fn upload(
         &mut self,
         slots: &[u32],
         positions: &[u32],
@@ -216,9 +227,6 @@ impl StepTables {
             );
         }
         let (idx, val) = patch;
-        for (&j, &b) in idx.iter().zip(&val) {
-            self.host[j as usize] = b;
-        }
         let k = idx.len();
         let mut buf = Vec::with_capacity(3 * rows + 2 * k);
         buf.extend_from_slice(slots);
@@ -431,10 +439,7 @@ mod tests {
             } else {
                 rebuilt += 1;
                 tables = StepTables::build(&pool, &seqs, &dev).unwrap();
-                let lens = tables.lens().to_vec();
-                tables
-                    .upload_step(&app.slots, &positions, lens, Default::default())
-                    .unwrap();
+                tables.start_step(&app, &positions).unwrap();
             }
             let (want_blocks, want_lens) = pool_rows(&pool, &seqs);
             assert_eq!(tables.lens(), want_lens, "step {step}");
