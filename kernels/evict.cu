@@ -5,10 +5,13 @@
 // block tables, lengths, `n_evict` and the protected position per sequence; what comes back is
 // the per-head counts and lengths. No per-slot data crosses PCIe.
 //
-// The heads of all sequences lie back to back: head h's blocks are blocks[start[h] ..
-// start[h + 1]] (exactly ceil(ctx_lens[h] / block_size) of them, checked on the host), and the
-// per-head outputs use the same offsets: candidates at cand[start[h] ..], the sorted order at
-// order[start[h] * block_size ..]. Sequence s owns heads head_start[s] .. head_start[s + 1]
+// Head h's block table is blocks[tab[h] ..] (its first ceil(ctx_lens[h] / block_size) entries
+// are read). The per-head outputs lie back to back: start[h + 1] - start[h] = ceil(ctx_lens[h] /
+// block_size) (checked on the host), candidates at cand[start[h] ..], the sorted order at
+// order[start[h] * block_size ..]. With tables uploaded back to back, tab[h] = start[h]; with
+// a decode batch's device-resident tables (kvc::kvcache::step_tables), tab[h] is the row's
+// offset there and nothing but tab, start and the lengths is uploaded.
+// Sequence s owns heads head_start[s] .. head_start[s + 1]
 // (its layers x kv-heads, in (layer, kv-head) order).
 //
 // Three launches, in this order (four with KVCrush's block form, which runs between the
@@ -66,8 +69,9 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_sort_candidates(
     float* cand,                     // [total blocks] f32 (out: candidate scores)
     const float* metric,             // [num_slots] f32
     const uint32_t* position,        // [num_slots] u32
-    const uint32_t* blocks,          // [total blocks] u32: every head's blocks, back to back
-    const uint32_t* start,           // [heads + 1] u32: first block of each head in `blocks`
+    const uint32_t* blocks,          // block ids; head h's table at blocks[tab[h] ..]
+    const uint32_t* tab,             // [heads] u32: where each head's table starts in `blocks`
+    const uint32_t* start,           // [heads + 1] u32: first output block of each head
     const uint32_t* ctx_lens,        // [heads] u32
     int block_size,                  // tokens per block
     const uint32_t* first_protected) {  // [heads] u32: positions >= this are never evicted
@@ -75,7 +79,7 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_sort_candidates(
   const int head = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
   const uint32_t len = ctx_lens[head], protect = first_protected[head];
   if (len == 0) return;
-  const uint32_t* table = blocks + start[head];
+  const uint32_t* table = blocks + tab[head];
   int width = 1;
   while ((uint32_t)width < len) width <<= 1;
   for (int i = tid; i < width; i += nt) {
@@ -236,8 +240,9 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_crush_pick(
     const uint32_t* position,        // [num_slots] u32
     const uint32_t* order,           // [total blocks * block_size] u32 (kvc_sort_candidates)
     const uint32_t* counts,          // [heads] u32 (kvc_select_blocks)
-    const uint32_t* blocks,          // [total blocks] u32: every head's blocks, back to back
-    const uint32_t* start,           // [heads + 1] u32: first block of each head in `blocks`
+    const uint32_t* blocks,          // block ids; head h's table at blocks[tab[h] ..]
+    const uint32_t* tab,             // [heads] u32: where each head's table starts in `blocks`
+    const uint32_t* start,           // [heads + 1] u32: first output block of each head
     const uint32_t* ctx_lens,        // [heads] u32
     const uint32_t* first_protected, // [heads] u32
     const uint32_t* head_start,      // [sequences + 1] u32: first head row of each sequence
@@ -286,7 +291,7 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_crush_pick(
       for (int h = lane; h < kv_heads; h += 32) {
         const uint32_t hh = r0 + h;
         const uint32_t* ord_row = order + (size_t)start[hh] * bs;
-        u_s[h] = kvc::evictable_prefix(metric, position, ord_row, blocks + start[hh],
+        u_s[h] = kvc::evictable_prefix(metric, position, ord_row, blocks + tab[hh],
                                        ctx_lens[hh], bs, first_protected[hh]);
         u += u_s[h];
       }
@@ -300,7 +305,7 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_crush_pick(
           uint32_t c = 0;
           for (int h = lane; h < kv_heads; h += 32) {
             const uint32_t hh = r0 + h;
-            c += kvc::sorted_le(metric, order + (size_t)start[hh] * bs, blocks + start[hh],
+            c += kvc::sorted_le(metric, order + (size_t)start[hh] * bs, blocks + tab[hh],
                                 u_s[h], bs, mid);
           }
           for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
@@ -318,7 +323,7 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_crush_pick(
       const int h = head_of(j);
       const uint32_t hh = r0 + h, g = j - goff[h];
       const uint32_t* ord_row = order + (size_t)start[hh] * bs;
-      const uint32_t* table = blocks + start[hh];
+      const uint32_t* table = blocks + tab[hh];
       const uint32_t first = e_s[h] - (g + 1) * bs;
       uint32_t pos[64];
       bool one[64];
@@ -411,8 +416,9 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_compact_heads(
     uint32_t* ctx_lens,              // [heads] u32 (in/out)
     const uint32_t* order,           // [total blocks * block_size] u32 (sorted logical slots)
     const uint32_t* counts,          // [heads] u32 candidates taken per head
-    const uint32_t* blocks,          // [total blocks] u32: every head's blocks, back to back
-    const uint32_t* start,           // [heads + 1] u32: first block of each head in `blocks`
+    const uint32_t* blocks,          // block ids; head h's table at blocks[tab[h] ..]
+    const uint32_t* tab,             // [heads] u32: where each head's table starts in `blocks`
+    const uint32_t* start,           // [heads + 1] u32: first output block of each head
     const uint32_t* evict_n,         // [heads] u32 or null: slots evicted after KVCrush's picks
     const uint8_t* picked,           // [total blocks] u8 or null: kvc_crush_pick's kept groups
     int block_size,                  // tokens per block
@@ -429,7 +435,7 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_compact_heads(
   const uint32_t e = evict_n ? evict_n[head] : prefix;
   if (e == 0) return;
   const uint32_t new_len = len - e;
-  const uint32_t* table = blocks + start[head];
+  const uint32_t* table = blocks + tab[head];
   const uint32_t* ord_row = order + (size_t)start[head] * block_size;
   uint16_t* holes = lists;
   uint16_t* tail = lists + max_len;

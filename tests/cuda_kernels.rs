@@ -449,6 +449,199 @@ fn prefill_softmax_matches_twin() {
     eprintln!("SUMMARY prefill_softmax: {n} cases passed");
 }
 
+/// One flash prefill case: random q/k/v, per kv-head positions either ascending from 0 (a
+/// prompt, with chunk offsets) or shuffled (after evictions), the last keys padding with NaN
+/// K/V; the kernel against the f32 twin.
+fn prefill_flash_case<T: KvElem + candle_core::WithDType>(
+    shape: &ops::SoftmaxShape,
+    d: usize,
+    shuffled: bool,
+    rng: &mut StdRng,
+) -> String {
+    let dev = gpu();
+    let (nkv, n, t) = (shape.kv_heads, shape.n, shape.t);
+    let pad = if n > 4 { 3 } else { 0 };
+    let mut key_pos = Vec::with_capacity(nkv * n);
+    for _ in 0..nkv {
+        let mut p: Vec<u32> = (0..n as u32).collect();
+        if shuffled {
+            p.shuffle(rng);
+        }
+        for x in p.iter_mut().skip(n - pad) {
+            *x = u32::MAX;
+        }
+        key_pos.extend(p);
+    }
+    // The chunk's queries are the last t positions of the n - pad real keys.
+    let q_start = (n - pad).saturating_sub(t) as u32;
+    let q = rnd(rng, shape.rows() * d, 1.5);
+    let mut k = rnd(rng, nkv * n * d, 1.5);
+    let mut v = rnd(rng, nkv * n * d, 1.0);
+    let to_t = |x: &[f32]| -> Vec<T> { x.iter().map(|&e| T::from_f32(e)).collect() };
+    let scale = 1.0 / (d as f32).sqrt();
+    let want: Vec<f32> = ops::prefill_attention(
+        shape,
+        d,
+        (&to_t(&q), &to_t(&k), &to_t(&v)),
+        &key_pos,
+        q_start,
+        scale,
+    )
+    .unwrap()
+    .iter()
+    .map(|x| x.to_f32())
+    .collect();
+    for (h, j) in (0..nkv).flat_map(|h| (n - pad..n).map(move |j| (h, j))) {
+        k[(h * n + j) * d..][..d].fill(f32::NAN);
+        v[(h * n + j) * d..][..d].fill(f32::NAN);
+    }
+    let qd = to_dev::<T>(&q, &[1, nkv, shape.group * t, d], &dev);
+    let kd = to_dev::<T>(&k, &[1, nkv, n, d], &dev);
+    let vd = to_dev::<T>(&v, &[1, nkv, n, d], &dev);
+    let kp = Tensor::from_vec(key_pos, (nkv, n), &dev).unwrap();
+    let out = cuda::prefill_attention(&qd, &kd, &vd, &kp, shape, q_start, scale).unwrap();
+    assert_eq!(out.dims(), qd.dims());
+    // p rounded to T before p . v, output rounded to T: a few ulps of T of the output scale.
+    let (atol, rtol) = if T::DTYPE == DType::F16 {
+        (4e-3, 4e-3)
+    } else {
+        (2e-2, 2e-2)
+    };
+    let (w, e) = compare(&f32s(&out), &want, atol, rtol);
+    let line = format!(
+        "{:?} kv={nkv} g={} t={t} n={n} d={d} shuffled={shuffled}: out_err={e:.2e}",
+        T::DTYPE,
+        shape.group
+    );
+    assert!(w <= 1.0, "out of tolerance: {line}");
+    line
+}
+
+/// The flash prefill kernel (tensor cores, online softmax, causal tile skipping) against its
+/// twin: bf16 and f16, head dims 64 and 128, groups 1-8, chunks of 1 to 300 queries over up to
+/// 2500 keys (tiles partly visible, wholly hidden, padding with NaN K/V), positions in order and
+/// shuffled; unsupported dtypes and a probe are refused.
+#[test]
+fn prefill_flash_matches_twin() {
+    let mut rng = StdRng::seed_from_u64(91);
+    let mut cases = 0;
+    for (g, t, keys, shuffled) in [
+        (1usize, 1usize, 9usize, false),
+        (3, 7, 300, true),
+        (4, 65, 70, false),
+        (8, 16, 2500, true),
+        (3, 300, 300, false),
+        (3, 130, 1200, false),
+        (1, 64, 4, false),
+    ] {
+        let shape = ops::SoftmaxShape {
+            kv_heads: 2,
+            group: g,
+            t,
+            n: keys,
+            probed: 0,
+        };
+        for d in [64, 128] {
+            eprintln!(
+                "{}",
+                prefill_flash_case::<bf16>(&shape, d, shuffled, &mut rng)
+            );
+            eprintln!(
+                "{}",
+                prefill_flash_case::<f16>(&shape, d, shuffled, &mut rng)
+            );
+            cases += 2;
+        }
+    }
+    let dev = gpu();
+    let shape = ops::SoftmaxShape {
+        kv_heads: 1,
+        group: 1,
+        t: 2,
+        n: 4,
+        probed: 0,
+    };
+    let x = Tensor::zeros((1, 1, 2, 64), DType::F32, &dev).unwrap();
+    let kv = Tensor::zeros((1, 1, 4, 64), DType::F32, &dev).unwrap();
+    let kp = Tensor::from_vec(vec![0u32, 1, 2, 3], (1, 4), &dev).unwrap();
+    assert!(cuda::prefill_attention(&x, &kv, &kv, &kp, &shape, 0, 1.0).is_err());
+    let xb = x.to_dtype(DType::BF16).unwrap();
+    let kvb = kv.to_dtype(DType::BF16).unwrap();
+    let probed = ops::SoftmaxShape { probed: 1, ..shape };
+    assert!(cuda::prefill_attention(&xb, &kvb, &kvb, &kp, &probed, 0, 1.0).is_err());
+    assert!(cuda::prefill_attention(&xb, &kvb, &kvb, &kp, &shape, 0, 1.0).is_ok());
+    eprintln!("SUMMARY prefill_flash: {cases} cases passed");
+}
+
+/// The CUDA paged cache's chunked bf16 prefill (flash attention, the probed window scored by
+/// prefill_softmax) against the contiguous cache on the same GPU (candle's matmul + softmax
+/// chain, the oracle): outputs within bf16 noise, the window's probabilities within the
+/// rounding of the scores, every chunk.
+#[test]
+fn paged_flash_prefill_matches_contiguous_chain() {
+    use kvc::kvcache::contiguous::ContiguousCache;
+    use kvc::kvcache::paged::{PagedCache, PagedSpec};
+    use kvc::kvcache::{AttnCall, CacheBackend, Probe};
+    let dev = gpu();
+    let mut cases = 0;
+    for (nh, nkv, d) in [(9usize, 3usize, 64usize), (8, 2, 128)] {
+        let total = 700;
+        let mk = |heads: usize| {
+            Tensor::randn(0f32, 1.0, (1, heads, total, d), &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        let (q, k, v) = (mk(nh), mk(nkv), mk(nkv));
+        let spec = PagedSpec {
+            layers: 1,
+            kv_heads: nkv,
+            head_dim: d,
+            block_size: 16,
+            dtype: DType::BF16,
+            device: dev.clone(),
+        };
+        let mut paged = PagedCache::new(spec, 256).unwrap();
+        let mut cont = ContiguousCache::new(1);
+        let (sp, sc) = (
+            [paged.add_sequence().unwrap()],
+            [cont.add_sequence().unwrap()],
+        );
+        for (start, len) in [(0, 256), (256, 300), (556, 144)] {
+            let (qn, kn, vn) = (
+                q.narrow(2, start, len).unwrap(),
+                k.narrow(2, start, len).unwrap(),
+                v.narrow(2, start, len).unwrap(),
+            );
+            let call = |seqs| AttnCall {
+                layer: 0,
+                seqs,
+                q: &qn,
+                k: &kn,
+                v: &vn,
+                scale: 1.0 / (d as f64).sqrt(),
+                probe: Probe::LastQueries(8),
+            };
+            let a = paged.attend(call(&sp)).unwrap();
+            let b = cont.attend(call(&sc)).unwrap();
+            let (w, e) = compare(&f32s(&a.out), &f32s(&b.out), 2e-2, 2e-2);
+            let (wp, ep) = compare(
+                &f32s(&a.probs.unwrap()),
+                &f32s(&b.probs.unwrap()),
+                1e-4,
+                3e-2,
+            );
+            let line = format!(
+                "heads {nh}/{nkv} d={d} chunk {start}+{len}: out_err={e:.2e} probs_err={ep:.2e}"
+            );
+            assert!(w <= 1.0 && wp <= 1.0, "out of tolerance: {line}");
+            eprintln!("{line}");
+            cases += 1;
+        }
+    }
+    eprintln!("SUMMARY paged_flash_prefill: {cases} chunks passed");
+}
+
 #[test]
 fn set_meta_matches_twin() {
     // A large scattered write (candle's scatter_set ran such lists in one thread) and a bad one.
@@ -816,9 +1009,48 @@ fn device_eviction_step_matches_twin() {
                 one.n_evict,
             )
             .unwrap()]
-        } else {
+        } else if seed % 2 == 0 {
             let ht = ops::HeadTables::from_padded(&tables, &lens_u, per_head, bs);
             cuda::kvcompress_evict_batch(&k_dev, &v_dev, &m_dev, &p_dev, &ht, &seqs, bs).unwrap()
+        } else {
+            // Tables already on the device, rows apart with room and a gap in front (as a
+            // decode batch's StepTables): only the offsets and lengths go up.
+            let (gap, stride) = (5usize, per_head + 2);
+            let mut flat = vec![u32::MAX; gap + heads * stride];
+            for h in 0..heads {
+                flat[gap + h * stride..][..per_head]
+                    .copy_from_slice(&tables[h * per_head..][..per_head]);
+            }
+            let tab: Vec<u32> = (0..heads).map(|h| (gap + h * stride) as u32).collect();
+            let flat_dev = Tensor::from_vec(flat, gap + heads * stride, &dev).unwrap();
+            let short = vec![0u32; heads - 1];
+            assert!(cuda::kvcompress_evict_on_tables(
+                &k_dev,
+                &v_dev,
+                &m_dev,
+                &p_dev,
+                &flat_dev,
+                &short,
+                &lens_u[1..],
+                &seqs,
+                bs
+            )
+            .is_err());
+            let mut past = tab.clone();
+            past[heads - 1] = (gap + heads * stride) as u32;
+            if lens_u[heads - 1] > 0 {
+                assert!(
+                    cuda::kvcompress_evict_on_tables(
+                        &k_dev, &v_dev, &m_dev, &p_dev, &flat_dev, &past, &lens_u, &seqs, bs
+                    )
+                    .is_err(),
+                    "a table past the device buffer is refused"
+                );
+            }
+            cuda::kvcompress_evict_on_tables(
+                &k_dev, &v_dev, &m_dev, &p_dev, &flat_dev, &tab, &lens_u, &seqs, bs,
+            )
+            .unwrap()
         };
         let before = crush.map(|_| (k.clone(), v.clone(), metric.clone(), position.clone()));
         let want = ops::kvcompress_evict_batch(

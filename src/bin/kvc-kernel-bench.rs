@@ -11,6 +11,9 @@
 //! - one KV-Compress compression step of an 8B-shaped model (32 layers x 8 kv-heads, 8192 tokens
 //!   per head, half of the blocks evicted) entirely on the device, and the compaction move
 //!   executor alone on a plan of the same size.
+//! - prefill attention of one chunk: the flash kernel (`prefill_attention`) against the unfused
+//!   path it replaces (matmul, `prefill_softmax`, matmul) at SmolLM2's and an 8B model's
+//!   shapes; TFLOP/s over the causal work, and the last column is the speed-up over unfused.
 //!
 //! Method: random normal inputs (never all zeros), `--warmup` untimed launches, then `--iters`
 //! launches each bracketed by CUDA events on candle's stream; medians reported.
@@ -415,6 +418,60 @@ fn main() -> anyhow::Result<()> {
             "-".into(),
             "-".into(),
         ]);
+    }
+
+    // Prefill attention of one chunk: the flash kernel against the unfused path it replaces
+    // (candle matmul, prefill_softmax, matmul), at SmolLM2's shape (9 / 3 heads, d 64; the
+    // last 2048-token chunk of an 8192-token prompt, and the whole prompt as one chunk) and an
+    // 8B shape (32 / 8, d 128). TFLOP/s counts the causal work only: 4 * d per visible pair.
+    if dtype != DType::F32 {
+        for (nh, nkv_p, dp, t, n) in [
+            (9usize, 3usize, 64usize, 2048usize, 8192usize),
+            (9, 3, 64, 8192, 8192),
+            (32, 8, 128, 2048, 8192),
+        ] {
+            let gp = nh / nkv_p;
+            let q_start = n - t;
+            let rn = |shape: (usize, usize, usize, usize)| -> candle_core::Result<Tensor> {
+                Tensor::randn(0f32, 1.0, shape, &dev)?.to_dtype(dtype)
+            };
+            let qp = rn((1, nkv_p, gp * t, dp))?;
+            let kp = rn((1, nkv_p, n, dp))?;
+            let vp = rn((1, nkv_p, n, dp))?;
+            let pos: Vec<u32> = (0..nkv_p).flat_map(|_| 0..n as u32).collect();
+            let pos = Tensor::from_vec(pos, (nkv_p, n), &dev)?;
+            let shape = kvc::kvcache::ops::SoftmaxShape {
+                kv_heads: nkv_p,
+                group: gp,
+                t,
+                n,
+                probed: 0,
+            };
+            let scale = 1.0 / (dp as f32).sqrt();
+            let pairs = (t * q_start + t * (t + 1) / 2) as f64 * nh as f64;
+            let tflop = pairs * 4.0 * dp as f64 / 1e12;
+            let what = format!("{nh}/{nkv_p} heads d{dp}, {t} queries at {q_start} over {n} keys");
+            let ms_u = time(&stream, 2, a.iters.min(20), || {
+                let att = qp.matmul(&kp.t()?)?;
+                let (p, _) = cuda::prefill_softmax(&att, &pos, &shape, q_start as u32, scale)?;
+                p.matmul(&vp).map(|_| ())
+            })?;
+            let ms_f = time(&stream, 2, a.iters.min(20), || {
+                cuda::prefill_attention(&qp, &kp, &vp, &pos, &shape, q_start as u32, scale)
+                    .map(|_| ())
+            })?;
+            for (name, ms) in [("prefill unfused", ms_u), ("prefill_flash", ms_f)] {
+                rows.push([
+                    name.into(),
+                    what.clone(),
+                    format!("{:.0} TFLOP/s causal", tflop / (ms / 1e3)),
+                    "-".into(),
+                    format!("{ms:.4}"),
+                    "-".into(),
+                    format!("{:.1}x", ms_u / ms),
+                ]);
+            }
+        }
     }
 
     let head = [

@@ -221,8 +221,8 @@ fn run(a: &Args, method: &str, ctx: usize) -> anyhow::Result<Vec<f64>> {
 
 /// Median ms per step of a CUDA decode step's table work for `a.batch` sequences of `ctx`
 /// tokens per head: (per layer, as before 2026-12-03; `StepTables`; the eviction's tables
-/// built; built, checked and uploaded).
-fn decode_tables(a: &Args, ctx: usize) -> anyhow::Result<(f64, f64, f64, f64)> {
+/// built; built, checked and uploaded; the eviction on the step tables instead).
+fn decode_tables(a: &Args, ctx: usize) -> anyhow::Result<(f64, f64, f64, f64, f64)> {
     let dev = Device::Cpu;
     let heads = LAYERS * KV;
     let blocks = 2 * a.batch * heads * ((ctx + a.steps + 4).div_ceil(BS) + 1);
@@ -315,7 +315,24 @@ fn decode_tables(a: &Args, ctx: usize) -> anyhow::Result<(f64, f64, f64, f64)> {
     }
     let build = median(evict.iter().map(|e| e.0).collect());
     let total = median(evict.iter().map(|e| e.1).collect());
-    Ok((median(before), median(after), build, total))
+    // The same eviction on the step tables (`cuda::kvcompress_evict_on_tables`): the rows'
+    // offsets and lengths, the output offsets, their uploads; no table gathered or checked.
+    let mut on_tables = Vec::new();
+    for _ in 0..a.steps {
+        let t = Instant::now();
+        let (tab, lens) = tables
+            .heads_of(&seqs)
+            .ok_or_else(|| anyhow::anyhow!("the batch's tables lack a sequence"))?;
+        let mut start = Vec::with_capacity(tab.len() + 1);
+        start.push(0u32);
+        for &l in &lens {
+            start.push(start[start.len() - 1] + (l as usize).div_ceil(BS) as u32);
+        }
+        let up = |v: &[u32]| Tensor::from_slice(v, v.len(), &dev);
+        std::hint::black_box((up(&tab)?, up(&lens)?, up(&start)?));
+        on_tables.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok((median(before), median(after), build, total, median(on_tables)))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -326,18 +343,19 @@ fn main() -> anyhow::Result<()> {
             a.batch, a.steps
         );
         println!(
-            "{:>6} {:>18} {:>18} {:>8} {:>20} {:>20}",
+            "{:>6} {:>18} {:>18} {:>8} {:>20} {:>20} {:>22}",
             "ctx",
             "per layer ms",
             "step tables ms",
             "ratio",
             "evict tables ms",
-            "+ checks, upload ms"
+            "+ checks, upload ms",
+            "evict on step tables"
         );
         for &ctx in &a.ctx {
-            let (b, s, eb, et) = decode_tables(&a, ctx)?;
+            let (b, s, eb, et, eo) = decode_tables(&a, ctx)?;
             println!(
-                "{ctx:>6} {b:>18.2} {s:>18.2} {:>7.1}x {eb:>20.2} {et:>20.2}",
+                "{ctx:>6} {b:>18.2} {s:>18.2} {:>7.1}x {eb:>20.2} {et:>20.2} {eo:>22.2}",
                 b / s
             );
         }

@@ -263,6 +263,12 @@ pub struct MethodOptions {
     #[arg(long, value_enum, default_value_t = CompressOn::Auto)]
     #[serde(skip)]
     pub compress_on: CompressOn,
+    /// Prefill attention the unfused way on a GPU (matmul, softmax kernel, matmul: the
+    /// scores in memory) instead of the flash kernel (`kernels/prefill_attention.cu`): the A/B
+    /// reference. Not part of a run's configuration.
+    #[arg(long)]
+    #[serde(skip)]
+    pub unfused_prefill: bool,
     /// SnapKV / PyramidKV / Ada-SnapKV observation window (always kept).
     #[arg(long, default_value_t = 32, value_parser = positive)]
     pub snap_window: usize,
@@ -316,6 +322,7 @@ impl Default for MethodOptions {
             protected_window: 32,
             compress_once: false,
             compress_on: CompressOn::Auto,
+            unfused_prefill: false,
             snap_window: 32,
             snap_kernel: 5,
             snap_pool: PoolKind::Avg,
@@ -474,6 +481,7 @@ struct PagedRunner {
     min_cache_tokens: usize,
     /// `--compress-on`.
     compress_on: CompressOn,
+    unfused_prefill: bool,
     layers: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -497,6 +505,7 @@ impl PagedRunner {
             block_size: opts.block_size,
             min_cache_tokens: opts.min_cache_tokens,
             compress_on: opts.compress_on,
+            unfused_prefill: opts.unfused_prefill,
             layers: cfg.num_hidden_layers,
             kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
@@ -532,13 +541,15 @@ impl PagedRunner {
         Ok(cache)
     }
 
-    /// `--compress-on` host/device overrides the cache's default (device on CUDA).
+    /// `--compress-on` host/device overrides the cache's default (device on CUDA);
+    /// `--unfused-prefill` turns the flash prefill kernel off.
     fn set_compression_device(&self, cache: &mut PagedCache) {
         match self.compress_on {
             CompressOn::Auto => {}
             CompressOn::Host => cache.set_device_compression(false),
             CompressOn::Device => cache.set_device_compression(true),
         }
+        cache.set_flash_prefill(!self.unfused_prefill);
     }
 
     /// Per-head cache tokens for `budget` on a prompt of `prompt_len` tokens (warns once when

@@ -11,8 +11,11 @@
 //! - [`paged_decode`]: paged decode attention over per-(row, kv-head) block tables, GQA groups in
 //!   one CUDA block, partitioned (split-K) when [`DecodeWorkspace`] says so, writing the softmax
 //!   probabilities per slot and adding the KV-Compress decode metric when given;
+//! - [`prefill_attention`]: flash-style prefill attention (tensor cores, online softmax; the
+//!   scores never reach memory);
 //! - [`prefill_softmax`]: prefill attention's scale + causal mask + softmax in one pass (the
-//!   observation window's f32 probabilities on the side);
+//!   observation window's f32 probabilities on the side; the unfused path, and the probed
+//!   queries of the flash one);
 //! - [`move_slots`]: a compaction move plan (K, V, metric, position);
 //! - [`kvcompress_evict_batch`]: KV-Compress's whole eviction step for a batch of sequences on
 //!   the device (per-head sort, candidate scoring, selection per sequence, KVCrush's block-form
@@ -750,6 +753,88 @@ pub fn prefill_softmax(
     Ok((p, probs))
 }
 
+/// Head dims [`prefill_attention`] is instantiated for.
+pub const PREFILL_FLASH_HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Whether [`prefill_attention`] supports this dtype and head dim (and the build has CUDA):
+/// bf16 and f16 (tensor cores), head dims 64 and 128. Others take the unfused path (candle
+/// matmuls around [`prefill_softmax`]).
+pub fn prefill_attention_supported(dtype: DType, head_dim: usize) -> bool {
+    available()
+        && matches!(dtype, DType::BF16 | DType::F16)
+        && PREFILL_FLASH_HEAD_DIMS.contains(&head_dim)
+}
+
+/// Flash-style prefill attention on the device (`kernels/prefill_attention.cu`; twin
+/// [`super::ops::prefill_attention`]): `q` `[.., kv_heads, group * t, head_dim]` (query heads of
+/// a kv-head adjacent, i.e. `[1, heads, t, head_dim]`), `k`, `v` `[.., kv_heads, n, head_dim]`,
+/// `key_pos` `[kv_heads, n]` u32 (u32::MAX: padding, its K/V never read), query `i` at position
+/// `q_start + i`. Returns the attention output in `q`'s shape and dtype; the scores never exist
+/// in memory, so no probabilities come back (`shape.probed` must be 0: the caller scores the
+/// probed queries with [`prefill_softmax`]).
+pub fn prefill_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_pos: &Tensor,
+    shape: &SoftmaxShape,
+    q_start: u32,
+    scale: f32,
+) -> Result<Tensor> {
+    let d = *q.dims().last().unwrap_or(&0);
+    let bad = |m: String| -> Result<Tensor> {
+        Err(OpsError::Shape(format!("prefill_attention: {m}")).into())
+    };
+    if !prefill_attention_supported(q.dtype(), d) {
+        return bad(format!(
+            "{:?} head dim {d} (bf16/f16, head dim 64/128 only)",
+            q.dtype()
+        ));
+    }
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() || key_pos.dtype() != DType::U32 {
+        return bad(format!(
+            "dtypes q {:?} k {:?} v {:?} key_pos {:?}",
+            q.dtype(),
+            k.dtype(),
+            v.dtype(),
+            key_pos.dtype()
+        ));
+    }
+    if shape.probed != 0 {
+        return bad("no probabilities here: probe with prefill_softmax".into());
+    }
+    let s = shape;
+    let kv = s.kv_heads * s.n * d;
+    if q.elem_count() != s.rows() * d
+        || k.elem_count() != kv
+        || v.elem_count() != kv
+        || key_pos.elem_count() != s.kv_heads * s.n
+    {
+        return bad(format!(
+            "shape {s:?} x {d} against q {:?} k {:?} v {:?} key_pos {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            key_pos.dims()
+        ));
+    }
+    if s.rows() > i32::MAX as usize || s.n > i32::MAX as usize || s.kv_heads * s.group > 65535 {
+        return bad(format!("{s:?} is too large"));
+    }
+    let (q, k, v, key_pos) = (
+        q.contiguous()?,
+        k.contiguous()?,
+        v.contiguous()?,
+        key_pos.contiguous()?,
+    );
+    // Safety: the kernel writes every row of the output (row i of every query head).
+    let out = unsafe { Tensor::empty(q.shape(), q.dtype(), q.device())? };
+    if s.rows() > 0 {
+        imp::prefill_attention(&out, &q, &k, &v, &key_pos, s, q_start, scale)?;
+    }
+    Ok(out)
+}
+
 /// Longest head [`kvcompress_evict`] sorts in shared memory (128 KiB of keys on an H100).
 pub const EVICT_MAX_LEN: usize = 16384;
 
@@ -809,7 +894,6 @@ pub fn kvcompress_evict_batch(
 ) -> Result<Vec<EvictStep>> {
     let (num_slots, d) = k_cache.dims2()?;
     check_cache(k_cache, v_cache, d)?;
-    check_meta(Some(metric), Some(position), num_slots)?;
     let heads = tables.heads();
     let seq_heads: usize = seqs.iter().map(|s| s.heads).sum();
     if seq_heads != heads {
@@ -818,9 +902,100 @@ pub fn kvcompress_evict_batch(
         ))
         .into());
     }
-    let max_len = tables.lens.iter().copied().max().unwrap_or(0) as usize;
+    tables.check_disjoint(block_size, num_slots)?;
+    let blocks = tables.upload_blocks();
+    let blocks = Tensor::from_slice(blocks, blocks.len(), k_cache.device())?;
+    let heads_at = HeadsAt {
+        blocks: &blocks,
+        tab: &tables.start[..heads],
+        start: &tables.start,
+        lens: &tables.lens,
+    };
+    evict_heads(
+        k_cache, v_cache, metric, position, &heads_at, seqs, block_size,
+    )
+}
+
+/// [`kvcompress_evict_batch`] on block tables already on the device: head `h`'s table is
+/// `blocks[tab[h]..]`, `lens[h]` tokens (a decode batch's
+/// [`super::step_tables::StepTables`], which checked its ids for range and overlap when it
+/// built them and takes later ids from the pool). Only `tab`, the lengths and a few numbers
+/// per sequence go up: no table is gathered, checked or uploaded per step. Checked here: every
+/// head's table lies inside `blocks`.
+#[allow(clippy::too_many_arguments)]
+pub fn kvcompress_evict_on_tables(
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    metric: &Tensor,
+    position: &Tensor,
+    blocks: &Tensor,
+    tab: &[u32],
+    lens: &[u32],
+    seqs: &[EvictSeq],
+    block_size: usize,
+) -> Result<Vec<EvictStep>> {
+    let d = k_cache.dim(1)?;
+    check_cache(k_cache, v_cache, d)?;
+    let heads = tab.len();
+    let seq_heads: usize = seqs.iter().map(|s| s.heads).sum();
+    let table_len = blocks.dims1()?;
+    if seq_heads != heads || lens.len() != heads || blocks.dtype() != DType::U32 || block_size == 0
+    {
+        return Err(OpsError::Shape(format!(
+            "{heads} table offsets, {} lengths, {seq_heads} heads in the sequences, {:?} blocks, block size {block_size}",
+            lens.len(),
+            blocks.dtype()
+        ))
+        .into());
+    }
+    let mut start = Vec::with_capacity(heads + 1);
+    start.push(0u32);
+    for (h, (&t, &l)) in tab.iter().zip(lens).enumerate() {
+        let n = (l as usize).div_ceil(block_size);
+        if t as usize + n > table_len {
+            return Err(OpsError::Shape(format!(
+                "head {h}: {n} blocks at {t} pass the {table_len} of the device table"
+            ))
+            .into());
+        }
+        start.push(start[h] + n as u32);
+    }
+    let heads_at = HeadsAt {
+        blocks,
+        tab,
+        start: &start,
+        lens,
+    };
+    evict_heads(
+        k_cache, v_cache, metric, position, &heads_at, seqs, block_size,
+    )
+}
+
+/// Where a batched eviction finds its heads: head `h`'s table at `blocks[tab[h]..]`, its
+/// outputs at `start[h]..start[h + 1]` (`ceil(lens[h] / block_size)` blocks).
+struct HeadsAt<'a> {
+    blocks: &'a Tensor,
+    tab: &'a [u32],
+    start: &'a [u32],
+    lens: &'a [u32],
+}
+
+/// The launches of [`kvcompress_evict_batch`] once the tables are on the device.
+fn evict_heads(
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    metric: &Tensor,
+    position: &Tensor,
+    at: &HeadsAt<'_>,
+    seqs: &[EvictSeq],
+    block_size: usize,
+) -> Result<Vec<EvictStep>> {
+    let num_slots = k_cache.dim(0)?;
+    check_meta(Some(metric), Some(position), num_slots)?;
+    let heads = at.lens.len();
+    let max_len = at.lens.iter().copied().max().unwrap_or(0) as usize;
     if heads == 0 || max_len == 0 || seqs.iter().all(|s| s.n_evict == 0) {
-        return Ok(split_steps(seqs, &vec![0; heads], &tables.lens));
+        return Ok(split_steps(seqs, &vec![0; heads], at.lens));
     }
     if max_len > EVICT_MAX_LEN {
         return Err(OpsError::Shape(format!(
@@ -828,7 +1003,6 @@ pub fn kvcompress_evict_batch(
         ))
         .into());
     }
-    tables.check_disjoint(block_size, num_slots)?;
     let dev = k_cache.device();
     let crush = crush_args(seqs, block_size, dev)?;
     // Per head: protected position; per sequence: first head row and blocks to take.
@@ -841,16 +1015,17 @@ pub fn kvcompress_evict_batch(
     }
     // i64 on the device (candle has no u64), read as unsigned long long by the kernel.
     let n_evict: Vec<i64> = seqs.iter().map(|s| s.n_evict as i64).collect();
-    let blocks = tables.upload_blocks();
-    let lens = Tensor::from_slice(&tables.lens, heads, dev)?;
+    let lens = Tensor::from_slice(at.lens, heads, dev)?;
     let counts = imp::kvcompress_evict(
         k_cache,
         v_cache,
         metric,
         position,
         &EvictArgs {
-            blocks: &Tensor::from_slice(blocks, blocks.len(), dev)?,
-            start: &Tensor::from_slice(&tables.start, heads + 1, dev)?,
+            blocks: at.blocks,
+            tab: &Tensor::from_slice(at.tab, heads, dev)?,
+            start: &Tensor::from_slice(at.start, heads + 1, dev)?,
+            out_blocks: at.start[heads] as usize,
             lens: &lens,
             protect: &Tensor::from_slice(&protect, heads, dev)?,
             head_start: &Tensor::from_slice(&head_start, seqs.len() + 1, dev)?,
@@ -939,10 +1114,14 @@ fn split_steps(seqs: &[EvictSeq], counts: &[u32], new_lens: &[u32]) -> Vec<Evict
 /// The device inputs of a batched eviction (see [`kvcompress_evict_batch`]).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct EvictArgs<'a> {
-    /// `[total blocks]` u32: every head's blocks, head after head ([`HeadTables::blocks`]).
+    /// Block ids: head `h`'s table at `blocks[tab[h]..]`.
     blocks: &'a Tensor,
-    /// `[heads + 1]` u32: where each head's blocks start ([`HeadTables::start`]).
+    /// `[heads]` u32: where each head's table starts in `blocks`.
+    tab: &'a Tensor,
+    /// `[heads + 1]` u32: where each head's per-block outputs start.
     start: &'a Tensor,
+    /// Per-block outputs in all (the last of `start`).
+    out_blocks: usize,
     /// `[heads]` u32 (updated in place).
     lens: &'a Tensor,
     /// `[heads]` u32: first protected position.
@@ -1058,6 +1237,20 @@ mod imp {
     }
 
     #[allow(clippy::too_many_arguments)]
+    pub fn prefill_attention(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &SoftmaxShape,
+        _: u32,
+        _: f32,
+    ) -> Result<()> {
+        Err(OpsError::NoCuda.into())
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub fn paged_decode(
         _: &Tensor,
         _: &Tensor,
@@ -1114,6 +1307,8 @@ mod imp {
     static EVICT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/evict.fatbin"));
     static PREFILL_SOFTMAX: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/prefill_softmax.fatbin"));
+    static PREFILL_ATTENTION: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/prefill_attention.fatbin"));
     static SCORE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/score.fatbin"));
 
     type FuncCache = HashMap<(usize, String), CudaFunction>;
@@ -1125,7 +1320,7 @@ mod imp {
     }
 
     /// `name` from module `module` ("paged_attention" | "kv_cache" | "evict" |
-    /// "prefill_softmax" | "score"), loaded once per context.
+    /// "prefill_softmax" | "prefill_attention" | "score"), loaded once per context.
     fn func(stream: &Arc<CudaStream>, module: &'static str, name: &str) -> Result<CudaFunction> {
         let ctx = stream.context();
         let key = Arc::as_ptr(ctx) as usize;
@@ -1143,6 +1338,7 @@ mod imp {
                     "paged_attention" => PAGED_ATTENTION,
                     "evict" => EVICT,
                     "prefill_softmax" => PREFILL_SOFTMAX,
+                    "prefill_attention" => PREFILL_ATTENTION,
                     "score" => SCORE,
                     _ => KV_CACHE,
                 };
@@ -1295,6 +1491,51 @@ mod imp {
             shared_mem_bytes: 0,
         };
         // Safety: arguments match prefill_softmax_<dtype>; lengths were checked against shape.
+        unsafe { b.launch(cfg) }.map_err(cu)?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill_attention(
+        out: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        key_pos: &Tensor,
+        s: &SoftmaxShape,
+        q_start: u32,
+        scale: f32,
+    ) -> Result<()> {
+        let stream = device(q)?.cuda_stream();
+        let d = *q.dims().last().unwrap_or(&0);
+        let name = format!("prefill_flash_{}_d{d}", dtype_name(q.dtype())?);
+        let f = func(&stream, "prefill_attention", &name)?;
+        let ptrs = [
+            ptr(Some(out), &stream)?,
+            ptr(Some(q), &stream)?,
+            ptr(Some(k), &stream)?,
+            ptr(Some(v), &stream)?,
+            ptr(Some(key_pos), &stream)?,
+        ];
+        // The kernel reads K/V rows as 16-byte vectors and Q/out as 4-byte pairs.
+        for (p, what) in ptrs[1..4].iter().zip(["q", "k", "v"]) {
+            if p % 16 != 0 {
+                return Err(OpsError::Shape(format!("{what} is not 16-byte aligned")).into());
+            }
+        }
+        let (n, t, g) = (s.n as i32, s.t as i32, s.group as i32);
+        let mut b = stream.launch_builder(&f);
+        for p in &ptrs {
+            b.arg(p);
+        }
+        b.arg(&n).arg(&t).arg(&g).arg(&q_start).arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (s.t.div_ceil(64) as u32, (s.kv_heads * s.group) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Safety: arguments match prefill_flash_<dtype>_d<D>; element counts were checked
+        // against the shape, pointers are aligned, the grid covers every query row.
         unsafe { b.launch(cfg) }.map_err(cu)?;
         Ok(())
     }
@@ -1632,7 +1873,7 @@ mod imp {
         let dev = k_cache.device();
         let stream = device(k_cache)?.cuda_stream();
         let heads = a.lens.dim(0)?;
-        let total_blocks = a.blocks.dim(0)?;
+        let total_blocks = a.out_blocks.max(1);
         let n_seqs = a.n_evict.dim(0)?;
         let sort_smem = max_len.next_power_of_two() * 8;
         // Holes and survivors as u16, evicted flags as u8 (see kvc_compact_heads).
@@ -1664,8 +1905,9 @@ mod imp {
             ptr(Some(metric), &stream)?,
             ptr(Some(position), &stream)?,
         );
-        let (blocks_p, start_p, lens_p) = (
+        let (blocks_p, tab_p, start_p, lens_p) = (
             ptr(Some(a.blocks), &stream)?,
+            ptr(Some(a.tab), &stream)?,
             ptr(Some(a.start), &stream)?,
             ptr(Some(a.lens), &stream)?,
         );
@@ -1681,6 +1923,7 @@ mod imp {
             &metric_p,
             &position_p,
             &blocks_p,
+            &tab_p,
             &start_p,
             &lens_p,
         ] {
@@ -1720,6 +1963,7 @@ mod imp {
                     order_p,
                     counts_p,
                     blocks_p,
+                    tab_p,
                     start_p,
                     lens_p,
                     protect,
@@ -1769,6 +2013,7 @@ mod imp {
             &order_p,
             &counts_p,
             &blocks_p,
+            &tab_p,
             &start_p,
             &evict_n_p,
             &picked_p,

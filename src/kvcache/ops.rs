@@ -530,6 +530,65 @@ pub fn prefill_softmax<T: KvElem>(
     Ok((p_out, probs))
 }
 
+/// Flash-style prefill attention (twin of `kernels/prefill_attention.cu`): for every row of
+/// `q` `[kv_heads, group * t, head_dim]` (kv-head `r / (group * t)`, query `i = r % t` at
+/// position `q_start + i`), softmax over the keys of its kv-head with `key_pos <= q_start + i`
+/// of `(q . k) * scale`, times `v`; `k`, `v` `[kv_heads, n, head_dim]`, `key_pos`
+/// `[kv_heads, n]` (u32::MAX: padding). Everything in f32 here; the kernel rounds the
+/// probabilities to `T` for its tensor-core product, so the two agree to `T`'s precision, not
+/// bit for bit. A row without a visible key is zeros. `shape.probed` is ignored (the kernel
+/// writes no probabilities).
+pub fn prefill_attention<T: KvElem>(
+    shape: &SoftmaxShape,
+    head_dim: usize,
+    qkv: (&[T], &[T], &[T]),
+    key_pos: &[u32],
+    q_start: u32,
+    scale: f32,
+) -> Result<Vec<T>, OpsError> {
+    let (s, d, (q, k, v)) = (shape, head_dim, qkv);
+    check_len("q", q.len(), s.rows() * d)?;
+    check_len("k", k.len(), s.kv_heads * s.n * d)?;
+    check_len("v", v.len(), s.kv_heads * s.n * d)?;
+    check_len("key_pos", key_pos.len(), s.kv_heads * s.n)?;
+    let n = s.n;
+    let mut out = Vec::with_capacity(q.len());
+    let mut x = vec![0f32; n];
+    let mut acc = vec![0f32; d];
+    for r in 0..s.rows() {
+        let kvh = r / (s.group * s.t);
+        let qpos = q_start + (r % s.t) as u32;
+        let qr: Vec<f32> = q[r * d..][..d].iter().map(|e| e.to_f32()).collect();
+        let mut m = f32::NEG_INFINITY;
+        for (j, xj) in x.iter_mut().enumerate() {
+            *xj = if key_pos[kvh * n + j] > qpos {
+                f32::NEG_INFINITY
+            } else {
+                let kr = &k[(kvh * n + j) * d..][..d];
+                qr.iter().zip(kr).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale
+            };
+            m = m.max(*xj);
+        }
+        acc.fill(0.0);
+        let mut sum = 0f32;
+        if m != f32::NEG_INFINITY {
+            for (j, &xj) in x.iter().enumerate() {
+                if xj == f32::NEG_INFINITY {
+                    continue;
+                }
+                let p = (xj - m).exp();
+                sum += p;
+                for (a, b) in acc.iter_mut().zip(&v[(kvh * n + j) * d..][..d]) {
+                    *a += p * b.to_f32();
+                }
+            }
+        }
+        let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+        out.extend(acc.iter().map(|a| T::from_f32(a * inv)));
+    }
+    Ok(out)
+}
+
 /// Paged decode attention (twin of `paged_decode_part_*` + `paged_decode_reduce_*`): for each
 /// batch row `b` and query head `h` (kv-head `h / group`), softmax of `(q * scale) . k_i` over
 /// the head's `ctx_lens` logical slots, output `sum_i p_i v_i`; a head with no slots outputs
@@ -1360,6 +1419,74 @@ mod tests {
         };
         assert!(prefill_softmax(&bad, &vec![0f32; shape.rows() * n], &key_pos, 0, 1.0).is_err());
         assert!(prefill_softmax(&shape, &[0f32; 3], &key_pos, 0, 1.0).is_err());
+    }
+
+    /// The flash prefill twin (the oracle of `kernels/prefill_attention.cu`) computes the CPU
+    /// paged cache's candle chain in f32 (scores, scale, causal mask from unsorted positions,
+    /// softmax, p @ v), and never reads a padding key's K/V (NaN there changes nothing).
+    #[test]
+    fn prefill_attention_twin_matches_the_candle_chain() {
+        use candle_core::{Device, Tensor};
+        let dev = Device::Cpu;
+        let (nkv, g, t, n, d, q_start) = (2usize, 3usize, 5usize, 13usize, 8usize, 9u32);
+        let scale = 0.37f32;
+        let key_pos: Vec<u32> = (0..nkv * n)
+            .map(|i| {
+                let (h, j) = (i / n, i % n);
+                if h == 1 && j == n - 1 {
+                    u32::MAX
+                } else {
+                    ((j * 7 + h * 3) % 15) as u32
+                }
+            })
+            .collect();
+        let shape = SoftmaxShape {
+            kv_heads: nkv,
+            group: g,
+            t,
+            n,
+            probed: 0,
+        };
+        let q = Tensor::randn(0f32, 1.0, (1, nkv, g * t, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, nkv, n, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, nkv, n, d), &dev).unwrap();
+        let kp = Tensor::from_vec(key_pos.clone(), (nkv, n), &dev).unwrap();
+        let mask = crate::kvcache::causal_mask(&kp, q_start as usize, t)
+            .unwrap()
+            .reshape((nkv, 1, t, n))
+            .unwrap()
+            .broadcast_as((nkv, g, t, n))
+            .unwrap()
+            .reshape((1, nkv, g * t, n))
+            .unwrap();
+        let att = (q.matmul(&k.t().unwrap()).unwrap() * scale as f64).unwrap();
+        let p = candle_nn::ops::softmax_last_dim(&att.broadcast_add(&mask).unwrap()).unwrap();
+        let want: Vec<f32> = p
+            .matmul(&v)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let flat = |x: &Tensor| -> Vec<f32> { x.flatten_all().unwrap().to_vec1().unwrap() };
+        let (qf, mut kf, mut vf) = (flat(&q), flat(&k), flat(&v));
+        // The padding key's rows: NaN.
+        for x in kf[(2 * n - 1) * d..][..d]
+            .iter_mut()
+            .chain(&mut vf[(2 * n - 1) * d..][..d])
+        {
+            *x = f32::NAN;
+        }
+        let got = prefill_attention(&shape, d, (&qf, &kf, &vf), &key_pos, q_start, scale).unwrap();
+        assert_eq!(got.len(), want.len());
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() <= 1e-5, "out[{i}]: {a} vs {b}");
+        }
+        // A query that sees no key (every position later than it) gives zeros.
+        let late: Vec<u32> = key_pos.iter().map(|p| p.saturating_add(100)).collect();
+        let zeros = prefill_attention(&shape, d, (&qf, &kf, &vf), &late, 0, scale).unwrap();
+        assert!(zeros.iter().all(|x| *x == 0.0));
+        assert!(prefill_attention(&shape, d, (&qf[1..], &kf, &vf), &key_pos, 0, 1.0).is_err());
     }
 
     #[test]

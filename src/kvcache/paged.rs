@@ -107,6 +107,8 @@ pub struct PagedCache {
     meta: Option<DeviceMeta>,
     /// Whether sequences may keep their metric on the device (default: on a CUDA device).
     device_compression: bool,
+    /// Prefill attention with `cuda::prefill_attention` where supported.
+    flash_prefill: bool,
     /// The CUDA decode batch's block tables, kept on the device between steps.
     step: Option<DecodeStep>,
     /// Sequences whose tables changed since the last decode step other than by its appends
@@ -187,6 +189,7 @@ impl PagedCache {
             deferred: None,
             meta: None,
             device_compression: spec.device.is_cuda(),
+            flash_prefill: true,
             step: None,
             changed: Default::default(),
             spec,
@@ -221,6 +224,7 @@ impl PagedCache {
                 None => None,
             },
             device_compression: self.device_compression,
+            flash_prefill: self.flash_prefill,
             step: None,
             changed: Default::default(),
         })
@@ -294,6 +298,12 @@ impl PagedCache {
     /// ([`PagedCache::keep_metric_on_device`]); on by default on a CUDA device.
     pub fn device_compression(&self) -> bool {
         self.device_compression
+    }
+
+    /// Use the flash prefill kernel where it applies (on by default; off: the unfused
+    /// matmul + softmax kernel + matmul path, the A/B reference).
+    pub fn set_flash_prefill(&mut self, on: bool) {
+        self.flash_prefill = on;
     }
 
     /// Allow or forbid [`PagedCache::keep_metric_on_device`] (`--compress-on host` turns it off
@@ -492,7 +502,6 @@ impl PagedCache {
             return Ok(stats);
         }
         let ids: Vec<SeqId> = batch.iter().map(|&i| reqs[i].seq).collect();
-        let tables = ops::HeadTables::of_seqs(&self.pool, &ids).map_err(be)?;
         let seqs: Vec<ops::EvictSeq> = batch
             .iter()
             .map(|&i| ops::EvictSeq {
@@ -503,19 +512,47 @@ impl PagedCache {
                 crush: reqs[i].crush,
             })
             .collect();
-        let steps = if self.on_cuda() {
-            let m = self.meta.as_ref().expect("checked above");
-            cuda::kvcompress_evict_batch(
-                &self.k,
-                &self.v,
-                &m.metric,
-                &m.position,
-                &tables,
-                &seqs,
-                bs,
-            )?
-        } else {
-            self.evict_batch_twin(&tables, &seqs)?
+        // The decode batch's device tables when they hold every one of these sequences as the
+        // pool does (none changed since the step); else the pool's, gathered and uploaded.
+        let on_step = match &self.step {
+            Some(st) if self.on_cuda() && ids.iter().all(|s| !self.changed.contains(s)) => {
+                st.tables.heads_of(&ids)
+            }
+            _ => None,
+        };
+        let steps = match (on_step, self.on_cuda()) {
+            (Some((tab, lens)), _) => {
+                let m = self.meta.as_ref().expect("checked above");
+                let st = self.step.as_ref().expect("matched above");
+                cuda::kvcompress_evict_on_tables(
+                    &self.k,
+                    &self.v,
+                    &m.metric,
+                    &m.position,
+                    st.tables.blocks(),
+                    &tab,
+                    &lens,
+                    &seqs,
+                    bs,
+                )?
+            }
+            (None, true) => {
+                let tables = ops::HeadTables::of_seqs(&self.pool, &ids).map_err(be)?;
+                let m = self.meta.as_ref().expect("checked above");
+                cuda::kvcompress_evict_batch(
+                    &self.k,
+                    &self.v,
+                    &m.metric,
+                    &m.position,
+                    &tables,
+                    &seqs,
+                    bs,
+                )?
+            }
+            (None, false) => {
+                let tables = ops::HeadTables::of_seqs(&self.pool, &ids).map_err(be)?;
+                self.evict_batch_twin(&tables, &seqs)?
+            }
         };
         for (&i, step) in batch.iter().zip(steps) {
             let seq = reqs[i].seq;
@@ -1083,19 +1120,51 @@ impl PagedCache {
         let g = nh / nkv;
         let key_pos = Tensor::from_vec(key_pos, (nkv, max), dev)?;
         let q2 = q.reshape((1, nkv, g * t, d))?;
+        let probed = match probe {
+            Probe::None => 0,
+            Probe::All => t,
+            Probe::LastQueries(n) => n.min(t),
+        };
+        let shape = SoftmaxShape {
+            kv_heads: nkv,
+            group: g,
+            t,
+            n: max,
+            probed,
+        };
+        // Flash attention unless every query is probed (H2O's prefill scores: the scores are
+        // the output then); the probed window is a few rows scored the unfused way.
+        if self.flash_prefill
+            && self.on_cuda()
+            && cuda::prefill_attention_supported(q.dtype(), d)
+            && probed < t
+        {
+            let flash = SoftmaxShape { probed: 0, ..shape };
+            let out = cuda::prefill_attention(
+                &q2,
+                &kk,
+                &vv,
+                &key_pos,
+                &flash,
+                start as u32,
+                scale as f32,
+            )?
+            .reshape((1, nh, t, d))?;
+            if probed == 0 {
+                return Ok((out, None));
+            }
+            let qw =
+                q.narrow(2, t - probed, probed)?
+                    .contiguous()?
+                    .reshape((1, nkv, g * probed, d))?;
+            let window = SoftmaxShape { t: probed, ..shape };
+            let att = qw.matmul(&kk.t()?)?;
+            let first = (start + t - probed) as u32;
+            let (_, probs) = cuda::prefill_softmax(&att, &key_pos, &window, first, scale as f32)?;
+            let probs = probs.map(|p| p.reshape((1, nh, probed, max))).transpose()?;
+            return Ok((out, probs));
+        }
         if self.on_cuda() && cuda::prefill_softmax_supported(q.dtype()) {
-            let probed = match probe {
-                Probe::None => 0,
-                Probe::All => t,
-                Probe::LastQueries(n) => n.min(t),
-            };
-            let shape = SoftmaxShape {
-                kv_heads: nkv,
-                group: g,
-                t,
-                n: max,
-                probed,
-            };
             let att = q2.matmul(&kk.t()?)?;
             let (p, probs) =
                 cuda::prefill_softmax(&att, &key_pos, &shape, start as u32, scale as f32)?;

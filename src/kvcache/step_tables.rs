@@ -252,6 +252,32 @@ impl StepTables {
         Ok(())
     }
 
+    /// The flat block ids on the device (row `r` at `start[r]`).
+    pub fn blocks(&self) -> &Tensor {
+        &self.blocks
+    }
+
+    /// Where every head of `seqs` (each sequence's layers x kv-heads, (layer, kv-head) order)
+    /// starts in [`Self::blocks`], and its length as of the last upload; `None` when one of
+    /// them is not in the batch. Current only while the pool has not changed those sequences
+    /// since the step (the caller knows: `PagedCache::changed`).
+    pub fn heads_of(&self, seqs: &[SeqId]) -> Option<(Vec<u32>, Vec<u32>)> {
+        let index: std::collections::HashMap<SeqId, usize> =
+            self.seqs.iter().enumerate().map(|(i, &s)| (s, i)).collect();
+        let n = self.seqs.len();
+        let heads = seqs.len() * self.layers * self.kv_heads;
+        let (mut tab, mut lens) = (Vec::with_capacity(heads), Vec::with_capacity(heads));
+        for s in seqs {
+            let i = *index.get(s)?;
+            for l in 0..self.layers {
+                let row = (l * n + i) * self.kv_heads;
+                tab.extend_from_slice(&self.start[row..row + self.kv_heads]);
+                lens.extend_from_slice(&self.lens[row..row + self.kv_heads]);
+            }
+        }
+        Some((tab, lens))
+    }
+
     /// Longest row, in tokens, as of the last upload.
     pub fn max_len(&self) -> usize {
         self.lens.iter().copied().max().unwrap_or(0) as usize
