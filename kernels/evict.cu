@@ -15,7 +15,8 @@
 // (its layers x kv-heads, in (layer, kv-head) order).
 //
 // Three launches, in this order (four with KVCrush's block form, which runs between the
-// selection and the compaction):
+// selection and the compaction; the sort is two launches, kvc_sort_candidates and
+// kvc_sort_prefix, when the step needs only a prefix of some heads' order — see below):
 //   kvc_sort_candidates: grid (heads), 1024 threads, dynamic smem 8 * pow2 bytes
 //     (pow2 = next power of two >= the longest head, <= 16384 on an H100 with the opt-in).
 //     Sorts each head's logical slots ascending by metric (protected slots, position >=
@@ -57,6 +58,15 @@ __device__ __forceinline__ float unord(uint32_t k) {
 }
 constexpr uint32_t ORD_INF = 0xff800000u;  // ord(+inf)
 
+// Longest prefix kvc_sort_prefix selects (its per-warp shared list).
+constexpr uint32_t PREFIX_MAX = 512;
+
+// Whether head h needs only the `want[h]` lowest slots of its sorted order (fewer than it
+// holds, at most PREFIX_MAX): kvc_sort_prefix sorts it, kvc_sort_candidates skips it.
+__device__ __forceinline__ bool takes_prefix(const uint32_t* want, int h, uint32_t len) {
+  return want != nullptr && want[h] < len && want[h] <= PREFIX_MAX;
+}
+
 // Tokens in the last block of a head of `len` tokens (block_size when full, 0 when empty).
 __device__ __forceinline__ uint32_t last_block_tokens(uint32_t len, uint32_t bs) {
   return len == 0 ? 0 : (len - 1) % bs + 1;
@@ -74,11 +84,12 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_sort_candidates(
     const uint32_t* start,           // [heads + 1] u32: first output block of each head
     const uint32_t* ctx_lens,        // [heads] u32
     int block_size,                  // tokens per block
-    const uint32_t* first_protected) {  // [heads] u32: positions >= this are never evicted
+    const uint32_t* first_protected, // [heads] u32: positions >= this are never evicted
+    const uint32_t* want) {          // [heads] u32 or null: sorted slots the step needs
   extern __shared__ unsigned long long keys[];  // [next pow2 of len]: (ord(metric) << 32) | slot
   const int head = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
   const uint32_t len = ctx_lens[head], protect = first_protected[head];
-  if (len == 0) return;
+  if (len == 0 || kvc::takes_prefix(want, head, len)) return;  // kvc_sort_prefix's head
   const uint32_t* table = blocks + tab[head];
   int width = 1;
   while ((uint32_t)width < len) width <<= 1;
@@ -115,6 +126,135 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_sort_candidates(
   const uint32_t nblocks = (len + block_size - 1) / block_size;
   for (uint32_t j = tid; j < nblocks; j += nt) {
     const float m = kvc::unord((uint32_t)(keys[(size_t)j * block_size + h - 1] >> 32));
+    cand[start[head] + j] = isfinite(m) ? m : __int_as_float(0x7f800000);
+  }
+}
+
+// The heads that need only a prefix of their sorted order: a decode step's continual
+// compression takes a few blocks per sequence, and a head giving k blocks evicts its
+// (k - 1) * block_size + h lowest slots, so want = n_evict * block_size slots of each head
+// decide the step (candidates past them are never taken: a head gives at most n_evict blocks;
+// they are written +inf, which leaves the selection unchanged). One warp per head, not a
+// 1024-thread block: the full bitonic sort was latency-bound on its ~66 barriers per head
+// while ~17k heads queued.
+//   kvc_sort_prefix: grid (ceil(heads / 4)), 128 threads (a warp per head), static smem 18 KB.
+//   Per head with takes_prefix: its keys ord(metric) (+inf when protected) go to the head's
+//   rows of `order` as scratch; a radix select (four 8-bit passes) finds the want-th smallest
+//   key T; the keys below T, then those equal to T in logical order, are the want lowest
+//   (metric, logical index) pairs, sorted in shared memory (bitonic) and written as
+//   order[0 .. want) with the candidates — exactly what kvc_sort_candidates writes there.
+extern "C" __global__ void __launch_bounds__(128) kvc_sort_prefix(
+    uint32_t* order,                 // [total blocks * block_size] u32 (out; scratch first)
+    float* cand,                     // [total blocks] f32 (out)
+    const float* metric,             // [num_slots] f32
+    const uint32_t* position,        // [num_slots] u32
+    const uint32_t* blocks,          // block ids; head h's table at blocks[tab[h] ..]
+    const uint32_t* tab,             // [heads] u32
+    const uint32_t* start,           // [heads + 1] u32: first output block of each head
+    const uint32_t* ctx_lens,        // [heads] u32
+    int block_size,                  // tokens per block
+    const uint32_t* first_protected, // [heads] u32
+    const uint32_t* want,            // [heads] u32: sorted slots needed
+    int heads) {                     // number of heads
+  constexpr int W = 4;
+  __shared__ uint32_t hist_s[W][256];
+  __shared__ unsigned long long sel_s[W][kvc::PREFIX_MAX];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int head = blockIdx.x * W + warp;
+  if (head >= heads) return;
+  const uint32_t len = ctx_lens[head];
+  if (!kvc::takes_prefix(want, head, len)) return;
+  const uint32_t p = want[head], protect = first_protected[head];
+  const uint32_t* table = blocks + tab[head];
+  uint32_t* keys = order + (size_t)start[head] * block_size;
+  uint32_t* hist = hist_s[warp];
+  unsigned long long* sel = sel_s[warp];
+  for (uint32_t i = lane; i < len; i += 32) {
+    const uint32_t s = kvc::slot_of(table, i, block_size);
+    keys[i] = position[s] >= protect ? kvc::ORD_INF : kvc::ord(metric[s]);
+  }
+  __syncwarp();
+  // Radix select of rank p - 1: digits from the top, among the keys matching the prefix.
+  uint32_t prefix = 0, mask = 0, rank = p - 1;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int b = lane; b < 256; b += 32) hist[b] = 0;
+    __syncwarp();
+    for (uint32_t i = lane; i < len; i += 32) {
+      const uint32_t k = keys[i];
+      if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 255u], 1u);
+    }
+    __syncwarp();
+    // Lane l owns bins 8l .. 8l + 7: the digit whose cumulative count passes `rank`.
+    uint32_t local = 0;
+    for (int b = 0; b < 8; ++b) local += hist[lane * 8 + b];
+    uint32_t incl = local;
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    const uint32_t excl = incl - local;
+    const bool mine = rank >= excl && rank < incl;
+    uint32_t digit = 0, before = 0;
+    if (mine) {
+      uint32_t c = excl;
+      for (int b = 0; b < 8; ++b) {
+        const uint32_t hb = hist[lane * 8 + b];
+        if (rank < c + hb) {
+          digit = lane * 8 + b;
+          break;
+        }
+        c += hb;
+      }
+      before = c;
+    }
+    const int owner = __ffs(__ballot_sync(0xffffffffu, mine)) - 1;
+    digit = __shfl_sync(0xffffffffu, digit, owner);
+    before = __shfl_sync(0xffffffffu, before, owner);
+    prefix |= digit << shift;
+    mask |= 255u << shift;
+    rank -= before;
+    __syncwarp();
+  }
+  // Keys below T, then the first rank + 1 keys equal to T in logical order.
+  const uint32_t T = prefix, need_eq = rank + 1;
+  uint32_t n_sel = 0, eq_seen = 0;
+  const unsigned below_me = (1u << lane) - 1;
+  for (uint32_t base = 0; base < len; base += 32) {
+    const uint32_t i = base + lane;
+    const uint32_t k = i < len ? keys[i] : 0xffffffffu;
+    const bool lt = i < len && k < T, eq = i < len && k == T;
+    const unsigned ball_eq = __ballot_sync(0xffffffffu, eq);
+    const bool take = lt || (eq && eq_seen + __popc(ball_eq & below_me) < need_eq);
+    const unsigned ball = __ballot_sync(0xffffffffu, take);
+    if (take) sel[n_sel + __popc(ball & below_me)] = ((unsigned long long)k << 32) | i;
+    n_sel += __popc(ball);
+    eq_seen += __popc(ball_eq);
+  }
+  uint32_t width = 1;
+  while (width < p) width <<= 1;
+  for (uint32_t i = p + lane; i < width; i += 32) sel[i] = ~0ull;
+  __syncwarp();
+  for (uint32_t k = 2; k <= width; k <<= 1) {
+    for (uint32_t j = k >> 1; j > 0; j >>= 1) {
+      for (uint32_t i = lane; i < width; i += 32) {
+        const uint32_t q = i ^ j;
+        if (q > i) {
+          const unsigned long long a = sel[i], b = sel[q];
+          if ((a > b) == ((i & k) == 0)) {
+            sel[i] = b;
+            sel[q] = a;
+          }
+        }
+      }
+      __syncwarp();
+    }
+  }
+  for (uint32_t i = lane; i < p; i += 32) keys[i] = (uint32_t)sel[i];
+  const uint32_t h = kvc::last_block_tokens(len, block_size);
+  const uint32_t nblocks = (len + block_size - 1) / block_size;
+  for (uint32_t j = lane; j < nblocks; j += 32) {
+    const uint32_t idx = j * block_size + h - 1;
+    const float m = idx < p ? kvc::unord((uint32_t)(sel[idx] >> 32)) : __int_as_float(0x7f800000);
     cand[start[head] + j] = isfinite(m) ? m : __int_as_float(0x7f800000);
   }
 }

@@ -878,6 +878,9 @@ fn bad_tables_are_refused_before_launch() {
 /// kept per head, anchor, and whether only every other sequence asks for it) check its picks
 /// against `kvcrush::block_picks` through the twin: ties in the median and in distances, layers
 /// with more groups than a block has threads, all groups kept, block size 64, 64 kv-heads.
+/// Cases evicting a few blocks per sequence take the prefix sort (`kvc_sort_prefix`); odd
+/// seeds pass the tables as device-resident rows (`kvcompress_evict_on_tables`), even ones
+/// uploaded back to back.
 #[test]
 fn device_eviction_step_matches_twin() {
     use kvc::compress::kvcrush::{Anchor, BlockPicks};
@@ -910,6 +913,12 @@ fn device_eviction_step_matches_twin() {
         (16, 64, 64, 300, 0.9, 17, vec![64], Some((64, 1, Anchor::Alternate, false))),
         (8, 64, 12, 100, 0.5, 18, vec![12], Some((4, 5, Anchor::Zeros, false))), // all kept
         (16, 64, 30, 3000, 1.5, 19, vec![30], Some((3, 1, Anchor::Mean, false))),
+        // A decode step's continual compression: a few blocks per sequence, so heads sort
+        // only the prefix they can give (kvc_sort_prefix; metrics full of ties).
+        (16, 64, 90, 2500, 0.004, 20, vec![9; 10], None),
+        (16, 128, 30, 3000, 0.005, 21, vec![30], None),
+        (32, 64, 24, 4000, 0.01, 22, vec![6, 6, 6, 6], None),
+        (16, 64, 45, 1200, 0.01, 23, vec![9; 5], None),
     ];
     for (bs, d, heads, max_ctx, share, seed, segments, crush) in cases {
         let mut rng = StdRng::seed_from_u64(seed);

@@ -332,7 +332,13 @@ fn decode_tables(a: &Args, ctx: usize) -> anyhow::Result<(f64, f64, f64, f64, f6
         std::hint::black_box((up(&tab)?, up(&lens)?, up(&start)?));
         on_tables.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    Ok((median(before), median(after), build, total, median(on_tables)))
+    Ok((
+        median(before),
+        median(after),
+        build,
+        total,
+        median(on_tables),
+    ))
 }
 
 fn main() -> anyhow::Result<()> {

@@ -1015,6 +1015,16 @@ fn evict_heads(
     }
     // i64 on the device (candle has no u64), read as unsigned long long by the kernel.
     let n_evict: Vec<i64> = seqs.iter().map(|s| s.n_evict as i64).collect();
+    // Sorted slots each head's step needs: n_evict blocks' worth (a head gives at most
+    // n_evict blocks), all of them with KVCrush (its median reads the whole order).
+    let mut want = Vec::with_capacity(heads);
+    for s in seqs {
+        let w = match s.crush {
+            Some(_) => u32::MAX,
+            None => u32::try_from(s.n_evict.saturating_mul(block_size)).unwrap_or(u32::MAX),
+        };
+        want.extend(std::iter::repeat_n(w, s.heads));
+    }
     let lens = Tensor::from_slice(at.lens, heads, dev)?;
     let counts = imp::kvcompress_evict(
         k_cache,
@@ -1030,6 +1040,7 @@ fn evict_heads(
             protect: &Tensor::from_slice(&protect, heads, dev)?,
             head_start: &Tensor::from_slice(&head_start, seqs.len() + 1, dev)?,
             n_evict: &Tensor::from_slice(&n_evict, seqs.len(), dev)?,
+            want: &Tensor::from_slice(&want, heads, dev)?,
             crush,
         },
         block_size,
@@ -1130,6 +1141,9 @@ struct EvictArgs<'a> {
     head_start: &'a Tensor,
     /// `[sequences]` i64: blocks to take.
     n_evict: &'a Tensor,
+    /// `[heads]` u32: sorted slots each head's step needs (`kvc_sort_prefix` takes the heads
+    /// that need fewer than they hold).
+    want: &'a Tensor,
     /// KVCrush's picks (`kvc_crush_pick` runs between the selection and the compaction).
     crush: Option<CrushArgs>,
 }
@@ -1930,9 +1944,34 @@ mod imp {
             b.arg(x);
         }
         let protect = ptr(Some(a.protect), &stream)?;
-        b.arg(&bs).arg(&protect);
+        let want_p = ptr(Some(a.want), &stream)?;
+        b.arg(&bs).arg(&protect).arg(&want_p);
         // Safety: arguments match kvc_sort_candidates; the tables were checked on the host.
         unsafe { b.launch(cfg(heads, sort_smem)) }.map_err(cu)?;
+        let prefix = func(&stream, "evict", "kvc_sort_prefix")?;
+        let mut b = stream.launch_builder(&prefix);
+        for x in [
+            &order_p,
+            &cand_p,
+            &metric_p,
+            &position_p,
+            &blocks_p,
+            &tab_p,
+            &start_p,
+            &lens_p,
+        ] {
+            b.arg(x);
+        }
+        let heads_i = heads as i32;
+        b.arg(&bs).arg(&protect).arg(&want_p).arg(&heads_i);
+        let warps = LaunchConfig {
+            grid_dim: (heads.div_ceil(4) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Safety: arguments match kvc_sort_prefix; it writes order and candidates of exactly
+        // the heads kvc_sort_candidates skipped (the same takes_prefix test on `want`).
+        unsafe { b.launch(warps) }.map_err(cu)?;
         let (counts_p, lt_p) = (ptr(Some(&counts), &stream)?, ptr(Some(&lt), &stream)?);
         let head_start = ptr(Some(a.head_start), &stream)?;
         let n_evict = ptr(Some(a.n_evict), &stream)?;
