@@ -180,9 +180,9 @@ pub struct GenerationArgs {
     /// Chat template: auto (LongBench's rule), always, never. Recorded per sample.
     #[arg(long, value_enum, default_value_t = ChatMode::Auto)]
     pub chat: ChatMode,
-    /// Prefill chunk length in tokens (memory vs speed; default 512 on the CPU, 2048 on a GPU,
-    /// where a chunk's ~30 launches per layer cost more than its arithmetic). Results do not
-    /// depend on it beyond rounding.
+    /// Prefill chunk length in tokens (memory vs speed; default 512 on the CPU; on a GPU 8192
+    /// with the flash prefill kernel (bf16/f16, head dim 64/128: its memory grows linearly
+    /// with the chunk), else 2048). Results do not depend on it beyond rounding.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub prefill_chunk: Option<u64>,
 }
@@ -454,6 +454,18 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
         chat: args.generation.chat,
         prefill_chunk: match args.generation.prefill_chunk {
             Some(c) => c as usize,
+            // The flash kernel keeps a chunk's memory linear in its length and wants many
+            // queries per launch: the whole prompt (SmolLM2's sweep on the H200: 109-111 s
+            // against 123 s at 2048). The unfused path materialises the scores: 2048.
+            None if device.is_cuda()
+                && !args.sweep.method_options.unfused_prefill
+                && crate::kvcache::cuda::prefill_attention_supported(
+                    dtype,
+                    lm.model.cfg.head_dim,
+                ) =>
+            {
+                8192
+            }
             None if device.is_cuda() => 2048,
             None => 512,
         },
