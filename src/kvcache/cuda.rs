@@ -1930,17 +1930,12 @@ mod imp {
             block_dim: (1024, 1, 1),
             shared_mem_bytes: smem as u32,
         };
+        // The two sorts' shared leading arguments (kvc_sort_candidates, kvc_sort_prefix).
+        let sort_args = [
+            order_p, cand_p, metric_p, position_p, blocks_p, tab_p, start_p, lens_p,
+        ];
         let mut b = stream.launch_builder(&sort);
-        for x in [
-            &order_p,
-            &cand_p,
-            &metric_p,
-            &position_p,
-            &blocks_p,
-            &tab_p,
-            &start_p,
-            &lens_p,
-        ] {
+        for x in &sort_args {
             b.arg(x);
         }
         let protect = ptr(Some(a.protect), &stream)?;
@@ -1950,16 +1945,7 @@ mod imp {
         unsafe { b.launch(cfg(heads, sort_smem)) }.map_err(cu)?;
         let prefix = func(&stream, "evict", "kvc_sort_prefix")?;
         let mut b = stream.launch_builder(&prefix);
-        for x in [
-            &order_p,
-            &cand_p,
-            &metric_p,
-            &position_p,
-            &blocks_p,
-            &tab_p,
-            &start_p,
-            &lens_p,
-        ] {
+        for x in &sort_args {
             b.arg(x);
         }
         let heads_i = heads as i32;

@@ -1317,6 +1317,40 @@ mod tests {
     /// compaction, `paged_decode` over the pool's tables equals `PagedCache::attend` for a
     /// decode step (outputs and probabilities), and `kvcompress_evict` equals the host plan
     /// (`select_blocks` + `head_evictions` + `BlockPool::plan_compaction`).
+    /// Key positions of `nkv` heads of `n` keys, unsorted (as after evictions), some after the
+    /// first queries of the prefill tests, the last key of head 1 padding.
+    fn unsorted_positions(nkv: usize, n: usize) -> Vec<u32> {
+        (0..nkv * n)
+            .map(|i| {
+                let (h, j) = (i / n, i % n);
+                if h == 1 && j == n - 1 {
+                    u32::MAX
+                } else {
+                    ((j * 7 + h * 3) % 15) as u32
+                }
+            })
+            .collect()
+    }
+
+    /// The candle chain's additive causal mask `[1, kv_heads, g * t, n]` from positions `kp`
+    /// `[kv_heads, n]`, every query head of a group masked alike.
+    fn group_mask(
+        kp: &candle_core::Tensor,
+        q_start: u32,
+        g: usize,
+        t: usize,
+    ) -> candle_core::Tensor {
+        let (nkv, n) = kp.dims2().unwrap();
+        crate::kvcache::causal_mask(kp, q_start as usize, t)
+            .unwrap()
+            .reshape((nkv, 1, t, n))
+            .unwrap()
+            .broadcast_as((nkv, g, t, n))
+            .unwrap()
+            .reshape((1, nkv, g * t, n))
+            .unwrap()
+    }
+
     /// The prefill softmax twin (the oracle of `kernels/prefill_softmax.cu`) computes what the
     /// candle chain of the CPU paged cache computes: scale in T, f32, causal mask from
     /// unsorted key positions with padding, softmax; probed rows are the last queries.
@@ -1327,16 +1361,7 @@ mod tests {
         let (nkv, g, t, n, q_start, probed) = (2usize, 3usize, 5usize, 13usize, 9u32, 2usize);
         let scale = 0.37f32;
         // Unsorted positions (as after evictions), some after the first queries, one padding.
-        let key_pos: Vec<u32> = (0..nkv * n)
-            .map(|i| {
-                let (h, j) = (i / n, i % n);
-                if h == 1 && j == n - 1 {
-                    u32::MAX
-                } else {
-                    ((j * 7 + h * 3) % 15) as u32
-                }
-            })
-            .collect();
+        let key_pos = unsorted_positions(nkv, n);
         let shape = SoftmaxShape {
             kv_heads: nkv,
             group: g,
@@ -1350,14 +1375,7 @@ mod tests {
                 .to_dtype(dtype)
                 .unwrap();
             let kp = Tensor::from_vec(key_pos.clone(), (nkv, n), &dev).unwrap();
-            let mask = crate::kvcache::causal_mask(&kp, q_start as usize, t)
-                .unwrap()
-                .reshape((nkv, 1, t, n))
-                .unwrap()
-                .broadcast_as((nkv, g, t, n))
-                .unwrap()
-                .reshape((1, nkv, g * t, n))
-                .unwrap();
+            let mask = group_mask(&kp, q_start, g, t);
             let scaled = (att.clone() * scale as f64)
                 .unwrap()
                 .to_dtype(DType::F32)
@@ -1430,16 +1448,7 @@ mod tests {
         let dev = Device::Cpu;
         let (nkv, g, t, n, d, q_start) = (2usize, 3usize, 5usize, 13usize, 8usize, 9u32);
         let scale = 0.37f32;
-        let key_pos: Vec<u32> = (0..nkv * n)
-            .map(|i| {
-                let (h, j) = (i / n, i % n);
-                if h == 1 && j == n - 1 {
-                    u32::MAX
-                } else {
-                    ((j * 7 + h * 3) % 15) as u32
-                }
-            })
-            .collect();
+        let key_pos = unsorted_positions(nkv, n);
         let shape = SoftmaxShape {
             kv_heads: nkv,
             group: g,
@@ -1451,14 +1460,7 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (1, nkv, n, d), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (1, nkv, n, d), &dev).unwrap();
         let kp = Tensor::from_vec(key_pos.clone(), (nkv, n), &dev).unwrap();
-        let mask = crate::kvcache::causal_mask(&kp, q_start as usize, t)
-            .unwrap()
-            .reshape((nkv, 1, t, n))
-            .unwrap()
-            .broadcast_as((nkv, g, t, n))
-            .unwrap()
-            .reshape((1, nkv, g * t, n))
-            .unwrap();
+        let mask = group_mask(&kp, q_start, g, t);
         let att = (q.matmul(&k.t().unwrap()).unwrap() * scale as f64).unwrap();
         let p = candle_nn::ops::softmax_last_dim(&att.broadcast_add(&mask).unwrap()).unwrap();
         let want: Vec<f32> = p
