@@ -837,6 +837,8 @@ pub fn prefill_attention(
 
 /// Longest head [`kvcompress_evict`] sorts in shared memory (128 KiB of keys on an H100).
 pub const EVICT_MAX_LEN: usize = 16384;
+/// Longest sorted prefix `kvc_sort_prefix` selects (`PREFIX_MAX` in kernels/evict.cu).
+const EVICT_PREFIX_MAX: usize = 512;
 
 /// KV-Compress's eviction step for one sequence on the device: [`kvcompress_evict_batch`]
 /// with one sequence owning every row of `block_tables` `[heads, max_blocks]` and `ctx_lens`
@@ -892,17 +894,8 @@ pub fn kvcompress_evict_batch(
     seqs: &[EvictSeq],
     block_size: usize,
 ) -> Result<Vec<EvictStep>> {
-    let (num_slots, d) = k_cache.dims2()?;
-    check_cache(k_cache, v_cache, d)?;
     let heads = tables.heads();
-    let seq_heads: usize = seqs.iter().map(|s| s.heads).sum();
-    if seq_heads != heads {
-        return Err(OpsError::Shape(format!(
-            "{heads} heads in the tables, {seq_heads} in the sequences"
-        ))
-        .into());
-    }
-    tables.check_disjoint(block_size, num_slots)?;
+    tables.check_disjoint(block_size, k_cache.dim(0)?)?;
     let blocks = tables.upload_blocks();
     let blocks = Tensor::from_slice(blocks, blocks.len(), k_cache.device())?;
     let heads_at = HeadsAt {
@@ -934,15 +927,11 @@ pub fn kvcompress_evict_on_tables(
     seqs: &[EvictSeq],
     block_size: usize,
 ) -> Result<Vec<EvictStep>> {
-    let d = k_cache.dim(1)?;
-    check_cache(k_cache, v_cache, d)?;
     let heads = tab.len();
-    let seq_heads: usize = seqs.iter().map(|s| s.heads).sum();
     let table_len = blocks.dims1()?;
-    if seq_heads != heads || lens.len() != heads || blocks.dtype() != DType::U32 || block_size == 0
-    {
+    if lens.len() != heads || blocks.dtype() != DType::U32 || block_size == 0 {
         return Err(OpsError::Shape(format!(
-            "{heads} table offsets, {} lengths, {seq_heads} heads in the sequences, {:?} blocks, block size {block_size}",
+            "{heads} table offsets, {} lengths, {:?} blocks, block size {block_size}",
             lens.len(),
             blocks.dtype()
         ))
@@ -980,7 +969,8 @@ struct HeadsAt<'a> {
     lens: &'a [u32],
 }
 
-/// The launches of [`kvcompress_evict_batch`] once the tables are on the device.
+/// The launches of [`kvcompress_evict_batch`] once the tables are on the device (the checks
+/// both front doors share first).
 fn evict_heads(
     k_cache: &Tensor,
     v_cache: &Tensor,
@@ -990,9 +980,16 @@ fn evict_heads(
     seqs: &[EvictSeq],
     block_size: usize,
 ) -> Result<Vec<EvictStep>> {
-    let num_slots = k_cache.dim(0)?;
+    let num_slots = check_cache(k_cache, v_cache, k_cache.dim(1)?)?;
     check_meta(Some(metric), Some(position), num_slots)?;
     let heads = at.lens.len();
+    let seq_heads: usize = seqs.iter().map(|s| s.heads).sum();
+    if seq_heads != heads {
+        return Err(OpsError::Shape(format!(
+            "{heads} heads in the tables, {seq_heads} in the sequences"
+        ))
+        .into());
+    }
     let max_len = at.lens.iter().copied().max().unwrap_or(0) as usize;
     if heads == 0 || max_len == 0 || seqs.iter().all(|s| s.n_evict == 0) {
         return Ok(split_steps(seqs, &vec![0; heads], at.lens));
@@ -1025,6 +1022,12 @@ fn evict_heads(
         };
         want.extend(std::iter::repeat_n(w, s.heads));
     }
+    // Launch each sort only when some head needs it (the kernels' own split, `takes_prefix`
+    // in kernels/evict.cu): a decode step's ~17k heads all take the prefix sort, and 17k
+    // 1024-thread blocks that return at once still cost their scheduling.
+    let prefix = |h: usize| want[h] < at.lens[h] && want[h] as usize <= EVICT_PREFIX_MAX;
+    let sort_prefix = (0..heads).any(prefix);
+    let sort_full = (0..heads).any(|h| at.lens[h] > 0 && !prefix(h));
     let lens = Tensor::from_slice(at.lens, heads, dev)?;
     let counts = imp::kvcompress_evict(
         k_cache,
@@ -1041,6 +1044,8 @@ fn evict_heads(
             head_start: &Tensor::from_slice(&head_start, seqs.len() + 1, dev)?,
             n_evict: &Tensor::from_slice(&n_evict, seqs.len(), dev)?,
             want: &Tensor::from_slice(&want, heads, dev)?,
+            sort_full,
+            sort_prefix,
             crush,
         },
         block_size,
@@ -1144,6 +1149,9 @@ struct EvictArgs<'a> {
     /// `[heads]` u32: sorted slots each head's step needs (`kvc_sort_prefix` takes the heads
     /// that need fewer than they hold).
     want: &'a Tensor,
+    /// Whether some head needs `kvc_sort_candidates` / `kvc_sort_prefix`.
+    sort_full: bool,
+    sort_prefix: bool,
     /// KVCrush's picks (`kvc_crush_pick` runs between the selection and the compaction).
     crush: Option<CrushArgs>,
 }
@@ -1934,30 +1942,34 @@ mod imp {
         let sort_args = [
             order_p, cand_p, metric_p, position_p, blocks_p, tab_p, start_p, lens_p,
         ];
-        let mut b = stream.launch_builder(&sort);
-        for x in &sort_args {
-            b.arg(x);
-        }
         let protect = ptr(Some(a.protect), &stream)?;
         let want_p = ptr(Some(a.want), &stream)?;
-        b.arg(&bs).arg(&protect).arg(&want_p);
-        // Safety: arguments match kvc_sort_candidates; the tables were checked on the host.
-        unsafe { b.launch(cfg(heads, sort_smem)) }.map_err(cu)?;
-        let prefix = func(&stream, "evict", "kvc_sort_prefix")?;
-        let mut b = stream.launch_builder(&prefix);
-        for x in &sort_args {
-            b.arg(x);
+        if a.sort_full {
+            let mut b = stream.launch_builder(&sort);
+            for x in &sort_args {
+                b.arg(x);
+            }
+            b.arg(&bs).arg(&protect).arg(&want_p);
+            // Safety: arguments match kvc_sort_candidates; the tables were checked on the host.
+            unsafe { b.launch(cfg(heads, sort_smem)) }.map_err(cu)?;
         }
-        let heads_i = heads as i32;
-        b.arg(&bs).arg(&protect).arg(&want_p).arg(&heads_i);
-        let warps = LaunchConfig {
-            grid_dim: (heads.div_ceil(4) as u32, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // Safety: arguments match kvc_sort_prefix; it writes order and candidates of exactly
-        // the heads kvc_sort_candidates skipped (the same takes_prefix test on `want`).
-        unsafe { b.launch(warps) }.map_err(cu)?;
+        if a.sort_prefix {
+            let prefix = func(&stream, "evict", "kvc_sort_prefix")?;
+            let mut b = stream.launch_builder(&prefix);
+            for x in &sort_args {
+                b.arg(x);
+            }
+            let heads_i = heads as i32;
+            b.arg(&bs).arg(&protect).arg(&want_p).arg(&heads_i);
+            let warps = LaunchConfig {
+                grid_dim: (heads.div_ceil(4) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // Safety: arguments match kvc_sort_prefix; it writes order and candidates of
+            // exactly the heads kvc_sort_candidates skipped (the same takes_prefix test).
+            unsafe { b.launch(warps) }.map_err(cu)?;
+        }
         let (counts_p, lt_p) = (ptr(Some(&counts), &stream)?, ptr(Some(&lt), &stream)?);
         let head_start = ptr(Some(a.head_start), &stream)?;
         let n_evict = ptr(Some(a.n_evict), &stream)?;

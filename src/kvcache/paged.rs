@@ -520,8 +520,8 @@ impl PagedCache {
             }
             _ => None,
         };
-        let steps = match (on_step, self.on_cuda()) {
-            (Some((tab, lens)), _) => {
+        let steps = match on_step {
+            Some((tab, lens)) => {
                 let m = self.meta.as_ref().expect("checked above");
                 let st = self.step.as_ref().expect("matched above");
                 cuda::kvcompress_evict_on_tables(
@@ -536,22 +536,22 @@ impl PagedCache {
                     bs,
                 )?
             }
-            (None, true) => {
+            None => {
                 let tables = ops::HeadTables::of_seqs(&self.pool, &ids).map_err(be)?;
-                let m = self.meta.as_ref().expect("checked above");
-                cuda::kvcompress_evict_batch(
-                    &self.k,
-                    &self.v,
-                    &m.metric,
-                    &m.position,
-                    &tables,
-                    &seqs,
-                    bs,
-                )?
-            }
-            (None, false) => {
-                let tables = ops::HeadTables::of_seqs(&self.pool, &ids).map_err(be)?;
-                self.evict_batch_twin(&tables, &seqs)?
+                if self.on_cuda() {
+                    let m = self.meta.as_ref().expect("checked above");
+                    cuda::kvcompress_evict_batch(
+                        &self.k,
+                        &self.v,
+                        &m.metric,
+                        &m.position,
+                        &tables,
+                        &seqs,
+                        bs,
+                    )?
+                } else {
+                    self.evict_batch_twin(&tables, &seqs)?
+                }
             }
         };
         for (&i, step) in batch.iter().zip(steps) {
