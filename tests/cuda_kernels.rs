@@ -847,6 +847,142 @@ fn window_score_matches_twin() {
     eprintln!("SUMMARY window_score: {n_cases} cases match the twin (max abs err {worst:.2e})");
 }
 
+/// The fused decoder-layer ops (`kernels/layer_ops.cu`) against their twins (candle's op
+/// chains, run on the same GPU) on random inputs: residual add + RMSNorm below and above 1024
+/// columns (candle's two block sizes), SiLU * up, RoPE + q/k/v split at ragged per-row
+/// positions (decode: t = 1; prefill: t > 1) for SmolLM2's and Llama-3.1-8B's head layouts.
+/// add+norm and SiLU * up follow candle's arithmetic, so they must agree to the bit; RoPE's
+/// multiply-subtract may be contracted differently, hence one unit of the dtype's last place.
+#[test]
+fn layer_ops_match_twins() {
+    use kvc::model::fused::{self, QkvHeads};
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(41);
+    let ulp = |dt: DType| match dt {
+        DType::F32 => 1e-6f32,
+        DType::F16 => 1e-3,
+        _ => 8e-3,
+    };
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        let mk = |rng: &mut StdRng, shape: &[usize], a: f32| {
+            Tensor::from_vec(rnd(rng, shape.iter().product(), a), shape, &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap()
+        };
+        for (rows, cols) in [(1, 576), (224, 576), (37, 64), (5, 4096), (3, 1000)] {
+            let x = mk(&mut rng, &[rows, 1, cols], 3.0);
+            let r = mk(&mut rng, &[rows, 1, cols], 3.0);
+            let w = mk(&mut rng, &[cols], 1.5);
+            let (s, n) = fused::add_rms_norm(&x, &r, &w, 1e-5, true).unwrap();
+            let (s2, n2) = fused::add_rms_norm_twin(&x, &r, &w, 1e-5).unwrap();
+            let (_, es) = compare(&f32s(&s), &f32s(&s2), 0.0, 0.0);
+            let (en, an) = compare(&f32s(&n), &f32s(&n2), ulp(dt), 2.0 * ulp(dt));
+            eprintln!("SUMMARY add_rms_norm {dt:?} {rows}x{cols}: sum max abs err {es}, normed max abs err {an}");
+            assert_eq!(es, 0.0, "add_rms_norm sum {dt:?} {rows}x{cols}");
+            assert!(en <= 1.0, "add_rms_norm normed {dt:?} {rows}x{cols}: {an}");
+        }
+        for (rows, inter) in [(1, 1536), (224, 1536), (300, 14336), (2, 3)] {
+            let gu = mk(&mut rng, &[rows, 1, 2 * inter], 6.0);
+            let got = fused::silu_mul(&gu, true).unwrap();
+            let want = fused::silu_mul_twin(&gu).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let (e, a) = compare(&f32s(&got), &f32s(&want), ulp(dt), 2.0 * ulp(dt));
+            eprintln!("SUMMARY silu_mul {dt:?} {rows}x{inter}: max abs err {a}");
+            assert!(e <= 1.0, "silu_mul {dt:?} {rows}x{inter}: {a}");
+        }
+        let max_pos = 4096;
+        let half_tables = |rng: &mut StdRng, d: usize| {
+            (
+                mk(rng, &[max_pos, d / 2], 1.0),
+                mk(rng, &[max_pos, d / 2], 1.0),
+            )
+        };
+        for (heads, b, t) in [
+            (
+                QkvHeads {
+                    q: 9,
+                    kv: 3,
+                    dim: 64,
+                },
+                224,
+                1,
+            ),
+            (
+                QkvHeads {
+                    q: 9,
+                    kv: 3,
+                    dim: 64,
+                },
+                1,
+                300,
+            ),
+            (
+                QkvHeads {
+                    q: 32,
+                    kv: 8,
+                    dim: 128,
+                },
+                5,
+                1,
+            ),
+            (
+                QkvHeads {
+                    q: 32,
+                    kv: 8,
+                    dim: 128,
+                },
+                3,
+                17,
+            ),
+            (
+                QkvHeads {
+                    q: 4,
+                    kv: 4,
+                    dim: 64,
+                },
+                2,
+                9,
+            ),
+        ] {
+            let (cos, sin) = half_tables(&mut rng, heads.dim);
+            let width = (heads.q + 2 * heads.kv) * heads.dim;
+            let qkv = mk(&mut rng, &[b, t, width], 4.0);
+            let pos: Vec<u32> = (0..b)
+                .map(|_| rng.random_range(0..(max_pos - t) as u32))
+                .collect();
+            let pos0 = Tensor::new(pos.as_slice(), &dev).unwrap();
+            let got = fused::rope_split_qkv(&qkv, &pos0, &cos, &sin, heads, true).unwrap();
+            let want = fused::rope_split_qkv_twin(&qkv, &pos0, &cos, &sin, heads).unwrap();
+            let mut errs = Vec::new();
+            for (g, w, what) in [
+                (&got.0, &want.0, "q"),
+                (&got.1, &want.1, "k"),
+                (&got.2, &want.2, "v"),
+            ] {
+                assert_eq!(g.dims(), w.dims(), "{what} shape");
+                // v is copied; q and k differ by a unit or two of the last place where the
+                // compiler fused a product into the subtraction differently.
+                let (e, a) = if what == "v" {
+                    let (_, a) = compare(&f32s(g), &f32s(w), 0.0, 0.0);
+                    (if a == 0.0 { 0.0 } else { f32::INFINITY }, a)
+                } else {
+                    compare(&f32s(g), &f32s(w), 2.0 * ulp(dt), 4.0 * ulp(dt))
+                };
+                assert!(
+                    e <= 1.0,
+                    "rope_split_qkv {what} {dt:?} {heads:?} b={b} t={t}: {a}"
+                );
+                errs.push(a);
+            }
+            eprintln!(
+                "SUMMARY rope_split_qkv {dt:?} {heads:?} b={b} t={t}: max abs err q {} k {} v {}",
+                errs[0], errs[1], errs[2]
+            );
+        }
+    }
+}
+
 #[test]
 fn bad_tables_are_refused_before_launch() {
     let dev = gpu();

@@ -99,7 +99,7 @@ fn time(
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let dev = Device::new_cuda(0)?;
+    let dev = kvc::kvcache::cuda::open_device(0)?;
     let Device::Cuda(cd) = &dev else {
         anyhow::bail!("not a CUDA device")
     };

@@ -417,6 +417,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
     let resolved = args.model.resolve()?;
     let t_load = Instant::now();
     let mut lm = crate::model::load(&resolved, &device, dtype)?;
+    lm.model.fused = !args.model.unfused_layers;
     note(&format!(
         "model: {} loaded in {:.1}s on {:?} ({:?})",
         lm.name,

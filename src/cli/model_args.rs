@@ -20,6 +20,11 @@ pub struct ModelArgs {
     /// weights are dequantized to it at load.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// On a GPU, run each layer's residual add + RMSNorm, SiLU * up and RoPE as candle op
+    /// chains instead of kvc's fused kernels (`kernels/layer_ops.cu`): the A/B reference for
+    /// benchmarks. Same results up to rounding.
+    #[arg(long)]
+    pub unfused_layers: bool,
 }
 
 impl ModelArgs {
@@ -50,14 +55,16 @@ impl ModelArgs {
         let device = self.device()?;
         let dtype = self.dtype(&device)?;
         let resolved = self.resolve()?;
-        Ok(model::load(&resolved, &device, dtype)?)
+        let mut lm = model::load(&resolved, &device, dtype)?;
+        lm.model.fused = !self.unfused_layers;
+        Ok(lm)
     }
 }
 
 /// cuda:0 when built with CUDA and a device opens, else the CPU.
 pub fn default_device() -> Device {
     #[cfg(feature = "cuda")]
-    if let Ok(d) = Device::new_cuda(0) {
+    if let Ok(d) = crate::kvcache::cuda::open_device(0) {
         return d;
     }
     Device::Cpu

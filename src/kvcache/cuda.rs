@@ -49,6 +49,21 @@ pub fn device_memory(device: &Device) -> Result<Option<(u64, u64)>> {
     imp::device_memory(device)
 }
 
+/// Open CUDA device `ordinal` for kvc: candle's device, with
+/// - the device's stream-ordered memory pool told to keep freed memory
+///   (`CU_MEMPOOL_ATTR_RELEASE_THRESHOLD` = max). candle allocates every op's output with
+///   `cuMemAllocAsync` and frees it with `cuMemFreeAsync`; with the default threshold of 0 the
+///   pool hands all free memory back to the OS at every synchronisation (a decode step has
+///   several), so the next step's allocations map fresh pages again, a host cost that grows
+///   with the batch's activations and scratch;
+/// - cudarc's per-allocation event tracking off (two CUDA events created and destroyed per
+///   tensor): kvc runs all work on candle's one stream, where the events are never used.
+///
+/// Errors name the device. Without the `cuda` feature: [`OpsError::NoCuda`].
+pub fn open_device(ordinal: usize) -> Result<Device> {
+    imp::open_device(ordinal)
+}
+
 /// Whether [`paged_decode`] supports this dtype / head dim / group (and the build has CUDA).
 pub fn decode_supported(dtype: DType, head_dim: usize, group: usize) -> bool {
     available()
@@ -1180,6 +1195,10 @@ mod imp {
         Ok(None)
     }
 
+    pub fn open_device(_: usize) -> Result<Device> {
+        Err(OpsError::NoCuda.into())
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn write_kv(
         _: &Tensor,
@@ -1300,6 +1319,13 @@ mod imp {
     }
 }
 
+/// Kernel loading and launch helpers for the other kernel families' wrappers
+/// ([`crate::model::fused`]).
+#[cfg(feature = "cuda")]
+pub(crate) mod launch {
+    pub(crate) use super::imp::{cu, device, dtype_name, func, grid_1d, ptr};
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
     //! Module loading and launches through cudarc on candle's stream.
@@ -1323,6 +1349,36 @@ mod imp {
         }
     }
 
+    pub fn open_device(ordinal: usize) -> Result<Device> {
+        use cudarc::driver::{result, sys};
+        let device = Device::new_cuda(ordinal)?;
+        let Device::Cuda(d) = &device else {
+            unreachable!("new_cuda returns a CUDA device")
+        };
+        // Safety: kvc launches everything on candle's one stream, so no allocation needs the
+        // events that order a buffer's use across streams.
+        unsafe { d.disable_event_tracking() };
+        let ctx = d.cuda_stream().context().clone();
+        ctx.bind_to_thread().map_err(cu)?;
+        // Safety: the device handle comes from the live context; the attribute takes a u64.
+        unsafe {
+            let pool = result::device::get_mem_pool(ctx.cu_device())
+                .map_err(|e| cu(format!("cuda:{ordinal}: memory pool: {e}")))?;
+            let mut keep = u64::MAX;
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut keep as *mut u64 as *mut std::ffi::c_void,
+            )
+            .map_err(|e| {
+                cu(format!(
+                    "cuda:{ordinal}: memory pool release threshold: {e}"
+                ))
+            })?;
+        }
+        Ok(device)
+    }
+
     static PAGED_ATTENTION: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/paged_attention.fatbin"));
     static KV_CACHE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kv_cache.fatbin"));
@@ -1332,18 +1388,24 @@ mod imp {
     static PREFILL_ATTENTION: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/prefill_attention.fatbin"));
     static SCORE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/score.fatbin"));
+    static LAYER_OPS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/layer_ops.fatbin"));
 
     type FuncCache = HashMap<(usize, String), CudaFunction>;
     type ModCache = HashMap<(usize, &'static str), Arc<cudarc::driver::CudaModule>>;
     static FUNCS: OnceLock<Mutex<(ModCache, FuncCache)>> = OnceLock::new();
 
-    fn cu(e: impl std::fmt::Display) -> candle_core::Error {
+    pub(crate) fn cu(e: impl std::fmt::Display) -> candle_core::Error {
         OpsError::Cuda(e.to_string()).into()
     }
 
     /// `name` from module `module` ("paged_attention" | "kv_cache" | "evict" |
-    /// "prefill_softmax" | "prefill_attention" | "score"), loaded once per context.
-    fn func(stream: &Arc<CudaStream>, module: &'static str, name: &str) -> Result<CudaFunction> {
+    /// "prefill_softmax" | "prefill_attention" | "score" | "layer_ops"), loaded once per
+    /// context.
+    pub(crate) fn func(
+        stream: &Arc<CudaStream>,
+        module: &'static str,
+        name: &str,
+    ) -> Result<CudaFunction> {
         let ctx = stream.context();
         let key = Arc::as_ptr(ctx) as usize;
         let mut g = FUNCS
@@ -1362,6 +1424,7 @@ mod imp {
                     "prefill_softmax" => PREFILL_SOFTMAX,
                     "prefill_attention" => PREFILL_ATTENTION,
                     "score" => SCORE,
+                    "layer_ops" => LAYER_OPS,
                     _ => KV_CACHE,
                 };
                 let m = ctx
@@ -1378,7 +1441,7 @@ mod imp {
         Ok(f)
     }
 
-    fn device(t: &Tensor) -> Result<CudaDevice> {
+    pub(crate) fn device(t: &Tensor) -> Result<CudaDevice> {
         match t.device() {
             Device::Cuda(d) => Ok(d.clone()),
             d => Err(OpsError::Shape(format!("expected a CUDA tensor, got one on {d:?}")).into()),
@@ -1387,7 +1450,7 @@ mod imp {
 
     /// Device address of a contiguous CUDA tensor's first element (0 for `None`). The caller
     /// keeps the tensor alive until the launch is queued; candle frees stream-ordered.
-    fn ptr(t: Option<&Tensor>, stream: &CudaStream) -> Result<u64> {
+    pub(crate) fn ptr(t: Option<&Tensor>, stream: &CudaStream) -> Result<u64> {
         let Some(t) = t else { return Ok(0) };
         let (st, l) = t.storage_and_layout();
         if !l.is_contiguous() {
@@ -1408,7 +1471,7 @@ mod imp {
         Ok(base + (l.start_offset() * t.dtype().size_in_bytes()) as u64)
     }
 
-    fn dtype_name(dt: DType) -> Result<&'static str> {
+    pub(crate) fn dtype_name(dt: DType) -> Result<&'static str> {
         Ok(match dt {
             DType::F32 => "f32",
             DType::BF16 => "bf16",
@@ -1421,7 +1484,7 @@ mod imp {
         })
     }
 
-    fn grid_1d(n: usize) -> Result<LaunchConfig> {
+    pub(crate) fn grid_1d(n: usize) -> Result<LaunchConfig> {
         let blocks = n.div_ceil(256);
         if blocks > u32::MAX as usize {
             return Err(OpsError::Shape(format!("{n} elements is too many")).into());

@@ -34,6 +34,9 @@
 use candle_core::{DType, Device, Result, Tensor};
 use std::collections::BTreeMap;
 
+/// Granularity of the decode scratch's stride when no probabilities are asked for (tokens).
+const SCRATCH_STRIDE_STEP: usize = 1024;
+
 use super::blocks::{BlockCopy, BlockError, BlockPool, EvictionPlan, MemoryLayout, MemoryReport};
 use super::cuda::{self, DeviceTables};
 use super::ops::{self, DecodeShape, SoftmaxShape};
@@ -956,11 +959,13 @@ impl PagedCache {
         )?;
         let want = call.probe != Probe::None;
         // Probabilities asked for come back as wide as the layer's longest head; otherwise
-        // one stride for every layer of the step, so that they share one scratch.
+        // one stride for every layer of the step, rounded up so that the scratch serves the
+        // steps until the longest head grows past it (a new one each step re-filled
+        // `batch * heads * stride` f32 and four tensors per step).
         let stride = if want {
             views.max_len
         } else {
-            step.tables.max_len()
+            step.tables.max_len().next_multiple_of(SCRATCH_STRIDE_STEP)
         }
         .max(1);
         let shape = DecodeShape {

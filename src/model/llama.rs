@@ -9,6 +9,7 @@ use candle_nn::Linear;
 
 use crate::kvcache::{AttnCall, CacheBackend, Probe, SeqId};
 use crate::model::config::Config;
+use crate::model::fused::{self, QkvHeads};
 use crate::model::weights::WeightSource;
 use crate::model::ModelError;
 
@@ -23,15 +24,16 @@ impl RmsNorm {
     }
 }
 
+/// One decoder layer. The q/k/v projections are merged at load into one `[q + 2 kv heads *
+/// head_dim, hidden]` weight (rows: q_proj's, k_proj's, v_proj's), and gate/up into one
+/// `[2 * intermediate, hidden]` (gate_proj's rows first): one matmul each instead of three and
+/// two (see [`super::fused`]).
 struct Layer {
     input_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: Linear,
     o: Linear,
     post_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
+    gate_up: Linear,
     down: Linear,
 }
 
@@ -94,14 +96,6 @@ impl Rope {
         self.sin = freqs.sin()?.to_dtype(self.dtype)?;
         Ok(())
     }
-
-    /// Rotate `x` `[b, h, t, d]` whose tokens sit at positions `start..start + t`.
-    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let t = x.dim(2)?;
-        let cos = self.cos.narrow(0, start, t)?;
-        let sin = self.sin.narrow(0, start, t)?;
-        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
-    }
 }
 
 /// A loaded llama-family model.
@@ -114,6 +108,9 @@ pub struct Llama {
     rope: Rope,
     pub dtype: DType,
     pub device: Device,
+    /// Run the layers' fused kernels on a GPU ([`super::fused`]); `false` runs their twins,
+    /// candle's op chains (`kvc eval --unfused-layers`, for A/B measurements).
+    pub fused: bool,
 }
 
 impl Llama {
@@ -132,6 +129,7 @@ impl Llama {
         let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         let eps = cfg.rms_norm_eps as f32;
+        let merged = |parts: &[Tensor]| Tensor::cat(parts, 0).map_err(ModelError::Candle);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let lin = |w: Tensor| Linear::new(w, None);
@@ -140,16 +138,20 @@ impl Llama {
                     weight: get(&format!("{p}.input_layernorm.weight"), &[h])?,
                     eps,
                 },
-                q: lin(get(&format!("{p}.self_attn.q_proj.weight"), &[qd, h])?),
-                k: lin(get(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h])?),
-                v: lin(get(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h])?),
+                qkv: lin(merged(&[
+                    get(&format!("{p}.self_attn.q_proj.weight"), &[qd, h])?,
+                    get(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h])?,
+                    get(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h])?,
+                ])?),
                 o: lin(get(&format!("{p}.self_attn.o_proj.weight"), &[h, qd])?),
                 post_norm: RmsNorm {
                     weight: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                     eps,
                 },
-                gate: lin(get(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?),
-                up: lin(get(&format!("{p}.mlp.up_proj.weight"), &[i, h])?),
+                gate_up: lin(merged(&[
+                    get(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?,
+                    get(&format!("{p}.mlp.up_proj.weight"), &[i, h])?,
+                ])?),
                 down: lin(get(&format!("{p}.mlp.down_proj.weight"), &[h, i])?),
             });
         }
@@ -172,6 +174,7 @@ impl Llama {
             rope,
             dtype,
             device: device.clone(),
+            fused: true,
         })
     }
 
@@ -192,8 +195,8 @@ impl Llama {
         self.rope.ensure(start + t, &self.device)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?; // [1, t, hidden]
-        let rope = |x: &Tensor| self.rope.apply(x, start);
-        let x = self.layers_forward(x, &[seq], &rope, cache, probe, observe)?;
+        let pos0 = Tensor::new(&[start as u32], &self.device)?;
+        let x = self.layers_forward(x, &[seq], &pos0, cache, probe, observe)?;
         let last = x.narrow(1, t - 1, 1)?;
         let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
         logits.squeeze(0)?.squeeze(0)?.to_dtype(DType::F32)
@@ -229,8 +232,8 @@ impl Llama {
         let flat: Vec<u32> = tokens.iter().flat_map(|r| r.iter().copied()).collect();
         let ids = Tensor::new(flat.as_slice(), &self.device)?;
         let x = self.embed.index_select(&ids, 0)?.reshape((b, t, ()))?; // [B, t, hidden]
-        let rope = |x: &Tensor| self.rope.apply(x, start);
-        let x = self.layers_forward(x, seqs, &rope, cache, probe, observe)?;
+        let pos0 = Tensor::new(vec![start as u32; b], &self.device)?;
+        let x = self.layers_forward(x, seqs, &pos0, cache, probe, observe)?;
         let last = x.narrow(1, t - 1, 1)?.contiguous()?; // strided when B > 1
         let logits = self.lm_head.forward(&self.norm.forward(&last)?)?; // [B, 1, vocab]
         logits
@@ -260,66 +263,46 @@ impl Llama {
         self.rope.ensure(max + 1, &self.device)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let x = self.embed.index_select(&ids, 0)?.unsqueeze(1)?; // [B, 1, hidden]
-        let pos_t = Tensor::new(pos.as_slice(), &self.device)?;
-        let half = self.cfg.head_dim / 2;
-        // Per-sequence rows of the rotary tables: [B, 1, head_dim/2].
-        let cos = self
-            .rope
-            .cos
-            .index_select(&pos_t, 0)?
-            .reshape((b, 1, half))?;
-        let sin = self
-            .rope
-            .sin
-            .index_select(&pos_t, 0)?
-            .reshape((b, 1, half))?;
-        let rope = |x: &Tensor| candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin);
-        let x = self.layers_forward(x, seqs, &rope, cache, probe, observe)?;
+        let pos0 = Tensor::new(pos.as_slice(), &self.device)?;
+        let x = self.layers_forward(x, seqs, &pos0, cache, probe, observe)?;
         let logits = self.lm_head.forward(&self.norm.forward(&x)?)?; // [B, 1, vocab]
         logits
             .reshape((b, self.cfg.vocab_size))?
             .to_dtype(DType::F32)
     }
 
-    /// The decoder layers over `x` `[b, t, hidden]` (row `i` belongs to `seqs[i]`); `rope`
-    /// rotates `[b, heads, t, head_dim]` at the rows' positions.
+    /// The decoder layers over `x` `[b, t, hidden]` (row `i` belongs to `seqs[i]`, its first
+    /// token at position `pos0[i]`, `[b]` u32). Returns the last layer's residual stream.
+    ///
+    /// Per layer: merged q/k/v matmul, RoPE + split, attention (the backend), o matmul, residual
+    /// add + post-attention norm, merged gate/up matmul, SiLU * up, down matmul, and the
+    /// residual add fused with the next layer's input norm ([`super::fused`]).
     fn layers_forward(
         &self,
-        mut x: Tensor,
+        x: Tensor,
         seqs: &[SeqId],
-        rope: &dyn Fn(&Tensor) -> Result<Tensor>,
+        pos0: &Tensor,
         cache: &mut dyn CacheBackend,
         probe: Probe,
         observe: &mut dyn FnMut(usize, &Tensor, &dyn CacheBackend) -> Result<()>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim,
-        );
-        let scale = 1.0 / (hd as f64).sqrt();
+        let heads = QkvHeads {
+            q: self.cfg.num_attention_heads,
+            kv: self.cfg.num_key_value_heads,
+            dim: self.cfg.head_dim,
+        };
+        let fused = self.fused;
+        let scale = 1.0 / (heads.dim as f64).sqrt();
+        let Some(first) = self.layers.first() else {
+            return Ok(x);
+        };
+        let mut hs = first.input_norm.forward(&x)?;
+        let mut x = x;
         for (l, layer) in self.layers.iter().enumerate() {
-            let residual = &x;
-            let hs = layer.input_norm.forward(&x)?;
-            let q = layer
-                .q
-                .forward(&hs)?
-                .reshape((b, t, nh, hd))?
-                .transpose(1, 2)?;
-            let k = layer
-                .k
-                .forward(&hs)?
-                .reshape((b, t, nkv, hd))?
-                .transpose(1, 2)?;
-            let v = layer
-                .v
-                .forward(&hs)?
-                .reshape((b, t, nkv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let q = rope(&q)?;
-            let k = rope(&k)?;
+            let qkv = layer.qkv.forward(&hs)?;
+            let (q, k, v) =
+                fused::rope_split_qkv(&qkv, pos0, &self.rope.cos, &self.rope.sin, heads, fused)?;
             let out = cache.attend(AttnCall {
                 layer: l,
                 seqs,
@@ -332,13 +315,23 @@ impl Llama {
             if let Some(p) = &out.probs {
                 observe(l, p, &*cache)?;
             }
-            let attn = out.out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-            let x1 = (residual + layer.o.forward(&attn)?)?;
-            let hs = layer.post_norm.forward(&x1)?;
-            let mlp = layer.down.forward(
-                &(candle_nn::ops::silu(&layer.gate.forward(&hs)?)? * layer.up.forward(&hs)?)?,
-            )?;
-            x = (x1 + mlp)?;
+            let attn = out
+                .out
+                .transpose(1, 2)?
+                .reshape((b, t, heads.q * heads.dim))?;
+            let post = &layer.post_norm;
+            let (x1, h1) =
+                fused::add_rms_norm(&x, &layer.o.forward(&attn)?, &post.weight, post.eps, fused)?;
+            let mlp = layer
+                .down
+                .forward(&fused::silu_mul(&layer.gate_up.forward(&h1)?, fused)?)?;
+            match self.layers.get(l + 1) {
+                Some(next) => {
+                    let n = &next.input_norm;
+                    (x, hs) = fused::add_rms_norm(&x1, &mlp, &n.weight, n.eps, fused)?;
+                }
+                None => x = (x1 + mlp)?,
+            }
         }
         Ok(x)
     }

@@ -4,6 +4,7 @@
 pub mod chat;
 pub mod config;
 pub mod conformance;
+pub mod fused;
 pub mod llama;
 pub mod tiny;
 pub mod tokenizer;
@@ -148,7 +149,8 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
                     "this kvc was built without CUDA: rebuild with `cargo build --release --features cuda` (see README, \"GPU\") or use --device cpu"
                 );
             }
-            Device::new_cuda(ord).map_err(|e| anyhow::anyhow!("cannot open {s}: {e}"))
+            crate::kvcache::cuda::open_device(ord)
+                .map_err(|e| anyhow::anyhow!("cannot open {s}: {e}"))
         }
         other => anyhow::bail!("unknown device {other:?}: use cpu, cuda or cuda:N"),
     }
