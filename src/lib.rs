@@ -10,6 +10,7 @@
 //! - [`data`]: LongBench task table, readers, prompt building and truncation.
 //! - [`eval`]: LongBench metrics (exactly as the official scorer) and scoring.
 //! - [`report`]: CSV writers, plots, regression comparison.
+//! - [`profile`]: the opt-in phase profile of the GPU forward (`KVC_PROFILE=1`).
 //! - [`cli`]: clap argument structs and the subcommand runners.
 
 pub mod bench;
@@ -21,5 +22,6 @@ pub mod eval;
 pub mod hub;
 pub mod kvcache;
 pub mod model;
+pub mod profile;
 pub mod report;
 pub mod util;

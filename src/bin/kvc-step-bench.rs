@@ -288,7 +288,7 @@ fn decode_tables(a: &Args, ctx: usize) -> anyhow::Result<(f64, f64, f64, f64, f6
         let with_pos: Vec<(SeqId, u32)> = seqs.iter().map(|&s| (s, (ctx + step) as u32)).collect();
         let positions: Vec<u32> = with_pos.iter().map(|p| p.1).collect();
         let app = pool.append_step(&with_pos)?;
-        if !tables.follow(&pool, &app, &positions, &[])? {
+        if !tables.follow(&pool, &app, &positions, &[], &[])? {
             tables = StepTables::build(&pool, &seqs, &dev)?;
             tables.start_step(&app, &positions)?;
         }

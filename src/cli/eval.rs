@@ -799,6 +799,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
         }
     }
     emit_stdout(&out)?;
+    if crate::profile::enabled() {
+        eprint!("{}", crate::profile::report());
+    }
     Ok(if n_failed > 0 {
         Status::Failed
     } else {

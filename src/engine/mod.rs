@@ -598,14 +598,17 @@ pub fn decode_batch(
             forward_then_observe(model, cache, &tokens, &batch, probe, &mut times, &mut score)?
         };
         times.steps += 1;
+        let mut clock = crate::profile::start(&model.device);
         let t = Instant::now();
         step_compression(cache, seqs, hooks, &live)?;
         times.compress_ms += ms_since(t);
+        crate::profile::mark(&model.device, &mut clock, "decode.compress");
         let t = Instant::now();
         for (tok, &i) in Llama::argmax_rows(&logits)?.into_iter().zip(&live) {
             next[i] = tok;
         }
         times.sample_ms += ms_since(t);
+        crate::profile::mark(&model.device, &mut clock, "decode.sample");
     }
     Ok(done
         .into_iter()

@@ -487,6 +487,45 @@ impl BlockPool {
         Ok(c.freed.len())
     }
 
+    /// Shorten every head of `seq` whose `new_lens` entry (`[layers * kv_heads]`, (layer,
+    /// kv-head) order) is below its length, as [`Self::truncate`] does one head: one table
+    /// lookup and no allocation for the whole sequence (a device eviction step shrinks a few
+    /// heads of each of ~200 sequences). Heads whose entry is not shorter are left alone.
+    /// Returns the tokens evicted and the blocks freed. Errors (an unknown sequence, a wrong
+    /// count) change nothing.
+    pub fn truncate_heads(
+        &mut self,
+        seq: SeqId,
+        new_lens: &[u32],
+    ) -> Result<(usize, usize), BlockError> {
+        let (nl, nkv, bs) = (self.layers, self.kv_heads, self.block_size);
+        if new_lens.len() != nl * nkv {
+            return Err(BlockError::BadLength {
+                what: "new lengths (layers x kv-heads)",
+                got: new_lens.len(),
+                len: nl * nkv,
+            });
+        }
+        let t = self.seqs.get_mut(&seq).ok_or(BlockError::UnknownSeq(seq))?;
+        let (mut evicted, mut freed) = (0, 0);
+        for l in 0..nl {
+            for h in 0..nkv {
+                let (len, new_len) = (t.len[l][h], new_lens[l * nkv + h] as usize);
+                if new_len >= len {
+                    continue;
+                }
+                let blocks = &mut t.blocks[l][h];
+                let keep = new_len.div_ceil(bs);
+                freed += blocks.len() - keep;
+                evicted += len - new_len;
+                // The same order as `apply`: the freed blocks go back last first.
+                self.free.extend(blocks.drain(keep..).rev());
+                t.len[l][h] = new_len;
+            }
+        }
+        Ok((evicted, freed))
+    }
+
     /// Add `delta[i]` to the metric of logical slot `i` (a prefix of the head's slots).
     pub fn add_metric(
         &mut self,
@@ -734,6 +773,57 @@ impl BlockPool {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    /// `truncate_heads` leaves the pool exactly as one `truncate` per shortened head (tables,
+    /// lengths, the free list's order), ignores entries that are not shorter, and refuses a
+    /// wrong count or an unknown sequence without changing anything.
+    #[test]
+    fn truncate_heads_equals_truncate_per_head() {
+        let mut p = BlockPool::new(2, 3, 4, 40).unwrap();
+        for s in [1, 2] {
+            p.add_seq(s).unwrap();
+            for l in 0..2 {
+                for h in 0..3 {
+                    let n = 3 + 5 * l + 4 * h + s;
+                    p.append(l, s, h, &(0..n as u32).collect::<Vec<_>>())
+                        .unwrap();
+                }
+            }
+        }
+        let mut oracle = p.clone();
+        // (layer, head) order: shorten some heads, keep others, one entry longer than its head.
+        let lens: Vec<u32> = (0..6)
+            .map(|j| {
+                let (l, h) = (j / 3, j % 3);
+                let len = p.len(l, 2, h).unwrap() as u32;
+                match j {
+                    0 => 0,
+                    2 => len - 5,
+                    3 => len + 7,
+                    4 => len - 1,
+                    _ => len,
+                }
+            })
+            .collect();
+        let (mut evicted, mut freed) = (0, 0);
+        for (j, &want) in lens.iter().enumerate() {
+            let (l, h, want) = (j / 3, j % 3, want as usize);
+            let len = oracle.len(l, 2, h).unwrap();
+            if want < len {
+                evicted += len - want;
+                freed += oracle.truncate(l, 2, h, want).unwrap();
+            }
+        }
+        assert_eq!(p.truncate_heads(2, &lens).unwrap(), (evicted, freed));
+        assert!(evicted > 0 && freed > 0);
+        assert_eq!(p.table(2).unwrap().blocks, oracle.table(2).unwrap().blocks);
+        assert_eq!(p.table(2).unwrap().len, oracle.table(2).unwrap().len);
+        assert_eq!(p.free, oracle.free);
+        p.check().unwrap();
+        assert!(p.truncate_heads(2, &lens[..5]).is_err());
+        assert!(p.truncate_heads(9, &lens).is_err());
+        assert_eq!(p.free, oracle.free);
+    }
 
     #[test]
     fn append_allocates_blocks_lazily_and_remove_frees_them() {

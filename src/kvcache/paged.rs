@@ -117,6 +117,11 @@ pub struct PagedCache {
     /// Sequences whose tables changed since the last decode step other than by its appends
     /// (evictions, prompt appends): the next step refreshes their rows.
     changed: std::collections::BTreeSet<SeqId>,
+    /// Sequences whose tables only lost tail blocks since the last decode step (the device
+    /// eviction compacts within a head and truncates it): the next step takes their rows'
+    /// lengths from the pool without comparing their blocks (a diff of every block of ~200
+    /// sequences was most of a SmolLM2 step's host time).
+    shrunk: std::collections::BTreeSet<SeqId>,
 }
 
 /// The decode step in progress on CUDA (see [`StepTables`]).
@@ -195,6 +200,7 @@ impl PagedCache {
             flash_prefill: true,
             step: None,
             changed: Default::default(),
+            shrunk: Default::default(),
             spec,
         })
     }
@@ -230,6 +236,7 @@ impl PagedCache {
             flash_prefill: self.flash_prefill,
             step: None,
             changed: Default::default(),
+            shrunk: Default::default(),
         })
     }
 
@@ -473,6 +480,8 @@ impl PagedCache {
     /// with the same selection.
     pub fn evict_on_device(&mut self, reqs: &[DeviceEvict]) -> Result<Vec<EvictStats>> {
         use crate::compress::kvcompress::plan_from_meta;
+        let dev = self.spec.device.clone();
+        let mut clock = crate::profile::start(&dev);
         self.run_pending()?;
         let (layers, nkv, bs) = (self.spec.layers, self.spec.kv_heads, self.spec.block_size);
         let mut stats = vec![EvictStats::default(); reqs.len()];
@@ -517,8 +526,14 @@ impl PagedCache {
             .collect();
         // The decode batch's device tables when they hold every one of these sequences as the
         // pool does (none changed since the step); else the pool's, gathered and uploaded.
+        crate::profile::mark(&dev, &mut clock, "compress/evict.prepare");
         let on_step = match &self.step {
-            Some(st) if self.on_cuda() && ids.iter().all(|s| !self.changed.contains(s)) => {
+            Some(st)
+                if self.on_cuda()
+                    && ids
+                        .iter()
+                        .all(|s| !self.changed.contains(s) && !self.shrunk.contains(s)) =>
+            {
                 st.tables.heads_of(&ids)
             }
             _ => None,
@@ -557,28 +572,17 @@ impl PagedCache {
                 }
             }
         };
+        crate::profile::mark(&dev, &mut clock, "compress/evict.kernels+counts");
         for (&i, step) in batch.iter().zip(steps) {
             let seq = reqs[i].seq;
-            // The heads that shrank, from one table lookup (a step evicts from a few heads of
-            // each of ~200 sequences: a lookup per head was 17k per step).
-            let lens = &self.pool.table(seq).map_err(be)?.len;
-            let shrunk: Vec<(usize, usize, usize)> = step
-                .new_lens
-                .iter()
-                .enumerate()
-                .filter_map(|(j, &n)| {
-                    let (l, h) = (j / nkv, j % nkv);
-                    let old = lens[l][h];
-                    ((n as usize) < old).then_some((l, h, old))
-                })
-                .collect();
-            for (l, h, old) in shrunk {
-                let new_len = step.new_lens[l * nkv + h] as usize;
-                self.changed.insert(seq);
-                stats[i].evicted += old - new_len;
-                stats[i].freed_blocks += self.pool.truncate(l, seq, h, new_len).map_err(be)?;
+            let (evicted, freed) = self.pool.truncate_heads(seq, &step.new_lens).map_err(be)?;
+            if evicted > 0 {
+                self.shrunk.insert(seq);
             }
+            stats[i].evicted += evicted;
+            stats[i].freed_blocks += freed;
         }
+        crate::profile::mark(&dev, &mut clock, "compress/evict.pool_update");
         Ok(stats)
     }
 
@@ -933,7 +937,9 @@ impl PagedCache {
             );
         }
         if call.layer == 0 {
+            let mut clock = crate::profile::start(&self.spec.device);
             self.begin_decode_step(call.seqs)?;
+            crate::profile::mark(&self.spec.device, &mut clock, "decode.attend/step_tables");
         }
         let step = match &mut self.step {
             Some(s) if s.next_layer == call.layer && s.tables.matches(call.seqs) => s,
@@ -1055,11 +1061,16 @@ impl PagedCache {
                 let changed: Vec<usize> = (0..seqs.len())
                     .filter(|&i| self.changed.contains(&seqs[i]))
                     .collect();
-                s.tables.follow(&self.pool, &app, &positions, &changed)?
+                let shrunk: Vec<usize> = (0..seqs.len())
+                    .filter(|&i| self.shrunk.contains(&seqs[i]) && !self.changed.contains(&seqs[i]))
+                    .collect();
+                s.tables
+                    .follow(&self.pool, &app, &positions, &changed, &shrunk)?
             }
             _ => false,
         };
         self.changed.clear();
+        self.shrunk.clear();
         let step = if followed {
             step.expect("followed")
         } else {

@@ -130,16 +130,20 @@ impl StepTables {
     }
 
     /// Follow the step `app` (just done on `pool` for this batch, at `positions[i]` for
-    /// sequence `i`) and the sequences `changed` (indices into the batch) whose tables the pool
-    /// changed otherwise since the last step (evictions): scatter the block ids appended or
-    /// changed and upload the step. Returns `false`, changing nothing, when a row outgrew its
-    /// room: the caller rebuilds.
+    /// sequence `i`), the sequences `changed` (indices into the batch) whose tables the pool
+    /// changed otherwise since the last step (host evictions, prompt appends), and the
+    /// sequences `shrunk` whose tables only lost tail blocks since then (device evictions,
+    /// [`BlockPool::truncate`]; not also in `changed`): scatter the block ids appended or
+    /// changed, take the shrunk rows' lengths (their remaining blocks are a prefix of what the
+    /// device holds, so no block is compared), and upload the step. Returns `false`, changing
+    /// nothing, when a row outgrew its room: the caller rebuilds.
     pub fn follow(
         &mut self,
         pool: &BlockPool,
         app: &StepAppend,
         positions: &[u32],
         changed: &[usize],
+        shrunk: &[usize],
     ) -> Result<bool> {
         if app.slots.len() != self.rows() {
             candle_core::bail!(
@@ -192,6 +196,20 @@ impl StepTables {
                             val.push(b);
                         }
                     }
+                }
+            }
+        }
+        for &i in shrunk {
+            let t = pool.table(self.seqs[i]).map_err(candle_core::Error::wrap)?;
+            for l in 0..self.layers {
+                for h in 0..self.kv_heads {
+                    let row = (l * n + i) * self.kv_heads + h;
+                    lens[row] = t.len[l][h] as u32;
+                    debug_assert_eq!(
+                        &self.host[self.start[row] as usize..][..t.blocks[l][h].len()],
+                        &t.blocks[l][h][..],
+                        "row {row} of a shrunk sequence is not a prefix of its device row"
+                    );
                 }
             }
         }
@@ -435,15 +453,29 @@ mod tests {
         let mut tables = StepTables::build(&pool, &seqs, &dev).unwrap();
         let (mut followed, mut rebuilt) = (0, 0);
         for step in 0..40u32 {
-            let mut changed = Vec::new();
-            if step % 7 == 3 {
-                // Evict from seq index 1: shorten two heads (as a compaction does).
+            let (mut changed, mut shrunk) = (Vec::new(), Vec::new());
+            if step % 7 == 3 || step % 5 == 1 {
+                // Evict from seq index 1: shorten two heads (as a compaction does). Followed
+                // as a shrink (lengths only) or, every seventh step, as a change (a diff).
                 let s = seqs[1];
                 for (l, h) in [(0, 1), (1, 2)] {
                     let len = pool.len(l, s, h).unwrap();
                     pool.truncate(l, s, h, len / 2).unwrap();
                 }
-                changed.push(1);
+                if step % 7 == 3 {
+                    changed.push(1);
+                } else {
+                    shrunk.push(1);
+                }
+            }
+            if step % 3 == 2 {
+                // Seq 0 loses a whole tail block and a partial one of two heads.
+                let s = seqs[0];
+                for (l, h) in [(1, 0), (0, 2)] {
+                    let len = pool.len(l, s, h).unwrap();
+                    pool.truncate(l, s, h, len.saturating_sub(BS + 1)).unwrap();
+                }
+                shrunk.push(0);
             }
             if step % 11 == 5 {
                 // Blocks change hands: seq 1's row empties, seq 2 takes its blocks, seq 1's row
@@ -460,7 +492,11 @@ mod tests {
             let with_pos: Vec<(SeqId, u32)> = seqs.iter().map(|&s| (s, step + s as u32)).collect();
             let positions: Vec<u32> = with_pos.iter().map(|p| p.1).collect();
             let app = pool.append_step(&with_pos).unwrap();
-            if tables.follow(&pool, &app, &positions, &changed).unwrap() {
+            shrunk.retain(|i| !changed.contains(i));
+            if tables
+                .follow(&pool, &app, &positions, &changed, &shrunk)
+                .unwrap()
+            {
                 followed += 1;
             } else {
                 rebuilt += 1;

@@ -12,6 +12,7 @@ use crate::model::config::Config;
 use crate::model::fused::{self, QkvHeads};
 use crate::model::weights::WeightSource;
 use crate::model::ModelError;
+use crate::profile;
 
 struct RmsNorm {
     weight: Tensor,
@@ -265,10 +266,13 @@ impl Llama {
         let x = self.embed.index_select(&ids, 0)?.unsqueeze(1)?; // [B, 1, hidden]
         let pos0 = Tensor::new(pos.as_slice(), &self.device)?;
         let x = self.layers_forward(x, seqs, &pos0, cache, probe, observe)?;
+        let mut clock = profile::start(&self.device);
         let logits = self.lm_head.forward(&self.norm.forward(&x)?)?; // [B, 1, vocab]
-        logits
+        let logits = logits
             .reshape((b, self.cfg.vocab_size))?
-            .to_dtype(DType::F32)
+            .to_dtype(DType::F32);
+        profile::mark(&self.device, &mut clock, "decode.lm_head");
+        logits
     }
 
     /// The decoder layers over `x` `[b, t, hidden]` (row `i` belongs to `seqs[i]`, its first
@@ -297,12 +301,33 @@ impl Llama {
         let Some(first) = self.layers.first() else {
             return Ok(x);
         };
+        // Phase names of the opt-in profile (`crate::profile`), decode or prefill.
+        let ph = if t == 1 {
+            [
+                "decode.qkv+rope",
+                "decode.attend",
+                "decode.observe",
+                "decode.o+norm",
+                "decode.mlp",
+            ]
+        } else {
+            [
+                "prefill.qkv+rope",
+                "prefill.attend",
+                "prefill.observe",
+                "prefill.o+norm",
+                "prefill.mlp",
+            ]
+        };
+        let dev = &self.device;
+        let mut clock = profile::start(dev);
         let mut hs = first.input_norm.forward(&x)?;
         let mut x = x;
         for (l, layer) in self.layers.iter().enumerate() {
             let qkv = layer.qkv.forward(&hs)?;
             let (q, k, v) =
                 fused::rope_split_qkv(&qkv, pos0, &self.rope.cos, &self.rope.sin, heads, fused)?;
+            profile::mark(dev, &mut clock, ph[0]);
             let out = cache.attend(AttnCall {
                 layer: l,
                 seqs,
@@ -312,8 +337,10 @@ impl Llama {
                 scale,
                 probe,
             })?;
+            profile::mark(dev, &mut clock, ph[1]);
             if let Some(p) = &out.probs {
                 observe(l, p, &*cache)?;
+                profile::mark(dev, &mut clock, ph[2]);
             }
             let attn = out
                 .out
@@ -322,6 +349,7 @@ impl Llama {
             let post = &layer.post_norm;
             let (x1, h1) =
                 fused::add_rms_norm(&x, &layer.o.forward(&attn)?, &post.weight, post.eps, fused)?;
+            profile::mark(dev, &mut clock, ph[3]);
             let mlp = layer
                 .down
                 .forward(&fused::silu_mul(&layer.gate_up.forward(&h1)?, fused)?)?;
@@ -332,6 +360,7 @@ impl Llama {
                 }
                 None => x = (x1 + mlp)?,
             }
+            profile::mark(dev, &mut clock, ph[4]);
         }
         Ok(x)
     }
