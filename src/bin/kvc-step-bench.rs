@@ -220,9 +220,11 @@ fn run(a: &Args, method: &str, ctx: usize) -> anyhow::Result<Vec<f64>> {
 }
 
 /// Median ms per step of a CUDA decode step's table work for `a.batch` sequences of `ctx`
-/// tokens per head: (per layer, as before 2026-12-03; `StepTables`; the eviction's tables
-/// built; built, checked and uploaded; the eviction on the step tables instead).
-fn decode_tables(a: &Args, ctx: usize) -> anyhow::Result<(f64, f64, f64, f64, f64)> {
+/// tokens per head: per layer, as before 2026-12-03; `StepTables`; the eviction's tables
+/// built; built, checked and uploaded; the eviction on the step tables instead; and with every
+/// sequence evicting each step, the pool update and the next step's tables, before and after
+/// the third session of 2026-12-03.
+fn decode_tables(a: &Args, ctx: usize) -> anyhow::Result<DecodeTables> {
     let dev = Device::Cpu;
     let heads = LAYERS * KV;
     let blocks = 2 * a.batch * heads * ((ctx + a.steps + 4).div_ceil(BS) + 1);
@@ -332,13 +334,84 @@ fn decode_tables(a: &Args, ctx: usize) -> anyhow::Result<(f64, f64, f64, f64, f6
         std::hint::black_box((up(&tab)?, up(&lens)?, up(&start)?));
         on_tables.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    Ok((
-        median(before),
-        median(after),
-        build,
-        total,
-        median(on_tables),
-    ))
+    // Every sequence evicts each step (continual compression): a few heads lose a block (the
+    // device's compaction truncates them). Time the pool update (a `truncate` per head, as
+    // before the third session of 2026-12-03, or one `truncate_heads` per sequence) and the
+    // next step's tables (the evicted rows diffed block by block, or followed by lengths).
+    let mut evicted = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    for (k, by_lengths) in [false, true].into_iter().enumerate() {
+        let mut pool = pool.clone();
+        let mut tables = StepTables::build(&pool, &seqs, &dev)?;
+        for step in 0..a.steps {
+            let t = Instant::now();
+            for &s in &seqs {
+                let lens = &pool.table(s)?.len;
+                let new: Vec<u32> = (0..LAYERS * KV)
+                    .map(|j| {
+                        let n = lens[j / KV][j % KV];
+                        // Six heads per sequence, a different six each step.
+                        let hit = (j + s + step) % (LAYERS * KV / 6) == 0;
+                        (if hit { n.saturating_sub(BS) } else { n }) as u32
+                    })
+                    .collect();
+                if by_lengths {
+                    pool.truncate_heads(s, &new)?;
+                } else {
+                    for (j, &n) in new.iter().enumerate() {
+                        if (n as usize) < lens_of(&pool, s, j)? {
+                            pool.truncate(j / KV, s, j % KV, n as usize)?;
+                        }
+                    }
+                }
+            }
+            evicted[2 * k].push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            let with_pos: Vec<(SeqId, u32)> =
+                seqs.iter().map(|&s| (s, (ctx + step) as u32)).collect();
+            let positions: Vec<u32> = with_pos.iter().map(|p| p.1).collect();
+            let app = pool.append_step(&with_pos)?;
+            let all: Vec<usize> = (0..seqs.len()).collect();
+            let (changed, shrunk) = if by_lengths {
+                (&[][..], &all[..])
+            } else {
+                (&all[..], &[][..])
+            };
+            if !tables.follow(&pool, &app, &positions, changed, shrunk)? {
+                tables = StepTables::build(&pool, &seqs, &dev)?;
+                tables.start_step(&app, &positions)?;
+            }
+            evicted[2 * k + 1].push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let [upd_heads, diff, upd_seq, by_len] = evicted.map(median);
+    Ok(DecodeTables {
+        per_layer: median(before),
+        step_tables: median(after),
+        evict_build: build,
+        evict_total: total,
+        evict_on_tables: median(on_tables),
+        update_per_head: upd_heads,
+        follow_diff: diff,
+        update_per_seq: upd_seq,
+        follow_lengths: by_len,
+    })
+}
+
+fn lens_of(pool: &BlockPool, s: SeqId, j: usize) -> anyhow::Result<usize> {
+    Ok(pool.len(j / KV, s, j % KV)?)
+}
+
+/// [`decode_tables`]' medians, ms per step.
+struct DecodeTables {
+    per_layer: f64,
+    step_tables: f64,
+    evict_build: f64,
+    evict_total: f64,
+    evict_on_tables: f64,
+    update_per_head: f64,
+    follow_diff: f64,
+    update_per_seq: f64,
+    follow_lengths: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -349,20 +422,31 @@ fn main() -> anyhow::Result<()> {
             a.batch, a.steps
         );
         println!(
-            "{:>6} {:>18} {:>18} {:>8} {:>20} {:>20} {:>22}",
+            "{:>6} {:>14} {:>14} {:>7} {:>15} {:>15} {:>15} | {:>22} {:>22}",
             "ctx",
             "per layer ms",
-            "step tables ms",
+            "step tables",
             "ratio",
-            "evict tables ms",
-            "+ checks, upload ms",
-            "evict on step tables"
+            "evict tables",
+            "+ checks, up",
+            "evict on step",
+            "evicting: update+diff",
+            "update+lengths (now)"
         );
         for &ctx in &a.ctx {
-            let (b, s, eb, et, eo) = decode_tables(&a, ctx)?;
+            let r = decode_tables(&a, ctx)?;
             println!(
-                "{ctx:>6} {b:>18.2} {s:>18.2} {:>7.1}x {eb:>20.2} {et:>20.2} {eo:>22.2}",
-                b / s
+                "{ctx:>6} {:>14.2} {:>14.2} {:>6.1}x {:>15.2} {:>15.2} {:>15.2} | {:>10.2} + {:>9.2} {:>10.2} + {:>9.2}",
+                r.per_layer,
+                r.step_tables,
+                r.per_layer / r.step_tables,
+                r.evict_build,
+                r.evict_total,
+                r.evict_on_tables,
+                r.update_per_head,
+                r.follow_diff,
+                r.update_per_seq,
+                r.follow_lengths
             );
         }
         return Ok(());

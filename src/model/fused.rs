@@ -142,7 +142,7 @@ pub fn rope_split_qkv(
     }
     if fused && on_kernels(qkv) {
         // The positions are not read back here (that would wait for the device); the
-        // caller grows the tables to cover them (`Rope::ensure`), as for the twin, which checks.
+        // caller grows the tables to cover them (`Rope::ensure`), as for the twin.
         return imp::rope_split_qkv(
             &qkv.contiguous()?,
             &pos0.contiguous()?,
@@ -165,18 +165,14 @@ pub fn rope_split_qkv_twin(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, t, _) = qkv.dims3()?;
     let QkvHeads { q, kv, dim } = heads;
-    let max_pos = cos.dim(0)?;
-    let mut idx = Vec::with_capacity(b * t);
-    for p in pos0.to_vec1::<u32>()? {
-        if p as usize + t > max_pos {
-            return Err(shape_err(format!(
-                "rope_split_qkv: positions {p}..{} past the rotary tables' {max_pos} rows",
-                p as usize + t
-            )));
-        }
-        idx.extend(p..p + t as u32);
-    }
-    let idx = Tensor::new(idx.as_slice(), qkv.device())?;
+    // Rows' positions pos0[b] + ti, built where pos0 lives: reading pos0 back would wait for
+    // the device once per layer. The caller grows the tables to cover them (candle's CPU
+    // index_select refuses a row past them).
+    let offsets = Tensor::arange(0u32, t as u32, qkv.device())?;
+    let idx = pos0
+        .reshape((b, 1))?
+        .broadcast_add(&offsets.reshape((1, t))?)?
+        .flatten_all()?;
     let cos = cos.index_select(&idx, 0)?.reshape((b, t, dim / 2))?;
     let sin = sin.index_select(&idx, 0)?.reshape((b, t, dim / 2))?;
     let part = |from: usize, n: usize| -> Result<Tensor> {
@@ -334,5 +330,101 @@ mod imp {
         // positions index the tables, which the caller grew to cover them.
         unsafe { lb.launch(grid_1d(n)?) }.map_err(cu)?;
         Ok((qo, ko, vo))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The twins against the formulas written out: RoPE at each row's own positions, the
+    /// split of the merged projection, SiLU * up, add + RMSNorm.
+    #[test]
+    fn twins_follow_the_formulas() {
+        let dev = Device::Cpu;
+        let heads = QkvHeads {
+            q: 2,
+            kv: 1,
+            dim: 4,
+        };
+        let (b, t, half, width) = (2, 3, 2, 16);
+        let qkv: Vec<f32> = (0..b * t * width)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
+        let max_pos = 10;
+        let ang = |p: usize, i: usize| p as f32 * (0.3 + i as f32);
+        let cos: Vec<f32> = (0..max_pos * half)
+            .map(|j| ang(j / half, j % half).cos())
+            .collect();
+        let sin: Vec<f32> = (0..max_pos * half)
+            .map(|j| ang(j / half, j % half).sin())
+            .collect();
+        let t_qkv = Tensor::from_vec(qkv.clone(), (b, t, width), &dev).unwrap();
+        let t_cos = Tensor::from_vec(cos, (max_pos, half), &dev).unwrap();
+        let t_sin = Tensor::from_vec(sin, (max_pos, half), &dev).unwrap();
+        let pos0 = [4u32, 1];
+        let p0 = Tensor::new(&pos0, &dev).unwrap();
+        let (q, k, v) = rope_split_qkv(&t_qkv, &p0, &t_cos, &t_sin, heads, true).unwrap();
+        assert_eq!(q.dims(), [b, 2, t, 4]);
+        assert_eq!(k.dims(), [b, 1, t, 4]);
+        let (q, k, v) = (
+            q.reshape((b * 2, t, 4)).unwrap().to_vec3::<f32>().unwrap(),
+            k.reshape((b, t, 4)).unwrap().to_vec3::<f32>().unwrap(),
+            v.reshape((b, t, 4)).unwrap().to_vec3::<f32>().unwrap(),
+        );
+        for bi in 0..b {
+            for ti in 0..t {
+                let p = pos0[bi] as usize + ti;
+                let row = &qkv[(bi * t + ti) * width..][..width];
+                for h in 0..4 {
+                    let x = &row[h * 4..][..4];
+                    let want: Vec<f32> = if h == 3 {
+                        x.to_vec()
+                    } else {
+                        let r = |i: usize| {
+                            let (c, s) = (ang(p, i).cos(), ang(p, i).sin());
+                            (x[i] * c - x[i + 2] * s, x[i] * s + x[i + 2] * c)
+                        };
+                        let (a0, b0) = r(0);
+                        let (a1, b1) = r(1);
+                        vec![a0, a1, b0, b1]
+                    };
+                    let got = match h {
+                        0 | 1 => q[bi * 2 + h][ti].clone(),
+                        2 => k[bi][ti].clone(),
+                        _ => v[bi][ti].clone(),
+                    };
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() < 1e-5,
+                            "b {bi} t {ti} head {h}: {got:?} vs {want:?}"
+                        );
+                    }
+                }
+            }
+        }
+        // Positions past the tables are refused on the CPU.
+        let far = Tensor::new(&[8u32, 0], &dev).unwrap();
+        assert!(rope_split_qkv(&t_qkv, &far, &t_cos, &t_sin, heads, true).is_err());
+
+        let gu = Tensor::new(&[[-1.0f32, 0.5, 2.0, 3.0]], &dev).unwrap();
+        let got = silu_mul(&gu, true).unwrap().to_vec2::<f32>().unwrap();
+        let silu = |x: f32| x / (1.0 + (-x).exp());
+        assert!((got[0][0] - silu(-1.0) * 2.0).abs() < 1e-6);
+        assert!((got[0][1] - silu(0.5) * 3.0).abs() < 1e-6);
+
+        let x = Tensor::new(&[[1.0f32, -2.0, 3.0]], &dev).unwrap();
+        let r = Tensor::new(&[[0.5f32, 0.5, -1.0]], &dev).unwrap();
+        let w = Tensor::new(&[1.0f32, 2.0, 0.5], &dev).unwrap();
+        let (s, n) = add_rms_norm(&x, &r, &w, 1e-6, true).unwrap();
+        assert_eq!(s.to_vec2::<f32>().unwrap(), [[1.5, -1.5, 2.0]]);
+        let rms = ((1.5f32 * 1.5 + 1.5 * 1.5 + 4.0) / 3.0 + 1e-6).sqrt();
+        let n = n.to_vec2::<f32>().unwrap();
+        for (j, want) in [1.5 / rms, -3.0 / rms, 1.0 / rms].iter().enumerate() {
+            assert!((n[0][j] - want).abs() < 1e-5);
+        }
+        assert!(add_rms_norm(&x, &r, &w.narrow(0, 0, 2).unwrap(), 1e-6, true).is_err());
+        assert!(silu_mul(&Tensor::new(&[[1.0f32, 2.0, 3.0]], &dev).unwrap(), true).is_err());
     }
 }
