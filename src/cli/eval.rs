@@ -698,6 +698,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
     }
 
     // 5. Score the tree, plot, summarize.
+    let mut clock = crate::profile::start(&device);
     let t = scores::score_tree(
         &args.output.out,
         false,
@@ -799,6 +800,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
         }
     }
     emit_stdout(&out)?;
+    crate::profile::mark(&device, &mut clock, "eval.score+plots");
     if crate::profile::enabled() {
         eprint!("{}", crate::profile::report());
     }
