@@ -34,9 +34,6 @@
 use candle_core::{DType, Device, Result, Tensor};
 use std::collections::BTreeMap;
 
-/// Granularity of the decode scratch's stride when no probabilities are asked for (tokens).
-const SCRATCH_STRIDE_STEP: usize = 1024;
-
 use super::blocks::{BlockCopy, BlockError, BlockPool, EvictionPlan, MemoryLayout, MemoryReport};
 use super::cuda::{self, DeviceTables};
 use super::ops::{self, DecodeShape, SoftmaxShape};
@@ -45,6 +42,9 @@ use super::{AttnCall, AttnOut, CacheBackend, Probe, SeqId};
 
 /// Default tokens per block (the paper's).
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+/// Granularity of the decode scratch's stride when no probabilities are asked for (tokens).
+const SCRATCH_STRIDE_STEP: usize = 1024;
 
 /// Shape of a paged cache.
 #[derive(Debug, Clone)]
