@@ -78,7 +78,10 @@ Data (--data-dir): a directory of <subset>.jsonl (the official files), the offic
 parquet files (<subset>.parquet, <subset>/*.parquet or data/<subset>/*.parquet, e.g. the mirror
 Xnhyacinth/LongBench), or `hub` (THUDM/LongBench data.zip in the Hugging Face cache, falling
 back to the parquet mirror; HF_HUB_OFFLINE=1 reads the cache only). Task sets: en16 (default), all, e (LongBench-E), a category (single-doc-qa, multi-doc-qa,
-summarization, few-shot, synthetic, code) or subset names, comma-separated.")]
+summarization, few-shot, synthetic, code) or subset names, comma-separated.
+
+Profile: KVC_PROFILE=1 synchronises the device after each phase of the forward, the decode
+step and the compression, and prints where the time went (stderr) at the end; it slows the run.")]
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
