@@ -107,6 +107,22 @@ extern "C" __global__ void set_meta(
   position[slots[i]] = p[i];
 }
 
+// dst[idx[i]] = val[i], one thread per element (idx distinct): the patch of a decode batch's
+// block table on the device (kvc::kvcache::step_tables), ~1.3k ids per SmolLM2 step at 224
+// sequences, which candle's scatter_set ran in one thread (~2 ms of every step). An index
+// past dst_len is never written (the host checked them all).
+extern "C" __global__ void scatter_u32(
+    uint32_t* dst,            // [dst_len] (out at `idx`)
+    const uint32_t* idx,      // [n] distinct indices into dst
+    const uint32_t* val,      // [n] values
+    int n,                    // elements to set
+    uint32_t dst_len) {       // elements of dst
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const uint32_t j = idx[i];
+  if (j < dst_len) dst[j] = val[i];
+}
+
 // Copies whole blocks (a fork of a sequence into newly allocated blocks): block to[i] gets
 // block from[i]'s block_size K and V rows, metrics and positions. One CUDA block per copied
 // block, threads over its 4-byte words. A fork copied slot by slot uploaded and checked 16x more

@@ -542,6 +542,33 @@ pub fn set_meta(
     )
 }
 
+/// `dst[idx[i]] = val[i]` for a 1-D u32 `dst` (idx distinct, below `dst.len()`): one thread
+/// per element on CUDA, where candle's `scatter_set` of a 1-D tensor runs the whole list in one
+/// thread; candle's `scatter_set` elsewhere (the twin).
+pub fn scatter_u32(dst: &Tensor, idx: &Tensor, val: &Tensor) -> Result<()> {
+    let n = idx.dims1()?;
+    let dst_len = dst.dims1()?;
+    for (t, what) in [(dst, "dst"), (idx, "idx"), (val, "val")] {
+        if t.dtype() != DType::U32 {
+            return Err(OpsError::Shape(format!("scatter_u32: {what} must be u32")).into());
+        }
+    }
+    if val.dims1()? != n || dst_len > u32::MAX as usize {
+        return Err(OpsError::Shape(format!(
+            "scatter_u32: {n} indices, {} values, {dst_len} destinations",
+            val.dims1()?
+        ))
+        .into());
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    if !dst.device().is_cuda() {
+        return dst.scatter_set(idx, val, 0);
+    }
+    imp::scatter_u32(dst, &idx.contiguous()?, &val.contiguous()?, dst_len as u32)
+}
+
 /// The settings of [`window_score`] (the method's `ScoreSpec`, in the kernel's terms).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowScoreArgs {
@@ -1228,6 +1255,10 @@ mod imp {
         Err(OpsError::NoCuda.into())
     }
 
+    pub fn scatter_u32(_: &Tensor, _: &Tensor, _: &Tensor, _: u32) -> Result<()> {
+        Err(OpsError::NoCuda.into())
+    }
+
     pub fn gather_kv(
         _: &Tensor,
         _: &Tensor,
@@ -1681,6 +1712,27 @@ mod imp {
         }
         b.arg(&n_i);
         // Safety: arguments match set_meta; slots were checked distinct and in range.
+        unsafe { b.launch(grid_1d(n)?) }.map_err(cu)?;
+        Ok(())
+    }
+
+    pub fn scatter_u32(dst: &Tensor, idx: &Tensor, val: &Tensor, dst_len: u32) -> Result<()> {
+        let stream = device(dst)?.cuda_stream();
+        let f = func(&stream, "kv_cache", "scatter_u32")?;
+        let n = idx.dim(0)?;
+        let ptrs = [
+            ptr(Some(dst), &stream)?,
+            ptr(Some(idx), &stream)?,
+            ptr(Some(val), &stream)?,
+        ];
+        let n_i = n as i32;
+        let mut b = stream.launch_builder(&f);
+        for x in &ptrs {
+            b.arg(x);
+        }
+        b.arg(&n_i).arg(&dst_len);
+        // Safety: arguments match scatter_u32 (idx and val hold n u32, dst dst_len u32); the
+        // kernel skips an index past dst_len.
         unsafe { b.launch(grid_1d(n)?) }.map_err(cu)?;
         Ok(())
     }

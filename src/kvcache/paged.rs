@@ -122,6 +122,8 @@ pub struct PagedCache {
     /// lengths from the pool without comparing their blocks (a diff of every block of ~200
     /// sequences was most of a SmolLM2 step's host time).
     shrunk: std::collections::BTreeSet<SeqId>,
+    /// The last [`PagedCache::chunk_positions`] (every layer of a prompt chunk uses it).
+    chunk_positions: Option<Tensor>,
 }
 
 /// The decode step in progress on CUDA (see [`StepTables`]).
@@ -201,6 +203,7 @@ impl PagedCache {
             step: None,
             changed: Default::default(),
             shrunk: Default::default(),
+            chunk_positions: None,
             spec,
         })
     }
@@ -237,6 +240,7 @@ impl PagedCache {
             step: None,
             changed: Default::default(),
             shrunk: Default::default(),
+            chunk_positions: None,
         })
     }
 
@@ -339,16 +343,19 @@ impl PagedCache {
             return Err(be(BlockError::UnknownSeq(seq)));
         }
         let dev = self.spec.device.clone();
+        if self.meta.is_none() {
+            // Only the slots of sequences listed in `seqs` are ever read here (every later
+            // write and move keeps them), so the tensors start as zeros, not as an upload of
+            // the pool's arrays (360 MB for a 32-sample SmolLM2 batch).
+            let n = self.pool.slot_meta().0.len();
+            self.meta = Some(DeviceMeta {
+                metric: Tensor::zeros(n, DType::F32, &dev)?,
+                position: Tensor::zeros(n, DType::U32, &dev)?,
+                seqs: Default::default(),
+            });
+        }
         match &self.meta {
-            None => {
-                let (metric, position) = self.pool.slot_meta();
-                let n = metric.len();
-                self.meta = Some(DeviceMeta {
-                    metric: Tensor::from_slice(metric, n, &dev)?,
-                    position: Tensor::from_slice(position, n, &dev)?,
-                    seqs: Default::default(),
-                });
-            }
+            None => unreachable!("created above"),
             Some(m) if !m.seqs.contains(&seq) => {
                 let (mut slots, mut metric, mut position) = (Vec::new(), Vec::new(), Vec::new());
                 for l in 0..self.spec.layers {
@@ -1054,7 +1061,12 @@ impl PagedCache {
             .copied()
             .zip(positions.iter().copied())
             .collect();
-        let app = self.pool.append_step(&with_pos).map_err(be)?;
+        // Sequences whose metric lives on the device keep their positions there too.
+        let meta = self.meta.as_ref().map(|m| &m.seqs);
+        let app = self
+            .pool
+            .append_step(&with_pos, |s| !meta.is_some_and(|m| m.contains(&s)))
+            .map_err(be)?;
         let mut step = self.step.take();
         let followed = match &mut step {
             Some(s) if s.tables.matches(seqs) => {
@@ -1089,6 +1101,48 @@ impl PagedCache {
         Ok(())
     }
 
+    /// Every kv-head of (layer, seq) gathered and padded to the longest head: K and V
+    /// `[1, kv_heads, max, d]`, key positions `[kv_heads, max]` u32 (padding points at slot 0
+    /// and carries position u32::MAX, which no query sees), and `max`.
+    fn gather_heads(&self, layer: usize, seq: SeqId) -> Result<(Tensor, Tensor, Tensor, usize)> {
+        let (nkv, d) = (self.spec.kv_heads, self.spec.head_dim);
+        let dev = &self.spec.device;
+        let slots: Vec<Vec<usize>> = (0..nkv)
+            .map(|h| self.pool.slots(layer, seq, h).map_err(be))
+            .collect::<Result<_>>()?;
+        let max = slots.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut idx = Vec::with_capacity(nkv * max);
+        let mut key_pos = Vec::with_capacity(nkv * max);
+        for (h, s) in slots.iter().enumerate() {
+            idx.extend(s.iter().map(|&x| x as u32));
+            idx.extend(std::iter::repeat_n(0u32, max - s.len()));
+            key_pos.extend(self.positions(layer, seq, h)?);
+            key_pos.extend(std::iter::repeat_n(u32::MAX, max - s.len()));
+        }
+        let top = idx.iter().copied().max();
+        let idx = Tensor::from_vec(idx, nkv * max, dev)?;
+        let (kk, vv) = cuda::gather_kv(&self.k, &self.v, &idx, top)?;
+        let (kk, vv) = (kk.reshape((1, nkv, max, d))?, vv.reshape((1, nkv, max, d))?);
+        let key_pos = Tensor::from_vec(key_pos, (nkv, max), dev)?;
+        Ok((kk, vv, key_pos, max))
+    }
+
+    /// Key positions `[kv_heads, t]` u32, `0..t` in every row (a fresh sequence's first
+    /// chunk), made once per chunk length and reused by every layer.
+    fn chunk_positions(&mut self, kv_heads: usize, t: usize) -> Result<Tensor> {
+        if let Some(p) = &self.chunk_positions {
+            if p.dims() == [kv_heads, t] {
+                return Ok(p.clone());
+            }
+        }
+        let p = Tensor::arange(0u32, t as u32, &self.spec.device)?
+            .reshape((1, t))?
+            .broadcast_as((kv_heads, t))?
+            .contiguous()?;
+        self.chunk_positions = Some(p.clone());
+        Ok(p)
+    }
+
     /// Attention of one sequence: append, gather, masked softmax. Returns the output
     /// `[1, nh, t, d]` and the probed queries' probabilities `[1, nh, n_probed, max_kv_len]`.
     /// On CUDA the scale, mask and softmax are one kernel (`cuda::prefill_softmax`); elsewhere
@@ -1114,27 +1168,20 @@ impl PagedCache {
                 q.dims()
             );
         }
+        let dev = self.spec.device.clone();
+        let mut clock = crate::profile::start(&dev);
         let start = self.append_seq(layer, seq, k, v)?;
-        // Gather every head padded to the longest; padding points at slot 0 and is masked.
-        let slots: Vec<Vec<usize>> = (0..nkv)
-            .map(|h| self.pool.slots(layer, seq, h).map_err(be))
-            .collect::<Result<_>>()?;
-        let max = slots.iter().map(|s| s.len()).max().unwrap_or(0);
-        let mut idx = Vec::with_capacity(nkv * max);
-        let mut key_pos = Vec::with_capacity(nkv * max);
-        for (h, s) in slots.iter().enumerate() {
-            idx.extend(s.iter().map(|&x| x as u32));
-            idx.extend(std::iter::repeat_n(0u32, max - s.len()));
-            key_pos.extend(self.positions(layer, seq, h)?);
-            key_pos.extend(std::iter::repeat_n(u32::MAX, max - s.len()));
-        }
-        let dev = &self.spec.device;
-        let top = idx.iter().copied().max();
-        let idx = Tensor::from_vec(idx, nkv * max, dev)?;
-        let (kk, vv) = cuda::gather_kv(&self.k, &self.v, &idx, top)?;
-        let (kk, vv) = (kk.reshape((1, nkv, max, d))?, vv.reshape((1, nkv, max, d))?);
+        crate::profile::mark(&dev, &mut clock, "prefill.attend/append");
         let g = nh / nkv;
-        let key_pos = Tensor::from_vec(key_pos, (nkv, max), dev)?;
+        let (kk, vv, key_pos, max) = if start == 0 {
+            // A fresh sequence's keys are this chunk's own, in order, at positions 0..t: no
+            // slot lists, no gather (most of a first chunk's host time per layer).
+            let key_pos = self.chunk_positions(nkv, t)?;
+            (k.contiguous()?, v.contiguous()?, key_pos, t)
+        } else {
+            self.gather_heads(layer, seq)?
+        };
+        crate::profile::mark(&dev, &mut clock, "prefill.attend/gather");
         let q2 = q.reshape((1, nkv, g * t, d))?;
         let probed = match probe {
             Probe::None => 0,
@@ -1166,6 +1213,7 @@ impl PagedCache {
                 scale as f32,
             )?
             .reshape((1, nh, t, d))?;
+            crate::profile::mark(&dev, &mut clock, "prefill.attend/flash");
             if probed == 0 {
                 return Ok((out, None));
             }
@@ -1178,6 +1226,7 @@ impl PagedCache {
             let first = (start + t - probed) as u32;
             let (_, probs) = cuda::prefill_softmax(&att, &key_pos, &window, first, scale as f32)?;
             let probs = probs.map(|p| p.reshape((1, nh, probed, max))).transpose()?;
+            crate::profile::mark(&dev, &mut clock, "prefill.attend/window");
             return Ok((out, probs));
         }
         if self.on_cuda() && cuda::prefill_softmax_supported(q.dtype()) {

@@ -10,8 +10,8 @@
 //! row that outgrows its room, rebuilds the whole table (checked for range and overlap then;
 //! later ids come from the pool's free list or from the pool's own tables).
 //!
-//! The bookkeeping is plain host code over [`BlockPool`]; the tensors are candle ops
-//! (`scatter_set`), so the same code runs, and is tested, on the CPU.
+//! The bookkeeping is plain host code over [`BlockPool`]; the tensor ops are candle's or have a
+//! candle twin (`cuda::scatter_u32`), so the same code runs, and is tested, on the CPU.
 use candle_core::{Device, Result, Tensor};
 
 use super::blocks::{BlockPool, StepAppend};
@@ -259,10 +259,10 @@ impl StepTables {
         let len = buf.len();
         let up = Tensor::from_vec(buf, len, self.blocks.device())?;
         if k > 0 {
-            self.blocks.scatter_set(
+            super::cuda::scatter_u32(
+                &self.blocks,
                 &up.narrow(0, 3 * rows, k)?,
                 &up.narrow(0, 3 * rows + k, k)?,
-                0,
             )?;
         }
         self.step = Some(up);
@@ -391,7 +391,7 @@ mod tests {
         let (mut pool, seqs) = pool();
         let mut oracle = pool.clone();
         let with_pos: Vec<(SeqId, u32)> = seqs.iter().map(|&s| (s, 100 + s as u32)).collect();
-        let app = pool.append_step(&with_pos).unwrap();
+        let app = pool.append_step(&with_pos, |_| true).unwrap();
         let mut new_blocks = 0;
         // In the step's order: sequence, layer, head (the free list hands out blocks in it).
         for (i, &(s, p)) in with_pos.iter().enumerate() {
@@ -415,6 +415,35 @@ mod tests {
         pool.check().unwrap();
     }
 
+    /// Without host metadata for a sequence, the step takes the same slots and blocks and
+    /// leaves that sequence's slots' metric and position as they were (the others' are set).
+    #[test]
+    fn append_step_without_host_meta_skips_only_those_writes() {
+        let (mut pool, seqs) = pool();
+        let mut with_meta = pool.clone();
+        let before = pool.slot_meta();
+        let (m0, p0) = (before.0.to_vec(), before.1.to_vec());
+        let skip = seqs[1];
+        let with_pos: Vec<(SeqId, u32)> = seqs.iter().map(|&s| (s, 100 + s as u32)).collect();
+        let app = pool.append_step(&with_pos, |s| s != skip).unwrap();
+        let want = with_meta.append_step(&with_pos, |_| true).unwrap();
+        assert_eq!(app, want);
+        for &s in &seqs {
+            assert_eq!(pool.table(s).unwrap(), with_meta.table(s).unwrap());
+        }
+        let (m, p) = pool.slot_meta();
+        for (i, &(s, pos)) in with_pos.iter().enumerate() {
+            for row in (0..LAYERS * KV).map(|lh| ((lh / KV) * seqs.len() + i) * KV + lh % KV) {
+                let slot = app.slots[row] as usize;
+                if s == skip {
+                    assert_eq!((m[slot], p[slot]), (m0[slot], p0[slot]), "row {row}");
+                } else {
+                    assert_eq!((m[slot], p[slot]), (0.0, pos), "row {row}");
+                }
+            }
+        }
+    }
+
     /// A step the pool cannot hold, or naming a sequence twice, changes nothing.
     #[test]
     fn append_step_is_all_or_nothing() {
@@ -424,7 +453,7 @@ mod tests {
         pool.append(0, 0, 0, &[0, 1]).unwrap();
         let before = pool.clone();
         // Seq 0 needs a block for head 0 and head 1, seq 1 two more: 4 > 2 free.
-        let err = pool.append_step(&[(0, 2), (1, 0)]).unwrap_err();
+        let err = pool.append_step(&[(0, 2), (1, 0)], |_| true).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -438,7 +467,7 @@ mod tests {
         );
         assert_eq!(pool.table(0).unwrap(), before.table(0).unwrap());
         assert_eq!(pool.free_blocks(), before.free_blocks());
-        let err = pool.append_step(&[(1, 0), (1, 0)]).unwrap_err();
+        let err = pool.append_step(&[(1, 0), (1, 0)], |_| true).unwrap_err();
         assert!(matches!(err, BlockError::DuplicateSeq(1)), "{err:?}");
         assert_eq!(pool.table(1).unwrap(), before.table(1).unwrap());
     }
@@ -491,7 +520,7 @@ mod tests {
             }
             let with_pos: Vec<(SeqId, u32)> = seqs.iter().map(|&s| (s, step + s as u32)).collect();
             let positions: Vec<u32> = with_pos.iter().map(|p| p.1).collect();
-            let app = pool.append_step(&with_pos).unwrap();
+            let app = pool.append_step(&with_pos, |_| true).unwrap();
             shrunk.retain(|i| !changed.contains(i));
             if tables
                 .follow(&pool, &app, &positions, &changed, &shrunk)
