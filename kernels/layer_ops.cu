@@ -13,6 +13,12 @@
 //
 // Rust twins (same contracts, candle op chains): kvc::model::fused::{add_rms_norm, silu_mul,
 // rope_split_qkv}.
+//
+// And the greedy pick after the LM head, argmax_rows_f32 (twin: kvc::model::Llama::argmax_host
+// per row): one launch where candle's ops took five, and none of candle's binary-op module,
+// whose PTX the driver compiles on a machine's first kvc run (~10 s on the H200 host).
+#include <climits>
+
 #include "common.cuh"
 
 namespace kvc {
@@ -126,6 +132,57 @@ __device__ void rope_split_qkv(
 }
 
 }  // namespace kvc
+
+// The first index of each row's maximum, as a sequential scan `if x > best` from index 0 finds
+// it: a NaN never becomes the best, and a row starting with NaN gives 0. One block per row.
+constexpr int ARGMAX_THREADS = 256;
+
+__device__ __forceinline__ bool argmax_beats(float v, int i, float bv, int bi) {
+  return v > bv || (v == bv && i < bi);
+}
+
+extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_rows_f32(
+    uint32_t* __restrict__ out,         // [rows] (out) first index of the row's maximum
+    const float* __restrict__ logits,   // [rows, cols] f32
+    int cols) {                         // vocabulary size (>= 1)
+  const float* row = logits + (size_t)blockIdx.x * cols;
+  float bv = -INFINITY;
+  int bi = INT_MAX;
+  for (int i = threadIdx.x; i < cols; i += ARGMAX_THREADS) {
+    const float v = row[i];
+    if (!isnan(v) && argmax_beats(v, i, bv, bi)) {
+      bv = v;
+      bi = i;
+    }
+  }
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffff, bv, m, 32);
+    const int oi = __shfl_xor_sync(0xffffffff, bi, m, 32);
+    if (argmax_beats(ov, oi, bv, bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+  __shared__ float sv[ARGMAX_THREADS / 32];
+  __shared__ int si[ARGMAX_THREADS / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    sv[warp] = bv;
+    si[warp] = bi;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < ARGMAX_THREADS / 32; ++w) {
+      if (argmax_beats(sv[w], si[w], bv, bi)) {
+        bv = sv[w];
+        bi = si[w];
+      }
+    }
+    // Every value NaN but possibly row[0], or row[0] itself NaN: the scan keeps index 0.
+    out[blockIdx.x] = (isnan(row[0]) || bi == INT_MAX) ? 0u : (uint32_t)bi;
+  }
+}
 
 #define LAYER_OPS(T, SUF)                                                                   \
   extern "C" __global__ void add_rms_norm_##SUF(T* sum, T* normed, const T* x, const T* r,  \

@@ -672,6 +672,31 @@ fn set_meta_matches_twin() {
 }
 
 #[test]
+fn argmax_rows_matches_twin() {
+    // Logits with many ties (few distinct values) and some NaNs, SmolLM2's vocabulary and a
+    // small one; a row starting with NaN and an all -inf row.
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(13);
+    for (rows, vocab) in [(224usize, 49152usize), (5, 7), (1, 1)] {
+        let mut x: Vec<f32> = (0..rows * vocab)
+            .map(|_| match rng.random_range(0..100) {
+                0 => f32::NAN,
+                k => (k % 9) as f32,
+            })
+            .collect();
+        if rows > 2 {
+            x[0] = f32::NAN;
+            x[vocab..2 * vocab].fill(f32::NEG_INFINITY);
+        }
+        let d = Tensor::from_slice(&x, (rows, vocab), &dev).unwrap();
+        let got = kvc::model::fused::argmax_rows(&d, true).unwrap();
+        let want = kvc::model::fused::argmax_rows(&d, false).unwrap();
+        assert_eq!(got, want, "rows {rows} vocab {vocab}");
+    }
+    eprintln!("SUMMARY argmax_rows: 3 shapes identical to the host scan");
+}
+
+#[test]
 fn scatter_u32_matches_candle() {
     // A decode step's table patch and a large one, against candle's scatter_set on the CPU.
     let dev = gpu();

@@ -186,6 +186,29 @@ pub fn rope_split_qkv_twin(
     Ok((qr, kr, part(q + kv, kv)?))
 }
 
+/// The greedy pick over `logits` `[rows, vocab]` f32: per row the first index of its
+/// maximum, as [`super::llama::Llama::argmax_host`] scans it (a NaN never becomes the maximum; a row
+/// starting with NaN gives 0). On the kernels (`argmax_rows_f32`) one launch and `rows` ids
+/// downloaded; `fused = false` or elsewhere the twin: the rows downloaded and scanned.
+pub fn argmax_rows(logits: &Tensor, fused: bool) -> Result<Vec<u32>> {
+    let (rows, vocab) = logits.dims2()?;
+    if logits.dtype() != DType::F32 || vocab == 0 || vocab > i32::MAX as usize {
+        return Err(shape_err(format!(
+            "argmax_rows: logits [rows, vocab] f32 with a vocabulary, got {:?} {:?}",
+            logits.dims(),
+            logits.dtype()
+        )));
+    }
+    if fused && on_kernels(logits) && rows > 0 {
+        return imp::argmax_rows(&logits.contiguous()?);
+    }
+    Ok(logits
+        .to_vec2::<f32>()?
+        .iter()
+        .map(|row| super::llama::Llama::argmax_host(row))
+        .collect())
+}
+
 #[cfg(not(feature = "cuda"))]
 mod imp {
     //! Stubs of a build without CUDA ([`super::on_kernels`] is false there).
@@ -196,6 +219,10 @@ mod imp {
     }
 
     pub fn silu_mul(_: &Tensor) -> Result<Tensor> {
+        Err(OpsError::NoCuda.into())
+    }
+
+    pub fn argmax_rows(_: &Tensor) -> Result<Vec<u32>> {
         Err(OpsError::NoCuda.into())
     }
 
@@ -256,6 +283,30 @@ mod imp {
         // elements (checked by the caller), w `[cols]`.
         unsafe { b.launch(cfg) }.map_err(cu)?;
         Ok((sum, normed))
+    }
+
+    pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+        let (rows, vocab) = logits.dims2()?;
+        // Safety: the kernel writes every element (one block per row).
+        let out = unsafe { Tensor::empty(rows, DType::U32, logits.device())? };
+        let stream = device(logits)?.cuda_stream();
+        let f = func(&stream, "layer_ops", "argmax_rows_f32")?;
+        let ptrs = [ptr(Some(&out), &stream)?, ptr(Some(logits), &stream)?];
+        let vocab_i = vocab as i32;
+        let mut b = stream.launch_builder(&f);
+        for p in &ptrs {
+            b.arg(p);
+        }
+        b.arg(&vocab_i);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1), // ARGMAX_THREADS
+            shared_mem_bytes: 0,
+        };
+        // Safety: arguments match argmax_rows_f32; logits contiguous [rows, vocab] f32 (checked
+        // by the caller), out [rows] u32.
+        unsafe { b.launch(cfg) }.map_err(cu)?;
+        out.to_vec1::<u32>()
     }
 
     pub fn silu_mul(gu: &Tensor) -> Result<Tensor> {

@@ -199,7 +199,7 @@ impl Llama {
         let pos0 = Tensor::new(&[start as u32], &self.device)?;
         let x = self.layers_forward(x, &[seq], &pos0, cache, probe, observe)?;
         let last = x.narrow(1, t - 1, 1)?;
-        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
+        let logits = self.lm_head.forward(&last)?;
         logits.squeeze(0)?.squeeze(0)?.to_dtype(DType::F32)
     }
 
@@ -236,7 +236,7 @@ impl Llama {
         let pos0 = Tensor::new(vec![start as u32; b], &self.device)?;
         let x = self.layers_forward(x, seqs, &pos0, cache, probe, observe)?;
         let last = x.narrow(1, t - 1, 1)?.contiguous()?; // strided when B > 1
-        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?; // [B, 1, vocab]
+        let logits = self.lm_head.forward(&last)?; // [B, 1, vocab]
         logits
             .reshape((b, self.cfg.vocab_size))?
             .to_dtype(DType::F32)
@@ -267,7 +267,7 @@ impl Llama {
         let pos0 = Tensor::new(pos.as_slice(), &self.device)?;
         let x = self.layers_forward(x, seqs, &pos0, cache, probe, observe)?;
         let mut clock = profile::start(&self.device);
-        let logits = self.lm_head.forward(&self.norm.forward(&x)?)?; // [B, 1, vocab]
+        let logits = self.lm_head.forward(&x)?; // [B, 1, vocab]
         let logits = logits
             .reshape((b, self.cfg.vocab_size))?
             .to_dtype(DType::F32);
@@ -276,11 +276,13 @@ impl Llama {
     }
 
     /// The decoder layers over `x` `[b, t, hidden]` (row `i` belongs to `seqs[i]`, its first
-    /// token at position `pos0[i]`, `[b]` u32). Returns the last layer's residual stream.
+    /// token at position `pos0[i]`, `[b]` u32). Returns the last layer's residual stream
+    /// through the model's final norm (what the LM head takes).
     ///
     /// Per layer: merged q/k/v matmul, RoPE + split, attention (the backend), o matmul, residual
     /// add + post-attention norm, merged gate/up matmul, SiLU * up, down matmul, and the
-    /// residual add fused with the next layer's input norm ([`super::fused`]).
+    /// residual add fused with the next layer's input norm, or after the last layer with the
+    /// final norm ([`super::fused`]; no candle binary op is left in the GPU forward).
     fn layers_forward(
         &self,
         x: Tensor,
@@ -299,7 +301,7 @@ impl Llama {
         let fused = self.fused;
         let scale = 1.0 / (heads.dim as f64).sqrt();
         let Some(first) = self.layers.first() else {
-            return Ok(x);
+            return self.norm.forward(&x);
         };
         // Phase names of the opt-in profile (`crate::profile`), decode or prefill.
         let ph = if t == 1 {
@@ -353,16 +355,16 @@ impl Llama {
             let mlp = layer
                 .down
                 .forward(&fused::silu_mul(&layer.gate_up.forward(&h1)?, fused)?)?;
-            match self.layers.get(l + 1) {
-                Some(next) => {
-                    let n = &next.input_norm;
-                    (x, hs) = fused::add_rms_norm(&x1, &mlp, &n.weight, n.eps, fused)?;
-                }
-                None => x = (x1 + mlp)?,
-            }
+            // The next layer's input norm, or after the last layer the model's final norm.
+            let n = match self.layers.get(l + 1) {
+                Some(next) => &next.input_norm,
+                None => &self.norm,
+            };
+            (x, hs) = fused::add_rms_norm(&x1, &mlp, &n.weight, n.eps, fused)?;
             profile::mark(dev, &mut clock, ph[4]);
         }
-        Ok(x)
+        drop(x);
+        Ok(hs)
     }
 
     /// Vocabulary size of the LM head.
@@ -376,31 +378,11 @@ impl Llama {
     }
 
     /// Greedy next token of every row of `logits` `[batch, vocab]` f32, the first index on
-    /// ties as [`Llama::argmax_host`]. On a GPU it runs there and only `batch` ids come back: a
-    /// decode step of 192 SmolLM2 sequences otherwise copies 38 MB of logits to the host.
+    /// ties as [`Llama::argmax_host`] scans a row. On a GPU it runs there
+    /// ([`super::fused::argmax_rows`]) and only `batch` ids come back: a decode step of 192
+    /// SmolLM2 sequences otherwise copies 38 MB of logits to the host.
     pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
-        if logits.device().is_cuda() {
-            return Self::argmax_rows_first(logits);
-        }
-        Ok(logits
-            .to_vec2::<f32>()?
-            .iter()
-            .map(|row| Self::argmax_host(row))
-            .collect())
-    }
-
-    /// [`Llama::argmax_rows`] with tensor ops on the logits' device. candle's `argmax` leaves
-    /// ties unspecified (and bf16 logits tie often enough), so the first maximum is found as
-    /// the largest `vocab - i` over the row's maxima.
-    pub fn argmax_rows_first(logits: &Tensor) -> Result<Vec<u32>> {
-        let (_, v) = logits.dims2()?;
-        let dev = logits.device();
-        let at_max = logits
-            .broadcast_ge(&logits.max_keepdim(1)?)?
-            .to_dtype(DType::U32)?;
-        let rev = (Tensor::full(v as u32, v, dev)? - Tensor::arange(0u32, v as u32, dev)?)?;
-        let best = at_max.broadcast_mul(&rev)?.max(1)?.to_vec1::<u32>()?;
-        Ok(best.into_iter().map(|m| v as u32 - m).collect())
+        super::fused::argmax_rows(logits, true)
     }
 
     /// Argmax of one row of logits on the host, first index on ties ([`Llama::argmax`]).
@@ -419,22 +401,26 @@ impl Llama {
 mod tests {
     use super::*;
 
-    /// The device formula (run here on the CPU) picks the first maximum, as the host argmax,
-    /// with ties at the front, the back, and across the row, and a -inf row.
+    /// The first maximum, as a scan from index 0 finds it: ties at the front, the back and
+    /// across the row, a -inf row, NaNs (never a maximum; a row starting with NaN gives 0).
     #[test]
-    fn argmax_rows_first_takes_the_first_maximum() {
+    fn argmax_takes_the_first_maximum() {
+        let nan = f32::NAN;
         let rows: Vec<Vec<f32>> = vec![
             vec![1.0, 3.0, 3.0, -2.0, 3.0],
             vec![5.0, 5.0, 0.0, 1.0, 5.0],
             vec![0.0, 0.0, 0.0, 0.0, 0.5],
             vec![-1.0, -1.0, -1.0, -1.0, -1.0],
             vec![f32::NEG_INFINITY, -3.0, -3.0, f32::NEG_INFINITY, -4.0],
+            vec![1.0, nan, 2.0, nan, 2.0],
+            vec![nan, 1.0, 9.0, 0.0, 2.0],
+            vec![f32::NEG_INFINITY, nan, nan, nan, nan],
         ];
+        let want = vec![1, 0, 4, 0, 1, 2, 0, 0];
+        let got: Vec<u32> = rows.iter().map(|r| Llama::argmax_host(r)).collect();
+        assert_eq!(got, want);
         let flat: Vec<f32> = rows.iter().flatten().copied().collect();
         let t = Tensor::from_vec(flat, (rows.len(), 5), &Device::Cpu).unwrap();
-        let want: Vec<u32> = rows.iter().map(|r| Llama::argmax_host(r)).collect();
-        assert_eq!(want, vec![1, 0, 4, 0, 1]);
-        assert_eq!(Llama::argmax_rows_first(&t).unwrap(), want);
         assert_eq!(Llama::argmax_rows(&t).unwrap(), want);
     }
 }
