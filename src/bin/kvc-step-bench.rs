@@ -289,6 +289,7 @@ fn decode_tables(a: &Args, ctx: usize) -> anyhow::Result<DecodeTables> {
         let t = Instant::now();
         let with_pos: Vec<(SeqId, u32)> = seqs.iter().map(|&s| (s, (ctx + step) as u32)).collect();
         let positions: Vec<u32> = with_pos.iter().map(|p| p.1).collect();
+        // As `PagedCache` on a GPU: compressed sequences keep metric and position on the device.
         let app = pool.append_step(&with_pos, |_| false)?;
         if !tables.follow(&pool, &app, &positions, &[], &[])? {
             tables = StepTables::build(&pool, &seqs, &dev)?;

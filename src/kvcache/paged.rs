@@ -354,32 +354,29 @@ impl PagedCache {
                 seqs: Default::default(),
             });
         }
-        match &self.meta {
-            None => unreachable!("created above"),
-            Some(m) if !m.seqs.contains(&seq) => {
-                let (mut slots, mut metric, mut position) = (Vec::new(), Vec::new(), Vec::new());
-                for l in 0..self.spec.layers {
-                    for h in 0..self.spec.kv_heads {
-                        slots.extend(self.pool.slots(l, seq, h).map_err(be)?);
-                        metric.extend(self.pool.metrics(l, seq, h).map_err(be)?);
-                        position.extend(self.pool.positions(l, seq, h).map_err(be)?);
-                    }
-                }
-                let slots: Vec<u32> = slots.into_iter().map(|s| s as u32).collect();
-                if dev.is_cuda() {
-                    cuda::set_meta(&m.metric, &m.position, &slots, &metric, &position)?;
-                } else {
-                    let n = slots.len();
-                    let idx = Tensor::from_vec(slots, n, &dev)?;
-                    m.metric
-                        .scatter_set(&idx, &Tensor::from_vec(metric, n, &dev)?, 0)?;
-                    m.position
-                        .scatter_set(&idx, &Tensor::from_vec(position, n, &dev)?, 0)?;
+        let m = self.meta.as_mut().expect("created above");
+        if !m.seqs.contains(&seq) {
+            let (mut slots, mut metric, mut position) = (Vec::new(), Vec::new(), Vec::new());
+            for l in 0..self.spec.layers {
+                for h in 0..self.spec.kv_heads {
+                    slots.extend(self.pool.slots(l, seq, h).map_err(be)?);
+                    metric.extend(self.pool.metrics(l, seq, h).map_err(be)?);
+                    position.extend(self.pool.positions(l, seq, h).map_err(be)?);
                 }
             }
-            Some(_) => {}
+            let slots: Vec<u32> = slots.into_iter().map(|s| s as u32).collect();
+            if dev.is_cuda() {
+                cuda::set_meta(&m.metric, &m.position, &slots, &metric, &position)?;
+            } else {
+                let n = slots.len();
+                let idx = Tensor::from_vec(slots, n, &dev)?;
+                m.metric
+                    .scatter_set(&idx, &Tensor::from_vec(metric, n, &dev)?, 0)?;
+                m.position
+                    .scatter_set(&idx, &Tensor::from_vec(position, n, &dev)?, 0)?;
+            }
+            m.seqs.insert(seq);
         }
-        self.meta.as_mut().expect("created above").seqs.insert(seq);
         Ok(())
     }
 

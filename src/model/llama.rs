@@ -363,7 +363,6 @@ impl Llama {
             (x, hs) = fused::add_rms_norm(&x1, &mlp, &n.weight, n.eps, fused)?;
             profile::mark(dev, &mut clock, ph[4]);
         }
-        drop(x);
         Ok(hs)
     }
 
