@@ -11,13 +11,13 @@
 #   3. the gate: kvc compare against the committed baseline, exit 1 on a drop beyond
 #      $TOLERANCE points in any subset or category.
 #
-# Env: RESULTS (default results/nightly), BASELINE (default results/baselines/nightly.csv),
+# Env: RESULTS (default results/nightly), BASELINE (default docs/results/baselines/nightly.csv),
 #      TOLERANCE (default 1.0 LongBench points), KVC (default: cargo run --release --bin kvc --).
 # Refresh the baseline after an intended change: cp "$RESULTS/scores.csv" "$BASELINE".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RESULTS="${RESULTS:-results/nightly}"
-BASELINE="${BASELINE:-results/baselines/nightly.csv}"
+BASELINE="${BASELINE:-docs/results/baselines/nightly.csv}"
 TOLERANCE="${TOLERANCE:-1.0}"
 KVC="${KVC:-cargo run --quiet --release --bin kvc --}"
 
