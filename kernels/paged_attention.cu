@@ -165,7 +165,7 @@ __device__ __forceinline__ void cp_async_wait() {
 //   cp.async (loads for the next ASYNC_STAGES - 1 stages in flight while one is consumed,
 //   without holding registers). Each lane reads back only the bytes it copied itself, so
 //   cp.async.wait_group is the only synchronisation.
-// Measured on the H200 (batch 64 x 4096 x d128 bf16, results/committed/issue6-h200-2026-12-02b):
+// Measured on the H200 (batch 64 x 4096 x d128 bf16, docs/results/sweep-speed-vs-transformers/decode-kernel-fused-prefill-softmax):
 // the two-pass form this replaced (scores first, then p * v) streamed 23 % of the copy rate;
 // the register pipeline 71 %, the async one 90 % (73 % with the probabilities and the metric).
 // Past a certain point the loop is bound by instruction issue, not memory: per-key branches

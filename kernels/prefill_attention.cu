@@ -6,7 +6,7 @@
 //
 // Why: the unfused path (candle matmul, prefill_softmax, matmul) writes and reads the scores
 // four times; at 7500 tokens that is ~1 GB per layer and most of a SmolLM2 prefill's time
-// (results/committed/issue6-h200-2026-12-03/step-breakdown.txt: ~60 ms per zh prompt).
+// (docs/results/sweep-speed-vs-transformers/decode-tables-on-device/step-breakdown.txt: ~60 ms per zh prompt).
 //
 //   prefill_flash_<dtype>_d<D>: grid (ceil(t / 64), kv_heads * group), 128 threads (4 warps of
 //   16 query rows), static smem ~19 KB (D = 64) / ~36 KB (D = 128). CTAs walk 64-key tiles;

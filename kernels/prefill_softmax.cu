@@ -5,7 +5,7 @@
 // The unfused candle chain it replaces (scale, cast to f32, build the mask from positions,
 // broadcast-add it, softmax, cast back) made ~75 % of a SmolLM2 prefill's GPU time on the
 // H200: 170 of 226 ms for 4000 tokens, seven passes over a [heads, queries, keys] tensor
-// (ncu, results/committed/issue6-h200-2026-12-02b/). Here: two reads of the scores and one write.
+// (ncu, docs/results/sweep-speed-vs-transformers/decode-kernel-fused-prefill-softmax/). Here: two reads of the scores and one write.
 //
 // Numerics follow that chain: the scaled score is rounded to the compute dtype
 // (candle's affine in T: x * T(scale)), the softmax is expf(x - max) * (1 / sum) in f32, and the

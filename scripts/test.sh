@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite from a fresh clone (the README's test command; .ci/run calls it).
-#   scripts/test.sh            # CPU: fetch model, conformance venv, cargo test
+#   scripts/test.sh            # CPU: fetch model, conformance venv, cargo test, then the
+#                              # README's first command in a fresh clone (readme-main-job.sh)
 #   scripts/test.sh --cuda     # also check that the CUDA build compiles (toolchain from PyPI)
 # Installs what it needs: Rust (rustup, when cargo is missing), the embedded model
 # (scripts/fetch-model.sh), the Python venv with LongBench's official metrics
@@ -47,6 +48,9 @@ cargo test --locked --no-run
 stamp "running tests"
 CI=${CI:-1} cargo test --locked -- --test-threads=2
 stamp "CPU tests passed"
+stamp "the README's first command in a fresh clone (release build)"
+scripts/readme-main-job.sh
+stamp "README main job passed"
 if [[ $cuda == 1 ]]; then
   # A compile check, so the dev profile in the same target directory as the tests: every
   # crate that the `cuda` feature does not touch (tokenizers, plotters, ...) is reused, and only

@@ -209,12 +209,18 @@ fn hub_dataset_is_found_in_the_cache_offline() {
 
 #[test]
 fn bundled_sample_rows_come_from_official_files() {
-    // The bundled rows are official rows: every one parses with all eight fields.
-    let ds = Dataset::open_path(std::path::Path::new(concat!(
+    // The bundled rows are official rows: every one parses with all eight fields. The binary
+    // carries them (no checkout at run time), byte for byte the files in the repository.
+    let ds = Dataset::bundled();
+    let on_disk = Dataset::open_path(std::path::Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/datasets/longbench/sample"
     )))
     .unwrap();
+    assert_eq!(ds.subsets().unwrap(), on_disk.subsets().unwrap());
+    for s in ds.subsets().unwrap() {
+        assert_eq!(ds.sha256(&s).unwrap(), on_disk.sha256(&s).unwrap(), "{s}");
+    }
     assert_eq!(
         ds.subsets().unwrap(),
         ["multi_news", "multifieldqa_zh", "passage_retrieval_zh"]

@@ -689,3 +689,64 @@ fn shared_prefill_rows_equal_separate_runs_and_resume_per_run() {
     let s = rows_by_id(&shared.out, "snapkv/rate4");
     assert!(s.values().all(|r| r["prefill_shared"] == 2), "{s:?}");
 }
+
+#[test]
+fn eval_scores_only_its_own_runs_and_warns_on_its_unscorable_ones() {
+    // Another tree under --out with an empty predictions file (committed evidence once sat in
+    // the default output tree): not this command's, so neither scored nor fatal.
+    let f = fixture();
+    let stray = f.out.join("other-model/h2o/rate2/preds");
+    std::fs::create_dir_all(&stray).unwrap();
+    std::fs::write(stray.join("passage_retrieval_zh.jsonl"), "").unwrap();
+    let o = f.run(&[], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_complete(&f);
+    let csv = std::fs::read_to_string(f.out.join("scores.csv")).unwrap();
+    assert!(!csv.contains("other-model"), "{csv}");
+    assert!(!stray.parent().unwrap().join("result.json").exists());
+    // One of its own runs that cannot be scored (its rows torn away by hand) is a warning
+    // naming the directory; the command still writes the scores it can.
+    let preds = f.run_dir().join("preds");
+    for s in ["hotpotqa", "samsum"] {
+        std::fs::write(preds.join(format!("{s}.jsonl")), "").unwrap();
+    }
+    let o = f.run(&["--limit", "0"], &[]);
+    let t = text(&o);
+    assert!(
+        t.contains("warning: not scored:") && t.contains("full/rate1"),
+        "{t}"
+    );
+}
+
+#[test]
+fn ruler_only_run_reads_no_longbench_files() {
+    // A RULER-only run never opens --data-dir (here a path that does not exist).
+    let f = fixture();
+    let args: Vec<String> = [
+        "eval",
+        "--model",
+        f.model.to_str().unwrap(),
+        "--data-dir",
+        "/nonexistent/longbench",
+        "--tasks",
+        "ruler:niah_single_1",
+        "--lengths",
+        "1024",
+        "--ruler-samples",
+        "1",
+        "--methods",
+        "full",
+        "--max-new-tokens",
+        "2",
+        "--out",
+        f.out.to_str().unwrap(),
+        "--no-progress",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let o = f.cmd_with(args, &[]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("RULER only"), "{}", text(&o));
+    assert!(f.out.join("scores.csv").is_file());
+}

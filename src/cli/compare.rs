@@ -22,10 +22,10 @@ Exit codes: 0 when nothing dropped by more than --tolerance points; 1 when some 
 did, or a key of the baseline is missing from the current file; 2 on an error (unreadable CSV).
 
 Example (nightly CI, see scripts/nightly.sh):
-  kvc compare --baseline results/baselines/nightly.csv --current results/nightly/scores.csv --tolerance 1.0"
+  kvc compare --baseline docs/results/baselines/nightly.csv --current results/nightly/scores.csv --tolerance 1.0"
 )]
 pub struct CompareArgs {
-    /// The reference scores.csv (e.g. a committed baseline in results/baselines/).
+    /// The reference scores.csv (e.g. a committed baseline in docs/results/baselines/).
     #[arg(long)]
     pub baseline: PathBuf,
     /// The scores.csv to check.

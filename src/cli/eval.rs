@@ -28,9 +28,6 @@ use crate::report::plot::{draw_figure, quality_figures};
 use crate::report::scores::{self, Budget};
 use crate::util::Status;
 
-/// The bundled LongBench sample (rows copied unchanged from official files).
-pub const BUNDLED_DATA: &str = "datasets/longbench/sample";
-
 /// What `kvc eval` with no `--tasks`/`--limit` runs on the bundled sample: the shortest row of
 /// multi_news and of multifieldqa_zh, so the embedded default finishes in minutes on a CPU
 /// (passage_retrieval_zh's rows are 7530 tokens: `--tasks all` runs the whole sample).
@@ -51,8 +48,10 @@ computed once) plus every --methods entry at every --rates value above 1 and eve
                                                          versions, model/data revisions, device
   <out>/<model>/<method>/<budget>/preds/<subset>.jsonl  one row per sample, appended as made
 
-then kvc scores the whole tree exactly as LongBench's eval.py (<out>/scores.csv, summary.csv,
-result.json per run; see `kvc score --help`), draws <out>/plots/ and prints a summary.
+then kvc scores the runs of this command exactly as LongBench's eval.py (<out>/scores.csv,
+summary.csv, result.json per run; see `kvc score --help`), draws <out>/plots/ and prints a
+summary. Other directories under <out> are not read (a run that cannot be scored is a warning);
+`kvc score <out>` scores the whole tree.
 
 Prompts are LongBench's pred.py: the subset's template, middle truncation to the model's max
 input length (Llama-3.1 127500, Mistral-7B-v0.2 31500, SmolLM2 7500 tokens), the chat template
@@ -220,15 +219,6 @@ pub struct OutputArgs {
     pub quiet: bool,
 }
 
-/// The bundled sample directory: `./datasets/longbench/sample`, else beside the sources.
-fn bundled_dir() -> PathBuf {
-    let local = PathBuf::from(BUNDLED_DATA);
-    if local.is_dir() {
-        return local;
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(BUNDLED_DATA)
-}
-
 /// Progress display: one bar per run on a terminal, else a line per run.
 struct Progress {
     show_bars: bool,
@@ -334,13 +324,6 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
     for n in &notes {
         eprintln!("note: {n}");
     }
-    let env = HubEnv::from_env();
-    let data = match &args.data.data_dir {
-        Some(d) => Dataset::open(d, &env)?,
-        None => Dataset::open_path(&bundled_dir()).context(
-            "the bundled LongBench sample is missing (run from the kvc checkout, or pass --data-dir)",
-        )?,
-    };
     // RULER entries (`ruler`, `ruler:<task>`) are generated after the model loads (prompts
     // are fitted with its tokenizer); the rest are LongBench subsets.
     let mut ruler_tasks: Vec<&'static crate::data::ruler::RulerTask> = Vec::new();
@@ -365,6 +348,20 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
             None => longbench_spec.push(item),
         }
     }
+    // LongBench rows are read only when a LongBench subset is asked for: a RULER-only run
+    // needs no data files (the bundled sample stands in, never read).
+    let needs_longbench = args.data.tasks.is_none() || !longbench_spec.is_empty();
+    let env = HubEnv::from_env();
+    let data = match &args.data.data_dir {
+        Some(d) if needs_longbench => Dataset::open(d, &env)?,
+        Some(d) => {
+            note(&format!(
+                "note: --data-dir {d} is not read: only RULER tasks were asked for"
+            ));
+            Dataset::bundled()
+        }
+        None => Dataset::bundled(),
+    };
     if !ruler_tasks.is_empty() {
         anyhow::ensure!(
             args.data.ruler_samples > 0,
@@ -403,7 +400,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
     }
     note(&format!(
         "data: {} ({} subsets, {} samples); runs: {}",
-        data.description,
+        if needs_longbench {
+            data.description.as_str()
+        } else {
+            "no LongBench files (RULER only)"
+        },
         subsets.len(),
         subsets.iter().map(|s| s.ids.len()).sum::<usize>(),
         plans
@@ -610,13 +611,17 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
         x.insert("device".into(), device_name.clone().into());
         x.insert(
             "data".into(),
-            serde_json::json!({
-                "source": data.description,
-                "hub_repo": data.hub_repo,
-                "revision": data.revision,
-                "bundled_sample": bundled,
-                "files": files_json,
-            }),
+            if needs_longbench {
+                serde_json::json!({
+                    "source": data.description,
+                    "hub_repo": data.hub_repo,
+                    "revision": data.revision,
+                    "bundled_sample": bundled,
+                    "files": files_json,
+                })
+            } else {
+                serde_json::Value::Null
+            },
         );
         x.insert("warnings".into(), serde_json::json!(data_warnings));
         x.insert("tasks".into(), serde_json::json!(task_names));
@@ -702,13 +707,18 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
 
     // 5. Score the tree, plot, summarize.
     let mut clock = crate::profile::start(&device);
-    let t = scores::score_tree(
+    // Only this command's runs: other directories under --out are not this job's to score.
+    let run_dirs: Vec<PathBuf> = outcomes.iter().map(|o| o.dir.clone()).collect();
+    let t = scores::score_runs(
         &args.output.out,
+        &run_dirs,
         false,
         OnError::Stop,
         &MetricOptions::default(),
-    )
-    .with_context(|| format!("scoring {}", args.output.out.display()))?;
+    );
+    for (dir, why) in &t.unscored {
+        progress.warn(&format!("not scored: {}: {why}", dir.display()));
+    }
     let scores_path = args.output.out.join("scores.csv");
     let summary_path = args.output.out.join("summary.csv");
     scores::write_csv(&scores_path, &t.rows)?;

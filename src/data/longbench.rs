@@ -140,7 +140,26 @@ pub enum DataSource {
     Zip(PathBuf),
     /// Parquet files per subset (several when a subset is split into shards), in name order.
     Parquet(BTreeMap<String, Vec<PathBuf>>),
+    /// JSON lines compiled into the binary: (subset, file text) in name order.
+    Embedded(&'static [(&'static str, &'static str)]),
 }
+
+/// The bundled sample (`datasets/longbench/sample/`: official rows copied byte for byte),
+/// compiled into the binary so that an installed kvc needs no checkout.
+const BUNDLED_SAMPLE: &[(&str, &str)] = &[
+    (
+        "multi_news",
+        include_str!("../../datasets/longbench/sample/multi_news.jsonl"),
+    ),
+    (
+        "multifieldqa_zh",
+        include_str!("../../datasets/longbench/sample/multifieldqa_zh.jsonl"),
+    ),
+    (
+        "passage_retrieval_zh",
+        include_str!("../../datasets/longbench/sample/passage_retrieval_zh.jsonl"),
+    ),
+];
 
 /// An opened LongBench source.
 #[derive(Debug, Clone)]
@@ -213,6 +232,16 @@ impl Dataset {
             return Self::from_hub(repo, rev, env);
         }
         Self::open_path(Path::new(arg))
+    }
+
+    /// The bundled LongBench sample (2 official rows of each of 3 subsets), from the binary.
+    pub fn bundled() -> Dataset {
+        Dataset {
+            source: DataSource::Embedded(BUNDLED_SAMPLE),
+            description: "the bundled LongBench sample (embedded)".into(),
+            revision: None,
+            hub_repo: None,
+        }
     }
 
     /// Open a local path (see [`Dataset::open`]).
@@ -389,6 +418,7 @@ impl Dataset {
                 .collect::<Vec<_>>(),
             DataSource::Zip(z) => zip_members(z)?.into_keys().collect(),
             DataSource::Parquet(m) => m.keys().cloned().collect(),
+            DataSource::Embedded(files) => files.iter().map(|(s, _)| s.to_string()).collect(),
         };
         v.sort();
         Ok(v)
@@ -427,6 +457,7 @@ impl Dataset {
                 Some(f) => format!("{} (parquet rows)", f.display()),
                 None => format!("{subset}.parquet"),
             },
+            DataSource::Embedded(_) => format!("<bundled sample>/{subset}.jsonl"),
         }
     }
 
@@ -457,6 +488,13 @@ impl Dataset {
                 };
                 Ok(Box::new(ParquetJsonl::new(files.clone())))
             }
+            DataSource::Embedded(files) => match files.iter().find(|(s, _)| *s == subset) {
+                Some((_, text)) => Ok(Box::new(text.as_bytes())),
+                None => {
+                    self.require(subset)?;
+                    unreachable!("require fails for a missing subset");
+                }
+            },
         }
     }
 

@@ -230,7 +230,7 @@ pub const PART_SLOTS: usize = 2048;
 /// (about 1024 CUDA blocks in all), it doubled to 4096 slots when `full`'s 8k-token rows joined
 /// a sweep's batch, and the bf16 outputs of the other rows' long contexts changed (30 % of
 /// rate-2 predictions on the H200, 2026-12-02). Partitions shorter than 2048 slots lost 5–15 %
-/// at batch 64 x 4096 and batch 2 x 32768 (`results/committed/issue6-h200-2026-12-02b/`); at
+/// at batch 64 x 4096 and batch 2 x 32768 (`docs/results/sweep-speed-vs-transformers/decode-kernel-fused-prefill-softmax/`); at
 /// both shapes 2048 was the measured best or near-best row.
 pub fn default_part_slots(_shape: &DecodeShape, max_len: usize) -> usize {
     PART_SLOTS.min(max_len).max(1)

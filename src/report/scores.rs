@@ -179,6 +179,8 @@ pub struct TreeScores {
     pub n_failed: usize,
     /// The runs found, with their per-subset results.
     pub runs: Vec<(RunId, Vec<SubsetResult>)>,
+    /// Run directories left out by [`score_runs`], with the reason.
+    pub unscored: Vec<(PathBuf, String)>,
 }
 
 /// Find every `preds/` directory under `root` and identify its run.
@@ -446,7 +448,8 @@ pub fn summarize(rows: &[ScoreRow]) -> Vec<SummaryRow> {
     out
 }
 
-/// Score every run under `root`, write `<run>/result.json` for each, and return the rows.
+/// Score every run under `root`, write `<run>/result.json` for each, and return the rows. Any
+/// run that cannot be scored stops it (`kvc score DIR`: the whole tree is the request).
 pub fn score_tree(
     root: &Path,
     force_e: bool,
@@ -462,18 +465,59 @@ pub fn score_tree(
     }
     let mut out = TreeScores::default();
     for run in runs {
-        let d = score::score_pred_dir(&run.dir.join("preds"), force_e, on_error, opts)?;
-        let path = run.dir.join("result.json");
-        write_atomic(&path, score::result_json(&d.subsets).as_bytes())
-            .map_err(|source| ReportError::Write { path, source })?;
-        out.rows.extend(rows_of(&run, &d.subsets, opts));
-        out.skipped.extend(d.skipped);
-        out.n_failed += d.subsets.iter().map(|s| s.n_failed).sum::<usize>();
-        out.runs.push((run, d.subsets));
+        score_one(&mut out, run, force_e, on_error, opts)?;
     }
-    out.missing_full = fill_percent_of_full(&mut out.rows);
-    out.summary = summarize(&out.rows);
+    out.finish();
     Ok(out)
+}
+
+/// Score the given run directories (`kvc eval`: the runs it made or resumed, nothing else under
+/// its output root). A directory that cannot be identified or scored is left out and named in
+/// [`TreeScores::unscored`] with the reason, so one bad run never ends the others' scoring.
+pub fn score_runs(
+    root: &Path,
+    dirs: &[PathBuf],
+    force_e: bool,
+    on_error: OnError,
+    opts: &MetricOptions,
+) -> TreeScores {
+    let mut out = TreeScores::default();
+    for dir in dirs {
+        let scored = identify_run(root, dir)
+            .and_then(|run| score_one(&mut out, run, force_e, on_error, opts));
+        if let Err(e) = scored {
+            out.unscored.push((dir.clone(), e.to_string()));
+        }
+    }
+    out.finish();
+    out
+}
+
+/// Score one run into `out` (its `result.json` written first); `out` is unchanged on error.
+fn score_one(
+    out: &mut TreeScores,
+    run: RunId,
+    force_e: bool,
+    on_error: OnError,
+    opts: &MetricOptions,
+) -> Result<(), ReportError> {
+    let d = score::score_pred_dir(&run.dir.join("preds"), force_e, on_error, opts)?;
+    let path = run.dir.join("result.json");
+    write_atomic(&path, score::result_json(&d.subsets).as_bytes())
+        .map_err(|source| ReportError::Write { path, source })?;
+    out.rows.extend(rows_of(&run, &d.subsets, opts));
+    out.skipped.extend(d.skipped);
+    out.n_failed += d.subsets.iter().map(|s| s.n_failed).sum::<usize>();
+    out.runs.push((run, d.subsets));
+    Ok(())
+}
+
+impl TreeScores {
+    /// Percent of full cache and the summary, once every run is in.
+    fn finish(&mut self) {
+        self.missing_full = fill_percent_of_full(&mut self.rows);
+        self.summary = summarize(&self.rows);
+    }
 }
 
 /// Serialise rows to CSV text (header + rows; `None` → empty cell, NaN → `NaN`).
