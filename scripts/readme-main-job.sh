@@ -21,7 +21,7 @@ check() {
   [[ -s results/scores.csv ]] || { echo "readme-main-job: $what: no results/scores.csv" >&2; exit 1; }
   [[ -s results/summary.csv ]] || { echo "readme-main-job: $what: no results/summary.csv" >&2; exit 1; }
   compgen -G "results/plots/*.png" >/dev/null || { echo "readme-main-job: $what: no plot in results/plots/" >&2; exit 1; }
-  grep -q '^SmolLM2' results/scores.csv || { echo "readme-main-job: $what: scores.csv has no SmolLM2 row" >&2; exit 1; }
+  grep -qi '^smollm2' results/scores.csv || { echo "readme-main-job: $what: scores.csv has no SmolLM2 row" >&2; exit 1; }
 }
 bash -c "$cmd" </dev/null >"$work/first.out"
 check "first run"
