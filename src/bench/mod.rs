@@ -143,7 +143,7 @@ pub fn validate(
     if sw.num_prompts == 0 {
         anyhow::bail!("--num-prompts must be at least 1");
     }
-    let ctx = cfg.max_position_embeddings;
+    let ctx = cfg.max_context();
     if let Some(&l) = sw.input_lens.iter().find(|&&l| l + sw.output_len > ctx) {
         anyhow::bail!(
             "input length {l} + output length {} = {} tokens exceeds the model's context of {ctx} tokens: use shorter --input-lens or --output-len",

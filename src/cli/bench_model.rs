@@ -88,11 +88,11 @@ pub fn run(args: BenchModelArgs) -> anyhow::Result<Status> {
     let device = format!("{:?}", lm.model.device);
     let dtype = format!("{:?}", lm.model.dtype).to_lowercase();
     for &n in &args.prompt_lens {
-        if n == 0 || n + args.decode_tokens > cfg.max_position_embeddings {
+        if n == 0 || n + args.decode_tokens > cfg.max_context() {
             anyhow::bail!(
                 "prompt length {n} + {} decode tokens does not fit the model's context of {} tokens",
                 args.decode_tokens,
-                cfg.max_position_embeddings
+                cfg.max_context()
             );
         }
     }
@@ -101,7 +101,7 @@ pub fn run(args: BenchModelArgs) -> anyhow::Result<Status> {
         stop_ids: Default::default(),
         min_new_tokens: 0,
         prefill_chunk: args.prefill_chunk,
-        max_context: cfg.max_position_embeddings,
+        max_context: cfg.max_context(),
     };
     // Warm-up.
     let warm = synthetic_prompt(64, cfg.vocab_size, 7);

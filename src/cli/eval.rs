@@ -443,11 +443,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
         None => match hub::default_max_input(&lm.name) {
             Some(m) => m,
             None => {
-                let m = lm
-                    .config()
-                    .max_position_embeddings
-                    .saturating_sub(512)
-                    .max(1);
+                let m = lm.config().max_context().saturating_sub(512).max(1);
                 eprintln!("note: no LongBench max input length is known for {}: truncating prompts to {m} tokens (context - 512); set --max-input-tokens", lm.name);
                 m
             }

@@ -37,7 +37,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<Status> {
     let mut lm = args.model.load()?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
     let prompt_ids = lm.prompt_ids(&args.prompt, args.chat)?;
-    let max_ctx = lm.config().max_position_embeddings;
+    let max_ctx = lm.config().max_context();
     if prompt_ids.len() >= max_ctx {
         return Err(ModelError::PromptTooLong {
             len: prompt_ids.len(),

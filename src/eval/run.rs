@@ -469,7 +469,7 @@ pub fn generate_ruler(
     s: &SampleSettings,
 ) -> Result<(Vec<SubsetPlan>, GeneratedRows), crate::data::ruler::RulerError> {
     use crate::data::ruler::{self, Measure, RulerError};
-    let context = lm.config().max_position_embeddings;
+    let context = lm.config().max_context();
     for &length in &plan.lengths {
         if length > context {
             return Err(RulerError::BeyondContext { length, context });
@@ -705,7 +705,7 @@ fn prepare(
     } else {
         prompt::build(lm, &filled, s.max_input_tokens, chat).map_err(|e| e.to_string())?
     };
-    let max_ctx = lm.config().max_position_embeddings;
+    let max_ctx = lm.config().max_context();
     let too_long = (built.ids.len() >= max_ctx).then(|| {
         format!(
             "prompt too long: {} tokens after truncation to {} (+ chat template), the model's context holds {max_ctx}: lower --max-input-tokens",

@@ -2,11 +2,23 @@
 //! (+ `generation_config.json`) or from GGUF metadata (STYLE.md habit 1).
 //!
 //! The serde mirror [`HfConfig`] accepts fields the way they appear in the wild (an
-//! `eos_token_id` that is a number or a list, `rope_scaling` absent or null, `head_dim` absent).
+//! `eos_token_id` that is a number or a list, `rope_scaling` absent or null, `head_dim` absent,
+//! RoPE as `rope_parameters` or as `rope_theta` + `rope_scaling`).
+//!
+//! Contract: every key that changes the math is applied or refused with an error naming it,
+//! never defaulted in silence. Applied: RoPE (see [`crate::model::rope`]), `head_dim`,
+//! `num_key_value_heads`, `rms_norm_eps`, `tie_word_embeddings`, Mistral's `sliding_window` (as
+//! a context cap: within the window full attention equals windowed attention), defaults as
+//! transformers' config classes set them (Mistral's window 4096 and context 131072 when absent,
+//! Llama's context 2048). Refused: `attention_bias` / `mlp_bias` true, a `quantization_config`,
+//! `layer_types` other than full attention, `hidden_act` other than silu, unknown RoPE types.
+//! Not read: keys without effect on a llama-family forward (dtype, initializer range, ...), and
+//! `sliding_window` of a `LlamaForCausalLM`, which transformers' Llama ignores too.
 use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use crate::model::rope::{Rope, RopeScaling, DEFAULT_THETA};
 use crate::model::ModelError;
 
 /// Architecture families that share kvc's llama-family forward pass.
@@ -17,15 +29,6 @@ pub enum Arch {
     Llama,
     /// Mistral 7B (`MistralForCausalLM`): llama layers, optional sliding window.
     Mistral,
-}
-
-/// Llama-3.1 style frequency-dependent RoPE scaling (`rope_type: "llama3"`).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Llama3RopeScaling {
-    pub factor: f64,
-    pub low_freq_factor: f64,
-    pub high_freq_factor: f64,
-    pub original_max_position_embeddings: usize,
 }
 
 /// The resolved configuration every loader produces and the forward pass reads.
@@ -40,13 +43,13 @@ pub struct Config {
     pub num_key_value_heads: usize,
     pub head_dim: usize,
     pub rms_norm_eps: f64,
-    pub rope_theta: f64,
-    pub rope_scaling: Option<Llama3RopeScaling>,
+    pub rope: Rope,
     /// Longest context the model was trained for (prompt + generated tokens).
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     /// Mistral's sliding attention window, when the checkpoint sets one. kvc attends over the
-    /// whole cache and refuses prompts longer than the window (see `Config::check_context`).
+    /// whole cache, which equals the window's attention while the context fits in it: the
+    /// window caps [`Config::max_context`].
     pub sliding_window: Option<usize>,
     pub bos_token_id: Option<u32>,
     /// Config-level end-of-sequence ids (the tokenizer adds chat-template stop tokens; see
@@ -55,6 +58,15 @@ pub struct Config {
 }
 
 impl Config {
+    /// Longest context kvc runs exactly: the trained context, capped by a sliding window.
+    /// Prompts at or past it are refused, generation stops there.
+    pub fn max_context(&self) -> usize {
+        self.sliding_window
+            .map_or(self.max_position_embeddings, |w| {
+                w.min(self.max_position_embeddings)
+            })
+    }
+
     /// Number of query heads sharing one kv-head.
     pub fn gqa_group(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads
@@ -133,16 +145,29 @@ pub struct HfConfig {
     pub head_dim: Option<usize>,
     #[serde(default = "default_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default = "default_theta")]
-    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
     #[serde(default)]
     pub rope_scaling: Option<serde_json::Value>,
-    #[serde(default = "default_max_pos")]
-    pub max_position_embeddings: usize,
+    /// transformers >= 5: `{rope_type, rope_theta, factor, ...}`.
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// Absent (`None`) differs from `null` (`Some(None)`): Mistral's config class defaults an
+    /// absent window to 4096.
+    #[serde(default, deserialize_with = "present")]
+    pub sliding_window: Option<Option<usize>>,
     #[serde(default)]
-    pub sliding_window: Option<usize>,
+    pub attention_bias: Option<bool>,
+    #[serde(default)]
+    pub mlp_bias: Option<bool>,
+    #[serde(default)]
+    pub quantization_config: Option<serde_json::Value>,
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
     #[serde(default)]
     pub bos_token_id: Option<u32>,
     #[serde(default)]
@@ -154,11 +179,14 @@ pub struct HfConfig {
 fn default_eps() -> f64 {
     1e-6
 }
-fn default_theta() -> f64 {
-    10_000.0
-}
-fn default_max_pos() -> usize {
-    4096
+
+/// A key that is present (even as `null`) deserializes to `Some`.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// The part of `generation_config.json` kvc reads.
@@ -204,9 +232,17 @@ impl HfConfig {
                 )));
             }
         }
-        let rope_scaling = match &self.rope_scaling {
-            None | Some(serde_json::Value::Null) => None,
-            Some(v) => Some(parse_rope_scaling(v).map_err(bad)?),
+        self.refuse_unsupported().map_err(bad)?;
+        let rope = Rope::from_hf(
+            self.rope_theta,
+            self.rope_scaling.as_ref(),
+            self.rope_parameters.as_ref(),
+        )
+        .map_err(bad)?;
+        // Defaults of transformers' config classes for absent keys.
+        let (sliding_window, max_pos) = match arch {
+            Arch::Mistral => (self.sliding_window.unwrap_or(Some(4096)), 4096 * 32),
+            Arch::Llama => (None, 2048),
         };
         let num_kv = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
         if self.num_attention_heads == 0 {
@@ -232,42 +268,49 @@ impl HfConfig {
             num_key_value_heads: num_kv,
             head_dim,
             rms_norm_eps: self.rms_norm_eps,
-            rope_theta: self.rope_theta,
-            rope_scaling,
-            max_position_embeddings: self.max_position_embeddings,
+            rope,
+            max_position_embeddings: self.max_position_embeddings.unwrap_or(max_pos),
             tie_word_embeddings: self.tie_word_embeddings,
-            sliding_window: self.sliding_window,
+            sliding_window,
             bos_token_id: self.bos_token_id.or(gen.and_then(|g| g.bos_token_id)),
             eos_token_ids: eos,
         };
         cfg.validate(path)?;
         Ok(cfg)
     }
-}
 
-fn parse_rope_scaling(v: &serde_json::Value) -> Result<Llama3RopeScaling, String> {
-    let kind = v
-        .get("rope_type")
-        .or_else(|| v.get("type"))
-        .and_then(|t| t.as_str())
-        .unwrap_or("default");
-    match kind {
-        "llama3" => {
-            let num = |k: &str| {
-                v.get(k)
-                    .and_then(|x| x.as_f64())
-                    .ok_or_else(|| format!("rope_scaling.{k} missing for rope_type llama3"))
-            };
-            Ok(Llama3RopeScaling {
-                factor: num("factor")?,
-                low_freq_factor: num("low_freq_factor")?,
-                high_freq_factor: num("high_freq_factor")?,
-                original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
-            })
+    /// Keys that would change the math in a way kvc does not implement.
+    fn refuse_unsupported(&self) -> Result<(), String> {
+        for (key, on) in [
+            ("attention_bias", self.attention_bias),
+            ("mlp_bias", self.mlp_bias),
+        ] {
+            if on == Some(true) {
+                return Err(format!(
+                    "{key}: true (biases on the projections) is not supported: kvc's llama-family forward has none"
+                ));
+            }
         }
-        other => Err(format!(
-            "rope_scaling type {other:?} is not supported (supported: none, \"llama3\")"
-        )),
+        if let Some(q) = self.quantization_config.as_ref().filter(|q| !q.is_null()) {
+            let method = q
+                .get("quant_method")
+                .and_then(|m| m.as_str())
+                .unwrap_or("?");
+            return Err(format!(
+                "quantization_config (quant_method {method:?}) is not supported: kvc loads bf16/f16/f32 safetensors or a GGUF file"
+            ));
+        }
+        if let Some(t) = self
+            .layer_types
+            .iter()
+            .flatten()
+            .find(|t| t.as_str() != "full_attention")
+        {
+            return Err(format!(
+                "layer_types contains {t:?}: kvc runs every layer with full attention"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -299,6 +342,7 @@ pub fn config_from_gguf(
     path: &Path,
     md: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
     has_output_tensor: bool,
+    has_rope_freqs: bool,
     vocab_len: usize,
 ) -> Result<Config, ModelError> {
     use candle_core::quantized::gguf_file::Value;
@@ -349,17 +393,29 @@ pub fn config_from_gguf(
     if let Some(e) = tok_id("tokenizer.ggml.eos_token_id") {
         eos.insert(e);
     }
-    let rope_scaling = match md
+    let scaling = match md
         .get(&p("rope.scaling.type"))
         .and_then(|v| v.to_string().ok())
+        .map(String::as_str)
     {
-        Some(t) if t == "llama3" => {
-            return Err(bad(
-                "GGUF rope.scaling.type llama3 without rope_freqs is not supported".into(),
-            ))
+        None | Some("none") => None,
+        Some("linear") => Some(RopeScaling::Linear {
+            factor: float("rope.scaling.factor").ok_or_else(|| {
+                bad("rope.scaling.type linear without rope.scaling.factor".into())
+            })?,
+        }),
+        Some(other) => {
+            return Err(bad(format!(
+                "GGUF rope.scaling.type {other:?} is not supported (supported: none, linear)"
+            )))
         }
-        _ => None,
     };
+    if has_rope_freqs {
+        // llama.cpp stores Llama-3.1's scaling as per-frequency factors in `rope_freqs.weight`.
+        return Err(bad(
+            "GGUF with rope_freqs (Llama-3.1 RoPE scaling) is not supported: use the safetensors checkpoint".into(),
+        ));
+    }
     let cfg = Config {
         arch,
         vocab_size: vocab,
@@ -370,8 +426,10 @@ pub fn config_from_gguf(
         num_key_value_heads: kv_heads,
         head_dim,
         rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-        rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
-        rope_scaling,
+        rope: Rope {
+            theta: float("rope.freq_base").unwrap_or(DEFAULT_THETA),
+            scaling,
+        },
         max_position_embeddings: int("context_length").unwrap_or(4096),
         tie_word_embeddings: !has_output_tensor,
         sliding_window: None,
@@ -423,10 +481,13 @@ mod tests {
             c.eos_token_ids.iter().copied().collect::<Vec<_>>(),
             vec![128001, 128008, 128009]
         );
-        assert_eq!(
-            c.rope_scaling.unwrap().original_max_position_embeddings,
-            8192
-        );
+        assert!(matches!(
+            c.rope.scaling,
+            Some(RopeScaling::Llama3 {
+                original_max_position_embeddings: 8192,
+                ..
+            })
+        ));
     }
 
     #[test]

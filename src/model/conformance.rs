@@ -245,7 +245,7 @@ pub fn check(
             stop_ids: lm.stop_ids.clone(),
             min_new_tokens: 0,
             prefill_chunk: opts.prefill_chunk,
-            max_context: lm.config().max_position_embeddings,
+            max_context: lm.config().max_context(),
         };
         let layers = lm.config().num_hidden_layers;
         let g = engine::generate(

@@ -49,27 +49,7 @@ struct Rope {
 impl Rope {
     fn new(cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
         let d = cfg.head_dim;
-        // As transformers: inv_freq = 1 / theta^(arange(0, d, 2) / d), in f32.
-        let mut inv_freq: Vec<f32> = (0..d)
-            .step_by(2)
-            .map(|i| 1.0 / (cfg.rope_theta as f32).powf(i as f32 / d as f32))
-            .collect();
-        if let Some(s) = &cfg.rope_scaling {
-            let low_wavelen = s.original_max_position_embeddings as f32 / s.low_freq_factor as f32;
-            let high_wavelen =
-                s.original_max_position_embeddings as f32 / s.high_freq_factor as f32;
-            for f in inv_freq.iter_mut() {
-                let wavelen = 2.0 * std::f32::consts::PI / *f;
-                if wavelen > low_wavelen {
-                    *f /= s.factor as f32;
-                } else if wavelen >= high_wavelen {
-                    let smooth = (s.original_max_position_embeddings as f32 / wavelen
-                        - s.low_freq_factor as f32)
-                        / (s.high_freq_factor as f32 - s.low_freq_factor as f32);
-                    *f = (1.0 - smooth) * *f / s.factor as f32 + smooth * *f;
-                }
-            }
-        }
+        let inv_freq = cfg.rope.inv_freq(d);
         let mut r = Rope {
             inv_freq,
             cos: Tensor::zeros((0, d / 2), dtype, device)?,
@@ -160,7 +140,10 @@ impl Llama {
             weight: get("model.norm.weight", &[h])?,
             eps,
         };
-        let head_w = if cfg.tie_word_embeddings || !src.contains("lm_head.weight") {
+        // Tied: the embedding is the head, even where the file also holds an lm_head (as
+        // transformers ties). Untied: lm_head.weight must exist (a GGUF's tie flag is the
+        // absence of its output tensor).
+        let head_w = if cfg.tie_word_embeddings {
             embed.clone()
         } else {
             src.get("lm_head.weight", &[cfg.vocab_size, h], dtype, device)?

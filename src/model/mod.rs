@@ -6,6 +6,7 @@ pub mod config;
 pub mod conformance;
 pub mod fused;
 pub mod llama;
+pub mod rope;
 pub mod tiny;
 pub mod tokenizer;
 pub mod weights;
@@ -183,7 +184,8 @@ pub fn load(
             let has_output = src.contains("lm_head.weight");
             let tok = Tokenizer::from_gguf(path, &md)?;
             let vocab_len = tok.inner.get_vocab_size(false);
-            let cfg = config::config_from_gguf(path, &md, has_output, vocab_len)?;
+            let has_rope_freqs = src.has_gguf_tensor("rope_freqs.weight");
+            let cfg = config::config_from_gguf(path, &md, has_output, has_rope_freqs, vocab_len)?;
             (cfg, tok, src)
         }
     };

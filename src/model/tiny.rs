@@ -26,6 +26,8 @@ pub struct TinySpec {
     pub layers: usize,
     pub heads: usize,
     pub kv_heads: usize,
+    /// Head dimension when it is not `hidden / heads` (written as config.json's `head_dim`).
+    pub head_dim: Option<usize>,
     pub tie_embeddings: bool,
     /// Llama-3.1 rope scaling.
     pub llama3_rope: bool,
@@ -47,6 +49,7 @@ impl Default for TinySpec {
             layers: 2,
             heads: 4,
             kv_heads: 2,
+            head_dim: None,
             tie_embeddings: true,
             llama3_rope: false,
             max_pos: 2048,
@@ -54,6 +57,13 @@ impl Default for TinySpec {
             scale: 0.15,
             quant_roundtrip: None,
         }
+    }
+}
+
+impl TinySpec {
+    /// The head dimension: `head_dim`, else `hidden / heads`.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden / self.heads)
     }
 }
 
@@ -122,7 +132,7 @@ fn tokenizer(
 /// Random weights under Hugging Face names.
 pub fn tiny_weights(spec: &TinySpec, vocab: usize) -> anyhow::Result<Vec<(String, Tensor)>> {
     let dev = Device::Cpu;
-    let hd = spec.hidden / spec.heads;
+    let hd = spec.head_dim();
     let mut rng_seed = spec.seed;
     let mut randn = |shape: &[usize], scale: f32| -> anyhow::Result<Tensor> {
         // A small deterministic generator (xorshift + Box-Muller) so fixtures are identical on
@@ -204,7 +214,7 @@ pub fn write_hf_dir(dir: &Path, spec: &TinySpec, shards: usize) -> anyhow::Resul
     std::fs::create_dir_all(dir)?;
     let (tokens, merges) = tiny_vocab();
     let vocab = tokens.len();
-    let hd = spec.hidden / spec.heads;
+    let hd = spec.head_dim();
     let mut cfg = serde_json::json!({
         "architectures": [spec.arch],
         "model_type": if spec.arch.starts_with("Mistral") { "mistral" } else { "llama" },
@@ -264,7 +274,7 @@ pub fn write_gguf(path: &Path, spec: &TinySpec, qtype: GgmlDType) -> anyhow::Res
     use gguf_file::Value;
     let (tokens, merges) = tiny_vocab();
     let vocab = tokens.len();
-    let hd = spec.hidden / spec.heads;
+    let hd = spec.head_dim();
     let weights = tiny_weights(spec, vocab)?;
     let mut qt: Vec<(String, QTensor)> = Vec::new();
     for (name, t) in &weights {

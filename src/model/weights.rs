@@ -143,6 +143,11 @@ impl WeightSource {
         }
     }
 
+    /// Whether a GGUF file holds a tensor of that (GGUF) name; false for safetensors.
+    pub fn has_gguf_tensor(&self, gguf_name: &str) -> bool {
+        matches!(self, WeightSource::Gguf { content, .. } if content.tensor_infos.contains_key(gguf_name))
+    }
+
     fn origin(&self) -> PathBuf {
         match self {
             WeightSource::Safetensors { files, .. } => {

@@ -1,0 +1,337 @@
+//! Config fidelity: every `config.json` key that changes the math is applied or refused, never
+//! defaulted in silence. Each key family gets a tiny checkpoint whose outputs change when the
+//! key is ignored (so a loader that drops it fails here), or an error that names the key.
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device};
+use kvc::engine::{self, GenParams, NoHooks};
+use kvc::hub::{ModelSource, ResolvedModel};
+use kvc::kvcache::contiguous::ContiguousCache;
+use kvc::model::tiny::{write_gguf, write_hf_dir, TinySpec};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+fn resolved(src: ModelSource) -> ResolvedModel {
+    ResolvedModel {
+        source: src,
+        name: "tiny".into(),
+        hub_id: None,
+        revision: None,
+    }
+}
+
+/// A tiny checkpoint under `root/name` whose config.json is edited by `edit`.
+fn checkpoint(root: &Path, name: &str, spec: &TinySpec, edit: impl Fn(&mut Value)) -> PathBuf {
+    let dir = root.join(name);
+    write_hf_dir(&dir, spec, 1).unwrap();
+    let path = dir.join("config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    dir
+}
+
+fn load(dir: &Path) -> Result<kvc::model::LoadedModel, kvc::model::ModelError> {
+    kvc::model::load(
+        &resolved(ModelSource::HfDir(dir.into())),
+        &Device::Cpu,
+        DType::F32,
+    )
+}
+
+/// First-step logits of a prompt long enough (~150 tokens) that positions past the tiny
+/// llama3 spec's original context (64) are rotated.
+fn logits(dir: &Path) -> Vec<f32> {
+    let mut lm = load(dir).unwrap();
+    let text = "the cat sat on the mat and then the rat ate it ".repeat(5);
+    let ids = lm.prompt_ids(&text, false).unwrap();
+    assert!(ids.len() > 100, "{}", ids.len());
+    let params = GenParams {
+        max_new_tokens: 1,
+        stop_ids: Default::default(),
+        min_new_tokens: 0,
+        prefill_chunk: 64,
+        max_context: lm.config().max_context(),
+    };
+    let mut cache = ContiguousCache::new(lm.config().num_hidden_layers);
+    let g = engine::generate(&mut lm.model, &mut cache, &ids, &params, &mut NoHooks).unwrap();
+    g.first_logits.unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Remove the top-level RoPE keys (the transformers >= 5 form has none).
+fn strip_legacy_rope(c: &mut Value) {
+    let o = c.as_object_mut().unwrap();
+    o.remove("rope_theta");
+    o.remove("rope_scaling");
+}
+
+#[test]
+fn rope_parameters_apply_exactly_as_the_legacy_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = TinySpec::default();
+    let base = logits(&checkpoint(tmp.path(), "base", &spec, |_| {}));
+    let llama3 = json!({"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64, "rope_type": "llama3"});
+    // Legacy form: rope_theta + rope_scaling at the top level.
+    let legacy = logits(&checkpoint(tmp.path(), "legacy", &spec, |c| {
+        c["rope_theta"] = json!(500.0);
+        c["rope_scaling"] = llama3.clone();
+    }));
+    // transformers >= 5: rope_parameters only.
+    let params = logits(&checkpoint(tmp.path(), "params", &spec, |c| {
+        strip_legacy_rope(c);
+        let mut p = llama3.clone();
+        p["rope_theta"] = json!(500.0);
+        c["rope_parameters"] = p;
+    }));
+    assert_eq!(
+        legacy, params,
+        "the two spellings must give identical logits"
+    );
+    // Ignoring rope_parameters (base 10000, no scaling) would give the base model's logits.
+    assert!(
+        max_abs_diff(&params, &base) > 1e-3,
+        "rope_parameters had no effect"
+    );
+    // Each part matters on its own: the base alone, and the scaling alone.
+    let theta_only = logits(&checkpoint(tmp.path(), "theta", &spec, |c| {
+        strip_legacy_rope(c);
+        c["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 500.0});
+    }));
+    assert!(max_abs_diff(&theta_only, &base) > 1e-3);
+    assert!(max_abs_diff(&theta_only, &params) > 1e-3);
+    // Linear scaling (position interpolation) changes the rotation too.
+    let linear = logits(&checkpoint(tmp.path(), "linear", &spec, |c| {
+        c["rope_scaling"] = json!({"type": "linear", "factor": 4.0});
+    }));
+    assert!(max_abs_diff(&linear, &base) > 1e-3);
+}
+
+#[test]
+fn unsupported_math_keys_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = TinySpec::default();
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "yarn",
+            Box::new(|c| {
+                c["rope_parameters"] =
+                    json!({"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0})
+            }),
+            "yarn",
+        ),
+        (
+            "dynamic",
+            Box::new(|c| c["rope_scaling"] = json!({"type": "dynamic", "factor": 2.0})),
+            "dynamic",
+        ),
+        (
+            "conflict",
+            Box::new(|c| {
+                c["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 500000.0})
+            }),
+            "disagree",
+        ),
+        (
+            "attn_bias",
+            Box::new(|c| c["attention_bias"] = json!(true)),
+            "attention_bias",
+        ),
+        (
+            "mlp_bias",
+            Box::new(|c| c["mlp_bias"] = json!(true)),
+            "mlp_bias",
+        ),
+        (
+            "quant",
+            Box::new(|c| c["quantization_config"] = json!({"quant_method": "fp8"})),
+            "quantization_config",
+        ),
+        (
+            "layer_types",
+            Box::new(|c| c["layer_types"] = json!(["sliding_attention", "full_attention"])),
+            "layer_types",
+        ),
+        (
+            "act",
+            Box::new(|c| c["hidden_act"] = json!("gelu")),
+            "hidden_act",
+        ),
+    ];
+    for (name, edit, needle) in cases {
+        let dir = checkpoint(tmp.path(), name, &spec, edit);
+        let e = load(&dir).err().unwrap_or_else(|| panic!("{name}: loaded"));
+        assert!(e.to_string().contains(needle), "{name}: {e}");
+    }
+    // Explicitly false biases and full-attention layer types are what kvc runs: accepted.
+    let dir = checkpoint(tmp.path(), "ok", &spec, |c| {
+        c["attention_bias"] = json!(false);
+        c["mlp_bias"] = json!(false);
+        c["layer_types"] = json!(["full_attention", "full_attention"]);
+    });
+    assert_eq!(
+        logits(&dir),
+        logits(&checkpoint(tmp.path(), "plain", &spec, |_| {}))
+    );
+}
+
+#[test]
+fn head_dim_and_tied_embeddings_are_applied() {
+    let tmp = tempfile::tempdir().unwrap();
+    // head_dim 32 with hidden 64 and 4 heads: projections are 128 wide, not 64. Ignoring the
+    // key would fail the weight shapes.
+    let spec = TinySpec {
+        head_dim: Some(32),
+        ..TinySpec::default()
+    };
+    let dir = checkpoint(tmp.path(), "hd32", &spec, |_| {});
+    let lm = load(&dir).unwrap();
+    assert_eq!(lm.config().head_dim, 32);
+    assert_eq!(logits(&dir).len(), lm.config().vocab_size);
+    // Untied with its own lm_head: the head is that tensor. Marking the same file tied makes
+    // the embedding the head (as transformers ties), so the logits change.
+    let untied = TinySpec {
+        tie_embeddings: false,
+        ..TinySpec::default()
+    };
+    let own = logits(&checkpoint(tmp.path(), "untied", &untied, |_| {}));
+    let tied = logits(&checkpoint(tmp.path(), "tied", &untied, |c| {
+        c["tie_word_embeddings"] = json!(true)
+    }));
+    assert!(max_abs_diff(&own, &tied) > 1e-3);
+    // Untied without an lm_head tensor is an error, not a silent tie.
+    let dir = checkpoint(tmp.path(), "no_head", &TinySpec::default(), |c| {
+        c["tie_word_embeddings"] = json!(false)
+    });
+    let e = load(&dir).err().expect("loaded without lm_head");
+    assert!(e.to_string().contains("lm_head.weight"), "{e}");
+}
+
+#[test]
+fn sliding_window_caps_the_context_and_mistral_defaults_follow_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mistral = TinySpec {
+        arch: "MistralForCausalLM",
+        max_pos: 100_000,
+        ..TinySpec::default()
+    };
+    let ctx = |edit: &dyn Fn(&mut Value)| {
+        let dir = checkpoint(tmp.path(), "m", &mistral, edit);
+        let c = load(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        c.config().max_context()
+    };
+    assert_eq!(ctx(&|c| c["sliding_window"] = json!(null)), 100_000);
+    assert_eq!(ctx(&|c| c["sliding_window"] = json!(48)), 48);
+    // Absent: MistralConfig's default window (4096).
+    assert_eq!(
+        ctx(&|c| {
+            c.as_object_mut().unwrap().remove("sliding_window");
+        }),
+        4096
+    );
+    // A prompt longer than the window is refused with the number, not attended in full.
+    let dir = checkpoint(tmp.path(), "w48", &mistral, |c| {
+        c["sliding_window"] = json!(48)
+    });
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kvc"))
+        .args(["generate", "--model", dir.to_str().unwrap(), "--prompt"])
+        .arg("the cat sat on the mat and then the rat ate it ".repeat(5))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("48"), "{err}");
+    // Llama's absent context is transformers' LlamaConfig default.
+    let dir = checkpoint(tmp.path(), "llama", &TinySpec::default(), |c| {
+        c.as_object_mut().unwrap().remove("max_position_embeddings");
+    });
+    assert_eq!(load(&dir).unwrap().config().max_context(), 2048);
+}
+
+#[test]
+fn gguf_rope_scaling_is_applied_or_refused() {
+    use candle_core::quantized::gguf_file;
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = TinySpec::default();
+    let plain = tmp.path().join("plain.gguf");
+    write_gguf(&plain, &spec, GgmlDType::F32).unwrap();
+    // Rewrite the file with extra metadata / tensors.
+    let rewrite = |name: &str, extra_md: Vec<(&str, gguf_file::Value)>, rope_freqs: bool| {
+        let mut f = std::fs::File::open(&plain).unwrap();
+        let content = gguf_file::Content::read(&mut f).unwrap();
+        let mut md: Vec<(String, gguf_file::Value)> = content
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        md.extend(extra_md.into_iter().map(|(k, v)| (k.to_string(), v)));
+        let mut tensors = Vec::new();
+        for n in content.tensor_infos.keys() {
+            tensors.push((n.clone(), content.tensor(&mut f, n, &Device::Cpu).unwrap()));
+        }
+        if rope_freqs {
+            let t =
+                candle_core::Tensor::ones(spec.head_dim() / 2, DType::F32, &Device::Cpu).unwrap();
+            tensors.push((
+                "rope_freqs.weight".into(),
+                candle_core::quantized::QTensor::quantize(&t, GgmlDType::F32).unwrap(),
+            ));
+        }
+        let path = tmp.path().join(name);
+        let md_refs: Vec<(&str, &gguf_file::Value)> =
+            md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let t_refs: Vec<(&str, &candle_core::quantized::QTensor)> =
+            tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        gguf_file::write(
+            &mut std::fs::File::create(&path).unwrap(),
+            &md_refs,
+            &t_refs,
+        )
+        .unwrap();
+        path
+    };
+    let load_gguf = |p: &Path| {
+        kvc::model::load(
+            &resolved(ModelSource::Gguf(p.into())),
+            &Device::Cpu,
+            DType::F32,
+        )
+    };
+    let linear = rewrite(
+        "linear.gguf",
+        vec![
+            (
+                "llama.rope.scaling.type",
+                gguf_file::Value::String("linear".into()),
+            ),
+            ("llama.rope.scaling.factor", gguf_file::Value::F32(4.0)),
+        ],
+        false,
+    );
+    let lm = load_gguf(&linear).unwrap();
+    assert_eq!(
+        lm.config().rope.scaling,
+        Some(kvc::model::rope::RopeScaling::Linear { factor: 4.0 })
+    );
+    let yarn = rewrite(
+        "yarn.gguf",
+        vec![(
+            "llama.rope.scaling.type",
+            gguf_file::Value::String("yarn".into()),
+        )],
+        false,
+    );
+    let e = load_gguf(&yarn).err().expect("yarn loaded");
+    assert!(e.to_string().contains("yarn"), "{e}");
+    let freqs = rewrite("freqs.gguf", vec![], true);
+    let e = load_gguf(&freqs).err().expect("rope_freqs loaded");
+    assert!(e.to_string().contains("rope_freqs"), "{e}");
+}
