@@ -1,21 +1,24 @@
 //! kvc: measure what KV-cache compression does to long-context LLM quality and speed.
 //!
-//! Module map (see `../shared/STYLE.md` for the reasoning):
-//! - [`hub`]: resolve a model argument (local dir | `.gguf` | hub id@rev | alias) to files.
-//! - [`model`]: config resolution (HF json + GGUF metadata), tokenizer, chat template, the
-//!   llama-family forward pass.
-//! - [`kvcache`]: the cache backends the attention layers read (contiguous reference, paged).
-//! - [`compress`]: compression methods and the runner contract eval/bench use.
-//! - [`engine`]: prefill -> compress -> decode loop, stopping rules.
-//! - [`data`]: LongBench task table, readers, prompt building and truncation.
-//! - [`eval`]: LongBench metrics (exactly as the official scorer) and scoring.
-//! - [`report`]: CSV writers, plots, regression comparison.
-//! - [`profile`]: the opt-in phase profile of the GPU forward (`KVC_PROFILE=1`).
-//! - [`cli`]: clap argument structs and the subcommand runners.
+//! Layers, lowest first; each module imports only the ones above it in this list (checked by
+//! `tests/layers.rs`, which holds the order as code; `docs/design.md` says why):
+//! - [`util`], [`profile`], [`hub`]: leaves (helpers, the opt-in phase profile of the GPU
+//!   forward, model and data resolution: local dir | `.gguf` | hub id@rev | alias);
+//! - [`cuda`]: kvc's CUDA kernels, one wrapper file per kernel file with its plain-Rust twins,
+//!   and the pure eviction selection the twins and planners share (candle only);
+//! - [`kvcache`]: block pool and tables, paged and contiguous storage, budgets;
+//! - [`model`]: config, weights, tokenizer, chat template, the llama-family forward pass;
+//! - [`data`]: LongBench / RULER readers, prompt building and truncation;
+//! - [`engine`]: prefill -> hooks -> decode, stopping rules (hooks see `CacheBackend`);
+//! - [`compress`]: the methods (scorers, allocators, evictors) and their runner;
+//! - [`eval`], [`bench`]: LongBench runs and scoring, conformance; the throughput bench;
+//! - [`report`]: score tables, CSVs, figures, regression comparison;
+//! - [`cli`]: argument groups and the phases of each command.
 
 pub mod bench;
 pub mod cli;
 pub mod compress;
+pub mod cuda;
 pub mod data;
 pub mod engine;
 pub mod eval;

@@ -6,7 +6,7 @@
 //! middle truncation included), match the recorded first-step top-5 logits within 1e-3, and
 //! produce identical greedy output ids — a divergence is accepted only at a near-tie (top-2
 //! logits of kvc at that step within 1e-3), and is reported. The replay itself is
-//! `kvc::model::conformance` (also behind `kvc conformance`, used for the GPU runs).
+//! `kvc::eval::conformance` (also behind `kvc conformance`, used for the GPU runs).
 //!
 //! Finding (see NOTES.md): the recorded `output_ids` are not what transformers' plain greedy
 //! `generate` produces from the recorded `prompt_ids`: re-running exactly that on the H100
@@ -22,8 +22,8 @@
 //! `KVC_CONFORMANCE_FULL=1` generates for all.
 use std::path::PathBuf;
 
+use kvc::eval::conformance::{check, CheckOptions, OutputAgreement};
 use kvc::hub::{resolve_model, HubEnv};
-use kvc::model::conformance::{check, CheckOptions, OutputAgreement};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -1,5 +1,5 @@
 //! GPU tests (feature `cuda`, run on the device machine): every kernel of `kernels/` against its
-//! plain-Rust twin in `kvc::kvcache::ops` on fresh random inputs, at block sizes 16 and 32, head
+//! plain-Rust twin in `kvc::cuda` (beside its wrapper) on fresh random inputs, at block sizes 16 and 32, head
 //! dims 64 and 128, GQA ratios 1, 3, 4, 8, ragged per-head lengths (empty heads, partial last
 //! blocks), after evictions (compaction moves executed by the kernel), with NaN-poisoned outputs
 //! and scratch, per-dtype tolerances; plus end to end: the CUDA paged backend at rate 1 gives the
@@ -11,9 +11,10 @@
 
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
+use kvc::cuda::paged_attention::DecodeShape;
+use kvc::cuda::paged_attention::{DecodePipeline, DecodeWorkspace, DeviceTables};
+use kvc::cuda::KvElem;
 use kvc::kvcache::blocks::BlockPool;
-use kvc::kvcache::cuda::{self, DecodePipeline, DecodeWorkspace, DeviceTables};
-use kvc::kvcache::ops::{self, DecodeShape, KvElem};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -156,7 +157,7 @@ fn run_case<T: KvElem + candle_core::WithDType>(c: &Case) -> String {
         let vn = rnd(&mut rng, n * d, 1.0);
         let knt: Vec<T> = kn.iter().map(|&f| T::from_f32(f)).collect();
         let vnt: Vec<T> = vn.iter().map(|&f| T::from_f32(f)).collect();
-        ops::write_kv(
+        kvc::cuda::kv_cache::write_kv_twin(
             &mut kt,
             &mut vt,
             Some(&mut metric_h),
@@ -168,7 +169,7 @@ fn run_case<T: KvElem + candle_core::WithDType>(c: &Case) -> String {
             d,
         )
         .unwrap();
-        cuda::write_kv(
+        kvc::cuda::kv_cache::write_kv(
             &k_dev,
             &v_dev,
             Some(&metric_d),
@@ -196,7 +197,7 @@ fn run_case<T: KvElem + candle_core::WithDType>(c: &Case) -> String {
             let from: Vec<u32> = comp.moves.iter().map(|m| m.from as u32).collect();
             let to: Vec<u32> = comp.moves.iter().map(|m| m.to as u32).collect();
             moves_total += from.len();
-            ops::move_slots(
+            kvc::cuda::kv_cache::move_slots_twin(
                 &mut kt,
                 &mut vt,
                 Some(&mut metric_h),
@@ -206,7 +207,15 @@ fn run_case<T: KvElem + candle_core::WithDType>(c: &Case) -> String {
                 d,
             )
             .unwrap();
-            cuda::move_slots(&k_dev, &v_dev, Some(&metric_d), Some(&pos_d), &from, &to).unwrap();
+            kvc::cuda::kv_cache::move_slots(
+                &k_dev,
+                &v_dev,
+                Some(&metric_d),
+                Some(&pos_d),
+                &from,
+                &to,
+            )
+            .unwrap();
             pool.apply(&comp).unwrap();
         }
     }
@@ -244,7 +253,7 @@ fn run_case<T: KvElem + candle_core::WithDType>(c: &Case) -> String {
     let q = rnd(&mut rng, b * nh * d, 3.0);
     let qt: Vec<T> = q.iter().map(|&f| T::from_f32(f)).collect();
     let scale = 1.0 / (d as f32).sqrt();
-    let want = ops::paged_decode(
+    let want = kvc::cuda::paged_attention::paged_decode_twin(
         &shape,
         &qt,
         &kt,
@@ -263,7 +272,7 @@ fn run_case<T: KvElem + candle_core::WithDType>(c: &Case) -> String {
         .to_dtype(c.dtype)
         .unwrap();
     let q_dev = to_dev::<T>(&q, &[b, nh, d], &dev);
-    cuda::paged_decode_into(
+    kvc::cuda::paged_attention::paged_decode_into(
         &q_dev,
         &k_dev,
         &v_dev,
@@ -368,7 +377,7 @@ fn long_context_split_k_matches_twin() {
 }
 
 fn prefill_softmax_case<T: KvElem + candle_core::WithDType>(
-    shape: &ops::SoftmaxShape,
+    shape: &kvc::cuda::prefill_softmax::SoftmaxShape,
     rng: &mut StdRng,
 ) -> String {
     let dev = gpu();
@@ -391,10 +400,12 @@ fn prefill_softmax_case<T: KvElem + candle_core::WithDType>(
     let att_t: Vec<T> = att.iter().map(|&x| T::from_f32(x)).collect();
     let scale = 0.125f32 * 1.37;
     let (want_p, want_probs) =
-        ops::prefill_softmax(shape, &att_t, &key_pos, q_start, scale).unwrap();
+        kvc::cuda::prefill_softmax::prefill_softmax_twin(shape, &att_t, &key_pos, q_start, scale)
+            .unwrap();
     let att_d = to_dev::<T>(&att, &[1, nkv, shape.group * t, n], &dev);
     let kp = Tensor::from_vec(key_pos, (nkv, n), &dev).unwrap();
-    let (p, probs) = cuda::prefill_softmax(&att_d, &kp, shape, q_start, scale).unwrap();
+    let (p, probs) =
+        kvc::cuda::prefill_softmax::prefill_softmax(&att_d, &kp, shape, q_start, scale).unwrap();
     assert_eq!(p.dims(), att_d.dims());
     assert_eq!(p.dtype(), att_d.dtype());
     let want_p: Vec<f32> = want_p.iter().map(|x| x.to_f32()).collect();
@@ -434,7 +445,7 @@ fn prefill_softmax_matches_twin() {
         (3, 64, 70, 32),
         (3, 20, 9000, 8),
     ] {
-        let shape = ops::SoftmaxShape {
+        let shape = kvc::cuda::prefill_softmax::SoftmaxShape {
             kv_heads: 2,
             group: g,
             t,
@@ -453,7 +464,7 @@ fn prefill_softmax_matches_twin() {
 /// prompt, with chunk offsets) or shuffled (after evictions), the last keys padding with NaN
 /// K/V; the kernel against the f32 twin.
 fn prefill_flash_case<T: KvElem + candle_core::WithDType>(
-    shape: &ops::SoftmaxShape,
+    shape: &kvc::cuda::prefill_softmax::SoftmaxShape,
     d: usize,
     shuffled: bool,
     rng: &mut StdRng,
@@ -479,7 +490,7 @@ fn prefill_flash_case<T: KvElem + candle_core::WithDType>(
     let mut v = rnd(rng, nkv * n * d, 1.0);
     let to_t = |x: &[f32]| -> Vec<T> { x.iter().map(|&e| T::from_f32(e)).collect() };
     let scale = 1.0 / (d as f32).sqrt();
-    let want: Vec<f32> = ops::prefill_attention(
+    let want: Vec<f32> = kvc::cuda::prefill_attention::prefill_attention_twin(
         shape,
         d,
         (&to_t(&q), &to_t(&k), &to_t(&v)),
@@ -499,7 +510,9 @@ fn prefill_flash_case<T: KvElem + candle_core::WithDType>(
     let kd = to_dev::<T>(&k, &[1, nkv, n, d], &dev);
     let vd = to_dev::<T>(&v, &[1, nkv, n, d], &dev);
     let kp = Tensor::from_vec(key_pos, (nkv, n), &dev).unwrap();
-    let out = cuda::prefill_attention(&qd, &kd, &vd, &kp, shape, q_start, scale).unwrap();
+    let out =
+        kvc::cuda::prefill_attention::prefill_attention(&qd, &kd, &vd, &kp, shape, q_start, scale)
+            .unwrap();
     assert_eq!(out.dims(), qd.dims());
     // p rounded to T before p . v, output rounded to T: a few ulps of T of the output scale.
     let (atol, rtol) = if T::DTYPE == DType::F16 {
@@ -534,7 +547,7 @@ fn prefill_flash_matches_twin() {
         (3, 130, 1200, false),
         (1, 64, 4, false),
     ] {
-        let shape = ops::SoftmaxShape {
+        let shape = kvc::cuda::prefill_softmax::SoftmaxShape {
             kv_heads: 2,
             group: g,
             t,
@@ -554,7 +567,7 @@ fn prefill_flash_matches_twin() {
         }
     }
     let dev = gpu();
-    let shape = ops::SoftmaxShape {
+    let shape = kvc::cuda::prefill_softmax::SoftmaxShape {
         kv_heads: 1,
         group: 1,
         t: 2,
@@ -564,12 +577,20 @@ fn prefill_flash_matches_twin() {
     let x = Tensor::zeros((1, 1, 2, 64), DType::F32, &dev).unwrap();
     let kv = Tensor::zeros((1, 1, 4, 64), DType::F32, &dev).unwrap();
     let kp = Tensor::from_vec(vec![0u32, 1, 2, 3], (1, 4), &dev).unwrap();
-    assert!(cuda::prefill_attention(&x, &kv, &kv, &kp, &shape, 0, 1.0).is_err());
+    assert!(
+        kvc::cuda::prefill_attention::prefill_attention(&x, &kv, &kv, &kp, &shape, 0, 1.0).is_err()
+    );
     let xb = x.to_dtype(DType::BF16).unwrap();
     let kvb = kv.to_dtype(DType::BF16).unwrap();
-    let probed = ops::SoftmaxShape { probed: 1, ..shape };
-    assert!(cuda::prefill_attention(&xb, &kvb, &kvb, &kp, &probed, 0, 1.0).is_err());
-    assert!(cuda::prefill_attention(&xb, &kvb, &kvb, &kp, &shape, 0, 1.0).is_ok());
+    let probed = kvc::cuda::prefill_softmax::SoftmaxShape { probed: 1, ..shape };
+    assert!(
+        kvc::cuda::prefill_attention::prefill_attention(&xb, &kvb, &kvb, &kp, &probed, 0, 1.0)
+            .is_err()
+    );
+    assert!(
+        kvc::cuda::prefill_attention::prefill_attention(&xb, &kvb, &kvb, &kp, &shape, 0, 1.0)
+            .is_ok()
+    );
     eprintln!("SUMMARY prefill_flash: {cases} cases passed");
 }
 
@@ -659,11 +680,11 @@ fn set_meta_matches_twin() {
     let mut position: Vec<u32> = (0..num_slots as u32).collect();
     let m_dev = Tensor::from_slice(&metric, num_slots, &dev).unwrap();
     let p_dev = Tensor::from_slice(&position, num_slots, &dev).unwrap();
-    cuda::set_meta(&m_dev, &p_dev, slots, &m, &p).unwrap();
-    ops::set_meta(&mut metric, &mut position, slots, &m, &p).unwrap();
+    kvc::cuda::kv_cache::set_meta(&m_dev, &p_dev, slots, &m, &p).unwrap();
+    kvc::cuda::kv_cache::set_meta_twin(&mut metric, &mut position, slots, &m, &p).unwrap();
     assert_eq!(host::<f32>(&m_dev), metric);
     assert_eq!(host::<u32>(&p_dev), position);
-    let e = cuda::set_meta(&m_dev, &p_dev, &[3, 3], &[0.0; 2], &[0; 2]);
+    let e = kvc::cuda::kv_cache::set_meta(&m_dev, &p_dev, &[3, 3], &[0.0; 2], &[0; 2]);
     assert!(e.is_err(), "a repeated slot must be refused");
     eprintln!(
         "SUMMARY set_meta: {} slots identical to the twin; repeats refused",
@@ -689,8 +710,8 @@ fn argmax_rows_matches_twin() {
             x[vocab..2 * vocab].fill(f32::NEG_INFINITY);
         }
         let d = Tensor::from_slice(&x, (rows, vocab), &dev).unwrap();
-        let got = kvc::model::fused::argmax_rows(&d, true).unwrap();
-        let want = kvc::model::fused::argmax_rows(&d, false).unwrap();
+        let got = kvc::cuda::layer_ops::argmax_rows(&d, true).unwrap();
+        let want = kvc::cuda::layer_ops::argmax_rows(&d, false).unwrap();
         assert_eq!(got, want, "rows {rows} vocab {vocab}");
     }
     eprintln!("SUMMARY argmax_rows: 3 shapes identical to the host scan");
@@ -710,8 +731,9 @@ fn scatter_u32_matches_candle() {
         let d = Tensor::from_slice(&start, len, &dev).unwrap();
         let c = Tensor::from_slice(&start, len, &Device::Cpu).unwrap();
         let up = |v: &[u32], dev: &Device| Tensor::from_slice(v, v.len(), dev).unwrap();
-        cuda::scatter_u32(&d, &up(idx, &dev), &up(&val, &dev)).unwrap();
-        cuda::scatter_u32(&c, &up(idx, &Device::Cpu), &up(&val, &Device::Cpu)).unwrap();
+        kvc::cuda::kv_cache::scatter_u32(&d, &up(idx, &dev), &up(&val, &dev)).unwrap();
+        kvc::cuda::kv_cache::scatter_u32(&c, &up(idx, &Device::Cpu), &up(&val, &Device::Cpu))
+            .unwrap();
         assert_eq!(
             host::<u32>(&d),
             c.to_vec1::<u32>().unwrap(),
@@ -743,10 +765,10 @@ fn gather_kv_matches_twin_and_reads_past_4g_elements() {
             .collect();
         let top = ids.iter().copied().max();
         let idx = Tensor::from_slice(&ids, ids.len(), &dev).unwrap();
-        let (gk, gv) = cuda::gather_kv(&k, &v, &idx, top).unwrap();
+        let (gk, gv) = kvc::cuda::kv_cache::gather_kv(&k, &v, &idx, top).unwrap();
         assert_eq!(f32s(&gk), f32s(&k.index_select(&idx, 0).unwrap()), "{dt:?}");
         assert_eq!(f32s(&gv), f32s(&v.index_select(&idx, 0).unwrap()), "{dt:?}");
-        let bad = cuda::gather_kv(&k, &v, &idx, Some(rows as u32));
+        let bad = kvc::cuda::kv_cache::gather_kv(&k, &v, &idx, Some(rows as u32));
         assert!(bad.is_err(), "an id past the cache must be refused");
     }
     // 2^32 / 64 rows + 1M of bf16 head dim 64: 4.36G elements per cache (8.7 GB each).
@@ -759,9 +781,10 @@ fn gather_kv_matches_twin_and_reads_past_4g_elements() {
     let vn = rnd(&mut rng, n * d, 3.0);
     let k_new = to_dev::<bf16>(&kn, &[n, d], &dev);
     let v_new = to_dev::<bf16>(&vn, &[n, d], &dev);
-    cuda::write_kv(&k, &v, None, None, &k_new, &v_new, &slots, &[0; 4]).unwrap();
+    kvc::cuda::kv_cache::write_kv(&k, &v, None, None, &k_new, &v_new, &slots, &[0; 4]).unwrap();
     let idx = Tensor::from_slice(&slots, n, &dev).unwrap();
-    let (gk, gv) = cuda::gather_kv(&k, &v, &idx, slots.iter().copied().max()).unwrap();
+    let (gk, gv) =
+        kvc::cuda::kv_cache::gather_kv(&k, &v, &idx, slots.iter().copied().max()).unwrap();
     assert_eq!(f32s(&gk), f32s(&k_new), "K rows past 2^32 elements");
     assert_eq!(f32s(&gv), f32s(&v_new), "V rows past 2^32 elements");
     let wrapped = f32s(&k.index_select(&idx, 0).unwrap()) != f32s(&k_new);
@@ -808,28 +831,39 @@ fn copy_blocks_matches_twin() {
             let mut v: Vec<bf16> = vf.iter().map(|&x| bf16::from_f32(x)).collect();
             let k_dev = Tensor::from_slice(&k, (num_slots, d), &dev).unwrap();
             let v_dev = Tensor::from_slice(&v, (num_slots, d), &dev).unwrap();
-            cuda::copy_blocks(&k_dev, &v_dev, m_arg, p_arg, from, to, bs).unwrap();
+            kvc::cuda::kv_cache::copy_blocks(&k_dev, &v_dev, m_arg, p_arg, from, to, bs).unwrap();
             let (m_h, p_h) = if with_meta {
                 (Some(&mut metric[..]), Some(&mut position[..]))
             } else {
                 (None, None)
             };
-            ops::copy_blocks(&mut k, &mut v, m_h, p_h, from, to, bs, d).unwrap();
+            kvc::cuda::kv_cache::copy_blocks_twin(&mut k, &mut v, m_h, p_h, from, to, bs, d)
+                .unwrap();
             let bits = |x: &[bf16]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&host::<bf16>(&k_dev)), bits(&k), "K");
             assert_eq!(bits(&host::<bf16>(&v_dev)), bits(&v), "V");
-            assert!(cuda::copy_blocks(&k_dev, &v_dev, None, None, &[1, 2], &[2, 3], bs).is_err());
+            assert!(kvc::cuda::kv_cache::copy_blocks(
+                &k_dev,
+                &v_dev,
+                None,
+                None,
+                &[1, 2],
+                &[2, 3],
+                bs
+            )
+            .is_err());
         } else {
             let (mut k, mut v) = (kf.clone(), vf.clone());
             let k_dev = Tensor::from_slice(&k, (num_slots, d), &dev).unwrap();
             let v_dev = Tensor::from_slice(&v, (num_slots, d), &dev).unwrap();
-            cuda::copy_blocks(&k_dev, &v_dev, m_arg, p_arg, from, to, bs).unwrap();
+            kvc::cuda::kv_cache::copy_blocks(&k_dev, &v_dev, m_arg, p_arg, from, to, bs).unwrap();
             let (m_h, p_h) = if with_meta {
                 (Some(&mut metric[..]), Some(&mut position[..]))
             } else {
                 (None, None)
             };
-            ops::copy_blocks(&mut k, &mut v, m_h, p_h, from, to, bs, d).unwrap();
+            kvc::cuda::kv_cache::copy_blocks_twin(&mut k, &mut v, m_h, p_h, from, to, bs, d)
+                .unwrap();
             assert_eq!(host::<f32>(&k_dev), k, "K");
             assert_eq!(host::<f32>(&v_dev), v, "V");
         }
@@ -846,8 +880,8 @@ fn copy_blocks_matches_twin() {
 /// unpooled tail; the zeros past each head are compared too.
 #[test]
 fn window_score_matches_twin() {
-    use kvc::compress::score::window_score_twin;
-    use kvc::kvcache::cuda::WindowScoreArgs;
+    use kvc::compress::scorer::window_score_twin;
+    use kvc::cuda::window_score::WindowScoreArgs;
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(21);
     let mut n_cases = 0;
@@ -880,7 +914,9 @@ fn window_score_matches_twin() {
                         pool_max,
                         pool_skip_last,
                     };
-                    let got = host::<f32>(&cuda::window_score(&probs, &lens, &a).unwrap());
+                    let got = host::<f32>(
+                        &kvc::cuda::window_score::window_score(&probs, &lens, &a).unwrap(),
+                    );
                     let want = window_score_twin(&p, &lens, probed, max_len, &a);
                     let (w, maxabs) = compare(&got, &want, 1e-7, 1e-5);
                     assert!(
@@ -905,7 +941,7 @@ fn window_score_matches_twin() {
 /// multiply-subtract may be contracted differently, hence one unit of the dtype's last place.
 #[test]
 fn layer_ops_match_twins() {
-    use kvc::model::fused::{self, QkvHeads};
+    use kvc::cuda::layer_ops::{self, QkvHeads};
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(41);
     let ulp = |dt: DType| match dt {
@@ -924,8 +960,8 @@ fn layer_ops_match_twins() {
             let x = mk(&mut rng, &[rows, 1, cols], 3.0);
             let r = mk(&mut rng, &[rows, 1, cols], 3.0);
             let w = mk(&mut rng, &[cols], 1.5);
-            let (s, n) = fused::add_rms_norm(&x, &r, &w, 1e-5, true).unwrap();
-            let (s2, n2) = fused::add_rms_norm_twin(&x, &r, &w, 1e-5).unwrap();
+            let (s, n) = layer_ops::add_rms_norm(&x, &r, &w, 1e-5, true).unwrap();
+            let (s2, n2) = layer_ops::add_rms_norm_twin(&x, &r, &w, 1e-5).unwrap();
             let (_, es) = compare(&f32s(&s), &f32s(&s2), 0.0, 0.0);
             let (en, an) = compare(&f32s(&n), &f32s(&n2), ulp(dt), 2.0 * ulp(dt));
             eprintln!("SUMMARY add_rms_norm {dt:?} {rows}x{cols}: sum max abs err {es}, normed max abs err {an}");
@@ -934,8 +970,8 @@ fn layer_ops_match_twins() {
         }
         for (rows, inter) in [(1, 1536), (224, 1536), (300, 14336), (2, 3)] {
             let gu = mk(&mut rng, &[rows, 1, 2 * inter], 6.0);
-            let got = fused::silu_mul(&gu, true).unwrap();
-            let want = fused::silu_mul_twin(&gu).unwrap();
+            let got = layer_ops::silu_mul(&gu, true).unwrap();
+            let want = layer_ops::silu_mul_twin(&gu).unwrap();
             assert_eq!(got.dims(), want.dims());
             let (e, a) = compare(&f32s(&got), &f32s(&want), ulp(dt), 2.0 * ulp(dt));
             eprintln!("SUMMARY silu_mul {dt:?} {rows}x{inter}: max abs err {a}");
@@ -1002,8 +1038,8 @@ fn layer_ops_match_twins() {
                 .map(|_| rng.random_range(0..(max_pos - t) as u32))
                 .collect();
             let pos0 = Tensor::new(pos.as_slice(), &dev).unwrap();
-            let got = fused::rope_split_qkv(&qkv, &pos0, &cos, &sin, heads, true).unwrap();
-            let want = fused::rope_split_qkv_twin(&qkv, &pos0, &cos, &sin, heads).unwrap();
+            let got = layer_ops::rope_split_qkv(&qkv, &pos0, &cos, &sin, heads, true).unwrap();
+            let want = layer_ops::rope_split_qkv_twin(&qkv, &pos0, &cos, &sin, heads).unwrap();
             let mut errs = Vec::new();
             for (g, w, what) in [
                 (&got.0, &want.0, "q"),
@@ -1052,7 +1088,7 @@ fn bad_tables_are_refused_before_launch() {
     assert!(DeviceTables::upload(shape, &[0, 1], &[33], &dev).is_err());
     let k = Tensor::zeros((64, 64), DType::F32, &dev).unwrap();
     // repeated destination
-    assert!(cuda::move_slots(&k, &k.clone(), None, None, &[1, 2], &[3, 3]).is_err());
+    assert!(kvc::cuda::kv_cache::move_slots(&k, &k.clone(), None, None, &[1, 2], &[3, 3]).is_err());
     eprintln!("SUMMARY bad_tables: refused");
 }
 
@@ -1181,7 +1217,7 @@ fn device_eviction_step_matches_twin() {
                 ),
                 None => (n, None),
             };
-            seqs.push(ops::EvictSeq {
+            seqs.push(kvc::cuda::evict::EvictSeq {
                 heads: n,
                 kv_heads,
                 first_protected: seq_len.saturating_sub(rng.random_range(0..16)),
@@ -1192,7 +1228,7 @@ fn device_eviction_step_matches_twin() {
         let blocks = pool.used_blocks();
         let n_evict: usize = seqs.iter().map(|s| s.n_evict).sum();
         let got = if let ([one], None) = (&seqs[..], crush) {
-            vec![cuda::kvcompress_evict(
+            vec![kvc::cuda::evict::kvcompress_evict(
                 &k_dev,
                 &v_dev,
                 &m_dev,
@@ -1205,8 +1241,9 @@ fn device_eviction_step_matches_twin() {
             )
             .unwrap()]
         } else if seed % 2 == 0 {
-            let ht = ops::HeadTables::from_padded(&tables, &lens_u, per_head, bs);
-            cuda::kvcompress_evict_batch(&k_dev, &v_dev, &m_dev, &p_dev, &ht, &seqs, bs).unwrap()
+            let ht = kvc::cuda::evict::HeadTables::from_padded(&tables, &lens_u, per_head, bs);
+            kvc::cuda::evict::kvcompress_evict_batch(&k_dev, &v_dev, &m_dev, &p_dev, &ht, &seqs, bs)
+                .unwrap()
         } else {
             // Tables already on the device, rows apart with room and a gap in front (as a
             // decode batch's StepTables): only the offsets and lengths go up.
@@ -1219,7 +1256,7 @@ fn device_eviction_step_matches_twin() {
             let tab: Vec<u32> = (0..heads).map(|h| (gap + h * stride) as u32).collect();
             let flat_dev = Tensor::from_vec(flat, gap + heads * stride, &dev).unwrap();
             let short = vec![0u32; heads - 1];
-            assert!(cuda::kvcompress_evict_on_tables(
+            assert!(kvc::cuda::evict::kvcompress_evict_on_tables(
                 &k_dev,
                 &v_dev,
                 &m_dev,
@@ -1235,25 +1272,25 @@ fn device_eviction_step_matches_twin() {
             past[heads - 1] = (gap + heads * stride) as u32;
             if lens_u[heads - 1] > 0 {
                 assert!(
-                    cuda::kvcompress_evict_on_tables(
+                    kvc::cuda::evict::kvcompress_evict_on_tables(
                         &k_dev, &v_dev, &m_dev, &p_dev, &flat_dev, &past, &lens_u, &seqs, bs
                     )
                     .is_err(),
                     "a table past the device buffer is refused"
                 );
             }
-            cuda::kvcompress_evict_on_tables(
+            kvc::cuda::evict::kvcompress_evict_on_tables(
                 &k_dev, &v_dev, &m_dev, &p_dev, &flat_dev, &tab, &lens_u, &seqs, bs,
             )
             .unwrap()
         };
         let before = crush.map(|_| (k.clone(), v.clone(), metric.clone(), position.clone()));
-        let want = ops::kvcompress_evict_batch(
+        let want = kvc::cuda::evict::kvcompress_evict_batch_twin(
             &mut k,
             &mut v,
             &mut metric,
             &mut position,
-            &ops::HeadTables::from_padded(&tables, &lens_u, per_head, bs),
+            &kvc::cuda::evict::HeadTables::from_padded(&tables, &lens_u, per_head, bs),
             &seqs,
             bs,
             d,
@@ -1275,18 +1312,18 @@ fn device_eviction_step_matches_twin() {
                 }
                 let (mut k0, mut v0, mut m0, mut p0) =
                     (k0.clone(), v0.clone(), m0.clone(), p0.clone());
-                let plain = ops::kvcompress_evict_batch(
+                let plain = kvc::cuda::evict::kvcompress_evict_batch_twin(
                     &mut k0,
                     &mut v0,
                     &mut m0,
                     &mut p0,
-                    &ops::HeadTables::from_padded(&tables, &lens_u, per_head, bs),
+                    &kvc::cuda::evict::HeadTables::from_padded(&tables, &lens_u, per_head, bs),
                     &base,
                     bs,
                     d,
                 )
                 .unwrap();
-                let lens_of = |st: &[ops::EvictStep]| -> u64 {
+                let lens_of = |st: &[kvc::cuda::evict::EvictStep]| -> u64 {
                     st.iter().flat_map(|s| &s.new_lens).map(|&l| l as u64).sum()
                 };
                 let kept = lens_of(&want) - lens_of(&plain);

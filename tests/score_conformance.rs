@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use kvc::data::tasks;
 use kvc::eval::metrics::{jieba, metric_score, FuzzBackend, MetricOptions};
 use kvc::eval::record::PredRecord;
-use kvc::eval::score::{score_records, SubsetScore};
+use kvc::eval::scoring::{score_records, SubsetScore};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};

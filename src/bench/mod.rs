@@ -15,9 +15,9 @@ use candle_core::Device;
 use std::collections::BTreeSet;
 
 use crate::compress::policy::Policy;
+use crate::kvcache::blocks::MemoryLayout;
 use crate::kvcache::budget::tokens_for_rate;
 use crate::kvcache::paged::PagedSpec;
-use crate::kvcache::{blocks::MemoryLayout, cuda};
 use crate::model::Config;
 
 /// `--kv-memory`: bytes, or a fraction of the device's free memory.
@@ -47,7 +47,7 @@ pub fn parse_kv_memory(s: &str) -> Result<KvMemory, String> {
 
 /// Free bytes of `device` (CUDA: the driver; CPU: `MemAvailable` of /proc/meminfo).
 pub fn free_memory(device: &Device) -> anyhow::Result<u64> {
-    if let Some((free, _)) = cuda::device_memory(device)? {
+    if let Some((free, _)) = crate::cuda::device_memory(device)? {
         return Ok(free);
     }
     let info = std::fs::read_to_string("/proc/meminfo").map_err(|e| {

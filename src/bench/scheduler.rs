@@ -37,7 +37,7 @@ use crate::compress::policy::{CompressHooks, Policy};
 use crate::engine::{self, prefill_chunks, Hooks};
 use crate::kvcache::budget::{allowed_blocks, tokens_for_rate};
 use crate::kvcache::paged::{PagedCache, PagedSpec};
-use crate::kvcache::{cuda, CacheBackend, Probe, SeqId};
+use crate::kvcache::{CacheBackend, Probe, SeqId};
 use crate::model::Llama;
 
 /// Settings of one scheduler run.
@@ -427,7 +427,7 @@ pub fn run(
         st.max_batch = st.max_batch.max(running.len());
         st.peak_blocks = st.peak_blocks.max(cache.pool().used_blocks());
         if on_cuda {
-            if let Some((free, total)) = cuda::device_memory(&model.device)? {
+            if let Some((free, total)) = crate::cuda::device_memory(&model.device)? {
                 let used = total - free;
                 st.peak_device_bytes = Some(st.peak_device_bytes.unwrap_or(0).max(used));
             }

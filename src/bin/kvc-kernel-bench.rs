@@ -20,8 +20,8 @@
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use cudarc::driver::sys::CUevent_flags;
-use kvc::kvcache::cuda::{self, DecodePipeline, DecodeWorkspace, DeviceTables};
-use kvc::kvcache::ops::DecodeShape;
+use kvc::cuda::paged_attention::DecodeShape;
+use kvc::cuda::paged_attention::{DecodePipeline, DecodeWorkspace, DeviceTables};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
@@ -99,7 +99,7 @@ fn time(
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let dev = kvc::kvcache::cuda::open_device(0)?;
+    let dev = kvc::cuda::open_device(0)?;
     let Device::Cuda(cd) = &dev else {
         anyhow::bail!("not a CUDA device")
     };
@@ -180,7 +180,9 @@ fn main() -> anyhow::Result<()> {
             for with_probs in [false, true] {
                 let m = with_probs.then_some(&metric);
                 let ms = time(&stream, a.warmup, a.iters, || {
-                    cuda::paged_decode_into(&q, &k, &v, &tables, &ws, &out, scale, m, with_probs)
+                    kvc::cuda::paged_attention::paged_decode_into(
+                        &q, &k, &v, &tables, &ws, &out, scale, m, with_probs,
+                    )
                 })?;
                 let bytes = kv_bytes
                     + qo_bytes
@@ -242,7 +244,7 @@ fn main() -> anyhow::Result<()> {
         }
         let n = from.len();
         let ms = time(&stream, a.warmup, a.iters, || {
-            cuda::move_slots(&kk, &vv, Some(&met), Some(&pos), &from, &to)
+            kvc::cuda::kv_cache::move_slots(&kk, &vv, Some(&met), Some(&pos), &from, &to)
         })?;
         let bytes = (n * (2 * 2 * dm * esz + 2 * 4 + 2 * 4 + 2 * 4)) as f64;
         let gbs = bytes / (ms * 1e-3) / 1e9;
@@ -261,7 +263,7 @@ fn main() -> anyhow::Result<()> {
         let n_evict = layers * heads * per_head / 2;
         let mut taken = 0u32;
         let ms_e = time(&stream, a.warmup.min(3), a.iters.min(20), || {
-            let st = cuda::kvcompress_evict(
+            let st = kvc::cuda::evict::kvcompress_evict(
                 &kk,
                 &vv,
                 &met,
@@ -292,7 +294,7 @@ fn main() -> anyhow::Result<()> {
         // `kvc_crush_pick` keeps 26 x kv-heads groups per layer back by their signatures).
         {
             use kvc::compress::kvcrush::{Anchor, BlockPicks};
-            use kvc::kvcache::ops::{EvictSeq, HeadTables};
+            use kvc::cuda::evict::{EvictSeq, HeadTables};
             let groups = (0.1f64 * (toks / 2) as f64 / bs16 as f64).round() as usize;
             let seq = EvictSeq {
                 heads: layers * heads,
@@ -308,7 +310,15 @@ fn main() -> anyhow::Result<()> {
             let tables = HeadTables::from_padded(&blk, &lens, per_head, bs16);
             let mut kept = 0u64;
             let ms_c = time(&stream, a.warmup.min(3), a.iters.min(20), || {
-                let st = cuda::kvcompress_evict_batch(&kk, &vv, &met, &pos, &tables, &[seq], bs16)?;
+                let st = kvc::cuda::evict::kvcompress_evict_batch(
+                    &kk,
+                    &vv,
+                    &met,
+                    &pos,
+                    &tables,
+                    &[seq],
+                    bs16,
+                )?;
                 kept = st[0].new_lens.iter().map(|&l| l as u64).sum();
                 Ok(())
             })?;
@@ -341,7 +351,7 @@ fn main() -> anyhow::Result<()> {
     // 2 blocks evicted per sequence, in ONE batched call. Includes the host's table building and
     // checks (also timed alone), the upload and the download.
     {
-        use kvc::kvcache::ops::{EvictSeq, HeadTables};
+        use kvc::cuda::evict::{EvictSeq, HeadTables};
         use rand::Rng;
         let (seqs_n, heads_per, dm, bs16) = (192usize, 90usize, 64usize, 16usize);
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -402,7 +412,9 @@ fn main() -> anyhow::Result<()> {
         let tables = build()?;
         let mut taken = 0u32;
         let ms_b = time(&stream, 3, a.iters.min(20), || {
-            let st = cuda::kvcompress_evict_batch(&kk, &vv, &met, &pos, &tables, &seqs, bs16)?;
+            let st = kvc::cuda::evict::kvcompress_evict_batch(
+                &kk, &vv, &met, &pos, &tables, &seqs, bs16,
+            )?;
             taken = st.iter().flat_map(|s| &s.counts).sum();
             Ok(())
         })?;
@@ -440,7 +452,7 @@ fn main() -> anyhow::Result<()> {
             let vp = rn((1, nkv_p, n, dp))?;
             let pos: Vec<u32> = (0..nkv_p).flat_map(|_| 0..n as u32).collect();
             let pos = Tensor::from_vec(pos, (nkv_p, n), &dev)?;
-            let shape = kvc::kvcache::ops::SoftmaxShape {
+            let shape = kvc::cuda::prefill_softmax::SoftmaxShape {
                 kv_heads: nkv_p,
                 group: gp,
                 t,
@@ -453,12 +465,26 @@ fn main() -> anyhow::Result<()> {
             let what = format!("{nh}/{nkv_p} heads d{dp}, {t} queries at {q_start} over {n} keys");
             let ms_u = time(&stream, 2, a.iters.min(20), || {
                 let att = qp.matmul(&kp.t()?)?;
-                let (p, _) = cuda::prefill_softmax(&att, &pos, &shape, q_start as u32, scale)?;
+                let (p, _) = kvc::cuda::prefill_softmax::prefill_softmax(
+                    &att,
+                    &pos,
+                    &shape,
+                    q_start as u32,
+                    scale,
+                )?;
                 p.matmul(&vp).map(|_| ())
             })?;
             let ms_f = time(&stream, 2, a.iters.min(20), || {
-                cuda::prefill_attention(&qp, &kp, &vp, &pos, &shape, q_start as u32, scale)
-                    .map(|_| ())
+                kvc::cuda::prefill_attention::prefill_attention(
+                    &qp,
+                    &kp,
+                    &vp,
+                    &pos,
+                    &shape,
+                    q_start as u32,
+                    scale,
+                )
+                .map(|_| ())
             })?;
             for (name, ms) in [("prefill unfused", ms_u), ("prefill_flash", ms_f)] {
                 rows.push([

@@ -8,7 +8,7 @@
 //! ([`select_blocks`] + [`head_evictions`]) and the full-sort reference
 //! ([`select_blocks_by_full_sort`], the straightforward form). Medians of `--iters` runs.
 use clap::Parser;
-use kvc::compress::kvcompress::{head_evictions, select_blocks, select_blocks_by_full_sort};
+use kvc::cuda::select::{head_evictions, select_blocks, select_blocks_by_full_sort};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 

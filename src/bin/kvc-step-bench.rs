@@ -16,9 +16,10 @@ use candle_core::{DType, Device, Result, Tensor};
 use clap::Parser;
 use kvc::compress::policy::{CompressHooks, Phase, SeqView};
 use kvc::compress::{build_policy, MethodOptions, MethodSpec};
+use kvc::cuda::evict::HeadTables;
+use kvc::cuda::paged_attention::DecodeShape;
 use kvc::engine::{observe_batch, step_compression, Hooks};
 use kvc::kvcache::blocks::BlockPool;
-use kvc::kvcache::ops::{DecodeShape, HeadTables};
 use kvc::kvcache::paged::{PagedCache, PagedSpec};
 use kvc::kvcache::step_tables::StepTables;
 use kvc::kvcache::{AttnCall, CacheBackend, Probe, SeqId};
@@ -304,7 +305,7 @@ fn decode_tables(a: &Args, ctx: usize) -> anyhow::Result<DecodeTables> {
     let mut evict = Vec::new();
     for _ in 0..a.steps {
         let t = Instant::now();
-        let tables = HeadTables::of_seqs(&pool, &seqs)?;
+        let tables = pool.head_tables(&seqs)?;
         let built = t.elapsed().as_secs_f64() * 1e3;
         tables.check_disjoint(BS, num_slots)?;
         let up = |v: &[u32]| Tensor::from_slice(v, v.len(), &dev);
@@ -317,7 +318,7 @@ fn decode_tables(a: &Args, ctx: usize) -> anyhow::Result<DecodeTables> {
     }
     let build = median(evict.iter().map(|e| e.0).collect());
     let total = median(evict.iter().map(|e| e.1).collect());
-    // The same eviction on the step tables (`cuda::kvcompress_evict_on_tables`): the rows'
+    // The same eviction on the step tables (`kvc::cuda::evict::kvcompress_evict_on_tables`): the rows'
     // offsets and lengths, the output offsets, their uploads; no table gathered or checked.
     let mut on_tables = Vec::new();
     for _ in 0..a.steps {

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use clap::Args;
 
 use crate::report::compare::compare;
-use crate::report::scores::{read_csv, ScoreRow};
+use crate::report::tables::{read_csv, ScoreRow};
 use crate::util::Status;
 
 use super::score::emit_stdout;

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use super::model_args::ModelArgs;
-use crate::model::conformance::{self, CheckOptions, OutputAgreement};
+use crate::eval::conformance::{self, CheckOptions, OutputAgreement};
 use crate::util::Status;
 
 #[derive(Args, Debug)]

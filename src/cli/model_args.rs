@@ -64,7 +64,7 @@ impl ModelArgs {
 /// cuda:0 when built with CUDA and a device opens, else the CPU.
 pub fn default_device() -> Device {
     #[cfg(feature = "cuda")]
-    if let Ok(d) = crate::kvcache::cuda::open_device(0) {
+    if let Ok(d) = crate::cuda::open_device(0) {
         return d;
     }
     Device::Cpu

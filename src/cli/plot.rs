@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use clap::Args;
 
 use crate::report::plot::{draw_figure, quality_figures};
-use crate::report::scores::{read_csv, ScoreRow};
+use crate::report::tables::{read_csv, ScoreRow};
 use crate::util::Status;
 
 use super::score::emit_stdout;

@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 use clap::{Args, ValueEnum};
 
 use crate::eval::metrics::{FuzzBackend, MetricOptions, RecursionLimit};
-use crate::eval::score::{self, OnError, SubsetScore};
-use crate::report::scores;
+use crate::eval::scoring::{self, OnError, SubsetScore};
+use crate::report::tables;
 use crate::util::{write_atomic, Status};
 
 #[derive(Args, Debug)]
@@ -109,7 +109,7 @@ impl ScoreArgs {
 }
 
 fn has_pred_files(dir: &Path) -> bool {
-    score::pred_files(dir).is_ok_and(|f| !f.is_empty())
+    scoring::pred_files(dir).is_ok_and(|f| !f.is_empty())
 }
 
 fn fmt_score(s: &SubsetScore) -> String {
@@ -130,9 +130,9 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<Status> {
     );
     let mut failed = false;
     if has_pred_files(&args.dir) {
-        let d = score::score_pred_dir(&args.dir, args.e, on_error, &opts)?;
+        let d = scoring::score_pred_dir(&args.dir, args.e, on_error, &opts)?;
         let path = args.dir.join("result.json");
-        write_atomic(&path, score::result_json(&d.subsets).as_bytes())
+        write_atomic(&path, scoring::result_json(&d.subsets).as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
         for b in &d.skipped {
             eprintln!(
@@ -143,7 +143,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<Status> {
             );
         }
         if args.json {
-            let _ = writeln!(out, "{}", score::result_json(&d.subsets));
+            let _ = writeln!(out, "{}", scoring::result_json(&d.subsets));
         } else {
             let _ = writeln!(out, "{:<24} {:>5} {:>6}  score", "subset", "n", "failed");
             for s in &d.subsets {
@@ -166,7 +166,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<Status> {
             eprintln!("{n_failed} samples carry an `error` (scored as written)");
         }
     } else {
-        let t = scores::score_tree(&args.dir, args.e, on_error, &opts)?;
+        let t = tables::score_tree(&args.dir, args.e, on_error, &opts)?;
         for b in &t.skipped {
             eprintln!(
                 "warning: skipped {}:{}: {}",
@@ -188,8 +188,8 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<Status> {
         }
         let scores_path = args.dir.join("scores.csv");
         let summary_path = args.dir.join("summary.csv");
-        scores::write_csv(&scores_path, &t.rows)?;
-        scores::write_csv(&summary_path, &t.summary)?;
+        tables::write_csv(&scores_path, &t.rows)?;
+        tables::write_csv(&summary_path, &t.summary)?;
         crate::report::heatmap::write_depth_csv(&args.dir, &t)?;
         crate::report::allocation::write_alloc_csv(&args.dir, &t)?;
         if args.json {

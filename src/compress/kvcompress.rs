@@ -22,7 +22,8 @@
 use candle_core::{Result, Tensor};
 
 use super::policy::{DeviceStepSpec, Phase, Policy, SeqView};
-use super::score::{window_scores, Agg, PoolKind, ScoreSpec};
+use super::scorer::{window_scores, Agg, PoolKind, ScoreSpec};
+use crate::cuda::select::{head_evictions_of, mask_protected, select_blocks};
 use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::budget::allowed_blocks;
 use crate::kvcache::Probe;
@@ -53,132 +54,6 @@ pub struct KvCompress {
     pub layers: usize,
     /// Kv-heads per layer.
     pub kv_heads: usize,
-}
-
-/// Per-head candidates of KV-Compress's block selection: how many candidates each head gives
-/// (`counts[i]`) when the `n_evict` lowest candidates over all heads are taken. `metrics[i]`:
-/// slot metrics of head `i` with protected slots already +inf. Candidates with +inf (or NaN)
-/// scores are never taken, so fewer than `n_evict` may be.
-pub fn select_blocks(metrics: &[Vec<f32>], block_size: usize, n_evict: usize) -> Vec<usize> {
-    // A head can give at most `n_evict` candidates, and its first k candidates need only its
-    // `(k - 1) * bs + h` lowest slots: partial selection instead of sorting every head (with
-    // continual compression this runs after nearly every decode step, where `n_evict` is 1 or 2
-    // and heads hold thousands of slots). Same result as sorting: the order is total.
-    let mut cands: Vec<(f32, usize, usize)> = Vec::new();
-    for (i, m) in metrics.iter().enumerate() {
-        let h = last_block_tokens(m.len(), block_size);
-        let k = m.len().div_ceil(block_size).min(n_evict);
-        if k == 0 {
-            continue;
-        }
-        let order = lowest_order(m, (k - 1) * block_size + h);
-        for j in 0..k {
-            let s = m[order[j * block_size + h - 1]];
-            if !s.is_finite() {
-                break; // candidates are non-decreasing within a head
-            }
-            cands.push((s, i, j));
-        }
-    }
-    cands.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    let mut counts = vec![0; metrics.len()];
-    for &(_, i, _) in cands.iter().take(n_evict) {
-        counts[i] += 1;
-    }
-    counts
-}
-
-/// [`select_blocks`] in its straightforward form: every head sorted fully, every candidate
-/// scored. The reference the tests and `kvc-plan-bench` compare the partial selection with.
-pub fn select_blocks_by_full_sort(metrics: &[Vec<f32>], bs: usize, n_evict: usize) -> Vec<usize> {
-    let mut cands: Vec<(f32, usize, usize)> = Vec::new();
-    for (i, m) in metrics.iter().enumerate() {
-        let mut sorted = m.clone();
-        sorted.sort_by(|a, b| a.total_cmp(b));
-        for (j, s) in candidate_scores(&sorted, bs).into_iter().enumerate() {
-            if s.is_finite() {
-                cands.push((s, i, j));
-            }
-        }
-    }
-    cands.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    let mut counts = vec![0; metrics.len()];
-    for &(_, i, _) in cands.iter().take(n_evict) {
-        counts[i] += 1;
-    }
-    counts
-}
-
-/// Logical indices of the `n` lowest slots of `m` in ascending (metric, index) order: a
-/// partial selection (O(len + n log n)), equal to the first `n` of a full sort. Sorts packed
-/// u64 keys (order-preserving metric bits, then the index) rather than indices through a
-/// comparator: no indirection, and ties fall to the index by construction.
-fn lowest_order(m: &[f32], n: usize) -> Vec<usize> {
-    let n = n.min(m.len());
-    if n == 0 {
-        return Vec::new();
-    }
-    let mut keys: Vec<u64> = m
-        .iter()
-        .enumerate()
-        .map(|(i, &x)| (u64::from(total_order_key(x)) << 32) | i as u64)
-        .collect();
-    if n < keys.len() {
-        keys.select_nth_unstable(n - 1);
-        keys.truncate(n);
-    }
-    keys.sort_unstable();
-    keys.into_iter()
-        .map(|k| (k & 0xffff_ffff) as usize)
-        .collect()
-}
-
-/// A u32 whose unsigned order is `f32::total_cmp`'s order (sign bit flipped for positives,
-/// all bits flipped for negatives).
-fn total_order_key(x: f32) -> u32 {
-    let b = x.to_bits();
-    if b & 0x8000_0000 != 0 {
-        !b
-    } else {
-        b | 0x8000_0000
-    }
-}
-
-#[cfg(test)]
-fn sorted_order(m: &[f32]) -> Vec<usize> {
-    lowest_order(m, m.len())
-}
-
-#[cfg(test)]
-fn sorted_metric(m: &[f32]) -> Vec<f32> {
-    sorted_order(m).into_iter().map(|i| m[i]).collect()
-}
-
-/// Tokens in the last block of a head of `len` tokens (`bs` when full, 0 when empty).
-pub fn last_block_tokens(len: usize, bs: usize) -> usize {
-    if len == 0 {
-        0
-    } else {
-        (len - 1) % bs + 1
-    }
-}
-
-/// Candidate scores of one head from its ascending metrics: candidate j frees j + 1 blocks and
-/// is scored by the largest metric it must evict, `sorted[j * bs + h - 1]`.
-pub fn candidate_scores(sorted: &[f32], bs: usize) -> Vec<f32> {
-    let h = last_block_tokens(sorted.len(), bs);
-    (0..sorted.len().div_ceil(bs))
-        .map(|j| sorted[j * bs + h - 1])
-        .collect()
-}
-
-/// Slots of a head (logical indices) evicted when it gives `k` candidates: its
-/// `(k - 1) * bs + h` lowest-metric slots.
-pub fn head_evictions(metric: &[f32], bs: usize, k: usize) -> Vec<usize> {
-    if k == 0 {
-        return vec![];
-    }
-    lowest_order(metric, (k - 1) * bs + last_block_tokens(metric.len(), bs))
 }
 
 impl KvCompress {
@@ -213,69 +88,6 @@ impl KvCompress {
             counts,
         )
     }
-}
-
-/// KV-Compress's plan taking `n_evict` blocks over the heads of one sequence, from each
-/// head's (metric, position) in (layer, kv-head) order; slots with `position >=
-/// first_protected` are kept; with `crush`, KVCrush's block form then takes its
-/// representatives out of the evictions ([`super::kvcrush::block_picks`]). What
-/// [`Policy::plan`] does from a [`SeqView`], for callers that hold the raw per-head data (the
-/// paged cache's host fallback of its device eviction).
-pub fn plan_from_meta(
-    meta: &[(Vec<f32>, Vec<u32>)],
-    kv_heads: usize,
-    block_size: usize,
-    first_protected: u32,
-    n_evict: usize,
-    crush: Option<&super::kvcrush::BlockPicks>,
-) -> EvictionPlan {
-    let masked: Vec<Vec<f32>> = meta
-        .iter()
-        .map(|(m, p)| mask_protected(m, p, first_protected))
-        .collect();
-    let counts = select_blocks(&masked, block_size, n_evict);
-    let mut evicted = head_evictions_of(&masked, block_size, &counts);
-    if let Some(picks) = crush {
-        let heads: Vec<(&[f32], &[u32])> = meta.iter().map(|(m, p)| (&m[..], &p[..])).collect();
-        super::kvcrush::block_picks(
-            &heads,
-            &mut evicted,
-            kv_heads,
-            first_protected,
-            block_size,
-            picks,
-        );
-    }
-    EvictionPlan::from_heads(evicted, kv_heads)
-}
-
-/// A head's metrics with the slots at positions `>= first_protected` masked to +inf.
-fn mask_protected(metric: &[f32], position: &[u32], first_protected: u32) -> Vec<f32> {
-    metric
-        .iter()
-        .zip(position)
-        .map(|(&m, &p)| {
-            if p >= first_protected {
-                f32::INFINITY
-            } else {
-                m
-            }
-        })
-        .collect()
-}
-
-/// What each head evicts when head `i` gives `counts[i]` candidates of its metrics, already
-/// masked ([`head_evictions`]).
-pub fn head_evictions_of(
-    masked: &[Vec<f32>],
-    block_size: usize,
-    counts: &[usize],
-) -> Vec<Vec<usize>> {
-    masked
-        .iter()
-        .zip(counts)
-        .map(|(m, &k)| head_evictions(m, block_size, k))
-        .collect()
 }
 
 /// The plan evicting `counts[i]` candidates from head `i` of metrics already masked
@@ -348,7 +160,15 @@ impl Policy for KvCompress {
 mod tests {
     use super::*;
     use crate::compress::policy::HeadView;
+    use crate::cuda::select::*;
     use proptest::prelude::*;
+
+    /// A head's metrics in ascending order.
+    fn sorted_metric(m: &[f32]) -> Vec<f32> {
+        let mut v = m.to_vec();
+        v.sort_by(f32::total_cmp);
+        v
+    }
 
     #[test]
     fn candidates_follow_the_last_block_rule() {

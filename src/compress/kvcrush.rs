@@ -25,29 +25,15 @@
 //! heads of a layer; on this per-head cache the eligible groups are a head's evicted slots in
 //! metric order, which is what a kvcompress block eviction removes.
 use candle_core::{Result, Tensor};
-use rand::{Rng, SeedableRng};
+
 use std::collections::HashSet;
 
 use super::policy::{DeviceStepSpec, Phase, Policy, SeqView};
 use super::MethodOptions;
+use crate::cuda::select::{block_picks, pick, DEVICE_MAX_BLOCK};
+pub use crate::cuda::select::{Anchor, BlockPicks};
 use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::Probe;
-
-/// Anchor signature the Hamming distances are measured to.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Anchor {
-    /// Random bits from `--kvcrush-seed`.
-    Random,
-    /// All zeros.
-    Zeros,
-    /// All ones.
-    Ones,
-    /// Per-bit majority over the candidates.
-    Mean,
-    /// 0101...
-    Alternate,
-}
 
 /// Which form of KVCrush runs.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -103,44 +89,6 @@ pub fn wrap(
         anchor: opts.kvcrush_anchor,
         seed: opts.kvcrush_seed,
     }))
-}
-
-/// The anchor of `bits` bits for `mode` (`cands`: the candidates' signatures, for `Mean`).
-pub fn anchor(mode: Anchor, bits: usize, cands: &[Vec<bool>], seed: u64) -> Vec<bool> {
-    match mode {
-        Anchor::Zeros => vec![false; bits],
-        Anchor::Ones => vec![true; bits],
-        Anchor::Alternate => (0..bits).map(|i| i % 2 == 1).collect(),
-        Anchor::Random => {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            (0..bits).map(|_| rng.random::<bool>()).collect()
-        }
-        Anchor::Mean => (0..bits)
-            .map(|b| 2 * cands.iter().filter(|c| c[b]).count() > cands.len())
-            .collect(),
-    }
-}
-
-/// Hamming distance.
-pub fn hamming(a: &[bool], b: &[bool]) -> usize {
-    a.iter().zip(b).filter(|(x, y)| x != y).count()
-}
-
-/// Indices (into `sigs`) of `k` representatives: ordered by distance to the anchor (stable),
-/// taken at indices `floor(i * n / k)` of that order. All when `k >= n`.
-pub fn pick(sigs: &[Vec<bool>], k: usize, mode: Anchor, seed: u64) -> Vec<usize> {
-    let n = sigs.len();
-    if k >= n {
-        return (0..n).collect();
-    }
-    if k == 0 {
-        return vec![];
-    }
-    let bits = sigs[0].len();
-    let a = anchor(mode, bits, sigs, seed);
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by_key(|&i| hamming(&sigs[i], &a));
-    (0..k).map(|i| order[i * n / k]).collect()
 }
 
 fn evicted_of(plan: &EvictionPlan, layer: usize, head: usize) -> Vec<usize> {
@@ -220,94 +168,6 @@ impl KvCrush {
     }
 }
 
-/// KVCrush's block form as one step of an eviction (what `kernels/evict.cu: kvc_crush_pick`
-/// runs on the device between the base's block selection and the compaction).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BlockPicks {
-    /// Groups kept per head on average: `groups_per_head * kv_heads` per layer.
-    pub groups_per_head: usize,
-    /// Anchor mode.
-    pub anchor: Anchor,
-    /// Seed of the random anchor.
-    pub seed: u64,
-}
-
-/// Longest block (bits of a group's signature) [`BlockPicks`] runs with on the device.
-pub const DEVICE_MAX_BLOCK: usize = 64;
-
-/// The anchor of a `bits`-bit signature as a bit mask (bit `i`: the `i`-th slot of a group in
-/// position order), for the device; `None` for [`Anchor::Mean`], which depends on the groups.
-pub fn anchor_mask(mode: Anchor, bits: usize, seed: u64) -> Option<u64> {
-    if mode == Anchor::Mean {
-        return None;
-    }
-    let a = anchor(mode, bits.min(64), &[], seed);
-    Some(
-        a.iter()
-            .enumerate()
-            .fold(0, |m, (i, &b)| m | (b as u64) << i),
-    )
-}
-
-/// KVCrush's block form on a base eviction, layer by layer (the module docs): `heads[i]` is
-/// head `i`'s (metric, position) by logical slot in (layer, kv-head) order (`kv_heads` per
-/// layer), `evicted[i]` the slots the base evicts from
-/// it (changed in place: the representatives' slots are taken out), slots at positions `>=
-/// first_protected` are never evictable. Per layer, the median of the evictable metrics splits
-/// each slot into 1 (`>=` median) or 0; each head's evicted slots, in (metric, slot) order, are
-/// cut from the top into groups of `block_size`; a group's signature is its bits in position
-/// order; [`pick`] chooses `groups_per_head * kv_heads` of the layer's groups (ties in distance
-/// keep (head, group-from-the-top) order).
-pub fn block_picks(
-    heads: &[(&[f32], &[u32])],
-    evicted: &mut [Vec<usize>],
-    kv_heads: usize,
-    first_protected: u32,
-    block_size: usize,
-    p: &BlockPicks,
-) {
-    let bs = block_size.max(1);
-    let kvh = kv_heads.max(1);
-    for (layer, ev_layer) in heads.chunks(kvh).zip(evicted.chunks_mut(kvh)) {
-        let mut scores: Vec<f32> = layer
-            .iter()
-            .flat_map(|(m, pos)| {
-                m.iter()
-                    .zip(pos.iter())
-                    .filter(|(_, &q)| q < first_protected)
-                    .map(|(&x, _)| x)
-            })
-            .collect();
-        scores.sort_by(|a, b| a.total_cmp(b));
-        let median = scores.get(scores.len() / 2).copied().unwrap_or(0.0);
-        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
-        for (h, ((metric, _), ev)) in layer.iter().zip(ev_layer.iter_mut()).enumerate() {
-            ev.sort_by(|&a, &b| metric[a].total_cmp(&metric[b]).then(a.cmp(&b)));
-            let mut end = ev.len();
-            while end >= bs {
-                groups.push((h, ev[end - bs..end].to_vec()));
-                end -= bs;
-            }
-        }
-        let sigs: Vec<Vec<bool>> = groups
-            .iter()
-            .map(|(h, g)| {
-                let (metric, pos) = layer[*h];
-                let mut g = g.clone();
-                g.sort_by_key(|&i| pos[i]);
-                g.iter().map(|&i| metric[i] >= median).collect()
-            })
-            .collect();
-        let mut back: Vec<HashSet<usize>> = vec![HashSet::new(); layer.len()];
-        for j in pick(&sigs, p.groups_per_head * layer.len(), p.anchor, p.seed) {
-            back[groups[j].0].extend(groups[j].1.iter().copied());
-        }
-        for (ev, b) in ev_layer.iter_mut().zip(&back) {
-            ev.retain(|i| !b.contains(i));
-        }
-    }
-}
-
 impl Policy for KvCrush {
     fn prefill_probe(&self) -> Probe {
         self.base.prefill_probe()
@@ -377,6 +237,7 @@ impl Policy for KvCrush {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cuda::select::{anchor, anchor_mask};
 
     #[test]
     fn pick_takes_an_even_stride_through_distance_order() {
@@ -452,7 +313,7 @@ mod tests {
     fn block_form_on_kvcompress_keeps_the_memory_of_the_base() {
         use crate::compress::kvcompress::{KvCompress, KvCompressConfig};
         use crate::compress::policy::HeadView;
-        use crate::compress::score::Agg;
+        use crate::compress::scorer::Agg;
         let bs = 2;
         let head = |seed: u32| HeadView {
             metric: (0..20u32)

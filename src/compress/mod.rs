@@ -33,14 +33,14 @@ pub mod kvcompress;
 pub mod kvcrush;
 pub mod policy;
 pub mod pyramidkv;
-pub mod score;
+pub mod scorer;
 pub mod snapkv;
 pub mod streamingllm;
 
 use policy::{BudgetFn, CompressHooks, Kept, Phase, Policy, SeqView};
-use score::{Agg, PoolKind};
+use scorer::{Agg, PoolKind};
 
-pub use crate::report::scores::Budget;
+pub use crate::kvcache::budget::Budget;
 
 /// Every method name `--methods` accepts.
 pub const METHODS: &[&str] = &[

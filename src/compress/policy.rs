@@ -1,7 +1,7 @@
 //! The shape of a compression method and the driver that runs it in the engine.
 //!
 //! A method ([`Policy`]) is a scorer (per kv-head, per slot importance from probed attention,
-//! see [`super::score`]) plus a budget allocator and an evictor ([`Policy::plan`]: from a plain
+//! see [`super::scorer`]) plus a budget allocator and an evictor ([`Policy::plan`]: from a plain
 //! snapshot of the sequence's metrics and positions, [`SeqView`], to an [`EvictionPlan`]).
 //!
 //! One compression step, always in this order ([`CompressHooks`]):
@@ -463,9 +463,14 @@ impl Hooks for CompressHooks<'_> {
             return Ok((r.n_evict > 0).then_some(StepWork::Device(r)));
         }
         let (policy, phase) = (self.policy, self.phase);
-        Ok(Some(StepWork::Plan(Box::new(move |c: &PagedCache| {
-            Ok(policy.plan(&SeqView::of(c, seq)?, budget, phase))
-        }))))
+        Ok(Some(StepWork::Plan(Box::new(
+            move |c: &dyn CacheBackend| {
+                let c = c.as_paged().ok_or_else(|| {
+                    candle_core::Error::Msg("step compression needs the paged cache".into())
+                })?;
+                Ok(policy.plan(&SeqView::of(c, seq)?, budget, phase))
+            },
+        ))))
     }
 
     fn apply_step_plan(

@@ -12,7 +12,7 @@
 use candle_core::{Result, Tensor};
 
 use super::policy::{evict_lowest, per_head_plan, Phase, Policy, SeqView};
-use super::score::{window_scores, Agg, PoolKind, ScoreSpec};
+use super::scorer::{window_scores, Agg, PoolKind, ScoreSpec};
 use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::Probe;
 

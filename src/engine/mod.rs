@@ -10,13 +10,12 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 use crate::kvcache::blocks::EvictionPlan;
-use crate::kvcache::paged::{DeviceEvict, EvictStats, PagedCache};
-use crate::kvcache::{CacheBackend, Probe, SeqId};
+use crate::kvcache::{CacheBackend, DeviceEvict, EvictStats, Probe, SeqId};
 use crate::model::Llama;
 
 /// The read-only half of a decode step's compression (snapshot the sequence, plan its
 /// evictions), handed out by [`Hooks::step_plan`] so a batch can plan on several threads.
-pub type StepPlanner<'a> = Box<dyn FnOnce(&PagedCache) -> Result<EvictionPlan> + Send + 'a>;
+pub type StepPlanner<'a> = Box<dyn FnOnce(&dyn CacheBackend) -> Result<EvictionPlan> + Send + 'a>;
 
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -188,7 +187,7 @@ pub enum StepWork<'a> {
     /// several threads), then executed by [`Hooks::apply_step_plan`].
     Plan(StepPlanner<'a>),
     /// KV-Compress's eviction from the device metric: the requests of a batch run together in
-    /// one [`PagedCache::evict_on_device`], then [`Hooks::device_evicted`].
+    /// one [`CacheBackend::evict_on_device`], then [`Hooks::device_evicted`].
     Device(DeviceEvict),
 }
 
@@ -405,7 +404,7 @@ pub fn observe_batch(
 /// written one sequence after another, the plans (snapshot + selection, pure host work that
 /// grows with the batch: ~1–2 ms per SmolLM2 sequence on a 2-core CPU, see `kvc-step-bench`)
 /// on all cores, then the evictions one after another with their K/V moves collected into one
-/// copy ([`PagedCache::defer_moves`]). Sequences own disjoint blocks, so the result is the same
+/// copy ([`CacheBackend::defer_moves`]). Sequences own disjoint blocks, so the result is the same
 /// as [`Hooks::after_step`] sequence by sequence.
 pub fn step_compression(
     cache: &mut dyn CacheBackend,
@@ -433,20 +432,15 @@ pub fn step_compression(
         return Ok(());
     }
     let plans: Vec<(usize, Result<EvictionPlan>)> = {
-        let paged = cache.as_paged().ok_or_else(|| {
-            candle_core::Error::Msg("step compression needs the paged cache".into())
-        })?;
+        let view: &dyn CacheBackend = &*cache;
         planners
             .into_par_iter()
-            .map(|(i, p)| (i, p(paged)))
+            .map(|(i, p)| (i, p(view)))
             .collect()
-    };
-    let Some(paged) = cache.as_paged_mut() else {
-        unreachable!("checked above");
     };
     if !on_device.is_empty() {
         let reqs: Vec<DeviceEvict> = on_device.iter().map(|(_, r)| *r).collect();
-        let stats = paged.evict_on_device(&reqs)?;
+        let stats = cache.evict_on_device(&reqs)?;
         for ((i, _), st) in on_device.iter().zip(stats) {
             hooks[*i].device_evicted(st);
         }
@@ -454,11 +448,11 @@ pub fn step_compression(
     if plans.is_empty() {
         return Ok(());
     }
-    paged.defer_moves();
+    cache.defer_moves();
     let applied = plans
         .into_iter()
-        .try_for_each(|(i, plan)| hooks[i].apply_step_plan(&mut *paged, seqs[i], plan?));
-    let flushed = paged.flush_moves();
+        .try_for_each(|(i, plan)| hooks[i].apply_step_plan(&mut *cache, seqs[i], plan?));
+    let flushed = cache.flush_moves();
     applied.and(flushed)
 }
 

@@ -5,6 +5,9 @@
 //! task and what the run measured. Every kvc-added field is optional and left out when absent.
 //! Unknown fields are ignored (forward compatible). See README-scoring.md for the table.
 use serde::{Deserialize, Deserializer, Serialize};
+use std::path::{Path, PathBuf};
+
+use crate::kvcache::budget::Budget;
 
 /// One prediction line.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -139,6 +142,12 @@ impl PredRecord {
         // Serialising this struct cannot fail: all keys are strings, no maps with non-string keys.
         serde_json::to_string(self).unwrap_or_default()
     }
+}
+
+/// The run directory kvc's layout gives a model × method × budget: `<root>/<model>/<method>/<budget>`
+/// (pred files go in its `preds/`, `run.json` beside).
+pub fn run_dir(root: &Path, model: &str, method: &str, budget: Budget) -> PathBuf {
+    root.join(model).join(method).join(budget.label())
 }
 
 #[cfg(test)]

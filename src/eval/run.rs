@@ -14,7 +14,7 @@
 //!    [`load_existing`] (finished `_id`s; a torn last line is cut off) and the remaining
 //!    samples, each appended to `preds/<subset>.jsonl` and synced before the next one starts.
 //!    A failing sample (prompt too long, out of memory, ...) is written as a row with `error`.
-//! 4. Scoring and plots are the caller's (the CLI runs `report::scores::score_tree`).
+//! 4. Scoring and plots are the caller's (the CLI runs `report::tables::score_tree`).
 //!
 //! Prompts follow LongBench's `pred.py` (see [`crate::data::prompt`]); generation is greedy with
 //! the subset's max new tokens; samsum stops at a newline as pred.py does (its stop ids are the
@@ -31,9 +31,9 @@ use crate::data::longbench::{hex, DataError, Dataset, Verdict};
 use crate::data::prompt;
 use crate::data::tasks::Task;
 use crate::engine::{FinishReason, GenParams, Generation};
+use crate::eval::record::run_dir;
 use crate::eval::record::{PredRecord, RunMeta};
 use crate::model::{candle_msg, LoadedModel};
-use crate::report::scores::run_dir;
 use crate::util::write_atomic;
 
 /// Block size of the paged cache: token budgets are rounded up to a multiple of it.

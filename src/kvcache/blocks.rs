@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 
 use super::SeqId;
+use crate::cuda::evict::HeadTables;
 
 /// Bookkeeping errors; each says what was asked and what exists.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -167,6 +168,28 @@ pub struct EvictionPlan {
 }
 
 impl EvictionPlan {
+    /// KV-Compress's plan taking `n_evict` blocks over the heads of one sequence from each
+    /// head's (metric, position), (layer, kv-head) order; see
+    /// [`crate::cuda::select::evictions_from_meta`].
+    pub fn from_meta(
+        meta: &[(Vec<f32>, Vec<u32>)],
+        kv_heads: usize,
+        block_size: usize,
+        first_protected: u32,
+        n_evict: usize,
+        crush: Option<&crate::cuda::select::BlockPicks>,
+    ) -> EvictionPlan {
+        let evicted = crate::cuda::select::evictions_from_meta(
+            meta,
+            kv_heads,
+            block_size,
+            first_protected,
+            n_evict,
+            crush,
+        );
+        Self::from_heads(evicted, kv_heads)
+    }
+
     /// The plan evicting `evicted[i]` from head `i` of a sequence, heads in (layer, kv-head)
     /// order with `kv_heads` per layer; heads with nothing to evict are left out.
     pub fn from_heads(evicted: impl IntoIterator<Item = Vec<usize>>, kv_heads: usize) -> Self {
@@ -239,6 +262,22 @@ fn gather<T: Copy>(src: &[T], runs: Vec<std::ops::Range<usize>>) -> Vec<T> {
 }
 
 impl BlockPool {
+    /// Tables of every head of `seqs`, (sequence, layer, kv-head) order, blocks back to back:
+    /// what a batched device eviction takes.
+    pub fn head_tables(&self, seqs: &[SeqId]) -> Result<HeadTables, BlockError> {
+        let tables = seqs
+            .iter()
+            .map(|&s| self.table(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(HeadTables::from_heads(tables.into_iter().flat_map(|t| {
+            t.blocks
+                .iter()
+                .flatten()
+                .zip(t.len.iter().flatten())
+                .map(|(b, &l)| (&b[..], l))
+        })))
+    }
+
     /// A pool of `num_blocks` blocks of `block_size` tokens for `layers` x `kv_heads` heads.
     pub fn new(
         layers: usize,

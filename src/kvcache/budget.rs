@@ -39,6 +39,42 @@ pub fn allowed_blocks(tokens: usize, layers: usize, kv_heads: usize, block_size:
     (round_up(tokens, block_size) * layers * kv_heads).div_ceil(block_size.max(1))
 }
 
+/// How a run limited its cache.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    /// Compression rate (`rate<r>`): prompt KV / kept KV.
+    Rate(f64),
+    /// Fixed cache budget in tokens (`tokens<n>`).
+    Tokens(usize),
+}
+
+impl Budget {
+    /// Parse a budget directory name: `rate8`, `rate1.5`, `tokens512`.
+    pub fn parse_dir(name: &str) -> Option<Budget> {
+        if let Some(r) = name.strip_prefix("rate") {
+            r.parse::<f64>()
+                .ok()
+                .filter(|r| *r >= 1.0 && r.is_finite())
+                .map(Budget::Rate)
+        } else if let Some(t) = name.strip_prefix("tokens") {
+            t.parse::<usize>()
+                .ok()
+                .filter(|t| *t > 0)
+                .map(Budget::Tokens)
+        } else {
+            None
+        }
+    }
+
+    /// The directory / CSV label: `rate8`, `tokens512`.
+    pub fn label(&self) -> String {
+        match self {
+            Budget::Rate(r) => format!("rate{r}"),
+            Budget::Tokens(t) => format!("tokens{t}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,10 +23,11 @@ use candle_core::{DType, Result, Tensor};
 pub mod blocks;
 pub mod budget;
 pub mod contiguous;
-pub mod cuda;
-pub mod ops;
 pub mod paged;
+pub use paged::{DeviceEvict, EvictStats};
 pub mod step_tables;
+#[cfg(test)]
+mod twin_checks;
 
 /// A sequence in a cache backend.
 pub type SeqId = usize;
@@ -97,6 +98,18 @@ pub trait CacheBackend: Send + Sync {
     /// Mutable access to the paged cache behind this backend, if it is one.
     fn as_paged_mut(&mut self) -> Option<&mut paged::PagedCache> {
         None
+    }
+    /// Device-side KV-Compress eviction of several sequences at once (one request each);
+    /// only a cache that keeps metrics on the device can.
+    fn evict_on_device(&mut self, _reqs: &[DeviceEvict]) -> Result<Vec<EvictStats>> {
+        candle_core::bail!("the {} cache has no device eviction", self.name())
+    }
+    /// Collect the K/V moves of the evictions that follow into one copy, until
+    /// [`CacheBackend::flush_moves`] (a cache without moves ignores it).
+    fn defer_moves(&mut self) {}
+    /// Run the moves collected since [`CacheBackend::defer_moves`] and stop collecting.
+    fn flush_moves(&mut self) -> Result<()> {
+        Ok(())
     }
 }
 

@@ -35,10 +35,11 @@ use candle_core::{DType, Device, Result, Tensor};
 use std::collections::BTreeMap;
 
 use super::blocks::{BlockCopy, BlockError, BlockPool, EvictionPlan, MemoryLayout, MemoryReport};
-use super::cuda::{self, DeviceTables};
-use super::ops::{self, DecodeShape, SoftmaxShape};
 use super::step_tables::StepTables;
 use super::{AttnCall, AttnOut, CacheBackend, Probe, SeqId};
+use crate::cuda::paged_attention::{DecodeShape, DeviceTables};
+use crate::cuda::prefill_softmax::SoftmaxShape;
+use crate::cuda::{evict, kv_cache, paged_attention, prefill_attention, prefill_softmax};
 
 /// Default tokens per block (the paper's).
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
@@ -110,7 +111,7 @@ pub struct PagedCache {
     meta: Option<DeviceMeta>,
     /// Whether sequences may keep their metric on the device (default: on a CUDA device).
     device_compression: bool,
-    /// Prefill attention with `cuda::prefill_attention` where supported.
+    /// Prefill attention with `prefill_attention::prefill_attention` where supported.
     flash_prefill: bool,
     /// The CUDA decode batch's block tables, kept on the device between steps.
     step: Option<DecodeStep>,
@@ -132,7 +133,7 @@ struct DecodeStep {
     /// The layer the next decode call must be for.
     next_layer: usize,
     /// Scratch shared by the layers of a step that return no probabilities.
-    ws: Option<cuda::DecodeWorkspace>,
+    ws: Option<paged_attention::DecodeWorkspace>,
 }
 
 /// See [`PagedCache::keep_metric_on_device`].
@@ -166,7 +167,7 @@ pub struct DeviceEvict {
     /// Slots with `position >= first_protected` are never evicted.
     pub first_protected: u32,
     /// KVCrush's block form after the selection (`kernels/evict.cu: kvc_crush_pick`).
-    pub crush: Option<crate::compress::kvcrush::BlockPicks>,
+    pub crush: Option<crate::cuda::select::BlockPicks>,
 }
 
 /// Compaction moves waiting for [`PagedCache::flush_moves`].
@@ -366,7 +367,7 @@ impl PagedCache {
             }
             let slots: Vec<u32> = slots.into_iter().map(|s| s as u32).collect();
             if dev.is_cuda() {
-                cuda::set_meta(&m.metric, &m.position, &slots, &metric, &position)?;
+                kv_cache::set_meta(&m.metric, &m.position, &slots, &metric, &position)?;
             } else {
                 let n = slots.len();
                 let idx = Tensor::from_vec(slots, n, &dev)?;
@@ -478,12 +479,11 @@ impl PagedCache {
     /// ([`PagedCache::keep_metric_on_device`]): each evicts `n_evict` blocks chosen over its
     /// heads from the device metric (protected positions kept), and is compacted, by
     /// `kernels/evict.cu` in one batch on CUDA (three launches; the block tables go up, the new
-    /// lengths come back) or by its twin ([`ops::kvcompress_evict_batch`]) elsewhere. The pool
+    /// lengths come back) or by its twin ([`evict::kvcompress_evict_batch_twin`]) elsewhere. The pool
     /// then shortens each head and frees its emptied blocks. Heads longer than the device sort
-    /// holds ([`cuda::EVICT_MAX_LEN`]) are planned on the host from their downloaded metrics
+    /// holds ([`evict::EVICT_MAX_LEN`]) are planned on the host from their downloaded metrics
     /// with the same selection.
     pub fn evict_on_device(&mut self, reqs: &[DeviceEvict]) -> Result<Vec<EvictStats>> {
-        use crate::compress::kvcompress::plan_from_meta;
         let dev = self.spec.device.clone();
         let mut clock = crate::profile::start(&dev);
         self.run_pending()?;
@@ -499,9 +499,9 @@ impl PagedCache {
             }
             let t = self.pool.table(r.seq).map_err(be)?;
             let longest = t.len.iter().flatten().copied().max().unwrap_or(0);
-            if self.on_cuda() && longest > cuda::EVICT_MAX_LEN {
+            if self.on_cuda() && longest > evict::EVICT_MAX_LEN {
                 // The host plan: the twin's selection on the downloaded metrics.
-                let plan = plan_from_meta(
+                let plan = EvictionPlan::from_meta(
                     &self.seq_meta(r.seq)?,
                     nkv,
                     bs,
@@ -518,9 +518,9 @@ impl PagedCache {
             return Ok(stats);
         }
         let ids: Vec<SeqId> = batch.iter().map(|&i| reqs[i].seq).collect();
-        let seqs: Vec<ops::EvictSeq> = batch
+        let seqs: Vec<evict::EvictSeq> = batch
             .iter()
-            .map(|&i| ops::EvictSeq {
+            .map(|&i| evict::EvictSeq {
                 heads: layers * nkv,
                 kv_heads: nkv,
                 first_protected: reqs[i].first_protected,
@@ -546,7 +546,7 @@ impl PagedCache {
             Some((tab, lens)) => {
                 let m = self.meta.as_ref().expect("checked above");
                 let st = self.step.as_ref().expect("matched above");
-                cuda::kvcompress_evict_on_tables(
+                evict::kvcompress_evict_on_tables(
                     &self.k,
                     &self.v,
                     &m.metric,
@@ -559,10 +559,10 @@ impl PagedCache {
                 )?
             }
             None => {
-                let tables = ops::HeadTables::of_seqs(&self.pool, &ids).map_err(be)?;
+                let tables = self.pool.head_tables(&ids).map_err(be)?;
                 if self.on_cuda() {
                     let m = self.meta.as_ref().expect("checked above");
-                    cuda::kvcompress_evict_batch(
+                    evict::kvcompress_evict_batch(
                         &self.k,
                         &self.v,
                         &m.metric,
@@ -590,18 +590,18 @@ impl PagedCache {
         Ok(stats)
     }
 
-    /// [`ops::kvcompress_evict_batch`] on host copies of the storage, written back (the CPU
+    /// [`evict::kvcompress_evict_batch_twin`] on host copies of the storage, written back (the CPU
     /// side of [`PagedCache::evict_on_device`]: slow, for tests and CPU runs that ask for it).
     fn evict_batch_twin(
         &mut self,
-        tables: &ops::HeadTables,
-        seqs: &[ops::EvictSeq],
-    ) -> Result<Vec<ops::EvictStep>> {
+        tables: &evict::HeadTables,
+        seqs: &[evict::EvictSeq],
+    ) -> Result<Vec<evict::EvictStep>> {
         fn run<T: candle_core::WithDType>(
             c: &mut PagedCache,
-            tables: &ops::HeadTables,
-            seqs: &[ops::EvictSeq],
-        ) -> Result<Vec<ops::EvictStep>> {
+            tables: &evict::HeadTables,
+            seqs: &[evict::EvictSeq],
+        ) -> Result<Vec<evict::EvictStep>> {
             let (rows, d) = c.k.dims2()?;
             let dev = c.spec.device.clone();
             let mut k = c.k.flatten_all()?.to_vec1::<T>()?;
@@ -609,7 +609,7 @@ impl PagedCache {
             let m = c.meta.as_mut().expect("checked by the caller");
             let mut metric = m.metric.to_vec1::<f32>()?;
             let mut position = m.position.to_vec1::<u32>()?;
-            let steps = ops::kvcompress_evict_batch(
+            let steps = evict::kvcompress_evict_batch_twin(
                 &mut k,
                 &mut v,
                 &mut metric,
@@ -661,7 +661,7 @@ impl PagedCache {
             .collect();
         let (n, top) = (slots.len(), slots.iter().copied().max());
         let idx = Tensor::from_vec(slots, n, &self.spec.device)?;
-        cuda::gather_kv(&self.k, &self.v, &idx, top)
+        kv_cache::gather_kv(&self.k, &self.v, &idx, top)
     }
 
     /// Write `rows` `[n, head_dim]` into physical `slots` of `dst`.
@@ -781,7 +781,7 @@ impl PagedCache {
             let from: Vec<u32> = copies.iter().map(|c| c.from as u32).collect();
             let to: Vec<u32> = copies.iter().map(|c| c.to as u32).collect();
             let (m, p) = self.meta_tensors();
-            return cuda::copy_blocks(&self.k, &self.v, m, p, &from, &to, bs);
+            return kv_cache::copy_blocks(&self.k, &self.v, m, p, &from, &to, bs);
         }
         let from: Vec<u32> = copies
             .iter()
@@ -803,7 +803,7 @@ impl PagedCache {
         if self.on_cuda() {
             let to: Vec<u32> = to.iter().map(|&x| x as u32).collect();
             let (m, p) = self.meta_tensors();
-            return cuda::move_slots(&self.k, &self.v, m, p, &from, &to);
+            return kv_cache::move_slots(&self.k, &self.v, m, p, &from, &to);
         }
         let n = from.len();
         let from = Tensor::from_vec(from, n, &self.spec.device)?;
@@ -897,7 +897,7 @@ impl PagedCache {
             let positions: Vec<u32> = (0..nkv).flat_map(|_| new_pos.iter().copied()).collect();
             let rows = |x: &Tensor| x.contiguous()?.reshape((nkv * t, d));
             let (m, p) = self.meta_tensors();
-            cuda::write_kv(
+            kv_cache::write_kv(
                 &self.k,
                 &self.v,
                 m,
@@ -957,7 +957,7 @@ impl PagedCache {
         let views = step.tables.layer(call.layer)?;
         let rows = |x: &Tensor| x.contiguous()?.reshape((b * nkv, d));
         let (m, p) = DeviceMeta::tensors(self.meta.as_ref());
-        cuda::write_kv_at(
+        kv_cache::write_kv_at(
             &self.k,
             &self.v,
             m,
@@ -996,7 +996,8 @@ impl PagedCache {
             .as_ref()
             .filter(|m| call.seqs.iter().any(|s| m.seqs.contains(s)))
             .map(|m| &m.metric);
-        let tables = DeviceTables::from_step(shape, views)?;
+        let tables =
+            DeviceTables::prechecked(shape, views.blocks, views.starts, views.lens, views.max_len)?;
         let mut q = call.q.reshape((b, nh, d))?.contiguous()?;
         if q.layout().start_offset() != 0 {
             q = q.copy()?;
@@ -1004,14 +1005,14 @@ impl PagedCache {
         let dev = &self.spec.device;
         let out = Tensor::zeros((b, nh, d), q.dtype(), dev)?;
         let ws = if want {
-            cuda::DecodeWorkspace::new(&shape, stride, None, dev)?
+            paged_attention::DecodeWorkspace::new(&shape, stride, None, dev)?
         } else {
             match step.ws.take() {
                 Some(ws) if ws.fits(&shape, stride) => ws,
-                _ => cuda::DecodeWorkspace::new(&shape, stride, None, dev)?,
+                _ => paged_attention::DecodeWorkspace::new(&shape, stride, None, dev)?,
             }
         };
-        cuda::paged_decode_into(
+        paged_attention::paged_decode_into(
             &q,
             &self.k,
             &self.v,
@@ -1118,7 +1119,7 @@ impl PagedCache {
         }
         let top = idx.iter().copied().max();
         let idx = Tensor::from_vec(idx, nkv * max, dev)?;
-        let (kk, vv) = cuda::gather_kv(&self.k, &self.v, &idx, top)?;
+        let (kk, vv) = kv_cache::gather_kv(&self.k, &self.v, &idx, top)?;
         let (kk, vv) = (kk.reshape((1, nkv, max, d))?, vv.reshape((1, nkv, max, d))?);
         let key_pos = Tensor::from_vec(key_pos, (nkv, max), dev)?;
         Ok((kk, vv, key_pos, max))
@@ -1142,7 +1143,7 @@ impl PagedCache {
 
     /// Attention of one sequence: append, gather, masked softmax. Returns the output
     /// `[1, nh, t, d]` and the probed queries' probabilities `[1, nh, n_probed, max_kv_len]`.
-    /// On CUDA the scale, mask and softmax are one kernel (`cuda::prefill_softmax`); elsewhere
+    /// On CUDA the scale, mask and softmax are one kernel (`prefill_softmax::prefill_softmax`); elsewhere
     /// candle ops, the same as the contiguous oracle's.
     #[allow(clippy::too_many_arguments)]
     fn attend_one(
@@ -1196,11 +1197,11 @@ impl PagedCache {
         // the output then); the probed window is a few rows scored the unfused way.
         if self.flash_prefill
             && self.on_cuda()
-            && cuda::prefill_attention_supported(q.dtype(), d)
+            && prefill_attention::prefill_attention_supported(q.dtype(), d)
             && probed < t
         {
             let flash = SoftmaxShape { probed: 0, ..shape };
-            let out = cuda::prefill_attention(
+            let out = prefill_attention::prefill_attention(
                 &q2,
                 &kk,
                 &vv,
@@ -1221,15 +1222,21 @@ impl PagedCache {
             let window = SoftmaxShape { t: probed, ..shape };
             let att = qw.matmul(&kk.t()?)?;
             let first = (start + t - probed) as u32;
-            let (_, probs) = cuda::prefill_softmax(&att, &key_pos, &window, first, scale as f32)?;
+            let (_, probs) =
+                prefill_softmax::prefill_softmax(&att, &key_pos, &window, first, scale as f32)?;
             let probs = probs.map(|p| p.reshape((1, nh, probed, max))).transpose()?;
             crate::profile::mark(&dev, &mut clock, "prefill.attend/window");
             return Ok((out, probs));
         }
-        if self.on_cuda() && cuda::prefill_softmax_supported(q.dtype()) {
+        if self.on_cuda() && prefill_softmax::prefill_softmax_supported(q.dtype()) {
             let att = q2.matmul(&kk.t()?)?;
-            let (p, probs) =
-                cuda::prefill_softmax(&att, &key_pos, &shape, start as u32, scale as f32)?;
+            let (p, probs) = prefill_softmax::prefill_softmax(
+                &att,
+                &key_pos,
+                &shape,
+                start as u32,
+                scale as f32,
+            )?;
             let out = p.matmul(&vv)?.reshape((1, nh, t, d))?;
             let probs = probs.map(|p| p.reshape((1, nh, probed, max))).transpose()?;
             return Ok((out, probs));
@@ -1277,7 +1284,7 @@ impl CacheBackend for PagedCache {
         if self.on_cuda()
             && t == 1
             && nh % nkv == 0
-            && cuda::decode_supported(self.spec.dtype, d, nh / nkv)
+            && paged_attention::decode_supported(self.spec.dtype, d, nh / nkv)
             && call.q.dtype() == self.spec.dtype
         {
             return self.attend_decode_cuda(&call);
@@ -1340,6 +1347,18 @@ impl CacheBackend for PagedCache {
 
     fn as_paged_mut(&mut self) -> Option<&mut PagedCache> {
         Some(self)
+    }
+
+    fn evict_on_device(&mut self, reqs: &[DeviceEvict]) -> Result<Vec<EvictStats>> {
+        PagedCache::evict_on_device(self, reqs)
+    }
+
+    fn defer_moves(&mut self) {
+        PagedCache::defer_moves(self)
+    }
+
+    fn flush_moves(&mut self) -> Result<()> {
+        PagedCache::flush_moves(self)
     }
 }
 
@@ -1508,8 +1527,7 @@ mod tests {
     /// ties are common; sequences have different lengths (ragged heads after a first round).
     #[test]
     fn device_eviction_equals_host_plan() {
-        use crate::compress::kvcompress::plan_from_meta;
-        use crate::compress::kvcrush::{Anchor, BlockPicks};
+        use crate::cuda::select::{Anchor, BlockPicks};
         use rand::{Rng, SeedableRng};
         let dev = Device::Cpu;
         let (layers, nkv, d, bs) = (2, 3, 4, 4);
@@ -1560,7 +1578,7 @@ mod tests {
             let got = device.evict_on_device(&reqs).unwrap();
             for (r, st) in reqs.iter().zip(got) {
                 let meta = host.seq_meta(r.seq).unwrap();
-                let plan = plan_from_meta(
+                let plan = EvictionPlan::from_meta(
                     &meta,
                     nkv,
                     bs,
@@ -1569,7 +1587,8 @@ mod tests {
                     r.crush.as_ref(),
                 );
                 if r.crush.is_some() && r.n_evict > 0 {
-                    let plain = plan_from_meta(&meta, nkv, bs, r.first_protected, r.n_evict, None);
+                    let plain =
+                        EvictionPlan::from_meta(&meta, nkv, bs, r.first_protected, r.n_evict, None);
                     assert!(
                         plan.evicted() < plain.evicted(),
                         "KVCrush keeps groups back"

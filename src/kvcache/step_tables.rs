@@ -11,12 +11,12 @@
 //! later ids come from the pool's free list or from the pool's own tables).
 //!
 //! The bookkeeping is plain host code over [`BlockPool`]; the tensor ops are candle's or have a
-//! candle twin (`cuda::scatter_u32`), so the same code runs, and is tested, on the CPU.
+//! candle twin (`crate::cuda::kv_cache::scatter_u32`), so the same code runs, and is tested, on the CPU.
 use candle_core::{Device, Result, Tensor};
 
 use super::blocks::{BlockPool, StepAppend};
-use super::ops::HeadTables;
 use super::SeqId;
+use crate::cuda::evict::HeadTables;
 
 /// Blocks of room every row gets beyond the blocks it holds at a rebuild.
 const GROWTH_BLOCKS: u32 = 8;
@@ -259,7 +259,7 @@ impl StepTables {
         let len = buf.len();
         let up = Tensor::from_vec(buf, len, self.blocks.device())?;
         if k > 0 {
-            super::cuda::scatter_u32(
+            crate::cuda::kv_cache::scatter_u32(
                 &self.blocks,
                 &up.narrow(0, 3 * rows, k)?,
                 &up.narrow(0, 3 * rows + k, k)?,

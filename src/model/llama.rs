@@ -7,9 +7,9 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::Linear;
 
+use crate::cuda::layer_ops::{self, QkvHeads};
 use crate::kvcache::{AttnCall, CacheBackend, Probe, SeqId};
 use crate::model::config::Config;
-use crate::model::fused::{self, QkvHeads};
 use crate::model::weights::WeightSource;
 use crate::model::ModelError;
 use crate::profile;
@@ -28,7 +28,7 @@ impl RmsNorm {
 /// One decoder layer. The q/k/v projections are merged at load into one `[q + 2 kv heads *
 /// head_dim, hidden]` weight (rows: q_proj's, k_proj's, v_proj's), and gate/up into one
 /// `[2 * intermediate, hidden]` (gate_proj's rows first): one matmul each instead of three and
-/// two (see [`super::fused`]).
+/// two (see [`crate::cuda::layer_ops`]).
 struct Layer {
     input_norm: RmsNorm,
     qkv: Linear,
@@ -89,7 +89,7 @@ pub struct Llama {
     rope: Rope,
     pub dtype: DType,
     pub device: Device,
-    /// Run the layers' fused kernels on a GPU ([`super::fused`]); `false` runs their twins,
+    /// Run the layers' fused kernels on a GPU ([`crate::cuda::layer_ops`]); `false` runs their twins,
     /// candle's op chains (`kvc eval --unfused-layers`, for A/B measurements).
     pub fused: bool,
 }
@@ -265,7 +265,7 @@ impl Llama {
     /// Per layer: merged q/k/v matmul, RoPE + split, attention (the backend), o matmul, residual
     /// add + post-attention norm, merged gate/up matmul, SiLU * up, down matmul, and the
     /// residual add fused with the next layer's input norm, or after the last layer with the
-    /// final norm ([`super::fused`]; no candle binary op is left in the GPU forward).
+    /// final norm ([`crate::cuda::layer_ops`]; no candle binary op is left in the GPU forward).
     fn layers_forward(
         &self,
         x: Tensor,
@@ -310,8 +310,14 @@ impl Llama {
         let mut x = x;
         for (l, layer) in self.layers.iter().enumerate() {
             let qkv = layer.qkv.forward(&hs)?;
-            let (q, k, v) =
-                fused::rope_split_qkv(&qkv, pos0, &self.rope.cos, &self.rope.sin, heads, fused)?;
+            let (q, k, v) = layer_ops::rope_split_qkv(
+                &qkv,
+                pos0,
+                &self.rope.cos,
+                &self.rope.sin,
+                heads,
+                fused,
+            )?;
             profile::mark(dev, &mut clock, ph[0]);
             let out = cache.attend(AttnCall {
                 layer: l,
@@ -332,18 +338,23 @@ impl Llama {
                 .transpose(1, 2)?
                 .reshape((b, t, heads.q * heads.dim))?;
             let post = &layer.post_norm;
-            let (x1, h1) =
-                fused::add_rms_norm(&x, &layer.o.forward(&attn)?, &post.weight, post.eps, fused)?;
+            let (x1, h1) = layer_ops::add_rms_norm(
+                &x,
+                &layer.o.forward(&attn)?,
+                &post.weight,
+                post.eps,
+                fused,
+            )?;
             profile::mark(dev, &mut clock, ph[3]);
             let mlp = layer
                 .down
-                .forward(&fused::silu_mul(&layer.gate_up.forward(&h1)?, fused)?)?;
+                .forward(&layer_ops::silu_mul(&layer.gate_up.forward(&h1)?, fused)?)?;
             // The next layer's input norm, or after the last layer the model's final norm.
             let n = match self.layers.get(l + 1) {
                 Some(next) => &next.input_norm,
                 None => &self.norm,
             };
-            (x, hs) = fused::add_rms_norm(&x1, &mlp, &n.weight, n.eps, fused)?;
+            (x, hs) = layer_ops::add_rms_norm(&x1, &mlp, &n.weight, n.eps, fused)?;
             profile::mark(dev, &mut clock, ph[4]);
         }
         Ok(hs)
@@ -356,26 +367,15 @@ impl Llama {
 
     /// Argmax of `logits` `[vocab]` (first index on ties, like torch.argmax).
     pub fn argmax(logits: &Tensor) -> Result<u32> {
-        Ok(Self::argmax_host(&logits.to_vec1::<f32>()?))
+        Ok(layer_ops::argmax_twin(&logits.to_vec1::<f32>()?))
     }
 
     /// Greedy next token of every row of `logits` `[batch, vocab]` f32, the first index on
-    /// ties as [`Llama::argmax_host`] scans a row. On a GPU it runs there
-    /// ([`super::fused::argmax_rows`]) and only `batch` ids come back: a decode step of 192
+    /// ties as [`layer_ops::argmax_twin`] scans a row. On a GPU it runs there
+    /// ([`crate::cuda::layer_ops::argmax_rows`]) and only `batch` ids come back: a decode step of 192
     /// SmolLM2 sequences otherwise copies 38 MB of logits to the host.
     pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
-        super::fused::argmax_rows(logits, true)
-    }
-
-    /// Argmax of one row of logits on the host, first index on ties ([`Llama::argmax`]).
-    pub fn argmax_host(row: &[f32]) -> u32 {
-        let mut best = 0usize;
-        for (i, x) in row.iter().enumerate() {
-            if *x > row[best] {
-                best = i;
-            }
-        }
-        best as u32
+        crate::cuda::layer_ops::argmax_rows(logits, true)
     }
 }
 
@@ -399,7 +399,7 @@ mod tests {
             vec![f32::NEG_INFINITY, nan, nan, nan, nan],
         ];
         let want = vec![1, 0, 4, 0, 1, 2, 0, 0];
-        let got: Vec<u32> = rows.iter().map(|r| Llama::argmax_host(r)).collect();
+        let got: Vec<u32> = rows.iter().map(|r| layer_ops::argmax_twin(r)).collect();
         assert_eq!(got, want);
         let flat: Vec<f32> = rows.iter().flatten().copied().collect();
         let t = Tensor::from_vec(flat, (rows.len(), 5), &Device::Cpu).unwrap();

@@ -3,8 +3,6 @@
 //! [`LoadedModel`].
 pub mod chat;
 pub mod config;
-pub mod conformance;
-pub mod fused;
 pub mod llama;
 pub mod rope;
 pub mod tiny;
@@ -150,8 +148,7 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
                     "this kvc was built without CUDA: rebuild with `cargo build --release --features cuda` (see README, \"GPU\") or use --device cpu"
                 );
             }
-            crate::kvcache::cuda::open_device(ord)
-                .map_err(|e| anyhow::anyhow!("cannot open {s}: {e}"))
+            crate::cuda::open_device(ord).map_err(|e| anyhow::anyhow!("cannot open {s}: {e}"))
         }
         other => anyhow::bail!("unknown device {other:?}: use cpu, cuda or cuda:N"),
     }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::heatmap::{draw_heatmap, HeatCells, HeatFigure};
 use super::plot::PlotError;
-use super::scores::{Budget, ReportError, TreeScores};
+use super::tables::{Budget, ReportError, TreeScores};
 
 /// One row of `allocation.csv`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -161,7 +161,7 @@ pub fn alloc_figures(rows: &[AllocRow]) -> Vec<(String, HeatFigure)> {
 pub fn write_alloc_csv(dir: &Path, t: &TreeScores) -> Result<Vec<AllocRow>, ReportError> {
     let rows = alloc_rows(t);
     if !rows.is_empty() {
-        super::scores::write_csv(&dir.join("allocation.csv"), &rows)?;
+        super::tables::write_csv(&dir.join("allocation.csv"), &rows)?;
     }
     Ok(rows)
 }

@@ -2,13 +2,13 @@
 //! category, and say whether anything dropped by more than a tolerance (in LongBench points).
 //!
 //! Keys are (model, method, budget, task, bucket) for subsets and (model, method, budget, bucket,
-//! category) for category means (computed with [`super::scores::summarize`] over the subsets
+//! category) for category means (computed with [`super::tables::summarize`] over the subsets
 //! present in both files, so adding or dropping a subset does not move a category mean). A key of the baseline missing from the current file counts as a
 //! failure (a gate must not pass because data vanished); keys only in the current file are listed
 //! as new.
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::scores::{summarize, ScoreRow};
+use super::tables::{summarize, ScoreRow};
 
 /// One compared key.
 #[derive(Debug, Clone, PartialEq)]

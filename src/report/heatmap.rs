@@ -11,7 +11,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::{Deserialize, Serialize};
 
 use super::plot::PlotError;
-use super::scores::TreeScores;
+use super::tables::TreeScores;
 use crate::data::ruler::parse_subset;
 
 /// One row of `ruler_depth.csv`.
@@ -53,8 +53,8 @@ pub fn depth_rows(t: &TreeScores) -> Vec<DepthRow> {
                     method: run.method.clone(),
                     budget: run.budget.label(),
                     rate: match run.budget {
-                        super::scores::Budget::Rate(r) => Some(r),
-                        super::scores::Budget::Tokens(_) => None,
+                        super::tables::Budget::Rate(r) => Some(r),
+                        super::tables::Budget::Tokens(_) => None,
                     },
                     task: rt.name.to_string(),
                     length,
@@ -314,10 +314,10 @@ pub fn draw_heatmap(fig: &HeatFigure, stem: &Path) -> Result<Vec<PathBuf>, PlotE
 pub fn write_depth_csv(
     dir: &Path,
     t: &TreeScores,
-) -> Result<Vec<DepthRow>, super::scores::ReportError> {
+) -> Result<Vec<DepthRow>, super::tables::ReportError> {
     let rows = depth_rows(t);
     if !rows.is_empty() {
-        super::scores::write_csv(&dir.join("ruler_depth.csv"), &rows)?;
+        super::tables::write_csv(&dir.join("ruler_depth.csv"), &rows)?;
     }
     Ok(rows)
 }

@@ -5,4 +5,4 @@ pub mod allocation;
 pub mod compare;
 pub mod heatmap;
 pub mod plot;
-pub mod scores;
+pub mod tables;

@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::scores::ScoreRow;
+use super::tables::ScoreRow;
 use crate::data::tasks::Category;
 
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");

@@ -34,7 +34,7 @@ pub enum MetricError {
 }
 
 /// One metric on one (prediction, ground truth) pair (RULER's metrics are over the whole
-/// reference list: see [`crate::eval::score::sample_score`]), as `dataset2metric[dataset](pred, gt,
+/// reference list: see [`crate::eval::scoring::sample_score`]), as `dataset2metric[dataset](pred, gt,
 /// all_classes=all_classes)` in eval.py.
 pub fn metric_score(
     metric: Metric,

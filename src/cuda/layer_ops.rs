@@ -17,7 +17,7 @@
 //! RoPE's multiply and subtract.
 use candle_core::{DType, Result, Tensor, D};
 
-use crate::kvcache::ops::OpsError;
+use super::OpsError;
 
 /// Whether `t` goes to the fused kernels: a CUDA build, a CUDA tensor, f32/bf16/f16.
 pub fn on_kernels(t: &Tensor) -> bool {
@@ -187,7 +187,7 @@ pub fn rope_split_qkv_twin(
 }
 
 /// The greedy pick over `logits` `[rows, vocab]` f32: per row the first index of its
-/// maximum, as [`super::llama::Llama::argmax_host`] scans it (a NaN never becomes the maximum; a row
+/// maximum, as [`argmax_twin`] scans it (a NaN never becomes the maximum; a row
 /// starting with NaN gives 0). On the kernels (`argmax_rows_f32`) one launch and `rows` ids
 /// downloaded; `fused = false` or elsewhere the twin: the rows downloaded and scanned.
 pub fn argmax_rows(logits: &Tensor, fused: bool) -> Result<Vec<u32>> {
@@ -205,8 +205,20 @@ pub fn argmax_rows(logits: &Tensor, fused: bool) -> Result<Vec<u32>> {
     Ok(logits
         .to_vec2::<f32>()?
         .iter()
-        .map(|row| super::llama::Llama::argmax_host(row))
+        .map(|row| argmax_twin(row))
         .collect())
+}
+
+/// Argmax of one row of logits on the host, the first index on ties (a NaN never becomes the
+/// maximum; a row starting with NaN gives 0): the twin of `argmax_rows_f32`.
+pub fn argmax_twin(row: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, x) in row.iter().enumerate() {
+        if *x > row[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -241,7 +253,7 @@ mod imp {
 mod imp {
     //! Launches on candle's stream (`kernels/layer_ops.cu`).
     use super::*;
-    use crate::kvcache::cuda::launch::{cu, device, dtype_name, func, grid_1d, ptr};
+    use crate::cuda::launch::{cu, device, dtype_name, func, grid_1d, ptr};
     use cudarc::driver::{LaunchConfig, PushKernelArg};
 
     pub fn add_rms_norm(x: &Tensor, r: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {

@@ -20,9 +20,10 @@ use serde::{Deserialize, Serialize};
 use crate::data::tasks::Category;
 use crate::eval::metrics::MetricOptions;
 use crate::eval::record::RunMeta;
-use crate::eval::score::{
+use crate::eval::scoring::{
     self, BadLine, OnError, ScoreError, SubsetResult, SubsetScore, E_BUCKETS,
 };
+pub use crate::kvcache::budget::Budget;
 use crate::util::write_atomic;
 
 /// Errors of tree scoring and CSV I/O.
@@ -50,42 +51,6 @@ pub enum ReportError {
     MissingFull { missing: String },
 }
 
-/// How a run limited its cache.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Budget {
-    /// Compression rate (`rate<r>`): prompt KV / kept KV.
-    Rate(f64),
-    /// Fixed cache budget in tokens (`tokens<n>`).
-    Tokens(usize),
-}
-
-impl Budget {
-    /// Parse a budget directory name: `rate8`, `rate1.5`, `tokens512`.
-    pub fn parse_dir(name: &str) -> Option<Budget> {
-        if let Some(r) = name.strip_prefix("rate") {
-            r.parse::<f64>()
-                .ok()
-                .filter(|r| *r >= 1.0 && r.is_finite())
-                .map(Budget::Rate)
-        } else if let Some(t) = name.strip_prefix("tokens") {
-            t.parse::<usize>()
-                .ok()
-                .filter(|t| *t > 0)
-                .map(Budget::Tokens)
-        } else {
-            None
-        }
-    }
-
-    /// The directory / CSV label: `rate8`, `tokens512`.
-    pub fn label(&self) -> String {
-        match self {
-            Budget::Rate(r) => format!("rate{r}"),
-            Budget::Tokens(t) => format!("tokens{t}"),
-        }
-    }
-}
-
 /// One run of the tree: a model × method × budget with its `preds/` directory.
 #[derive(Debug, Clone)]
 pub struct RunId {
@@ -94,12 +59,6 @@ pub struct RunId {
     pub budget: Budget,
     /// The run directory (holding `preds/` and optionally `run.json`).
     pub dir: PathBuf,
-}
-
-/// The run directory kvc's layout gives a model × method × budget: `<root>/<model>/<method>/<budget>`
-/// (pred files go in its `preds/`, `run.json` beside).
-pub fn run_dir(root: &Path, model: &str, method: &str, budget: Budget) -> PathBuf {
-    root.join(model).join(method).join(budget.label())
 }
 
 impl RunId {
@@ -501,9 +460,9 @@ fn score_one(
     on_error: OnError,
     opts: &MetricOptions,
 ) -> Result<(), ReportError> {
-    let d = score::score_pred_dir(&run.dir.join("preds"), force_e, on_error, opts)?;
+    let d = scoring::score_pred_dir(&run.dir.join("preds"), force_e, on_error, opts)?;
     let path = run.dir.join("result.json");
-    write_atomic(&path, score::result_json(&d.subsets).as_bytes())
+    write_atomic(&path, scoring::result_json(&d.subsets).as_bytes())
         .map_err(|source| ReportError::Write { path, source })?;
     out.rows.extend(rows_of(&run, &d.subsets, opts));
     out.skipped.extend(d.skipped);

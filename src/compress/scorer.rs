@@ -13,7 +13,8 @@
 //! sum keeps the ranking of the group mean). H2O: L1-sum over every probed query.
 use candle_core::{Result, Tensor};
 
-use crate::kvcache::cuda::{self, WindowScoreArgs};
+use crate::cuda::window_score::{self, WindowScoreArgs};
+pub use crate::cuda::window_score::{pool1d, window_score_twin, PoolKind};
 
 /// How probabilities are aggregated over the probed queries.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -44,14 +45,6 @@ impl Agg {
             Agg::L1Sum
         }
     }
-}
-
-/// Pooling along the key axis.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PoolKind {
-    Max,
-    Avg,
 }
 
 /// A scorer's settings.
@@ -87,7 +80,7 @@ pub fn window_scores(
 }
 
 /// [`window_scores`] when every probed query counts for every key (no buffer, no average).
-/// On a GPU, `kernels/score.cu` sums over the probed queries, pools and sums over the group
+/// On a GPU, `kernels/window_score.cu` sums over the probed queries, pools and sums over the group
 /// in one launch, and only `[kv_heads, max_len]` comes to the host (`group x n` times less
 /// than the probabilities); elsewhere its twin, [`window_score_twin`], runs on the host.
 fn window_scores_summed(
@@ -104,7 +97,7 @@ fn window_scores_summed(
     let lens: Vec<usize> = positions.iter().map(|p| p.len().min(max_len)).collect();
     let flat = if probs.device().is_cuda() {
         let p = probs.to_dtype(candle_core::DType::F32)?;
-        cuda::window_score(&p, &lens, &args)?
+        window_score::window_score(&p, &lens, &args)?
             .flatten_all()?
             .to_vec1::<f32>()?
     } else {
@@ -131,48 +124,6 @@ fn kernel_args(spec: &ScoreSpec, group: usize) -> WindowScoreArgs {
         pool_max,
         pool_skip_last: spec.pool_skip_last,
     }
-}
-
-/// Twin of `kernels/score.cu` (and the host path of [`window_scores`] for summed specs):
-/// `p` `[kv_heads * group, n, max_len]` probabilities, `lens[h]` slots of kv-head `h`; returns
-/// `[kv_heads, max_len]` (zero past each head's length). Per query head, the probed queries
-/// are summed in ascending order (squared first for L2), the first `len - pool_skip_last`
-/// slots pooled ([`pool1d`]); the group's query heads are summed in ascending order.
-pub fn window_score_twin(
-    p: &[f32],
-    lens: &[usize],
-    n: usize,
-    max_len: usize,
-    a: &WindowScoreArgs,
-) -> Vec<f32> {
-    let mut out = vec![0f32; lens.len() * max_len];
-    let mut m = vec![0f32; max_len];
-    for (h, &len) in lens.iter().enumerate() {
-        let acc = &mut out[h * max_len..h * max_len + len];
-        for hq in h * a.group..(h + 1) * a.group {
-            m[..len].fill(0.0);
-            for i in 0..n {
-                let row = &p[(hq * n + i) * max_len..][..len];
-                for (s, x) in m.iter_mut().zip(row) {
-                    *s += if a.squared { x * x } else { *x };
-                }
-            }
-            let pooled_len = len.saturating_sub(a.pool_skip_last);
-            if a.pool_k > 1 {
-                let kind = if a.pool_max {
-                    PoolKind::Max
-                } else {
-                    PoolKind::Avg
-                };
-                let pooled = pool1d(&m[..pooled_len], a.pool_k, kind);
-                m[..pooled_len].copy_from_slice(&pooled);
-            }
-            for (x, v) in acc.iter_mut().zip(&m) {
-                *x += v;
-            }
-        }
-    }
-    out
 }
 
 /// [`window_scores`] for every spec, on the host (the reference of the summed path).
@@ -230,27 +181,6 @@ pub fn window_scores_general(
         out.push(acc);
     }
     Ok(out)
-}
-
-/// 1-d pooling with kernel `k`, padding `k / 2`, stride 1 (output length = input length for
-/// odd `k`; even kernels are applied centred with the extra element on the right, keeping the
-/// length). Max ignores padding; average counts it (PyTorch's defaults).
-pub fn pool1d(x: &[f32], k: usize, kind: PoolKind) -> Vec<f32> {
-    if k <= 1 {
-        return x.to_vec();
-    }
-    let pad = k / 2;
-    (0..x.len())
-        .map(|i| {
-            let lo = i.saturating_sub(pad);
-            let hi = (i + k - pad).min(x.len());
-            let w = &x[lo..hi];
-            match kind {
-                PoolKind::Max => w.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-                PoolKind::Avg => w.iter().sum::<f32>() / k as f32,
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -315,14 +245,16 @@ mod tests {
             pool_skip_last: 0,
         };
         let err = |lens: &[usize], a: &WindowScoreArgs| {
-            cuda::window_score(&probs, lens, a).unwrap_err().to_string()
+            window_score::window_score(&probs, lens, a)
+                .unwrap_err()
+                .to_string()
         };
         assert!(err(&[10, 11], &a).contains("11 slots"));
         assert!(err(&[10, 10, 10], &a).contains("kv-heads of group 3"));
         let wide = WindowScoreArgs { pool_k: 5000, ..a };
         assert!(err(&[10, 10], &wide).contains("shared memory"));
         let bf16 = probs.to_dtype(candle_core::DType::BF16).unwrap();
-        assert!(cuda::window_score(&bf16, &[10, 10], &a).is_err());
+        assert!(crate::cuda::window_score::window_score(&bf16, &[10, 10], &a).is_err());
     }
 
     #[test]

@@ -1,0 +1,193 @@
+//! `kvc eval`'s arguments: one clap group per concern (model, data, sweep, generation, output).
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::super::model_args::ModelArgs;
+use crate::compress::MethodOptions;
+use crate::eval::run::ChatMode;
+
+#[derive(Args, Debug)]
+#[command(
+    about = "Run LongBench through a sweep of KV-cache compression methods and rates, then score and plot",
+    long_about = "Run LongBench through a sweep of KV-cache compression methods and budgets, then score
+and plot it.
+
+The sweep is the full-cache run (method full, rate 1: the baseline every percentage divides by,
+computed once) plus every --methods entry at every --rates value above 1 and every
+--cache-tokens budget. Each run writes
+
+  <out>/<model>/<method>/<budget>/run.json              resolved configuration + its hash,
+                                                         versions, model/data revisions, device
+  <out>/<model>/<method>/<budget>/preds/<subset>.jsonl  one row per sample, appended as made
+
+then kvc scores the runs of this command exactly as LongBench's eval.py (<out>/scores.csv,
+summary.csv, result.json per run; see `kvc score --help`), draws <out>/plots/ and prints a
+summary. Other directories under <out> are not read (a run that cannot be scored is a warning);
+`kvc score <out>` scores the whole tree.
+
+Prompts are LongBench's pred.py: the subset's template, middle truncation to the model's max
+input length (Llama-3.1 127500, Mistral-7B-v0.2 31500, SmolLM2 7500 tokens), the chat template
+except for trec, triviaqa, samsum, lsht, lcc, repobench-p, greedy decoding with the subset's max
+new tokens, samsum stopping at a newline.
+
+Resume: rerun the same command. Finished samples (by _id) are skipped, a torn last line left by a
+kill is dropped, and a run directory made with a different configuration is refused unless
+--overwrite. Failed samples count as done; --retry-failed redoes them. Ctrl-C finishes the
+sample in flight and stops (twice: abandon it at once).
+
+Exit codes: 0 ok; 1 finished, but some samples failed (recorded as rows with `error`, e.g. a
+prompt too long or out of memory); 2 error (bad input, interrupted)."
+)]
+#[command(after_help = "Examples:
+  kvc eval                                        # SmolLM2 on the bundled sample, rates 1,2,4,8,64
+  kvc eval -m llama-3.1-8b --data-dir hub --rates 1,2,4,8,64 --device cuda:0
+  kvc eval -m mistral-7b --data-dir ~/LongBench/data.zip --tasks code,few-shot --limit 50
+  kvc eval --data-dir ./data --tasks hotpotqa --methods snapkv,kvcompress --cache-tokens 128,512
+  kvc eval --data-dir ./data --tasks e --methods full --json > summary.json
+
+Data (--data-dir): a directory of <subset>.jsonl (the official files), the official data.zip,
+parquet files (<subset>.parquet, <subset>/*.parquet or data/<subset>/*.parquet, e.g. the mirror
+Xnhyacinth/LongBench), or `hub` (THUDM/LongBench data.zip in the Hugging Face cache, falling
+back to the parquet mirror; HF_HUB_OFFLINE=1 reads the cache only). Task sets: en16 (default), all, e (LongBench-E), a category (single-doc-qa, multi-doc-qa,
+summarization, few-shot, synthetic, code) or subset names, comma-separated.
+
+Profile: KVC_PROFILE=1 synchronises the device after each phase of the forward, the decode
+step and the compression, and prints where the time went (stderr) at the end; it slows the run.")]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub sweep: SweepArgs,
+    #[command(flatten)]
+    pub generation: GenerationArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// Which rows.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Data")]
+pub struct DataArgs {
+    /// LongBench data: a directory of <subset>.jsonl, the official data.zip, parquet files (a
+    /// file, or a directory of <subset>.parquet / <subset>/*.parquet), `hub` or
+    /// `hub:org/name[@revision]`. Default: the small sample bundled in datasets/longbench/sample
+    /// (3 subsets, 2 rows each; without --tasks/--limit only the shortest row of multi_news and
+    /// of multifieldqa_zh, a few minutes on a CPU; `--tasks all` for the whole sample).
+    #[arg(long, env = "KVC_DATA_DIR")]
+    pub data_dir: Option<String>,
+    /// Subsets: en16 (default; with the bundled sample: multi_news,multifieldqa_zh), all, e,
+    /// category names, subset names, `ruler` (the generated RULER suite) or `ruler:<task>`
+    /// (niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, fwe);
+    /// comma-separated.
+    #[arg(long)]
+    pub tasks: Option<String>,
+    /// At most N samples per subset (the first N in file order).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Only these sample ids (`_id`), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub samples: Vec<String>,
+    /// RULER: sequence lengths in tokens (prompt with chat template and answer prefix, plus the
+    /// task's tokens to generate), measured with the model's tokenizer; each task × length is
+    /// one subset (`ruler_<task>_<length>`).
+    #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096,8192")]
+    pub lengths: Vec<usize>,
+    /// RULER: samples per task and length (needle depths sweep 0-100 % evenly across them).
+    #[arg(long, default_value_t = 10)]
+    pub ruler_samples: usize,
+    /// RULER: generator seed; the same seed, model tokenizer and settings give byte-identical
+    /// prompts on any machine.
+    #[arg(long, default_value_t = crate::data::ruler::DEFAULT_SEED)]
+    pub seed: u64,
+}
+
+/// Which runs.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Sweep")]
+pub struct SweepArgs {
+    /// Compression methods, comma-separated (the full-cache baseline is always run).
+    #[arg(long, value_delimiter = ',', default_value = "kvcompress")]
+    pub methods: Vec<String>,
+    /// Compression rates (prompt KVs / kept KVs, >= 1; 1 = the full cache). Default:
+    /// 1,2,4,8,16,32,64 (1,2,4,8,64 on the bundled sample; none when --cache-tokens is given).
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Option<Vec<f64>>,
+    /// Fixed cache budgets in tokens per kv-head (rounded up to the block size, 16), e.g.
+    /// 128,256,512,1024.
+    #[arg(long, value_delimiter = ',')]
+    pub cache_tokens: Vec<usize>,
+    /// Prefill every run on its own. By default each sample is prefilled once per method and
+    /// every rate continues from a copy of that cache, all rates decoding in one batch (the
+    /// output is token for token the same; a 7-rate sweep does 1 prefill instead of 7; on a
+    /// GPU `full` is a keep-all member of the first method's batch). Use this when
+    /// `prefill_ms` and `decode_ms` must time each run alone.
+    #[arg(long)]
+    pub no_shared_prefill: bool,
+    /// Samples of a subset generated together: each prompt is prefilled on its own, then all
+    /// of them (every rate of each) decode in one batch (measured: 1.5x with 2 samples on a
+    /// 2-core CPU; on an H200 the SmolLM2 sweep takes 171 s with 32); 1 = one sample at a
+    /// time. Default: 1 on the CPU; on a GPU as many as its free memory holds at the longest
+    /// prompt, at most 32 (printed at the start; 1 for an 8B model at 128k on 80 GB). The
+    /// output does not depend on it (on an H200, 32 and 4 gave 256 of 256 predictions
+    /// identical); but on a GPU `full` decodes through the paged cache where the CPU uses the
+    /// contiguous one (other kernels: bf16 outputs may differ in rare tokens). Ctrl-C
+    /// finishes the samples in flight.
+    #[arg(long, value_parser = crate::compress::positive)]
+    pub batch_samples: Option<usize>,
+    #[command(flatten)]
+    pub method_options: MethodOptions,
+}
+
+/// How each sample is generated.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Generation")]
+pub struct GenerationArgs {
+    /// Max new tokens for every subset (default: each subset's LongBench value, 32-512).
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Middle-truncate prompts to this many tokens (default: the model's LongBench value, else
+    /// its context minus 512).
+    #[arg(long)]
+    pub max_input_tokens: Option<usize>,
+    /// Chat template: auto (LongBench's rule), always, never. Recorded per sample.
+    #[arg(long, value_enum, default_value_t = ChatMode::Auto)]
+    pub chat: ChatMode,
+    /// Prefill chunk length in tokens (memory vs speed; default 512 on the CPU; on a GPU 8192
+    /// with the flash prefill kernel (bf16/f16, head dim 64/128: its memory grows linearly
+    /// with the chunk), else 2048). Results do not depend on it beyond rounding.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub prefill_chunk: Option<u64>,
+}
+
+/// Where results go and how progress shows.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Output")]
+pub struct OutputArgs {
+    /// Results tree root.
+    #[arg(long, default_value = "results")]
+    pub out: PathBuf,
+    /// Discard the existing predictions of every run this command touches and start over.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// On resume, redo the samples recorded as failed (rows with `error`, e.g. out of memory):
+    /// their rows are removed and the samples generated again. Without it they count as done.
+    #[arg(long)]
+    pub retry_failed: bool,
+    /// Record in every compressed row the prompt KVs kept per (layer, kv-head) after the
+    /// prefill compression (`kept_per_head`, layers x kv-heads): KV-Compress's variable
+    /// per-head and per-layer rates, for plots.
+    #[arg(long)]
+    pub dump_allocation: bool,
+    /// No progress bars (they are also hidden when stderr is not a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Print the final summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Only errors and warnings on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
+}

@@ -1,0 +1,593 @@
+//! `kvc eval`: generate LongBench predictions for a sweep of compression methods and budgets,
+//! resumably, then score and plot them (see [`crate::eval::run`] for the pipeline).
+//!
+//! Phases of [`run`]: select (methods, rates, tasks, data: no model needed) -> load the model
+//! and build every run's method -> generate the RULER prompts -> sweep -> score and report
+//! ([`summary`]). Every input error surfaces before the model loads or any generation starts.
+mod args;
+mod progress;
+mod summary;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+
+pub use args::{DataArgs, EvalArgs, GenerationArgs, OutputArgs, SweepArgs};
+use progress::Progress;
+
+use crate::compress::{self, MethodSpec};
+use crate::data::longbench::{Dataset, Row};
+use crate::data::ruler::RulerTask;
+use crate::data::select::select_tasks;
+use crate::eval::record::RunMeta;
+use crate::eval::run::{
+    self, RunConfig, RunOutcome, RunPlan, SampleSettings, SubsetPlan, Sweep, PROMPT_RECIPE,
+};
+use crate::hub::{self, HubEnv, ModelSource, ResolvedModel};
+use crate::kvcache::budget::Budget;
+use crate::model::LoadedModel;
+use crate::util::Status;
+
+/// What `kvc eval` with no `--tasks`/`--limit` runs on the bundled sample: the shortest row of
+/// multi_news and of multifieldqa_zh, so the embedded default finishes in minutes on a CPU
+/// (passage_retrieval_zh's rows are 7530 tokens: `--tasks all` runs the whole sample).
+const BUNDLED_DEFAULT_TASKS: [&str; 2] = ["multi_news", "multifieldqa_zh"];
+const BUNDLED_DEFAULT_LIMIT: usize = 1;
+
+/// Notes on stderr unless `--quiet`.
+struct Note(bool);
+
+impl Note {
+    fn say(&self, m: &str) {
+        if !self.0 {
+            eprintln!("{m}");
+        }
+    }
+}
+
+/// What the command runs, decided before the model loads.
+struct Selection {
+    plans: Vec<RunPlan>,
+    data: Dataset,
+    /// Whether LongBench rows are read at all (not for a RULER-only run).
+    needs_longbench: bool,
+    /// No `--data-dir`: the bundled sample and its defaults.
+    bundled: bool,
+    ruler_tasks: Vec<&'static RulerTask>,
+    subsets: Vec<SubsetPlan>,
+    samples: Option<BTreeSet<String>>,
+    /// Per-file data checks for run.json, and the warnings they raised.
+    files_json: serde_json::Value,
+    data_warnings: Vec<String>,
+}
+
+/// The loaded model and what it was loaded as.
+struct Loaded {
+    lm: LoadedModel,
+    resolved: ResolvedModel,
+    device: Device,
+    dtype: DType,
+}
+
+/// Run `kvc eval` (the module docs give the phases).
+pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
+    let note = Note(args.output.quiet);
+    let mut sel = select(&args, &note)?;
+    let mut m = load(&args, &sel.plans, &note)?;
+    let max_input = max_input_tokens(&args, &m.lm);
+    let settings = sample_settings(&args, &m, max_input);
+    let generated = add_ruler(&args, &m.lm, &settings, &mut sel, &note)?;
+    run::check_samples_found(sel.samples.as_ref(), &sel.subsets)?;
+    // On a GPU `full` decodes through the paged cache in batches anyway: it joins the first
+    // compressed method's group as a keep-all fork of its prefill (run::group_plans). Not with
+    // --kv-memory, which bounds that method's pool and never the full cache.
+    let full_joins = m.device.is_cuda() && args.sweep.method_options.kv_memory.is_none();
+    let batch_samples = batch_samples(&args, &m, &sel, max_input, &note)?;
+    let meta = MetaBuilder::new(
+        &args,
+        (&m.resolved, m.dtype, &m.device),
+        &sel,
+        max_input,
+        (full_joins, batch_samples),
+    )?;
+    let meta_fn = |p: &RunPlan| meta.meta(p);
+    let (stop, abandon) = ctrl_c();
+    let sweep = Sweep {
+        out: &args.output.out,
+        data: &sel.data,
+        generated: &generated,
+        subsets: &sel.subsets,
+        settings,
+        method_options: &args.sweep.method_options,
+        overwrite: args.output.overwrite,
+        meta: &meta_fn,
+        stop: &stop,
+        abandon: &abandon,
+        retry_failed: args.output.retry_failed,
+        batch_samples,
+    };
+    let mut progress = Progress::new(args.output.no_progress, args.output.quiet);
+    let outcomes = run_sweep(
+        &args,
+        &mut m.lm,
+        &sel.plans,
+        &sweep,
+        &mut progress,
+        full_joins,
+    )?;
+    summary::report(
+        &args,
+        &m.lm,
+        &m.device,
+        &sel.plans,
+        &outcomes,
+        &mut progress,
+        &sel.data_warnings,
+    )
+}
+
+/// Methods, rates, tasks and data, all checked without the model.
+fn select(args: &EvalArgs, note: &Note) -> anyhow::Result<Selection> {
+    let methods = args
+        .sweep
+        .methods
+        .iter()
+        .map(|m| MethodSpec::parse(m))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let bundled = args.data.data_dir.is_none();
+    let rates = match &args.sweep.rates {
+        Some(r) => r.clone(),
+        None if !args.sweep.cache_tokens.is_empty() => vec![],
+        None if bundled => vec![1.0, 2.0, 4.0, 8.0, 64.0],
+        None => vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
+    };
+    let (plans, notes) = run::plan_runs(&methods, &rates, &args.sweep.cache_tokens)?;
+    for n in &notes {
+        eprintln!("note: {n}");
+    }
+    let (ruler_tasks, longbench_spec) = split_tasks(args.data.tasks.as_deref().unwrap_or(""))?;
+    // LongBench rows are read only when a LongBench subset is asked for: a RULER-only run
+    // needs no data files (the bundled sample stands in, never read).
+    let needs_longbench = args.data.tasks.is_none() || !longbench_spec.is_empty();
+    let data = match &args.data.data_dir {
+        Some(d) if needs_longbench => Dataset::open(d, &HubEnv::from_env())?,
+        Some(d) => {
+            note.say(&format!(
+                "note: --data-dir {d} is not read: only RULER tasks were asked for"
+            ));
+            Dataset::bundled()
+        }
+        None => Dataset::bundled(),
+    };
+    if !ruler_tasks.is_empty() {
+        anyhow::ensure!(
+            args.data.ruler_samples > 0,
+            "--ruler-samples must be at least 1"
+        );
+        anyhow::ensure!(
+            !args.data.lengths.is_empty() && args.data.lengths.iter().all(|l| *l > 0),
+            "--lengths: give positive token lengths, e.g. 1024,2048,4096"
+        );
+    }
+    let tasks = match &args.data.tasks {
+        Some(_) if longbench_spec.is_empty() => Vec::new(),
+        Some(_) => select_tasks(&longbench_spec.join(","))?,
+        None if bundled => {
+            let have = data.subsets()?;
+            crate::data::tasks::LONGBENCH
+                .iter()
+                .filter(|t| BUNDLED_DEFAULT_TASKS.contains(&t.name))
+                .filter(|t| have.iter().any(|h| h == t.name))
+                .collect()
+        }
+        None => select_tasks("en16")?,
+    };
+    let samples: Option<BTreeSet<String>> =
+        (!args.data.samples.is_empty()).then(|| args.data.samples.iter().cloned().collect());
+    let limit = match args.data.limit {
+        None if bundled && args.data.tasks.is_none() && samples.is_none() => {
+            Some(BUNDLED_DEFAULT_LIMIT)
+        }
+        l => l,
+    };
+    let subsets = run::inspect_data(&data, &tasks, limit, samples.as_ref(), !bundled)?;
+    let (files_json, data_warnings) = run::data_report(&subsets);
+    for w in &data_warnings {
+        eprintln!("warning: {w}");
+    }
+    note.say(&format!(
+        "data: {} ({} subsets, {} samples); runs: {}",
+        if needs_longbench {
+            data.description.as_str()
+        } else {
+            "no LongBench files (RULER only)"
+        },
+        subsets.len(),
+        subsets.iter().map(|s| s.ids.len()).sum::<usize>(),
+        plans
+            .iter()
+            .map(RunPlan::label)
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    Ok(Selection {
+        plans,
+        data,
+        needs_longbench,
+        bundled,
+        ruler_tasks,
+        subsets,
+        samples,
+        files_json,
+        data_warnings,
+    })
+}
+
+/// `--tasks` split into RULER entries (`ruler`, `ruler:<task>`: generated after the model
+/// loads, prompts are fitted with its tokenizer) and LongBench subset specs.
+fn split_tasks(spec: &str) -> anyhow::Result<(Vec<&'static RulerTask>, Vec<&str>)> {
+    let mut ruler_tasks: Vec<&'static RulerTask> = Vec::new();
+    let mut longbench = Vec::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match crate::data::ruler::select(item) {
+            Some(r) => {
+                for t in r? {
+                    if !ruler_tasks.iter().any(|x| x.name == t.name) {
+                        ruler_tasks.push(t);
+                    }
+                }
+            }
+            None => longbench.push(item),
+        }
+    }
+    Ok((ruler_tasks, longbench))
+}
+
+/// The model, and every run's method built once up front (so an unimplemented method fails
+/// now, not after hours of full-cache generation).
+fn load(args: &EvalArgs, plans: &[RunPlan], note: &Note) -> anyhow::Result<Loaded> {
+    let device = args.model.device()?;
+    let dtype = args.model.dtype(&device)?;
+    let resolved = args.model.resolve()?;
+    let t_load = Instant::now();
+    let mut lm = crate::model::load(&resolved, &device, dtype)?;
+    lm.model.fused = !args.model.unfused_layers;
+    note.say(&format!(
+        "model: {} loaded in {:.1}s on {:?} ({:?})",
+        lm.name,
+        t_load.elapsed().as_secs_f64(),
+        device,
+        dtype
+    ));
+    for p in plans {
+        compress::runner(
+            &p.method,
+            p.compress_budget(),
+            lm.config(),
+            &args.sweep.method_options,
+        )
+        .with_context(|| format!("run {}", p.label()))?;
+    }
+    Ok(Loaded {
+        lm,
+        resolved,
+        device,
+        dtype,
+    })
+}
+
+/// `--max-input-tokens`, else the model's LongBench value, else its context - 512 (noted).
+fn max_input_tokens(args: &EvalArgs, lm: &LoadedModel) -> usize {
+    if let Some(m) = args.generation.max_input_tokens {
+        return m;
+    }
+    hub::default_max_input(&lm.name).unwrap_or_else(|| {
+        let m = lm.config().max_context().saturating_sub(512).max(1);
+        eprintln!("note: no LongBench max input length is known for {}: truncating prompts to {m} tokens (context - 512); set --max-input-tokens", lm.name);
+        m
+    })
+}
+
+/// How every sample is generated. The default prefill chunk: on a GPU with the flash kernel
+/// (memory linear in the chunk, many queries per launch) 8192; the unfused GPU path
+/// materialises the scores: 2048; the CPU: 512.
+fn sample_settings(args: &EvalArgs, m: &Loaded, max_input: usize) -> SampleSettings {
+    let cuda = m.device.is_cuda();
+    let flash = cuda
+        && !args.sweep.method_options.unfused_prefill
+        && crate::cuda::prefill_attention::prefill_attention_supported(
+            m.dtype,
+            m.lm.model.cfg.head_dim,
+        );
+    SampleSettings {
+        max_input_tokens: max_input,
+        max_new_tokens: args.generation.max_new_tokens,
+        chat: args.generation.chat,
+        prefill_chunk: match args.generation.prefill_chunk {
+            Some(c) => c as usize,
+            None if flash => 8192,
+            None if cuda => 2048,
+            None => 512,
+        },
+        dump_allocation: args.output.dump_allocation,
+    }
+}
+
+/// The RULER subsets, generated with the model's tokenizer and added to `sel`; returns their
+/// rows by subset name.
+fn add_ruler(
+    args: &EvalArgs,
+    lm: &LoadedModel,
+    settings: &SampleSettings,
+    sel: &mut Selection,
+    note: &Note,
+) -> anyhow::Result<BTreeMap<String, Vec<Row>>> {
+    if sel.ruler_tasks.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let t_gen = Instant::now();
+    let plan = run::RulerPlan {
+        tasks: sel.ruler_tasks.clone(),
+        lengths: args.data.lengths.clone(),
+        samples: args.data.ruler_samples,
+        seed: args.data.seed,
+    };
+    let (mut ruler_subsets, rows) = run::generate_ruler(lm, &plan, settings)?;
+    for sp in &mut ruler_subsets {
+        if let Some(s) = &sel.samples {
+            sp.ids.retain(|id| s.contains(id));
+        }
+        if let Some(l) = args.data.limit {
+            sp.ids.truncate(l);
+        }
+    }
+    note.say(&format!(
+        "ruler: {} subsets x {} samples generated in {:.1}s (seed {})",
+        ruler_subsets.len(),
+        args.data.ruler_samples,
+        t_gen.elapsed().as_secs_f64(),
+        args.data.seed
+    ));
+    sel.subsets.extend(ruler_subsets);
+    Ok(rows)
+}
+
+/// `--batch-samples`, else 1 on the CPU; on a GPU as many samples as its free memory holds at
+/// the longest prompt (printed).
+fn batch_samples(
+    args: &EvalArgs,
+    m: &Loaded,
+    sel: &Selection,
+    max_input: usize,
+    note: &Note,
+) -> anyhow::Result<usize> {
+    if let Some(b) = args.sweep.batch_samples {
+        return Ok(b);
+    }
+    if !m.device.is_cuda() {
+        return Ok(1);
+    }
+    let longest = if sel.ruler_tasks.is_empty() {
+        max_input
+    } else {
+        max_input.max(args.data.lengths.iter().copied().max().unwrap_or(0))
+    };
+    let new = sel
+        .subsets
+        .iter()
+        .map(|s| {
+            args.generation
+                .max_new_tokens
+                .unwrap_or(s.task.max_new_tokens)
+        })
+        .max()
+        .unwrap_or(0);
+    let c = m.lm.config();
+    let per_sample = run::sample_kv_bytes(
+        c.num_hidden_layers,
+        c.num_key_value_heads,
+        c.head_dim,
+        m.dtype.size_in_bytes(),
+        args.sweep.method_options.block_size,
+        longest + new,
+    );
+    let free = crate::cuda::device_memory(&m.device)?.map(|(free, _)| free);
+    let b = run::auto_batch_samples(free, per_sample);
+    note.say(&format!(
+        "batch: {b} samples at a time ({:.1} GiB free, {:.0} MiB per sample at {} tokens; --batch-samples sets it)",
+        free.unwrap_or(0) as f64 / (1u64 << 30) as f64,
+        per_sample as f64 / (1u64 << 20) as f64,
+        longest + new
+    ));
+    Ok(b)
+}
+
+/// Builds each run's `run.json` (its configuration, hashed for resume, and the context of
+/// this invocation) from what the command resolved.
+struct MetaBuilder<'a> {
+    args: &'a EvalArgs,
+    resolved: &'a ResolvedModel,
+    model_source: String,
+    dtype: String,
+    device: String,
+    method_options: serde_json::Value,
+    max_input: usize,
+    data: serde_json::Value,
+    warnings: &'a [String],
+    tasks: Vec<&'static str>,
+    ruler: Option<serde_json::Value>,
+    scheduling: serde_json::Value,
+    argv: Vec<String>,
+}
+
+impl<'a> MetaBuilder<'a> {
+    /// `model`: what was loaded, as what, where; `scheduling`: whether `full` joins the
+    /// first method's batch, and the samples per batch.
+    fn new(
+        args: &'a EvalArgs,
+        model: (&'a ResolvedModel, DType, &Device),
+        sel: &'a Selection,
+        max_input: usize,
+        scheduling: (bool, usize),
+    ) -> anyhow::Result<Self> {
+        let (resolved, dtype, device) = model;
+        let (full_joins, batch_samples) = scheduling;
+        let model_source = match &resolved.source {
+            ModelSource::HfDir(p) | ModelSource::Gguf(p) => {
+                resolved.hub_id.clone().unwrap_or_else(|| {
+                    p.canonicalize()
+                        .unwrap_or_else(|_| p.clone())
+                        .display()
+                        .to_string()
+                })
+            }
+        };
+        let data = if sel.needs_longbench {
+            serde_json::json!({
+                "source": sel.data.description,
+                "hub_repo": sel.data.hub_repo,
+                "revision": sel.data.revision,
+                "bundled_sample": sel.bundled,
+                "files": sel.files_json,
+            })
+        } else {
+            serde_json::Value::Null
+        };
+        let ruler = (!sel.ruler_tasks.is_empty()).then(|| {
+            serde_json::json!({
+                "generator": crate::data::ruler::GENERATOR_VERSION,
+                "tasks": sel.ruler_tasks.iter().map(|t| t.name).collect::<Vec<_>>(),
+                "lengths": args.data.lengths,
+                "samples": args.data.ruler_samples,
+                "seed": args.data.seed,
+            })
+        });
+        // How samples were scheduled: changes timings, never outputs (not in the hash).
+        let shared = !args.sweep.no_shared_prefill;
+        let scheduling = serde_json::json!({
+            "shared_prefill": shared,
+            "full_shares_prefill": shared && full_joins,
+            "batch_samples": batch_samples,
+        });
+        Ok(MetaBuilder {
+            args,
+            resolved,
+            model_source,
+            dtype: format!("{dtype:?}").to_lowercase(),
+            device: format!("{device:?}"),
+            method_options: serde_json::to_value(&args.sweep.method_options)?,
+            max_input,
+            data,
+            warnings: &sel.data_warnings,
+            tasks: sel.subsets.iter().map(|s| s.task.name).collect(),
+            ruler,
+            scheduling,
+            argv: std::env::args().collect(),
+        })
+    }
+
+    /// The resolved configuration of a run: what its hash covers.
+    fn config(&self, p: &RunPlan) -> RunConfig {
+        let (rate, budget_tokens) = match p.budget {
+            Budget::Rate(r) => (Some(r), None),
+            Budget::Tokens(t) => (None, Some(t)),
+        };
+        RunConfig {
+            model: self.resolved.name.clone(),
+            model_source: self.model_source.clone(),
+            model_revision: self.resolved.revision.clone(),
+            dtype: self.dtype.clone(),
+            method: p.method.name.clone(),
+            rate,
+            budget_tokens,
+            method_options: self.method_options.clone(),
+            max_input_tokens: self.max_input,
+            max_new_tokens: self.args.generation.max_new_tokens,
+            chat: self.args.generation.chat,
+            prompt: PROMPT_RECIPE.into(),
+        }
+    }
+
+    /// The run.json of a run.
+    fn meta(&self, p: &RunPlan) -> RunMeta {
+        let cfg = self.config(p);
+        let mut m = RunMeta {
+            model: Some(cfg.model.clone()),
+            method: Some(cfg.method.clone()),
+            rate: cfg.rate,
+            budget_tokens: cfg.budget_tokens,
+            extra: Default::default(),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let x = &mut m.extra;
+        x.insert("config_hash".into(), cfg.hash().into());
+        x.insert(
+            "config".into(),
+            serde_json::to_value(&cfg).unwrap_or_default(),
+        );
+        x.insert("kvc_version".into(), env!("CARGO_PKG_VERSION").into());
+        x.insert("device".into(), self.device.clone().into());
+        x.insert("data".into(), self.data.clone());
+        x.insert("warnings".into(), serde_json::json!(self.warnings));
+        x.insert("tasks".into(), serde_json::json!(self.tasks));
+        if let Some(r) = &self.ruler {
+            x.insert("ruler".into(), r.clone());
+        }
+        x.insert("limit".into(), serde_json::json!(self.args.data.limit));
+        x.insert("scheduling".into(), self.scheduling.clone());
+        x.insert("command".into(), serde_json::json!(self.argv));
+        x.insert("updated_unix".into(), serde_json::json!(now));
+        m
+    }
+}
+
+/// Ctrl-C: the first press finishes the sample in flight (`stop`), the second abandons it
+/// (`abandon` set before the process exits with 2).
+fn ctrl_c() -> (Arc<AtomicBool>, Arc<AtomicBool>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let abandon = Arc::new(AtomicBool::new(false));
+    let (s, a) = (stop.clone(), abandon.clone());
+    let _ = ctrlc::set_handler(move || {
+        if s.swap(true, Ordering::SeqCst) {
+            a.store(true, Ordering::SeqCst);
+            eprintln!(
+                "\ninterrupted: abandoning the sample in flight; rerun the same command to resume"
+            );
+            std::process::exit(2);
+        }
+        eprintln!("\nstopping after the sample in flight (Ctrl-C again to abandon it)");
+    });
+    (stop, abandon)
+}
+
+/// Every group of runs sharing prefills, in turn, until done or interrupted.
+fn run_sweep(
+    args: &EvalArgs,
+    lm: &mut LoadedModel,
+    plans: &[RunPlan],
+    sweep: &Sweep,
+    progress: &mut Progress,
+    full_joins: bool,
+) -> anyhow::Result<Vec<RunOutcome>> {
+    let mut outcomes = Vec::new();
+    let mut appended = 0;
+    for group in run::group_plans(plans, !args.sweep.no_shared_prefill, full_joins) {
+        let os = run::run_group(lm, &group, sweep, progress, &mut appended)?;
+        let stopped = os.iter().any(|o| o.interrupted);
+        outcomes.extend(os);
+        if stopped {
+            anyhow::bail!(
+                "interrupted by Ctrl-C after {appended} new samples; every finished sample is saved under {}: rerun the same command to resume",
+                args.output.out.display()
+            );
+        }
+    }
+    Ok(outcomes)
+}
