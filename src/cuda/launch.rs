@@ -102,7 +102,8 @@ pub(crate) fn func(
                 "prefill_attention" => PREFILL_ATTENTION,
                 "window_score" => WINDOW_SCORE,
                 "layer_ops" => LAYER_OPS,
-                _ => KV_CACHE,
+                "kv_cache" => KV_CACHE,
+                other => return Err(cu(format!("no kernel module kernels/{other}.cu"))),
             };
             let m = ctx
                 .load_module(cudarc::nvrtc::Ptx::from_binary(bin.to_vec()))

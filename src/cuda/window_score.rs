@@ -189,7 +189,7 @@ mod imp {
         shared: usize,
     ) -> Result<()> {
         let stream = device(probs)?.cuda_stream();
-        let f = func(&stream, "score", "window_score")?;
+        let f = func(&stream, "window_score", "window_score")?;
         let nkv = lens.dim(0)?;
         let ptrs = [
             ptr(Some(out), &stream)?,
