@@ -38,6 +38,7 @@ if ! command -v cargo >/dev/null; then
 fi
 stamp "fetching the embedded model"
 scripts/fetch-model.sh
+scripts/fetch-llama3-tokenizer.sh
 stamp "preparing the LongBench metrics venv"
 export KVC_CONFORMANCE_VENV=${KVC_CONFORMANCE_VENV:-$PWD/.venv-conformance}
 scripts/conformance-venv.sh "$KVC_CONFORMANCE_VENV" >/dev/null

@@ -10,6 +10,8 @@
 //!
 //! Skips, loudly, only when `python3` is absent. Set KVC_CONFORMANCE_VENV to reuse a venv,
 //! KVC_CONFORMANCE_SCALE=k for k times the random cases.
+mod common;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,31 +27,6 @@ use serde_json::{json, Value};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The venv's python, or None when python3 is absent (the only allowed skip).
-fn venv_python() -> Option<PathBuf> {
-    if Command::new("python3").arg("--version").output().is_err() {
-        eprintln!("\n!!!!! SKIPPING LongBench conformance: python3 not found on PATH !!!!!\n");
-        return None;
-    }
-    let mut cmd = Command::new("bash");
-    cmd.arg(root().join("scripts/conformance-venv.sh"));
-    if let Ok(v) = std::env::var("KVC_CONFORMANCE_VENV") {
-        cmd.arg(v);
-    }
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run conformance-venv.sh");
-    assert!(
-        out.status.success(),
-        "scripts/conformance-venv.sh failed (needs pip access to PyPI)"
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    Some(PathBuf::from(
-        text.lines().last().expect("venv python path").trim(),
-    ))
 }
 
 fn run_python(py: &Path, backend: &str, cases: &[Value]) -> HashMap<u64, Value> {
@@ -945,7 +922,9 @@ fn check(
 
 #[test]
 fn longbench_official_scorer_conformance() {
-    let Some(py) = venv_python() else { return };
+    let Some(py) = common::venv_python("LongBench conformance") else {
+        return;
+    };
     let mut rng = StdRng::seed_from_u64(0x106b_e7c4);
     let mut g = Gen { cases: Vec::new() };
     hand_written(&mut g);

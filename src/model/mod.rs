@@ -5,6 +5,7 @@ pub mod chat;
 pub mod config;
 pub mod llama;
 pub mod rope;
+pub mod tiktoken;
 pub mod tiny;
 pub mod tokenizer;
 pub mod weights;

@@ -96,17 +96,35 @@ impl Tokenizer {
         s
     }
 
-    /// Load `tokenizer.json` and `tokenizer_config.json` from a checkpoint directory.
-    pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
+    /// The tokenizer file of a checkpoint directory: `tokenizer.json`, else Meta's tiktoken
+    /// `tokenizer.model` (Llama-3; also under `original/`, where Meta's downloads put it).
+    /// The tiktoken file's BOS comes with it (`<|begin_of_text|>`, used when no
+    /// tokenizer_config.json names one).
+    fn inner_from_dir(dir: &Path) -> Result<(tokenizers::Tokenizer, Option<String>), ModelError> {
         let path = dir.join("tokenizer.json");
-        if !path.exists() {
-            return Err(ModelError::MissingFile {
-                path,
-                hint: "kvc needs the fast tokenizer file tokenizer.json beside config.json (download it with the checkpoint)".into(),
-            });
+        if path.exists() {
+            return tokenizers::Tokenizer::from_file(&path)
+                .map(|t| (t, None))
+                .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
+        for tt in [
+            dir.join("tokenizer.model"),
+            dir.join("original/tokenizer.model"),
+        ] {
+            if super::tiktoken::is_tiktoken(&tt) {
+                let bos = super::tiktoken::llama31_special_tokens().swap_remove(0);
+                return Ok((super::tiktoken::llama3_from_tiktoken(&tt)?, Some(bos)));
+            }
+        }
+        Err(ModelError::MissingFile {
+            path,
+            hint: "kvc needs the fast tokenizer file tokenizer.json (or Llama-3's tiktoken tokenizer.model) beside config.json: download it with the checkpoint".into(),
+        })
+    }
+
+    /// Load the tokenizer and `tokenizer_config.json` from a checkpoint directory.
+    pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
+        let (inner, file_bos) = Self::inner_from_dir(dir)?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: serde_json::Value = if cfg_path.exists() {
             let t = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
@@ -142,7 +160,7 @@ impl Tokenizer {
             chat_template =
                 Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?);
         }
-        let bos_token = tok_str("bos_token");
+        let bos_token = tok_str("bos_token").or(file_bos);
         let adds_bos = match cfg.get("add_bos_token") {
             Some(serde_json::Value::Bool(b)) => *b,
             _ => {
@@ -298,14 +316,7 @@ impl Tokenizer {
                 let id = inner
                     .token_to_id(b)
                     .ok_or_else(|| err("bos token not in vocabulary".into()))?;
-                let pp = tokenizers::processors::template::TemplateProcessing::builder()
-                    .try_single(format!("{b} $0"))
-                    .and_then(|x| x.try_pair(format!("{b} $A {b} $B")))
-                    .map_err(|e| err(e.to_string()))?
-                    .special_tokens(vec![(b.clone(), id)])
-                    .build()
-                    .map_err(|e| err(e.to_string()))?;
-                inner.with_post_processor(Some(pp));
+                inner.with_post_processor(Some(bos_processor(b, id).map_err(err)?));
             }
         }
         let chat_template = md
@@ -336,8 +347,22 @@ fn string_array(md: &HashMap<String, Value>, key: &str) -> Result<Vec<String>, S
     }
 }
 
+/// The post-processor that puts `bos` (id `id`) before a text (and before each of a pair).
+pub(crate) fn bos_processor(
+    bos: &str,
+    id: u32,
+) -> Result<tokenizers::processors::template::TemplateProcessing, String> {
+    tokenizers::processors::template::TemplateProcessing::builder()
+        .try_single(format!("{bos} $0"))
+        .and_then(|x| x.try_pair(format!("{bos} $A {bos} $B")))
+        .map_err(|e| e.to_string())?
+        .special_tokens(vec![(bos.to_string(), id)])
+        .build()
+        .map_err(|e| e.to_string())
+}
+
 /// Byte-level pre-tokenizer for a GGUF `tokenizer.ggml.pre` value (no prefix space).
-fn gpt2_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, String> {
+pub(crate) fn gpt2_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, String> {
     const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     let split = |re: &str| -> Result<PreTokenizerWrapper, String> {

@@ -1,4 +1,5 @@
-//! Helpers shared by the eval tests: fixture LongBench rows and a hand-written zip writer.
+//! Helpers shared by the integration tests: fixture LongBench rows, a hand-written zip writer,
+//! a hub-cache layout, the conformance venv.
 #![allow(dead_code)]
 use std::io::Write;
 use std::path::Path;
@@ -110,4 +111,33 @@ pub fn hub_cache_with(root: &Path, repo: &str, commit: &str, file: &str, bytes: 
     let path = snap.join(file);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, bytes).unwrap();
+}
+
+/// The conformance venv's python (`scripts/conformance-venv.sh`), or None when python3 is absent (the only allowed skip).
+pub fn venv_python(what: &str) -> Option<std::path::PathBuf> {
+    if std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("\n!!!!! SKIPPING {what}: python3 not found on PATH !!!!!\n");
+        return None;
+    }
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/conformance-venv.sh"));
+    if let Ok(v) = std::env::var("KVC_CONFORMANCE_VENV") {
+        cmd.arg(v);
+    }
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run conformance-venv.sh");
+    assert!(
+        out.status.success(),
+        "scripts/conformance-venv.sh failed (needs pip access to PyPI)"
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    Some(std::path::PathBuf::from(
+        text.lines().last().expect("venv python path").trim(),
+    ))
 }
