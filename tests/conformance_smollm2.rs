@@ -22,7 +22,7 @@
 //! `KVC_CONFORMANCE_FULL=1` generates for all.
 use std::path::PathBuf;
 
-use kvc::eval::conformance::{check, CheckOptions, OutputAgreement};
+use kvc::eval::conformance::{check, CacheChoice, CheckOptions, OutputAgreement};
 use kvc::hub::{resolve_model, HubEnv};
 
 fn root() -> PathBuf {
@@ -55,6 +55,7 @@ fn smollm2_matches_transformers_greedy_f32_cpu() {
         prompts_only: std::env::var("KVC_CONFORMANCE_PROMPTS_ONLY").is_ok_and(|v| v == "1"),
         tie_margin: 1e-3,
         prefill_chunk: 1024,
+        cache: CacheChoice::Contiguous,
         // Under CI (2 cores, a 90-minute budget for everything) one 7500-token record generates
         // and the other two check their prompts only; KVC_CONFORMANCE_FULL=1 (or no CI) runs
         // all 15 (the GPU runs of `kvc conformance` always do).
@@ -89,4 +90,37 @@ fn smollm2_matches_transformers_greedy_f32_cpu() {
             records.len()
         );
     }
+}
+
+#[test]
+fn smollm2_paged_cache_matches_transformers_chat_f32_cpu() {
+    // The chat records through the paged cache at a keep-all KV-Compress budget (the path of
+    // `kvc eval`'s compressed runs): the same prompts, top-5 and greedy outputs as transformers.
+    let resolved = kvc::hub::resolve_model("smollm2-135m", &kvc::hub::HubEnv::from_env())
+        .expect("the embedded model: run scripts/fetch-model.sh");
+    let mut lm = kvc::model::load(
+        &resolved,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let opts = CheckOptions {
+        reference: root().join("tests/data/smollm2_greedy.jsonl"),
+        rederived: root().join("tests/data/smollm2_transformers_rederived.jsonl"),
+        longbench: root().join("tests/data/conformance_longbench"),
+        only: Some("chat".into()),
+        prompts_only: false,
+        tie_margin: 1e-3,
+        prefill_chunk: 1024,
+        cache: CacheChoice::Paged,
+        max_long_generations: None,
+    };
+    let records = check(&mut lm, &opts, |r| eprintln!("{r:?}")).unwrap();
+    assert_eq!(records.len(), 6, "the reference file has 6 chat records");
+    let failures: Vec<String> = records.iter().flat_map(|r| r.failures(1e-3)).collect();
+    assert!(
+        failures.is_empty(),
+        "paged conformance failures:\n{}",
+        failures.join("\n")
+    );
 }

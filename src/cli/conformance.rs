@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use super::model_args::ModelArgs;
-use crate::eval::conformance::{self, CheckOptions, OutputAgreement};
+use crate::eval::conformance::{self, CacheChoice, CheckOptions, OutputAgreement};
 use crate::util::Status;
 
 #[derive(Args, Debug)]
@@ -40,6 +40,13 @@ pub struct ConformanceArgs {
     /// Largest top-2 margin at which a divergence is a near-tie rather than a failure.
     #[arg(long, default_value_t = 1e-3)]
     pub tie_margin: f32,
+    /// The cache that generates: contiguous (the reference) or paged (KV-Compress at a
+    /// keep-all budget: `kvc eval`'s kernels, nothing evicted).
+    #[arg(long, value_enum, default_value_t = CacheChoice::Contiguous)]
+    pub cache: CacheChoice,
+    /// Prefill chunk length in tokens.
+    #[arg(long, default_value_t = 1024)]
+    pub prefill_chunk: usize,
     /// Print one JSON object per record and a summary object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -54,7 +61,8 @@ pub fn run(args: ConformanceArgs) -> anyhow::Result<Status> {
         only: args.only.clone(),
         prompts_only: args.prompts_only,
         tie_margin: args.tie_margin,
-        prefill_chunk: 1024,
+        prefill_chunk: args.prefill_chunk,
+        cache: args.cache,
         max_long_generations: None,
     };
     let json = args.json;

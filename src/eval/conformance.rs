@@ -94,10 +94,56 @@ pub struct CheckOptions {
     /// Top-2 margin below which a divergence counts as a near-tie.
     pub tie_margin: f32,
     pub prefill_chunk: usize,
+    /// Which cache generates: the contiguous reference or the paged cache `kvc eval` uses.
+    pub cache: CacheChoice,
     /// Generate for at most this many records with prompts over [`LONG_PROMPT`] tokens; the
     /// others get the prompt check only (CI on 2 cores: each 7500-token f32 CPU prefill costs
     /// minutes). `None`: generate for every record.
     pub max_long_generations: Option<usize>,
+}
+
+/// The cache conformance generates through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CacheChoice {
+    /// The contiguous reference cache (`kvc generate`'s path).
+    #[default]
+    Contiguous,
+    /// The paged cache with KV-Compress at a keep-all budget (the kernels and bookkeeping of
+    /// `kvc eval`'s compressed runs, the decode metric included; nothing is evicted).
+    Paged,
+}
+
+/// Greedy generation of `prompt` through `cache`.
+fn generate(
+    lm: &mut LoadedModel,
+    prompt: &[u32],
+    params: &GenParams,
+    cache: CacheChoice,
+) -> anyhow::Result<crate::engine::Generation> {
+    match cache {
+        CacheChoice::Contiguous => {
+            let layers = lm.config().num_hidden_layers;
+            let mut c = ContiguousCache::new(layers);
+            Ok(engine::generate(
+                &mut lm.model,
+                &mut c,
+                prompt,
+                params,
+                &mut NoHooks,
+            )?)
+        }
+        CacheChoice::Paged => {
+            let spec = crate::compress::MethodSpec::parse("kvcompress")?;
+            let keep_all = (prompt.len() + params.max_new_tokens).next_multiple_of(16);
+            let mut runner = crate::compress::runner(
+                &spec,
+                Some(crate::kvcache::budget::Budget::Tokens(keep_all)),
+                lm.config(),
+                &crate::compress::MethodOptions::default(),
+            )?;
+            Ok(runner.run(&mut lm.model, prompt, params)?.0)
+        }
+    }
 }
 
 /// Prompt length above which [`CheckOptions::max_long_generations`] applies.
@@ -247,14 +293,7 @@ pub fn check(
             prefill_chunk: opts.prefill_chunk,
             max_context: lm.config().max_context(),
         };
-        let layers = lm.config().num_hidden_layers;
-        let g = engine::generate(
-            &mut lm.model,
-            &mut ContiguousCache::new(layers),
-            &want_ids,
-            &params,
-            &mut NoHooks,
-        )?;
+        let g = generate(lm, &want_ids, &params, opts.cache)?;
         rec.prefill_ms = g.prefill_ms;
         rec.decode_ms = g.decode_ms;
         let logits = g.first_logits.clone().context("no first-step logits")?;
@@ -288,13 +327,7 @@ pub fn check(
                 max_new_tokens: 1,
                 ..params.clone()
             };
-            let g1 = engine::generate(
-                &mut lm.model,
-                &mut ContiguousCache::new(layers),
-                &forced,
-                &p1,
-                &mut NoHooks,
-            )?;
+            let g1 = generate(lm, &forced, &p1, opts.cache)?;
             let mut l = g1.first_logits.context("no logits")?;
             l.sort_by(|a, b| b.total_cmp(a));
             let margin = l[0] - l[1];

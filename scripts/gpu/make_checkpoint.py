@@ -1,0 +1,118 @@
+"""Write a random-weight checkpoint of a named architecture, laid out as the hub has it (bf16
+safetensors sharded by save_pretrained, config.json, generation_config.json, tokenizer files),
+on the GPU machine itself (an 8B checkpoint is 16 GB: write it there, never carry it).
+
+    python3 scripts/gpu/make_checkpoint.py ARCH OUT_DIR [--rope-format v5|legacy]
+        [--tokenizer-model PATH] [--layers N] [--seed S]
+
+ARCH: llama-3.1-8b | llama-3.1-70b | mistral-7b (Mistral-7B-Instruct-v0.2). The config values are
+the hub's config.json of those models. --rope-format v5 (default) keeps what transformers >= 5
+writes (`rope_parameters`); legacy rewrites config.json with top-level `rope_theta` +
+`rope_scaling` as older checkpoints have it. --layers cuts the depth (for quick runs; say so
+when reporting). Llama needs Meta's tiktoken `tokenizer.model` (scripts/fetch-llama3-tokenizer.sh):
+it is converted to tokenizer.json by transformers' TikTokenConverter (needs the `tiktoken`
+package) and tokenizer_config.json gets Llama-3.1-Instruct's chat template; the tiktoken file is
+kept beside it. Mistral gets no tokenizer (feed prompt ids).
+Weights are random (normal, initializer_range): outputs are noise, for parity/memory/speed only.
+"""
+import argparse
+import json
+import os
+import shutil
+
+import torch
+
+LLAMA31_CHAT_TEMPLATE = open(os.path.join(os.path.dirname(__file__), "llama31_chat_template.jinja")).read()
+
+LLAMA31 = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu",
+    "initializer_range": 0.02, "max_position_embeddings": 131072, "mlp_bias": False,
+    "model_type": "llama", "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "use_cache": True, "vocab_size": 128256,
+}
+ARCHS = {
+    "llama-3.1-8b": dict(LLAMA31, hidden_size=4096, intermediate_size=14336,
+                         num_attention_heads=32, num_hidden_layers=32),
+    "llama-3.1-70b": dict(LLAMA31, hidden_size=8192, intermediate_size=28672,
+                          num_attention_heads=64, num_hidden_layers=80),
+    "mistral-7b": {
+        "architectures": ["MistralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1,
+        "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+        "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mistral",
+        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+        "vocab_size": 32000,
+    },
+}
+GENERATION = {
+    "llama": {"bos_token_id": 128000, "do_sample": True, "eos_token_id": [128001, 128008, 128009],
+              "temperature": 0.6, "top_p": 0.9},
+    "mistral": {"bos_token_id": 1, "eos_token_id": 2},
+}
+LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
+LLAMA31_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>",
+                    "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+                    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"] + [
+    f"<|reserved_special_token_{i}|>" for i in range(3, 256 - 8)]
+
+
+def write_llama_tokenizer(out, model_path):
+    from tokenizers import processors
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    shutil.copy(model_path, os.path.join(out, "tokenizer.model"))
+    tok = TikTokenConverter(vocab_file=model_path, pattern=LLAMA3_PATTERN,
+                            extra_special_tokens=LLAMA31_SPECIALS).converted()
+    bos = "<|begin_of_text|>"
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                      special_tokens=[(bos, 128000)])])
+    tok.save(os.path.join(out, "tokenizer.json"))
+    cfg = {"bos_token": bos, "eos_token": "<|eot_id|>", "chat_template": LLAMA31_CHAT_TEMPLATE,
+           "clean_up_tokenization_spaces": True, "model_max_length": 131072,
+           "tokenizer_class": "PreTrainedTokenizerFast",
+           "model_input_names": ["input_ids", "attention_mask"]}
+    json.dump(cfg, open(os.path.join(out, "tokenizer_config.json"), "w"), indent=2)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("arch", choices=sorted(ARCHS))
+    ap.add_argument("out")
+    ap.add_argument("--rope-format", choices=["v5", "legacy"], default="v5")
+    ap.add_argument("--tokenizer-model")
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    from transformers import AutoConfig, AutoModelForCausalLM
+    hub = dict(ARCHS[a.arch])
+    if a.layers:
+        hub["num_hidden_layers"] = a.layers
+    os.makedirs(a.out, exist_ok=True)
+    torch.manual_seed(a.seed)
+    config = AutoConfig.for_model(**hub)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    model.save_pretrained(a.out, max_shard_size="5GB")
+    family = "mistral" if hub["model_type"] == "mistral" else "llama"
+    json.dump(GENERATION[family], open(os.path.join(a.out, "generation_config.json"), "w"), indent=2)
+    if a.rope_format == "legacy":
+        json.dump(hub, open(os.path.join(a.out, "config.json"), "w"), indent=2)
+    if family == "llama":
+        if not a.tokenizer_model:
+            raise SystemExit("llama needs --tokenizer-model (Meta's tiktoken tokenizer.model)")
+        write_llama_tokenizer(a.out, a.tokenizer_model)
+    cfg = json.load(open(os.path.join(a.out, "config.json")))
+    print(json.dumps({"out": a.out, "rope": {k: cfg.get(k) for k in
+                      ("rope_parameters", "rope_theta", "rope_scaling")},
+                      "files": sorted(os.listdir(a.out))}))
+
+
+if __name__ == "__main__":
+    main()
