@@ -151,9 +151,9 @@ pub struct EvictSeq {
 
 /// The block tables of many heads back to back, as the batched eviction takes them: head `h`
 /// owns `blocks[start[h]..start[h + 1]]`, exactly `ceil(lens[h] / block_size)` blocks. Unlike a
-/// `[heads, max_blocks]` array padded to the longest head, its size is the blocks in use: at 192
-/// SmolLM2 sequences (17k heads) a padded table was ~35 MB built and uploaded per decode step
-/// for ~2 MB of blocks, because one long head set the width of all.
+/// `[heads, max_blocks]` array padded to the longest head, its size is the blocks in use (one
+/// long head sets the width of a padded table for all;
+/// docs/findings/2026-12-02-ragged-tables-and-a-220-ms-scatter-per-fork.md).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeadTables {
     /// Physical block ids, head after head.
@@ -321,7 +321,8 @@ pub fn kvcompress_evict_batch_twin<T: Copy>(
     Ok(steps)
 }
 
-/// Longest head [`kvcompress_evict`] sorts in shared memory (128 KiB of keys on an H100).
+/// Longest head [`kvcompress_evict`] sorts in shared memory (its keys must fit one CUDA block's
+/// shared memory on sm_90).
 pub const EVICT_MAX_LEN: usize = 16384;
 
 /// Longest sorted prefix `kvc_sort_prefix` selects (`PREFIX_MAX` in kernels/evict.cu).

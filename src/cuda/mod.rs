@@ -168,10 +168,8 @@ pub(crate) fn check_len(what: &'static str, got: usize, expected: usize) -> OpsR
 /// Check that every slot of `lists` is below `num_slots` and that no slot appears twice over
 /// all lists: for short lists (a decode step's writes, a prompt chunk's), the runs of
 /// consecutive slots are sorted as intervals and checked for overlap, nothing proportional to
-/// the cache (the pool hands out whole blocks, so a 7.5k-token prompt's 22.5k slots of one
-/// SmolLM2 layer are ~1.4k runs: sorting every slot was most of a prefill layer's host time on
-/// the H200's host); one pass with a bitmap of the cache's slots for long lists (a fork copies
-/// every slot of a sequence: sorting its 1.35M sources and destinations took ~20 ms).
+/// the cache (the pool hands out whole blocks, so runs are few where slots are many); one pass
+/// with a bitmap of the cache's slots for long lists (a fork copies every slot of a sequence).
 pub(crate) fn check_slots(what: &'static str, lists: &[&[u32]], num_slots: usize) -> OpsResult<()> {
     let n: usize = lists.iter().map(|l| l.len()).sum();
     if let Some(&s) = lists

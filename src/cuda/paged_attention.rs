@@ -404,11 +404,9 @@ pub const PART_SLOTS: usize = 2048;
 /// Default partition size for the async decode kernel: [`PART_SLOTS`] (a single partition for
 /// contexts up to it). Fixed, so that a row's attention (which slots each partial softmax
 /// sums, then the merge) does not depend on the other rows of its batch: sized from the batch
-/// (about 1024 CUDA blocks in all), it doubled to 4096 slots when `full`'s 8k-token rows joined
-/// a sweep's batch, and the bf16 outputs of the other rows' long contexts changed (30 % of
-/// rate-2 predictions on the H200, 2026-12-02). Partitions shorter than 2048 slots lost 5–15 %
-/// at batch 64 x 4096 and batch 2 x 32768 (`docs/results/sweep-speed-vs-transformers/decode-kernel-fused-prefill-softmax/`); at
-/// both shapes 2048 was the measured best or near-best row.
+/// it changed when long rows joined a batch, and with it the bf16 outputs of the other rows.
+/// 2048 was the best or near-best partition at the shapes measured
+/// (docs/findings/2026-12-02-decode-partitions-fixed-for-batch-invariance.md).
 pub fn default_part_slots(_shape: &DecodeShape, max_len: usize) -> usize {
     PART_SLOTS.min(max_len).max(1)
 }

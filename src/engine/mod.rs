@@ -365,15 +365,14 @@ pub fn decode(
 }
 
 /// Probabilities a decode step may hold on the device before scoring them (see
-/// [`decode_batch`]): all of SmolLM2's 30 layers at batch 96 x 2400 tokens (~250 MB) fit; an
-/// 8B model's 32 layers at batch 64 x 8k (~2 GB) are scored in several rounds.
+/// [`decode_batch`]): a small model's whole step fits; a large model's long batch is scored in
+/// several rounds.
 pub const OBSERVE_HOLD_BYTES: usize = 512 << 20;
 
 /// Score a decode step's probabilities `[live, nh, 1, kv]` of `layer` for every live sequence
 /// that probes (`probes[row]` for `live[row]`): one copy to the host, then each sequence's
 /// [`Hooks::observe`] on all cores (each writes only its own pending metrics, so the result is
-/// the same as one after another; on a 2-core CPU scoring 48 SmolLM2 sequences costs ~40 ms
-/// per step one by one, see `kvc-step-bench`).
+/// the same as one after another; `kvc-step-bench` times it).
 pub fn observe_batch(
     layer: usize,
     probs: &Tensor,
@@ -402,8 +401,7 @@ pub fn observe_batch(
 
 /// The continual compression of every live sequence of a decode batch after a step: metrics
 /// written one sequence after another, the plans (snapshot + selection, pure host work that
-/// grows with the batch: ~1–2 ms per SmolLM2 sequence on a 2-core CPU, see `kvc-step-bench`)
-/// on all cores, then the evictions one after another with their K/V moves collected into one
+/// grows with the batch; `kvc-step-bench` times it) on all cores, then the evictions one after another with their K/V moves collected into one
 /// copy ([`CacheBackend::defer_moves`]). Sequences own disjoint blocks, so the result is the same
 /// as [`Hooks::after_step`] sequence by sequence.
 pub fn step_compression(

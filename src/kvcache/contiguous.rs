@@ -101,6 +101,73 @@ pub fn causal_attention(
     Ok((out, p.reshape((b, nh, t, total))?))
 }
 
+/// Most f32 scores one [`causal_attention`] call materialises (`heads x queries x keys`): a
+/// prefill chunk beyond it runs in query blocks ([`blocked_causal_attention`]). 2^28 scores
+/// are 1 GiB; candle's element-wise kernels also address at most 2^32 elements per launch.
+pub const ATTENTION_BLOCK_SCORES: usize = 1 << 28;
+
+/// [`causal_attention`] over query blocks of at most [`ATTENTION_BLOCK_SCORES`] scores, keeping
+/// only the probabilities `probe` asks for. Rows of a softmax are independent, so a split call
+/// computes the same values; a call that fits one block is exactly [`causal_attention`].
+pub fn blocked_causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    probe: super::Probe,
+) -> Result<(Tensor, Option<Tensor>)> {
+    attention_in_blocks(q, k, v, scale, probe, ATTENTION_BLOCK_SCORES)
+}
+
+/// [`blocked_causal_attention`] with blocks of at most `max_scores` scores.
+fn attention_in_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    probe: super::Probe,
+    max_scores: usize,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (_, nh, t, _) = q.dims4()?;
+    let total = k.dim(2)?;
+    let rows = (max_scores / (nh * total).max(1)).max(1);
+    if rows >= t {
+        let (out, p) = causal_attention(q, k, v, scale)?;
+        return Ok((out, super::probed_rows(p, probe, t)?));
+    }
+    let first_probed = match probe {
+        super::Probe::None => t,
+        super::Probe::All => 0,
+        super::Probe::LastQueries(n) => t - n.min(t),
+    };
+    let (mut outs, mut probs) = (Vec::new(), Vec::new());
+    let mut start = 0;
+    while start < t {
+        let n = rows.min(t - start);
+        // The block's queries see the keys up to their own positions: `total - (t - start - n)`.
+        let visible = total - (t - start - n);
+        let (out, p) = causal_attention(
+            &q.narrow(2, start, n)?,
+            &k.narrow(2, 0, visible)?,
+            &v.narrow(2, 0, visible)?,
+            scale,
+        )?;
+        outs.push(out);
+        if start + n > first_probed {
+            let from = first_probed.saturating_sub(start);
+            let p = p
+                .narrow(2, from, n - from)?
+                .pad_with_zeros(3, 0, total - visible)?;
+            probs.push(p);
+        }
+        start += n;
+    }
+    let probs = (!probs.is_empty())
+        .then(|| Tensor::cat(&probs, 2))
+        .transpose()?;
+    Ok((Tensor::cat(&outs, 2)?, probs))
+}
+
 impl CacheBackend for ContiguousCache {
     fn add_sequence(&mut self) -> Result<SeqId> {
         let id = self.next_id;
@@ -137,14 +204,12 @@ impl CacheBackend for ContiguousCache {
                 &call.k.narrow(0, b, 1)?,
                 &call.v.narrow(0, b, 1)?,
             )?;
-            let (out, p) = causal_attention(&q, &k, &v, call.scale)?;
+            let (out, p) = blocked_causal_attention(&q, &k, &v, call.scale, call.probe)?;
             if call.layer + 1 == self.n_layers {
                 seq.pos += t;
             }
             outs.push(out);
-            if let Some(p) = super::probed_rows(p, call.probe, t)? {
-                probs.push(p);
-            }
+            probs.extend(p);
         }
         let out = Tensor::cat(&outs, 0)?;
         let probs = super::stack_probs(probs)?;
@@ -177,6 +242,39 @@ mod tests {
     use super::*;
     use crate::kvcache::Probe;
     use candle_core::{Device, D};
+
+    #[test]
+    fn query_blocks_equal_one_call() {
+        let dev = Device::Cpu;
+        let (nh, nkv, t, total, d) = (4, 2, 37, 50, 8);
+        let q = Tensor::randn(0f32, 1.0, (1, nh, t, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, nkv, total, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, nkv, total, d), &dev).unwrap();
+        let (want, p) = causal_attention(&q, &k, &v, 0.3).unwrap();
+        for probe in [
+            Probe::None,
+            Probe::All,
+            Probe::LastQueries(5),
+            Probe::LastQueries(30),
+        ] {
+            let want_p = crate::kvcache::probed_rows(p.clone(), probe, t).unwrap();
+            // Blocks of 3 query rows (4 heads x 3 x 50 scores), and one call.
+            for cap in [nh * total * 3, usize::MAX] {
+                let (got, got_p) = attention_in_blocks(&q, &k, &v, 0.3, probe, cap).unwrap();
+                let diff = (&got - &want).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(diff.to_scalar::<f32>().unwrap() < 1e-6, "{probe:?} {cap}");
+                match (&got_p, &want_p) {
+                    (None, None) => {}
+                    (Some(a), Some(b)) => {
+                        assert_eq!(a.dims(), b.dims(), "{probe:?}");
+                        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                        assert!(d.to_scalar::<f32>().unwrap() < 1e-6, "{probe:?} {cap}");
+                    }
+                    _ => panic!("{probe:?}: probs present in one and not the other"),
+                }
+            }
+        }
+    }
 
     /// Attention computed one query at a time with explicit loops: the judge for the batched,
     /// masked, grouped version.

@@ -117,8 +117,8 @@ pub trait CacheBackend: Send + Sync {
 /// most the query's (queries at positions `q_start..q_start + t`), -inf elsewhere.
 /// `key_pos` `[h, n]` u32 holds each head's slot positions, padded with `u32::MAX` (never
 /// visible). Built on the device from positions (a few KB uploaded) rather than as a host
-/// `Vec<f32>` of `h * t * n` values: a host mask per layer and prefill chunk was the bulk of
-/// prefill time on the H100 (46 MB per layer at 3 heads x 512 queries x 7500 keys).
+/// `Vec<f32>` of `h * t * n` values, which was the bulk of GPU prefill time
+/// (docs/findings/2026-11-23-eval-prefill-masks-and-host-selection.md).
 pub fn causal_mask(key_pos: &Tensor, q_start: usize, t: usize) -> Result<Tensor> {
     let (h, n) = key_pos.dims2()?;
     let dev = key_pos.device();

@@ -1,9 +1,9 @@
 //! The block tables of a decode batch, kept on the device from one step to the next.
 //!
 //! A decode step attends every (layer, sequence, kv-head) of the batch through its block table.
-//! Gathering, checking and uploading every table for every layer of every step (1M block ids
-//! per step at 224 SmolLM2 sequences of ~850 tokens) cost milliseconds of host time per step,
-//! and the host set the pace of a SmolLM2 decode step on the H200. Here the tables stay on the
+//! Gathering, checking and uploading every table for every layer of every step grows with the
+//! batch's blocks and made the host set the pace of a small model's decode step
+//! (docs/findings/2026-12-03-decode-tables-stay-on-device.md). Here the tables stay on the
 //! device: one row per (layer, sequence, kv-head), layer-major, each with room to grow. A step
 //! uploads one buffer (the new tokens' slots and positions, every row's length, and the block
 //! ids appended or changed) and scatters the changed ids into place. A different batch, or a

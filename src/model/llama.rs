@@ -372,8 +372,8 @@ impl Llama {
 
     /// Greedy next token of every row of `logits` `[batch, vocab]` f32, the first index on
     /// ties as [`layer_ops::argmax_twin`] scans a row. On a GPU it runs there
-    /// ([`crate::cuda::layer_ops::argmax_rows`]) and only `batch` ids come back: a decode step of 192
-    /// SmolLM2 sequences otherwise copies 38 MB of logits to the host.
+    /// ([`crate::cuda::layer_ops::argmax_rows`]) and only `batch` ids come back, not the
+    /// batch's logits.
     pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
         crate::cuda::layer_ops::argmax_rows(logits, true)
     }

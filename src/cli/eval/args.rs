@@ -127,14 +127,11 @@ pub struct SweepArgs {
     #[arg(long)]
     pub no_shared_prefill: bool,
     /// Samples of a subset generated together: each prompt is prefilled on its own, then all
-    /// of them (every rate of each) decode in one batch (measured: 1.5x with 2 samples on a
-    /// 2-core CPU; on an H200 the SmolLM2 sweep takes 171 s with 32); 1 = one sample at a
-    /// time. Default: 1 on the CPU; on a GPU as many as its free memory holds at the longest
-    /// prompt, at most 32 (printed at the start; 1 for an 8B model at 128k on 80 GB). The
-    /// output does not depend on it (on an H200, 32 and 4 gave 256 of 256 predictions
-    /// identical); but on a GPU `full` decodes through the paged cache where the CPU uses the
-    /// contiguous one (other kernels: bf16 outputs may differ in rare tokens). Ctrl-C
-    /// finishes the samples in flight.
+    /// of them (every rate of each) decode in one batch; 1 = one sample at a time. Default: 1
+    /// on the CPU; on a GPU as many as its free memory holds at the longest prompt, at most 32
+    /// (printed at the start). The output does not depend on it; but on a GPU `full` decodes
+    /// through the paged cache where the CPU uses the contiguous one (other kernels: bf16
+    /// outputs may differ in rare tokens). Ctrl-C finishes the samples in flight.
     #[arg(long, value_parser = crate::compress::positive)]
     pub batch_samples: Option<usize>,
     #[command(flatten)]
