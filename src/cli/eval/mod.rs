@@ -23,6 +23,7 @@ use crate::compress::{self, MethodSpec};
 use crate::data::longbench::{Dataset, Row};
 use crate::data::ruler::RulerTask;
 use crate::data::select::select_tasks;
+use crate::eval::memory::{prefill_activation_bytes, MemoryPlan};
 use crate::eval::record::RunMeta;
 use crate::eval::run::{
     self, RunConfig, RunOutcome, RunPlan, SampleSettings, SubsetPlan, Sweep, PROMPT_RECIPE,
@@ -71,6 +72,8 @@ struct Loaded {
     resolved: ResolvedModel,
     device: Device,
     dtype: DType,
+    /// Device memory the load took (`None` on the CPU).
+    weight_bytes: Option<u64>,
 }
 
 /// Run `kvc eval` (the module docs give the phases).
@@ -79,14 +82,24 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
     let mut sel = select(&args, &note)?;
     let mut m = load(&args, &sel.plans, &note)?;
     let max_input = max_input_tokens(&args, &m.lm);
-    let settings = sample_settings(&args, &m, max_input);
+    let mut settings = sample_settings(&args, &m, max_input);
     let generated = add_ruler(&args, &m.lm, &settings, &mut sel, &note)?;
     run::check_samples_found(sel.samples.as_ref(), &sel.subsets)?;
     // On a GPU `full` decodes through the paged cache in batches anyway: it joins the first
     // compressed method's group as a keep-all fork of its prefill (run::group_plans). Not with
     // --kv-memory, which bounds that method's pool and never the full cache.
     let full_joins = m.device.is_cuda() && args.sweep.method_options.kv_memory.is_none();
-    let batch_samples = batch_samples(&args, &m, &sel, max_input, &note)?;
+    let batch_samples = match memory_plan(&args, &m, &sel, &settings, max_input)? {
+        Some(plan) => {
+            note.say(&plan.describe());
+            if let Some(w) = plan.shortfall() {
+                eprintln!("warning: {w}");
+            }
+            settings.prefill_chunk = plan.chunk;
+            plan.batch
+        }
+        None => args.sweep.batch_samples.unwrap_or(1),
+    };
     let meta = MetaBuilder::new(
         &args,
         (&m.resolved, m.dtype, &m.device),
@@ -254,7 +267,12 @@ fn load(args: &EvalArgs, plans: &[RunPlan], note: &Note) -> anyhow::Result<Loade
     let dtype = args.model.dtype(&device)?;
     let resolved = args.model.resolve()?;
     let t_load = Instant::now();
+    let free_before = crate::cuda::device_memory(&device)?.map(|(free, _)| free);
     let mut lm = crate::model::load(&resolved, &device, dtype)?;
+    let free_after = crate::cuda::device_memory(&device)?.map(|(free, _)| free);
+    let weight_bytes = free_before
+        .zip(free_after)
+        .map(|(b, a)| b.saturating_sub(a));
     lm.model.fused = !args.model.unfused_layers;
     note.say(&format!(
         "model: {} loaded in {:.1}s on {:?} ({:?})",
@@ -277,6 +295,7 @@ fn load(args: &EvalArgs, plans: &[RunPlan], note: &Note) -> anyhow::Result<Loade
         resolved,
         device,
         dtype,
+        weight_bytes,
     })
 }
 
@@ -356,21 +375,19 @@ fn add_ruler(
     Ok(rows)
 }
 
-/// `--batch-samples`, else 1 on the CPU; on a GPU as many samples as its free memory holds at
-/// the longest prompt (printed).
-fn batch_samples(
+/// On a GPU, the memory plan (see [`crate::eval::memory`]) for the longest context: the
+/// prefill chunk (kept when `--prefill-chunk` is given) and the samples per batch (kept when
+/// `--batch-samples` is). `None` on the CPU.
+fn memory_plan(
     args: &EvalArgs,
     m: &Loaded,
     sel: &Selection,
+    settings: &SampleSettings,
     max_input: usize,
-    note: &Note,
-) -> anyhow::Result<usize> {
-    if let Some(b) = args.sweep.batch_samples {
-        return Ok(b);
-    }
-    if !m.device.is_cuda() {
-        return Ok(1);
-    }
+) -> anyhow::Result<Option<MemoryPlan>> {
+    let Some((free, _)) = crate::cuda::device_memory(&m.device)? else {
+        return Ok(None);
+    };
     let longest = if sel.ruler_tasks.is_empty() {
         max_input
     } else {
@@ -387,23 +404,28 @@ fn batch_samples(
         .max()
         .unwrap_or(0);
     let c = m.lm.config();
+    let bytes = m.dtype.size_in_bytes();
     let per_sample = run::sample_kv_bytes(
         c.num_hidden_layers,
         c.num_key_value_heads,
         c.head_dim,
-        m.dtype.size_in_bytes(),
+        bytes,
         args.sweep.method_options.block_size,
         longest + new,
     );
-    let free = crate::cuda::device_memory(&m.device)?.map(|(free, _)| free);
-    let b = run::auto_batch_samples(free, per_sample);
-    note.say(&format!(
-        "batch: {b} samples at a time ({:.1} GiB free, {:.0} MiB per sample at {} tokens; --batch-samples sets it)",
-        free.unwrap_or(0) as f64 / (1u64 << 30) as f64,
-        per_sample as f64 / (1u64 << 20) as f64,
-        longest + new
-    ));
-    Ok(b)
+    let mut plan = MemoryPlan::new(
+        free,
+        m.weight_bytes.unwrap_or(0),
+        (longest + new, per_sample),
+        |chunk| prefill_activation_bytes(c, bytes, chunk),
+        settings.prefill_chunk,
+        args.sweep.batch_samples,
+    );
+    if args.generation.prefill_chunk.is_some() {
+        plan.chunk = settings.prefill_chunk;
+        plan.activations = prefill_activation_bytes(c, bytes, plan.chunk);
+    }
+    Ok(Some(plan))
 }
 
 /// Builds each run's `run.json` (its configuration, hashed for resume, and the context of
