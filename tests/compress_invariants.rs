@@ -689,3 +689,41 @@ fn device_compression_equals_host_compression() {
         }
     }
 }
+
+/// KV-Compress with a window longer than a prefill chunk and a summed metric without pooling
+/// (the paper's KVC-full: the whole prompt, a buffer): the window is observed chunk by chunk
+/// (`Hooks::prefill_probe_splits`), which must evict what one whole-window observation evicts:
+/// the same kept KVs per head and the same greedy tokens.
+#[test]
+fn long_window_observed_in_query_blocks_equals_one_block() {
+    let (_tmp, mut lm) = tiny(&TinySpec::default());
+    let ids = lm.prompt_ids(&TEXT.repeat(3), false).unwrap();
+    assert!(ids.len() > 64, "{}", ids.len());
+    let cfg = lm.config().clone();
+    let opts = MethodOptions {
+        kvc_window: 4096,
+        kvc_buffer: 3,
+        max_pool: 0,
+        compress_once: true,
+        ..small_opts()
+    };
+    let run = |lm: &mut LoadedModel, chunk: usize| {
+        let mut r = compress::runner(
+            &MethodSpec::parse("kvcompress").unwrap(),
+            Some(Budget::Rate(4.0)),
+            &cfg,
+            &opts,
+        )
+        .unwrap();
+        let p = GenParams {
+            prefill_chunk: chunk,
+            ..params(12)
+        };
+        r.run(&mut lm.model, &ids, &p).unwrap()
+    };
+    let (whole, whole_st) = run(&mut lm, 4096);
+    let (split, split_st) = run(&mut lm, 16);
+    assert!(whole_st.kept_kvs < whole_st.prompt_kvs, "the budget evicts");
+    assert_eq!(split_st.kept_per_head, whole_st.kept_per_head);
+    assert_eq!(split.output_ids, whole.output_ids);
+}

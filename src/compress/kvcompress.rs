@@ -138,6 +138,10 @@ impl Policy for KvCompress {
         plan_from_masked(&masked, self.kv_heads, view.block_size, &counts)
     }
 
+    fn score_splits(&self) -> bool {
+        matches!(self.cfg.agg, Agg::L1Sum | Agg::L2Sum) && self.cfg.max_pool <= 1
+    }
+
     fn continual(&self) -> bool {
         self.cfg.continual
     }

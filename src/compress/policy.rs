@@ -107,6 +107,12 @@ pub trait Policy: Send + Sync {
     fn score(&self, phase: Phase, probs: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>>;
     /// What to evict so the sequence fits `budget` cache tokens per head.
     fn plan(&self, view: &SeqView, budget: usize, phase: Phase) -> EvictionPlan;
+    /// Whether [`Policy::score`]'s prefill increments add up over query blocks (a summed
+    /// metric without pooling), so a long window may be observed chunk by chunk
+    /// ([`crate::engine::Hooks::prefill_probe_splits`]).
+    fn score_splits(&self) -> bool {
+        false
+    }
     /// Whether [`Policy::plan`] runs after every decode step too.
     fn continual(&self) -> bool;
     /// The smallest budget that makes sense (the protected window); smaller budgets are
@@ -341,6 +347,10 @@ impl Hooks for CompressHooks<'_> {
         self.policy.prefill_probe()
     }
 
+    fn prefill_probe_splits(&self) -> bool {
+        self.policy.score_splits()
+    }
+
     fn decode_probe(&self) -> Probe {
         let scored = match self.on_demand {
             Some(score) => score,
@@ -370,7 +380,12 @@ impl Hooks for CompressHooks<'_> {
         let d = self.policy.score(self.phase, probs, &positions)?;
         match &mut self.pending[layer] {
             Some(acc) => {
+                // A later prefill chunk's observation covers its new slots too (slots are
+                // appended in order during prefill).
                 for (a, x) in acc.iter_mut().zip(d) {
+                    if a.len() < x.len() {
+                        a.resize(x.len(), 0.0);
+                    }
                     for (a, x) in a.iter_mut().zip(x) {
                         *a += x;
                     }

@@ -138,6 +138,14 @@ pub trait Hooks: Send {
     fn decode_probe(&self) -> Probe {
         Probe::None
     }
+    /// Whether [`Hooks::observe`]'s prefill observations add up over query blocks (a summed
+    /// metric without pooling): then a probed window longer than a prefill chunk is observed
+    /// chunk by chunk, each chunk's rows of the window with the keys they see, instead of
+    /// enlarging the last chunk to the whole window (whose probabilities would be
+    /// `heads x window x keys`).
+    fn prefill_probe_splits(&self) -> bool {
+        false
+    }
     /// Attention probabilities of probed queries, per layer.
     fn observe(
         &mut self,
@@ -272,8 +280,11 @@ pub fn prefill(
     }
     let t0 = Instant::now();
     let probe = hooks.prefill_probe();
+    // Only a window longer than a chunk is split: one that fits is observed whole, as always.
+    let splits = hooks.prefill_probe_splits()
+        && matches!(probe, Probe::LastQueries(w) if w > params.prefill_chunk);
     let min_last = match probe {
-        Probe::LastQueries(w) => w,
+        Probe::LastQueries(w) if !splits => w,
         _ => 1,
     };
     let chunks = prefill_chunks(prompt.len(), params.prefill_chunk, min_last);
@@ -281,7 +292,19 @@ pub fn prefill(
     let mut observe_ms = 0.0;
     for (i, r) in chunks.iter().enumerate() {
         let last = i + 1 == chunks.len();
-        let p = if last { probe } else { Probe::None };
+        let p = match probe {
+            // The window's rows in this chunk: always a suffix of it (the window is a suffix
+            // of the prompt).
+            Probe::LastQueries(w) if splits => {
+                let first = prompt.len().saturating_sub(w).max(r.start);
+                match r.end.saturating_sub(first) {
+                    0 => Probe::None,
+                    n => Probe::LastQueries(n),
+                }
+            }
+            _ if last => probe,
+            _ => Probe::None,
+        };
         let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
             let t = Instant::now();
             let r = hooks.observe(layer, probs, c, seq);
