@@ -9,7 +9,9 @@
 //
 // Contract (the Rust twin is kvc::compress::score::window_score_twin, the host path itself):
 // - m[hq][j] = sum over probed queries i = 0.. of p[hq][i][j] (squared first when `squared`),
-//   the queries summed in ascending order;
+//   the queries summed in ascending order; with `positions` (buffer > 0), query i sits at
+//   position last_query - (probed - 1 - i) and counts for slot j only when
+//   positions[h][j] + buffer <= that position;
 // - for kv-head h with len L = lens[h] (<= max_len) and P = max(L - pool_skip_last, 0): the
 //   slots j < P are pooled along the slot axis over [j - pool_k / 2, j - pool_k / 2 + pool_k)
 //   clipped to [0, P) (max ignores the clipped part; avg divides by pool_k, PyTorch's
@@ -21,12 +23,13 @@
 
 constexpr int WS_TILE = 256;
 
-// Summed (and squared) probability of slot j of query head hq.
+// Summed (and squared) probability of slot j of query head hq; queries before `first` (those
+// closer to the key than the buffer allows) do not count.
 __device__ __forceinline__ float window_sum(const float* __restrict__ p, int hq, int j,
-                                            int probed, int max_len, bool squared) {
+                                            int probed, int max_len, bool squared, int first) {
   const float* col = p + (size_t)hq * probed * max_len + j;
   float s = 0.f;
-  for (int i = 0; i < probed; ++i) {
+  for (int i = max(first, 0); i < probed; ++i) {
     const float x = col[(size_t)i * max_len];
     s += squared ? x * x : x;
   }
@@ -37,6 +40,9 @@ extern "C" __global__ void window_score(
     float* __restrict__ out,          // [kv_heads, max_len] f32 (out)
     const float* __restrict__ p,      // [kv_heads * group, probed, max_len] f32 probabilities
     const uint32_t* __restrict__ lens,  // [kv_heads] slots of each kv-head (<= max_len)
+    const uint32_t* __restrict__ positions,  // [kv_heads, max_len] slot positions, or null
+    long long last_query,             // position of the last probed query (with positions)
+    int buffer,                       // a pair counts when key_pos + buffer <= query_pos
     int group,                        // query heads per kv-head
     int probed,                       // probed queries (>= 1)
     int max_len,                      // columns of p and out
@@ -57,9 +63,16 @@ extern "C" __global__ void window_score(
   for (int g = 0; g < group; ++g) {
     for (int x = threadIdx.x; x < span; x += WS_TILE) {
       const int c = j0 - pad + x;
+      // The first query far enough from the key: position >= key_pos + buffer.
+      int first = 0;
+      if (positions != nullptr && c >= 0 && c < len) {
+        const long long kp = positions[(size_t)h * max_len + c];
+        first = (int)max(0LL, kp + buffer - (last_query - (probed - 1)));
+      }
       sums[g * span + x] =
-          (c >= 0 && c < len) ? window_sum(p, h * group + g, c, probed, max_len, squared != 0)
-                              : 0.f;
+          (c >= 0 && c < len)
+              ? window_sum(p, h * group + g, c, probed, max_len, squared != 0, first)
+              : 0.f;
     }
   }
   __syncthreads();

@@ -904,8 +904,25 @@ fn window_score_matches_twin() {
                 _ => rng.random_range(1..=max_len),
             })
             .collect();
+        // Slot positions as a compacted cache holds them: increasing with gaps, unsorted
+        // within a head after evictions (the buffer compares each slot's own position).
+        let positions: Vec<Vec<u32>> = lens
+            .iter()
+            .map(|&l| {
+                let mut v: Vec<u32> = (0..l as u32).map(|j| j * 2).collect();
+                v.shuffle(&mut rng);
+                v
+            })
+            .collect();
         for squared in [false, true] {
-            for (pool_k, pool_max) in [(0, true), (7, true), (5, false), (64, true)] {
+            for (pool_k, pool_max, buffer) in [
+                (0, true, 0),
+                (7, true, 0),
+                (5, false, 0),
+                (64, true, 0),
+                (0, true, 10),
+                (7, true, 3),
+            ] {
                 for pool_skip_last in [0, 32] {
                     let a = WindowScoreArgs {
                         group,
@@ -913,11 +930,13 @@ fn window_score_matches_twin() {
                         pool_k,
                         pool_max,
                         pool_skip_last,
+                        buffer,
                     };
                     let got = host::<f32>(
-                        &kvc::cuda::window_score::window_score(&probs, &lens, &a).unwrap(),
+                        &kvc::cuda::window_score::window_score(&probs, &lens, &a, &positions)
+                            .unwrap(),
                     );
-                    let want = window_score_twin(&p, &lens, probed, max_len, &a);
+                    let want = window_score_twin(&p, &lens, probed, max_len, &a, &positions);
                     let (w, maxabs) = compare(&got, &want, 1e-7, 1e-5);
                     assert!(
                         w <= 1.0,

@@ -72,14 +72,15 @@ pub fn window_scores(
     positions: &[Vec<u32>],
     spec: &ScoreSpec,
 ) -> Result<Vec<Vec<f32>>> {
-    if spec.buffer == 0 && !spec.agg.averaged() {
+    if !spec.agg.averaged() {
         window_scores_summed(probs, positions, spec)
     } else {
         window_scores_general(probs, positions, spec)
     }
 }
 
-/// [`window_scores`] when every probed query counts for every key (no buffer, no average).
+/// [`window_scores`] when the probed queries' probabilities are summed (no average; a buffer
+/// drops the pairs too close together).
 /// On a GPU, `kernels/window_score.cu` sums over the probed queries, pools and sums over the group
 /// in one launch, and only `[kv_heads, max_len]` comes to the host (`group x n` times less
 /// than the probabilities); elsewhere its twin, [`window_score_twin`], runs on the host.
@@ -97,12 +98,12 @@ fn window_scores_summed(
     let lens: Vec<usize> = positions.iter().map(|p| p.len().min(max_len)).collect();
     let flat = if probs.device().is_cuda() {
         let p = probs.to_dtype(candle_core::DType::F32)?;
-        window_score::window_score(&p, &lens, &args)?
+        window_score::window_score(&p, &lens, &args, positions)?
             .flatten_all()?
             .to_vec1::<f32>()?
     } else {
         let p = probs.flatten_all()?.to_vec1::<f32>()?;
-        window_score_twin(&p, &lens, n, max_len, &args)
+        window_score_twin(&p, &lens, n, max_len, &args, positions)
     };
     Ok(lens
         .iter()
@@ -123,6 +124,7 @@ fn kernel_args(spec: &ScoreSpec, group: usize) -> WindowScoreArgs {
         pool_k,
         pool_max,
         pool_skip_last: spec.pool_skip_last,
+        buffer: spec.buffer,
     }
 }
 
@@ -208,11 +210,11 @@ mod tests {
                 .collect();
             for agg in [Agg::L1Sum, Agg::L2Sum] {
                 for pool in [None, Some((7, PoolKind::Max)), Some((5, PoolKind::Avg))] {
-                    for pool_skip_last in [0, 2] {
+                    for (pool_skip_last, buffer) in [(0, 0), (2, 0), (0, 3), (2, 40)] {
                         let spec = ScoreSpec {
                             agg,
                             pool,
-                            buffer: 0,
+                            buffer,
                             pool_skip_last,
                         };
                         let fast = window_scores(&probs, &positions, &spec).unwrap();
@@ -243,9 +245,10 @@ mod tests {
             pool_k: 7,
             pool_max: true,
             pool_skip_last: 0,
+            buffer: 0,
         };
         let err = |lens: &[usize], a: &WindowScoreArgs| {
-            window_score::window_score(&probs, lens, a)
+            window_score::window_score(&probs, lens, a, &[])
                 .unwrap_err()
                 .to_string()
         };
@@ -254,7 +257,9 @@ mod tests {
         let wide = WindowScoreArgs { pool_k: 5000, ..a };
         assert!(err(&[10, 10], &wide).contains("shared memory"));
         let bf16 = probs.to_dtype(candle_core::DType::BF16).unwrap();
-        assert!(crate::cuda::window_score::window_score(&bf16, &[10, 10], &a).is_err());
+        assert!(crate::cuda::window_score::window_score(&bf16, &[10, 10], &a, &[]).is_err());
+        let buffered = WindowScoreArgs { buffer: 4, ..a };
+        assert!(err(&[10, 10], &buffered).contains("position lists"));
     }
 
     #[test]

@@ -48,6 +48,16 @@ pub struct WindowScoreArgs {
     pub pool_max: bool,
     /// Slots at the end of each head left unpooled.
     pub pool_skip_last: usize,
+    /// A (query, key) pair counts only when `key_pos + buffer <= query_pos` (0: every pair);
+    /// the probed queries are the last `n` positions up to the newest slot position.
+    pub buffer: usize,
+}
+
+/// The index of the first probed query (of `n`, the last at position `newest`) that may count
+/// for a key at `key_pos` under `buffer`: `key_pos + buffer <= query_pos`.
+fn first_counting(key_pos: u32, buffer: usize, newest: i64, n: usize) -> usize {
+    let first_pos = newest - (n as i64 - 1);
+    (key_pos as i64 + buffer as i64 - first_pos).max(0) as usize
 }
 
 /// Threads (slots) per block of `window_score` (`WS_TILE` in `kernels/score.cu`).
@@ -56,15 +66,20 @@ const WS_TILE: usize = 256;
 /// Twin of `kernels/window_score.cu` (and the host path of the summed scorers):
 /// `p` `[kv_heads * group, n, max_len]` probabilities, `lens[h]` slots of kv-head `h`; returns
 /// `[kv_heads, max_len]` (zero past each head's length). Per query head, the probed queries
-/// are summed in ascending order (squared first for L2), the first `len - pool_skip_last`
-/// slots pooled ([`pool1d`]); the group's query heads are summed in ascending order.
+/// are summed in ascending order (squared first for L2; with a buffer, only those at least
+/// `buffer` positions after the key, the newest probed query at the largest of `positions`),
+/// the first `len - pool_skip_last` slots pooled ([`pool1d`]); the group's query heads are
+/// summed in ascending order. `positions[h]`: the slot positions of kv-head `h` (read only
+/// with a buffer).
 pub fn window_score_twin(
     p: &[f32],
     lens: &[usize],
     n: usize,
     max_len: usize,
     a: &WindowScoreArgs,
+    positions: &[Vec<u32>],
 ) -> Vec<f32> {
+    let newest = positions.iter().flatten().copied().max().unwrap_or(0) as i64;
     let mut out = vec![0f32; lens.len() * max_len];
     let mut m = vec![0f32; max_len];
     for (h, &len) in lens.iter().enumerate() {
@@ -73,7 +88,10 @@ pub fn window_score_twin(
             m[..len].fill(0.0);
             for i in 0..n {
                 let row = &p[(hq * n + i) * max_len..][..len];
-                for (s, x) in m.iter_mut().zip(row) {
+                for (j, (s, x)) in m.iter_mut().zip(row).enumerate() {
+                    if a.buffer > 0 && i < first_counting(positions[h][j], a.buffer, newest, n) {
+                        continue;
+                    }
                     *s += if a.squared { x * x } else { *x };
                 }
             }
@@ -100,7 +118,12 @@ pub fn window_score_twin(
 /// f32 (any leading dims of 1) and each kv-head's slot count `lens` (<= max_len), the scores
 /// `[kv_heads, max_len]` f32 (zero past each head's length): summed (or squared and summed)
 /// over the probed queries, pooled along the slots, summed over the group.
-pub fn window_score(probs: &Tensor, lens: &[usize], a: &WindowScoreArgs) -> Result<Tensor> {
+pub fn window_score(
+    probs: &Tensor,
+    lens: &[usize],
+    a: &WindowScoreArgs,
+    positions: &[Vec<u32>],
+) -> Result<Tensor> {
     let dims = probs.dims();
     let (nh, probed, max_len) = match dims.len() {
         3 => (dims[0], dims[1], dims[2]),
@@ -149,11 +172,54 @@ pub fn window_score(probs: &Tensor, lens: &[usize], a: &WindowScoreArgs) -> Resu
     let probs = probs.contiguous()?;
     let lens: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
     let lens = Tensor::from_vec(lens, nkv, dev)?;
+    let buffered = match a.buffer {
+        0 => None,
+        _ => Some(positions_on_device(positions, nkv, max_len, dev)?),
+    };
     // Safety: the kernel writes every element of out (every column of every kv-head row).
     let out = unsafe { Tensor::empty((nkv, max_len), DType::F32, dev)? };
-    imp::window_score(&out, &probs, &lens, a, probed, max_len, shared)?;
+    let launch = Launch {
+        probed,
+        max_len,
+        shared,
+        positions: buffered.as_ref().map(|(t, last)| (t, *last)),
+    };
+    imp::window_score(&out, &probs, &lens, a, &launch)?;
     Ok(out)
 }
+/// `positions` (one list per kv-head, at most `max_len` each) padded into `[kv_heads,
+/// max_len]` u32 on `dev`, with the newest position (the last probed query's).
+fn positions_on_device(
+    positions: &[Vec<u32>],
+    nkv: usize,
+    max_len: usize,
+    dev: &candle_core::Device,
+) -> Result<(Tensor, i64)> {
+    if positions.len() != nkv {
+        return Err(OpsError::Shape(format!(
+            "window_score: {} position lists for {nkv} kv-heads",
+            positions.len()
+        ))
+        .into());
+    }
+    let mut flat = vec![0u32; nkv * max_len];
+    for (row, p) in flat.chunks_exact_mut(max_len).zip(positions) {
+        let n = p.len().min(max_len);
+        row[..n].copy_from_slice(&p[..n]);
+    }
+    let newest = positions.iter().flatten().copied().max().unwrap_or(0) as i64;
+    Ok((Tensor::from_vec(flat, (nkv, max_len), dev)?, newest))
+}
+
+/// The launch's sizes and, with a buffer, the slot positions and the last query's position.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct Launch<'a> {
+    probed: usize,
+    max_len: usize,
+    shared: usize,
+    positions: Option<(&'a Tensor, i64)>,
+}
+
 #[cfg(not(feature = "cuda"))]
 mod imp {
     //! Stubs of a build without CUDA.
@@ -164,9 +230,7 @@ mod imp {
         _: &Tensor,
         _: &Tensor,
         _: &WindowScoreArgs,
-        _: usize,
-        _: usize,
-        _: usize,
+        _: &Launch<'_>,
     ) -> Result<()> {
         Err(OpsError::NoCuda.into())
     }
@@ -184,10 +248,9 @@ mod imp {
         probs: &Tensor,
         lens: &Tensor,
         a: &WindowScoreArgs,
-        probed: usize,
-        max_len: usize,
-        shared: usize,
+        l: &Launch<'_>,
     ) -> Result<()> {
+        let (probed, max_len, shared) = (l.probed, l.max_len, l.shared);
         let stream = device(probs)?.cuda_stream();
         let f = func(&stream, "window_score", "window_score")?;
         let nkv = lens.dim(0)?;
@@ -195,7 +258,10 @@ mod imp {
             ptr(Some(out), &stream)?,
             ptr(Some(probs), &stream)?,
             ptr(Some(lens), &stream)?,
+            ptr(l.positions.map(|(t, _)| t), &stream)?,
         ];
+        let last_query: i64 = l.positions.map_or(0, |(_, last)| last);
+        let buffer = a.buffer.min(i32::MAX as usize) as i32;
         let ints = [
             a.group as i32,
             probed as i32,
@@ -209,6 +275,8 @@ mod imp {
         for x in &ptrs {
             b.arg(x);
         }
+        b.arg(&last_query);
+        b.arg(&buffer);
         for x in &ints {
             b.arg(x);
         }
