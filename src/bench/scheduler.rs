@@ -169,6 +169,8 @@ pub fn min_blocks(
 
 /// Run every prompt to `cfg.output_len` tokens through one pool (see the module docs).
 /// `policy` compresses when `cfg.rate > 1`; `on_finish(done)` is called as requests finish.
+/// Each iteration runs the module docs' three phases: [`Sched::admit`], [`Sched::make_room`],
+/// [`Sched::decode_step`].
 pub fn run(
     model: &mut Llama,
     policy: Option<&dyn Policy>,

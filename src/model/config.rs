@@ -421,6 +421,7 @@ struct GgufArch<'a> {
 }
 
 impl GgufArch<'_> {
+    /// `msg` as an invalid-configuration error naming the file.
     fn bad(&self, msg: String) -> ModelError {
         ModelError::BadConfig {
             path: self.path.to_path_buf(),

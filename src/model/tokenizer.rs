@@ -242,6 +242,7 @@ struct GgufVocab<'a> {
 }
 
 impl<'a> GgufVocab<'a> {
+    /// The tokens of `md` (an error when missing) and their types (all normal when missing).
     fn read(md: &'a HashMap<String, Value>) -> Result<Self, String> {
         let tokens = string_array(md, "tokenizer.ggml.tokens")?;
         let types: Vec<u32> = match md.get("tokenizer.ggml.token_type") {

@@ -119,7 +119,7 @@ pub(super) fn draw_err<E: std::error::Error + Send + Sync>(x: DrawingAreaErrorKi
 }
 
 /// Rows and columns of the panel grid for `n` panels: one row up to 3, then 2, 3 or 4 columns.
-fn grid(n: usize) -> (usize, usize) {
+fn grid_shape(n: usize) -> (usize, usize) {
     let n = n.max(1);
     let cols = if n <= 3 {
         n
@@ -142,8 +142,9 @@ struct Frame {
 }
 
 impl Frame {
-    /// The x range of `fig` and a y top above its largest finite value and its reference line,
-    /// rounded up to a multiple of 10, with headroom above the 100 % line for the legend.
+    /// The x range of `fig`; y up to 8 % above the largest finite value (or the reference
+    /// line), rounded up to a multiple of 10, and at least 30 above the reference line (room for
+    /// the legend above the 100 % line).
     fn of(fig: &Figure) -> Frame {
         let y_max = fig
             .panels
@@ -151,7 +152,6 @@ impl Frame {
             .flat_map(|p| p.series.iter().flat_map(|s| s.points.iter().map(|pt| pt.1)))
             .filter(|y| y.is_finite())
             .fold(fig.y_ref.unwrap_or(0.0), f64::max);
-        // Headroom above the 100 % line for the legend.
         let y_top =
             (((y_max * 1.08) / 10.0).ceil() * 10.0).max(fig.y_ref.map_or(0.0, |r| r + 30.0));
         Frame {
@@ -163,12 +163,12 @@ impl Frame {
 }
 
 /// Draws `fig` on `root`: the title and subtitle in a 90 px header, then the panels in a grid
-/// ([`grid`]) on shared axes ([`Frame`]). Errors are the drawing backend's messages.
+/// ([`grid_shape`]) on shared axes ([`Frame`]). Errors are the drawing backend's messages.
 fn draw_on<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &Figure) -> Result<(), String> {
     root.fill(&WHITE).map_err(draw_err)?;
     let (header, body) = root.split_vertically(90);
     draw_header(&header, fig)?;
-    let (rows, cols) = grid(fig.panels.len());
+    let (rows, cols) = grid_shape(fig.panels.len());
     let areas = body.split_evenly((rows, cols));
     let frame = Frame::of(fig);
     for (area, panel) in areas.iter().zip(&fig.panels) {
@@ -321,7 +321,7 @@ pub fn draw_figure(fig: &Figure, stem: &Path) -> Result<Vec<PathBuf>, PlotError>
     if fig.panels.iter().all(|p| p.series.is_empty()) {
         return Err(PlotError::Empty(fig.title.clone()));
     }
-    let (rows, cols) = grid(fig.panels.len());
+    let (rows, cols) = grid_shape(fig.panels.len());
     // At least 760 px wide, so one-panel figures keep a readable title and subtitle.
     let size = (((cols as u32) * 480).max(760), 90 + (rows as u32) * 400);
     if let Some(dir) = stem.parent() {
@@ -481,6 +481,7 @@ struct BenchGrid<'a> {
 }
 
 impl<'a> BenchGrid<'a> {
+    /// The grid of `rows`: their distinct input lengths and rates.
     fn new(rows: &'a [ThroughputRow]) -> Self {
         let lens: BTreeSet<usize> = rows.iter().map(|r| r.input_len).collect();
         let mut rates: Vec<f64> = rows.iter().map(|r| r.rate).collect();
