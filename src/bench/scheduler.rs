@@ -33,7 +33,7 @@ use candle_core::{Result, Tensor};
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use crate::compress::policy::{CompressHooks, Policy};
+use crate::compress::policy::{BudgetFn, CompressHooks, Policy};
 use crate::engine::{self, prefill_chunks, Hooks};
 use crate::kvcache::budget::{allowed_blocks, tokens_for_rate};
 use crate::kvcache::paged::{PagedCache, PagedSpec};
@@ -169,6 +169,8 @@ pub fn min_blocks(
 
 /// Run every prompt to `cfg.output_len` tokens through one pool (see the module docs).
 /// `policy` compresses when `cfg.rate > 1`; `on_finish(done)` is called as requests finish.
+/// Each iteration runs the module docs' three phases: [`Sched::admit`], [`Sched::make_room`],
+/// [`Sched::decode_step`].
 pub fn run(
     model: &mut Llama,
     policy: Option<&dyn Policy>,
@@ -182,230 +184,396 @@ pub fn run(
     if prompts.iter().any(|p| p.is_empty()) {
         candle_core::bail!("empty prompt");
     }
-    let mc = model.cfg.clone();
-    let spec = PagedSpec {
-        layers: mc.num_hidden_layers,
-        kv_heads: mc.num_key_value_heads,
-        head_dim: mc.head_dim,
-        block_size: cfg.block_size,
-        dtype: model.dtype,
-        device: model.device.clone(),
-    };
-    let heads = spec.layers * spec.kv_heads;
-    let mut cache = PagedCache::new(spec.clone(), cfg.num_blocks)?;
-    let compressing = cfg.rate > 1.0 && policy.is_some();
     let (bs, floor, rate) = (cfg.block_size, cfg.min_cache_tokens, cfg.rate);
     let budget_of = move |len: usize| tokens_for_rate(len, rate, bs, floor);
-    let min_budget = policy.map_or(0, |p| p.min_budget());
-    let budget_blocks = |len: usize| {
-        budget_of(len).map(|m| allowed_blocks(m.max(min_budget), spec.layers, spec.kv_heads, bs))
-    };
-
-    let mut st = SchedStats {
-        total_blocks: cfg.num_blocks,
-        ..Default::default()
-    };
-    let mut outputs: Vec<Option<Vec<u32>>> = vec![None; prompts.len()];
-    let mut waiting: VecDeque<Req> = (0..prompts.len())
-        .map(|idx| Req {
-            idx,
-            output: Vec::new(),
-        })
-        .collect();
-    let mut running: Vec<Running<'_>> = Vec::new();
-    let mut paused = false;
-    let mut batch_sum = 0usize;
-    let on_cuda = model.device.is_cuda();
+    let mut s = Sched::new(model, policy, prompts, cfg, &budget_of)?;
     let t0 = Instant::now();
-
-    let finish = |req: Req, outputs: &mut Vec<Option<Vec<u32>>>, st: &mut SchedStats| {
-        st.requests += 1;
-        st.prompt_tokens += prompts[req.idx].len() as u64;
-        st.output_tokens += req.output.len() as u64;
-        outputs[req.idx] = Some(req.output);
-    };
-
-    while !waiting.is_empty() || !running.is_empty() {
-        // 1. Admissions: a group of waiting requests with one context length, prefilled
-        // together.
-        while !paused && running.len() < cfg.max_batch.max(1) {
-            let Some(head) = waiting.front() else { break };
-            let ctx_len = |r: &Req| prompts[r.idx].len() + r.output.len();
-            let len = ctx_len(head);
-            let full = spec.blocks_for_tokens(len);
-            let after = if compressing {
-                budget_blocks(len).unwrap_or(full).min(full)
-            } else {
-                full
-            };
-            let free = cache.pool().free_blocks();
-            // The whole group holds its full prompts until the compression after prefill.
-            let fits =
-                |n: usize| free >= n * full && free - n * after >= (running.len() + n) * heads;
-            let mut k = 0;
-            while k < cfg.prefill_batch.max(1)
-                && running.len() + k < cfg.max_batch.max(1)
-                && k < waiting.len()
-                && ctx_len(&waiting[k]) == len
-                && fits(k + 1)
-            {
-                k += 1;
-            }
-            if k == 0 {
-                if running.is_empty() && free < full {
-                    candle_core::bail!(
-                        "a {len}-token sequence needs {full} blocks to prefill but the pool has {free} free of {}",
-                        cfg.num_blocks
-                    );
-                }
-                if !running.is_empty() {
-                    break;
-                }
-                k = 1; // alone, without headroom: the decode step will compress or fail clearly
-            }
-            let group: Vec<Req> = waiting.drain(..k).collect();
-            let ctxs: Vec<Vec<u32>> = group
-                .iter()
-                .map(|r| {
-                    prompts[r.idx]
-                        .iter()
-                        .chain(r.output.iter())
-                        .copied()
-                        .collect()
-                })
-                .collect();
-            let mut seqs = Vec::with_capacity(k);
-            let mut hooks = Vec::with_capacity(k);
-            for _ in 0..k {
-                seqs.push(cache.add_sequence()?);
-                hooks.push(compressing.then(|| {
-                    CompressHooks::new(policy.expect("compressing"), spec.layers, &budget_of)
-                        .on_demand(cfg.score_decode)
-                }));
-            }
-            let probe = hooks[0].as_ref().map_or(Probe::None, |h| h.prefill_probe());
-            let min_last = match probe {
-                Probe::LastQueries(w) => w,
-                _ => 1,
-            };
-            let tp = Instant::now();
-            let mut logits = None;
-            let chunks = prefill_chunks(len, cfg.prefill_chunk, min_last);
-            for (i, r) in chunks.iter().enumerate() {
-                let p = if i + 1 == chunks.len() {
-                    probe
-                } else {
-                    Probe::None
-                };
-                let rows: Vec<&[u32]> = ctxs.iter().map(|c| &c[r.clone()]).collect();
-                let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
-                    for (row, (h, &seq)) in hooks.iter_mut().zip(&seqs).enumerate() {
-                        if let Some(h) = h {
-                            h.observe(layer, &probs.narrow(0, row, 1)?, c, seq)?;
-                        }
-                    }
-                    Ok(())
-                };
-                logits =
-                    Some(model.forward_prefill_batch(&rows, &seqs, &mut cache, p, &mut observe)?);
-            }
-            let next = Llama::argmax_rows(&logits.expect("non-empty prompt"))?;
-            st.prefill_ms += tp.elapsed().as_secs_f64() * 1e3;
-            st.prefill_batches += 1;
-            st.peak_blocks = st.peak_blocks.max(cache.pool().used_blocks());
-            for (((mut req, seq), mut hooks), next) in
-                group.into_iter().zip(seqs).zip(hooks).zip(next)
-            {
-                let mut allowed = None;
-                if let Some(h) = &mut hooks {
-                    let tc = Instant::now();
-                    let before = h.kept.evicted;
-                    h.after_prefill(&mut cache, seq)?;
-                    st.evicted_slots += (h.kept.evicted - before) as u64;
-                    st.compress_ms += tc.elapsed().as_secs_f64() * 1e3;
-                    allowed = h
-                        .budget()
-                        .map(|m| allowed_blocks(m, spec.layers, spec.kv_heads, bs));
-                }
-                req.output.push(next);
-                if req.output.len() >= cfg.output_len {
-                    cache.remove_sequence(seq)?;
-                    finish(req, &mut outputs, &mut st);
-                    on_finish(st.requests);
-                } else {
-                    running.push(Running {
-                        req,
-                        seq,
-                        hooks,
-                        next,
-                        allowed,
-                    });
-                }
-            }
-            if cfg.check_invariants {
-                cache.pool().check().map_err(candle_core::Error::Msg)?;
-            }
-        }
-        paused = false;
-        if running.is_empty() {
+    while !s.waiting.is_empty() || !s.running.is_empty() {
+        s.admit(on_finish)?;
+        s.paused = false;
+        if s.running.is_empty() {
             continue;
         }
+        s.make_room()?;
+        s.decode_step(on_finish)?;
+    }
+    Ok(s.into_output(t0))
+}
 
-        // 2. Room for one decode step (compress at most once per step: a second round could
-        // not free more).
+/// The state one [`run`] carries between its phases: the pool, the queues and the counters.
+struct Sched<'a, 'h> {
+    model: &'a mut Llama,
+    policy: Option<&'h dyn Policy>,
+    prompts: &'a [Vec<u32>],
+    cfg: &'a SchedConfig,
+    /// Per-head token budget of a context length (`None`: full cache), shared by every hook.
+    budget_of: &'h BudgetFn<'h>,
+    spec: PagedSpec,
+    /// `layers x kv_heads`: blocks of headroom one sequence needs for a decode step.
+    heads: usize,
+    cache: PagedCache,
+    /// `rate > 1` with a policy: requests run with [`CompressHooks`].
+    compressing: bool,
+    /// The policy's smallest budget (0 without one).
+    min_budget: usize,
+    st: SchedStats,
+    /// Every request's output once it finished, in request order.
+    outputs: Vec<Option<Vec<u32>>>,
+    waiting: VecDeque<Req>,
+    running: Vec<Running<'h>>,
+    /// Admissions skip one iteration after the pool ran short (set by [`Sched::make_room`]).
+    paused: bool,
+    /// Decode batch sizes summed over decode steps (for the mean).
+    batch_sum: usize,
+    on_cuda: bool,
+}
+
+/// What a group's prefill left for [`Sched::start_group`]: one entry per request of the group.
+struct Prefilled<'h> {
+    seqs: Vec<SeqId>,
+    hooks: Vec<Option<CompressHooks<'h>>>,
+    /// First output token of each request (argmax of its last prefill logits).
+    next: Vec<u32>,
+}
+
+impl<'a, 'h> Sched<'a, 'h> {
+    /// An empty pool of `cfg.num_blocks` blocks shaped for `model`, every prompt waiting in
+    /// request order.
+    fn new(
+        model: &'a mut Llama,
+        policy: Option<&'h dyn Policy>,
+        prompts: &'a [Vec<u32>],
+        cfg: &'a SchedConfig,
+        budget_of: &'h BudgetFn<'h>,
+    ) -> Result<Self> {
+        let mc = model.cfg.clone();
+        let spec = PagedSpec {
+            layers: mc.num_hidden_layers,
+            kv_heads: mc.num_key_value_heads,
+            head_dim: mc.head_dim,
+            block_size: cfg.block_size,
+            dtype: model.dtype,
+            device: model.device.clone(),
+        };
+        let heads = spec.layers * spec.kv_heads;
+        let cache = PagedCache::new(spec.clone(), cfg.num_blocks)?;
+        let on_cuda = model.device.is_cuda();
+        Ok(Sched {
+            model,
+            policy,
+            prompts,
+            cfg,
+            budget_of,
+            spec,
+            heads,
+            cache,
+            compressing: cfg.rate > 1.0 && policy.is_some(),
+            min_budget: policy.map_or(0, |p| p.min_budget()),
+            st: SchedStats {
+                total_blocks: cfg.num_blocks,
+                ..Default::default()
+            },
+            outputs: vec![None; prompts.len()],
+            waiting: (0..prompts.len())
+                .map(|idx| Req {
+                    idx,
+                    output: Vec::new(),
+                })
+                .collect(),
+            running: Vec::new(),
+            paused: false,
+            batch_sum: 0,
+            on_cuda,
+        })
+    }
+
+    /// Tokens of `r`'s context: its prompt plus the output it has so far.
+    fn ctx_len(&self, r: &Req) -> usize {
+        self.prompts[r.idx].len() + r.output.len()
+    }
+
+    /// Blocks a sequence of context `len` may keep after compression (`None`: full cache).
+    fn budget_blocks(&self, len: usize) -> Option<usize> {
+        let s = &self.spec;
+        (self.budget_of)(len)
+            .map(|m| allowed_blocks(m.max(self.min_budget), s.layers, s.kv_heads, s.block_size))
+    }
+
+    /// The pool's invariants hold (only when `cfg.check_invariants`).
+    fn check_pool(&self) -> Result<()> {
+        if self.cfg.check_invariants {
+            self.cache.pool().check().map_err(candle_core::Error::Msg)?;
+        }
+        Ok(())
+    }
+
+    /// `req` is done: frees `seq`, counts the request and stores its output, then tells
+    /// `on_finish` how many requests are done.
+    fn finish(&mut self, req: Req, seq: SeqId, on_finish: &mut dyn FnMut(usize)) -> Result<()> {
+        self.cache.remove_sequence(seq)?;
+        self.st.requests += 1;
+        self.st.prompt_tokens += self.prompts[req.idx].len() as u64;
+        self.st.output_tokens += req.output.len() as u64;
+        self.outputs[req.idx] = Some(req.output);
+        on_finish(self.st.requests);
+        Ok(())
+    }
+
+    /// Phase 1, admissions (skipped while paused): groups of waiting requests with one context
+    /// length are prefilled together, compressed, and join the decode batch, until the queue's
+    /// head does not fit or the batch is full.
+    fn admit(&mut self, on_finish: &mut dyn FnMut(usize)) -> Result<()> {
+        while !self.paused && self.running.len() < self.cfg.max_batch.max(1) {
+            let Some((k, len)) = self.next_group()? else {
+                break;
+            };
+            let group: Vec<Req> = self.waiting.drain(..k).collect();
+            let pre = self.prefill_group(&group, len)?;
+            self.start_group(group, pre, on_finish)?;
+            self.check_pool()?;
+        }
+        Ok(())
+    }
+
+    /// How many requests at the queue's head to admit now, and their context length: those
+    /// with the head's length that fit together (full prompts during prefill, then their
+    /// budgets plus headroom for every running sequence), at most `prefill_batch` and the room
+    /// left in the batch. `None`: admit nothing this iteration. With nothing running the head
+    /// is admitted alone even without headroom; an error if the pool cannot even prefill it.
+    fn next_group(&self) -> Result<Option<(usize, usize)>> {
+        let Some(head) = self.waiting.front() else {
+            return Ok(None);
+        };
+        let cfg = self.cfg;
+        let len = self.ctx_len(head);
+        let full = self.spec.blocks_for_tokens(len);
+        let after = if self.compressing {
+            self.budget_blocks(len).unwrap_or(full).min(full)
+        } else {
+            full
+        };
+        let free = self.cache.pool().free_blocks();
+        let running = self.running.len();
+        // The whole group holds its full prompts until the compression after prefill.
+        let fits = |n: usize| free >= n * full && free - n * after >= (running + n) * self.heads;
+        let mut k = 0;
+        while k < cfg.prefill_batch.max(1)
+            && running + k < cfg.max_batch.max(1)
+            && k < self.waiting.len()
+            && self.ctx_len(&self.waiting[k]) == len
+            && fits(k + 1)
+        {
+            k += 1;
+        }
+        if k == 0 {
+            if running == 0 && free < full {
+                candle_core::bail!(
+                    "a {len}-token sequence needs {full} blocks to prefill but the pool has {free} free of {}",
+                    cfg.num_blocks
+                );
+            }
+            if running != 0 {
+                return Ok(None);
+            }
+            k = 1; // alone, without headroom: the decode step will compress or fail clearly
+        }
+        Ok(Some((k, len)))
+    }
+
+    /// Prefills `group` (contexts of `len` tokens each) as one batch in chunks, each request
+    /// in a new sequence with its own hooks observing the last chunk; counts prefill time and
+    /// the pool's peak. Compression is left to [`Sched::start_group`].
+    fn prefill_group(&mut self, group: &[Req], len: usize) -> Result<Prefilled<'h>> {
+        let k = group.len();
+        let ctxs: Vec<Vec<u32>> = group
+            .iter()
+            .map(|r| {
+                self.prompts[r.idx]
+                    .iter()
+                    .chain(r.output.iter())
+                    .copied()
+                    .collect()
+            })
+            .collect();
+        let mut seqs = Vec::with_capacity(k);
+        let mut hooks = Vec::with_capacity(k);
+        for _ in 0..k {
+            seqs.push(self.cache.add_sequence()?);
+            hooks.push(self.compressing.then(|| {
+                CompressHooks::new(
+                    self.policy.expect("compressing"),
+                    self.spec.layers,
+                    self.budget_of,
+                )
+                .on_demand(self.cfg.score_decode)
+            }));
+        }
+        let probe = hooks[0].as_ref().map_or(Probe::None, |h| h.prefill_probe());
+        let min_last = match probe {
+            Probe::LastQueries(w) => w,
+            _ => 1,
+        };
+        let tp = Instant::now();
+        let mut logits = None;
+        let chunks = prefill_chunks(len, self.cfg.prefill_chunk, min_last);
+        for (i, r) in chunks.iter().enumerate() {
+            let p = if i + 1 == chunks.len() {
+                probe
+            } else {
+                Probe::None
+            };
+            let rows: Vec<&[u32]> = ctxs.iter().map(|c| &c[r.clone()]).collect();
+            let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
+                for (row, (h, &seq)) in hooks.iter_mut().zip(&seqs).enumerate() {
+                    if let Some(h) = h {
+                        h.observe(layer, &probs.narrow(0, row, 1)?, c, seq)?;
+                    }
+                }
+                Ok(())
+            };
+            logits = Some(self.model.forward_prefill_batch(
+                &rows,
+                &seqs,
+                &mut self.cache,
+                p,
+                &mut observe,
+            )?);
+        }
+        let next = Llama::argmax_rows(&logits.expect("non-empty prompt"))?;
+        self.st.prefill_ms += tp.elapsed().as_secs_f64() * 1e3;
+        self.st.prefill_batches += 1;
+        self.st.peak_blocks = self.st.peak_blocks.max(self.cache.pool().used_blocks());
+        Ok(Prefilled { seqs, hooks, next })
+    }
+
+    /// After a group's prefill: compresses each request to its budget (KV-Compress after
+    /// prefill), appends its first token, and finishes it if that was its last token or adds
+    /// it to the decode batch otherwise.
+    fn start_group(
+        &mut self,
+        group: Vec<Req>,
+        pre: Prefilled<'h>,
+        on_finish: &mut dyn FnMut(usize),
+    ) -> Result<()> {
+        let s = &self.spec;
+        let (layers, kv_heads, bs) = (s.layers, s.kv_heads, s.block_size);
+        for (((mut req, seq), mut hooks), next) in
+            group.into_iter().zip(pre.seqs).zip(pre.hooks).zip(pre.next)
+        {
+            let mut allowed = None;
+            if let Some(h) = &mut hooks {
+                let tc = Instant::now();
+                let before = h.kept.evicted;
+                h.after_prefill(&mut self.cache, seq)?;
+                self.st.evicted_slots += (h.kept.evicted - before) as u64;
+                self.st.compress_ms += tc.elapsed().as_secs_f64() * 1e3;
+                allowed = h.budget().map(|m| allowed_blocks(m, layers, kv_heads, bs));
+            }
+            req.output.push(next);
+            if req.output.len() >= self.cfg.output_len {
+                self.finish(req, seq, on_finish)?;
+            } else {
+                self.running.push(Running {
+                    req,
+                    seq,
+                    hooks,
+                    next,
+                    allowed,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Phase 2, room for one decode step: while the free blocks do not cover the step, pauses
+    /// admissions and compresses every sequence over its budget (at most once per step: a
+    /// second round could not free more), else preempts the newest sequence back to the front
+    /// of the queue. An error when a lone sequence still does not fit.
+    fn make_room(&mut self) -> Result<()> {
         let mut compressed = false;
         loop {
-            let need: usize = running.iter().map(|r| step_need(&cache, r.seq)).sum();
-            if need <= cache.pool().free_blocks() {
-                break;
+            let need: usize = self
+                .running
+                .iter()
+                .map(|r| step_need(&self.cache, r.seq))
+                .sum();
+            if need <= self.cache.pool().free_blocks() {
+                return Ok(());
             }
-            paused = true;
-            let over: Vec<usize> = (0..running.len())
+            self.paused = true;
+            let over: Vec<usize> = (0..self.running.len())
                 .filter(|_| !compressed)
                 .filter(|&i| {
-                    let r = &running[i];
+                    let r = &self.running[i];
                     r.hooks.is_some()
                         && r.allowed
-                            .is_some_and(|a| cache.pool().seq_blocks(r.seq).unwrap_or(0) > a)
+                            .is_some_and(|a| self.cache.pool().seq_blocks(r.seq).unwrap_or(0) > a)
                 })
                 .collect();
             if !over.is_empty() {
                 let tc = Instant::now();
                 for i in over {
-                    let r = &mut running[i];
+                    let r = &mut self.running[i];
                     let h = r.hooks.as_mut().expect("filtered");
-                    st.evicted_slots += h.compress_now(&mut cache, r.seq)? as u64;
-                    st.compressed_seqs += 1;
+                    self.st.evicted_slots += h.compress_now(&mut self.cache, r.seq)? as u64;
+                    self.st.compressed_seqs += 1;
                 }
-                st.compress_ms += tc.elapsed().as_secs_f64() * 1e3;
-                st.compress_rounds += 1;
+                self.st.compress_ms += tc.elapsed().as_secs_f64() * 1e3;
+                self.st.compress_rounds += 1;
                 compressed = true;
                 continue;
             }
-            if running.len() > 1 {
-                let r = running.pop().expect("len > 1");
-                cache.remove_sequence(r.seq)?;
-                waiting.push_front(r.req);
-                st.preemptions += 1;
+            if self.running.len() > 1 {
+                let r = self.running.pop().expect("len > 1");
+                self.cache.remove_sequence(r.seq)?;
+                self.waiting.push_front(r.req);
+                self.st.preemptions += 1;
                 continue;
             }
             candle_core::bail!(
                 "the KV pool ({} blocks) cannot hold one sequence: a decode step needs {need} blocks, {} are free",
-                cfg.num_blocks,
-                cache.pool().free_blocks()
+                self.cfg.num_blocks,
+                self.cache.pool().free_blocks()
             );
         }
+    }
 
-        // 3. One decode step over the whole batch.
+    /// Phase 3, one decode step over the whole batch: one forward pass (decode attention
+    /// observed by each sequence's hooks), the step's statistics, then each sequence takes its
+    /// token, runs its after-step hook, and finishes when it has `output_len` tokens.
+    fn decode_step(&mut self, on_finish: &mut dyn FnMut(usize)) -> Result<()> {
+        let next = self.decode_forward()?;
+        let mut keep = Vec::with_capacity(self.running.len());
+        let running = std::mem::take(&mut self.running);
+        for (mut r, tok) in running.into_iter().zip(next) {
+            if let Some(h) = &mut r.hooks {
+                h.after_step(&mut self.cache, r.seq)?;
+            }
+            r.req.output.push(tok);
+            r.next = tok;
+            if r.req.output.len() >= self.cfg.output_len {
+                self.finish(r.req, r.seq, on_finish)?;
+            } else {
+                keep.push(r);
+            }
+        }
+        self.running = keep;
+        self.check_pool()
+    }
+
+    /// The forward pass of [`Sched::decode_step`]: each running sequence's next token in
+    /// batch order; counts decode time, batch size and the pool's (and device's) peak.
+    fn decode_forward(&mut self) -> Result<Vec<u32>> {
         let td = Instant::now();
-        let tokens: Vec<u32> = running.iter().map(|r| r.next).collect();
-        let seqs: Vec<SeqId> = running.iter().map(|r| r.seq).collect();
-        let probe = running
+        let tokens: Vec<u32> = self.running.iter().map(|r| r.next).collect();
+        let seqs: Vec<SeqId> = self.running.iter().map(|r| r.seq).collect();
+        let probe = self
+            .running
             .iter()
             .find_map(|r| r.hooks.as_ref().map(|h| h.decode_probe()))
             .unwrap_or(Probe::None);
         let logits = {
-            let running = &mut running;
+            let running = &mut self.running;
             let mut score = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
                 let probs = crate::kvcache::decode_probs_on_host(probs)?;
                 for (i, r) in running.iter_mut().enumerate() {
@@ -417,52 +585,46 @@ pub fn run(
             };
             let mut times = engine::DecodeTimes::default();
             engine::forward_then_observe(
-                model, &mut cache, &tokens, &seqs, probe, &mut times, &mut score,
+                self.model,
+                &mut self.cache,
+                &tokens,
+                &seqs,
+                probe,
+                &mut times,
+                &mut score,
             )?
         };
         let next = Llama::argmax_rows(&logits)?;
+        let st = &mut self.st;
         st.decode_ms += td.elapsed().as_secs_f64() * 1e3;
         st.decode_steps += 1;
-        batch_sum += running.len();
-        st.max_batch = st.max_batch.max(running.len());
-        st.peak_blocks = st.peak_blocks.max(cache.pool().used_blocks());
-        if on_cuda {
-            if let Some((free, total)) = crate::cuda::device_memory(&model.device)? {
+        self.batch_sum += self.running.len();
+        st.max_batch = st.max_batch.max(self.running.len());
+        st.peak_blocks = st.peak_blocks.max(self.cache.pool().used_blocks());
+        if self.on_cuda {
+            if let Some((free, total)) = crate::cuda::device_memory(&self.model.device)? {
                 let used = total - free;
                 st.peak_device_bytes = Some(st.peak_device_bytes.unwrap_or(0).max(used));
             }
         }
-        let mut keep = Vec::with_capacity(running.len());
-        for (mut r, tok) in running.drain(..).zip(next) {
-            if let Some(h) = &mut r.hooks {
-                h.after_step(&mut cache, r.seq)?;
-            }
-            r.req.output.push(tok);
-            r.next = tok;
-            if r.req.output.len() >= cfg.output_len {
-                cache.remove_sequence(r.seq)?;
-                finish(r.req, &mut outputs, &mut st);
-                on_finish(st.requests);
-            } else {
-                keep.push(r);
-            }
-        }
-        running = keep;
-        if cfg.check_invariants {
-            cache.pool().check().map_err(candle_core::Error::Msg)?;
+        Ok(next)
+    }
+
+    /// The run's result: wall time since `t0`, the mean decode batch, outputs in request order.
+    fn into_output(mut self, t0: Instant) -> SchedOutput {
+        self.st.elapsed_s = t0.elapsed().as_secs_f64();
+        self.st.mean_batch = if self.st.decode_steps == 0 {
+            0.0
+        } else {
+            self.batch_sum as f64 / self.st.decode_steps as f64
+        };
+        SchedOutput {
+            stats: self.st,
+            outputs: self
+                .outputs
+                .into_iter()
+                .map(|o| o.expect("every request finishes"))
+                .collect(),
         }
     }
-    st.elapsed_s = t0.elapsed().as_secs_f64();
-    st.mean_batch = if st.decode_steps == 0 {
-        0.0
-    } else {
-        batch_sum as f64 / st.decode_steps as f64
-    };
-    Ok(SchedOutput {
-        stats: st,
-        outputs: outputs
-            .into_iter()
-            .map(|o| o.expect("every request finishes"))
-            .collect(),
-    })
 }

@@ -220,132 +220,209 @@ fn run(a: &Args, method: &str, ctx: usize) -> anyhow::Result<Vec<f64>> {
 }
 
 /// Median ms per step of a CUDA decode step's table work for `a.batch` sequences of `ctx`
-/// tokens per head: per layer, as before 2026-12-03; `StepTables`; the eviction's tables
-/// built; built, checked and uploaded; the eviction on the step tables instead; and with every
-/// sequence evicting each step, the pool update and the next step's tables, before and after
-/// the third session of 2026-12-03.
+/// tokens per head ([`TableBench`]): tables per layer (the older path); `StepTables` kept
+/// between steps; the device eviction's tables built, then built, checked and uploaded; that
+/// eviction on the step tables instead; and with every sequence evicting each step, the pool
+/// update and the next step's tables, per head with a block diff and per sequence followed by
+/// lengths.
 fn decode_tables(a: &Args, ctx: usize) -> anyhow::Result<DecodeTables> {
-    let dev = Device::Cpu;
-    let heads = LAYERS * KV;
-    let blocks = 2 * a.batch * heads * ((ctx + a.steps + 4).div_ceil(BS) + 1);
-    let mut pool = BlockPool::new(LAYERS, KV, BS, blocks)?;
-    let seqs: Vec<SeqId> = (0..a.batch).collect();
-    for &s in &seqs {
-        pool.add_seq(s)?;
-        // Heads of slightly different lengths, as compressed heads are.
-        for l in 0..LAYERS {
-            for h in 0..KV {
-                let n = ctx - (s + l + h) % BS.min(ctx);
-                let pos: Vec<u32> = (0..n as u32).collect();
-                pool.append(l, s, h, &pos)?;
-            }
-        }
-    }
-    let num_slots = blocks * BS;
-    let mut old_pool = pool.clone();
-    let mut before = Vec::new();
-    for step in 0..a.steps {
-        let t = Instant::now();
-        for l in 0..LAYERS {
-            let (mut slots, mut positions) = (Vec::new(), Vec::new());
-            for &s in &seqs {
+    let mut b = TableBench::new(a, ctx)?;
+    let per_layer = b.per_layer()?;
+    let (step_tables, tables) = b.step_tables()?;
+    let (evict_build, evict_total) = b.evict_tables()?;
+    let evict_on_tables = b.evict_on_step_tables(&tables)?;
+    let (update_per_head, follow_diff) = b.evicting(false)?;
+    let (update_per_seq, follow_lengths) = b.evicting(true)?;
+    Ok(DecodeTables {
+        per_layer,
+        step_tables,
+        evict_build,
+        evict_total,
+        evict_on_tables,
+        update_per_head,
+        follow_diff,
+        update_per_seq,
+        follow_lengths,
+    })
+}
+
+/// The batch the phases of [`decode_tables`] time, `a.steps` steps each.
+struct TableBench<'a> {
+    a: &'a Args,
+    /// Tokens per head at the start (heads differ by less than a block).
+    ctx: usize,
+    seqs: Vec<SeqId>,
+    /// The batch's pool; [`TableBench::step_tables`] appends its steps to it, later phases
+    /// start from that state.
+    pool: BlockPool,
+    num_slots: usize,
+    dev: Device,
+}
+
+impl<'a> TableBench<'a> {
+    /// A pool with room for twice the batch, holding `a.batch` sequences whose heads have
+    /// slightly different lengths just under `ctx`, as compressed heads do.
+    fn new(a: &'a Args, ctx: usize) -> anyhow::Result<Self> {
+        let heads = LAYERS * KV;
+        let blocks = 2 * a.batch * heads * ((ctx + a.steps + 4).div_ceil(BS) + 1);
+        let mut pool = BlockPool::new(LAYERS, KV, BS, blocks)?;
+        let seqs: Vec<SeqId> = (0..a.batch).collect();
+        for &s in &seqs {
+            pool.add_seq(s)?;
+            // Heads of slightly different lengths, as compressed heads are.
+            for l in 0..LAYERS {
                 for h in 0..KV {
-                    let x = old_pool.append(l, s, h, &[(ctx + step) as u32])?;
-                    slots.push(x[0] as u32);
-                    positions.push((ctx + step) as u32);
+                    let n = ctx - (s + l + h) % BS.min(ctx);
+                    let pos: Vec<u32> = (0..n as u32).collect();
+                    pool.append(l, s, h, &pos)?;
                 }
             }
-            let mut hs = Vec::with_capacity(seqs.len() * KV);
-            for &s in &seqs {
-                let t = old_pool.table(s)?;
-                hs.extend(t.blocks[l].iter().zip(&t.len[l]).map(|(b, &n)| (&b[..], n)));
-            }
-            let tables = HeadTables::from_heads(hs);
-            let shape = DecodeShape {
-                batch: seqs.len(),
-                num_kv_heads: KV,
-                group: GROUP,
-                head_dim: D,
-                max_blocks: tables.max_blocks(),
-                block_size: BS,
-                probs_stride: ctx + a.steps + 1,
-                num_slots,
-            };
-            shape.check_heads(&tables, true)?;
-            let up = |v: &[u32]| Tensor::from_slice(v, v.len(), &dev);
-            std::hint::black_box((
-                up(&slots)?,
-                up(&positions)?,
-                up(tables.upload_blocks())?,
-                up(&tables.lens)?,
-                up(&tables.start)?,
-            ));
         }
-        before.push(t.elapsed().as_secs_f64() * 1e3);
+        Ok(TableBench {
+            a,
+            ctx,
+            seqs,
+            pool,
+            num_slots: blocks * BS,
+            dev: Device::Cpu,
+        })
     }
-    let mut tables = StepTables::build(&pool, &seqs, &dev)?;
-    let mut after = Vec::new();
-    for step in 0..a.steps {
-        let t = Instant::now();
-        let with_pos: Vec<(SeqId, u32)> = seqs.iter().map(|&s| (s, (ctx + step) as u32)).collect();
-        let positions: Vec<u32> = with_pos.iter().map(|p| p.1).collect();
-        // As `PagedCache` on a GPU: compressed sequences keep metric and position on the device.
-        let app = pool.append_step(&with_pos, |_| false)?;
-        if !tables.follow(&pool, &app, &positions, &[], &[])? {
-            tables = StepTables::build(&pool, &seqs, &dev)?;
-            tables.start_step(&app, &positions)?;
-        }
-        for l in 0..LAYERS {
-            std::hint::black_box(tables.layer(l)?);
-        }
-        after.push(t.elapsed().as_secs_f64() * 1e3);
+
+    /// `v` as a u32 tensor on the host device (the upload's stand-in).
+    fn up(&self, v: &[u32]) -> Result<Tensor> {
+        Tensor::from_slice(v, v.len(), &self.dev)
     }
-    // The host side of a decode step's device eviction (`PagedCache::evict_on_device`) for
-    // the same batch: every head's tables, sequence-major, and their checks.
-    let mut evict = Vec::new();
-    for _ in 0..a.steps {
-        let t = Instant::now();
-        let tables = pool.head_tables(&seqs)?;
-        let built = t.elapsed().as_secs_f64() * 1e3;
-        tables.check_disjoint(BS, num_slots)?;
-        let up = |v: &[u32]| Tensor::from_slice(v, v.len(), &dev);
-        std::hint::black_box((
-            up(tables.upload_blocks())?,
-            up(&tables.lens)?,
-            up(&tables.start)?,
-        ));
-        evict.push((built, t.elapsed().as_secs_f64() * 1e3));
-    }
-    let build = median(evict.iter().map(|e| e.0).collect());
-    let total = median(evict.iter().map(|e| e.1).collect());
-    // The same eviction on the step tables (`kvc::cuda::evict::kvcompress_evict_on_tables`): the rows'
-    // offsets and lengths, the output offsets, their uploads; no table gathered or checked.
-    let mut on_tables = Vec::new();
-    for _ in 0..a.steps {
-        let t = Instant::now();
-        let (tab, lens) = tables
-            .heads_of(&seqs)
-            .ok_or_else(|| anyhow::anyhow!("the batch's tables lack a sequence"))?;
-        let mut start = Vec::with_capacity(tab.len() + 1);
-        start.push(0u32);
-        for &l in &lens {
-            start.push(start[start.len() - 1] + (l as usize).div_ceil(BS) as u32);
-        }
-        let up = |v: &[u32]| Tensor::from_slice(v, v.len(), &dev);
-        std::hint::black_box((up(&tab)?, up(&lens)?, up(&start)?));
-        on_tables.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    // Every sequence evicts each step (continual compression): a few heads lose a block (the
-    // device's compaction truncates them). Time the pool update (a `truncate` per head, as
-    // before the third session of 2026-12-03, or one `truncate_heads` per sequence) and the
-    // next step's tables (the evicted rows diffed block by block, or followed by lengths).
-    let mut evicted = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
-    for (k, by_lengths) in [false, true].into_iter().enumerate() {
-        let mut pool = pool.clone();
-        let mut tables = StepTables::build(&pool, &seqs, &dev)?;
+
+    /// The older path on a copy of the pool: per step and layer, append one token to every
+    /// head, gather that layer's tables, check them and upload slots, positions and tables.
+    fn per_layer(&self) -> anyhow::Result<f64> {
+        let (a, ctx, seqs) = (self.a, self.ctx, &self.seqs);
+        let mut old_pool = self.pool.clone();
+        let mut before = Vec::new();
         for step in 0..a.steps {
             let t = Instant::now();
-            for &s in &seqs {
+            for l in 0..LAYERS {
+                let (mut slots, mut positions) = (Vec::new(), Vec::new());
+                for &s in seqs {
+                    for h in 0..KV {
+                        let x = old_pool.append(l, s, h, &[(ctx + step) as u32])?;
+                        slots.push(x[0] as u32);
+                        positions.push((ctx + step) as u32);
+                    }
+                }
+                let mut hs = Vec::with_capacity(seqs.len() * KV);
+                for &s in seqs {
+                    let t = old_pool.table(s)?;
+                    hs.extend(t.blocks[l].iter().zip(&t.len[l]).map(|(b, &n)| (&b[..], n)));
+                }
+                let tables = HeadTables::from_heads(hs);
+                let shape = DecodeShape {
+                    batch: seqs.len(),
+                    num_kv_heads: KV,
+                    group: GROUP,
+                    head_dim: D,
+                    max_blocks: tables.max_blocks(),
+                    block_size: BS,
+                    probs_stride: ctx + a.steps + 1,
+                    num_slots: self.num_slots,
+                };
+                shape.check_heads(&tables, true)?;
+                std::hint::black_box((
+                    self.up(&slots)?,
+                    self.up(&positions)?,
+                    self.up(tables.upload_blocks())?,
+                    self.up(&tables.lens)?,
+                    self.up(&tables.start)?,
+                ));
+            }
+            before.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(median(before))
+    }
+
+    /// `StepTables` kept between steps: per step, append one token to every sequence of the
+    /// pool itself, follow the tables (rebuilt when they cannot follow) and take every layer's.
+    /// Returns the median and the tables after the last step.
+    fn step_tables(&mut self) -> anyhow::Result<(f64, StepTables)> {
+        let (a, ctx) = (self.a, self.ctx);
+        let (pool, seqs, dev) = (&mut self.pool, &self.seqs, &self.dev);
+        let mut tables = StepTables::build(pool, seqs, dev)?;
+        let mut after = Vec::new();
+        for step in 0..a.steps {
+            let t = Instant::now();
+            let with_pos: Vec<(SeqId, u32)> =
+                seqs.iter().map(|&s| (s, (ctx + step) as u32)).collect();
+            let positions: Vec<u32> = with_pos.iter().map(|p| p.1).collect();
+            // As `PagedCache` on a GPU: compressed sequences keep metric and position on the device.
+            let app = pool.append_step(&with_pos, |_| false)?;
+            if !tables.follow(pool, &app, &positions, &[], &[])? {
+                tables = StepTables::build(pool, seqs, dev)?;
+                tables.start_step(&app, &positions)?;
+            }
+            for l in 0..LAYERS {
+                std::hint::black_box(tables.layer(l)?);
+            }
+            after.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok((median(after), tables))
+    }
+
+    /// The host side of a decode step's device eviction (`PagedCache::evict_on_device`) for
+    /// the same batch: every head's tables, sequence-major (the first median), and with their
+    /// checks and uploads (the second).
+    fn evict_tables(&self) -> anyhow::Result<(f64, f64)> {
+        let mut evict = Vec::new();
+        for _ in 0..self.a.steps {
+            let t = Instant::now();
+            let tables = self.pool.head_tables(&self.seqs)?;
+            let built = t.elapsed().as_secs_f64() * 1e3;
+            tables.check_disjoint(BS, self.num_slots)?;
+            std::hint::black_box((
+                self.up(tables.upload_blocks())?,
+                self.up(&tables.lens)?,
+                self.up(&tables.start)?,
+            ));
+            evict.push((built, t.elapsed().as_secs_f64() * 1e3));
+        }
+        let build = median(evict.iter().map(|e| e.0).collect());
+        let total = median(evict.iter().map(|e| e.1).collect());
+        Ok((build, total))
+    }
+
+    /// The same eviction on the step tables (`kvc::cuda::evict::kvcompress_evict_on_tables`):
+    /// the rows' offsets and lengths, the output offsets, their uploads; no table gathered or
+    /// checked.
+    fn evict_on_step_tables(&self, tables: &StepTables) -> anyhow::Result<f64> {
+        let mut on_tables = Vec::new();
+        for _ in 0..self.a.steps {
+            let t = Instant::now();
+            let (tab, lens) = tables
+                .heads_of(&self.seqs)
+                .ok_or_else(|| anyhow::anyhow!("the batch's tables lack a sequence"))?;
+            let mut start = Vec::with_capacity(tab.len() + 1);
+            start.push(0u32);
+            for &l in &lens {
+                start.push(start[start.len() - 1] + (l as usize).div_ceil(BS) as u32);
+            }
+            std::hint::black_box((self.up(&tab)?, self.up(&lens)?, self.up(&start)?));
+            on_tables.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(median(on_tables))
+    }
+
+    /// Every sequence evicts each step (continual compression), on a copy of the pool: six
+    /// heads per sequence lose a block (the device's compaction truncates them). Medians of
+    /// the pool update (`by_lengths`: one `truncate_heads` per sequence, else a `truncate` per
+    /// head) and of the next step's tables (followed by lengths, else the evicted rows diffed
+    /// block by block).
+    fn evicting(&self, by_lengths: bool) -> anyhow::Result<(f64, f64)> {
+        let (ctx, seqs, dev) = (self.ctx, &self.seqs, &self.dev);
+        let mut pool = self.pool.clone();
+        let mut tables = StepTables::build(&pool, seqs, dev)?;
+        let (mut update, mut follow) = (Vec::new(), Vec::new());
+        for step in 0..self.a.steps {
+            let t = Instant::now();
+            for &s in seqs {
                 let lens = &pool.table(s)?.len;
                 let new: Vec<u32> = (0..LAYERS * KV)
                     .map(|j| {
@@ -365,7 +442,7 @@ fn decode_tables(a: &Args, ctx: usize) -> anyhow::Result<DecodeTables> {
                     }
                 }
             }
-            evicted[2 * k].push(t.elapsed().as_secs_f64() * 1e3);
+            update.push(t.elapsed().as_secs_f64() * 1e3);
             let t = Instant::now();
             let with_pos: Vec<(SeqId, u32)> =
                 seqs.iter().map(|&s| (s, (ctx + step) as u32)).collect();
@@ -378,24 +455,13 @@ fn decode_tables(a: &Args, ctx: usize) -> anyhow::Result<DecodeTables> {
                 (&all[..], &[][..])
             };
             if !tables.follow(&pool, &app, &positions, changed, shrunk)? {
-                tables = StepTables::build(&pool, &seqs, &dev)?;
+                tables = StepTables::build(&pool, seqs, dev)?;
                 tables.start_step(&app, &positions)?;
             }
-            evicted[2 * k + 1].push(t.elapsed().as_secs_f64() * 1e3);
+            follow.push(t.elapsed().as_secs_f64() * 1e3);
         }
+        Ok((median(update), median(follow)))
     }
-    let [upd_heads, diff, upd_seq, by_len] = evicted.map(median);
-    Ok(DecodeTables {
-        per_layer: median(before),
-        step_tables: median(after),
-        evict_build: build,
-        evict_total: total,
-        evict_on_tables: median(on_tables),
-        update_per_head: upd_heads,
-        follow_diff: diff,
-        update_per_seq: upd_seq,
-        follow_lengths: by_len,
-    })
 }
 
 fn lens_of(pool: &BlockPool, s: SeqId, j: usize) -> anyhow::Result<usize> {

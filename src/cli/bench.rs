@@ -7,7 +7,10 @@ use std::path::PathBuf;
 use super::model_args::ModelArgs;
 use crate::bench::report::{self, RowMeta, ThroughputRow};
 use crate::bench::{self, synthetic, KvMemory, SweepConfig};
+use crate::compress::policy::Policy;
 use crate::compress::{self, MethodOptions, MethodSpec};
+use crate::kvcache::paged::PagedSpec;
+use crate::model::{Config, LoadedModel};
 use crate::util::{write_atomic, Status};
 
 #[derive(Args, Debug)]
@@ -100,7 +103,43 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+/// Run `kvc bench`: check the flags; with `--plot-only` only redraw the plots. Otherwise load
+/// the model and size the pool ([`setup`]), announce it and write run.json ([`announce`]), warm
+/// up, keep what `--resume` may keep, measure every missing (rate, input length) pair
+/// ([`measure`]), then draw the plots and print the rows.
 pub fn run(args: BenchArgs) -> anyhow::Result<Status> {
+    check_flags(&args)?;
+    if args.plot_only {
+        return plot_only(&args);
+    }
+    let mut lm = args.model.load()?;
+    let b = setup(&args, &lm)?;
+    announce(&args, &lm.name, &b)?;
+    warm_up(&mut lm, &b)?;
+    let rates = b.sw.rates_with_baseline();
+    let total = (rates.len() * b.sw.input_lens.len() * b.sw.num_prompts) as u64;
+    let bar = progress_bar(&args, total);
+    let mut rows = resumed_rows(&args, &lm.name, &b)?;
+    measure(&args, &mut lm, &b, &rates, bar.as_ref(), &mut rows)?;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let n = draw_plots(&rows, &b.dir, &b.csv_path)?;
+    eprintln!(
+        "wrote {} and {n} plots in {}",
+        b.csv_path.display(),
+        b.dir.join("plots").display()
+    );
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", report::table(&rows));
+    }
+    Ok(Status::Ok)
+}
+
+/// Every size flag is at least 1 and every rate a finite number >= 1.
+fn check_flags(args: &BenchArgs) -> anyhow::Result<()> {
     if args.block_size == 0
         || args.max_batch == 0
         || args.prefill_chunk == 0
@@ -113,16 +152,42 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Status> {
     if let Some(r) = args.rates.iter().find(|r| !(r.is_finite() && **r >= 1.0)) {
         anyhow::bail!("--rates: compression rates must be at least 1 (1 = full cache), got {r}");
     }
-    if args.plot_only {
-        let name = args.model.resolve()?.name;
-        let dir = args.out.join("bench").join(&name);
-        let csv_path = dir.join("throughput.csv");
-        let rows = report::read_csv(&csv_path)?;
-        let n = draw_plots(&rows, &dir, &csv_path)?;
-        eprintln!("wrote {n} plots in {}", dir.join("plots").display());
-        return Ok(Status::Ok);
-    }
-    let mut lm = args.model.load()?;
+    Ok(())
+}
+
+/// `--plot-only`: redraws the plots of the model's existing throughput.csv, loading no weights.
+fn plot_only(args: &BenchArgs) -> anyhow::Result<Status> {
+    let name = args.model.resolve()?.name;
+    let dir = args.out.join("bench").join(&name);
+    let csv_path = dir.join("throughput.csv");
+    let rows = report::read_csv(&csv_path)?;
+    let n = draw_plots(&rows, &dir, &csv_path)?;
+    eprintln!("wrote {n} plots in {}", dir.join("plots").display());
+    Ok(Status::Ok)
+}
+
+/// What every phase after loading the model shares: the sweep, the method and the pool.
+struct Bench {
+    cfg: Config,
+    sw: SweepConfig,
+    /// KV-Compress with the flags' options (the baseline rate 1 runs it without hooks).
+    policy: Box<dyn Policy>,
+    spec: PagedSpec,
+    /// Blocks in the pool and bytes per block.
+    blocks: usize,
+    per_block: u64,
+    kv_bytes: u64,
+    /// `<out>/bench/<model>` (created) and its throughput.csv.
+    dir: PathBuf,
+    csv_path: PathBuf,
+    /// The device and dtype as the rows and run.json name them.
+    device_s: String,
+    dtype_s: String,
+}
+
+/// Sizes the pool from `--kv-memory` on the model's device, builds KV-Compress, checks that
+/// the sweep can run in that pool ([`bench::validate`]) and creates the output directory.
+fn setup(args: &BenchArgs, lm: &LoadedModel) -> anyhow::Result<Bench> {
     let cfg = lm.config().clone();
     let device = lm.model.device.clone();
     let dtype = lm.model.dtype;
@@ -158,14 +223,31 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Status> {
     let per_block = spec.layout().bytes_per_block();
     let dir = args.out.join("bench").join(&lm.name);
     std::fs::create_dir_all(&dir)?;
-    let device_s = format!("{device:?}");
-    let dtype_s = format!("{dtype:?}").to_lowercase();
+    Ok(Bench {
+        cfg,
+        sw,
+        policy,
+        spec,
+        blocks,
+        per_block,
+        kv_bytes,
+        csv_path: dir.join("throughput.csv"),
+        dir,
+        device_s: format!("{device:?}"),
+        dtype_s: format!("{dtype:?}").to_lowercase(),
+    })
+}
+
+/// Tells on stderr what the pool holds and whether each input length is memory-bound at the
+/// full cache, and writes `<dir>/run.json` (the command and the configuration).
+fn announce(args: &BenchArgs, model: &str, b: &Bench) -> anyhow::Result<()> {
+    let sw = &b.sw;
     eprintln!(
-        "kvc bench: {} on {device_s} ({dtype_s}); KV pool {kv_bytes} bytes = {blocks} blocks of {per_block} bytes ({} tokens of one kv-head each)",
-        lm.name, args.block_size
+        "kvc bench: {} on {} ({}); KV pool {} bytes = {} blocks of {} bytes ({} tokens of one kv-head each)",
+        model, b.device_s, b.dtype_s, b.kv_bytes, b.blocks, b.per_block, args.block_size
     );
     for &l in &sw.input_lens {
-        let fits = bench::full_cache_fits(&spec, blocks, l, sw.output_len);
+        let fits = bench::full_cache_fits(&b.spec, b.blocks, l, sw.output_len);
         eprintln!(
             "  input {l} + output {}: the full cache holds {fits} of {} sequences at once: {}",
             sw.output_len,
@@ -179,49 +261,53 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Status> {
     }
     let run_json = serde_json::json!({
         "command": std::env::args().collect::<Vec<_>>(),
-        "model": lm.name,
-        "device": device_s,
-        "dtype": dtype_s,
-        "kv_memory_bytes": kv_bytes,
-        "total_blocks": blocks,
-        "bytes_per_block": per_block,
+        "model": model,
+        "device": b.device_s,
+        "dtype": b.dtype_s,
+        "kv_memory_bytes": b.kv_bytes,
+        "total_blocks": b.blocks,
+        "bytes_per_block": b.per_block,
         "sweep": sw,
         "kvc_window": args.kvc_window,
         "kvc_version": env!("CARGO_PKG_VERSION"),
     });
     write_atomic(
-        &dir.join("run.json"),
+        &b.dir.join("run.json"),
         serde_json::to_string_pretty(&run_json)?.as_bytes(),
     )?;
+    Ok(())
+}
 
-    // Warm-up (kernel loading, allocator) on a small pool, not measured.
-    {
-        let warm = synthetic::prompts(
-            2,
-            64.min(sw.input_lens[0]),
-            cfg.vocab_size,
-            &bench::excluded_ids(&lm),
-            99,
-        );
-        let warm_sw = SweepConfig {
-            output_len: 4,
-            ..sw.clone()
-        };
-        let need = spec.blocks_for_tokens(64 + 4) * 2 + 4 * spec.layers * spec.kv_heads;
-        bench::run_one(
-            &mut lm.model,
-            policy.as_ref(),
-            &warm,
-            &warm_sw,
-            need,
-            1.0,
-            &mut |_| {},
-        )?;
-    }
+/// Warm-up (kernel loading, allocator) on a small pool, not measured: two short prompts, four
+/// output tokens, full cache.
+fn warm_up(lm: &mut LoadedModel, b: &Bench) -> anyhow::Result<()> {
+    let warm = synthetic::prompts(
+        2,
+        64.min(b.sw.input_lens[0]),
+        b.cfg.vocab_size,
+        &bench::excluded_ids(lm),
+        99,
+    );
+    let warm_sw = SweepConfig {
+        output_len: 4,
+        ..b.sw.clone()
+    };
+    let need = b.spec.blocks_for_tokens(64 + 4) * 2 + 4 * b.spec.layers * b.spec.kv_heads;
+    bench::run_one(
+        &mut lm.model,
+        b.policy.as_ref(),
+        &warm,
+        &warm_sw,
+        need,
+        1.0,
+        &mut |_| {},
+    )?;
+    Ok(())
+}
 
-    let rates = sw.rates_with_baseline();
-    let total = (rates.len() * sw.input_lens.len() * sw.num_prompts) as u64;
-    let bar = (!args.no_progress && std::io::stderr().is_terminal()).then(|| {
+/// A bar over `total` requests on stderr, unless `--no-progress` or stderr is not a terminal.
+fn progress_bar(args: &BenchArgs, total: u64) -> Option<ProgressBar> {
+    (!args.no_progress && std::io::stderr().is_terminal()).then(|| {
         let b = ProgressBar::new(total);
         b.set_style(
             ProgressStyle::with_template("{prefix:>18} [{bar:30}] {pos}/{len} requests, eta {eta}")
@@ -229,105 +315,126 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Status> {
                 .progress_chars("=> "),
         );
         b
-    });
-    let excluded = bench::excluded_ids(&lm);
-    let csv_path = dir.join("throughput.csv");
-    let mut rows: Vec<ThroughputRow> = Vec::new();
-    if args.resume && csv_path.exists() {
-        let same = |r: &ThroughputRow| {
-            r.model == lm.name
-                && r.device == device_s
-                && r.dtype == dtype_s
-                && r.output_len == sw.output_len
-                && r.num_prompts == sw.num_prompts
-                && r.total_blocks == blocks
-                && r.bytes_per_block == per_block
-        };
-        let old = report::read_csv(&csv_path)?;
-        let n = old.len();
-        rows = old.into_iter().filter(same).collect();
-        eprintln!(
-            "  --resume: keeping {} of {n} rows of {} (the others were measured with another configuration)",
-            rows.len(),
-            csv_path.display()
-        );
+    })
+}
+
+/// With `--resume` and an existing throughput.csv: its rows measured with this configuration
+/// (model, device, dtype, output length, prompts, pool), said on stderr; otherwise none.
+fn resumed_rows(args: &BenchArgs, model: &str, b: &Bench) -> anyhow::Result<Vec<ThroughputRow>> {
+    if !(args.resume && b.csv_path.exists()) {
+        return Ok(Vec::new());
     }
+    let same = |r: &ThroughputRow| {
+        r.model == model
+            && r.device == b.device_s
+            && r.dtype == b.dtype_s
+            && r.output_len == b.sw.output_len
+            && r.num_prompts == b.sw.num_prompts
+            && r.total_blocks == b.blocks
+            && r.bytes_per_block == b.per_block
+    };
+    let old = report::read_csv(&b.csv_path)?;
+    let n = old.len();
+    let rows: Vec<ThroughputRow> = old.into_iter().filter(same).collect();
+    eprintln!(
+        "  --resume: keeping {} of {n} rows of {} (the others were measured with another configuration)",
+        rows.len(),
+        b.csv_path.display()
+    );
+    Ok(rows)
+}
+
+/// Measures every (input length, rate) pair not yet in `rows`, input lengths outermost; after
+/// each one the rows are sorted (input length, then rate), their speedups filled and the CSV
+/// rewritten, so an interrupted sweep keeps what finished.
+fn measure(
+    args: &BenchArgs,
+    lm: &mut LoadedModel,
+    b: &Bench,
+    rates: &[f64],
+    bar: Option<&ProgressBar>,
+    rows: &mut Vec<ThroughputRow>,
+) -> anyhow::Result<()> {
+    let sw = &b.sw;
+    let excluded = bench::excluded_ids(lm);
     for &l in &sw.input_lens {
         let prompts = synthetic::prompts(
             sw.num_prompts,
             l,
-            cfg.vocab_size,
+            b.cfg.vocab_size,
             &excluded,
             sw.seed ^ l as u64,
         );
-        for &rate in &rates {
+        for &rate in rates {
             if rows.iter().any(|r| r.rate == rate && r.input_len == l) {
-                if let Some(b) = &bar {
-                    b.inc(sw.num_prompts as u64);
+                if let Some(bar) = bar {
+                    bar.inc(sw.num_prompts as u64);
                 }
                 continue;
             }
-            if let Some(b) = &bar {
-                b.set_prefix(format!("{rate}x, {l} tok"));
-            }
-            let base = bar.as_ref().map_or(0, |b| b.position());
-            let out = bench::run_one(
-                &mut lm.model,
-                policy.as_ref(),
-                &prompts,
-                &sw,
-                blocks,
-                rate,
-                &mut |done| {
-                    if let Some(b) = &bar {
-                        b.set_position(base + done as u64);
-                    }
-                },
-            )?;
-            let meta = RowMeta {
-                model: &lm.name,
-                device: &device_s,
-                dtype: &dtype_s,
-                rate,
-                input_len: l,
-                output_len: sw.output_len,
-                num_prompts: sw.num_prompts,
-                bytes_per_block: per_block,
-                budget_tokens: bench::budget_tokens(&sw, l, rate, policy.min_budget()),
-                full_cache_fits: bench::full_cache_fits(&spec, blocks, l, sw.output_len),
-            };
-            let row = ThroughputRow::new(&meta, &out.stats);
-            if bar.is_none() && !args.no_progress {
-                eprintln!(
-                    "  {rate}x, input {l}: {:.1} tokens/s, max batch {}, {:.1} s",
-                    row.tokens_per_s, row.max_batch, row.elapsed_time
-                );
-            }
+            let row = measure_one(args, lm, b, &prompts, l, rate, bar)?;
             rows.push(row);
-            rows.sort_by(|a, b| {
-                a.input_len
-                    .cmp(&b.input_len)
-                    .then(a.rate.total_cmp(&b.rate))
+            rows.sort_by(|x, y| {
+                x.input_len
+                    .cmp(&y.input_len)
+                    .then(x.rate.total_cmp(&y.rate))
             });
-            report::fill_speedups(&mut rows);
-            write_atomic(&csv_path, &report::to_csv(&rows)?)?;
+            report::fill_speedups(rows);
+            write_atomic(&b.csv_path, &report::to_csv(rows)?)?;
         }
     }
-    if let Some(b) = &bar {
-        b.finish_and_clear();
+    Ok(())
+}
+
+/// One scheduler run of `prompts` (each `l` tokens) at `rate` over the whole pool, as a row;
+/// moves the bar as requests finish, or (no bar, progress not off) prints the row's summary.
+fn measure_one(
+    args: &BenchArgs,
+    lm: &mut LoadedModel,
+    b: &Bench,
+    prompts: &[Vec<u32>],
+    l: usize,
+    rate: f64,
+    bar: Option<&ProgressBar>,
+) -> anyhow::Result<ThroughputRow> {
+    let sw = &b.sw;
+    if let Some(bar) = bar {
+        bar.set_prefix(format!("{rate}x, {l} tok"));
     }
-    let n = draw_plots(&rows, &dir, &csv_path)?;
-    eprintln!(
-        "wrote {} and {n} plots in {}",
-        csv_path.display(),
-        dir.join("plots").display()
-    );
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-    } else {
-        print!("{}", report::table(&rows));
+    let base = bar.map_or(0, |bar| bar.position());
+    let out = bench::run_one(
+        &mut lm.model,
+        b.policy.as_ref(),
+        prompts,
+        sw,
+        b.blocks,
+        rate,
+        &mut |done| {
+            if let Some(bar) = bar {
+                bar.set_position(base + done as u64);
+            }
+        },
+    )?;
+    let meta = RowMeta {
+        model: &lm.name,
+        device: &b.device_s,
+        dtype: &b.dtype_s,
+        rate,
+        input_len: l,
+        output_len: sw.output_len,
+        num_prompts: sw.num_prompts,
+        bytes_per_block: b.per_block,
+        budget_tokens: bench::budget_tokens(sw, l, rate, b.policy.min_budget()),
+        full_cache_fits: bench::full_cache_fits(&b.spec, b.blocks, l, sw.output_len),
+    };
+    let row = ThroughputRow::new(&meta, &out.stats);
+    if bar.is_none() && !args.no_progress {
+        eprintln!(
+            "  {rate}x, input {l}: {:.1} tokens/s, max batch {}, {:.1} s",
+            row.tokens_per_s, row.max_batch, row.elapsed_time
+        );
     }
-    Ok(Status::Ok)
+    Ok(row)
 }
 
 /// Draw the throughput figures of `rows` into `<dir>/plots`; returns the files written.

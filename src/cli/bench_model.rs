@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use super::model_args::ModelArgs;
 use crate::engine::{self, GenParams, NoHooks};
 use crate::kvcache::contiguous::ContiguousCache;
+use crate::model::{Config, LoadedModel};
 use crate::util::Status;
 
 #[derive(Args, Debug)]
@@ -78,13 +79,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Run `kvc bench-model`: check the flags and that every prompt length plus the decode tokens
+/// fits the model's context, warm up, measure each prompt length ([`measure`]), then print the
+/// rows ([`print_rows`]) and write them as CSV with `--csv`.
 pub fn run(args: BenchModelArgs) -> anyhow::Result<Status> {
     if args.repeats == 0 || args.decode_tokens < 2 {
         anyhow::bail!("--repeats must be at least 1 and --decode-tokens at least 2");
     }
     let mut lm = args.model.load()?;
     let cfg = lm.config().clone();
-    let layers = cfg.num_hidden_layers;
     let device = format!("{:?}", lm.model.device);
     let dtype = format!("{:?}", lm.model.dtype).to_lowercase();
     for &n in &args.prompt_lens {
@@ -96,69 +99,107 @@ pub fn run(args: BenchModelArgs) -> anyhow::Result<Status> {
             );
         }
     }
-    let params = |max_new: usize| GenParams {
+    // Warm-up.
+    let warm = synthetic_prompt(64, cfg.vocab_size, 7);
+    engine::generate(
+        &mut lm.model,
+        &mut ContiguousCache::new(cfg.num_hidden_layers),
+        &warm,
+        &gen_params(&args, &cfg, 4),
+        &mut NoHooks,
+    )?;
+    let mut rows = Vec::new();
+    for &n in &args.prompt_lens {
+        rows.push(measure(&args, &mut lm, n, &device, &dtype)?);
+    }
+    print_rows(&args, &lm.name, &device, &dtype, &rows)?;
+    if let Some(path) = &args.csv {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        for r in &rows {
+            w.serialize(r)?;
+        }
+        crate::util::write_atomic(path, &w.into_inner()?)?;
+    }
+    Ok(Status::Ok)
+}
+
+/// Greedy generation of exactly `max_new` tokens (no stop ids) in `--prefill-chunk` chunks.
+fn gen_params(args: &BenchModelArgs, cfg: &Config, max_new: usize) -> GenParams {
+    GenParams {
         max_new_tokens: max_new,
         stop_ids: Default::default(),
         min_new_tokens: 0,
         prefill_chunk: args.prefill_chunk,
         max_context: cfg.max_context(),
-    };
-    // Warm-up.
-    let warm = synthetic_prompt(64, cfg.vocab_size, 7);
-    engine::generate(
-        &mut lm.model,
-        &mut ContiguousCache::new(layers),
-        &warm,
-        &params(4),
-        &mut NoHooks,
-    )?;
-    let mut rows = Vec::new();
-    for &n in &args.prompt_lens {
-        let (mut pre, mut dec) = (Vec::new(), Vec::new());
-        for rep in 0..args.repeats {
-            let prompt = synthetic_prompt(n, cfg.vocab_size, 1000 + rep as u64);
-            let g = engine::generate(
-                &mut lm.model,
-                &mut ContiguousCache::new(layers),
-                &prompt,
-                &params(args.decode_tokens),
-                &mut NoHooks,
-            )?;
-            pre.push(g.prefill_ms);
-            dec.push(g.decode_ms);
-        }
-        let (p, d) = (median(pre), median(dec));
-        let steps = (args.decode_tokens - 1) as f64;
-        rows.push(Row {
-            model: lm.name.clone(),
-            device: device.clone(),
-            dtype: dtype.clone(),
-            prompt_tokens: n,
-            decode_tokens: args.decode_tokens,
-            prefill_ms: p,
-            prefill_tokens_per_s: n as f64 / (p / 1e3),
-            decode_ms: d,
-            decode_tokens_per_s: steps / (d / 1e3),
-            ms_per_decode_token: d / steps,
-        });
     }
+}
+
+/// `--repeats` generations of `--decode-tokens` tokens from fresh `n`-token prompts, each in a
+/// new contiguous cache; the row holds the median prefill and decode times and the rates
+/// derived from them (see the module docs).
+fn measure(
+    args: &BenchModelArgs,
+    lm: &mut LoadedModel,
+    n: usize,
+    device: &str,
+    dtype: &str,
+) -> anyhow::Result<Row> {
+    let cfg = lm.config().clone();
+    let (mut pre, mut dec) = (Vec::new(), Vec::new());
+    for rep in 0..args.repeats {
+        let prompt = synthetic_prompt(n, cfg.vocab_size, 1000 + rep as u64);
+        let g = engine::generate(
+            &mut lm.model,
+            &mut ContiguousCache::new(cfg.num_hidden_layers),
+            &prompt,
+            &gen_params(args, &cfg, args.decode_tokens),
+            &mut NoHooks,
+        )?;
+        pre.push(g.prefill_ms);
+        dec.push(g.decode_ms);
+    }
+    let (p, d) = (median(pre), median(dec));
+    let steps = (args.decode_tokens - 1) as f64;
+    Ok(Row {
+        model: lm.name.clone(),
+        device: device.to_string(),
+        dtype: dtype.to_string(),
+        prompt_tokens: n,
+        decode_tokens: args.decode_tokens,
+        prefill_ms: p,
+        prefill_tokens_per_s: n as f64 / (p / 1e3),
+        decode_ms: d,
+        decode_tokens_per_s: steps / (d / 1e3),
+        ms_per_decode_token: d / steps,
+    })
+}
+
+/// The rows on stdout: JSON lines with `--json`, else a heading naming the model, device,
+/// dtype and repeats, and a table.
+fn print_rows(
+    args: &BenchModelArgs,
+    model: &str,
+    device: &str,
+    dtype: &str,
+    rows: &[Row],
+) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     if args.json {
-        for r in &rows {
+        for r in rows {
             writeln!(out, "{}", serde_json::to_string(r)?)?;
         }
     } else {
         writeln!(
             out,
-            "{} on {device} ({dtype}), median of {} runs",
-            lm.name, args.repeats
+            "{model} on {device} ({dtype}), median of {} runs",
+            args.repeats
         )?;
         writeln!(
             out,
             "{:>8} {:>12} {:>14} {:>12} {:>14} {:>10}",
             "prompt", "prefill ms", "prefill tok/s", "decode ms", "decode tok/s", "ms/token"
         )?;
-        for r in &rows {
+        for r in rows {
             writeln!(
                 out,
                 "{:>8} {:>12.1} {:>14.1} {:>12.1} {:>14.1} {:>10.2}",
@@ -171,12 +212,5 @@ pub fn run(args: BenchModelArgs) -> anyhow::Result<Status> {
             )?;
         }
     }
-    if let Some(path) = &args.csv {
-        let mut w = csv::Writer::from_writer(Vec::new());
-        for r in &rows {
-            w.serialize(r)?;
-        }
-        crate::util::write_atomic(path, &w.into_inner()?)?;
-    }
-    Ok(Status::Ok)
+    Ok(())
 }

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use super::model_args::ModelArgs;
-use crate::eval::conformance::{self, CacheChoice, CheckOptions, OutputAgreement};
+use crate::eval::conformance::{self, CacheChoice, CheckOptions, OutputAgreement, RecordCheck};
 use crate::util::Status;
 
 #[derive(Args, Debug)]
@@ -52,6 +52,10 @@ pub struct ConformanceArgs {
     pub json: bool,
 }
 
+/// Run `kvc conformance`: the table's header (unless `--json`), one line or JSON object per
+/// record as it is checked ([`print_record`]), then the totals ([`Totals`]) as a sentence and
+/// the failures, or as one JSON object. `Status::Failed` when any record fails at
+/// `--logit-tol`.
 pub fn run(args: ConformanceArgs) -> anyhow::Result<Status> {
     let mut lm = args.model.load()?;
     let opts = CheckOptions {
@@ -74,89 +78,134 @@ pub fn run(args: ConformanceArgs) -> anyhow::Result<Status> {
             "record", "prompt", "top5 diff", "output vs transformers", "recorded"
         )?;
     }
-    let records = conformance::check(&mut lm, &opts, |r| {
-        let mut o = std::io::stdout().lock();
-        if json {
-            let _ = writeln!(o, "{}", serde_json::to_string(r).unwrap_or_default());
-            return;
-        }
-        let out = match &r.output {
-            None => "-".to_string(),
-            Some(OutputAgreement::Identical) => "identical".into(),
-            Some(OutputAgreement::NearTie { step, margin }) => {
-                format!("near-tie @{step} ({margin:.1e})")
-            }
-            Some(OutputAgreement::Diverged { step, margin }) => {
-                format!("DIVERGED @{step} ({margin:.1e})")
-            }
-        };
-        let _ = writeln!(
-            o,
-            "{:<62} {:>6} {:>10} {:<28} {:>9}",
-            r.name,
-            if r.prompt_mismatch.is_some() {
-                "DIFF"
-            } else {
-                "ok"
-            },
-            r.top5_max_diff
-                .map(|d| format!("{d:.2e}"))
-                .unwrap_or("-".into()),
-            out,
-            r.matches_recorded
-                .map(|m| if m { "same" } else { "differs" })
-                .unwrap_or("-"),
-        );
-    })?;
-    let n = records.len();
-    let prompts_ok = records
-        .iter()
-        .filter(|r| r.prompt_mismatch.is_none())
-        .count();
-    let generated: Vec<_> = records.iter().filter(|r| r.output.is_some()).collect();
-    let identical = generated
-        .iter()
-        .filter(|r| r.output == Some(OutputAgreement::Identical))
-        .count();
-    let ties = generated
-        .iter()
-        .filter(|r| matches!(r.output, Some(OutputAgreement::NearTie { .. })))
-        .count();
-    let recorded = generated
-        .iter()
-        .filter(|r| r.matches_recorded == Some(true))
-        .count();
-    let top5_ok = generated
-        .iter()
-        .filter(|r| r.top5_max_diff.is_some_and(|d| d <= args.logit_tol))
-        .count();
-    let failures: Vec<String> = records
-        .iter()
-        .flat_map(|r| r.failures(args.logit_tol))
-        .collect();
+    let records = conformance::check(&mut lm, &opts, |r| print_record(r, json))?;
+    let t = Totals::of(&records, args.logit_tol);
     let summary = serde_json::json!({
         "model": lm.name, "device": format!("{:?}", lm.model.device), "dtype": format!("{:?}", lm.model.dtype),
-        "records": n, "prompts_identical": prompts_ok, "generated": generated.len(),
-        "top5_within_tol": top5_ok, "logit_tol": args.logit_tol,
-        "outputs_identical": identical, "outputs_near_tie": ties, "outputs_match_recorded": recorded,
-        "failures": failures,
+        "records": t.records, "prompts_identical": t.prompts_ok, "generated": t.generated,
+        "top5_within_tol": t.top5_ok, "logit_tol": args.logit_tol,
+        "outputs_identical": t.identical, "outputs_near_tie": t.ties, "outputs_match_recorded": t.recorded,
+        "failures": t.failures,
     });
     if json {
         writeln!(stdout, "{summary}")?;
     } else {
+        let Totals {
+            records: n,
+            prompts_ok,
+            generated,
+            identical,
+            ties,
+            recorded,
+            top5_ok,
+            ..
+        } = t;
         writeln!(
             stdout,
             "\n{} on {} {}: prompts identical {prompts_ok}/{n}; top-5 logits within {:.0e}: {top5_ok}/{}; greedy outputs identical to transformers {identical}/{} (+{ties} near-ties); identical to the recorded ids {recorded}/{}",
             lm.name, summary["device"].as_str().unwrap_or(""), summary["dtype"].as_str().unwrap_or(""),
-            args.logit_tol, generated.len(), generated.len(), generated.len()
+            args.logit_tol, generated, generated, generated
         )?;
-        for f in &failures {
+        for f in &t.failures {
             writeln!(stdout, "FAIL {f}")?;
         }
     }
-    Ok(if failures.is_empty() {
+    Ok(if t.failures.is_empty() {
         Status::Ok
     } else {
         Status::Failed
     })
+}
+
+/// One checked record on stdout: a JSON object with `json`, else a table line (prompt ok or
+/// DIFF, largest top-5 logit difference, output agreement with transformers, agreement with
+/// the recorded ids; `-` where not checked). Write errors are ignored.
+fn print_record(r: &RecordCheck, json: bool) {
+    let mut o = std::io::stdout().lock();
+    if json {
+        let _ = writeln!(o, "{}", serde_json::to_string(r).unwrap_or_default());
+        return;
+    }
+    let out = match &r.output {
+        None => "-".to_string(),
+        Some(OutputAgreement::Identical) => "identical".into(),
+        Some(OutputAgreement::NearTie { step, margin }) => {
+            format!("near-tie @{step} ({margin:.1e})")
+        }
+        Some(OutputAgreement::Diverged { step, margin }) => {
+            format!("DIVERGED @{step} ({margin:.1e})")
+        }
+    };
+    let _ = writeln!(
+        o,
+        "{:<62} {:>6} {:>10} {:<28} {:>9}",
+        r.name,
+        if r.prompt_mismatch.is_some() {
+            "DIFF"
+        } else {
+            "ok"
+        },
+        r.top5_max_diff
+            .map(|d| format!("{d:.2e}"))
+            .unwrap_or("-".into()),
+        out,
+        r.matches_recorded
+            .map(|m| if m { "same" } else { "differs" })
+            .unwrap_or("-"),
+    );
+}
+
+/// Counts over the checked records; all but `records` and `prompts_ok` count only records
+/// that generated.
+struct Totals {
+    records: usize,
+    prompts_ok: usize,
+    generated: usize,
+    /// Outputs identical to transformers', and near-ties among the rest.
+    identical: usize,
+    ties: usize,
+    /// Outputs identical to the recorded ids.
+    recorded: usize,
+    /// Top-5 logits within the tolerance.
+    top5_ok: usize,
+    /// Every record's failures at the tolerance, in record order.
+    failures: Vec<String>,
+}
+
+impl Totals {
+    /// The totals of `records` with `logit_tol` as the top-5 logit tolerance.
+    fn of(records: &[RecordCheck], logit_tol: f32) -> Totals {
+        let prompts_ok = records
+            .iter()
+            .filter(|r| r.prompt_mismatch.is_none())
+            .count();
+        let generated: Vec<_> = records.iter().filter(|r| r.output.is_some()).collect();
+        let identical = generated
+            .iter()
+            .filter(|r| r.output == Some(OutputAgreement::Identical))
+            .count();
+        let ties = generated
+            .iter()
+            .filter(|r| matches!(r.output, Some(OutputAgreement::NearTie { .. })))
+            .count();
+        let recorded = generated
+            .iter()
+            .filter(|r| r.matches_recorded == Some(true))
+            .count();
+        let top5_ok = generated
+            .iter()
+            .filter(|r| r.top5_max_diff.is_some_and(|d| d <= logit_tol))
+            .count();
+        let failures: Vec<String> = records.iter().flat_map(|r| r.failures(logit_tol)).collect();
+        Totals {
+            records: records.len(),
+            prompts_ok,
+            generated: generated.len(),
+            identical,
+            ties,
+            recorded,
+            top5_ok,
+            failures,
+        }
+    }
 }

@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 use clap::{Args, ValueEnum};
 
 use crate::eval::metrics::{FuzzBackend, MetricOptions, RecursionLimit};
-use crate::eval::scoring::{self, OnError, SubsetScore};
-use crate::report::tables;
+use crate::eval::scoring::{self, BadLine, OnError, SubsetScore};
+use crate::report::tables::{self, SummaryRow};
 use crate::util::{write_atomic, Status};
 
 #[derive(Args, Debug)]
@@ -119,7 +119,9 @@ fn fmt_score(s: &SubsetScore) -> String {
     }
 }
 
-/// Run `kvc score`.
+/// Run `kvc score`: a directory of pred files is scored as LongBench's eval.py
+/// ([`score_pred_dir`]), anything else as a results tree ([`score_tree`]); the result goes to
+/// stdout. `Status::Failed` when samples carry an error or lines were skipped.
 pub fn run(args: ScoreArgs) -> anyhow::Result<Status> {
     let mut out = String::new();
     let (opts, on_error) = args.options();
@@ -128,117 +130,143 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<Status> {
         "{} is not a directory",
         args.dir.display()
     );
-    let mut failed = false;
-    if has_pred_files(&args.dir) {
-        let d = scoring::score_pred_dir(&args.dir, args.e, on_error, &opts)?;
-        let path = args.dir.join("result.json");
-        write_atomic(&path, scoring::result_json(&d.subsets).as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
-        for b in &d.skipped {
-            eprintln!(
-                "warning: skipped {}:{}: {}",
-                b.path.display(),
-                b.line,
-                b.message
-            );
-        }
-        if args.json {
-            let _ = writeln!(out, "{}", scoring::result_json(&d.subsets));
-        } else {
-            let _ = writeln!(out, "{:<24} {:>5} {:>6}  score", "subset", "n", "failed");
-            for s in &d.subsets {
-                let _ = writeln!(
-                    out,
-                    "{:<24} {:>5} {:>6}  {}",
-                    s.task.name,
-                    s.n,
-                    s.n_failed,
-                    fmt_score(&s.score)
-                );
-            }
-        }
-        if !args.quiet {
-            eprintln!("wrote {}", path.display());
-        }
-        failed |= d.has_failures();
-        let n_failed: usize = d.subsets.iter().map(|s| s.n_failed).sum();
-        if n_failed > 0 {
-            eprintln!("{n_failed} samples carry an `error` (scored as written)");
-        }
+    let failed = if has_pred_files(&args.dir) {
+        score_pred_dir(&args, &opts, on_error, &mut out)?
     } else {
-        let t = tables::score_tree(&args.dir, args.e, on_error, &opts)?;
-        for b in &t.skipped {
-            eprintln!(
-                "warning: skipped {}:{}: {}",
-                b.path.display(),
-                b.line,
-                b.message
-            );
-        }
-        if !t.missing_full.is_empty() {
-            let msg = format!(
-                "no full-cache baseline (method `full`, budget `rate1`) for {}; percent_of_full is left empty there",
-                t.missing_full.join(", ")
-            );
-            if args.require_full {
-                anyhow::bail!(msg);
-            } else if !args.quiet {
-                eprintln!("warning: {msg}");
-            }
-        }
-        let scores_path = args.dir.join("scores.csv");
-        let summary_path = args.dir.join("summary.csv");
-        tables::write_csv(&scores_path, &t.rows)?;
-        tables::write_csv(&summary_path, &t.summary)?;
-        crate::report::heatmap::write_depth_csv(&args.dir, &t)?;
-        crate::report::allocation::write_alloc_csv(&args.dir, &t)?;
-        if args.json {
-            let _ = writeln!(
-                out,
-                "{}",
-                serde_json::to_string_pretty(
-                    &serde_json::json!({"scores": t.rows, "summary": t.summary})
-                )?
-            );
-        } else {
-            let _ = writeln!(
-                out,
-                "{:<28} {:<12} {:<11} {:<6} {:<18} {:>7} {:>8}",
-                "model", "method", "budget", "bucket", "category", "score", "%full"
-            );
-            for s in &t.summary {
-                let _ = writeln!(
-                    out,
-                    "{:<28} {:<12} {:<11} {:<6} {:<18} {:>7.2} {:>8}",
-                    s.model,
-                    s.method,
-                    s.budget,
-                    s.bucket,
-                    s.category,
-                    s.score,
-                    s.percent_of_full
-                        .map_or("-".to_string(), |p| format!("{p:.1}"))
-                );
-            }
-        }
-        if !args.quiet {
-            eprintln!(
-                "scored {} runs; wrote {}, {} and result.json per run",
-                t.runs.len(),
-                scores_path.display(),
-                summary_path.display()
-            );
-        }
-        if t.n_failed > 0 {
-            eprintln!(
-                "{} samples carry an `error` (scored as written)",
-                t.n_failed
-            );
-        }
-        failed |= t.n_failed > 0 || !t.skipped.is_empty();
-    }
+        score_tree(&args, &opts, on_error, &mut out)?
+    };
     emit_stdout(&out)?;
     Ok(if failed { Status::Failed } else { Status::Ok })
+}
+
+/// A warning on stderr for each skipped line (file, line, why).
+fn warn_skipped(skipped: &[BadLine]) {
+    for b in skipped {
+        eprintln!(
+            "warning: skipped {}:{}: {}",
+            b.path.display(),
+            b.line,
+            b.message
+        );
+    }
+}
+
+/// A directory of pred files: writes `DIR/result.json`, appends the JSON or a per-subset table
+/// to `out`; returns whether samples carry an error or lines were skipped.
+fn score_pred_dir(
+    args: &ScoreArgs,
+    opts: &MetricOptions,
+    on_error: OnError,
+    out: &mut String,
+) -> anyhow::Result<bool> {
+    let d = scoring::score_pred_dir(&args.dir, args.e, on_error, opts)?;
+    let path = args.dir.join("result.json");
+    write_atomic(&path, scoring::result_json(&d.subsets).as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    warn_skipped(&d.skipped);
+    if args.json {
+        let _ = writeln!(out, "{}", scoring::result_json(&d.subsets));
+    } else {
+        let _ = writeln!(out, "{:<24} {:>5} {:>6}  score", "subset", "n", "failed");
+        for s in &d.subsets {
+            let _ = writeln!(
+                out,
+                "{:<24} {:>5} {:>6}  {}",
+                s.task.name,
+                s.n,
+                s.n_failed,
+                fmt_score(&s.score)
+            );
+        }
+    }
+    if !args.quiet {
+        eprintln!("wrote {}", path.display());
+    }
+    let n_failed: usize = d.subsets.iter().map(|s| s.n_failed).sum();
+    if n_failed > 0 {
+        eprintln!("{n_failed} samples carry an `error` (scored as written)");
+    }
+    Ok(d.has_failures())
+}
+
+/// A results tree: writes scores.csv, summary.csv (and the RULER depth and allocation CSVs
+/// when the tree has such rows), appends the JSON or the summary table to `out`; a missing
+/// full-cache baseline is a warning, or an error with `--require-full`. Returns whether samples
+/// carry an error or lines were skipped.
+fn score_tree(
+    args: &ScoreArgs,
+    opts: &MetricOptions,
+    on_error: OnError,
+    out: &mut String,
+) -> anyhow::Result<bool> {
+    let t = tables::score_tree(&args.dir, args.e, on_error, opts)?;
+    warn_skipped(&t.skipped);
+    if !t.missing_full.is_empty() {
+        let msg = format!(
+            "no full-cache baseline (method `full`, budget `rate1`) for {}; percent_of_full is left empty there",
+            t.missing_full.join(", ")
+        );
+        if args.require_full {
+            anyhow::bail!(msg);
+        } else if !args.quiet {
+            eprintln!("warning: {msg}");
+        }
+    }
+    let scores_path = args.dir.join("scores.csv");
+    let summary_path = args.dir.join("summary.csv");
+    tables::write_csv(&scores_path, &t.rows)?;
+    tables::write_csv(&summary_path, &t.summary)?;
+    crate::report::heatmap::write_depth_csv(&args.dir, &t)?;
+    crate::report::allocation::write_alloc_csv(&args.dir, &t)?;
+    if args.json {
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"scores": t.rows, "summary": t.summary})
+            )?
+        );
+    } else {
+        summary_table(&t.summary, out);
+    }
+    if !args.quiet {
+        eprintln!(
+            "scored {} runs; wrote {}, {} and result.json per run",
+            t.runs.len(),
+            scores_path.display(),
+            summary_path.display()
+        );
+    }
+    if t.n_failed > 0 {
+        eprintln!(
+            "{} samples carry an `error` (scored as written)",
+            t.n_failed
+        );
+    }
+    Ok(t.n_failed > 0 || !t.skipped.is_empty())
+}
+
+/// The summary rows as a fixed-width table (run, bucket, category, score, percent of full).
+fn summary_table(summary: &[SummaryRow], out: &mut String) {
+    let _ = writeln!(
+        out,
+        "{:<28} {:<12} {:<11} {:<6} {:<18} {:>7} {:>8}",
+        "model", "method", "budget", "bucket", "category", "score", "%full"
+    );
+    for s in summary {
+        let _ = writeln!(
+            out,
+            "{:<28} {:<12} {:<11} {:<6} {:<18} {:>7.2} {:>8}",
+            s.model,
+            s.method,
+            s.budget,
+            s.bucket,
+            s.category,
+            s.score,
+            s.percent_of_full
+                .map_or("-".to_string(), |p| format!("{p:.1}"))
+        );
+    }
 }
 
 /// Write command output to stdout; a closed pipe (`kvc score ... | head`) is not an error.

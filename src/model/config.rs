@@ -345,7 +345,6 @@ pub fn config_from_gguf(
     has_rope_freqs: bool,
     vocab_len: usize,
 ) -> Result<Config, ModelError> {
-    use candle_core::quantized::gguf_file::Value;
     let bad = |msg: String| ModelError::BadConfig {
         path: path.to_path_buf(),
         msg,
@@ -364,52 +363,25 @@ pub fn config_from_gguf(
             })
         }
     };
-    let p = |k: &str| format!("{arch_name}.{k}");
-    let int = |k: &str| -> Result<usize, ModelError> {
-        let key = p(k);
-        let v = md
-            .get(&key)
-            .ok_or_else(|| bad(format!("GGUF metadata lacks {key}")))?;
-        gguf_to_u64(v)
-            .map(|x| x as usize)
-            .ok_or_else(|| bad(format!("{key} is not an integer")))
+    let g = GgufArch {
+        path,
+        md,
+        arch: &arch_name,
     };
-    let float = |k: &str| -> Option<f64> {
-        md.get(&p(k)).and_then(|v| match v {
-            Value::F32(x) => Some(*x as f64),
-            Value::F64(x) => Some(*x),
-            _ => None,
-        })
-    };
-    let hidden = int("embedding_length")?;
-    let heads = int("attention.head_count")?;
-    let kv_heads = int("attention.head_count_kv").unwrap_or(heads);
-    let head_dim = int("attention.key_length")
-        .or_else(|_| int("rope.dimension_count"))
+    let hidden = g.int("embedding_length")?;
+    let heads = g.int("attention.head_count")?;
+    let kv_heads = g.int("attention.head_count_kv").unwrap_or(heads);
+    let head_dim = g
+        .int("attention.key_length")
+        .or_else(|_| g.int("rope.dimension_count"))
         .unwrap_or(hidden / heads.max(1));
-    let vocab = int("vocab_size").unwrap_or(vocab_len);
+    let vocab = g.int("vocab_size").unwrap_or(vocab_len);
     let tok_id = |k: &str| md.get(k).and_then(gguf_to_u64).map(|x| x as u32);
     let mut eos = BTreeSet::new();
     if let Some(e) = tok_id("tokenizer.ggml.eos_token_id") {
         eos.insert(e);
     }
-    let scaling = match md
-        .get(&p("rope.scaling.type"))
-        .and_then(|v| v.to_string().ok())
-        .map(String::as_str)
-    {
-        None | Some("none") => None,
-        Some("linear") => Some(RopeScaling::Linear {
-            factor: float("rope.scaling.factor").ok_or_else(|| {
-                bad("rope.scaling.type linear without rope.scaling.factor".into())
-            })?,
-        }),
-        Some(other) => {
-            return Err(bad(format!(
-                "GGUF rope.scaling.type {other:?} is not supported (supported: none, linear)"
-            )))
-        }
-    };
+    let scaling = g.rope_scaling()?;
     if has_rope_freqs {
         // llama.cpp stores Llama-3.1's scaling as per-frequency factors in `rope_freqs.weight`.
         return Err(bad(
@@ -420,17 +392,17 @@ pub fn config_from_gguf(
         arch,
         vocab_size: vocab,
         hidden_size: hidden,
-        intermediate_size: int("feed_forward_length")?,
-        num_hidden_layers: int("block_count")?,
+        intermediate_size: g.int("feed_forward_length")?,
+        num_hidden_layers: g.int("block_count")?,
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
         head_dim,
-        rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        rms_norm_eps: g.float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
         rope: Rope {
-            theta: float("rope.freq_base").unwrap_or(DEFAULT_THETA),
+            theta: g.float("rope.freq_base").unwrap_or(DEFAULT_THETA),
             scaling,
         },
-        max_position_embeddings: int("context_length").unwrap_or(4096),
+        max_position_embeddings: g.int("context_length").unwrap_or(4096),
         tie_word_embeddings: !has_output_tensor,
         sliding_window: None,
         bos_token_id: tok_id("tokenizer.ggml.bos_token_id"),
@@ -438,6 +410,69 @@ pub fn config_from_gguf(
     };
     cfg.validate(path)?;
     Ok(cfg)
+}
+
+/// The `<arch>.*` keys of a GGUF's metadata; errors name the file.
+struct GgufArch<'a> {
+    path: &'a Path,
+    md: &'a std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
+    /// `general.architecture`, the keys' prefix.
+    arch: &'a str,
+}
+
+impl GgufArch<'_> {
+    /// `msg` as an invalid-configuration error naming the file.
+    fn bad(&self, msg: String) -> ModelError {
+        ModelError::BadConfig {
+            path: self.path.to_path_buf(),
+            msg,
+        }
+    }
+
+    /// `<arch>.<k>` as an integer; an error when it is missing or not an integer.
+    fn int(&self, k: &str) -> Result<usize, ModelError> {
+        let key = format!("{}.{k}", self.arch);
+        let v = self
+            .md
+            .get(&key)
+            .ok_or_else(|| self.bad(format!("GGUF metadata lacks {key}")))?;
+        gguf_to_u64(v)
+            .map(|x| x as usize)
+            .ok_or_else(|| self.bad(format!("{key} is not an integer")))
+    }
+
+    /// `<arch>.<k>` as a float (stored as f32 or f64), if present.
+    fn float(&self, k: &str) -> Option<f64> {
+        use candle_core::quantized::gguf_file::Value;
+        self.md
+            .get(&format!("{}.{k}", self.arch))
+            .and_then(|v| match v {
+                Value::F32(x) => Some(*x as f64),
+                Value::F64(x) => Some(*x),
+                _ => None,
+            })
+    }
+
+    /// RoPE scaling from `<arch>.rope.scaling.type`: none (absent or `none`), or `linear` with
+    /// its `rope.scaling.factor`; any other type is refused.
+    fn rope_scaling(&self) -> Result<Option<RopeScaling>, ModelError> {
+        let kind = self
+            .md
+            .get(&format!("{}.rope.scaling.type", self.arch))
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str);
+        match kind {
+            None | Some("none") => Ok(None),
+            Some("linear") => Ok(Some(RopeScaling::Linear {
+                factor: self.float("rope.scaling.factor").ok_or_else(|| {
+                    self.bad("rope.scaling.type linear without rope.scaling.factor".into())
+                })?,
+            })),
+            Some(other) => Err(self.bad(format!(
+                "GGUF rope.scaling.type {other:?} is not supported (supported: none, linear)"
+            ))),
+        }
+    }
 }
 
 pub(crate) fn gguf_to_u64(v: &candle_core::quantized::gguf_file::Value) -> Option<u64> {

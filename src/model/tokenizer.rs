@@ -182,7 +182,10 @@ impl Tokenizer {
         })
     }
 
-    /// Build the tokenizer from GGUF metadata (`tokenizer.ggml.*`).
+    /// Build the tokenizer from GGUF metadata (`tokenizer.ggml.*`): the model named by
+    /// `tokenizer.ggml.model` ([`GgufVocab::gpt2`] or [`GgufVocab::llama`]), its control and
+    /// user-defined tokens, and a BOS post-processor when the GGUF asks for one (default: the
+    /// sentencepiece `llama` model adds BOS). Errors name `path`.
     pub fn from_gguf(path: &Path, md: &HashMap<String, Value>) -> Result<Self, ModelError> {
         let err = |msg: String| ModelError::Tokenizer(format!("{}: {msg}", path.display()));
         let kind = md
@@ -192,125 +195,21 @@ impl Tokenizer {
             .ok_or_else(|| {
                 err("GGUF has no tokenizer.ggml.model: kvc cannot build its tokenizer".into())
             })?;
-        let tokens = string_array(md, "tokenizer.ggml.tokens").map_err(&err)?;
-        let types: Vec<u32> = match md.get("tokenizer.ggml.token_type") {
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|v| crate::model::config::gguf_to_u64(v).unwrap_or(1) as u32)
-                .collect(),
-            _ => vec![1; tokens.len()],
-        };
-        let id_of = |k: &str| {
-            md.get(k)
-                .and_then(crate::model::config::gguf_to_u64)
-                .map(|x| x as usize)
-        };
-        let tok_at = |k: &str| id_of(k).and_then(|i| tokens.get(i).cloned());
-        let flag = |k: &str| md.get(k).and_then(|v| v.to_bool().ok());
+        let v = GgufVocab::read(md).map_err(&err)?;
         let mut inner = match kind.as_str() {
-            "gpt2" => {
-                let merges = string_array(md, "tokenizer.ggml.merges").map_err(&err)?;
-                let merges: Vec<(String, String)> = merges
-                    .iter()
-                    .map(|m| {
-                        m.split_once(' ')
-                            .map(|(a, b)| (a.to_string(), b.to_string()))
-                    })
-                    .collect::<Option<_>>()
-                    .ok_or_else(|| err("malformed tokenizer.ggml.merges entry".into()))?;
-                let vocab: tokenizers::models::bpe::Vocab = tokens
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| (t.clone(), i as u32))
-                    .collect();
-                // A byte missing from the vocabulary (SmolLM2 lacks `Ć` = 0x06) becomes the
-                // GGUF's declared unknown token, as transformers does, rather than vanishing.
-                let mut bpe = BPE::builder().vocab_and_merges(vocab, merges);
-                if let Some(unk) = tok_at("tokenizer.ggml.unknown_token_id") {
-                    bpe = bpe.unk_token(unk);
-                }
-                let bpe = bpe.build().map_err(|e| err(format!("BPE: {e}")))?;
-                let mut t = tokenizers::Tokenizer::new(bpe);
-                let pre = md
-                    .get("tokenizer.ggml.pre")
-                    .and_then(|v| v.to_string().ok())
-                    .cloned()
-                    .unwrap_or_default();
-                t.with_pre_tokenizer(Some(gpt2_pre_tokenizer(&pre).map_err(&err)?));
-                t.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevelDecoder::new(
-                    false, true, true,
-                ))));
-                t
-            }
-            "llama" => {
-                let scores: Vec<f32> = match md.get("tokenizer.ggml.scores") {
-                    Some(Value::Array(a)) => a
-                        .iter()
-                        .map(|v| match v {
-                            Value::F32(x) => *x,
-                            _ => 0.0,
-                        })
-                        .collect(),
-                    _ => {
-                        return Err(err(
-                            "sentencepiece GGUF without tokenizer.ggml.scores".into()
-                        ))
-                    }
-                };
-                let unk =
-                    tok_at("tokenizer.ggml.unknown_token_id").unwrap_or_else(|| "<unk>".into());
-                let bpe = spm_bpe(&tokens, &scores, &types, &unk).map_err(&err)?;
-                let mut t = tokenizers::Tokenizer::new(bpe);
-                let add_space = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
-                let mut norms: Vec<NormalizerWrapper> = Vec::new();
-                if add_space {
-                    norms.push(Prepend::new("▁".into()).into());
-                }
-                norms.push(
-                    Replace::new(" ", "▁")
-                        .map_err(|e| err(e.to_string()))?
-                        .into(),
-                );
-                t.with_normalizer(Some(tokenizers::normalizers::Sequence::new(norms)))
-                    .map_err(|e| err(e.to_string()))?;
-                let mut decs: Vec<DecoderWrapper> = vec![
-                    Replace::new("▁", " ")
-                        .map_err(|e| err(e.to_string()))?
-                        .into(),
-                    ByteFallback::new().into(),
-                    Fuse::new().into(),
-                ];
-                if add_space {
-                    decs.push(Strip::new(' ', 1, 0).into());
-                }
-                t.with_decoder(Some(DecoderSequence::new(decs)));
-                t
-            }
+            "gpt2" => v.gpt2().map_err(&err)?,
+            "llama" => v.llama().map_err(&err)?,
             other => {
                 return Err(err(format!(
                     "tokenizer model {other:?} is not supported (supported: gpt2, llama)"
                 )))
             }
         };
-        // Control tokens (type 3) are special; user-defined ones (type 4) are plain added tokens.
-        let specials: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, &ty)| ty == 3)
-            .map(|(t, _)| AddedToken::from(t.clone(), true))
-            .collect();
-        let user: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, &ty)| ty == 4)
-            .map(|(t, _)| AddedToken::from(t.clone(), false))
-            .collect();
-        inner
-            .add_special_tokens(specials)
-            .map_err(|e| err(e.to_string()))?;
-        inner.add_tokens(user).map_err(|e| err(e.to_string()))?;
-        let bos_token = tok_at("tokenizer.ggml.bos_token_id");
-        let adds_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(kind == "llama");
+        v.add_tokens(&mut inner).map_err(&err)?;
+        let bos_token = v.tok_at("tokenizer.ggml.bos_token_id");
+        let adds_bos = v
+            .flag("tokenizer.ggml.add_bos_token")
+            .unwrap_or(kind == "llama");
         if adds_bos {
             if let Some(b) = &bos_token {
                 let id = inner
@@ -327,9 +226,150 @@ impl Tokenizer {
             inner,
             chat_template,
             bos_token,
-            eos_token: tok_at("tokenizer.ggml.eos_token_id"),
+            eos_token: v.tok_at("tokenizer.ggml.eos_token_id"),
             adds_bos,
         })
+    }
+}
+
+/// A GGUF's vocabulary (`tokenizer.ggml.tokens` and `token_type`) with the metadata it was
+/// read from; errors are messages without the file's name.
+struct GgufVocab<'a> {
+    md: &'a HashMap<String, Value>,
+    tokens: Vec<String>,
+    /// Token types per token (1 = normal when the GGUF has none; 3 = control, 4 = user-defined).
+    types: Vec<u32>,
+}
+
+impl<'a> GgufVocab<'a> {
+    /// The tokens of `md` (an error when missing) and their types (all normal when missing).
+    fn read(md: &'a HashMap<String, Value>) -> Result<Self, String> {
+        let tokens = string_array(md, "tokenizer.ggml.tokens")?;
+        let types: Vec<u32> = match md.get("tokenizer.ggml.token_type") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| crate::model::config::gguf_to_u64(v).unwrap_or(1) as u32)
+                .collect(),
+            _ => vec![1; tokens.len()],
+        };
+        Ok(GgufVocab { md, tokens, types })
+    }
+
+    /// The token whose id the metadata key `k` holds.
+    fn tok_at(&self, k: &str) -> Option<String> {
+        self.md
+            .get(k)
+            .and_then(crate::model::config::gguf_to_u64)
+            .map(|x| x as usize)
+            .and_then(|i| self.tokens.get(i).cloned())
+    }
+
+    /// The boolean metadata key `k`.
+    fn flag(&self, k: &str) -> Option<bool> {
+        self.md.get(k).and_then(|v| v.to_bool().ok())
+    }
+
+    /// `gpt2`: byte-level BPE over the GGUF's merges; a byte missing from the vocabulary is the
+    /// declared unknown token; the pre-tokenizer follows `tokenizer.ggml.pre`
+    /// ([`gpt2_pre_tokenizer`]), no prefix space.
+    fn gpt2(&self) -> Result<tokenizers::Tokenizer, String> {
+        let merges = string_array(self.md, "tokenizer.ggml.merges")?;
+        let merges: Vec<(String, String)> = merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(|| "malformed tokenizer.ggml.merges entry".to_string())?;
+        let vocab: tokenizers::models::bpe::Vocab = self
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        // A byte missing from the vocabulary (SmolLM2 lacks `Ć` = 0x06) becomes the
+        // GGUF's declared unknown token, as transformers does, rather than vanishing.
+        let mut bpe = BPE::builder().vocab_and_merges(vocab, merges);
+        if let Some(unk) = self.tok_at("tokenizer.ggml.unknown_token_id") {
+            bpe = bpe.unk_token(unk);
+        }
+        let bpe = bpe.build().map_err(|e| format!("BPE: {e}"))?;
+        let mut t = tokenizers::Tokenizer::new(bpe);
+        let pre = self
+            .md
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        t.with_pre_tokenizer(Some(gpt2_pre_tokenizer(&pre)?));
+        t.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevelDecoder::new(
+            false, true, true,
+        ))));
+        Ok(t)
+    }
+
+    /// `llama` (sentencepiece): byte-fallback BPE from the piece scores ([`spm_bpe`]), the `▁`
+    /// normalizer (with a prepended `▁` unless `add_space_prefix` is false) and the matching
+    /// decoder of Llama-2's `tokenizer.json`.
+    fn llama(&self) -> Result<tokenizers::Tokenizer, String> {
+        let scores: Vec<f32> = match self.md.get("tokenizer.ggml.scores") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| match v {
+                    Value::F32(x) => *x,
+                    _ => 0.0,
+                })
+                .collect(),
+            _ => return Err("sentencepiece GGUF without tokenizer.ggml.scores".into()),
+        };
+        let unk = self
+            .tok_at("tokenizer.ggml.unknown_token_id")
+            .unwrap_or_else(|| "<unk>".into());
+        let bpe = spm_bpe(&self.tokens, &scores, &self.types, &unk)?;
+        let mut t = tokenizers::Tokenizer::new(bpe);
+        let add_space = self.flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+        let mut norms: Vec<NormalizerWrapper> = Vec::new();
+        if add_space {
+            norms.push(Prepend::new("▁".into()).into());
+        }
+        norms.push(Replace::new(" ", "▁").map_err(|e| e.to_string())?.into());
+        t.with_normalizer(Some(tokenizers::normalizers::Sequence::new(norms)))
+            .map_err(|e| e.to_string())?;
+        let mut decs: Vec<DecoderWrapper> = vec![
+            Replace::new("▁", " ").map_err(|e| e.to_string())?.into(),
+            ByteFallback::new().into(),
+            Fuse::new().into(),
+        ];
+        if add_space {
+            decs.push(Strip::new(' ', 1, 0).into());
+        }
+        t.with_decoder(Some(DecoderSequence::new(decs)));
+        Ok(t)
+    }
+
+    /// Adds the vocabulary's control tokens (type 3) as special tokens and its user-defined
+    /// ones (type 4) as plain added tokens.
+    fn add_tokens(&self, inner: &mut tokenizers::Tokenizer) -> Result<(), String> {
+        let specials: Vec<AddedToken> = self
+            .tokens
+            .iter()
+            .zip(&self.types)
+            .filter(|(_, &ty)| ty == 3)
+            .map(|(t, _)| AddedToken::from(t.clone(), true))
+            .collect();
+        let user: Vec<AddedToken> = self
+            .tokens
+            .iter()
+            .zip(&self.types)
+            .filter(|(_, &ty)| ty == 4)
+            .map(|(t, _)| AddedToken::from(t.clone(), false))
+            .collect();
+        inner
+            .add_special_tokens(specials)
+            .map_err(|e| e.to_string())?;
+        inner.add_tokens(user).map_err(|e| e.to_string())?;
+        Ok(())
     }
 }
 

@@ -5,12 +5,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::{Deserialize, Serialize};
 
-use super::plot::PlotError;
+use super::plot::{draw_err, PlotError};
 use super::tables::TreeScores;
 use crate::data::ruler::parse_subset;
 
@@ -168,12 +169,16 @@ fn shade(v: f64, (lo, hi): (f64, f64)) -> RGBColor {
     RGBColor(lerp(214.0, 26.0), lerp(69.0, 150.0), lerp(65.0, 65.0))
 }
 
+/// The chart of one heat-map panel: cell (i, j) spans [i, i+1) x [j, j+1).
+type HeatChart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// Draws `fig` on `root`: the title in a 60 px header, then the panels, at most 3 a row
+/// ([`draw_panel`]). Errors are the drawing backend's messages.
 fn draw_on<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,
     fig: &HeatFigure,
 ) -> Result<(), String> {
-    let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
-    root.fill(&WHITE).map_err(e)?;
+    root.fill(&WHITE).map_err(draw_err)?;
     let (header, body) = root.split_vertically(60);
     header
         .draw(&Text::new(
@@ -181,96 +186,146 @@ fn draw_on<DB: DrawingBackend>(
             (20, 16),
             ("sans-serif", 22).into_font(),
         ))
-        .map_err(e)?;
+        .map_err(draw_err)?;
     let n = fig.panels.len().max(1);
     let cols = n.min(3);
     let areas = body.split_evenly((n.div_ceil(cols), cols));
     for (area, (title, cells)) in areas.iter().zip(&fig.panels) {
-        let lengths: Vec<usize> = cells
+        draw_panel(&root, area, fig, title, cells)?;
+    }
+    root.present().map_err(draw_err)?;
+    Ok(())
+}
+
+/// The distinct x keys (lengths) and y keys (depths) of a panel's cells, ascending: the i-th
+/// length and the j-th depth name cell (i, j).
+struct HeatAxes {
+    lengths: Vec<usize>,
+    depths: Vec<i64>,
+}
+
+/// One panel on `area`: the caption, axis descriptions, tick labels at cell centres
+/// ([`draw_ticks`], written on `root`) and the cells ([`draw_cells`]).
+fn draw_panel<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    area: &DrawingArea<DB, Shift>,
+    fig: &HeatFigure,
+    title: &str,
+    cells: &HeatCells,
+) -> Result<(), String> {
+    let axes = HeatAxes {
+        lengths: cells
             .keys()
             .map(|k| k.0)
             .collect::<BTreeSet<_>>()
             .into_iter()
-            .collect();
-        let depths: Vec<i64> = cells
+            .collect(),
+        depths: cells
             .keys()
             .map(|k| k.1)
             .collect::<BTreeSet<_>>()
             .into_iter()
-            .collect();
-        let (nx, ny) = (lengths.len().max(1), depths.len().max(1));
-        // Cell (i, j) spans [i, i+1) x [j, j+1). Plotters puts its own tick labels at "nice"
-        // values, i.e. on cell edges, so the mesh draws none and each label is written at its
-        // cell's centre, converted to pixels (`backend_coord`) and drawn on the root area.
-        let mut chart = ChartBuilder::on(area)
-            .caption(title, ("sans-serif", 20))
-            .margin(10)
-            .x_label_area_size(40)
-            .y_label_area_size(56)
-            .build_cartesian_2d(0f64..nx as f64, 0f64..ny as f64)
-            .map_err(e)?;
-        chart
-            .configure_mesh()
-            .disable_mesh()
-            .x_labels(0)
-            .y_labels(0)
-            .x_desc(fig.x_desc.as_str())
-            .y_desc(fig.y_desc.as_str())
-            .label_style(("sans-serif", 13))
-            .draw()
-            .map_err(e)?;
-        let tick = ("sans-serif", 13).into_font();
-        // Every label along x; along y at most ~16, evenly spaced.
-        let y_step = ny.div_ceil(16).max(1);
-        for (i, l) in lengths.iter().enumerate() {
-            let (px, py) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
-            let style = tick
-                .clone()
-                .into_text_style(&root)
-                .pos(Pos::new(HPos::Center, VPos::Top));
-            root.draw(&Text::new((fig.x_label)(*l), (px, py + 4), style))
-                .map_err(e)?;
-        }
-        for (j, d) in depths.iter().enumerate().step_by(y_step) {
-            let (px, py) = chart.backend_coord(&(0.0, j as f64 + 0.5));
-            let style = tick
-                .clone()
-                .into_text_style(&root)
-                .pos(Pos::new(HPos::Right, VPos::Center));
-            root.draw(&Text::new((fig.y_label)(*d), (px - 4, py), style))
-                .map_err(e)?;
-        }
-        for (i, l) in lengths.iter().enumerate() {
-            for (j, d) in depths.iter().enumerate() {
-                let Some(s) = cells.get(&(*l, *d)) else {
-                    continue;
-                };
-                let (x, y) = (i as f64, j as f64);
-                chart
-                    .draw_series(std::iter::once(Rectangle::new(
-                        [(x, y), (x + 1.0, y + 1.0)],
-                        shade(*s, fig.scale).filled(),
-                    )))
-                    .map_err(e)?;
-                // Values only where a cell is tall enough to hold them.
-                if ny > 12 {
-                    continue;
-                }
-                let style = tick
-                    .clone()
-                    .into_text_style(&root)
-                    .pos(Pos::new(HPos::Center, VPos::Center));
-                chart
-                    .draw_series(std::iter::once(Text::new(
-                        format!("{s:.*}", fig.decimals),
-                        (x + 0.5, y + 0.5),
-                        style,
-                    )))
-                    .map_err(e)?;
+            .collect(),
+    };
+    let (nx, ny) = (axes.lengths.len().max(1), axes.depths.len().max(1));
+    // Cell (i, j) spans [i, i+1) x [j, j+1). Plotters puts its own tick labels at "nice"
+    // values, i.e. on cell edges, so the mesh draws none and each label is written at its
+    // cell's centre, converted to pixels (`backend_coord`) and drawn on the root area.
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0f64..nx as f64, 0f64..ny as f64)
+        .map_err(draw_err)?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_labels(0)
+        .y_labels(0)
+        .x_desc(fig.x_desc.as_str())
+        .y_desc(fig.y_desc.as_str())
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(draw_err)?;
+    let tick = ("sans-serif", 13).into_font();
+    draw_ticks(root, &chart, fig, &tick, &axes)?;
+    draw_cells(root, &mut chart, fig, &tick, cells, &axes)
+}
+
+/// Tick labels in `tick`'s font on `root`, centred on their cells: every length below the x
+/// axis; along y at most ~16 depths, evenly spaced, left of the axis.
+fn draw_ticks<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    chart: &HeatChart<'_, DB>,
+    fig: &HeatFigure,
+    tick: &FontDesc<'_>,
+    axes: &HeatAxes,
+) -> Result<(), String> {
+    let ny = axes.depths.len().max(1);
+    // Every label along x; along y at most ~16, evenly spaced.
+    let y_step = ny.div_ceil(16).max(1);
+    for (i, l) in axes.lengths.iter().enumerate() {
+        let (px, py) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
+        let style = tick
+            .clone()
+            .into_text_style(root)
+            .pos(Pos::new(HPos::Center, VPos::Top));
+        root.draw(&Text::new((fig.x_label)(*l), (px, py + 4), style))
+            .map_err(draw_err)?;
+    }
+    for (j, d) in axes.depths.iter().enumerate().step_by(y_step) {
+        let (px, py) = chart.backend_coord(&(0.0, j as f64 + 0.5));
+        let style = tick
+            .clone()
+            .into_text_style(root)
+            .pos(Pos::new(HPos::Right, VPos::Center));
+        root.draw(&Text::new((fig.y_label)(*d), (px - 4, py), style))
+            .map_err(draw_err)?;
+    }
+    Ok(())
+}
+
+/// Each present cell filled with its value's shade on `fig.scale`; with at most 12 depths (cells
+/// tall enough) its value is written in the middle with `fig.decimals` decimals.
+fn draw_cells<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    chart: &mut HeatChart<'_, DB>,
+    fig: &HeatFigure,
+    tick: &FontDesc<'_>,
+    cells: &HeatCells,
+    axes: &HeatAxes,
+) -> Result<(), String> {
+    let ny = axes.depths.len().max(1);
+    for (i, l) in axes.lengths.iter().enumerate() {
+        for (j, d) in axes.depths.iter().enumerate() {
+            let Some(s) = cells.get(&(*l, *d)) else {
+                continue;
+            };
+            let (x, y) = (i as f64, j as f64);
+            chart
+                .draw_series(std::iter::once(Rectangle::new(
+                    [(x, y), (x + 1.0, y + 1.0)],
+                    shade(*s, fig.scale).filled(),
+                )))
+                .map_err(draw_err)?;
+            // Values only where a cell is tall enough to hold them.
+            if ny > 12 {
+                continue;
             }
+            let style = tick
+                .clone()
+                .into_text_style(root)
+                .pos(Pos::new(HPos::Center, VPos::Center));
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    format!("{s:.*}", fig.decimals),
+                    (x + 0.5, y + 0.5),
+                    style,
+                )))
+                .map_err(draw_err)?;
         }
     }
-    root.present().map_err(e)?;
     Ok(())
 }
 
