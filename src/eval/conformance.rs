@@ -206,71 +206,12 @@ pub fn check(
                 true,
             )?
         } else {
-            let task_name = r["task"]
-                .as_str()
-                .context("longbench record without `task`")?;
-            let idx = r["row_index"]
-                .as_u64()
-                .context("longbench record without `row_index`")? as usize;
-            if !rows_cache.contains_key(task_name) {
-                let p = opts.longbench.join(format!("{task_name}.jsonl"));
-                let text = std::fs::read_to_string(&p)
-                    .with_context(|| format!("reading {}", p.display()))?;
-                rows_cache.insert(
-                    task_name.to_string(),
-                    text.lines().map(str::to_string).collect(),
-                );
-            }
-            // The row is found by the `_id` in the record's name (`task:_id`), so a file holding
-            // only the needed rows works; `row_index` is the fallback.
-            let want_id = name.split_once(':').map(|(_, id)| id);
-            let rows = &rows_cache[task_name];
-            let by_id = want_id.and_then(|id| {
-                rows.iter().find_map(|l| {
-                    let v: serde_json::Value = serde_json::from_str(l).ok()?;
-                    (v["_id"].as_str() == Some(id)).then_some(v)
-                })
-            });
-            let row: serde_json::Value = match by_id {
-                Some(v) => v,
-                None => {
-                    let line = rows
-                        .get(idx)
-                        .with_context(|| format!("{task_name}.jsonl has no row {idx}"))?;
-                    serde_json::from_str(line)?
-                }
-            };
-            let task = tasks::task(task_name)?;
-            let filled = task.build_prompt(
-                row["context"].as_str().unwrap_or_default(),
-                row["input"].as_str().unwrap_or_default(),
-            )?;
-            let max_len = r["max_length"]
-                .as_u64()
-                .context("record without `max_length`")? as usize;
-            let b = crate::data::prompt::build(lm, &filled, max_len, true)?;
-            let (want_orig, want_trunc) = (r["orig_tokens"].as_u64(), r["truncated"].as_bool());
-            if Some(b.orig_tokens as u64) != want_orig || Some(b.truncated) != want_trunc {
-                rec.prompt_mismatch = Some(format!(
-                    "kvc counts {} tokens before truncation (truncated: {}), reference {:?} ({:?})",
-                    b.orig_tokens, b.truncated, want_orig, want_trunc
-                ));
-            }
-            b.ids
+            let (built, mismatch) = longbench_prompt(lm, opts, &r, &name, &mut rows_cache)?;
+            rec.prompt_mismatch = mismatch;
+            built
         };
         if rec.prompt_mismatch.is_none() && built != want_ids {
-            let first = built
-                .iter()
-                .zip(&want_ids)
-                .position(|(a, b)| a != b)
-                .unwrap_or(built.len().min(want_ids.len()));
-            rec.prompt_mismatch = Some(format!(
-                "prompt ids differ at {first} (kvc {} ids, reference {}): kvc {:?} vs {:?}",
-                built.len(),
-                want_ids.len(),
-                &built[first..(first + 5).min(built.len())],
-                &want_ids[first..(first + 5).min(want_ids.len())]
-            ));
+            rec.prompt_mismatch = Some(ids_mismatch(&built, &want_ids));
         }
         let long = want_ids.len() > LONG_PROMPT;
         let over_long_cap = long
@@ -283,62 +224,159 @@ pub fn check(
             continue;
         }
         long_generated += usize::from(long);
-        // Generate from the reference's own prompt ids.
-        let params = GenParams {
-            max_new_tokens: r["max_new_tokens"]
-                .as_u64()
-                .context("record without `max_new_tokens`")? as usize,
-            stop_ids: lm.stop_ids.clone(),
-            min_new_tokens: 0,
-            prefill_chunk: opts.prefill_chunk,
-            max_context: lm.config().max_context(),
-        };
-        let g = generate(lm, &want_ids, &params, opts.cache)?;
-        rec.prefill_ms = g.prefill_ms;
-        rec.decode_ms = g.decode_ms;
-        let logits = g.first_logits.clone().context("no first-step logits")?;
-        let top5_ids = ids(&r, "first_step_top5_ids", &name)?;
-        let top5: Vec<f32> = serde_json::from_value(r["first_step_top5_logits"].clone())?;
-        rec.top5_max_diff = Some(
-            top5_ids
-                .iter()
-                .zip(&top5)
-                .map(|(id, want)| (logits[*id as usize] - want).abs())
-                .fold(0f32, f32::max),
-        );
-        rec.matches_recorded = Some(g.output_ids == ids(&r, "output_ids", &name)?);
-        let judge = rederived
-            .get(&name)
-            .with_context(|| format!("{name} missing from {}", opts.rederived.display()))?;
-        let want_out = ids(judge, "plain_output_ids", &name)?;
-        rec.output = Some(if g.output_ids == want_out {
-            OutputAgreement::Identical
-        } else {
-            let step = g
-                .output_ids
-                .iter()
-                .zip(&want_out)
-                .position(|(a, b)| a != b)
-                .unwrap_or(g.output_ids.len().min(want_out.len()));
-            // Teacher-force the judge's tokens up to the divergence and read kvc's margin there.
-            let mut forced = want_ids.clone();
-            forced.extend_from_slice(&want_out[..step]);
-            let p1 = GenParams {
-                max_new_tokens: 1,
-                ..params.clone()
-            };
-            let g1 = generate(lm, &forced, &p1, opts.cache)?;
-            let mut l = g1.first_logits.context("no logits")?;
-            l.sort_by(|a, b| b.total_cmp(a));
-            let margin = l[0] - l[1];
-            if margin <= opts.tie_margin {
-                OutputAgreement::NearTie { step, margin }
-            } else {
-                OutputAgreement::Diverged { step, margin }
-            }
-        });
+        judge_generation(lm, opts, &r, &rederived, &want_ids, &mut rec)?;
         on_record(&rec);
         out.push(rec);
     }
     Ok(out)
+}
+
+/// The prompt ids kvc builds for LongBench record `r` (named `name`) from its row in
+/// `opts.longbench` (files read once into `rows_cache`), and the mismatch when kvc's token
+/// count before truncation or its truncation differs from the record's.
+fn longbench_prompt(
+    lm: &LoadedModel,
+    opts: &CheckOptions,
+    r: &serde_json::Value,
+    name: &str,
+    rows_cache: &mut HashMap<String, Vec<String>>,
+) -> anyhow::Result<(Vec<u32>, Option<String>)> {
+    let task_name = r["task"]
+        .as_str()
+        .context("longbench record without `task`")?;
+    let idx = r["row_index"]
+        .as_u64()
+        .context("longbench record without `row_index`")? as usize;
+    if !rows_cache.contains_key(task_name) {
+        let p = opts.longbench.join(format!("{task_name}.jsonl"));
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        rows_cache.insert(
+            task_name.to_string(),
+            text.lines().map(str::to_string).collect(),
+        );
+    }
+    // The row is found by the `_id` in the record's name (`task:_id`), so a file holding
+    // only the needed rows works; `row_index` is the fallback.
+    let want_id = name.split_once(':').map(|(_, id)| id);
+    let rows = &rows_cache[task_name];
+    let by_id = want_id.and_then(|id| {
+        rows.iter().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            (v["_id"].as_str() == Some(id)).then_some(v)
+        })
+    });
+    let row: serde_json::Value = match by_id {
+        Some(v) => v,
+        None => {
+            let line = rows
+                .get(idx)
+                .with_context(|| format!("{task_name}.jsonl has no row {idx}"))?;
+            serde_json::from_str(line)?
+        }
+    };
+    let task = tasks::task(task_name)?;
+    let filled = task.build_prompt(
+        row["context"].as_str().unwrap_or_default(),
+        row["input"].as_str().unwrap_or_default(),
+    )?;
+    let max_len = r["max_length"]
+        .as_u64()
+        .context("record without `max_length`")? as usize;
+    let b = crate::data::prompt::build(lm, &filled, max_len, true)?;
+    let (want_orig, want_trunc) = (r["orig_tokens"].as_u64(), r["truncated"].as_bool());
+    let mismatch = (Some(b.orig_tokens as u64) != want_orig || Some(b.truncated) != want_trunc)
+        .then(|| {
+            format!(
+                "kvc counts {} tokens before truncation (truncated: {}), reference {:?} ({:?})",
+                b.orig_tokens, b.truncated, want_orig, want_trunc
+            )
+        });
+    Ok((b.ids, mismatch))
+}
+
+/// Where kvc's prompt ids `built` first differ from the reference's `want`, with five ids of
+/// each from there.
+fn ids_mismatch(built: &[u32], want: &[u32]) -> String {
+    let first = built
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(built.len().min(want.len()));
+    format!(
+        "prompt ids differ at {first} (kvc {} ids, reference {}): kvc {:?} vs {:?}",
+        built.len(),
+        want.len(),
+        &built[first..(first + 5).min(built.len())],
+        &want[first..(first + 5).min(want.len())]
+    )
+}
+
+/// Generate record `r` from the reference's own prompt ids `want_ids` and judge it into
+/// `rec`: times, the first-step logits' largest distance from the recorded top-5, agreement
+/// with the recorded output, and the output agreement with the judge (`rederived`), a
+/// divergence classified by kvc's top-2 margin at the diverging step.
+fn judge_generation(
+    lm: &mut LoadedModel,
+    opts: &CheckOptions,
+    r: &serde_json::Value,
+    rederived: &HashMap<String, serde_json::Value>,
+    want_ids: &[u32],
+    rec: &mut RecordCheck,
+) -> anyhow::Result<()> {
+    let name = rec.name.clone();
+    let params = GenParams {
+        max_new_tokens: r["max_new_tokens"]
+            .as_u64()
+            .context("record without `max_new_tokens`")? as usize,
+        stop_ids: lm.stop_ids.clone(),
+        min_new_tokens: 0,
+        prefill_chunk: opts.prefill_chunk,
+        max_context: lm.config().max_context(),
+    };
+    let g = generate(lm, want_ids, &params, opts.cache)?;
+    rec.prefill_ms = g.prefill_ms;
+    rec.decode_ms = g.decode_ms;
+    let logits = g.first_logits.clone().context("no first-step logits")?;
+    let top5_ids = ids(r, "first_step_top5_ids", &name)?;
+    let top5: Vec<f32> = serde_json::from_value(r["first_step_top5_logits"].clone())?;
+    rec.top5_max_diff = Some(
+        top5_ids
+            .iter()
+            .zip(&top5)
+            .map(|(id, want)| (logits[*id as usize] - want).abs())
+            .fold(0f32, f32::max),
+    );
+    rec.matches_recorded = Some(g.output_ids == ids(r, "output_ids", &name)?);
+    let judge = rederived
+        .get(&name)
+        .with_context(|| format!("{name} missing from {}", opts.rederived.display()))?;
+    let want_out = ids(judge, "plain_output_ids", &name)?;
+    rec.output = Some(if g.output_ids == want_out {
+        OutputAgreement::Identical
+    } else {
+        let step = g
+            .output_ids
+            .iter()
+            .zip(&want_out)
+            .position(|(a, b)| a != b)
+            .unwrap_or(g.output_ids.len().min(want_out.len()));
+        // Teacher-force the judge's tokens up to the divergence and read kvc's margin there.
+        let mut forced = want_ids.to_vec();
+        forced.extend_from_slice(&want_out[..step]);
+        let p1 = GenParams {
+            max_new_tokens: 1,
+            ..params.clone()
+        };
+        let g1 = generate(lm, &forced, &p1, opts.cache)?;
+        let mut l = g1.first_logits.context("no logits")?;
+        l.sort_by(|a, b| b.total_cmp(a));
+        let margin = l[0] - l[1];
+        if margin <= opts.tie_margin {
+            OutputAgreement::NearTie { step, margin }
+        } else {
+            OutputAgreement::Diverged { step, margin }
+        }
+    });
+    Ok(())
 }

@@ -20,17 +20,26 @@
 //! Files are checked against the sha256 table of the official files
 //! (`datasets/longbench/official_checksums.tsv`, embedded); a differing file is a warning the
 //! caller records (run.json), not an error.
+//!
+//! Files: this one holds the rows, the sources and the streaming; `archive.rs` reads members of
+//! a zip, `parquet_rows.rs` turns parquet files into the same JSON lines.
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{BufRead, BufReader, Read};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use crate::hub::{self, HubEnv, HubError, RepoKind};
+
+mod archive;
+mod parquet_rows;
+
+use archive::{open_member, zip_members};
+use parquet_rows::{parquet_subset, walk_parquet, ParquetJsonl};
 
 /// The official dataset repository on the hub and the file fetched from it.
 pub const HUB_REPO: &str = "THUDM/LongBench";
@@ -38,7 +47,7 @@ pub const HUB_FILE: &str = "data.zip";
 /// The parquet mirror: the fallback when `data.zip` cannot be fetched.
 pub const PARQUET_MIRROR: &str = "Xnhyacinth/LongBench";
 
-const CHECKSUMS_TSV: &str = include_str!("../../datasets/longbench/official_checksums.tsv");
+const CHECKSUMS_TSV: &str = include_str!("../../../datasets/longbench/official_checksums.tsv");
 
 /// Errors of the data layer; each names the file (and line) or the fix.
 #[derive(Debug, thiserror::Error)]
@@ -149,15 +158,15 @@ pub enum DataSource {
 const BUNDLED_SAMPLE: &[(&str, &str)] = &[
     (
         "multi_news",
-        include_str!("../../datasets/longbench/sample/multi_news.jsonl"),
+        include_str!("../../../datasets/longbench/sample/multi_news.jsonl"),
     ),
     (
         "multifieldqa_zh",
-        include_str!("../../datasets/longbench/sample/multifieldqa_zh.jsonl"),
+        include_str!("../../../datasets/longbench/sample/multifieldqa_zh.jsonl"),
     ),
     (
         "passage_retrieval_zh",
-        include_str!("../../datasets/longbench/sample/passage_retrieval_zh.jsonl"),
+        include_str!("../../../datasets/longbench/sample/passage_retrieval_zh.jsonl"),
     ),
 ];
 
@@ -526,186 +535,9 @@ impl Dataset {
     }
 }
 
-/// Every `*.parquet` under `dir`, `depth` levels deep at most.
-fn walk_parquet(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.extension().is_some_and(|x| x == "parquet") && p.is_file() {
-            out.push(p);
-        } else if depth > 0 && p.is_dir() {
-            walk_parquet(&p, depth - 1, out);
-        }
-    }
-}
-
-/// The LongBench subset a parquet file holds: its stem, else the nearest of its two parent
-/// directories, that is a known subset name.
-fn parquet_subset(f: &Path) -> Option<String> {
-    let known = |s: &str| official_checksums().contains_key(s);
-    let stem = f.file_stem()?.to_string_lossy();
-    if known(&stem) {
-        return Some(stem.into_owned());
-    }
-    f.ancestors()
-        .skip(1)
-        .take(2)
-        .filter_map(|a| a.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .find(|n| known(n))
-}
-
-/// The rows of parquet files as LongBench JSON lines (what [`RowIter`] reads), one row at a
-/// time. Written by hand because the `parquet` crate yields records, not bytes: this adapter
-/// lets the JSONL path (row errors with line numbers, `--samples`, checksums of what was read)
-/// stay the only row reader. A read error surfaces as an `io::Error` naming the file.
-struct ParquetJsonl {
-    files: std::vec::IntoIter<PathBuf>,
-    rows: Option<(PathBuf, parquet::record::reader::RowIter<'static>)>,
-    buf: Vec<u8>,
-    pos: usize,
-}
-
-impl ParquetJsonl {
-    fn new(files: Vec<PathBuf>) -> Self {
-        ParquetJsonl {
-            files: files.into_iter(),
-            rows: None,
-            buf: Vec::new(),
-            pos: 0,
-        }
-    }
-
-    /// The next row as one JSON line into `buf`; false at the end of the last file.
-    fn fill(&mut self) -> std::io::Result<bool> {
-        let err = |f: &Path, e: &dyn std::fmt::Display| {
-            std::io::Error::other(format!("{}: parquet: {e}", f.display()))
-        };
-        loop {
-            if let Some((f, it)) = &mut self.rows {
-                match it.next() {
-                    Some(Ok(row)) => {
-                        self.buf.clear();
-                        serde_json::to_writer(&mut self.buf, &row.to_json_value())
-                            .map_err(|e| err(f, &e))?;
-                        self.buf.push(b'\n');
-                        self.pos = 0;
-                        return Ok(true);
-                    }
-                    Some(Err(e)) => return Err(err(f, &e)),
-                    None => self.rows = None,
-                }
-            }
-            let Some(f) = self.files.next() else {
-                return Ok(false);
-            };
-            let file = File::open(&f).map_err(|e| err(&f, &e))?;
-            let reader = parquet::file::serialized_reader::SerializedFileReader::new(file)
-                .map_err(|e| err(&f, &e))?;
-            self.rows = Some((f, reader.into_iter()));
-        }
-    }
-}
-
-impl Read for ParquetJsonl {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        if self.pos >= self.buf.len() && !self.fill()? {
-            return Ok(0);
-        }
-        let n = out.len().min(self.buf.len() - self.pos);
-        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
-
 /// Lower-case hex of bytes.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A member of a zip: where its data is and how it is stored.
-#[derive(Debug, Clone)]
-struct Member {
-    name: String,
-    data_start: u64,
-    compressed_size: u64,
-    deflated: bool,
-}
-
-/// `<subset>` -> member, for every `*.jsonl` member of the archive (any directory).
-fn zip_members(path: &Path) -> Result<BTreeMap<String, Member>, DataError> {
-    let label = path.display().to_string();
-    let zerr = |msg: String| DataError::Zip {
-        path: label.clone(),
-        msg,
-    };
-    let f = File::open(path).map_err(|e| io_err(&label, e))?;
-    let mut zip = zip::ZipArchive::new(BufReader::new(f))
-        .map_err(|e| zerr(format!("not a readable zip archive: {e}")))?;
-    let mut out = BTreeMap::new();
-    for i in 0..zip.len() {
-        let m = zip
-            .by_index_raw(i)
-            .map_err(|e| zerr(format!("member {i}: {e}")))?;
-        let name = m
-            .name()
-            .map_err(|e| zerr(format!("member {i}: {e}")))?
-            .to_string();
-        let Some(stem) = name
-            .rsplit('/')
-            .next()
-            .and_then(|b| b.strip_suffix(".jsonl"))
-        else {
-            continue;
-        };
-        if name.starts_with("__MACOSX/") || stem.starts_with("._") {
-            continue;
-        }
-        if m.encrypted() {
-            return Err(zerr(format!("member {name} is encrypted")));
-        }
-        // Compared with the constants: zip is built without its codecs (kvc inflates itself),
-        // so deflate appears as `Unsupported(8)` unless another crate enables it.
-        let deflated = match m.compression() {
-            c if c == zip::CompressionMethod::STORE => false,
-            c if c == zip::CompressionMethod::DEFLATE => true,
-            other => {
-                return Err(zerr(format!(
-                    "member {name} uses compression {other:?}; kvc reads stored and deflated members (re-zip it with `zip -r data.zip data`)"
-                )))
-            }
-        };
-        let data_start = m
-            .data_start()
-            .ok_or_else(|| zerr(format!("member {name}: no data offset")))?;
-        out.insert(
-            stem.to_string(),
-            Member {
-                name: name.clone(),
-                data_start,
-                compressed_size: m.compressed_size(),
-                deflated,
-            },
-        );
-    }
-    Ok(out)
-}
-
-/// An owned stream of one member's decompressed bytes (the archive file is opened again and
-/// read from the member's offset, so nothing borrows the archive).
-fn open_member(path: &Path, m: &Member) -> Result<Box<dyn Read + Send>, DataError> {
-    let label = format!("{}!{}", path.display(), m.name);
-    let mut f = File::open(path).map_err(|e| io_err(&label, e))?;
-    f.seek(SeekFrom::Start(m.data_start))
-        .map_err(|e| io_err(&label, e))?;
-    let raw = BufReader::new(f).take(m.compressed_size);
-    Ok(if m.deflated {
-        Box::new(flate2::read::DeflateDecoder::new(raw))
-    } else {
-        Box::new(raw)
-    })
 }
 
 /// Streaming JSON-lines iterator: yields `(line number, row)`; blank lines are skipped; a bad

@@ -1,0 +1,276 @@
+//! Planning a sweep: the runs (method x budget), their groups that share a prefill, the
+//! samples of each subset and the data checks, and how many samples to batch.
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use super::{EvalError, BLOCK_SIZE};
+use crate::compress::{Budget, MethodSpec};
+use crate::data::longbench::{DataError, Dataset, Verdict};
+use crate::data::tasks::Task;
+
+/// One run of the sweep.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunPlan {
+    pub method: MethodSpec,
+    /// The directory budget (`rate1` for the full cache).
+    pub budget: Budget,
+}
+
+impl RunPlan {
+    pub fn is_full(&self) -> bool {
+        self.method.is_full()
+    }
+    /// The budget handed to [`crate::compress::runner`] (`None` for the full cache).
+    pub fn compress_budget(&self) -> Option<Budget> {
+        (!self.is_full()).then_some(self.budget)
+    }
+    /// `full/rate1`, `kvcompress/rate8`.
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.method.name, self.budget.label())
+    }
+}
+
+/// The runs of a sweep, full cache first, and notes to show (rounded budgets).
+pub fn plan_runs(
+    methods: &[MethodSpec],
+    rates: &[f64],
+    cache_tokens: &[usize],
+) -> Result<(Vec<RunPlan>, Vec<String>), EvalError> {
+    let mut notes = Vec::new();
+    for &r in rates {
+        if !(r.is_finite() && r >= 1.0) {
+            return Err(EvalError::Budget(format!(
+                "rate {r}: a compression rate is prompt KVs / kept KVs, so it must be >= 1 (1 = full cache)"
+            )));
+        }
+    }
+    let mut tokens = Vec::new();
+    for &t in cache_tokens {
+        if t == 0 {
+            return Err(EvalError::Budget(
+                "--cache-tokens 0: a cache budget must be at least one block (16 tokens)".into(),
+            ));
+        }
+        let r = t.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        if r != t {
+            notes.push(format!(
+                "cache budget {t} is not a multiple of the block size {BLOCK_SIZE}: using {r}"
+            ));
+        }
+        if !tokens.contains(&r) {
+            tokens.push(r);
+        }
+    }
+    let full = MethodSpec {
+        name: "full".into(),
+    };
+    let mut runs = vec![RunPlan {
+        method: full,
+        budget: Budget::Rate(1.0),
+    }];
+    for m in methods.iter().filter(|m| !m.is_full()) {
+        let budgets = rates
+            .iter()
+            .filter(|r| **r > 1.0)
+            .map(|r| Budget::Rate(*r))
+            .chain(tokens.iter().map(|t| Budget::Tokens(*t)));
+        for b in budgets {
+            let p = RunPlan {
+                method: m.clone(),
+                budget: b,
+            };
+            if !runs.contains(&p) {
+                runs.push(p);
+            }
+        }
+    }
+    Ok((runs, notes))
+}
+
+/// The plans of a sweep in groups that share each sample's prefill: every budget of one
+/// compressed method is one group (its prompt KVs and prefill metrics do not depend on the
+/// budget); with `share` off, every plan is a group of its own. `full` is a group of its own
+/// too, unless `full_joins`: then it is the last member of the first compressed method's group
+/// (a keep-all fork of that method's prefill, taking the prompt's own cache: no prefill and no
+/// copy of its own; kvc does this on a GPU, where `full`'s batches decode through the paged
+/// cache either way). Plan order is kept otherwise (groups by first member).
+pub fn group_plans(plans: &[RunPlan], share: bool, full_joins: bool) -> Vec<Vec<&RunPlan>> {
+    let mut groups: Vec<Vec<&RunPlan>> = Vec::new();
+    let mut full = Vec::new();
+    for p in plans {
+        if p.is_full() && share && full_joins {
+            full.push(p);
+            continue;
+        }
+        let joins = share && !p.is_full();
+        match groups
+            .iter_mut()
+            .find(|g| joins && g[0].method == p.method && !g[0].is_full())
+        {
+            Some(g) => g.push(p),
+            None => groups.push(vec![p]),
+        }
+    }
+    // `full` was held back only when joining: every group here is a compressed method's.
+    match groups.first_mut() {
+        Some(g) => g.extend(full),
+        None => groups.extend(full.into_iter().map(|p| vec![p])),
+    }
+    groups
+}
+
+/// The samples of one subset this invocation asks for, and its file's checksum verdict.
+#[derive(Debug, Clone)]
+pub struct SubsetPlan {
+    pub task: &'static Task,
+    /// Selected `_id`s in file order.
+    pub ids: Vec<String>,
+    /// Rows in the file.
+    pub n_rows: usize,
+    pub verdict: Option<Verdict>,
+}
+
+/// Validate every selected subset (all rows parse, LongBench-E rows have `length`), pick the
+/// samples (`samples` filter, then `limit` in file order) and, when `check_sums`, compare each
+/// file with the official sha256. Streams one subset at a time. Ids of `samples` found in no
+/// subset are reported by [`check_samples_found`] once RULER subsets are added too.
+pub fn inspect_data(
+    ds: &Dataset,
+    tasks: &[&'static Task],
+    limit: Option<usize>,
+    samples: Option<&BTreeSet<String>>,
+    check_sums: bool,
+) -> Result<Vec<SubsetPlan>, EvalError> {
+    for t in tasks {
+        ds.require(t.name)?;
+    }
+    let mut out = Vec::new();
+    for &task in tasks {
+        let mut ids = Vec::new();
+        let mut seen = HashSet::new();
+        let mut n_rows = 0;
+        for r in ds.rows(task.name)? {
+            let (line, row) = r?;
+            n_rows += 1;
+            if task.longbench_e && row.length.is_none() {
+                return Err(DataError::BadRow {
+                    path: ds.label(task.name),
+                    line,
+                    msg: "missing field `length` (LongBench-E buckets on it)".into(),
+                }
+                .into());
+            }
+            if samples.is_some_and(|s| !s.contains(&row.id)) {
+                continue;
+            }
+            if limit.is_some_and(|l| ids.len() >= l) || !seen.insert(row.id.clone()) {
+                continue;
+            }
+            ids.push(row.id);
+        }
+        let verdict = if check_sums {
+            Some(ds.verdict(task.name)?)
+        } else {
+            None
+        };
+        out.push(SubsetPlan {
+            task,
+            ids,
+            n_rows,
+            verdict,
+        });
+    }
+    Ok(out)
+}
+
+/// `--samples`: every requested id must be among the selected subsets' samples (LongBench rows
+/// and generated RULER rows alike); call once all subsets are planned.
+pub fn check_samples_found(
+    samples: Option<&BTreeSet<String>>,
+    subsets: &[SubsetPlan],
+) -> Result<(), EvalError> {
+    let Some(s) = samples else { return Ok(()) };
+    let found: HashSet<&str> = subsets
+        .iter()
+        .flat_map(|p| p.ids.iter().map(String::as_str))
+        .collect();
+    let missing: Vec<&str> = s
+        .iter()
+        .map(String::as_str)
+        .filter(|id| !found.contains(id))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(EvalError::SamplesNotFound {
+        missing: missing.join(", "),
+        tasks: subsets
+            .iter()
+            .map(|p| p.task.name)
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+/// Checksum verdicts as a JSON map for run.json, and the warnings for differing files.
+pub fn data_report(subsets: &[SubsetPlan]) -> (serde_json::Value, Vec<String>) {
+    let mut files = BTreeMap::new();
+    let mut warnings = Vec::new();
+    for s in subsets {
+        if let Some(v) = &s.verdict {
+            match v {
+                Verdict::Differs { sha256, official } => warnings.push(format!(
+                    "{}: the data file differs from the official LongBench file (sha256 {sha256}, official {official}); scores may not compare with published numbers",
+                    s.task.name
+                )),
+                Verdict::Mirror { .. } => warnings.push(format!(
+                    "{}: read from parquet, not the official JSONL file: its rows cannot be checked against the official sha256",
+                    s.task.name
+                )),
+                _ => {}
+            }
+            files.insert(
+                s.task.name.to_string(),
+                serde_json::to_value(v).unwrap_or_default(),
+            );
+        }
+    }
+    (serde_json::to_value(files).unwrap_or_default(), warnings)
+}
+
+/// Most samples `kvc eval` batches by default on a GPU (the SmolLM2 sweep was measured with 32).
+pub const AUTO_BATCH_MAX: usize = 32;
+
+/// Bytes the paged cache of one sample may take at `tokens` tokens of context: every head of
+/// every layer full (K, V, metric, position and table entries, [`MemoryLayout`]), twice (the
+/// prompt's cache and its forks at their budgets, which together never exceed one more full
+/// copy, as `PagedRunner::run_batched` sizes its pool).
+///
+/// [`MemoryLayout`]: crate::kvcache::blocks::MemoryLayout
+pub fn sample_kv_bytes(
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtype_bytes: usize,
+    block_size: usize,
+    tokens: usize,
+) -> u64 {
+    let bs = block_size.max(1);
+    let layout = crate::kvcache::blocks::MemoryLayout {
+        block_size: bs,
+        head_dim,
+        dtype_bytes,
+    };
+    let blocks_per_head = tokens.div_ceil(bs) as u64 + 1;
+    2 * (layers * kv_heads) as u64 * blocks_per_head * layout.bytes_per_block()
+}
+
+/// `--batch-samples` when not given: the samples whose caches ([`sample_kv_bytes`]) fit in
+/// three quarters of the device's free memory (the rest is for prefill activations and
+/// attention scores), less one sample's worth for the transient copy a fork makes; at least 1,
+/// at most [`AUTO_BATCH_MAX`]. `free`: `None` on the CPU (1).
+pub fn auto_batch_samples(free: Option<u64>, per_sample: u64) -> usize {
+    let Some(free) = free else { return 1 };
+    let per = per_sample.max(1);
+    let usable = (free / 4 * 3).saturating_sub(per);
+    ((usable / per) as usize).clamp(1, AUTO_BATCH_MAX)
+}

@@ -1,0 +1,145 @@
+use super::*;
+use crate::compress::{Budget, MethodSpec};
+use crate::eval::record::RunMeta;
+
+#[test]
+fn auto_batch_fits_free_memory() {
+    // SmolLM2-135M in bf16 at 7500 + 512 tokens: ~364 MiB per sample.
+    let smol = sample_kv_bytes(30, 3, 64, 2, 16, 8012);
+    assert!((350 << 20..380 << 20).contains(&smol), "{smol}");
+    // Llama-3.1-8B in bf16 at 127500 + 512 tokens: ~32 GiB per sample.
+    let llama = sample_kv_bytes(32, 8, 128, 2, 16, 128_012);
+    assert!((31 << 30..33 << 30).contains(&llama), "{llama}");
+    assert_eq!(auto_batch_samples(None, smol), 1, "the CPU");
+    assert_eq!(auto_batch_samples(Some(139 << 30), smol), AUTO_BATCH_MAX);
+    // An 80 GB H100 with the 8B model's 16 GB of weights loaded.
+    assert_eq!(auto_batch_samples(Some(63 << 30), llama), 1);
+    // 3/4 of 8 GiB = 6 GiB, less one sample of 1 GiB: 5.
+    assert_eq!(auto_batch_samples(Some(8 << 30), 1 << 30), 5);
+    assert_eq!(auto_batch_samples(Some(1 << 20), 1 << 30), 1);
+}
+
+fn m(n: &str) -> MethodSpec {
+    MethodSpec { name: n.into() }
+}
+
+#[test]
+fn plan_puts_full_first_once_and_rounds_token_budgets() {
+    let (runs, notes) =
+        plan_runs(&[m("full"), m("kvcompress")], &[1.0, 2.0, 8.0], &[100, 128]).unwrap();
+    let labels: Vec<_> = runs.iter().map(RunPlan::label).collect();
+    assert_eq!(
+        labels,
+        [
+            "full/rate1",
+            "kvcompress/rate2",
+            "kvcompress/rate8",
+            "kvcompress/tokens112",
+            "kvcompress/tokens128"
+        ]
+    );
+    assert_eq!(notes.len(), 1);
+    assert!(notes[0].contains("100") && notes[0].contains("112"));
+    assert!(runs[0].compress_budget().is_none());
+    assert_eq!(runs[1].compress_budget(), Some(Budget::Rate(2.0)));
+    let e = plan_runs(&[m("kvcompress")], &[0.5], &[]).unwrap_err();
+    assert!(e.to_string().contains(">= 1"), "{e}");
+    assert!(plan_runs(&[], &[f64::NAN], &[]).is_err());
+    assert!(plan_runs(&[], &[], &[0]).is_err());
+}
+
+#[test]
+fn full_joins_the_first_method_group_last_only_when_asked() {
+    let (runs, _) = plan_runs(
+        &[m("full"), m("kvcompress"), m("snapkv")],
+        &[1.0, 2.0, 8.0],
+        &[],
+    )
+    .unwrap();
+    let labels = |share, joins| -> Vec<Vec<String>> {
+        group_plans(&runs, share, joins)
+            .iter()
+            .map(|g| g.iter().map(|p| p.label()).collect())
+            .collect()
+    };
+    let (f, k2, k8) = ("full/rate1", "kvcompress/rate2", "kvcompress/rate8");
+    let (s2, s8) = ("snapkv/rate2", "snapkv/rate8");
+    assert_eq!(
+        labels(true, false),
+        vec![vec![f], vec![k2, k8], vec![s2, s8]]
+    );
+    // `full` last: its fork takes the prompt's own cache.
+    assert_eq!(labels(true, true), vec![vec![k2, k8, f], vec![s2, s8]]);
+    assert_eq!(
+        labels(false, true),
+        vec![vec![f], vec![k2], vec![k8], vec![s2], vec![s8]]
+    );
+    let (only_full, _) = plan_runs(&[m("full")], &[1.0], &[]).unwrap();
+    let g = group_plans(&only_full, true, true);
+    assert_eq!((g.len(), g[0][0].label()), (1, f.to_string()));
+}
+
+#[test]
+fn torn_last_line_is_cut_and_bad_middle_line_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("x.jsonl");
+    let good = r#"{"pred":"a","answers":["a"],"all_classes":null,"_id":"1"}"#;
+    let failed = r#"{"pred":"","answers":["a"],"all_classes":null,"_id":"2","error":"oom"}"#;
+    std::fs::write(&p, format!("{good}\n{failed}\n{{\"pred\":\"b\",\"ans")).unwrap();
+    let ex = load_existing(&p).unwrap();
+    assert_eq!(ex.done.len(), 2);
+    assert_eq!(ex.n_failed, 1);
+    assert!(ex.torn_bytes > 0);
+    assert_eq!(
+        std::fs::read_to_string(&p).unwrap(),
+        format!("{good}\n{failed}\n")
+    );
+    std::fs::write(&p, format!("{good}\nnot json\n{good}\n")).unwrap();
+    let e = load_existing(&p).unwrap_err().to_string();
+    assert!(e.contains("x.jsonl:2"), "{e}");
+    assert!(load_existing(&tmp.path().join("absent.jsonl"))
+        .unwrap()
+        .done
+        .is_empty());
+}
+
+#[test]
+fn config_mismatch_is_refused_unless_overwrite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = |max_input| RunConfig {
+        model: "m".into(),
+        model_source: "/m".into(),
+        model_revision: None,
+        dtype: "f32".into(),
+        method: "full".into(),
+        rate: Some(1.0),
+        budget_tokens: None,
+        method_options: serde_json::json!({}),
+        max_input_tokens: max_input,
+        max_new_tokens: None,
+        chat: ChatMode::Auto,
+        prompt: PROMPT_RECIPE.into(),
+    };
+    let meta = |c: RunConfig| {
+        let mut m = RunMeta::default();
+        m.extra.insert("config_hash".into(), c.hash().into());
+        m.extra
+            .insert("config".into(), serde_json::to_value(&c).unwrap());
+        m
+    };
+    let dir = tmp.path().join("run");
+    prepare_run_dir(&dir, &meta(cfg(100)), false).unwrap();
+    std::fs::write(dir.join("preds/trec.jsonl"), "{}\n").unwrap();
+    // Same configuration: resumes (keeps the file).
+    prepare_run_dir(&dir, &meta(cfg(100)), false).unwrap();
+    assert!(dir.join("preds/trec.jsonl").exists());
+    let e = prepare_run_dir(&dir, &meta(cfg(200)), false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("max_input_tokens: 100 -> 200") && e.contains("--overwrite"),
+        "{e}"
+    );
+    prepare_run_dir(&dir, &meta(cfg(200)), true).unwrap();
+    assert!(!dir.join("preds/trec.jsonl").exists());
+}
