@@ -3,6 +3,10 @@
 //! asked, compaction); only block tables and lengths go up and per-head counts and lengths come
 //! back. [`kvcompress_evict_twin`] is the same step on host slices, built from the selection in
 //! [`super::select`] that the host planners use too.
+//!
+//! One file, over the usual length, because the layer keeps one wrapper file per kernel file:
+//! the twin, the host checks and uploads, and the launches of `evict.cu`'s five kernels share
+//! private argument structs (`EvictArgs`, `CrushArgs`, `HeadsAt`).
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::kv_cache::move_slots_twin;

@@ -2,6 +2,9 @@
 //! gathers, metric/position writes and a u32 scatter. Each wrapper checks shapes and slot lists
 //! on the host, then launches on the tensors' stream in place; each `*_twin` is the same
 //! contract on host slices (the tests' oracle).
+//!
+//! One file, over the usual length, because the layer keeps one wrapper file per kernel file:
+//! the seven kernels of `kv_cache.cu` share their slot and shape checks with their twins.
 use candle_core::{DType, Result, Tensor};
 
 use super::{check_cache, check_len, check_meta, check_slots, OpsError, OpsResult};
