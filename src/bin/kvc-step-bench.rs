@@ -11,7 +11,8 @@
 //!   every sequence (`engine::step_compression`, as `decode_batch` runs it).
 //!
 //! On a GPU machine these run on the host between two forward passes, so when they exceed
-//! the forward's step time (6–12 ms for SmolLM2 on an H200) they set the decode speed.
+//! the forward's step time they set the decode speed
+//! (docs/findings/2026-12-02-continual-decode-step-breakdown.md).
 use candle_core::{DType, Device, Result, Tensor};
 use clap::Parser;
 use kvc::compress::policy::{CompressHooks, Phase, SeqView};
@@ -57,8 +58,8 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     threads: Vec<usize>,
     /// Instead: time the host side of a CUDA decode step's block tables (append one token to
-    /// every head, tables for every layer, checks, uploads; no device), per layer as before
-    /// 2026-12-03 against `StepTables` kept between steps. `--ctx` is then the tokens per head.
+    /// every head, tables for every layer, checks, uploads; no device), built per layer against
+    /// `StepTables` kept between steps. `--ctx` is then the tokens per head.
     #[arg(long)]
     decode_tables: bool,
 }

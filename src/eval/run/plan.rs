@@ -237,7 +237,8 @@ pub fn data_report(subsets: &[SubsetPlan]) -> (serde_json::Value, Vec<String>) {
     (serde_json::to_value(files).unwrap_or_default(), warnings)
 }
 
-/// Most samples `kvc eval` batches by default on a GPU (the SmolLM2 sweep was measured with 32).
+/// Most samples `kvc eval` batches by default on a GPU (larger batches do not pay:
+/// docs/findings/2026-12-03-bigger-batches-do-not-pay.md).
 pub const AUTO_BATCH_MAX: usize = 32;
 
 /// Bytes the paged cache of one sample may take at `tokens` tokens of context: every head of

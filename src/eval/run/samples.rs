@@ -139,8 +139,8 @@ fn prepare_chunk(
     recs: &mut [Vec<PredRecord>],
 ) -> Vec<(usize, Prepared)> {
     // Prompts that can run: (sample index, prepared). Built on all cores: tokenizing a
-    // LongBench zh context (20-30k tokens before the middle cut) twice takes tens of ms, and
-    // one at a time the sweep's 600 prompts were ~8 s of a ~110 s GPU sweep with the GPU idle.
+    // LongBench zh context (20-30k tokens before the middle cut) twice takes tens of ms, which
+    // one prompt at a time kept a GPU idle (docs/findings/2026-12-03-serial-prompt-building.md).
     let mut clock = crate::profile::start(&lm.model.device);
     let built: Vec<Result<Prepared, String>> = {
         use rayon::prelude::*;

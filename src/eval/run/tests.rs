@@ -12,7 +12,7 @@ fn auto_batch_fits_free_memory() {
     assert!((31 << 30..33 << 30).contains(&llama), "{llama}");
     assert_eq!(auto_batch_samples(None, smol), 1, "the CPU");
     assert_eq!(auto_batch_samples(Some(139 << 30), smol), AUTO_BATCH_MAX);
-    // An 80 GB H100 with the 8B model's 16 GB of weights loaded.
+    // An 80 GB card with the 8B model's 16 GB of weights loaded.
     assert_eq!(auto_batch_samples(Some(63 << 30), llama), 1);
     // 3/4 of 8 GiB = 6 GiB, less one sample of 1 GiB: 5.
     assert_eq!(auto_batch_samples(Some(8 << 30), 1 << 30), 5);
