@@ -264,14 +264,3 @@ pub fn sample_kv_bytes(
     let blocks_per_head = tokens.div_ceil(bs) as u64 + 1;
     2 * (layers * kv_heads) as u64 * blocks_per_head * layout.bytes_per_block()
 }
-
-/// `--batch-samples` when not given: the samples whose caches ([`sample_kv_bytes`]) fit in
-/// three quarters of the device's free memory (the rest is for prefill activations and
-/// attention scores), less one sample's worth for the transient copy a fork makes; at least 1,
-/// at most [`AUTO_BATCH_MAX`]. `free`: `None` on the CPU (1).
-pub fn auto_batch_samples(free: Option<u64>, per_sample: u64) -> usize {
-    let Some(free) = free else { return 1 };
-    let per = per_sample.max(1);
-    let usable = (free / 4 * 3).saturating_sub(per);
-    ((usable / per) as usize).clamp(1, AUTO_BATCH_MAX)
-}

@@ -3,20 +3,24 @@ use crate::compress::{Budget, MethodSpec};
 use crate::eval::record::RunMeta;
 
 #[test]
-fn auto_batch_fits_free_memory() {
+fn sample_kv_bytes_and_the_memory_plan_at_real_shapes() {
+    use crate::eval::memory::MemoryPlan;
     // SmolLM2-135M in bf16 at 7500 + 512 tokens: ~364 MiB per sample.
     let smol = sample_kv_bytes(30, 3, 64, 2, 16, 8012);
     assert!((350 << 20..380 << 20).contains(&smol), "{smol}");
     // Llama-3.1-8B in bf16 at 127500 + 512 tokens: ~32 GiB per sample.
     let llama = sample_kv_bytes(32, 8, 128, 2, 16, 128_012);
     assert!((31 << 30..33 << 30).contains(&llama), "{llama}");
-    assert_eq!(auto_batch_samples(None, smol), 1, "the CPU");
-    assert_eq!(auto_batch_samples(Some(139 << 30), smol), AUTO_BATCH_MAX);
-    // An 80 GB card with the 8B model's 16 GB of weights loaded.
-    assert_eq!(auto_batch_samples(Some(63 << 30), llama), 1);
-    // 3/4 of 8 GiB = 6 GiB, less one sample of 1 GiB: 5.
-    assert_eq!(auto_batch_samples(Some(8 << 30), 1 << 30), 5);
-    assert_eq!(auto_batch_samples(Some(1 << 20), 1 << 30), 1);
+    let act = |c: usize| (c as u64) << 17; // 128 KiB per prefill token
+    let plan = |free: u64, per: u64| MemoryPlan::new(free, 0, (1, per), act, 8192, None);
+    assert_eq!(plan(139 << 30, smol).batch, AUTO_BATCH_MAX);
+    // An 80 GB card with the 8B model's 16 GB of weights loaded: one 128k sample.
+    let p = plan(63 << 30, llama);
+    assert_eq!(p.batch, 1);
+    assert!(p.one_sample_fits(), "{}", p.describe());
+    // 8 GiB less 1 GiB of activations and 1 GiB of headroom, less one sample of 1 GiB: 5.
+    assert_eq!(plan(8 << 30, 1 << 30).batch, 5);
+    assert_eq!(plan(1 << 20, 1 << 30).batch, 1);
 }
 
 fn m(n: &str) -> MethodSpec {
