@@ -750,3 +750,50 @@ fn ruler_only_run_reads_no_longbench_files() {
     assert!(text(&o).contains("RULER only"), "{}", text(&o));
     assert!(f.out.join("scores.csv").is_file());
 }
+
+#[test]
+fn paper_preset_runs_budget_pairs_and_writes_the_paper_table() {
+    let f = fixture();
+    let o = f.run(
+        &[
+            "--methods",
+            "kvcompress",
+            "--rates",
+            "1",
+            "--cache-tokens",
+            "32",
+            "--preset",
+            "paper-llama-8b",
+            "--tasks",
+            "hotpotqa",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    for (budget, once) in [("tokens32", true), ("tokens16", true)] {
+        let meta: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(f.out.join(format!("tiny/kvcompress/{budget}/run.json")))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(meta["preset"], "paper-llama-8b", "{budget}");
+        let opts = &meta["config"]["method_options"];
+        assert_eq!(opts["compress_once"], once, "{budget}");
+        assert_eq!(
+            (
+                opts["kvc_window"].as_u64(),
+                opts["protected_window"].as_u64()
+            ),
+            (Some(8), Some(8))
+        );
+    }
+    let table = std::fs::read_to_string(f.out.join("paper_fixed_budget.csv")).unwrap();
+    assert!(
+        table.lines().any(|l| l.contains("kvcompress,32,all")),
+        "{table}"
+    );
+    // The preset sets the KV-Compress flags: giving one beside it is refused.
+    let o = f.run(&["--preset", "paper-llama-8b", "--kvc-window", "4"], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--kvc-window"), "{}", text(&o));
+}

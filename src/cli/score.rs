@@ -218,6 +218,11 @@ fn score_tree(
     tables::write_csv(&summary_path, &t.summary)?;
     crate::report::heatmap::write_depth_csv(&args.dir, &t)?;
     crate::report::allocation::write_alloc_csv(&args.dir, &t)?;
+    crate::report::paper_table::write_paper_fixed_budget(
+        &args.dir,
+        &t.rows,
+        crate::kvcache::paged::DEFAULT_BLOCK_SIZE,
+    )?;
     if args.json {
         let _ = writeln!(
             out,

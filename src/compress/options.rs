@@ -16,6 +16,55 @@ pub enum CompressOn {
     Device,
 }
 
+/// The KV-Compress paper's settings by name, as its reference implementation's experiment
+/// scripts run them (`experiments/scripts/run_llama_8b.sh`, `run_llama_70b.sh`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// Llama-3.1-8B's LongBench runs: observation window 8, protected window 8, L2-sum with
+    /// max-pool 7; rates compress continually; fixed budgets (`--cache-tokens M`) compress once
+    /// and run at M and M-16, whose scores the paper's table averages
+    /// (`paper_fixed_budget.csv`).
+    #[value(name = "paper-llama-8b")]
+    #[serde(rename = "paper-llama-8b")]
+    PaperLlama8b,
+    /// Llama-3.1-70B's LongBench runs: windows of 32, continual compression.
+    #[value(name = "paper-llama-70b")]
+    #[serde(rename = "paper-llama-70b")]
+    PaperLlama70b,
+}
+
+impl Preset {
+    /// The method options of the preset on top of `base` (the flags it sets must not be given:
+    /// clap refuses them beside `--preset`).
+    pub fn apply(self, base: &MethodOptions) -> MethodOptions {
+        let window = match self {
+            Preset::PaperLlama8b => 8,
+            Preset::PaperLlama70b => 32,
+        };
+        MethodOptions {
+            kvc_window: window,
+            protected_window: window,
+            kvc_metric: super::scorer::Agg::L2Sum,
+            max_pool: 7,
+            kvc_buffer: 0,
+            compress_once: false,
+            ..base.clone()
+        }
+    }
+
+    /// Whether fixed budgets compress once after prefill (rates always compress continually).
+    pub fn fixed_budgets_compress_once(self) -> bool {
+        true
+    }
+
+    /// Whether each fixed budget M also runs at M - block size (the paper's table averages
+    /// the two).
+    pub fn fixed_budgets_paired(self) -> bool {
+        matches!(self, Preset::PaperLlama8b)
+    }
+}
+
 /// Method parameters shared by `kvc eval` and `kvc bench` (flattened into their clap args):
 /// each method's paper defaults, overridable by flags. `Default` equals the flags' defaults.
 #[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]

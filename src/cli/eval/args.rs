@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::super::model_args::ModelArgs;
-use crate::compress::MethodOptions;
+use crate::compress::{MethodOptions, Preset};
 use crate::eval::run::ChatMode;
 
 #[derive(Args, Debug)]
@@ -134,6 +134,13 @@ pub struct SweepArgs {
     /// outputs may differ in rare tokens). Ctrl-C finishes the samples in flight.
     #[arg(long, value_parser = crate::compress::positive)]
     pub batch_samples: Option<usize>,
+    /// The KV-Compress paper's settings by name, as its reference implementation runs them:
+    /// paper-llama-8b (observation and protected windows of 8; rates compress continually,
+    /// --cache-tokens budgets compress once and each budget M runs at M-16 too, the pair the
+    /// paper's table averages: paper_fixed_budget.csv), paper-llama-70b (windows of 32).
+    /// Recorded in run.json; it sets the KV-Compress flags, which cannot be given beside it.
+    #[arg(long, value_enum, conflicts_with_all = ["kvc_window", "protected_window", "compress_once", "kvc_metric", "max_pool", "kvc_buffer"])]
+    pub preset: Option<Preset>,
     #[command(flatten)]
     pub method_options: MethodOptions,
 }

@@ -77,7 +77,10 @@ struct Loaded {
 }
 
 /// Run `kvc eval` (the module docs give the phases).
-pub fn run(args: EvalArgs) -> anyhow::Result<Status> {
+pub fn run(mut args: EvalArgs) -> anyhow::Result<Status> {
+    if let Some(p) = args.sweep.preset {
+        args.sweep.method_options = p.apply(&args.sweep.method_options);
+    }
     let note = Note(args.output.quiet);
     let mut sel = select(&args, &note)?;
     let mut m = load(&args, &sel.plans, &note)?;
@@ -158,7 +161,12 @@ fn select(args: &EvalArgs, note: &Note) -> anyhow::Result<Selection> {
         None if bundled => vec![1.0, 2.0, 4.0, 8.0, 64.0],
         None => vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
     };
-    let (plans, notes) = run::plan_runs(&methods, &rates, &args.sweep.cache_tokens)?;
+    let (plans, notes) = run::plan_runs(
+        &methods,
+        &rates,
+        &args.sweep.cache_tokens,
+        args.sweep.preset,
+    )?;
     for n in &notes {
         eprintln!("note: {n}");
     }
@@ -286,7 +294,7 @@ fn load(args: &EvalArgs, plans: &[RunPlan], note: &Note) -> anyhow::Result<Loade
             &p.method,
             p.compress_budget(),
             lm.config(),
-            &args.sweep.method_options,
+            &p.options(&args.sweep.method_options),
         )
         .with_context(|| format!("run {}", p.label()))?;
     }
@@ -436,7 +444,6 @@ struct MetaBuilder<'a> {
     model_source: String,
     dtype: String,
     device: String,
-    method_options: serde_json::Value,
     max_input: usize,
     data: serde_json::Value,
     warnings: &'a [String],
@@ -501,7 +508,6 @@ impl<'a> MetaBuilder<'a> {
             model_source,
             dtype: format!("{dtype:?}").to_lowercase(),
             device: format!("{device:?}"),
-            method_options: serde_json::to_value(&args.sweep.method_options)?,
             max_input,
             data,
             warnings: &sel.data_warnings,
@@ -526,7 +532,8 @@ impl<'a> MetaBuilder<'a> {
             method: p.method.name.clone(),
             rate,
             budget_tokens,
-            method_options: self.method_options.clone(),
+            method_options: serde_json::to_value(p.options(&self.args.sweep.method_options))
+                .unwrap_or_default(),
             max_input_tokens: self.max_input,
             max_new_tokens: self.args.generation.max_new_tokens,
             chat: self.args.generation.chat,
@@ -563,6 +570,7 @@ impl<'a> MetaBuilder<'a> {
             x.insert("ruler".into(), r.clone());
         }
         x.insert("limit".into(), serde_json::json!(self.args.data.limit));
+        x.insert("preset".into(), serde_json::json!(self.args.sweep.preset));
         x.insert("scheduling".into(), self.scheduling.clone());
         x.insert("command".into(), serde_json::json!(self.argv));
         x.insert("updated_unix".into(), serde_json::json!(now));

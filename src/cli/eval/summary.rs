@@ -142,6 +142,11 @@ fn draw_plots(
             Err(e) => eprintln!("warning: RULER depth plot: {e}"),
         }
     }
+    crate::report::paper_table::write_paper_fixed_budget(
+        out_dir,
+        &t.rows,
+        crate::kvcache::paged::DEFAULT_BLOCK_SIZE,
+    )?;
     let alloc_rows: Vec<_> = crate::report::allocation::write_alloc_csv(out_dir, t)?
         .into_iter()
         .filter(|r| r.model == model)

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use super::{EvalError, BLOCK_SIZE};
-use crate::compress::{Budget, MethodSpec};
+use crate::compress::{Budget, MethodOptions, MethodSpec, Preset};
 use crate::data::longbench::{DataError, Dataset, Verdict};
 use crate::data::tasks::Task;
 
@@ -13,6 +13,8 @@ pub struct RunPlan {
     pub method: MethodSpec,
     /// The directory budget (`rate1` for the full cache).
     pub budget: Budget,
+    /// Compress once after prefill whatever `--compress-once` says (a preset's fixed budgets).
+    pub compress_once: bool,
 }
 
 impl RunPlan {
@@ -23,17 +25,27 @@ impl RunPlan {
     pub fn compress_budget(&self) -> Option<Budget> {
         (!self.is_full()).then_some(self.budget)
     }
+    /// The method options of this run: `base` with its own overrides.
+    pub fn options(&self, base: &MethodOptions) -> MethodOptions {
+        MethodOptions {
+            compress_once: base.compress_once || self.compress_once,
+            ..base.clone()
+        }
+    }
     /// `full/rate1`, `kvcompress/rate8`.
     pub fn label(&self) -> String {
         format!("{}/{}", self.method.name, self.budget.label())
     }
 }
 
-/// The runs of a sweep, full cache first, and notes to show (rounded budgets).
+/// The runs of a sweep, full cache first, and notes to show (rounded budgets). With a
+/// `preset`, fixed budgets compress once and, where the preset pairs them, each budget M also
+/// runs at M - [`BLOCK_SIZE`].
 pub fn plan_runs(
     methods: &[MethodSpec],
     rates: &[f64],
     cache_tokens: &[usize],
+    preset: Option<Preset>,
 ) -> Result<(Vec<RunPlan>, Vec<String>), EvalError> {
     let mut notes = Vec::new();
     for &r in rates {
@@ -56,16 +68,21 @@ pub fn plan_runs(
                 "cache budget {t} is not a multiple of the block size {BLOCK_SIZE}: using {r}"
             ));
         }
-        if !tokens.contains(&r) {
-            tokens.push(r);
+        let paired = preset.is_some_and(|p| p.fixed_budgets_paired()) && r > BLOCK_SIZE;
+        for t in std::iter::once(r).chain(paired.then(|| r - BLOCK_SIZE)) {
+            if !tokens.contains(&t) {
+                tokens.push(t);
+            }
         }
     }
+    let once = preset.is_some_and(|p| p.fixed_budgets_compress_once());
     let full = MethodSpec {
         name: "full".into(),
     };
     let mut runs = vec![RunPlan {
         method: full,
         budget: Budget::Rate(1.0),
+        compress_once: false,
     }];
     for m in methods.iter().filter(|m| !m.is_full()) {
         let budgets = rates
@@ -77,6 +94,7 @@ pub fn plan_runs(
             let p = RunPlan {
                 method: m.clone(),
                 budget: b,
+                compress_once: once && matches!(b, Budget::Tokens(_)),
             };
             if !runs.contains(&p) {
                 runs.push(p);
@@ -102,10 +120,12 @@ pub fn group_plans(plans: &[RunPlan], share: bool, full_joins: bool) -> Vec<Vec<
             continue;
         }
         let joins = share && !p.is_full();
-        match groups
-            .iter_mut()
-            .find(|g| joins && g[0].method == p.method && !g[0].is_full())
-        {
+        match groups.iter_mut().find(|g| {
+            joins
+                && g[0].method == p.method
+                && g[0].compress_once == p.compress_once
+                && !g[0].is_full()
+        }) {
             Some(g) => g.push(p),
             None => groups.push(vec![p]),
         }

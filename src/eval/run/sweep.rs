@@ -110,7 +110,7 @@ pub fn run_group(
         &lead.method,
         lead.compress_budget(),
         lm.config(),
-        sw.method_options,
+        &lead.options(sw.method_options),
     )
     .map_err(|e| EvalError::Method(format!("{e:#}")))?;
     let mut outs = Vec::with_capacity(plans.len());

@@ -29,8 +29,13 @@ fn m(n: &str) -> MethodSpec {
 
 #[test]
 fn plan_puts_full_first_once_and_rounds_token_budgets() {
-    let (runs, notes) =
-        plan_runs(&[m("full"), m("kvcompress")], &[1.0, 2.0, 8.0], &[100, 128]).unwrap();
+    let (runs, notes) = plan_runs(
+        &[m("full"), m("kvcompress")],
+        &[1.0, 2.0, 8.0],
+        &[100, 128],
+        None,
+    )
+    .unwrap();
     let labels: Vec<_> = runs.iter().map(RunPlan::label).collect();
     assert_eq!(
         labels,
@@ -46,10 +51,49 @@ fn plan_puts_full_first_once_and_rounds_token_budgets() {
     assert!(notes[0].contains("100") && notes[0].contains("112"));
     assert!(runs[0].compress_budget().is_none());
     assert_eq!(runs[1].compress_budget(), Some(Budget::Rate(2.0)));
-    let e = plan_runs(&[m("kvcompress")], &[0.5], &[]).unwrap_err();
+    let e = plan_runs(&[m("kvcompress")], &[0.5], &[], None).unwrap_err();
     assert!(e.to_string().contains(">= 1"), "{e}");
-    assert!(plan_runs(&[], &[f64::NAN], &[]).is_err());
-    assert!(plan_runs(&[], &[], &[0]).is_err());
+    assert!(plan_runs(&[], &[f64::NAN], &[], None).is_err());
+    assert!(plan_runs(&[], &[], &[0], None).is_err());
+}
+
+#[test]
+fn paper_preset_pairs_fixed_budgets_and_compresses_them_once() {
+    use crate::compress::{MethodOptions, Preset};
+    let (runs, _) = plan_runs(
+        &[m("kvcompress")],
+        &[1.0, 8.0],
+        &[128, 1024],
+        Some(Preset::PaperLlama8b),
+    )
+    .unwrap();
+    let labels: Vec<String> = runs.iter().map(|p| p.label()).collect();
+    assert_eq!(
+        labels,
+        [
+            "full/rate1",
+            "kvcompress/rate8",
+            "kvcompress/tokens128",
+            "kvcompress/tokens112",
+            "kvcompress/tokens1024",
+            "kvcompress/tokens1008"
+        ]
+    );
+    let base = Preset::PaperLlama8b.apply(&MethodOptions::default());
+    assert_eq!((base.kvc_window, base.protected_window), (8, 8));
+    for p in &runs[1..] {
+        let fixed = matches!(p.budget, Budget::Tokens(_));
+        assert_eq!(p.options(&base).compress_once, fixed, "{}", p.label());
+    }
+    // Continual and compress-once runs of a method do not share a prefill group.
+    let groups: Vec<usize> = group_plans(&runs, true, false)
+        .iter()
+        .map(Vec::len)
+        .collect();
+    assert_eq!(groups, [1, 1, 4]);
+    // The 70B preset keeps fixed budgets unpaired.
+    let (r70, _) = plan_runs(&[m("kvcompress")], &[], &[256], Some(Preset::PaperLlama70b)).unwrap();
+    assert_eq!(r70.len(), 2);
 }
 
 #[test]
@@ -58,6 +102,7 @@ fn full_joins_the_first_method_group_last_only_when_asked() {
         &[m("full"), m("kvcompress"), m("snapkv")],
         &[1.0, 2.0, 8.0],
         &[],
+        None,
     )
     .unwrap();
     let labels = |share, joins| -> Vec<Vec<String>> {
@@ -78,7 +123,7 @@ fn full_joins_the_first_method_group_last_only_when_asked() {
         labels(false, true),
         vec![vec![f], vec![k2], vec![k8], vec![s2], vec![s8]]
     );
-    let (only_full, _) = plan_runs(&[m("full")], &[1.0], &[]).unwrap();
+    let (only_full, _) = plan_runs(&[m("full")], &[1.0], &[], None).unwrap();
     let g = group_plans(&only_full, true, true);
     assert_eq!((g.len(), g[0][0].label()), (1, f.to_string()));
 }
