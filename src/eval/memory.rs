@@ -72,9 +72,14 @@ impl MemoryPlan {
         }
     }
 
+    /// Bytes free for samples' caches beside the activations and [`HEADROOM`].
+    pub fn cache_room(&self) -> u64 {
+        self.free.saturating_sub(self.activations + HEADROOM)
+    }
+
     /// Whether one sample at the longest context fits beside the activations.
     pub fn one_sample_fits(&self) -> bool {
-        self.activations + HEADROOM + self.kv_per_sample <= self.free
+        self.kv_per_sample <= self.cache_room()
     }
 
     /// One line for stderr.
@@ -99,7 +104,7 @@ impl MemoryPlan {
                 "the longest context ({} tokens) needs {} bytes of paged cache, {} are free beside the activations: samples that long will fail (recorded per sample); lower --max-input-tokens or --prefill-chunk",
                 self.tokens,
                 self.kv_per_sample,
-                self.free.saturating_sub(self.activations + HEADROOM)
+                self.cache_room()
             )
         })
     }

@@ -99,6 +99,7 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<Status> {
                 eprintln!("warning: {w}");
             }
             settings.prefill_chunk = plan.chunk;
+            settings.cache_room = Some((plan.cache_room(), args.sweep.method_options.block_size));
             plan.batch
         }
         None => args.sweep.batch_samples.unwrap_or(1),
@@ -341,6 +342,7 @@ fn sample_settings(args: &EvalArgs, m: &Loaded, max_input: usize) -> SampleSetti
             None => 512,
         },
         dump_allocation: args.output.dump_allocation,
+        cache_room: None,
     }
 }
 

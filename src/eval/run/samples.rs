@@ -33,6 +33,10 @@ pub struct SampleSettings {
     pub prefill_chunk: usize,
     /// Record `kept_per_head` in every compressed row.
     pub dump_allocation: bool,
+    /// Device bytes one sample's paged cache may take (the memory plan's room beside the
+    /// activations; `None`: unchecked, as on the CPU) and the cache's block size: a sample
+    /// whose cache cannot fit fails alone, its rows naming the bytes.
+    pub cache_room: Option<(u64, usize)>,
 }
 
 /// The row every run of `plan` writes for `row` before generating (no prediction yet).
@@ -167,8 +171,12 @@ fn prepare_chunk(
                 r.prefill_shared = Some(need.len());
             }
         }
-        match &prepared.too_long {
-            Some(e) => fail(&mut recs[i], e),
+        match prepared
+            .too_long
+            .clone()
+            .or_else(|| cache_shortfall(lm, task, s, prepared.ids.len()))
+        {
+            Some(e) => fail(&mut recs[i], &e),
             None => ready.push((i, prepared)),
         }
     }
@@ -212,6 +220,32 @@ struct Prepared {
     truncated: bool,
     /// The prompt does not fit the model's context (the rows record the prompt, then fail).
     too_long: Option<String>,
+}
+
+/// Why a prompt of `prompt` tokens cannot run: its paged cache (at the prompt plus the
+/// subset's new tokens, [`super::sample_kv_bytes`]) exceeds `s.cache_room`.
+fn cache_shortfall(
+    lm: &LoadedModel,
+    task: &Task,
+    s: &SampleSettings,
+    prompt: usize,
+) -> Option<String> {
+    let (room, block_size) = s.cache_room?;
+    let c = lm.config();
+    let tokens = prompt + s.max_new_tokens.unwrap_or(task.max_new_tokens);
+    let need = super::sample_kv_bytes(
+        c.num_hidden_layers,
+        c.num_key_value_heads,
+        c.head_dim,
+        lm.model.dtype.size_in_bytes(),
+        block_size,
+        tokens,
+    );
+    (need > room).then(|| {
+        format!(
+            "out of device memory: the paged cache of {tokens} tokens needs {need} bytes, {room} are free beside the activations: lower --max-input-tokens or --prefill-chunk"
+        )
+    })
 }
 
 fn prepare(
@@ -329,4 +363,55 @@ fn fill(
     rec.decode_ms = Some(g.decode_ms);
     rec.decode_times = Some(g.decode_times);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tiny::{write_hf_dir, TinySpec};
+
+    #[test]
+    fn a_sample_whose_cache_cannot_fit_names_the_bytes() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_hf_dir(tmp.path(), &TinySpec::default(), 1).unwrap();
+        let resolved = crate::hub::ResolvedModel {
+            source: crate::hub::ModelSource::HfDir(tmp.path().into()),
+            name: "tiny".into(),
+            hub_id: None,
+            revision: None,
+        };
+        let lm = crate::model::load(
+            &resolved,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )
+        .unwrap();
+        let task = crate::data::tasks::task("hotpotqa").unwrap();
+        let mut s = SampleSettings {
+            max_input_tokens: 1000,
+            max_new_tokens: Some(10),
+            chat: ChatMode::Never,
+            prefill_chunk: 64,
+            dump_allocation: false,
+            cache_room: None,
+        };
+        assert_eq!(cache_shortfall(&lm, task, &s, 500), None, "unchecked");
+        let c = lm.config();
+        let need = super::super::sample_kv_bytes(
+            c.num_hidden_layers,
+            c.num_key_value_heads,
+            c.head_dim,
+            4,
+            16,
+            510,
+        );
+        s.cache_room = Some((need, 16));
+        assert_eq!(cache_shortfall(&lm, task, &s, 500), None, "fits exactly");
+        s.cache_room = Some((need - 1, 16));
+        let e = cache_shortfall(&lm, task, &s, 500).unwrap();
+        assert!(
+            e.contains(&need.to_string()) && e.contains("510 tokens"),
+            "{e}"
+        );
+    }
 }
