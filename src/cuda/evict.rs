@@ -109,18 +109,7 @@ pub fn kvcompress_evict_twin<T: Copy>(
         if evict.is_empty() {
             continue;
         }
-        let len = slots[h].len();
-        let mut gone = vec![false; len];
-        for &e in evict {
-            gone[e] = true;
-        }
-        let new_len = len - evict.len();
-        let holes = (0..new_len).filter(|&i| gone[i]);
-        let tail = (new_len..len).rev().filter(|&i| !gone[i]);
-        let (from, to): (Vec<u32>, Vec<u32>) = holes
-            .zip(tail)
-            .map(|(hole, t)| (slots[h][t] as u32, slots[h][hole] as u32))
-            .unzip();
+        let (from, to) = compaction_moves(&slots[h], evict);
         move_slots_twin(
             k_cache,
             v_cache,
@@ -130,12 +119,30 @@ pub fn kvcompress_evict_twin<T: Copy>(
             &to,
             head_dim,
         )?;
-        ctx_lens[h] = new_len as u32;
+        ctx_lens[h] -= evict.len() as u32;
     }
     Ok(EvictStep {
         counts: counts.into_iter().map(|c| c as u32).collect(),
         new_lens: ctx_lens.to_vec(),
     })
+}
+
+/// The compaction of one head that evicts the logical slots `evict` (distinct) of its
+/// physical `slots`: tail survivors, tail-most first, move into the lowest holes, so the head
+/// keeps its first `slots.len() - evict.len()` logical slots. (from, to) physical slots.
+fn compaction_moves(slots: &[usize], evict: &[usize]) -> (Vec<u32>, Vec<u32>) {
+    let len = slots.len();
+    let mut gone = vec![false; len];
+    for &e in evict {
+        gone[e] = true;
+    }
+    let new_len = len - evict.len();
+    let holes = (0..new_len).filter(|&i| gone[i]);
+    let tail = (new_len..len).rev().filter(|&i| !gone[i]);
+    holes
+        .zip(tail)
+        .map(|(hole, t)| (slots[t] as u32, slots[hole] as u32))
+        .unzip()
 }
 
 /// One sequence of a batched eviction step ([`kvcompress_evict_batch`]).
