@@ -3,7 +3,7 @@ safetensors sharded by save_pretrained, config.json, generation_config.json, tok
 on the GPU machine itself (an 8B checkpoint is 16 GB: write it there, never carry it).
 
     python3 scripts/gpu/make_checkpoint.py ARCH OUT_DIR [--rope-format v5|legacy]
-        [--tokenizer-model PATH] [--layers N] [--seed S]
+        [--tokenizer-model PATH] [--tokenizer-dir DIR] [--layers N] [--seed S]
 
 ARCH: llama-3.1-8b | llama-3.1-70b | mistral-7b (Mistral-7B-Instruct-v0.2). The config values are
 the hub's config.json of those models. --rope-format v5 (default) keeps what transformers >= 5
@@ -12,7 +12,9 @@ writes (`rope_parameters`); legacy rewrites config.json with top-level `rope_the
 when reporting). Llama needs Meta's tiktoken `tokenizer.model` (scripts/fetch-llama3-tokenizer.sh):
 it is converted to tokenizer.json by transformers' TikTokenConverter (needs the `tiktoken`
 package) and tokenizer_config.json gets Llama-3.1-Instruct's chat template; the tiktoken file is
-kept beside it. Mistral gets no tokenizer (feed prompt ids).
+kept beside it. Mistral takes --tokenizer-dir: the directory `scripts/fetch-mistral-tokenizer.sh`
+writes (Mistral-7B's 32000-token SentencePiece model converted to tokenizer.json, with
+Mistral-7B-Instruct-v0.2's chat template), copied in.
 Weights are random (normal, initializer_range): outputs are noise, for parity/memory/speed only.
 """
 import argparse
@@ -87,6 +89,7 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--rope-format", choices=["v5", "legacy"], default="v5")
     ap.add_argument("--tokenizer-model")
+    ap.add_argument("--tokenizer-dir")
     ap.add_argument("--layers", type=int)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -108,6 +111,11 @@ def main():
         if not a.tokenizer_model:
             raise SystemExit("llama needs --tokenizer-model (Meta's tiktoken tokenizer.model)")
         write_llama_tokenizer(a.out, a.tokenizer_model)
+    else:
+        if not a.tokenizer_dir:
+            raise SystemExit("mistral needs --tokenizer-dir (scripts/fetch-mistral-tokenizer.sh)")
+        for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+            shutil.copy(os.path.join(a.tokenizer_dir, f), os.path.join(a.out, f))
     cfg = json.load(open(os.path.join(a.out, "config.json")))
     print(json.dumps({"out": a.out, "rope": {k: cfg.get(k) for k in
                       ("rope_parameters", "rope_theta", "rope_scaling")},

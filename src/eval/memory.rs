@@ -2,6 +2,7 @@
 //! needs at the longest prompt, what a prefill chunk's activations need, and from that the
 //! prefill chunk and the samples per batch. Printed at the start of a GPU run; a sample whose
 //! cache cannot fit then fails on its own (a recorded failure naming the bytes), never the run.
+use crate::kvcache::Probe;
 use crate::model::config::Config;
 
 /// Bytes kept free beside the plan (CUDA context, cuBLAS workspaces, allocator slack).
@@ -36,6 +37,26 @@ pub fn prefill_activation_bytes(cfg: &Config, dtype_bytes: usize, chunk: usize) 
     let qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim;
     let per_token = 4 * cfg.hidden_size + qkv + 3 * cfg.intermediate_size;
     2 * (chunk * per_token * dtype_bytes) as u64
+}
+
+/// Query rows of one prefill chunk whose attention a policy observes: none, every row (H2O's
+/// one-chunk prefill: the whole prompt), or its window of last queries, cut to the chunk when
+/// the policy scores the window in query blocks (`splits`, [`crate::engine::Hooks::prefill_probe_splits`];
+/// KVC-full's whole-prompt window), else whole (the last chunk grows to hold it).
+pub fn probed_rows(probe: Probe, splits: bool, chunk: usize, prompt: usize) -> usize {
+    match probe {
+        Probe::None => 0,
+        Probe::All => prompt,
+        Probe::LastQueries(w) if splits && w > chunk => chunk,
+        Probe::LastQueries(w) => w.min(prompt),
+    }
+}
+
+/// Bytes of the observed attention of `rows` probed queries of `heads` query heads over `keys`
+/// keys: the f32 probabilities handed to the policy plus the scores and their softmax in the
+/// run dtype (the unfused window path of [`crate::kvcache::paged`]).
+pub fn probe_bytes(heads: usize, rows: usize, keys: usize, dtype_bytes: usize) -> u64 {
+    (rows * heads) as u64 * keys as u64 * (4 + 2 * dtype_bytes) as u64
 }
 
 impl MemoryPlan {
@@ -128,6 +149,28 @@ mod tests {
         assert!(p.one_sample_fits() && p.shortfall().is_none());
         let p = MemoryPlan::new(40 * GIB, 0, (1000, 2 * GIB), act, 8192, Some(3));
         assert_eq!(p.batch, 3);
+    }
+
+    #[test]
+    fn a_whole_prompt_window_is_planned_in_chunk_rows() {
+        // KVC-full at 128k on Llama-3.1-8B (32 query heads, bf16): a window longer than the
+        // chunk is observed chunk by chunk, so its rows follow the chunk...
+        let rows = |chunk| probed_rows(Probe::LastQueries(usize::MAX), true, chunk, 127_500);
+        assert_eq!(rows(1024), 1024);
+        let act = |c: usize| probe_bytes(32, rows(c), 127_500, 2);
+        // ...and the plan halves the chunk to the floor for it: 512 rows x 32 heads x 127,500
+        // keys x 8 bytes = 15.6 GiB.
+        let p = MemoryPlan::new(60 * GIB, 16 * GIB, (127_500, 16 * GIB), act, 8192, None);
+        assert_eq!(p.chunk, MIN_CHUNK);
+        assert_eq!(p.activations, 512 * 32 * 127_500 * 8);
+        // A window the policy scores whole (max-pool needs the whole window) stays whole.
+        assert_eq!(
+            probed_rows(Probe::LastQueries(5000), false, 1024, 127_500),
+            5000
+        );
+        assert_eq!(probed_rows(Probe::LastQueries(32), true, 1024, 127_500), 32);
+        assert_eq!(probed_rows(Probe::All, false, 1024, 9000), 9000);
+        assert_eq!(probed_rows(Probe::None, false, 1024, 9000), 0);
     }
 
     #[test]

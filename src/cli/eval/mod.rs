@@ -23,7 +23,7 @@ use crate::compress::{self, MethodSpec};
 use crate::data::longbench::{Dataset, Row};
 use crate::data::ruler::RulerTask;
 use crate::data::select::select_tasks;
-use crate::eval::memory::{prefill_activation_bytes, MemoryPlan};
+use crate::eval::memory::{self, prefill_activation_bytes, MemoryPlan};
 use crate::eval::record::RunMeta;
 use crate::eval::run::{
     self, RunConfig, RunOutcome, RunPlan, SampleSettings, SubsetPlan, Sweep, PROMPT_RECIPE,
@@ -423,19 +423,48 @@ fn memory_plan(
         args.sweep.method_options.block_size,
         longest + new,
     );
+    let probes = prefill_probes(&sel.plans, c, &args.sweep.method_options)?;
+    let act = |chunk: usize| {
+        let observed = probes
+            .iter()
+            .map(|&(p, splits)| {
+                let rows = memory::probed_rows(p, splits, chunk, longest);
+                memory::probe_bytes(c.num_attention_heads, rows, longest, bytes)
+            })
+            .max()
+            .unwrap_or(0);
+        prefill_activation_bytes(c, bytes, chunk) + observed
+    };
     let mut plan = MemoryPlan::new(
         free,
         m.weight_bytes.unwrap_or(0),
         (longest + new, per_sample),
-        |chunk| prefill_activation_bytes(c, bytes, chunk),
+        act,
         settings.prefill_chunk,
         args.sweep.batch_samples,
     );
     if args.generation.prefill_chunk.is_some() {
         plan.chunk = settings.prefill_chunk;
-        plan.activations = prefill_activation_bytes(c, bytes, plan.chunk);
+        plan.activations = act(plan.chunk);
     }
     Ok(Some(plan))
+}
+
+/// Each compressed run's prefill probe and whether it observes its window in query blocks
+/// (for the memory plan's observed-attention bytes).
+fn prefill_probes(
+    plans: &[RunPlan],
+    cfg: &crate::model::config::Config,
+    base: &compress::MethodOptions,
+) -> anyhow::Result<Vec<(crate::kvcache::Probe, bool)>> {
+    plans
+        .iter()
+        .filter(|p| !p.is_full())
+        .map(|p| {
+            let policy = compress::build_policy(&p.method, cfg, &p.options(base))?;
+            Ok((policy.prefill_probe(), policy.score_splits()))
+        })
+        .collect()
 }
 
 /// Builds each run's `run.json` (its configuration, hashed for resume, and the context of
