@@ -3,7 +3,9 @@
 # parity at ~3k/~30k (contiguous and paged), a 128k-token prompt at the full cache and rates
 # 2-64 with the memory plan, the peer's speed row, then KVC-full at 32k/128k, Mistral-7B's
 # parity and speed row, the paged path at --prefill-chunk 8192, bf16 parity.
-#   PART=A|B bash scripts/gpu/scale-visit.sh STAGE
+#   PART=A|B|C bash scripts/gpu/scale-visit.sh STAGE
+# C: the 128k runs again (after the pool sizing fix) and the kernels' GPU tests and bench
+# (STAGE/cuda_kernels, STAGE/kvc-kernel-bench).
 # STAGE: kvc (CUDA build), llama3/tokenizer.model, mistral-7b-tokenizer/, longbench/multi_news.jsonl,
 # whl/ (tiktoken, regex). Every step logs under $OUT/<step>.txt with its rc and wall time, and is
 # skipped when a warm machine already holds its marker (/tmp/visit); the order is the priority
@@ -55,6 +57,13 @@ if [[ ${PART:-A} == A ]]; then
     --prefill-chunk 8192 --decode-tokens 128 --repeats 1 --csv "$out/bench-llama.csv"
   step hf-speed-llama python3 scripts/gpu/hf_speed.py "$L" --prompt-lens 4000,32000 --repeats 1 \
     --csv "$out/hf-speed-llama.csv"
+elif [[ $PART == C ]]; then
+  step ckpt-llama ckpt llama-3.1-8b "$L" --tokenizer-model "$stage/llama3/tokenizer.model" || exit 1
+  step eval-llama-128k ruler "$L" "$out/eval-128k" 128000 --rates 1,2,4,8,16,32,64
+  step eval-kvc-full-128k ruler "$L" "$out/kvc-full-128k" 128000 --methods kvcompress --rates 8 \
+    --kvc-window 1000000 --kvc-buffer 10 --max-pool 0 --compress-once
+  step cuda-kernels "$stage/cuda_kernels" --test-threads=1 --nocapture
+  step kernel-bench "$stage/kvc-kernel-bench" --csv "$out/kernel-bench.csv"
 else
   step ckpt-llama ckpt llama-3.1-8b "$L" --tokenizer-model "$stage/llama3/tokenizer.model" || exit 1
   step eval-kvc-full ruler "$L" "$out/kvc-full" 32000,128000 --methods kvcompress --rates 8 \

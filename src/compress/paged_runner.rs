@@ -7,7 +7,7 @@ use super::{
     prompts_one_by_one, Budget, CompressOn, CompressionStats, MethodOptions, PromptResults, Runner,
 };
 use crate::engine::{self, GenParams, Generation, Hooks};
-use crate::kvcache::budget::tokens_for_rate;
+use crate::kvcache::budget::{shared_pool_blocks, tokens_for_rate, PoolShape};
 use crate::kvcache::paged::{PagedCache, PagedSpec};
 use crate::kvcache::{CacheBackend, SeqId};
 use crate::model::{Config, Llama};
@@ -305,11 +305,10 @@ impl PagedRunner {
         Ok(self.fork_results(prompt_err, &first_logits, forks, hooks, outputs))
     }
 
-    /// The pool of [`PagedRunner::run_batched`]: one original and one transient copy of the
-    /// longest prompt, plus every fork at its budget with room to decode. A head may keep more
-    /// than the budget (KV-Compress allocates across heads), but a sequence's total stays
-    /// within budget x heads, plus one partly filled block per head. A pool that cannot be
-    /// allocated is an error naming its size and `--no-shared-prefill`.
+    /// The pool of [`PagedRunner::run_batched`] ([`shared_pool_blocks`]: every fork at its
+    /// budget with room to decode, each prompt's last fork in its own cache, one transient
+    /// copy). A pool that cannot be allocated is an error naming its size and
+    /// `--no-shared-prefill`.
     fn batch_pool(
         &self,
         model: &Llama,
@@ -318,26 +317,19 @@ impl PagedRunner {
         raws: &[Vec<Option<usize>>],
     ) -> Result<PagedCache> {
         let spec = self.spec(model);
-        let heads = self.layers * self.kv_heads;
-        let min_budget = self.policy.min_budget();
-        let full = |len: usize| {
-            let tokens = (len + params.max_new_tokens).min(params.max_context.max(len));
-            spec.blocks_for_tokens(tokens) + heads
+        let shape = PoolShape {
+            block_size: spec.block_size,
+            heads: self.layers * self.kv_heads,
+            max_new_tokens: params.max_new_tokens,
+            max_context: params.max_context,
+            min_budget: self.policy.min_budget(),
         };
-        let fork_blocks = |len: usize, raw: Option<usize>| match raw {
-            None => full(len),
-            Some(b) => (spec.blocks_for_tokens(b.max(min_budget).min(len))
-                + spec.blocks_for_tokens(params.max_new_tokens)
-                + 2 * heads)
-                .min(full(len)),
-        };
-        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-        let n_blocks = 2 * (spec.blocks_for_tokens(longest) + heads)
-            + prompts
-                .iter()
-                .zip(raws)
-                .flat_map(|(p, rs)| rs.iter().map(|r| fork_blocks(p.len(), *r)))
-                .sum::<usize>();
+        let lens: Vec<(usize, &[Option<usize>])> = prompts
+            .iter()
+            .zip(raws)
+            .map(|(p, r)| (p.len(), r.as_slice()))
+            .collect();
+        let n_blocks = shared_pool_blocks(&shape, &lens);
         let n_forks: usize = raws.iter().map(|r| r.len()).sum();
         let bytes = n_blocks as u64 * spec.layout().bytes_per_block();
         let mut cache = PagedCache::new(spec, n_blocks).map_err(|e| {

@@ -62,8 +62,9 @@ pub fn probe_bytes(heads: usize, rows: usize, keys: usize, dtype_bytes: usize) -
 impl MemoryPlan {
     /// The plan for `free` bytes: the chunk halves from `chunk` (down to [`MIN_CHUNK`]) while
     /// its activations take more than an eighth of `free`; the batch is `batch` when given,
-    /// else as many samples as fit in what the activations and [`HEADROOM`] leave, counting
-    /// one more sample for a fork's transient copy, at least 1, at most
+    /// else as many samples as fit in what the activations and [`HEADROOM`] leave (each
+    /// sample's bytes count its forks and a transient copy, `eval::run::SamplePool`, so this
+    /// errs low), at least 1, at most
     /// [`crate::eval::run::AUTO_BATCH_MAX`]. `need`: (tokens, one sample's cache bytes).
     pub fn new(
         free: u64,
@@ -81,7 +82,7 @@ impl MemoryPlan {
         let activations = act(chunk);
         let usable = free.saturating_sub(activations + HEADROOM);
         let per = kv_per_sample.max(1);
-        let fits = (usable.saturating_sub(per) / per) as usize;
+        let fits = (usable / per) as usize;
         MemoryPlan {
             free,
             weights,
@@ -107,7 +108,7 @@ impl MemoryPlan {
     pub fn describe(&self) -> String {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         format!(
-            "memory plan: weights {:.1} GiB; free {:.1} GiB = activations {:.1} GiB (prefill chunk {}) + KV {:.2} GiB per sample at {} tokens x {} samples + headroom; --prefill-chunk and --batch-samples set them",
+            "memory plan: weights {:.1} GiB; free {:.1} GiB = activations {:.1} GiB (prefill chunk {}, observed attention included) + paged cache {:.2} GiB per sample at {} tokens (its rates' forks and a transient copy) x {} samples + headroom; --prefill-chunk and --batch-samples set them",
             gib(self.weights),
             gib(self.free),
             gib(self.activations),
@@ -144,8 +145,8 @@ mod tests {
         let p = MemoryPlan::new(40 * GIB, 16 * GIB, (1000, 2 * GIB), act, 8192, None);
         assert_eq!(p.chunk, 4096);
         assert_eq!(p.activations, 4 * GIB);
-        // (40 - 4 - 1 - 2) / 2 = 16 samples.
-        assert_eq!(p.batch, 16);
+        // (40 - 4 - 1) / 2 = 17 samples.
+        assert_eq!(p.batch, 17);
         assert!(p.one_sample_fits() && p.shortfall().is_none());
         let p = MemoryPlan::new(40 * GIB, 0, (1000, 2 * GIB), act, 8192, Some(3));
         assert_eq!(p.batch, 3);

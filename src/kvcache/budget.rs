@@ -39,6 +39,68 @@ pub fn allowed_blocks(tokens: usize, layers: usize, kv_heads: usize, block_size:
     (round_up(tokens, block_size) * layers * kv_heads).div_ceil(block_size.max(1))
 }
 
+/// The shape of a pool in which prompts are prefilled once and forked per budget (see
+/// [`shared_pool_blocks`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PoolShape {
+    pub block_size: usize,
+    /// Heads of a sequence: layers x kv-heads.
+    pub heads: usize,
+    pub max_new_tokens: usize,
+    /// The model's context: a whole fork holds at most this many tokens (or its prompt).
+    pub max_context: usize,
+    /// Cache tokens per head a compressed fork keeps at least (the policy's protected window).
+    pub min_budget: usize,
+}
+
+impl PoolShape {
+    fn blocks(&self, tokens: usize) -> usize {
+        self.heads * tokens.div_ceil(self.block_size.max(1))
+    }
+
+    /// A fork that keeps everything: the prompt and its new tokens, one partly filled block
+    /// per head.
+    fn whole(&self, prompt: usize) -> usize {
+        let tokens = (prompt + self.max_new_tokens).min(self.max_context.max(prompt));
+        self.blocks(tokens) + self.heads
+    }
+
+    /// A fork at its final size: whole (`None`), or `m` prompt tokens per head (at least
+    /// `min_budget`, at most the prompt) and its new tokens, with two partly filled blocks per
+    /// head (KV-Compress moves budget across heads, but a sequence's total stays within
+    /// budget x heads), never more than whole.
+    fn fork(&self, prompt: usize, raw: Option<usize>) -> usize {
+        match raw {
+            None => self.whole(prompt),
+            Some(m) => (self.blocks(m.max(self.min_budget).min(prompt))
+                + self.blocks(self.max_new_tokens)
+                + 2 * self.heads)
+                .min(self.whole(prompt)),
+        }
+    }
+}
+
+/// Blocks of a shared-prefill pool (`compress`'s batched runner): every fork of every prompt
+/// at its final size, where each prompt's last fork continues in the prompt's own cache, which
+/// holds the whole prompt until it is compressed (the larger of the two is counted), and one
+/// transient copy of the longest prompt (a fork between its copy and its compression; forks
+/// are made one at a time). `prompts`: (prompt tokens, the raw budgets of its forks in order).
+pub fn shared_pool_blocks(s: &PoolShape, prompts: &[(usize, &[Option<usize>])]) -> usize {
+    let prompt_blocks = |len: usize| s.blocks(len) + s.heads;
+    let forks: usize = prompts
+        .iter()
+        .map(|&(len, raws)| match raws.split_last() {
+            None => 0,
+            Some((&last, rest)) => {
+                rest.iter().map(|&r| s.fork(len, r)).sum::<usize>()
+                    + s.fork(len, last).max(prompt_blocks(len))
+            }
+        })
+        .sum();
+    let longest = prompts.iter().map(|p| p.0).max().unwrap_or(0);
+    forks + prompt_blocks(longest)
+}
+
 /// How a run limited its cache.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Budget {
@@ -78,6 +140,42 @@ impl Budget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_keep_all_last_fork_costs_no_copy() {
+        // Llama-3.1-8B (32 x 8 heads), 128,000 prompt tokens + 128 new: rates 2..64 then the
+        // full cache, which continues in the prompt's own cache.
+        let s = PoolShape {
+            block_size: 16,
+            heads: 256,
+            max_new_tokens: 128,
+            max_context: 131_072,
+            min_budget: 32,
+        };
+        let len = 128_000;
+        let whole = s.whole(len);
+        assert_eq!(whole, 256 * 8008 + 256);
+        let rates: Vec<Option<usize>> = [2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
+            .iter()
+            .map(|&r| tokens_for_rate(len, r, 16, MIN_CACHE_TOKENS))
+            .chain([None])
+            .collect();
+        let pool = shared_pool_blocks(&s, &[(len, &rates)]);
+        // The halves sum to just under one whole; the whole fork; one transient copy.
+        let rates_part: usize = rates[..6].iter().map(|&r| s.fork(len, r)).sum();
+        assert!(rates_part < whole + 6 * (8 + 2) * 256, "{rates_part}");
+        assert_eq!(pool, rates_part + whole + s.blocks(len) + 256);
+        assert!(pool < 3 * whole, "{pool} vs {}", 3 * whole);
+        // A compressed last fork still holds the whole prompt until it is compressed.
+        let one = [tokens_for_rate(len, 8.0, 16, MIN_CACHE_TOKENS)];
+        assert_eq!(
+            shared_pool_blocks(&s, &[(len, &one)]),
+            2 * (s.blocks(len) + 256)
+        );
+        // Two prompts: each one's forks, one transient copy of the longer.
+        let two = shared_pool_blocks(&s, &[(len, &one), (1000, &one)]);
+        assert_eq!(two, 2 * (s.blocks(len) + 256) + s.whole(1000));
+    }
 
     #[test]
     fn rate_formula_matches_the_paper() {

@@ -93,13 +93,13 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<Status> {
     // --kv-memory, which bounds that method's pool and never the full cache.
     let full_joins = m.device.is_cuda() && args.sweep.method_options.kv_memory.is_none();
     let batch_samples = match memory_plan(&args, &m, &sel, &settings, max_input)? {
-        Some(plan) => {
+        Some((plan, pool)) => {
             note.say(&plan.describe());
             if let Some(w) = plan.shortfall() {
                 eprintln!("warning: {w}");
             }
             settings.prefill_chunk = plan.chunk;
-            settings.cache_room = Some((plan.cache_room(), args.sweep.method_options.block_size));
+            settings.cache_room = Some((plan.cache_room(), pool));
             plan.batch
         }
         None => args.sweep.batch_samples.unwrap_or(1),
@@ -394,7 +394,7 @@ fn memory_plan(
     sel: &Selection,
     settings: &SampleSettings,
     max_input: usize,
-) -> anyhow::Result<Option<MemoryPlan>> {
+) -> anyhow::Result<Option<(MemoryPlan, run::SamplePool)>> {
     let Some((free, _)) = crate::cuda::device_memory(&m.device)? else {
         return Ok(None);
     };
@@ -415,19 +415,13 @@ fn memory_plan(
         .unwrap_or(0);
     let c = m.lm.config();
     let bytes = m.dtype.size_in_bytes();
-    let per_sample = run::sample_kv_bytes(
-        c.num_hidden_layers,
-        c.num_key_value_heads,
-        c.head_dim,
-        bytes,
-        args.sweep.method_options.block_size,
-        longest + new,
-    );
-    let probes = prefill_probes(&sel.plans, c, &args.sweep.method_options)?;
+    let policies = policy_facts(&sel.plans, c, &args.sweep.method_options)?;
+    let pool = sample_pool(args, m, sel, &policies);
+    let per_sample = pool.bytes(longest, new);
     let act = |chunk: usize| {
-        let observed = probes
+        let observed = policies
             .iter()
-            .map(|&(p, splits)| {
+            .map(|&(_, p, splits, _)| {
                 let rows = memory::probed_rows(p, splits, chunk, longest);
                 memory::probe_bytes(c.num_attention_heads, rows, longest, bytes)
             })
@@ -447,24 +441,58 @@ fn memory_plan(
         plan.chunk = settings.prefill_chunk;
         plan.activations = act(plan.chunk);
     }
-    Ok(Some(plan))
+    Ok(Some((plan, pool)))
 }
 
-/// Each compressed run's prefill probe and whether it observes its window in query blocks
-/// (for the memory plan's observed-attention bytes).
-fn prefill_probes(
+/// Per compressed run: its label, prefill probe, whether it observes its window in query
+/// blocks (the memory plan's observed-attention bytes) and its least budget (its pool).
+fn policy_facts(
     plans: &[RunPlan],
     cfg: &crate::model::config::Config,
     base: &compress::MethodOptions,
-) -> anyhow::Result<Vec<(crate::kvcache::Probe, bool)>> {
+) -> anyhow::Result<Vec<(String, crate::kvcache::Probe, bool, usize)>> {
     plans
         .iter()
         .filter(|p| !p.is_full())
         .map(|p| {
             let policy = compress::build_policy(&p.method, cfg, &p.options(base))?;
-            Ok((policy.prefill_probe(), policy.score_splits()))
+            let facts = (policy.prefill_probe(), policy.score_splits());
+            Ok((p.label(), facts.0, facts.1, policy.min_budget()))
         })
         .collect()
+}
+
+/// One sample's paged cache as this sweep's groups fork it (see [`run::SamplePool`]).
+fn sample_pool(
+    args: &EvalArgs,
+    m: &Loaded,
+    sel: &Selection,
+    policies: &[(String, crate::kvcache::Probe, bool, usize)],
+) -> run::SamplePool {
+    let c = m.lm.config();
+    let full_joins = m.device.is_cuda() && args.sweep.method_options.kv_memory.is_none();
+    let least = |p: &RunPlan| {
+        let label = p.label();
+        policies.iter().find(|f| f.0 == label).map_or(0, |f| f.3)
+    };
+    let groups = run::group_plans(&sel.plans, !args.sweep.no_shared_prefill, full_joins)
+        .into_iter()
+        .map(|g| {
+            let min = g.iter().map(|p| least(p)).max().unwrap_or(0);
+            (min, g.iter().map(|p| p.compress_budget()).collect())
+        })
+        .collect();
+    run::SamplePool {
+        layout: crate::kvcache::blocks::MemoryLayout {
+            block_size: args.sweep.method_options.block_size,
+            head_dim: c.head_dim,
+            dtype_bytes: m.dtype.size_in_bytes(),
+        },
+        heads: c.num_hidden_layers * c.num_key_value_heads,
+        max_context: c.max_context(),
+        min_cache_tokens: args.sweep.method_options.min_cache_tokens,
+        groups,
+    }
 }
 
 /// Builds each run's `run.json` (its configuration, hashed for resume, and the context of

@@ -6,6 +6,7 @@ use super::{EvalError, BLOCK_SIZE};
 use crate::compress::{Budget, MethodOptions, MethodSpec, Preset};
 use crate::data::longbench::{DataError, Dataset, Verdict};
 use crate::data::tasks::Task;
+use crate::kvcache::budget::{shared_pool_blocks, tokens_for_rate, PoolShape};
 
 /// One run of the sweep.
 #[derive(Debug, Clone, PartialEq)]
@@ -261,26 +262,52 @@ pub fn data_report(subsets: &[SubsetPlan]) -> (serde_json::Value, Vec<String>) {
 /// docs/findings/2026-12-03-bigger-batches-do-not-pay.md).
 pub const AUTO_BATCH_MAX: usize = 32;
 
-/// Bytes the paged cache of one sample may take at `tokens` tokens of context: every head of
-/// every layer full (K, V, metric, position and table entries, [`MemoryLayout`]), twice (the
-/// prompt's cache and its forks at their budgets, which together never exceed one more full
-/// copy, as `PagedRunner::run_batched` sizes its pool).
+/// One sample's paged cache as the sweep forks it: per group of runs sharing a prefill, its
+/// budgets in order (`None`: the full cache) and its policy's least budget, sized as
+/// `PagedRunner` sizes its pool ([`shared_pool_blocks`]) in bytes of [`MemoryLayout`] blocks.
+/// The memory plan and the per-sample check both ask it.
 ///
 /// [`MemoryLayout`]: crate::kvcache::blocks::MemoryLayout
-pub fn sample_kv_bytes(
-    layers: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    dtype_bytes: usize,
-    block_size: usize,
-    tokens: usize,
-) -> u64 {
-    let bs = block_size.max(1);
-    let layout = crate::kvcache::blocks::MemoryLayout {
-        block_size: bs,
-        head_dim,
-        dtype_bytes,
-    };
-    let blocks_per_head = tokens.div_ceil(bs) as u64 + 1;
-    2 * (layers * kv_heads) as u64 * blocks_per_head * layout.bytes_per_block()
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplePool {
+    pub layout: crate::kvcache::blocks::MemoryLayout,
+    /// Layers x kv-heads.
+    pub heads: usize,
+    pub max_context: usize,
+    pub min_cache_tokens: usize,
+    /// Per group: its policy's least budget (0 for `full`) and its budgets in order.
+    pub groups: Vec<(usize, Vec<Option<Budget>>)>,
+}
+
+impl SamplePool {
+    /// Bytes of the largest group's pool for a prompt of `prompt` tokens and `max_new` more.
+    pub fn bytes(&self, prompt: usize, max_new: usize) -> u64 {
+        let bs = self.layout.block_size;
+        let blocks = self
+            .groups
+            .iter()
+            .map(|(min_budget, budgets)| {
+                let raws: Vec<Option<usize>> = budgets
+                    .iter()
+                    .map(|b| match b {
+                        None => None,
+                        Some(Budget::Rate(r)) => {
+                            tokens_for_rate(prompt, *r, bs, self.min_cache_tokens)
+                        }
+                        Some(Budget::Tokens(n)) => Some(*n),
+                    })
+                    .collect();
+                let shape = PoolShape {
+                    block_size: bs,
+                    heads: self.heads,
+                    max_new_tokens: max_new,
+                    max_context: self.max_context,
+                    min_budget: *min_budget,
+                };
+                shared_pool_blocks(&shape, &[(prompt, &raws)])
+            })
+            .max()
+            .unwrap_or(0);
+        blocks as u64 * self.layout.bytes_per_block()
+    }
 }

@@ -34,9 +34,9 @@ pub struct SampleSettings {
     /// Record `kept_per_head` in every compressed row.
     pub dump_allocation: bool,
     /// Device bytes one sample's paged cache may take (the memory plan's room beside the
-    /// activations; `None`: unchecked, as on the CPU) and the cache's block size: a sample
-    /// whose cache cannot fit fails alone, its rows naming the bytes.
-    pub cache_room: Option<(u64, usize)>,
+    /// activations; `None`: unchecked, as on the CPU) and how the sweep's forks size that
+    /// cache: a sample whose cache cannot fit fails alone, its rows naming the bytes.
+    pub cache_room: Option<(u64, super::SamplePool)>,
 }
 
 /// The row every run of `plan` writes for `row` before generating (no prediction yet).
@@ -174,7 +174,7 @@ fn prepare_chunk(
         match prepared
             .too_long
             .clone()
-            .or_else(|| cache_shortfall(lm, task, s, prepared.ids.len()))
+            .or_else(|| cache_shortfall(task, s, prepared.ids.len()))
         {
             Some(e) => fail(&mut recs[i], &e),
             None => ready.push((i, prepared)),
@@ -222,28 +222,15 @@ struct Prepared {
     too_long: Option<String>,
 }
 
-/// Why a prompt of `prompt` tokens cannot run: its paged cache (at the prompt plus the
-/// subset's new tokens, [`super::sample_kv_bytes`]) exceeds `s.cache_room`.
-fn cache_shortfall(
-    lm: &LoadedModel,
-    task: &Task,
-    s: &SampleSettings,
-    prompt: usize,
-) -> Option<String> {
-    let (room, block_size) = s.cache_room?;
-    let c = lm.config();
-    let tokens = prompt + s.max_new_tokens.unwrap_or(task.max_new_tokens);
-    let need = super::sample_kv_bytes(
-        c.num_hidden_layers,
-        c.num_key_value_heads,
-        c.head_dim,
-        lm.model.dtype.size_in_bytes(),
-        block_size,
-        tokens,
-    );
-    (need > room).then(|| {
+/// Why a prompt of `prompt` tokens cannot run: its paged cache (the sweep's forks at the
+/// subset's new tokens, [`super::SamplePool`]) exceeds the room of `s.cache_room`.
+fn cache_shortfall(task: &Task, s: &SampleSettings, prompt: usize) -> Option<String> {
+    let (room, pool) = s.cache_room.as_ref()?;
+    let new = s.max_new_tokens.unwrap_or(task.max_new_tokens);
+    let need = pool.bytes(prompt, new);
+    (need > *room).then(|| {
         format!(
-            "out of device memory: the paged cache of {tokens} tokens needs {need} bytes, {room} are free beside the activations: lower --max-input-tokens or --prefill-chunk"
+            "out of device memory: the paged cache of {prompt} prompt tokens and {new} new ones, with this sweep's forks, needs {need} bytes, {room} are free beside the activations: lower --max-input-tokens or --prefill-chunk, or run fewer rates at once"
         )
     })
 }
@@ -372,20 +359,7 @@ mod tests {
 
     #[test]
     fn a_sample_whose_cache_cannot_fit_names_the_bytes() {
-        let tmp = tempfile::tempdir().unwrap();
-        write_hf_dir(tmp.path(), &TinySpec::default(), 1).unwrap();
-        let resolved = crate::hub::ResolvedModel {
-            source: crate::hub::ModelSource::HfDir(tmp.path().into()),
-            name: "tiny".into(),
-            hub_id: None,
-            revision: None,
-        };
-        let lm = crate::model::load(
-            &resolved,
-            &candle_core::Device::Cpu,
-            candle_core::DType::F32,
-        )
-        .unwrap();
+        use crate::compress::Budget;
         let task = crate::data::tasks::task("hotpotqa").unwrap();
         let mut s = SampleSettings {
             max_input_tokens: 1000,
@@ -395,22 +369,30 @@ mod tests {
             dump_allocation: false,
             cache_room: None,
         };
-        assert_eq!(cache_shortfall(&lm, task, &s, 500), None, "unchecked");
-        let c = lm.config();
-        let need = super::super::sample_kv_bytes(
-            c.num_hidden_layers,
-            c.num_key_value_heads,
-            c.head_dim,
-            4,
-            16,
-            510,
-        );
-        s.cache_room = Some((need, 16));
-        assert_eq!(cache_shortfall(&lm, task, &s, 500), None, "fits exactly");
-        s.cache_room = Some((need - 1, 16));
-        let e = cache_shortfall(&lm, task, &s, 500).unwrap();
+        assert_eq!(cache_shortfall(task, &s, 500), None, "unchecked");
+        let layout = crate::kvcache::blocks::MemoryLayout {
+            block_size: 16,
+            head_dim: 64,
+            dtype_bytes: 4,
+        };
+        let pool = crate::eval::run::SamplePool {
+            layout,
+            heads: 6,
+            max_context: 4096,
+            min_cache_tokens: 128,
+            groups: vec![(32, vec![Some(Budget::Rate(2.0)), None])],
+        };
+        // Rate 2 keeps 240 of 500 tokens (+ 10 new, 2 partial blocks per head), the full
+        // cache continues in the prompt's own (510 tokens), one transient copy (500).
+        let blocks = 6 * (15 + 1 + 2) + 6 * (32 + 1) + 6 * (32 + 1);
+        let need = pool.bytes(500, 10);
+        assert_eq!(need, blocks * layout.bytes_per_block());
+        s.cache_room = Some((need, pool.clone()));
+        assert_eq!(cache_shortfall(task, &s, 500), None, "fits exactly");
+        s.cache_room = Some((need - 1, pool));
+        let e = cache_shortfall(task, &s, 500).unwrap();
         assert!(
-            e.contains(&need.to_string()) && e.contains("510 tokens"),
+            e.contains(&need.to_string()) && e.contains("500 prompt tokens"),
             "{e}"
         );
     }

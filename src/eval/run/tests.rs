@@ -3,23 +3,45 @@ use crate::compress::{Budget, MethodSpec};
 use crate::eval::record::RunMeta;
 
 #[test]
-fn sample_kv_bytes_and_the_memory_plan_at_real_shapes() {
+fn sample_pool_and_the_memory_plan_at_real_shapes() {
     use crate::eval::memory::MemoryPlan;
-    // SmolLM2-135M in bf16 at 7500 + 512 tokens: ~364 MiB per sample.
-    let smol = sample_kv_bytes(30, 3, 64, 2, 16, 8012);
-    assert!((350 << 20..380 << 20).contains(&smol), "{smol}");
-    // Llama-3.1-8B in bf16 at 127500 + 512 tokens: ~32 GiB per sample.
-    let llama = sample_kv_bytes(32, 8, 128, 2, 16, 128_012);
-    assert!((31 << 30..33 << 30).contains(&llama), "{llama}");
+    use crate::kvcache::blocks::MemoryLayout;
+    let pool = |heads, head_dim, max_context| SamplePool {
+        layout: MemoryLayout {
+            block_size: 16,
+            head_dim,
+            dtype_bytes: 2,
+        },
+        heads,
+        max_context,
+        min_cache_tokens: 128,
+        // kvcompress at rates 2..64 with the full cache last (a GPU sweep's one group).
+        groups: vec![(
+            32,
+            [2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
+                .iter()
+                .map(|&r| Some(Budget::Rate(r)))
+                .chain([None])
+                .collect(),
+        )],
+    };
+    // SmolLM2-135M in bf16 at 7500 + 512 tokens: the full cache (181 MiB), a transient copy
+    // (170 MiB), the rates (each with room for its 512 new tokens: 240 MiB): 593 MiB.
+    let smol = pool(30 * 3, 64, 8192).bytes(7500, 512);
+    assert!((580 << 20..600 << 20).contains(&smol), "{smol}");
+    // Llama-3.1-8B in bf16 at 127500 + 128 tokens: the full cache (15.6 GiB), the rates
+    // (just under one more), one transient copy: ~47 GiB.
+    let llama = pool(32 * 8, 128, 131_072).bytes(127_500, 128);
+    assert!((45 << 30..48 << 30).contains(&llama), "{llama}");
     let act = |c: usize| (c as u64) << 17; // 128 KiB per prefill token
     let plan = |free: u64, per: u64| MemoryPlan::new(free, 0, (1, per), act, 8192, None);
     assert_eq!(plan(139 << 30, smol).batch, AUTO_BATCH_MAX);
     // An 80 GB card with the 8B model's 16 GB of weights loaded: one 128k sample.
-    let p = plan(63 << 30, llama);
+    let p = plan(62 << 30, llama);
     assert_eq!(p.batch, 1);
     assert!(p.one_sample_fits(), "{}", p.describe());
-    // 8 GiB less 1 GiB of activations and 1 GiB of headroom, less one sample of 1 GiB: 5.
-    assert_eq!(plan(8 << 30, 1 << 30).batch, 5);
+    // 8 GiB less 1 GiB of activations and 1 GiB of headroom: 6 samples of 1 GiB.
+    assert_eq!(plan(8 << 30, 1 << 30).batch, 6);
     assert_eq!(plan(1 << 20, 1 << 30).batch, 1);
 }
 
