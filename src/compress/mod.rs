@@ -46,7 +46,7 @@ use policy::Policy;
 
 pub use crate::kvcache::budget::Budget;
 pub use full_runner::full_stats;
-pub use options::{parse_bytes, positive, CompressOn, MethodOptions, Preset};
+pub use options::{parse_bytes, positive, CompressOn, MethodOptions, Preset, WHOLE_PROMPT_WINDOW};
 
 /// Every method name `--methods` accepts.
 pub const METHODS: &[&str] = &[

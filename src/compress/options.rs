@@ -32,24 +32,48 @@ pub enum Preset {
     #[value(name = "paper-llama-70b")]
     #[serde(rename = "paper-llama-70b")]
     PaperLlama70b,
+    /// KVC-full, the paper's ablation that observes every prompt query (`run_llama.sh`'s "full
+    /// query range" lines): the whole prompt as observation window (scored chunk by chunk,
+    /// so the prefill chunk is the query block), metric buffer 10, no max-pool, L2-sum,
+    /// protected window 32, compress once after prefill.
+    #[value(name = "paper-kvc-full")]
+    #[serde(rename = "paper-kvc-full")]
+    PaperKvcFull,
 }
+
+/// An observation window longer than any prompt: the whole prompt is observed.
+pub const WHOLE_PROMPT_WINDOW: usize = u32::MAX as usize;
 
 impl Preset {
     /// The method options of the preset on top of `base` (the flags it sets must not be given:
     /// clap refuses them beside `--preset`).
     pub fn apply(self, base: &MethodOptions) -> MethodOptions {
-        let window = match self {
-            Preset::PaperLlama8b => 8,
-            Preset::PaperLlama70b => 32,
-        };
-        MethodOptions {
-            kvc_window: window,
-            protected_window: window,
+        let paper = MethodOptions {
             kvc_metric: super::scorer::Agg::L2Sum,
             max_pool: 7,
             kvc_buffer: 0,
             compress_once: false,
             ..base.clone()
+        };
+        match self {
+            Preset::PaperLlama8b => MethodOptions {
+                kvc_window: 8,
+                protected_window: 8,
+                ..paper
+            },
+            Preset::PaperLlama70b => MethodOptions {
+                kvc_window: 32,
+                protected_window: 32,
+                ..paper
+            },
+            Preset::PaperKvcFull => MethodOptions {
+                kvc_window: WHOLE_PROMPT_WINDOW,
+                protected_window: 32,
+                kvc_buffer: 10,
+                max_pool: 0,
+                compress_once: true,
+                ..paper
+            },
         }
     }
 

@@ -137,8 +137,10 @@ pub struct SweepArgs {
     /// The KV-Compress paper's settings by name, as its reference implementation runs them:
     /// paper-llama-8b (observation and protected windows of 8; rates compress continually,
     /// --cache-tokens budgets compress once and each budget M runs at M-16 too, the pair the
-    /// paper's table averages: paper_fixed_budget.csv), paper-llama-70b (windows of 32).
-    /// Recorded in run.json; it sets the KV-Compress flags, which cannot be given beside it.
+    /// paper's table averages: paper_fixed_budget.csv), paper-llama-70b (windows of 32),
+    /// paper-kvc-full (KVC-full: every prompt query observed, in query blocks of the prefill
+    /// chunk; buffer 10, no max-pool, compress once; on Llama-3.1-8B at 128k the memory plan
+    /// takes the chunk down to 512 for the observed attention, 15.8 GiB). Recorded in run.json; it sets the KV-Compress flags, which cannot be given beside it.
     #[arg(long, value_enum, conflicts_with_all = ["kvc_window", "protected_window", "compress_once", "kvc_metric", "max_pool", "kvc_buffer"])]
     pub preset: Option<Preset>,
     #[command(flatten)]

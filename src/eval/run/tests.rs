@@ -113,6 +113,17 @@ fn paper_preset_pairs_fixed_budgets_and_compresses_them_once() {
         .map(Vec::len)
         .collect();
     assert_eq!(groups, [1, 1, 4]);
+    // KVC-full observes the whole prompt and compresses every run once.
+    let full = Preset::PaperKvcFull.apply(&MethodOptions::default());
+    assert_eq!(
+        (
+            full.kvc_window,
+            full.kvc_buffer,
+            full.max_pool,
+            full.compress_once
+        ),
+        (crate::compress::WHOLE_PROMPT_WINDOW, 10, 0, true)
+    );
     // The 70B preset keeps fixed budgets unpaired.
     let (r70, _) = plan_runs(&[m("kvcompress")], &[], &[256], Some(Preset::PaperLlama70b)).unwrap();
     assert_eq!(r70.len(), 2);
