@@ -5,7 +5,7 @@
 # parity and speed row, the paged path at --prefill-chunk 8192, bf16 parity.
 #   PART=A|B|C bash scripts/gpu/scale-visit.sh STAGE
 # C: the 128k runs again (after the pool sizing fix) and the kernels' GPU tests and bench
-# (STAGE/cuda_kernels, STAGE/kvc-kernel-bench).
+# (STAGE/cuda_kernels, STAGE/kvc-kernel-bench). D: Llama bf16 parity, contiguous and paged.
 # STAGE: kvc (CUDA build), llama3/tokenizer.model, mistral-7b-tokenizer/, longbench/multi_news.jsonl,
 # whl/ (tiktoken, regex). Every step logs under $OUT/<step>.txt with its rc and wall time, and is
 # skipped when a warm machine already holds its marker (/tmp/visit); the order is the priority
@@ -64,6 +64,13 @@ elif [[ $PART == C ]]; then
     --kvc-window 1000000 --kvc-buffer 10 --max-pool 0 --compress-once
   step cuda-kernels "$stage/cuda_kernels" --test-threads=1 --nocapture
   step kernel-bench "$stage/kvc-kernel-bench" --csv "$out/kernel-bench.csv"
+elif [[ $PART == D ]]; then
+  step ckpt-llama ckpt llama-3.1-8b "$L" --tokenizer-model "$stage/llama3/tokenizer.model" || exit 1
+  step ref-llama-bf16 ref "$L" "$ck/ref-llama" bfloat16
+  cp "$ck"/ref-llama/*bf16.jsonl "$out/" 2>/dev/null
+  # bf16 logits near 8-16 move in steps of 0.0625: a divergence within about one step is a tie.
+  step conf-llama-bf16-contiguous conf "$L" "$ck/ref-llama" bf16 --logit-tol 0.25 --tie-margin 0.07
+  step conf-llama-bf16-paged conf "$L" "$ck/ref-llama" bf16 --cache paged --logit-tol 0.25 --tie-margin 0.07
 else
   step ckpt-llama ckpt llama-3.1-8b "$L" --tokenizer-model "$stage/llama3/tokenizer.model" || exit 1
   step eval-kvc-full ruler "$L" "$out/kvc-full" 32000,128000 --methods kvcompress --rates 8 \
