@@ -124,3 +124,93 @@ fn smollm2_paged_cache_matches_transformers_chat_f32_cpu() {
         failures.join("\n")
     );
 }
+
+#[test]
+fn a_divergence_is_judged_by_the_judges_own_margin_when_recorded() {
+    // chat0's judge record rewritten to take transformers' second-best first token: kvc then
+    // diverges at step 0. With the judge's margin recorded as a tie the divergence is a
+    // near-tie, recorded as clear it fails, and without `top2_margins` kvc's own margin there
+    // (~0.43: transformers' top-2 logits 26.74 / 26.31) decides.
+    let resolved = kvc::hub::resolve_model("smollm2-135m", &kvc::hub::HubEnv::from_env())
+        .expect("the embedded model: run scripts/fetch-model.sh");
+    let mut lm = kvc::model::load(
+        &resolved,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let judge = |margins: Option<f32>| {
+        let mut r = serde_json::json!({"name": "chat0", "plain_output_ids": [7026, 2]});
+        if let Some(m) = margins {
+            r["top2_margins"] = serde_json::json!([m, 1.0]);
+        }
+        let path = tmp.path().join(format!("judge-{margins:?}.jsonl"));
+        std::fs::write(&path, format!("{r}\n")).unwrap();
+        path
+    };
+    let mut outcome = |margins: Option<f32>| {
+        let opts = CheckOptions {
+            reference: root().join("tests/data/smollm2_greedy.jsonl"),
+            rederived: judge(margins),
+            longbench: root().join("tests/data/conformance_longbench"),
+            only: Some("chat0".into()),
+            prompts_only: false,
+            tie_margin: 1e-3,
+            prefill_chunk: 1024,
+            cache: CacheChoice::Contiguous,
+            max_long_generations: None,
+        };
+        let records = check(&mut lm, &opts, |_| {}).unwrap();
+        assert_eq!(records.len(), 1);
+        (
+            records[0].output.clone().unwrap(),
+            records[0].failures(1e-3),
+        )
+    };
+    match outcome(Some(1e-4)) {
+        (
+            OutputAgreement::NearTie {
+                step: 0,
+                margin,
+                judge_margin: Some(j),
+            },
+            f,
+        ) => {
+            assert!(
+                margin > 0.3 && (j - 1e-4).abs() < 1e-9 && f.is_empty(),
+                "{margin} {j} {f:?}"
+            )
+        }
+        other => panic!("a recorded tie: {other:?}"),
+    }
+    match outcome(Some(0.43)) {
+        (
+            OutputAgreement::Diverged {
+                step: 0,
+                judge_margin: Some(_),
+                ..
+            },
+            f,
+        ) => {
+            assert!(
+                f.len() == 1 && f[0].contains("the judge's 4.30e-1"),
+                "{f:?}"
+            )
+        }
+        other => panic!("a recorded clear margin: {other:?}"),
+    }
+    match outcome(None) {
+        (
+            OutputAgreement::Diverged {
+                step: 0,
+                margin,
+                judge_margin: None,
+            },
+            _,
+        ) => {
+            assert!(margin > 0.3, "{margin}")
+        }
+        other => panic!("no recorded margins: {other:?}"),
+    }
+}

@@ -37,7 +37,9 @@ pub struct ConformanceArgs {
     /// Largest |logit difference| on the recorded top-5 counted as agreement (exit 1 beyond).
     #[arg(long, default_value_t = 1e-3)]
     pub logit_tol: f32,
-    /// Largest top-2 margin at which a divergence is a near-tie rather than a failure.
+    /// Largest top-2 margin at which a divergence is a near-tie rather than a failure: the
+    /// judge's own margin at the diverging step when its file records `top2_margins`
+    /// (scripts/gpu/llama_reference.py writes them), else kvc's (teacher-forced there).
     #[arg(long, default_value_t = 1e-3)]
     pub tie_margin: f32,
     /// The cache that generates: contiguous (the reference) or paged (KV-Compress at a
@@ -117,6 +119,14 @@ pub fn run(args: ConformanceArgs) -> anyhow::Result<Status> {
     })
 }
 
+/// The top-2 margins at a divergence: the judge's (when recorded) and kvc's.
+fn margins(kvc: f32, judge: Option<f32>) -> String {
+    match judge {
+        Some(j) => format!("hf {j:.1e}, kvc {kvc:.1e}"),
+        None => format!("kvc {kvc:.1e}"),
+    }
+}
+
 /// One checked record on stdout: a JSON object with `json`, else a table line (prompt ok or
 /// DIFF, largest top-5 logit difference, output agreement with transformers, agreement with
 /// the recorded ids; `-` where not checked). Write errors are ignored.
@@ -129,12 +139,16 @@ fn print_record(r: &RecordCheck, json: bool) {
     let out = match &r.output {
         None => "-".to_string(),
         Some(OutputAgreement::Identical) => "identical".into(),
-        Some(OutputAgreement::NearTie { step, margin }) => {
-            format!("near-tie @{step} ({margin:.1e})")
-        }
-        Some(OutputAgreement::Diverged { step, margin }) => {
-            format!("DIVERGED @{step} ({margin:.1e})")
-        }
+        Some(OutputAgreement::NearTie {
+            step,
+            margin,
+            judge_margin,
+        }) => format!("near-tie @{step} ({})", margins(*margin, *judge_margin)),
+        Some(OutputAgreement::Diverged {
+            step,
+            margin,
+            judge_margin,
+        }) => format!("DIVERGED @{step} ({})", margins(*margin, *judge_margin)),
     };
     let _ = writeln!(
         o,

@@ -1,8 +1,9 @@
 //! Conformance with transformers: replay a reference file of greedy generations (the format of
 //! `../shared/reference/smollm2_greedy.jsonl`, see its README) and say, per record, whether kvc
 //! builds the same prompt ids, how far its first-step logits are from the recorded top-5, and
-//! whether its greedy output ids agree — a divergence is classified by kvc's own top-2 margin at
-//! the diverging step (a near-tie is float noise, anything else is a bug).
+//! whether its greedy output ids agree — a divergence is classified by the judge's own top-2
+//! margin at the diverging step when the judge file records it (`top2_margins`), else by kvc's
+//! (a near-tie is float noise, anything else is a bug).
 //!
 //! Used by `tests/conformance_smollm2.rs` (f32 CPU, strict) and by `kvc conformance` (any
 //! device and dtype: the GPU agreement rates in NOTES.md come from it).
@@ -26,15 +27,19 @@ use crate::model::LoadedModel;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum OutputAgreement {
     Identical,
-    /// Diverged at `step` where kvc's top-2 logits were within the tolerance.
+    /// Diverged at `step` where the deciding top-2 margin (the judge's when recorded, else
+    /// kvc's) was within the tolerance. `margin`: kvc's top-2 margin there (teacher-forced);
+    /// `judge_margin`: the judge's, when its file records `top2_margins`.
     NearTie {
         step: usize,
         margin: f32,
+        judge_margin: Option<f32>,
     },
     /// Diverged at `step` with a clear top-2 margin: a bug (or dtype noise beyond f32).
     Diverged {
         step: usize,
         margin: f32,
+        judge_margin: Option<f32>,
     },
 }
 
@@ -68,9 +73,15 @@ impl RecordCheck {
                 self.name
             ));
         }
-        if let Some(OutputAgreement::Diverged { step, margin }) = &self.output {
+        if let Some(OutputAgreement::Diverged {
+            step,
+            margin,
+            judge_margin,
+        }) = &self.output
+        {
+            let judge = judge_margin.map_or(String::new(), |m| format!(", the judge's {m:.2e}"));
             f.push(format!(
-                "{}: greedy output differs at step {step} with a top-2 margin of {margin:.2e} (not a near-tie)",
+                "{}: greedy output differs at step {step} with kvc's top-2 margin {margin:.2e}{judge} (not a near-tie)",
                 self.name
             ));
         }
@@ -315,7 +326,8 @@ fn ids_mismatch(built: &[u32], want: &[u32]) -> String {
 /// Generate record `r` from the reference's own prompt ids `want_ids` and judge it into
 /// `rec`: times, the first-step logits' largest distance from the recorded top-5, agreement
 /// with the recorded output, and the output agreement with the judge (`rederived`), a
-/// divergence classified by kvc's top-2 margin at the diverging step.
+/// divergence classified by the judge's top-2 margin at the diverging step (its
+/// `top2_margins`), or kvc's where the judge has none.
 fn judge_generation(
     lm: &mut LoadedModel,
     opts: &CheckOptions,
@@ -372,10 +384,22 @@ fn judge_generation(
         let mut l = g1.first_logits.context("no logits")?;
         l.sort_by(|a, b| b.total_cmp(a));
         let margin = l[0] - l[1];
-        if margin <= opts.tie_margin {
-            OutputAgreement::NearTie { step, margin }
+        let judge_margin = judge["top2_margins"]
+            .get(step)
+            .and_then(|m| m.as_f64())
+            .map(|m| m as f32);
+        if judge_margin.unwrap_or(margin) <= opts.tie_margin {
+            OutputAgreement::NearTie {
+                step,
+                margin,
+                judge_margin,
+            }
         } else {
-            OutputAgreement::Diverged { step, margin }
+            OutputAgreement::Diverged {
+                step,
+                margin,
+                judge_margin,
+            }
         }
     });
     Ok(())
