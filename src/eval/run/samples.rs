@@ -355,7 +355,6 @@ fn fill(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::tiny::{write_hf_dir, TinySpec};
 
     #[test]
     fn a_sample_whose_cache_cannot_fit_names_the_bytes() {
