@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 pub mod compare;
 pub mod eval;
+pub mod merge;
 pub mod plot;
 pub mod score;
 use std::process::ExitCode;
@@ -37,6 +38,7 @@ pub enum Command {
     /// Replay a transformers reference file and report prompt / logit / output agreement.
     Conformance(conformance::ConformanceArgs),
     Score(score::ScoreArgs),
+    Merge(merge::MergeArgs),
     Plot(plot::PlotArgs),
     Compare(compare::CompareArgs),
 }
@@ -51,6 +53,7 @@ pub fn main() -> ExitCode {
         Command::BenchModel(a) => bench_model::run(a),
         Command::Conformance(a) => conformance::run(a),
         Command::Score(a) => score::run(a),
+        Command::Merge(a) => merge::run(a),
         Command::Plot(a) => plot::run(a),
         Command::Compare(a) => compare::run(a),
     };

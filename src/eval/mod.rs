@@ -6,3 +6,4 @@ pub mod metrics;
 pub mod record;
 pub mod run;
 pub mod scoring;
+pub mod shard;

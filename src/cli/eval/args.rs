@@ -175,6 +175,12 @@ pub struct OutputArgs {
     /// Results tree root.
     #[arg(long, default_value = "results")]
     pub out: PathBuf,
+    /// Run shard I of N (0 <= I < N) of the samples: a stable hash of subset and `_id` picks
+    /// them (every method and rate of a sample in one shard), into OUT/shards/I-of-N/ (each
+    /// shard its own files and resume; safe on shared storage). Scores come when every shard is
+    /// done: `kvc merge OUT`. For Slurm arrays: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<crate::eval::shard::Shard>,
     /// Discard the existing predictions of every run this command touches and start over.
     #[arg(long)]
     pub overwrite: bool,

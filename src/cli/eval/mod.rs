@@ -6,7 +6,7 @@
 //! ([`summary`]). Every input error surfaces before the model loads or any generation starts.
 mod args;
 mod progress;
-mod summary;
+pub(crate) mod summary;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +28,7 @@ use crate::eval::record::RunMeta;
 use crate::eval::run::{
     self, RunConfig, RunOutcome, RunPlan, SampleSettings, SubsetPlan, Sweep, PROMPT_RECIPE,
 };
+use crate::eval::shard::{Manifest, Shard};
 use crate::hub::{self, HubEnv, ModelSource, ResolvedModel};
 use crate::kvcache::budget::Budget;
 use crate::model::LoadedModel;
@@ -88,6 +89,9 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<Status> {
     let mut settings = sample_settings(&args, &m, max_input);
     let generated = add_ruler(&args, &m.lm, &settings, &mut sel, &note)?;
     run::check_samples_found(sel.samples.as_ref(), &sel.subsets)?;
+    if let Some(shard) = args.output.shard {
+        args.output.out = take_shard(shard, &args.output.out, &mut sel, &note)?;
+    }
     // On a GPU `full` decodes through the paged cache in batches anyway: it joins the first
     // compressed method's group as a keep-all fork of its prefill (run::group_plans). Not with
     // --kv-memory, which bounds that method's pool and never the full cache.
@@ -136,6 +140,9 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<Status> {
         &mut progress,
         full_joins,
     )?;
+    if let Some(shard) = args.output.shard {
+        return Ok(summary::shard_done(shard, &args.output.out, &outcomes));
+    }
     summary::report(
         &args,
         &m.lm,
@@ -145,6 +152,43 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<Status> {
         &mut progress,
         &sel.data_warnings,
     )
+}
+
+/// Keep only `shard`'s samples in `sel` and write the shard's manifest (every selected sample,
+/// for `kvc merge`). Returns the shard's own results tree under `out`.
+fn take_shard(
+    shard: Shard,
+    out: &std::path::Path,
+    sel: &mut Selection,
+    note: &Note,
+) -> anyhow::Result<std::path::PathBuf> {
+    let manifest = Manifest {
+        shard,
+        subsets: sel
+            .subsets
+            .iter()
+            .map(|s| (s.task.name.to_string(), s.ids.clone()))
+            .collect(),
+    };
+    let tree = shard.tree(out);
+    manifest.write(&tree).with_context(|| {
+        format!(
+            "writing {}",
+            tree.join(crate::eval::shard::MANIFEST).display()
+        )
+    })?;
+    for s in &mut sel.subsets {
+        s.ids.retain(|id| shard.owns(s.task.name, id));
+    }
+    note.say(&format!(
+        "shard {}/{}: {} of {} samples -> {}",
+        shard.index,
+        shard.count,
+        sel.subsets.iter().map(|s| s.ids.len()).sum::<usize>(),
+        manifest.subsets.values().map(Vec::len).sum::<usize>(),
+        tree.display()
+    ));
+    Ok(tree)
 }
 
 /// Methods, rates, tasks and data, all checked without the model.
@@ -630,6 +674,9 @@ impl<'a> MetaBuilder<'a> {
         }
         x.insert("limit".into(), serde_json::json!(self.args.data.limit));
         x.insert("preset".into(), serde_json::json!(self.args.sweep.preset));
+        if let Some(shard) = self.args.output.shard {
+            x.insert("shard".into(), serde_json::json!(shard));
+        }
         x.insert("scheduling".into(), self.scheduling.clone());
         x.insert("command".into(), serde_json::json!(self.argv));
         x.insert("updated_unix".into(), serde_json::json!(now));

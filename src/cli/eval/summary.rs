@@ -103,9 +103,42 @@ pub fn report(
     })
 }
 
+/// A shard's end: its runs on stdout and what to run once every shard is done (no scores: a
+/// shard holds part of each subset).
+pub fn shard_done(
+    shard: crate::eval::shard::Shard,
+    tree: &Path,
+    outcomes: &[RunOutcome],
+) -> Status {
+    let mut out = String::new();
+    for o in outcomes {
+        let _ = writeln!(
+            out,
+            "run {}: {} new, {} resumed, {} failed",
+            o.run, o.n_new, o.n_resumed, o.n_failed
+        );
+    }
+    let root = tree.parent().and_then(Path::parent).unwrap_or(tree);
+    let _ = writeln!(
+        out,
+        "shard {}/{} done in {}; once all {} shards are: kvc merge {}",
+        shard.index,
+        shard.count,
+        tree.display(),
+        shard.count,
+        root.display()
+    );
+    let _ = emit_stdout(&out);
+    if outcomes.iter().any(|o| o.n_failed > 0 || o.interrupted) {
+        Status::Failed
+    } else {
+        Status::Ok
+    }
+}
+
 /// The model's quality figures (when a compressed run exists), RULER depth heat-maps and
 /// allocation plots; a figure that cannot be drawn is a warning. Returns the files written.
-fn draw_plots(
+pub(crate) fn draw_plots(
     out_dir: &Path,
     plot_dir: &Path,
     scores_path: &Path,
