@@ -245,3 +245,78 @@ fn a_bad_shard_flag_is_one_clear_error() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stderr).contains("expected I/N"));
 }
+
+/// `dir`'s scores.csv, summary.csv and every run's result.json equal `one`'s.
+fn assert_same_scores(f: &Fixture, one: &str, dir: &str) {
+    for file in ["scores.csv", "summary.csv"] {
+        let (a, b) = (
+            f.path(&format!("{one}/{file}")),
+            f.path(&format!("{dir}/{file}")),
+        );
+        assert_eq!(
+            std::fs::read(&a).unwrap(),
+            std::fs::read(&b).unwrap(),
+            "{dir}/{file}"
+        );
+    }
+    for run in RUNS {
+        let r = |root: &str| f.path(&format!("{root}/{run}/result.json"));
+        assert_eq!(
+            std::fs::read(r(one)).unwrap(),
+            std::fs::read(r(dir)).unwrap(),
+            "{run}"
+        );
+    }
+}
+
+#[test]
+fn devices_run_one_worker_per_device_restart_dead_ones_and_merge() {
+    let f = fixture();
+    let o = f.eval("one", &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = f.eval("two", &["--devices", "cpu,cpu"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(f.path("two/shards/worker-1-of-2.log").is_file());
+    assert_same_scores(&f, "one", "two");
+
+    // Workers that abort (no cleanup) after every 3 rows: each attempt makes progress, so each
+    // shard is started again until done, and the merge equals the unsharded sweep.
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kvc"));
+    let o = c
+        .args(["eval", "--model", f.model.to_str().unwrap()])
+        .args(["--data-dir", f.data.to_str().unwrap()])
+        .args(["--tasks", "hotpotqa,samsum", "--methods", "kvcompress"])
+        .args([
+            "--rates",
+            "1,2",
+            "--max-new-tokens",
+            "3",
+            "--min-cache-tokens",
+            "16",
+        ])
+        .args(["--out", "dying", "--no-progress", "--devices", "cpu,cpu"])
+        .current_dir(&f.root)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("KVC_EVAL_TEST_ABORT_AFTER", "3")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("again from its files"),
+        "{}",
+        text(&o)
+    );
+    assert_same_scores(&f, "one", "dying");
+
+    // A worker that fails before writing anything is given up, named with its log.
+    let o = f.eval(
+        "bad",
+        &["--devices", "cpu,cpu", "--methods", "no-such-method"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        err.contains("without writing a row") && err.contains("worker-0-of-2.log"),
+        "{err}"
+    );
+}

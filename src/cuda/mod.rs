@@ -133,6 +133,14 @@ pub fn device_memory(device: &Device) -> Result<Option<(u64, u64)>> {
     }
 }
 
+/// CUDA devices visible to this process (0 without the `cuda` feature or a driver).
+pub fn device_count() -> usize {
+    #[cfg(feature = "cuda")]
+    return cudarc::driver::CudaContext::device_count().map_or(0, |n| n.max(0) as usize);
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
 /// Open CUDA device `ordinal` for kvc: candle's device, with
 /// - the device's stream-ordered memory pool told to keep freed memory
 ///   (`CU_MEMPOOL_ATTR_RELEASE_THRESHOLD` = max). candle allocates every op's output with

@@ -181,6 +181,12 @@ pub struct OutputArgs {
     /// done: `kvc merge OUT`. For Slurm arrays: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT.
     #[arg(long, value_name = "I/N")]
     pub shard: Option<crate::eval::shard::Shard>,
+    /// Run the sweep on several devices of this host: `all` (every visible GPU) or a list such
+    /// as cuda:0,cuda:1 (cpu,cpu works too). One worker process per device runs shard i of N
+    /// (see --shard; logs in OUT/shards/), a worker that dies is started again from its files,
+    /// and the shards are merged and scored at the end (`kvc merge`).
+    #[arg(long, value_name = "LIST", conflicts_with_all = ["shard", "device"])]
+    pub devices: Option<String>,
     /// Discard the existing predictions of every run this command touches and start over.
     #[arg(long)]
     pub overwrite: bool,

@@ -7,6 +7,7 @@
 mod args;
 mod progress;
 pub(crate) mod summary;
+mod workers;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -79,6 +80,12 @@ struct Loaded {
 
 /// Run `kvc eval` (the module docs give the phases).
 pub fn run(mut args: EvalArgs) -> anyhow::Result<Status> {
+    if let Some(spec) = &args.output.devices {
+        let devices = workers::parse_devices(spec)?;
+        let argv: Vec<String> = std::env::args().skip(1).collect();
+        let o = &args.output;
+        return workers::run(&argv, &devices, &o.out, o.quiet, o.no_progress);
+    }
     if let Some(p) = args.sweep.preset {
         args.sweep.method_options = p.apply(&args.sweep.method_options);
     }
