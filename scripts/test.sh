@@ -52,6 +52,9 @@ stamp "CPU tests passed"
 stamp "the README's first command in a fresh clone (release build)"
 scripts/readme-main-job.sh
 stamp "README main job passed"
+stamp "Slurm: a 3-task array on a one-node cluster, merged == unsharded (scripts/slurm/test-local.sh)"
+scripts/slurm/test-local.sh
+stamp "Slurm array test passed"
 if [[ $cuda == 1 ]]; then
   # A compile check, so the dev profile in the same target directory as the tests: every
   # crate that the `cuda` feature does not touch (tokenizers, plotters, ...) is reused, and only
