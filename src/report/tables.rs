@@ -150,27 +150,30 @@ pub fn discover_runs(root: &Path) -> Result<Vec<RunId>, ReportError> {
         .into_iter()
         .map(|d| identify_run(root, &d))
         .collect::<Result<Vec<_>, _>>()?;
-    // model, then `full` first, then method name; rate runs by rate, then token runs by size.
-    runs.sort_by(|a, b| {
-        let k = |r: &RunId| {
-            let (kind, x) = match r.budget {
-                Budget::Rate(x) => (0, x),
-                Budget::Tokens(t) => (1, t as f64),
-            };
-            (
-                r.model.clone(),
-                r.method != "full",
-                r.method.clone(),
-                kind,
-                x,
-            )
-        };
-        let (ka, kb) = (k(a), k(b));
-        (&ka.0, ka.1, &ka.2, ka.3)
-            .cmp(&(&kb.0, kb.1, &kb.2, kb.3))
-            .then(ka.4.total_cmp(&kb.4))
-    });
+    runs.sort_by(run_order);
     Ok(runs)
+}
+
+/// The order of runs in every table: model, then `full` first, then method name; rate runs by
+/// rate, then token runs by size (the same for `kvc score`, `kvc eval` and `kvc merge`).
+fn run_order(a: &RunId, b: &RunId) -> std::cmp::Ordering {
+    let k = |r: &RunId| {
+        let (kind, x) = match r.budget {
+            Budget::Rate(x) => (0, x),
+            Budget::Tokens(t) => (1, t as f64),
+        };
+        (
+            r.model.clone(),
+            r.method != "full",
+            r.method.clone(),
+            kind,
+            x,
+        )
+    };
+    let (ka, kb) = (k(a), k(b));
+    (&ka.0, ka.1, &ka.2, ka.3)
+        .cmp(&(&kb.0, kb.1, &kb.2, kb.3))
+        .then(ka.4.total_cmp(&kb.4))
 }
 
 fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<(), ReportError> {
@@ -431,8 +434,9 @@ pub fn score_tree(
 }
 
 /// Score the given run directories (`kvc eval`: the runs it made or resumed, nothing else under
-/// its output root). A directory that cannot be identified or scored is left out and named in
-/// [`TreeScores::unscored`] with the reason, so one bad run never ends the others' scoring.
+/// its output root), in the tables' run order. A directory that cannot be identified or scored
+/// is left out and named in [`TreeScores::unscored`] with the reason, so one bad run never ends
+/// the others' scoring.
 pub fn score_runs(
     root: &Path,
     dirs: &[PathBuf],
@@ -441,11 +445,18 @@ pub fn score_runs(
     opts: &MetricOptions,
 ) -> TreeScores {
     let mut out = TreeScores::default();
+    let mut runs = Vec::new();
     for dir in dirs {
-        let scored = identify_run(root, dir)
-            .and_then(|run| score_one(&mut out, run, force_e, on_error, opts));
-        if let Err(e) = scored {
-            out.unscored.push((dir.clone(), e.to_string()));
+        match identify_run(root, dir) {
+            Ok(run) => runs.push(run),
+            Err(e) => out.unscored.push((dir.clone(), e.to_string())),
+        }
+    }
+    runs.sort_by(run_order);
+    for run in runs {
+        let dir = run.dir.clone();
+        if let Err(e) = score_one(&mut out, run, force_e, on_error, opts) {
+            out.unscored.push((dir, e.to_string()));
         }
     }
     out.finish();
