@@ -538,6 +538,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn score_runs_lists_runs_in_table_order_whatever_order_it_is_given() {
+        // kvc eval on a GPU finishes `full` last (it joins the first method's group).
+        let tmp = tempfile::tempdir().unwrap();
+        let row = r#"{"pred":"a b","answers":["a b c"],"all_classes":null,"length":10,"_id":"x"}"#;
+        let dirs: Vec<PathBuf> = ["m/kvcompress/rate8", "m/full/rate1", "m/kvcompress/rate2"]
+            .iter()
+            .map(|r| {
+                let d = tmp.path().join(r);
+                std::fs::create_dir_all(d.join("preds")).unwrap();
+                std::fs::write(d.join("preds/multi_news.jsonl"), format!("{row}\n")).unwrap();
+                d
+            })
+            .collect();
+        let t = score_runs(
+            tmp.path(),
+            &dirs,
+            false,
+            OnError::Stop,
+            &MetricOptions::default(),
+        );
+        let order: Vec<(String, String)> = t
+            .rows
+            .iter()
+            .map(|r| (r.method.clone(), r.budget.clone()))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("full", "rate1"),
+                ("kvcompress", "rate2"),
+                ("kvcompress", "rate8")
+            ]
+            .map(|(m, b)| (m.to_string(), b.to_string()))
+        );
+    }
+
+    #[test]
     fn budget_dirs() {
         assert_eq!(Budget::parse_dir("rate8"), Some(Budget::Rate(8.0)));
         assert_eq!(Budget::parse_dir("tokens512"), Some(Budget::Tokens(512)));
