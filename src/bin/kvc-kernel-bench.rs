@@ -6,8 +6,8 @@
 //!   random pool order), for several partition sizes, with and without the probability +
 //!   KV-Compress metric outputs. GB/s counts the bytes the kernel must move: K and V of every
 //!   cached slot once, q, out, and (when written) the probabilities and the metric read+write;
-//!   compared with the device-to-device copy rate measured first (the issue's "measured
-//!   device-memory bandwidth"; ~3.0 TB/s on the H100).
+//!   compared with the device-to-device copy rate measured first (the "measured device-memory
+//!   bandwidth" the roofline is taken against; the rates are in docs/findings/).
 //! - one KV-Compress compression step of an 8B-shaped model (32 layers x 8 kv-heads, 8192 tokens
 //!   per head, half of the blocks evicted) entirely on the device, and the compaction move
 //!   executor alone on a plan of the same size.
