@@ -92,29 +92,43 @@ fn smollm2_matches_transformers_greedy_f32_cpu() {
     }
 }
 
-#[test]
-fn smollm2_paged_cache_matches_transformers_chat_f32_cpu() {
-    // The chat records through the paged cache at a keep-all KV-Compress budget (the path of
-    // `kvc eval`'s compressed runs): the same prompts, top-5 and greedy outputs as transformers.
+/// The embedded SmolLM2 in f32 on the CPU.
+fn smollm2_f32_cpu() -> kvc::model::LoadedModel {
     let resolved = kvc::hub::resolve_model("smollm2-135m", &kvc::hub::HubEnv::from_env())
         .expect("the embedded model: run scripts/fetch-model.sh");
-    let mut lm = kvc::model::load(
+    kvc::model::load(
         &resolved,
         &candle_core::Device::Cpu,
         candle_core::DType::F32,
     )
-    .unwrap();
-    let opts = CheckOptions {
+    .unwrap()
+}
+
+/// Strict checks that generate the records named `only` through `cache`, judged by `rederived`.
+fn generation_options(only: &str, rederived: PathBuf, cache: CacheChoice) -> CheckOptions {
+    CheckOptions {
         reference: root().join("tests/data/smollm2_greedy.jsonl"),
-        rederived: root().join("tests/data/smollm2_transformers_rederived.jsonl"),
+        rederived,
         longbench: root().join("tests/data/conformance_longbench"),
-        only: Some("chat".into()),
+        only: Some(only.into()),
         prompts_only: false,
         tie_margin: 1e-3,
         prefill_chunk: 1024,
-        cache: CacheChoice::Paged,
+        cache,
         max_long_generations: None,
-    };
+    }
+}
+
+#[test]
+fn smollm2_paged_cache_matches_transformers_chat_f32_cpu() {
+    // The chat records through the paged cache at a keep-all KV-Compress budget (the path of
+    // `kvc eval`'s compressed runs): the same prompts, top-5 and greedy outputs as transformers.
+    let mut lm = smollm2_f32_cpu();
+    let opts = generation_options(
+        "chat",
+        root().join("tests/data/smollm2_transformers_rederived.jsonl"),
+        CacheChoice::Paged,
+    );
     let records = check(&mut lm, &opts, |r| eprintln!("{r:?}")).unwrap();
     assert_eq!(records.len(), 6, "the reference file has 6 chat records");
     let failures: Vec<String> = records.iter().flat_map(|r| r.failures(1e-3)).collect();
@@ -131,14 +145,7 @@ fn a_divergence_is_judged_by_the_judges_own_margin_when_recorded() {
     // diverges at step 0. With the judge's margin recorded as a tie the divergence is a
     // near-tie, recorded as clear it fails, and without `top2_margins` kvc's own margin there
     // (~0.43: transformers' top-2 logits 26.74 / 26.31) decides.
-    let resolved = kvc::hub::resolve_model("smollm2-135m", &kvc::hub::HubEnv::from_env())
-        .expect("the embedded model: run scripts/fetch-model.sh");
-    let mut lm = kvc::model::load(
-        &resolved,
-        &candle_core::Device::Cpu,
-        candle_core::DType::F32,
-    )
-    .unwrap();
+    let mut lm = smollm2_f32_cpu();
     let tmp = tempfile::tempdir().unwrap();
     let judge = |margins: Option<f32>| {
         let mut r = serde_json::json!({"name": "chat0", "plain_output_ids": [7026, 2]});
@@ -150,17 +157,7 @@ fn a_divergence_is_judged_by_the_judges_own_margin_when_recorded() {
         path
     };
     let mut outcome = |margins: Option<f32>| {
-        let opts = CheckOptions {
-            reference: root().join("tests/data/smollm2_greedy.jsonl"),
-            rederived: judge(margins),
-            longbench: root().join("tests/data/conformance_longbench"),
-            only: Some("chat0".into()),
-            prompts_only: false,
-            tie_margin: 1e-3,
-            prefill_chunk: 1024,
-            cache: CacheChoice::Contiguous,
-            max_long_generations: None,
-        };
+        let opts = generation_options("chat0", judge(margins), CacheChoice::Contiguous);
         let records = check(&mut lm, &opts, |_| {}).unwrap();
         assert_eq!(records.len(), 1);
         (

@@ -35,6 +35,11 @@ fn fixture() -> Fixture {
 impl Fixture {
     /// `kvc eval` of full + kvcompress at 2x on both subsets into `out`, plus `extra`.
     fn eval(&self, out: &str, extra: &[&str]) -> Output {
+        self.eval_cmd(out, extra).output().unwrap()
+    }
+
+    /// The command of [`Fixture::eval`], for callers that add environment.
+    fn eval_cmd(&self, out: &str, extra: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_kvc"));
         c.args(["eval", "--model", self.model.to_str().unwrap()])
             .args(["--data-dir", self.data.to_str().unwrap()])
@@ -53,7 +58,7 @@ impl Fixture {
             .env("HF_HUB_OFFLINE", "1")
             .env_remove("KVC_MODEL")
             .env_remove("KVC_DATA_DIR");
-        c.output().unwrap()
+        c
     }
 
     fn merge(&self, out: &str) -> Output {
@@ -266,22 +271,8 @@ fn devices_run_one_worker_per_device_restart_dead_ones_and_merge() {
 
     // Workers that abort (no cleanup) after every 3 rows: each attempt makes progress, so each
     // shard is started again until done, and the merge equals the unsharded sweep.
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kvc"));
-    let o = c
-        .args(["eval", "--model", f.model.to_str().unwrap()])
-        .args(["--data-dir", f.data.to_str().unwrap()])
-        .args(["--tasks", "hotpotqa,samsum", "--methods", "kvcompress"])
-        .args([
-            "--rates",
-            "1,2",
-            "--max-new-tokens",
-            "3",
-            "--min-cache-tokens",
-            "16",
-        ])
-        .args(["--out", "dying", "--no-progress", "--devices", "cpu,cpu"])
-        .current_dir(&f.root)
-        .env("HF_HUB_OFFLINE", "1")
+    let o = f
+        .eval_cmd("dying", &["--devices", "cpu,cpu"])
         .env("KVC_EVAL_TEST_ABORT_AFTER", "3")
         .output()
         .unwrap();
