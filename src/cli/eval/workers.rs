@@ -63,6 +63,9 @@ fn worker_args(argv: &[String]) -> Vec<String> {
     out
 }
 
+/// How often the progress line recounts the rows written.
+const COUNT_EVERY: Duration = Duration::from_secs(3);
+
 struct Worker {
     shard: Shard,
     device: String,
@@ -141,17 +144,23 @@ pub fn run(
     }
     let (stop, _) = super::ctrl_c();
     let bar = progress_bar(quiet || no_progress);
+    // Workers are polled often; the rows (a read of every prediction file) counted every
+    // few seconds, and only when the line is shown.
+    let mut counted = std::time::Instant::now() - COUNT_EVERY;
     while workers.iter().any(|w| w.outcome.is_none()) {
         std::thread::sleep(Duration::from_millis(300));
         for w in &mut workers {
             poll(w, &exe, &args, out, stop.load(Ordering::SeqCst), quiet)?;
         }
-        let rows: usize = workers
-            .iter()
-            .map(|w| rows_written(&w.shard.tree(out)))
-            .sum();
-        let done = workers.iter().filter(|w| w.outcome.is_some()).count();
-        bar.set_message(format!("{rows} rows written, {done}/{n} workers finished"));
+        if !bar.is_hidden() && counted.elapsed() >= COUNT_EVERY {
+            counted = std::time::Instant::now();
+            let rows: usize = workers
+                .iter()
+                .map(|w| rows_written(&w.shard.tree(out)))
+                .sum();
+            let done = workers.iter().filter(|w| w.outcome.is_some()).count();
+            bar.set_message(format!("{rows} rows written, {done}/{n} workers finished"));
+        }
         bar.tick();
     }
     bar.finish_and_clear();
