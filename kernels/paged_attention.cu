@@ -136,21 +136,6 @@ __device__ __forceinline__ size_t slot_at(const uint32_t* __restrict__ table, in
   return (size_t)(__ldg(table + blk) * (uint32_t)block_size + off);
 }
 
-// 16-byte asynchronous global -> shared copy (sm_80+), zero-filled when !pred (nothing read).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  const int n = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // One partition of one (sequence, kv-head): a single pass over its keys with an online
 // softmax (FlashDecoding style). Every group of TPK = D / 8 lanes owns one key at a time (8
 // elements per lane), keeps its own running max / sum / output for all query heads of the

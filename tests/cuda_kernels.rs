@@ -509,31 +509,50 @@ fn prefill_flash_case<T: KvElem + candle_core::WithDType>(
     let qd = to_dev::<T>(&q, &[1, nkv, shape.group * t, d], &dev);
     let kd = to_dev::<T>(&k, &[1, nkv, n, d], &dev);
     let vd = to_dev::<T>(&v, &[1, nkv, n, d], &dev);
-    let kp = Tensor::from_vec(key_pos, (nkv, n), &dev).unwrap();
-    let out =
-        kvc::cuda::prefill_attention::prefill_attention(&qd, &kd, &vd, &kp, shape, q_start, scale)
+    // The same K/V as the first n rows of each head of a cache with 37 spare rows per head
+    // (NaN there): read in place.
+    let spare = |x: &Tensor| {
+        let nan = Tensor::full(f32::NAN, (1, nkv, 37, d), &dev)
+            .unwrap()
+            .to_dtype(T::DTYPE)
             .unwrap();
-    assert_eq!(out.dims(), qd.dims());
+        Tensor::cat(&[x, &nan], 2).unwrap().narrow(2, 0, n).unwrap()
+    };
+    let (ks, vs) = (spare(&kd), spare(&vd));
+    let kp = Tensor::from_vec(key_pos, (nkv, n), &dev).unwrap();
     // p rounded to T before p . v, output rounded to T: a few ulps of T of the output scale.
     let (atol, rtol) = if T::DTYPE == DType::F16 {
         (4e-3, 4e-3)
     } else {
         (2e-2, 2e-2)
     };
-    let (w, e) = compare(&f32s(&out), &want, atol, rtol);
-    let line = format!(
-        "{:?} kv={nkv} g={} t={t} n={n} d={d} shuffled={shuffled}: out_err={e:.2e}",
+    let mut line = format!(
+        "{:?} kv={nkv} g={} t={t} n={n} d={d} shuffled={shuffled}: out_err",
         T::DTYPE,
         shape.group
     );
-    assert!(w <= 1.0, "out of tolerance: {line}");
+    for (m_tiles, (kk, vv)) in [(1, (&kd, &vd)), (2, (&kd, &vd)), (2, (&ks, &vs))] {
+        let out = kvc::cuda::prefill_attention::prefill_attention_tiled(
+            &qd, kk, vv, &kp, shape, q_start, scale, m_tiles,
+        )
+        .unwrap();
+        assert_eq!(out.dims(), qd.dims());
+        let (w, e) = compare(&f32s(&out), &want, atol, rtol);
+        let strided = !kk.is_contiguous();
+        line.push_str(&format!(
+            " m{m_tiles}{}={e:.2e}",
+            if strided { "/strided" } else { "" }
+        ));
+        assert!(w <= 1.0, "out of tolerance: {line}");
+    }
     line
 }
 
 /// The flash prefill kernel (tensor cores, online softmax, causal tile skipping) against its
-/// twin: bf16 and f16, head dims 64 and 128, groups 1-8, chunks of 1 to 300 queries over up to
-/// 2500 keys (tiles partly visible, wholly hidden, padding with NaN K/V), positions in order and
-/// shuffled; unsupported dtypes and a probe are refused.
+/// twin: bf16 and f16, head dims 64 and 128, 16 and 32 query rows per warp, K/V contiguous and
+/// read in place from a cache with spare rows, groups 1-8, chunks of 1 to 300 queries over up
+/// to 2500 keys (tiles partly visible, wholly hidden, padding with NaN K/V), positions in order
+/// and shuffled; unsupported dtypes and a probe are refused.
 #[test]
 fn prefill_flash_matches_twin() {
     let mut rng = StdRng::seed_from_u64(91);
@@ -595,9 +614,10 @@ fn prefill_flash_matches_twin() {
 }
 
 /// The CUDA paged cache's chunked bf16 prefill (flash attention, the probed window scored by
-/// prefill_softmax) against the contiguous cache on the same GPU (candle's matmul + softmax
-/// chain, the oracle): outputs within bf16 noise, the window's probabilities within the
-/// rounding of the scores, every chunk.
+/// prefill_softmax), and the contiguous cache's unprobed flash prefill (K/V read in place from
+/// its growing tensors), against the contiguous cache's probed path on the same GPU (candle's
+/// matmul + softmax chain, the oracle): outputs within bf16 noise, the window's probabilities
+/// within the rounding of the scores, every chunk.
 #[test]
 fn paged_flash_prefill_matches_contiguous_chain() {
     use kvc::kvcache::contiguous::ContiguousCache;
@@ -624,9 +644,12 @@ fn paged_flash_prefill_matches_contiguous_chain() {
         };
         let mut paged = PagedCache::new(spec, 256).unwrap();
         let mut cont = ContiguousCache::new(1);
-        let (sp, sc) = (
+        // The contiguous cache unprobed: its own flash path, in place over its capacity.
+        let mut cont_flash = ContiguousCache::new(1);
+        let (sp, sc, sf) = (
             [paged.add_sequence().unwrap()],
             [cont.add_sequence().unwrap()],
+            [cont_flash.add_sequence().unwrap()],
         );
         for (start, len) in [(0, 256), (256, 300), (556, 144)] {
             let (qn, kn, vn) = (
@@ -634,18 +657,21 @@ fn paged_flash_prefill_matches_contiguous_chain() {
                 k.narrow(2, start, len).unwrap(),
                 v.narrow(2, start, len).unwrap(),
             );
-            let call = |seqs| AttnCall {
+            let call = |seqs, probe| AttnCall {
                 layer: 0,
                 seqs,
                 q: &qn,
                 k: &kn,
                 v: &vn,
                 scale: 1.0 / (d as f64).sqrt(),
-                probe: Probe::LastQueries(8),
+                probe,
             };
-            let a = paged.attend(call(&sp)).unwrap();
-            let b = cont.attend(call(&sc)).unwrap();
+            let a = paged.attend(call(&sp, Probe::LastQueries(8))).unwrap();
+            let b = cont.attend(call(&sc, Probe::LastQueries(8))).unwrap();
+            let f = cont_flash.attend(call(&sf, Probe::None)).unwrap();
+            assert!(f.probs.is_none());
             let (w, e) = compare(&f32s(&a.out), &f32s(&b.out), 2e-2, 2e-2);
+            let (wf, ef) = compare(&f32s(&f.out), &f32s(&b.out), 2e-2, 2e-2);
             let (wp, ep) = compare(
                 &f32s(&a.probs.unwrap()),
                 &f32s(&b.probs.unwrap()),
@@ -653,9 +679,12 @@ fn paged_flash_prefill_matches_contiguous_chain() {
                 3e-2,
             );
             let line = format!(
-                "heads {nh}/{nkv} d={d} chunk {start}+{len}: out_err={e:.2e} probs_err={ep:.2e}"
+                "heads {nh}/{nkv} d={d} chunk {start}+{len}: out_err={e:.2e} probs_err={ep:.2e} contiguous_flash_err={ef:.2e}"
             );
-            assert!(w <= 1.0 && wp <= 1.0, "out of tolerance: {line}");
+            assert!(
+                w <= 1.0 && wp <= 1.0 && wf <= 1.0,
+                "out of tolerance: {line}"
+            );
             eprintln!("{line}");
             cases += 1;
         }

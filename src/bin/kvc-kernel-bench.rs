@@ -69,6 +69,20 @@ struct Args {
     /// Also write the table as CSV here.
     #[arg(long)]
     csv: Option<std::path::PathBuf>,
+    /// Run only these sections (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Section>,
+}
+
+/// The benchmark's sections, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    /// Paged decode attention.
+    Decode,
+    /// Compaction, eviction and batched eviction.
+    Eviction,
+    /// Prefill attention of one chunk (bf16/f16 only).
+    Prefill,
 }
 
 fn median(mut v: Vec<f32>) -> f64 {
@@ -97,6 +111,10 @@ fn time(
     Ok(median(ms))
 }
 
+/// Dense bf16 tensor-core peak of the H100 / H200 SXM (NVIDIA's data sheets, without
+/// sparsity): what the prefill rows' TFLOP/s are compared with.
+const DENSE_BF16_TFLOPS: f64 = 989.0;
+
 /// A table row: kernel, partitions, outputs, MB moved, median ms, GB/s, of peak.
 type Row = [String; 7];
 
@@ -114,11 +132,18 @@ struct Bench {
 }
 
 fn main() -> anyhow::Result<()> {
-    let mut bench = Bench::new(Args::parse())?;
-    bench.decode()?;
-    bench.compaction_and_eviction()?;
-    bench.batched_eviction()?;
-    if bench.dtype != DType::F32 {
+    let args = Args::parse();
+    let only = args.only.clone();
+    let runs = |s: Section| only.is_empty() || only.contains(&s);
+    let mut bench = Bench::new(args)?;
+    if runs(Section::Decode) {
+        bench.decode()?;
+    }
+    if runs(Section::Eviction) {
+        bench.compaction_and_eviction()?;
+        bench.batched_eviction()?;
+    }
+    if runs(Section::Prefill) && bench.dtype != DType::F32 {
         bench.prefill()?;
     }
     bench.print()
@@ -573,39 +598,43 @@ impl Bench {
         let (a, dev, stream, dtype, esz) = (&self.a, &self.dev, &self.stream, self.dtype, self.esz);
         let mut rows: Vec<[String; 7]> = Vec::new();
         let _ = esz;
-        // Prefill attention of one chunk: the flash kernel against the unfused path it replaces
-        // (candle matmul, prefill_softmax, matmul), at SmolLM2's shape (9 / 3 heads, d 64; the
-        // last 2048-token chunk of an 8192-token prompt, and the whole prompt as one chunk) and an
-        // 8B shape (32 / 8, d 128). TFLOP/s counts the causal work only: 4 * d per visible pair.
-        {
-            for (nh, nkv_p, dp, t, n) in [
-                (9usize, 3usize, 64usize, 2048usize, 8192usize),
-                (9, 3, 64, 8192, 8192),
-                (32, 8, 128, 2048, 8192),
-            ] {
-                let gp = nh / nkv_p;
-                let q_start = n - t;
-                let rn = |shape: (usize, usize, usize, usize)| -> candle_core::Result<Tensor> {
-                    Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(dtype)
-                };
-                let qp = rn((1, nkv_p, gp * t, dp))?;
-                let kp = rn((1, nkv_p, n, dp))?;
-                let vp = rn((1, nkv_p, n, dp))?;
-                let pos: Vec<u32> = (0..nkv_p).flat_map(|_| 0..n as u32).collect();
-                let pos = Tensor::from_vec(pos, (nkv_p, n), dev)?;
-                let shape = kvc::cuda::prefill_softmax::SoftmaxShape {
-                    kv_heads: nkv_p,
-                    group: gp,
-                    t,
-                    n,
-                    probed: 0,
-                };
-                let scale = 1.0 / (dp as f32).sqrt();
-                let pairs = (t * q_start + t * (t + 1) / 2) as f64 * nh as f64;
-                let tflop = pairs * 4.0 * dp as f64 / 1e12;
-                let what =
-                    format!("{nh}/{nkv_p} heads d{dp}, {t} queries at {q_start} over {n} keys");
-                let ms_u = time(stream, 2, a.iters.min(20), || {
+        // Prefill attention of one chunk: the flash kernel (16 and 32 query rows per warp)
+        // against the unfused path it replaces (candle matmul, prefill_softmax, matmul; only
+        // where its scores fit in 2^30 elements), at SmolLM2's shape (9 / 3 heads, d 64; the
+        // last 2048-token chunk of an 8192-token prompt, and the whole prompt as one chunk) and
+        // an 8B shape (32 / 8, d 128; also the last 8192-token chunk of a 32k prompt). TFLOP/s
+        // counts the causal work only: 4 * d per visible pair.
+        for (nh, nkv_p, dp, t, n) in [
+            (9usize, 3usize, 64usize, 2048usize, 8192usize),
+            (9, 3, 64, 8192, 8192),
+            (32, 8, 128, 2048, 8192),
+            (32, 8, 128, 8192, 8192),
+            (32, 8, 128, 8192, 32768),
+        ] {
+            let gp = nh / nkv_p;
+            let q_start = n - t;
+            let rn = |shape: (usize, usize, usize, usize)| -> candle_core::Result<Tensor> {
+                Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(dtype)
+            };
+            let qp = rn((1, nkv_p, gp * t, dp))?;
+            let kp = rn((1, nkv_p, n, dp))?;
+            let vp = rn((1, nkv_p, n, dp))?;
+            let pos: Vec<u32> = (0..nkv_p).flat_map(|_| 0..n as u32).collect();
+            let pos = Tensor::from_vec(pos, (nkv_p, n), dev)?;
+            let shape = kvc::cuda::prefill_softmax::SoftmaxShape {
+                kv_heads: nkv_p,
+                group: gp,
+                t,
+                n,
+                probed: 0,
+            };
+            let scale = 1.0 / (dp as f32).sqrt();
+            let pairs = (t * q_start + t * (t + 1) / 2) as f64 * nh as f64;
+            let tflop = pairs * 4.0 * dp as f64 / 1e12;
+            let what = format!("{nh}/{nkv_p} heads d{dp}, {t} queries at {q_start} over {n} keys");
+            let iters = a.iters.min(20);
+            let ms_u = if nh * t * n <= 1 << 30 {
+                Some(time(stream, 2, iters, || {
                     let att = qp.matmul(&kp.t()?)?;
                     let (p, _) = kvc::cuda::prefill_softmax::prefill_softmax(
                         &att,
@@ -615,9 +644,14 @@ impl Bench {
                         scale,
                     )?;
                     p.matmul(&vp).map(|_| ())
-                })?;
-                let ms_f = time(stream, 2, a.iters.min(20), || {
-                    kvc::cuda::prefill_attention::prefill_attention(
+                })?)
+            } else {
+                None
+            };
+            let mut timed = vec![("prefill unfused", ms_u)];
+            for (name, m_tiles) in [("prefill_flash m1", 1), ("prefill_flash m2", 2)] {
+                let ms = time(stream, 2, iters, || {
+                    kvc::cuda::prefill_attention::prefill_attention_tiled(
                         &qp,
                         &kp,
                         &vp,
@@ -625,20 +659,27 @@ impl Bench {
                         &shape,
                         q_start as u32,
                         scale,
+                        m_tiles,
                     )
                     .map(|_| ())
                 })?;
-                for (name, ms) in [("prefill unfused", ms_u), ("prefill_flash", ms_f)] {
-                    rows.push([
-                        name.into(),
-                        what.clone(),
-                        format!("{:.0} TFLOP/s causal", tflop / (ms / 1e3)),
-                        "-".into(),
-                        format!("{ms:.4}"),
-                        "-".into(),
-                        format!("{:.1}x", ms_u / ms),
-                    ]);
-                }
+                timed.push((name, Some(ms)));
+            }
+            for (name, ms) in timed {
+                let Some(ms) = ms else { continue };
+                rows.push([
+                    name.into(),
+                    what.clone(),
+                    format!("{:.0} TFLOP/s causal", tflop / (ms / 1e3)),
+                    "-".into(),
+                    format!("{ms:.4}"),
+                    "-".into(),
+                    format!(
+                        "{:.0}% of {DENSE_BF16_TFLOPS:.0} TFLOP/s{}",
+                        100.0 * tflop / (ms / 1e3) / DENSE_BF16_TFLOPS,
+                        ms_u.map_or(String::new(), |u| format!("; {:.1}x unfused", u / ms))
+                    ),
+                ]);
             }
         }
         self.rows.extend(rows);

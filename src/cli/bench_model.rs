@@ -1,5 +1,6 @@
 //! `kvc bench-model`: prefill and single-sequence decode speed of the model layer with the full
-//! (contiguous) cache — the baseline every compressed run is compared with. Prints a table
+//! cache (`--cache`: on a GPU the paged cache and kernels `kvc eval` runs) — the baseline
+//! every compressed run is compared with. Prints a table
 //! (and `--json` / `--csv`); never asserts timings.
 //!
 //! Prompts are deterministic pseudo-random token ids (so no tokenizer or data is needed and the
@@ -11,9 +12,8 @@ use clap::Args;
 use std::io::Write;
 use std::path::PathBuf;
 
-use super::model_args::ModelArgs;
-use crate::engine::{self, GenParams, NoHooks};
-use crate::kvcache::contiguous::ContiguousCache;
+use super::model_args::{CacheArg, ModelArgs};
+use crate::engine::{self, FullCache, GenParams, NoHooks};
 use crate::model::{Config, LoadedModel};
 use crate::util::Status;
 
@@ -36,6 +36,10 @@ pub struct BenchModelArgs {
     /// Prefill chunk length.
     #[arg(long, default_value_t = 1024)]
     pub prefill_chunk: usize,
+    /// KV cache: auto (paged on a GPU, the kernels `kvc eval` runs; contiguous on the CPU),
+    /// paged, or contiguous (the reference).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub cache: CacheArg,
     /// Also write the rows as CSV here.
     #[arg(long)]
     pub csv: Option<PathBuf>,
@@ -49,6 +53,7 @@ struct Row {
     model: String,
     device: String,
     dtype: String,
+    cache: String,
     prompt_tokens: usize,
     decode_tokens: usize,
     prefill_ms: f64,
@@ -72,6 +77,13 @@ fn synthetic_prompt(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
             (lo + ((x >> 33) as usize) % (vocab - lo)) as u32
         })
         .collect()
+}
+
+fn cache_name(kind: FullCache) -> &'static str {
+    match kind {
+        FullCache::Contiguous => "contiguous",
+        FullCache::Paged => "paged",
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -99,20 +111,22 @@ pub fn run(args: BenchModelArgs) -> anyhow::Result<Status> {
             );
         }
     }
+    let kind = args.cache.resolve(&lm.model.device);
     // Warm-up.
     let warm = synthetic_prompt(64, cfg.vocab_size, 7);
+    let mut cache = engine::full_cache(&lm.model, kind, 64 + 4)?;
     engine::generate(
         &mut lm.model,
-        &mut ContiguousCache::new(cfg.num_hidden_layers),
+        cache.as_mut(),
         &warm,
         &gen_params(&args, &cfg, 4),
         &mut NoHooks,
     )?;
     let mut rows = Vec::new();
     for &n in &args.prompt_lens {
-        rows.push(measure(&args, &mut lm, n, &device, &dtype)?);
+        rows.push(measure(&args, &mut lm, n, kind, (&device, &dtype))?);
     }
-    print_rows(&args, &lm.name, &device, &dtype, &rows)?;
+    print_rows(&args, &lm.name, (&device, &dtype, kind), &rows)?;
     if let Some(path) = &args.csv {
         let mut w = csv::Writer::from_writer(Vec::new());
         for r in &rows {
@@ -135,22 +149,23 @@ fn gen_params(args: &BenchModelArgs, cfg: &Config, max_new: usize) -> GenParams 
 }
 
 /// `--repeats` generations of `--decode-tokens` tokens from fresh `n`-token prompts, each in a
-/// new contiguous cache; the row holds the median prefill and decode times and the rates
+/// new cache of kind `kind`; the row holds the median prefill and decode times and the rates
 /// derived from them (see the module docs).
 fn measure(
     args: &BenchModelArgs,
     lm: &mut LoadedModel,
     n: usize,
-    device: &str,
-    dtype: &str,
+    kind: FullCache,
+    (device, dtype): (&str, &str),
 ) -> anyhow::Result<Row> {
     let cfg = lm.config().clone();
     let (mut pre, mut dec) = (Vec::new(), Vec::new());
     for rep in 0..args.repeats {
         let prompt = synthetic_prompt(n, cfg.vocab_size, 1000 + rep as u64);
+        let mut cache = engine::full_cache(&lm.model, kind, n + args.decode_tokens)?;
         let g = engine::generate(
             &mut lm.model,
-            &mut ContiguousCache::new(cfg.num_hidden_layers),
+            cache.as_mut(),
             &prompt,
             &gen_params(args, &cfg, args.decode_tokens),
             &mut NoHooks,
@@ -164,6 +179,7 @@ fn measure(
         model: lm.name.clone(),
         device: device.to_string(),
         dtype: dtype.to_string(),
+        cache: cache_name(kind).to_string(),
         prompt_tokens: n,
         decode_tokens: args.decode_tokens,
         prefill_ms: p,
@@ -179,8 +195,7 @@ fn measure(
 fn print_rows(
     args: &BenchModelArgs,
     model: &str,
-    device: &str,
-    dtype: &str,
+    (device, dtype, kind): (&str, &str, FullCache),
     rows: &[Row],
 ) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
@@ -191,7 +206,8 @@ fn print_rows(
     } else {
         writeln!(
             out,
-            "{model} on {device} ({dtype}), median of {} runs",
+            "{model} on {device} ({dtype}, {} cache), median of {} runs",
+            cache_name(kind),
             args.repeats
         )?;
         writeln!(

@@ -1,10 +1,9 @@
-//! `kvc generate`: greedy continuation of one prompt with the full (contiguous) cache.
+//! `kvc generate`: greedy continuation of one prompt with the full cache (`--cache`).
 use clap::Args;
 use std::io::Write;
 
-use super::model_args::ModelArgs;
+use super::model_args::{CacheArg, ModelArgs};
 use crate::engine::{self, GenParams, NoHooks};
-use crate::kvcache::contiguous::ContiguousCache;
 use crate::model::ModelError;
 use crate::util::Status;
 
@@ -27,6 +26,10 @@ pub struct GenerateArgs {
     /// Prefill chunk length (memory vs speed; results do not depend on it beyond float noise).
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
+    /// KV cache: auto (paged on a GPU, the kernels `kvc eval` runs; contiguous on the CPU),
+    /// paged, or contiguous (the reference).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub cache: CacheArg,
     /// Print one JSON object (prompt_ids, output_ids, output_text, timings) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -53,10 +56,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<Status> {
         prefill_chunk: args.prefill_chunk,
         max_context: max_ctx,
     };
-    let mut cache = ContiguousCache::new(lm.config().num_hidden_layers);
+    let kind = args.cache.resolve(&lm.model.device);
+    let tokens = (prompt_ids.len() + args.max_new_tokens).min(max_ctx);
+    let mut cache = engine::full_cache(&lm.model, kind, tokens)?;
     let g = engine::generate(
         &mut lm.model,
-        &mut cache,
+        cache.as_mut(),
         &prompt_ids,
         &params,
         &mut NoHooks,
@@ -80,6 +85,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<Status> {
             "decode_tokens_per_s": if g.decode_ms > 0.0 { (n_new.saturating_sub(1)) as f64 / (g.decode_ms / 1e3) } else { 0.0 },
             "device": format!("{:?}", lm.model.device),
             "dtype": format!("{:?}", lm.model.dtype),
+            "cache": cache.name(),
         });
         writeln!(out, "{v}")?;
     } else {

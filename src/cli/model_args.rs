@@ -69,3 +69,26 @@ pub fn default_device() -> Device {
     }
     Device::Cpu
 }
+
+/// `--cache` of `kvc generate` and `kvc bench-model`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CacheArg {
+    /// Paged on a GPU (the kernels `kvc eval` and `kvc bench` run), contiguous on the CPU.
+    Auto,
+    /// The paged cache with nothing evicted (allocated for the prompt + new tokens up front).
+    Paged,
+    /// The contiguous reference cache (one growing tensor per layer; candle ops for decode).
+    Contiguous,
+}
+
+impl CacheArg {
+    /// The cache this choice means on `device`.
+    pub fn resolve(self, device: &Device) -> crate::engine::FullCache {
+        use crate::engine::FullCache;
+        match self {
+            CacheArg::Auto if device.is_cuda() => FullCache::Paged,
+            CacheArg::Auto | CacheArg::Contiguous => FullCache::Contiguous,
+            CacheArg::Paged => FullCache::Paged,
+        }
+    }
+}

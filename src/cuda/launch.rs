@@ -130,10 +130,16 @@ pub(crate) fn device(t: &Tensor) -> Result<CudaDevice> {
 /// keeps the tensor alive until the launch is queued; candle frees stream-ordered.
 pub(crate) fn ptr(t: Option<&Tensor>, stream: &CudaStream) -> Result<u64> {
     let Some(t) = t else { return Ok(0) };
-    let (st, l) = t.storage_and_layout();
-    if !l.is_contiguous() {
+    if !t.layout().is_contiguous() {
         return Err(OpsError::Shape(format!("tensor {:?} is not contiguous", t.dims())).into());
     }
+    base_ptr(t, stream)
+}
+
+/// Device address of a CUDA tensor's first element whatever its strides: for a kernel told
+/// the layout by other arguments (the caller checked it).
+pub(crate) fn base_ptr(t: &Tensor, stream: &CudaStream) -> Result<u64> {
+    let (st, l) = t.storage_and_layout();
     let Storage::Cuda(cs) = &*st else {
         return Err(OpsError::Shape("expected a CUDA tensor".into()).into());
     };

@@ -17,6 +17,39 @@ use crate::model::Llama;
 /// evictions), handed out by [`Hooks::step_plan`] so a batch can plan on several threads.
 pub type StepPlanner<'a> = Box<dyn FnOnce(&dyn CacheBackend) -> Result<EvictionPlan> + Send + 'a>;
 
+/// The cache a full-cache generation (`kvc generate`, `kvc bench-model`) runs through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullCache {
+    /// [`crate::kvcache::contiguous::ContiguousCache`]: the oracle, one growing tensor per
+    /// layer (flash prefill on a GPU; decode with candle ops).
+    Contiguous,
+    /// [`crate::kvcache::paged::PagedCache`] with nothing evicted: the prefill and decode
+    /// kernels `kvc eval` and `kvc bench` run.
+    Paged,
+}
+
+/// An empty cache of kind `kind` for `model`, holding at least `tokens` tokens of one sequence
+/// (a paged cache is allocated whole up front; a contiguous one grows).
+pub fn full_cache(model: &Llama, kind: FullCache, tokens: usize) -> Result<Box<dyn CacheBackend>> {
+    use crate::kvcache::{contiguous::ContiguousCache, paged};
+    let cfg = &model.cfg;
+    Ok(match kind {
+        FullCache::Contiguous => Box::new(ContiguousCache::new(cfg.num_hidden_layers)),
+        FullCache::Paged => {
+            let spec = paged::PagedSpec {
+                layers: cfg.num_hidden_layers,
+                kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim,
+                block_size: paged::DEFAULT_BLOCK_SIZE,
+                dtype: model.dtype,
+                device: model.device.clone(),
+            };
+            let blocks = spec.blocks_for_tokens(tokens);
+            Box::new(paged::PagedCache::new(spec, blocks)?)
+        }
+    })
+}
+
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -168,6 +168,40 @@ fn attention_in_blocks(
     Ok((Tensor::cat(&outs, 2)?, probs))
 }
 
+/// Whether [`flash_causal_attention`] serves queries like `q` (CUDA, bf16/f16, head dim 64/128).
+fn flash_fits(q: &Tensor) -> bool {
+    q.device().is_cuda()
+        && crate::cuda::prefill_attention::prefill_attention_supported(
+            q.dtype(),
+            *q.dims().last().unwrap_or(&0),
+        )
+}
+
+/// [`causal_attention`]'s output (no probabilities) with the flash prefill kernel: `k`, `v`
+/// `[1, nkv, total, d]` are read in place from the cache (each head's first `total` rows of its
+/// capacity), the queries sit at the last `t` positions. Same values up to the kernel's
+/// rounding of the probabilities to the K/V dtype (tests/cuda_kernels.rs).
+fn flash_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    use crate::cuda::{prefill_attention, prefill_softmax::SoftmaxShape};
+    let (b, nh, t, d) = q.dims4()?;
+    let (_, nkv, total, _) = k.dims4()?;
+    let shape = SoftmaxShape {
+        kv_heads: nkv,
+        group: nh / nkv,
+        t,
+        n: total,
+        probed: 0,
+    };
+    let key_pos = Tensor::arange(0u32, total as u32, q.device())?
+        .reshape((1, total))?
+        .broadcast_as((nkv, total))?
+        .contiguous()?;
+    let q2 = q.contiguous()?.reshape((b, nkv, shape.group * t, d))?;
+    let first = (total - t) as u32;
+    prefill_attention::prefill_attention(&q2, k, v, &key_pos, &shape, first, scale as f32)?
+        .reshape((b, nh, t, d))
+}
+
 impl CacheBackend for ContiguousCache {
     fn add_sequence(&mut self) -> Result<SeqId> {
         let id = self.next_id;
@@ -204,7 +238,11 @@ impl CacheBackend for ContiguousCache {
                 &call.k.narrow(0, b, 1)?,
                 &call.v.narrow(0, b, 1)?,
             )?;
-            let (out, p) = blocked_causal_attention(&q, &k, &v, call.scale, call.probe)?;
+            let (out, p) = if t > 1 && call.probe == super::Probe::None && flash_fits(&q) {
+                (flash_causal_attention(&q, &k, &v, call.scale)?, None)
+            } else {
+                blocked_causal_attention(&q, &k, &v, call.scale, call.probe)?
+            };
             if call.layer + 1 == self.n_layers {
                 seq.pos += t;
             }
