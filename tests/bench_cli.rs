@@ -1,5 +1,6 @@
 //! `kvc bench` end to end on the CPU with a tiny random model: the CSV (vLLM-compatible column
-//! names), run.json, the four plots and `--json`; `--resume` skips measured pairs; bad input
+//! names), run.json, the four plots and `--json`, both schedules (the reference's compresses at
+//! 1x); `--resume` skips measured pairs; bad input
 //! (rates below 1, a budget below one sequence, lengths beyond the context) exits 2 with one
 //! line naming the fix.
 use kvc::model::tiny::{write_hf_dir, TinySpec};
@@ -71,6 +72,8 @@ fn bench_writes_csv_plots_json_and_resumes() {
         "4",
         "--kv-memory",
         "60000",
+        "--schedule",
+        "both",
         "--json",
     ]);
     let r = kvc(&args);
@@ -78,7 +81,30 @@ fn bench_writes_csv_plots_json_and_resumes() {
     assert!(r.status.success(), "{stderr}");
     assert!(stderr.contains("memory-bound"), "{stderr}");
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&r.stdout).unwrap();
-    assert_eq!(rows.len(), 4, "rate 1 is added as the baseline");
+    // Per input length: the vanilla baseline, the reference's schedule at 1x and 4x, kvc's at 4x.
+    assert_eq!(rows.len(), 8, "rate 1 is added as the baseline");
+    let mut methods: Vec<(String, f64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["method"].as_str().unwrap().to_string(),
+                r["rate"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    methods.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    methods.dedup();
+    let want = [
+        ("full", 1.0),
+        ("kvcompress", 4.0),
+        ("kvcompress-paper", 1.0),
+        ("kvcompress-paper", 4.0),
+    ];
+    assert_eq!(
+        methods,
+        want.map(|(m, r)| (m.to_string(), r)).to_vec(),
+        "{rows:?}"
+    );
     let dir = out.join("bench").join("tiny");
     let csv = std::fs::read_to_string(dir.join("throughput.csv")).unwrap();
     let header = csv.lines().next().unwrap();
@@ -101,7 +127,7 @@ fn bench_writes_csv_plots_json_and_resumes() {
             "{col} missing in {header}"
         );
     }
-    assert_eq!(csv.lines().count(), 5);
+    assert_eq!(csv.lines().count(), 9);
     for row in &rows {
         assert_eq!(row["num_requests"], 4);
         assert_eq!(row["total_num_tokens"].as_u64().unwrap() % 4, 0);
@@ -109,10 +135,19 @@ fn bench_writes_csv_plots_json_and_resumes() {
         assert!(row["peak_blocks"].as_u64() <= row["total_blocks"].as_u64());
         assert_eq!(row["memory_source"], "kv_pool_peak");
         let sp = row["speedup_vs_full"].as_f64().unwrap();
-        if row["rate"].as_f64().unwrap() == 1.0 {
+        if row["method"] == "full" {
             assert_eq!(sp, 1.0);
-            assert_eq!(row["method"], "full");
+            assert_eq!(row["rate"], 1.0);
             assert_eq!(row["memory_bound"], true);
+            assert!(row["budget_tokens"].is_null());
+        } else {
+            // Compressed rows evict, 1x under the reference's schedule included (L - 4 here,
+            // blocks of 4 tokens).
+            assert!(row["evicted_slots"].as_u64().unwrap() > 0, "{row}");
+        }
+        if row["method"] == "kvcompress-paper" && row["rate"] == 1.0 {
+            let l = row["input_len"].as_u64().unwrap();
+            assert_eq!(row["budget_tokens"].as_u64(), Some(l - 4), "{row}");
         }
     }
     assert!(dir.join("run.json").is_file());
@@ -127,7 +162,7 @@ fn bench_writes_csv_plots_json_and_resumes() {
             assert!(p.is_file(), "{}", p.display());
         }
     }
-    // Resume: the four pairs exist; only rate 2 is new.
+    // Resume: the eight rows exist; only rate 2 of each schedule is new.
     let mut args = base(m, o);
     args.extend([
         "--rates",
@@ -140,12 +175,14 @@ fn bench_writes_csv_plots_json_and_resumes() {
         "4",
         "--kv-memory",
         "60000",
+        "--schedule",
+        "both",
         "--resume",
     ]);
     let r = kvc(&args);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let csv = std::fs::read_to_string(dir.join("throughput.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 7, "{csv}");
+    assert_eq!(csv.lines().count(), 13, "{csv}");
     assert!(Path::new(&dir.join("plots")).is_dir());
 }
 

@@ -4,9 +4,11 @@
 //!   sequences are preempted and recomputed;
 //! - over random small configurations the pool is never exceeded (its invariants hold after
 //!   every step) and every request generates exactly `output_len` tokens;
-//! - under memory pressure compression runs on demand and the decode batch grows with the rate.
+//! - under memory pressure compression runs on demand and the decode batch grows with the rate;
+//! - the reference's schedule compresses at 1x (budget L - block) and compresses the running
+//!   sequences after later admissions, where kvc's compresses only on pressure.
 use candle_core::{DType, Device};
-use kvc::bench::scheduler::{self, min_blocks, SchedConfig};
+use kvc::bench::scheduler::{self, min_blocks, SchedConfig, Schedule};
 use kvc::bench::synthetic::{self, SplitMix64};
 use kvc::compress::policy::Policy;
 use kvc::compress::{build_policy, MethodOptions, MethodSpec};
@@ -70,6 +72,7 @@ fn spec(lm: &LoadedModel) -> PagedSpec {
 fn sched(rate: f64, output_len: usize, num_blocks: usize) -> SchedConfig {
     SchedConfig {
         rate,
+        schedule: Schedule::Kvc,
         output_len,
         num_blocks,
         block_size: BS,
@@ -224,7 +227,11 @@ fn random_configs_never_exceed_the_pool_and_generate_exactly_output_len() {
             let need = min_blocks(&sp, longest, out_len, rate, 8, 4);
             let blocks = need + rng.below(2 * need as u64) as usize;
             let prompts = prompts_of(&lens, &lm, 100 * si as u64 + case);
-            let cfg = sched(rate, out_len, blocks);
+            let schedule = [Schedule::Kvc, Schedule::Paper][rng.below(2) as usize];
+            let cfg = SchedConfig {
+                schedule,
+                ..sched(rate, out_len, blocks)
+            };
             let out = scheduler::run(&mut lm.model, Some(p.as_ref()), &prompts, &cfg, &mut |_| {})
                 .unwrap_or_else(|e| panic!("spec {si} case {case} {cfg:?} lens {lens:?}: {e}"));
             assert_eq!(out.outputs.len(), n);
@@ -271,4 +278,38 @@ fn pressure_triggers_compression_and_batch_grows_with_rate() {
     let max: Vec<usize> = batches.iter().map(|b| b.1).collect();
     assert!(max[0] <= 2, "{batches:?}");
     assert!(max[1] > max[0] && max[2] > max[1], "{batches:?}");
+}
+
+#[test]
+fn paper_schedule_compresses_at_1x_where_kvc_keeps_the_full_cache() {
+    let (_t, mut lm) = tiny(&TinySpec::default());
+    let p = policy(&lm);
+    let sp = spec(&lm);
+    let (len, out_len, n) = (40, 24, 8);
+    let prompts = prompts_of(&vec![len; n], &lm, 5);
+    // Room for about two full-cache sequences: decoding runs short of blocks.
+    let blocks = 2 * sp.blocks_for_tokens(len + out_len) + 8;
+    let mut run = |rate: f64, schedule: Schedule| {
+        let cfg = SchedConfig {
+            schedule,
+            ..sched(rate, out_len, blocks)
+        };
+        let out =
+            scheduler::run(&mut lm.model, Some(p.as_ref()), &prompts, &cfg, &mut |_| {}).unwrap();
+        assert!(out.outputs.iter().all(|o| o.len() == out_len));
+        out.stats
+    };
+    let vanilla = run(1.0, Schedule::Kvc);
+    assert_eq!(vanilla.evicted_slots, 0, "{vanilla:?}");
+    assert_eq!(vanilla.compress_rounds, 0, "{vanilla:?}");
+    let paper = run(1.0, Schedule::Paper);
+    // Budget (40 - 1) // 4 * 4 = 36 tokens per head: 4 of the 40 prompt tokens of every head
+    // go right after prefill, and decoding past the budget is compressed when blocks run short.
+    let heads = (sp.layers * sp.kv_heads) as u64;
+    assert!(paper.evicted_slots >= n as u64 * 4 * heads, "{paper:?}");
+    assert!(paper.compress_rounds > 0, "{paper:?}");
+    assert!(
+        paper.max_batch >= vanilla.max_batch,
+        "{paper:?} {vanilla:?}"
+    );
 }

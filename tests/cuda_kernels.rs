@@ -1696,6 +1696,7 @@ mod e2e {
             .collect();
         let sc = scheduler::SchedConfig {
             rate: 1.0,
+            schedule: scheduler::Schedule::Kvc,
             output_len: out_len,
             num_blocks: 4096,
             block_size: 16,

@@ -11,12 +11,13 @@ pub mod report;
 pub mod scheduler;
 pub mod synthetic;
 
+pub use scheduler::Schedule;
+
 use candle_core::Device;
 use std::collections::BTreeSet;
 
 use crate::compress::policy::Policy;
 use crate::kvcache::blocks::MemoryLayout;
-use crate::kvcache::budget::tokens_for_rate;
 use crate::kvcache::paged::PagedSpec;
 use crate::model::Config;
 
@@ -189,14 +190,27 @@ pub fn full_cache_fits(
     blocks / spec.blocks_for_tokens(input_len + output_len).max(1)
 }
 
-/// Per-head token budget at `rate` for `input_len` (clamped to the protected window).
+/// Per-head token budget at `rate` for `input_len` under `schedule` (clamped to the protected
+/// window); `None`: the full cache.
 pub fn budget_tokens(
     sw: &SweepConfig,
     input_len: usize,
-    rate: f64,
+    (rate, schedule): (f64, Schedule),
     min_budget: usize,
 ) -> Option<usize> {
-    tokens_for_rate(input_len, rate, sw.block_size, sw.min_cache_tokens).map(|m| m.max(min_budget))
+    schedule
+        .budget(input_len, rate, sw.block_size, sw.min_cache_tokens)
+        .map(|m| m.max(min_budget))
+}
+
+/// The `method` column of a row at `rate` under `schedule`: `full` for the vanilla cache (rate
+/// 1 under [`Schedule::Kvc`]), `kvcompress` (kvc's schedule) or `kvcompress-paper`.
+pub fn method_name(rate: f64, schedule: Schedule) -> &'static str {
+    match schedule {
+        Schedule::Kvc if rate <= 1.0 => "full",
+        Schedule::Kvc => "kvcompress",
+        Schedule::Paper => "kvcompress-paper",
+    }
 }
 
 /// Ids synthetic prompts avoid: stop ids and the tokenizer's added (special) tokens.
@@ -212,18 +226,19 @@ pub fn excluded_ids(lm: &crate::model::LoadedModel) -> BTreeSet<u32> {
     ex
 }
 
-/// Run one (rate, input length) of a sweep.
+/// Run one (rate, schedule, input length) of a sweep.
 pub fn run_one(
     model: &mut crate::model::Llama,
     policy: &dyn Policy,
     prompts: &[Vec<u32>],
     sw: &SweepConfig,
     blocks: usize,
-    rate: f64,
+    (rate, schedule): (f64, Schedule),
     on_finish: &mut dyn FnMut(usize),
 ) -> candle_core::Result<scheduler::SchedOutput> {
     let cfg = scheduler::SchedConfig {
         rate,
+        schedule,
         output_len: sw.output_len,
         num_blocks: blocks,
         block_size: sw.block_size,

@@ -17,7 +17,8 @@ pub struct ThroughputRow {
     pub model: String,
     pub device: String,
     pub dtype: String,
-    /// `full` at rate 1, else `kvcompress`.
+    /// `full` (the vanilla cache, rate 1), `kvcompress` (kvc's schedule) or
+    /// `kvcompress-paper` (the reference's schedule, which compresses at 1x too).
     pub method: String,
     pub rate: f64,
     pub input_len: usize,
@@ -72,6 +73,8 @@ pub struct RowMeta<'a> {
     pub model: &'a str,
     pub device: &'a str,
     pub dtype: &'a str,
+    /// The `method` column ([`super::method_name`]).
+    pub method: &'a str,
     pub rate: f64,
     pub input_len: usize,
     pub output_len: usize,
@@ -94,7 +97,7 @@ impl ThroughputRow {
             model: m.model.to_string(),
             device: m.device.to_string(),
             dtype: m.dtype.to_string(),
-            method: if m.rate <= 1.0 { "full" } else { "kvcompress" }.to_string(),
+            method: m.method.to_string(),
             rate: m.rate,
             input_len: m.input_len,
             output_len: m.output_len,
@@ -130,11 +133,12 @@ impl ThroughputRow {
     }
 }
 
-/// Fill `speedup_vs_full` from the rate-1 row of the same model and input length.
+/// Fill `speedup_vs_full` from the vanilla row (`full`, rate 1) of the same model and input
+/// length.
 pub fn fill_speedups(rows: &mut [ThroughputRow]) {
     let base: Vec<(String, usize, f64)> = rows
         .iter()
-        .filter(|r| r.rate <= 1.0)
+        .filter(|r| r.rate <= 1.0 && r.method == "full")
         .map(|r| (r.model.clone(), r.input_len, r.tokens_per_s))
         .collect();
     for r in rows.iter_mut() {
@@ -169,7 +173,8 @@ pub fn read_csv(path: &Path) -> anyhow::Result<Vec<ThroughputRow>> {
 /// A human-readable table of the rows.
 pub fn table(rows: &[ThroughputRow]) -> String {
     let mut s = format!(
-        "{:>6} {:>7} {:>10} {:>10} {:>8} {:>8} {:>7} {:>7} {:>7} {:>8} {:>8}\n",
+        "{:<17} {:>6} {:>7} {:>10} {:>10} {:>8} {:>8} {:>7} {:>7} {:>7} {:>8} {:>8}\n",
+        "method",
         "rate",
         "input",
         "tok/s",
@@ -184,7 +189,8 @@ pub fn table(rows: &[ThroughputRow]) -> String {
     );
     for r in rows {
         s += &format!(
-            "{:>5}x {:>7} {:>10.1} {:>10.1} {:>8.3} {:>8} {:>7} {:>7.1} {:>6.0}% {:>7.1}% {:>8}\n",
+            "{:<17} {:>5}x {:>7} {:>10.1} {:>10.1} {:>8.3} {:>8} {:>7} {:>7.1} {:>6.0}% {:>7.1}% {:>8}\n",
+            r.method,
             r.rate,
             r.input_len,
             r.tokens_per_s,

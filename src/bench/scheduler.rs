@@ -23,6 +23,17 @@
 //! benchmark, vLLM `ignore_eos`). At rate 1 (full cache) no hooks run, so the only way out of
 //! memory pressure is preemption: that is the baseline's memory bound.
 //!
+//! [`Schedule::Paper`] is the reference implementation's policy (IsaacRe/vllm-kvcompress:
+//! `benchmarks/benchmark_throughput.py`, `vllm/core/scheduler.py`, `vllm/kvcompress/scheduler.py`)
+//! where it differs from the above ([`Schedule::Kvc`]):
+//! - every rate compresses, 1 included: the budget is `max_cache_tokens` of the reference's
+//!   benchmark ([`max_cache_tokens`]; `L - 16` per head at 1x, the paper's 1.38x at 1x);
+//! - after an iteration that admitted new sequences, every running sequence over its budget is
+//!   compressed (the reference forces a compression round after each prefill), not only the new
+//!   ones;
+//! - when a decode step does not fit, admissions stop until a sequence finishes or is
+//!   preempted (the reference's `lock_prefill`), not for one iteration.
+//!
 //! Departures from the paper's vLLM scheduler: prefills are batched only across requests of
 //! equal context length (vLLM packs any prompts up to a token budget); the admission headroom is one block per
 //! (layer, kv-head) and running sequence instead of vLLM's 1 % watermark (KV-Compress blocks are
@@ -35,16 +46,43 @@ use std::time::Instant;
 
 use crate::compress::policy::{BudgetFn, CompressHooks, Policy};
 use crate::engine::{self, prefill_chunks, Hooks};
-use crate::kvcache::budget::{allowed_blocks, tokens_for_rate};
+use crate::kvcache::budget::{allowed_blocks, max_cache_tokens, tokens_for_rate};
 use crate::kvcache::paged::{PagedCache, PagedSpec};
 use crate::kvcache::{CacheBackend, Probe, SeqId};
 use crate::model::Llama;
 
+/// When sequences are compressed and admissions held (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// kvc's: rate 1 is the vanilla cache; new sequences are compressed right after their
+    /// prefill, the others on memory pressure; admissions pause for one iteration after it.
+    #[default]
+    Kvc,
+    /// The KV-Compress reference's: compression at every rate (budget `L - 16` at 1x), every
+    /// sequence over budget compressed after each admission, admissions held under memory
+    /// pressure until a sequence finishes or is preempted.
+    Paper,
+}
+
+impl Schedule {
+    /// Per-head token budget of a `len`-token context at `rate` (`None`: the full cache).
+    pub fn budget(self, len: usize, rate: f64, block_size: usize, floor: usize) -> Option<usize> {
+        match self {
+            Schedule::Kvc => tokens_for_rate(len, rate, block_size, floor),
+            Schedule::Paper => Some(max_cache_tokens(len, rate, block_size, floor)),
+        }
+    }
+}
+
 /// Settings of one scheduler run.
 #[derive(Debug, Clone)]
 pub struct SchedConfig {
-    /// Compression rate; `<= 1` is the full cache (no eviction, no hooks).
+    /// Compression rate; `<= 1` is the full cache (no eviction, no hooks) under
+    /// [`Schedule::Kvc`], a budget of `L - 16` under [`Schedule::Paper`].
     pub rate: f64,
+    /// When to compress and hold admissions.
+    pub schedule: Schedule,
     /// Tokens generated per request (stop ids ignored).
     pub output_len: usize,
     /// Blocks in the pool.
@@ -184,13 +222,18 @@ pub fn run(
     if prompts.iter().any(|p| p.is_empty()) {
         candle_core::bail!("empty prompt");
     }
-    let (bs, floor, rate) = (cfg.block_size, cfg.min_cache_tokens, cfg.rate);
-    let budget_of = move |len: usize| tokens_for_rate(len, rate, bs, floor);
+    let (bs, floor, rate, schedule) =
+        (cfg.block_size, cfg.min_cache_tokens, cfg.rate, cfg.schedule);
+    let budget_of = move |len: usize| schedule.budget(len, rate, bs, floor);
     let mut s = Sched::new(model, policy, prompts, cfg, &budget_of)?;
     let t0 = Instant::now();
     while !s.waiting.is_empty() || !s.running.is_empty() {
-        s.admit(on_finish)?;
-        s.paused = false;
+        let admitted = s.admit(on_finish)?;
+        if schedule == Schedule::Kvc {
+            s.paused = false;
+        } else if admitted {
+            s.compress_over_budget()?;
+        }
         if s.running.is_empty() {
             continue;
         }
@@ -221,7 +264,9 @@ struct Sched<'a, 'h> {
     outputs: Vec<Option<Vec<u32>>>,
     waiting: VecDeque<Req>,
     running: Vec<Running<'h>>,
-    /// Admissions skip one iteration after the pool ran short (set by [`Sched::make_room`]).
+    /// Admissions are held after the pool ran short (set by [`Sched::make_room`]): for one
+    /// iteration ([`Schedule::Kvc`]), or until a sequence finishes or is preempted
+    /// ([`Schedule::Paper`]).
     paused: bool,
     /// Decode batch sizes summed over decode steps (for the mean).
     batch_sum: usize,
@@ -267,7 +312,7 @@ impl<'a, 'h> Sched<'a, 'h> {
             spec,
             heads,
             cache,
-            compressing: cfg.rate > 1.0 && policy.is_some(),
+            compressing: policy.is_some() && (cfg.rate > 1.0 || cfg.schedule == Schedule::Paper),
             min_budget: policy.map_or(0, |p| p.min_budget()),
             st: SchedStats {
                 total_blocks: cfg.num_blocks,
@@ -316,13 +361,22 @@ impl<'a, 'h> Sched<'a, 'h> {
         self.st.output_tokens += req.output.len() as u64;
         self.outputs[req.idx] = Some(req.output);
         on_finish(self.st.requests);
+        self.release_hold();
         Ok(())
+    }
+
+    /// A sequence finished or was preempted: [`Schedule::Paper`] admits again.
+    fn release_hold(&mut self) {
+        if self.cfg.schedule == Schedule::Paper {
+            self.paused = false;
+        }
     }
 
     /// Phase 1, admissions (skipped while paused): groups of waiting requests with one context
     /// length are prefilled together, compressed, and join the decode batch, until the queue's
-    /// head does not fit or the batch is full.
-    fn admit(&mut self, on_finish: &mut dyn FnMut(usize)) -> Result<()> {
+    /// head does not fit or the batch is full. Returns whether any request was admitted.
+    fn admit(&mut self, on_finish: &mut dyn FnMut(usize)) -> Result<bool> {
+        let mut admitted = false;
         while !self.paused && self.running.len() < self.cfg.max_batch.max(1) {
             let Some((k, len)) = self.next_group()? else {
                 break;
@@ -331,8 +385,37 @@ impl<'a, 'h> Sched<'a, 'h> {
             let pre = self.prefill_group(&group, len)?;
             self.start_group(group, pre, on_finish)?;
             self.check_pool()?;
+            admitted = true;
         }
-        Ok(())
+        Ok(admitted)
+    }
+
+    /// Compresses every running sequence that holds more blocks than its budget allows back to
+    /// it (one round: metrics flushed, evictions planned and executed per sequence); returns
+    /// whether any was compressed.
+    fn compress_over_budget(&mut self) -> Result<bool> {
+        let over: Vec<usize> = (0..self.running.len())
+            .filter(|&i| {
+                let r = &self.running[i];
+                r.hooks.is_some()
+                    && r.allowed
+                        .is_some_and(|a| self.cache.pool().seq_blocks(r.seq).unwrap_or(0) > a)
+            })
+            .collect();
+        if over.is_empty() {
+            return Ok(false);
+        }
+        let tc = Instant::now();
+        for i in over {
+            let r = &mut self.running[i];
+            let h = r.hooks.as_mut().expect("filtered");
+            self.st.evicted_slots += h.compress_now(&mut self.cache, r.seq)? as u64;
+            self.st.compressed_seqs += 1;
+        }
+        self.st.compress_ms += tc.elapsed().as_secs_f64() * 1e3;
+        self.st.compress_rounds += 1;
+        self.check_pool()?;
+        Ok(true)
     }
 
     /// How many requests at the queue's head to admit now, and their context length: those
@@ -501,33 +584,18 @@ impl<'a, 'h> Sched<'a, 'h> {
                 return Ok(());
             }
             self.paused = true;
-            let over: Vec<usize> = (0..self.running.len())
-                .filter(|_| !compressed)
-                .filter(|&i| {
-                    let r = &self.running[i];
-                    r.hooks.is_some()
-                        && r.allowed
-                            .is_some_and(|a| self.cache.pool().seq_blocks(r.seq).unwrap_or(0) > a)
-                })
-                .collect();
-            if !over.is_empty() {
-                let tc = Instant::now();
-                for i in over {
-                    let r = &mut self.running[i];
-                    let h = r.hooks.as_mut().expect("filtered");
-                    self.st.evicted_slots += h.compress_now(&mut self.cache, r.seq)? as u64;
-                    self.st.compressed_seqs += 1;
-                }
-                self.st.compress_ms += tc.elapsed().as_secs_f64() * 1e3;
-                self.st.compress_rounds += 1;
+            if !compressed {
                 compressed = true;
-                continue;
+                if self.compress_over_budget()? {
+                    continue;
+                }
             }
             if self.running.len() > 1 {
                 let r = self.running.pop().expect("len > 1");
                 self.cache.remove_sequence(r.seq)?;
                 self.waiting.push_front(r.req);
                 self.st.preemptions += 1;
+                self.release_hold();
                 continue;
             }
             candle_core::bail!(

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use super::model_args::ModelArgs;
 use crate::bench::report::{self, RowMeta, ThroughputRow};
-use crate::bench::{self, synthetic, KvMemory, SweepConfig};
+use crate::bench::{self, synthetic, KvMemory, Schedule, SweepConfig};
 use crate::compress::policy::Policy;
 use crate::compress::{self, MethodOptions, MethodSpec};
 use crate::kvcache::paged::PagedSpec;
@@ -17,17 +17,22 @@ use crate::util::{write_atomic, Status};
 #[command(
     long_about = "The KV-Compress paper's throughput benchmark: synthetic prompts of each input \
 length, greedy decoding of exactly --output-len tokens (stop tokens ignored), continuous batching \
-of --num-prompts requests over ONE block pool of --kv-memory bytes. With compression (rate > 1) \
-every sequence is compressed to its budget right after prefill and again whenever the free blocks \
-cannot cover the next decode step (new prefills pause meanwhile); the freed memory lets more \
-sequences decode at once. Rate 1 is the full-cache baseline (same scheduler, no eviction, \
-preemption when out of blocks, like vanilla vLLM) and always runs.\n\n\
+of --num-prompts requests over ONE block pool of --kv-memory bytes; the memory compression frees \
+lets more sequences decode at once. The full-cache baseline (same scheduler, no eviction, \
+preemption when out of blocks, like vanilla vLLM; method `full`) always runs. Two schedules \
+(--schedule): `paper`, the KV-Compress reference's (IsaacRe/vllm-kvcompress): every rate \
+compresses, 1x included (a budget of L - 16 per head), every sequence over its budget is \
+compressed after each new prefill, and new prefills wait under memory pressure until a sequence \
+finishes (method `kvcompress-paper`); `kvc`, kvc's own: rate 1 is the vanilla cache, a new \
+sequence is compressed right after its prefill and all are compressed again when the next \
+decode step does not fit, new prefills pausing for one step (method `kvcompress`).\n\n\
 Writes <out>/bench/<model>/throughput.csv (one row per rate and input length; columns in the \
 README), run.json (the configuration) and plots/ (throughput and max batch vs rate and vs input \
 length). The CSV is rewritten after every configuration, so an interrupted sweep keeps what \
 finished.",
     after_help = "Examples:\n  \
-kvc bench --model llama-3.1-8b --device cuda:0 --kv-memory 8GiB          # the paper's sweep\n  \
+kvc bench --model llama-3.1-8b --device cuda:0 --kv-memory 6GiB          # the paper's sweep\n  \
+kvc bench --kv-memory 6GiB --input-lens 6000 --schedule both                 # both schedules\n  \
 kvc bench --kv-memory 0.5 --rates 1,8,64 --input-lens 2000 --output-len 500\n  \
 kvc bench --device cpu --kv-memory 64MiB --rates 1,4,16,64 --input-lens 256,512 \\\n      \
 --output-len 32 --num-prompts 16                                      # a CPU smoke run"
@@ -35,9 +40,14 @@ kvc bench --device cpu --kv-memory 64MiB --rates 1,4,16,64 --input-lens 256,512 
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Compression rates (comma-separated, each >= 1; 1 = full cache, always run).
+    /// Compression rates (comma-separated, each >= 1). The vanilla full cache always runs as
+    /// the baseline; under `--schedule paper` rate 1 is also a compressed run (budget L - 16).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64")]
     pub rates: Vec<f64>,
+    /// When sequences are compressed and admissions held: paper (the KV-Compress reference's),
+    /// kvc (kvc's own), or both (every rate under each; one baseline).
+    #[arg(long, value_enum, default_value = "paper")]
+    pub schedule: ScheduleArg,
     /// Prompt lengths in tokens (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "500,1000,2000,4000,6000")]
     pub input_lens: Vec<usize>,
@@ -103,6 +113,39 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+/// `--schedule`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScheduleArg {
+    Paper,
+    Kvc,
+    Both,
+}
+
+impl ScheduleArg {
+    fn schedules(self) -> Vec<Schedule> {
+        match self {
+            ScheduleArg::Paper => vec![Schedule::Paper],
+            ScheduleArg::Kvc => vec![Schedule::Kvc],
+            ScheduleArg::Both => vec![Schedule::Paper, Schedule::Kvc],
+        }
+    }
+}
+
+/// The (rate, schedule) points of a sweep, in the order they run: the vanilla baseline (rate 1
+/// under [`Schedule::Kvc`]) first, then each schedule's rates ascending (rate 1 only under
+/// [`Schedule::Paper`], where it compresses).
+fn points(sw: &SweepConfig, schedules: &[Schedule]) -> Vec<(f64, Schedule)> {
+    let mut out = vec![(1.0, Schedule::Kvc)];
+    for &s in schedules {
+        for r in sw.rates_with_baseline() {
+            if r > 1.0 || s == Schedule::Paper {
+                out.push((r, s));
+            }
+        }
+    }
+    out
+}
+
 /// Run `kvc bench`: check the flags; with `--plot-only` only redraw the plots. Otherwise load
 /// the model and size the pool ([`setup`]), announce it and write run.json ([`announce`]), warm
 /// up, keep what `--resume` may keep, measure every missing (rate, input length) pair
@@ -116,11 +159,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Status> {
     let b = setup(&args, &lm)?;
     announce(&args, &lm.name, &b)?;
     warm_up(&mut lm, &b)?;
-    let rates = b.sw.rates_with_baseline();
-    let total = (rates.len() * b.sw.input_lens.len() * b.sw.num_prompts) as u64;
+    let points = points(&b.sw, &args.schedule.schedules());
+    let total = (points.len() * b.sw.input_lens.len() * b.sw.num_prompts) as u64;
     let bar = progress_bar(&args, total);
     let mut rows = resumed_rows(&args, &lm.name, &b)?;
-    measure(&args, &mut lm, &b, &rates, bar.as_ref(), &mut rows)?;
+    measure(&args, &mut lm, &b, &points, bar.as_ref(), &mut rows)?;
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
@@ -268,6 +311,7 @@ fn announce(args: &BenchArgs, model: &str, b: &Bench) -> anyhow::Result<()> {
         "total_blocks": b.blocks,
         "bytes_per_block": b.per_block,
         "sweep": sw,
+        "schedules": args.schedule.schedules(),
         "kvc_window": args.kvc_window,
         "kvc_version": env!("CARGO_PKG_VERSION"),
     });
@@ -299,7 +343,7 @@ fn warm_up(lm: &mut LoadedModel, b: &Bench) -> anyhow::Result<()> {
         &warm,
         &warm_sw,
         need,
-        1.0,
+        (1.0, Schedule::Kvc),
         &mut |_| {},
     )?;
     Ok(())
@@ -344,14 +388,14 @@ fn resumed_rows(args: &BenchArgs, model: &str, b: &Bench) -> anyhow::Result<Vec<
     Ok(rows)
 }
 
-/// Measures every (input length, rate) pair not yet in `rows`, input lengths outermost; after
-/// each one the rows are sorted (input length, then rate), their speedups filled and the CSV
-/// rewritten, so an interrupted sweep keeps what finished.
+/// Measures every (input length, rate, schedule) not yet in `rows`, input lengths outermost;
+/// after each one the rows are sorted (input length, method, rate), their speedups filled and
+/// the CSV rewritten, so an interrupted sweep keeps what finished.
 fn measure(
     args: &BenchArgs,
     lm: &mut LoadedModel,
     b: &Bench,
-    rates: &[f64],
+    points: &[(f64, Schedule)],
     bar: Option<&ProgressBar>,
     rows: &mut Vec<ThroughputRow>,
 ) -> anyhow::Result<()> {
@@ -365,18 +409,23 @@ fn measure(
             &excluded,
             sw.seed ^ l as u64,
         );
-        for &rate in rates {
-            if rows.iter().any(|r| r.rate == rate && r.input_len == l) {
+        for &(rate, schedule) in points {
+            let method = bench::method_name(rate, schedule);
+            if rows
+                .iter()
+                .any(|r| r.rate == rate && r.input_len == l && r.method == method)
+            {
                 if let Some(bar) = bar {
                     bar.inc(sw.num_prompts as u64);
                 }
                 continue;
             }
-            let row = measure_one(args, lm, b, &prompts, l, rate, bar)?;
+            let row = measure_one(args, lm, b, &prompts, l, (rate, schedule), bar)?;
             rows.push(row);
             rows.sort_by(|x, y| {
                 x.input_len
                     .cmp(&y.input_len)
+                    .then(x.method.cmp(&y.method))
                     .then(x.rate.total_cmp(&y.rate))
             });
             report::fill_speedups(rows);
@@ -386,20 +435,22 @@ fn measure(
     Ok(())
 }
 
-/// One scheduler run of `prompts` (each `l` tokens) at `rate` over the whole pool, as a row;
-/// moves the bar as requests finish, or (no bar, progress not off) prints the row's summary.
+/// One scheduler run of `prompts` (each `l` tokens) at `at` = (rate, schedule) over the whole
+/// pool, as a row; moves the bar as requests finish, or (no bar, progress not off) prints the
+/// row's summary.
 fn measure_one(
     args: &BenchArgs,
     lm: &mut LoadedModel,
     b: &Bench,
     prompts: &[Vec<u32>],
     l: usize,
-    rate: f64,
+    at: (f64, Schedule),
     bar: Option<&ProgressBar>,
 ) -> anyhow::Result<ThroughputRow> {
     let sw = &b.sw;
+    let (rate, method) = (at.0, bench::method_name(at.0, at.1));
     if let Some(bar) = bar {
-        bar.set_prefix(format!("{rate}x, {l} tok"));
+        bar.set_prefix(format!("{method} {rate}x, {l} tok"));
     }
     let base = bar.map_or(0, |bar| bar.position());
     let out = bench::run_one(
@@ -408,7 +459,7 @@ fn measure_one(
         prompts,
         sw,
         b.blocks,
-        rate,
+        at,
         &mut |done| {
             if let Some(bar) = bar {
                 bar.set_position(base + done as u64);
@@ -419,18 +470,19 @@ fn measure_one(
         model: &lm.name,
         device: &b.device_s,
         dtype: &b.dtype_s,
+        method,
         rate,
         input_len: l,
         output_len: sw.output_len,
         num_prompts: sw.num_prompts,
         bytes_per_block: b.per_block,
-        budget_tokens: bench::budget_tokens(sw, l, rate, b.policy.min_budget()),
+        budget_tokens: bench::budget_tokens(sw, l, at, b.policy.min_budget()),
         full_cache_fits: bench::full_cache_fits(&b.spec, b.blocks, l, sw.output_len),
     };
     let row = ThroughputRow::new(&meta, &out.stats);
     if bar.is_none() && !args.no_progress {
         eprintln!(
-            "  {rate}x, input {l}: {:.1} tokens/s, max batch {}, {:.1} s",
+            "  {method} {rate}x, input {l}: {:.1} tokens/s, max batch {}, {:.1} s",
             row.tokens_per_s, row.max_batch, row.elapsed_time
         );
     }

@@ -23,10 +23,27 @@ pub fn tokens_for_rate(
     if rate.is_nan() || rate <= 1.0 {
         return None;
     }
+    Some(max_cache_tokens(
+        prompt_len,
+        rate,
+        block_size,
+        min_cache_tokens,
+    ))
+}
+
+/// The KV-Compress reference's per-head budget at any `rate >= 1` (its throughput benchmark's
+/// `max_cache_tokens = max(128, (int(L / rate) - 1) // 16 * 16)`, rounded up to a block): at
+/// rate 1 it is `L - 16` for a 16-token block, so the reference compresses even at 1x.
+pub fn max_cache_tokens(
+    prompt_len: usize,
+    rate: f64,
+    block_size: usize,
+    min_cache_tokens: usize,
+) -> usize {
     let bs = block_size.max(1) as i64;
-    let target = (prompt_len as f64 / rate).floor() as i64;
+    let target = (prompt_len as f64 / rate.max(1.0)).floor() as i64;
     let m = ((target - 1).div_euclid(bs) * bs).max(min_cache_tokens as i64);
-    Some(round_up(m as usize, block_size))
+    round_up(m as usize, block_size)
 }
 
 /// `n` rounded up to a multiple of `block_size`.
@@ -140,6 +157,17 @@ impl Budget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reference_budget_is_l_minus_a_block_at_1x() {
+        // benchmark_throughput.py: max(128, (int(L / r) - 1) // 16 * 16).
+        assert_eq!(max_cache_tokens(6000, 1.0, 16, 128), 5984);
+        assert_eq!(max_cache_tokens(6000, 8.0, 16, 128), 736);
+        assert_eq!(max_cache_tokens(6000, 64.0, 16, 128), 128);
+        assert_eq!(max_cache_tokens(100, 1.0, 16, 128), 128);
+        assert_eq!(tokens_for_rate(6000, 1.0, 16, 128), None);
+        assert_eq!(tokens_for_rate(6000, 8.0, 16, 128), Some(736));
+    }
 
     #[test]
     fn a_keep_all_last_fork_costs_no_copy() {

@@ -112,53 +112,97 @@ fn throughput_subtitle(rows: &[ThroughputRow], data_note: &str) -> String {
     )
 }
 
-/// Bench rows as a (rate, input length) grid; a value of a row is read by a getter `f`.
+/// Bench rows as a (rate, input length) grid per method; a value of a row is read by a getter
+/// `f`. The vanilla baseline is the `full` row at rate 1; the compressed methods
+/// (`kvcompress-paper`, `kvcompress`) each have their own rates.
 struct BenchGrid<'a> {
     rows: &'a [ThroughputRow],
     /// Distinct input lengths, ascending.
     lens: BTreeSet<usize>,
     /// Distinct rates, ascending.
     rates: Vec<f64>,
+    /// The compressed methods present, the reference's schedule first.
+    methods: Vec<&'static str>,
 }
 
+/// The compressed methods' names in `throughput.csv`, in plotting order.
+const COMPRESSED: [&str; 2] = ["kvcompress-paper", "kvcompress"];
+
 impl<'a> BenchGrid<'a> {
-    /// The grid of `rows`: their distinct input lengths and rates.
+    /// The grid of `rows`: their distinct input lengths, rates and compressed methods.
     fn new(rows: &'a [ThroughputRow]) -> Self {
         let lens: BTreeSet<usize> = rows.iter().map(|r| r.input_len).collect();
         let mut rates: Vec<f64> = rows.iter().map(|r| r.rate).collect();
         rates.sort_by(f64::total_cmp);
         rates.dedup();
-        BenchGrid { rows, lens, rates }
+        let methods = COMPRESSED
+            .into_iter()
+            .filter(|m| rows.iter().any(|r| r.method == *m))
+            .collect();
+        BenchGrid {
+            rows,
+            lens,
+            rates,
+            methods,
+        }
     }
 
-    /// `f` of the first row at (`rate`, `len`), if any.
-    fn value(&self, rate: f64, len: usize, f: &dyn Fn(&ThroughputRow) -> f64) -> Option<f64> {
+    /// `f` of the first row of `method` at (`rate`, `len`), if any.
+    fn value_of(
+        &self,
+        method: &str,
+        rate: f64,
+        len: usize,
+        f: &dyn Fn(&ThroughputRow) -> f64,
+    ) -> Option<f64> {
         self.rows
             .iter()
-            .find(|r| r.rate == rate && r.input_len == len)
+            .find(|r| r.method == method && r.rate == rate && r.input_len == len)
             .map(f)
     }
 
-    /// Throughput vs rate, one panel per input length: the kvcompress line, and when the
-    /// length has a positive rate-1 throughput, that baseline dashed across the rates and the
-    /// best speed-up over it as the panel's note.
+    /// `f` at (`rate`, `len`) of the first compressed method present (the one the batch
+    /// figures show), or of the vanilla baseline at rate 1 when that method has no 1x row.
+    fn value(&self, rate: f64, len: usize, f: &dyn Fn(&ThroughputRow) -> f64) -> Option<f64> {
+        self.methods
+            .first()
+            .and_then(|m| self.value_of(m, rate, len, f))
+            .or_else(|| {
+                (rate <= 1.0)
+                    .then(|| self.value_of("full", rate, len, f))
+                    .flatten()
+            })
+    }
+
+    /// Throughput vs rate, one panel per input length: one line per compressed method, and
+    /// when the length has a positive vanilla throughput, that baseline dashed across the
+    /// rates and the best speed-up over it as the panel's note.
     fn throughput_panels(&self) -> Vec<Panel> {
         let tps = |r: &ThroughputRow| r.tokens_per_s;
         let rates = &self.rates;
         self.lens
             .iter()
             .map(|&len| {
-                let points: Vec<(f64, f64)> = rates
-                    .iter()
-                    .filter_map(|&rt| Some((rt, self.value(rt, len, &tps)?)))
-                    .collect();
-                let base = self.value(1.0, len, &tps);
-                let mut series = vec![Series {
-                    name: "kvcompress".into(),
-                    color: Some(0),
-                    points: points.clone(),
-                    dashed: false,
-                }];
+                let mut series = Vec::new();
+                let mut best: Option<(f64, f64, &str)> = None;
+                for (i, &m) in self.methods.iter().enumerate() {
+                    let points: Vec<(f64, f64)> = rates
+                        .iter()
+                        .filter_map(|&rt| Some((rt, self.value_of(m, rt, len, &tps)?)))
+                        .collect();
+                    for &(rt, y) in &points {
+                        if best.is_none_or(|b| y > b.1) {
+                            best = Some((rt, y, m));
+                        }
+                    }
+                    series.push(Series {
+                        name: m.into(),
+                        color: Some(i),
+                        points,
+                        dashed: false,
+                    });
+                }
+                let base = self.value_of("full", 1.0, len, &tps);
                 let mut note = None;
                 if let Some(b) = base.filter(|b| *b > 0.0) {
                     let (lo, hi) = (rates[0], *rates.last().expect("non-empty"));
@@ -168,9 +212,8 @@ impl<'a> BenchGrid<'a> {
                         points: vec![(lo, b), (hi, b)],
                         dashed: true,
                     });
-                    if let Some((rt, y)) = points.iter().copied().max_by(|a, b| a.1.total_cmp(&b.1))
-                    {
-                        note = Some(format!("best: {:.2}x full cache at {rt}x", y / b));
+                    if let Some((rt, y, m)) = best {
+                        note = Some(format!("best: {:.2}x full cache at {rt}x ({m})", y / b));
                     }
                 }
                 Panel {
@@ -185,11 +228,16 @@ impl<'a> BenchGrid<'a> {
     /// `f` vs input length, one line per rate (rate 1 dashed, named the full cache); rates
     /// without any row are left out.
     fn by_len(&self, f: &dyn Fn(&ThroughputRow) -> f64) -> Vec<Series> {
+        // The reference's schedule compresses at 1x: its 1x line is not the full cache.
+        let compressed_1x = self
+            .methods
+            .first()
+            .is_some_and(|m| self.rows.iter().any(|r| r.method == *m && r.rate <= 1.0));
         self.rates
             .iter()
             .enumerate()
             .map(|(i, &rt)| Series {
-                name: if rt <= 1.0 {
+                name: if rt <= 1.0 && !compressed_1x {
                     "full cache (1x)".into()
                 } else {
                     format!("{rt}x")
