@@ -81,6 +81,7 @@ fn sched(rate: f64, output_len: usize, num_blocks: usize) -> SchedConfig {
         prefill_batch: 4,
         max_batch: 256,
         score_decode: true,
+        compress_on_device: false,
         check_invariants: true,
     }
 }
@@ -230,6 +231,7 @@ fn random_configs_never_exceed_the_pool_and_generate_exactly_output_len() {
             let schedule = [Schedule::Kvc, Schedule::Paper][rng.below(2) as usize];
             let cfg = SchedConfig {
                 schedule,
+                compress_on_device: rng.below(2) == 0,
                 ..sched(rate, out_len, blocks)
             };
             let out = scheduler::run(&mut lm.model, Some(p.as_ref()), &prompts, &cfg, &mut |_| {})
@@ -312,4 +314,40 @@ fn paper_schedule_compresses_at_1x_where_kvc_keeps_the_full_cache() {
         paper.max_batch >= vanilla.max_batch,
         "{paper:?} {vanilla:?}"
     );
+}
+
+/// The evictor the scheduler runs on a GPU (the metric kept on the device, added by the decode
+/// step; one batched eviction per compression round), here through its CPU twin: the same
+/// tokens and evictions as the host-planned compression, under both schedules and memory
+/// pressure.
+#[test]
+fn device_compression_equals_host_planning() {
+    let (_t, mut lm) = tiny(&TinySpec::default());
+    let p = policy(&lm);
+    let sp = spec(&lm);
+    let (len, out_len, n) = (48, 20, 8);
+    let prompts = prompts_of(&vec![len; n], &lm, 9);
+    let blocks = 2 * sp.blocks_for_tokens(len + out_len) + 8;
+    for (rate, schedule) in [
+        (4.0, Schedule::Kvc),
+        (1.0, Schedule::Paper),
+        (4.0, Schedule::Paper),
+    ] {
+        let mut run = |on_device: bool| {
+            let cfg = SchedConfig {
+                schedule,
+                compress_on_device: on_device,
+                ..sched(rate, out_len, blocks)
+            };
+            scheduler::run(&mut lm.model, Some(p.as_ref()), &prompts, &cfg, &mut |_| {}).unwrap()
+        };
+        let (host, device) = (run(false), run(true));
+        assert!(device.stats.evicted_slots > 0, "{:?}", device.stats);
+        assert_eq!(device.outputs, host.outputs, "{rate}x {schedule:?}");
+        assert_eq!(
+            device.stats.evicted_slots, host.stats.evicted_slots,
+            "{rate}x {schedule:?}: {:?} vs {:?}",
+            device.stats, host.stats
+        );
+    }
 }

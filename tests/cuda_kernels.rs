@@ -1705,6 +1705,7 @@ mod e2e {
             prefill_batch: 4,
             max_batch: 256,
             score_decode: false,
+            compress_on_device: true,
             check_invariants: true,
         };
         let out = scheduler::run(&mut lm.model, None, &prompts, &sc, &mut |_| {}).unwrap();

@@ -247,6 +247,7 @@ pub fn run_one(
         prefill_batch: sw.prefill_batch,
         max_batch: sw.max_batch,
         score_decode: sw.score_decode,
+        compress_on_device: model.device.is_cuda(),
         check_invariants: false,
     };
     scheduler::run(model, Some(policy), prompts, &cfg, on_finish)

@@ -99,6 +99,11 @@ pub struct SchedConfig {
     pub max_batch: usize,
     /// Score decode attention into the eviction metric (the paper's running metric).
     pub score_decode: bool,
+    /// KV-Compress keeps each sequence's metric on the device after prefill (the decode kernel
+    /// adds the decode metric) and evicts with the device evictor, as `kvc eval` does on a GPU
+    /// (only with `score_decode`). On by default on CUDA; on the CPU it runs the evictor's twin
+    /// (tests). Off: probabilities go to the host every step and compression is planned there.
+    pub compress_on_device: bool,
     /// Check the pool's invariants after every step (tests).
     pub check_invariants: bool,
 }
@@ -301,7 +306,8 @@ impl<'a, 'h> Sched<'a, 'h> {
             device: model.device.clone(),
         };
         let heads = spec.layers * spec.kv_heads;
-        let cache = PagedCache::new(spec.clone(), cfg.num_blocks)?;
+        let mut cache = PagedCache::new(spec.clone(), cfg.num_blocks)?;
+        cache.set_device_compression(cfg.compress_on_device);
         let on_cuda = model.device.is_cuda();
         Ok(Sched {
             model,
@@ -405,13 +411,38 @@ impl<'a, 'h> Sched<'a, 'h> {
         if over.is_empty() {
             return Ok(false);
         }
+        let over_n = over.len();
         let tc = Instant::now();
+        // Sequences whose metric lives on the device (KV-Compress on a GPU) are evicted in one
+        // batch on the device; the others are planned on the host one by one.
+        let mut on_device = Vec::new();
+        for &i in &over {
+            let r = &self.running[i];
+            let h = r.hooks.as_ref().expect("filtered");
+            if let Some(req) = h.device_request(&self.cache, r.seq)? {
+                on_device.push((i, req));
+            }
+        }
+        let reqs: Vec<_> = on_device.iter().map(|(_, r)| *r).collect();
+        let stats = if reqs.is_empty() {
+            Vec::new()
+        } else {
+            self.cache.evict_on_device(&reqs)?
+        };
+        for ((i, _), st) in on_device.iter().zip(stats) {
+            let h = self.running[*i].hooks.as_mut().expect("filtered");
+            h.device_evicted(st);
+            self.st.evicted_slots += st.evicted as u64;
+        }
         for i in over {
+            if on_device.iter().any(|(j, _)| *j == i) {
+                continue;
+            }
             let r = &mut self.running[i];
             let h = r.hooks.as_mut().expect("filtered");
             self.st.evicted_slots += h.compress_now(&mut self.cache, r.seq)? as u64;
-            self.st.compressed_seqs += 1;
         }
+        self.st.compressed_seqs += over_n;
         self.st.compress_ms += tc.elapsed().as_secs_f64() * 1e3;
         self.st.compress_rounds += 1;
         self.check_pool()?;

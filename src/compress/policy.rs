@@ -288,12 +288,29 @@ impl<'a> CompressHooks<'a> {
     }
 
     /// Write pending metrics and compress `seq` back to its budget now (a decode-phase
-    /// compression step); returns the slots evicted.
+    /// compression step; on the device when its metric lives there); returns the slots
+    /// evicted.
     pub fn compress_now(&mut self, cache: &mut PagedCache, seq: SeqId) -> Result<usize> {
+        if let Some(r) = self.device_request(cache, seq)? {
+            let st = cache.evict_on_device(&[r])?;
+            self.device_evicted(st[0]);
+            return Ok(st[0].evicted);
+        }
         self.flush(cache, seq)?;
         let before = self.kept.evicted;
         self.compress(cache, seq)?;
         Ok(self.kept.evicted - before)
+    }
+
+    /// What the device evictor must take from `seq` to bring it back to its budget, when
+    /// `seq`'s metric lives on the device (KV-Compress on a GPU after prefill; `None`: plan on
+    /// the host with [`Self::compress_now`]). Several sequences' requests go to one
+    /// [`PagedCache::evict_on_device`] call; report each result with
+    /// [`Hooks::device_evicted`].
+    pub fn device_request(&self, cache: &PagedCache, seq: SeqId) -> Result<Option<DeviceEvict>> {
+        self.device
+            .map(|d| device_request(cache, seq, d))
+            .transpose()
     }
 
     fn flush(&mut self, cache: &mut PagedCache, seq: SeqId) -> Result<()> {
@@ -403,10 +420,12 @@ impl Hooks for CompressHooks<'_> {
         self.budget = (self.budget_of)(prompt).map(|b| b.max(self.policy.min_budget()));
         // KV-Compress on a GPU evicts on the device from here on, this first compression
         // included (the same selection as its host plan, without snapshotting every head;
-        // KVCrush's block form adds its picks to it, `Policy::device_prefill`).
+        // KVCrush's block form adds its picks to it, `Policy::device_prefill`). On demand
+        // (the benchmark) too when decode attention is scored: the decode kernel adds the
+        // metric on the device, so no probabilities are copied to the host.
         let bs = cache.spec().block_size;
         let device = match (self.budget, self.on_demand) {
-            (Some(b), None) if cache.device_compression() => {
+            (Some(b), None | Some(true)) if cache.device_compression() => {
                 self.policy.device_step(b, bs).map(|d| (b, d))
             }
             _ => None,
@@ -424,7 +443,7 @@ impl Hooks for CompressHooks<'_> {
                         cache.keep_metric_on_device(seq)?;
                     }
                 }
-                if self.policy.continual() {
+                if self.policy.continual() || self.on_demand.is_some() {
                     self.device = Some(d);
                 }
             }
