@@ -251,25 +251,33 @@ fn score_tree(
     Ok(t.n_failed > 0 || !t.skipped.is_empty())
 }
 
-/// The summary rows as a fixed-width table (run, bucket, category, score, percent of full).
+/// The summary rows as a fixed-width table (run, both rate notations, bucket, category, samples,
+/// score, percent of full and its 95 % paired-bootstrap interval).
 fn summary_table(summary: &[SummaryRow], out: &mut String) {
+    use super::eval::summary::{fmt_interval, fmt_ratio};
     let _ = writeln!(
         out,
-        "{:<28} {:<12} {:<11} {:<6} {:<18} {:>7} {:>8}",
-        "model", "method", "budget", "bucket", "category", "score", "%full"
+        "{:<28} {:<12} {:<11} {:>6} {:<6} {:<18} {:>5} {:>7} {:>8} {:>14}",
+        "model", "method", "budget", "ratio", "bucket", "category", "n", "score", "%full", "95% CI"
     );
     for s in summary {
         let _ = writeln!(
             out,
-            "{:<28} {:<12} {:<11} {:<6} {:<18} {:>7.2} {:>8}",
+            "{:<28} {:<12} {:<11} {:>6} {:<6} {:<18} {:>5} {:>7.2} {:>8} {:>14}",
             s.model,
             s.method,
             s.budget,
+            s.compression_ratio.map_or("-".to_string(), fmt_ratio),
             s.bucket,
             s.category,
+            s.n,
             s.score,
             s.percent_of_full
-                .map_or("-".to_string(), |p| format!("{p:.1}"))
+                .map_or("-".to_string(), |p| format!("{p:.1}")),
+            match (s.percent_of_full_ci_low, s.percent_of_full_ci_high) {
+                (Some(lo), Some(hi)) => fmt_interval(lo, hi),
+                _ => "-".to_string(),
+            }
         );
     }
 }

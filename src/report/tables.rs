@@ -20,10 +20,12 @@ use serde::{Deserialize, Serialize};
 use crate::data::tasks::Category;
 use crate::eval::metrics::MetricOptions;
 use crate::eval::record::RunMeta;
+use crate::eval::run::ratio_from_rate;
 use crate::eval::scoring::{
     self, BadLine, OnError, ScoreError, SubsetResult, SubsetScore, E_BUCKETS,
 };
 pub use crate::kvcache::budget::Budget;
+use crate::report::bootstrap::{pair_samples, percent_of_full_interval, Pairs, RESAMPLES, SEED};
 use crate::util::write_atomic;
 
 /// Errors of tree scoring and CSV I/O.
@@ -103,6 +105,17 @@ pub struct ScoreRow {
     pub prompt_tokens: Option<f64>,
     /// fuzzywuzzy backend used for code similarity (`difflib` / `levenshtein`).
     pub fuzz_backend: String,
+    /// `rate` in kvpress's notation, `compression_ratio` = 1 - 1/rate (the fraction of KVs
+    /// removed; 0 = full cache); empty for token-budget runs. Columns added after the first
+    /// release go last, so readers by position keep working.
+    #[serde(default)]
+    pub compression_ratio: Option<f64>,
+    /// 95 % paired-bootstrap interval of `percent_of_full` against the full cache on the same
+    /// samples ([`super::bootstrap`]); empty without a baseline or when it is undefined.
+    #[serde(default)]
+    pub percent_of_full_ci_low: Option<f64>,
+    #[serde(default)]
+    pub percent_of_full_ci_high: Option<f64>,
 }
 
 /// One row of `summary.csv`.
@@ -120,10 +133,24 @@ pub struct SummaryRow {
     pub n_tasks: usize,
     /// Mean of the subsets' scores.
     pub score: f64,
-    /// Mean of the subsets' percent of full cache (empty when any subset lacks a baseline).
+    /// Percent of full cache of the category: mean of the subsets' scores / mean of the same
+    /// subsets' full-cache scores × 100 (empty when a subset lacks a baseline or the full
+    /// cache's mean is 0).
     pub percent_of_full: Option<f64>,
     pub cache_tokens: Option<f64>,
     pub achieved_rate: Option<f64>,
+    /// See [`ScoreRow::compression_ratio`].
+    #[serde(default)]
+    pub compression_ratio: Option<f64>,
+    /// Samples scored, summed over the subsets (in this bucket).
+    #[serde(default)]
+    pub n: usize,
+    /// 95 % paired-bootstrap interval of `percent_of_full` (every subset resampled on its own,
+    /// paired with the full cache by sample id: [`super::bootstrap`]).
+    #[serde(default)]
+    pub percent_of_full_ci_low: Option<f64>,
+    #[serde(default)]
+    pub percent_of_full_ci_high: Option<f64>,
 }
 
 /// Scored runs of a tree.
@@ -294,6 +321,12 @@ fn rows_of(run: &RunId, subsets: &[SubsetResult], opts: &MetricOptions) -> Vec<S
             achieved_rate: s.mean_achieved_rate,
             prompt_tokens: s.mean_prompt_tokens,
             fuzz_backend: opts.fuzz.name().to_string(),
+            compression_ratio: match run.budget {
+                Budget::Rate(r) => Some(ratio_from_rate(r)),
+                Budget::Tokens(_) => None,
+            },
+            percent_of_full_ci_low: None,
+            percent_of_full_ci_high: None,
         };
         match s.score {
             SubsetScore::Plain(x) => rows.push(ScoreRow { score: x, ..base }),
@@ -345,6 +378,24 @@ pub fn fill_percent_of_full(rows: &mut [ScoreRow]) -> Vec<String> {
     missing
 }
 
+/// Percent of full cache of a group of subsets (a category or `all`): the mean of their scores
+/// over the mean of their full-cache scores, × 100. `None` when a subset has no baseline, a
+/// score is not finite (an empty LongBench-E bucket) or the full cache's mean is 0; a subset
+/// whose own full-cache score is 0 still counts (its percentage alone would be undefined).
+pub fn category_percent(rows: &[&ScoreRow]) -> Option<f64> {
+    let mut m = 0.0;
+    let mut f = 0.0;
+    for r in rows {
+        let full = r.full_score?;
+        if !(full.is_finite() && r.score.is_finite()) {
+            return None;
+        }
+        m += r.score;
+        f += full;
+    }
+    (!rows.is_empty() && f != 0.0).then(|| m / f * 100.0)
+}
+
 /// Per run × bucket: one row per category present, then `all`.
 pub fn summarize(rows: &[ScoreRow]) -> Vec<SummaryRow> {
     type Key = (String, String, String, String);
@@ -382,7 +433,6 @@ pub fn summarize(rows: &[ScoreRow]) -> Vec<SummaryRow> {
             if rs.is_empty() {
                 continue;
             }
-            let pct: Vec<f64> = rs.iter().filter_map(|r| r.percent_of_full).collect();
             let opt_mean = |f: fn(&ScoreRow) -> Option<f64>| {
                 let v: Vec<f64> = rs.iter().filter_map(|r| f(r)).collect();
                 mean(&v)
@@ -397,13 +447,13 @@ pub fn summarize(rows: &[ScoreRow]) -> Vec<SummaryRow> {
                 category: cat,
                 n_tasks: rs.len(),
                 score: mean(&rs.iter().map(|r| r.score).collect::<Vec<_>>()).unwrap_or(f64::NAN),
-                percent_of_full: if pct.len() == rs.len() {
-                    mean(&pct)
-                } else {
-                    None
-                },
+                percent_of_full: category_percent(&rs),
                 cache_tokens: opt_mean(|r| r.cache_tokens),
                 achieved_rate: opt_mean(|r| r.achieved_rate),
+                compression_ratio: first.compression_ratio,
+                n: rs.iter().map(|r| r.n).sum(),
+                percent_of_full_ci_low: None,
+                percent_of_full_ci_high: None,
             });
         }
     }
@@ -483,11 +533,93 @@ fn score_one(
 }
 
 impl TreeScores {
-    /// Percent of full cache and the summary, once every run is in.
+    /// Percent of full cache, the summary and their intervals, once every run is in.
     fn finish(&mut self) {
         self.missing_full = fill_percent_of_full(&mut self.rows);
         self.summary = summarize(&self.rows);
+        self.fill_intervals();
     }
+
+    /// The paired-bootstrap interval of every score row (its subset against the model's full
+    /// cache on the same samples) and every summary row (its subsets as strata).
+    fn fill_intervals(&mut self) {
+        use rayon::prelude::*;
+        let mut results: BTreeMap<(&str, &str, String, &str), &SubsetResult> = BTreeMap::new();
+        for (run, subsets) in &self.runs {
+            for s in subsets {
+                results.insert(
+                    (&run.model, &run.method, run.budget.label(), s.task.name),
+                    s,
+                );
+            }
+        }
+        let pairs: Vec<Option<Pairs>> = self
+            .rows
+            .iter()
+            .map(|r| {
+                let m = *results.get(&(
+                    r.model.as_str(),
+                    r.method.as_str(),
+                    r.budget.clone(),
+                    r.task.as_str(),
+                ))?;
+                let f = *results.get(&(
+                    r.model.as_str(),
+                    "full",
+                    Budget::Rate(1.0).label(),
+                    r.task.as_str(),
+                ))?;
+                let p = pair_samples(&bucket_samples(m, &r.bucket), &bucket_samples(f, &r.bucket));
+                (!p.is_empty()).then_some(p)
+            })
+            .collect();
+        let row_strata: Vec<Option<Vec<Pairs>>> =
+            pairs.iter().map(|p| p.clone().map(|p| vec![p])).collect();
+        let summary_strata: Vec<Option<Vec<Pairs>>> = self
+            .summary
+            .iter()
+            .map(|s| {
+                self.rows
+                    .iter()
+                    .zip(&pairs)
+                    .filter(|(r, _)| {
+                        r.model == s.model
+                            && r.method == s.method
+                            && r.budget == s.budget
+                            && r.bucket == s.bucket
+                            && (s.category == "all" || r.category == s.category)
+                    })
+                    .map(|(_, p)| p.clone())
+                    .collect()
+            })
+            .collect();
+        let interval = |strata: &Option<Vec<Pairs>>| {
+            strata
+                .as_ref()
+                .and_then(|st| percent_of_full_interval(st, RESAMPLES, SEED))
+        };
+        let row_ci: Vec<_> = row_strata.par_iter().map(interval).collect();
+        let summary_ci: Vec<_> = summary_strata.par_iter().map(interval).collect();
+        for (r, ci) in self.rows.iter_mut().zip(row_ci) {
+            r.percent_of_full_ci_low = ci.map(|c| c.0);
+            r.percent_of_full_ci_high = ci.map(|c| c.1);
+        }
+        for (r, ci) in self.summary.iter_mut().zip(summary_ci) {
+            r.percent_of_full_ci_low = ci.map(|c| c.0);
+            r.percent_of_full_ci_high = ci.map(|c| c.1);
+        }
+    }
+}
+
+/// The (id, score) of a subset's samples in one LongBench-E bucket (`""`: a plain subset).
+fn bucket_samples<'a>(s: &'a SubsetResult, bucket: &str) -> Vec<(Option<&'a str>, f64)> {
+    let want = E_BUCKETS.iter().position(|b| *b == bucket);
+    s.per_sample
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| s.sample_buckets.get(*i).copied().flatten() == want)
+        .map(|(i, x)| (s.ids.get(i).and_then(|id| id.as_deref()), *x))
+        .collect()
 }
 
 /// Serialise rows to CSV text (header + rows; `None` → empty cell, NaN → `NaN`).
@@ -610,6 +742,9 @@ mod summary_tests {
             achieved_rate: None,
             prompt_tokens: None,
             fuzz_backend: "difflib".into(),
+            compression_ratio: None,
+            percent_of_full_ci_low: None,
+            percent_of_full_ci_high: None,
         }
     }
 
@@ -637,12 +772,149 @@ mod summary_tests {
                 .unwrap()
                 .clone()
         };
-        assert_eq!(get("kv", "Multi-Doc QA").percent_of_full, Some(87.5));
+        // Mean of the scores over mean of the full cache's: (30 + 20) / (40 + 20), not the
+        // mean of 75 % and 100 %.
+        assert_eq!(
+            get("kv", "Multi-Doc QA").percent_of_full,
+            Some(50.0 / 60.0 * 100.0)
+        );
         assert_eq!(get("kv", "Multi-Doc QA").score, 25.0);
         assert_eq!(get("kv", "Multi-Doc QA").n_tasks, 2);
-        // `all` has subsets without a percentage: left empty rather than averaged over fewer.
+        assert_eq!(get("kv", "Multi-Doc QA").n, 20);
+        assert_eq!(get("kv", "Multi-Doc QA").compression_ratio, None); // rows built by hand
+                                                                       // `all` has a subset without a baseline: left empty rather than averaged over fewer.
         assert_eq!(get("kv", "all").percent_of_full, None);
         assert_eq!(get("kv", "all").n_tasks, 4);
-        assert_eq!(get("full", "all").percent_of_full, None); // trec full = 0
+        // trec's full-cache score is 0: its own percentage is undefined, the category's is not.
+        assert_eq!(get("full", "all").percent_of_full, Some(100.0));
+        assert_eq!(get("kv", "Few-shot Learning").percent_of_full, None); // full mean 0
+    }
+
+    #[test]
+    fn a_category_is_not_blank_because_one_subset_scored_0_with_the_full_cache() {
+        // RULER: niah 100 -> 0, vt 0 -> 0. Mean of percentages is undefined (vt 0 / 0); the
+        // ratio of the category means is 0 %.
+        let cat = "Synthetic-RULER";
+        let mut rows = vec![
+            row("full", 1.0, "ruler_niah_single_1_1024", cat, 100.0),
+            row("full", 1.0, "ruler_vt_1024", cat, 0.0),
+            row("kv", 8.0, "ruler_niah_single_1_1024", cat, 0.0),
+            row("kv", 8.0, "ruler_vt_1024", cat, 0.0),
+        ];
+        assert!(fill_percent_of_full(&mut rows).is_empty());
+        assert_eq!(rows[3].percent_of_full, None);
+        let s = summarize(&rows);
+        let get = |m: &str| {
+            s.iter()
+                .find(|r| r.method == m && r.category == cat)
+                .unwrap()
+                .percent_of_full
+        };
+        assert_eq!(get("kv"), Some(0.0));
+        assert_eq!(get("full"), Some(100.0));
+        // Blank only when the full cache's category mean is 0.
+        let mut rows = vec![
+            row("full", 1.0, "ruler_vt_1024", cat, 0.0),
+            row("kv", 8.0, "ruler_vt_1024", cat, 10.0),
+        ];
+        fill_percent_of_full(&mut rows);
+        assert!(summarize(&rows).iter().all(|r| r.percent_of_full.is_none()));
+    }
+
+    #[test]
+    fn summary_carries_n_ratio_and_a_paired_interval_by_sample_id() {
+        // hotpotqa (QA F1, 0 or 1 per row): the same outputs in the full cache and kvcompress,
+        // kvcompress's written in the reverse order. Paired by _id the interval is [100, 100];
+        // paired by position it would not be (right rows would meet wrong ones).
+        let tmp = tempfile::tempdir().unwrap();
+        let line = |id: &str, pred: &str| {
+            format!(r#"{{"pred":"{pred}","answers":["Paris"],"all_classes":null,"_id":"{id}"}}"#)
+        };
+        let write = |run: &str, lines: Vec<String>| {
+            let d = tmp.path().join(run);
+            std::fs::create_dir_all(d.join("preds")).unwrap();
+            std::fs::write(d.join("preds/hotpotqa.jsonl"), lines.join("\n") + "\n").unwrap();
+            d
+        };
+        let rows = [
+            ("a", "Paris"),
+            ("b", "Lyon"),
+            ("c", "Paris"),
+            ("d", "Paris"),
+            ("e", "Lyon"),
+            ("f", "Paris"),
+            ("g", "Lyon"),
+            ("h", "Paris"),
+        ];
+        let full = write(
+            "m/full/rate1",
+            rows.iter().map(|(i, p)| line(i, p)).collect(),
+        );
+        let kv = write(
+            "m/kvcompress/rate8",
+            rows.iter().rev().map(|(i, p)| line(i, p)).collect(),
+        );
+        let t = score_runs(
+            tmp.path(),
+            &[full, kv],
+            false,
+            OnError::Stop,
+            &MetricOptions::default(),
+        );
+        let r = t.rows.iter().find(|r| r.method == "kvcompress").unwrap();
+        assert_eq!(r.compression_ratio, Some(0.875));
+        assert_eq!(r.percent_of_full, Some(100.0));
+        assert_eq!(
+            (r.percent_of_full_ci_low, r.percent_of_full_ci_high),
+            (Some(100.0), Some(100.0))
+        );
+        for cat in ["Multi-Doc QA", "all"] {
+            let s = t
+                .summary
+                .iter()
+                .find(|s| s.method == "kvcompress" && s.category == cat)
+                .unwrap();
+            assert_eq!((s.n, s.compression_ratio), (8, Some(0.875)), "{cat}");
+            assert_eq!(
+                (s.percent_of_full_ci_low, s.percent_of_full_ci_high),
+                (Some(100.0), Some(100.0)),
+                "{cat}"
+            );
+        }
+        let f = t.summary.iter().find(|s| s.method == "full").unwrap();
+        assert_eq!(f.compression_ratio, Some(0.0));
+        assert_eq!(
+            (f.percent_of_full_ci_low, f.percent_of_full_ci_high),
+            (Some(100.0), Some(100.0))
+        );
+        // The CSV: old columns first in their old order, the new ones last.
+        let text = to_csv(&t.summary).unwrap();
+        assert!(
+            text.starts_with("model,method,budget,rate,budget_tokens,bucket,category,n_tasks,score,percent_of_full,cache_tokens,achieved_rate,compression_ratio,n,percent_of_full_ci_low,percent_of_full_ci_high\n"),
+            "{text}"
+        );
+        let text = to_csv(&t.rows).unwrap();
+        assert!(
+            text.starts_with("model,method,budget,rate,budget_tokens,task,category,language,metric,bucket,n,n_failed,score,full_score,percent_of_full,cache_tokens,achieved_rate,prompt_tokens,fuzz_backend,compression_ratio,percent_of_full_ci_low,percent_of_full_ci_high\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn csvs_without_the_new_columns_still_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("scores.csv");
+        std::fs::write(
+            &p,
+            std::fs::read_to_string(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("docs/results/baselines/nightly.csv"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let rows: Vec<ScoreRow> = read_csv(&p).unwrap();
+        assert!(rows.iter().all(|r| r.compression_ratio.is_none()));
+        assert!(rows.iter().all(|r| r.percent_of_full_ci_low.is_none()));
     }
 }
