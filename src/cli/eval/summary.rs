@@ -153,7 +153,7 @@ pub(crate) fn draw_plots(
         .cloned()
         .collect();
     if model_rows.iter().any(|r| r.method != "full") {
-        match quality_figures(&model_rows, &scores_path.display().to_string()) {
+        match quality_figures(&model_rows, &t.summary, &scores_path.display().to_string()) {
             Ok(figs) => {
                 for (stem, fig) in figs {
                     match draw_figure(&fig, &plot_dir.join(stem)) {

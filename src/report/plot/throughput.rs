@@ -158,6 +158,7 @@ impl<'a> BenchGrid<'a> {
                     color: Some(0),
                     points: points.clone(),
                     dashed: false,
+                    bars: Vec::new(),
                 }];
                 let mut note = None;
                 if let Some(b) = base.filter(|b| *b > 0.0) {
@@ -167,6 +168,7 @@ impl<'a> BenchGrid<'a> {
                         color: Some(7),
                         points: vec![(lo, b), (hi, b)],
                         dashed: true,
+                        bars: Vec::new(),
                     });
                     if let Some((rt, y)) = points.iter().copied().max_by(|a, b| a.1.total_cmp(&b.1))
                     {
@@ -201,6 +203,7 @@ impl<'a> BenchGrid<'a> {
                     .filter_map(|&l| Some((l as f64, self.value(rt, l, f)?)))
                     .collect(),
                 dashed: rt <= 1.0,
+                bars: Vec::new(),
             })
             .filter(|s| !s.points.is_empty())
             .collect()
@@ -220,6 +223,7 @@ impl<'a> BenchGrid<'a> {
                     .filter_map(|&rt| Some((rt, self.value(rt, l, f)?)))
                     .collect(),
                 dashed: false,
+                bars: Vec::new(),
             })
             .collect()
     }
