@@ -99,7 +99,7 @@ pub fn percent_of_full(strata: &[Pairs]) -> Option<f64> {
     }
     let m: f64 = strata.iter().map(|p| mean(&p.method)).sum();
     let f: f64 = strata.iter().map(|p| mean(&p.full)).sum();
-    (f != 0.0 && f.is_finite() && m.is_finite()).then(|| 100.0 * m / f)
+    (f != 0.0 && f.is_finite() && m.is_finite()).then(|| 100.0 * (m / f))
 }
 
 /// The 95 % paired-bootstrap interval (low, high) of [`percent_of_full`] over `resamples`
@@ -139,7 +139,7 @@ pub fn percent_of_full_interval(
             f += fs / n as f64;
         }
         if f != 0.0 {
-            stats.push(100.0 * m / f);
+            stats.push(100.0 * (m / f));
         }
     }
     // Resamples whose full-cache sum is 0 have no ratio: left out, unless they are so many
@@ -178,7 +178,7 @@ mod tests {
                 m += p.method[i];
                 f += p.full[i];
             }
-            out.push(100.0 * m / f);
+            out.push(100.0 * (m / f));
         }
         out.sort_by(f64::total_cmp);
         out

@@ -331,16 +331,19 @@ fn draw_series<DB: DrawingBackend>(
         chart
             .draw_series(pts.iter().map(|p| Circle::new(*p, 4, color.filled())))
             .map_err(draw_err)?;
-        draw_bars(chart, &s.bars, color)?;
+        // Bars of different series at one x are dodged apart by a few pixels' worth of x.
+        let dodge = (i as f64 - (panel.series.len() as f64 - 1.0) / 2.0) * 0.04;
+        draw_bars(chart, &s.bars, dodge, color)?;
     }
     Ok(())
 }
 
-/// Vertical error bars with short caps (x in data units, taken to log 2; bars with x <= 0 or a
-/// non-finite end are skipped).
+/// Vertical error bars with short caps (x in data units, taken to log 2 and moved by `dodge`;
+/// bars with x <= 0 or a non-finite end are skipped).
 fn draw_bars<DB: DrawingBackend>(
     chart: &mut PanelChart<'_, DB>,
     bars: &[(f64, f64, f64)],
+    dodge: f64,
     color: RGBColor,
 ) -> Result<(), String> {
     const CAP: f64 = 0.07; // half-width of a cap, in log-2 units of x
@@ -350,7 +353,7 @@ fn draw_bars<DB: DrawingBackend>(
         if x <= 0.0 || !lo.is_finite() || !hi.is_finite() {
             continue;
         }
-        let x = x.log2();
+        let x = x.log2() + dodge;
         lines.push(vec![(x, lo), (x, hi)]);
         lines.push(vec![(x - CAP, lo), (x + CAP, lo)]);
         lines.push(vec![(x - CAP, hi), (x + CAP, hi)]);

@@ -69,7 +69,7 @@ fn ratio_of_means(rows: &[&ScoreRow]) -> Option<f64> {
         m += r.score;
         f += r.full_score?;
     }
-    (f != 0.0 && f.is_finite() && m.is_finite()).then(|| 100.0 * m / f)
+    (f != 0.0 && f.is_finite() && m.is_finite()).then(|| 100.0 * (m / f))
 }
 
 /// One model's plotted rows and what its quality figures share.
@@ -265,7 +265,7 @@ impl<'a> ModelRows<'a> {
                     self.bench
                 ),
                 subtitle: self.subtitle.clone(),
-                x_label: "compression rate (log2)".into(),
+                x_label: "compression rate (log2); kvpress compression_ratio = 1 - 1/rate".into(),
                 y_label: "% of full-cache score".into(),
                 x_log2: (0, 6),
                 x_unit: "x".into(),
@@ -389,7 +389,7 @@ impl<'a> ModelRows<'a> {
                     "{method}: percent of full-cache score per subset vs compression rate"
                 ),
                 subtitle: self.subtitle.clone(),
-                x_label: "compression rate (log2)".into(),
+                x_label: "compression rate (log2); kvpress compression_ratio = 1 - 1/rate".into(),
                 y_label: "% of full-cache score".into(),
                 x_log2: (0, 6),
                 x_unit: "x".into(),
