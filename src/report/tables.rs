@@ -8,10 +8,13 @@
 //! is method `full` at rate 1.
 //!
 //! Percent of full cache (KV-Compress paper): per subset `score / full-cache score × 100`; a
-//! category averages its subsets' percentages; `all` averages every subset's percentage (the
-//! per-subset mean, as KV-cache papers report it; LongBench's README instead averages the six
-//! category scores — compute that from the category rows if wanted). Scores averaged the same way
-//! are given beside, in LongBench points.
+//! category, and `all`, is the mean of its subsets' scores over the mean of their full-cache
+//! scores × 100 ([`category_percent`]), so a subset that scores 0 with the full cache counts
+//! instead of leaving the category undefined (departs from the per-subset mean of percentages
+//! kvc used before issue 28). `score` is the plain mean of the subsets' scores, in LongBench
+//! points (LongBench's README "Avg" averages the six category scores instead — compute that from
+//! the category rows if wanted). Every row also carries `n`, both rate notations and a 95 %
+//! paired-bootstrap interval of its percentage ([`super::bootstrap`]).
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
