@@ -222,12 +222,12 @@ mod tests {
     #[test]
     fn strata_resample_separately_and_pool_by_sum_of_means() {
         // Stratum a: method = full everywhere; stratum b: the method scores 0. Pooled:
-        // Σ mean(method) / Σ mean(full) = 0.5 / (0.5 + 1.0) whatever stratum a's draws.
+        // Σ mean(method) / Σ mean(full) = 0.5 / (0.5 + 1.0).
         let a = pairs(&[0.0, 1.0], &[0.0, 1.0]);
         let b = pairs(&[0.0, 0.0], &[1.0, 1.0]);
         assert_eq!(
             percent_of_full(&[a.clone(), b.clone()]),
-            Some(100.0 * 0.5 / 1.5)
+            Some(100.0 * (0.5 / 1.5))
         );
         // Stratum a's mean is 0, 0.5 or 1 (p = 1/4, 1/2, 1/4): 0 %, 33.3 %, 50 %.
         let (lo, hi) = percent_of_full_interval(&[a, b], RESAMPLES, SEED).unwrap();
