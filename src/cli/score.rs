@@ -23,8 +23,12 @@ DIR is either
     run.json beside preds/ (model, method, rate or budget_tokens; otherwise taken from the path;
     <budget> is rate<r> like rate8 or tokens<n> like tokens512): writes result.json per run, and
     DIR/scores.csv (one row per run and subset, with percent of the full-cache score) and
-    DIR/summary.csv (per run and category, and `all`). The full-cache baseline is method `full`,
-    budget rate1.
+    DIR/summary.csv (per run and category, and `all`; a category's percent of full is its mean
+    score over the full cache's mean score). The full-cache baseline is method `full`, budget
+    rate1. Both CSVs give the rate in both notations (rate = prompt KVs / kept KVs;
+    compression_ratio = 1 - 1/rate, kvpress's fraction of KVs removed), n, and a 95% paired
+    bootstrap interval of percent of full (percent_of_full_ci_low/high: samples paired with the
+    full cache by _id, each subset resampled on its own, 10,000 resamples, fixed seed).
 
 Exit codes: 0 ok; 1 finished, but some samples carry an `error` or malformed lines were skipped;
 2 error (unreadable file, malformed line with --on-error stop, unknown subset, empty file).
