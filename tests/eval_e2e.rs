@@ -327,6 +327,15 @@ fn bad_input_is_one_clear_error() {
         &["`lcc`", "found: hotpotqa, samsum"],
     );
     assert_error(&f.run(&["--rates", "1,0.5"], &[]), &["0.5", ">= 1"]);
+    // kvpress's notation: a ratio is a fraction removed, in [0, 1); not beside --rates.
+    assert_error(
+        &f.run(&["--ratios", "0.5,1"], &[]),
+        &["--ratios", "compression ratio 1", "[0, 1)", "--rates"],
+    );
+    assert_error(
+        &f.run(&["--ratios", "0.5", "--rates", "2"], &[]),
+        &["--ratios", "--rates", "cannot be used with"],
+    );
     assert_error(&f.run(&["--methods", "nope"], &[]), &["nope", "full"]);
     assert_error(
         &f.run(&["--samples", "hotpotqa-1,zzz"], &[]),
@@ -796,4 +805,71 @@ fn paper_preset_runs_budget_pairs_and_writes_the_paper_table() {
     let o = f.run(&["--preset", "paper-llama-8b", "--kvc-window", "4"], &[]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("--kvc-window"), "{}", text(&o));
+}
+
+/// `--ratios` (kvpress's compression_ratio) runs the same budgets as `--rates` (0.75 = rate 4)
+/// and every table and CSV shows both notations, with n and the paired-bootstrap interval.
+#[test]
+fn ratios_run_as_rates_and_outputs_show_both_notations() {
+    let f = fixture();
+    let o = f.run(
+        &[
+            "--tasks",
+            "hotpotqa",
+            "--limit",
+            "3",
+            "--methods",
+            "streamingllm",
+            "--ratios",
+            "0,0.75",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(f
+        .out
+        .join("tiny/streamingllm/rate4/preds/hotpotqa.jsonl")
+        .is_file());
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("streamingllm/rate4"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.contains(" 0.75 "), "{stdout}");
+    assert!(stdout.contains("ratio"), "{stdout}");
+    let read = |file: &str| {
+        let mut rdr = csv::Reader::from_path(f.out.join(file)).unwrap();
+        let h = rdr.headers().unwrap().clone();
+        let rows: Vec<BTreeMap<String, String>> = rdr
+            .records()
+            .map(|r| {
+                h.iter()
+                    .zip(r.unwrap().iter())
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            })
+            .collect();
+        rows
+    };
+    for file in ["scores.csv", "summary.csv"] {
+        let rows = read(file);
+        let r = rows
+            .iter()
+            .find(|r| r["method"] == "streamingllm")
+            .unwrap_or_else(|| panic!("{file}: {rows:?}"));
+        assert_eq!(
+            (r["rate"].as_str(), r["compression_ratio"].as_str()),
+            ("4.0", "0.75")
+        );
+        let full = rows.iter().find(|r| r["method"] == "full").unwrap();
+        assert_eq!(full["compression_ratio"], "0.0", "{file}");
+        assert!(r.contains_key("percent_of_full_ci_low"), "{file}");
+        assert!(r.contains_key("percent_of_full_ci_high"), "{file}");
+    }
+    let summary = read("summary.csv");
+    let all = summary
+        .iter()
+        .find(|r| r["method"] == "streamingllm" && r["category"] == "all")
+        .unwrap();
+    assert_eq!(all["n"], "3");
 }

@@ -188,6 +188,7 @@ fn scores_a_results_tree_with_percent_of_full() {
     assert_eq!(col(&r, "full_score"), "100.0");
     assert_eq!(col(&r, "percent_of_full"), "50.0");
     assert_eq!(col(&r, "rate"), "8.0");
+    assert_eq!(col(&r, "compression_ratio"), "0.875");
     assert_eq!(col(&r, "category"), "Multi-Doc QA");
     assert_eq!(col(&r, "cache_tokens"), "128.0");
     let r = find("snapkv", "trec");
@@ -206,9 +207,18 @@ fn scores_a_results_tree_with_percent_of_full() {
         .iter()
         .find(|r| col(r, "method") == "kvcompress" && col(r, "category") == "all")
         .unwrap();
-    // mean of 50 % and 100 %.
-    assert_eq!(col(all, "percent_of_full"), "75.0");
+    // Mean score over the full cache's mean score: (50 + 50) / (100 + 50), not the mean of
+    // 50 % and 100 %.
+    let pct: f64 = col(all, "percent_of_full").parse().unwrap();
+    assert!((pct - 100.0 * 100.0 / 150.0).abs() < 1e-9, "{pct}");
     assert_eq!(col(all, "n_tasks"), "2");
+    // Both rate notations, the samples and the paired-bootstrap interval around the estimate.
+    assert_eq!(col(all, "rate"), "8.0");
+    assert_eq!(col(all, "compression_ratio"), "0.875");
+    assert_eq!(col(all, "n"), "4");
+    let lo: f64 = col(all, "percent_of_full_ci_low").parse().unwrap();
+    let hi: f64 = col(all, "percent_of_full_ci_high").parse().unwrap();
+    assert!(lo <= pct && pct <= hi && lo < hi, "{lo} {pct} {hi}");
     let few = rows
         .iter()
         .find(|r| col(r, "method") == "kvcompress" && col(r, "category") == "Few-shot Learning")
@@ -289,14 +299,16 @@ fn plots_png_and_svg() {
             s.contains("tiny-llama.Q4_1") && s.contains("% of full-cache score"),
             "svg text"
         );
+        // Samples per run in the panel titles or the legend.
+        assert!(s.contains("(n=2)"), "{stem}: no n");
     }
 }
 
 #[test]
-fn a_subset_with_full_cache_score_0_is_left_out_of_the_plots_and_counted() {
+fn a_subset_with_full_cache_score_0_counts_in_category_means_only() {
     let d = tempfile::tempdir().unwrap();
     make_tree(d.path(), true);
-    // The full cache gets every hotpotqa answer wrong: its percentages do not exist.
+    // The full cache gets every hotpotqa answer wrong: its own percentages do not exist.
     let wrong =
         "{\"pred\": \"Lyon\", \"answers\": [\"Paris\"], \"all_classes\": null, \"length\": 100}\n";
     write(
@@ -305,6 +317,23 @@ fn a_subset_with_full_cache_score_0_is_left_out_of_the_plots_and_counted() {
         wrong,
     );
     assert_eq!(code(&kvc(&["score", "-q", d.path().to_str().unwrap()])), 0);
+    // summary.csv: `all` is (50 + 50) / (0 + 50) of the full cache; Multi-Doc QA (full mean 0)
+    // has none.
+    let summary = std::fs::read_to_string(d.path().join("summary.csv")).unwrap();
+    let cell = |cat: &str| {
+        let mut rdr = csv::Reader::from_reader(summary.as_bytes());
+        let h = rdr.headers().unwrap().clone();
+        let i = h.iter().position(|x| x == "percent_of_full").unwrap();
+        let c = h.iter().position(|x| x == "category").unwrap();
+        let m = h.iter().position(|x| x == "method").unwrap();
+        rdr.records()
+            .map(|r| r.unwrap())
+            .find(|r| &r[m] == "kvcompress" && &r[c] == cat)
+            .map(|r| r[i].to_string())
+            .unwrap()
+    };
+    assert_eq!(cell("all"), "200.0");
+    assert_eq!(cell("Multi-Doc QA"), "");
     let out = d.path().join("plots");
     let o = kvc(&[
         "plot",
@@ -314,10 +343,17 @@ fn a_subset_with_full_cache_score_0_is_left_out_of_the_plots_and_counted() {
     ]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let svg = std::fs::read_to_string(out.join("tiny-llama.Q4_1__categories_by_rate.svg")).unwrap();
-    assert!(svg.contains("1 subsets"), "only trec is drawn");
+    assert!(svg.contains("2 subsets"), "both subsets count");
     assert!(
-        svg.contains("+1 left out: full-cache score 0"),
-        "the left-out subset is counted"
+        svg.contains("1 with full-cache score 0: in category means only"),
+        "the subset without a percentage is named"
+    );
+    let svg =
+        std::fs::read_to_string(out.join("tiny-llama.Q4_1__kvcompress__subtasks_by_rate.svg"))
+            .unwrap();
+    assert!(
+        svg.contains("trec (n=2)") && !svg.contains("hotpotqa"),
+        "no line without a percentage"
     );
 }
 

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use clap::Args;
 
 use crate::report::plot::{draw_figure, quality_figures};
-use crate::report::tables::{read_csv, ScoreRow};
+use crate::report::tables::{read_csv, ScoreRow, SummaryRow};
 use crate::util::Status;
 
 use super::score::emit_stdout;
@@ -27,6 +27,11 @@ use super::score::emit_stdout;
   <model>__<method>__<budget>__allocation    KVs kept per layer x kv-head after prefill, as a
                                   share of the mean head (from allocation.csv, written by
                                   `kvc score` when the rows come from `kvc eval --dump-allocation`)
+
+A category's point is its subsets' mean score over the full cache's mean score (as summary.csv).
+The figures by rate draw 95 % paired-bootstrap intervals as error bars (subsets: scores.csv's
+percent_of_full_ci_low/high; categories: summary.csv's, read from beside the CSV when present)
+and give the samples per run (n=) in panel titles or legends.
 
 Each figure is written as .png and .svg. Every row needs a full-cache baseline (method full,
 budget rate1) for its model and subset; the error names the ones missing.
@@ -67,7 +72,14 @@ pub fn run(args: PlotArgs) -> anyhow::Result<Status> {
             .unwrap_or_else(|| PathBuf::from("plots"))
     });
     let note = args.scores.display().to_string();
-    for (stem, fig) in quality_figures(&rows, &note)? {
+    // The categories' intervals, when `kvc score` wrote summary.csv beside the CSV.
+    let summary_csv = args.scores.with_file_name("summary.csv");
+    let summary: Vec<SummaryRow> = if summary_csv.is_file() {
+        read_csv(&summary_csv)?
+    } else {
+        Vec::new()
+    };
+    for (stem, fig) in quality_figures(&rows, &summary, &note)? {
         for p in draw_figure(&fig, &out_dir.join(stem))? {
             if !args.quiet {
                 eprintln!("wrote {}", p.display());

@@ -23,8 +23,12 @@ DIR is either
     run.json beside preds/ (model, method, rate or budget_tokens; otherwise taken from the path;
     <budget> is rate<r> like rate8 or tokens<n> like tokens512): writes result.json per run, and
     DIR/scores.csv (one row per run and subset, with percent of the full-cache score) and
-    DIR/summary.csv (per run and category, and `all`). The full-cache baseline is method `full`,
-    budget rate1.
+    DIR/summary.csv (per run and category, and `all`; a category's percent of full is its mean
+    score over the full cache's mean score). The full-cache baseline is method `full`, budget
+    rate1. Both CSVs give the rate in both notations (rate = prompt KVs / kept KVs;
+    compression_ratio = 1 - 1/rate, kvpress's fraction of KVs removed), n, and a 95% paired
+    bootstrap interval of percent of full (percent_of_full_ci_low/high: samples paired with the
+    full cache by _id, each subset resampled on its own, 10,000 resamples, fixed seed).
 
 Exit codes: 0 ok; 1 finished, but some samples carry an `error` or malformed lines were skipped;
 2 error (unreadable file, malformed line with --on-error stop, unknown subset, empty file).
@@ -251,25 +255,33 @@ fn score_tree(
     Ok(t.n_failed > 0 || !t.skipped.is_empty())
 }
 
-/// The summary rows as a fixed-width table (run, bucket, category, score, percent of full).
+/// The summary rows as a fixed-width table (run, both rate notations, bucket, category, samples,
+/// score, percent of full and its 95 % paired-bootstrap interval).
 fn summary_table(summary: &[SummaryRow], out: &mut String) {
+    use super::eval::summary::{fmt_interval, fmt_ratio};
     let _ = writeln!(
         out,
-        "{:<28} {:<12} {:<11} {:<6} {:<18} {:>7} {:>8}",
-        "model", "method", "budget", "bucket", "category", "score", "%full"
+        "{:<28} {:<12} {:<11} {:>6} {:<6} {:<18} {:>5} {:>7} {:>8} {:>14}",
+        "model", "method", "budget", "ratio", "bucket", "category", "n", "score", "%full", "95% CI"
     );
     for s in summary {
         let _ = writeln!(
             out,
-            "{:<28} {:<12} {:<11} {:<6} {:<18} {:>7.2} {:>8}",
+            "{:<28} {:<12} {:<11} {:>6} {:<6} {:<18} {:>5} {:>7.2} {:>8} {:>14}",
             s.model,
             s.method,
             s.budget,
+            s.compression_ratio.map_or("-".to_string(), fmt_ratio),
             s.bucket,
             s.category,
+            s.n,
             s.score,
             s.percent_of_full
-                .map_or("-".to_string(), |p| format!("{p:.1}"))
+                .map_or("-".to_string(), |p| format!("{p:.1}")),
+            match (s.percent_of_full_ci_low, s.percent_of_full_ci_high) {
+                (Some(lo), Some(hi)) => fmt_interval(lo, hi),
+                _ => "-".to_string(),
+            }
         );
     }
 }

@@ -247,6 +247,12 @@ pub struct SubsetResult {
     pub score: SubsetScore,
     /// Per-sample scores in file order (0..1).
     pub per_sample: Vec<f64>,
+    /// Per-sample `_id` (`None` where the row has none, e.g. LongBench's own pred files),
+    /// aligned with `per_sample`: what paired comparisons match on.
+    pub ids: Vec<Option<String>>,
+    /// Per-sample LongBench-E bucket index into [`E_BUCKETS`] (`None` for a plain subset),
+    /// aligned with `per_sample`.
+    pub sample_buckets: Vec<Option<usize>>,
     /// Per-sample needle depth (RULER NIAH rows; `None` elsewhere), aligned with `per_sample`.
     pub depths: Vec<Option<f64>>,
     /// Per-sample KVs kept per (layer, kv-head) after prefill compression (`--dump-allocation`
@@ -285,6 +291,7 @@ pub fn score_records(
     let all_classes = records.last().and_then(|(_, r)| r.all_classes.as_deref());
     let mut per_sample = Vec::with_capacity(records.len());
     let mut buckets: [Vec<f64>; 3] = Default::default();
+    let mut sample_buckets = Vec::with_capacity(records.len());
     let mut total = 0.0f64;
     for (line, r) in records {
         let s = sample_score(task, &r.pred, &r.answers, all_classes, opts).map_err(|source| {
@@ -300,6 +307,9 @@ pub fn score_records(
                 line: *line,
             })?;
             buckets[e_bucket(len)].push(s);
+            sample_buckets.push(Some(e_bucket(len)));
+        } else {
+            sample_buckets.push(None);
         }
         total += s;
         per_sample.push(s);
@@ -317,6 +327,8 @@ pub fn score_records(
         bucket_n: [buckets[0].len(), buckets[1].len(), buckets[2].len()],
         score,
         per_sample,
+        ids: records.iter().map(|(_, r)| r.id.clone()).collect(),
+        sample_buckets,
         depths: records.iter().map(|(_, r)| r.depth).collect(),
         allocations: records
             .iter()

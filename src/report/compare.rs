@@ -6,9 +6,15 @@
 //! present in both files, so adding or dropping a subset does not move a category mean). A key of the baseline missing from the current file counts as a
 //! failure (a gate must not pass because data vanished); keys only in the current file are listed
 //! as new.
+//!
+//! Beside the gate (which stays in LongBench points), each key says whether the change is beyond
+//! the 95 % paired-bootstrap interval of percent of full cache: either run's percent of full lies
+//! outside the other run's interval (scores.csv's columns for subsets, summary.csv's beside the
+//! CSV for categories). A file written before those columns has no interval; the other side's is
+//! then used alone.
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::tables::{summarize, ScoreRow};
+use super::tables::{summarize, ScoreRow, SummaryRow};
 
 /// One compared key.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +26,39 @@ pub struct Diff {
     pub baseline: Option<f64>,
     pub current: Option<f64>,
     pub status: DiffStatus,
+    /// Percent of full cache with its 95 % paired-bootstrap interval, on each side.
+    pub baseline_pof: Option<Pof>,
+    pub current_pof: Option<Pof>,
+    /// Whether the change is beyond the interval: either side's percent of full lies outside
+    /// the other side's interval. `None` when neither side has an interval (e.g. a baseline
+    /// written before the interval columns, compared with a summary-less category).
+    pub beyond_interval: Option<bool>,
+}
+
+/// Percent of full cache and its 95 % interval (low, high) where known.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pof {
+    pub value: f64,
+    pub ci: Option<(f64, f64)>,
+}
+
+impl Pof {
+    fn of(value: Option<f64>, lo: Option<f64>, hi: Option<f64>) -> Option<Pof> {
+        Some(Pof {
+            value: value?,
+            ci: lo.zip(hi),
+        })
+    }
+}
+
+/// Either side's percent of full outside the other's interval; `None` without an interval.
+fn beyond(b: Option<Pof>, c: Option<Pof>) -> Option<bool> {
+    let (b, c) = (b?, c?);
+    let outside = |p: f64, ci: Option<(f64, f64)>| ci.map(|(lo, hi)| p < lo || p > hi);
+    match (outside(c.value, b.ci), outside(b.value, c.ci)) {
+        (None, None) => None,
+        (x, y) => Some(x.unwrap_or(false) || y.unwrap_or(false)),
+    }
 }
 
 /// Outcome for one key.
@@ -70,9 +109,24 @@ impl Comparison {
             .unwrap_or(3)
             .max(3);
         let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}"));
+        let pof = |p: Option<Pof>| match p {
+            Some(Pof {
+                value,
+                ci: Some((lo, hi)),
+            }) => format!("{value:.1} [{lo:.1}, {hi:.1}]"),
+            Some(Pof { value, ci: None }) => format!("{value:.1}"),
+            None => "-".to_string(),
+        };
         let mut s = format!(
-            "{:<w$}  {:<8}  {:>9}  {:>9}  {:>8}  status\n",
-            "key", "kind", "baseline", "current", "delta"
+            "{:<w$}  {:<8}  {:>9}  {:>9}  {:>8}  {:>20}  {:>20}  {:>6}  status\n",
+            "key",
+            "kind",
+            "baseline",
+            "current",
+            "delta",
+            "base %full [95% CI]",
+            "cur %full [95% CI]",
+            "beyond"
         );
         for d in &self.diffs {
             let delta = match (d.baseline, d.current) {
@@ -80,31 +134,41 @@ impl Comparison {
                 _ => "-".to_string(),
             };
             s += &format!(
-                "{:<w$}  {:<8}  {:>9}  {:>9}  {:>8}  {}\n",
+                "{:<w$}  {:<8}  {:>9}  {:>9}  {:>8}  {:>20}  {:>20}  {:>6}  {}\n",
                 d.key,
                 d.kind,
                 f(d.baseline),
                 f(d.current),
                 delta,
+                pof(d.baseline_pof),
+                pof(d.current_pof),
+                match d.beyond_interval {
+                    Some(true) => "yes",
+                    Some(false) => "no",
+                    None => "-",
+                },
                 d.status.label()
             );
         }
-        let drops = self
+        let count = |st: DiffStatus| self.diffs.iter().filter(|d| d.status == st).count();
+        let beyond = self
             .diffs
             .iter()
-            .filter(|d| d.status == DiffStatus::Drop)
+            .filter(|d| d.beyond_interval == Some(true))
             .count();
-        let missing = self
+        let judged = self
             .diffs
             .iter()
-            .filter(|d| d.status == DiffStatus::Missing)
+            .filter(|d| d.beyond_interval.is_some())
             .count();
         s += &format!(
-            "{} compared, {} dropped by more than {} points, {} missing\n",
+            "{} compared, {} dropped by more than {} points, {} missing; {} of {} with an interval changed beyond it (percent of full outside the other run's 95% paired-bootstrap interval; not part of the gate)\n",
             self.diffs.len(),
-            drops,
+            count(DiffStatus::Drop),
             self.tolerance,
-            missing
+            count(DiffStatus::Missing),
+            beyond,
+            judged
         );
         s
     }
@@ -129,12 +193,32 @@ fn subset_key(r: &ScoreRow) -> String {
     )
 }
 
+/// One side of a key: kind, score, percent of full with its interval.
+type Entry = (&'static str, f64, Option<Pof>);
+
 /// Subset keys of all rows; category keys from the rows whose subset is in `common` only, so a
-/// subset added or removed on one side does not move the category means.
-fn keyed(rows: &[ScoreRow], common: &BTreeSet<String>) -> BTreeMap<String, (&'static str, f64)> {
+/// subset added or removed on one side does not move the category means. A category's interval
+/// comes from `summary` (that file's summary.csv) when its row covers the same subsets and
+/// samples.
+fn keyed(
+    rows: &[ScoreRow],
+    summary: &[SummaryRow],
+    common: &BTreeSet<String>,
+) -> BTreeMap<String, Entry> {
     let mut m = BTreeMap::new();
     for r in rows {
-        m.insert(subset_key(r), ("subset", r.score));
+        m.insert(
+            subset_key(r),
+            (
+                "subset",
+                r.score,
+                Pof::of(
+                    r.percent_of_full,
+                    r.percent_of_full_ci_low,
+                    r.percent_of_full_ci_high,
+                ),
+            ),
+        );
     }
     let shared: Vec<ScoreRow> = rows
         .iter()
@@ -142,6 +226,18 @@ fn keyed(rows: &[ScoreRow], common: &BTreeSet<String>) -> BTreeMap<String, (&'st
         .cloned()
         .collect();
     for s in summarize(&shared) {
+        let ci = summary
+            .iter()
+            .find(|x| {
+                x.model == s.model
+                    && x.method == s.method
+                    && x.budget == s.budget
+                    && x.bucket == s.bucket
+                    && x.category == s.category
+                    && x.n_tasks == s.n_tasks
+                    && x.n == s.n
+            })
+            .and_then(|x| x.percent_of_full_ci_low.zip(x.percent_of_full_ci_high));
         m.insert(
             format!(
                 "{} {} {} {}{}",
@@ -151,24 +247,35 @@ fn keyed(rows: &[ScoreRow], common: &BTreeSet<String>) -> BTreeMap<String, (&'st
                 s.category,
                 bucket_suffix(&s.bucket)
             ),
-            ("category", s.score),
+            (
+                "category",
+                s.score,
+                s.percent_of_full.map(|value| Pof { value, ci }),
+            ),
         );
     }
     m
 }
 
-/// Compare `current` against `baseline`; a drop is `baseline - current > tolerance`.
-pub fn compare(baseline: &[ScoreRow], current: &[ScoreRow], tolerance: f64) -> Comparison {
+/// Compare `current` against `baseline`; a drop is `baseline - current > tolerance`. The
+/// summaries (each file's summary.csv; may be empty) give the categories' intervals.
+pub fn compare(
+    baseline: &[ScoreRow],
+    current: &[ScoreRow],
+    baseline_summary: &[SummaryRow],
+    current_summary: &[SummaryRow],
+    tolerance: f64,
+) -> Comparison {
     let in_base: BTreeSet<String> = baseline.iter().map(subset_key).collect();
     let common: BTreeSet<String> = current
         .iter()
         .map(subset_key)
         .filter(|k| in_base.contains(k))
         .collect();
-    let b = keyed(baseline, &common);
-    let c = keyed(current, &common);
+    let b = keyed(baseline, baseline_summary, &common);
+    let c = keyed(current, current_summary, &common);
     let mut diffs = Vec::new();
-    for (key, (kind, bv)) in &b {
+    for (key, (kind, bv, bp)) in &b {
         let d = match c.get(key) {
             None => Diff {
                 key: key.clone(),
@@ -176,8 +283,11 @@ pub fn compare(baseline: &[ScoreRow], current: &[ScoreRow], tolerance: f64) -> C
                 baseline: Some(*bv),
                 current: None,
                 status: DiffStatus::Missing,
+                baseline_pof: *bp,
+                current_pof: None,
+                beyond_interval: None,
             },
-            Some((_, cv)) => {
+            Some((_, cv, cp)) => {
                 // NaN (an empty LongBench-E bucket) on both sides is equal; NaN on one side only
                 // means samples vanished or appeared in that bucket: a baseline score now NaN fails.
                 let status = if bv.is_nan() && cv.is_nan() {
@@ -195,12 +305,15 @@ pub fn compare(baseline: &[ScoreRow], current: &[ScoreRow], tolerance: f64) -> C
                     baseline: Some(*bv),
                     current: Some(*cv),
                     status,
+                    baseline_pof: *bp,
+                    current_pof: *cp,
+                    beyond_interval: beyond(*bp, *cp),
                 }
             }
         };
         diffs.push(d);
     }
-    for (key, (kind, cv)) in &c {
+    for (key, (kind, cv, cp)) in &c {
         if !b.contains_key(key) {
             diffs.push(Diff {
                 key: key.clone(),
@@ -208,6 +321,9 @@ pub fn compare(baseline: &[ScoreRow], current: &[ScoreRow], tolerance: f64) -> C
                 baseline: None,
                 current: Some(*cv),
                 status: DiffStatus::New,
+                baseline_pof: None,
+                current_pof: *cp,
+                beyond_interval: None,
             });
         }
     }
@@ -239,6 +355,9 @@ mod tests {
             achieved_rate: None,
             prompt_tokens: None,
             fuzz_backend: "difflib".into(),
+            compression_ratio: None,
+            percent_of_full_ci_low: None,
+            percent_of_full_ci_high: None,
         }
     }
 
@@ -253,7 +372,7 @@ mod tests {
             row("kv", "musique", "Multi-Doc QA", 20.0),
         ];
         // hotpotqa -1.5, category mean -0.75.
-        let c = compare(&base, &cur, 1.0);
+        let c = compare(&base, &cur, &[], &[], 1.0);
         assert!(c.failed());
         let drops: Vec<&str> = c
             .diffs
@@ -262,9 +381,9 @@ mod tests {
             .map(|d| d.key.as_str())
             .collect();
         assert_eq!(drops, ["m kv rate8 hotpotqa"]);
-        assert!(!compare(&base, &cur, 1.5).failed());
+        assert!(!compare(&base, &cur, &[], &[], 1.5).failed());
         // Improvements never fail.
-        assert!(!compare(&cur, &base, 0.0).failed());
+        assert!(!compare(&cur, &base, &[], &[], 0.0).failed());
     }
 
     #[test]
@@ -274,13 +393,13 @@ mod tests {
             row("kv", "hotpotqa", "Multi-Doc QA", 40.0),
             row("kv", "trec", "Few-shot Learning", 10.0),
         ];
-        let c = compare(&base, &cur, 0.0);
+        let c = compare(&base, &cur, &[], &[], 0.0);
         assert!(!c.failed());
         assert!(c
             .diffs
             .iter()
             .any(|d| d.status == DiffStatus::New && d.key.ends_with("trec")));
-        let c = compare(&cur, &base, 0.0);
+        let c = compare(&cur, &base, &[], &[], 0.0);
         assert!(c.failed());
         assert!(c
             .diffs
@@ -289,13 +408,92 @@ mod tests {
     }
 
     #[test]
+    fn says_whether_a_change_is_beyond_the_interval() {
+        let with = |score: f64, pof: f64, ci: Option<(f64, f64)>| {
+            let mut r = row("kv", "hotpotqa", "Multi-Doc QA", score);
+            r.percent_of_full = Some(pof);
+            r.full_score = Some(40.0);
+            r.percent_of_full_ci_low = ci.map(|c| c.0);
+            r.percent_of_full_ci_high = ci.map(|c| c.1);
+            r
+        };
+        let subset = |c: &Comparison| {
+            c.diffs
+                .iter()
+                .find(|d| d.kind == "subset")
+                .unwrap()
+                .beyond_interval
+        };
+        let base = [with(30.0, 75.0, Some((60.0, 90.0)))];
+        // 75 % -> 70 %: inside [60, 90] and 75 inside the current [55, 85].
+        let c = compare(
+            &base,
+            &[with(28.0, 70.0, Some((55.0, 85.0)))],
+            &[],
+            &[],
+            10.0,
+        );
+        assert_eq!(subset(&c), Some(false));
+        assert!(
+            c.table().contains("0 of 1 with an interval"),
+            "{}",
+            c.table()
+        );
+        // 75 % -> 50 %: outside the baseline's interval (the gate at 10 points passes anyway).
+        let c = compare(
+            &base,
+            &[with(20.0, 50.0, Some((35.0, 65.0)))],
+            &[],
+            &[],
+            10.0,
+        );
+        assert_eq!(subset(&c), Some(true));
+        assert!(!c.failed());
+        // A baseline without the columns: the current interval alone decides.
+        let old = [with(30.0, 75.0, None)];
+        let c = compare(
+            &old,
+            &[with(20.0, 50.0, Some((35.0, 65.0)))],
+            &[],
+            &[],
+            10.0,
+        );
+        assert_eq!(subset(&c), Some(true));
+        let c = compare(&old, &[with(20.0, 50.0, None)], &[], &[], 10.0);
+        assert_eq!(subset(&c), None);
+        // Categories take summary.csv's interval when it covers the same subsets and samples.
+        let cur = [with(20.0, 50.0, None)];
+        let mut summary = crate::report::tables::summarize(&cur);
+        for s in &mut summary {
+            s.percent_of_full_ci_low = Some(35.0);
+            s.percent_of_full_ci_high = Some(65.0);
+        }
+        let c = compare(&old, &cur, &[], &summary, 10.0);
+        let cat = c
+            .diffs
+            .iter()
+            .find(|d| d.key.ends_with("Multi-Doc QA"))
+            .unwrap();
+        assert_eq!(cat.current_pof.unwrap().ci, Some((35.0, 65.0)));
+        assert_eq!(cat.beyond_interval, Some(true));
+        for s in &mut summary {
+            s.n += 1; // another set of samples: not this category's interval
+        }
+        let c = compare(&old, &cur, &[], &summary, 10.0);
+        assert!(c
+            .diffs
+            .iter()
+            .all(|d| d.kind == "subset" || d.beyond_interval.is_none()));
+    }
+
+    #[test]
     fn nan_buckets_compare_equal() {
         let mut a = row("kv", "hotpotqa_e", "Multi-Doc QA", f64::NAN);
         a.bucket = "8k+".into();
-        assert!(!compare(&[a.clone()], &[a.clone()], 0.0).failed());
+        assert!(!compare(&[a.clone()], &[a.clone()], &[], &[], 0.0).failed());
         let mut b = a.clone();
         b.score = 10.0;
         // A bucket that had a score and now has none fails.
-        assert!(compare(&[b], &[a], 0.0).failed());
+        assert!(compare(&[b], &[a], &[], &[], 0.0).failed());
     }
 }

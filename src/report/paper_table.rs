@@ -115,6 +115,9 @@ mod tests {
             achieved_rate: None,
             prompt_tokens: None,
             fuzz_backend: String::new(),
+            compression_ratio: None,
+            percent_of_full_ci_low: None,
+            percent_of_full_ci_high: None,
         }
     }
 

@@ -15,7 +15,9 @@ and plot it.
 
 The sweep is the full-cache run (method full, rate 1: the baseline every percentage divides by,
 computed once) plus every --methods entry at every --rates value above 1 and every
---cache-tokens budget. Each run writes
+--cache-tokens budget. A compression rate is prompt KVs / kept KVs (8 = one KV kept in 8);
+--ratios takes the same budgets as kvpress's compression_ratio, the fraction of KVs removed
+(0.875 = rate 8), and every table and CSV shows both. Each run writes
 
   <out>/<model>/<method>/<budget>/run.json              resolved configuration + its hash,
                                                          versions, model/data revisions, device
@@ -42,6 +44,7 @@ prompt too long or out of memory); 2 error (bad input, interrupted)."
 #[command(after_help = "Examples:
   kvc eval                                        # SmolLM2 on the bundled sample, rates 1,2,4,8,64
   kvc eval -m llama-3.1-8b --data-dir hub --rates 1,2,4,8,64 --device cuda:0
+  kvc eval --ratios 0,0.5,0.75,0.875 --methods snapkv   # kvpress's compression_ratio: rates 1,2,4,8
   kvc eval -m mistral-7b --data-dir ~/LongBench/data.zip --tasks code,few-shot --limit 50
   kvc eval --data-dir ./data --tasks hotpotqa --methods snapkv,kvcompress --cache-tokens 128,512
   kvc eval --data-dir ./data --tasks e --methods full --json > summary.json
@@ -111,10 +114,17 @@ pub struct SweepArgs {
     /// Compression methods, comma-separated (the full-cache baseline is always run).
     #[arg(long, value_delimiter = ',', default_value = "kvcompress")]
     pub methods: Vec<String>,
-    /// Compression rates (prompt KVs / kept KVs, >= 1; 1 = the full cache). Default:
-    /// 1,2,4,8,16,32,64 (1,2,4,8,64 on the bundled sample; none when --cache-tokens is given).
+    /// Compression rates: prompt KVs / kept KVs, >= 1 (1 = the full cache, 8 = keep one KV in
+    /// 8). Default: 1,2,4,8,16,32,64 (1,2,4,8,64 on the bundled sample; none when
+    /// --cache-tokens is given). The same budgets in kvpress's notation: --ratios.
     #[arg(long, value_delimiter = ',')]
     pub rates: Option<Vec<f64>>,
+    /// Compression in NVIDIA kvpress's notation: `compression_ratio`, the fraction of KVs
+    /// removed, in [0, 1) (0 = the full cache). Each is run as rate = 1 / (1 - ratio): 0.5,
+    /// 0.75, 0.875 are rates 2, 4, 8; 0.984375 is 64. Give --rates or --ratios, not both.
+    /// Tables and CSVs show both notations (`rate`, `compression_ratio`).
+    #[arg(long, value_delimiter = ',', conflicts_with = "rates")]
+    pub ratios: Option<Vec<f64>>,
     /// Fixed cache budgets in tokens per kv-head (rounded up to the block size, 16), e.g.
     /// 128,256,512,1024.
     #[arg(long, value_delimiter = ',')]

@@ -207,7 +207,17 @@ fn select(args: &EvalArgs, note: &Note) -> anyhow::Result<Selection> {
         .map(|m| MethodSpec::parse(m))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let bundled = args.data.data_dir.is_none();
-    let rates = match &args.sweep.rates {
+    let ratio_rates = match &args.sweep.ratios {
+        Some(ratios) => Some(
+            ratios
+                .iter()
+                .map(|&x| run::rate_from_ratio(x))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow::anyhow!("--ratios: {e}"))?,
+        ),
+        None => None,
+    };
+    let rates = match ratio_rates.as_ref().or(args.sweep.rates.as_ref()) {
         Some(r) => r.clone(),
         None if !args.sweep.cache_tokens.is_empty() => vec![],
         None if bundled => vec![1.0, 2.0, 4.0, 8.0, 64.0],

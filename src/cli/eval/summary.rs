@@ -9,7 +9,7 @@ use super::progress::Progress;
 use super::EvalArgs;
 use crate::cli::score::emit_stdout;
 use crate::eval::metrics::MetricOptions;
-use crate::eval::run::{Observer, RunOutcome, RunPlan};
+use crate::eval::run::{ratio_from_rate, Observer, RunOutcome, RunPlan};
 use crate::eval::scoring::OnError;
 use crate::report::plot::{draw_figure, quality_figures};
 use crate::report::tables::{self, TreeScores};
@@ -153,7 +153,7 @@ pub(crate) fn draw_plots(
         .cloned()
         .collect();
     if model_rows.iter().any(|r| r.method != "full") {
-        match quality_figures(&model_rows, &scores_path.display().to_string()) {
+        match quality_figures(&model_rows, &t.summary, &scores_path.display().to_string()) {
             Ok(figs) => {
                 for (stem, fig) in figs {
                     match draw_figure(&fig, &plot_dir.join(stem)) {
@@ -193,8 +193,24 @@ pub(crate) fn draw_plots(
     Ok(plots)
 }
 
+/// A compression ratio with at most 4 decimals, trailing zeros dropped (0.875, 0.5, 0).
+pub(crate) fn fmt_ratio(x: f64) -> String {
+    let s = format!("{x:.4}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s.is_empty() || s == "-" {
+        "0".into()
+    } else {
+        s.to_string()
+    }
+}
+
+/// A percent-of-full interval as `[lo, hi]` with one decimal.
+pub(crate) fn fmt_interval(lo: f64, hi: f64) -> String {
+    format!("[{lo:.1}, {hi:.1}]")
+}
+
 /// One screen: a row per run; the full-cache run shows LongBench scores, the others percent of
-/// the full-cache score (per category and `all`, the per-subset mean). LongBench-E subsets are
+/// the full-cache score (per category and `all`: mean score over the full cache's mean score). LongBench-E subsets are
 /// scored per length bucket and left out of this table (see summary.csv).
 fn write_table(
     out: &mut String,
@@ -221,12 +237,12 @@ fn write_table(
     };
     let _ = writeln!(
         out,
-        "{model}: full/rate1 in LongBench points, other runs in % of full cache"
+        "{model}: full/rate1 in LongBench points, other runs in % of full cache (all: with its 95% paired-bootstrap interval); ratio = kvpress's compression_ratio, 1 - 1/rate"
     );
     let _ = write!(
         out,
-        "{:<22} {:>5} {:>6} {:>8} {:>7}",
-        "run", "n", "failed", "achieved", "all"
+        "{:<22} {:>6} {:>5} {:>6} {:>8} {:>7} {:>14}",
+        "run", "ratio", "n", "failed", "achieved", "all", "all 95% CI"
     );
     for c in &cats {
         let _ = write!(out, " {:>7}", short(c));
@@ -253,14 +269,29 @@ fn write_table(
         let achieved = all
             .and_then(|s| s.achieved_rate)
             .map_or("-".into(), |a| format!("{a:.1}x"));
+        let ratio = match p.budget {
+            crate::kvcache::budget::Budget::Rate(r) => fmt_ratio(ratio_from_rate(r)),
+            crate::kvcache::budget::Budget::Tokens(_) => "-".into(),
+        };
+        let ci = all
+            .filter(|_| !p.is_full())
+            .and_then(|s| {
+                Some(fmt_interval(
+                    s.percent_of_full_ci_low?,
+                    s.percent_of_full_ci_high?,
+                ))
+            })
+            .unwrap_or_else(|| "-".into());
         let _ = write!(
             out,
-            "{:<22} {:>5} {:>6} {:>8} {:>7}",
+            "{:<22} {:>6} {:>5} {:>6} {:>8} {:>7} {:>14}",
             p.label(),
+            ratio,
             o.n_selected,
             o.n_failed,
             achieved,
-            cell(all)
+            cell(all),
+            ci
         );
         for c in &cats {
             let _ = write!(out, " {:>7}", cell(find(c)));

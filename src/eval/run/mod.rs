@@ -38,8 +38,8 @@ pub use dirs::{
     PROMPT_RECIPE,
 };
 pub use plan::{
-    check_samples_found, data_report, group_plans, inspect_data, plan_runs, RunPlan, SamplePool,
-    SubsetPlan, AUTO_BATCH_MAX,
+    check_samples_found, data_report, group_plans, inspect_data, plan_runs, rate_from_ratio,
+    ratio_from_rate, RunPlan, SamplePool, SubsetPlan, AUTO_BATCH_MAX,
 };
 pub use ruler::{generate_ruler, GeneratedRows, RulerPlan};
 pub use samples::{run_samples, ChatMode, SampleSettings};

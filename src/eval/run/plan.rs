@@ -39,6 +39,23 @@ impl RunPlan {
     }
 }
 
+/// kvpress's `compression_ratio` (the fraction of KVs removed, in [0, 1); 0 = full cache) as
+/// kvc's compression rate (prompt KVs / kept KVs): `1 / (1 - ratio)`, rounded to 9 decimals so
+/// 0.9 gives rate 10, not 10.000000000000002 (the rate names the run directory).
+pub fn rate_from_ratio(ratio: f64) -> Result<f64, EvalError> {
+    if !(ratio.is_finite() && (0.0..1.0).contains(&ratio)) {
+        return Err(EvalError::Budget(format!(
+            "compression ratio {ratio}: a compression_ratio is the fraction of KVs removed, so it must be in [0, 1) (0 = full cache, 0.875 = rate 8); for a compression rate (prompt KVs / kept KVs, >= 1) use --rates"
+        )));
+    }
+    Ok(((1.0 / (1.0 - ratio)) * 1e9).round() / 1e9)
+}
+
+/// A compression rate as kvpress's `compression_ratio`: `1 - 1 / rate` (rate 8 -> 0.875).
+pub fn ratio_from_rate(rate: f64) -> f64 {
+    1.0 - 1.0 / rate
+}
+
 /// The runs of a sweep, full cache first, and notes to show (rounded budgets). With a
 /// `preset`, fixed budgets compress once and, where the preset pairs them, each budget M also
 /// runs at M - [`BLOCK_SIZE`].

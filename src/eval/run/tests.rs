@@ -225,3 +225,24 @@ fn config_mismatch_is_refused_unless_overwrite() {
     prepare_run_dir(&dir, &meta(cfg(200)), true).unwrap();
     assert!(!dir.join("preds/trec.jsonl").exists());
 }
+
+#[test]
+fn kvpress_compression_ratios_map_to_rates_and_back() {
+    use super::{rate_from_ratio, ratio_from_rate};
+    for (ratio, rate) in [
+        (0.0, 1.0),
+        (0.5, 2.0),
+        (0.75, 4.0),
+        (0.875, 8.0),
+        (0.9, 10.0),
+    ] {
+        assert_eq!(rate_from_ratio(ratio).unwrap(), rate, "{ratio}");
+        assert!((ratio_from_rate(rate) - ratio).abs() < 1e-15, "{rate}");
+    }
+    assert_eq!(rate_from_ratio(0.6).unwrap(), 2.5);
+    assert_eq!(ratio_from_rate(64.0), 0.984375);
+    for bad in [1.0, -0.1, 8.0, f64::NAN] {
+        let e = rate_from_ratio(bad).unwrap_err().to_string();
+        assert!(e.contains("[0, 1)") && e.contains("--rates"), "{e}");
+    }
+}

@@ -7,6 +7,12 @@
 //!   axis), one line per method (methods at equal cache size). x is a run's token budget, or for a
 //!   rate run its mean kept tokens (`cache_tokens` of the records) when recorded.
 //!
+//! A category's percentage is its mean score over the full cache's mean score (as summary.csv).
+//! The figures by rate draw summary.csv's (categories) and scores.csv's (subsets) 95 %
+//! paired-bootstrap intervals as error bars, and name the samples per run (`n=`) in the panel
+//! titles or the legend; the figure by cache size draws none (a rate run's points there sit at
+//! its per-subset kept tokens, so one x can mix runs).
+//!
 //! Every figure is a [`Figure`] (panels of named series) drawn by [`draw_figure`]; the throughput
 //! and max-batch figures of `kvc bench` are built the same way in [`throughput_figures`].
 //!
@@ -52,6 +58,8 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
     /// Drawn dashed without markers (a baseline).
     pub dashed: bool,
+    /// Error bars (x, low, high) in data units, drawn in the series' colour (95 % intervals).
+    pub bars: Vec<(f64, f64, f64)>,
 }
 
 /// One panel of a grid.
@@ -154,7 +162,14 @@ impl Frame {
         let y_max = fig
             .panels
             .iter()
-            .flat_map(|p| p.series.iter().flat_map(|s| s.points.iter().map(|pt| pt.1)))
+            .flat_map(|p| {
+                p.series.iter().flat_map(|s| {
+                    s.points
+                        .iter()
+                        .map(|pt| pt.1)
+                        .chain(s.bars.iter().map(|b| b.2))
+                })
+            })
             .filter(|y| y.is_finite())
             .fold(fig.y_ref.unwrap_or(0.0), f64::max);
         let y_top =
@@ -316,7 +331,36 @@ fn draw_series<DB: DrawingBackend>(
         chart
             .draw_series(pts.iter().map(|p| Circle::new(*p, 4, color.filled())))
             .map_err(draw_err)?;
+        // Bars of different series at one x are dodged apart by a few pixels' worth of x.
+        let dodge = (i as f64 - (panel.series.len() as f64 - 1.0) / 2.0) * 0.04;
+        draw_bars(chart, &s.bars, dodge, color)?;
     }
+    Ok(())
+}
+
+/// Vertical error bars with short caps (x in data units, taken to log 2 and moved by `dodge`;
+/// bars with x <= 0 or a non-finite end are skipped).
+fn draw_bars<DB: DrawingBackend>(
+    chart: &mut PanelChart<'_, DB>,
+    bars: &[(f64, f64, f64)],
+    dodge: f64,
+    color: RGBColor,
+) -> Result<(), String> {
+    const CAP: f64 = 0.07; // half-width of a cap, in log-2 units of x
+    let style = color.mix(0.8).stroke_width(1);
+    let mut lines = Vec::new();
+    for &(x, lo, hi) in bars {
+        if x <= 0.0 || !lo.is_finite() || !hi.is_finite() {
+            continue;
+        }
+        let x = x.log2() + dodge;
+        lines.push(vec![(x, lo), (x, hi)]);
+        lines.push(vec![(x - CAP, lo), (x + CAP, lo)]);
+        lines.push(vec![(x - CAP, hi), (x + CAP, hi)]);
+    }
+    chart
+        .draw_series(lines.into_iter().map(|l| PathElement::new(l, style)))
+        .map_err(draw_err)?;
     Ok(())
 }
 
@@ -383,10 +427,6 @@ fn safe(s: &str) -> String {
             }
         })
         .collect()
-}
-
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len() as f64
 }
 
 /// The powers of two around positive `xs`: floor of the smallest's log 2, ceil of the

@@ -3,7 +3,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 use crate::data::tasks::Category;
-use crate::report::tables::ScoreRow;
+use crate::report::tables::{ScoreRow, SummaryRow};
 
 fn category_panels() -> Vec<String> {
     Category::ALL
@@ -21,26 +21,20 @@ fn anchor_at_full(points: &mut Vec<(f64, f64)>) {
 }
 
 /// The paper's quality figures for every model of `rows` (LongBench subsets only; LongBench-E
-/// bucket rows are left out, and so are subsets whose full-cache score is 0: no percentage of
-/// it exists — the figure's subtitle counts them). `data_note` names the data on the figure
-/// (e.g. the CSV path).
+/// bucket rows are left out). A category's point is its mean score over the full cache's mean
+/// score; a subset whose full-cache score is 0 counts there but has no line of its own in the
+/// per-subset figure (the subtitle counts them). `summary` (summary.csv's rows; may be empty)
+/// gives the categories' intervals. `data_note` names the data on the figure (e.g. the CSV
+/// path).
 pub fn quality_figures(
     rows: &[ScoreRow],
+    summary: &[SummaryRow],
     data_note: &str,
 ) -> Result<Vec<(String, Figure)>, PlotError> {
-    let zero_full: BTreeSet<(&str, &str)> = rows
-        .iter()
-        .filter(|r| r.full_score == Some(0.0))
-        .map(|r| (r.model.as_str(), r.task.as_str()))
-        .collect();
-    let rows: Vec<&ScoreRow> = rows
-        .iter()
-        .filter(|r| r.bucket.is_empty())
-        .filter(|r| !zero_full.contains(&(r.model.as_str(), r.task.as_str())))
-        .collect();
+    let rows: Vec<&ScoreRow> = rows.iter().filter(|r| r.bucket.is_empty()).collect();
     let missing: BTreeSet<String> = rows
         .iter()
-        .filter(|r| r.percent_of_full.is_none())
+        .filter(|r| r.full_score.is_none())
         .map(|r| format!("{}/{}", r.model, r.task))
         .collect();
     if !missing.is_empty() {
@@ -52,8 +46,7 @@ pub fn quality_figures(
     let models: BTreeSet<&str> = rows.iter().map(|r| r.model.as_str()).collect();
     let mut figs = Vec::new();
     for model in models {
-        let n_zero = zero_full.iter().filter(|(m, _)| *m == model).count();
-        let mr = ModelRows::new(model, &rows, n_zero, data_note);
+        let mr = ModelRows::new(model, &rows, summary, data_note);
         figs.extend(mr.by_rate_figure());
         figs.extend(mr.by_cache_figure());
         for method in mr.methods.iter().filter(|m| **m != "full") {
@@ -68,23 +61,47 @@ pub fn quality_figures(
     Ok(figs)
 }
 
+/// 100 × Σ score / Σ full-cache score of `rows` (the summary's category percentage); `None`
+/// when the full cache's sum is 0 or a value is missing.
+fn ratio_of_means(rows: &[&ScoreRow]) -> Option<f64> {
+    let (mut m, mut f) = (0.0, 0.0);
+    for r in rows {
+        m += r.score;
+        f += r.full_score?;
+    }
+    (f != 0.0 && f.is_finite() && m.is_finite()).then(|| 100.0 * (m / f))
+}
+
 /// One model's plotted rows and what its quality figures share.
 struct ModelRows<'a> {
     model: &'a str,
     rows: Vec<&'a ScoreRow>,
+    /// The model's summary rows (for the categories' intervals).
+    summary: Vec<&'a SummaryRow>,
     /// The model's methods, by name; a method's colour is its position here.
     methods: BTreeSet<&'a str>,
     /// "LongBench score", or "score" when every subset is a RULER one.
     bench: &'static str,
-    /// Model, data (subsets counted, `n_zero` left out) and the data note.
+    /// Model, data (subsets counted, those with a full-cache score of 0 named) and the data
+    /// note.
     subtitle: String,
 }
 
 impl<'a> ModelRows<'a> {
-    /// `model`'s rows of `rows`; `n_zero` of its subsets were left out for a full-cache score
-    /// of 0.
-    fn new(model: &'a str, rows: &[&'a ScoreRow], n_zero: usize, data_note: &str) -> Self {
+    /// `model`'s rows of `rows` and of `summary`.
+    fn new(
+        model: &'a str,
+        rows: &[&'a ScoreRow],
+        summary: &'a [SummaryRow],
+        data_note: &str,
+    ) -> Self {
         let mrows: Vec<&ScoreRow> = rows.iter().copied().filter(|r| r.model == model).collect();
+        let n_zero = mrows
+            .iter()
+            .filter(|r| r.full_score == Some(0.0))
+            .map(|r| r.task.as_str())
+            .collect::<BTreeSet<_>>()
+            .len();
         let n_tasks = mrows
             .iter()
             .map(|r| r.task.as_str())
@@ -107,26 +124,66 @@ impl<'a> ModelRows<'a> {
             "LongBench score"
         };
         let zero_note = if n_zero > 0 {
-            format!(" (+{n_zero} left out: full-cache score 0)")
+            format!(" ({n_zero} with full-cache score 0: in category means only)")
         } else {
             String::new()
         };
-        let subtitle =
-            format!("model: {model}  |  data: {data}{zero_note}  |  source: {data_note}");
+        let subtitle = format!(
+            "model: {model}  |  data: {data}{zero_note}  |  bars: 95% paired bootstrap  |  source: {data_note}"
+        );
         let methods: BTreeSet<&str> = mrows.iter().map(|r| r.method.as_str()).collect();
         ModelRows {
             model,
             rows: mrows,
+            summary: summary
+                .iter()
+                .filter(|s| s.model == model && s.bucket.is_empty())
+                .collect(),
             methods,
             bench,
             subtitle,
         }
     }
 
-    /// One panel per category (and `all`) with a line per method: the mean percentage of its
-    /// subsets at each x that `xof` gives (rows without an x are skipped), sorted by x.
-    /// Methods and panels without points are left out.
-    fn category_series(&self, xof: &dyn Fn(&ScoreRow) -> Option<f64>) -> Vec<Panel> {
+    /// Samples per run in a category (`all`: every subset): the full cache's count, else the
+    /// largest run's.
+    fn n_of(&self, cat: &str) -> usize {
+        let mut per_run: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+        for r in self
+            .rows
+            .iter()
+            .filter(|r| cat == "all" || r.category == cat)
+        {
+            *per_run
+                .entry((r.method.as_str(), r.budget.as_str()))
+                .or_default() += r.n;
+        }
+        per_run
+            .get(&("full", "rate1"))
+            .copied()
+            .unwrap_or_else(|| per_run.values().copied().max().unwrap_or(0))
+    }
+
+    /// summary.csv's interval of (method, budget, category), as an error bar at `x`.
+    fn summary_bar(
+        &self,
+        method: &str,
+        budget: &str,
+        cat: &str,
+        x: f64,
+    ) -> Option<(f64, f64, f64)> {
+        let s = self
+            .summary
+            .iter()
+            .find(|s| s.method == method && s.budget == budget && s.category == cat)?;
+        Some((x, s.percent_of_full_ci_low?, s.percent_of_full_ci_high?))
+    }
+
+    /// One panel per category (and `all`, titled with its samples per run) with a line per
+    /// method: its subsets' mean score over the full cache's at each x that `xof` gives (rows
+    /// without an x are skipped), sorted by x; with `bars`, summary.csv's interval where the
+    /// point is one run. Methods and panels without points are left out.
+    fn category_series(&self, xof: &dyn Fn(&ScoreRow) -> Option<f64>, bars: bool) -> Vec<Panel> {
         category_panels()
             .into_iter()
             .map(|cat| {
@@ -134,18 +191,31 @@ impl<'a> ModelRows<'a> {
                     .methods
                     .iter()
                     .filter_map(|m| {
-                        let mut by_x: BTreeMap<u64, (f64, Vec<f64>)> = BTreeMap::new();
+                        let mut by_x: BTreeMap<u64, (f64, Vec<&ScoreRow>)> = BTreeMap::new();
                         for r in self
                             .rows
                             .iter()
                             .filter(|r| r.method == *m && (cat == "all" || r.category == cat))
                         {
-                            if let (Some(x), Some(p)) = (xof(r), r.percent_of_full) {
-                                by_x.entry(x.to_bits()).or_insert((x, Vec::new())).1.push(p);
+                            if let Some(x) = xof(r) {
+                                by_x.entry(x.to_bits()).or_insert((x, Vec::new())).1.push(r);
                             }
                         }
-                        let mut points: Vec<(f64, f64)> =
-                            by_x.into_values().map(|(x, ps)| (x, mean(&ps))).collect();
+                        let mut points = Vec::new();
+                        let mut bar = Vec::new();
+                        for (x, rs) in by_x.into_values() {
+                            let Some(y) = ratio_of_means(&rs) else {
+                                continue;
+                            };
+                            points.push((x, y));
+                            let budgets: BTreeSet<&str> =
+                                rs.iter().map(|r| r.budget.as_str()).collect();
+                            if let (true, [b]) =
+                                (bars, budgets.into_iter().collect::<Vec<_>>().as_slice())
+                            {
+                                bar.extend(self.summary_bar(m, b, &cat, x));
+                            }
+                        }
                         points.sort_by(|a, b| a.0.total_cmp(&b.0));
                         let color = self.methods.iter().position(|x| x == m);
                         (!points.is_empty()).then(|| Series {
@@ -153,11 +223,12 @@ impl<'a> ModelRows<'a> {
                             color,
                             points,
                             dashed: false,
+                            bars: bar,
                         })
                     })
                     .collect();
                 Panel {
-                    title: cat.clone(),
+                    title: format!("{cat} (n={})", self.n_of(&cat)),
                     series,
                     note: None,
                 }
@@ -172,7 +243,7 @@ impl<'a> ModelRows<'a> {
     /// when no method has a rate.
     fn by_rate_figure(&self) -> Option<(String, Figure)> {
         let by_rate: Vec<Panel> = self
-            .category_series(&|r: &ScoreRow| r.rate)
+            .category_series(&|r: &ScoreRow| r.rate, true)
             .into_iter()
             .map(|mut p| {
                 p.series.retain(|s| s.name != "full");
@@ -194,7 +265,7 @@ impl<'a> ModelRows<'a> {
                     self.bench
                 ),
                 subtitle: self.subtitle.clone(),
-                x_label: "compression rate (log2)".into(),
+                x_label: "compression rate (log2); kvpress compression_ratio = 1 - 1/rate".into(),
                 y_label: "% of full-cache score".into(),
                 x_log2: (0, 6),
                 x_unit: "x".into(),
@@ -216,7 +287,7 @@ impl<'a> ModelRows<'a> {
                 .or(r.cache_tokens)
                 .filter(|x| *x > 0.0)
         };
-        let by_cache = self.category_series(&cache_x);
+        let by_cache = self.category_series(&cache_x, false);
         if by_cache.is_empty() {
             return None;
         }
@@ -263,21 +334,41 @@ impl<'a> ModelRows<'a> {
                 tasks.extend(present.iter().copied().filter(|t| !known.contains(t)));
                 let series = tasks
                     .into_iter()
-                    .map(|t| {
-                        let mut points: Vec<(f64, f64)> = self
+                    .filter_map(|t| {
+                        let of_task: Vec<&ScoreRow> = self
                             .rows
                             .iter()
+                            .copied()
                             .filter(|r| r.method == method && r.task == t)
+                            .collect();
+                        let mut points: Vec<(f64, f64)> = of_task
+                            .iter()
                             .filter_map(|r| Some((r.rate?, r.percent_of_full?)))
+                            .collect();
+                        // A full-cache score of 0: no percentage, no line (the subtitle says).
+                        if points.is_empty() {
+                            return None;
+                        }
+                        let bars = of_task
+                            .iter()
+                            .filter_map(|r| {
+                                Some((
+                                    r.rate?,
+                                    r.percent_of_full_ci_low?,
+                                    r.percent_of_full_ci_high?,
+                                ))
+                            })
                             .collect();
                         points.sort_by(|a, b| a.0.total_cmp(&b.0));
                         anchor_at_full(&mut points);
-                        Series {
-                            name: t.to_string(),
+                        let n = of_task.iter().map(|r| r.n).max().unwrap_or(0);
+                        Some(Series {
+                            name: format!("{t} (n={n})"),
                             color: None,
                             points,
                             dashed: false,
-                        }
+                            bars,
+                        })
                     })
                     .collect();
                 Panel {
@@ -298,7 +389,7 @@ impl<'a> ModelRows<'a> {
                     "{method}: percent of full-cache score per subset vs compression rate"
                 ),
                 subtitle: self.subtitle.clone(),
-                x_label: "compression rate (log2)".into(),
+                x_label: "compression rate (log2); kvpress compression_ratio = 1 - 1/rate".into(),
                 y_label: "% of full-cache score".into(),
                 x_log2: (0, 6),
                 x_unit: "x".into(),
@@ -307,5 +398,92 @@ impl<'a> ModelRows<'a> {
                 panels,
             },
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(method: &str, rate: f64, task: &str, score: f64, full: f64) -> ScoreRow {
+        ScoreRow {
+            model: "m".into(),
+            method: method.into(),
+            budget: format!("rate{rate}"),
+            rate: Some(rate),
+            budget_tokens: None,
+            task: task.into(),
+            category: "Synthetic-RULER".into(),
+            language: "en".into(),
+            metric: "Match All".into(),
+            bucket: String::new(),
+            n: 10,
+            n_failed: 0,
+            score,
+            full_score: Some(full),
+            percent_of_full: (full != 0.0).then(|| score / full * 100.0),
+            cache_tokens: None,
+            achieved_rate: None,
+            prompt_tokens: None,
+            fuzz_backend: "difflib".into(),
+            compression_ratio: Some(1.0 - 1.0 / rate),
+            percent_of_full_ci_low: (full != 0.0).then_some(10.0),
+            percent_of_full_ci_high: (full != 0.0).then_some(70.0),
+        }
+    }
+
+    #[test]
+    fn categories_are_ratios_of_means_with_bars_and_n() {
+        // niah 100 -> 50 at 8x, vt 0 -> 20 at 8x: the category is (50 + 20) / (100 + 0) = 70 %,
+        // vt has no line of its own.
+        let rows = vec![
+            row("full", 1.0, "ruler_niah_single_1_1024", 100.0, 100.0),
+            row("full", 1.0, "ruler_vt_1024", 0.0, 0.0),
+            row("kv", 8.0, "ruler_niah_single_1_1024", 50.0, 100.0),
+            row("kv", 8.0, "ruler_vt_1024", 20.0, 0.0),
+        ];
+        let summary = vec![SummaryRow {
+            model: "m".into(),
+            method: "kv".into(),
+            budget: "rate8".into(),
+            rate: Some(8.0),
+            budget_tokens: None,
+            bucket: String::new(),
+            category: "Synthetic-RULER".into(),
+            n_tasks: 2,
+            score: 35.0,
+            percent_of_full: Some(70.0),
+            cache_tokens: None,
+            achieved_rate: None,
+            compression_ratio: Some(0.875),
+            n: 20,
+            percent_of_full_ci_low: Some(40.0),
+            percent_of_full_ci_high: Some(90.0),
+        }];
+        let figs = quality_figures(&rows, &summary, "test").unwrap();
+        let (_, by_rate) = figs
+            .iter()
+            .find(|(n, _)| n.ends_with("categories_by_rate"))
+            .unwrap();
+        let panel = &by_rate.panels[0];
+        assert_eq!(panel.title, "Synthetic-RULER (n=20)");
+        let kv = panel.series.iter().find(|s| s.name == "kv").unwrap();
+        assert_eq!(kv.points, [(1.0, 100.0), (8.0, 70.0)]);
+        assert_eq!(kv.bars, [(8.0, 40.0, 90.0)]);
+        assert!(by_rate.subtitle.contains("1 with full-cache score 0"));
+        let (_, sub) = figs
+            .iter()
+            .find(|(n, _)| n.ends_with("kv__subtasks_by_rate"))
+            .unwrap();
+        let names: Vec<&str> = sub.panels[0]
+            .series
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(names, ["ruler_niah_single_1_1024 (n=10)"]);
+        assert_eq!(sub.panels[0].series[0].bars, [(8.0, 10.0, 70.0)]);
+        // Without summary.csv the categories have no bars, and the figures are still drawn.
+        let figs = quality_figures(&rows, &[], "test").unwrap();
+        assert!(figs[0].1.panels[0].series.iter().all(|s| s.bars.is_empty()));
     }
 }

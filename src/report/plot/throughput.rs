@@ -200,6 +200,7 @@ impl<'a> BenchGrid<'a> {
                         color: Some(i),
                         points,
                         dashed: false,
+                        bars: Vec::new(),
                     });
                 }
                 let base = self.value_of("full", 1.0, len, &tps);
@@ -211,6 +212,7 @@ impl<'a> BenchGrid<'a> {
                         color: Some(7),
                         points: vec![(lo, b), (hi, b)],
                         dashed: true,
+                        bars: Vec::new(),
                     });
                     if let Some((rt, y, m)) = best {
                         note = Some(format!("best: {:.2}x full cache at {rt}x ({m})", y / b));
@@ -249,6 +251,7 @@ impl<'a> BenchGrid<'a> {
                     .filter_map(|&l| Some((l as f64, self.value(rt, l, f)?)))
                     .collect(),
                 dashed: rt <= 1.0,
+                bars: Vec::new(),
             })
             .filter(|s| !s.points.is_empty())
             .collect()
@@ -268,6 +271,7 @@ impl<'a> BenchGrid<'a> {
                     .filter_map(|&rt| Some((rt, self.value(rt, l, f)?)))
                     .collect(),
                 dashed: false,
+                bars: Vec::new(),
             })
             .collect()
     }

@@ -8,10 +8,13 @@
 //! is method `full` at rate 1.
 //!
 //! Percent of full cache (KV-Compress paper): per subset `score / full-cache score × 100`; a
-//! category averages its subsets' percentages; `all` averages every subset's percentage (the
-//! per-subset mean, as KV-cache papers report it; LongBench's README instead averages the six
-//! category scores — compute that from the category rows if wanted). Scores averaged the same way
-//! are given beside, in LongBench points.
+//! category, and `all`, is the mean of its subsets' scores over the mean of their full-cache
+//! scores × 100 ([`category_percent`]), so a subset that scores 0 with the full cache counts
+//! instead of leaving the category undefined (departs from the per-subset mean of percentages
+//! kvc used before issue 28). `score` is the plain mean of the subsets' scores, in LongBench
+//! points (LongBench's README "Avg" averages the six category scores instead — compute that from
+//! the category rows if wanted). Every row also carries `n`, both rate notations and a 95 %
+//! paired-bootstrap interval of its percentage ([`super::bootstrap`]).
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -20,10 +23,12 @@ use serde::{Deserialize, Serialize};
 use crate::data::tasks::Category;
 use crate::eval::metrics::MetricOptions;
 use crate::eval::record::RunMeta;
+use crate::eval::run::ratio_from_rate;
 use crate::eval::scoring::{
     self, BadLine, OnError, ScoreError, SubsetResult, SubsetScore, E_BUCKETS,
 };
 pub use crate::kvcache::budget::Budget;
+use crate::report::bootstrap::{pair_samples, percent_of_full_interval, Pairs, RESAMPLES, SEED};
 use crate::util::write_atomic;
 
 /// Errors of tree scoring and CSV I/O.
@@ -103,6 +108,17 @@ pub struct ScoreRow {
     pub prompt_tokens: Option<f64>,
     /// fuzzywuzzy backend used for code similarity (`difflib` / `levenshtein`).
     pub fuzz_backend: String,
+    /// `rate` in kvpress's notation, `compression_ratio` = 1 - 1/rate (the fraction of KVs
+    /// removed; 0 = full cache); empty for token-budget runs. Columns added after the first
+    /// release go last, so readers by position keep working.
+    #[serde(default)]
+    pub compression_ratio: Option<f64>,
+    /// 95 % paired-bootstrap interval of `percent_of_full` against the full cache on the same
+    /// samples ([`super::bootstrap`]); empty without a baseline or when it is undefined.
+    #[serde(default)]
+    pub percent_of_full_ci_low: Option<f64>,
+    #[serde(default)]
+    pub percent_of_full_ci_high: Option<f64>,
 }
 
 /// One row of `summary.csv`.
@@ -120,10 +136,24 @@ pub struct SummaryRow {
     pub n_tasks: usize,
     /// Mean of the subsets' scores.
     pub score: f64,
-    /// Mean of the subsets' percent of full cache (empty when any subset lacks a baseline).
+    /// Percent of full cache of the category: mean of the subsets' scores / mean of the same
+    /// subsets' full-cache scores × 100 (empty when a subset lacks a baseline or the full
+    /// cache's mean is 0).
     pub percent_of_full: Option<f64>,
     pub cache_tokens: Option<f64>,
     pub achieved_rate: Option<f64>,
+    /// See [`ScoreRow::compression_ratio`].
+    #[serde(default)]
+    pub compression_ratio: Option<f64>,
+    /// Samples scored, summed over the subsets (in this bucket).
+    #[serde(default)]
+    pub n: usize,
+    /// 95 % paired-bootstrap interval of `percent_of_full` (every subset resampled on its own,
+    /// paired with the full cache by sample id: [`super::bootstrap`]).
+    #[serde(default)]
+    pub percent_of_full_ci_low: Option<f64>,
+    #[serde(default)]
+    pub percent_of_full_ci_high: Option<f64>,
 }
 
 /// Scored runs of a tree.
@@ -294,6 +324,12 @@ fn rows_of(run: &RunId, subsets: &[SubsetResult], opts: &MetricOptions) -> Vec<S
             achieved_rate: s.mean_achieved_rate,
             prompt_tokens: s.mean_prompt_tokens,
             fuzz_backend: opts.fuzz.name().to_string(),
+            compression_ratio: match run.budget {
+                Budget::Rate(r) => Some(ratio_from_rate(r)),
+                Budget::Tokens(_) => None,
+            },
+            percent_of_full_ci_low: None,
+            percent_of_full_ci_high: None,
         };
         match s.score {
             SubsetScore::Plain(x) => rows.push(ScoreRow { score: x, ..base }),
@@ -345,6 +381,24 @@ pub fn fill_percent_of_full(rows: &mut [ScoreRow]) -> Vec<String> {
     missing
 }
 
+/// Percent of full cache of a group of subsets (a category or `all`): the mean of their scores
+/// over the mean of their full-cache scores, × 100. `None` when a subset has no baseline, a
+/// score is not finite (an empty LongBench-E bucket) or the full cache's mean is 0; a subset
+/// whose own full-cache score is 0 still counts (its percentage alone would be undefined).
+pub fn category_percent(rows: &[&ScoreRow]) -> Option<f64> {
+    let mut m = 0.0;
+    let mut f = 0.0;
+    for r in rows {
+        let full = r.full_score?;
+        if !(full.is_finite() && r.score.is_finite()) {
+            return None;
+        }
+        m += r.score;
+        f += full;
+    }
+    (!rows.is_empty() && f != 0.0).then(|| m / f * 100.0)
+}
+
 /// Per run × bucket: one row per category present, then `all`.
 pub fn summarize(rows: &[ScoreRow]) -> Vec<SummaryRow> {
     type Key = (String, String, String, String);
@@ -382,7 +436,6 @@ pub fn summarize(rows: &[ScoreRow]) -> Vec<SummaryRow> {
             if rs.is_empty() {
                 continue;
             }
-            let pct: Vec<f64> = rs.iter().filter_map(|r| r.percent_of_full).collect();
             let opt_mean = |f: fn(&ScoreRow) -> Option<f64>| {
                 let v: Vec<f64> = rs.iter().filter_map(|r| f(r)).collect();
                 mean(&v)
@@ -397,13 +450,13 @@ pub fn summarize(rows: &[ScoreRow]) -> Vec<SummaryRow> {
                 category: cat,
                 n_tasks: rs.len(),
                 score: mean(&rs.iter().map(|r| r.score).collect::<Vec<_>>()).unwrap_or(f64::NAN),
-                percent_of_full: if pct.len() == rs.len() {
-                    mean(&pct)
-                } else {
-                    None
-                },
+                percent_of_full: category_percent(&rs),
                 cache_tokens: opt_mean(|r| r.cache_tokens),
                 achieved_rate: opt_mean(|r| r.achieved_rate),
+                compression_ratio: first.compression_ratio,
+                n: rs.iter().map(|r| r.n).sum(),
+                percent_of_full_ci_low: None,
+                percent_of_full_ci_high: None,
             });
         }
     }
@@ -483,11 +536,93 @@ fn score_one(
 }
 
 impl TreeScores {
-    /// Percent of full cache and the summary, once every run is in.
+    /// Percent of full cache, the summary and their intervals, once every run is in.
     fn finish(&mut self) {
         self.missing_full = fill_percent_of_full(&mut self.rows);
         self.summary = summarize(&self.rows);
+        self.fill_intervals();
     }
+
+    /// The paired-bootstrap interval of every score row (its subset against the model's full
+    /// cache on the same samples) and every summary row (its subsets as strata).
+    fn fill_intervals(&mut self) {
+        use rayon::prelude::*;
+        let mut results: BTreeMap<(&str, &str, String, &str), &SubsetResult> = BTreeMap::new();
+        for (run, subsets) in &self.runs {
+            for s in subsets {
+                results.insert(
+                    (&run.model, &run.method, run.budget.label(), s.task.name),
+                    s,
+                );
+            }
+        }
+        let pairs: Vec<Option<Pairs>> = self
+            .rows
+            .iter()
+            .map(|r| {
+                let m = *results.get(&(
+                    r.model.as_str(),
+                    r.method.as_str(),
+                    r.budget.clone(),
+                    r.task.as_str(),
+                ))?;
+                let f = *results.get(&(
+                    r.model.as_str(),
+                    "full",
+                    Budget::Rate(1.0).label(),
+                    r.task.as_str(),
+                ))?;
+                let p = pair_samples(&bucket_samples(m, &r.bucket), &bucket_samples(f, &r.bucket));
+                (!p.is_empty()).then_some(p)
+            })
+            .collect();
+        let row_strata: Vec<Option<Vec<Pairs>>> =
+            pairs.iter().map(|p| p.clone().map(|p| vec![p])).collect();
+        let summary_strata: Vec<Option<Vec<Pairs>>> = self
+            .summary
+            .iter()
+            .map(|s| {
+                self.rows
+                    .iter()
+                    .zip(&pairs)
+                    .filter(|(r, _)| {
+                        r.model == s.model
+                            && r.method == s.method
+                            && r.budget == s.budget
+                            && r.bucket == s.bucket
+                            && (s.category == "all" || r.category == s.category)
+                    })
+                    .map(|(_, p)| p.clone())
+                    .collect()
+            })
+            .collect();
+        let interval = |strata: &Option<Vec<Pairs>>| {
+            strata
+                .as_ref()
+                .and_then(|st| percent_of_full_interval(st, RESAMPLES, SEED))
+        };
+        let row_ci: Vec<_> = row_strata.par_iter().map(interval).collect();
+        let summary_ci: Vec<_> = summary_strata.par_iter().map(interval).collect();
+        for (r, ci) in self.rows.iter_mut().zip(row_ci) {
+            r.percent_of_full_ci_low = ci.map(|c| c.0);
+            r.percent_of_full_ci_high = ci.map(|c| c.1);
+        }
+        for (r, ci) in self.summary.iter_mut().zip(summary_ci) {
+            r.percent_of_full_ci_low = ci.map(|c| c.0);
+            r.percent_of_full_ci_high = ci.map(|c| c.1);
+        }
+    }
+}
+
+/// The (id, score) of a subset's samples in one LongBench-E bucket (`""`: a plain subset).
+fn bucket_samples<'a>(s: &'a SubsetResult, bucket: &str) -> Vec<(Option<&'a str>, f64)> {
+    let want = E_BUCKETS.iter().position(|b| *b == bucket);
+    s.per_sample
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| s.sample_buckets.get(*i).copied().flatten() == want)
+        .map(|(i, x)| (s.ids.get(i).and_then(|id| id.as_deref()), *x))
+        .collect()
 }
 
 /// Serialise rows to CSV text (header + rows; `None` → empty cell, NaN → `NaN`).
@@ -534,115 +669,4 @@ pub fn read_csv<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, Rep
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn score_runs_lists_runs_in_table_order_whatever_order_it_is_given() {
-        // kvc eval on a GPU finishes `full` last (it joins the first method's group).
-        let tmp = tempfile::tempdir().unwrap();
-        let row = r#"{"pred":"a b","answers":["a b c"],"all_classes":null,"length":10,"_id":"x"}"#;
-        let dirs: Vec<PathBuf> = ["m/kvcompress/rate8", "m/full/rate1", "m/kvcompress/rate2"]
-            .iter()
-            .map(|r| {
-                let d = tmp.path().join(r);
-                std::fs::create_dir_all(d.join("preds")).unwrap();
-                std::fs::write(d.join("preds/multi_news.jsonl"), format!("{row}\n")).unwrap();
-                d
-            })
-            .collect();
-        let t = score_runs(
-            tmp.path(),
-            &dirs,
-            false,
-            OnError::Stop,
-            &MetricOptions::default(),
-        );
-        let order: Vec<(String, String)> = t
-            .rows
-            .iter()
-            .map(|r| (r.method.clone(), r.budget.clone()))
-            .collect();
-        assert_eq!(
-            order,
-            [
-                ("full", "rate1"),
-                ("kvcompress", "rate2"),
-                ("kvcompress", "rate8")
-            ]
-            .map(|(m, b)| (m.to_string(), b.to_string()))
-        );
-    }
-
-    #[test]
-    fn budget_dirs() {
-        assert_eq!(Budget::parse_dir("rate8"), Some(Budget::Rate(8.0)));
-        assert_eq!(Budget::parse_dir("tokens512"), Some(Budget::Tokens(512)));
-        assert_eq!(Budget::parse_dir("rate0.5"), None);
-        assert_eq!(Budget::parse_dir("r8"), None);
-        assert_eq!(Budget::Rate(8.0).label(), "rate8");
-        assert_eq!(Budget::Rate(1.5).label(), "rate1.5");
-    }
-}
-
-#[cfg(test)]
-mod summary_tests {
-    use super::*;
-
-    fn row(method: &str, rate: f64, task: &str, category: &str, score: f64) -> ScoreRow {
-        ScoreRow {
-            model: "m".into(),
-            method: method.into(),
-            budget: Budget::Rate(rate).label(),
-            rate: Some(rate),
-            budget_tokens: None,
-            task: task.into(),
-            category: category.into(),
-            language: "en".into(),
-            metric: "F1".into(),
-            bucket: String::new(),
-            n: 10,
-            n_failed: 0,
-            score,
-            full_score: None,
-            percent_of_full: None,
-            cache_tokens: None,
-            achieved_rate: None,
-            prompt_tokens: None,
-            fuzz_backend: "difflib".into(),
-        }
-    }
-
-    #[test]
-    fn percent_of_full_and_category_means() {
-        let mut rows = vec![
-            row("full", 1.0, "hotpotqa", "Multi-Doc QA", 40.0),
-            row("full", 1.0, "musique", "Multi-Doc QA", 20.0),
-            row("full", 1.0, "trec", "Few-shot Learning", 0.0),
-            row("kv", 8.0, "hotpotqa", "Multi-Doc QA", 30.0),
-            row("kv", 8.0, "musique", "Multi-Doc QA", 20.0),
-            row("kv", 8.0, "trec", "Few-shot Learning", 5.0),
-            row("kv", 8.0, "lcc", "Code", 5.0),
-        ];
-        let missing = fill_percent_of_full(&mut rows);
-        assert_eq!(missing, ["m/lcc"]);
-        assert_eq!(rows[3].percent_of_full, Some(75.0));
-        assert_eq!(rows[4].percent_of_full, Some(100.0));
-        // A zero full-cache score gives no percentage (division by zero), not inf.
-        assert_eq!(rows[5].percent_of_full, None);
-        let s = summarize(&rows);
-        let get = |m: &str, c: &str| {
-            s.iter()
-                .find(|r| r.method == m && r.category == c)
-                .unwrap()
-                .clone()
-        };
-        assert_eq!(get("kv", "Multi-Doc QA").percent_of_full, Some(87.5));
-        assert_eq!(get("kv", "Multi-Doc QA").score, 25.0);
-        assert_eq!(get("kv", "Multi-Doc QA").n_tasks, 2);
-        // `all` has subsets without a percentage: left empty rather than averaged over fewer.
-        assert_eq!(get("kv", "all").percent_of_full, None);
-        assert_eq!(get("kv", "all").n_tasks, 4);
-        assert_eq!(get("full", "all").percent_of_full, None); // trec full = 0
-    }
-}
+mod tests;
