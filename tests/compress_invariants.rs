@@ -460,8 +460,9 @@ fn compression_holds_budgets_and_keeps_the_pool_consistent() {
             let mut cache = new_cache();
             let protected = match base {
                 "kvcompress" => opts.protected_window,
-                "streamingllm" => 1, // the newest token is always the most recent
-                "h2o" => 6,          // recent half of the budget
+                "streamingllm" | "tova" => 1, // the newest token is always kept
+                "random" => 0,                // nothing is protected
+                "h2o" => 6,                   // recent half of the budget
                 _ => opts.snap_window,
             };
             let mut hooks = Checked {
@@ -471,7 +472,7 @@ fn compression_holds_budgets_and_keeps_the_pool_consistent() {
                 budget,
                 kvcompress: base == "kvcompress",
                 protected,
-                uniform: matches!(base, "snapkv" | "streamingllm" | "h2o"),
+                uniform: matches!(base, "snapkv" | "streamingllm" | "h2o" | "tova" | "random"),
                 continual: policy.continual(),
                 steps: 0,
             };

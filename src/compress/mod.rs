@@ -10,7 +10,8 @@
 //! Every method but `full` runs on the paged cache ([`crate::kvcache::paged::PagedCache`]) as a
 //! [`policy::Policy`] driven by [`policy::CompressHooks`] (that module states the order of a
 //! compression step). Method files: [`kvcompress`], [`snapkv`], [`pyramidkv`],
-//! [`streamingllm`], [`h2o`], [`ada_snapkv`], and the [`kvcrush`] modifier (`<method>+kvcrush`).
+//! [`streamingllm`], [`h2o`], [`ada_snapkv`], [`tova`], [`random`], and the [`kvcrush`] modifier
+//! (`<method>+kvcrush`).
 //!
 //! Budgets: a rate `r` becomes `M` cache tokens per (layer, kv-head) by KV-Compress's formula
 //! with the 128-token floor ([`crate::kvcache::budget::tokens_for_rate`]) for every method, so
@@ -32,9 +33,11 @@ pub mod kvcompress;
 pub mod kvcrush;
 pub mod policy;
 pub mod pyramidkv;
+pub mod random;
 pub mod scorer;
 pub mod snapkv;
 pub mod streamingllm;
+pub mod tova;
 
 mod full_runner;
 mod options;
@@ -57,6 +60,8 @@ pub const METHODS: &[&str] = &[
     "streamingllm",
     "h2o",
     "ada-snapkv",
+    "tova",
+    "random",
     "kvcompress+kvcrush",
     "snapkv+kvcrush",
     "pyramidkv+kvcrush",
@@ -302,6 +307,8 @@ pub fn build_policy(
             recent_ratio: opts.h2o_recent_ratio,
             queries: opts.h2o_queries,
         }),
+        "tova" => Box::new(tova::Tova),
+        "random" => Box::new(random::RandomEviction),
         other => anyhow::bail!("method `{other}` is not implemented"),
     };
     if spec.kvcrush() {
