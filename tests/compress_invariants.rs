@@ -461,7 +461,7 @@ fn compression_holds_budgets_and_keeps_the_pool_consistent() {
             let protected = match base {
                 "kvcompress" => opts.protected_window,
                 "streamingllm" | "tova" => 1, // the newest token is always kept
-                "random" => 0,                // nothing is protected
+                "random" | "knorm" | "keydiff" => 0, // nothing is protected
                 "h2o" => 6,                   // recent half of the budget
                 _ => opts.snap_window,
             };
@@ -472,7 +472,10 @@ fn compression_holds_budgets_and_keeps_the_pool_consistent() {
                 budget,
                 kvcompress: base == "kvcompress",
                 protected,
-                uniform: matches!(base, "snapkv" | "streamingllm" | "h2o" | "tova" | "random"),
+                uniform: matches!(
+                    base,
+                    "snapkv" | "streamingllm" | "h2o" | "tova" | "random" | "knorm" | "keydiff"
+                ),
                 continual: policy.continual(),
                 steps: 0,
             };

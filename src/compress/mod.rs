@@ -10,8 +10,8 @@
 //! Every method but `full` runs on the paged cache ([`crate::kvcache::paged::PagedCache`]) as a
 //! [`policy::Policy`] driven by [`policy::CompressHooks`] (that module states the order of a
 //! compression step). Method files: [`kvcompress`], [`snapkv`], [`pyramidkv`],
-//! [`streamingllm`], [`h2o`], [`ada_snapkv`], [`tova`], [`random`], and the [`kvcrush`] modifier
-//! (`<method>+kvcrush`).
+//! [`streamingllm`], [`h2o`], [`ada_snapkv`], [`tova`], [`random`], [`knorm`] (Knorm and
+//! KeyDiff), and the [`kvcrush`] modifier (`<method>+kvcrush`).
 //!
 //! Budgets: a rate `r` becomes `M` cache tokens per (layer, kv-head) by KV-Compress's formula
 //! with the 128-token floor ([`crate::kvcache::budget::tokens_for_rate`]) for every method, so
@@ -29,6 +29,7 @@ use crate::model::{Config, Llama};
 
 pub mod ada_snapkv;
 pub mod h2o;
+pub mod knorm;
 pub mod kvcompress;
 pub mod kvcrush;
 pub mod policy;
@@ -62,6 +63,8 @@ pub const METHODS: &[&str] = &[
     "ada-snapkv",
     "tova",
     "random",
+    "knorm",
+    "keydiff",
     "kvcompress+kvcrush",
     "snapkv+kvcrush",
     "pyramidkv+kvcrush",
@@ -309,6 +312,12 @@ pub fn build_policy(
         }),
         "tova" => Box::new(tova::Tova),
         "random" => Box::new(random::RandomEviction),
+        "knorm" => Box::new(knorm::KeyScored {
+            score: knorm::KeyScore::Knorm,
+        }),
+        "keydiff" => Box::new(knorm::KeyScored {
+            score: knorm::KeyScore::KeyDiff,
+        }),
         other => anyhow::bail!("method `{other}` is not implemented"),
     };
     if spec.kvcrush() {

@@ -132,6 +132,15 @@ pub trait Policy: Send + Sync {
     fn device_prefill(&self, budget: usize, block_size: usize) -> Option<DeviceStepSpec> {
         self.device_step(budget, block_size)
     }
+    /// Whether the prompt's keys score it ([`Policy::key_scores`]) instead of attention.
+    fn scores_keys(&self) -> bool {
+        false
+    }
+    /// Per-slot scores of one kv-head from its keys `[len, d]` (slot order), for a method that
+    /// [`Policy::scores_keys`]: added to the metric after prefill, before the compression.
+    fn key_scores(&self, _keys: &Tensor) -> Result<Vec<f32>> {
+        candle_core::bail!("this method scores attention, not keys")
+    }
 }
 
 /// How a policy's continual compression runs on the device ([`Policy::device_step`]).
@@ -313,6 +322,17 @@ impl<'a> CompressHooks<'a> {
             .transpose()
     }
 
+    /// Adds the policy's key scores of every (layer, kv-head) of `seq` to its metric.
+    fn score_keys(&mut self, cache: &mut PagedCache, seq: SeqId) -> Result<()> {
+        for l in 0..cache.spec().layers {
+            for (h, k) in cache.head_keys(l, seq)?.iter().enumerate() {
+                let s = self.policy.key_scores(k)?;
+                cache.add_metric(l, seq, h, &s)?;
+            }
+        }
+        Ok(())
+    }
+
     fn flush(&mut self, cache: &mut PagedCache, seq: SeqId) -> Result<()> {
         for (l, p) in self.pending.iter_mut().enumerate() {
             if let Some(heads) = p.take() {
@@ -418,6 +438,9 @@ impl Hooks for CompressHooks<'_> {
         self.flush(cache, seq)?;
         let prompt = cache.seq_len(seq);
         self.budget = (self.budget_of)(prompt).map(|b| b.max(self.policy.min_budget()));
+        if self.policy.scores_keys() {
+            self.score_keys(cache, seq)?;
+        }
         // KV-Compress on a GPU evicts on the device from here on, this first compression
         // included (the same selection as its host plan, without snapshotting every head;
         // KVCrush's block form adds its picks to it, `Policy::device_prefill`). On demand

@@ -102,6 +102,19 @@ impl PagedCache {
         Ok((kk, vv, key_pos, max))
     }
 
+    /// The keys of every kv-head of (layer, seq) in logical slot order: one `[len, d]` tensor
+    /// per kv-head, on the cache's device (for methods that score keys, not attention).
+    pub fn head_keys(&self, layer: usize, seq: SeqId) -> Result<Vec<Tensor>> {
+        let (kk, _, _, _) = self.gather_heads(layer, seq)?;
+        let kk = kk.squeeze(0)?;
+        (0..self.spec.kv_heads)
+            .map(|h| {
+                let len = self.pool.len(layer, seq, h).map_err(be)?;
+                kk.get(h)?.narrow(0, 0, len)
+            })
+            .collect()
+    }
+
     /// Key positions `[kv_heads, t]` u32, `0..t` in every row (a fresh sequence's first
     /// chunk), made once per chunk length and reused by every layer.
     fn chunk_positions(&mut self, kv_heads: usize, t: usize) -> Result<Tensor> {
