@@ -11,7 +11,8 @@
 //! [`policy::Policy`] driven by [`policy::CompressHooks`] (that module states the order of a
 //! compression step). Method files: [`kvcompress`], [`snapkv`], [`pyramidkv`],
 //! [`streamingllm`], [`h2o`], [`ada_snapkv`], [`tova`], [`random`], [`knorm`] (Knorm and
-//! KeyDiff), and the [`kvcrush`] modifier (`<method>+kvcrush`).
+//! KeyDiff), and the modifiers [`kvcrush`] (`<method>+kvcrush`) and [`chunkkv`]
+//! (`<method>+chunkkv`).
 //!
 //! Budgets: a rate `r` becomes `M` cache tokens per (layer, kv-head) by KV-Compress's formula
 //! with the 128-token floor ([`crate::kvcache::budget::tokens_for_rate`]) for every method, so
@@ -28,6 +29,7 @@ use crate::engine::{GenParams, Generation};
 use crate::model::{Config, Llama};
 
 pub mod ada_snapkv;
+pub mod chunkkv;
 pub mod h2o;
 pub mod knorm;
 pub mod kvcompress;
@@ -65,6 +67,11 @@ pub const METHODS: &[&str] = &[
     "random",
     "knorm",
     "keydiff",
+    "snapkv+chunkkv",
+    "tova+chunkkv",
+    "knorm+chunkkv",
+    "keydiff+chunkkv",
+    "random+chunkkv",
     "kvcompress+kvcrush",
     "snapkv+kvcrush",
     "pyramidkv+kvcrush",
@@ -98,6 +105,20 @@ impl MethodSpec {
                 KVCRUSH_BASES.join(", ")
             );
         }
+        if s == "chunkkv" {
+            anyhow::bail!(
+                "`chunkkv` is a modifier, not a method: use `<method>+chunkkv` with one of {}",
+                chunkkv::CHUNKKV_BASES.join(", ")
+            );
+        }
+        if let Some(base) = s.strip_suffix("+chunkkv") {
+            if METHODS.contains(&base) {
+                anyhow::bail!(
+                    "`{s}`: chunkkv only modifies a method that scores every prompt token once ({}); `{base}` is not one",
+                    chunkkv::CHUNKKV_BASES.join(", ")
+                );
+            }
+        }
         if let Some(base) = s.strip_suffix("+kvcrush") {
             if METHODS.contains(&base) {
                 anyhow::bail!(
@@ -117,9 +138,17 @@ impl MethodSpec {
         self.name == "full"
     }
 
-    /// The importance method (`snapkv` for `snapkv+kvcrush`).
+    /// The importance method (`snapkv` for `snapkv+kvcrush` and `snapkv+chunkkv`).
     pub fn base(&self) -> &str {
-        self.name.strip_suffix("+kvcrush").unwrap_or(&self.name)
+        let n = self.name.as_str();
+        n.strip_suffix("+kvcrush")
+            .or_else(|| n.strip_suffix("+chunkkv"))
+            .unwrap_or(n)
+    }
+
+    /// Whether the ChunkKV modifier is on.
+    pub fn chunkkv(&self) -> bool {
+        self.name.ends_with("+chunkkv")
     }
 
     /// Whether the KVCrush modifier is on.
@@ -322,6 +351,12 @@ pub fn build_policy(
     };
     if spec.kvcrush() {
         return Ok(kvcrush::wrap(base, spec.base(), opts)?);
+    }
+    if spec.chunkkv() {
+        return Ok(Box::new(chunkkv::ChunkKv {
+            base,
+            chunk: chunkkv::CHUNK,
+        }));
     }
     Ok(base)
 }

@@ -113,7 +113,8 @@ pub struct DataArgs {
 pub struct SweepArgs {
     /// Compression methods, comma-separated (the full-cache baseline is always run): full,
     /// kvcompress, snapkv, pyramidkv, ada-snapkv, h2o, streamingllm, tova, random, knorm,
-    /// keydiff, and <method>+kvcrush (README, Methods, says what each does).
+    /// keydiff, <method>+kvcrush and <method>+chunkkv (README, Methods, says what each
+    /// does).
     #[arg(long, value_delimiter = ',', default_value = "kvcompress")]
     pub methods: Vec<String>,
     /// Compression rates: prompt KVs / kept KVs, >= 1 (1 = the full cache, 8 = keep one KV in
