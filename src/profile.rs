@@ -6,7 +6,7 @@
 //! synchronises the device and charges the time since the previous mark to its phase, so a
 //! phase's total is its host work plus its own device work. The synchronisations slow the run
 //! (the device idles while the host launches), so totals say where the time goes, not what an
-//! unprofiled run takes. `kvc eval` prints the table to stderr at the end.
+//! unprofiled run takes. `kvc eval` and `kvc bench-model` print the table to stderr at the end.
 use candle_core::Device;
 use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};

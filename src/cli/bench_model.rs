@@ -127,6 +127,10 @@ pub fn run(args: BenchModelArgs) -> anyhow::Result<Status> {
         rows.push(measure(&args, &mut lm, n, kind, (&device, &dtype))?);
     }
     print_rows(&args, &lm.name, (&device, &dtype, kind), &rows)?;
+    if crate::profile::enabled() {
+        // Every phase of the warm-up and of all measurements, summed (KVC_PROFILE=1).
+        eprint!("{}", crate::profile::report());
+    }
     if let Some(path) = &args.csv {
         let mut w = csv::Writer::from_writer(Vec::new());
         for r in &rows {
