@@ -107,23 +107,6 @@ impl SweepConfig {
     }
 }
 
-/// The paged cache shape of `cfg` at `dtype` on `device`.
-pub fn paged_spec(
-    cfg: &Config,
-    block_size: usize,
-    dtype: candle_core::DType,
-    device: &Device,
-) -> PagedSpec {
-    PagedSpec {
-        layers: cfg.num_hidden_layers,
-        kv_heads: cfg.num_key_value_heads,
-        head_dim: cfg.head_dim,
-        block_size,
-        dtype,
-        device: device.clone(),
-    }
-}
-
 /// Check the sweep against the model and the budget: rates >= 1, lengths within the context,
 /// a pool that holds at least one sequence of every configuration. Returns the pool's blocks.
 pub fn validate(

@@ -296,15 +296,7 @@ impl<'a, 'h> Sched<'a, 'h> {
         cfg: &'a SchedConfig,
         budget_of: &'h BudgetFn<'h>,
     ) -> Result<Self> {
-        let mc = model.cfg.clone();
-        let spec = PagedSpec {
-            layers: mc.num_hidden_layers,
-            kv_heads: mc.num_key_value_heads,
-            head_dim: mc.head_dim,
-            block_size: cfg.block_size,
-            dtype: model.dtype,
-            device: model.device.clone(),
-        };
+        let spec = engine::paged_spec(model, cfg.block_size);
         let heads = spec.layers * spec.kv_heads;
         let mut cache = PagedCache::new(spec.clone(), cfg.num_blocks)?;
         cache.set_device_compression(cfg.compress_on_device);
@@ -411,38 +403,33 @@ impl<'a, 'h> Sched<'a, 'h> {
         if over.is_empty() {
             return Ok(false);
         }
-        let over_n = over.len();
         let tc = Instant::now();
         // Sequences whose metric lives on the device (KV-Compress on a GPU) are evicted in one
         // batch on the device; the others are planned on the host one by one.
-        let mut on_device = Vec::new();
+        let (mut device, mut host) = (Vec::new(), Vec::new());
         for &i in &over {
             let r = &self.running[i];
             let h = r.hooks.as_ref().expect("filtered");
-            if let Some(req) = h.device_request(&self.cache, r.seq)? {
-                on_device.push((i, req));
+            match h.device_request(&self.cache, r.seq)? {
+                Some(req) => device.push((i, req)),
+                None => host.push(i),
             }
         }
-        let reqs: Vec<_> = on_device.iter().map(|(_, r)| *r).collect();
-        let stats = if reqs.is_empty() {
-            Vec::new()
-        } else {
-            self.cache.evict_on_device(&reqs)?
-        };
-        for ((i, _), st) in on_device.iter().zip(stats) {
-            let h = self.running[*i].hooks.as_mut().expect("filtered");
-            h.device_evicted(st);
-            self.st.evicted_slots += st.evicted as u64;
-        }
-        for i in over {
-            if on_device.iter().any(|(j, _)| *j == i) {
-                continue;
+        if !device.is_empty() {
+            let reqs: Vec<_> = device.iter().map(|&(_, r)| r).collect();
+            let stats = self.cache.evict_on_device(&reqs)?;
+            for ((i, _), st) in device.into_iter().zip(stats) {
+                let h = self.running[i].hooks.as_mut().expect("filtered");
+                h.device_evicted(st);
+                self.st.evicted_slots += st.evicted as u64;
             }
+        }
+        for i in host {
             let r = &mut self.running[i];
             let h = r.hooks.as_mut().expect("filtered");
             self.st.evicted_slots += h.compress_now(&mut self.cache, r.seq)? as u64;
         }
-        self.st.compressed_seqs += over_n;
+        self.st.compressed_seqs += over.len();
         self.st.compress_ms += tc.elapsed().as_secs_f64() * 1e3;
         self.st.compress_rounds += 1;
         self.check_pool()?;

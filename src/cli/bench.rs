@@ -261,7 +261,7 @@ fn setup(args: &BenchArgs, lm: &LoadedModel) -> anyhow::Result<Bench> {
         ..Default::default()
     };
     let policy = compress::build_policy(&MethodSpec::parse("kvcompress")?, &cfg, &opts)?;
-    let spec = bench::paged_spec(&cfg, args.block_size, dtype, &device);
+    let spec = crate::engine::paged_spec(&lm.model, args.block_size);
     let blocks = bench::validate(&sw, &cfg, &spec, policy.min_budget())?;
     let per_block = spec.layout().bytes_per_block();
     let dir = args.out.join("bench").join(&lm.name);

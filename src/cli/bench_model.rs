@@ -79,13 +79,6 @@ fn synthetic_prompt(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-fn cache_name(kind: FullCache) -> &'static str {
-    match kind {
-        FullCache::Contiguous => "contiguous",
-        FullCache::Paged => "paged",
-    }
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -124,9 +117,15 @@ pub fn run(args: BenchModelArgs) -> anyhow::Result<Status> {
     )?;
     let mut rows = Vec::new();
     for &n in &args.prompt_lens {
-        rows.push(measure(&args, &mut lm, n, kind, (&device, &dtype))?);
+        rows.push(measure(
+            &args,
+            &mut lm,
+            n,
+            kind,
+            (&device, &dtype, cache.name()),
+        )?);
     }
-    print_rows(&args, &lm.name, (&device, &dtype, kind), &rows)?;
+    print_rows(&args, &lm.name, (&device, &dtype, cache.name()), &rows)?;
     if crate::profile::enabled() {
         // Every phase of the warm-up and of all measurements, summed (KVC_PROFILE=1).
         eprint!("{}", crate::profile::report());
@@ -160,7 +159,7 @@ fn measure(
     lm: &mut LoadedModel,
     n: usize,
     kind: FullCache,
-    (device, dtype): (&str, &str),
+    (device, dtype, cache_name): (&str, &str, &str),
 ) -> anyhow::Result<Row> {
     let cfg = lm.config().clone();
     let (mut pre, mut dec) = (Vec::new(), Vec::new());
@@ -183,7 +182,7 @@ fn measure(
         model: lm.name.clone(),
         device: device.to_string(),
         dtype: dtype.to_string(),
-        cache: cache_name(kind).to_string(),
+        cache: cache_name.to_string(),
         prompt_tokens: n,
         decode_tokens: args.decode_tokens,
         prefill_ms: p,
@@ -199,7 +198,7 @@ fn measure(
 fn print_rows(
     args: &BenchModelArgs,
     model: &str,
-    (device, dtype, kind): (&str, &str, FullCache),
+    (device, dtype, cache): (&str, &str, &str),
     rows: &[Row],
 ) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
@@ -210,8 +209,7 @@ fn print_rows(
     } else {
         writeln!(
             out,
-            "{model} on {device} ({dtype}, {} cache), median of {} runs",
-            cache_name(kind),
+            "{model} on {device} ({dtype}, {cache} cache), median of {} runs",
             args.repeats
         )?;
         writeln!(

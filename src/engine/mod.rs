@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 use crate::kvcache::blocks::EvictionPlan;
+use crate::kvcache::paged::PagedSpec;
 use crate::kvcache::{CacheBackend, DeviceEvict, EvictStats, Probe, SeqId};
 use crate::model::Llama;
 
@@ -28,22 +29,28 @@ pub enum FullCache {
     Paged,
 }
 
+/// The paged cache shape of `model` (its layers, kv-heads, head dim, dtype and device) with
+/// `block_size` tokens per block.
+pub fn paged_spec(model: &Llama, block_size: usize) -> PagedSpec {
+    let cfg = &model.cfg;
+    PagedSpec {
+        layers: cfg.num_hidden_layers,
+        kv_heads: cfg.num_key_value_heads,
+        head_dim: cfg.head_dim,
+        block_size,
+        dtype: model.dtype,
+        device: model.device.clone(),
+    }
+}
+
 /// An empty cache of kind `kind` for `model`, holding at least `tokens` tokens of one sequence
 /// (a paged cache is allocated whole up front; a contiguous one grows).
 pub fn full_cache(model: &Llama, kind: FullCache, tokens: usize) -> Result<Box<dyn CacheBackend>> {
     use crate::kvcache::{contiguous::ContiguousCache, paged};
-    let cfg = &model.cfg;
     Ok(match kind {
-        FullCache::Contiguous => Box::new(ContiguousCache::new(cfg.num_hidden_layers)),
+        FullCache::Contiguous => Box::new(ContiguousCache::new(model.cfg.num_hidden_layers)),
         FullCache::Paged => {
-            let spec = paged::PagedSpec {
-                layers: cfg.num_hidden_layers,
-                kv_heads: cfg.num_key_value_heads,
-                head_dim: cfg.head_dim,
-                block_size: paged::DEFAULT_BLOCK_SIZE,
-                dtype: model.dtype,
-                device: model.device.clone(),
-            };
+            let spec = paged_spec(model, paged::DEFAULT_BLOCK_SIZE);
             let blocks = spec.blocks_for_tokens(tokens);
             Box::new(paged::PagedCache::new(spec, blocks)?)
         }
