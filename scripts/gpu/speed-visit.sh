@@ -12,23 +12,9 @@
 set -uo pipefail
 stage=$1
 kvc=$stage/kvc
-out=${OUT:-gpu-out}
 ck=/tmp/ckpt
-mkdir -p "$out" "$ck" /tmp/visit
-export PYTHONPATH=/tmp/pylib${PYTHONPATH:+:$PYTHONPATH}
-[[ -d /tmp/pylib/tiktoken ]] || python3 -m pip install --no-deps -q --target /tmp/pylib "$stage"/whl/*.whl
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt"
-step() {  # NAME CMD...: run once per machine, log, rc and seconds
-  local name=$1; shift
-  [[ -f /tmp/visit/$name ]] && return 0
-  echo "== $name" >&2
-  local t0=$SECONDS
-  "$@" > "$out/$name.txt" 2>&1
-  local rc=$?
-  echo "rc=$rc wall_s=$((SECONDS - t0))" | tee -a "$out/$name.txt" >&2
-  [[ $rc == 0 ]] && touch "/tmp/visit/$name"
-  return $rc
-}
+mkdir -p "$ck"
+source scripts/gpu/visit-lib.sh
 L=$ck/llama-3.1-8b
 bm() {  # CACHE CHUNK: kvc bench-model at 4k and 32k
   "$kvc" bench-model -m "$L" --device cuda:0 --cache "$1" --prompt-lens 4000,32000 \

@@ -7,23 +7,9 @@
 # STAGE: kvc, kvc-old (CUDA builds), llama3/tokenizer.model, whl/, longbench/ (the 3 subsets).
 set -uo pipefail
 stage=$1 gguf=$2
-out=${OUT:-gpu-out}
 ck=/tmp/ckpt
-mkdir -p "$out" "$ck" /tmp/visit
-export PYTHONPATH=/tmp/pylib${PYTHONPATH:+:$PYTHONPATH}
-[[ -d /tmp/pylib/tiktoken ]] || python3 -m pip install --no-deps -q --target /tmp/pylib "$stage"/whl/*.whl
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt"
-step() {  # NAME CMD...: run once per machine, log, rc and seconds
-  local name=$1; shift
-  [[ -f /tmp/visit/$name ]] && return 0
-  echo "== $name" >&2
-  local t0=$SECONDS
-  "$@" > "$out/$name.txt" 2>&1
-  local rc=$?
-  echo "rc=$rc wall_s=$((SECONDS - t0))" | tee -a "$out/$name.txt" >&2
-  [[ $rc == 0 ]] && touch "/tmp/visit/$name"
-  return $rc
-}
+mkdir -p "$ck"
+source scripts/gpu/visit-lib.sh
 sweep() {  # BINARY OUTDIR EXTRA...: the 3 subsets x 200 rows, full + kvcompress 2-64
   local bin=$1 o=$2; shift 2
   "$bin" eval --model "$gguf" --data-dir "$stage/longbench" \
@@ -49,8 +35,8 @@ for fa in sorted(a.glob("*/*/*/preds/*.jsonl")):
 print(f"TOTAL identical {same} of {same + diff}")
 PY
 cp /tmp/sweep-old/scores.csv "$out/scores-old.csv" 2>/dev/null; cp /tmp/sweep-new/scores.csv "$out/scores-new.csv" 2>/dev/null
-[[ -f /tmp/visit/ckpt-llama ]] || { python3 scripts/gpu/make_checkpoint.py llama-3.1-8b "$L" \
-  --tokenizer-model "$stage/llama3/tokenizer.model" > "$out/ckpt.txt" 2>&1 && touch /tmp/visit/ckpt-llama; }
+step ckpt-llama python3 scripts/gpu/make_checkpoint.py llama-3.1-8b "$L" \
+  --tokenizer-model "$stage/llama3/tokenizer.model"
 step sweep-8b env KVC_PROFILE=1 "$stage/kvc" eval -m "$L" --data-dir "$stage/longbench" \
   --tasks multi_news,multifieldqa_zh,passage_retrieval_zh --limit 4 --methods kvcompress \
   --rates 1,2,4,8,16,32,64 --device cuda:0 --no-progress --out "$out/sweep-8b"

@@ -9,15 +9,12 @@
 set -uo pipefail
 stage=$1
 kvc=$stage/kvc
-out=${OUT:-gpu-out}
 ck=/tmp/ckpt
-mkdir -p "$out" "$ck" /tmp/visit /tmp/bench
-export PYTHONPATH=/tmp/pylib${PYTHONPATH:+:$PYTHONPATH}
-[[ -d /tmp/pylib/tiktoken ]] || python3 -m pip install --no-deps -q --target /tmp/pylib "$stage"/whl/*.whl
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt"
+mkdir -p "$ck" /tmp/bench
+source scripts/gpu/visit-lib.sh
 L=$ck/llama-3.1-8b
-[[ -f /tmp/visit/ckpt-llama ]] || { python3 scripts/gpu/make_checkpoint.py llama-3.1-8b "$L" \
-  --tokenizer-model "$stage/llama3/tokenizer.model" > "$out/ckpt.txt" 2>&1 && touch /tmp/visit/ckpt-llama; } || exit 1
+step ckpt-llama python3 scripts/gpu/make_checkpoint.py llama-3.1-8b "$L" \
+  --tokenizer-model "$stage/llama3/tokenizer.model" || exit 1
 bench() {  # NAME KV_MEMORY
   timeout -s INT "${BUDGET_S:-480}" "$kvc" bench -m "$L" --device cuda:0 --kv-memory "$2" \
     --input-lens 6000 --output-len 500 --num-prompts "${PROMPTS:-64}" --rates 1,2,4,8,16,32,64 \
