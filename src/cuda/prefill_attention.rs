@@ -205,7 +205,7 @@ pub fn prefill_attention_tiled(
     let out = unsafe { Tensor::empty(q.shape(), q.dtype(), q.device())? };
     if s.rows() > 0 {
         let smem = flash_smem_bytes(d, m_tiles, q.dtype().size_in_bytes());
-        let ops = imp::Flash {
+        let ops = Flash {
             out: &out,
             q: &q,
             k: &k,
@@ -216,19 +216,20 @@ pub fn prefill_attention_tiled(
     }
     Ok(out)
 }
+/// The tensors of one launch: `k`, `v` may be head-strided views (checked by the caller).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct Flash<'a> {
+    out: &'a Tensor,
+    q: &'a Tensor,
+    k: &'a Tensor,
+    v: &'a Tensor,
+    key_pos: &'a Tensor,
+}
+
 #[cfg(not(feature = "cuda"))]
 mod imp {
     //! Stubs of a build without CUDA.
     use super::*;
-
-    #[allow(dead_code)]
-    pub struct Flash<'a> {
-        pub out: &'a Tensor,
-        pub q: &'a Tensor,
-        pub k: &'a Tensor,
-        pub v: &'a Tensor,
-        pub key_pos: &'a Tensor,
-    }
 
     pub fn prefill_attention(
         _: &Flash,
@@ -250,15 +251,6 @@ mod imp {
     use crate::cuda::launch::{base_ptr, cu, device, dtype_name, func, ptr};
     use cudarc::driver::sys::CUfunction_attribute as Attr;
     use cudarc::driver::{LaunchConfig, PushKernelArg};
-
-    /// The tensors of one launch: `k`, `v` may be head-strided views (checked by the caller).
-    pub struct Flash<'a> {
-        pub out: &'a Tensor,
-        pub q: &'a Tensor,
-        pub k: &'a Tensor,
-        pub v: &'a Tensor,
-        pub key_pos: &'a Tensor,
-    }
 
     /// `prefill_key_tiles`, then `prefill_flash_<dtype>_d<D>_m<m_tiles>` with `smem` bytes of
     /// dynamic shared memory.
