@@ -334,31 +334,9 @@ pub fn compare(
 mod tests {
     use super::*;
 
+    /// The tables' fixture row at rate 8.
     fn row(method: &str, task: &str, category: &str, score: f64) -> ScoreRow {
-        ScoreRow {
-            model: "m".into(),
-            method: method.into(),
-            budget: "rate8".into(),
-            rate: Some(8.0),
-            budget_tokens: None,
-            task: task.into(),
-            category: category.into(),
-            language: "en".into(),
-            metric: "F1".into(),
-            bucket: String::new(),
-            n: 10,
-            n_failed: 0,
-            score,
-            full_score: None,
-            percent_of_full: None,
-            cache_tokens: None,
-            achieved_rate: None,
-            prompt_tokens: None,
-            fuzz_backend: "difflib".into(),
-            compression_ratio: None,
-            percent_of_full_ci_low: None,
-            percent_of_full_ci_high: None,
-        }
+        crate::report::tables::tests::row(method, 8.0, task, category, score)
     }
 
     #[test]

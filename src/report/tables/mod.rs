@@ -669,4 +669,4 @@ pub fn read_csv<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, Rep
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,4 +1,35 @@
 //! Tests of tree scoring, the summary (category percentages, n, intervals) and the CSVs.
+use super::{Budget, ScoreRow};
+
+/// A LongBench-shaped score row of `method` at `rate` (n = 10, no percentages yet): the
+/// fixture of these tests and of `report::compare`'s.
+pub(crate) fn row(method: &str, rate: f64, task: &str, category: &str, score: f64) -> ScoreRow {
+    ScoreRow {
+        model: "m".into(),
+        method: method.into(),
+        budget: Budget::Rate(rate).label(),
+        rate: Some(rate),
+        budget_tokens: None,
+        task: task.into(),
+        category: category.into(),
+        language: "en".into(),
+        metric: "F1".into(),
+        bucket: String::new(),
+        n: 10,
+        n_failed: 0,
+        score,
+        full_score: None,
+        percent_of_full: None,
+        cache_tokens: None,
+        achieved_rate: None,
+        prompt_tokens: None,
+        fuzz_backend: "difflib".into(),
+        compression_ratio: None,
+        percent_of_full_ci_low: None,
+        percent_of_full_ci_high: None,
+    }
+}
+
 mod general {
     use super::super::*;
 
@@ -52,33 +83,7 @@ mod general {
 
 mod summary {
     use super::super::*;
-
-    fn row(method: &str, rate: f64, task: &str, category: &str, score: f64) -> ScoreRow {
-        ScoreRow {
-            model: "m".into(),
-            method: method.into(),
-            budget: Budget::Rate(rate).label(),
-            rate: Some(rate),
-            budget_tokens: None,
-            task: task.into(),
-            category: category.into(),
-            language: "en".into(),
-            metric: "F1".into(),
-            bucket: String::new(),
-            n: 10,
-            n_failed: 0,
-            score,
-            full_score: None,
-            percent_of_full: None,
-            cache_tokens: None,
-            achieved_rate: None,
-            prompt_tokens: None,
-            fuzz_backend: "difflib".into(),
-            compression_ratio: None,
-            percent_of_full_ci_low: None,
-            percent_of_full_ci_high: None,
-        }
-    }
+    use super::row;
 
     #[test]
     fn percent_of_full_and_category_means() {
