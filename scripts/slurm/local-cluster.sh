@@ -5,7 +5,8 @@
 #   bash scripts/slurm/local-cluster.sh stop
 # State lives in ${KVC_SLURM_DIR:-/tmp/kvc-slurm}. Needs root (the daemons run as root) and
 # `apt-get install slurm-wlm` (the script installs it when apt-get is there and it is missing).
-# The node offers every CPU of the machine; jobs run as the calling user.
+# The node offers every CPU of the machine; jobs run as the calling user. The controller and the
+# node take the machine's short hostname at 127.0.0.1, so nothing depends on that name resolving.
 set -euo pipefail
 dir=${KVC_SLURM_DIR:-/tmp/kvc-slurm}
 conf=$dir/slurm.conf
@@ -27,7 +28,7 @@ start)
   mkdir -p "$dir"/{state,spool,log}
   cat > "$conf" <<CONF
 ClusterName=kvc-local
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
 StateSaveLocation=$dir/state
@@ -46,21 +47,26 @@ JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
 SchedulerType=sched/backfill
 DefMemPerCPU=$((mem / cpus))
-NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 NodeHostname=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
   if ! pgrep -x munged >/dev/null; then
+    [[ -s /etc/munge/munge.key ]] || runuser -u munge -- /usr/sbin/mungekey --create >&2
     mkdir -p /run/munge && chown munge:munge /run/munge
     runuser -u munge -- /usr/sbin/munged
   fi
   slurmctld -f "$conf"
-  slurmd -f "$conf"
+  slurmd -f "$conf" -N "$host"
   export SLURM_CONF=$conf
-  for _ in $(seq 30); do
+  for _ in $(seq 90); do
     sinfo -h -o %t 2>/dev/null | grep -q idle && break
     sleep 1
   done
-  sinfo -h -o %t | grep -q idle || { echo "local-cluster: the node did not come up; see $dir/log" >&2; exit 1; }
+  if ! sinfo -h -o %t 2>/dev/null | grep -q idle; then
+    echo "local-cluster: the node did not come up in 90 s; the daemons' logs ($dir/log):" >&2
+    tail -n 25 "$dir"/log/*.log >&2 || true
+    exit 1
+  fi
   echo "export SLURM_CONF=$conf"
   ;;
 stop) stop ;;

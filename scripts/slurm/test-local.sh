@@ -12,7 +12,8 @@ kvc=${KVC_BIN:-$root/target/release/kvc}
 export KVC_MODELS_DIR=${KVC_MODELS_DIR:-$root/models}
 work=$(mktemp -d)
 trap 'bash "$here/local-cluster.sh" stop; rm -rf "$work"' EXIT
-eval "$(bash "$here/local-cluster.sh" start)"
+env_line=$(bash "$here/local-cluster.sh" start) || { echo "test-local: no cluster to test on" >&2; exit 1; }
+eval "$env_line"
 args="--tasks multi_news,multifieldqa_zh --limit 2 --rates 1,8"
 # shellcheck disable=SC2086
 "$kvc" eval $args --out "$work/one" --no-progress -q > "$work/one.log" 2>&1 || { cat "$work/one.log"; exit 1; }
