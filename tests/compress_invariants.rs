@@ -45,6 +45,11 @@ fn params(max_new: usize) -> GenParams {
     }
 }
 
+/// Prompts prefilled whole (LongBench's protocol).
+fn whole<'a>(ps: &[&'a [u32]]) -> Vec<compress::Prompt<'a>> {
+    ps.iter().map(|&p| p.into()).collect()
+}
+
 const TEXT: &str = "the quick brown fox jumps over the lazy dog while the cat sat on the mat and \
                     then the rat ate the cheese that lay in the house that jack built long ago";
 
@@ -177,7 +182,7 @@ fn shared_prefill_equals_separate_runs_for_every_method() {
                 let spec = MethodSpec::parse(m).unwrap();
                 let mut shared = compress::runner(&spec, budgets[0], &cfg, &opts).unwrap();
                 let forks = shared
-                    .run_budgets(&mut lm.model, &ids, &p, &budgets)
+                    .run_budgets(&mut lm.model, (&ids).into(), &p, &budgets)
                     .unwrap();
                 assert_eq!(forks.len(), budgets.len());
                 let mut evicted_somewhere = false;
@@ -241,7 +246,7 @@ fn batched_prompts_equal_separate_runs() {
         let spec = MethodSpec::parse(m).unwrap();
         let mut r = compress::runner(&spec, None, &cfg, &opts).unwrap();
         let out = r
-            .run_prompts(&mut lm.model, &prompts, &p, &budgets)
+            .run_prompts(&mut lm.model, &whole(&prompts), &p, &budgets)
             .unwrap();
         assert_eq!(out.len(), prompts.len());
         for ((prompt, bs), res) in prompts.iter().zip(&budgets).zip(out) {
@@ -635,7 +640,7 @@ fn device_compression_equals_host_compression() {
                 };
                 let mut r = compress::runner(&spec, None, &cfg, &opts).unwrap();
                 let batched: Vec<_> = r
-                    .run_prompts(&mut lm.model, &prompts, &p, &budgets)
+                    .run_prompts(&mut lm.model, &whole(&prompts), &p, &budgets)
                     .unwrap()
                     .into_iter()
                     .flat_map(|res| res.unwrap())
@@ -682,6 +687,7 @@ fn device_compression_equals_host_compression() {
                 &mut cache,
                 seq,
                 &pre,
+                &[],
                 &params(12),
                 &mut hooks,
             )
@@ -730,4 +736,96 @@ fn long_window_observed_in_query_blocks_equals_one_block() {
     assert!(whole_st.kept_kvs < whole_st.prompt_kvs, "the budget evicts");
     assert_eq!(split_st.kept_per_head, whole_st.kept_per_head);
     assert_eq!(split.output_ids, whole.output_ids);
+}
+
+/// The question-agnostic protocol (`<method>@context-only`): the context alone is prefilled and
+/// compressed, then the question is read through decode steps. With nothing evicted it is the
+/// full cache's generation of the whole prompt, token for token; a method keeps exactly what it
+/// keeps when run on the context alone (the question never reaches its scores); one batch
+/// (shared prefill, forks, `decode_batch`) equals each budget alone in its own copy
+/// (`--kv-memory`, single-sequence `decode`); the question's steps are prefill time, not
+/// decode steps.
+#[test]
+fn question_read_after_compression() {
+    let ts = &specs()[1];
+    let (_tmp, mut lm) = tiny(ts);
+    let cfg = lm.config().clone();
+    let ids = lm.prompt_ids(TEXT, false).unwrap();
+    let q = 9;
+    let context = &ids[..ids.len() - q];
+    let split = compress::Prompt {
+        ids: &ids,
+        question: q,
+    };
+    let p = params(10);
+    let full_spec = MethodSpec::parse("full").unwrap();
+    let mut full = compress::runner(&full_spec, None, &cfg, &small_opts()).unwrap();
+    let (whole, _) = full.run(&mut lm.model, &ids, &p).unwrap();
+    let (after, st) = full
+        .run_budgets(&mut lm.model, split, &p, &[None])
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert_eq!(after.output_ids, whole.output_ids);
+    let (a, b) = (after.first_logits.unwrap(), whole.first_logits.unwrap());
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(diff < 1e-4, "first logits differ by {diff}");
+    assert_eq!(st.prompt_tokens, context.len());
+    assert!(after.prefill_times.question_ms > 0.0);
+
+    let budgets = [
+        Some(Budget::Rate(1.0)),
+        Some(Budget::Rate(2.0)),
+        Some(Budget::Tokens(12)),
+    ];
+    for m in [
+        "snapkv",
+        "kvcompress",
+        "tova",
+        "h2o",
+        "streamingllm",
+        "snapkv+kvcrush",
+    ] {
+        let spec = MethodSpec::parse(m).unwrap();
+        let mut r = compress::runner(&spec, None, &cfg, &small_opts()).unwrap();
+        let batched = r
+            .run_prompts(&mut lm.model, &[split], &p, &[budgets.to_vec()])
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        let copies_opts = MethodOptions {
+            kv_memory: Some(8 << 20),
+            ..small_opts()
+        };
+        let mut r = compress::runner(&spec, None, &cfg, &copies_opts).unwrap();
+        let copies = r.run_budgets(&mut lm.model, split, &p, &budgets).unwrap();
+        for ((b, x), y) in budgets.iter().zip(batched).zip(copies) {
+            let ((g, st), (g1, st1)) = (x.unwrap(), y.unwrap());
+            assert_eq!(g.output_ids, g1.output_ids, "{m} at {b:?}: batch vs copy");
+            assert_eq!(st, st1, "{m} at {b:?}: batch vs copy");
+            assert_eq!(g.decode_times.steps, g.output_ids.len() - 1, "{m} at {b:?}");
+            assert_eq!(
+                g1.decode_times.steps,
+                g1.output_ids.len() - 1,
+                "{m} at {b:?}"
+            );
+            assert!(g.prefill_times.question_ms > 0.0, "{m} at {b:?}");
+            if *b == Some(Budget::Rate(1.0)) {
+                assert_eq!(g.output_ids, whole.output_ids, "{m}: nothing evicted");
+                continue;
+            }
+            // What the prefill compression kept is what it keeps of the context alone.
+            let mut alone = compress::runner(&spec, *b, &cfg, &small_opts()).unwrap();
+            let (_, st_ctx) = alone.run(&mut lm.model, context, &params(1)).unwrap();
+            assert!(st.kept_kvs < st.prompt_kvs, "{m} at {b:?}: nothing evicted");
+            assert_eq!(
+                st, st_ctx,
+                "{m} at {b:?}: kept differs from the context's own"
+            );
+        }
+    }
 }

@@ -1417,6 +1417,11 @@ mod e2e {
     }
 
     /// Greedy decoding of `max_new` tokens, prefill in chunks of 16.
+    /// Prompts prefilled whole (LongBench's protocol).
+    fn whole<'a>(ps: &[&'a [u32]]) -> Vec<compress::Prompt<'a>> {
+        ps.iter().map(|&p| p.into()).collect()
+    }
+
     fn params(max_new: usize) -> GenParams {
         GenParams {
             max_new_tokens: max_new,
@@ -1569,7 +1574,7 @@ mod e2e {
                 };
                 let mut r = compress::runner(&method, None, &cfg, &opts).unwrap();
                 let mut out: Vec<_> = r
-                    .run_prompts(&mut lm.model, &prompts, &params, &budgets)
+                    .run_prompts(&mut lm.model, &whole(&prompts), &params, &budgets)
                     .unwrap()
                     .into_iter()
                     .flat_map(|res| res.unwrap())
@@ -1620,7 +1625,12 @@ mod e2e {
         let full = MethodSpec::parse("full").unwrap();
         let mut r = compress::runner(&full, None, &cfg, &MethodOptions::default()).unwrap();
         let batched = r
-            .run_prompts(&mut lm.model, &prompts, &params, &vec![vec![None]; 3])
+            .run_prompts(
+                &mut lm.model,
+                &whole(&prompts),
+                &params,
+                &vec![vec![None]; 3],
+            )
             .unwrap();
         for (p, res) in prompts.iter().zip(batched) {
             let (g, st) = res.unwrap().pop().unwrap().unwrap();
@@ -1639,7 +1649,7 @@ mod e2e {
         let mut r2 = compress::runner(&kvc, None, &cfg, &opts).unwrap();
         let budgets = vec![vec![Some(Budget::Rate(2.0)), Some(Budget::Rate(8.0)), None]; 3];
         let grouped = r2
-            .run_prompts(&mut lm.model, &prompts, &params, &budgets)
+            .run_prompts(&mut lm.model, &whole(&prompts), &params, &budgets)
             .unwrap();
         for (p, res) in prompts.iter().zip(grouped) {
             let (g, _) = res.unwrap().pop().unwrap().unwrap();

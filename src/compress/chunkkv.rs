@@ -74,8 +74,8 @@ impl Policy for ChunkKv {
     fn scores_keys(&self) -> bool {
         self.base.scores_keys()
     }
-    fn key_scores(&self, keys: &Tensor) -> Result<Vec<f32>> {
-        self.base.key_scores(keys)
+    fn key_scores(&self, keys: &Tensor, values: &Tensor) -> Result<Vec<f32>> {
+        self.base.key_scores(keys, values)
     }
     fn score_splits(&self) -> bool {
         self.base.score_splits()

@@ -3,11 +3,11 @@ use candle_core::{Result, Tensor};
 
 use super::paged_runner::PagedRunner;
 use super::policy::{self, Phase, Policy, SeqView};
-use super::{prompts_one_by_one, Budget, CompressionStats, PromptResults, Runner};
+use super::{prompts_one_by_one, Budget, CompressionStats, Prompt, PromptResults, Runner};
 use crate::engine::{self, GenParams, Generation, NoHooks};
 use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::contiguous::ContiguousCache;
-use crate::kvcache::Probe;
+use crate::kvcache::{CacheBackend, Probe};
 use crate::model::Llama;
 
 /// The full cache: the contiguous reference backend, no hooks. On a GPU, several prompts
@@ -55,7 +55,7 @@ impl Runner for FullRunner {
     fn run_budgets(
         &mut self,
         model: &mut Llama,
-        prompt: &[u32],
+        prompt: Prompt,
         params: &GenParams,
         budgets: &[Option<Budget>],
     ) -> Result<Vec<Result<(Generation, CompressionStats)>>> {
@@ -64,7 +64,7 @@ impl Runner for FullRunner {
         }
         Ok(budgets
             .iter()
-            .map(|_| self.run(model, prompt, params))
+            .map(|_| self.run_contiguous(model, prompt, params))
             .collect())
     }
 
@@ -74,15 +74,13 @@ impl Runner for FullRunner {
         prompt: &[u32],
         params: &GenParams,
     ) -> Result<(Generation, CompressionStats)> {
-        let mut cache = ContiguousCache::new(self.layers);
-        let g = engine::generate(model, &mut cache, prompt, params, &mut NoHooks)?;
-        Ok((g, self.stats(prompt.len())))
+        self.run_contiguous(model, prompt.into(), params)
     }
 
     fn run_prompts(
         &mut self,
         model: &mut Llama,
-        prompts: &[&[u32]],
+        prompts: &[Prompt],
         params: &GenParams,
         budgets: &[Vec<Option<Budget>>],
     ) -> Result<Vec<PromptResults>> {
@@ -97,7 +95,7 @@ impl Runner for FullRunner {
         for (p, res) in prompts.iter().zip(&mut out) {
             if let Ok(gens) = res {
                 for (_, st) in gens.iter_mut().flatten() {
-                    *st = self.stats(p.len());
+                    *st = self.stats(p.context().len());
                 }
             }
         }
@@ -106,6 +104,31 @@ impl Runner for FullRunner {
 }
 
 impl FullRunner {
+    /// One generation in the contiguous cache: the context prefilled, then the question read.
+    fn run_contiguous(
+        &mut self,
+        model: &mut Llama,
+        prompt: Prompt,
+        params: &GenParams,
+    ) -> Result<(Generation, CompressionStats)> {
+        let mut cache = ContiguousCache::new(self.layers);
+        let seq = cache.add_sequence()?;
+        let g = engine::prefill(
+            model,
+            &mut cache,
+            seq,
+            prompt.context(),
+            params,
+            &mut NoHooks,
+        )
+        .and_then(|pre| {
+            let q = prompt.question_ids();
+            engine::decode(model, &mut cache, seq, &pre, q, params, &mut NoHooks)
+        });
+        cache.remove_sequence(seq)?;
+        Ok((g?, self.stats(prompt.context().len())))
+    }
+
     fn stats(&self, prompt_len: usize) -> CompressionStats {
         full_stats(prompt_len, self.layers, self.kv_heads)
     }

@@ -61,7 +61,7 @@ impl Policy for KeyScored {
     fn scores_keys(&self) -> bool {
         true
     }
-    fn key_scores(&self, keys: &Tensor) -> Result<Vec<f32>> {
+    fn key_scores(&self, keys: &Tensor, _values: &Tensor) -> Result<Vec<f32>> {
         self.scores(keys)?.to_vec1()
     }
     fn plan(&self, view: &SeqView, budget: usize, phase: Phase) -> EvictionPlan {
@@ -98,7 +98,7 @@ mod tests {
         let v: Vec<f32> = s.scores(&keys()).unwrap().to_vec1().unwrap();
         assert_eq!(v, vec![-5.0, -1.0, -1.0, 0.0]);
         let bf = keys().to_dtype(DType::BF16).unwrap();
-        assert_eq!(s.key_scores(&bf).unwrap(), vec![-5.0, -1.0, -1.0, 0.0]);
+        assert_eq!(s.key_scores(&bf, &bf).unwrap(), vec![-5.0, -1.0, -1.0, 0.0]);
     }
 
     /// Unit keys (0.6, 0.8), (0, 1), (1, 0), and a zero key (0, 0): anchor = their mean

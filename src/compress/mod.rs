@@ -11,7 +11,7 @@
 //! [`policy::Policy`] driven by [`policy::CompressHooks`] (that module states the order of a
 //! compression step). Method files: [`kvcompress`], [`snapkv`], [`pyramidkv`],
 //! [`streamingllm`], [`h2o`], [`ada_snapkv`], [`tova`], [`random`], [`knorm`] (Knorm and
-//! KeyDiff), and the modifiers [`kvcrush`] (`<method>+kvcrush`) and [`chunkkv`]
+//! KeyDiff), [`lagkv`], and the modifiers [`kvcrush`] (`<method>+kvcrush`) and [`chunkkv`]
 //! (`<method>+chunkkv`).
 //!
 //! Budgets: a rate `r` becomes `M` cache tokens per (layer, kv-head) by KV-Compress's formula
@@ -34,6 +34,7 @@ pub mod h2o;
 pub mod knorm;
 pub mod kvcompress;
 pub mod kvcrush;
+pub mod lagkv;
 pub mod policy;
 pub mod pyramidkv;
 pub mod random;
@@ -67,6 +68,7 @@ pub const METHODS: &[&str] = &[
     "random",
     "knorm",
     "keydiff",
+    "lagkv",
     "snapkv+chunkkv",
     "tova+chunkkv",
     "knorm+chunkkv",
@@ -82,18 +84,55 @@ pub const METHODS: &[&str] = &[
 /// Importance-based methods KVCrush can modify.
 pub const KVCRUSH_BASES: &[&str] = &["kvcompress", "snapkv", "pyramidkv", "h2o", "ada-snapkv"];
 
+/// The suffix of a method run under the question-agnostic protocol (`--question-in-window
+/// no`): `snapkv@context-only` compresses the context before the question is read.
+pub const CONTEXT_ONLY: &str = "@context-only";
+
 /// A parsed `--methods` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MethodSpec {
     /// Canonical name as recorded in prediction rows and result paths (`kvcompress`,
-    /// `snapkv+kvcrush`).
+    /// `snapkv+kvcrush`, `snapkv@context-only`).
     pub name: String,
 }
 
 impl MethodSpec {
-    /// Parse one method name; unknown names list the known ones.
+    /// Parse one method name, with [`CONTEXT_ONLY`] for the question-agnostic protocol;
+    /// unknown names list the known ones.
     pub fn parse(s: &str) -> anyhow::Result<MethodSpec> {
         let s = s.trim();
+        if let Some(m) = s.strip_suffix(CONTEXT_ONLY) {
+            let spec = MethodSpec::parse_policy(m)?;
+            if spec.is_full() {
+                anyhow::bail!(
+                    "`{s}`: the full cache compresses nothing, so the question's place does not change it; its one baseline serves both protocols"
+                );
+            }
+            return Ok(spec.context_only_variant());
+        }
+        MethodSpec::parse_policy(s)
+    }
+
+    /// The same method under the question-agnostic protocol.
+    pub fn context_only_variant(&self) -> MethodSpec {
+        MethodSpec {
+            name: format!("{}{CONTEXT_ONLY}", self.policy_name()),
+        }
+    }
+
+    /// Whether the method compresses the context before the question is read (the
+    /// question-agnostic protocol) rather than the whole prompt (LongBench's).
+    pub fn context_only(&self) -> bool {
+        self.name.ends_with(CONTEXT_ONLY)
+    }
+
+    /// The name without the protocol (`snapkv+kvcrush` for `snapkv+kvcrush@context-only`).
+    pub fn policy_name(&self) -> &str {
+        self.name.strip_suffix(CONTEXT_ONLY).unwrap_or(&self.name)
+    }
+
+    /// Parse a name without the protocol suffix.
+    fn parse_policy(s: &str) -> anyhow::Result<MethodSpec> {
         if METHODS.contains(&s) {
             return Ok(MethodSpec {
                 name: s.to_string(),
@@ -140,7 +179,7 @@ impl MethodSpec {
 
     /// The importance method (`snapkv` for `snapkv+kvcrush` and `snapkv+chunkkv`).
     pub fn base(&self) -> &str {
-        let n = self.name.as_str();
+        let n = self.policy_name();
         n.strip_suffix("+kvcrush")
             .or_else(|| n.strip_suffix("+chunkkv"))
             .unwrap_or(n)
@@ -148,12 +187,12 @@ impl MethodSpec {
 
     /// Whether the ChunkKV modifier is on.
     pub fn chunkkv(&self) -> bool {
-        self.name.ends_with("+chunkkv")
+        self.policy_name().ends_with("+chunkkv")
     }
 
     /// Whether the KVCrush modifier is on.
     pub fn kvcrush(&self) -> bool {
-        self.name.ends_with("+kvcrush")
+        self.policy_name().ends_with("+kvcrush")
     }
 }
 
@@ -194,6 +233,40 @@ impl CompressionStats {
     }
 }
 
+/// One prompt of a run: its ids, and how many of the last ones are the question, read into
+/// the cache only after the compression (the question-agnostic protocol, `--question-in-window
+/// no`); 0 is LongBench's protocol, the whole prompt prefilled and compressed together.
+/// Budgets by rate are taken of the part compressed, the context.
+#[derive(Debug, Clone, Copy)]
+pub struct Prompt<'a> {
+    pub ids: &'a [u32],
+    pub question: usize,
+}
+
+impl<'a> Prompt<'a> {
+    /// The tokens prefilled and compressed.
+    pub fn context(&self) -> &'a [u32] {
+        &self.ids[..self.ids.len() - self.question]
+    }
+    /// The tokens read after the compression.
+    pub fn question_ids(&self) -> &'a [u32] {
+        &self.ids[self.ids.len() - self.question..]
+    }
+}
+
+impl<'a> From<&'a [u32]> for Prompt<'a> {
+    /// The whole prompt prefilled (LongBench's protocol).
+    fn from(ids: &'a [u32]) -> Self {
+        Prompt { ids, question: 0 }
+    }
+}
+
+impl<'a> From<&'a Vec<u32>> for Prompt<'a> {
+    fn from(ids: &'a Vec<u32>) -> Self {
+        Prompt { ids, question: 0 }
+    }
+}
+
 /// Generates one sample with a method's cache and hooks.
 pub trait Runner {
     /// Greedy generation of `prompt` under the method and budget this runner was built with.
@@ -207,13 +280,14 @@ pub trait Runner {
     /// Greedy generation of `prompt` under each of `budgets` (the method this runner was built
     /// with; its own budget is ignored). A compressed method prefills once and continues each
     /// budget from a copy of that cache, token for token what [`Runner::run`] gives for each
-    /// budget alone (the prompt's KVs and prefill metrics do not depend on the budget). The
+    /// budget alone (the prompt's KVs and prefill metrics do not depend on the budget); with a
+    /// question ([`Prompt::question`]) each copy reads it after its compression. The
     /// outer `Err` is a failed prefill (every budget fails); an inner one, one budget's failure.
     /// Each generation's `prefill_ms` is the shared prefill plus its own compression.
     fn run_budgets(
         &mut self,
         model: &mut Llama,
-        prompt: &[u32],
+        prompt: Prompt,
         params: &GenParams,
         budgets: &[Option<Budget>],
     ) -> Result<Vec<Result<(Generation, CompressionStats)>>>;
@@ -225,7 +299,7 @@ pub trait Runner {
     fn run_prompts(
         &mut self,
         model: &mut Llama,
-        prompts: &[&[u32]],
+        prompts: &[Prompt],
         params: &GenParams,
         budgets: &[Vec<Option<Budget>>],
     ) -> Result<Vec<PromptResults>> {
@@ -237,14 +311,14 @@ pub trait Runner {
 fn prompts_one_by_one(
     runner: &mut (impl Runner + ?Sized),
     model: &mut Llama,
-    prompts: &[&[u32]],
+    prompts: &[Prompt],
     params: &GenParams,
     budgets: &[Vec<Option<Budget>>],
 ) -> Vec<PromptResults> {
     prompts
         .iter()
         .zip(budgets)
-        .map(|(p, b)| runner.run_budgets(model, p, params, b))
+        .map(|(p, b)| runner.run_budgets(model, *p, params, b))
         .collect()
 }
 
@@ -347,6 +421,7 @@ pub fn build_policy(
         "keydiff" => Box::new(knorm::KeyScored {
             score: knorm::KeyScore::KeyDiff,
         }),
+        "lagkv" => Box::new(lagkv::LagKv::default()),
         other => anyhow::bail!("method `{other}` is not implemented"),
     };
     if spec.kvcrush() {
@@ -397,6 +472,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not one"), "{e}");
+        let q = MethodSpec::parse("snapkv+kvcrush@context-only").unwrap();
+        assert!(q.context_only() && q.kvcrush() && !q.chunkkv());
+        assert_eq!((q.base(), q.policy_name()), ("snapkv", "snapkv+kvcrush"));
+        assert!(!MethodSpec::parse("snapkv").unwrap().context_only());
+        let e = MethodSpec::parse("full@context-only")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("one baseline serves both"), "{e}");
+        assert!(MethodSpec::parse("snap@context-only").is_err());
         let e = MethodSpec::parse("snap").unwrap_err().to_string();
         assert!(e.contains("known methods: full, kvcompress"), "{e}");
         assert_eq!(parse_bytes("1.5KiB"), Ok(1536));

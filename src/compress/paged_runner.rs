@@ -4,7 +4,8 @@ use candle_core::Result;
 
 use super::policy::{BudgetFn, CompressHooks, Kept, Policy};
 use super::{
-    prompts_one_by_one, Budget, CompressOn, CompressionStats, MethodOptions, PromptResults, Runner,
+    prompts_one_by_one, Budget, CompressOn, CompressionStats, MethodOptions, Prompt, PromptResults,
+    Runner,
 };
 use crate::engine::{self, GenParams, Generation, Hooks};
 use crate::kvcache::budget::{shared_pool_blocks, tokens_for_rate, PoolShape};
@@ -148,13 +149,13 @@ impl Runner for PagedRunner {
     fn run_budgets(
         &mut self,
         model: &mut Llama,
-        prompt: &[u32],
+        prompt: Prompt,
         params: &GenParams,
         budgets: &[Option<Budget>],
     ) -> Result<Vec<Result<(Generation, CompressionStats)>>> {
         let raws: Vec<Option<usize>> = budgets
             .iter()
-            .map(|b| self.raw_budget(prompt.len(), *b))
+            .map(|b| self.raw_budget(prompt.context().len(), *b))
             .collect();
         if budgets.len() > 1 && self.kv_memory.is_none() {
             self.run_batched(model, &[prompt], params, &[raws])?
@@ -168,7 +169,7 @@ impl Runner for PagedRunner {
     fn run_prompts(
         &mut self,
         model: &mut Llama,
-        prompts: &[&[u32]],
+        prompts: &[Prompt],
         params: &GenParams,
         budgets: &[Vec<Option<Budget>>],
     ) -> Result<Vec<PromptResults>> {
@@ -178,7 +179,11 @@ impl Runner for PagedRunner {
         let raws: Vec<Vec<Option<usize>>> = prompts
             .iter()
             .zip(budgets)
-            .map(|(p, bs)| bs.iter().map(|b| self.raw_budget(p.len(), *b)).collect())
+            .map(|(p, bs)| {
+                bs.iter()
+                    .map(|b| self.raw_budget(p.context().len(), *b))
+                    .collect()
+            })
             .collect();
         self.run_batched(model, prompts, params, &raws)
     }
@@ -190,30 +195,32 @@ impl PagedRunner {
     fn run_copies(
         &mut self,
         model: &mut Llama,
-        prompt: &[u32],
+        prompt: Prompt,
         params: &GenParams,
         raws: &[Option<usize>],
     ) -> Result<Vec<Result<(Generation, CompressionStats)>>> {
-        let mut cache = self.cache_for(model, prompt, params)?;
+        let mut cache = self.cache_for(model, prompt.ids, params)?;
         let seq = cache.add_sequence()?;
         let unknown = |_len: usize| None;
         let mut proto = CompressHooks::new(self.policy.as_ref(), self.layers, &unknown);
-        let pre = engine::prefill(model, &mut cache, seq, prompt, params, &mut proto)?;
+        let pre = engine::prefill(model, &mut cache, seq, prompt.context(), params, &mut proto)?;
+        let question = prompt.question_ids();
         let mut out = Vec::with_capacity(raws.len());
         for (i, raw) in raws.iter().enumerate() {
             let raw = *raw;
             let budget_of = move |_len: usize| raw;
             let mut hooks = proto.fork(&budget_of);
             // The last budget continues in the prefilled cache itself; the others in copies.
+            let mut decode = |c: &mut PagedCache| {
+                engine::decode(model, c, seq, &pre, question, params, &mut hooks)
+            };
             let r = if i + 1 == raws.len() {
-                engine::decode(model, &mut cache, seq, &pre, params, &mut hooks)
+                decode(&mut cache)
             } else {
-                cache
-                    .deep_copy()
-                    .and_then(|mut c| engine::decode(model, &mut c, seq, &pre, params, &mut hooks))
+                cache.deep_copy().and_then(|mut c| decode(&mut c))
             };
             let kept = hooks.kept;
-            out.push(r.map(|g| (g, self.stats(prompt.len(), kept))));
+            out.push(r.map(|g| (g, self.stats(pre.prompt_len, kept))));
         }
         Ok(out)
     }
@@ -226,7 +233,7 @@ impl PagedRunner {
     fn run_batched(
         &mut self,
         model: &mut Llama,
-        prompts: &[&[u32]],
+        prompts: &[Prompt],
         params: &GenParams,
         raws: &[Vec<Option<usize>>],
     ) -> Result<Vec<PromptResults>> {
@@ -249,7 +256,7 @@ impl PagedRunner {
         let mut forks: Vec<Fork> = Vec::with_capacity(n_forks);
         for (s, prompt) in prompts.iter().enumerate() {
             let (seq0, mut proto, pre, first) =
-                match self.prefill_one(model, &mut cache, prompt, params, &unknown) {
+                match self.prefill_one(model, &mut cache, prompt.context(), params, &unknown) {
                     Ok(x) => x,
                     Err(e) => {
                         prompt_err.push(Some(e));
@@ -290,7 +297,8 @@ impl PagedRunner {
                     err,
                     start: engine::BatchStart {
                         first,
-                        prompt_len: prompt.len(),
+                        prompt_len: pre.prompt_len,
+                        question: prompt.question_ids(),
                     },
                     prefill_times: engine::PrefillTimes {
                         fork_ms,
@@ -312,22 +320,24 @@ impl PagedRunner {
     fn batch_pool(
         &self,
         model: &Llama,
-        prompts: &[&[u32]],
+        prompts: &[Prompt],
         params: &GenParams,
         raws: &[Vec<Option<usize>>],
     ) -> Result<PagedCache> {
         let spec = self.spec(model);
+        // A question read after the compression needs room beside the new tokens.
+        let question = prompts.iter().map(|p| p.question).max().unwrap_or(0);
         let shape = PoolShape {
             block_size: spec.block_size,
             heads: self.layers * self.kv_heads,
-            max_new_tokens: params.max_new_tokens,
+            max_new_tokens: params.max_new_tokens + question,
             max_context: params.max_context,
             min_budget: self.policy.min_budget(),
         };
         let lens: Vec<(usize, &[Option<usize>])> = prompts
             .iter()
             .zip(raws)
-            .map(|(p, r)| (p.len(), r.as_slice()))
+            .map(|(p, r)| (p.context().len(), r.as_slice()))
             .collect();
         let n_blocks = shared_pool_blocks(&shape, &lens);
         let n_forks: usize = raws.iter().map(|r| r.len()).sum();
@@ -391,18 +401,27 @@ impl PagedRunner {
         for ((f, h), o) in forks.into_iter().zip(hooks).zip(outputs) {
             let r = match (f.err, o) {
                 (Some(e), _) => Err(e),
-                (None, Some(Ok(o))) => Ok((
-                    Generation {
-                        output_ids: o.output_ids,
-                        finish_reason: o.finish_reason,
-                        first_logits: Some(first_logits[f.prompt].clone()),
-                        prefill_ms: f.prefill_times.total(),
-                        prefill_times: f.prefill_times,
-                        decode_ms: o.decode_ms,
-                        decode_times: o.decode_times,
-                    },
-                    self.stats(f.start.prompt_len, h.kept),
-                )),
+                (None, Some(Ok(o))) => {
+                    let prefill_times = engine::PrefillTimes {
+                        question_ms: o.question_ms,
+                        ..f.prefill_times
+                    };
+                    let first = o
+                        .first_logits
+                        .unwrap_or_else(|| first_logits[f.prompt].clone());
+                    Ok((
+                        Generation {
+                            output_ids: o.output_ids,
+                            finish_reason: o.finish_reason,
+                            first_logits: Some(first),
+                            prefill_ms: prefill_times.total(),
+                            prefill_times,
+                            decode_ms: o.decode_ms,
+                            decode_times: o.decode_times,
+                        },
+                        self.stats(f.start.prompt_len, h.kept),
+                    ))
+                }
                 (None, Some(Err(e))) => Err(e),
                 (None, None) => Err(candle_core::Error::Msg("fork was not decoded".into())),
             };
@@ -482,12 +501,12 @@ fn decode_forks(
 }
 
 /// One (prompt, budget) of [`PagedRunner::run_batched`].
-struct Fork {
+struct Fork<'a> {
     prompt: usize,
     /// Its sequence, or why it has none.
     seq: Option<SeqId>,
     err: Option<candle_core::Error>,
-    start: engine::BatchStart,
+    start: engine::BatchStart<'a>,
     /// The prompt's prefill (shared forward and observe) plus this fork's copy and compression.
     prefill_times: engine::PrefillTimes,
 }

@@ -132,13 +132,15 @@ pub trait Policy: Send + Sync {
     fn device_prefill(&self, budget: usize, block_size: usize) -> Option<DeviceStepSpec> {
         self.device_step(budget, block_size)
     }
-    /// Whether the prompt's keys score it ([`Policy::key_scores`]) instead of attention.
+    /// Whether the prompt's keys and values score it ([`Policy::key_scores`]) instead of
+    /// attention.
     fn scores_keys(&self) -> bool {
         false
     }
-    /// Per-slot scores of one kv-head from its keys `[len, d]` (slot order), for a method that
-    /// [`Policy::scores_keys`]: added to the metric after prefill, before the compression.
-    fn key_scores(&self, _keys: &Tensor) -> Result<Vec<f32>> {
+    /// Per-slot scores of one kv-head from its keys and values `[len, d]` (slot order), for a
+    /// method that [`Policy::scores_keys`]: added to the metric after prefill, before the
+    /// compression.
+    fn key_scores(&self, _keys: &Tensor, _values: &Tensor) -> Result<Vec<f32>> {
         candle_core::bail!("this method scores attention, not keys")
     }
 }
@@ -322,11 +324,11 @@ impl<'a> CompressHooks<'a> {
             .transpose()
     }
 
-    /// Adds the policy's key scores of every (layer, kv-head) of `seq` to its metric.
+    /// Adds the policy's key (and value) scores of every (layer, kv-head) of `seq` to its metric.
     fn score_keys(&mut self, cache: &mut PagedCache, seq: SeqId) -> Result<()> {
         for l in 0..cache.spec().layers {
-            for (h, k) in cache.head_keys(l, seq)?.iter().enumerate() {
-                let s = self.policy.key_scores(k)?;
+            for (h, (k, v)) in cache.head_kv(l, seq)?.iter().enumerate() {
+                let s = self.policy.key_scores(k, v)?;
                 cache.add_metric(l, seq, h, &s)?;
             }
         }

@@ -196,8 +196,9 @@ impl Task {
     /// The prompt template (`dataset2prompt.json`, exact), with `{context}` and `{input}`.
     pub fn prompt_template(&self) -> &'static str {
         if self.is_ruler() {
-            // RULER rows carry their whole prompt in `context` (see `data::ruler`).
-            return "{context}";
+            // RULER rows carry their prompt in `context` and its question, the last line, in
+            // `input` (see `data::ruler`).
+            return "{context}{input}";
         }
         prompts().get(self.base).map(String::as_str).unwrap_or("")
     }
@@ -219,6 +220,31 @@ impl Task {
             task: self.name.to_string(),
             field,
         })
+    }
+
+    /// The filled template as (context part, question part), whose concatenation is
+    /// [`Task::build_prompt`]'s prompt: the question-agnostic protocol compresses the first and
+    /// reads the second afterwards. The question part starts at the line holding `{input}`
+    /// (never inside the context); a template without `{input}` (summaries, counting, code)
+    /// splits after the newlines that follow the context, so its closing instruction is the
+    /// question part. Both as kvpress's LongBench split (`context` / `question` +
+    /// `answer_prefix`).
+    pub fn build_prompt_parts(
+        &self,
+        context: &str,
+        input: &str,
+    ) -> Result<(String, String), TaskError> {
+        let template = self.prompt_template();
+        let at = question_start(template);
+        let fill = |part: &str| {
+            format_template(part, &[("context", context), ("input", input)]).map_err(|field| {
+                TaskError::TemplateField {
+                    task: self.name.to_string(),
+                    field,
+                }
+            })
+        };
+        Ok((fill(&template[..at])?, fill(&template[at..])?))
     }
 
     /// Whether the subset is English (part of the `en16` set).
@@ -585,6 +611,24 @@ pub fn dataset2maxlen() -> BTreeMap<String, usize> {
 
 /// Python `str.format(**fields)` for templates that use only named fields: `{name}` is replaced,
 /// `{{` and `}}` become single braces. Returns the name of an unknown field as the error.
+/// Where a template's question part starts ([`Task::build_prompt_parts`]): after `{context}`
+/// and the newlines that follow it, or at the start of the line holding the `{input}` after
+/// the context, whichever is later.
+fn question_start(template: &str) -> usize {
+    let ctx_end = template
+        .find("{context}")
+        .map_or(0, |i| i + "{context}".len());
+    let after = &template[ctx_end..];
+    let start = ctx_end + (after.len() - after.trim_start_matches('\n').len());
+    match after.find("{input}") {
+        Some(j) => {
+            let line = template[..ctx_end + j].rfind('\n').map_or(0, |k| k + 1);
+            line.max(start)
+        }
+        None => start,
+    }
+}
+
 fn format_template(template: &str, fields: &[(&str, &str)]) -> Result<String, String> {
     let mut out =
         String::with_capacity(template.len() + fields.iter().map(|f| f.1.len()).sum::<usize>());
@@ -661,6 +705,43 @@ mod tests {
             "a{b}C"
         );
         assert_eq!(format_template("{nope}", &[]).unwrap_err(), "nope");
+    }
+
+    /// The question part of every subset is kvpress's `question_template` + `answer_prefix`
+    /// (its LongBench dataset script), the context part never holds the question, and the two
+    /// parts are the whole prompt.
+    #[test]
+    fn prompt_parts_split_at_the_question_as_kvpress() {
+        let q = "QQ";
+        let expect = [
+            ("narrativeqa", "Question: QQ\n\nAnswer:"),
+            ("qasper", "Question: QQ\n\nAnswer:"),
+            ("multifieldqa_en", "Question: QQ\nAnswer:"),
+            ("multifieldqa_zh", "问题：QQ\n回答："),
+            ("hotpotqa", "Question: QQ\nAnswer:"),
+            ("dureader", "问题：QQ\n回答："),
+            ("gov_report", "Now, write a one-page summary of the report.\n\nSummary:"),
+            ("qmsum", "Query: QQ\nAnswer:"),
+            ("multi_news", "Now, write a one-page summary of all the news.\n\nSummary:"),
+            ("vcsum", "会议总结："),
+            ("trec", "QQ"),
+            ("triviaqa", "QQ"),
+            ("samsum", "QQ"),
+            ("lsht", "QQ"),
+            ("passage_count", "Please enter the final count of unique paragraphs after removing duplicates. The output format should only contain the number, such as 1, 2, 3, and so on.\n\nThe final answer is: "),
+            ("passage_retrieval_en", "QQ\n\nPlease enter the number of the paragraph that the abstract is from. The answer format must be like \"Paragraph 1\", \"Paragraph 2\", etc.\n\nThe answer is: "),
+            ("lcc", "Next line of code:\n"),
+            ("repobench-p", "QQNext line of code:\n"),
+        ];
+        for (name, question) in expect {
+            let (c, qp) = task(name).unwrap().build_prompt_parts("CTX", q).unwrap();
+            assert_eq!(qp, question, "{name}");
+            assert!(c.contains("CTX") && !c.contains(q), "{name}: {c}");
+        }
+        for t in all_tasks() {
+            let (c, qp) = t.build_prompt_parts("CTX\n", q).unwrap();
+            assert_eq!(c + &qp, t.build_prompt("CTX\n", q).unwrap(), "{}", t.name);
+        }
     }
 
     #[test]

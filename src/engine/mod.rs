@@ -131,12 +131,17 @@ pub struct PrefillTimes {
     pub fork_ms: f64,
     /// The compression after prefill ([`Hooks::after_prefill`]).
     pub compress_ms: f64,
+    /// Reading the question into the compressed cache (the question-agnostic protocol: one
+    /// decode-path step per question token, hooks and continual compression included; 0 when
+    /// the question was prefilled with the context).
+    #[serde(default)]
+    pub question_ms: f64,
 }
 
 impl PrefillTimes {
     /// The whole prefill wall time (what rows report as `prefill_ms`).
     pub fn total(&self) -> f64 {
-        self.forward_ms + self.observe_ms + self.fork_ms + self.compress_ms
+        self.forward_ms + self.observe_ms + self.fork_ms + self.compress_ms + self.question_ms
     }
 }
 
@@ -161,6 +166,21 @@ pub struct DecodeTimes {
     pub compress_ms: f64,
     /// Logits to the host and the argmax.
     pub sample_ms: f64,
+}
+
+impl std::ops::Sub for DecodeTimes {
+    type Output = DecodeTimes;
+    /// The steps and times between two snapshots of one running total.
+    fn sub(self, o: DecodeTimes) -> DecodeTimes {
+        DecodeTimes {
+            steps: self.steps - o.steps,
+            forward_ms: self.forward_ms - o.forward_ms,
+            sync_ms: self.sync_ms - o.sync_ms,
+            observe_ms: self.observe_ms - o.observe_ms,
+            compress_ms: self.compress_ms - o.compress_ms,
+            sample_ms: self.sample_ms - o.sample_ms,
+        }
+    }
 }
 
 fn ms_since(t: Instant) -> f64 {
@@ -288,7 +308,7 @@ fn generate_seq(
     hooks: &mut dyn Hooks,
 ) -> Result<Generation> {
     let pre = prefill(model, cache, seq, prompt, params, hooks)?;
-    decode(model, cache, seq, &pre, params, hooks)
+    decode(model, cache, seq, &pre, &[], params, hooks)
 }
 
 /// A prompt in the cache, before [`Hooks::after_prefill`] ran: what [`decode`] continues from.
@@ -369,26 +389,40 @@ pub fn prefill(
 }
 
 /// Continue from a prefill: [`Hooks::after_prefill`] (compression; its time counts as
-/// prefill time, `compress_ms` of the generation's `prefill_times`), then greedy decoding.
+/// prefill time, `compress_ms` of the generation's `prefill_times`), then the `question`'s
+/// tokens one decode step each (the question-agnostic protocol: the question enters the
+/// compressed cache; `question_ms`, also prefill time; empty for LongBench's protocol), then
+/// greedy decoding. Positions continue from the prefill's `prompt_len`.
 pub fn decode(
     model: &mut Llama,
     cache: &mut dyn CacheBackend,
     seq: SeqId,
     pre: &Prefilled,
+    question: &[u32],
     params: &GenParams,
     hooks: &mut dyn Hooks,
 ) -> Result<Generation> {
     let t0 = Instant::now();
     hooks.after_prefill(cache, seq)?;
-    let prefill_times = PrefillTimes {
+    let mut prefill_times = PrefillTimes {
         compress_ms: ms_since(t0),
         ..pre.times
     };
-    let t1 = Instant::now();
     let mut logits = pre.logits.clone();
+    let mut pos = pre.prompt_len;
+    let t = Instant::now();
+    for &tok in question {
+        logits = decode_step(model, cache, seq, tok, hooks, &mut DecodeTimes::default())?;
+        pos += 1;
+    }
+    prefill_times.question_ms = if question.is_empty() {
+        0.0
+    } else {
+        ms_since(t)
+    };
+    let t1 = Instant::now();
     let first_logits = Some(logits.to_vec1::<f32>()?);
     let mut out = Vec::new();
-    let mut pos = pre.prompt_len;
     let mut times = DecodeTimes::default();
     let finish = loop {
         let t = Instant::now();
@@ -399,22 +433,7 @@ pub fn decode(
         if let Some(f) = params.finish(next, out.len(), pos) {
             break f;
         }
-        let probe = hooks.decode_probe();
-        let mut observe_ms = 0.0;
-        let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
-            let t = Instant::now();
-            let r = hooks.observe(layer, probs, c, seq);
-            observe_ms += ms_since(t);
-            r
-        };
-        let t = Instant::now();
-        logits = model.forward(&[next], seq, cache, probe, &mut observe)?;
-        times.forward_ms += ms_since(t) - observe_ms;
-        times.observe_ms += observe_ms;
-        times.steps += 1;
-        let t = Instant::now();
-        hooks.after_step(cache, seq)?;
-        times.compress_ms += ms_since(t);
+        logits = decode_step(model, cache, seq, next, hooks, &mut times)?;
     };
     Ok(Generation {
         output_ids: out,
@@ -425,6 +444,36 @@ pub fn decode(
         decode_ms: ms_since(t1),
         decode_times: times,
     })
+}
+
+/// One decode step of one sequence: `tok` forward with the hooks' probe and scoring, then
+/// their continual compression ([`Hooks::after_step`]); adds its times to `times` and
+/// returns the logits after `tok`.
+fn decode_step(
+    model: &mut Llama,
+    cache: &mut dyn CacheBackend,
+    seq: SeqId,
+    tok: u32,
+    hooks: &mut dyn Hooks,
+    times: &mut DecodeTimes,
+) -> Result<Tensor> {
+    let probe = hooks.decode_probe();
+    let mut observe_ms = 0.0;
+    let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
+        let t = Instant::now();
+        let r = hooks.observe(layer, probs, c, seq);
+        observe_ms += ms_since(t);
+        r
+    };
+    let t = Instant::now();
+    let logits = model.forward(&[tok], seq, cache, probe, &mut observe)?;
+    times.forward_ms += ms_since(t) - observe_ms;
+    times.observe_ms += observe_ms;
+    times.steps += 1;
+    let t = Instant::now();
+    hooks.after_step(cache, seq)?;
+    times.compress_ms += ms_since(t);
+    Ok(logits)
 }
 
 /// Probabilities a decode step may hold on the device before scoring them (see
@@ -570,26 +619,48 @@ pub fn forward_then_observe(
 pub struct BatchOutput {
     pub output_ids: Vec<u32>,
     pub finish_reason: FinishReason,
-    /// From the start of the batch to this sequence's last token.
+    /// From the end of the sequence's question (the batch's start without one) to its last
+    /// token.
     pub decode_ms: f64,
-    /// The batch's step times up to this sequence's last token.
+    /// The batch's step times over the same span.
     pub decode_times: DecodeTimes,
+    /// From the batch's start to the end of the sequence's question (0 without one).
+    pub question_ms: f64,
+    /// The logits after the question's last token (`None` without a question: they are the
+    /// prefill's).
+    pub first_logits: Option<Vec<f32>>,
 }
 
-/// Where a sequence of [`decode_batch`] starts: its first generated token (the argmax of its
-/// prefill logits) and its prompt length.
+/// Where a sequence of [`decode_batch`] starts.
 #[derive(Debug, Clone, Copy)]
-pub struct BatchStart {
+pub struct BatchStart<'a> {
+    /// The first generated token: the argmax of the prefill logits (unused with a question).
     pub first: u32,
+    /// Tokens the prefill put in the cache (positions continue from here).
     pub prompt_len: usize,
+    /// Tokens read one decode step each before generating (the question-agnostic protocol's
+    /// question, after the compression); empty for LongBench's protocol.
+    pub question: &'a [u32],
+}
+
+/// Per-sequence state of [`decode_batch`].
+struct BatchSeq {
+    next: u32,
+    pos: usize,
+    /// Question tokens fed so far.
+    fed: usize,
+    out: Vec<u32>,
+    /// When the question ended: ms since the batch's start, the batch's times then, the logits.
+    question_end: Option<(f64, DecodeTimes, Vec<f32>)>,
 }
 
 /// Greedy decoding of several prefilled sequences in one batch (forks of one prompt under
 /// several budgets, and forks of several prompts): `seqs[i]`, already through its
-/// `hooks[i].after_prefill`, continues from `starts[i]`; one [`Llama::forward_decode`] per step
-/// over the sequences still running, each with its own hooks (scoring, continual compression)
-/// and stop. Per sequence, the tokens single-sequence [`decode`] gives (same stop rules;
-/// argmax on the host, first maximum, as [`Llama::argmax`]).
+/// `hooks[i].after_prefill`, continues from `starts[i]` (reading its question first, if any);
+/// one [`Llama::forward_decode`] per step over the sequences still running, each with its own
+/// hooks (scoring, continual compression) and stop. Per sequence, the tokens single-sequence
+/// [`decode`] gives (same stop rules; argmax on the host, first maximum, as
+/// [`Llama::argmax`]).
 pub fn decode_batch(
     model: &mut Llama,
     cache: &mut dyn CacheBackend,
@@ -607,28 +678,25 @@ pub fn decode_batch(
         );
     }
     let t0 = Instant::now();
-    let mut next: Vec<u32> = starts.iter().map(|s| s.first).collect();
-    let mut pos: Vec<usize> = starts.iter().map(|s| s.prompt_len).collect();
-    let mut outs: Vec<Vec<u32>> = vec![Vec::new(); n];
+    let mut st: Vec<BatchSeq> = starts
+        .iter()
+        .map(|s| BatchSeq {
+            next: s.first,
+            pos: s.prompt_len,
+            fed: 0,
+            out: Vec::new(),
+            question_end: None,
+        })
+        .collect();
     let mut done: Vec<Option<BatchOutput>> = vec![None; n];
     let mut live: Vec<usize> = (0..n).collect();
     let mut times = DecodeTimes::default();
     loop {
         let mut still = Vec::with_capacity(live.len());
         for &i in &live {
-            let tok = next[i];
-            outs[i].push(tok);
-            pos[i] += 1;
-            match params.finish(tok, outs[i].len(), pos[i]) {
-                Some(f) => {
-                    done[i] = Some(BatchOutput {
-                        output_ids: std::mem::take(&mut outs[i]),
-                        finish_reason: f,
-                        decode_ms: ms_since(t0),
-                        decode_times: times,
-                    })
-                }
+            match take_token(&mut st[i], starts[i].question, params) {
                 None => still.push(i),
+                Some(f) => done[i] = Some(batch_output(&mut st[i], f, ms_since(t0), times)),
             }
         }
         live = still;
@@ -643,7 +711,7 @@ pub fn decode_batch(
             .copied()
             .find(|p| !matches!(p, Probe::None))
             .unwrap_or(Probe::None);
-        let tokens: Vec<u32> = live.iter().map(|&i| next[i]).collect();
+        let tokens: Vec<u32> = live.iter().map(|&i| st[i].next).collect();
         let batch: Vec<SeqId> = live.iter().map(|&i| seqs[i]).collect();
         let logits = {
             let (live, hooks, probes) = (&live, &mut *hooks, &probes);
@@ -659,8 +727,21 @@ pub fn decode_batch(
         times.compress_ms += ms_since(t);
         crate::profile::mark(&model.device, &mut clock, "decode.compress");
         let t = Instant::now();
-        for (tok, &i) in Llama::argmax_rows(&logits)?.into_iter().zip(&live) {
-            next[i] = tok;
+        for (row, (tok, &i)) in Llama::argmax_rows(&logits)?
+            .into_iter()
+            .zip(&live)
+            .enumerate()
+        {
+            let s = &mut st[i];
+            s.next = tok;
+            let q = starts[i].question.len();
+            if q > 0 && s.fed == q && s.question_end.is_none() {
+                let l = logits
+                    .get(row)?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1()?;
+                s.question_end = Some((ms_since(t0), times, l));
+            }
         }
         times.sample_ms += ms_since(t);
         crate::profile::mark(&model.device, &mut clock, "decode.sample");
@@ -669,6 +750,37 @@ pub fn decode_batch(
         .into_iter()
         .map(|d| d.expect("every sequence finishes"))
         .collect())
+}
+
+/// The token a sequence of [`decode_batch`] feeds next, in `s.next`: its question's next
+/// token while any is left, else its greedy choice, recorded as output. Returns how the
+/// sequence finishes when that output token ends it.
+fn take_token(s: &mut BatchSeq, question: &[u32], params: &GenParams) -> Option<FinishReason> {
+    s.pos += 1;
+    if let Some(&tok) = question.get(s.fed) {
+        s.next = tok;
+        s.fed += 1;
+        return None;
+    }
+    s.out.push(s.next);
+    params.finish(s.next, s.out.len(), s.pos)
+}
+
+/// The output of a finished sequence of [`decode_batch`] at `ms` and `times` since the batch's
+/// start: its decode span starts where its question ended.
+fn batch_output(s: &mut BatchSeq, f: FinishReason, ms: f64, times: DecodeTimes) -> BatchOutput {
+    let (question_ms, before, first_logits) = match s.question_end.take() {
+        Some((q_ms, q_times, l)) => (q_ms, q_times, Some(l)),
+        None => (0.0, DecodeTimes::default(), None),
+    };
+    BatchOutput {
+        output_ids: std::mem::take(&mut s.out),
+        finish_reason: f,
+        decode_ms: ms - question_ms,
+        decode_times: times - before,
+        question_ms,
+        first_logits,
+    }
 }
 
 #[cfg(test)]

@@ -55,6 +55,14 @@ pub struct PredRecord {
     /// Whether the model's chat template was applied to the prompt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<bool>,
+    /// Whether the question was in the prompt when the cache was compressed: true for
+    /// LongBench's protocol, false for the question-agnostic one (`<method>@context-only`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub question_in_window: Option<bool>,
+    /// Question-agnostic rows: prompt tokens read after the compression (the question, the chat
+    /// template's closing and any answer prefix); `prompt_tokens` minus this was compressed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub question_tokens: Option<usize>,
     /// Whether LongBench's middle truncation cut the prompt (it exceeded the max input length).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub truncated: Option<bool>,

@@ -113,10 +113,20 @@ pub struct DataArgs {
 pub struct SweepArgs {
     /// Compression methods, comma-separated (the full-cache baseline is always run): full,
     /// kvcompress, snapkv, pyramidkv, ada-snapkv, h2o, streamingllm, tova, random, knorm,
-    /// keydiff, <method>+kvcrush and <method>+chunkkv (README, Methods, says what each
+    /// keydiff, lagkv, <method>+kvcrush and <method>+chunkkv (README, Methods, says what each
     /// does).
     #[arg(long, value_delimiter = ',', default_value = "kvcompress")]
     pub methods: Vec<String>,
+    /// Where the question is when the cache is compressed. yes (LongBench's protocol): the
+    /// whole prompt, question included, is prefilled and compressed. no (kvpress's default,
+    /// question-agnostic): the prompt is split at its question (LongBench: the template's line
+    /// holding the question, or its closing instruction; RULER: the query line), the context
+    /// alone is prefilled and compressed, then the question is read into the compressed cache
+    /// and decoding starts. both: every method in both. A method run with `no` is named
+    /// `<method>@context-only` (its own runs, rows and plot series; `--methods
+    /// snapkv@context-only` asks for one directly); the full cache's one baseline serves both.
+    #[arg(long, value_enum, default_value_t = QuestionInWindow::Yes)]
+    pub question_in_window: QuestionInWindow,
     /// Compression rates: prompt KVs / kept KVs, >= 1 (1 = the full cache, 8 = keep one KV in
     /// 8). Default: 1,2,4,8,16,32,64 (1,2,4,8,64 on the bundled sample; none when
     /// --cache-tokens is given). The same budgets in kvpress's notation: --ratios.
@@ -158,6 +168,14 @@ pub struct SweepArgs {
     pub preset: Option<Preset>,
     #[command(flatten)]
     pub method_options: MethodOptions,
+}
+
+/// `--question-in-window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuestionInWindow {
+    Yes,
+    No,
+    Both,
 }
 
 /// How each sample is generated.

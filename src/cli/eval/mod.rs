@@ -17,7 +17,7 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::{DType, Device};
 
-pub use args::{DataArgs, EvalArgs, GenerationArgs, OutputArgs, SweepArgs};
+pub use args::{DataArgs, EvalArgs, GenerationArgs, OutputArgs, QuestionInWindow, SweepArgs};
 use progress::Progress;
 
 use crate::compress::{self, MethodSpec};
@@ -198,14 +198,37 @@ fn take_shard(
     Ok(tree)
 }
 
+/// `--methods` under `--question-in-window`: `no` runs each compressed method as its
+/// `@context-only` variant, `both` runs both (names given with the suffix stay as given).
+fn protocol_methods(methods: Vec<MethodSpec>, q: QuestionInWindow) -> Vec<MethodSpec> {
+    let mut out: Vec<MethodSpec> = Vec::new();
+    for m in methods {
+        let agnostic = (!m.is_full()).then(|| m.context_only_variant());
+        let take = match q {
+            QuestionInWindow::Yes => vec![Some(m)],
+            QuestionInWindow::No if m.is_full() => vec![Some(m)],
+            QuestionInWindow::No => vec![agnostic],
+            QuestionInWindow::Both => vec![Some(m), agnostic],
+        };
+        for t in take.into_iter().flatten() {
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+    }
+    out
+}
+
 /// Methods, rates, tasks and data, all checked without the model.
 fn select(args: &EvalArgs, note: &Note) -> anyhow::Result<Selection> {
-    let methods = args
-        .sweep
-        .methods
-        .iter()
-        .map(|m| MethodSpec::parse(m))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let methods = protocol_methods(
+        args.sweep
+            .methods
+            .iter()
+            .map(|m| MethodSpec::parse(m))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        args.sweep.question_in_window,
+    );
     let bundled = args.data.data_dir.is_none();
     let ratio_rates = match &args.sweep.ratios {
         Some(ratios) => Some(
@@ -256,17 +279,21 @@ fn select(args: &EvalArgs, note: &Note) -> anyhow::Result<Selection> {
             "--lengths: give positive token lengths, e.g. 1024,2048,4096"
         );
     }
+    let bundled_subsets =
+        |only: &[&str]| -> anyhow::Result<Vec<&'static crate::data::tasks::Task>> {
+            let have = data.subsets()?;
+            Ok(crate::data::tasks::LONGBENCH
+                .iter()
+                .filter(|t| only.is_empty() || only.contains(&t.name))
+                .filter(|t| have.iter().any(|h| h == t.name))
+                .collect())
+        };
     let tasks = match &args.data.tasks {
         Some(_) if longbench_spec.is_empty() => Vec::new(),
+        // `all` on the bundled sample: every subset it has.
+        Some(_) if bundled && longbench_spec == ["all"] => bundled_subsets(&[])?,
         Some(_) => select_tasks(&longbench_spec.join(","))?,
-        None if bundled => {
-            let have = data.subsets()?;
-            crate::data::tasks::LONGBENCH
-                .iter()
-                .filter(|t| BUNDLED_DEFAULT_TASKS.contains(&t.name))
-                .filter(|t| have.iter().any(|h| h == t.name))
-                .collect()
-        }
+        None if bundled => bundled_subsets(&BUNDLED_DEFAULT_TASKS)?,
         None => select_tasks("en16")?,
     };
     let samples: Option<BTreeSet<String>> =
@@ -743,4 +770,53 @@ fn run_sweep(
         }
     }
     Ok(outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn question_in_window_names_the_runs() {
+        let ms = |names: &[&str]| -> Vec<MethodSpec> {
+            names
+                .iter()
+                .map(|n| MethodSpec::parse(n).unwrap())
+                .collect()
+        };
+        let names = |q| -> Vec<String> {
+            protocol_methods(ms(&["full", "snapkv", "kvcompress+kvcrush"]), q)
+                .into_iter()
+                .map(|m| m.name)
+                .collect()
+        };
+        assert_eq!(
+            names(QuestionInWindow::Yes),
+            ["full", "snapkv", "kvcompress+kvcrush"]
+        );
+        assert_eq!(
+            names(QuestionInWindow::No),
+            [
+                "full",
+                "snapkv@context-only",
+                "kvcompress+kvcrush@context-only"
+            ]
+        );
+        assert_eq!(
+            names(QuestionInWindow::Both),
+            [
+                "full",
+                "snapkv",
+                "snapkv@context-only",
+                "kvcompress+kvcrush",
+                "kvcompress+kvcrush@context-only"
+            ]
+        );
+        // A name given with the suffix stays one run.
+        let given = protocol_methods(
+            ms(&["snapkv@context-only", "snapkv"]),
+            QuestionInWindow::Both,
+        );
+        assert_eq!(given.len(), 2);
+    }
 }

@@ -389,12 +389,15 @@ pub struct Sample {
 }
 
 impl Sample {
-    /// The row `kvc eval` runs: the body as `context`, the answer prefix, depth and the target
+    /// The row `kvc eval` runs: the body as `context` and `input` (its last line, the
+    /// question: every task's template ends with it), the answer prefix, depth and the target
     /// length (in `length`).
     pub fn row(&self) -> Row {
+        let body = &self.built.body;
+        let q = body.rfind('\n').map_or(0, |i| i + 1);
         Row {
-            input: String::new(),
-            context: self.built.body.clone(),
+            input: body[q..].to_string(),
+            context: body[..q].to_string(),
             answers: self.built.answers.clone(),
             length: Some(self.length as u64),
             dataset: Some(self.subset.clone()),
@@ -689,6 +692,50 @@ mod tests {
         assert!(none.is_none());
         let all = fit(5, 10, 7, |n| -> Result<Option<usize>, ()> { Ok(Some(n)) }).unwrap();
         assert_eq!(all, Some((10, 10)));
+    }
+
+    /// Every task's row puts its question (the body's last line, RULER's query) in `input`
+    /// and the rest in `context`: what the question-agnostic protocol compresses.
+    #[test]
+    fn rows_split_the_question_from_the_context() {
+        for task in TASKS.iter() {
+            let ctx = SampleCtx {
+                seed: 42,
+                task: task.name,
+                length: 4096,
+                index: 0,
+                depth: 50.0,
+            };
+            let built = build(task, 4096, unit_bounds(task).0 + 20, &ctx);
+            let sample = Sample {
+                id: "x".into(),
+                subset: subset_name(task, 4096),
+                index: 0,
+                length: 4096,
+                built: built.clone(),
+                prompt_tokens: 0,
+                units: 0,
+            };
+            let row = sample.row();
+            assert_eq!(
+                row.context.clone() + &row.input,
+                built.body,
+                "{}",
+                task.name
+            );
+            let q = &row.input;
+            assert!(
+                (q.starts_with("What") || q.starts_with("Question:"))
+                    && (q.ends_with('?') || q.ends_with("text above.")),
+                "{}: {q}",
+                task.name
+            );
+            assert!(
+                row.context.ends_with('\n') && row.context.len() > q.len(),
+                "{}",
+                task.name
+            );
+        }
     }
 
     #[test]

@@ -126,9 +126,11 @@ pub fn plan_runs(
 /// compressed method is one group (its prompt KVs and prefill metrics do not depend on the
 /// budget); with `share` off, every plan is a group of its own. `full` is a group of its own
 /// too, unless `full_joins`: then it is the last member of the first compressed method's group
-/// (a keep-all fork of that method's prefill, taking the prompt's own cache: no prefill and no
-/// copy of its own; kvc does this on a GPU, where `full`'s batches decode through the paged
-/// cache either way). Plan order is kept otherwise (groups by first member).
+/// that prefills the whole prompt (a keep-all fork of that method's prefill, taking the
+/// prompt's own cache: no prefill and no copy of its own; kvc does this on a GPU, where
+/// `full`'s batches decode through the paged cache either way; a question-agnostic group
+/// prefills the context alone, so `full` never joins one). Plan order is kept otherwise
+/// (groups by first member).
 pub fn group_plans(plans: &[RunPlan], share: bool, full_joins: bool) -> Vec<Vec<&RunPlan>> {
     let mut groups: Vec<Vec<&RunPlan>> = Vec::new();
     let mut full = Vec::new();
@@ -149,7 +151,7 @@ pub fn group_plans(plans: &[RunPlan], share: bool, full_joins: bool) -> Vec<Vec<
         }
     }
     // `full` was held back only when joining: every group here is a compressed method's.
-    match groups.first_mut() {
+    match groups.iter_mut().find(|g| !g[0].method.context_only()) {
         Some(g) => g.extend(full),
         None => groups.extend(full.into_iter().map(|p| vec![p])),
     }

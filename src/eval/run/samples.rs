@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
 use super::RunPlan;
-use crate::compress::{self, Budget, CompressionStats, Runner};
+use crate::compress::{self, Budget, CompressionStats, Prompt, Runner};
 use crate::data::prompt;
 use crate::data::tasks::Task;
 use crate::engine::{FinishReason, GenParams, Generation};
@@ -56,6 +56,7 @@ fn base_record(
         task: Some(task.name.to_string()),
         model: Some(lm.name.clone()),
         method: Some(plan.method.name.clone()),
+        question_in_window: Some(!plan.method.context_only()),
         rate: match plan.budget {
             Budget::Rate(r) => Some(r),
             Budget::Tokens(_) => None,
@@ -88,13 +89,21 @@ pub fn run_samples(
                 .collect()
         })
         .collect();
-    let ready = prepare_chunk(lm, task, chunk, s, &mut recs);
+    // One method per chunk (`full` never joins a question-agnostic group).
+    let split = plans.iter().any(|p| p.method.context_only());
+    let ready = prepare_chunk(lm, task, chunk, s, split, &mut recs);
     if ready.is_empty() {
         return recs;
     }
     // One subset: every prompt has the same decoding parameters.
     let params = ready[0].1.params.clone();
-    let prompts: Vec<&[u32]> = ready.iter().map(|(_, p)| p.ids.as_slice()).collect();
+    let prompts: Vec<Prompt> = ready
+        .iter()
+        .map(|(_, p)| Prompt {
+            ids: &p.ids,
+            question: p.question,
+        })
+        .collect();
     let budgets: Vec<Vec<Option<Budget>>> = ready
         .iter()
         .map(|(i, _)| {
@@ -131,15 +140,16 @@ fn fail(recs: &mut [PredRecord], e: &str) {
     }
 }
 
-/// Build the prompts of `chunk` and record each sample's prompt facts in its rows `recs[i]`
-/// (one per plan it lacks); a prompt that cannot be built, or does not fit the model's
-/// context, fails its rows. Returns the samples that can run: (index into `chunk`, prepared
-/// prompt), in order.
+/// Build the prompts of `chunk` (split at the question when `split`: the question-agnostic
+/// protocol) and record each sample's prompt facts in its rows `recs[i]` (one per plan it
+/// lacks); a prompt that cannot be built, or does not fit the model's context, fails its rows.
+/// Returns the samples that can run: (index into `chunk`, prepared prompt), in order.
 fn prepare_chunk(
     lm: &LoadedModel,
     task: &Task,
     chunk: &[(crate::data::longbench::Row, Vec<usize>)],
     s: &SampleSettings,
+    split: bool,
     recs: &mut [Vec<PredRecord>],
 ) -> Vec<(usize, Prepared)> {
     // Prompts that can run: (sample index, prepared). Built on all cores: tokenizing a
@@ -150,7 +160,7 @@ fn prepare_chunk(
         use rayon::prelude::*;
         chunk
             .par_iter()
-            .map(|(row, _)| prepare(lm, task, row, s))
+            .map(|(row, _)| prepare(lm, task, row, s, split))
             .collect()
     };
     crate::profile::mark(&lm.model.device, &mut clock, "eval.prompts");
@@ -167,6 +177,7 @@ fn prepare_chunk(
             r.chat_template = Some(prepared.chat);
             r.truncated = Some(prepared.truncated);
             r.prompt_tokens = Some(prepared.ids.len());
+            r.question_tokens = split.then_some(prepared.question);
             if need.len() > 1 {
                 r.prefill_shared = Some(need.len());
             }
@@ -174,7 +185,7 @@ fn prepare_chunk(
         match prepared
             .too_long
             .clone()
-            .or_else(|| cache_shortfall(task, s, prepared.ids.len()))
+            .or_else(|| cache_shortfall(task, s, prepared.ids.len(), prepared.question))
         {
             Some(e) => fail(&mut recs[i], &e),
             None => ready.push((i, prepared)),
@@ -215,6 +226,8 @@ fn fill_rows(
 /// A sample's prompt ids and decoding parameters.
 struct Prepared {
     ids: Vec<u32>,
+    /// The last ids read after the compression ([`Prompt::question`]; 0 unless split).
+    question: usize,
     params: GenParams,
     chat: bool,
     truncated: bool,
@@ -223,11 +236,17 @@ struct Prepared {
 }
 
 /// Why a prompt of `prompt` tokens cannot run: its paged cache (the sweep's forks at the
-/// subset's new tokens, [`super::SamplePool`]) exceeds the room of `s.cache_room`.
-fn cache_shortfall(task: &Task, s: &SampleSettings, prompt: usize) -> Option<String> {
+/// subset's new tokens, and room for the `question` tokens read after the compression,
+/// [`super::SamplePool`]) exceeds the room of `s.cache_room`.
+fn cache_shortfall(
+    task: &Task,
+    s: &SampleSettings,
+    prompt: usize,
+    question: usize,
+) -> Option<String> {
     let (room, pool) = s.cache_room.as_ref()?;
     let new = s.max_new_tokens.unwrap_or(task.max_new_tokens);
-    let need = pool.bytes(prompt, new);
+    let need = pool.bytes(prompt, new + question);
     (need > *room).then(|| {
         format!(
             "out of device memory: the paged cache of {prompt} prompt tokens and {new} new ones, with this sweep's forks, needs {need} bytes, {room} are free beside the activations: lower --max-input-tokens or --prefill-chunk, or run fewer rates at once"
@@ -240,10 +259,12 @@ fn prepare(
     task: &Task,
     row: &crate::data::longbench::Row,
     s: &SampleSettings,
+    split: bool,
 ) -> Result<Prepared, String> {
-    let filled = task
-        .build_prompt(&row.context, &row.input)
+    let (context_part, question_part) = task
+        .build_prompt_parts(&row.context, &row.input)
         .map_err(|e| e.to_string())?;
+    let filled = context_part + &question_part;
     let has_template = lm.tokenizer.chat_template.is_some();
     let chat = match s.chat {
         ChatMode::Auto => task.chat_template && has_template,
@@ -264,9 +285,15 @@ fn prepare(
             ids,
             truncated: false,
             chat,
+            text: filled,
         }
     } else {
         prompt::build(lm, &filled, s.max_input_tokens, chat).map_err(|e| e.to_string())?
+    };
+    let question = if split {
+        prompt::question_tokens(&lm.tokenizer, &built.ids, &built.text, &question_part, chat)?
+    } else {
+        0
     };
     let max_ctx = lm.config().max_context();
     let too_long = (built.ids.len() >= max_ctx).then(|| {
@@ -306,6 +333,7 @@ fn prepare(
     };
     Ok(Prepared {
         ids: built.ids,
+        question,
         params,
         chat,
         truncated: built.truncated,
@@ -368,7 +396,7 @@ mod tests {
             dump_allocation: false,
             cache_room: None,
         };
-        assert_eq!(cache_shortfall(task, &s, 500), None, "unchecked");
+        assert_eq!(cache_shortfall(task, &s, 500, 0), None, "unchecked");
         let layout = crate::kvcache::blocks::MemoryLayout {
             block_size: 16,
             head_dim: 64,
@@ -387,9 +415,9 @@ mod tests {
         let need = pool.bytes(500, 10);
         assert_eq!(need, blocks * layout.bytes_per_block());
         s.cache_room = Some((need, pool.clone()));
-        assert_eq!(cache_shortfall(task, &s, 500), None, "fits exactly");
+        assert_eq!(cache_shortfall(task, &s, 500, 0), None, "fits exactly");
         s.cache_room = Some((need - 1, pool));
-        let e = cache_shortfall(task, &s, 500).unwrap();
+        let e = cache_shortfall(task, &s, 500, 0).unwrap();
         assert!(
             e.contains(&need.to_string()) && e.contains("500 prompt tokens"),
             "{e}"

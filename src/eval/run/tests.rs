@@ -159,6 +159,17 @@ fn full_joins_the_first_method_group_last_only_when_asked() {
     let (only_full, _) = plan_runs(&[m("full")], &[1.0], &[], None).unwrap();
     let g = group_plans(&only_full, true, true);
     assert_eq!((g.len(), g[0][0].label()), (1, f.to_string()));
+    // A question-agnostic group prefills the context alone: `full` joins the next one, or
+    // none.
+    let q = m("kvcompress@context-only");
+    let (runs, _) = plan_runs(&[q.clone(), m("snapkv")], &[2.0], &[], None).unwrap();
+    let g: Vec<Vec<String>> = group_plans(&runs, true, true)
+        .iter()
+        .map(|g| g.iter().map(|p| p.label()).collect())
+        .collect();
+    assert_eq!(g, vec![vec!["kvcompress@context-only/rate2"], vec![s2, f]]);
+    let (runs, _) = plan_runs(&[q], &[2.0], &[], None).unwrap();
+    assert_eq!(group_plans(&runs, true, true).len(), 2);
 }
 
 #[test]

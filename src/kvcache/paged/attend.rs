@@ -102,15 +102,16 @@ impl PagedCache {
         Ok((kk, vv, key_pos, max))
     }
 
-    /// The keys of every kv-head of (layer, seq) in logical slot order: one `[len, d]` tensor
-    /// per kv-head, on the cache's device (for methods that score keys, not attention).
-    pub fn head_keys(&self, layer: usize, seq: SeqId) -> Result<Vec<Tensor>> {
-        let (kk, _, _, _) = self.gather_heads(layer, seq)?;
-        let kk = kk.squeeze(0)?;
+    /// The keys and values of every kv-head of (layer, seq) in logical slot order: one `[len,
+    /// d]` pair per kv-head, on the cache's device (for methods that score keys and values,
+    /// not attention).
+    pub fn head_kv(&self, layer: usize, seq: SeqId) -> Result<Vec<(Tensor, Tensor)>> {
+        let (kk, vv, _, _) = self.gather_heads(layer, seq)?;
+        let (kk, vv) = (kk.squeeze(0)?, vv.squeeze(0)?);
         (0..self.spec.kv_heads)
             .map(|h| {
                 let len = self.pool.len(layer, seq, h).map_err(be)?;
-                kk.get(h)?.narrow(0, 0, len)
+                Ok((kk.get(h)?.narrow(0, 0, len)?, vv.get(h)?.narrow(0, 0, len)?))
             })
             .collect()
     }

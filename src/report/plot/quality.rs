@@ -2,6 +2,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
+use crate::compress::CONTEXT_ONLY;
 use crate::data::tasks::Category;
 use crate::report::tables::{ScoreRow, SummaryRow};
 
@@ -87,6 +88,21 @@ struct ModelRows<'a> {
     subtitle: String,
 }
 
+/// Which protocols the figure's methods ran under (`<method>@context-only`: the question read
+/// after the compression; the others: the question in the compressed prompt).
+fn protocol_note(methods: &BTreeSet<&str>) -> &'static str {
+    let compressed = methods.iter().filter(|m| **m != "full");
+    let agnostic = compressed
+        .clone()
+        .filter(|m| m.ends_with(CONTEXT_ONLY))
+        .count();
+    match (agnostic, compressed.count() - agnostic) {
+        (0, _) => "question in the compressed prompt (LongBench)",
+        (_, 0) => "question read after compression (question-agnostic)",
+        _ => "question in the prompt, and @context-only: read after compression",
+    }
+}
+
 impl<'a> ModelRows<'a> {
     /// `model`'s rows of `rows` and of `summary`.
     fn new(
@@ -128,10 +144,11 @@ impl<'a> ModelRows<'a> {
         } else {
             String::new()
         };
-        let subtitle = format!(
-            "model: {model}  |  data: {data}{zero_note}  |  bars: 95% paired bootstrap  |  source: {data_note}"
-        );
         let methods: BTreeSet<&str> = mrows.iter().map(|r| r.method.as_str()).collect();
+        let subtitle = format!(
+            "model: {model}  |  data: {data}{zero_note}  |  {}  |  bars: 95% paired bootstrap  |  source: {data_note}",
+            protocol_note(&methods)
+        );
         ModelRows {
             model,
             rows: mrows,
@@ -471,6 +488,17 @@ mod tests {
         assert_eq!(kv.points, [(1.0, 100.0), (8.0, 70.0)]);
         assert_eq!(kv.bars, [(8.0, 40.0, 90.0)]);
         assert!(by_rate.subtitle.contains("1 with full-cache score 0"));
+        assert!(by_rate
+            .subtitle
+            .contains("question in the compressed prompt (LongBench)"));
+        let set = |m: &[&'static str]| m.iter().copied().collect::<BTreeSet<&str>>();
+        assert_eq!(
+            protocol_note(&set(&["full", "snapkv@context-only"])),
+            "question read after compression (question-agnostic)"
+        );
+        assert!(
+            protocol_note(&set(&["snapkv", "snapkv@context-only"])).contains("and @context-only")
+        );
         let (_, sub) = figs
             .iter()
             .find(|(n, _)| n.ends_with("kv__subtasks_by_rate"))
