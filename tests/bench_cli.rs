@@ -228,8 +228,8 @@ fn bad_input_exits_2_with_one_line() {
         .collect();
     let mut a = base(m, o);
     a.extend([
-        "--rates",
-        "1,8",
+        "--ratios", // kvpress's notation for rates 1 and 8
+        "0,0.875",
         "--input-lens",
         "48",
         "--output-len",
@@ -251,4 +251,13 @@ fn bad_input_exits_2_with_one_line() {
     assert!(e.contains("exceeds the model's context of 2048"), "{e}");
     let e = run(&["--input-lens", "32", "--kv-memory", "1.5"]);
     assert!(e.contains("fraction"), "{e}");
+    let e = run(&[
+        "--ratios",
+        "0.5,1",
+        "--input-lens",
+        "32",
+        "--kv-memory",
+        "1MiB",
+    ]);
+    assert!(e.contains("--ratios") && e.contains("[0, 1)"), "{e}");
 }

@@ -44,6 +44,10 @@ pub struct BenchArgs {
     /// the baseline; under `--schedule paper` rate 1 is also a compressed run (budget L - 16).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64")]
     pub rates: Vec<f64>,
+    /// The rates in NVIDIA kvpress's notation, `compression_ratio` (the fraction of KVs
+    /// removed, in [0, 1)): 0, 0.5, 0.875 are rates 1, 2, 8. Instead of --rates.
+    #[arg(long, value_delimiter = ',', conflicts_with = "rates")]
+    pub ratios: Option<Vec<f64>>,
     /// When sequences are compressed and admissions held: paper (the KV-Compress reference's),
     /// kvc (kvc's own), or both (every rate under each; one baseline).
     #[arg(long, value_enum, default_value = "paper")]
@@ -195,7 +199,19 @@ fn check_flags(args: &BenchArgs) -> anyhow::Result<()> {
     if let Some(r) = args.rates.iter().find(|r| !(r.is_finite() && **r >= 1.0)) {
         anyhow::bail!("--rates: compression rates must be at least 1 (1 = full cache), got {r}");
     }
-    Ok(())
+    rates(args).map(|_| ())
+}
+
+/// `--rates`, or `--ratios` as rates (`1 / (1 - ratio)`).
+fn rates(args: &BenchArgs) -> anyhow::Result<Vec<f64>> {
+    match &args.ratios {
+        None => Ok(args.rates.clone()),
+        Some(ratios) => ratios
+            .iter()
+            .map(|&x| crate::eval::run::rate_from_ratio(x))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("--ratios: {e}")),
+    }
 }
 
 /// `--plot-only`: redraws the plots of the model's existing throughput.csv, loading no weights.
@@ -239,7 +255,7 @@ fn setup(args: &BenchArgs, lm: &LoadedModel) -> anyhow::Result<Bench> {
     })?;
     let kv_bytes = bench::kv_bytes(kv_memory, &device)?;
     let sw = SweepConfig {
-        rates: args.rates.clone(),
+        rates: rates(args)?,
         input_lens: args.input_lens.clone(),
         output_len: args.output_len,
         num_prompts: args.num_prompts,

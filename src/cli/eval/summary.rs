@@ -239,9 +239,16 @@ fn write_table(
         out,
         "{model}: full/rate1 in LongBench points, other runs in % of full cache (all: with its 95% paired-bootstrap interval); ratio = kvpress's compression_ratio, 1 - 1/rate"
     );
+    // The run column fits the longest label (`snapkv+kvcrush@context-only/tokens1024`).
+    let w = plans
+        .iter()
+        .map(|p| p.label().len())
+        .max()
+        .unwrap_or(0)
+        .max(22);
     let _ = write!(
         out,
-        "{:<22} {:>6} {:>5} {:>6} {:>8} {:>7} {:>14}",
+        "{:<w$} {:>6} {:>5} {:>6} {:>8} {:>7} {:>14}",
         "run", "ratio", "n", "failed", "achieved", "all", "all 95% CI"
     );
     for c in &cats {
@@ -284,7 +291,7 @@ fn write_table(
             .unwrap_or_else(|| "-".into());
         let _ = write!(
             out,
-            "{:<22} {:>6} {:>5} {:>6} {:>8} {:>7} {:>14}",
+            "{:<w$} {:>6} {:>5} {:>6} {:>8} {:>7} {:>14}",
             p.label(),
             ratio,
             o.n_selected,

@@ -97,9 +97,9 @@ fn protocol_note(methods: &BTreeSet<&str>) -> &'static str {
         .filter(|m| m.ends_with(CONTEXT_ONLY))
         .count();
     match (agnostic, compressed.count() - agnostic) {
-        (0, _) => "question in the compressed prompt (LongBench)",
-        (_, 0) => "question read after compression (question-agnostic)",
-        _ => "question in the prompt, and @context-only: read after compression",
+        (0, _) => "question in the prompt (LongBench)",
+        (_, 0) => "question after compression (question-agnostic)",
+        _ => "question in the prompt; @context-only: after compression",
     }
 }
 
@@ -490,15 +490,14 @@ mod tests {
         assert!(by_rate.subtitle.contains("1 with full-cache score 0"));
         assert!(by_rate
             .subtitle
-            .contains("question in the compressed prompt (LongBench)"));
+            .contains("question in the prompt (LongBench)"));
         let set = |m: &[&'static str]| m.iter().copied().collect::<BTreeSet<&str>>();
         assert_eq!(
             protocol_note(&set(&["full", "snapkv@context-only"])),
-            "question read after compression (question-agnostic)"
+            "question after compression (question-agnostic)"
         );
-        assert!(
-            protocol_note(&set(&["snapkv", "snapkv@context-only"])).contains("and @context-only")
-        );
+        assert!(protocol_note(&set(&["snapkv", "snapkv@context-only"]))
+            .contains("; @context-only: after"));
         let (_, sub) = figs
             .iter()
             .find(|(n, _)| n.ends_with("kv__subtasks_by_rate"))
