@@ -1,6 +1,7 @@
 //! Key-based scorers of kvpress: Knorm (`KnormPress`, Devoto et al., 2024: keys with a small
 //! L2 norm draw attention, so the largest norms go) and KeyDiff (`KeyDiffPress`, Park et al.,
-//! 2025: keys least similar to the head's mean direction are kept). They read the prompt's keys,
+//! 2025: keys least similar to the head's mean direction are kept); their policy also runs
+//! LagKV's scores of keys and values ([`super::lagkv`]). They read the prompt's keys,
 //! not attention, so they need no probed queries and never see the question's attention.
 //! Compress once, after prefill; nothing is protected, as in kvpress. The scores are candle ops
 //! on the cache's device (the same ops on the CPU are their twin).
@@ -20,6 +21,8 @@ pub enum KeyScore {
     Knorm,
     /// `-cos(k, mean of the head's unit keys)`.
     KeyDiff,
+    /// LagKV's partition ranks from keys and values ([`super::lagkv`]).
+    LagKv(super::lagkv::LagKv),
 }
 
 /// The policy (see the module docs).
@@ -29,13 +32,15 @@ pub struct KeyScored {
 }
 
 impl KeyScored {
-    /// Scores of `keys` `[len, d]`, in f32.
-    pub fn scores(&self, keys: &Tensor) -> Result<Tensor> {
-        let k = keys.to_dtype(DType::F32)?;
-        let norm = k.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?; // [len, 1]
+    /// Scores of `keys` (and, for LagKV, `values`) `[len, d]`, in f32.
+    pub fn scores(&self, keys: &Tensor, values: &Tensor) -> Result<Tensor> {
+        let norm = |k: &Tensor| k.sqr()?.sum_keepdim(D::Minus1)?.sqrt(); // [len, 1]
         match self.score {
-            KeyScore::Knorm => norm.squeeze(D::Minus1)?.neg(),
+            KeyScore::LagKv(lag) => lag.scores(keys, values),
+            KeyScore::Knorm => norm(&keys.to_dtype(DType::F32)?)?.squeeze(D::Minus1)?.neg(),
             KeyScore::KeyDiff => {
+                let k = keys.to_dtype(DType::F32)?;
+                let norm = norm(&k)?;
                 // F.normalize clamps the norm at 1e-12; cosine_similarity at 1e-8 per side.
                 let unit = k.broadcast_div(&norm.clamp(1e-12f32, f32::MAX)?)?;
                 let anchor = unit.mean_keepdim(0)?; // [1, d]
@@ -61,8 +66,8 @@ impl Policy for KeyScored {
     fn scores_keys(&self) -> bool {
         true
     }
-    fn key_scores(&self, keys: &Tensor, _values: &Tensor) -> Result<Vec<f32>> {
-        self.scores(keys)?.to_vec1()
+    fn key_scores(&self, keys: &Tensor, values: &Tensor) -> Result<Vec<f32>> {
+        self.scores(keys, values)?.to_vec1()
     }
     fn plan(&self, view: &SeqView, budget: usize, phase: Phase) -> EvictionPlan {
         if phase == Phase::Decode {
@@ -95,7 +100,7 @@ mod tests {
         let s = KeyScored {
             score: KeyScore::Knorm,
         };
-        let v: Vec<f32> = s.scores(&keys()).unwrap().to_vec1().unwrap();
+        let v: Vec<f32> = s.scores(&keys(), &keys()).unwrap().to_vec1().unwrap();
         assert_eq!(v, vec![-5.0, -1.0, -1.0, 0.0]);
         let bf = keys().to_dtype(DType::BF16).unwrap();
         assert_eq!(s.key_scores(&bf, &bf).unwrap(), vec![-5.0, -1.0, -1.0, 0.0]);
@@ -108,7 +113,7 @@ mod tests {
         let s = KeyScored {
             score: KeyScore::KeyDiff,
         };
-        let v: Vec<f32> = s.scores(&keys()).unwrap().to_vec1().unwrap();
+        let v: Vec<f32> = s.scores(&keys(), &keys()).unwrap().to_vec1().unwrap();
         let a = (0.4f32, 0.45f32);
         let an = (a.0 * a.0 + a.1 * a.1).sqrt();
         let want = [

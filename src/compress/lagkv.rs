@@ -14,17 +14,14 @@
 //! here the range is clamped at 1e-12.
 use candle_core::{DType, Result, Tensor, D};
 
-use super::policy::{evict_lowest, per_head_plan, zero_scores, Phase, Policy, SeqView};
-use crate::kvcache::blocks::EvictionPlan;
-use crate::kvcache::Probe;
-
 /// Sink tokens always kept (kvpress's `n_sink`).
 pub const N_SINK: usize = 4;
 /// Partition length (kvpress's `lag_size`).
 pub const LAG: usize = 128;
 
-/// The policy (see the module docs).
-#[derive(Debug, Clone, Copy)]
+/// The scorer (see the module docs); it runs as [`super::knorm::KeyScored`] with
+/// [`super::knorm::KeyScore::LagKv`], the policy of every key and value scorer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LagKv {
     pub n_sink: usize,
     pub lag: usize,
@@ -83,38 +80,6 @@ impl LagKv {
         let centred = scaled.broadcast_sub(&scaled.mean_keepdim(D::Minus1)?)?;
         let std = (centred.sqr()?.sum(D::Minus1)? / (d - 1) as f64)?.sqrt()?;
         candle_nn::ops::softmax_last_dim(&std)
-    }
-}
-
-impl Policy for LagKv {
-    fn prefill_probe(&self) -> Probe {
-        Probe::None
-    }
-    fn decode_probe(&self) -> Probe {
-        Probe::None
-    }
-    fn score(&self, _: Phase, _: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-        Ok(zero_scores(positions))
-    }
-    fn scores_keys(&self) -> bool {
-        true
-    }
-    fn key_scores(&self, keys: &Tensor, values: &Tensor) -> Result<Vec<f32>> {
-        self.scores(keys, values)?.to_vec1()
-    }
-    fn plan(&self, view: &SeqView, budget: usize, phase: Phase) -> EvictionPlan {
-        if phase == Phase::Decode {
-            return EvictionPlan::default();
-        }
-        per_head_plan(view, |_, _, h| {
-            evict_lowest(&h.metric, &vec![false; h.metric.len()], budget)
-        })
-    }
-    fn continual(&self) -> bool {
-        false
-    }
-    fn min_budget(&self) -> usize {
-        1
     }
 }
 

@@ -421,7 +421,9 @@ pub fn build_policy(
         "keydiff" => Box::new(knorm::KeyScored {
             score: knorm::KeyScore::KeyDiff,
         }),
-        "lagkv" => Box::new(lagkv::LagKv::default()),
+        "lagkv" => Box::new(knorm::KeyScored {
+            score: knorm::KeyScore::LagKv(lagkv::LagKv::default()),
+        }),
         other => anyhow::bail!("method `{other}` is not implemented"),
     };
     if spec.kvcrush() {
