@@ -321,3 +321,59 @@ fn bad_ruler_arguments_exit_2_with_the_fix() {
     let t = text(&o);
     assert!(t.contains("4096 exceeds the model's context (2048"), "{t}");
 }
+
+/// `--export-prompts` writes the prompts the sweep runs: per sample its ids with the question
+/// split that `@context-only` rows record, the answers and the decoding settings; nothing is
+/// generated.
+#[test]
+fn exported_prompts_are_the_prompts_eval_runs() {
+    let r = setup();
+    let args = [
+        "--tasks",
+        "ruler:niah_single_1,ruler:niah_multivalue",
+        "--lengths",
+        "1024",
+        "--ruler-samples",
+        "2",
+        "--methods",
+        "snapkv",
+        "--rates",
+        "2",
+        "--question-in-window",
+        "no",
+    ];
+    let file = r.out.with_file_name("prompts.jsonl");
+    let mut export = args.to_vec();
+    export.extend(["--export-prompts", file.to_str().unwrap()]);
+    let o = r.kvc(&export);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!r.out.exists(), "export generated a results tree");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    let o = r.kvc(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    for p in &lines {
+        let task = p["task"].as_str().unwrap();
+        let preds = r
+            .out
+            .join(format!("tiny/snapkv@context-only/rate2/preds/{task}.jsonl"));
+        let rows = std::fs::read_to_string(&preds).unwrap();
+        let row: serde_json::Value = rows
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|row| row["_id"] == p["_id"])
+            .unwrap_or_else(|| panic!("{} not run", p["_id"]));
+        let ids = p["ids"].as_array().unwrap();
+        assert_eq!(row["prompt_tokens"].as_u64().unwrap() as usize, ids.len());
+        assert_eq!(row["question_tokens"], p["question_tokens"]);
+        let q = p["question_tokens"].as_u64().unwrap() as usize;
+        assert!(q > 0 && q < ids.len() / 2, "question of {q} tokens");
+        assert_eq!(row["answers"], p["answers"]);
+        assert_eq!(p["max_new_tokens"], 3, "--max-new-tokens 3 applies");
+        assert!(!p["stop_ids"].as_array().unwrap().is_empty());
+    }
+}

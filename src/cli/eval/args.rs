@@ -230,6 +230,12 @@ pub struct OutputArgs {
     /// per-head and per-layer rates, for plots.
     #[arg(long)]
     pub dump_allocation: bool,
+    /// Write every selected sample's prompt to this JSON-lines file and stop (no generation):
+    /// its token ids, how many of the last ones are the question (the question-agnostic
+    /// split), the decoding settings and the answers. Another tool run on these ids sees the
+    /// very prompts kvc runs (scripts/gpu/kvpress_side_by_side.py reads them).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["shard", "devices"])]
+    pub export_prompts: Option<PathBuf>,
     /// No progress bars (they are also hidden when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,

@@ -96,6 +96,17 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<Status> {
     let mut settings = sample_settings(&args, &m, max_input);
     let generated = add_ruler(&args, &m.lm, &settings, &mut sel, &note)?;
     run::check_samples_found(sel.samples.as_ref(), &sel.subsets)?;
+    if let Some(path) = &args.output.export_prompts {
+        let n = run::export_prompts(
+            &m.lm,
+            (&sel.data, &generated),
+            &sel.subsets,
+            &settings,
+            path,
+        )?;
+        note.say(&format!("wrote {n} prompts to {}", path.display()));
+        return Ok(Status::Ok);
+    }
     if let Some(shard) = args.output.shard {
         args.output.out = take_shard(shard, &args.output.out, &mut sel, &note)?;
     }

@@ -22,12 +22,13 @@
 //!
 //! Files: `plan.rs` (runs, groups, subsets, batch size), `dirs.rs` (run.json, resume, the
 //! prediction writer), `samples.rs` (the sample loop), `ruler.rs` (RULER generation),
-//! `sweep.rs` (a group of runs over every subset); items are re-exported here.
+//! `sweep.rs` (a group of runs over every subset), `export.rs` (the prompts for another tool); items are re-exported here.
 use std::path::{Path, PathBuf};
 
 use crate::data::longbench::DataError;
 
 mod dirs;
+mod export;
 mod plan;
 mod ruler;
 mod samples;
@@ -37,6 +38,7 @@ pub use dirs::{
     drop_failed_rows, load_existing, prepare_run_dir, Existing, PredWriter, RunConfig,
     PROMPT_RECIPE,
 };
+pub use export::export_prompts;
 pub use plan::{
     check_samples_found, data_report, group_plans, inspect_data, plan_runs, rate_from_ratio,
     ratio_from_rate, RunPlan, SamplePool, SubsetPlan, AUTO_BATCH_MAX,

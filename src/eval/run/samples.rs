@@ -224,15 +224,15 @@ fn fill_rows(
 }
 
 /// A sample's prompt ids and decoding parameters.
-struct Prepared {
-    ids: Vec<u32>,
+pub(super) struct Prepared {
+    pub(super) ids: Vec<u32>,
     /// The last ids read after the compression ([`Prompt::question`]; 0 unless split).
-    question: usize,
-    params: GenParams,
-    chat: bool,
-    truncated: bool,
+    pub(super) question: usize,
+    pub(super) params: GenParams,
+    pub(super) chat: bool,
+    pub(super) truncated: bool,
     /// The prompt does not fit the model's context (the rows record the prompt, then fail).
-    too_long: Option<String>,
+    pub(super) too_long: Option<String>,
 }
 
 /// Why a prompt of `prompt` tokens cannot run: its paged cache (the sweep's forks at the
@@ -254,7 +254,7 @@ fn cache_shortfall(
     })
 }
 
-fn prepare(
+pub(super) fn prepare(
     lm: &LoadedModel,
     task: &Task,
     row: &crate::data::longbench::Row,

@@ -252,11 +252,19 @@ type Rows<'a> = Box<dyn Iterator<Item = Result<Row, EvalError>> + 'a>;
 
 /// The rows of subset `sp` ([`Rows`]).
 fn subset_rows<'a>(sw: &'a Sweep, sp: &SubsetPlan) -> Result<Rows<'a>, EvalError> {
-    Ok(match sw.generated.get(sp.task.name) {
+    rows_of(sw.data, sw.generated, sp)
+}
+
+/// The rows of subset `sp`: `generated`'s (RULER), else streamed from `data`.
+pub(super) fn rows_of<'a>(
+    data: &'a Dataset,
+    generated: &'a BTreeMap<String, Vec<Row>>,
+    sp: &SubsetPlan,
+) -> Result<Rows<'a>, EvalError> {
+    Ok(match generated.get(sp.task.name) {
         Some(rows) => Box::new(rows.iter().cloned().map(Ok)),
         None => Box::new(
-            sw.data
-                .rows(sp.task.name)?
+            data.rows(sp.task.name)?
                 .map(|r| r.map(|(_, row)| row).map_err(EvalError::from)),
         ),
     })
