@@ -4,7 +4,7 @@
 #                              # README's first command in a fresh clone (readme-main-job.sh)
 #   scripts/test.sh --cuda     # also check that the CUDA build compiles (toolchain from PyPI)
 # Installs what it needs: Rust (rustup, when cargo is missing), the embedded model
-# (scripts/fetch-model.sh), the Python venv with LongBench's official metrics
+# (scripts/fetch-model.sh), RULER's word lists and essays (scripts/fetch-ruler-sources.sh), the Python venv with LongBench's official metrics
 # (scripts/conformance-venv.sh). Set CARGO_TARGET_DIR to a persistent directory to speed up
 # warm runs; nothing relies on it.
 set -euo pipefail
@@ -39,6 +39,7 @@ fi
 stamp "fetching the embedded model"
 scripts/fetch-model.sh
 scripts/fetch-llama3-tokenizer.sh
+scripts/fetch-ruler-sources.sh
 stamp "preparing the LongBench metrics venv"
 export KVC_CONFORMANCE_VENV=${KVC_CONFORMANCE_VENV:-$PWD/.venv-conformance}
 scripts/conformance-venv.sh "$KVC_CONFORMANCE_VENV" >/dev/null

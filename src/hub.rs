@@ -277,9 +277,9 @@ fn has_suffix(dir: &Path, suffix: &str, depth: usize) -> bool {
     })
 }
 
-/// Directories searched for the embedded model: `$KVC_MODELS_DIR`, `./models`, and `models/`
-/// beside the source tree the binary was built from.
-fn embedded_dirs() -> Vec<PathBuf> {
+/// Directories searched for the embedded model (and what `scripts/fetch-*.sh` put beside it):
+/// `$KVC_MODELS_DIR`, `./models`, and `models/` beside the source tree the binary was built from.
+pub fn embedded_dirs() -> Vec<PathBuf> {
     let mut v = Vec::new();
     if let Ok(d) = std::env::var("KVC_MODELS_DIR") {
         v.push(PathBuf::from(d));

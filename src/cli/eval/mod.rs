@@ -22,7 +22,7 @@ use progress::Progress;
 
 use crate::compress::{self, MethodSpec};
 use crate::data::longbench::{Dataset, Row};
-use crate::data::ruler::RulerTask;
+use crate::data::ruler::{RulerTask, Sources};
 use crate::data::select::select_tasks;
 use crate::eval::memory::{self, prefill_activation_bytes, MemoryPlan};
 use crate::eval::record::RunMeta;
@@ -61,6 +61,8 @@ struct Selection {
     /// No `--data-dir`: the bundled sample and its defaults.
     bundled: bool,
     ruler_tasks: Vec<&'static RulerTask>,
+    /// Where the RULER prompts' words and essays came from (set when they are generated).
+    ruler_sources: Option<&'static Sources>,
     subsets: Vec<SubsetPlan>,
     samples: Option<BTreeSet<String>>,
     /// Per-file data checks for run.json, and the warnings they raised.
@@ -341,6 +343,7 @@ fn select(args: &EvalArgs, note: &Note) -> anyhow::Result<Selection> {
         needs_longbench,
         bundled,
         ruler_tasks,
+        ruler_sources: None,
         subsets,
         samples,
         files_json,
@@ -445,6 +448,45 @@ fn sample_settings(args: &EvalArgs, m: &Loaded, max_input: usize) -> SampleSetti
     }
 }
 
+/// RULER's words and essays: `arg` (a directory, or `fallback`), else `ruler-sources/` in the
+/// first models directory that has one, else kvc's offline fallback with a warning. Loaded
+/// once per process (leaked: the prompts borrow it for the whole run).
+fn ruler_sources(arg: Option<&str>, note: &Note) -> anyhow::Result<&'static Sources> {
+    let dir = match arg {
+        Some("fallback") => return Ok(Sources::fallback()),
+        Some(d) => std::path::PathBuf::from(d),
+        None => {
+            let dirs = hub::embedded_dirs();
+            match dirs
+                .iter()
+                .map(|d| d.join("ruler-sources"))
+                .find(|d| d.is_dir())
+            {
+                Some(d) => d,
+                None => {
+                    let looked: Vec<String> = dirs
+                        .iter()
+                        .map(|d| d.join("ruler-sources").display().to_string())
+                        .collect();
+                    eprintln!(
+                        "warning: RULER's word lists and essays are not installed (looked in {}): generating from kvc's offline fallback (`kvc-fallback`: committed words, multi_news haystack; named in run.json and the sample ids). Run scripts/fetch-ruler-sources.sh for RULER's own, or pass --ruler-sources fallback to silence this.",
+                        looked.join(", ")
+                    );
+                    return Ok(Sources::fallback());
+                }
+            }
+        }
+    };
+    let s = Sources::load(&dir)?;
+    note.say(&format!(
+        "ruler: sources `{}` from {} (sha256 {}…)",
+        s.name,
+        dir.display(),
+        &s.digest[..12]
+    ));
+    Ok(Box::leak(Box::new(s)))
+}
+
 /// The RULER subsets, generated with the model's tokenizer and added to `sel`; returns their
 /// rows by subset name.
 fn add_ruler(
@@ -457,12 +499,15 @@ fn add_ruler(
     if sel.ruler_tasks.is_empty() {
         return Ok(BTreeMap::new());
     }
+    let sources = ruler_sources(args.data.ruler_sources.as_deref(), note)?;
+    sel.ruler_sources = Some(sources);
     let t_gen = Instant::now();
     let plan = run::RulerPlan {
         tasks: sel.ruler_tasks.clone(),
         lengths: args.data.lengths.clone(),
         samples: args.data.ruler_samples,
         seed: args.data.seed,
+        sources,
     };
     let (mut ruler_subsets, rows) = run::generate_ruler(lm, &plan, settings)?;
     for sp in &mut ruler_subsets {
@@ -651,6 +696,11 @@ impl<'a> MetaBuilder<'a> {
                 "lengths": args.data.lengths,
                 "samples": args.data.ruler_samples,
                 "seed": args.data.seed,
+                "sources": sel.ruler_sources.map(|s| serde_json::json!({
+                    "name": s.name,
+                    "dir": s.dir,
+                    "sha256": s.digest,
+                })),
             })
         });
         // How samples were scheduled: changes timings, never outputs (not in the hash).

@@ -1,20 +1,7 @@
 //! Common-words extraction (RULER `common_words_extraction.py`): a numbered list in which 10
 //! words appear `freq_cw` times and the rest `freq_ucw` times (6 and 1 below 4096 tokens); the
 //! answer is the 10 common words. One in-context example precedes the task, as RULER.
-use std::sync::OnceLock;
-
-use super::words::word_pool;
 use super::{Built, SampleCtx};
-
-/// Size of the word pool: kvc's English lists plus synthetic words.
-pub fn max_words() -> usize {
-    pool().len()
-}
-
-fn pool() -> &'static [String] {
-    static P: OnceLock<Vec<String>> = OnceLock::new();
-    P.get_or_init(|| word_pool(20_000))
-}
 
 const TEMPLATE_HEAD: &str = "Below is a numbered list of words. In these words, some appear more often than others. Memorize the ones that appear most often.\n";
 const QUESTION: &str = "\nQuestion: What are the 10 most common words in the above list?";
@@ -29,7 +16,8 @@ fn numbered(words: &[String]) -> String {
         .join(" ")
 }
 
-/// (context, common words) with `num_words` distinct words drawn by `stream`.
+/// (context, common words) with `num_words` distinct words drawn by `stream` from the
+/// source's real words while they suffice ([`super::sources::Sources::cwe_words`]).
 fn example(
     ctx: &SampleCtx,
     stream: &str,
@@ -39,7 +27,7 @@ fn example(
     num_cw: usize,
 ) -> (String, Vec<String>) {
     let mut rng = ctx.rng(stream);
-    let p = pool();
+    let p = ctx.src.cwe_words(num_words);
     let picked: Vec<String> = rng
         .sample(p.len(), num_words)
         .into_iter()
@@ -93,6 +81,7 @@ mod tests {
     #[test]
     fn common_words_appear_most_often() {
         let ctx = SampleCtx {
+            src: crate::data::ruler::Sources::fallback(),
             seed: 3,
             task: "cwe",
             length: 8192,

@@ -54,6 +54,7 @@ mod tests {
     fn zeta_two_and_answer_ranks() {
         assert!((zeta(2.0) - std::f64::consts::PI.powi(2) / 6.0).abs() < 1e-9);
         let ctx = SampleCtx {
+            src: crate::data::ruler::Sources::fallback(),
             seed: 3,
             task: "fwe",
             length: 2048,

@@ -1,32 +1,12 @@
 //! Haystacks: RULER's repeated noise sentence and kvc's real text (LongBench multi_news
 //! contexts, embedded), with needle insertion at a depth.
-use std::sync::OnceLock;
-
 /// RULER's noise haystack unit (`niah.py` `noise`, also the filler of variable tracking).
 pub const NOISE: &str =
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";
 
-/// The real-text haystack: see `datasets/ruler/README.md`.
+/// The offline fallback's real-text haystack (see `datasets/ruler/README.md` and
+/// [`super::sources`]).
 pub const TEXT: &str = include_str!("../../../datasets/ruler/multi_news_haystack.txt");
-
-/// The words of [`TEXT`] (whitespace-split, as RULER splits its essays).
-pub fn text_words() -> &'static [&'static str] {
-    static W: OnceLock<Vec<&'static str>> = OnceLock::new();
-    W.get_or_init(|| TEXT.split_whitespace().collect())
-}
-
-/// The first `n` words of the real text (cycling when `n` exceeds it), as one string.
-pub fn text_prefix(n: usize) -> String {
-    let w = text_words();
-    let mut out = String::with_capacity(n * 6);
-    for i in 0..n {
-        if i > 0 {
-            out.push(' ');
-        }
-        out.push_str(w[i % w.len()]);
-    }
-    out
-}
 
 /// Titles and abbreviations after which a capital does not start a sentence.
 const ABBREVIATIONS: &[&str] = &[
@@ -123,12 +103,13 @@ mod tests {
                 "3 left."
             ]
         );
-        assert!(text_words().len() > 29_000);
-        assert_eq!(text_prefix(3).split(' ').count(), 3);
-        let n = text_words().len();
+        let fallback = super::super::sources::Sources::fallback();
+        assert!(fallback.essay_words().len() > 29_000);
+        assert_eq!(fallback.essay_prefix(3).split(' ').count(), 3);
+        let n = fallback.essay_words().len();
         assert_eq!(
-            text_prefix(n + 1).split(' ').next_back(),
-            Some(text_words()[0])
+            fallback.essay_prefix(n + 1).split(' ').next_back(),
+            Some(fallback.essay_words()[0].as_str())
         );
     }
 

@@ -1,5 +1,6 @@
 //! kvc's own RULER suite (Hsieh et al. 2024, NVIDIA/RULER): synthetic retrieval, tracing and
-//! aggregation tasks generated on the spot, deterministic, no download.
+//! aggregation tasks generated on the spot, deterministic, from RULER's own word lists and
+//! essays ([`sources`]: fetched once from PyPI, or kvc's named offline fallback).
 //!
 //! Tasks follow RULER's `synthetic.yaml` and its generators (`niah.py`, `variable_tracking.py`,
 //! `common_words_extraction.py`, `freq_words_extraction.py`, templates and answer prefixes of
@@ -19,6 +20,9 @@
 //! | cwe               | numbered word list, 10 common words (30x, or 6x below 4096 tokens) |
 //! | fwe               | coded words, Zipf alpha 2, top 3 |
 //!
+//! Read against NVIDIA/RULER c3f5e3b; variable tracking is `variable_tracking.py` as last
+//! changed in 9f1c84d (2025-06-25), the noise-haystack layout.
+//!
 //! Departures from the reference, all deliberate:
 //! - **Length** is measured with the model's own tokenizer on the prompt exactly as `kvc eval`
 //!   builds it (chat template and answer prefix included); as RULER, the sequence length counts
@@ -27,10 +31,12 @@
 //!   of the budget.
 //! - **Depth** of the (first) queried needle is swept evenly: sample i of n at (i + 0.5) / n × 100
 //!   % (RULER draws depths at random); other needles go to random depths. Recorded per row.
-//! - **Real-text haystack**: the contexts of 20 LongBench multi_news rows
-//!   (`datasets/ruler/multi_news_haystack.txt`, embedded) instead of Paul Graham's essays.
-//! - **Words**: kvc's committed word lists ([`words`]) instead of `wonderwords`; common-words
-//!   extraction extends them with synthetic pronounceable words when more are needed.
+//! - **Sources** ([`sources`]): RULER's wonderwords lists and the 49 Paul Graham essays that are
+//!   on PyPI (RULER adds 168 more from paulgraham.com, so its haystack repeats later); past the
+//!   ~8.7k real words, common-words extraction adds synthetic words (RULER: its
+//!   `english_words.json`). Without the files, kvc's named fallback: committed word lists
+//!   ([`words`]) and 20 LongBench multi_news contexts
+//!   (`datasets/ruler/multi_news_haystack.txt`, embedded).
 //! - **Randomness**: ChaCha8 seeded from sha256(version, seed, task, length, index), so a sample
 //!   does not depend on which other samples or lengths were asked for.
 //! - Sentence splitting of the real text is a simple rule (end mark followed by a capital), not
@@ -39,6 +45,7 @@ pub mod cwe;
 pub mod fwe;
 pub mod haystack;
 pub mod niah;
+pub mod sources;
 pub mod vt;
 pub mod words;
 
@@ -46,13 +53,15 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 
+pub use sources::{Sources, SourcesError};
+
 use crate::data::longbench::Row;
 use crate::data::tasks::Metric;
 use crate::model::{prompt_ids_for, ModelError, Tokenizer};
 
 /// Bumped whenever generated text changes for the same (seed, task, length, index); part of
 /// every sample `_id`, so old prediction rows never pass for new ones.
-pub const GENERATOR_VERSION: &str = "kvc-ruler-v1";
+pub const GENERATOR_VERSION: &str = "kvc-ruler-v2";
 
 /// The default `--seed` (RULER's `random_seed`).
 pub const DEFAULT_SEED: u64 = 42;
@@ -300,10 +309,15 @@ pub fn parse_subset(name: &str) -> Option<(&'static RulerTask, usize)> {
     Some((t, length))
 }
 
-/// The sample `_id`: sha256 of (generator version, seed, task, length, index), 24 hex digits.
-pub fn sample_id(task: &RulerTask, length: usize, index: usize, seed: u64) -> String {
+/// The sample `_id`: sha256 of (generator version, seed, task, length, index, the sources'
+/// name), 24 hex digits.
+pub fn sample_id(task: &RulerTask, length: usize, index: usize, seed: u64, src: &str) -> String {
     let h = Sha256::digest(
-        format!("{GENERATOR_VERSION}|{seed}|{}|{length}|{index}", task.name).as_bytes(),
+        format!(
+            "{GENERATOR_VERSION}|{seed}|{}|{length}|{index}|{src}",
+            task.name
+        )
+        .as_bytes(),
     );
     h.iter().take(12).map(|b| format!("{b:02x}")).collect()
 }
@@ -441,8 +455,9 @@ pub fn build(task: &RulerTask, length: usize, units: usize, ctx: &SampleCtx) -> 
     }
 }
 
-/// What identifies one sample's randomness.
-pub struct SampleCtx {
+/// What identifies one sample's randomness, and the words and text it draws from.
+pub struct SampleCtx<'a> {
+    pub src: &'a Sources,
     pub seed: u64,
     pub task: &'static str,
     pub length: usize,
@@ -451,7 +466,7 @@ pub struct SampleCtx {
     pub depth: f64,
 }
 
-impl SampleCtx {
+impl SampleCtx<'_> {
     /// A named random stream of this sample (the same for every haystack size).
     pub fn rng(&self, stream: &str) -> Rng {
         Rng::new(&[
@@ -466,14 +481,14 @@ impl SampleCtx {
 }
 
 /// Minimum and maximum haystack units of a task.
-fn unit_bounds(task: &RulerTask) -> (usize, usize) {
+fn unit_bounds(task: &RulerTask, src: &Sources) -> (usize, usize) {
     match task.family {
         Family::Niah(s) => match s.hay {
             Hay::Text => (8, 1 << 22),
             _ => (1, 1 << 20),
         },
         Family::Vt { .. } => (1, 1 << 20),
-        Family::Cwe { num_cw, .. } => (num_cw + 1, cwe::max_words()),
+        Family::Cwe { num_cw, .. } => (num_cw + 1, src.max_cwe_words()),
         Family::Fwe { .. } => (16, 1 << 22),
     }
 }
@@ -550,22 +565,22 @@ pub fn fit<T, E>(
     Ok(Some(best))
 }
 
-/// Generate the samples of one task at one length: `n` samples, each fitted so prompt tokens +
-/// `max_new` ≤ `length`.
+/// Generate the samples of one task at one length from `src`: `n` samples, each fitted so
+/// prompt tokens + `max_new` ≤ `length`.
 pub fn generate(
     task: &'static RulerTask,
-    length: usize,
-    n: usize,
-    seed: u64,
+    (length, n, seed): (usize, usize, u64),
     max_new: usize,
     m: &Measure,
+    src: &Sources,
 ) -> Result<Vec<Sample>, RulerError> {
     let budget = length.saturating_sub(max_new);
-    let (min, max) = unit_bounds(task);
+    let (min, max) = unit_bounds(task, src);
     let mut hint = 0usize;
     let mut out = Vec::with_capacity(n);
     for index in 0..n {
         let ctx = SampleCtx {
+            src,
             seed,
             task: task.name,
             length,
@@ -606,7 +621,7 @@ pub fn generate(
         };
         hint = units;
         out.push(Sample {
-            id: sample_id(task, length, index, seed),
+            id: sample_id(task, length, index, seed, src.name),
             subset: subset_name(task, length),
             index,
             length,
@@ -647,11 +662,12 @@ mod tests {
             "{e}"
         );
         assert!(select("hotpotqa").is_none());
-        let a = sample_id(t, 1024, 0, 42);
-        assert_eq!(a, sample_id(t, 1024, 0, 42));
-        assert_ne!(a, sample_id(t, 1024, 1, 42));
-        assert_ne!(a, sample_id(t, 1024, 0, 43));
-        assert_ne!(a, sample_id(t, 2048, 0, 42));
+        let a = sample_id(t, 1024, 0, 42, "ruler");
+        assert_eq!(a, sample_id(t, 1024, 0, 42, "ruler"));
+        assert_ne!(a, sample_id(t, 1024, 1, 42, "ruler"));
+        assert_ne!(a, sample_id(t, 1024, 0, 43, "ruler"));
+        assert_ne!(a, sample_id(t, 2048, 0, 42, "ruler"));
+        assert_ne!(a, sample_id(t, 1024, 0, 42, "kvc-fallback"));
         assert_eq!(a.len(), 24);
     }
 
@@ -700,13 +716,19 @@ mod tests {
     fn rows_split_the_question_from_the_context() {
         for task in TASKS.iter() {
             let ctx = SampleCtx {
+                src: crate::data::ruler::Sources::fallback(),
                 seed: 42,
                 task: task.name,
                 length: 4096,
                 index: 0,
                 depth: 50.0,
             };
-            let built = build(task, 4096, unit_bounds(task).0 + 20, &ctx);
+            let built = build(
+                task,
+                4096,
+                unit_bounds(task, Sources::fallback()).0 + 20,
+                &ctx,
+            );
             let sample = Sample {
                 id: "x".into(),
                 subset: subset_name(task, 4096),

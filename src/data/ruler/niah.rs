@@ -1,16 +1,9 @@
 //! Needle in a haystack (RULER `niah.py`): needles "One of the special magic {kind} for {key}
 //! is: {value}." in a noise, real-text or distractor-needle haystack; the question asks for the
 //! values of one or more keys.
-use std::sync::OnceLock;
-
-use super::haystack::{insert, sentences, text_prefix, NOISE};
-use super::words::key_words;
+use super::haystack::{insert, sentences, NOISE};
+use super::sources::Sources;
 use super::{Built, Hay, Kind, NiahSpec, Rng, SampleCtx};
-
-fn keys() -> &'static [String] {
-    static K: OnceLock<Vec<String>> = OnceLock::new();
-    K.get_or_init(key_words)
-}
 
 /// RULER's plural type names (`numbers`, `words`, `uuids`).
 pub fn kind_name(k: Kind) -> &'static str {
@@ -21,12 +14,12 @@ pub fn kind_name(k: Kind) -> &'static str {
     }
 }
 
-/// One random key or value: a 7-digit number, an adjective-noun word, or a version-4 UUID (as
-/// Python's `uuid.UUID(int=getrandbits(128), version=4)`).
-pub fn random_value(kind: Kind, rng: &mut Rng) -> String {
+/// One random key or value: a 7-digit number, an adjective-noun word of `src`, or a version-4
+/// UUID (as Python's `uuid.UUID(int=getrandbits(128), version=4)`).
+pub fn random_value(kind: Kind, src: &Sources, rng: &mut Rng) -> String {
     match kind {
         Kind::Numbers => rng.range(1_000_000, 9_999_999).to_string(),
-        Kind::Words => keys()[rng.below(keys().len())].clone(),
+        Kind::Words => src.key(rng.below(src.n_keys())),
         Kind::Uuids => {
             let mut x = ((rng.next_u64() as u128) << 64) | rng.next_u64() as u128;
             x &= !(0xc000u128 << 48);
@@ -60,7 +53,7 @@ pub fn build(spec: &NiahSpec, units: usize, ctx: &SampleCtx) -> Built {
     let mut rng = ctx.rng("content");
     let mut keys: Vec<String> = Vec::new();
     while keys.len() < spec.num_k {
-        let k = random_value(spec.key, &mut rng);
+        let k = random_value(spec.key, ctx.src, &mut rng);
         if !keys.contains(&k) {
             keys.push(k);
         }
@@ -69,7 +62,7 @@ pub fn build(spec: &NiahSpec, units: usize, ctx: &SampleCtx) -> Built {
         .iter()
         .map(|_| {
             (0..spec.num_v)
-                .map(|_| random_value(spec.value, &mut rng))
+                .map(|_| random_value(spec.value, ctx.src, &mut rng))
                 .collect()
         })
         .collect();
@@ -90,13 +83,13 @@ pub fn build(spec: &NiahSpec, units: usize, ctx: &SampleCtx) -> Built {
     }
     let context = match spec.hay {
         Hay::Noise => insert(vec![NOISE.to_string(); units], &needles).join("\n"),
-        Hay::Text => insert(sentences(&text_prefix(units)), &needles).join(" "),
+        Hay::Text => insert(sentences(&ctx.src.essay_prefix(units)), &needles).join(" "),
         Hay::Needles => {
             let mut drng = ctx.rng("distractors");
             let mut hay = Vec::with_capacity(units);
             while hay.len() < units {
-                let k = random_value(spec.key, &mut drng);
-                let v = random_value(spec.value, &mut drng);
+                let k = random_value(spec.key, ctx.src, &mut drng);
+                let v = random_value(spec.value, ctx.src, &mut drng);
                 if !keys.contains(&k) {
                     hay.push(needle(spec.value, &k, &v));
                 }
@@ -149,8 +142,9 @@ mod tests {
     use super::*;
     use crate::data::ruler::TASKS;
 
-    fn ctx(depth: f64) -> SampleCtx {
+    fn ctx(depth: f64) -> SampleCtx<'static> {
         SampleCtx {
+            src: crate::data::ruler::Sources::fallback(),
             seed: 42,
             task: "t",
             length: 1024,
@@ -162,13 +156,13 @@ mod tests {
     #[test]
     fn uuid_and_number_shapes() {
         let mut r = Rng::new(&["u"]);
-        let u = random_value(Kind::Uuids, &mut r);
+        let u = random_value(Kind::Uuids, Sources::fallback(), &mut r);
         assert_eq!(u.len(), 36);
         assert_eq!(&u[14..15], "4");
         assert!(matches!(&u[19..20], "8" | "9" | "a" | "b"), "{u}");
-        let n = random_value(Kind::Numbers, &mut r);
+        let n = random_value(Kind::Numbers, Sources::fallback(), &mut r);
         assert_eq!(n.len(), 7);
-        assert!(random_value(Kind::Words, &mut r).contains('-'));
+        assert!(random_value(Kind::Words, Sources::fallback(), &mut r).contains('-'));
     }
 
     #[test]

@@ -96,6 +96,7 @@ mod tests {
     #[test]
     fn chain_is_in_order_and_answers_are_its_variables() {
         let ctx = SampleCtx {
+            src: crate::data::ruler::Sources::fallback(),
             seed: 1,
             task: "vt",
             length: 1024,

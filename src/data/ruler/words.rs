@@ -1,7 +1,6 @@
-//! Word lists of the RULER suite, fixed and committed (RULER draws from the `wonderwords` noun,
-//! adjective and verb lists; kvc ships its own short lists of common English words so nothing is
-//! downloaded and every machine draws from the same list), and a deterministic extension with
-//! synthetic pronounceable words for common-words extraction at long lengths.
+//! kvc's committed word lists, the offline fallback of RULER's `wonderwords` noun, adjective
+//! and verb lists ([`super::sources`]), and a deterministic extension with synthetic
+//! pronounceable words for common-words extraction past the real words.
 
 /// Adjectives (niah keys are `adjective-noun`, as RULER's `words` keys).
 pub const ADJECTIVES: &str = "able acid angry aloof ample ancient arctic awake bad bashful \
@@ -59,34 +58,14 @@ spin spray squeeze stack stare start stay steer stir stretch study swim swing ta
 tickle travel trust tumble twist type unite unlock visit wait walk wander wash watch wave \
 whisper whistle wink wish wobble wonder work worry write yawn yell zoom";
 
-fn split(list: &'static str) -> Vec<&'static str> {
+/// The words of a committed list.
+pub(super) fn split(list: &'static str) -> Vec<&'static str> {
     list.split_whitespace().collect()
 }
 
-/// Sorted, deduplicated `adjective-noun` keys (RULER's niah `words` values and keys).
-pub fn key_words() -> Vec<String> {
-    let mut v: Vec<String> = split(ADJECTIVES)
-        .iter()
-        .flat_map(|a| split(NOUNS).into_iter().map(move |n| format!("{a}-{n}")))
-        .collect();
-    v.sort();
-    v.dedup();
-    v
-}
-
-/// The common-words pool: the English lists (sorted, deduplicated), then `extra` synthetic
-/// pronounceable words (consonant-vowel syllables, deterministic, none equal to an English word
-/// of the lists) so long contexts have enough distinct words.
-pub fn word_pool(extra: usize) -> Vec<String> {
-    let mut v: Vec<String> = split(NOUNS)
-        .into_iter()
-        .chain(split(ADJECTIVES))
-        .chain(split(VERBS))
-        .map(str::to_string)
-        .collect();
-    v.sort();
-    v.dedup();
-    let english: std::collections::HashSet<String> = v.iter().cloned().collect();
+/// `n` synthetic pronounceable words (three consonant-vowel syllables, deterministic), none in
+/// `real` (sorted), for common-words extraction past the real words.
+pub fn synthetic_words(n: usize, real: &[String]) -> Vec<String> {
     const C: &[u8] = b"bdfgklmnprstvz";
     const V: &[u8] = b"aeiou";
     let syl = |i: usize| -> String {
@@ -95,11 +74,11 @@ pub fn word_pool(extra: usize) -> Vec<String> {
         format!("{c}{w}")
     };
     let n_syl = C.len() * V.len();
+    let mut out = Vec::with_capacity(n);
     let mut i = 0usize;
-    let mut added = 0;
-    while added < extra {
-        // Three syllables: 70^3 = 343,000 words, enumerated with a stride coprime to 70^3 so
-        // neighbours differ in their first syllable.
+    while out.len() < n {
+        // 70^3 = 343,000 words, enumerated with a stride coprime to 70^3 so neighbours
+        // differ in their first syllable.
         let k = (i * 7919) % (n_syl * n_syl * n_syl);
         let w = format!(
             "{}{}{}",
@@ -108,10 +87,9 @@ pub fn word_pool(extra: usize) -> Vec<String> {
             syl(k / (n_syl * n_syl))
         );
         i += 1;
-        if !english.contains(&w) {
-            v.push(w);
-            added += 1;
+        if real.binary_search(&w).is_err() {
+            out.push(w);
         }
     }
-    v
+    out
 }

@@ -11,6 +11,8 @@ pub struct RulerPlan {
     pub lengths: Vec<usize>,
     pub samples: usize,
     pub seed: u64,
+    /// The words and essay text ([`crate::data::ruler::Sources`]).
+    pub sources: &'static crate::data::ruler::Sources,
 }
 
 /// Generated rows by subset name (RULER), streamed like a data file's.
@@ -50,7 +52,13 @@ pub fn generate_ruler(
                 chat,
             };
             let max_new = s.max_new_tokens.unwrap_or(rt.max_new_tokens);
-            let samples = ruler::generate(rt, length, plan.samples, plan.seed, max_new, &m)?;
+            let samples = ruler::generate(
+                rt,
+                (length, plan.samples, plan.seed),
+                max_new,
+                &m,
+                plan.sources,
+            )?;
             let r: Vec<crate::data::longbench::Row> = samples.iter().map(|x| x.row()).collect();
             subsets.push(SubsetPlan {
                 task,
