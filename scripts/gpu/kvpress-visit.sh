@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Issue 28 on one GPU: kvc's RULER table (SmolLM2, 4k and 8k, 20 samples per task, rates 2-64,
+# both protocols) and the side-by-side with kvpress on the same prompts. Resumable on a warm
+# machine: each phase resumes its own files, and every call tars what exists into $OUT.
+#   bash scripts/gpu/kvpress-visit.sh STAGE SECONDS
+# STAGE holds: kvc (CUDA build), model.gguf (SmolLM2 Q4_1), ruler-sources/
+# (scripts/fetch-ruler-sources.sh), prompts.jsonl (`kvc eval --tasks ruler --lengths 4096,8192
+# --ruler-samples 20 --export-prompts`), pywhl/ (kvpress 0.5.5 and its pinned transformers
+# 5.2.0, tokenizers 0.22.2, huggingface_hub 1.x, gguf, cachetools: installed under /tmp/pyk).
+# SECONDS: this call's time for the phases; each phase stops cleanly (SIGINT / --deadline).
+# Env: SIDE_N (prompts per subset in the side-by-side, 4k only; default 4), SIDE_METHODS,
+# SIDE_RATES, TABLE_METHODS (one `kvc eval` per method, in order).
+set -uo pipefail
+stage=$1 budget=$2
+out=${OUT:-gpu-out}
+mkdir -p "$out" /tmp/visit
+t0=$SECONDS
+left() { echo $((budget - (SECONDS - t0))); }
+kvc=$stage/kvc
+n=${SIDE_N:-4}
+side_methods=${SIDE_METHODS:-snapkv,tova,knorm,keydiff,streamingllm,random,lagkv}
+side_rates=${SIDE_RATES:-2,8}
+export KVC_RULER_SOURCES=$stage/ruler-sources
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+[[ -d /tmp/pyk/kvpress ]] || python3 -m pip install --no-deps -q --target /tmp/pyk "$stage"/pywhl/*.whl
+
+# 1. kvc on the side-by-side's prompts (the first $n rows of each 4k subset), context-only as
+#    kvpress's pipeline runs them: the timing of kvc's half of the comparison.
+if [[ ! -f /tmp/visit/side-kvc ]]; then
+  s=$SECONDS
+  "$kvc" eval --model "$stage/model.gguf" --tasks ruler --lengths 4096 --ruler-samples 20 \
+    --limit "$n" --methods "$side_methods" --rates "$side_rates" --question-in-window no \
+    --device cuda:0 --no-progress --out /tmp/side-kvc > "$out/side-kvc.txt" 2>&1 \
+    && touch /tmp/visit/side-kvc
+  echo "side-kvc rc=$? wall_s=$((SECONDS - s))" | tee -a "$out/side-kvc.txt"
+fi
+
+# 2. kvpress on the same prompts, methods and rates.
+if [[ ! -f /tmp/visit/side-kvpress ]] && (( $(left) > 60 )); then
+  s=$SECONDS
+  python3 - "$stage/prompts.jsonl" "$n" > /tmp/side-prompts.jsonl <<'EOF'
+import json, sys
+seen = {}
+for line in open(sys.argv[1]):
+    p = json.loads(line)
+    if not p["task"].endswith("_4096"):
+        continue
+    seen[p["task"]] = seen.get(p["task"], 0) + 1
+    if seen[p["task"]] <= int(sys.argv[2]):
+        print(line, end="")
+EOF
+  PYTHONPATH=/tmp/pyk python3 scripts/gpu/kvpress_side_by_side.py "$stage" model.gguf \
+    /tmp/side-prompts.jsonl /tmp/side-kvpress --methods "$side_methods" --rates "$side_rates" \
+    --deadline $(( $(left) - 30 )) >> "$out/side-kvpress.txt" 2>&1
+  rc=$?
+  grep -q "^done" "$out/side-kvpress.txt" && touch /tmp/visit/side-kvpress
+  echo "side-kvpress rc=$rc wall_s=$((SECONDS - s))" | tee -a "$out/side-kvpress.txt"
+fi
+
+# 3. kvc's RULER table: one `kvc eval` per method (all resume the shared full/rate1).
+for m in ${TABLE_METHODS:-snapkv tova knorm keydiff random lagkv streamingllm pyramidkv ada-snapkv h2o kvcompress snapkv+kvcrush}; do
+  [[ -f /tmp/visit/table-$m ]] && continue
+  (( $(left) > 40 )) || break
+  s=$SECONDS
+  timeout -s INT $(( $(left) - 25 )) "$kvc" eval --model "$stage/model.gguf" --tasks ruler \
+    --lengths 4096,8192 --ruler-samples 20 --methods "$m" --rates 2,4,8,16,32,64 \
+    --question-in-window both --device cuda:0 --no-progress --out /tmp/table \
+    >> "$out/table.txt" 2>&1 && touch "/tmp/visit/table-$m"
+  echo "table $m rc=$? wall_s=$((SECONDS - s))" | tee -a "$out/table.txt"
+done
+
+tar czf "$out/results.tar.gz" -C /tmp side-kvc side-kvpress table 2>/dev/null
+ls /tmp/visit; tail -n 12 "$out/side-kvpress.txt" 2>/dev/null; grep "rc=" "$out"/*.txt
