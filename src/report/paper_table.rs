@@ -94,30 +94,14 @@ pub fn write_paper_fixed_budget(
 mod tests {
     use super::*;
 
+    /// A row of a token budget (the score table's test row, re-budgeted).
     fn row(method: &str, tokens: usize, task: &str, score: f64) -> ScoreRow {
         ScoreRow {
-            model: "m".into(),
-            method: method.into(),
             budget: format!("tokens{tokens}"),
             rate: None,
             budget_tokens: Some(tokens),
-            task: task.into(),
-            category: String::new(),
-            language: String::new(),
-            metric: String::new(),
-            bucket: String::new(),
             n: 1,
-            n_failed: 0,
-            score,
-            full_score: None,
-            percent_of_full: None,
-            cache_tokens: None,
-            achieved_rate: None,
-            prompt_tokens: None,
-            fuzz_backend: String::new(),
-            compression_ratio: None,
-            percent_of_full_ci_low: None,
-            percent_of_full_ci_high: None,
+            ..crate::report::tables::tests::row(method, 1.0, task, "", score)
         }
     }
 
