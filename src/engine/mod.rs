@@ -285,6 +285,17 @@ pub fn prefill_chunks(n: usize, chunk: usize, min_last: usize) -> Vec<std::ops::
     out
 }
 
+/// The probe of one prefill chunk (`last`: the prompt's last one) for a hook probing `probe`
+/// whole: [`Probe::Queries`] on every chunk (statistics over every prompt query), any other
+/// probe on the last chunk only (its window lies there, [`prefill_chunks`]).
+pub fn chunk_probe(probe: Probe, last: bool) -> Probe {
+    match probe {
+        Probe::Queries => probe,
+        _ if last => probe,
+        _ => Probe::None,
+    }
+}
+
 /// Greedy generation of one sequence.
 pub fn generate(
     model: &mut Llama,
@@ -362,8 +373,7 @@ pub fn prefill(
                     n => Probe::LastQueries(n),
                 }
             }
-            _ if last => probe,
-            _ => Probe::None,
+            _ => chunk_probe(probe, last),
         };
         let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
             let t = Instant::now();
