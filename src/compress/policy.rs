@@ -99,7 +99,8 @@ impl SeqView {
 
 /// A compression method: scorer + budget allocator + evictor (see the module docs).
 pub trait Policy: Send + Sync {
-    /// Queries probed in the last prefill chunk.
+    /// Queries probed in the last prefill chunk ([`Probe::Queries`]: every chunk's pre-RoPE
+    /// queries, summarised per layer for [`Policy::key_scores`]).
     fn prefill_probe(&self) -> Probe;
     /// Queries probed at decode steps (`Probe::None`: no decode scoring).
     fn decode_probe(&self) -> Probe;

@@ -38,7 +38,11 @@ impl QueryStats {
         if nb == 0 {
             return Ok(());
         }
-        let x = q.squeeze(0)?.narrow(1, first, nb)?.to_dtype(DType::F32)?; // [h, nb, d]
+        let x = q
+            .squeeze(0)?
+            .narrow(1, first, nb)?
+            .to_dtype(DType::F32)?
+            .contiguous()?; // [h, nb, d]
         let mean_b = x.mean(1)?; // [h, d]
         let c = x.broadcast_sub(&mean_b.unsqueeze(1)?)?.contiguous()?;
         let m2_b = c.transpose(1, 2)?.contiguous()?.matmul(&c)?; // [h, d, d]

@@ -206,7 +206,9 @@ pub trait Hooks: Send {
     fn prefill_probe_splits(&self) -> bool {
         false
     }
-    /// Attention probabilities of probed queries, per layer.
+    /// Attention probabilities of probed queries, per layer (`[1, n_heads, n_probed, kv_len]`
+    /// f32); with [`Probe::Queries`], the layer's pre-RoPE queries of the chunk instead
+    /// (`[1, n_heads, t, head_dim]`, every prefill chunk in order from position 0).
     fn observe(
         &mut self,
         _layer: usize,
