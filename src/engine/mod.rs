@@ -817,4 +817,22 @@ mod tests {
             }
         }
     }
+
+    /// Queries are observed on every chunk; a probability window only on the last.
+    #[test]
+    fn chunk_probe_sends_queries_on_every_chunk() {
+        for last in [false, true] {
+            assert_eq!(chunk_probe(Probe::Queries, last), Probe::Queries);
+            let window = chunk_probe(Probe::LastQueries(8), last);
+            assert_eq!(
+                window,
+                if last {
+                    Probe::LastQueries(8)
+                } else {
+                    Probe::None
+                }
+            );
+            assert_eq!(chunk_probe(Probe::All, last) == Probe::All, last);
+        }
+    }
 }
