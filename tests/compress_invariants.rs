@@ -242,6 +242,7 @@ fn batched_prompts_equal_separate_runs() {
         "h2o",
         "streamingllm",
         "kvcompress+kvcrush",
+        "expected-attention",
     ] {
         let spec = MethodSpec::parse(m).unwrap();
         let mut r = compress::runner(&spec, None, &cfg, &opts).unwrap();
@@ -466,8 +467,9 @@ fn compression_holds_budgets_and_keeps_the_pool_consistent() {
             let protected = match base {
                 "kvcompress" => opts.protected_window,
                 "streamingllm" | "tova" => 1, // the newest token is always kept
-                "random" | "knorm" | "keydiff" => 0, // nothing is protected
-                "h2o" => 6,                   // recent half of the budget
+                // Nothing is protected (Expected Attention's sinks are the first positions).
+                "random" | "knorm" | "keydiff" | "expected-attention" => 0,
+                "h2o" => 6, // recent half of the budget
                 _ => opts.snap_window,
             };
             let mut hooks = Checked {
@@ -479,7 +481,14 @@ fn compression_holds_budgets_and_keeps_the_pool_consistent() {
                 protected,
                 uniform: matches!(
                     base,
-                    "snapkv" | "streamingllm" | "h2o" | "tova" | "random" | "knorm" | "keydiff"
+                    "snapkv"
+                        | "streamingllm"
+                        | "h2o"
+                        | "tova"
+                        | "random"
+                        | "knorm"
+                        | "keydiff"
+                        | "expected-attention"
                 ),
                 continual: policy.continual(),
                 steps: 0,
@@ -789,6 +798,7 @@ fn question_read_after_compression() {
         "h2o",
         "streamingllm",
         "snapkv+kvcrush",
+        "expected-attention",
     ] {
         let spec = MethodSpec::parse(m).unwrap();
         let mut r = compress::runner(&spec, None, &cfg, &small_opts()).unwrap();
@@ -825,6 +835,55 @@ fn question_read_after_compression() {
             assert_eq!(
                 st, st_ctx,
                 "{m} at {b:?}: kept differs from the context's own"
+            );
+        }
+    }
+}
+
+/// Expected Attention's query statistics cover every prefill chunk: a prompt prefilled in
+/// chunks of 5 or 16 tokens scores its keys as one chunk does (metrics equal up to rounding),
+/// the scores are not flat, and the 4 sinks score the layer's maximum.
+#[test]
+fn expected_attention_chunked_prefill_equals_one_chunk() {
+    let (_tmp, mut lm) = tiny(&specs()[1]);
+    let ids = lm.prompt_ids(TEXT, false).unwrap();
+    let cfg = lm.config().clone();
+    let spec = MethodSpec::parse("expected-attention").unwrap();
+    let policy = compress::build_policy(&spec, &cfg, &small_opts()).unwrap();
+    let no_budget = |_: usize| None;
+    let mut metrics = |chunk: usize| {
+        let mut cache = cpu_cache(&cfg, 4);
+        let seq = cache.add_sequence().unwrap();
+        let mut h = CompressHooks::new(policy.as_ref(), cfg.num_hidden_layers, &no_budget);
+        let p = GenParams {
+            prefill_chunk: chunk,
+            ..params(1)
+        };
+        engine::prefill(&mut lm.model, &mut cache, seq, &ids, &p, &mut h).unwrap();
+        h.after_prefill(&mut cache, seq).unwrap();
+        snapshot(&cache, seq).metric
+    };
+    let one = metrics(4096);
+    for layer in &one {
+        for head in layer {
+            assert_eq!(head.len(), ids.len());
+            let max = head.iter().copied().fold(f32::MIN, f32::max);
+            let min = head.iter().copied().fold(f32::MAX, f32::min);
+            assert!(max > min + 0.5, "flat scores {head:?}");
+            assert!(head[..4].iter().all(|&s| s == max), "{head:?}");
+        }
+    }
+    for chunk in [5, 16] {
+        let split = metrics(chunk);
+        for (a, b) in split
+            .iter()
+            .flatten()
+            .flatten()
+            .zip(one.iter().flatten().flatten())
+        {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1e-2),
+                "chunk {chunk}: {a} vs {b}"
             );
         }
     }

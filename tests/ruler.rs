@@ -463,3 +463,42 @@ fn ruler_sources_give_real_words_essays_and_keys() {
         ruler::generate(essay, (2048, 1, 42), 128, &m, Sources::fallback()).unwrap()[0].id
     );
 }
+
+/// Expected Attention end to end: `kvc eval --methods expected-attention --rates 2` in both
+/// protocols (LongBench's and `@context-only`) and under ChunkKV, on a RULER prompt with the
+/// tiny model; every run writes its row, compressed to about half.
+#[test]
+fn expected_attention_runs_in_both_protocols_and_under_chunkkv() {
+    let r = setup();
+    let o = r.kvc(&[
+        "--tasks",
+        "ruler:niah_single_1",
+        "--lengths",
+        "1024",
+        "--ruler-samples",
+        "1",
+        "--methods",
+        "expected-attention,expected-attention+chunkkv",
+        "--rates",
+        "2",
+        "--question-in-window",
+        "both",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    for (run, in_window) in [
+        ("expected-attention", true),
+        ("expected-attention@context-only", false),
+        ("expected-attention+chunkkv", true),
+        ("expected-attention+chunkkv@context-only", false),
+    ] {
+        let preds = r.out.join(format!(
+            "tiny/{run}/rate2/preds/ruler_niah_single_1_1024.jsonl"
+        ));
+        let rows = std::fs::read_to_string(&preds).unwrap_or_else(|e| panic!("{run}: {e}"));
+        let row: serde_json::Value = serde_json::from_str(rows.lines().next().unwrap()).unwrap();
+        assert!(row.get("error").is_none(), "{run}: {row}");
+        assert_eq!(row["question_in_window"], in_window, "{run}: {row}");
+        let achieved = row["achieved_rate"].as_f64().unwrap();
+        assert!((1.7..2.3).contains(&achieved), "{run}: achieved {achieved}");
+    }
+}

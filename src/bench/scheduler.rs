@@ -518,11 +518,7 @@ impl<'a, 'h> Sched<'a, 'h> {
         let mut logits = None;
         let chunks = prefill_chunks(len, self.cfg.prefill_chunk, min_last);
         for (i, r) in chunks.iter().enumerate() {
-            let p = if i + 1 == chunks.len() {
-                probe
-            } else {
-                Probe::None
-            };
+            let p = engine::chunk_probe(probe, i + 1 == chunks.len());
             let rows: Vec<&[u32]> = ctxs.iter().map(|c| &c[r.clone()]).collect();
             let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
                 for (row, (h, &seq)) in hooks.iter_mut().zip(&seqs).enumerate() {

@@ -1,5 +1,6 @@
 //! ChunkKV (Liu et al., 2025), kvpress's `ChunkKVPress`: a modifier of a method that scores
-//! every prompt token once (`snapkv`, `tova`, `knorm`, `keydiff`, `random`): the prompt is cut
+//! every prompt token once (`snapkv`, `tova`, `knorm`, `keydiff`, `random`,
+//! `expected-attention`): the prompt is cut
 //! into chunks of 20 positions, a chunk's score is the mean over its tokens of the token's
 //! scores summed over the layer's kv-heads, and every kv-head of the layer keeps the same
 //! highest-scoring chunks, so kept text stays contiguous.
@@ -13,7 +14,7 @@
 use candle_core::{Result, Tensor};
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::policy::{per_head_plan, Phase, Policy, SeqView};
+use super::policy::{per_head_plan, LayerKeys, Phase, Policy, SeqView};
 use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::Probe;
 
@@ -21,7 +22,14 @@ use crate::kvcache::Probe;
 pub const CHUNK: u32 = 20;
 
 /// Bases ChunkKV modifies: the methods that score every prompt token once after prefill.
-pub const CHUNKKV_BASES: &[&str] = &["snapkv", "tova", "knorm", "keydiff", "random"];
+pub const CHUNKKV_BASES: &[&str] = &[
+    "snapkv",
+    "tova",
+    "knorm",
+    "keydiff",
+    "random",
+    "expected-attention",
+];
 
 /// The modifier (see the module docs).
 pub struct ChunkKv {
@@ -74,8 +82,11 @@ impl Policy for ChunkKv {
     fn scores_keys(&self) -> bool {
         self.base.scores_keys()
     }
-    fn key_scores(&self, keys: &Tensor, values: &Tensor) -> Result<Vec<f32>> {
-        self.base.key_scores(keys, values)
+    fn key_scores(&self, layer: &LayerKeys) -> Result<Vec<Vec<f32>>> {
+        self.base.key_scores(layer)
+    }
+    fn queries_skipped(&self) -> usize {
+        self.base.queries_skipped()
     }
     fn score_splits(&self) -> bool {
         self.base.score_splits()

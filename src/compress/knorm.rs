@@ -10,7 +10,7 @@
 //! `BlockPress` wrapper); here, as kvpress's plain `KeyDiffPress`, once over the whole prompt.
 use candle_core::{DType, Result, Tensor, D};
 
-use super::policy::{evict_lowest, per_head_plan, zero_scores, Phase, Policy, SeqView};
+use super::policy::{evict_lowest, per_head_plan, zero_scores, LayerKeys, Phase, Policy, SeqView};
 use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::Probe;
 
@@ -66,8 +66,12 @@ impl Policy for KeyScored {
     fn scores_keys(&self) -> bool {
         true
     }
-    fn key_scores(&self, keys: &Tensor, values: &Tensor) -> Result<Vec<f32>> {
-        self.scores(keys, values)?.to_vec1()
+    fn key_scores(&self, layer: &LayerKeys) -> Result<Vec<Vec<f32>>> {
+        layer
+            .heads
+            .iter()
+            .map(|(k, v)| self.scores(k, v)?.to_vec1())
+            .collect()
     }
     fn plan(&self, view: &SeqView, budget: usize, phase: Phase) -> EvictionPlan {
         if phase == Phase::Decode {
@@ -103,7 +107,16 @@ mod tests {
         let v: Vec<f32> = s.scores(&keys(), &keys()).unwrap().to_vec1().unwrap();
         assert_eq!(v, vec![-5.0, -1.0, -1.0, 0.0]);
         let bf = keys().to_dtype(DType::BF16).unwrap();
-        assert_eq!(s.key_scores(&bf, &bf).unwrap(), vec![-5.0, -1.0, -1.0, 0.0]);
+        let layer = LayerKeys {
+            heads: &[(bf.clone(), bf)],
+            positions: &[vec![0, 1, 2, 3]],
+            seq_len: 4,
+            queries: None,
+        };
+        assert_eq!(
+            s.key_scores(&layer).unwrap(),
+            vec![vec![-5.0, -1.0, -1.0, 0.0]]
+        );
     }
 
     /// Unit keys (0.6, 0.8), (0, 1), (1, 0), and a zero key (0, 0): anchor = their mean

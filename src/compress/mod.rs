@@ -11,7 +11,7 @@
 //! [`policy::Policy`] driven by [`policy::CompressHooks`] (that module states the order of a
 //! compression step). Method files: [`kvcompress`], [`snapkv`], [`pyramidkv`],
 //! [`streamingllm`], [`h2o`], [`ada_snapkv`], [`tova`], [`random`], [`knorm`] (Knorm and
-//! KeyDiff), [`lagkv`], and the modifiers [`kvcrush`] (`<method>+kvcrush`) and [`chunkkv`]
+//! KeyDiff), [`lagkv`], [`expected_attention`] (with [`query_stats`]), and the modifiers [`kvcrush`] (`<method>+kvcrush`) and [`chunkkv`]
 //! (`<method>+chunkkv`).
 //!
 //! Budgets: a rate `r` becomes `M` cache tokens per (layer, kv-head) by KV-Compress's formula
@@ -30,6 +30,7 @@ use crate::model::{Config, Llama};
 
 pub mod ada_snapkv;
 pub mod chunkkv;
+pub mod expected_attention;
 pub mod h2o;
 pub mod knorm;
 pub mod kvcompress;
@@ -37,6 +38,7 @@ pub mod kvcrush;
 pub mod lagkv;
 pub mod policy;
 pub mod pyramidkv;
+pub mod query_stats;
 pub mod random;
 pub mod scorer;
 pub mod snapkv;
@@ -69,11 +71,13 @@ pub const METHODS: &[&str] = &[
     "knorm",
     "keydiff",
     "lagkv",
+    "expected-attention",
     "snapkv+chunkkv",
     "tova+chunkkv",
     "knorm+chunkkv",
     "keydiff+chunkkv",
     "random+chunkkv",
+    "expected-attention+chunkkv",
     "kvcompress+kvcrush",
     "snapkv+kvcrush",
     "pyramidkv+kvcrush",
@@ -424,6 +428,7 @@ pub fn build_policy(
         "lagkv" => Box::new(knorm::KeyScored {
             score: knorm::KeyScore::LagKv(lagkv::LagKv::default()),
         }),
+        "expected-attention" => Box::new(expected_attention::ExpectedAttention::new(cfg)),
         other => anyhow::bail!("method `{other}` is not implemented"),
     };
     if spec.kvcrush() {

@@ -16,6 +16,7 @@
 use candle_core::{Result, Tensor};
 
 use super::kvcrush::BlockPicks;
+use super::query_stats::QueryStats;
 use crate::engine::{Hooks, StepWork};
 use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::paged::{DeviceEvict, EvictStats, PagedCache};
@@ -98,7 +99,8 @@ impl SeqView {
 
 /// A compression method: scorer + budget allocator + evictor (see the module docs).
 pub trait Policy: Send + Sync {
-    /// Queries probed in the last prefill chunk.
+    /// Queries probed in the last prefill chunk ([`Probe::Queries`]: every chunk's pre-RoPE
+    /// queries, summarised per layer for [`Policy::key_scores`]).
     fn prefill_probe(&self) -> Probe;
     /// Queries probed at decode steps (`Probe::None`: no decode scoring).
     fn decode_probe(&self) -> Probe;
@@ -137,12 +139,30 @@ pub trait Policy: Send + Sync {
     fn scores_keys(&self) -> bool {
         false
     }
-    /// Per-slot scores of one kv-head from its keys and values `[len, d]` (slot order), for a
+    /// Per-slot scores of every kv-head of one layer from its keys and values (and, for a
+    /// policy probing [`Probe::Queries`] in prefill, the layer's query statistics), for a
     /// method that [`Policy::scores_keys`]: added to the metric after prefill, before the
-    /// compression.
-    fn key_scores(&self, _keys: &Tensor, _values: &Tensor) -> Result<Vec<f32>> {
+    /// compression. One vector per kv-head, in slot order.
+    fn key_scores(&self, _layer: &LayerKeys) -> Result<Vec<Vec<f32>>> {
         candle_core::bail!("this method scores attention, not keys")
     }
+    /// For a policy probing [`Probe::Queries`] in prefill: how many first positions its query
+    /// statistics leave out (Expected Attention's sinks).
+    fn queries_skipped(&self) -> usize {
+        0
+    }
+}
+
+/// One layer of one sequence right after prefill, as [`Policy::key_scores`] sees it.
+pub struct LayerKeys<'a> {
+    /// Keys and values `[len, d]` of each kv-head in slot order (the cache's dtype and device).
+    pub heads: &'a [(Tensor, Tensor)],
+    /// Token position of each slot of each kv-head.
+    pub positions: &'a [Vec<u32>],
+    /// Tokens the sequence has seen (the position of its next token).
+    pub seq_len: usize,
+    /// The layer's prefill query statistics, for a policy probing [`Probe::Queries`].
+    pub queries: Option<&'a QueryStats>,
 }
 
 /// How a policy's continual compression runs on the device ([`Policy::device_step`]).
@@ -222,6 +242,9 @@ pub struct CompressHooks<'a> {
     budget_of: &'a BudgetFn<'a>,
     /// Metric increments observed and not yet written, per layer and kv-head.
     pending: Vec<Option<Vec<Vec<f32>>>>,
+    /// Per layer, the statistics of the prefill's queries when the policy probes
+    /// [`Probe::Queries`] (emptied once the keys are scored after prefill).
+    queries: Vec<QueryStats>,
     phase: Phase,
     budget: Option<usize>,
     /// Decode-time compression runs only when [`CompressHooks::compress_now`] is called (the
@@ -242,6 +265,7 @@ impl<'a> CompressHooks<'a> {
             policy,
             budget_of,
             pending: vec![None; layers],
+            queries: vec![QueryStats::default(); layers],
             phase: Phase::Prefill,
             budget: None,
             on_demand: None,
@@ -268,6 +292,7 @@ impl<'a> CompressHooks<'a> {
             policy: self.policy,
             budget_of,
             pending: self.pending.clone(),
+            queries: self.queries.clone(),
             phase: self.phase,
             budget: None,
             on_demand: self.on_demand,
@@ -324,12 +349,24 @@ impl<'a> CompressHooks<'a> {
             .transpose()
     }
 
-    /// Adds the policy's key (and value) scores of every (layer, kv-head) of `seq` to its metric.
+    /// Adds the policy's key (and value) scores of every (layer, kv-head) of `seq` to its
+    /// metric; the query statistics are dropped afterwards.
     fn score_keys(&mut self, cache: &mut PagedCache, seq: SeqId) -> Result<()> {
+        let probed = self.policy.prefill_probe() == Probe::Queries;
+        let queries = std::mem::take(&mut self.queries);
         for l in 0..cache.spec().layers {
-            for (h, (k, v)) in cache.head_kv(l, seq)?.iter().enumerate() {
-                let s = self.policy.key_scores(k, v)?;
-                cache.add_metric(l, seq, h, &s)?;
+            let heads = cache.head_kv(l, seq)?;
+            let positions: Vec<Vec<u32>> = (0..heads.len())
+                .map(|h| cache.slot_positions(l, seq, h))
+                .collect();
+            let scores = self.policy.key_scores(&LayerKeys {
+                heads: &heads,
+                positions: &positions,
+                seq_len: cache.seq_len(seq),
+                queries: queries.get(l).filter(|_| probed),
+            })?;
+            for (h, s) in scores.iter().enumerate() {
+                cache.add_metric(l, seq, h, s)?;
             }
         }
         Ok(())
@@ -409,6 +446,11 @@ impl Hooks for CompressHooks<'_> {
         cache: &dyn CacheBackend,
         seq: SeqId,
     ) -> Result<()> {
+        if self.phase == Phase::Prefill && self.policy.prefill_probe() == Probe::Queries {
+            // `probs` holds the layer's pre-RoPE queries of this chunk.
+            let skip = self.policy.queries_skipped();
+            return self.queries[layer].add(probs, skip);
+        }
         let nkv = cache
             .as_paged()
             .map(|c| c.spec().kv_heads)

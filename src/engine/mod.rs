@@ -206,7 +206,9 @@ pub trait Hooks: Send {
     fn prefill_probe_splits(&self) -> bool {
         false
     }
-    /// Attention probabilities of probed queries, per layer.
+    /// Attention probabilities of probed queries, per layer (`[1, n_heads, n_probed, kv_len]`
+    /// f32); with [`Probe::Queries`], the layer's pre-RoPE queries of the chunk instead
+    /// (`[1, n_heads, t, head_dim]`, every prefill chunk in order from position 0).
     fn observe(
         &mut self,
         _layer: usize,
@@ -283,6 +285,17 @@ pub fn prefill_chunks(n: usize, chunk: usize, min_last: usize) -> Vec<std::ops::
     }
     out.push(n - last..n);
     out
+}
+
+/// The probe of one prefill chunk (`last`: the prompt's last one) for a hook probing `probe`
+/// whole: [`Probe::Queries`] on every chunk (statistics over every prompt query), any other
+/// probe on the last chunk only (its window lies there, [`prefill_chunks`]).
+pub fn chunk_probe(probe: Probe, last: bool) -> Probe {
+    match probe {
+        Probe::Queries => probe,
+        _ if last => probe,
+        _ => Probe::None,
+    }
 }
 
 /// Greedy generation of one sequence.
@@ -362,8 +375,7 @@ pub fn prefill(
                     n => Probe::LastQueries(n),
                 }
             }
-            _ if last => probe,
-            _ => Probe::None,
+            _ => chunk_probe(probe, last),
         };
         let mut observe = |layer: usize, probs: &Tensor, c: &dyn CacheBackend| {
             let t = Instant::now();
@@ -803,6 +815,24 @@ mod tests {
                     assert!(c[..c.len() - 1].iter().all(|r| r.len() <= chunk));
                 }
             }
+        }
+    }
+
+    /// Queries are observed on every chunk; a probability window only on the last.
+    #[test]
+    fn chunk_probe_sends_queries_on_every_chunk() {
+        for last in [false, true] {
+            assert_eq!(chunk_probe(Probe::Queries, last), Probe::Queries);
+            let window = chunk_probe(Probe::LastQueries(8), last);
+            assert_eq!(
+                window,
+                if last {
+                    Probe::LastQueries(8)
+                } else {
+                    Probe::None
+                }
+            );
+            assert_eq!(chunk_probe(Probe::All, last) == Probe::All, last);
         }
     }
 }

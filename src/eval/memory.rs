@@ -45,7 +45,7 @@ pub fn prefill_activation_bytes(cfg: &Config, dtype_bytes: usize, chunk: usize) 
 /// KVC-full's whole-prompt window), else whole (the last chunk grows to hold it).
 pub fn probed_rows(probe: Probe, splits: bool, chunk: usize, prompt: usize) -> usize {
     match probe {
-        Probe::None => 0,
+        Probe::None | Probe::Queries => 0,
         Probe::All => prompt,
         Probe::LastQueries(w) if splits && w > chunk => chunk,
         Probe::LastQueries(w) => w.min(prompt),

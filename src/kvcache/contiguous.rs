@@ -136,7 +136,7 @@ fn attention_in_blocks(
         return Ok((out, super::probed_rows(p, probe, t)?));
     }
     let first_probed = match probe {
-        super::Probe::None => t,
+        super::Probe::None | super::Probe::Queries => t,
         super::Probe::All => 0,
         super::Probe::LastQueries(n) => t - n.min(t),
     };

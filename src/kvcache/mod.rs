@@ -42,6 +42,21 @@ pub enum Probe {
     LastQueries(usize),
     /// Every query of this call (decode steps, H2O).
     All,
+    /// No probabilities: the model hands the layer's pre-RoPE queries `[batch, n_heads, t,
+    /// head_dim]` to its observer instead (Expected Attention's query statistics). A backend
+    /// treats it as [`Probe::None`].
+    Queries,
+}
+
+impl Probe {
+    /// What the attention backend is asked for: this probe, with [`Probe::Queries`] (answered
+    /// by the model, not the backend) as [`Probe::None`].
+    pub fn of_attention(self) -> Probe {
+        match self {
+            Probe::Queries => Probe::None,
+            p => p,
+        }
+    }
 }
 
 /// One attention call for one layer over a batch of sequences.
@@ -142,7 +157,7 @@ pub fn decode_probs_on_host(probs: &Tensor) -> Result<Tensor> {
 /// The probed rows of one sequence's probabilities `p` `[1, nh, t, kv]` (shared by backends).
 pub fn probed_rows(p: Tensor, probe: Probe, t: usize) -> Result<Option<Tensor>> {
     Ok(match probe {
-        Probe::None => None,
+        Probe::None | Probe::Queries => None,
         Probe::All => Some(p),
         Probe::LastQueries(n) => {
             let n = n.min(t);

@@ -165,7 +165,9 @@ impl Llama {
     /// Run `tokens` (`[t]` ids of one sequence, at its next positions) through the model,
     /// attending through `cache`. Returns the logits of the last token `[vocab]` in f32.
     /// `probe` selects queries whose attention probabilities go to `observe(layer, probs, cache)`
-    /// (`probs`: `[1, n_heads, n_probed, kv_len]` f32, see [`crate::kvcache::AttnOut`]).
+    /// (`probs`: `[1, n_heads, n_probed, kv_len]` f32, see [`crate::kvcache::AttnOut`]); with
+    /// [`Probe::Queries`], every layer's pre-RoPE queries `[1, n_heads, t, head_dim]` in the run
+    /// dtype instead (the same in the batched forwards, `[B, ...]`).
     pub fn forward(
         &mut self,
         tokens: &[u32],
@@ -326,10 +328,13 @@ impl Llama {
                 k: &k,
                 v: &v,
                 scale,
-                probe,
+                probe: probe.of_attention(),
             })?;
             profile::mark(dev, &mut clock, ph[1]);
-            if let Some(p) = &out.probs {
+            if probe == Probe::Queries {
+                observe(l, &pre_rope_queries(&qkv, heads)?, &*cache)?;
+                profile::mark(dev, &mut clock, ph[2]);
+            } else if let Some(p) = &out.probs {
                 observe(l, p, &*cache)?;
                 profile::mark(dev, &mut clock, ph[2]);
             }
@@ -377,6 +382,16 @@ impl Llama {
     pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
         crate::cuda::layer_ops::argmax_rows(logits, true)
     }
+}
+
+/// The queries of a merged projection `qkv` `[b, t, (q + 2 kv heads) * dim]` before RoPE,
+/// `[b, q heads, t, dim]` (what transformers' `q_proj` gives, as kvpress's
+/// `get_prerope_query_states` recomputes them).
+fn pre_rope_queries(qkv: &Tensor, heads: QkvHeads) -> Result<Tensor> {
+    let (b, t, _) = qkv.dims3()?;
+    qkv.narrow(2, 0, heads.q * heads.dim)?
+        .reshape((b, t, heads.q, heads.dim))?
+        .transpose(1, 2)
 }
 
 #[cfg(test)]

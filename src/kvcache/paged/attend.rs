@@ -173,7 +173,7 @@ impl PagedCache {
         crate::profile::mark(&dev, &mut clock, "prefill.attend/gather");
         let q2 = q.reshape((1, nkv, g * t, d))?;
         let probed = match probe {
-            Probe::None => 0,
+            Probe::None | Probe::Queries => 0,
             Probe::All => t,
             Probe::LastQueries(n) => n.min(t),
         };
