@@ -7,8 +7,8 @@ KVC_TREE: `kvc eval ... --question-in-window no --out KVC_TREE` (summary.csv wri
 KVPRESS_TREE: scripts/gpu/kvpress_side_by_side.py's OUT after `kvc score KVPRESS_TREE`
 (summary.csv; times.json holds kvpress's generation seconds per run). --kvc-wall: kvc's wall
 seconds for the same table (its whole `kvc eval`, model load included), from the visit log.
-Also prints how many full-cache predictions are identical between the tools (same ids, same
-greedy decoding: a check that both ran the same prompts and model).
+Per run it also counts the predictions identical between the tools (same ids, same greedy
+decoding: the full cache's row checks that both ran the same prompts and model).
 """
 import argparse
 import csv
@@ -54,8 +54,11 @@ def main():
     k, p = summary(a.kvc), summary(a.kvpress)
     times = json.load(open(os.path.join(a.kvpress, "times.json")))
     keys = sorted(set(k) | set(p), key=lambda x: (x[0] != "full", x[0], float(x[1][4:])))
-    print("| run | ratio | n | kvc % of full [95% CI] | kvpress % of full [95% CI] | kvpress s |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| run | ratio | n | kvc % of full [95% CI] | kvpress % of full [95% CI] "
+        "| identical predictions | kvpress s |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for key in keys:
         kr, pr = k.get(key), p.get(key)
         any_r = kr or pr
@@ -68,11 +71,11 @@ def main():
             kc, pc = (f"score {float(r['score']):.2f}" if r else "-" for r in (kr, pr))
         else:
             kc, pc = cell(kr), cell(pr)
-        print(f"| {run} | {ratio:.4g} | {n} | {kc} | {pc} | {secs} |")
-    kf, pf = preds(a.kvc, "full/rate1"), preds(a.kvpress, "full/rate1")
-    both = set(kf) & set(pf)
-    same = sum(kf[i] == pf[i] for i in both)
-    print(f"\nfull cache: {same} of {len(both)} predictions identical between kvc and kvpress")
+        kp, pp = preds(a.kvc, run), preds(a.kvpress, run)
+        both = set(kp) & set(pp)
+        same = f"{sum(kp[i] == pp[i] for i in both)} / {len(both)}"
+        print(f"| {run} | {ratio:.4g} | {n} | {kc} | {pc} | {same} | {secs} |")
+    print()
     total = sum(v for r, v in times.items() if not r.startswith("_"))
     line = f"kvpress generation time for the table: {total:.1f} s"
     if a.kvc_wall:

@@ -9,7 +9,7 @@
 # 5.2.0, tokenizers 0.22.2, huggingface_hub 1.x, gguf, cachetools: installed under /tmp/pyk).
 # SECONDS: this call's time for the phases; each phase stops cleanly (SIGINT / --deadline).
 # Env: SIDE_N (prompts per subset in the side-by-side, 4k only; default 4), SIDE_METHODS,
-# SIDE_RATES, TABLE_METHODS (one `kvc eval` per method, in order).
+# SIDE_RATES, TABLE_METHODS (comma-separated, run in order), SKIP_SIDE=1 (the table only).
 set -uo pipefail
 stage=$1 budget=$2
 out=${OUT:-gpu-out}
@@ -22,11 +22,14 @@ side_methods=${SIDE_METHODS:-snapkv,tova,knorm,keydiff,streamingllm,random,lagkv
 side_rates=${SIDE_RATES:-2,8}
 export KVC_RULER_SOURCES=$stage/ruler-sources
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+# A fresh machine goes on from an earlier call's results (STAGE/results.tar.gz, that call's
+# $OUT/results.tar.gz): every phase resumes its rows.
+if [[ -f $stage/results.tar.gz && ! -d /tmp/table ]]; then tar xzf "$stage/results.tar.gz" -C /tmp; fi
 [[ -d /tmp/pyk/kvpress ]] || python3 -m pip install --no-deps -q --target /tmp/pyk "$stage"/pywhl/*.whl
 
 # 1. kvc on the side-by-side's prompts (the first $n rows of each 4k subset), context-only as
 #    kvpress's pipeline runs them: the timing of kvc's half of the comparison.
-if [[ ! -f /tmp/visit/side-kvc ]]; then
+if [[ ! -f /tmp/visit/side-kvc && -z ${SKIP_SIDE:-} ]]; then
   s=$SECONDS
   "$kvc" eval --model "$stage/model.gguf" --tasks ruler --lengths 4096 --ruler-samples 20 \
     --limit "$n" --methods "$side_methods" --rates "$side_rates" --question-in-window no \
@@ -36,7 +39,7 @@ if [[ ! -f /tmp/visit/side-kvc ]]; then
 fi
 
 # 2. kvpress on the same prompts, methods and rates.
-if [[ ! -f /tmp/visit/side-kvpress ]] && (( $(left) > 60 )); then
+if [[ ! -f /tmp/visit/side-kvpress && -z ${SKIP_SIDE:-} ]] && (( $(left) > 60 )); then
   s=$SECONDS
   python3 - "$stage/prompts.jsonl" "$n" > /tmp/side-prompts.jsonl <<'EOF'
 import json, sys
@@ -57,17 +60,17 @@ EOF
   echo "side-kvpress rc=$rc wall_s=$((SECONDS - s))" | tee -a "$out/side-kvpress.txt"
 fi
 
-# 3. kvc's RULER table: one `kvc eval` per method (all resume the shared full/rate1).
-for m in ${TABLE_METHODS:-snapkv tova knorm keydiff random lagkv streamingllm pyramidkv ada-snapkv h2o kvcompress snapkv+kvcrush}; do
-  [[ -f /tmp/visit/table-$m ]] && continue
-  (( $(left) > 40 )) || break
+# 3. kvc's RULER table: one `kvc eval` over every method (the RULER prompts are generated once
+#    per invocation, ~23 s); stopped by SIGINT at the call's end, it resumes row by row.
+if [[ ! -f /tmp/visit/table ]] && (( $(left) > 60 )); then
   s=$SECONDS
   timeout -s INT $(( $(left) - 25 )) "$kvc" eval --model "$stage/model.gguf" --tasks ruler \
-    --lengths 4096,8192 --ruler-samples 20 --methods "$m" --rates 2,4,8,16,32,64 \
-    --question-in-window both --device cuda:0 --no-progress --out /tmp/table \
-    >> "$out/table.txt" 2>&1 && touch "/tmp/visit/table-$m"
-  echo "table $m rc=$? wall_s=$((SECONDS - s))" | tee -a "$out/table.txt"
-done
+    --lengths 4096,8192 --ruler-samples 20 \
+    --methods "${TABLE_METHODS:-snapkv,tova,knorm,keydiff,random,lagkv,expected-attention,streamingllm,pyramidkv,ada-snapkv,h2o,kvcompress,snapkv+kvcrush}" \
+    --rates 2,4,8,16,32,64 --question-in-window both --device cuda:0 --no-progress \
+    --out /tmp/table >> "$out/table.txt" 2>&1 && touch /tmp/visit/table
+  echo "table rc=$? wall_s=$((SECONDS - s))" | tee -a "$out/table.txt"
+fi
 
 tar czf "$out/results.tar.gz" -C /tmp side-kvc side-kvpress table 2>/dev/null
 ls /tmp/visit; tail -n 12 "$out/side-kvpress.txt" 2>/dev/null; grep "rc=" "$out"/*.txt

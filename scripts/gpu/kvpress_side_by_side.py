@@ -61,6 +61,7 @@ transformers.utils.logging.disable_progress_bar()
 from kvpress import (  # noqa: E402
     AdaKVPress,
     ChunkKVPress,
+    ExpectedAttentionPress,
     KeyDiffPress,
     KnormPress,
     LagKVPress,
@@ -82,6 +83,7 @@ PRESSES = {
     "keydiff": lambda r: KeyDiffPress(compression_ratio=r),
     "random": lambda r: RandomPress(compression_ratio=r),
     "lagkv": lambda r: LagKVPress(compression_ratio=r),
+    "expected-attention": lambda r: ExpectedAttentionPress(compression_ratio=r),
     "snapkv+chunkkv": lambda r: ChunkKVPress(SnapKVPress(compression_ratio=r)),
 }
 
