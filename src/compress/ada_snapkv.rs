@@ -62,9 +62,6 @@ impl Policy for AdaSnapKv {
     fn prefill_probe(&self) -> Probe {
         Probe::LastQueries(self.snap.window)
     }
-    fn decode_probe(&self) -> Probe {
-        Probe::None
-    }
     fn score(&self, _: Phase, probs: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         self.snap.score(probs, positions)
     }
@@ -86,9 +83,6 @@ impl Policy for AdaSnapKv {
             }
         }
         EvictionPlan::from_heads(evicted, view.heads.first().map_or(0, Vec::len))
-    }
-    fn continual(&self) -> bool {
-        false
     }
     fn min_budget(&self) -> usize {
         self.snap.window

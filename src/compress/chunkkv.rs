@@ -73,9 +73,6 @@ impl Policy for ChunkKv {
     fn prefill_probe(&self) -> Probe {
         self.base.prefill_probe()
     }
-    fn decode_probe(&self) -> Probe {
-        Probe::None
-    }
     fn score(&self, phase: Phase, probs: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         self.base.score(phase, probs, positions)
     }
@@ -126,9 +123,6 @@ impl Policy for ChunkKv {
             evict
         })
     }
-    fn continual(&self) -> bool {
-        false
-    }
     /// At least one chunk, so the chunk of the protected positions always fits.
     fn min_budget(&self) -> usize {
         self.base.min_budget().max(self.chunk as usize)
@@ -163,17 +157,11 @@ mod tests {
         fn prefill_probe(&self) -> Probe {
             Probe::None
         }
-        fn decode_probe(&self) -> Probe {
-            Probe::None
-        }
         fn score(&self, _: Phase, _: &Tensor, p: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
             Ok(super::super::policy::zero_scores(p))
         }
         fn plan(&self, _: &SeqView, _: usize, _: Phase) -> EvictionPlan {
             EvictionPlan::default()
-        }
-        fn continual(&self) -> bool {
-            false
         }
         fn min_budget(&self) -> usize {
             1

@@ -205,9 +205,6 @@ impl Policy for ExpectedAttention {
     fn prefill_probe(&self) -> Probe {
         Probe::Queries
     }
-    fn decode_probe(&self) -> Probe {
-        Probe::None
-    }
     fn score(&self, _: Phase, _: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         Ok(zero_scores(positions))
     }
@@ -227,9 +224,6 @@ impl Policy for ExpectedAttention {
         per_head_plan(view, |_, _, h| {
             evict_lowest(&h.metric, &vec![false; h.metric.len()], budget)
         })
-    }
-    fn continual(&self) -> bool {
-        false
     }
     fn min_budget(&self) -> usize {
         1

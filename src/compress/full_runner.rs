@@ -34,17 +34,11 @@ impl Policy for KeepAll {
     fn prefill_probe(&self) -> Probe {
         Probe::None
     }
-    fn decode_probe(&self) -> Probe {
-        Probe::None
-    }
     fn score(&self, _: Phase, _: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         Ok(policy::zero_scores(positions))
     }
     fn plan(&self, _: &SeqView, _: usize, _: Phase) -> EvictionPlan {
         EvictionPlan::default()
-    }
-    fn continual(&self) -> bool {
-        false
     }
     fn min_budget(&self) -> usize {
         0

@@ -102,8 +102,10 @@ pub trait Policy: Send + Sync {
     /// Queries probed in the last prefill chunk ([`Probe::Queries`]: every chunk's pre-RoPE
     /// queries, summarised per layer for [`Policy::key_scores`]).
     fn prefill_probe(&self) -> Probe;
-    /// Queries probed at decode steps (`Probe::None`: no decode scoring).
-    fn decode_probe(&self) -> Probe;
+    /// Queries probed at decode steps (the default `Probe::None`: no decode scoring).
+    fn decode_probe(&self) -> Probe {
+        Probe::None
+    }
     /// Metric increments per kv-head and slot from one layer's probed probabilities
     /// (`positions[g]`: slot positions of kv-head `g`).
     fn score(&self, phase: Phase, probs: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>>;
@@ -115,8 +117,11 @@ pub trait Policy: Send + Sync {
     fn score_splits(&self) -> bool {
         false
     }
-    /// Whether [`Policy::plan`] runs after every decode step too.
-    fn continual(&self) -> bool;
+    /// Whether [`Policy::plan`] runs after every decode step too (default: no, once after
+    /// prefill).
+    fn continual(&self) -> bool {
+        false
+    }
     /// The smallest budget that makes sense (the protected window); smaller budgets are
     /// clamped to it.
     fn min_budget(&self) -> usize;

@@ -53,9 +53,6 @@ impl Policy for PyramidKv {
     fn prefill_probe(&self) -> Probe {
         Probe::LastQueries(self.snap.window)
     }
-    fn decode_probe(&self) -> Probe {
-        Probe::None
-    }
     fn score(&self, _: Phase, probs: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         self.snap.score(probs, positions)
     }
@@ -77,9 +74,6 @@ impl Policy for PyramidKv {
                 per_layer[l],
             )
         })
-    }
-    fn continual(&self) -> bool {
-        false
     }
     fn min_budget(&self) -> usize {
         self.snap.window

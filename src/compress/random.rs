@@ -29,9 +29,6 @@ impl Policy for RandomEviction {
     fn prefill_probe(&self) -> Probe {
         Probe::None
     }
-    fn decode_probe(&self) -> Probe {
-        Probe::None
-    }
     fn score(&self, _: Phase, _: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         Ok(zero_scores(positions))
     }
@@ -43,9 +40,6 @@ impl Policy for RandomEviction {
             let scores: Vec<f32> = h.position.iter().map(|&p| random_score(l, g, p)).collect();
             evict_lowest(&scores, &vec![false; scores.len()], budget)
         })
-    }
-    fn continual(&self) -> bool {
-        false
     }
     fn min_budget(&self) -> usize {
         1

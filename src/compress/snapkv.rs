@@ -54,9 +54,6 @@ impl Policy for SnapKv {
     fn prefill_probe(&self) -> Probe {
         Probe::LastQueries(self.cfg.window)
     }
-    fn decode_probe(&self) -> Probe {
-        Probe::None
-    }
     fn score(&self, _: Phase, probs: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         self.cfg.score(probs, positions)
     }
@@ -67,9 +64,6 @@ impl Policy for SnapKv {
         per_head_plan(view, |_, _, h| {
             evict_lowest(&h.metric, &h.recent(view.seq_len, self.cfg.window), budget)
         })
-    }
-    fn continual(&self) -> bool {
-        false
     }
     fn min_budget(&self) -> usize {
         self.cfg.window

@@ -58,9 +58,6 @@ impl Policy for StreamingLlm {
     fn prefill_probe(&self) -> Probe {
         Probe::None
     }
-    fn decode_probe(&self) -> Probe {
-        Probe::None
-    }
     fn score(&self, _: Phase, _: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         Ok(zero_scores(positions))
     }

@@ -48,9 +48,6 @@ impl Policy for Tova {
     fn prefill_probe(&self) -> Probe {
         Probe::LastQueries(1)
     }
-    fn decode_probe(&self) -> Probe {
-        Probe::None
-    }
     fn score(&self, _: Phase, probs: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         let per_head = window_scores(
             probs,
@@ -74,9 +71,6 @@ impl Policy for Tova {
     }
     fn score_splits(&self) -> bool {
         true
-    }
-    fn continual(&self) -> bool {
-        false
     }
     fn min_budget(&self) -> usize {
         1
