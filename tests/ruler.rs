@@ -341,6 +341,19 @@ fn bad_ruler_arguments_exit_2_with_the_fix() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let t = text(&o);
     assert!(t.contains("4096 exceeds the model's context (2048"), "{t}");
+    // Missing sources: an error naming the fetch script, before the model loads.
+    let o = r.kvc(&[
+        "--tasks",
+        "ruler:niah_single_1",
+        "--ruler-sources",
+        "/nonexistent/ruler-sources",
+        "--methods",
+        "full",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("fetch-ruler-sources.sh"), "{t}");
+    assert!(!t.contains("loaded in"), "the model loaded first: {t}");
 }
 
 /// `--export-prompts` writes the prompts the sweep runs: per sample its ids with the question

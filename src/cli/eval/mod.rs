@@ -61,7 +61,7 @@ struct Selection {
     /// No `--data-dir`: the bundled sample and its defaults.
     bundled: bool,
     ruler_tasks: Vec<&'static RulerTask>,
-    /// Where the RULER prompts' words and essays came from (set when they are generated).
+    /// Where the RULER prompts' words and essays come from (`None` without RULER tasks).
     ruler_sources: Option<&'static Sources>,
     subsets: Vec<SubsetPlan>,
     samples: Option<BTreeSet<String>>,
@@ -337,13 +337,19 @@ fn select(args: &EvalArgs, note: &Note) -> anyhow::Result<Selection> {
             .collect::<Vec<_>>()
             .join(", ")
     ));
+    // Read before the model loads, as every input (a missing sources directory is an error).
+    let sources = if ruler_tasks.is_empty() {
+        None
+    } else {
+        Some(ruler_sources(args.data.ruler_sources.as_deref(), note)?)
+    };
     Ok(Selection {
         plans,
         data,
         needs_longbench,
         bundled,
+        ruler_sources: sources,
         ruler_tasks,
-        ruler_sources: None,
         subsets,
         samples,
         files_json,
@@ -456,25 +462,20 @@ fn ruler_sources(arg: Option<&str>, note: &Note) -> anyhow::Result<&'static Sour
         Some("fallback") => return Ok(Sources::fallback()),
         Some(d) => std::path::PathBuf::from(d),
         None => {
-            let dirs = hub::embedded_dirs();
-            match dirs
+            let candidates: Vec<std::path::PathBuf> = hub::embedded_dirs()
                 .iter()
                 .map(|d| d.join("ruler-sources"))
-                .find(|d| d.is_dir())
-            {
-                Some(d) => d,
-                None => {
-                    let looked: Vec<String> = dirs
-                        .iter()
-                        .map(|d| d.join("ruler-sources").display().to_string())
-                        .collect();
-                    eprintln!(
-                        "warning: RULER's word lists and essays are not installed (looked in {}): generating from kvc's offline fallback (`kvc-fallback`: committed words, multi_news haystack; named in run.json and the sample ids). Run scripts/fetch-ruler-sources.sh for RULER's own, or pass --ruler-sources fallback to silence this.",
-                        looked.join(", ")
-                    );
-                    return Ok(Sources::fallback());
-                }
-            }
+                .collect();
+            let Some(d) = candidates.iter().find(|d| d.is_dir()) else {
+                let looked: Vec<String> =
+                    candidates.iter().map(|d| d.display().to_string()).collect();
+                eprintln!(
+                    "warning: RULER's word lists and essays are not installed (looked in {}): generating from kvc's offline fallback (`kvc-fallback`: committed words, multi_news haystack; named in run.json and the sample ids). Run scripts/fetch-ruler-sources.sh for RULER's own, or pass --ruler-sources fallback to silence this.",
+                    looked.join(", ")
+                );
+                return Ok(Sources::fallback());
+            };
+            d.clone()
         }
     };
     let s = Sources::load(&dir)?;
@@ -499,8 +500,9 @@ fn add_ruler(
     if sel.ruler_tasks.is_empty() {
         return Ok(BTreeMap::new());
     }
-    let sources = ruler_sources(args.data.ruler_sources.as_deref(), note)?;
-    sel.ruler_sources = Some(sources);
+    let sources = sel
+        .ruler_sources
+        .expect("select resolves the sources of RULER tasks");
     let t_gen = Instant::now();
     let plan = run::RulerPlan {
         tasks: sel.ruler_tasks.clone(),
