@@ -21,7 +21,7 @@
 //! (kvpress: averaged in the model dtype).
 use candle_core::{DType, Device, Result, Tensor, D};
 
-use super::policy::{evict_lowest, per_head_plan, zero_scores, LayerKeys, Phase, Policy, SeqView};
+use super::policy::{lowest_after_prefill, zero_scores, LayerKeys, Phase, Policy, SeqView};
 use super::query_stats::QueryStats;
 use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::Probe;
@@ -218,12 +218,7 @@ impl Policy for ExpectedAttention {
         self.n_sink
     }
     fn plan(&self, view: &SeqView, budget: usize, phase: Phase) -> EvictionPlan {
-        if phase == Phase::Decode {
-            return EvictionPlan::default();
-        }
-        per_head_plan(view, |_, _, h| {
-            evict_lowest(&h.metric, &vec![false; h.metric.len()], budget)
-        })
+        lowest_after_prefill(view, budget, phase)
     }
     fn min_budget(&self) -> usize {
         1

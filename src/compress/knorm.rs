@@ -10,7 +10,7 @@
 //! `BlockPress` wrapper); here, as kvpress's plain `KeyDiffPress`, once over the whole prompt.
 use candle_core::{DType, Result, Tensor, D};
 
-use super::policy::{evict_lowest, per_head_plan, zero_scores, LayerKeys, Phase, Policy, SeqView};
+use super::policy::{lowest_after_prefill, zero_scores, LayerKeys, Phase, Policy, SeqView};
 use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::Probe;
 
@@ -71,12 +71,7 @@ impl Policy for KeyScored {
             .collect()
     }
     fn plan(&self, view: &SeqView, budget: usize, phase: Phase) -> EvictionPlan {
-        if phase == Phase::Decode {
-            return EvictionPlan::default();
-        }
-        per_head_plan(view, |_, _, h| {
-            evict_lowest(&h.metric, &vec![false; h.metric.len()], budget)
-        })
+        lowest_after_prefill(view, budget, phase)
     }
     fn min_budget(&self) -> usize {
         1

@@ -187,6 +187,17 @@ pub fn zero_scores(positions: &[Vec<u32>]) -> Vec<Vec<f32>> {
     positions.iter().map(|p| vec![0.0; p.len()]).collect()
 }
 
+/// The plan of a method that compresses once, after prefill, and protects nothing: each
+/// head keeps its `budget` highest-metric slots (no eviction at decode steps).
+pub fn lowest_after_prefill(view: &SeqView, budget: usize, phase: Phase) -> EvictionPlan {
+    if phase == Phase::Decode {
+        return EvictionPlan::default();
+    }
+    per_head_plan(view, |_, _, h| {
+        evict_lowest(&h.metric, &vec![false; h.metric.len()], budget)
+    })
+}
+
 /// Token-level evictor: keep the `keep` highest-metric slots, always keeping `protected` ones
 /// (they count against `keep`); ties evict the lower logical index first. Returns the evicted
 /// logical slots in ascending metric order.

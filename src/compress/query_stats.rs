@@ -81,6 +81,7 @@ impl QueryStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kvcache::paged::tests::max_diff;
     use candle_core::Device;
     use rand::{Rng, SeedableRng};
 
@@ -91,19 +92,6 @@ mod tests {
             .map(|i| 40.0 * ((i % d) as f32 - 1.5) + rng.random_range(-1.0f32..1.0))
             .collect();
         Tensor::from_vec(v, (1, h, t, d), &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     /// Plain f64 loops: mean and biased covariance of rows `skip..t` of each head.

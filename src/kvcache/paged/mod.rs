@@ -541,4 +541,4 @@ impl CacheBackend for PagedCache {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -32,7 +32,8 @@ fn call<'a>(
     }
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+/// Largest absolute elementwise difference of two f32 tensors (shared by test modules).
+pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .unwrap()
         .abs()
