@@ -177,9 +177,12 @@ def run_prompts(pipe, press, prompts, args, name, rate, run, t_start):
         {"model": args.model_name, "method": name, "rate": rate, "tool": "kvpress"},
         open(os.path.join(args.out, args.model_name, run, "run.json"), "w"),
     )
+    done = {}  # per prediction file, the ids it holds (read once per run)
     for p in prompts:
         path = os.path.join(root, p["task"] + ".jsonl")
-        if p["_id"] in done_ids(path):
+        if path not in done:
+            done[path] = done_ids(path)
+        if p["_id"] in done[path]:
             continue
         if time.time() - t_start > args.deadline:
             return None
