@@ -9,7 +9,8 @@
 # 5.2.0, tokenizers 0.22.2, huggingface_hub 1.x, gguf, cachetools: installed under /tmp/pyk).
 # SECONDS: this call's time for the phases; each phase stops cleanly (SIGINT / --deadline).
 # Env: SIDE_N (prompts per subset in the side-by-side, 4k only; default 4), SIDE_METHODS,
-# SIDE_RATES, TABLE_METHODS (comma-separated, run in order), SKIP_SIDE=1 (the table only).
+# SIDE_RATES, TABLE_METHODS (comma-separated, run in order), TABLE_GROUPS (parallel groups, see
+# phase 3), TABLE_BATCH (--batch-samples per process), SKIP_SIDE=1 (the table only).
 set -uo pipefail
 stage=$1 budget=$2
 out=${OUT:-gpu-out}
@@ -25,7 +26,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 # A fresh machine goes on from an earlier call's results (STAGE/results.tar.gz, that call's
 # $OUT/results.tar.gz): every phase resumes its rows.
 if [[ -f $stage/results.tar.gz && ! -d /tmp/table ]]; then tar xzf "$stage/results.tar.gz" -C /tmp; fi
-[[ -d /tmp/pyk/kvpress ]] || python3 -m pip install --no-deps -q --target /tmp/pyk "$stage"/pywhl/*.whl
+[[ -n ${SKIP_SIDE:-} || -d /tmp/pyk/kvpress ]] || python3 -m pip install --no-deps -q --target /tmp/pyk "$stage"/pywhl/*.whl
 
 # 1. kvc on the side-by-side's prompts (the first $n rows of each 4k subset), context-only as
 #    kvpress's pipeline runs them: the timing of kvc's half of the comparison.
@@ -60,16 +61,39 @@ EOF
   echo "side-kvpress rc=$rc wall_s=$((SECONDS - s))" | tee -a "$out/side-kvpress.txt"
 fi
 
-# 3. kvc's RULER table: one `kvc eval` over every method (the RULER prompts are generated once
+# 3. kvc's RULER table: one `kvc eval` per group of methods (the RULER prompts are generated once
 #    per invocation, ~23 s); stopped by SIGINT at the call's end, it resumes row by row.
+#    TABLE_GROUPS ("a,b;c,d;..."): the groups run as parallel processes on the one GPU (SmolLM2's
+#    batches leave it mostly idle: the host's per-step work bounds each process), each into its
+#    own copy of the tree, merged back run by run (a run directory belongs to one group).
+table_methods=${TABLE_METHODS:-snapkv,tova,knorm,keydiff,random,lagkv,expected-attention,streamingllm,pyramidkv,ada-snapkv,h2o,kvcompress,snapkv+kvcrush}
+IFS=';' read -r -a groups <<< "${TABLE_GROUPS:-$table_methods}"
 if [[ ! -f /tmp/visit/table ]] && (( $(left) > 60 )); then
   s=$SECONDS
-  timeout -s INT $(( $(left) - 25 )) "$kvc" eval --model "$stage/model.gguf" --tasks ruler \
-    --lengths 4096,8192 --ruler-samples 20 \
-    --methods "${TABLE_METHODS:-snapkv,tova,knorm,keydiff,random,lagkv,expected-attention,streamingllm,pyramidkv,ada-snapkv,h2o,kvcompress,snapkv+kvcrush}" \
-    --rates 2,4,8,16,32,64 --question-in-window both --device cuda:0 --no-progress \
-    --out /tmp/table >> "$out/table.txt" 2>&1 && touch /tmp/visit/table
-  echo "table rc=$? wall_s=$((SECONDS - s))" | tee -a "$out/table.txt"
+  mkdir -p /tmp/table/model
+  pids=()
+  for g in "${!groups[@]}"; do
+    rm -rf "/tmp/table-g$g"; cp -r /tmp/table "/tmp/table-g$g"
+    timeout -s INT $(( $(left) - 30 )) "$kvc" eval --model "$stage/model.gguf" --tasks ruler \
+      --lengths 4096,8192 --ruler-samples 20 --methods "${groups[$g]}" \
+      --rates 2,4,8,16,32,64 --question-in-window both --device cuda:0 --no-progress \
+      ${TABLE_BATCH:+--batch-samples $TABLE_BATCH} \
+      --out "/tmp/table-g$g" > "$out/table-g$g.txt" 2>&1 &
+    pids+=($!)
+  done
+  ok=1
+  for g in "${!groups[@]}"; do
+    wait "${pids[$g]}"; rc=$?
+    echo "table group $g (${groups[$g]}) rc=$rc" | tee -a "$out/table.txt"
+    (( rc == 0 )) || ok=0
+    for m in ${groups[$g]//,/ }; do
+      for d in "/tmp/table-g$g/model/$m" "/tmp/table-g$g/model/$m@context-only"; do
+        [[ -d $d ]] && rm -rf "/tmp/table/model/${d##*/}" && cp -r "$d" /tmp/table/model/
+      done
+    done
+  done
+  (( ok )) && touch /tmp/visit/table
+  echo "table wall_s=$((SECONDS - s))" | tee -a "$out/table.txt"
 fi
 
 tar czf "$out/results.tar.gz" -C /tmp side-kvc side-kvpress table 2>/dev/null
