@@ -478,10 +478,11 @@ fn ruler_sources_give_real_words_essays_and_keys() {
 }
 
 /// Expected Attention end to end: `kvc eval --methods expected-attention --rates 2` in both
-/// protocols (LongBench's and `@context-only`) and under ChunkKV, on a RULER prompt with the
-/// tiny model; every run writes its row, compressed to about half.
+/// protocols (LongBench's and `@context-only`), under ChunkKV and under CriticalKV (with an
+/// attention-scored base too), on a RULER prompt with the tiny model; every run writes its
+/// row, compressed to about half.
 #[test]
-fn expected_attention_runs_in_both_protocols_and_under_chunkkv() {
+fn expected_attention_runs_in_both_protocols_and_under_chunkkv_and_criticalkv() {
     let r = setup();
     let o = r.kvc(&[
         "--tasks",
@@ -491,7 +492,7 @@ fn expected_attention_runs_in_both_protocols_and_under_chunkkv() {
         "--ruler-samples",
         "1",
         "--methods",
-        "expected-attention,expected-attention+chunkkv",
+        "expected-attention,expected-attention+chunkkv,expected-attention+criticalkv,snapkv+criticalkv",
         "--rates",
         "2",
         "--question-in-window",
@@ -503,6 +504,8 @@ fn expected_attention_runs_in_both_protocols_and_under_chunkkv() {
         ("expected-attention@context-only", false),
         ("expected-attention+chunkkv", true),
         ("expected-attention+chunkkv@context-only", false),
+        ("expected-attention+criticalkv", true),
+        ("snapkv+criticalkv@context-only", false),
     ] {
         let preds = r.out.join(format!(
             "tiny/{run}/rate2/preds/ruler_niah_single_1_1024.jsonl"

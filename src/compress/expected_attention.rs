@@ -382,6 +382,10 @@ mod tests {
             positions: &positions,
             seq_len: len,
             queries: Some(&stats),
+            layer: 0,
+            budget: None,
+            metric: &[],
+            out_proj: None,
         })
         .unwrap()
     }

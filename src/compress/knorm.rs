@@ -101,6 +101,10 @@ mod tests {
             positions: &[vec![0, 1, 2, 3]],
             seq_len: 4,
             queries: None,
+            layer: 0,
+            budget: None,
+            metric: &[],
+            out_proj: None,
         };
         assert_eq!(
             s.key_scores(&layer).unwrap(),

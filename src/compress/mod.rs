@@ -11,8 +11,9 @@
 //! [`policy::Policy`] driven by [`policy::CompressHooks`] (that module states the order of a
 //! compression step). Method files: [`kvcompress`], [`snapkv`], [`pyramidkv`],
 //! [`streamingllm`], [`h2o`], [`ada_snapkv`], [`tova`], [`random`], [`knorm`] (Knorm and
-//! KeyDiff), [`lagkv`], [`expected_attention`] (with [`query_stats`]), and the modifiers [`kvcrush`] (`<method>+kvcrush`) and [`chunkkv`]
-//! (`<method>+chunkkv`).
+//! KeyDiff), [`lagkv`], [`expected_attention`] (with [`query_stats`]), and the modifiers
+//! [`kvcrush`] (`<method>+kvcrush`), [`chunkkv`] (`<method>+chunkkv`) and [`criticalkv`]
+//! (`<method>+criticalkv`).
 //!
 //! Budgets: a rate `r` becomes `M` cache tokens per (layer, kv-head) by KV-Compress's formula
 //! with the 128-token floor ([`crate::kvcache::budget::tokens_for_rate`]) for every method, so
@@ -30,6 +31,7 @@ use crate::model::{Config, Llama};
 
 pub mod ada_snapkv;
 pub mod chunkkv;
+pub mod criticalkv;
 pub mod expected_attention;
 pub mod h2o;
 pub mod knorm;
@@ -78,6 +80,11 @@ pub const METHODS: &[&str] = &[
     "keydiff+chunkkv",
     "random+chunkkv",
     "expected-attention+chunkkv",
+    "snapkv+criticalkv",
+    "tova+criticalkv",
+    "knorm+criticalkv",
+    "keydiff+criticalkv",
+    "expected-attention+criticalkv",
     "kvcompress+kvcrush",
     "snapkv+kvcrush",
     "pyramidkv+kvcrush",
@@ -87,6 +94,21 @@ pub const METHODS: &[&str] = &[
 
 /// Importance-based methods KVCrush can modify.
 pub const KVCRUSH_BASES: &[&str] = &["kvcompress", "snapkv", "pyramidkv", "h2o", "ada-snapkv"];
+
+/// The modifiers (`<method>+<modifier>`): name, the methods each modifies, and what those are.
+const MODIFIERS: &[(&str, &[&str], &str)] = &[
+    ("kvcrush", KVCRUSH_BASES, "an importance-based method"),
+    (
+        "chunkkv",
+        chunkkv::CHUNKKV_BASES,
+        "a method that scores every prompt token once",
+    ),
+    (
+        "criticalkv",
+        criticalkv::CRITICALKV_BASES,
+        "a method whose scores are in the metric once after prefill",
+    ),
+];
 
 /// The suffix of a method run under the question-agnostic protocol (`--question-in-window
 /// no`): `snapkv@context-only` compresses the context before the question is read.
@@ -142,32 +164,20 @@ impl MethodSpec {
                 name: s.to_string(),
             });
         }
-        if s == "kvcrush" {
-            anyhow::bail!(
-                "`kvcrush` is a modifier, not a method: use `<method>+kvcrush` with one of {}",
-                KVCRUSH_BASES.join(", ")
-            );
-        }
-        if s == "chunkkv" {
-            anyhow::bail!(
-                "`chunkkv` is a modifier, not a method: use `<method>+chunkkv` with one of {}",
-                chunkkv::CHUNKKV_BASES.join(", ")
-            );
-        }
-        if let Some(base) = s.strip_suffix("+chunkkv") {
-            if METHODS.contains(&base) {
+        for (modifier, bases, what) in MODIFIERS {
+            if s == *modifier {
                 anyhow::bail!(
-                    "`{s}`: chunkkv only modifies a method that scores every prompt token once ({}); `{base}` is not one",
-                    chunkkv::CHUNKKV_BASES.join(", ")
+                    "`{s}` is a modifier, not a method: use `<method>+{s}` with one of {}",
+                    bases.join(", ")
                 );
             }
-        }
-        if let Some(base) = s.strip_suffix("+kvcrush") {
-            if METHODS.contains(&base) {
-                anyhow::bail!(
-                    "`{s}`: kvcrush only modifies an importance-based method ({}); `{base}` is not one",
-                    KVCRUSH_BASES.join(", ")
-                );
+            if let Some(base) = s.strip_suffix(&format!("+{modifier}")) {
+                if METHODS.contains(&base) {
+                    anyhow::bail!(
+                        "`{s}`: {modifier} only modifies {what} ({}); `{base}` is not one",
+                        bases.join(", ")
+                    );
+                }
             }
         }
         anyhow::bail!(
@@ -181,17 +191,23 @@ impl MethodSpec {
         self.name == "full"
     }
 
-    /// The importance method (`snapkv` for `snapkv+kvcrush` and `snapkv+chunkkv`).
+    /// The importance method (`snapkv` for `snapkv+kvcrush`, `snapkv+chunkkv`, ...).
     pub fn base(&self) -> &str {
         let n = self.policy_name();
-        n.strip_suffix("+kvcrush")
-            .or_else(|| n.strip_suffix("+chunkkv"))
+        MODIFIERS
+            .iter()
+            .find_map(|(m, _, _)| n.strip_suffix(m)?.strip_suffix('+'))
             .unwrap_or(n)
     }
 
     /// Whether the ChunkKV modifier is on.
     pub fn chunkkv(&self) -> bool {
         self.policy_name().ends_with("+chunkkv")
+    }
+
+    /// Whether the CriticalKV modifier is on.
+    pub fn criticalkv(&self) -> bool {
+        self.policy_name().ends_with("+criticalkv")
     }
 
     /// Whether the KVCrush modifier is on.
@@ -433,6 +449,9 @@ pub fn build_policy(
     };
     if spec.kvcrush() {
         return Ok(kvcrush::wrap(base, spec.base(), opts)?);
+    }
+    if spec.criticalkv() {
+        return Ok(Box::new(criticalkv::CriticalKv::new(base)));
     }
     if spec.chunkkv() {
         return Ok(Box::new(chunkkv::ChunkKv {

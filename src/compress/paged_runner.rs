@@ -56,6 +56,16 @@ impl PagedRunner {
         }
     }
 
+    /// Hooks of this runner's policy; a policy that reweights by the output projection
+    /// ([`super::policy::Policy::reweights`]) gets `model`'s.
+    fn hooks<'h>(&'h self, model: &Llama, budget_of: &'h BudgetFn<'h>) -> CompressHooks<'h> {
+        let hooks = CompressHooks::new(self.policy.as_ref(), self.layers, budget_of);
+        if self.policy.reweights() {
+            return hooks.with_out_proj(model.out_proj());
+        }
+        hooks
+    }
+
     /// The cache shape for `model`.
     fn spec(&self, model: &Llama) -> PagedSpec {
         PagedSpec {
@@ -140,7 +150,7 @@ impl Runner for PagedRunner {
         let mut cache = self.cache_for(model, prompt, params)?;
         let raw = self.raw_budget(prompt.len(), self.budget);
         let budget_of = move |_len: usize| raw;
-        let mut hooks = CompressHooks::new(self.policy.as_ref(), self.layers, &budget_of);
+        let mut hooks = self.hooks(model, &budget_of);
         let g = engine::generate(model, &mut cache, prompt, params, &mut hooks)?;
         let kept = hooks.kept;
         Ok((g, self.stats(prompt.len(), kept)))
@@ -202,7 +212,7 @@ impl PagedRunner {
         let mut cache = self.cache_for(model, prompt.ids, params)?;
         let seq = cache.add_sequence()?;
         let unknown = |_len: usize| None;
-        let mut proto = CompressHooks::new(self.policy.as_ref(), self.layers, &unknown);
+        let mut proto = self.hooks(model, &unknown);
         let pre = engine::prefill(model, &mut cache, seq, prompt.context(), params, &mut proto)?;
         let question = prompt.question_ids();
         let mut out = Vec::with_capacity(raws.len());
@@ -366,7 +376,7 @@ impl PagedRunner {
         unknown: &'h BudgetFn<'h>,
     ) -> Result<(SeqId, CompressHooks<'h>, engine::Prefilled, u32)> {
         cache.add_sequence().and_then(|seq0| {
-            let mut proto = CompressHooks::new(self.policy.as_ref(), self.layers, unknown);
+            let mut proto = self.hooks(model, unknown);
             match engine::prefill(model, cache, seq0, prompt, params, &mut proto)
                 .and_then(|pre| Ok((Llama::argmax(&pre.logits)?, pre)))
             {

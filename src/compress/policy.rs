@@ -156,6 +156,14 @@ pub trait Policy: Send + Sync {
     fn queries_skipped(&self) -> usize {
         0
     }
+    /// Whether [`Policy::key_scores`] rescales the scores already in the metric (CriticalKV):
+    /// it then sees the metric ([`LayerKeys::metric`]) and the layer's output projection
+    /// ([`LayerKeys::out_proj`], which the runner hands the hooks with
+    /// [`CompressHooks::with_out_proj`]), and returns the increments that bring the metric to
+    /// its rescaled scores.
+    fn reweights(&self) -> bool {
+        false
+    }
 }
 
 /// One layer of one sequence right after prefill, as [`Policy::key_scores`] sees it.
@@ -168,6 +176,16 @@ pub struct LayerKeys<'a> {
     pub seq_len: usize,
     /// The layer's prefill query statistics, for a policy probing [`Probe::Queries`].
     pub queries: Option<&'a QueryStats>,
+    /// The layer's index.
+    pub layer: usize,
+    /// Cache tokens per head the sequence is compressed to next (`None`: no eviction).
+    pub budget: Option<usize>,
+    /// Each kv-head's metric before these scores, for a policy that [`Policy::reweights`]
+    /// (empty otherwise).
+    pub metric: &'a [Vec<f32>],
+    /// The layer's output projection `[hidden, heads * head_dim]` (the model's dtype and
+    /// device), for a policy that [`Policy::reweights`].
+    pub out_proj: Option<&'a Tensor>,
 }
 
 /// How a policy's continual compression runs on the device ([`Policy::device_step`]).
@@ -261,6 +279,8 @@ pub struct CompressHooks<'a> {
     /// Per layer, the statistics of the prefill's queries when the policy probes
     /// [`Probe::Queries`] (emptied once the keys are scored after prefill).
     queries: Vec<QueryStats>,
+    /// Per layer, the model's output projection, for a policy that [`Policy::reweights`].
+    out_proj: Vec<Tensor>,
     phase: Phase,
     budget: Option<usize>,
     /// Decode-time compression runs only when [`CompressHooks::compress_now`] is called (the
@@ -282,6 +302,7 @@ impl<'a> CompressHooks<'a> {
             budget_of,
             pending: vec![None; layers],
             queries: vec![QueryStats::default(); layers],
+            out_proj: Vec::new(),
             phase: Phase::Prefill,
             budget: None,
             on_demand: None,
@@ -298,6 +319,13 @@ impl<'a> CompressHooks<'a> {
         self
     }
 
+    /// Hand the policy each layer's output projection `[hidden, heads * head_dim]`
+    /// ([`crate::model::Llama::out_proj`]); needed by a policy that [`Policy::reweights`].
+    pub fn with_out_proj(mut self, out_proj: Vec<Tensor>) -> Self {
+        self.out_proj = out_proj;
+        self
+    }
+
     /// These hooks for another budget, taken after a prefill and before its compression: the
     /// prefill's pending metrics are copied, the budget is found anew by `budget_of`.
     pub fn fork<'b>(&self, budget_of: &'b BudgetFn<'b>) -> CompressHooks<'b>
@@ -309,6 +337,7 @@ impl<'a> CompressHooks<'a> {
             budget_of,
             pending: self.pending.clone(),
             queries: self.queries.clone(),
+            out_proj: self.out_proj.clone(),
             phase: self.phase,
             budget: None,
             on_demand: self.on_demand,
@@ -370,7 +399,21 @@ impl<'a> CompressHooks<'a> {
     fn score_keys(&mut self, cache: &mut PagedCache, seq: SeqId) -> Result<()> {
         let probed = self.policy.prefill_probe() == Probe::Queries;
         let queries = std::mem::take(&mut self.queries);
+        let reweights = self.policy.reweights();
+        if reweights && self.out_proj.len() != cache.spec().layers {
+            candle_core::bail!(
+                "this method reweights by the output projection, which the runner did not hand the hooks (CompressHooks::with_out_proj)"
+            );
+        }
+        let kv_heads = cache.spec().kv_heads;
+        let mut metrics = if reweights {
+            cache.seq_meta(seq)?.into_iter().map(|(m, _)| m).collect()
+        } else {
+            Vec::new()
+        }
+        .into_iter();
         for l in 0..cache.spec().layers {
+            let metric: Vec<Vec<f32>> = (&mut metrics).take(kv_heads).collect();
             let heads = cache.head_kv(l, seq)?;
             let positions: Vec<Vec<u32>> = (0..heads.len())
                 .map(|h| cache.slot_positions(l, seq, h))
@@ -380,6 +423,10 @@ impl<'a> CompressHooks<'a> {
                 positions: &positions,
                 seq_len: cache.seq_len(seq),
                 queries: queries.get(l).filter(|_| probed),
+                layer: l,
+                budget: self.budget,
+                metric: &metric,
+                out_proj: self.out_proj.get(l),
             })?;
             for (h, s) in scores.iter().enumerate() {
                 cache.add_metric(l, seq, h, s)?;

@@ -365,6 +365,12 @@ impl Llama {
         Ok(hs)
     }
 
+    /// Each layer's attention output projection `[hidden, heads * head_dim]` (the run dtype;
+    /// the tensors share the model's storage).
+    pub fn out_proj(&self) -> Vec<Tensor> {
+        self.layers.iter().map(|l| l.o.weight().clone()).collect()
+    }
+
     /// Vocabulary size of the LM head.
     pub fn vocab_size(&self) -> usize {
         self.cfg.vocab_size
