@@ -61,6 +61,7 @@ transformers.utils.logging.disable_progress_bar()
 from kvpress import (  # noqa: E402
     AdaKVPress,
     ChunkKVPress,
+    CriticalKVPress,
     ExpectedAttentionPress,
     KeyDiffPress,
     KnormPress,
@@ -85,6 +86,10 @@ PRESSES = {
     "lagkv": lambda r: LagKVPress(compression_ratio=r),
     "expected-attention": lambda r: ExpectedAttentionPress(compression_ratio=r),
     "snapkv+chunkkv": lambda r: ChunkKVPress(SnapKVPress(compression_ratio=r)),
+    "snapkv+criticalkv": lambda r: CriticalKVPress(SnapKVPress(compression_ratio=r)),
+    "knorm+criticalkv": lambda r: CriticalKVPress(KnormPress(compression_ratio=r)),
+    "keydiff+criticalkv": lambda r: CriticalKVPress(KeyDiffPress(compression_ratio=r)),
+    "tova+criticalkv": lambda r: CriticalKVPress(TOVAPress(compression_ratio=r)),
 }
 
 
