@@ -56,7 +56,7 @@ pub enum ScoreError {
         #[source]
         source: TaskError,
     },
-    #[error("{path}: no prediction records (eval.py would divide by zero)")]
+    #[error("{path}: no prediction records (eval.py would divide by zero); an interrupted run can leave one: resume the run or delete the file")]
     Empty { path: PathBuf },
     #[error("{path}:{line}: {source}")]
     Metric {

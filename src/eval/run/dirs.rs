@@ -200,22 +200,20 @@ pub fn drop_failed_rows(path: &Path, ids: &HashSet<String>) -> Result<usize, Eva
     Ok(removed)
 }
 
-/// Appends rows to a prediction file, each synced before returning.
+/// Appends rows to a prediction file, each synced before returning. The file is created with
+/// its first row, so a run interrupted before a subset's first sample leaves no empty file
+/// (which `kvc score`, like eval.py, refuses).
 pub struct PredWriter {
     path: PathBuf,
-    file: std::fs::File,
+    file: Option<std::fs::File>,
 }
 
 impl PredWriter {
+    /// A writer appending to `path` (created at the first row; parent directories must exist).
     pub fn open(path: &Path) -> Result<PredWriter, EvalError> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| io(path, e))?;
         Ok(PredWriter {
             path: path.to_path_buf(),
-            file,
+            file: None,
         })
     }
 
@@ -223,9 +221,43 @@ impl PredWriter {
     pub fn append(&mut self, rec: &PredRecord) -> Result<(), EvalError> {
         let mut line = rec.to_json_line();
         line.push('\n');
-        self.file
-            .write_all(line.as_bytes())
-            .and_then(|_| self.file.sync_data())
+        let file = match &mut self.file {
+            Some(f) => f,
+            None => self.file.insert(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)
+                    .map_err(|e| io(&self.path, e))?,
+            ),
+        };
+        file.write_all(line.as_bytes())
+            .and_then(|_| file.sync_data())
             .map_err(|e| io(&self.path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer creates its file with the first row, not before (an interrupted run leaves no
+    /// empty prediction file), then appends whole lines that resume reads back.
+    #[test]
+    fn pred_writer_creates_its_file_with_the_first_row() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("ruler_vt_1024.jsonl");
+        let mut w = PredWriter::open(&path).unwrap();
+        assert!(!path.exists());
+        for id in ["a", "b"] {
+            w.append(&PredRecord {
+                id: Some(id.into()),
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        let ex = load_existing(&path).unwrap();
+        assert_eq!(ex.done, HashSet::from(["a".to_string(), "b".to_string()]));
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
     }
 }
