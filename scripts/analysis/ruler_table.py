@@ -1,0 +1,54 @@
+"""The RULER table of issue 28 as markdown: one row per method, one column per rate, for each
+protocol (the question in the window, then `@context-only`), cells "% of full [95 % CI]" with
+n where a run has fewer rows than the full cache (a partial run covers only the first subsets,
+so its percentage is over another mix of tasks).
+
+    python3 scripts/analysis/ruler_table.py TREE/summary.csv > table.md
+
+TREE: a `kvc eval` / `kvc score` results tree (summary.csv, category `all`).
+"""
+import collections
+import csv
+import sys
+
+RATES = [2, 4, 8, 16, 32, 64]
+ORDER = [
+    "kvcompress", "snapkv", "pyramidkv", "ada-snapkv", "h2o", "tova", "knorm", "keydiff",
+    "lagkv", "streamingllm", "random", "expected-attention", "snapkv+kvcrush",
+    "snapkv+criticalkv",
+]
+
+
+def main(path):
+    rows = [r for r in csv.DictReader(open(path)) if r["category"] == "all" and not r["bucket"]]
+    by = collections.defaultdict(dict)
+    for r in rows:
+        by[r["method"]][int(float(r["rate"]))] = r
+    full = by["full"][1]
+    print(f"Full cache: score {float(full['score']):.2f} over n = {full['n']}.\n")
+    protocols = [
+        ("question in the window (LongBench's protocol)", ""),
+        ("question-agnostic (kvpress's default: `@context-only`)", "@context-only"),
+    ]
+    for title, suffix in protocols:
+        print(f"**{title}**: % of full [95 % paired-bootstrap CI]; n where below {full['n']}\n")
+        print("| method | " + " | ".join(f"{r}x" for r in RATES) + " |")
+        print("|---|" + "---|" * len(RATES))
+        for m in ORDER:
+            runs = by.get(m + suffix, {})
+            print(f"| {m} | " + " | ".join(cell(runs.get(r), full["n"]) for r in RATES) + " |")
+        print()
+
+
+def cell(run, n_full):
+    if not run:
+        return "-"
+    c = (
+        f"{float(run['percent_of_full']):.1f} [{float(run['percent_of_full_ci_low']):.1f}, "
+        f"{float(run['percent_of_full_ci_high']):.1f}]"
+    )
+    return c if run["n"] == n_full else c + f" (n {run['n']})"
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
