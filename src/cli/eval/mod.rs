@@ -94,6 +94,11 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<Status> {
     let note = Note(args.output.quiet);
     let mut sel = select(&args, &note)?;
     let mut m = load(&args, &sel.plans, &note)?;
+    if sel.plans.iter().any(|p| p.method.base() == "kvzip") {
+        // KVzip's repeat requests and the chat template's parts, in the model's ids.
+        let text = compress::kvzip::RepeatTexts::new(&m.lm.tokenizer)?;
+        args.sweep.method_options.kvzip_text = Some(text);
+    }
     let max_input = max_input_tokens(&args, &m.lm);
     let mut settings = sample_settings(&args, &m, max_input);
     let generated = add_ruler(&args, &m.lm, &settings, &mut sel, &note)?;
