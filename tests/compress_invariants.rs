@@ -474,7 +474,7 @@ fn compression_holds_budgets_and_keeps_the_pool_consistent() {
                 "kvcompress" => opts.protected_window,
                 "streamingllm" | "tova" => 1, // the newest token is always kept
                 // Nothing is protected (Expected Attention's sinks are the first positions).
-                "random" | "knorm" | "keydiff" | "expected-attention" => 0,
+                "random" | "knorm" | "keydiff" | "expected-attention" | "kvzip" => 0,
                 "h2o" => 6, // recent half of the budget
                 _ => opts.snap_window,
             };

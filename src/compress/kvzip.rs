@@ -556,4 +556,86 @@ mod tests {
         );
         assert!(z.repeats(&[100, 101]).is_empty());
     }
+
+    /// With the span covering the whole context from position 0 (no sinks), the subsampled key
+    /// set is every key, so the scores must be what the model's own attention gives: the
+    /// maximum over the repeat queries and the group of its probabilities (Probe::All), which
+    /// checks the queries' rotation, the key slices and the pieces. The cache is the context
+    /// again afterwards.
+    #[test]
+    fn whole_context_span_scores_equal_the_models_attention() {
+        use crate::hub::{ModelSource, ResolvedModel};
+        use crate::kvcache::paged::PagedSpec;
+        use crate::model::tiny::{write_hf_dir, TinySpec};
+        let tmp = tempfile::tempdir().unwrap();
+        let ts = TinySpec {
+            heads: 6,
+            kv_heads: 2,
+            layers: 2,
+            ..Default::default()
+        };
+        write_hf_dir(tmp.path(), &ts, 1).unwrap();
+        let resolved = ResolvedModel {
+            source: ModelSource::HfDir(tmp.path().into()),
+            name: "tiny".into(),
+            hub_id: None,
+            revision: None,
+        };
+        let mut lm = crate::model::load(&resolved, &Device::Cpu, DType::F32).unwrap();
+        let cfg = lm.config().clone();
+        let text = RepeatTexts::new(&lm.tokenizer).unwrap();
+        assert!(text.chat.is_some());
+        let z = KvZip::new(&cfg, text);
+        let ctx = lm
+            .prompt_ids("the quick brown fox jumps over the lazy dog", true)
+            .unwrap();
+        let spec = PagedSpec {
+            layers: cfg.num_hidden_layers,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            block_size: 4,
+            dtype: DType::F32,
+            device: Device::Cpu,
+        };
+        let mut cache = PagedCache::new(spec, 400).unwrap();
+        let seq = cache.add_sequence().unwrap();
+        let mut none = |_: usize, _: &Tensor, _: &dyn CacheBackend| Ok(());
+        lm.model
+            .forward(&ctx, seq, &mut cache, Probe::None, &mut none)
+            .unwrap();
+        let before: Vec<Vec<u32>> = (0..2).map(|h| cache.slot_positions(1, seq, h)).collect();
+        let rep = Repeat {
+            start: 0,
+            end: ctx.len(),
+            ids: z.repeats(&ctx)[0].ids.clone(),
+        };
+        let got = z
+            .repeat_pass(&mut lm.model, &mut cache, seq, &rep, 3)
+            .unwrap();
+        assert_eq!(cache.seq_len(seq), ctx.len());
+        let after: Vec<Vec<u32>> = (0..2).map(|h| cache.slot_positions(1, seq, h)).collect();
+        assert_eq!(before, after);
+        let mut want = vec![Vec::new(); cfg.num_hidden_layers];
+        let mut probs = |l: usize, p: &Tensor, _: &dyn CacheBackend| {
+            // [1, heads, t, kv]: the context's columns, max over queries, then per group.
+            let p = p.squeeze(0)?.narrow(2, 0, ctx.len())?.max(1)?;
+            want[l] = (0..2)
+                .map(|g| p.narrow(0, g * 3, 3)?.max(0)?.to_vec1::<f32>())
+                .collect::<Result<Vec<_>>>()?;
+            Ok(())
+        };
+        lm.model
+            .forward(&rep.ids, seq, &mut cache, Probe::All, &mut probs)
+            .unwrap();
+        for (l, (g, w)) in got.iter().zip(&want).enumerate() {
+            for (h, (g, w)) in g.iter().zip(w).enumerate() {
+                for (i, (a, b)) in g.iter().zip(w).enumerate() {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "layer {l} head {h} slot {i}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
 }
