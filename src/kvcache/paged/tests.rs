@@ -398,8 +398,11 @@ fn sequences_share_the_pool_and_running_out_is_an_error() {
     assert_eq!(paged.memory().free_blocks, 1);
 }
 
+/// One head's K and V rows (flattened) and positions.
+type HeadRows = (Vec<f32>, Vec<f32>, Vec<u32>);
+
 /// Every head's K, V and positions, the length of the sequence and the blocks in use.
-fn snapshot(c: &PagedCache, seq: SeqId) -> (Vec<(Vec<f32>, Vec<f32>, Vec<u32>)>, usize, usize) {
+fn snapshot(c: &PagedCache, seq: SeqId) -> (Vec<HeadRows>, usize, usize) {
     let mut heads = Vec::new();
     for l in 0..c.spec().layers {
         for h in 0..c.spec().kv_heads {
