@@ -40,7 +40,9 @@
 //! lower (layer, kv-head, slot) first (torch's `topk` leaves them unspecified); kvpress masks
 //! evicted keys in attention, kvc removes them; `kvzip_plus_normalization` is not implemented
 //! (off by default in kvpress); under LongBench's protocol the "context" repeated is the whole
-//! prompt, question and answer header included (kvpress always compresses the context alone).
+//! prompt, question and answer header included (kvpress always compresses the context alone);
+//! a raw (template-less) prompt starts with the tokenizer's BOS, which kvc counts as the prefix
+//! (kvpress tokenizes its context without special tokens, so its raw prefix is empty).
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::policy::{zero_scores, HeadView, Phase, Policy, SeqView};
