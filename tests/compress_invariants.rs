@@ -474,7 +474,7 @@ fn compression_holds_budgets_and_keeps_the_pool_consistent() {
                 "kvcompress" => opts.protected_window,
                 "streamingllm" | "tova" => 1, // the newest token is always kept
                 // Nothing is protected (Expected Attention's sinks are the first positions).
-                "random" | "knorm" | "keydiff" | "expected-attention" => 0,
+                "random" | "knorm" | "keydiff" | "expected-attention" | "kvzip" => 0,
                 "h2o" => 6, // recent half of the budget
                 _ => opts.snap_window,
             };
@@ -894,5 +894,40 @@ fn expected_attention_chunked_prefill_equals_one_chunk() {
                 "chunk {chunk}: {a} vs {b}"
             );
         }
+    }
+}
+
+/// KVzip's texts from SmolLM2's own tokenizer and chat template: a chat prompt starts with the
+/// template's prefix (so it is repeated behind the template's suffix and its prefix is not
+/// scored), a raw one does not; the suffix closes the user turn and opens the answer.
+#[test]
+fn kvzip_texts_follow_smollm2s_template() {
+    let path = "/work/main/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+    if !std::path::Path::new(path).exists() {
+        eprintln!("skipped: {path} not present");
+        return;
+    }
+    let resolved = kvc::hub::resolve_model(path, &kvc::hub::HubEnv::from_env()).unwrap();
+    let lm = kvc::model::load(&resolved, &Device::Cpu, DType::F32).unwrap();
+    let texts = compress::kvzip::RepeatTexts::new(&lm.tokenizer).unwrap();
+    let chat = texts.chat.clone().unwrap();
+    let tok = &lm.tokenizer;
+    assert_eq!(
+        tok.decode(&chat.suffix, false).unwrap(),
+        "<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert!(tok
+        .decode(&chat.prefix, false)
+        .unwrap()
+        .ends_with("<|im_end|>\n<|im_start|>user\n"));
+    for text in [
+        "Some special magic numbers are hidden",
+        " leading space",
+        "\nnewline",
+    ] {
+        let ids = lm.prompt_ids(text, true).unwrap();
+        assert_eq!(texts.of(&ids), &chat, "{text:?}");
+        let raw = lm.prompt_ids(text, false).unwrap();
+        assert_eq!(texts.of(&raw), &texts.plain, "{text:?}");
     }
 }

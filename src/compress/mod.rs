@@ -11,9 +11,9 @@
 //! [`policy::Policy`] driven by [`policy::CompressHooks`] (that module states the order of a
 //! compression step). Method files: [`kvcompress`], [`snapkv`], [`pyramidkv`],
 //! [`streamingllm`], [`h2o`], [`ada_snapkv`], [`tova`], [`random`], [`knorm`] (Knorm and
-//! KeyDiff), [`lagkv`], [`expected_attention`] (with [`query_stats`]), and the modifiers
-//! [`kvcrush`] (`<method>+kvcrush`), [`chunkkv`] (`<method>+chunkkv`) and [`criticalkv`]
-//! (`<method>+criticalkv`).
+//! KeyDiff), [`lagkv`], [`expected_attention`] (with [`query_stats`]), [`kvzip`] (scored by
+//! repeat passes after prefill), and the modifiers [`kvcrush`] (`<method>+kvcrush`),
+//! [`chunkkv`] (`<method>+chunkkv`) and [`criticalkv`] (`<method>+criticalkv`).
 //!
 //! Budgets: a rate `r` becomes `M` cache tokens per (layer, kv-head) by KV-Compress's formula
 //! with the 128-token floor ([`crate::kvcache::budget::tokens_for_rate`]) for every method, so
@@ -37,6 +37,7 @@ pub mod h2o;
 pub mod knorm;
 pub mod kvcompress;
 pub mod kvcrush;
+pub mod kvzip;
 pub mod lagkv;
 pub mod policy;
 pub mod pyramidkv;
@@ -74,6 +75,7 @@ pub const METHODS: &[&str] = &[
     "keydiff",
     "lagkv",
     "expected-attention",
+    "kvzip",
     "snapkv+chunkkv",
     "tova+chunkkv",
     "knorm+chunkkv",
@@ -445,6 +447,10 @@ pub fn build_policy(
             score: knorm::KeyScore::LagKv(lagkv::LagKv::default()),
         }),
         "expected-attention" => Box::new(expected_attention::ExpectedAttention::new(cfg)),
+        "kvzip" => Box::new(kvzip::KvZip::new(
+            cfg,
+            opts.kvzip_text.clone().unwrap_or_default(),
+        )),
         other => anyhow::bail!("method `{other}` is not implemented"),
     };
     if spec.kvcrush() {

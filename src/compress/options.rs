@@ -176,6 +176,12 @@ pub struct MethodOptions {
     /// shipped implementation); auto = block for kvcompress, token otherwise.
     #[arg(long, value_enum, default_value_t = kvcrush::Level::Auto)]
     pub kvcrush_level: kvcrush::Level,
+    /// KVzip's repeat texts, tokenized by the model's tokenizer (set by the CLI once the model
+    /// is loaded; `None`: empty texts). Not a flag, and not part of a run's configuration: it
+    /// follows from the model and the prompt format, which are.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub kvzip_text: Option<super::kvzip::RepeatTexts>,
 }
 
 impl Default for MethodOptions {
@@ -204,6 +210,7 @@ impl Default for MethodOptions {
             kvcrush_anchor: kvcrush::Anchor::Mean,
             kvcrush_seed: 0,
             kvcrush_level: kvcrush::Level::Auto,
+            kvzip_text: None,
         }
     }
 }

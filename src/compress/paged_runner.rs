@@ -86,7 +86,9 @@ impl PagedRunner {
         let mut cache = match self.kv_memory {
             Some(bytes) => PagedCache::with_memory(spec, bytes),
             None => {
-                let n = spec.blocks_for_tokens(tokens) + self.layers * self.kv_heads;
+                // Room for the policy's extra passes too (KVzip's repeat inputs).
+                let scratch = spec.blocks_for_tokens(self.policy.scratch_tokens(prompt.len()));
+                let n = spec.blocks_for_tokens(tokens) + self.layers * self.kv_heads + scratch;
                 PagedCache::new(spec, n)
             }
         }?;
@@ -151,7 +153,11 @@ impl Runner for PagedRunner {
         let raw = self.raw_budget(prompt.len(), self.budget);
         let budget_of = move |_len: usize| raw;
         let mut hooks = self.hooks(model, &budget_of);
-        let g = engine::generate(model, &mut cache, prompt, params, &mut hooks)?;
+        let seq = cache.add_sequence()?;
+        let g = prefill_scored(model, &mut cache, seq, prompt, params, &mut hooks)
+            .and_then(|pre| engine::decode(model, &mut cache, seq, &pre, &[], params, &mut hooks));
+        cache.remove_sequence(seq)?;
+        let g = g?;
         let kept = hooks.kept;
         Ok((g, self.stats(prompt.len(), kept)))
     }
@@ -213,7 +219,7 @@ impl PagedRunner {
         let seq = cache.add_sequence()?;
         let unknown = |_len: usize| None;
         let mut proto = self.hooks(model, &unknown);
-        let pre = engine::prefill(model, &mut cache, seq, prompt.context(), params, &mut proto)?;
+        let pre = prefill_scored(model, &mut cache, seq, prompt.context(), params, &mut proto)?;
         let question = prompt.question_ids();
         let mut out = Vec::with_capacity(raws.len());
         for (i, raw) in raws.iter().enumerate() {
@@ -349,7 +355,14 @@ impl PagedRunner {
             .zip(raws)
             .map(|(p, r)| (p.context().len(), r.as_slice()))
             .collect();
-        let n_blocks = shared_pool_blocks(&shape, &lens);
+        // The policy's extra passes (KVzip's repeat inputs) run on one prompt at a time, before
+        // its forks exist.
+        let scratch = lens
+            .iter()
+            .map(|&(len, _)| self.policy.scratch_tokens(len))
+            .max()
+            .unwrap_or(0);
+        let n_blocks = shared_pool_blocks(&shape, &lens) + spec.blocks_for_tokens(scratch);
         let n_forks: usize = raws.iter().map(|r| r.len()).sum();
         let bytes = n_blocks as u64 * spec.layout().bytes_per_block();
         let mut cache = PagedCache::new(spec, n_blocks).map_err(|e| {
@@ -377,7 +390,7 @@ impl PagedRunner {
     ) -> Result<(SeqId, CompressHooks<'h>, engine::Prefilled, u32)> {
         cache.add_sequence().and_then(|seq0| {
             let mut proto = self.hooks(model, unknown);
-            match engine::prefill(model, cache, seq0, prompt, params, &mut proto)
+            match prefill_scored(model, cache, seq0, prompt, params, &mut proto)
                 .and_then(|pre| Ok((Llama::argmax(&pre.logits)?, pre)))
             {
                 Ok((first, pre)) => Ok((seq0, proto, pre, first)),
@@ -441,6 +454,23 @@ impl PagedRunner {
         }
         out
     }
+}
+
+/// [`engine::prefill`] of `prompt` into `seq`, then the policy's extra forward passes over it
+/// ([`CompressHooks::score_by_forwards`], KVzip's repeat passes), whose time counts as the
+/// prefill's scoring (`observe_ms`).
+fn prefill_scored(
+    model: &mut Llama,
+    cache: &mut PagedCache,
+    seq: SeqId,
+    prompt: &[u32],
+    params: &GenParams,
+    hooks: &mut CompressHooks,
+) -> Result<engine::Prefilled> {
+    let mut pre = engine::prefill(model, cache, seq, prompt, params, hooks)?;
+    pre.times.observe_ms +=
+        hooks.score_by_forwards(model, cache, seq, prompt, params.prefill_chunk)?;
+    Ok(pre)
 }
 
 /// One fork of a prefilled sequence `seq0`: a copy of it, or `seq0` itself when `last`,

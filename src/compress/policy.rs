@@ -21,6 +21,7 @@ use crate::engine::{Hooks, StepWork};
 use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::paged::{DeviceEvict, EvictStats, PagedCache};
 use crate::kvcache::{CacheBackend, Probe, SeqId};
+use crate::model::Llama;
 
 /// When a policy is asked to score or plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +164,28 @@ pub trait Policy: Send + Sync {
     /// its rescaled scores.
     fn reweights(&self) -> bool {
         false
+    }
+    /// Tokens per head a sequence of `prompt_len` prompt tokens holds beyond its prompt while
+    /// [`Policy::forward_scores`] runs (the runner sizes its pool for them; default 0).
+    fn scratch_tokens(&self, _prompt_len: usize) -> usize {
+        0
+    }
+    /// Scores from more forward passes over the prefilled prompt (KVzip's repeat passes,
+    /// [`super::kvzip`]): run them on `seq`, which holds `context` and nothing evicted yet,
+    /// `piece` ids per forward, and leave the cache as it was; returns per `[layer][kv_head]`
+    /// one score per slot, added to the metric before the compression (they do not depend on
+    /// the budget, so a shared prefill runs them once). `None` (the default): no such passes.
+    /// The runner calls it right after [`crate::engine::prefill`]
+    /// ([`CompressHooks::score_by_forwards`]).
+    fn forward_scores(
+        &self,
+        _model: &mut Llama,
+        _cache: &mut PagedCache,
+        _seq: SeqId,
+        _context: &[u32],
+        _piece: usize,
+    ) -> Result<Option<Vec<Vec<Vec<f32>>>>> {
+        Ok(None)
     }
 }
 
@@ -394,6 +417,31 @@ impl<'a> CompressHooks<'a> {
             .transpose()
     }
 
+    /// Right after `seq` was prefilled with `context` under these hooks: the policy's extra
+    /// forward passes ([`Policy::forward_scores`]), their scores kept pending like observed
+    /// ones (every budget's fork copies them). Returns their wall time in ms (0 without them).
+    pub fn score_by_forwards(
+        &mut self,
+        model: &mut Llama,
+        cache: &mut PagedCache,
+        seq: SeqId,
+        context: &[u32],
+        piece: usize,
+    ) -> Result<f64> {
+        let t = std::time::Instant::now();
+        let Some(scores) = self
+            .policy
+            .forward_scores(model, cache, seq, context, piece)?
+        else {
+            return Ok(0.0);
+        };
+        for (p, d) in self.pending.iter_mut().zip(scores) {
+            accumulate(p, d);
+        }
+        model.device.synchronize()?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    }
+
     /// Adds the policy's key (and value) scores of every (layer, kv-head) of `seq` to its
     /// metric; the query statistics are dropped afterwards.
     fn score_keys(&mut self, cache: &mut PagedCache, seq: SeqId) -> Result<()> {
@@ -472,6 +520,25 @@ fn device_request(cache: &PagedCache, seq: SeqId, d: DeviceStepSpec) -> Result<D
     })
 }
 
+/// Add one layer's increments `d` (per kv-head, in slot order) to its pending ones. A later
+/// prefill chunk's observation covers its new slots too (slots are appended in order during
+/// prefill), so a shorter pending vector grows.
+fn accumulate(pending: &mut Option<Vec<Vec<f32>>>, d: Vec<Vec<f32>>) {
+    match pending {
+        Some(acc) => {
+            for (a, x) in acc.iter_mut().zip(d) {
+                if a.len() < x.len() {
+                    a.resize(x.len(), 0.0);
+                }
+                for (a, x) in a.iter_mut().zip(x) {
+                    *a += x;
+                }
+            }
+        }
+        slot => *slot = Some(d),
+    }
+}
+
 fn paged(cache: &mut dyn CacheBackend) -> Result<&mut PagedCache> {
     let name = cache.name();
     cache.as_paged_mut().ok_or_else(|| {
@@ -522,21 +589,7 @@ impl Hooks for CompressHooks<'_> {
             .map(|h| cache.slot_positions(layer, seq, h))
             .collect();
         let d = self.policy.score(self.phase, probs, &positions)?;
-        match &mut self.pending[layer] {
-            Some(acc) => {
-                // A later prefill chunk's observation covers its new slots too (slots are
-                // appended in order during prefill).
-                for (a, x) in acc.iter_mut().zip(d) {
-                    if a.len() < x.len() {
-                        a.resize(x.len(), 0.0);
-                    }
-                    for (a, x) in a.iter_mut().zip(x) {
-                        *a += x;
-                    }
-                }
-            }
-            slot => *slot = Some(d),
-        }
+        accumulate(&mut self.pending[layer], d);
         Ok(())
     }
 

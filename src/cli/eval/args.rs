@@ -121,8 +121,8 @@ pub struct DataArgs {
 pub struct SweepArgs {
     /// Compression methods, comma-separated (the full-cache baseline is always run): full,
     /// kvcompress, snapkv, pyramidkv, ada-snapkv, h2o, streamingllm, tova, random, knorm,
-    /// keydiff, lagkv, expected-attention, <method>+kvcrush and <method>+chunkkv (README,
-    /// Methods, says what each does).
+    /// keydiff, lagkv, expected-attention, kvzip, <method>+kvcrush, <method>+chunkkv and
+    /// <method>+criticalkv (README, Methods, says what each does).
     #[arg(long, value_delimiter = ',', default_value = "kvcompress")]
     pub methods: Vec<String>,
     /// Where the question is when the cache is compressed. yes (LongBench's protocol): the

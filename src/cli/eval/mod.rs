@@ -94,6 +94,11 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<Status> {
     let note = Note(args.output.quiet);
     let mut sel = select(&args, &note)?;
     let mut m = load(&args, &sel.plans, &note)?;
+    if sel.plans.iter().any(|p| p.method.base() == "kvzip") {
+        // KVzip's repeat requests and the chat template's parts, in the model's ids.
+        let text = compress::kvzip::RepeatTexts::new(&m.lm.tokenizer)?;
+        args.sweep.method_options.kvzip_text = Some(text);
+    }
     let max_input = max_input_tokens(&args, &m.lm);
     let mut settings = sample_settings(&args, &m, max_input);
     let generated = add_ruler(&args, &m.lm, &settings, &mut sel, &note)?;
@@ -562,7 +567,8 @@ fn memory_plan(
     let c = m.lm.config();
     let bytes = m.dtype.size_in_bytes();
     let policies = policy_facts(&sel.plans, c, &args.sweep.method_options)?;
-    let pool = sample_pool(args, m, sel, &policies);
+    let scratch = scratch_tokens(&sel.plans, c, &args.sweep.method_options, longest)?;
+    let pool = sample_pool(args, m, sel, &policies, scratch);
     let per_sample = pool.bytes(longest, new);
     let act = |chunk: usize| {
         let observed = policies
@@ -608,12 +614,30 @@ fn policy_facts(
         .collect()
 }
 
-/// One sample's paged cache as this sweep's groups fork it (see [`run::SamplePool`]).
+/// The most tokens per head any compressed run's extra forward passes add to a prompt of
+/// `longest` tokens (KVzip's repeat inputs; 0 for the other methods).
+fn scratch_tokens(
+    plans: &[RunPlan],
+    cfg: &crate::model::config::Config,
+    base: &compress::MethodOptions,
+    longest: usize,
+) -> anyhow::Result<usize> {
+    let mut most = 0;
+    for p in plans.iter().filter(|p| !p.is_full()) {
+        let policy = compress::build_policy(&p.method, cfg, &p.options(base))?;
+        most = most.max(policy.scratch_tokens(longest));
+    }
+    Ok(most)
+}
+
+/// One sample's paged cache as this sweep's groups fork it (see [`run::SamplePool`]), with
+/// `scratch_tokens` per head of room for extra forward passes.
 fn sample_pool(
     args: &EvalArgs,
     m: &Loaded,
     sel: &Selection,
     policies: &[(String, crate::kvcache::Probe, bool, usize)],
+    scratch_tokens: usize,
 ) -> run::SamplePool {
     let c = m.lm.config();
     let full_joins = m.device.is_cuda() && args.sweep.method_options.kv_memory.is_none();
@@ -638,6 +662,7 @@ fn sample_pool(
         max_context: c.max_context(),
         min_cache_tokens: args.sweep.method_options.min_cache_tokens,
         groups,
+        scratch_tokens,
     }
 }
 

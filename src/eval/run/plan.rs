@@ -296,6 +296,10 @@ pub struct SamplePool {
     pub min_cache_tokens: usize,
     /// Per group: its policy's least budget (0 for `full`) and its budgets in order.
     pub groups: Vec<(usize, Vec<Option<Budget>>)>,
+    /// Tokens per head one prompt holds beyond itself while its policy's extra forward passes
+    /// run (KVzip's repeat inputs, `Policy::scratch_tokens` at the longest prompt; 0 for the
+    /// other methods): the runner adds them to its pool once.
+    pub scratch_tokens: usize,
 }
 
 impl SamplePool {
@@ -326,7 +330,8 @@ impl SamplePool {
                 shared_pool_blocks(&shape, &[(prompt, &raws)])
             })
             .max()
-            .unwrap_or(0);
+            .unwrap_or(0)
+            + self.heads * self.scratch_tokens.div_ceil(bs.max(1));
         blocks as u64 * self.layout.bytes_per_block()
     }
 }

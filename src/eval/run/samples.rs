@@ -408,6 +408,7 @@ mod tests {
             max_context: 4096,
             min_cache_tokens: 128,
             groups: vec![(32, vec![Some(Budget::Rate(2.0)), None])],
+            scratch_tokens: 0,
         };
         // Rate 2 keeps 240 of 500 tokens (+ 10 new, 2 partial blocks per head), the full
         // cache continues in the prompt's own (510 tokens), one transient copy (500).

@@ -24,6 +24,7 @@ fn sample_pool_and_the_memory_plan_at_real_shapes() {
                 .chain([None])
                 .collect(),
         )],
+        scratch_tokens: 0,
     };
     // SmolLM2-135M in bf16 at 7500 + 512 tokens: the full cache (181 MiB), a transient copy
     // (170 MiB), the rates (each with room for its 512 new tokens: 240 MiB): 593 MiB.

@@ -252,6 +252,44 @@ impl PagedCache {
         Ok(st)
     }
 
+    /// Roll `seq` back to its first `len` positions: every slot at a position `>= len` is
+    /// dropped from every head and the sequence's length becomes `len`, so the next token is
+    /// written at position `len` again (KVzip's repeat passes, appended after the context and
+    /// removed after scoring). The dropped slots must be each head's last logical slots (they
+    /// were appended after position `len` and nothing was evicted since); otherwise, or for a
+    /// sequence whose metric lives on the device, it is an error and nothing changes. Returns
+    /// the blocks freed.
+    pub fn truncate_seq(&mut self, seq: SeqId, len: usize) -> Result<usize> {
+        self.run_pending()?;
+        if self.metric_on_device(seq) {
+            candle_core::bail!(
+                "sequence {seq} keeps its metric on the device: cannot roll it back"
+            );
+        }
+        let cur = self.pos.get(&seq).copied();
+        if cur.is_none_or(|c| len > c) {
+            candle_core::bail!("cannot roll sequence {seq} of length {cur:?} back to {len}");
+        }
+        let (nl, nkv) = (self.spec.layers, self.spec.kv_heads);
+        let mut new_lens = Vec::with_capacity(nl * nkv);
+        for l in 0..nl {
+            for h in 0..nkv {
+                let pos = self.pool.positions(l, seq, h).map_err(be)?;
+                let keep = pos.iter().take_while(|&&p| (p as usize) < len).count();
+                if pos[keep..].iter().any(|&p| (p as usize) < len) {
+                    candle_core::bail!(
+                        "layer {l} kv-head {h} of sequence {seq}: positions past {len} are not the head's last slots"
+                    );
+                }
+                new_lens.push(keep as u32);
+            }
+        }
+        let (_, freed) = self.pool.truncate_heads(seq, &new_lens).map_err(be)?;
+        self.pos.insert(seq, len);
+        self.changed.insert(seq);
+        Ok(freed)
+    }
+
     /// Collect the K/V moves of the following [`PagedCache::evict`] calls instead of running
     /// each at once; [`PagedCache::flush_moves`] runs them all in one copy. Continual
     /// compression of a decode batch evicts from every sequence after every step: on a GPU one

@@ -397,3 +397,74 @@ fn sequences_share_the_pool_and_running_out_is_an_error() {
     paged.attend(call(&[b], &x, &kv, &kv, Probe::None)).unwrap();
     assert_eq!(paged.memory().free_blocks, 1);
 }
+
+/// One head's K and V rows (flattened) and positions.
+type HeadRows = (Vec<f32>, Vec<f32>, Vec<u32>);
+
+/// Every head's K, V and positions, the length of the sequence and the blocks in use.
+fn snapshot(c: &PagedCache, seq: SeqId) -> (Vec<HeadRows>, usize, usize) {
+    let mut heads = Vec::new();
+    for l in 0..c.spec().layers {
+        for h in 0..c.spec().kv_heads {
+            let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            heads.push((
+                flat(c.head_k(l, seq, h).unwrap()),
+                flat(c.head_v(l, seq, h).unwrap()),
+                c.slot_positions(l, seq, h),
+            ));
+        }
+    }
+    (heads, c.seq_len(seq), c.memory().used_blocks)
+}
+
+#[test]
+fn truncate_seq_after_appends_restores_the_cache() {
+    let dev = Device::Cpu;
+    let (nh, nkv, d, layers) = (4, 2, 4, 2);
+    let mut c = PagedCache::new(spec(layers, nkv, d, 4), 64).unwrap();
+    let s = c.add_sequence().unwrap();
+    let other = c.add_sequence().unwrap();
+    let chunk = |c: &mut PagedCache, seq: SeqId, t: usize| {
+        let q = Tensor::randn(0f32, 1.0, (1, nh, t, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, nkv, t, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, nkv, t, d), &dev).unwrap();
+        let seqs = [seq];
+        for l in 0..layers {
+            let mut a = call(&seqs, &q, &k, &v, Probe::None);
+            a.layer = l;
+            c.attend(a).unwrap();
+        }
+    };
+    chunk(&mut c, s, 10);
+    chunk(&mut c, other, 5);
+    let before = snapshot(&c, s);
+    assert_eq!(before.1, 10);
+    // Two appends past the context (one crossing into new blocks), then the roll-back.
+    chunk(&mut c, s, 7);
+    chunk(&mut c, s, 1);
+    assert_eq!(c.seq_len(s), 18);
+    let freed = c.truncate_seq(s, 10).unwrap();
+    assert_eq!(
+        freed,
+        layers * nkv * (18usize.div_ceil(4) - 10usize.div_ceil(4))
+    );
+    assert_eq!(snapshot(&c, s), before);
+    assert_eq!(c.seq_len(other), 5);
+    c.pool().check().unwrap();
+    // The next token goes to position 10 again.
+    chunk(&mut c, s, 1);
+    assert_eq!(c.slot_positions(1, s, 1).last(), Some(&10));
+    // Rolling forward, or past evicted slots out of order, is refused.
+    assert!(c.truncate_seq(s, 12).is_err());
+    let plan = EvictionPlan {
+        heads: vec![HeadEviction {
+            layer: 0,
+            kv_head: 0,
+            evict: vec![1],
+        }],
+    };
+    c.evict(s, &plan).unwrap();
+    let kept = snapshot(&c, s);
+    assert!(c.truncate_seq(s, 5).is_err());
+    assert_eq!(snapshot(&c, s), kept);
+}
