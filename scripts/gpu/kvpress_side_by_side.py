@@ -143,6 +143,10 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(
         args.model_dir, gguf_file=args.gguf_name, dtype=dtype, attn_implementation="sdpa"
     ).to(args.device).eval()
+    # KVzipPress loads its tokenizer from `model.config.name_or_path` (the GGUF's directory),
+    # where a GGUF-loaded model has no tokenizer files: write the GGUF's there once.
+    if not os.path.exists(os.path.join(args.model_dir, "tokenizer_config.json")):
+        tok.save_pretrained(args.model_dir)
     pipe = kvpress.KVPressTextGenerationPipeline(model=model, tokenizer=tok, device=args.device)
     versions = {
         "kvpress": getattr(kvpress, "__version__", None) or _dist_version("kvpress"),

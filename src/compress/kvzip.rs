@@ -210,11 +210,15 @@ impl KvZip {
         let mut done = 0;
         let mut run = || -> Result<()> {
             for ids in rep.ids.chunks(piece.max(1)) {
+                // One mask for every layer and kv-head of this piece.
+                let t = ids.len();
+                let fixed = SINKS.min(rep.start) + span;
+                let mask = causal_tail_mask(t, fixed + done + t, fixed, done, &model.device)?;
                 let mut observe = |l: usize, q: &Tensor, c: &dyn CacheBackend| {
                     let c = c.as_paged().ok_or_else(|| {
                         candle_core::Error::Msg("KVzip needs the paged cache".into())
                     })?;
-                    let s = self.layer_scores(q, c, seq, l, rep, ctx_len, done)?;
+                    let s = self.layer_scores(q, c, seq, l, rep, ctx_len, done, &mask)?;
                     for (b, s) in best[l].iter_mut().zip(s) {
                         for (b, s) in b.iter_mut().zip(s) {
                             *b = b.max(s);
@@ -234,7 +238,7 @@ impl KvZip {
 
     /// One layer's scores of `rep`'s span per kv-head, from its pre-RoPE queries `q`
     /// `[1, heads, t, d]` of the repeat ids `done..done + t` (the cache holds the context and
-    /// the repeat keys up to them).
+    /// the repeat keys up to them); `mask` is [`causal_tail_mask`] of those shapes.
     #[allow(clippy::too_many_arguments)]
     fn layer_scores(
         &self,
@@ -245,6 +249,7 @@ impl KvZip {
         rep: &Repeat,
         ctx_len: usize,
         done: usize,
+        mask: &Tensor,
     ) -> Result<Vec<Vec<f32>>> {
         let t = q.dim(2)?;
         let q = rotate(&q.to_dtype(DType::F32)?, &self.inv_freq, ctx_len + done)?.squeeze(0)?;
@@ -269,7 +274,7 @@ impl KvZip {
                     0,
                 )?;
                 let qg = q.narrow(0, g * self.group, self.group)?;
-                span_scores(&qg, &keys, sink, span, done, scale)?.to_vec1::<f32>()
+                span_scores_masked(&qg, &keys, mask, sink, span, scale)?.to_vec1::<f32>()
             })
             .collect()
     }
@@ -301,10 +306,21 @@ pub fn span_scores(
     scale: f64,
 ) -> Result<Tensor> {
     let (_, t, _) = q.dims3()?;
-    let n = keys.dim(0)?;
+    let mask = causal_tail_mask(t, keys.dim(0)?, sink + span, done, q.device())?;
+    span_scores_masked(q, keys, &mask, sink, span, scale)
+}
+
+/// [`span_scores`] with its mask given (`[t, keys]`, [`causal_tail_mask`]).
+fn span_scores_masked(
+    q: &Tensor,
+    keys: &Tensor,
+    mask: &Tensor,
+    sink: usize,
+    span: usize,
+    scale: f64,
+) -> Result<Tensor> {
     let logits = (q.broadcast_matmul(&keys.t()?)? * scale)?;
-    let mask = causal_tail_mask(t, n, sink + span, done, q.device())?;
-    let p = candle_nn::ops::softmax_last_dim(&logits.broadcast_add(&mask)?)?;
+    let p = candle_nn::ops::softmax_last_dim(&logits.broadcast_add(mask)?)?;
     p.narrow(2, sink, span)?.max(1)?.max(0)
 }
 
