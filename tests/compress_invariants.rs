@@ -568,14 +568,27 @@ fn tiny_token_budgets_are_clamped_to_the_protected_window() {
 
 /// SmolLM2-135M (GQA 9/3, 30 layers) on a short prompt: with a budget above the sequence every
 /// method reproduces the full cache; kvcompress at a small budget still runs.
+/// The SmolLM2 GGUF of this checkout (`scripts/fetch-model.sh`, which scripts/test.sh runs);
+/// `None`, with a note, where it was not fetched.
+fn smollm2() -> Option<String> {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !p.is_file() {
+        eprintln!(
+            "skipped: {} not present (scripts/fetch-model.sh)",
+            p.display()
+        );
+        return None;
+    }
+    Some(p.to_string_lossy().into_owned())
+}
+
 #[test]
 fn smollm2_short_prompt_matches_full_cache() {
-    let path = "/work/main/models/SmolLM2-135M-Instruct.Q4_1.gguf";
-    if !std::path::Path::new(path).exists() {
-        eprintln!("skipped: {path} not present");
+    let Some(path) = smollm2() else {
         return;
-    }
-    let resolved = kvc::hub::resolve_model(path, &kvc::hub::HubEnv::from_env()).unwrap();
+    };
+    let resolved = kvc::hub::resolve_model(&path, &kvc::hub::HubEnv::from_env()).unwrap();
     let mut lm = kvc::model::load(&resolved, &Device::Cpu, DType::F32).unwrap();
     let ids = lm
         .prompt_ids(
@@ -902,12 +915,10 @@ fn expected_attention_chunked_prefill_equals_one_chunk() {
 /// scored), a raw one does not; the suffix closes the user turn and opens the answer.
 #[test]
 fn kvzip_texts_follow_smollm2s_template() {
-    let path = "/work/main/models/SmolLM2-135M-Instruct.Q4_1.gguf";
-    if !std::path::Path::new(path).exists() {
-        eprintln!("skipped: {path} not present");
+    let Some(path) = smollm2() else {
         return;
-    }
-    let resolved = kvc::hub::resolve_model(path, &kvc::hub::HubEnv::from_env()).unwrap();
+    };
+    let resolved = kvc::hub::resolve_model(&path, &kvc::hub::HubEnv::from_env()).unwrap();
     let lm = kvc::model::load(&resolved, &Device::Cpu, DType::F32).unwrap();
     let texts = compress::kvzip::RepeatTexts::new(&lm.tokenizer).unwrap();
     let chat = texts.chat.clone().unwrap();
