@@ -40,8 +40,34 @@ pub struct ExpectedAttention {
     pub use_vnorm: bool,
     /// Added to the scores before the value norm.
     pub epsilon: f32,
-    /// The model's RoPE inverse frequencies `[head_dim / 2]`, its scaling applied.
+    /// The model's RoPE inverse frequencies `[head_dim / 2]`, its scaling applied (fixed once
+    /// a rotation was made: [`ExpectedAttention::rotation`] keeps the last one).
     pub inv_freq: Vec<f32>,
+    last_rotation: LastRotation,
+}
+
+/// The last rotation made, with its sequence length and future positions: every layer and
+/// every budget's fork of a prompt asks for the same one. A clone starts empty; it never
+/// takes part in equality.
+#[derive(Default)]
+struct LastRotation(std::sync::Mutex<Option<(usize, usize, Tensor)>>);
+
+impl Clone for LastRotation {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for LastRotation {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for LastRotation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LastRotation")
+    }
 }
 
 impl ExpectedAttention {
@@ -59,6 +85,7 @@ impl ExpectedAttention {
             use_vnorm: true,
             epsilon: 0.0,
             inv_freq,
+            last_rotation: LastRotation::default(),
         }
     }
 
@@ -83,6 +110,23 @@ impl ExpectedAttention {
     /// The mean rotation `[d, d]` f32 for a sequence of `seq_len` tokens: `R[i][i] = cos_i`,
     /// `R[i][i + d/2] = -sin_i`, `R[i + d/2][i] = sin_i` (`x -> x cos + rotate_half(x) sin`).
     pub fn rotation(&self, seq_len: usize, dev: &Device) -> Result<Tensor> {
+        let mut last = self
+            .last_rotation
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((len, n, r)) = last.as_ref() {
+            if (*len, *n) == (seq_len, self.n_future_positions) && r.device().same_device(dev) {
+                return Ok(r.clone());
+            }
+        }
+        let r = self.make_rotation(seq_len, dev)?;
+        *last = Some((seq_len, self.n_future_positions, r.clone()));
+        Ok(r)
+    }
+
+    /// [`ExpectedAttention::rotation`], computed.
+    fn make_rotation(&self, seq_len: usize, dev: &Device) -> Result<Tensor> {
         let (c, s) = self.mean_rotation(seq_len);
         let h = c.len();
         let d = 2 * h;
@@ -479,7 +523,7 @@ mod tests {
             use_covariance: true,
             use_vnorm: true,
             epsilon: 0.0,
-            inv_freq: vec![std::f32::consts::FRAC_PI_2],
+            ..ExpectedAttention::with_inv_freq(vec![std::f32::consts::FRAC_PI_2])
         };
         let expected = |z: [f64; 4], eps: f64| -> Vec<Vec<f64>> {
             let e: Vec<f64> = z.iter().map(|x| x.exp()).collect();
@@ -520,6 +564,17 @@ mod tests {
         for (a, b) in r.iter().flatten().zip(want.iter().flatten()) {
             assert!((a - b).abs() < 1e-6, "{r:?}");
         }
+        // Kept for the next layer, made anew for another length.
+        let again: Vec<Vec<f32>> = ea.rotation(5, &Device::Cpu).unwrap().to_vec2().unwrap();
+        assert_eq!(again, r);
+        let other: Vec<Vec<f32>> = ea.rotation(4, &Device::Cpu).unwrap().to_vec2().unwrap();
+        let want4 = ea
+            .make_rotation(4, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(other, want4);
+        assert_ne!(other, r);
     }
 
     #[test]
