@@ -290,6 +290,22 @@ mod tests {
         }
     }
 
+    /// Metrics `x / 2` (small integers: ties frequent) with a protected (+inf) tail of
+    /// `inf_tail` slots on every head, as the window mask makes.
+    fn tailed_metrics(heads: &[Vec<u8>], inf_tail: usize) -> Vec<Vec<f32>> {
+        heads
+            .iter()
+            .map(|h| {
+                let mut v: Vec<f32> = h.iter().map(|&x| x as f32 * 0.5).collect();
+                let n = v.len();
+                for x in v.iter_mut().skip(n.saturating_sub(inf_tail)) {
+                    *x = f32::INFINITY;
+                }
+                v
+            })
+            .collect()
+    }
+
     proptest! {
         #[test]
         fn partial_selection_equals_full_sort(
@@ -298,18 +314,7 @@ mod tests {
             bs in 1usize..17,
             n_evict in 0usize..12,
         ) {
-            // ties frequent; a protected (+inf) tail on every head as the window mask makes
-            let metrics: Vec<Vec<f32>> = heads
-                .iter()
-                .map(|h| {
-                    let mut v: Vec<f32> = h.iter().map(|&x| x as f32 * 0.5).collect();
-                    let n = v.len();
-                    for x in v.iter_mut().skip(n.saturating_sub(inf_tail)) {
-                        *x = f32::INFINITY;
-                    }
-                    v
-                })
-                .collect();
+            let metrics = tailed_metrics(&heads, inf_tail);
             let counts = select_blocks(&metrics, bs, n_evict);
             prop_assert_eq!(&counts, &select_blocks_by_full_sort(&metrics, bs, n_evict));
             for (m, &k) in metrics.iter().zip(&counts) {
@@ -318,6 +323,30 @@ mod tests {
                 let n = if k == 0 { 0 } else { (k - 1) * bs + last_block_tokens(m.len(), bs) };
                 prop_assert_eq!(head_evictions(m, bs, k), full[..n].to_vec());
             }
+        }
+
+        /// Tensor parallel's selection (docs/design.md): heads split among 1-4 ranks in
+        /// contiguous shards, each rank's `n_evict` lowest candidates gathered, the lowest of
+        /// those taken: the one-GPU selection, head by head.
+        #[test]
+        fn selection_over_rank_shards_equals_one_gpu(
+            heads in prop::collection::vec(prop::collection::vec(0u8..12, 0..60), 1..9),
+            inf_tail in 0usize..20,
+            ranks in 1usize..5,
+            bs in 1usize..17,
+            n_evict in 0usize..40,
+        ) {
+            let metrics = tailed_metrics(&heads, inf_tail);
+            let per = metrics.len().div_ceil(ranks);
+            let shards: Vec<_> = metrics
+                .chunks(per)
+                .enumerate()
+                .map(|(r, m)| lowest_candidates(m, r * per, bs, n_evict))
+                .collect();
+            prop_assert_eq!(
+                select_from_shards(&shards, metrics.len(), n_evict),
+                select_blocks(&metrics, bs, n_evict)
+            );
         }
 
         #[test]

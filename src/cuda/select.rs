@@ -17,11 +17,33 @@ use std::collections::HashSet;
 /// slot metrics of head `i` with protected slots already +inf. Candidates with +inf (or NaN)
 /// scores are never taken, so fewer than `n_evict` may be.
 pub fn select_blocks(metrics: &[Vec<f32>], block_size: usize, n_evict: usize) -> Vec<usize> {
+    counts_of(
+        lowest_candidates(metrics, 0, block_size, n_evict),
+        metrics.len(),
+        n_evict,
+    )
+}
+
+/// A candidate of [`select_blocks`]: (score, head, index within the head), ordered by score,
+/// then head, then index (the selection's total order).
+pub type Candidate = (f32, usize, usize);
+
+/// The `n_evict` lowest finite candidates of `metrics`' heads, numbered from `first_head`, in
+/// the selection's order. Under tensor parallelism each rank computes these for its heads
+/// (`first_head`: its first global kv-head index); the `n_evict` lowest of all ranks' lists
+/// are exactly the one-GPU selection's ([`select_from_shards`]; docs/design.md, "Tensor
+/// parallel").
+pub fn lowest_candidates(
+    metrics: &[Vec<f32>],
+    first_head: usize,
+    block_size: usize,
+    n_evict: usize,
+) -> Vec<Candidate> {
     // A head can give at most `n_evict` candidates, and its first k candidates need only its
     // `(k - 1) * bs + h` lowest slots: partial selection instead of sorting every head (with
     // continual compression this runs after nearly every decode step, where `n_evict` is 1 or 2
     // and heads hold thousands of slots). Same result as sorting: the order is total.
-    let mut cands: Vec<(f32, usize, usize)> = Vec::new();
+    let mut cands: Vec<Candidate> = Vec::new();
     for (i, m) in metrics.iter().enumerate() {
         let h = last_block_tokens(m.len(), block_size);
         let k = m.len().div_ceil(block_size).min(n_evict);
@@ -34,11 +56,30 @@ pub fn select_blocks(metrics: &[Vec<f32>], block_size: usize, n_evict: usize) ->
             if !s.is_finite() {
                 break; // candidates are non-decreasing within a head
             }
-            cands.push((s, i, j));
+            cands.push((s, first_head + i, j));
         }
     }
-    cands.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    let mut counts = vec![0; metrics.len()];
+    cands.sort_by(candidate_order);
+    cands.truncate(n_evict);
+    cands
+}
+
+fn candidate_order(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
+    a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
+}
+
+/// [`select_blocks`] over heads split among ranks: `shards[r]` is rank `r`'s
+/// [`lowest_candidates`] (what an all-gather collects); returns the candidates taken per
+/// global head (`heads` in all), equal to [`select_blocks`] on every head together.
+pub fn select_from_shards(shards: &[Vec<Candidate>], heads: usize, n_evict: usize) -> Vec<usize> {
+    let mut all: Vec<Candidate> = shards.iter().flatten().copied().collect();
+    all.sort_by(candidate_order);
+    counts_of(all, heads, n_evict)
+}
+
+/// Candidates taken per head: the first `n_evict` of `cands` (in the selection's order).
+fn counts_of(cands: Vec<Candidate>, heads: usize, n_evict: usize) -> Vec<usize> {
+    let mut counts = vec![0; heads];
     for &(_, i, _) in cands.iter().take(n_evict) {
         counts[i] += 1;
     }
@@ -48,7 +89,7 @@ pub fn select_blocks(metrics: &[Vec<f32>], block_size: usize, n_evict: usize) ->
 /// [`select_blocks`] in its straightforward form: every head sorted fully, every candidate
 /// scored. The reference the tests and `kvc-plan-bench` compare the partial selection with.
 pub fn select_blocks_by_full_sort(metrics: &[Vec<f32>], bs: usize, n_evict: usize) -> Vec<usize> {
-    let mut cands: Vec<(f32, usize, usize)> = Vec::new();
+    let mut cands: Vec<Candidate> = Vec::new();
     for (i, m) in metrics.iter().enumerate() {
         let mut sorted = m.clone();
         sorted.sort_by(|a, b| a.total_cmp(b));
@@ -58,12 +99,8 @@ pub fn select_blocks_by_full_sort(metrics: &[Vec<f32>], bs: usize, n_evict: usiz
             }
         }
     }
-    cands.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    let mut counts = vec![0; metrics.len()];
-    for &(_, i, _) in cands.iter().take(n_evict) {
-        counts[i] += 1;
-    }
-    counts
+    cands.sort_by(candidate_order);
+    counts_of(cands, metrics.len(), n_evict)
 }
 
 /// Logical indices of the `n` lowest slots of `m` in ascending (metric, index) order: a
