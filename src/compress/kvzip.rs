@@ -210,15 +210,13 @@ impl KvZip {
         let mut done = 0;
         let mut run = || -> Result<()> {
             for ids in rep.ids.chunks(piece.max(1)) {
-                // One mask for every layer and kv-head of this piece.
-                let t = ids.len();
-                let fixed = SINKS.min(rep.start) + span;
-                let mask = causal_tail_mask(t, fixed + done + t, fixed, done, &model.device)?;
+                let tables =
+                    PieceTables::new(&self.inv_freq, rep, ctx_len, done, ids.len(), &model.device)?;
                 let mut observe = |l: usize, q: &Tensor, c: &dyn CacheBackend| {
                     let c = c.as_paged().ok_or_else(|| {
                         candle_core::Error::Msg("KVzip needs the paged cache".into())
                     })?;
-                    let s = self.layer_scores(q, c, seq, l, rep, ctx_len, done, &mask)?;
+                    let s = self.layer_scores(q, c, seq, l, rep, ctx_len, done, &tables)?;
                     for (b, s) in best[l].iter_mut().zip(s) {
                         for (b, s) in b.iter_mut().zip(s) {
                             *b = b.max(s);
@@ -238,7 +236,7 @@ impl KvZip {
 
     /// One layer's scores of `rep`'s span per kv-head, from its pre-RoPE queries `q`
     /// `[1, heads, t, d]` of the repeat ids `done..done + t` (the cache holds the context and
-    /// the repeat keys up to them); `mask` is [`causal_tail_mask`] of those shapes.
+    /// the repeat keys up to them); `tables` are the piece's ([`PieceTables`]).
     #[allow(clippy::too_many_arguments)]
     fn layer_scores(
         &self,
@@ -249,10 +247,11 @@ impl KvZip {
         rep: &Repeat,
         ctx_len: usize,
         done: usize,
-        mask: &Tensor,
+        tables: &PieceTables,
     ) -> Result<Vec<Vec<f32>>> {
         let t = q.dim(2)?;
-        let q = rotate(&q.to_dtype(DType::F32)?, &self.inv_freq, ctx_len + done)?.squeeze(0)?;
+        let q = q.to_dtype(DType::F32)?.contiguous()?;
+        let q = candle_nn::rotary_emb::rope(&q, &tables.cos, &tables.sin)?.squeeze(0)?;
         let sink = SINKS.min(rep.start);
         let span = rep.end - rep.start;
         let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
@@ -274,22 +273,46 @@ impl KvZip {
                     0,
                 )?;
                 let qg = q.narrow(0, g * self.group, self.group)?;
-                span_scores_masked(&qg, &keys, mask, sink, span, scale)?.to_vec1::<f32>()
+                span_scores_masked(&qg, &keys, &tables.mask, sink, span, scale)?.to_vec1::<f32>()
             })
             .collect()
     }
 }
 
-/// `x` `[1, heads, t, d]` f32 rotated (half rotation) at positions `pos0..pos0 + t` with
-/// frequencies `inv_freq` (the angles computed as the model's tables are, in f32).
-fn rotate(x: &Tensor, inv_freq: &[f32], pos0: usize) -> Result<Tensor> {
-    let t = x.dim(2)?;
-    let half = inv_freq.len();
-    let angles: Vec<f32> = (pos0..pos0 + t)
-        .flat_map(|p| inv_freq.iter().map(move |f| p as f32 * f))
-        .collect();
-    let a = Tensor::from_vec(angles, (t, half), x.device())?;
-    candle_nn::rotary_emb::rope(&x.contiguous()?, &a.cos()?, &a.sin()?)
+/// What every layer and kv-head of one repeat piece share, made once per piece: the RoPE
+/// tables of its queries and the causal mask of its subsampled keys.
+struct PieceTables {
+    /// cos and sin `[t, d/2]` f32 of the positions `ctx_len + done ..` (the angles computed as
+    /// the model's tables are, in f32), for a half rotation.
+    cos: Tensor,
+    sin: Tensor,
+    /// [`causal_tail_mask`] of the piece's queries over the sinks, the span and the repeat keys.
+    mask: Tensor,
+}
+
+impl PieceTables {
+    /// The tables of the `t` repeat ids `done..done + t` of `rep`, on top of a context of
+    /// `ctx_len` tokens.
+    fn new(
+        inv_freq: &[f32],
+        rep: &Repeat,
+        ctx_len: usize,
+        done: usize,
+        t: usize,
+        dev: &Device,
+    ) -> Result<Self> {
+        let pos0 = ctx_len + done;
+        let angles: Vec<f32> = (pos0..pos0 + t)
+            .flat_map(|p| inv_freq.iter().map(move |f| p as f32 * f))
+            .collect();
+        let a = Tensor::from_vec(angles, (t, inv_freq.len()), dev)?;
+        let fixed = SINKS.min(rep.start) + rep.end - rep.start;
+        Ok(PieceTables {
+            cos: a.cos()?,
+            sin: a.sin()?,
+            mask: causal_tail_mask(t, fixed + done + t, fixed, done, dev)?,
+        })
+    }
 }
 
 /// KVzip's score of each span key for one kv-head: `q` `[group, t, d]` f32 rotated queries of
