@@ -210,11 +210,11 @@ pub struct PredWriter {
 
 impl PredWriter {
     /// A writer appending to `path` (created at the first row; parent directories must exist).
-    pub fn open(path: &Path) -> Result<PredWriter, EvalError> {
-        Ok(PredWriter {
+    pub fn new(path: &Path) -> PredWriter {
+        PredWriter {
             path: path.to_path_buf(),
             file: None,
-        })
+        }
     }
 
     /// One line, written with a single `write_all` and synced.
@@ -247,7 +247,7 @@ mod tests {
     fn pred_writer_creates_its_file_with_the_first_row() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("ruler_vt_1024.jsonl");
-        let mut w = PredWriter::open(&path).unwrap();
+        let mut w = PredWriter::new(&path);
         assert!(!path.exists());
         for id in ["a", "b"] {
             w.append(&PredRecord {

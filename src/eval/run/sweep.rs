@@ -130,7 +130,7 @@ pub fn run_group(
         if left == 0 {
             continue;
         }
-        let mut writers = open_writers(&outs, &todo, i, sp)?;
+        let mut writers = open_writers(&outs, &todo, i, sp);
         let mut rows = subset_rows(sw, sp)?;
         loop {
             // The next samples (up to --batch-samples) and the runs that lack each.
@@ -234,17 +234,14 @@ fn open_writers(
     todo: &[Vec<HashSet<String>>],
     i: usize,
     sp: &SubsetPlan,
-) -> Result<Vec<Option<PredWriter>>, EvalError> {
-    let mut writers: Vec<Option<PredWriter>> = Vec::with_capacity(outs.len());
-    for (k, o) in outs.iter().enumerate() {
-        writers.push(if todo[k][i].is_empty() {
-            None
-        } else {
+) -> Vec<Option<PredWriter>> {
+    outs.iter()
+        .enumerate()
+        .map(|(k, o)| {
             let path = o.dir.join("preds").join(format!("{}.jsonl", sp.task.name));
-            Some(PredWriter::open(&path)?)
-        });
-    }
-    Ok(writers)
+            (!todo[k][i].is_empty()).then(|| PredWriter::new(&path))
+        })
+        .collect()
 }
 
 /// A subset's rows in file order: its generated rows (RULER), else streamed from the data.
