@@ -477,6 +477,19 @@ fn ruler_sources_give_real_words_essays_and_keys() {
     );
 }
 
+/// The achieved rate of run `run` / `rate`'s niah_single_1_1024 row, which must have no error
+/// and the protocol `in_window`.
+fn niah_row_achieved(r: &Run, run: &str, rate: &str, in_window: bool) -> f64 {
+    let preds = r.out.join(format!(
+        "tiny/{run}/{rate}/preds/ruler_niah_single_1_1024.jsonl"
+    ));
+    let rows = std::fs::read_to_string(&preds).unwrap_or_else(|e| panic!("{run}: {e}"));
+    let row: serde_json::Value = serde_json::from_str(rows.lines().next().unwrap()).unwrap();
+    assert!(row.get("error").is_none(), "{run}: {row}");
+    assert_eq!(row["question_in_window"], in_window, "{run}: {row}");
+    row["achieved_rate"].as_f64().unwrap()
+}
+
 /// Expected Attention end to end: `kvc eval --methods expected-attention --rates 2` in both
 /// protocols (LongBench's and `@context-only`), under ChunkKV and under CriticalKV (with an
 /// attention-scored base too), on a RULER prompt with the tiny model; every run writes its
@@ -507,14 +520,7 @@ fn expected_attention_runs_in_both_protocols_and_under_chunkkv_and_criticalkv() 
         ("expected-attention+criticalkv", true),
         ("snapkv+criticalkv@context-only", false),
     ] {
-        let preds = r.out.join(format!(
-            "tiny/{run}/rate2/preds/ruler_niah_single_1_1024.jsonl"
-        ));
-        let rows = std::fs::read_to_string(&preds).unwrap_or_else(|e| panic!("{run}: {e}"));
-        let row: serde_json::Value = serde_json::from_str(rows.lines().next().unwrap()).unwrap();
-        assert!(row.get("error").is_none(), "{run}: {row}");
-        assert_eq!(row["question_in_window"], in_window, "{run}: {row}");
-        let achieved = row["achieved_rate"].as_f64().unwrap();
+        let achieved = niah_row_achieved(&r, run, "rate2", in_window);
         assert!((1.7..2.3).contains(&achieved), "{run}: achieved {achieved}");
     }
 }
@@ -542,15 +548,7 @@ fn kvzip_runs_in_both_protocols() {
     assert!(o.status.success(), "{}", text(&o));
     for (run, in_window) in [("kvzip", true), ("kvzip@context-only", false)] {
         for (rate, want) in [("rate2", 2.0), ("rate4", 4.0)] {
-            let preds = r.out.join(format!(
-                "tiny/{run}/{rate}/preds/ruler_niah_single_1_1024.jsonl"
-            ));
-            let rows = std::fs::read_to_string(&preds).unwrap_or_else(|e| panic!("{run}: {e}"));
-            let row: serde_json::Value =
-                serde_json::from_str(rows.lines().next().unwrap()).unwrap();
-            assert!(row.get("error").is_none(), "{run}: {row}");
-            assert_eq!(row["question_in_window"], in_window, "{run}: {row}");
-            let achieved = row["achieved_rate"].as_f64().unwrap();
+            let achieved = niah_row_achieved(&r, run, rate, in_window);
             assert!(
                 (want * 0.85..want * 1.15).contains(&achieved),
                 "{run} {rate}: achieved {achieved}"

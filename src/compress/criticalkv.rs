@@ -194,6 +194,16 @@ mod tests {
         assert_eq!(m[1], (3.0 + e) * 1.0);
     }
 
+    /// W_o `[hidden 3, 2 heads x d 2]` of the hand cases.
+    fn w_o() -> Tensor {
+        let rows = [
+            [1f32, 0.0, 2.0, 0.0],
+            [0.0, 1.0, 0.0, 0.0],
+            [1.0, 1.0, 0.0, 3.0],
+        ];
+        Tensor::new(&rows, &Device::Cpu).unwrap()
+    }
+
     /// Knorm under CriticalKV through `key_scores` and the base's plan, by hand. One kv-head
     /// of two query heads (W_o as in `projected_norm_by_hand`); keys (3, 4), (1, 0), (0, 1),
     /// (0, 0) score -5, -1, -1, 0, plus the 0.5 already in the metric; values (1, -2), (0, 0),
@@ -208,15 +218,7 @@ mod tests {
         let dev = Device::Cpu;
         let k = Tensor::new(&[[3f32, 4.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], &dev).unwrap();
         let v = Tensor::new(&[[1f32, -2.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], &dev).unwrap();
-        let w = Tensor::new(
-            &[
-                [1f32, 0.0, 2.0, 0.0],
-                [0.0, 1.0, 0.0, 0.0],
-                [1.0, 1.0, 0.0, 3.0],
-            ],
-            &dev,
-        )
-        .unwrap();
+        let w = w_o();
         let ck = CriticalKv::new(Box::new(KeyScored {
             score: KeyScore::Knorm,
         }));
@@ -261,15 +263,7 @@ mod tests {
     fn projected_norm_by_hand() {
         let dev = Device::Cpu;
         let v = Tensor::new(&[[1f32, -2.0], [0.0, 0.0]], &dev).unwrap();
-        let w = Tensor::new(
-            &[
-                [1f32, 0.0, 2.0, 0.0],
-                [0.0, 1.0, 0.0, 0.0],
-                [1.0, 1.0, 0.0, 3.0],
-            ],
-            &dev,
-        )
-        .unwrap();
+        let w = w_o();
         let n: Vec<f32> = projected_value_norms(&v, &w, 0, 2)
             .unwrap()
             .to_vec1()
