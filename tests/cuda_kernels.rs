@@ -1728,3 +1728,121 @@ mod e2e {
         );
     }
 }
+
+/// The scoring of the methods that score keys and values with candle ops on the cache's device
+/// (Expected Attention, Knorm, KeyDiff, LagKV, CriticalKV's projected value norms, KVzip's
+/// span scores): on the GPU equal to the same ops on the CPU, in f32 and from bf16 inputs (the
+/// CPU twin reads the same bf16-rounded values in f32).
+#[test]
+fn key_scoring_on_cuda_equals_cpu() {
+    use kvc::compress::criticalkv::projected_value_norms;
+    use kvc::compress::expected_attention::ExpectedAttention;
+    use kvc::compress::knorm::{KeyScore, KeyScored};
+    use kvc::compress::kvzip::span_scores;
+    use kvc::compress::lagkv::LagKv;
+    use kvc::compress::policy::LayerKeys;
+    use kvc::compress::query_stats::QueryStats;
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(29);
+    let (nh, nkv, len, d, hidden) = (8, 2, 300, 64, 96);
+    let rand_t = |rng: &mut StdRng, shape: &[usize], a: f32| {
+        let n = shape.iter().product();
+        Tensor::from_vec(rnd(rng, n, a), shape, &Device::Cpu).unwrap()
+    };
+    let q = rand_t(&mut rng, &[1, nh, len, d], 1.5);
+    let kv: Vec<(Tensor, Tensor)> = (0..nkv)
+        .map(|_| {
+            (
+                rand_t(&mut rng, &[len, d], 1.0),
+                rand_t(&mut rng, &[len, d], 1.0),
+            )
+        })
+        .collect();
+    let w_o = rand_t(&mut rng, &[hidden, nh * d], 0.1);
+    let (span_q, span_k) = (
+        rand_t(&mut rng, &[4, 24, d], 1.0),
+        rand_t(&mut rng, &[4 + 50 + 30, d], 1.0),
+    );
+    let positions = vec![(0..len as u32).collect::<Vec<u32>>(); nkv];
+    let ea = ExpectedAttention::with_inv_freq(
+        (0..d / 2)
+            .map(|i| 10_000f32.powf(-2.0 * i as f32 / d as f32))
+            .collect(),
+    );
+    // Every score of one device, flattened in a fixed order, each part named.
+    let scores = |dt: DType, on: &Device| -> Vec<(String, Vec<f32>)> {
+        let put = |t: &Tensor| t.to_dtype(dt).unwrap().to_device(on).unwrap();
+        // The CPU reads the device's bf16-rounded inputs in f32.
+        let put = |t: &Tensor| match on {
+            Device::Cpu => put(t).to_dtype(DType::F32).unwrap(),
+            _ => put(t),
+        };
+        let heads: Vec<(Tensor, Tensor)> = kv.iter().map(|(k, v)| (put(k), put(v))).collect();
+        let mut stats = QueryStats::default();
+        let qd = put(&q);
+        for start in (0..len).step_by(128) {
+            let n = 128.min(len - start);
+            stats
+                .add(&qd.narrow(2, start, n).unwrap(), ea.n_sink)
+                .unwrap();
+        }
+        let layer = LayerKeys {
+            heads: &heads,
+            positions: &positions,
+            seq_len: len,
+            queries: Some(&stats),
+            layer: 0,
+            budget: None,
+            metric: &[],
+            out_proj: None,
+        };
+        let mut out = vec![];
+        for (h, s) in ea.layer_scores(&layer).unwrap().into_iter().enumerate() {
+            out.push((format!("expected-attention head {h}"), s));
+        }
+        for (name, score) in [
+            ("knorm", KeyScore::Knorm),
+            ("keydiff", KeyScore::KeyDiff),
+            ("lagkv", KeyScore::LagKv(LagKv::default())),
+        ] {
+            for (h, (k, v)) in heads.iter().enumerate() {
+                let s = KeyScored { score }.scores(k, v).unwrap();
+                out.push((format!("{name} head {h}"), f32s(&s)));
+            }
+        }
+        let w = put(&w_o);
+        for (h, (_, v)) in heads.iter().enumerate() {
+            let n = projected_value_norms(v, &w, h, nh / nkv).unwrap();
+            out.push((format!("criticalkv value norms head {h}"), f32s(&n)));
+        }
+        let s = span_scores(
+            &put(&span_q),
+            &put(&span_k),
+            4,
+            50,
+            6,
+            1.0 / (d as f64).sqrt(),
+        );
+        out.push(("kvzip span scores".into(), f32s(&s.unwrap())));
+        out
+    };
+    let mut summary = vec![];
+    for (dt, atol, rtol) in [(DType::F32, 1e-5, 1e-3), (DType::BF16, 1e-3, 2e-2)] {
+        let want = scores(dt, &Device::Cpu);
+        let got = scores(dt, &dev);
+        let mut worst_all = 0f32;
+        for ((name, g), (_, w)) in got.iter().zip(&want) {
+            let (worst, maxabs) = compare(g, w, atol, rtol);
+            assert!(
+                worst <= 1.0,
+                "{dt:?} {name}: worst {worst} (max abs {maxabs})"
+            );
+            worst_all = worst_all.max(worst);
+        }
+        summary.push(format!("{dt:?} {} parts, worst {worst_all:.3}", got.len()));
+    }
+    eprintln!(
+        "SUMMARY key scoring on the GPU vs the CPU: {}",
+        summary.join("; ")
+    );
+}

@@ -3,9 +3,12 @@ protocol (the question in the window, then `@context-only`), cells "% of full [9
 n where a run has fewer rows than the full cache (a partial run covers only the first subsets,
 so its percentage is over another mix of tasks).
 
-    python3 scripts/analysis/ruler_table.py TREE/summary.csv > table.md
+    python3 scripts/analysis/ruler_table.py TREE/summary.csv [TREE2/summary.csv ...] > table.md
 
-TREE: a `kvc eval` / `kvc score` results tree (summary.csv, category `all`).
+TREE: a `kvc eval` / `kvc score` results tree (summary.csv, category `all`). With several trees
+(runs of one table made in several device leases), a run of a later tree replaces an earlier
+tree's run of the same method and rate when it has at least as many rows; each tree's
+percentages are against its own full cache, and the full cache of every tree is printed.
 """
 import collections
 import csv
@@ -15,17 +18,24 @@ RATES = [2, 4, 8, 16, 32, 64]
 ORDER = [
     "kvcompress", "snapkv", "pyramidkv", "ada-snapkv", "h2o", "tova", "knorm", "keydiff",
     "lagkv", "streamingllm", "random", "expected-attention", "snapkv+kvcrush",
-    "snapkv+criticalkv",
+    "snapkv+criticalkv", "kvzip",
 ]
 
 
-def main(path):
-    rows = [r for r in csv.DictReader(open(path)) if r["category"] == "all" and not r["bucket"]]
+def main(paths):
     by = collections.defaultdict(dict)
-    for r in rows:
-        by[r["method"]][int(float(r["rate"]))] = r
+    fulls = []
+    for path in paths:
+        rows = [r for r in csv.DictReader(open(path)) if r["category"] == "all" and not r["bucket"]]
+        for r in rows:
+            rate = int(float(r["rate"]))
+            old = by[r["method"]].get(rate)
+            if old is None or int(r["n"]) >= int(old["n"]):
+                by[r["method"]][rate] = r
+        fulls += [(path, r) for r in rows if r["method"] == "full"]
     full = by["full"][1]
-    print(f"Full cache: score {float(full['score']):.2f} over n = {full['n']}.\n")
+    for path, f in fulls:
+        print(f"Full cache ({path}): score {float(f['score']):.2f} over n = {f['n']}.\n")
     protocols = [
         ("question in the window (LongBench's protocol)", ""),
         ("question-agnostic (kvpress's default: `@context-only`)", "@context-only"),
@@ -51,4 +61,4 @@ def cell(run, n_full):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

@@ -65,18 +65,23 @@ fi
 #    per invocation, ~23 s); stopped by SIGINT at the call's end, it resumes row by row.
 #    TABLE_GROUPS ("a,b;c,d;..."): the groups run as parallel processes on the one GPU (SmolLM2's
 #    batches leave it mostly idle: the host's per-step work bounds each process), each into its
-#    own copy of the tree, merged back run by run (a run directory belongs to one group).
+#    own copy of the tree, merged back run by run (a run directory belongs to one group). A group
+#    ending in @yes or @no runs that protocol only, so one method's two halves can run in two
+#    processes.
 table_methods=${TABLE_METHODS:-snapkv,tova,knorm,keydiff,random,lagkv,expected-attention,streamingllm,pyramidkv,ada-snapkv,h2o,kvcompress,snapkv+kvcrush}
 IFS=';' read -r -a groups <<< "${TABLE_GROUPS:-$table_methods}"
 if [[ ! -f /tmp/visit/table ]] && (( $(left) > 60 )); then
   s=$SECONDS
   mkdir -p /tmp/table/model
-  pids=()
+  pids=(); qiws=()
   for g in "${!groups[@]}"; do
+    # A group "methods@yes" or "methods@no" runs one protocol only (--question-in-window).
+    qiw=both; [[ ${groups[$g]} == *@yes || ${groups[$g]} == *@no ]] && qiw=${groups[$g]##*@}
+    groups[$g]=${groups[$g]%@yes}; groups[$g]=${groups[$g]%@no}; qiws[$g]=$qiw
     rm -rf "/tmp/table-g$g"; cp -r /tmp/table "/tmp/table-g$g"
     timeout -s INT $(( $(left) - 30 )) "$kvc" eval --model "$stage/model.gguf" --tasks ruler \
       --lengths 4096,8192 --ruler-samples 20 --methods "${groups[$g]}" \
-      --rates 2,4,8,16,32,64 --question-in-window both --device cuda:0 --no-progress \
+      --rates 2,4,8,16,32,64 --question-in-window $qiw --device cuda:0 --no-progress \
       ${TABLE_BATCH:+--batch-samples $TABLE_BATCH} \
       --out "/tmp/table-g$g" > "$out/table-g$g.txt" 2>&1 &
     pids+=($!)
@@ -87,11 +92,24 @@ if [[ ! -f /tmp/visit/table ]] && (( $(left) > 60 )); then
     echo "table group $g (${groups[$g]}) rc=$rc" | tee -a "$out/table.txt"
     (( rc == 0 )) || ok=0
     for m in ${groups[$g]//,/ }; do
-      for d in "/tmp/table-g$g/model/$m" "/tmp/table-g$g/model/$m@context-only"; do
+      # only the protocols this group ran: its copy of the tree holds stale others
+      dirs=()
+      [[ ${qiws[$g]} == no ]] || dirs+=("/tmp/table-g$g/model/$m")
+      [[ ${qiws[$g]} == yes ]] || dirs+=("/tmp/table-g$g/model/$m@context-only")
+      for d in "${dirs[@]}"; do
         [[ -d $d ]] && rm -rf "/tmp/table/model/${d##*/}" && cp -r "$d" /tmp/table/model/
       done
     done
   done
+  # Every group also runs (or resumes) the full cache; keep the copy with the most rows.
+  best=; most=-1
+  for g in "${!groups[@]}"; do
+    n=$(cat "/tmp/table-g$g"/model/full/*/*.jsonl 2>/dev/null | wc -l)
+    (( n > most )) && most=$n && best=$g
+  done
+  if [[ -n $best && -d /tmp/table-g$best/model/full ]]; then
+    rm -rf /tmp/table/model/full && cp -r "/tmp/table-g$best/model/full" /tmp/table/model/
+  fi
   (( ok )) && touch /tmp/visit/table
   echo "table wall_s=$((SECONDS - s))" | tee -a "$out/table.txt"
 fi

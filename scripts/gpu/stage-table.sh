@@ -4,6 +4,8 @@
 # xz-compressed CUDA binary, the GGUF, RULER's sources and the results so far, split in 58 MB
 # parts .gpu/part-aa, -ab, ...
 #   scripts/gpu/stage-table.sh [RESULTS.tar.gz]
+# STAGE_EXTRA="f1 f2": more executables for the same lease (e.g. the cuda_kernels test binary of
+# scripts/gpu/cuda-tests.sh build), stripped and xz-compressed as kvs/<name>.xz.
 # Needs the CUDA build (CARGO_TARGET_DIR=/work/target-cuda by default, see ../shared/gpu) and
 # models/ (scripts/fetch-model.sh, scripts/fetch-ruler-sources.sh). RESULTS: an earlier call's
 # $OUT/results.tar.gz, so the run resumes its rows. Prints the device calls.
@@ -26,6 +28,9 @@ xz -6 -T2 "$stage/kvs/kvc"
 cp "$gguf" "$stage/kvs/model.gguf"
 cp -r models/ruler-sources "$stage/kvs/"
 if [[ -n ${1:-} ]]; then cp "$1" "$stage/kvs/results.tar.gz"; fi
+for f in ${STAGE_EXTRA:-}; do
+  strip -o "$stage/kvs/${f##*/}" "$f" && xz -6 -T2 "$stage/kvs/${f##*/}"
+done
 rm -f .gpu/part-*
 tar cf - -C "$stage" kvs | split -b 58000000 - .gpu/part-
 sha=$(sha256sum "$gguf" | cut -c1-16)
