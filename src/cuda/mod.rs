@@ -22,7 +22,8 @@
 //!   (per-head sort, candidate scoring, selection, KVCrush's block picks, compaction), with
 //!   [`select`], the pure selection its twin and the host planners share;
 //! - [`layer_ops`] (`layer_ops.cu`): fused decoder-layer ops (add + RMSNorm, SiLU x up,
-//!   RoPE + q/k/v split, greedy argmax).
+//!   RoPE + q/k/v split, greedy argmax);
+//! - [`comm`]: tensor parallelism's shards and collectives (the in-process twin; NCCL).
 //!
 //! Slot layout (KV-Compress): slot `s` is row `s` of K and V `[num_slots, head_dim]` and entry
 //! `s` of the per-slot metric (f32) and position (u32) arrays. Logical slot `i` of row `r` (one
@@ -32,6 +33,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use half::{bf16, f16};
 
+pub mod comm;
 pub mod evict;
 pub mod kv_cache;
 pub mod layer_ops;

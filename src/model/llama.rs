@@ -6,6 +6,10 @@
 //! owns no cache, so the same weights serve the contiguous oracle and the paged cache.
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::Linear;
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::cuda::comm::{Comm, Shard};
 
 use crate::cuda::layer_ops::{self, QkvHeads};
 use crate::kvcache::{AttnCall, CacheBackend, Probe, SeqId};
@@ -92,6 +96,78 @@ pub struct Llama {
     /// Run the layers' fused kernels on a GPU ([`crate::cuda::layer_ops`]); `false` runs their twins,
     /// candle's op chains (`kvc eval --unfused-layers`, for A/B measurements).
     pub fused: bool,
+    /// This rank's attention heads (all of them without tensor parallelism).
+    heads: QkvHeads,
+    /// The tensor-parallel group (`None`: the whole model here).
+    comm: Option<Arc<dyn Comm>>,
+}
+
+/// Which rows of each weight one rank loads (see [`Llama::load_shard`]).
+struct Parts {
+    shard: Shard,
+    heads: QkvHeads,
+    dim: usize,
+    mlp: Range<usize>,
+    /// This rank's vocabulary rows, padded with zero rows to `vocab_rows` on every rank.
+    vocab: Range<usize>,
+    vocab_rows: usize,
+}
+
+impl Parts {
+    fn new(cfg: &Config, shard: Shard) -> std::result::Result<Parts, ModelError> {
+        let bad = |msg: String| ModelError::Candle(candle_core::Error::Msg(msg));
+        let q = shard
+            .part(cfg.num_attention_heads, "attention heads")
+            .map_err(bad)?;
+        let kv = shard
+            .part(cfg.num_key_value_heads, "key-value heads")
+            .map_err(bad)?;
+        Ok(Parts {
+            shard,
+            heads: QkvHeads {
+                q: q.len(),
+                kv: kv.len(),
+                dim: cfg.head_dim,
+            },
+            dim: cfg.head_dim,
+            mlp: shard.part(cfg.intermediate_size, "MLP rows").map_err(bad)?,
+            vocab: shard.padded_part(cfg.vocab_size).0,
+            vocab_rows: shard.padded_part(cfg.vocab_size).1,
+        })
+    }
+
+    /// `None` (the whole tensor) for one rank, else `Some((0, rows))`.
+    fn rows(&self, r: Range<usize>) -> Option<(usize, Range<usize>)> {
+        (self.shard.world > 1).then_some((0, r))
+    }
+    fn q_rows(&self) -> Option<(usize, Range<usize>)> {
+        let n = self.heads.q * self.dim;
+        self.rows(self.shard.rank * n..(self.shard.rank + 1) * n)
+    }
+    fn kv_rows(&self) -> Option<(usize, Range<usize>)> {
+        let n = self.heads.kv * self.dim;
+        self.rows(self.shard.rank * n..(self.shard.rank + 1) * n)
+    }
+    fn mlp_rows(&self) -> Option<(usize, Range<usize>)> {
+        self.rows(self.mlp.clone())
+    }
+    fn vocab(&self) -> Option<(usize, Range<usize>)> {
+        self.rows(self.vocab.clone())
+    }
+    /// `w`'s vocabulary rows padded with zeros to the part size every rank holds.
+    fn pad_vocab(&self, w: Tensor) -> std::result::Result<Tensor, ModelError> {
+        let missing = self.vocab_rows - self.vocab.len();
+        if self.shard.world == 1 || missing == 0 {
+            return Ok(w);
+        }
+        let zeros = Tensor::zeros((missing, w.dim(1)?), w.dtype(), w.device())?;
+        Ok(Tensor::cat(&[&w, &zeros], 0)?)
+    }
+}
+
+/// The same range along dimension 1 (a row-parallel weight's input columns).
+fn cols(part: Option<(usize, Range<usize>)>) -> Option<(usize, Range<usize>)> {
+    part.map(|(_, r)| (1, r))
 }
 
 impl Llama {
@@ -102,42 +178,76 @@ impl Llama {
         dtype: DType,
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
+        Self::load_shard(cfg, src, dtype, device, None)
+    }
+
+    /// Load one tensor-parallel rank's part of the weights (`comm`'s [`Shard`]; `None`: the
+    /// whole model). Megatron's split: q/k/v and gate/up by output rows (the rank's heads and
+    /// intermediate rows), o and down by input columns (their partial sums meet in
+    /// [`Comm::all_reduce_sum`]), the embedding and the LM head by vocabulary rows.
+    pub fn load_shard(
+        cfg: &Config,
+        src: &mut WeightSource,
+        dtype: DType,
+        device: &Device,
+        comm: Option<Arc<dyn Comm>>,
+    ) -> std::result::Result<Self, ModelError> {
         src.set_heads(cfg.num_attention_heads, cfg.num_key_value_heads);
+        let parts = Parts::new(cfg, comm.as_ref().map_or(Shard::ONE, |c| c.shard()))?;
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let qd = cfg.num_attention_heads * cfg.head_dim;
         let kvd = cfg.num_key_value_heads * cfg.head_dim;
-        let mut get = |name: &str, shape: &[usize]| src.get(name, shape, dtype, device);
-        let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut get = |name: &str, shape: &[usize], part: Option<(usize, Range<usize>)>| {
+            src.get_part(name, shape, part, dtype, device)
+        };
+        let embed = parts.pad_vocab(get(
+            "model.embed_tokens.weight",
+            &[cfg.vocab_size, h],
+            parts.vocab(),
+        )?)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         let eps = cfg.rms_norm_eps as f32;
         let merged = |parts: &[Tensor]| Tensor::cat(parts, 0).map_err(ModelError::Candle);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let lin = |w: Tensor| Linear::new(w, None);
+            let (q, kv, mlp) = (parts.q_rows(), parts.kv_rows(), parts.mlp_rows());
             layers.push(Layer {
                 input_norm: RmsNorm {
-                    weight: get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                    weight: get(&format!("{p}.input_layernorm.weight"), &[h], None)?,
                     eps,
                 },
                 qkv: lin(merged(&[
-                    get(&format!("{p}.self_attn.q_proj.weight"), &[qd, h])?,
-                    get(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h])?,
-                    get(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h])?,
+                    get(&format!("{p}.self_attn.q_proj.weight"), &[qd, h], q.clone())?,
+                    get(
+                        &format!("{p}.self_attn.k_proj.weight"),
+                        &[kvd, h],
+                        kv.clone(),
+                    )?,
+                    get(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h], kv)?,
                 ])?),
-                o: lin(get(&format!("{p}.self_attn.o_proj.weight"), &[h, qd])?),
+                o: lin(get(
+                    &format!("{p}.self_attn.o_proj.weight"),
+                    &[h, qd],
+                    cols(q),
+                )?),
                 post_norm: RmsNorm {
-                    weight: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                    weight: get(&format!("{p}.post_attention_layernorm.weight"), &[h], None)?,
                     eps,
                 },
                 gate_up: lin(merged(&[
-                    get(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?,
-                    get(&format!("{p}.mlp.up_proj.weight"), &[i, h])?,
+                    get(&format!("{p}.mlp.gate_proj.weight"), &[i, h], mlp.clone())?,
+                    get(&format!("{p}.mlp.up_proj.weight"), &[i, h], mlp.clone())?,
                 ])?),
-                down: lin(get(&format!("{p}.mlp.down_proj.weight"), &[h, i])?),
+                down: lin(get(
+                    &format!("{p}.mlp.down_proj.weight"),
+                    &[h, i],
+                    cols(mlp),
+                )?),
             });
         }
         let norm = RmsNorm {
-            weight: get("model.norm.weight", &[h])?,
+            weight: get("model.norm.weight", &[h], None)?,
             eps,
         };
         // Tied: the embedding is the head, even where the file also holds an lm_head (as
@@ -146,7 +256,7 @@ impl Llama {
         let head_w = if cfg.tie_word_embeddings {
             embed.clone()
         } else {
-            src.get("lm_head.weight", &[cfg.vocab_size, h], dtype, device)?
+            parts.pad_vocab(get("lm_head.weight", &[cfg.vocab_size, h], parts.vocab())?)?
         };
         let rope = Rope::new(cfg, dtype, device).map_err(ModelError::Candle)?;
         Ok(Llama {
@@ -159,6 +269,8 @@ impl Llama {
             dtype,
             device: device.clone(),
             fused: true,
+            heads: parts.heads,
+            comm,
         })
     }
 
@@ -179,12 +291,11 @@ impl Llama {
         let t = tokens.len();
         let start = cache.seq_len(seq);
         self.rope.ensure(start + t, &self.device)?;
-        let ids = Tensor::new(tokens, &self.device)?;
-        let x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?; // [1, t, hidden]
+        let x = self.embed_rows(tokens)?.unsqueeze(0)?; // [1, t, hidden]
         let pos0 = Tensor::new(&[start as u32], &self.device)?;
         let x = self.layers_forward(x, &[seq], &pos0, cache, probe, observe)?;
         let last = x.narrow(1, t - 1, 1)?;
-        let logits = self.lm_head.forward(&last)?;
+        let logits = self.head(&last)?;
         logits.squeeze(0)?.squeeze(0)?.to_dtype(DType::F32)
     }
 
@@ -216,12 +327,11 @@ impl Llama {
         }
         self.rope.ensure(start + t, &self.device)?;
         let flat: Vec<u32> = tokens.iter().flat_map(|r| r.iter().copied()).collect();
-        let ids = Tensor::new(flat.as_slice(), &self.device)?;
-        let x = self.embed.index_select(&ids, 0)?.reshape((b, t, ()))?; // [B, t, hidden]
+        let x = self.embed_rows(&flat)?.reshape((b, t, ()))?; // [B, t, hidden]
         let pos0 = Tensor::new(vec![start as u32; b], &self.device)?;
         let x = self.layers_forward(x, seqs, &pos0, cache, probe, observe)?;
         let last = x.narrow(1, t - 1, 1)?.contiguous()?; // strided when B > 1
-        let logits = self.lm_head.forward(&last)?; // [B, 1, vocab]
+        let logits = self.head(&last)?; // [B, 1, vocab]
         logits
             .reshape((b, self.cfg.vocab_size))?
             .to_dtype(DType::F32)
@@ -247,12 +357,11 @@ impl Llama {
         let pos: Vec<u32> = seqs.iter().map(|&s| cache.seq_len(s) as u32).collect();
         let max = pos.iter().copied().max().unwrap_or(0) as usize;
         self.rope.ensure(max + 1, &self.device)?;
-        let ids = Tensor::new(tokens, &self.device)?;
-        let x = self.embed.index_select(&ids, 0)?.unsqueeze(1)?; // [B, 1, hidden]
+        let x = self.embed_rows(tokens)?.unsqueeze(1)?; // [B, 1, hidden]
         let pos0 = Tensor::new(pos.as_slice(), &self.device)?;
         let x = self.layers_forward(x, seqs, &pos0, cache, probe, observe)?;
         let mut clock = profile::start(&self.device);
-        let logits = self.lm_head.forward(&x)?; // [B, 1, vocab]
+        let logits = self.head(&x)?; // [B, 1, vocab]
         let logits = logits
             .reshape((b, self.cfg.vocab_size))?
             .to_dtype(DType::F32);
@@ -278,11 +387,7 @@ impl Llama {
         observe: &mut dyn FnMut(usize, &Tensor, &dyn CacheBackend) -> Result<()>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let heads = QkvHeads {
-            q: self.cfg.num_attention_heads,
-            kv: self.cfg.num_key_value_heads,
-            dim: self.cfg.head_dim,
-        };
+        let heads = self.heads;
         let fused = self.fused;
         let scale = 1.0 / (heads.dim as f64).sqrt();
         let Some(first) = self.layers.first() else {
@@ -345,7 +450,7 @@ impl Llama {
             let post = &layer.post_norm;
             let (x1, h1) = layer_ops::add_rms_norm(
                 &x,
-                &layer.o.forward(&attn)?,
+                &self.reduce(layer.o.forward(&attn)?)?,
                 &post.weight,
                 post.eps,
                 fused,
@@ -354,6 +459,7 @@ impl Llama {
             let mlp = layer
                 .down
                 .forward(&layer_ops::silu_mul(&layer.gate_up.forward(&h1)?, fused)?)?;
+            let mlp = self.reduce(mlp)?;
             // The next layer's input norm, or after the last layer the model's final norm.
             let n = match self.layers.get(l + 1) {
                 Some(next) => &next.input_norm,
@@ -363,6 +469,68 @@ impl Llama {
             profile::mark(dev, &mut clock, ph[4]);
         }
         Ok(hs)
+    }
+
+    /// The embedding rows of `ids` `[n, hidden]`. A tensor-parallel rank holds a slice of the
+    /// vocabulary (padded to one size on every rank): it looks up the ids in its slice, zeroes
+    /// the others' rows, and the sum over ranks is every row exactly (one rank's row plus
+    /// zeros).
+    fn embed_rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let Some(comm) = &self.comm else {
+            return self.embed.index_select(&Tensor::new(ids, &self.device)?, 0);
+        };
+        let rows = self.embed.dim(0)? as u32;
+        let start = comm.shard().rank as u32 * rows;
+        let mine = |id: u32| id >= start && id - start < rows;
+        let local: Vec<u32> = ids
+            .iter()
+            .map(|&id| if mine(id) { id - start } else { 0 })
+            .collect();
+        let keep: Vec<f32> = ids
+            .iter()
+            .map(|&id| if mine(id) { 1.0 } else { 0.0 })
+            .collect();
+        let keep = Tensor::from_vec(keep, (ids.len(), 1), &self.device)?.to_dtype(self.dtype)?;
+        let x = self
+            .embed
+            .index_select(&Tensor::new(local.as_slice(), &self.device)?, 0)?
+            .broadcast_mul(&keep)?;
+        comm.all_reduce_sum(&x)
+    }
+
+    /// The LM head over `x` `[.., hidden]`: `[.., vocab]`, gathered from the ranks' vocabulary
+    /// slices under tensor parallelism.
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let logits = self.lm_head.forward(x)?;
+        match &self.comm {
+            Some(comm) => comm.all_gather_last(&logits)?.narrow(
+                candle_core::D::Minus1,
+                0,
+                self.cfg.vocab_size,
+            ),
+            None => Ok(logits),
+        }
+    }
+
+    /// The sum over ranks of a row-parallel projection's partial output (itself on one rank).
+    fn reduce(&self, x: Tensor) -> Result<Tensor> {
+        match &self.comm {
+            Some(comm) => comm.all_reduce_sum(&x),
+            None => Ok(x),
+        }
+    }
+
+    /// This rank's part of the model's configuration: its attention heads, key-value heads and
+    /// MLP rows (the whole configuration without tensor parallelism). Caches and methods of a
+    /// rank are built from it.
+    pub fn rank_config(&self) -> Config {
+        let mut cfg = self.cfg.clone();
+        cfg.num_attention_heads = self.heads.q;
+        cfg.num_key_value_heads = self.heads.kv;
+        cfg.intermediate_size = self.layers.first().map_or(cfg.intermediate_size, |l| {
+            l.down.weight().dim(1).unwrap_or(cfg.intermediate_size)
+        });
+        cfg
     }
 
     /// Each layer's attention output projection `[hidden, heads * head_dim]` (the run dtype;

@@ -171,6 +171,16 @@ pub fn load(
     device: &Device,
     dtype: DType,
 ) -> Result<LoadedModel, ModelError> {
+    load_shard(resolved, device, dtype, None)
+}
+
+/// [`load`] of one tensor-parallel rank's part (`comm`: its group; [`Llama::load_shard`]).
+pub fn load_shard(
+    resolved: &ResolvedModel,
+    device: &Device,
+    dtype: DType,
+    comm: Option<std::sync::Arc<dyn crate::cuda::comm::Comm>>,
+) -> Result<LoadedModel, ModelError> {
     let (cfg, tokenizer, mut src) = match &resolved.source {
         ModelSource::HfDir(dir) => {
             let cfg = config::load_hf_config(dir)?;
@@ -187,7 +197,7 @@ pub fn load(
             (cfg, tok, src)
         }
     };
-    let model = Llama::load(&cfg, &mut src, dtype, device)?;
+    let model = Llama::load_shard(&cfg, &mut src, dtype, device, comm)?;
     let stop_ids = tokenizer.stop_ids(&cfg.eos_token_ids);
     Ok(LoadedModel {
         model,

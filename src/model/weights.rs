@@ -165,6 +165,20 @@ impl WeightSource {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor, ModelError> {
+        self.get_part(hf_name, shape, None, dtype, device)
+    }
+
+    /// [`WeightSource::get`] of one part: `Some((dim, range))` keeps only `range` along `dim`
+    /// (a tensor-parallel rank's rows or columns), cut on the host so only the part is
+    /// converted and copied to `device`; `shape` is the whole tensor's.
+    pub fn get_part(
+        &mut self,
+        hf_name: &str,
+        shape: &[usize],
+        part: Option<(usize, std::ops::Range<usize>)>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, ModelError> {
         let origin = self.origin();
         let t = match self {
             WeightSource::Safetensors { st, .. } => {
@@ -240,7 +254,13 @@ impl WeightSource {
                 got: t.dims().to_vec(),
             });
         }
-        t.to_dtype(dtype)
+        let part = |t: Tensor| match part {
+            // A copy of the part alone: `to_device` copies a view's whole storage.
+            Some((dim, r)) => t.narrow(dim, r.start, r.len())?.force_contiguous(),
+            None => Ok(t),
+        };
+        part(t)
+            .and_then(|t| t.to_dtype(dtype))
             .and_then(|t| t.to_device(device))
             .map_err(|e| ModelError::Weights {
                 path: origin,

@@ -1,0 +1,226 @@
+//! Tensor parallelism on the CPU (issue 29): ranks as threads of one process
+//! ([`ThreadComm`]), each loading its part of a tiny checkpoint, against the whole model on
+//! one rank. Judge: the unsharded forward. Logits agree to f32 rounding (the row-parallel
+//! sums add the ranks' partial sums in another order) and greedy ids are identical, through
+//! the contiguous cache and through the paged cache with each rank's kv-heads.
+use candle_core::{DType, Device, Tensor};
+use kvc::cuda::comm::{Comm, ThreadComm};
+use kvc::engine::{self, GenParams, NoHooks};
+use kvc::hub::{ModelSource, ResolvedModel};
+use kvc::kvcache::contiguous::ContiguousCache;
+use kvc::kvcache::paged::{PagedCache, PagedSpec};
+use kvc::kvcache::{CacheBackend, Probe};
+use kvc::model::tiny::{write_hf_dir, TinySpec};
+use kvc::model::LoadedModel;
+use std::sync::Arc;
+
+fn resolved(dir: &std::path::Path) -> ResolvedModel {
+    ResolvedModel {
+        source: ModelSource::HfDir(dir.into()),
+        name: "tiny".into(),
+        hub_id: None,
+        revision: None,
+    }
+}
+
+fn load(dir: &std::path::Path, comm: Option<ThreadComm>) -> LoadedModel {
+    let comm = comm.map(|c| Arc::new(c) as Arc<dyn Comm>);
+    kvc::model::load_shard(&resolved(dir), &Device::Cpu, DType::F32, comm).unwrap()
+}
+
+/// `f(rank's model)` on one thread per rank of a `world`-rank group; results in rank order.
+fn on_ranks<T: Send>(
+    dir: &std::path::Path,
+    world: usize,
+    f: impl Fn(&mut LoadedModel) -> T + Sync,
+) -> Vec<T> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = ThreadComm::group(world)
+            .into_iter()
+            .map(|c| s.spawn(|| f(&mut load(dir, Some(c)))))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn spec(tie: bool) -> TinySpec {
+    TinySpec {
+        heads: 8,
+        kv_heads: 4,
+        hidden: 64,
+        intermediate: 96,
+        layers: 3,
+        tie_embeddings: tie,
+        scale: 0.4,
+        ..Default::default()
+    }
+}
+
+fn params() -> GenParams {
+    GenParams {
+        max_new_tokens: 24,
+        stop_ids: Default::default(),
+        min_new_tokens: 0,
+        prefill_chunk: 7,
+        max_context: 2048,
+    }
+}
+
+fn prompt(vocab: usize) -> Vec<u32> {
+    (0..37u32).map(|i| (i * 61 + 5) % vocab as u32).collect()
+}
+
+fn logits(lm: &mut LoadedModel, cache: &mut dyn CacheBackend, ids: &[u32]) -> Vec<f32> {
+    let seq = cache.add_sequence().unwrap();
+    let l: Tensor = lm
+        .model
+        .forward(ids, seq, cache, Probe::None, &mut |_, _, _| Ok(()))
+        .unwrap();
+    l.to_vec1().unwrap()
+}
+
+/// Tied and untied heads, 2 and 4 ranks (the tiny vocabulary does not divide: the last rank's
+/// slice is padded): every rank's logits equal the whole model's to f32 rounding, and every
+/// rank decodes the whole model's greedy ids.
+#[test]
+fn ranks_equal_the_whole_model_through_the_contiguous_cache() {
+    for tie in [true, false] {
+        let tmp = tempfile::tempdir().unwrap();
+        write_hf_dir(tmp.path(), &spec(tie), 1).unwrap();
+        let mut whole = load(tmp.path(), None);
+        let cfg = whole.model.cfg.clone();
+        let ids = prompt(cfg.vocab_size);
+        assert_ne!(
+            cfg.vocab_size % 4,
+            0,
+            "the test wants a vocabulary that does not divide"
+        );
+        let layers = cfg.num_hidden_layers;
+        let want_logits = logits(&mut whole, &mut ContiguousCache::new(layers), &ids);
+        let want = engine::generate(
+            &mut whole.model,
+            &mut ContiguousCache::new(layers),
+            &ids,
+            &params(),
+            &mut NoHooks,
+        )
+        .unwrap()
+        .output_ids;
+        for world in [2, 4] {
+            let got = on_ranks(tmp.path(), world, |lm| {
+                assert_eq!(lm.model.rank_config().num_key_value_heads, 4 / world);
+                let l = logits(lm, &mut ContiguousCache::new(layers), &ids);
+                let g = engine::generate(
+                    &mut lm.model,
+                    &mut ContiguousCache::new(layers),
+                    &ids,
+                    &params(),
+                    &mut NoHooks,
+                )
+                .unwrap();
+                (l, g.output_ids)
+            });
+            for (rank, (l, out)) in got.iter().enumerate() {
+                // Errors against the logits' scale: f32 rounding of sums over 64-96 terms.
+                let scale = want_logits.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let worst = l
+                    .iter()
+                    .zip(&want_logits)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    worst <= 1e-5 * scale,
+                    "tie {tie} world {world} rank {rank}: {worst} of {scale}"
+                );
+                assert_eq!(out, &want, "tie {tie} world {world} rank {rank}");
+                assert_eq!(l, &got[0].0, "ranks hold the same bits");
+            }
+        }
+    }
+}
+
+/// Each rank's paged cache holds only its kv-heads (built from `rank_config`) and gives the
+/// contiguous cache's greedy ids.
+#[test]
+fn ranks_decode_through_paged_caches_of_their_heads() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_hf_dir(tmp.path(), &spec(true), 1).unwrap();
+    let mut whole = load(tmp.path(), None);
+    let layers = whole.model.cfg.num_hidden_layers;
+    let ids = prompt(whole.model.cfg.vocab_size);
+    let want = engine::generate(
+        &mut whole.model,
+        &mut ContiguousCache::new(layers),
+        &ids,
+        &params(),
+        &mut NoHooks,
+    )
+    .unwrap()
+    .output_ids;
+    let got = on_ranks(tmp.path(), 2, |lm| {
+        let cfg = lm.model.rank_config();
+        let spec = PagedSpec {
+            layers,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            block_size: 4,
+            dtype: DType::F32,
+            device: Device::Cpu,
+        };
+        let mut cache = PagedCache::new(spec, 256).unwrap();
+        engine::generate(&mut lm.model, &mut cache, &ids, &params(), &mut NoHooks)
+            .unwrap()
+            .output_ids
+    });
+    assert!(got.iter().all(|g| g == &want), "{got:?} vs {want:?}");
+}
+
+/// A degree that does not divide the heads is refused at load with the fix.
+#[test]
+fn a_degree_that_does_not_divide_the_heads_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_hf_dir(tmp.path(), &spec(true), 1).unwrap();
+    let comm = Arc::new(ThreadComm::group(3).remove(0)) as Arc<dyn Comm>;
+    let e = kvc::model::load_shard(&resolved(tmp.path()), &Device::Cpu, DType::F32, Some(comm))
+        .err()
+        .expect("3 ranks cannot share 8 heads");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("attention heads (8)") && msg.contains("3 tensor-parallel"),
+        "{msg}"
+    );
+}
+
+/// A GGUF's q/k rows are un-permuted before a rank takes its heads' rows: 2 ranks of a GGUF
+/// decode the whole GGUF model's greedy ids.
+#[test]
+fn ranks_of_a_gguf_equal_the_whole_gguf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("tiny.gguf");
+    kvc::model::tiny::write_gguf(&path, &spec(true), candle_core::quantized::GgmlDType::F32)
+        .unwrap();
+    let src = ResolvedModel {
+        source: ModelSource::Gguf(path.clone()),
+        ..resolved(tmp.path())
+    };
+    let load = |comm: Option<Arc<dyn Comm>>| {
+        kvc::model::load_shard(&src, &Device::Cpu, DType::F32, comm).unwrap()
+    };
+    let mut whole = load(None);
+    let layers = whole.model.cfg.num_hidden_layers;
+    let ids = prompt(whole.model.cfg.vocab_size);
+    let gen = |lm: &mut LoadedModel| {
+        let mut cache = ContiguousCache::new(layers);
+        engine::generate(&mut lm.model, &mut cache, &ids, &params(), &mut NoHooks)
+            .unwrap()
+            .output_ids
+    };
+    let want = gen(&mut whole);
+    let got: Vec<Vec<u32>> = std::thread::scope(|s| {
+        let hs: Vec<_> = ThreadComm::group(2)
+            .into_iter()
+            .map(|c| s.spawn(|| gen(&mut load(Some(Arc::new(c))))))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(got.iter().all(|g| g == &want), "{got:?} vs {want:?}");
+}
