@@ -1668,6 +1668,60 @@ mod e2e {
 
     /// The benchmark scheduler on the GPU (batched decode through the paged CUDA kernels, one
     /// `write_kv` per layer for the whole batch, batched prefill, device argmax) generates what
+    /// NCCL loaded (KVC_NCCL_LIB or the loader path) and a one-rank group initialised on the
+    /// GPU: its collectives give back their input, and the tiny model loaded as rank 0 of 1
+    /// through it decodes the plain model's greedy ids.
+    #[test]
+    fn nccl_one_rank_group_runs_the_model() {
+        use kvc::cuda::comm::{Comm, Shard};
+        use kvc::cuda::nccl::{NcclComm, UniqueId};
+        use kvc::engine::NoHooks;
+        use kvc::kvcache::contiguous::ContiguousCache;
+        use std::sync::Arc;
+        let dev = gpu();
+        let version = NcclComm::version().expect("NCCL must load: set KVC_NCCL_LIB");
+        let comm = Arc::new(NcclComm::join(&UniqueId::new().unwrap(), Shard::ONE, &dev).unwrap());
+        let mut rng = StdRng::seed_from_u64(3);
+        for dt in [DType::F32, DType::BF16] {
+            let x = to_dev::<f32>(&rnd(&mut rng, 6 * 40, 1.0), &[6, 40], &dev)
+                .to_dtype(dt)
+                .unwrap();
+            let want = f32s(&x);
+            assert_eq!(f32s(&comm.all_reduce_sum(&x).unwrap()), want, "{dt:?} sum");
+            let g = comm.all_gather_last(&x).unwrap();
+            assert_eq!((g.dims(), f32s(&g)), (x.dims(), want), "{dt:?} gather");
+        }
+        let spec = tiny6x2(11);
+        let (_t, mut plain) = load(&spec, &dev);
+        let tmp = tempfile::tempdir().unwrap();
+        write_hf_dir(tmp.path(), &spec, 1).unwrap();
+        let resolved = ResolvedModel {
+            source: ModelSource::HfDir(tmp.path().into()),
+            name: "tiny".into(),
+            hub_id: None,
+            revision: None,
+        };
+        let mut ranked =
+            kvc::model::load_shard(&resolved, &dev, DType::F32, Some(comm as Arc<dyn Comm>))
+                .unwrap();
+        let layers = plain.model.cfg.num_hidden_layers;
+        let prompt: Vec<u32> = (0..45u32).map(|i| (i * 37 + 11) % 250).collect();
+        let run = |lm: &mut kvc::model::LoadedModel| {
+            kvc::engine::generate(
+                &mut lm.model,
+                &mut ContiguousCache::new(layers),
+                &prompt,
+                &params(20),
+                &mut NoHooks,
+            )
+            .unwrap()
+            .output_ids
+        };
+        let want = run(&mut plain);
+        assert_eq!(run(&mut ranked), want);
+        eprintln!("SUMMARY NCCL {version}: a one-rank group's collectives are the identity; the model through it decodes the plain ids ({} tokens)", want.len());
+    }
+
     /// each request alone generates on the CPU's contiguous cache, at rate 1.
     #[test]
     fn cuda_bench_scheduler_rate_1_equals_cpu_alone() {

@@ -23,7 +23,8 @@
 //!   [`select`], the pure selection its twin and the host planners share;
 //! - [`layer_ops`] (`layer_ops.cu`): fused decoder-layer ops (add + RMSNorm, SiLU x up,
 //!   RoPE + q/k/v split, greedy argmax);
-//! - [`comm`]: tensor parallelism's shards and collectives (the in-process twin; NCCL).
+//! - [`comm`]: tensor parallelism's shards and collectives, with the in-process twin of
+//!   [`nccl`]'s communicator (NCCL loaded at run time).
 //!
 //! Slot layout (KV-Compress): slot `s` is row `s` of K and V `[num_slots, head_dim]` and entry
 //! `s` of the per-slot metric (f32) and position (u32) arrays. Logical slot `i` of row `r` (one
@@ -37,6 +38,7 @@ pub mod comm;
 pub mod evict;
 pub mod kv_cache;
 pub mod layer_ops;
+pub mod nccl;
 pub mod paged_attention;
 pub mod prefill_attention;
 pub mod prefill_softmax;
