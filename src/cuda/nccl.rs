@@ -18,7 +18,7 @@ pub use gpu::NcclComm;
 
 /// `ncclUniqueId`: 128 bytes made by rank 0 and handed to every rank before they meet.
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub struct UniqueId {
     internal: [c_char; 128],
 }
