@@ -224,3 +224,63 @@ fn ranks_of_a_gguf_equal_the_whole_gguf() {
     });
     assert!(got.iter().all(|g| g == &want), "{got:?} vs {want:?}");
 }
+
+fn kvc_generate(dir: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kvc"))
+        .args(["generate", "-m"])
+        .arg(dir)
+        .args([
+            "--device",
+            "cpu",
+            "--prompt",
+            "the cat sat on",
+            "--max-new-tokens",
+            "16",
+        ])
+        .args(["--json"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn output_ids(out: &std::process::Output) -> Vec<u64> {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["output_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+/// `kvc generate --tensor-parallel 2` and `--tp 4` (threads of the CPU) print the ids of the
+/// whole model, through both caches; a degree that does not divide the kv-heads exits 2 with
+/// the fix, before any generation.
+#[test]
+fn generate_tensor_parallel_equals_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_hf_dir(tmp.path(), &spec(false), 1).unwrap();
+    for cache in ["contiguous", "paged"] {
+        let want = output_ids(&kvc_generate(tmp.path(), &["--cache", cache]));
+        assert_eq!(want.len(), 16);
+        for tp in [["--tensor-parallel", "2"], ["--tp", "4"]] {
+            let got = output_ids(&kvc_generate(
+                tmp.path(),
+                &[&["--cache", cache][..], &tp].concat(),
+            ));
+            assert_eq!(got, want, "{cache} {tp:?}");
+        }
+    }
+    let bad = kvc_generate(tmp.path(), &["--tp", "3"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("do not divide among 3 tensor-parallel ranks"),
+        "{err}"
+    );
+}

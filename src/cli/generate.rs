@@ -3,8 +3,8 @@ use clap::Args;
 use std::io::Write;
 
 use super::model_args::{CacheArg, ModelArgs};
-use crate::engine::{self, GenParams, NoHooks};
-use crate::model::ModelError;
+use crate::engine::{self, GenParams, Generation, NoHooks};
+use crate::model::{LoadedModel, ModelError};
 use crate::util::Status;
 
 #[derive(Args, Debug)]
@@ -33,12 +33,59 @@ pub struct GenerateArgs {
     /// Print one JSON object (prompt_ids, output_ids, output_text, timings) instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Split the model over N ranks (tensor parallel: each rank holds 1/N of the heads, MLP
+    /// rows and vocabulary, and the cache of its kv-heads): N threads on the CPU, or the GPUs
+    /// cuda:K..K+N-1 for `--device cuda:K` over NCCL (set KVC_NCCL_LIB to libnccl.so.2 if the
+    /// loader does not find it). N must divide the kv-heads.
+    #[arg(long, visible_alias = "tp", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub tensor_parallel: u16,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<Status> {
     let t_load = std::time::Instant::now();
-    let mut lm = args.model.load()?;
-    let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
+    let world = args.tensor_parallel as usize;
+    let (lm, prompt_ids, g, cache_name) = if world > 1 {
+        super::tensor_parallel::on_ranks(&args.model, world, |_, lm| generate(&args, lm))?
+    } else {
+        generate(&args, args.model.load()?)?
+    };
+    // Load and generation together under tensor parallelism (the ranks load concurrently).
+    let load_ms = t_load.elapsed().as_secs_f64() * 1e3 - g.prefill_ms - g.decode_ms;
+    let text = lm.tokenizer.decode(&g.output_ids, true)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let n_new = g.output_ids.len();
+        let v = serde_json::json!({
+            "model": lm.name,
+            "prompt_ids": prompt_ids,
+            "output_ids": g.output_ids,
+            "output_text": text,
+            "finish_reason": g.finish_reason,
+            "n_prompt": prompt_ids.len(),
+            "n_new": n_new,
+            "load_ms": load_ms,
+            "prefill_ms": g.prefill_ms,
+            "decode_ms": g.decode_ms,
+            "prefill_tokens_per_s": prompt_ids.len() as f64 / (g.prefill_ms / 1e3),
+            "decode_tokens_per_s": if g.decode_ms > 0.0 { (n_new.saturating_sub(1)) as f64 / (g.decode_ms / 1e3) } else { 0.0 },
+            "device": format!("{:?}", lm.model.device),
+            "dtype": format!("{:?}", lm.model.dtype),
+            "cache": cache_name,
+            "tensor_parallel": world,
+        });
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(out, "{text}")?;
+    }
+    Ok(Status::Ok)
+}
+
+/// One rank's (or the whole model's) generation: the model, the prompt's ids, the generation
+/// and the cache's name.
+fn generate(
+    args: &GenerateArgs,
+    mut lm: LoadedModel,
+) -> anyhow::Result<(LoadedModel, Vec<u32>, Generation, &'static str)> {
     let prompt_ids = lm.prompt_ids(&args.prompt, args.chat)?;
     let max_ctx = lm.config().max_context();
     if prompt_ids.len() >= max_ctx {
@@ -66,30 +113,6 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<Status> {
         &params,
         &mut NoHooks,
     )?;
-    let text = lm.tokenizer.decode(&g.output_ids, true)?;
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        let n_new = g.output_ids.len();
-        let v = serde_json::json!({
-            "model": lm.name,
-            "prompt_ids": prompt_ids,
-            "output_ids": g.output_ids,
-            "output_text": text,
-            "finish_reason": g.finish_reason,
-            "n_prompt": prompt_ids.len(),
-            "n_new": n_new,
-            "load_ms": load_ms,
-            "prefill_ms": g.prefill_ms,
-            "decode_ms": g.decode_ms,
-            "prefill_tokens_per_s": prompt_ids.len() as f64 / (g.prefill_ms / 1e3),
-            "decode_tokens_per_s": if g.decode_ms > 0.0 { (n_new.saturating_sub(1)) as f64 / (g.decode_ms / 1e3) } else { 0.0 },
-            "device": format!("{:?}", lm.model.device),
-            "dtype": format!("{:?}", lm.model.dtype),
-            "cache": cache.name(),
-        });
-        writeln!(out, "{v}")?;
-    } else {
-        writeln!(out, "{text}")?;
-    }
-    Ok(Status::Ok)
+    let name = cache.name();
+    Ok((lm, prompt_ids, g, name))
 }

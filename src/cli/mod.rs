@@ -16,6 +16,7 @@ pub mod bench_model;
 pub mod conformance;
 pub mod generate;
 pub mod model_args;
+pub mod tensor_parallel;
 
 #[derive(Parser, Debug)]
 #[command(name = "kvc", version, about = "Measure what KV-cache compression does to long-context LLM quality and speed", long_about = None)]

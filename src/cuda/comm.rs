@@ -9,7 +9,7 @@
 //! rank must pick the same token).
 use candle_core::{Device, Result, Tensor, D};
 use std::ops::Range;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// One rank's place in a tensor-parallel group of `world` ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,12 +60,24 @@ pub trait Comm: Send + Sync {
     /// Every rank's `x` concatenated along the last dimension in rank order (the other
     /// dimensions equal on every rank), on this rank's device.
     fn all_gather_last(&self, x: &Tensor) -> Result<Tensor>;
+    /// Break the group after this rank failed (`why`): every rank waiting in or later
+    /// entering a collective gets an error instead of waiting forever.
+    fn abort(&self, why: &str);
 }
 
-/// The tensors the ranks put down for one collective, and the barrier they meet at.
+/// The tensors the ranks put down for one collective, and the barrier they meet at (one
+/// that a failing rank can break: [`Comm::abort`]).
 struct Meeting {
-    barrier: Barrier,
-    slots: Mutex<Vec<Option<Tensor>>>,
+    world: usize,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+struct State {
+    slots: Vec<Option<Tensor>>,
+    arrived: usize,
+    generation: u64,
+    aborted: Option<String>,
 }
 
 /// One rank of a group of threads in one process (see the module docs).
@@ -79,8 +91,14 @@ impl ThreadComm {
     /// The `world` ranks of one group; hand each to its own thread.
     pub fn group(world: usize) -> Vec<ThreadComm> {
         let meeting = Arc::new(Meeting {
-            barrier: Barrier::new(world),
-            slots: Mutex::new(vec![None; world]),
+            world,
+            state: Mutex::new(State {
+                slots: vec![None; world],
+                arrived: 0,
+                generation: 0,
+                aborted: None,
+            }),
+            cv: Condvar::new(),
         });
         (0..world)
             .map(|rank| ThreadComm {
@@ -94,10 +112,10 @@ impl ThreadComm {
     /// before any reads; all have read before any puts down the next collective's.
     fn exchange(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let host = x.to_device(&Device::Cpu)?;
-        self.lock()[self.shard.rank] = Some(host);
-        self.meeting.barrier.wait();
-        let all: Vec<Option<Tensor>> = self.lock().clone();
-        self.meeting.barrier.wait();
+        self.lock()?.slots[self.shard.rank] = Some(host);
+        self.wait()?;
+        let all: Vec<Option<Tensor>> = self.lock()?.slots.clone();
+        self.wait()?;
         all.into_iter()
             .enumerate()
             .map(|(r, t)| {
@@ -106,14 +124,48 @@ impl ThreadComm {
             .collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Option<Tensor>>> {
-        // A rank that panicked while holding the lock leaves the others its data, never a
-        // half-written slot (each write is one assignment).
-        self.meeting
-            .slots
+    /// The state, or the error of an aborted group.
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>> {
+        // A rank that panicked while holding the lock leaves whole slots (each write is one
+        // assignment); its thread's failure aborts the group.
+        let st = self
+            .meeting
+            .state
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match &st.aborted {
+            Some(why) => Err(aborted(why)),
+            None => Ok(st),
+        }
     }
+
+    /// A barrier of the group's ranks; an error once the group was aborted.
+    fn wait(&self) -> Result<()> {
+        let mut st = self.lock()?;
+        let generation = st.generation;
+        st.arrived += 1;
+        if st.arrived == self.meeting.world {
+            st.arrived = 0;
+            st.generation += 1;
+            self.meeting.cv.notify_all();
+            return Ok(());
+        }
+        while st.generation == generation {
+            st = self
+                .meeting
+                .cv
+                .wait(st)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(why) = &st.aborted {
+                return Err(aborted(why));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn aborted(why: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("tensor-parallel group aborted: {why}"))
 }
 
 impl Comm for ThreadComm {
@@ -133,6 +185,17 @@ impl Comm for ThreadComm {
     fn all_gather_last(&self, x: &Tensor) -> Result<Tensor> {
         let all = self.exchange(x)?;
         Tensor::cat(&all, D::Minus1)?.to_device(x.device())
+    }
+
+    fn abort(&self, why: &str) {
+        let mut st = self
+            .meeting
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        st.aborted
+            .get_or_insert_with(|| format!("rank {}: {why}", self.shard.rank));
+        self.meeting.cv.notify_all();
     }
 }
 
@@ -207,5 +270,27 @@ mod tests {
         let want = Tensor::cat(&parts, 1).unwrap().to_vec2::<f32>().unwrap();
         assert!(out.iter().all(|o| o.1 == want));
         assert_eq!(out[0].1[0].len(), 9);
+    }
+
+    /// A rank that fails aborts the group: the ranks waiting in a collective get the error
+    /// (naming the rank and why) instead of waiting forever, and so does every later call.
+    #[test]
+    fn an_aborted_group_releases_the_waiting_ranks() {
+        let x = Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let out = on_ranks(3, |c| {
+            if c.shard().rank == 1 {
+                c.abort("out of memory");
+                return vec![];
+            }
+            let first = c.all_reduce_sum(&x).map(|_| ()).map_err(|e| e.to_string());
+            let later = c.all_gather_last(&x).map(|_| ()).map_err(|e| e.to_string());
+            vec![first, later]
+        });
+        for r in [0, 2] {
+            for res in &out[r] {
+                let e = res.clone().unwrap_err();
+                assert!(e.contains("aborted: rank 1: out of memory"), "{e}");
+            }
+        }
     }
 }

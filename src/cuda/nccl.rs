@@ -61,6 +61,7 @@ mod gpu {
     use crate::cuda::launch::{base_ptr, cu, device};
     use candle_core::{DType, Result, Tensor};
     use std::ffi::{c_char, c_int, c_void, CStr};
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::OnceLock;
 
     /// NCCL's opaque communicator handle.
@@ -73,6 +74,7 @@ mod gpu {
         get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> c_int,
         comm_init_rank: unsafe extern "C" fn(*mut RawComm, c_int, UniqueId, c_int) -> c_int,
         comm_destroy: unsafe extern "C" fn(RawComm) -> c_int,
+        comm_abort: unsafe extern "C" fn(RawComm) -> c_int,
         all_reduce: unsafe extern "C" fn(
             *const c_void,
             *mut c_void,
@@ -130,6 +132,9 @@ mod gpu {
                 comm_destroy: *lib
                     .get(b"ncclCommDestroy\0")
                     .map_err(|_| sym("ncclCommDestroy"))?,
+                comm_abort: *lib
+                    .get(b"ncclCommAbort\0")
+                    .map_err(|_| sym("ncclCommAbort"))?,
                 all_reduce: *lib
                     .get(b"ncclAllReduce\0")
                     .map_err(|_| sym("ncclAllReduce"))?,
@@ -172,6 +177,8 @@ mod gpu {
     pub struct NcclComm {
         shard: Shard,
         raw: RawComm,
+        /// Set once by [`Comm::abort`] (the communicator is then aborted, never destroyed).
+        aborted: AtomicBool,
     }
 
     // Safety: an NCCL communicator may be used from any thread as long as calls on it are not
@@ -206,7 +213,11 @@ mod gpu {
             // Safety: `raw` receives the new communicator; `id` is a valid NCCL id by value.
             let rc = unsafe { (lib.comm_init_rank)(&mut raw, world, *id, rank) };
             check(lib, rc, "ncclCommInitRank")?;
-            Ok(NcclComm { shard, raw })
+            Ok(NcclComm {
+                shard,
+                raw,
+                aborted: AtomicBool::new(false),
+            })
         }
 
         /// The loaded NCCL's version code (e.g. 22805 for 2.28.5).
@@ -217,6 +228,9 @@ mod gpu {
 
     impl Drop for NcclComm {
         fn drop(&mut self) {
+            if self.aborted.load(Ordering::SeqCst) {
+                return;
+            }
             if let Ok(lib) = lib() {
                 // Safety: the communicator was made by ncclCommInitRank and is dropped once.
                 unsafe { (lib.comm_destroy)(self.raw) };
@@ -284,6 +298,17 @@ mod gpu {
                 .reshape((rows, world * n))?
                 .reshape(want)
         }
+
+        fn abort(&self, _why: &str) {
+            if self.aborted.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            if let Ok(lib) = lib() {
+                // Safety: aborting a live communicator (once) from any thread is what
+                // ncclCommAbort is for: ranks blocked in its collectives return.
+                unsafe { (lib.comm_abort)(self.raw) };
+            }
+        }
     }
 }
 
@@ -323,6 +348,7 @@ mod gpu {
         fn all_gather_last(&self, _: &Tensor) -> Result<Tensor> {
             Err(OpsError::NoCuda.into())
         }
+        fn abort(&self, _: &str) {}
     }
 }
 

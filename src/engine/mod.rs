@@ -30,9 +30,9 @@ pub enum FullCache {
 }
 
 /// The paged cache shape of `model` (its layers, kv-heads, head dim, dtype and device) with
-/// `block_size` tokens per block.
+/// `block_size` tokens per block; a tensor-parallel rank's: its own kv-heads.
 pub fn paged_spec(model: &Llama, block_size: usize) -> PagedSpec {
-    let cfg = &model.cfg;
+    let cfg = &model.rank_config();
     PagedSpec {
         layers: cfg.num_hidden_layers,
         kv_heads: cfg.num_key_value_heads,
