@@ -335,3 +335,111 @@ fn gguf_rope_scaling_is_applied_or_refused() {
     let e = load_gguf(&freqs).err().expect("rope_freqs loaded");
     assert!(e.to_string().contains("rope_freqs"), "{e}");
 }
+
+/// Rewrites `dir`'s checkpoint with every 2-D projection weight (q/k/v/o, gate/up/down) as FP8
+/// e4m3 plus its `_scale` (per-row when `per_row`, else one number), and returns the same
+/// checkpoint in f32 holding exactly the dequantized weights (the judge).
+fn fp8_pair(root: &Path, name: &str, spec: &TinySpec, per_row: bool) -> (PathBuf, PathBuf) {
+    use candle_core::Tensor;
+    let quant = checkpoint(root, &format!("{name}-fp8"), spec, |c| {
+        c["quantization_config"] = if per_row {
+            json!({"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0})
+        } else {
+            json!({"quant_method": "compressed-tensors", "format": "float-quantized",
+                   "config_groups": {"group_0": {"targets": ["Linear"],
+                   "weights": {"num_bits": 8, "type": "float", "strategy": "tensor"}}}})
+        };
+    });
+    let plain = checkpoint(root, &format!("{name}-f32"), spec, |_| {});
+    let st = quant.join("model.safetensors");
+    let weights = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+    let (mut q, mut p) = (
+        std::collections::HashMap::new(),
+        std::collections::HashMap::new(),
+    );
+    for (k, w) in weights {
+        let proj = k.contains("_proj.weight");
+        if !proj {
+            q.insert(k.clone(), w.clone());
+            p.insert(k, w);
+            continue;
+        }
+        let amax = w.abs().unwrap();
+        let amax = if per_row {
+            amax.max_keepdim(1).unwrap()
+        } else {
+            amax.max_all().unwrap().reshape(1).unwrap()
+        };
+        let scale = (amax / 448.0).unwrap();
+        let w8 = w
+            .broadcast_div(
+                &scale
+                    .reshape(if per_row {
+                        vec![w.dim(0).unwrap(), 1]
+                    } else {
+                        vec![1, 1]
+                    })
+                    .unwrap(),
+            )
+            .unwrap()
+            .to_dtype(DType::F8E4M3)
+            .unwrap();
+        let deq: Tensor = kvc::model::weights::dequantize_fp8(&w8, &scale).unwrap();
+        assert!(
+            max_abs_diff(
+                &deq.flatten_all().unwrap().to_vec1().unwrap(),
+                &w.flatten_all().unwrap().to_vec1().unwrap()
+            ) > 0.0,
+            "FP8 must round"
+        );
+        q.insert(format!("{k}_scale"), scale);
+        q.insert(k.clone(), w8);
+        p.insert(k, deq);
+    }
+    candle_core::safetensors::save(&q, &st).unwrap();
+    candle_core::safetensors::save(&p, plain.join("model.safetensors")).unwrap();
+    (quant, plain)
+}
+
+/// FP8 checkpoints (fbgemm_fp8 with per-row scales; compressed-tensors with one scale per
+/// tensor) load dequantized: the same logits, bit for bit, as an f32 checkpoint of the
+/// dequantized weights, and not those of the unquantized weights. A weight without its scale
+/// and block-wise scales are refused with the tensor's name.
+#[test]
+fn fp8_weights_load_dequantized() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        scale: 0.4,
+        ..Default::default()
+    };
+    let original = logits(&checkpoint(tmp.path(), "orig", &spec, |_| {}));
+    for per_row in [true, false] {
+        let (quant, plain) = fp8_pair(tmp.path(), &format!("r{per_row}"), &spec, per_row);
+        let got = logits(&quant);
+        assert_eq!(got, logits(&plain), "per_row {per_row}");
+        assert!(
+            max_abs_diff(&got, &original) > 0.0,
+            "the FP8 rounding changes the logits"
+        );
+    }
+    // The scale of one weight missing: named.
+    let (quant, _) = fp8_pair(tmp.path(), "missing", &spec, true);
+    let st = quant.join("model.safetensors");
+    let mut w = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+    w.remove("model.layers.0.mlp.down_proj.weight_scale");
+    candle_core::safetensors::save(&w, &st).unwrap();
+    let e = load(&quant).err().expect("no scale").to_string();
+    assert!(
+        e.contains("model.layers.0.mlp.down_proj.weight_scale"),
+        "{e}"
+    );
+    // Block-wise scales `[rows / 2, cols / 2]`: refused, naming the shape.
+    let key = "model.layers.0.mlp.down_proj.weight_scale";
+    w.insert(
+        key.into(),
+        candle_core::Tensor::ones((32, 64), DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&w, &st).unwrap();
+    let e = load(&quant).err().expect("block-wise").to_string();
+    assert!(e.contains("block-wise") && e.contains("down_proj"), "{e}");
+}

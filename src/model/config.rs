@@ -10,8 +10,9 @@
 //! `num_key_value_heads`, `rms_norm_eps`, `tie_word_embeddings`, Mistral's `sliding_window` (as
 //! a context cap: within the window full attention equals windowed attention), defaults as
 //! transformers' config classes set them (Mistral's window 4096 and context 131072 when absent,
-//! Llama's context 2048). Refused: `attention_bias` / `mlp_bias` true, a `quantization_config`,
-//! `layer_types` other than full attention, `hidden_act` other than silu, unknown RoPE types.
+//! Llama's context 2048), an FP8 `quantization_config` (weights dequantized at load:
+//! [`crate::model::weights::dequantize_fp8`]). Refused: `attention_bias` / `mlp_bias` true,
+//! any other `quantization_config`, `layer_types` other than full attention, `hidden_act` other than silu, unknown RoPE types.
 //! Not read: keys without effect on a llama-family forward (dtype, initializer range, ...), and
 //! `sliding_window` of a `LlamaForCausalLM`, which transformers' Llama ignores too.
 use serde::Deserialize;
@@ -292,13 +293,15 @@ impl HfConfig {
             }
         }
         if let Some(q) = self.quantization_config.as_ref().filter(|q| !q.is_null()) {
-            let method = q
-                .get("quant_method")
-                .and_then(|m| m.as_str())
-                .unwrap_or("?");
-            return Err(format!(
-                "quantization_config (quant_method {method:?}) is not supported: kvc loads bf16/f16/f32 safetensors or a GGUF file"
-            ));
+            if !fp8_weights(q) {
+                let method = q
+                    .get("quant_method")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("?");
+                return Err(format!(
+                    "quantization_config (quant_method {method:?}) is not supported: kvc loads bf16/f16/f32 safetensors, FP8 ones (fbgemm_fp8, or compressed-tensors with 8-bit float weights, per-tensor or per-channel scales) or a GGUF file"
+                ));
+            }
         }
         if let Some(t) = self
             .layer_types
@@ -540,5 +543,28 @@ mod tests {
         let e = parse(r#"{"architectures":["MistralForCausalLM"],"vocab_size":8,"hidden_size":12,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":3,"num_key_value_heads":2}"#)
             .unwrap_err();
         assert!(e.to_string().contains("multiple"), "{e}");
+    }
+}
+
+/// Whether `quantization_config` describes FP8 (e4m3) weights with per-tensor or per-channel
+/// scales, which kvc dequantizes at load: fbgemm_fp8 (Meta's), or compressed-tensors whose
+/// every config group quantizes weights to 8-bit floats by tensor or by channel (static or
+/// dynamic activation scales are not applied: activations stay in the run dtype).
+fn fp8_weights(q: &serde_json::Value) -> bool {
+    match q.get("quant_method").and_then(|m| m.as_str()) {
+        Some("fbgemm_fp8") => true,
+        Some("compressed-tensors") => q
+            .get("config_groups")
+            .and_then(|g| g.as_object())
+            .is_some_and(|groups| {
+                !groups.is_empty()
+                    && groups.values().all(|g| {
+                        let w = &g["weights"];
+                        w["num_bits"] == 8
+                            && w["type"] == "float"
+                            && matches!(w["strategy"].as_str(), Some("tensor" | "channel"))
+                    })
+            }),
+        _ => false,
     }
 }

@@ -1,5 +1,8 @@
 //! Weight sources: Hugging Face safetensors (single file or sharded index) and GGUF files.
 //!
+//! FP8 (e4m3) safetensors weights are dequantized at load with their `<name>_scale`
+//! ([`dequantize_fp8`]): the forward runs in the run dtype, not FP8 matmuls.
+//!
 //! Both hand out tensors under the Hugging Face names (`model.layers.3.self_attn.q_proj.weight`)
 //! in the run dtype, so the forward pass in `llama.rs` has one code path. GGUF tensors are
 //! dequantized at load (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, F16, F32 and the other ggml types candle
@@ -182,19 +185,31 @@ impl WeightSource {
         let origin = self.origin();
         let t = match self {
             WeightSource::Safetensors { st, .. } => {
-                st.load(hf_name, &Device::Cpu).map_err(|e| {
-                    if st.get(hf_name).is_err() {
-                        ModelError::MissingTensor {
-                            path: origin.clone(),
-                            name: hf_name.to_string(),
+                let load = |name: &str| {
+                    st.load(name, &Device::Cpu).map_err(|e| {
+                        if st.get(name).is_err() {
+                            ModelError::MissingTensor {
+                                path: origin.clone(),
+                                name: name.to_string(),
+                            }
+                        } else {
+                            ModelError::Weights {
+                                path: origin.clone(),
+                                msg: format!("tensor {name}: {}", crate::model::candle_msg(&e)),
+                            }
                         }
-                    } else {
-                        ModelError::Weights {
-                            path: origin.clone(),
-                            msg: format!("tensor {hf_name}: {}", crate::model::candle_msg(&e)),
-                        }
-                    }
-                })?
+                    })
+                };
+                let t = load(hf_name)?;
+                if t.dtype() == DType::F8E4M3 {
+                    let scale = load(&format!("{hf_name}_scale"))?;
+                    dequantize_fp8(&t, &scale).map_err(|msg| ModelError::Weights {
+                        path: origin.clone(),
+                        msg: format!("tensor {hf_name}: {msg}"),
+                    })?
+                } else {
+                    t
+                }
             }
             WeightSource::Gguf {
                 content,
@@ -267,6 +282,27 @@ impl WeightSource {
                 msg: format!("tensor {hf_name}: {}", crate::model::candle_msg(&e)),
             })
     }
+}
+
+/// An FP8 (e4m3) weight `[rows, cols]` times its scale, in f32: the scale is one number
+/// (per-tensor: shape `[]` or `[1]`) or one per output row (per-channel: `[rows]` or
+/// `[rows, 1]`), as fbgemm_fp8 and compressed-tensors checkpoints store `<name>_scale`.
+pub fn dequantize_fp8(w: &Tensor, scale: &Tensor) -> Result<Tensor, String> {
+    let msg = |e: candle_core::Error| crate::model::candle_msg(&e);
+    let rows = w.dim(0).map_err(msg)?;
+    let s = scale.to_dtype(DType::F32).map_err(msg)?;
+    let s = match s.elem_count() {
+        1 => s.reshape((1, 1)),
+        n if n == rows && s.dims().iter().product::<usize>() == rows => s.reshape((rows, 1)),
+        _ => return Err(format!(
+            "FP8 scale of shape {:?}: kvc reads per-tensor or per-row scales, not block-wise ones",
+            scale.dims()
+        )),
+    }
+    .map_err(msg)?;
+    w.to_dtype(DType::F32)
+        .and_then(|w| w.broadcast_mul(&s))
+        .map_err(msg)
 }
 
 /// Inverse of llama.cpp's `permute(w, n_head)`: rows grouped per head as (pairs, 2) go back to
