@@ -4,6 +4,7 @@ on the GPU machine itself (an 8B checkpoint is 16 GB: write it there, never carr
 
     python3 scripts/gpu/make_checkpoint.py ARCH OUT_DIR [--rope-format v5|legacy]
         [--tokenizer-model PATH] [--tokenizer-dir DIR] [--layers N] [--seed S]
+        [--fp8 row|tensor] [--device cuda|cpu]
 
 ARCH: llama-3.1-8b | llama-3.1-70b | mistral-7b (Mistral-7B-Instruct-v0.2). The config values are
 the hub's config.json of those models. --rope-format v5 (default) keeps what transformers >= 5
@@ -16,6 +17,10 @@ kept beside it. Mistral takes --tokenizer-dir: the directory `scripts/fetch-mist
 writes (Mistral-7B's 32000-token SentencePiece model converted to tokenizer.json, with
 Mistral-7B-Instruct-v0.2's chat template), copied in.
 Weights are random (normal, initializer_range): outputs are noise, for parity/memory/speed only.
+--fp8 writes the projections (q/k/v/o, gate/up/down) as float8 e4m3 with `<name>_scale` in f32,
+one per output row (`row`: fbgemm_fp8, as Meta's FP8 checkpoints) or one per tensor (`tensor`:
+compressed-tensors, as RedHat's / Neural Magic's), embeddings, norms and lm_head in bf16: tensor
+by tensor, never the whole model in memory (70B: ~70 GB of files, ~2 GB at a time).
 """
 import argparse
 import json
@@ -83,6 +88,82 @@ def write_llama_tokenizer(out, model_path):
     json.dump(cfg, open(os.path.join(out, "tokenizer_config.json"), "w"), indent=2)
 
 
+def quant_config(fp8):
+    if fp8 == "row":
+        return {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0,
+                "modules_to_not_convert": ["lm_head"]}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None,
+                                          "weights": {"num_bits": 8, "type": "float",
+                                                      "strategy": "tensor", "symmetric": True}}}}
+
+
+def fp8_tensors(hub, fp8, device, seed):
+    """(name, tensor on the CPU) of an FP8 checkpoint, one at a time."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    h, inter, voc = hub["hidden_size"], hub["intermediate_size"], hub["vocab_size"]
+    q, kv = hub["num_attention_heads"], hub["num_key_value_heads"]
+    d = h // q
+    std = hub["initializer_range"]
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * std
+
+    def dense(shape):
+        return rnd(*shape).to(torch.bfloat16).cpu()
+
+    def quant(name, shape):
+        w = rnd(*shape)
+        amax = w.abs().amax(dim=1, keepdim=True) if fp8 == "row" else w.abs().amax().reshape(1)
+        scale = (amax / 448.0).clamp(min=1e-12)
+        w8 = (w / (scale if fp8 == "row" else scale.reshape(1, 1))).to(torch.float8_e4m3fn)
+        return [(name, w8.cpu()), (name + "_scale", scale.cpu())]
+
+    yield "model.embed_tokens.weight", dense((voc, h))
+    for layer in range(hub["num_hidden_layers"]):
+        p = f"model.layers.{layer}"
+        for name, shape in [("self_attn.q_proj", (q * d, h)), ("self_attn.k_proj", (kv * d, h)),
+                            ("self_attn.v_proj", (kv * d, h)), ("self_attn.o_proj", (h, q * d)),
+                            ("mlp.gate_proj", (inter, h)), ("mlp.up_proj", (inter, h)),
+                            ("mlp.down_proj", (h, inter))]:
+            yield from quant(f"{p}.{name}.weight", shape)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            yield f"{p}.{norm}.weight", torch.ones(h, dtype=torch.bfloat16)
+    yield "model.norm.weight", torch.ones(h, dtype=torch.bfloat16)
+    if not hub["tie_word_embeddings"]:
+        yield "lm_head.weight", dense((voc, h))
+
+
+def write_fp8(out, hub, fp8, device, seed, shard_bytes=5 * 10**9):
+    """Shards of at most `shard_bytes` (one in memory at a time), named and indexed as
+    save_pretrained names them."""
+    from safetensors.torch import save_file
+    written, cur, size = [], {}, 0
+
+    def flush():
+        nonlocal cur, size
+        save_file(cur, os.path.join(out, f"part-{len(written) + 1:05d}.safetensors"),
+                  {"format": "pt"})
+        written.append(list(cur))
+        cur, size = {}, 0
+
+    for name, t in fp8_tensors(hub, fp8, device, seed):
+        n = t.numel() * t.element_size()
+        if cur and size + n > shard_bytes:
+            flush()
+        cur[name] = t.contiguous()
+        size += n
+    if cur:
+        flush()
+    weight_map, total = {}, len(written)
+    for i, names in enumerate(written, 1):
+        final = f"model-{i:05d}-of-{total:05d}.safetensors"
+        os.rename(os.path.join(out, f"part-{i:05d}.safetensors"), os.path.join(out, final))
+        weight_map.update({n: final for n in names})
+    json.dump({"metadata": {}, "weight_map": weight_map},
+              open(os.path.join(out, "model.safetensors.index.json"), "w"), indent=2)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("arch", choices=sorted(ARCHS))
@@ -92,6 +173,8 @@ def main():
     ap.add_argument("--tokenizer-dir")
     ap.add_argument("--layers", type=int)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fp8", choices=["row", "tensor"])
+    ap.add_argument("--device", default="cuda")
     a = ap.parse_args()
     from transformers import AutoConfig, AutoModelForCausalLM
     hub = dict(ARCHS[a.arch])
@@ -100,13 +183,20 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     torch.manual_seed(a.seed)
     config = AutoConfig.for_model(**hub)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
-    model.save_pretrained(a.out, max_shard_size="5GB")
+    if a.fp8:
+        write_fp8(a.out, hub, a.fp8, a.device, a.seed)
+        cfg = config.to_dict()
+        cfg["quantization_config"] = quant_config(a.fp8)
+        json.dump(cfg, open(os.path.join(a.out, "config.json"), "w"), indent=2)
+    else:
+        with torch.device(a.device):
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+        model.save_pretrained(a.out, max_shard_size="5GB")
     family = "mistral" if hub["model_type"] == "mistral" else "llama"
     json.dump(GENERATION[family], open(os.path.join(a.out, "generation_config.json"), "w"), indent=2)
     if a.rope_format == "legacy":
-        json.dump(hub, open(os.path.join(a.out, "config.json"), "w"), indent=2)
+        legacy = dict(hub, quantization_config=quant_config(a.fp8)) if a.fp8 else hub
+        json.dump(legacy, open(os.path.join(a.out, "config.json"), "w"), indent=2)
     if family == "llama":
         if not a.tokenizer_model:
             raise SystemExit("llama needs --tokenizer-model (Meta's tiktoken tokenizer.model)")
