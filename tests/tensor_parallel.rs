@@ -284,3 +284,42 @@ fn generate_tensor_parallel_equals_one_rank() {
         "{err}"
     );
 }
+
+/// `kvc bench-model --tp 2` times the group: one row per prompt length, labelled with the
+/// degree, from rank 0 alone (the other rank prints nothing).
+#[test]
+fn bench_model_tensor_parallel_prints_rank_0s_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_hf_dir(tmp.path(), &spec(true), 1).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvc"))
+        .args(["bench-model", "-m"])
+        .arg(tmp.path())
+        .args([
+            "--device",
+            "cpu",
+            "--prompt-lens",
+            "20,40",
+            "--decode-tokens",
+            "4",
+        ])
+        .args(["--repeats", "1", "--json", "--tp", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for (r, n) in rows.iter().zip([20, 40]) {
+        assert_eq!(
+            (r["tensor_parallel"].as_u64(), r["prompt_tokens"].as_u64()),
+            (Some(2), Some(n))
+        );
+        assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    }
+}

@@ -46,6 +46,10 @@ pub struct BenchModelArgs {
     /// Print the rows as JSON lines instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Split the model over N ranks (tensor parallel, as `kvc generate --tensor-parallel`:
+    /// threads on the CPU, GPUs cuda:K..K+N-1 over NCCL): the rows time the whole group.
+    #[arg(long, visible_alias = "tp", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub tensor_parallel: u16,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -54,6 +58,7 @@ struct Row {
     device: String,
     dtype: String,
     cache: String,
+    tensor_parallel: usize,
     prompt_tokens: usize,
     decode_tokens: usize,
     prefill_ms: f64,
@@ -91,7 +96,34 @@ pub fn run(args: BenchModelArgs) -> anyhow::Result<Status> {
     if args.repeats == 0 || args.decode_tokens < 2 {
         anyhow::bail!("--repeats must be at least 1 and --decode-tokens at least 2");
     }
-    let mut lm = args.model.load()?;
+    let world = args.tensor_parallel as usize;
+    let (name, labels, rows) = if world > 1 {
+        super::tensor_parallel::on_ranks(&args.model, world, |_, lm| measure_all(&args, lm))?
+    } else {
+        measure_all(&args, args.model.load()?)?
+    };
+    let [device, dtype, cache] = &labels;
+    print_rows(&args, &name, (device, dtype, cache), &rows)?;
+    if crate::profile::enabled() {
+        // Every phase of the warm-up and of all measurements, summed (KVC_PROFILE=1).
+        eprint!("{}", crate::profile::report());
+    }
+    if let Some(path) = &args.csv {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        for r in &rows {
+            w.serialize(r)?;
+        }
+        crate::util::write_atomic(path, &w.into_inner()?)?;
+    }
+    Ok(Status::Ok)
+}
+
+/// One rank's (or the whole model's) measurements: the warm-up, then every prompt length.
+/// Returns the model's name, the row labels (device, dtype, cache) and the rows.
+fn measure_all(
+    args: &BenchModelArgs,
+    mut lm: LoadedModel,
+) -> anyhow::Result<(String, [String; 3], Vec<Row>)> {
     let cfg = lm.config().clone();
     let device = format!("{:?}", lm.model.device);
     let dtype = format!("{:?}", lm.model.dtype).to_lowercase();
@@ -112,32 +144,21 @@ pub fn run(args: BenchModelArgs) -> anyhow::Result<Status> {
         &mut lm.model,
         cache.as_mut(),
         &warm,
-        &gen_params(&args, &cfg, 4),
+        &gen_params(args, &cfg, 4),
         &mut NoHooks,
     )?;
     let mut rows = Vec::new();
     for &n in &args.prompt_lens {
         rows.push(measure(
-            &args,
+            args,
             &mut lm,
             n,
             kind,
             (&device, &dtype, cache.name()),
         )?);
     }
-    print_rows(&args, &lm.name, (&device, &dtype, cache.name()), &rows)?;
-    if crate::profile::enabled() {
-        // Every phase of the warm-up and of all measurements, summed (KVC_PROFILE=1).
-        eprint!("{}", crate::profile::report());
-    }
-    if let Some(path) = &args.csv {
-        let mut w = csv::Writer::from_writer(Vec::new());
-        for r in &rows {
-            w.serialize(r)?;
-        }
-        crate::util::write_atomic(path, &w.into_inner()?)?;
-    }
-    Ok(Status::Ok)
+    let name = cache.name().to_string();
+    Ok((lm.name.clone(), [device, dtype, name], rows))
 }
 
 /// Greedy generation of exactly `max_new` tokens (no stop ids) in `--prefill-chunk` chunks.
@@ -183,6 +204,7 @@ fn measure(
         device: device.to_string(),
         dtype: dtype.to_string(),
         cache: cache_name.to_string(),
+        tensor_parallel: args.tensor_parallel as usize,
         prompt_tokens: n,
         decode_tokens: args.decode_tokens,
         prefill_ms: p,
@@ -207,9 +229,13 @@ fn print_rows(
             writeln!(out, "{}", serde_json::to_string(r)?)?;
         }
     } else {
+        let tp = match args.tensor_parallel {
+            1 => String::new(),
+            n => format!(", tensor parallel over {n} ranks"),
+        };
         writeln!(
             out,
-            "{model} on {device} ({dtype}, {cache} cache), median of {} runs",
+            "{model} on {device} ({dtype}, {cache} cache{tp}), median of {} runs",
             args.repeats
         )?;
         writeln!(

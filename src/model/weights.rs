@@ -294,10 +294,12 @@ pub fn dequantize_fp8(w: &Tensor, scale: &Tensor) -> Result<Tensor, String> {
     let s = match s.elem_count() {
         1 => s.reshape((1, 1)),
         n if n == rows && s.dims().iter().product::<usize>() == rows => s.reshape((rows, 1)),
-        _ => return Err(format!(
+        _ => {
+            return Err(format!(
             "FP8 scale of shape {:?}: kvc reads per-tensor or per-row scales, not block-wise ones",
             scale.dims()
-        )),
+        ))
+        }
     }
     .map_err(msg)?;
     w.to_dtype(DType::F32)
