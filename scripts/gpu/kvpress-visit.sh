@@ -104,7 +104,7 @@ if [[ ! -f /tmp/visit/table ]] && (( $(left) > 60 )); then
   # Every group also runs (or resumes) the full cache; keep the copy with the most rows.
   best=; most=-1
   for g in "${!groups[@]}"; do
-    n=$(cat "/tmp/table-g$g"/model/full/*/*.jsonl 2>/dev/null | wc -l)
+    n=$(cat "/tmp/table-g$g"/model/full/*/preds/*.jsonl 2>/dev/null | wc -l)
     (( n > most )) && most=$n && best=$g
   done
   if [[ -n $best && -d /tmp/table-g$best/model/full ]]; then

@@ -89,7 +89,12 @@ pub fn projected_value_norms(
     let v = values.to_dtype(DType::F32)?;
     let mut sum: Option<Tensor> = None;
     for q in kv_head * group..(kv_head + 1) * group {
-        let w = out_proj.narrow(1, q * d, d)?.to_dtype(DType::F32)?; // [hidden, d]
+        // Contiguous before the matmul: a column slice of W_o transposed is a layout candle's
+        // CUDA matmul refuses (in bf16 the dtype cast happens to copy; in f32 it does not).
+        let w = out_proj
+            .narrow(1, q * d, d)?
+            .to_dtype(DType::F32)?
+            .contiguous()?; // [hidden, d]
         let n = v.matmul(&w.t()?)?.abs()?.sum(D::Minus1)?; // [len]
         sum = Some(match sum {
             Some(s) => (s + n)?,
