@@ -493,6 +493,29 @@ pub(crate) fn gguf_to_u64(v: &candle_core::quantized::gguf_file::Value) -> Optio
     }
 }
 
+/// Whether `quantization_config` describes FP8 (e4m3) weights with per-tensor or per-channel
+/// scales, which kvc dequantizes at load: fbgemm_fp8 (Meta's), or compressed-tensors whose
+/// every config group quantizes weights to 8-bit floats by tensor or by channel (static or
+/// dynamic activation scales are not applied: activations stay in the run dtype).
+fn fp8_weights(q: &serde_json::Value) -> bool {
+    match q.get("quant_method").and_then(|m| m.as_str()) {
+        Some("fbgemm_fp8") => true,
+        Some("compressed-tensors") => q
+            .get("config_groups")
+            .and_then(|g| g.as_object())
+            .is_some_and(|groups| {
+                !groups.is_empty()
+                    && groups.values().all(|g| {
+                        let w = &g["weights"];
+                        w["num_bits"] == 8
+                            && w["type"] == "float"
+                            && matches!(w["strategy"].as_str(), Some("tensor" | "channel"))
+                    })
+            }),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -543,28 +566,5 @@ mod tests {
         let e = parse(r#"{"architectures":["MistralForCausalLM"],"vocab_size":8,"hidden_size":12,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":3,"num_key_value_heads":2}"#)
             .unwrap_err();
         assert!(e.to_string().contains("multiple"), "{e}");
-    }
-}
-
-/// Whether `quantization_config` describes FP8 (e4m3) weights with per-tensor or per-channel
-/// scales, which kvc dequantizes at load: fbgemm_fp8 (Meta's), or compressed-tensors whose
-/// every config group quantizes weights to 8-bit floats by tensor or by channel (static or
-/// dynamic activation scales are not applied: activations stay in the run dtype).
-fn fp8_weights(q: &serde_json::Value) -> bool {
-    match q.get("quant_method").and_then(|m| m.as_str()) {
-        Some("fbgemm_fp8") => true,
-        Some("compressed-tensors") => q
-            .get("config_groups")
-            .and_then(|g| g.as_object())
-            .is_some_and(|groups| {
-                !groups.is_empty()
-                    && groups.values().all(|g| {
-                        let w = &g["weights"];
-                        w["num_bits"] == 8
-                            && w["type"] == "float"
-                            && matches!(w["strategy"].as_str(), Some("tensor" | "channel"))
-                    })
-            }),
-        _ => false,
     }
 }
