@@ -70,6 +70,13 @@ fn prompt(vocab: usize) -> Vec<u32> {
     (0..37u32).map(|i| (i * 61 + 5) % vocab as u32).collect()
 }
 
+/// Greedy ids of `ids` through `cache`.
+fn greedy(lm: &mut LoadedModel, cache: &mut dyn CacheBackend, ids: &[u32]) -> Vec<u32> {
+    engine::generate(&mut lm.model, cache, ids, &params(), &mut NoHooks)
+        .unwrap()
+        .output_ids
+}
+
 fn logits(lm: &mut LoadedModel, cache: &mut dyn CacheBackend, ids: &[u32]) -> Vec<f32> {
     let seq = cache.add_sequence().unwrap();
     let l: Tensor = lm
@@ -97,28 +104,12 @@ fn ranks_equal_the_whole_model_through_the_contiguous_cache() {
         );
         let layers = cfg.num_hidden_layers;
         let want_logits = logits(&mut whole, &mut ContiguousCache::new(layers), &ids);
-        let want = engine::generate(
-            &mut whole.model,
-            &mut ContiguousCache::new(layers),
-            &ids,
-            &params(),
-            &mut NoHooks,
-        )
-        .unwrap()
-        .output_ids;
+        let want = greedy(&mut whole, &mut ContiguousCache::new(layers), &ids);
         for world in [2, 4] {
             let got = on_ranks(tmp.path(), world, |lm| {
                 assert_eq!(lm.model.rank_config().num_key_value_heads, 4 / world);
                 let l = logits(lm, &mut ContiguousCache::new(layers), &ids);
-                let g = engine::generate(
-                    &mut lm.model,
-                    &mut ContiguousCache::new(layers),
-                    &ids,
-                    &params(),
-                    &mut NoHooks,
-                )
-                .unwrap();
-                (l, g.output_ids)
+                (l, greedy(lm, &mut ContiguousCache::new(layers), &ids))
             });
             for (rank, (l, out)) in got.iter().enumerate() {
                 // Errors against the logits' scale: f32 rounding of sums over 64-96 terms.
@@ -147,15 +138,7 @@ fn ranks_decode_through_paged_caches_of_their_heads() {
     let mut whole = load(tmp.path(), None);
     let layers = whole.model.cfg.num_hidden_layers;
     let ids = prompt(whole.model.cfg.vocab_size);
-    let want = engine::generate(
-        &mut whole.model,
-        &mut ContiguousCache::new(layers),
-        &ids,
-        &params(),
-        &mut NoHooks,
-    )
-    .unwrap()
-    .output_ids;
+    let want = greedy(&mut whole, &mut ContiguousCache::new(layers), &ids);
     let got = on_ranks(tmp.path(), 2, |lm| {
         let cfg = lm.model.rank_config();
         let spec = PagedSpec {
@@ -166,10 +149,7 @@ fn ranks_decode_through_paged_caches_of_their_heads() {
             dtype: DType::F32,
             device: Device::Cpu,
         };
-        let mut cache = PagedCache::new(spec, 256).unwrap();
-        engine::generate(&mut lm.model, &mut cache, &ids, &params(), &mut NoHooks)
-            .unwrap()
-            .output_ids
+        greedy(lm, &mut PagedCache::new(spec, 256).unwrap(), &ids)
     });
     assert!(got.iter().all(|g| g == &want), "{got:?} vs {want:?}");
 }
@@ -208,12 +188,7 @@ fn ranks_of_a_gguf_equal_the_whole_gguf() {
     let mut whole = load(None);
     let layers = whole.model.cfg.num_hidden_layers;
     let ids = prompt(whole.model.cfg.vocab_size);
-    let gen = |lm: &mut LoadedModel| {
-        let mut cache = ContiguousCache::new(layers);
-        engine::generate(&mut lm.model, &mut cache, &ids, &params(), &mut NoHooks)
-            .unwrap()
-            .output_ids
-    };
+    let gen = |lm: &mut LoadedModel| greedy(lm, &mut ContiguousCache::new(layers), &ids);
     let want = gen(&mut whole);
     let got: Vec<Vec<u32>> = std::thread::scope(|s| {
         let hs: Vec<_> = ThreadComm::group(2)

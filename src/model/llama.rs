@@ -106,7 +106,6 @@ pub struct Llama {
 struct Parts {
     shard: Shard,
     heads: QkvHeads,
-    dim: usize,
     mlp: Range<usize>,
     /// This rank's vocabulary rows, padded with zero rows to `vocab_rows` on every rank.
     vocab: Range<usize>,
@@ -122,6 +121,7 @@ impl Parts {
         let kv = shard
             .part(cfg.num_key_value_heads, "key-value heads")
             .map_err(bad)?;
+        let (vocab, vocab_rows) = shard.padded_part(cfg.vocab_size);
         Ok(Parts {
             shard,
             heads: QkvHeads {
@@ -129,10 +129,9 @@ impl Parts {
                 kv: kv.len(),
                 dim: cfg.head_dim,
             },
-            dim: cfg.head_dim,
             mlp: shard.part(cfg.intermediate_size, "MLP rows").map_err(bad)?,
-            vocab: shard.padded_part(cfg.vocab_size).0,
-            vocab_rows: shard.padded_part(cfg.vocab_size).1,
+            vocab,
+            vocab_rows,
         })
     }
 
@@ -140,12 +139,9 @@ impl Parts {
     fn rows(&self, r: Range<usize>) -> Option<(usize, Range<usize>)> {
         (self.shard.world > 1).then_some((0, r))
     }
-    fn q_rows(&self) -> Option<(usize, Range<usize>)> {
-        let n = self.heads.q * self.dim;
-        self.rows(self.shard.rank * n..(self.shard.rank + 1) * n)
-    }
-    fn kv_rows(&self) -> Option<(usize, Range<usize>)> {
-        let n = self.heads.kv * self.dim;
+    /// The rows of this rank's `heads` heads (each `dim` rows) of a q, k or v projection.
+    fn head_rows(&self, heads: usize) -> Option<(usize, Range<usize>)> {
+        let n = heads * self.heads.dim;
         self.rows(self.shard.rank * n..(self.shard.rank + 1) * n)
     }
     fn mlp_rows(&self) -> Option<(usize, Range<usize>)> {
@@ -211,7 +207,11 @@ impl Llama {
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let lin = |w: Tensor| Linear::new(w, None);
-            let (q, kv, mlp) = (parts.q_rows(), parts.kv_rows(), parts.mlp_rows());
+            let (q, kv) = (
+                parts.head_rows(parts.heads.q),
+                parts.head_rows(parts.heads.kv),
+            );
+            let mlp = parts.mlp_rows();
             layers.push(Layer {
                 input_norm: RmsNorm {
                     weight: get(&format!("{p}.input_layernorm.weight"), &[h], None)?,
