@@ -1719,7 +1719,27 @@ mod e2e {
         };
         let want = run(&mut plain);
         assert_eq!(run(&mut ranked), want);
-        eprintln!("SUMMARY NCCL {version}: a one-rank group's collectives are the identity; the model through it decodes the plain ids ({} tokens)", want.len());
+        // KV-Compress through the group (the exchange's u32 collectives on the GPU, the plan
+        // on the host) equals the plain model's host-planned KV-Compress.
+        use kvc::compress::{self, CompressOn, MethodOptions, MethodSpec};
+        let opts = MethodOptions {
+            block_size: 4,
+            protected_window: 8,
+            kvc_window: 8,
+            compress_on: CompressOn::Host,
+            ..MethodOptions::default()
+        };
+        let kc = |lm: &mut kvc::model::LoadedModel| {
+            let m = MethodSpec::parse("kvcompress").unwrap();
+            let budget = Some(kvc::kvcache::budget::Budget::Tokens(16));
+            let mut r = compress::runner(&m, budget, lm.config(), &opts).unwrap();
+            let (g, st) = r.run(&mut lm.model, &prompt, &params(20)).unwrap();
+            (g.output_ids, st.kept_per_head)
+        };
+        let want_kc = kc(&mut plain);
+        assert!(want_kc.1.iter().flatten().sum::<usize>() < 45 * 2 * layers);
+        assert_eq!(kc(&mut ranked), want_kc);
+        eprintln!("SUMMARY NCCL {version}: a one-rank group's collectives are the identity; the model through it decodes the plain ids ({} tokens), KV-Compress through it keeps the plain KVs per head", want.len());
     }
 
     /// each request alone generates on the CPU's contiguous cache, at rate 1.

@@ -3,6 +3,8 @@
 //! one rank. Judge: the unsharded forward. Logits agree to f32 rounding (the row-parallel
 //! sums add the ranks' partial sums in another order) and greedy ids are identical, through
 //! the contiguous cache and through the paged cache with each rank's kv-heads.
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use kvc::cuda::comm::{Comm, ThreadComm};
 use kvc::engine::{self, GenParams, NoHooks};
@@ -297,4 +299,148 @@ fn bench_model_tensor_parallel_prints_rank_0s_rows() {
         );
         assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
     }
+}
+
+/// Compression under tensor parallelism (docs/design.md, "Tensor parallel"): KV-Compress's
+/// ranks agree on the one-rank eviction through the exchange (after prefill and after every
+/// decode step, continual compression), SnapKV's heads plan alone, CriticalKV reweights by
+/// each rank's columns of W_o. At 2 and 4 ranks every method keeps the one-rank KVs per
+/// (layer, kv-head) and decodes the one-rank greedy ids (f32).
+#[test]
+fn compression_over_ranks_keeps_the_one_rank_kvs_per_head() {
+    use kvc::compress::{self, MethodOptions, MethodSpec};
+    use kvc::kvcache::budget::Budget;
+    let tmp = tempfile::tempdir().unwrap();
+    write_hf_dir(tmp.path(), &spec(false), 1).unwrap();
+    let opts = MethodOptions {
+        block_size: 4,
+        protected_window: 8,
+        kvc_window: 8,
+        snap_window: 8,
+        ..MethodOptions::default()
+    };
+    let ids: Vec<u32> = (0..120u32).map(|i| (i * 61 + 5) % 97).collect();
+    let run = |lm: &mut LoadedModel, method: &str| {
+        let m = MethodSpec::parse(method).unwrap();
+        let budget = Some(Budget::Tokens(24));
+        let mut r = compress::runner(&m, budget, lm.config(), &opts).unwrap();
+        let (g, stats) = r.run(&mut lm.model, &ids, &params()).unwrap();
+        (g.output_ids, stats.kept_per_head)
+    };
+    for method in ["kvcompress", "snapkv", "snapkv+criticalkv"] {
+        let want = run(&mut load(tmp.path(), None), method);
+        let kept: usize = want.1.iter().flatten().sum();
+        assert!(kept < 12 * ids.len(), "{method}: nothing was evicted");
+        if method == "kvcompress" {
+            let per_head: Vec<usize> = want.1.iter().flatten().copied().collect();
+            assert!(
+                per_head.iter().any(|&k| k != per_head[0]),
+                "KV-Compress's rates should differ by head: {per_head:?}"
+            );
+        }
+        for world in [2, 4] {
+            for (rank, got) in on_ranks(tmp.path(), world, |lm| run(lm, method))
+                .into_iter()
+                .enumerate()
+            {
+                assert_eq!(got, want, "{method} world {world} rank {rank}");
+            }
+        }
+    }
+}
+
+fn kvc_eval(
+    model: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kvc"))
+        .args(["eval", "--model"])
+        .arg(model)
+        .arg("--data-dir")
+        .arg(model.join("data"))
+        .args(["--tasks", "hotpotqa", "--methods", "kvcompress,snapkv"])
+        .args(["--rates", "1,2,4", "--max-new-tokens", "6"])
+        .args(["--min-cache-tokens", "8", "--block-size", "4"])
+        .args(["--protected-window", "8", "--kvc-window", "8"])
+        .args(["--dump-allocation", "--no-progress", "--quiet", "--out"])
+        .arg(out)
+        .args(extra)
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("KVC_MODEL")
+        .env_remove("KVC_DATA_DIR")
+        .output()
+        .unwrap()
+}
+
+/// Every prediction row under `dir` (relative path, rows without their timings).
+fn pred_rows(dir: &std::path::Path) -> Vec<(String, Vec<serde_json::Value>)> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "jsonl") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| {
+            let rows = std::fs::read_to_string(&p)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    let o = v.as_object_mut().unwrap();
+                    o.retain(|k, _| !k.ends_with("_ms") && !k.ends_with("_times"));
+                    v
+                })
+                .collect();
+            (p.strip_prefix(dir).unwrap().display().to_string(), rows)
+        })
+        .collect()
+}
+
+/// `kvc eval --tensor-parallel 2` writes the rows of one rank (predictions, kept KVs per
+/// head), resumes a run one rank began, and refuses a method with no exchange by name.
+#[test]
+fn eval_tensor_parallel_writes_the_one_rank_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    write_hf_dir(&model, &spec(false), 1).unwrap();
+    std::fs::create_dir_all(model.join("data")).unwrap();
+    std::fs::write(
+        model.join("data/hotpotqa.jsonl"),
+        common::subset_rows("hotpotqa", 3),
+    )
+    .unwrap();
+    let ok = |o: std::process::Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    ok(kvc_eval(&model, &one, &[]));
+    // Rank count 2 resumes a tree whose first sample one rank wrote.
+    ok(kvc_eval(&model, &two, &["--limit", "1"]));
+    ok(kvc_eval(&model, &two, &["--tensor-parallel", "2"]));
+    let want = pred_rows(&one);
+    assert_eq!(want.len(), 5, "full, kvcompress x2, snapkv x2: {want:?}");
+    assert!(want.iter().all(|(_, rows)| rows.len() == 3));
+    assert_eq!(pred_rows(&two), want);
+    let bad = kvc_eval(
+        &model,
+        &tmp.path().join("bad"),
+        &["--tp", "2", "--methods", "ada-snapkv"],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("`ada-snapkv` does not run under --tensor-parallel")
+            && err.contains("kvcompress"),
+        "{err}"
+    );
 }

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Stage the RULER table's GPU run (scripts/gpu/kvpress-visit.sh, SKIP_SIDE=1) as parts that
-# each fit one device call's carry (64 MiB with the working tree's ~7 MB): one tar of the
-# xz-compressed CUDA binary, the GGUF, RULER's sources and the results so far, split in 58 MB
-# parts .gpu/part-aa, -ab, ...
+# each fit one device call's carry (64 MiB with the working tree): one tar of the
+# xz-compressed CUDA binary, the GGUF, RULER's sources and the results so far, split in
+# parts .gpu/part-aa, -ab, ... (STAGE_PART_BYTES, 50 MB by default: the tracked tree is ~10 MB)
 #   scripts/gpu/stage-table.sh [RESULTS.tar.gz]
 # STAGE_EXTRA="f1 f2": more executables for the same lease (e.g. the cuda_kernels test binary of
 # scripts/gpu/cuda-tests.sh build), stripped and xz-compressed as kvs/<name>.xz.
@@ -32,7 +32,7 @@ for f in ${STAGE_EXTRA:-}; do
   strip -o "$stage/kvs/${f##*/}" "$f" && xz -6 -T2 "$stage/kvs/${f##*/}"
 done
 rm -f .gpu/part-*
-tar cf - -C "$stage" kvs | split -b 58000000 - .gpu/part-
+tar cf - -C "$stage" kvs | split -b ${STAGE_PART_BYTES:-50000000} - .gpu/part-
 sha=$(sha256sum "$gguf" | cut -c1-16)
 ls -la .gpu/part-*
 parts=$(cd .gpu && ls part-* | sed 's|^|".gpu/|; s|$|"|' | paste -sd, -)

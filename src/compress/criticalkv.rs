@@ -20,6 +20,7 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use super::policy::{LayerKeys, Phase, Policy, SeqView};
+use super::ranks::{RankExchange, RankSplit};
 use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::Probe;
 
@@ -169,6 +170,18 @@ impl Policy for CriticalKv {
     }
     fn plan(&self, view: &SeqView, budget: usize, phase: Phase) -> EvictionPlan {
         self.base.plan(view, budget, phase)
+    }
+    fn rank_split(&self) -> RankSplit {
+        self.base.rank_split()
+    }
+    fn plan_exchanged(
+        &self,
+        view: &SeqView,
+        budget: usize,
+        phase: Phase,
+        x: &RankExchange,
+    ) -> Result<EvictionPlan> {
+        self.base.plan_exchanged(view, budget, phase, x)
     }
     fn min_budget(&self) -> usize {
         self.base.min_budget()

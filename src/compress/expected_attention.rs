@@ -23,6 +23,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::policy::{lowest_after_prefill, zero_scores, LayerKeys, Phase, Policy, SeqView};
 use super::query_stats::QueryStats;
+use super::ranks::RankSplit;
 use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::Probe;
 use crate::model::Config;
@@ -246,6 +247,9 @@ impl ExpectedAttention {
 }
 
 impl Policy for ExpectedAttention {
+    fn rank_split(&self) -> RankSplit {
+        RankSplit::PerHead
+    }
     fn prefill_probe(&self) -> Probe {
         Probe::Queries
     }

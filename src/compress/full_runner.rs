@@ -3,6 +3,7 @@ use candle_core::{Result, Tensor};
 
 use super::paged_runner::PagedRunner;
 use super::policy::{self, Phase, Policy, SeqView};
+use super::ranks::RankSplit;
 use super::{prompts_one_by_one, Budget, CompressionStats, Prompt, PromptResults, Runner};
 use crate::engine::{self, GenParams, Generation, NoHooks};
 use crate::kvcache::blocks::EvictionPlan;
@@ -31,6 +32,9 @@ pub(super) const FULL_TAKES_NO_BUDGET: &str =
 pub(super) struct KeepAll;
 
 impl Policy for KeepAll {
+    fn rank_split(&self) -> RankSplit {
+        RankSplit::PerHead
+    }
     fn prefill_probe(&self) -> Probe {
         Probe::None
     }

@@ -11,6 +11,7 @@
 use candle_core::{Result, Tensor};
 
 use super::policy::{evict_lowest, per_head_plan, Phase, Policy, SeqView};
+use super::ranks::RankSplit;
 use super::scorer::{window_scores, Agg, ScoreSpec};
 use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::Probe;
@@ -31,6 +32,9 @@ impl H2o {
 }
 
 impl Policy for H2o {
+    fn rank_split(&self) -> RankSplit {
+        RankSplit::PerHead
+    }
     fn prefill_probe(&self) -> Probe {
         match self.queries {
             0 => Probe::LastQueries(usize::MAX),

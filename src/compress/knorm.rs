@@ -11,6 +11,7 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use super::policy::{lowest_after_prefill, zero_scores, LayerKeys, Phase, Policy, SeqView};
+use super::ranks::RankSplit;
 use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::Probe;
 
@@ -54,6 +55,9 @@ impl KeyScored {
 }
 
 impl Policy for KeyScored {
+    fn rank_split(&self) -> RankSplit {
+        RankSplit::PerHead
+    }
     fn prefill_probe(&self) -> Probe {
         Probe::None
     }

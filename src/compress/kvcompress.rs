@@ -22,8 +22,11 @@
 use candle_core::{Result, Tensor};
 
 use super::policy::{DeviceStepSpec, Phase, Policy, SeqView};
+use super::ranks::{global_head, RankExchange, RankSplit};
 use super::scorer::{window_scores, Agg, PoolKind, ScoreSpec};
-use crate::cuda::select::{head_evictions_of, mask_protected, select_blocks};
+use crate::cuda::select::{
+    head_evictions_of, lowest_candidates, mask_protected, select_blocks, select_from_shards,
+};
 use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::budget::allowed_blocks;
 use crate::kvcache::Probe;
@@ -136,6 +139,40 @@ impl Policy for KvCompress {
         let masked = self.masked_metrics(view);
         let counts = select_blocks(&masked, view.block_size, n);
         plan_from_masked(&masked, self.kv_heads, view.block_size, &counts)
+    }
+
+    fn rank_split(&self) -> RankSplit {
+        RankSplit::Exchange
+    }
+
+    /// The one-GPU selection over every rank's heads (docs/design.md, "Tensor parallel"):
+    /// the blocks to evict from the blocks all ranks hold (`self.kv_heads`: the whole
+    /// model's), each rank's `n` cheapest candidates numbered by global head, gathered, the
+    /// `n` cheapest of all taken; this rank evicts those of its heads.
+    fn plan_exchanged(
+        &self,
+        view: &SeqView,
+        budget: usize,
+        _phase: Phase,
+        x: &RankExchange,
+    ) -> Result<EvictionPlan> {
+        let bs = view.block_size;
+        let allowed = allowed_blocks(budget, self.layers, self.kv_heads, bs);
+        let n = x.sum(view.blocks())?.saturating_sub(allowed);
+        if n == 0 {
+            return Ok(EvictionPlan::default());
+        }
+        let masked = self.masked_metrics(view);
+        let (local, shard) = (view.heads.first().map_or(0, Vec::len), x.shard());
+        let mine: Vec<_> = lowest_candidates(&masked, 0, bs, n)
+            .into_iter()
+            .map(|(s, i, j)| (s, global_head(i, local, shard), j))
+            .collect();
+        let counts = select_from_shards(&x.gather(&mine, n)?, self.layers * self.kv_heads, n);
+        let mine: Vec<usize> = (0..masked.len())
+            .map(|i| counts[global_head(i, local, shard)])
+            .collect();
+        Ok(plan_from_masked(&masked, local, bs, &mine))
     }
 
     fn score_splits(&self) -> bool {

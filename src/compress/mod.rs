@@ -43,6 +43,7 @@ pub mod policy;
 pub mod pyramidkv;
 pub mod query_stats;
 pub mod random;
+pub mod ranks;
 pub mod scorer;
 pub mod snapkv;
 pub mod streamingllm;

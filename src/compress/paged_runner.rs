@@ -3,6 +3,7 @@
 use candle_core::Result;
 
 use super::policy::{BudgetFn, CompressHooks, Kept, Policy};
+use super::ranks::RankExchange;
 use super::{
     prompts_one_by_one, Budget, CompressOn, CompressionStats, MethodOptions, Prompt, PromptResults,
     Runner,
@@ -26,8 +27,8 @@ pub(super) struct PagedRunner {
     compress_on: CompressOn,
     unfused_prefill: bool,
     layers: usize,
+    /// The whole model's kv-heads (a tensor-parallel rank's cache holds its part).
     kv_heads: usize,
-    head_dim: usize,
     /// A clamp warning was printed already.
     warned: bool,
 }
@@ -51,7 +52,6 @@ impl PagedRunner {
             unfused_prefill: opts.unfused_prefill,
             layers: cfg.num_hidden_layers,
             kv_heads: cfg.num_key_value_heads,
-            head_dim: cfg.head_dim,
             warned: false,
         }
     }
@@ -59,23 +59,20 @@ impl PagedRunner {
     /// Hooks of this runner's policy; a policy that reweights by the output projection
     /// ([`super::policy::Policy::reweights`]) gets `model`'s.
     fn hooks<'h>(&'h self, model: &Llama, budget_of: &'h BudgetFn<'h>) -> CompressHooks<'h> {
-        let hooks = CompressHooks::new(self.policy.as_ref(), self.layers, budget_of);
+        let ranks = model
+            .comm()
+            .map(|c| RankExchange::new(c.clone(), model.device.clone()));
+        let hooks =
+            CompressHooks::new(self.policy.as_ref(), self.layers, budget_of).with_ranks(ranks);
         if self.policy.reweights() {
             return hooks.with_out_proj(model.out_proj());
         }
         hooks
     }
 
-    /// The cache shape for `model`.
+    /// The cache shape for `model` (a tensor-parallel rank's: its kv-heads).
     fn spec(&self, model: &Llama) -> PagedSpec {
-        PagedSpec {
-            layers: self.layers,
-            kv_heads: self.kv_heads,
-            head_dim: self.head_dim,
-            block_size: self.block_size,
-            dtype: model.dtype,
-            device: model.device.clone(),
-        }
+        engine::paged_spec(model, self.block_size)
     }
 
     /// A cache sized for the sample (prompt + new tokens), or for `--kv-memory`.
@@ -88,7 +85,7 @@ impl PagedRunner {
             None => {
                 // Room for the policy's extra passes too (KVzip's repeat inputs).
                 let scratch = spec.blocks_for_tokens(self.policy.scratch_tokens(prompt.len()));
-                let n = spec.blocks_for_tokens(tokens) + self.layers * self.kv_heads + scratch;
+                let n = spec.blocks_for_tokens(tokens) + spec.layers * spec.kv_heads + scratch;
                 PagedCache::new(spec, n)
             }
         }?;
@@ -345,7 +342,7 @@ impl PagedRunner {
         let question = prompts.iter().map(|p| p.question).max().unwrap_or(0);
         let shape = PoolShape {
             block_size: spec.block_size,
-            heads: self.layers * self.kv_heads,
+            heads: spec.layers * spec.kv_heads,
             max_new_tokens: params.max_new_tokens + question,
             max_context: params.max_context,
             min_budget: self.policy.min_budget(),

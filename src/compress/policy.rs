@@ -17,7 +17,8 @@ use candle_core::{Result, Tensor};
 
 use super::kvcrush::BlockPicks;
 use super::query_stats::QueryStats;
-use crate::engine::{Hooks, StepWork};
+use super::ranks::{gather_per_head, plan_on_rank, RankExchange, RankSplit};
+use crate::engine::{Hooks, StepPlanner, StepWork};
 use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::paged::{DeviceEvict, EvictStats, PagedCache};
 use crate::kvcache::{CacheBackend, Probe, SeqId};
@@ -112,6 +113,22 @@ pub trait Policy: Send + Sync {
     fn score(&self, phase: Phase, probs: &Tensor, positions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>>;
     /// What to evict so the sequence fits `budget` cache tokens per head.
     fn plan(&self, view: &SeqView, budget: usize, phase: Phase) -> EvictionPlan;
+    /// How [`Policy::plan`] runs when the kv-heads are split among tensor-parallel ranks
+    /// ([`super::ranks`]). The default refuses: a policy is split only once it says how.
+    fn rank_split(&self) -> RankSplit {
+        RankSplit::Unsupported
+    }
+    /// [`Policy::plan`] of one rank's heads (`view`), agreed with the other ranks through
+    /// `x`, for a policy whose [`Policy::rank_split`] is [`RankSplit::Exchange`].
+    fn plan_exchanged(
+        &self,
+        _view: &SeqView,
+        _budget: usize,
+        _phase: Phase,
+        _x: &RankExchange,
+    ) -> Result<EvictionPlan> {
+        candle_core::bail!("this method has no tensor-parallel exchange")
+    }
     /// Whether [`Policy::score`]'s prefill increments add up over query blocks (a summed
     /// metric without pooling), so a long window may be observed chunk by chunk
     /// ([`crate::engine::Hooks::prefill_probe_splits`]).
@@ -313,6 +330,8 @@ pub struct CompressHooks<'a> {
     /// Decode steps score and evict on the device (set after prefill, see
     /// [`Policy::device_step`] and [`PagedCache::keep_metric_on_device`]).
     device: Option<DeviceStepSpec>,
+    /// The tensor-parallel group this rank plans with (`None`: the whole model here).
+    ranks: Option<RankExchange>,
     /// What was kept.
     pub kept: Kept,
 }
@@ -330,8 +349,17 @@ impl<'a> CompressHooks<'a> {
             budget: None,
             on_demand: None,
             device: None,
+            ranks: None,
             kept: Kept::default(),
         }
+    }
+
+    /// Plan as one rank of a tensor-parallel group ([`super::ranks`]): the cache holds this
+    /// rank's kv-heads, plans agree with the other ranks' through `ranks`, evictions run on
+    /// the host, and [`Kept::per_head`] counts every rank's heads.
+    pub fn with_ranks(mut self, ranks: Option<RankExchange>) -> Self {
+        self.ranks = ranks;
+        self
     }
 
     /// Compress during decoding only when [`CompressHooks::compress_now`] is called (not after
@@ -365,6 +393,7 @@ impl<'a> CompressHooks<'a> {
             budget: None,
             on_demand: self.on_demand,
             device: None,
+            ranks: self.ranks.clone(),
             kept: Kept::default(),
         }
     }
@@ -377,6 +406,7 @@ impl<'a> CompressHooks<'a> {
     pub fn share_device_metric(&mut self, cache: &mut PagedCache, seq: SeqId) -> Result<bool> {
         let bs = cache.spec().block_size;
         let device = self.on_demand.is_none()
+            && self.ranks.is_none()
             && cache.device_compression()
             && self.policy.device_step(cache.seq_len(seq), bs).is_some();
         if device {
@@ -496,11 +526,27 @@ impl<'a> CompressHooks<'a> {
 
     fn compress(&mut self, cache: &mut PagedCache, seq: SeqId) -> Result<()> {
         if let Some(b) = self.budget {
-            let view = SeqView::of(cache, seq)?;
-            let plan = self.policy.plan(&view, b, self.phase);
+            let plan = plan_of(self.policy, self.ranks.as_ref(), cache, seq, b, self.phase)?;
             self.kept.evicted += cache.evict(seq, &plan)?.evicted;
         }
         Ok(())
+    }
+}
+
+/// `policy`'s plan for `seq` of `cache` at `budget` tokens per head: alone, or as one rank of
+/// `ranks`' group ([`super::ranks::plan_on_rank`]).
+fn plan_of(
+    policy: &dyn Policy,
+    ranks: Option<&RankExchange>,
+    cache: &PagedCache,
+    seq: SeqId,
+    budget: usize,
+    phase: Phase,
+) -> Result<EvictionPlan> {
+    let view = SeqView::of(cache, seq)?;
+    match ranks {
+        Some(x) => plan_on_rank(policy, &view, budget, phase, x),
+        None => Ok(policy.plan(&view, budget, phase)),
     }
 }
 
@@ -608,7 +654,7 @@ impl Hooks for CompressHooks<'_> {
         // metric on the device, so no probabilities are copied to the host.
         let bs = cache.spec().block_size;
         let device = match (self.budget, self.on_demand) {
-            (Some(b), None | Some(true)) if cache.device_compression() => {
+            (Some(b), None | Some(true)) if cache.device_compression() && self.ranks.is_none() => {
                 self.policy.device_step(b, bs).map(|d| (b, d))
             }
             _ => None,
@@ -642,6 +688,9 @@ impl Hooks for CompressHooks<'_> {
                     .collect()
             })
             .collect();
+        if let Some(x) = &self.ranks {
+            self.kept.per_head = gather_per_head(x, &self.kept.per_head)?;
+        }
         self.phase = Phase::Decode;
         Ok(())
     }
@@ -650,7 +699,9 @@ impl Hooks for CompressHooks<'_> {
         // The work borrows `self` until the match ends, so the host plan is made inside it
         // and both kinds of work run after it (Ok: a host plan, Err: a device request).
         let plan = match self.step_plan(cache, seq)? {
-            Some(StepWork::Plan(planner)) => Ok(planner(paged(cache)?)?),
+            Some(StepWork::Plan(planner) | StepWork::Ordered(planner)) => {
+                Ok(planner(paged(cache)?)?)
+            }
             Some(StepWork::Device(r)) => Err(r),
             None => return Ok(()),
         };
@@ -679,15 +730,20 @@ impl Hooks for CompressHooks<'_> {
             let r = device_request(cache, seq, d)?;
             return Ok((r.n_evict > 0).then_some(StepWork::Device(r)));
         }
-        let (policy, phase) = (self.policy, self.phase);
-        Ok(Some(StepWork::Plan(Box::new(
-            move |c: &dyn CacheBackend| {
-                let c = c.as_paged().ok_or_else(|| {
-                    candle_core::Error::Msg("step compression needs the paged cache".into())
-                })?;
-                Ok(policy.plan(&SeqView::of(c, seq)?, budget, phase))
-            },
-        ))))
+        let (policy, phase, ranks) = (self.policy, self.phase, self.ranks.clone());
+        let ordered = ranks.is_some();
+        let planner: StepPlanner = Box::new(move |c: &dyn CacheBackend| {
+            let c = c.as_paged().ok_or_else(|| {
+                candle_core::Error::Msg("step compression needs the paged cache".into())
+            })?;
+            plan_of(policy, ranks.as_ref(), c, seq, budget, phase)
+        });
+        // A rank's plan meets the other ranks in collectives: in sequence order, one thread.
+        Ok(Some(if ordered {
+            StepWork::Ordered(planner)
+        } else {
+            StepWork::Plan(planner)
+        }))
     }
 
     fn apply_step_plan(

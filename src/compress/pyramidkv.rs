@@ -9,6 +9,7 @@
 use candle_core::{Result, Tensor};
 
 use super::policy::{evict_lowest, per_head_plan, Phase, Policy, SeqView};
+use super::ranks::RankSplit;
 use super::snapkv::SnapConfig;
 use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::Probe;
@@ -50,6 +51,9 @@ pub fn pyramid_budgets(
 }
 
 impl Policy for PyramidKv {
+    fn rank_split(&self) -> RankSplit {
+        RankSplit::PerHead
+    }
     fn prefill_probe(&self) -> Probe {
         Probe::LastQueries(self.snap.window)
     }

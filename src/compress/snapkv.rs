@@ -12,6 +12,7 @@
 use candle_core::{Result, Tensor};
 
 use super::policy::{evict_lowest, per_head_plan, Phase, Policy, SeqView};
+use super::ranks::RankSplit;
 use super::scorer::{window_scores, Agg, PoolKind, ScoreSpec};
 use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::Probe;
@@ -51,6 +52,9 @@ pub struct SnapKv {
 }
 
 impl Policy for SnapKv {
+    fn rank_split(&self) -> RankSplit {
+        RankSplit::PerHead
+    }
     fn prefill_probe(&self) -> Probe {
         Probe::LastQueries(self.cfg.window)
     }

@@ -7,6 +7,7 @@
 use candle_core::{Result, Tensor};
 
 use super::policy::{evict_lowest, per_head_plan, zero_scores, Phase, Policy, SeqView};
+use super::ranks::RankSplit;
 
 /// The slots StreamingLLM evicts from a head holding tokens at `position`: all but `keep`, oldest
 /// first, never a sink (position < `sink`) — what [`evict_lowest`] gives with the age as the
@@ -55,6 +56,9 @@ pub struct StreamingLlm {
 }
 
 impl Policy for StreamingLlm {
+    fn rank_split(&self) -> RankSplit {
+        RankSplit::PerHead
+    }
     fn prefill_probe(&self) -> Probe {
         Probe::None
     }

@@ -10,6 +10,7 @@ use candle_core::{Result, Tensor};
 use std::collections::HashMap;
 
 use super::policy::{evict_lowest, per_head_plan, Phase, Policy, SeqView};
+use super::ranks::RankSplit;
 use super::scorer::{window_scores, Agg, ScoreSpec};
 use crate::kvcache::blocks::EvictionPlan;
 use crate::kvcache::Probe;
@@ -45,6 +46,9 @@ pub fn mean_over_heads(
 }
 
 impl Policy for Tova {
+    fn rank_split(&self) -> RankSplit {
+        RankSplit::PerHead
+    }
     fn prefill_probe(&self) -> Probe {
         Probe::LastQueries(1)
     }

@@ -164,11 +164,12 @@ mod gpu {
     /// NCCL's code of a dtype (`ncclFloat16` 6, `ncclFloat32` 7, `ncclBfloat16` 9).
     fn nccl_dtype(dt: DType) -> Result<c_int> {
         match dt {
+            DType::U32 => Ok(3),
             DType::F16 => Ok(6),
             DType::F32 => Ok(7),
             DType::BF16 => Ok(9),
             dt => Err(cu(format!(
-                "NCCL collectives of {dt:?} (f32, bf16, f16 only)"
+                "NCCL collectives of {dt:?} (u32, f32, bf16, f16 only)"
             ))),
         }
     }

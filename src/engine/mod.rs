@@ -256,6 +256,9 @@ pub enum StepWork<'a> {
     /// A plan to make on the host (it only reads the cache, so the plans of a batch run on
     /// several threads), then executed by [`Hooks::apply_step_plan`].
     Plan(StepPlanner<'a>),
+    /// A plan made on the calling thread in the batch's sequence order (a tensor-parallel
+    /// rank's plan meets the other ranks in collectives), then executed like [`StepWork::Plan`].
+    Ordered(StepPlanner<'a>),
     /// KV-Compress's eviction from the device metric: the requests of a batch run together in
     /// one [`CacheBackend::evict_on_device`], then [`Hooks::device_evicted`].
     Device(DeviceEvict),
@@ -540,26 +543,30 @@ pub fn step_compression(
         is_live[i] = true;
     }
     let mut planners = Vec::with_capacity(live.len());
+    let mut ordered = Vec::new();
     let mut on_device = Vec::new();
     for (i, h) in hooks.iter_mut().enumerate() {
         if is_live[i] {
             match h.step_plan(cache, seqs[i])? {
                 Some(StepWork::Plan(p)) => planners.push((i, p)),
+                Some(StepWork::Ordered(p)) => ordered.push((i, p)),
                 Some(StepWork::Device(r)) => on_device.push((i, r)),
                 None => {}
             }
         }
     }
-    if planners.is_empty() && on_device.is_empty() {
+    if planners.is_empty() && ordered.is_empty() && on_device.is_empty() {
         return Ok(());
     }
-    let plans: Vec<(usize, Result<EvictionPlan>)> = {
+    let mut plans: Vec<(usize, Result<EvictionPlan>)> = {
         let view: &dyn CacheBackend = &*cache;
         planners
             .into_par_iter()
             .map(|(i, p)| (i, p(view)))
             .collect()
     };
+    let view: &dyn CacheBackend = &*cache;
+    plans.extend(ordered.into_iter().map(|(i, p)| (i, p(view))));
     if !on_device.is_empty() {
         let reqs: Vec<DeviceEvict> = on_device.iter().map(|(_, r)| *r).collect();
         let stats = cache.evict_on_device(&reqs)?;

@@ -520,6 +520,11 @@ impl Llama {
         }
     }
 
+    /// The tensor-parallel group this model is a rank of (`None`: the whole model here).
+    pub fn comm(&self) -> Option<&Arc<dyn Comm>> {
+        self.comm.as_ref()
+    }
+
     /// This rank's part of the model's configuration: its attention heads, key-value heads and
     /// MLP rows (the whole configuration without tensor parallelism). Caches and methods of a
     /// rank are built from it.

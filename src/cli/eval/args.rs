@@ -7,7 +7,7 @@ use super::super::model_args::ModelArgs;
 use crate::compress::{MethodOptions, Preset};
 use crate::eval::run::ChatMode;
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 #[command(
     about = "Run LongBench through a sweep of KV-cache compression methods and rates, then score and plot",
     long_about = "Run LongBench through a sweep of KV-cache compression methods and budgets, then score
@@ -71,7 +71,7 @@ pub struct EvalArgs {
 }
 
 /// Which rows.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Data")]
 pub struct DataArgs {
     /// LongBench data: a directory of <subset>.jsonl, the official data.zip, parquet files (a
@@ -116,7 +116,7 @@ pub struct DataArgs {
 }
 
 /// Which runs.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Sweep")]
 pub struct SweepArgs {
     /// Compression methods, comma-separated (the full-cache baseline is always run): full,
@@ -187,7 +187,7 @@ pub enum QuestionInWindow {
 }
 
 /// How each sample is generated.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Generation")]
 pub struct GenerationArgs {
     /// Max new tokens for every subset (default: each subset's LongBench value, 32-512).
@@ -208,7 +208,7 @@ pub struct GenerationArgs {
 }
 
 /// Where results go and how progress shows.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Output")]
 pub struct OutputArgs {
     /// Results tree root.
@@ -226,6 +226,16 @@ pub struct OutputArgs {
     /// and the shards are merged and scored at the end (`kvc merge`).
     #[arg(long, value_name = "LIST", conflicts_with_all = ["shard", "device"])]
     pub devices: Option<String>,
+    /// Split the model over N ranks (tensor parallel, for a model one device cannot hold):
+    /// N threads on the CPU, or the GPUs cuda:K..K+N-1 for --device cuda:K over NCCL (set
+    /// KVC_NCCL_LIB to libnccl.so.2 if the loader does not find it). N must divide the
+    /// kv-heads. Each rank holds the cache of its kv-heads; KV-Compress's ranks agree on the
+    /// one-device eviction order, so kept KVs per head equal those of one device. Methods whose
+    /// plan spans heads in other ways (ada-snapkv, kvzip, random, +chunkkv, +kvcrush) are
+    /// refused. A sample that fails on any rank (out of memory) stops the run; finished
+    /// samples are kept and a rerun resumes.
+    #[arg(long, visible_alias = "tp", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..), conflicts_with_all = ["devices", "export_prompts"])]
+    pub tensor_parallel: u16,
     /// Discard the existing predictions of every run this command touches and start over.
     #[arg(long)]
     pub overwrite: bool,

@@ -7,6 +7,7 @@
 mod args;
 mod progress;
 pub(crate) mod summary;
+mod tensor_parallel;
 mod workers;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -91,9 +92,26 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<Status> {
     if let Some(p) = args.sweep.preset {
         args.sweep.method_options = p.apply(&args.sweep.method_options);
     }
+    let world = args.output.tensor_parallel as usize;
+    if world > 1 {
+        return tensor_parallel::run(args, world);
+    }
     let note = Note(args.output.quiet);
-    let mut sel = select(&args, &note)?;
-    let mut m = load(&args, &sel.plans, &note)?;
+    let sel = select(&args, &note)?;
+    let m = load(&args, &sel.plans, &note)?;
+    sweep_loaded(args, sel, m, &note, None)
+}
+
+/// Everything after the model is loaded: the RULER prompts, the memory plan, the sweep and
+/// the report. A tensor-parallel rank (`ranks`) takes rank 0's memory plan, and only rank 0
+/// reports (the others write into scratch copies of the results tree).
+fn sweep_loaded(
+    mut args: EvalArgs,
+    mut sel: Selection,
+    mut m: Loaded,
+    note: &Note,
+    ranks: Option<compress::ranks::RankExchange>,
+) -> anyhow::Result<Status> {
     if sel.plans.iter().any(|p| p.method.base() == "kvzip") {
         // KVzip's repeat requests and the chat template's parts, in the model's ids.
         let text = compress::kvzip::RepeatTexts::new(&m.lm.tokenizer)?;
@@ -101,7 +119,7 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<Status> {
     }
     let max_input = max_input_tokens(&args, &m.lm);
     let mut settings = sample_settings(&args, &m, max_input);
-    let generated = add_ruler(&args, &m.lm, &settings, &mut sel, &note)?;
+    let generated = add_ruler(&args, &m.lm, &settings, &mut sel, note)?;
     run::check_samples_found(sel.samples.as_ref(), &sel.subsets)?;
     if let Some(path) = &args.output.export_prompts {
         let n = run::export_prompts(
@@ -115,13 +133,17 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<Status> {
         return Ok(Status::Ok);
     }
     if let Some(shard) = args.output.shard {
-        args.output.out = take_shard(shard, &args.output.out, &mut sel, &note)?;
+        args.output.out = take_shard(shard, &args.output.out, &mut sel, note)?;
     }
     // On a GPU `full` decodes through the paged cache in batches anyway: it joins the first
     // compressed method's group as a keep-all fork of its prefill (run::group_plans). Not with
     // --kv-memory, which bounds that method's pool and never the full cache.
     let full_joins = m.device.is_cuda() && args.sweep.method_options.kv_memory.is_none();
-    let batch_samples = match memory_plan(&args, &m, &sel, &settings, max_input)? {
+    let mut planned = memory_plan(&args, &m, &sel, &settings, max_input)?;
+    if let (Some(x), Some((plan, _))) = (&ranks, &mut planned) {
+        tensor_parallel::agree_on_plan(x, plan)?;
+    }
+    let batch_samples = match planned {
         Some((plan, pool)) => {
             note.say(&plan.describe());
             if let Some(w) = plan.shortfall() {
@@ -141,6 +163,9 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<Status> {
         (full_joins, batch_samples),
     )?;
     let meta_fn = |p: &RunPlan| meta.meta(p);
+    let rank = ranks.as_ref().map_or(0, |x| x.shard().rank);
+    // Under tensor parallelism the first rank here installs the handler; the ranks agree on
+    // stopping through the group (`Sweep::ranks`).
     let (stop, abandon) = ctrl_c();
     let sweep = Sweep {
         out: &args.output.out,
@@ -155,6 +180,7 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<Status> {
         abandon: &abandon,
         retry_failed: args.output.retry_failed,
         batch_samples,
+        ranks,
     };
     let mut progress = Progress::new(args.output.no_progress, args.output.quiet);
     let outcomes = run_sweep(
@@ -165,6 +191,9 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<Status> {
         &mut progress,
         full_joins,
     )?;
+    if rank > 0 {
+        return Ok(Status::Ok);
+    }
     if let Some(shard) = args.output.shard {
         return Ok(summary::shard_done(shard, &args.output.out, &outcomes));
     }
@@ -403,6 +432,18 @@ fn load(args: &EvalArgs, plans: &[RunPlan], note: &Note) -> anyhow::Result<Loade
         device,
         dtype
     ));
+    check_methods(args, &lm, plans)?;
+    Ok(Loaded {
+        lm,
+        resolved,
+        device,
+        dtype,
+        weight_bytes,
+    })
+}
+
+/// Build every run's method once, so a bad method option fails before any generation.
+fn check_methods(args: &EvalArgs, lm: &LoadedModel, plans: &[RunPlan]) -> anyhow::Result<()> {
     for p in plans {
         compress::runner(
             &p.method,
@@ -412,13 +453,7 @@ fn load(args: &EvalArgs, plans: &[RunPlan], note: &Note) -> anyhow::Result<Loade
         )
         .with_context(|| format!("run {}", p.label()))?;
     }
-    Ok(Loaded {
-        lm,
-        resolved,
-        device,
-        dtype,
-        weight_bytes,
-    })
+    Ok(())
 }
 
 /// `--max-input-tokens`, else the model's LongBench value, else its context - 512 (noted).

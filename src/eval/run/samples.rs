@@ -72,7 +72,8 @@ fn base_record(
 /// Generate several samples of one subset, sample `i` under the plans `chunk[i].1` (indices
 /// into `plans`, one method): the runner prefills each prompt once and decodes every (sample,
 /// plan) in one batch. Per sample, one record per listed plan, in that order; failures become
-/// rows with `error` (never an `Err`).
+/// rows with `error` (never an `Err`). Also returns the first failure of a generation (not of
+/// building a prompt), which a tensor-parallel rank cannot record and go on from.
 pub fn run_samples(
     lm: &mut LoadedModel,
     runner: &mut dyn Runner,
@@ -80,7 +81,7 @@ pub fn run_samples(
     task: &Task,
     chunk: &[(crate::data::longbench::Row, Vec<usize>)],
     s: &SampleSettings,
-) -> Vec<Vec<PredRecord>> {
+) -> (Vec<Vec<PredRecord>>, Option<String>) {
     let mut recs: Vec<Vec<PredRecord>> = chunk
         .iter()
         .map(|(row, need)| {
@@ -93,7 +94,7 @@ pub fn run_samples(
     let split = plans.iter().any(|p| p.method.context_only());
     let ready = prepare_chunk(lm, task, chunk, s, split, &mut recs);
     if ready.is_empty() {
-        return recs;
+        return (recs, None);
     }
     // One subset: every prompt has the same decoding parameters.
     let params = ready[0].1.params.clone();
@@ -130,7 +131,11 @@ pub fn run_samples(
             }
         }
     }
-    recs
+    let generation_err = ready
+        .iter()
+        .flat_map(|(i, _)| &recs[*i])
+        .find_map(|r| r.error.clone());
+    (recs, generation_err)
 }
 
 /// Mark every row of `recs` failed with `e`.

@@ -9,6 +9,7 @@ use super::{
     drop_failed_rows, load_existing, prepare_run_dir, run_samples, EvalError, PredWriter, RunPlan,
     SampleSettings, SubsetPlan,
 };
+use crate::compress::ranks::RankExchange;
 use crate::compress::{self, MethodOptions};
 use crate::data::longbench::{Dataset, Row};
 use crate::eval::record::{run_dir, PredRecord, RunMeta};
@@ -65,6 +66,22 @@ pub struct Sweep<'a> {
     /// Samples of a subset generated together (each under every budget it lacks): prefilled
     /// one by one, decoded in one batch. 1 = one sample at a time.
     pub batch_samples: usize,
+    /// A tensor-parallel rank's group (`None`: the whole model here). Every rank runs the
+    /// same sweep; they agree on stopping, and a failed generation on any rank ends the sweep
+    /// with an error instead of a failed row (the ranks would meet in different collectives).
+    pub ranks: Option<RankExchange>,
+}
+
+/// Whether to stop before the next samples: Ctrl-C, on any rank of a tensor-parallel group.
+fn stop_now(sw: &Sweep) -> Result<bool, EvalError> {
+    let local = sw.stop.load(Ordering::SeqCst);
+    match &sw.ranks {
+        Some(x) => x
+            .sum(local as usize)
+            .map(|n| n > 0)
+            .map_err(|e| EvalError::Method(format!("tensor-parallel group: {e}"))),
+        None => Ok(local),
+    }
 }
 
 /// Test hooks (environment): abort the process after N appended rows (a kill without any
@@ -138,14 +155,23 @@ pub fn run_group(
             if chunk.is_empty() {
                 break;
             }
-            if sw.stop.load(Ordering::SeqCst) {
+            if stop_now(sw)? {
                 interrupted = true;
                 break 'subsets;
             }
             if let Some(ms) = delay_ms {
                 std::thread::sleep(std::time::Duration::from_millis(ms));
             }
-            let recs = run_samples(lm, runner.as_mut(), plans, sp.task, &chunk, &sw.settings);
+            let (recs, failed) =
+                run_samples(lm, runner.as_mut(), plans, sp.task, &chunk, &sw.settings);
+            if let (Some(e), Some(_)) = (failed, &sw.ranks) {
+                return Err(EvalError::Method(format!(
+                    "{}: {e}: a failed sample stops a tensor-parallel run (its ranks cannot go on \
+                     in step); finished samples are saved: rerun to resume (smaller \
+                     --batch-samples or more ranks if it ran out of memory)",
+                    sp.task.name
+                )));
+            }
             if sw.abandon.load(Ordering::SeqCst) {
                 interrupted = true;
                 break 'subsets;
