@@ -183,6 +183,9 @@ impl WeightSource {
         device: &Device,
     ) -> Result<Tensor, ModelError> {
         let origin = self.origin();
+        // `Some(t)`: the weight already cut to `part` (an FP8 weight is cut before it is
+        // dequantized, so a rank never holds the whole tensor in f32).
+        let mut cut = None;
         let t = match self {
             WeightSource::Safetensors { st, .. } => {
                 let load = |name: &str| {
@@ -203,13 +206,15 @@ impl WeightSource {
                 let t = load(hf_name)?;
                 if t.dtype() == DType::F8E4M3 {
                     let scale = load(&format!("{hf_name}_scale"))?;
-                    dequantize_fp8(&t, &scale).map_err(|msg| ModelError::Weights {
-                        path: origin.clone(),
-                        msg: format!("tensor {hf_name}: {msg}"),
-                    })?
-                } else {
-                    t
+                    let w = fp8_part(&t, &scale, part.clone()).map_err(|msg| {
+                        ModelError::Weights {
+                            path: origin.clone(),
+                            msg: format!("tensor {hf_name}: {msg}"),
+                        }
+                    })?;
+                    cut = Some(w);
                 }
+                t
             }
             WeightSource::Gguf {
                 content,
@@ -269,10 +274,11 @@ impl WeightSource {
                 got: t.dims().to_vec(),
             });
         }
-        let part = |t: Tensor| match part {
+        let part = |t: Tensor| match (cut, part) {
+            (Some(w), _) => Ok(w),
             // A copy of the part alone: `to_device` copies a view's whole storage.
-            Some((dim, r)) => t.narrow(dim, r.start, r.len())?.force_contiguous(),
-            None => Ok(t),
+            (None, Some((dim, r))) => t.narrow(dim, r.start, r.len())?.force_contiguous(),
+            (None, None) => Ok(t),
         };
         part(t)
             .and_then(|t| t.to_dtype(dtype))
@@ -281,6 +287,32 @@ impl WeightSource {
                 path: origin,
                 msg: format!("tensor {hf_name}: {}", crate::model::candle_msg(&e)),
             })
+    }
+}
+
+/// The `part` (dim, range) of an FP8 weight `[rows, cols]` dequantized ([`dequantize_fp8`]):
+/// cut first (a per-row scale with its rows), so only the part is ever in f32.
+fn fp8_part(
+    w: &Tensor,
+    scale: &Tensor,
+    part: Option<(usize, std::ops::Range<usize>)>,
+) -> Result<Tensor, String> {
+    let msg = |e: candle_core::Error| crate::model::candle_msg(&e);
+    match part {
+        None => dequantize_fp8(w, scale),
+        Some((dim, r)) => {
+            let rows = w.dim(0).map_err(msg)?;
+            // A per-row scale goes with its rows; any other is checked by dequantize_fp8.
+            let s = if dim == 0 && scale.elem_count() == rows && rows > 1 {
+                scale
+                    .reshape(rows)
+                    .and_then(|s| s.narrow(0, r.start, r.len()))
+                    .map_err(msg)?
+            } else {
+                scale.clone()
+            };
+            dequantize_fp8(&w.narrow(dim, r.start, r.len()).map_err(msg)?, &s)
+        }
     }
 }
 
@@ -356,6 +388,30 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rank's part of an FP8 weight, by rows (with its per-row scales) or by columns, per-row
+    /// or per-tensor scales: the same numbers as the part of the whole dequantized weight.
+    #[test]
+    fn fp8_parts_equal_the_part_of_the_whole() {
+        let dev = Device::Cpu;
+        let v: Vec<f32> = (0..24).map(|i| (i as f32 - 11.0) * 0.37).collect();
+        let w = Tensor::from_vec(v, (4, 6), &dev).unwrap().to_dtype(DType::F8E4M3).unwrap();
+        let per_row = Tensor::new(&[0.5f32, 2.0, 0.25, 4.0], &dev).unwrap();
+        let per_tensor = Tensor::new(&[3.0f32], &dev).unwrap();
+        for scale in [per_row, per_tensor] {
+            let whole = dequantize_fp8(&w, &scale).unwrap();
+            for (dim, r) in [(0, 1..3), (1, 3..6), (0, 0..4)] {
+                let got = fp8_part(&w, &scale, Some((dim, r.clone()))).unwrap();
+                let want = whole.narrow(dim, r.start, r.len()).unwrap();
+                assert_eq!(
+                    got.to_vec2::<f32>().unwrap(),
+                    want.to_vec2::<f32>().unwrap(),
+                    "dim {dim} {r:?} scale {:?}",
+                    scale.dims()
+                );
+            }
+        }
+    }
 
     #[test]
     fn permute_roundtrip_and_is_not_identity() {
