@@ -206,12 +206,11 @@ impl WeightSource {
                 let t = load(hf_name)?;
                 if t.dtype() == DType::F8E4M3 {
                     let scale = load(&format!("{hf_name}_scale"))?;
-                    let w = fp8_part(&t, &scale, part.clone()).map_err(|msg| {
-                        ModelError::Weights {
+                    let w =
+                        fp8_part(&t, &scale, part.clone()).map_err(|msg| ModelError::Weights {
                             path: origin.clone(),
                             msg: format!("tensor {hf_name}: {msg}"),
-                        }
-                    })?;
+                        })?;
                     cut = Some(w);
                 }
                 t
@@ -395,7 +394,10 @@ mod tests {
     fn fp8_parts_equal_the_part_of_the_whole() {
         let dev = Device::Cpu;
         let v: Vec<f32> = (0..24).map(|i| (i as f32 - 11.0) * 0.37).collect();
-        let w = Tensor::from_vec(v, (4, 6), &dev).unwrap().to_dtype(DType::F8E4M3).unwrap();
+        let w = Tensor::from_vec(v, (4, 6), &dev)
+            .unwrap()
+            .to_dtype(DType::F8E4M3)
+            .unwrap();
         let per_row = Tensor::new(&[0.5f32, 2.0, 0.25, 4.0], &dev).unwrap();
         let per_tensor = Tensor::new(&[3.0f32], &dev).unwrap();
         for scale in [per_row, per_tensor] {
