@@ -354,8 +354,16 @@ fn kvc_eval(
     out: &std::path::Path,
     extra: &[&str],
 ) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_kvc"))
-        .args(["eval", "--model"])
+    kvc_eval_cmd(model, out, extra).output().unwrap()
+}
+
+fn kvc_eval_cmd(
+    model: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_kvc"));
+    c.args(["eval", "--model"])
         .arg(model)
         .arg("--data-dir")
         .arg(model.join("data"))
@@ -368,9 +376,8 @@ fn kvc_eval(
         .args(extra)
         .env("HF_HUB_OFFLINE", "1")
         .env_remove("KVC_MODEL")
-        .env_remove("KVC_DATA_DIR")
-        .output()
-        .unwrap()
+        .env_remove("KVC_DATA_DIR");
+    c
 }
 
 /// Every prediction row under `dir` (relative path, rows without their timings).
@@ -406,10 +413,8 @@ fn pred_rows(dir: &std::path::Path) -> Vec<(String, Vec<serde_json::Value>)> {
         .collect()
 }
 
-/// `kvc eval --tensor-parallel 2` writes the rows of one rank (predictions, kept KVs per
-/// head), resumes a run one rank began, and refuses a method with no exchange by name.
-#[test]
-fn eval_tensor_parallel_writes_the_one_rank_rows() {
+/// A tiny checkpoint (4 kv-heads) with three hotpotqa rows in `<dir>/tiny/data`.
+fn eval_fixture() -> (tempfile::TempDir, std::path::PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("tiny");
     write_hf_dir(&model, &spec(false), 1).unwrap();
@@ -419,9 +424,18 @@ fn eval_tensor_parallel_writes_the_one_rank_rows() {
         common::subset_rows("hotpotqa", 3),
     )
     .unwrap();
-    let ok = |o: std::process::Output| {
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    };
+    (tmp, model)
+}
+
+fn ok(o: std::process::Output) {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// `kvc eval --tensor-parallel 2` writes the rows of one rank (predictions, kept KVs per
+/// head), resumes a run one rank began, and refuses a method with no exchange by name.
+#[test]
+fn eval_tensor_parallel_writes_the_one_rank_rows() {
+    let (tmp, model) = eval_fixture();
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
     ok(kvc_eval(&model, &one, &[]));
     // Rank count 2 resumes a tree whose first sample one rank wrote.
@@ -443,4 +457,34 @@ fn eval_tensor_parallel_writes_the_one_rank_rows() {
             && err.contains("kvcompress"),
         "{err}"
     );
+}
+
+/// One rank's failed generation (out of memory, simulated on rank 1 after 4 rows) stops the
+/// group with an error naming the fix, instead of a failed row or a hang; the rows finished
+/// before it are kept, and a rerun completes the one-rank rows.
+#[test]
+fn eval_tensor_parallel_rank_failure_stops_the_group_and_resumes() {
+    let (tmp, model) = eval_fixture();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    ok(kvc_eval(&model, &one, &[]));
+    let failed = kvc_eval_cmd(&model, &two, &["--tp", "2"])
+        .env("KVC_EVAL_TEST_FAIL_RANK", "1:4")
+        .output()
+        .unwrap();
+    assert_eq!(failed.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        err.contains("tensor-parallel rank 1")
+            && err.contains("a failed sample stops a tensor-parallel run")
+            && err.contains("rerun to resume"),
+        "{err}"
+    );
+    let kept: usize = pred_rows(&two).iter().map(|(_, r)| r.len()).sum();
+    assert!((4..15).contains(&kept), "{kept} rows kept of 15");
+    assert!(pred_rows(&two)
+        .iter()
+        .flat_map(|(_, r)| r)
+        .all(|r| r.get("error").is_none()));
+    ok(kvc_eval(&model, &two, &["--tp", "2"]));
+    assert_eq!(pred_rows(&two), pred_rows(&one));
 }

@@ -85,12 +85,19 @@ fn stop_now(sw: &Sweep) -> Result<bool, EvalError> {
 }
 
 /// Test hooks (environment): abort the process after N appended rows (a kill without any
-/// cleanup), and sleep before each sample (so a test can interrupt a run midway).
-fn test_hooks() -> (Option<usize>, Option<u64>) {
+/// cleanup), sleep before each sample (so a test can interrupt a run midway), and
+/// `KVC_EVAL_TEST_FAIL_RANK=R:N`: tensor-parallel rank R's generations fail once it appended
+/// N rows (one rank out of memory).
+fn test_hooks() -> (Option<usize>, Option<u64>, Option<(usize, usize)>) {
     let num = |k: &str| std::env::var(k).ok().and_then(|v| v.parse().ok());
+    let fail_rank = std::env::var("KVC_EVAL_TEST_FAIL_RANK").ok().and_then(|v| {
+        let (r, n) = v.split_once(':')?;
+        Some((r.parse().ok()?, n.parse().ok()?))
+    });
     (
         num("KVC_EVAL_TEST_ABORT_AFTER").map(|n: u64| n as usize),
         num("KVC_EVAL_TEST_SAMPLE_DELAY_MS"),
+        fail_rank,
     )
 }
 
@@ -120,7 +127,7 @@ pub fn run_group(
     obs: &mut dyn Observer,
     appended: &mut usize,
 ) -> Result<Vec<RunOutcome>, EvalError> {
-    let (abort_after, delay_ms) = test_hooks();
+    let (abort_after, delay_ms, fail_rank) = test_hooks();
     // The group's method (a `full` member is a keep-all fork of it, see [`super::group_plans`]).
     let lead = plans.iter().find(|p| !p.is_full()).unwrap_or(&plans[0]);
     let mut runner = compress::runner(
@@ -162,8 +169,13 @@ pub fn run_group(
             if let Some(ms) = delay_ms {
                 std::thread::sleep(std::time::Duration::from_millis(ms));
             }
-            let (recs, failed) =
+            let (recs, mut failed) =
                 run_samples(lm, runner.as_mut(), plans, sp.task, &chunk, &sw.settings);
+            if let (Some((r, n)), Some(x)) = (fail_rank, &sw.ranks) {
+                if x.shard().rank == r && *appended >= n {
+                    failed = Some("out of memory (KVC_EVAL_TEST_FAIL_RANK)".into());
+                }
+            }
             if let (Some(e), Some(_)) = (failed, &sw.ranks) {
                 return Err(EvalError::Method(format!(
                     "{}: {e}: a failed sample stops a tensor-parallel run (its ranks cannot go on \
