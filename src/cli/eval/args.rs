@@ -46,7 +46,7 @@ prompt too long or out of memory); 2 error (bad input, interrupted)."
   kvc eval -m llama-3.1-8b --data-dir hub --rates 1,2,4,8,64 --device cuda:0
   kvc eval --ratios 0,0.5,0.75,0.875 --methods snapkv   # kvpress's compression_ratio: rates 1,2,4,8
   kvc eval -m mistral-7b --data-dir ~/LongBench/data.zip --tasks code,few-shot --limit 50
-  kvc eval -m ./Llama-3.1-70B-Instruct-FP8 --tp 4 --device cuda:0 --data-dir hub   # 4 GPUs, one model
+  kvc eval -m ./Llama-3.1-70B-Instruct-FP8 --tp 4 --device cuda:0 --data-dir hub
   kvc eval --data-dir ./data --tasks hotpotqa --methods snapkv,kvcompress --cache-tokens 128,512
   kvc eval --data-dir ./data --tasks e --methods full --json > summary.json
 
