@@ -488,3 +488,73 @@ fn eval_tensor_parallel_rank_failure_stops_the_group_and_resumes() {
     ok(kvc_eval(&model, &two, &["--tp", "2"]));
     assert_eq!(pred_rows(&two), pred_rows(&one));
 }
+
+fn kvc_bench(
+    model: &std::path::Path,
+    out: &std::path::Path,
+    kv_memory: &str,
+    tp: &str,
+) -> Vec<serde_json::Value> {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kvc"))
+        .args(["bench", "--model"])
+        .arg(model)
+        .args(["--device", "cpu", "--out"])
+        .arg(out)
+        .args([
+            "--block-size",
+            "4",
+            "--min-cache-tokens",
+            "8",
+            "--protected-window",
+            "4",
+        ])
+        .args([
+            "--kvc-window",
+            "4",
+            "--prefill-chunk",
+            "16",
+            "--no-progress",
+            "--json",
+        ])
+        .args(["--rates", "4", "--input-lens", "32", "--output-len", "6"])
+        .args([
+            "--num-prompts",
+            "4",
+            "--schedule",
+            "both",
+            "--kv-memory",
+            kv_memory,
+        ])
+        .args(["--tp", tp])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// `kvc bench --tp 2` with each rank's pool holding its half of the heads (half the bytes):
+/// the ranks agree on one schedule (no rank waits in a collective the others skipped), every
+/// request finishes with all its tokens, and here the schedule is the one-rank schedule
+/// (batch sizes, steps, preemptions) for the full cache and both KV-Compress schedules.
+#[test]
+fn bench_tensor_parallel_runs_one_schedule() {
+    let (tmp, model) = eval_fixture();
+    let one = kvc_bench(&model, &tmp.path().join("one"), "60000", "1");
+    let two = kvc_bench(&model, &tmp.path().join("two"), "30000", "2");
+    assert_eq!(one.len(), two.len());
+    let key = |r: &serde_json::Value| {
+        (
+            r["method"].as_str().unwrap().to_string(),
+            r["rate"].as_f64().unwrap().to_string(),
+        )
+    };
+    for (a, b) in one.iter().zip(&two) {
+        assert_eq!(key(a), key(b));
+        for col in ["num_requests", "total_num_tokens"] {
+            assert_eq!(a[col], b[col], "{col} {:?}", key(a));
+        }
+        for col in ["max_batch", "decode_steps", "preemptions"] {
+            assert_eq!(a[col], b[col], "{col} {:?}", key(a));
+        }
+    }
+}

@@ -45,6 +45,7 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use crate::compress::policy::{BudgetFn, CompressHooks, Policy};
+use crate::compress::ranks::RankExchange;
 use crate::engine::{self, prefill_chunks, Hooks};
 use crate::kvcache::budget::{allowed_blocks, max_cache_tokens, tokens_for_rate};
 use crate::kvcache::paged::{PagedCache, PagedSpec};
@@ -276,6 +277,10 @@ struct Sched<'a, 'h> {
     /// Decode batch sizes summed over decode steps (for the mean).
     batch_sum: usize,
     on_cuda: bool,
+    /// A tensor-parallel rank's group (`None`: the whole model here): each rank's pool holds
+    /// its kv-heads, and every decision that reads the pool is agreed (docs/design.md,
+    /// "Tensor parallel").
+    ranks: Option<RankExchange>,
 }
 
 /// What a group's prefill left for [`Sched::start_group`]: one entry per request of the group.
@@ -301,6 +306,9 @@ impl<'a, 'h> Sched<'a, 'h> {
         let mut cache = PagedCache::new(spec.clone(), cfg.num_blocks)?;
         cache.set_device_compression(cfg.compress_on_device);
         let on_cuda = model.device.is_cuda();
+        let ranks = model
+            .comm()
+            .map(|c| RankExchange::new(c.clone(), model.device.clone()));
         Ok(Sched {
             model,
             policy,
@@ -327,7 +335,34 @@ impl<'a, 'h> Sched<'a, 'h> {
             paused: false,
             batch_sum: 0,
             on_cuda,
+            ranks,
         })
+    }
+
+    /// The smallest of every rank's `n` (`n` alone without tensor parallelism).
+    fn agreed_min(&self, n: usize) -> Result<usize> {
+        self.ranks.as_ref().map_or(Ok(n), |x| x.min(n))
+    }
+
+    /// Whether `ok` holds on every rank.
+    fn all_ranks(&self, ok: bool) -> Result<bool> {
+        match &self.ranks {
+            Some(x) => Ok(x.sum(usize::from(!ok))? == 0),
+            None => Ok(ok),
+        }
+    }
+
+    /// Blocks each running sequence holds over all ranks, and the number of ranks.
+    fn held_blocks(&self) -> Result<(Vec<usize>, usize)> {
+        let mine: Vec<usize> = self
+            .running
+            .iter()
+            .map(|r| self.cache.pool().seq_blocks(r.seq).unwrap_or(0))
+            .collect();
+        match &self.ranks {
+            Some(x) => Ok((x.sum_each(&mine)?, x.shard().world)),
+            None => Ok((mine, 1)),
+        }
     }
 
     /// Tokens of `r`'s context: its prompt plus the output it has so far.
@@ -392,12 +427,12 @@ impl<'a, 'h> Sched<'a, 'h> {
     /// it (one round: metrics flushed, evictions planned and executed per sequence); returns
     /// whether any was compressed.
     fn compress_over_budget(&mut self) -> Result<bool> {
+        // Over budget over all ranks' heads: a rank's allowance is its share of the whole's.
+        let (held, world) = self.held_blocks()?;
         let over: Vec<usize> = (0..self.running.len())
             .filter(|&i| {
                 let r = &self.running[i];
-                r.hooks.is_some()
-                    && r.allowed
-                        .is_some_and(|a| self.cache.pool().seq_blocks(r.seq).unwrap_or(0) > a)
+                r.hooks.is_some() && r.allowed.is_some_and(|a| held[i] > a * world)
             })
             .collect();
         if over.is_empty() {
@@ -466,6 +501,7 @@ impl<'a, 'h> Sched<'a, 'h> {
         {
             k += 1;
         }
+        let mut k = self.agreed_min(k)?;
         if k == 0 {
             if running == 0 && free < full {
                 candle_core::bail!(
@@ -507,6 +543,7 @@ impl<'a, 'h> Sched<'a, 'h> {
                     self.budget_of,
                 )
                 .on_demand(self.cfg.score_decode)
+                .with_ranks(self.ranks.clone())
             }));
         }
         let probe = hooks[0].as_ref().map_or(Probe::None, |h| h.prefill_probe());
@@ -594,7 +631,7 @@ impl<'a, 'h> Sched<'a, 'h> {
                 .iter()
                 .map(|r| step_need(&self.cache, r.seq))
                 .sum();
-            if need <= self.cache.pool().free_blocks() {
+            if self.all_ranks(need <= self.cache.pool().free_blocks())? {
                 return Ok(());
             }
             self.paused = true;

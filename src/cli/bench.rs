@@ -8,12 +8,13 @@ use super::model_args::ModelArgs;
 use crate::bench::report::{self, RowMeta, ThroughputRow};
 use crate::bench::{self, synthetic, KvMemory, Schedule, SweepConfig};
 use crate::compress::policy::Policy;
+use crate::compress::ranks::RankExchange;
 use crate::compress::{self, MethodOptions, MethodSpec};
 use crate::kvcache::paged::PagedSpec;
 use crate::model::{Config, LoadedModel};
 use crate::util::{write_atomic, Status};
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 #[command(
     long_about = "The KV-Compress paper's throughput benchmark: synthetic prompts of each input \
 length, greedy decoding of exactly --output-len tokens (stop tokens ignored), continuous batching \
@@ -115,6 +116,11 @@ pub struct BenchArgs {
     /// Print the rows as a JSON array on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Split the model over N ranks (tensor parallel; see `kvc eval --help`): each rank's
+    /// pool of --kv-memory holds its kv-heads, and the ranks agree on every admission,
+    /// compression and preemption, so they run one schedule. Rank 0 writes the rows.
+    #[arg(long, visible_alias = "tp", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub tensor_parallel: u16,
 }
 
 /// `--schedule`.
@@ -159,15 +165,50 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Status> {
     if args.plot_only {
         return plot_only(&args);
     }
-    let mut lm = args.model.load()?;
-    let b = setup(&args, &lm)?;
-    announce(&args, &lm.name, &b)?;
+    let world = args.tensor_parallel as usize;
+    if world > 1 {
+        return super::tensor_parallel::on_ranks(&args.model, world, |rank, lm| {
+            let comm = lm.model.comm().cloned().ok_or_else(|| {
+                anyhow::anyhow!("tensor-parallel rank {rank} loaded without its group")
+            })?;
+            let x = RankExchange::new(comm, lm.model.device.clone());
+            if rank == 0 {
+                return bench_on(&args, lm, Some(&x));
+            }
+            let quiet = BenchArgs {
+                no_progress: true,
+                json: false,
+                ..args.clone()
+            };
+            follow(&quiet, lm, &x)
+        });
+    }
+    bench_on(&args, args.model.load()?, None)
+}
+
+/// A tensor-parallel rank other than 0: the same measurements, nothing written or printed.
+fn follow(args: &BenchArgs, mut lm: LoadedModel, x: &RankExchange) -> anyhow::Result<Status> {
+    let b = setup(args, &lm)?;
+    warm_up(&mut lm, &b)?;
+    let points = points(&b.sw, &args.schedule.schedules());
+    measure(args, &mut lm, &b, &points, None, &mut Vec::new(), Some(x))?;
+    Ok(Status::Ok)
+}
+
+/// The benchmark on one model (or on rank 0 of a tensor-parallel group, `ranks`).
+fn bench_on(
+    args: &BenchArgs,
+    mut lm: LoadedModel,
+    ranks: Option<&RankExchange>,
+) -> anyhow::Result<Status> {
+    let b = setup(args, &lm)?;
+    announce(args, &lm.name, &b)?;
     warm_up(&mut lm, &b)?;
     let points = points(&b.sw, &args.schedule.schedules());
     let total = (points.len() * b.sw.input_lens.len() * b.sw.num_prompts) as u64;
-    let bar = progress_bar(&args, total);
-    let mut rows = resumed_rows(&args, &lm.name, &b)?;
-    measure(&args, &mut lm, &b, &points, bar.as_ref(), &mut rows)?;
+    let bar = progress_bar(args, total);
+    let mut rows = resumed_rows(args, &lm.name, &b)?;
+    measure(args, &mut lm, &b, &points, bar.as_ref(), &mut rows, ranks)?;
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
@@ -329,6 +370,7 @@ fn announce(args: &BenchArgs, model: &str, b: &Bench) -> anyhow::Result<()> {
         "sweep": sw,
         "schedules": args.schedule.schedules(),
         "kvc_window": args.kvc_window,
+        "tensor_parallel": args.tensor_parallel,
         "kvc_version": env!("CARGO_PKG_VERSION"),
     });
     write_atomic(
@@ -406,7 +448,8 @@ fn resumed_rows(args: &BenchArgs, model: &str, b: &Bench) -> anyhow::Result<Vec<
 
 /// Measures every (input length, rate, schedule) not yet in `rows`, input lengths outermost;
 /// after each one the rows are sorted (input length, method, rate), their speedups filled and
-/// the CSV rewritten, so an interrupted sweep keeps what finished.
+/// the CSV rewritten, so an interrupted sweep keeps what finished. Under tensor parallelism
+/// (`ranks`) rank 0's rows decide what is measured and only rank 0 writes.
 fn measure(
     args: &BenchArgs,
     lm: &mut LoadedModel,
@@ -414,8 +457,10 @@ fn measure(
     points: &[(f64, Schedule)],
     bar: Option<&ProgressBar>,
     rows: &mut Vec<ThroughputRow>,
+    ranks: Option<&RankExchange>,
 ) -> anyhow::Result<()> {
     let sw = &b.sw;
+    let lead = ranks.is_none_or(|x| x.shard().rank == 0);
     let excluded = bench::excluded_ids(lm);
     for &l in &sw.input_lens {
         let prompts = synthetic::prompts(
@@ -427,10 +472,14 @@ fn measure(
         );
         for &(rate, schedule) in points {
             let method = bench::method_name(rate, schedule);
-            if rows
+            let done = rows
                 .iter()
-                .any(|r| r.rate == rate && r.input_len == l && r.method == method)
-            {
+                .any(|r| r.rate == rate && r.input_len == l && r.method == method);
+            let done = match ranks {
+                Some(x) => x.gather_u32(vec![u32::from(done)])?[0][0] == 1,
+                None => done,
+            };
+            if done {
                 if let Some(bar) = bar {
                     bar.inc(sw.num_prompts as u64);
                 }
@@ -445,7 +494,9 @@ fn measure(
                     .then(x.rate.total_cmp(&y.rate))
             });
             report::fill_speedups(rows);
-            write_atomic(&b.csv_path, &report::to_csv(rows)?)?;
+            if lead {
+                write_atomic(&b.csv_path, &report::to_csv(rows)?)?;
+            }
         }
     }
     Ok(())

@@ -51,6 +51,23 @@ impl RankExchange {
         Ok(self.comm.all_reduce_sum(&t)?.to_vec1::<u32>()?[0] as usize)
     }
 
+    /// The elementwise sum over ranks of `v` (the same length on every rank).
+    pub fn sum_each(&self, v: &[usize]) -> Result<Vec<usize>> {
+        if v.is_empty() {
+            return Ok(Vec::new());
+        }
+        let w: Vec<u32> = v.iter().map(|&n| n as u32).collect();
+        let t = Tensor::from_vec(w, v.len(), &self.device)?;
+        let s = self.comm.all_reduce_sum(&t)?.to_vec1::<u32>()?;
+        Ok(s.into_iter().map(|n| n as usize).collect())
+    }
+
+    /// The smallest `n` over ranks.
+    pub fn min(&self, n: usize) -> Result<usize> {
+        let all = self.gather_u32(vec![n as u32])?;
+        Ok(all.iter().map(|r| r[0] as usize).min().unwrap_or(n))
+    }
+
     /// Every rank's `u32` values in rank order (each rank gives `n` of them).
     pub fn gather_u32(&self, mine: Vec<u32>) -> Result<Vec<Vec<u32>>> {
         let n = mine.len();
@@ -146,6 +163,8 @@ mod tests {
             let r = x.shard().rank;
             let mine: Vec<Candidate> = (0..r).map(|j| (-(j as f32) - 0.5, r * 10, j)).collect();
             let per_head = vec![vec![r, r + 1], vec![r + 2, r + 3]];
+            assert_eq!(x.sum_each(&[r, 2 * r, 7]).unwrap(), vec![3, 6, 21]);
+            assert_eq!(x.min(5 - r).unwrap(), 3);
             (
                 x.sum(r + 1).unwrap(),
                 x.gather(&mine, 2).unwrap(),
