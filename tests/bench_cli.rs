@@ -3,6 +3,8 @@
 //! 1x); `--resume` skips measured pairs; bad input
 //! (rates below 1, a budget below one sequence, lengths beyond the context) exits 2 with one
 //! line naming the fix.
+mod common;
+
 use kvc::model::tiny::{write_hf_dir, TinySpec};
 use std::path::Path;
 use std::process::{Command, Output};
@@ -13,29 +15,6 @@ fn kvc(args: &[&str]) -> Output {
         .env("HF_HUB_OFFLINE", "1")
         .output()
         .unwrap()
-}
-
-fn base<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
-    vec![
-        "bench",
-        "--model",
-        model,
-        "--device",
-        "cpu",
-        "--out",
-        out,
-        "--block-size",
-        "4",
-        "--min-cache-tokens",
-        "8",
-        "--protected-window",
-        "4",
-        "--kvc-window",
-        "4",
-        "--prefill-chunk",
-        "16",
-        "--no-progress",
-    ]
 }
 
 fn one_error_line(o: &Output) -> String {
@@ -60,7 +39,7 @@ fn bench_writes_csv_plots_json_and_resumes() {
     let (m, o) = (model.to_str().unwrap(), out.to_str().unwrap());
     // 548-byte blocks (4 tokens x 16 dims x f32, K and V, + metadata); 60000 bytes = 109
     // blocks; a full 48+6-token sequence needs 56: the full cache holds 1 of 4.
-    let mut args = base(m, o);
+    let mut args = common::bench_args(m, o);
     args.extend([
         "--rates",
         "4",
@@ -163,7 +142,7 @@ fn bench_writes_csv_plots_json_and_resumes() {
         }
     }
     // Resume: the eight rows exist; only rate 2 of each schedule is new.
-    let mut args = base(m, o);
+    let mut args = common::bench_args(m, o);
     args.extend([
         "--rates",
         "2,4",
@@ -194,7 +173,7 @@ fn bad_input_exits_2_with_one_line() {
     let out = tmp.path().join("results");
     let (m, o) = (model.to_str().unwrap(), out.to_str().unwrap());
     let run = |extra: &[&str]| {
-        let mut a = base(m, o);
+        let mut a = common::bench_args(m, o);
         a.extend(extra);
         one_error_line(&kvc(&a))
     };
@@ -226,7 +205,7 @@ fn bad_input_exits_2_with_one_line() {
         .chars()
         .take_while(|c| c.is_ascii_digit())
         .collect();
-    let mut a = base(m, o);
+    let mut a = common::bench_args(m, o);
     a.extend([
         "--ratios", // kvpress's notation for rates 1 and 8
         "0,0.875",

@@ -495,37 +495,20 @@ fn kvc_bench(
     kv_memory: &str,
     tp: &str,
 ) -> Vec<serde_json::Value> {
+    let (m, o) = (model.to_str().unwrap(), out.to_str().unwrap());
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_kvc"))
-        .args(["bench", "--model"])
-        .arg(model)
-        .args(["--device", "cpu", "--out"])
-        .arg(out)
+        .args(common::bench_args(m, o))
         .args([
-            "--block-size",
-            "4",
-            "--min-cache-tokens",
-            "8",
-            "--protected-window",
-            "4",
-        ])
-        .args([
-            "--kvc-window",
-            "4",
-            "--prefill-chunk",
-            "16",
-            "--no-progress",
             "--json",
-        ])
-        .args(["--rates", "4", "--input-lens", "32", "--output-len", "6"])
-        .args([
-            "--num-prompts",
+            "--rates",
             "4",
-            "--schedule",
-            "both",
-            "--kv-memory",
-            kv_memory,
+            "--input-lens",
+            "32",
+            "--output-len",
+            "6",
         ])
-        .args(["--tp", tp])
+        .args(["--num-prompts", "4", "--schedule", "both"])
+        .args(["--kv-memory", kv_memory, "--tp", tp])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -306,9 +306,7 @@ impl<'a, 'h> Sched<'a, 'h> {
         let mut cache = PagedCache::new(spec.clone(), cfg.num_blocks)?;
         cache.set_device_compression(cfg.compress_on_device);
         let on_cuda = model.device.is_cuda();
-        let ranks = model
-            .comm()
-            .map(|c| RankExchange::new(c.clone(), model.device.clone()));
+        let ranks = RankExchange::of(model);
         Ok(Sched {
             model,
             policy,

@@ -168,10 +168,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Status> {
     let world = args.tensor_parallel as usize;
     if world > 1 {
         return super::tensor_parallel::on_ranks(&args.model, world, |rank, lm| {
-            let comm = lm.model.comm().cloned().ok_or_else(|| {
+            let x = RankExchange::of(&lm.model).ok_or_else(|| {
                 anyhow::anyhow!("tensor-parallel rank {rank} loaded without its group")
             })?;
-            let x = RankExchange::new(comm, lm.model.device.clone());
             if rank == 0 {
                 return bench_on(&args, lm, Some(&x));
             }

@@ -59,11 +59,8 @@ impl PagedRunner {
     /// Hooks of this runner's policy; a policy that reweights by the output projection
     /// ([`super::policy::Policy::reweights`]) gets `model`'s.
     fn hooks<'h>(&'h self, model: &Llama, budget_of: &'h BudgetFn<'h>) -> CompressHooks<'h> {
-        let ranks = model
-            .comm()
-            .map(|c| RankExchange::new(c.clone(), model.device.clone()));
-        let hooks =
-            CompressHooks::new(self.policy.as_ref(), self.layers, budget_of).with_ranks(ranks);
+        let hooks = CompressHooks::new(self.policy.as_ref(), self.layers, budget_of)
+            .with_ranks(RankExchange::of(model));
         if self.policy.reweights() {
             return hooks.with_out_proj(model.out_proj());
         }

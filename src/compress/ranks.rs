@@ -14,6 +14,7 @@ use super::policy::{Phase, Policy, SeqView};
 use crate::cuda::comm::{Comm, Shard};
 use crate::cuda::select::Candidate;
 use crate::kvcache::blocks::EvictionPlan;
+use crate::model::Llama;
 
 /// How a policy's plan runs when the kv-heads are split among ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +40,14 @@ impl RankExchange {
         RankExchange { comm, device }
     }
 
+    /// The exchange of `model`'s tensor-parallel group on its device (`None`: the whole model
+    /// is here).
+    pub fn of(model: &Llama) -> Option<Self> {
+        model
+            .comm()
+            .map(|c| RankExchange::new(c.clone(), model.device.clone()))
+    }
+
     /// Where this rank sits.
     pub fn shard(&self) -> Shard {
         self.comm.shard()
@@ -46,9 +55,7 @@ impl RankExchange {
 
     /// The sum over ranks of `n` (each rank's count of something its heads hold).
     pub fn sum(&self, n: usize) -> Result<usize> {
-        let n = u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("{n} > u32")))?;
-        let t = Tensor::new(&[n], &self.device)?;
-        Ok(self.comm.all_reduce_sum(&t)?.to_vec1::<u32>()?[0] as usize)
+        Ok(self.sum_each(&[n])?[0])
     }
 
     /// The elementwise sum over ranks of `v` (the same length on every rank).
@@ -56,7 +63,10 @@ impl RankExchange {
         if v.is_empty() {
             return Ok(Vec::new());
         }
-        let w: Vec<u32> = v.iter().map(|&n| n as u32).collect();
+        let w = v
+            .iter()
+            .map(|&n| u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("{n} > u32"))))
+            .collect::<Result<Vec<u32>>>()?;
         let t = Tensor::from_vec(w, v.len(), &self.device)?;
         let s = self.comm.all_reduce_sum(&t)?.to_vec1::<u32>()?;
         Ok(s.into_iter().map(|n| n as usize).collect())
@@ -145,21 +155,12 @@ pub fn global_head(i: usize, local: usize, shard: Shard) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::comm::ThreadComm;
-
-    fn on_ranks<T: Send>(world: usize, f: impl Fn(RankExchange) -> T + Sync) -> Vec<T> {
-        std::thread::scope(|s| {
-            let hs: Vec<_> = ThreadComm::group(world)
-                .into_iter()
-                .map(|c| s.spawn(|| f(RankExchange::new(Arc::new(c), Device::Cpu))))
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        })
-    }
+    use crate::cuda::comm::on_ranks;
 
     #[test]
     fn candidates_and_counts_travel_whole() {
-        let out = on_ranks(3, |x| {
+        let out = on_ranks(3, |c| {
+            let x = RankExchange::new(Arc::new(c), Device::Cpu);
             let r = x.shard().rank;
             let mine: Vec<Candidate> = (0..r).map(|j| (-(j as f32) - 0.5, r * 10, j)).collect();
             let per_head = vec![vec![r, r + 1], vec![r + 2, r + 3]];

@@ -199,20 +199,22 @@ impl Comm for ThreadComm {
     }
 }
 
+/// Runs `f(rank's comm)` on one thread per rank of a `world`-rank [`ThreadComm`] group;
+/// returns the results in rank order (for unit tests of code that meets in collectives).
+#[cfg(test)]
+pub(crate) fn on_ranks<T: Send>(world: usize, f: impl Fn(ThreadComm) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = ThreadComm::group(world)
+            .into_iter()
+            .map(|c| s.spawn(|| f(c)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Runs `f(rank's comm)` on one thread per rank; returns the results in rank order.
-    fn on_ranks<T: Send>(world: usize, f: impl Fn(ThreadComm) -> T + Sync) -> Vec<T> {
-        std::thread::scope(|s| {
-            let hs: Vec<_> = ThreadComm::group(world)
-                .into_iter()
-                .map(|c| s.spawn(|| f(c)))
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        })
-    }
 
     #[test]
     fn parts_cover_the_items_in_rank_order_or_name_the_misfit() {

@@ -141,3 +141,28 @@ pub fn venv_python(what: &str) -> Option<std::path::PathBuf> {
         text.lines().last().expect("venv python path").trim(),
     ))
 }
+
+/// `kvc bench`'s arguments for the tiny test models on the CPU (small blocks, windows and
+/// chunks, no progress bar), before each test's rates, lengths and pool.
+pub fn bench_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "bench",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        "--block-size",
+        "4",
+        "--min-cache-tokens",
+        "8",
+        "--protected-window",
+        "4",
+        "--kvc-window",
+        "4",
+        "--prefill-chunk",
+        "16",
+        "--no-progress",
+    ]
+}

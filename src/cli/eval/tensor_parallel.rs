@@ -35,10 +35,9 @@ pub(super) fn run(args: EvalArgs, world: usize) -> anyhow::Result<Status> {
         let sel = select(&a, &note)?;
         check_methods(&a, &lm, &sel.plans)?;
         check_rank_split(&a, &lm, &sel.plans)?;
-        let comm = lm.model.comm().cloned().ok_or_else(|| {
+        let x = RankExchange::of(&lm.model).ok_or_else(|| {
             anyhow::anyhow!("tensor-parallel rank {rank} loaded without its group")
         })?;
-        let x = RankExchange::new(comm, lm.model.device.clone());
         let m = Loaded {
             resolved: a.model.resolve()?,
             device: lm.model.device.clone(),
