@@ -450,7 +450,7 @@ fn compression_holds_budgets_and_keeps_the_pool_consistent() {
             let spec = MethodSpec::parse(m).unwrap();
             let policy: Box<dyn Policy> = compress::build_policy(&spec, &cfg, &opts).unwrap();
             let budget = 12;
-            let out_proj = lm.model.out_proj();
+            let out_proj = lm.model.out_proj().unwrap();
             let budget_of = move |_: usize| Some(budget);
             let no_budget = |_: usize| None;
             let new_cache = || cpu_cache(&cfg, opts.block_size);

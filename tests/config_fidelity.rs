@@ -443,3 +443,70 @@ fn fp8_weights_load_dequantized() {
     let e = load(&quant).err().expect("block-wise").to_string();
     assert!(e.contains("block-wise") && e.contains("down_proj"), "{e}");
 }
+
+/// First-step logits of [`logits`]'s prompt with `dir`'s FP8 projections kept in e4m3
+/// (`fp8_matmul`; on the CPU they run the FP8 linear twin, the GPU kernels' oracle).
+fn fp8_logits(dir: &Path, fp8_matmul: bool) -> (Vec<f32>, kvc::model::llama::Fp8Weights) {
+    let cfg = kvc::model::config::load_hf_config(dir).unwrap();
+    let mut src = kvc::model::weights::WeightSource::safetensors_dir(dir).unwrap();
+    let mut model = kvc::model::llama::Llama::load_shard(
+        &cfg,
+        &mut src,
+        DType::F32,
+        &Device::Cpu,
+        None,
+        fp8_matmul,
+    )
+    .unwrap();
+    let lm = load(dir).unwrap();
+    let text = "the cat sat on the mat and then the rat ate it ".repeat(5);
+    let ids = lm.prompt_ids(&text, false).unwrap();
+    let params = GenParams {
+        max_new_tokens: 1,
+        stop_ids: Default::default(),
+        min_new_tokens: 0,
+        prefill_chunk: 64,
+        max_context: lm.config().max_context(),
+    };
+    let mut cache = ContiguousCache::new(cfg.num_hidden_layers);
+    let g = engine::generate(&mut model, &mut cache, &ids, &params, &mut NoHooks).unwrap();
+    (g.first_logits.unwrap(), model.fp8)
+}
+
+/// FP8 matmuls (weights kept in e4m3, q/k/v and gate/up merged with their own scales, the
+/// activations quantized per token): logits close to the dequantized checkpoint's, not equal
+/// to them; `--fp8 matmul` where it cannot run names the fix.
+#[test]
+fn fp8_matmuls_track_the_dequantized_weights() {
+    use kvc::model::llama::Fp8Weights;
+    use kvc::model::Fp8Mode;
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        scale: 0.4,
+        ..Default::default()
+    };
+    for per_row in [true, false] {
+        let (quant, _) = fp8_pair(tmp.path(), &format!("m{per_row}"), &spec, per_row);
+        let (deq, how) = fp8_logits(&quant, false);
+        assert_eq!(how, Fp8Weights::Dequantized);
+        let (got, how) = fp8_logits(&quant, true);
+        assert_eq!(how, Fp8Weights::Matmul);
+        assert!(
+            max_abs_diff(&got, &deq) > 0.0,
+            "per_row {per_row}: the activations are quantized"
+        );
+        // The tiny random model amplifies e4m3's rounding of its activations (cosine ~0.98
+        // here; 1 - 1e-6 with the activations left unquantized, which checks the merges and
+        // scales); a scale on the wrong rows lands far lower.
+        let dot: f32 = got.iter().zip(&deq).map(|(a, b)| a * b).sum();
+        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
+        let cos = dot / norm(&got) / norm(&deq);
+        assert!(cos > 0.95, "per_row {per_row}: cosine {cos}");
+    }
+    let e = Fp8Mode::Matmul
+        .matmul(DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--fp8 dequantize"), "{e}");
+    assert!(!Fp8Mode::Auto.matmul(DType::BF16, &Device::Cpu).unwrap());
+}

@@ -1701,9 +1701,14 @@ mod e2e {
             hub_id: None,
             revision: None,
         };
-        let mut ranked =
-            kvc::model::load_shard(&resolved, &dev, DType::F32, Some(comm as Arc<dyn Comm>))
-                .unwrap();
+        let mut ranked = kvc::model::load_shard(
+            &resolved,
+            &dev,
+            DType::F32,
+            Some(comm as Arc<dyn Comm>),
+            kvc::model::Fp8Mode::Auto,
+        )
+        .unwrap();
         let layers = plain.model.cfg.num_hidden_layers;
         let prompt: Vec<u32> = (0..45u32).map(|i| (i * 37 + 11) % 250).collect();
         let run = |lm: &mut kvc::model::LoadedModel| {
@@ -1919,4 +1924,52 @@ fn key_scoring_on_cuda_equals_cpu() {
         "SUMMARY key scoring on the GPU vs the CPU: {}",
         summary.join("; ")
     );
+}
+
+/// The FP8 linear layer (per-token e4m3 quantization, cuBLASLt's e4m3 GEMM, the scales after
+/// it) against its twin in bf16, for a decode row, a few rows and a prefill chunk:
+/// the same quantized products, summed in another order and rounded to the run dtype twice.
+#[test]
+fn fp8_linear_matches_twin() {
+    use kvc::cuda::fp8_linear::{self, f32_to_e4m3, Fp8Weight};
+    let dev = gpu();
+    assert!(fp8_linear::supported(&dev).unwrap(), "an FP8 GPU (8.9+)");
+    let mut rng = StdRng::seed_from_u64(29);
+    {
+        let dt = DType::BF16;
+        for (rows, out, inp) in [(1, 256, 512), (7, 384, 1024), (300, 128, 2048)] {
+            let bits: Vec<u8> = rnd(&mut rng, out * inp, 400.0)
+                .into_iter()
+                .map(f32_to_e4m3)
+                .collect();
+            let scale: Vec<f32> = (0..out)
+                .map(|_| 1e-3 + rng.random::<f32>() * 1e-2)
+                .collect();
+            let host_w = Fp8Weight {
+                w: Tensor::from_vec(bits, (out, inp), &Device::Cpu).unwrap(),
+                scale: Tensor::from_vec(scale, out, &Device::Cpu).unwrap(),
+            };
+            let gpu_w = Fp8Weight {
+                w: host_w.w.to_device(&dev).unwrap(),
+                scale: host_w.scale.to_device(&dev).unwrap(),
+            };
+            let mut xs = rnd(&mut rng, rows * inp, 4.0);
+            xs[rows * inp / 2] = 90.0; // an outlier sets one row's scale
+            let x = Tensor::from_vec(xs, (rows, inp), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let want = f32s(&fp8_linear::fp8_linear_twin(&x, &host_w).unwrap());
+            let got = fp8_linear::fp8_linear(&x.to_device(&dev).unwrap(), &gpu_w, true).unwrap();
+            assert_eq!(got.dims(), [rows, out]);
+            assert_eq!(got.dtype(), dt);
+            let got = f32s(&got);
+            let span = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let (worst, maxabs) = compare(&got, &want, 1e-3 * span, 1.0 / 64.0);
+            assert!(
+                worst <= 1.0,
+                "{dt:?} [{rows}, {inp}] x [{out}, {inp}]: worst {worst}, max abs {maxabs} of {span}"
+            );
+        }
+    }
 }

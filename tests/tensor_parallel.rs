@@ -13,7 +13,7 @@ use kvc::kvcache::contiguous::ContiguousCache;
 use kvc::kvcache::paged::{PagedCache, PagedSpec};
 use kvc::kvcache::{CacheBackend, Probe};
 use kvc::model::tiny::{write_hf_dir, TinySpec};
-use kvc::model::LoadedModel;
+use kvc::model::{Fp8Mode, LoadedModel};
 use std::sync::Arc;
 
 fn resolved(dir: &std::path::Path) -> ResolvedModel {
@@ -27,7 +27,14 @@ fn resolved(dir: &std::path::Path) -> ResolvedModel {
 
 fn load(dir: &std::path::Path, comm: Option<ThreadComm>) -> LoadedModel {
     let comm = comm.map(|c| Arc::new(c) as Arc<dyn Comm>);
-    kvc::model::load_shard(&resolved(dir), &Device::Cpu, DType::F32, comm).unwrap()
+    kvc::model::load_shard(
+        &resolved(dir),
+        &Device::Cpu,
+        DType::F32,
+        comm,
+        Fp8Mode::Auto,
+    )
+    .unwrap()
 }
 
 /// `f(rank's model)` on one thread per rank of a `world`-rank group; results in rank order.
@@ -162,9 +169,15 @@ fn a_degree_that_does_not_divide_the_heads_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     write_hf_dir(tmp.path(), &spec(true), 1).unwrap();
     let comm = Arc::new(ThreadComm::group(3).remove(0)) as Arc<dyn Comm>;
-    let e = kvc::model::load_shard(&resolved(tmp.path()), &Device::Cpu, DType::F32, Some(comm))
-        .err()
-        .expect("3 ranks cannot share 8 heads");
+    let e = kvc::model::load_shard(
+        &resolved(tmp.path()),
+        &Device::Cpu,
+        DType::F32,
+        Some(comm),
+        Fp8Mode::Auto,
+    )
+    .err()
+    .expect("3 ranks cannot share 8 heads");
     let msg = e.to_string();
     assert!(
         msg.contains("attention heads (8)") && msg.contains("3 tensor-parallel"),
@@ -185,7 +198,7 @@ fn ranks_of_a_gguf_equal_the_whole_gguf() {
         ..resolved(tmp.path())
     };
     let load = |comm: Option<Arc<dyn Comm>>| {
-        kvc::model::load_shard(&src, &Device::Cpu, DType::F32, comm).unwrap()
+        kvc::model::load_shard(&src, &Device::Cpu, DType::F32, comm, Fp8Mode::Auto).unwrap()
     };
     let mut whole = load(None);
     let layers = whole.model.cfg.num_hidden_layers;

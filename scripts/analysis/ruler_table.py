@@ -7,7 +7,8 @@ so its percentage is over another mix of tasks).
 
 TREE: a `kvc eval` / `kvc score` results tree (summary.csv, category `all`). With several trees
 (runs of one table made in several device leases), a run of a later tree replaces an earlier
-tree's run of the same method and rate when it has at least as many rows; each tree's
+tree's run of the same method and rate when it has at least as many rows (a run with a percent
+of full always beats one without: rows past its tree's full cache have none); each tree's
 percentages are against its own full cache, and the full cache of every tree is printed.
 """
 import collections
@@ -30,7 +31,10 @@ def main(paths):
         for r in rows:
             rate = int(float(r["rate"]))
             old = by[r["method"]].get(rate)
-            if old is None or int(r["n"]) >= int(old["n"]):
+            # The run with the most rows among those with a percent of full (a run past its
+            # full cache's rows has none), then the most rows.
+            rank = lambda x: (bool(x["percent_of_full"]), int(x["n"]))
+            if old is None or rank(r) >= rank(old):
                 by[r["method"]][rate] = r
         fulls += [(path, r) for r in rows if r["method"] == "full"]
     full = by["full"][1]
@@ -53,6 +57,9 @@ def main(paths):
 def cell(run, n_full):
     if not run:
         return "-"
+    if not run["percent_of_full"]:
+        # Rows past the full cache's (kvc score pairs each row with the full cache's).
+        return f"- (n {run['n']}, past the full cache's rows)"
     c = (
         f"{float(run['percent_of_full']):.1f} [{float(run['percent_of_full_ci_low']):.1f}, "
         f"{float(run['percent_of_full_ci_high']):.1f}]"

@@ -13,7 +13,8 @@ writes (`rope_parameters`); legacy rewrites config.json with top-level `rope_the
 when reporting). Llama needs Meta's tiktoken `tokenizer.model` (scripts/fetch-llama3-tokenizer.sh):
 it is converted to tokenizer.json by transformers' TikTokenConverter (needs the `tiktoken`
 package) and tokenizer_config.json gets Llama-3.1-Instruct's chat template; the tiktoken file is
-kept beside it. Mistral takes --tokenizer-dir: the directory `scripts/fetch-mistral-tokenizer.sh`
+kept beside it; or --tokenizer-dir: a checkpoint this script wrote, whose tokenizer files are
+copied (no tiktoken needed). Mistral takes --tokenizer-dir: the directory `scripts/fetch-mistral-tokenizer.sh`
 writes (Mistral-7B's 32000-token SentencePiece model converted to tokenizer.json, with
 Mistral-7B-Instruct-v0.2's chat template), copied in.
 Weights are random (normal, initializer_range): outputs are noise, for parity/memory/speed only.
@@ -197,9 +198,10 @@ def main():
     if a.rope_format == "legacy":
         legacy = dict(hub, quantization_config=quant_config(a.fp8)) if a.fp8 else hub
         json.dump(legacy, open(os.path.join(a.out, "config.json"), "w"), indent=2)
-    if family == "llama":
+    if family == "llama" and not a.tokenizer_dir:
         if not a.tokenizer_model:
-            raise SystemExit("llama needs --tokenizer-model (Meta's tiktoken tokenizer.model)")
+            raise SystemExit("llama needs --tokenizer-model (Meta's tiktoken tokenizer.model) "
+                             "or --tokenizer-dir (one written by this script)")
         write_llama_tokenizer(a.out, a.tokenizer_model)
     else:
         if not a.tokenizer_dir:

@@ -126,7 +126,18 @@ fn measure_all(
 ) -> anyhow::Result<(String, [String; 3], Vec<Row>)> {
     let cfg = lm.config().clone();
     let device = format!("{:?}", lm.model.device);
-    let dtype = format!("{:?}", lm.model.dtype).to_lowercase();
+    let mut dtype = format!("{:?}", lm.model.dtype).to_lowercase();
+    if lm.model.fp8 == crate::model::llama::Fp8Weights::Matmul {
+        dtype.push_str("+fp8");
+    }
+    if let Some((free, total)) = crate::cuda::device_memory(&lm.model.device)? {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        eprintln!(
+            "{device}: {:.1} GiB of {:.1} in use after loading the model (weights, CUDA context)",
+            gib(total - free),
+            gib(total)
+        );
+    }
     for &n in &args.prompt_lens {
         if n == 0 || n + args.decode_tokens > cfg.max_context() {
             anyhow::bail!(

@@ -25,6 +25,12 @@ pub struct ModelArgs {
     /// benchmarks. Same results up to rounding.
     #[arg(long)]
     pub unfused_layers: bool,
+    /// FP8 (e4m3) checkpoints (fbgemm_fp8, compressed-tensors): `auto` runs FP8 tensor-core
+    /// matmuls on a GPU of compute capability 8.9+ in bf16 (half the weight memory) and
+    /// dequantizes at load elsewhere; `matmul` insists; `dequantize` keeps the run dtype's
+    /// matmuls (the reference). No effect on other checkpoints.
+    #[arg(long, value_enum, default_value_t = model::Fp8Mode::Auto)]
+    pub fp8: model::Fp8Mode,
 }
 
 impl ModelArgs {
@@ -55,8 +61,11 @@ impl ModelArgs {
         let device = self.device()?;
         let dtype = self.dtype(&device)?;
         let resolved = self.resolve()?;
-        let mut lm = model::load(&resolved, &device, dtype)?;
+        let mut lm = model::load_shard(&resolved, &device, dtype, None, self.fp8)?;
         lm.model.fused = !self.unfused_layers;
+        if let Some(note) = lm.weights_note() {
+            eprintln!("{note}");
+        }
         Ok(lm)
     }
 }

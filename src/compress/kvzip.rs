@@ -330,7 +330,8 @@ pub fn span_scores(
 ) -> Result<Tensor> {
     let (_, t, _) = q.dims3()?;
     let mask = causal_tail_mask(t, keys.dim(0)?, sink + span, done, q.device())?;
-    span_scores_masked(q, keys, &mask, sink, span, scale)
+    let (q, keys) = (q.to_dtype(DType::F32)?, keys.to_dtype(DType::F32)?);
+    span_scores_masked(&q, &keys, &mask, sink, span, scale)
 }
 
 /// [`span_scores`] with its mask given (`[t, keys]`, [`causal_tail_mask`]).

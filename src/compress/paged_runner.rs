@@ -58,13 +58,17 @@ impl PagedRunner {
 
     /// Hooks of this runner's policy; a policy that reweights by the output projection
     /// ([`super::policy::Policy::reweights`]) gets `model`'s.
-    fn hooks<'h>(&'h self, model: &Llama, budget_of: &'h BudgetFn<'h>) -> CompressHooks<'h> {
+    fn hooks<'h>(
+        &'h self,
+        model: &Llama,
+        budget_of: &'h BudgetFn<'h>,
+    ) -> Result<CompressHooks<'h>> {
         let hooks = CompressHooks::new(self.policy.as_ref(), self.layers, budget_of)
             .with_ranks(RankExchange::of(model));
         if self.policy.reweights() {
-            return hooks.with_out_proj(model.out_proj());
+            return Ok(hooks.with_out_proj(model.out_proj()?));
         }
-        hooks
+        Ok(hooks)
     }
 
     /// The cache shape for `model` (a tensor-parallel rank's: its kv-heads).
@@ -146,7 +150,7 @@ impl Runner for PagedRunner {
         let mut cache = self.cache_for(model, prompt, params)?;
         let raw = self.raw_budget(prompt.len(), self.budget);
         let budget_of = move |_len: usize| raw;
-        let mut hooks = self.hooks(model, &budget_of);
+        let mut hooks = self.hooks(model, &budget_of)?;
         let seq = cache.add_sequence()?;
         let g = prefill_scored(model, &mut cache, seq, prompt, params, &mut hooks)
             .and_then(|pre| engine::decode(model, &mut cache, seq, &pre, &[], params, &mut hooks));
@@ -212,7 +216,7 @@ impl PagedRunner {
         let mut cache = self.cache_for(model, prompt.ids, params)?;
         let seq = cache.add_sequence()?;
         let unknown = |_len: usize| None;
-        let mut proto = self.hooks(model, &unknown);
+        let mut proto = self.hooks(model, &unknown)?;
         let pre = prefill_scored(model, &mut cache, seq, prompt.context(), params, &mut proto)?;
         let question = prompt.question_ids();
         let mut out = Vec::with_capacity(raws.len());
@@ -383,7 +387,7 @@ impl PagedRunner {
         unknown: &'h BudgetFn<'h>,
     ) -> Result<(SeqId, CompressHooks<'h>, engine::Prefilled, u32)> {
         cache.add_sequence().and_then(|seq0| {
-            let mut proto = self.hooks(model, unknown);
+            let mut proto = self.hooks(model, unknown)?;
             match prefill_scored(model, cache, seq0, prompt, params, &mut proto)
                 .and_then(|pre| Ok((Llama::argmax(&pre.logits)?, pre)))
             {

@@ -65,6 +65,8 @@ static WINDOW_SCORE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/window_sc
 
 static LAYER_OPS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/layer_ops.fatbin"));
 
+static FP8_LINEAR: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fp8_linear.fatbin"));
+
 type FuncCache = HashMap<(usize, String), CudaFunction>;
 
 type ModCache = HashMap<(usize, &'static str), Arc<cudarc::driver::CudaModule>>;
@@ -76,7 +78,7 @@ pub(crate) fn cu(e: impl std::fmt::Display) -> candle_core::Error {
 }
 
 /// `name` from module `module` ("paged_attention" | "kv_cache" | "evict" |
-/// "prefill_softmax" | "prefill_attention" | "window_score" | "layer_ops"), loaded once per
+/// "prefill_softmax" | "prefill_attention" | "window_score" | "layer_ops" | "fp8_linear"), loaded once per
 /// context.
 pub(crate) fn func(
     stream: &Arc<CudaStream>,
@@ -102,6 +104,7 @@ pub(crate) fn func(
                 "prefill_attention" => PREFILL_ATTENTION,
                 "window_score" => WINDOW_SCORE,
                 "layer_ops" => LAYER_OPS,
+                "fp8_linear" => FP8_LINEAR,
                 "kv_cache" => KV_CACHE,
                 other => return Err(cu(format!("no kernel module kernels/{other}.cu"))),
             };

@@ -23,6 +23,8 @@
 //!   [`select`], the pure selection its twin and the host planners share;
 //! - [`layer_ops`] (`layer_ops.cu`): fused decoder-layer ops (add + RMSNorm, SiLU x up,
 //!   RoPE + q/k/v split, greedy argmax);
+//! - [`fp8_linear`] (`fp8_linear.cu` + cuBLASLt): FP8 weights' linear layers (per-token e4m3
+//!   activations, Hopper's FP8 tensor-core GEMM, the scales after it);
 //! - [`comm`]: tensor parallelism's shards and collectives, with the in-process twin of
 //!   [`nccl`]'s communicator (NCCL loaded at run time).
 //!
@@ -36,6 +38,7 @@ use half::{bf16, f16};
 
 pub mod comm;
 pub mod evict;
+pub mod fp8_linear;
 pub mod kv_cache;
 pub mod layer_ops;
 pub mod nccl;

@@ -10,6 +10,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::cuda::comm::{Comm, Shard};
+use crate::cuda::fp8_linear::{self, Fp8Weight};
 
 use crate::cuda::layer_ops::{self, QkvHeads};
 use crate::kvcache::{AttnCall, CacheBackend, Probe, SeqId};
@@ -29,17 +30,60 @@ impl RmsNorm {
     }
 }
 
+/// A decoder layer's projection: a weight in the run dtype, or an FP8 one run by FP8 matmuls
+/// ([`crate::cuda::fp8_linear`]).
+enum Proj {
+    Dense(Linear),
+    Fp8(Fp8Weight),
+}
+
+impl Proj {
+    fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
+        match self {
+            Proj::Dense(l) => l.forward(x),
+            Proj::Fp8(w) => fp8_linear::fp8_linear(x, w, fused),
+        }
+    }
+
+    /// `(out, in)`.
+    fn dims(&self) -> Result<(usize, usize)> {
+        match self {
+            Proj::Dense(l) => l.weight().dims2(),
+            Proj::Fp8(w) => w.dims(),
+        }
+    }
+
+    /// The weight `[out, in]` in `dtype` (an FP8 one dequantized: a copy).
+    fn weight(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            Proj::Dense(l) => Ok(l.weight().clone()),
+            Proj::Fp8(w) => w.dequantize()?.to_dtype(dtype),
+        }
+    }
+}
+
+/// How a checkpoint's FP8 weights are run (see [`Llama::fp8`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fp8Weights {
+    /// The checkpoint has none.
+    None,
+    /// Dequantized at load to the run dtype.
+    Dequantized,
+    /// Kept in e4m3: the projections run FP8 tensor-core matmuls.
+    Matmul,
+}
+
 /// One decoder layer. The q/k/v projections are merged at load into one `[q + 2 kv heads *
 /// head_dim, hidden]` weight (rows: q_proj's, k_proj's, v_proj's), and gate/up into one
 /// `[2 * intermediate, hidden]` (gate_proj's rows first): one matmul each instead of three and
 /// two (see [`crate::cuda::layer_ops`]).
 struct Layer {
     input_norm: RmsNorm,
-    qkv: Linear,
-    o: Linear,
+    qkv: Proj,
+    o: Proj,
     post_norm: RmsNorm,
-    gate_up: Linear,
-    down: Linear,
+    gate_up: Proj,
+    down: Proj,
 }
 
 /// Rotary tables `[max_pos, head_dim/2]` in the run dtype, grown on demand.
@@ -100,6 +144,10 @@ pub struct Llama {
     heads: QkvHeads,
     /// The tensor-parallel group (`None`: the whole model here).
     comm: Option<Arc<dyn Comm>>,
+    /// How the checkpoint's FP8 weights run, if it has any.
+    pub fp8: Fp8Weights,
+    /// [`Llama::out_proj`], made on first use.
+    out_proj: std::sync::OnceLock<Vec<Tensor>>,
 }
 
 /// Which rows of each weight one rank loads (see [`Llama::load_shard`]).
@@ -166,6 +214,56 @@ fn cols(part: Option<(usize, Range<usize>)>) -> Option<(usize, Range<usize>)> {
     part.map(|(_, r)| (1, r))
 }
 
+/// One weight's name, whole shape and this rank's part.
+type PartSpec = (String, [usize; 2], Option<(usize, Range<usize>)>);
+
+/// Loads weights in the run dtype, and projections either so or in e4m3 (`fp8`).
+struct ProjLoader<'a> {
+    src: &'a mut WeightSource,
+    dtype: DType,
+    device: &'a Device,
+    fp8: bool,
+}
+
+impl ProjLoader<'_> {
+    fn get(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        part: Option<(usize, Range<usize>)>,
+    ) -> std::result::Result<Tensor, ModelError> {
+        self.src
+            .get_part(name, shape, part, self.dtype, self.device)
+    }
+
+    /// The weights of `specs` merged by rows into one projection: FP8 when every one of them
+    /// is FP8 and FP8 matmuls are on, else dequantized to the run dtype.
+    fn proj(&mut self, specs: &[PartSpec]) -> std::result::Result<Proj, ModelError> {
+        if self.fp8 {
+            let mut fp8 = Vec::with_capacity(specs.len());
+            for (name, shape, part) in specs {
+                match self.src.get_fp8_part(name, shape, part.clone())? {
+                    Some(w) => fp8.push(w),
+                    None => break,
+                }
+            }
+            if fp8.len() == specs.len() {
+                let (w, s): (Vec<Tensor>, Vec<Tensor>) = fp8.into_iter().unzip();
+                let on = |t: Tensor| t.to_device(self.device);
+                return Ok(Proj::Fp8(Fp8Weight {
+                    w: on(Tensor::cat(&w, 0)?)?,
+                    scale: on(Tensor::cat(&s, 0)?)?,
+                }));
+            }
+        }
+        let mut dense = Vec::with_capacity(specs.len());
+        for (name, shape, part) in specs {
+            dense.push(self.get(name, shape, part.clone())?);
+        }
+        Ok(Proj::Dense(Linear::new(Tensor::cat(&dense, 0)?, None)))
+    }
+}
+
 impl Llama {
     /// Load every weight from `src` (Hugging Face names) in `dtype` on `device`.
     pub fn load(
@@ -174,80 +272,80 @@ impl Llama {
         dtype: DType,
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
-        Self::load_shard(cfg, src, dtype, device, None)
+        Self::load_shard(cfg, src, dtype, device, None, false)
     }
 
     /// Load one tensor-parallel rank's part of the weights (`comm`'s [`Shard`]; `None`: the
     /// whole model). Megatron's split: q/k/v and gate/up by output rows (the rank's heads and
     /// intermediate rows), o and down by input columns (their partial sums meet in
     /// [`Comm::all_reduce_sum`]), the embedding and the LM head by vocabulary rows.
+    /// `fp8_matmul`: keep FP8 projections in e4m3 for FP8 matmuls (else they are dequantized).
     pub fn load_shard(
         cfg: &Config,
         src: &mut WeightSource,
         dtype: DType,
         device: &Device,
         comm: Option<Arc<dyn Comm>>,
+        fp8_matmul: bool,
     ) -> std::result::Result<Self, ModelError> {
         src.set_heads(cfg.num_attention_heads, cfg.num_key_value_heads);
         let parts = Parts::new(cfg, comm.as_ref().map_or(Shard::ONE, |c| c.shard()))?;
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let qd = cfg.num_attention_heads * cfg.head_dim;
         let kvd = cfg.num_key_value_heads * cfg.head_dim;
-        let mut get = |name: &str, shape: &[usize], part: Option<(usize, Range<usize>)>| {
-            src.get_part(name, shape, part, dtype, device)
+        let fp8 = match (src.has_fp8(), fp8_matmul) {
+            (false, _) => Fp8Weights::None,
+            (true, false) => Fp8Weights::Dequantized,
+            (true, true) => Fp8Weights::Matmul,
         };
-        let embed = parts.pad_vocab(get(
+        let mut loader = ProjLoader {
+            src,
+            dtype,
+            device,
+            fp8: fp8 == Fp8Weights::Matmul,
+        };
+        let embed = parts.pad_vocab(loader.get(
             "model.embed_tokens.weight",
             &[cfg.vocab_size, h],
             parts.vocab(),
         )?)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         let eps = cfg.rms_norm_eps as f32;
-        let merged = |parts: &[Tensor]| Tensor::cat(parts, 0).map_err(ModelError::Candle);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let lin = |w: Tensor| Linear::new(w, None);
             let (q, kv) = (
                 parts.head_rows(parts.heads.q),
                 parts.head_rows(parts.heads.kv),
             );
             let mlp = parts.mlp_rows();
+            let mut norm = |name: &str| -> std::result::Result<RmsNorm, ModelError> {
+                Ok(RmsNorm {
+                    weight: loader.get(&format!("{p}.{name}.weight"), &[h], None)?,
+                    eps,
+                })
+            };
+            let (input_norm, post_norm) =
+                (norm("input_layernorm")?, norm("post_attention_layernorm")?);
+            let attn = |n: &str| format!("{p}.self_attn.{n}_proj.weight");
+            let ffn = |n: &str| format!("{p}.mlp.{n}_proj.weight");
             layers.push(Layer {
-                input_norm: RmsNorm {
-                    weight: get(&format!("{p}.input_layernorm.weight"), &[h], None)?,
-                    eps,
-                },
-                qkv: lin(merged(&[
-                    get(&format!("{p}.self_attn.q_proj.weight"), &[qd, h], q.clone())?,
-                    get(
-                        &format!("{p}.self_attn.k_proj.weight"),
-                        &[kvd, h],
-                        kv.clone(),
-                    )?,
-                    get(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h], kv)?,
-                ])?),
-                o: lin(get(
-                    &format!("{p}.self_attn.o_proj.weight"),
-                    &[h, qd],
-                    cols(q),
-                )?),
-                post_norm: RmsNorm {
-                    weight: get(&format!("{p}.post_attention_layernorm.weight"), &[h], None)?,
-                    eps,
-                },
-                gate_up: lin(merged(&[
-                    get(&format!("{p}.mlp.gate_proj.weight"), &[i, h], mlp.clone())?,
-                    get(&format!("{p}.mlp.up_proj.weight"), &[i, h], mlp.clone())?,
-                ])?),
-                down: lin(get(
-                    &format!("{p}.mlp.down_proj.weight"),
-                    &[h, i],
-                    cols(mlp),
-                )?),
+                input_norm,
+                qkv: loader.proj(&[
+                    (attn("q"), [qd, h], q.clone()),
+                    (attn("k"), [kvd, h], kv.clone()),
+                    (attn("v"), [kvd, h], kv),
+                ])?,
+                o: loader.proj(&[(attn("o"), [h, qd], cols(q))])?,
+                post_norm,
+                gate_up: loader.proj(&[
+                    (ffn("gate"), [i, h], mlp.clone()),
+                    (ffn("up"), [i, h], mlp.clone()),
+                ])?,
+                down: loader.proj(&[(ffn("down"), [h, i], cols(mlp))])?,
             });
         }
         let norm = RmsNorm {
-            weight: get("model.norm.weight", &[h], None)?,
+            weight: loader.get("model.norm.weight", &[h], None)?,
             eps,
         };
         // Tied: the embedding is the head, even where the file also holds an lm_head (as
@@ -256,7 +354,7 @@ impl Llama {
         let head_w = if cfg.tie_word_embeddings {
             embed.clone()
         } else {
-            parts.pad_vocab(get("lm_head.weight", &[cfg.vocab_size, h], parts.vocab())?)?
+            parts.pad_vocab(loader.get("lm_head.weight", &[cfg.vocab_size, h], parts.vocab())?)?
         };
         let rope = Rope::new(cfg, dtype, device).map_err(ModelError::Candle)?;
         Ok(Llama {
@@ -271,6 +369,8 @@ impl Llama {
             fused: true,
             heads: parts.heads,
             comm,
+            fp8,
+            out_proj: Default::default(),
         })
     }
 
@@ -416,7 +516,7 @@ impl Llama {
         let mut hs = first.input_norm.forward(&x)?;
         let mut x = x;
         for (l, layer) in self.layers.iter().enumerate() {
-            let qkv = layer.qkv.forward(&hs)?;
+            let qkv = layer.qkv.forward(&hs, fused)?;
             let (q, k, v) = layer_ops::rope_split_qkv(
                 &qkv,
                 pos0,
@@ -450,15 +550,16 @@ impl Llama {
             let post = &layer.post_norm;
             let (x1, h1) = layer_ops::add_rms_norm(
                 &x,
-                &self.reduce(layer.o.forward(&attn)?)?,
+                &self.reduce(layer.o.forward(&attn, fused)?)?,
                 &post.weight,
                 post.eps,
                 fused,
             )?;
             profile::mark(dev, &mut clock, ph[3]);
+            let gu = layer.gate_up.forward(&h1, fused)?;
             let mlp = layer
                 .down
-                .forward(&layer_ops::silu_mul(&layer.gate_up.forward(&h1)?, fused)?)?;
+                .forward(&layer_ops::silu_mul(&gu, fused)?, fused)?;
             let mlp = self.reduce(mlp)?;
             // The next layer's input norm, or after the last layer the model's final norm.
             let n = match self.layers.get(l + 1) {
@@ -533,15 +634,23 @@ impl Llama {
         cfg.num_attention_heads = self.heads.q;
         cfg.num_key_value_heads = self.heads.kv;
         cfg.intermediate_size = self.layers.first().map_or(cfg.intermediate_size, |l| {
-            l.down.weight().dim(1).unwrap_or(cfg.intermediate_size)
+            l.down.dims().map_or(cfg.intermediate_size, |(_, i)| i)
         });
         cfg
     }
 
-    /// Each layer's attention output projection `[hidden, heads * head_dim]` (the run dtype;
-    /// the tensors share the model's storage).
-    pub fn out_proj(&self) -> Vec<Tensor> {
-        self.layers.iter().map(|l| l.o.weight().clone()).collect()
+    /// Each layer's attention output projection `[hidden, heads * head_dim]` in the run dtype
+    /// (dense ones share the model's storage; FP8 ones are dequantized once, on first use).
+    pub fn out_proj(&self) -> Result<Vec<Tensor>> {
+        if let Some(w) = self.out_proj.get() {
+            return Ok(w.clone());
+        }
+        let w = self
+            .layers
+            .iter()
+            .map(|l| l.o.weight(self.dtype))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(self.out_proj.get_or_init(|| w).clone())
     }
 
     /// Vocabulary size of the LM head.

@@ -98,6 +98,20 @@ impl LoadedModel {
         &self.model.cfg
     }
 
+    /// How FP8 weights run, for the user (`None`: the checkpoint has none).
+    pub fn weights_note(&self) -> Option<String> {
+        match self.model.fp8 {
+            llama::Fp8Weights::None => None,
+            llama::Fp8Weights::Matmul => Some(
+                "FP8 weights: e4m3 tensor-core matmuls with per-token activation scales (--fp8 dequantize for the run dtype's)".into(),
+            ),
+            llama::Fp8Weights::Dequantized => Some(format!(
+                "FP8 weights: dequantized to {:?} at load (FP8 matmuls need bf16 on a GPU of compute capability 8.9+)",
+                self.model.dtype
+            )),
+        }
+    }
+
     /// Build the prompt ids of `text`: through the chat template (a single user turn,
     /// tokenized without adding special tokens, as transformers' `apply_chat_template`) or as
     /// raw text (with the tokenizer's BOS, as LongBench's `tokenizer(prompt)`).
@@ -165,21 +179,57 @@ pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
     }
 }
 
-/// Load a resolved model in `dtype` on `device`.
+/// How a checkpoint's FP8 (e4m3) weights run (`--fp8`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fp8Mode {
+    /// FP8 matmuls where they run (a bf16 run on a GPU of compute capability 8.9 or later:
+    /// Ada, Hopper), else dequantized at load.
+    #[default]
+    Auto,
+    /// FP8 tensor-core matmuls (e4m3 weights and per-token e4m3 activations); an error where
+    /// they cannot run.
+    Matmul,
+    /// Dequantized at load to the run dtype (the reference the FP8 matmuls are checked against).
+    Dequantize,
+}
+
+impl Fp8Mode {
+    /// Whether the FP8 matmuls run for `dtype` on `device`; an error for `Matmul` where they
+    /// cannot.
+    pub fn matmul(self, dtype: DType, device: &Device) -> Result<bool, ModelError> {
+        let dtype_ok = dtype == DType::BF16;
+        let device_ok = crate::cuda::fp8_linear::supported(device)?;
+        match self {
+            Fp8Mode::Dequantize => Ok(false),
+            Fp8Mode::Auto => Ok(dtype_ok && device_ok),
+            Fp8Mode::Matmul if !device_ok => Err(ModelError::Candle(candle_core::Error::Msg(
+                format!("--fp8 matmul needs a GPU of compute capability 8.9 or later (Ada, Hopper) and a CUDA build; {device:?} is not one: use --fp8 dequantize"),
+            ))),
+            Fp8Mode::Matmul if !dtype_ok => Err(ModelError::Candle(candle_core::Error::Msg(
+                format!("--fp8 matmul runs in bf16, not {dtype:?}: use --dtype bf16, or --fp8 dequantize"),
+            ))),
+            Fp8Mode::Matmul => Ok(true),
+        }
+    }
+}
+
+/// Load a resolved model in `dtype` on `device` (FP8 weights as [`Fp8Mode::Auto`] says).
 pub fn load(
     resolved: &ResolvedModel,
     device: &Device,
     dtype: DType,
 ) -> Result<LoadedModel, ModelError> {
-    load_shard(resolved, device, dtype, None)
+    load_shard(resolved, device, dtype, None, Fp8Mode::Auto)
 }
 
-/// [`load`] of one tensor-parallel rank's part (`comm`: its group; [`Llama::load_shard`]).
+/// [`load`] of one tensor-parallel rank's part (`comm`: its group; [`Llama::load_shard`]),
+/// FP8 weights run as `fp8` says.
 pub fn load_shard(
     resolved: &ResolvedModel,
     device: &Device,
     dtype: DType,
     comm: Option<std::sync::Arc<dyn crate::cuda::comm::Comm>>,
+    fp8: Fp8Mode,
 ) -> Result<LoadedModel, ModelError> {
     let (cfg, tokenizer, mut src) = match &resolved.source {
         ModelSource::HfDir(dir) => {
@@ -197,7 +247,8 @@ pub fn load_shard(
             (cfg, tok, src)
         }
     };
-    let model = Llama::load_shard(&cfg, &mut src, dtype, device, comm)?;
+    let fp8_matmul = src.has_fp8() && fp8.matmul(dtype, device)?;
+    let model = Llama::load_shard(&cfg, &mut src, dtype, device, comm, fp8_matmul)?;
     let stop_ids = tokenizer.stop_ids(&cfg.eos_token_ids);
     Ok(LoadedModel {
         model,

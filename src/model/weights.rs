@@ -1,7 +1,8 @@
 //! Weight sources: Hugging Face safetensors (single file or sharded index) and GGUF files.
 //!
-//! FP8 (e4m3) safetensors weights are dequantized at load with their `<name>_scale`
-//! ([`dequantize_fp8`]): the forward runs in the run dtype, not FP8 matmuls.
+//! FP8 (e4m3) safetensors weights come with their `<name>_scale`: either kept in e4m3 for the
+//! FP8 tensor-core matmuls ([`WeightSource::get_fp8_part`], `crate::cuda::fp8_linear`) or
+//! dequantized at load ([`dequantize_fp8`]) to run in the run dtype (`--fp8`).
 //!
 //! Both hand out tensors under the Hugging Face names (`model.layers.3.self_attn.q_proj.weight`)
 //! in the run dtype, so the forward pass in `llama.rs` has one code path. GGUF tensors are
@@ -149,6 +150,55 @@ impl WeightSource {
     /// Whether a GGUF file holds a tensor of that (GGUF) name; false for safetensors.
     pub fn has_gguf_tensor(&self, gguf_name: &str) -> bool {
         matches!(self, WeightSource::Gguf { content, .. } if content.tensor_infos.contains_key(gguf_name))
+    }
+
+    /// Whether any tensor is FP8 (e4m3); false for a GGUF.
+    pub fn has_fp8(&self) -> bool {
+        match self {
+            WeightSource::Safetensors { st, .. } => st
+                .tensors()
+                .iter()
+                .any(|(_, v)| v.dtype() == safetensors::Dtype::F8_E4M3),
+            WeightSource::Gguf { .. } => false,
+        }
+    }
+
+    /// An FP8 weight's `part` (as in [`WeightSource::get_part`]) kept in e4m3, on the host:
+    /// its bits `[rows, cols]` (U8) and one f32 scale per row. `None` when the tensor is not
+    /// FP8 (or the source is a GGUF): load it with [`WeightSource::get_part`].
+    pub fn get_fp8_part(
+        &mut self,
+        hf_name: &str,
+        shape: &[usize],
+        part: Option<(usize, std::ops::Range<usize>)>,
+    ) -> Result<Option<(Tensor, Tensor)>, ModelError> {
+        let origin = self.origin();
+        let WeightSource::Safetensors { st, .. } = self else {
+            return Ok(None);
+        };
+        let err = |msg: String| ModelError::Weights {
+            path: origin.clone(),
+            msg: format!("tensor {hf_name}: {msg}"),
+        };
+        match st.get(hf_name) {
+            Ok(v) if v.dtype() == safetensors::Dtype::F8_E4M3 => {}
+            _ => return Ok(None),
+        }
+        let load = |name: &str| {
+            st.load(name, &Device::Cpu)
+                .map_err(|e| err(format!("{name}: {}", crate::model::candle_msg(&e))))
+        };
+        let w = load(hf_name)?;
+        if w.dims() != shape {
+            return Err(ModelError::ShapeMismatch {
+                path: origin,
+                name: hf_name.to_string(),
+                expected: shape.to_vec(),
+                got: w.dims().to_vec(),
+            });
+        }
+        let scale = load(&format!("{hf_name}_scale"))?;
+        fp8_bits_part(&w, &scale, part).map(Some).map_err(err)
     }
 
     fn origin(&self) -> PathBuf {
@@ -313,6 +363,48 @@ fn fp8_part(
             dequantize_fp8(&w.narrow(dim, r.start, r.len()).map_err(msg)?, &s)
         }
     }
+}
+
+/// The `part` of an FP8 weight `[rows, cols]` as e4m3 bits (U8) and its scales as one f32 per
+/// row (a per-tensor scale repeated), both on the host.
+fn fp8_bits_part(
+    w: &Tensor,
+    scale: &Tensor,
+    part: Option<(usize, std::ops::Range<usize>)>,
+) -> Result<(Tensor, Tensor), String> {
+    let msg = |e: candle_core::Error| crate::model::candle_msg(&e);
+    let rows = w.dim(0).map_err(msg)?;
+    let s = scale
+        .to_dtype(DType::F32)
+        .and_then(|s| s.flatten_all())
+        .and_then(|s| s.to_vec1::<f32>())
+        .map_err(msg)?;
+    let s = match s.len() {
+        1 => vec![s[0]; rows],
+        n if n == rows => s,
+        _ => {
+            return Err(format!(
+            "FP8 scale of shape {:?}: kvc reads per-tensor or per-row scales, not block-wise ones",
+            scale.dims()
+        ))
+        }
+    };
+    let (w, s) = match part {
+        None => (w.clone(), s),
+        Some((0, r)) => (w.narrow(0, r.start, r.len()).map_err(msg)?, s[r].to_vec()),
+        Some((dim, r)) => (w.narrow(dim, r.start, r.len()).map_err(msg)?, s),
+    };
+    let (rows, cols) = w.dims2().map_err(msg)?;
+    let bits: Vec<u8> = w
+        .flatten_all()
+        .and_then(|w| w.to_vec1::<float8::F8E4M3>())
+        .map_err(msg)?
+        .iter()
+        .map(|b| b.to_bits())
+        .collect();
+    let n = s.len();
+    let bits = Tensor::from_vec(bits, (rows, cols), &Device::Cpu).map_err(msg)?;
+    Ok((bits, Tensor::from_vec(s, n, &Device::Cpu).map_err(msg)?))
 }
 
 /// An FP8 (e4m3) weight `[rows, cols]` times its scale, in f32: the scale is one number

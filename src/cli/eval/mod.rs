@@ -155,13 +155,17 @@ fn sweep_loaded(
         }
         None => args.sweep.batch_samples.unwrap_or(1),
     };
-    let meta = MetaBuilder::new(
+    let mut meta = MetaBuilder::new(
         &args,
         (&m.resolved, m.dtype, &m.device),
         &sel,
         max_input,
         (full_joins, batch_samples),
     )?;
+    // FP8 matmuls change the outputs (their activations are quantized): a run of its own.
+    if m.lm.model.fp8 == crate::model::llama::Fp8Weights::Matmul {
+        meta.dtype.push_str("+fp8-matmul");
+    }
     let meta_fn = |p: &RunPlan| meta.meta(p);
     let rank = ranks.as_ref().map_or(0, |x| x.shard().rank);
     // Under tensor parallelism the first rank here installs the handler; the ranks agree on
@@ -419,7 +423,7 @@ fn load(args: &EvalArgs, plans: &[RunPlan], note: &Note) -> anyhow::Result<Loade
     let resolved = args.model.resolve()?;
     let t_load = Instant::now();
     let free_before = crate::cuda::device_memory(&device)?.map(|(free, _)| free);
-    let mut lm = crate::model::load(&resolved, &device, dtype)?;
+    let mut lm = crate::model::load_shard(&resolved, &device, dtype, None, args.model.fp8)?;
     let free_after = crate::cuda::device_memory(&device)?.map(|(free, _)| free);
     let weight_bytes = free_before
         .zip(free_after)
@@ -432,6 +436,9 @@ fn load(args: &EvalArgs, plans: &[RunPlan], note: &Note) -> anyhow::Result<Loade
         device,
         dtype
     ));
+    if let Some(n) = lm.weights_note() {
+        note.say(&n);
+    }
     check_methods(args, &lm, plans)?;
     Ok(Loaded {
         lm,
