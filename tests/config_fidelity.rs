@@ -1,6 +1,8 @@
 //! Config fidelity: every `config.json` key that changes the math is applied or refused, never
 //! defaulted in silence. Each key family gets a tiny checkpoint whose outputs change when the
 //! key is ignored (so a loader that drops it fails here), or an error that names the key.
+mod common;
+
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 use kvc::engine::{self, GenParams, NoHooks};
@@ -340,7 +342,6 @@ fn gguf_rope_scaling_is_applied_or_refused() {
 /// e4m3 plus its `_scale` (per-row when `per_row`, else one number), and returns the same
 /// checkpoint in f32 holding exactly the dequantized weights (the judge).
 fn fp8_pair(root: &Path, name: &str, spec: &TinySpec, per_row: bool) -> (PathBuf, PathBuf) {
-    use candle_core::Tensor;
     let quant = checkpoint(root, &format!("{name}-fp8"), spec, |c| {
         c["quantization_config"] = if per_row {
             json!({"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0})
@@ -351,52 +352,7 @@ fn fp8_pair(root: &Path, name: &str, spec: &TinySpec, per_row: bool) -> (PathBuf
         };
     });
     let plain = checkpoint(root, &format!("{name}-f32"), spec, |_| {});
-    let st = quant.join("model.safetensors");
-    let weights = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
-    let (mut q, mut p) = (
-        std::collections::HashMap::new(),
-        std::collections::HashMap::new(),
-    );
-    for (k, w) in weights {
-        let proj = k.contains("_proj.weight");
-        if !proj {
-            q.insert(k.clone(), w.clone());
-            p.insert(k, w);
-            continue;
-        }
-        let amax = w.abs().unwrap();
-        let amax = if per_row {
-            amax.max_keepdim(1).unwrap()
-        } else {
-            amax.max_all().unwrap().reshape(1).unwrap()
-        };
-        let scale = (amax / 448.0).unwrap();
-        let w8 = w
-            .broadcast_div(
-                &scale
-                    .reshape(if per_row {
-                        vec![w.dim(0).unwrap(), 1]
-                    } else {
-                        vec![1, 1]
-                    })
-                    .unwrap(),
-            )
-            .unwrap()
-            .to_dtype(DType::F8E4M3)
-            .unwrap();
-        let deq: Tensor = kvc::model::weights::dequantize_fp8(&w8, &scale).unwrap();
-        assert!(
-            max_abs_diff(
-                &deq.flatten_all().unwrap().to_vec1().unwrap(),
-                &w.flatten_all().unwrap().to_vec1().unwrap()
-            ) > 0.0,
-            "FP8 must round"
-        );
-        q.insert(format!("{k}_scale"), scale);
-        q.insert(k.clone(), w8);
-        p.insert(k, deq);
-    }
-    candle_core::safetensors::save(&q, &st).unwrap();
+    let p = common::fp8_quantize(&quant.join("model.safetensors"), per_row);
     candle_core::safetensors::save(&p, plain.join("model.safetensors")).unwrap();
     (quant, plain)
 }

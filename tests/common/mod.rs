@@ -166,3 +166,51 @@ pub fn bench_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
         "--no-progress",
     ]
 }
+
+/// Rewrites the safetensors file `st` with every projection weight (`*_proj.weight`) as FP8
+/// e4m3 plus its `<name>_scale` (one per row when `per_row`, else one number), as fbgemm_fp8 /
+/// compressed-tensors checkpoints hold them. Returns every tensor of the file with the
+/// projections dequantized (the judge's weights: write them as an f32 checkpoint).
+pub fn fp8_quantize(
+    st: &Path,
+    per_row: bool,
+) -> std::collections::HashMap<String, candle_core::Tensor> {
+    use candle_core::{DType, Device};
+    let weights = candle_core::safetensors::load(st, &Device::Cpu).unwrap();
+    let (mut q, mut p) = (
+        std::collections::HashMap::new(),
+        std::collections::HashMap::new(),
+    );
+    for (k, w) in weights {
+        if !k.contains("_proj.weight") {
+            q.insert(k.clone(), w.clone());
+            p.insert(k, w);
+            continue;
+        }
+        let amax = w.abs().unwrap();
+        let amax = if per_row {
+            amax.max_keepdim(1).unwrap()
+        } else {
+            amax.max_all().unwrap().reshape(1).unwrap()
+        };
+        let scale = (amax / 448.0).unwrap();
+        let by = if per_row {
+            vec![w.dim(0).unwrap(), 1]
+        } else {
+            vec![1, 1]
+        };
+        let w8 = w
+            .broadcast_div(&scale.reshape(by).unwrap())
+            .unwrap()
+            .to_dtype(DType::F8E4M3)
+            .unwrap();
+        let deq = kvc::model::weights::dequantize_fp8(&w8, &scale).unwrap();
+        let moved = (&deq - &w).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(moved.to_scalar::<f32>().unwrap() > 0.0, "FP8 must round");
+        q.insert(format!("{k}_scale"), scale);
+        q.insert(k.clone(), w8);
+        p.insert(k, deq);
+    }
+    candle_core::safetensors::save(&q, st).unwrap();
+    p
+}
