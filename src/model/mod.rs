@@ -106,7 +106,7 @@ impl LoadedModel {
                 "FP8 weights: e4m3 tensor-core matmuls with per-token activation scales (--fp8 dequantize for the run dtype's)".into(),
             ),
             llama::Fp8Weights::Dequantized => Some(format!(
-                "FP8 weights: dequantized to {:?} at load (FP8 matmuls need bf16 on a GPU of compute capability 8.9+)",
+                "FP8 weights: dequantized to {:?} at load (--fp8 dequantize, or no FP8 matmuls here: they need bf16 on a GPU of compute capability 8.9+)",
                 self.model.dtype
             )),
         }
