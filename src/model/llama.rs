@@ -249,9 +249,18 @@ impl ProjLoader<'_> {
             }
             if fp8.len() == specs.len() {
                 let (w, s): (Vec<Tensor>, Vec<Tensor>) = fp8.into_iter().unzip();
+                let w = Tensor::cat(&w, 0)?;
+                let (out, inp) = w.dims2()?;
+                // The GEMM's constraint (the CPU twin has none).
+                if self.device.is_cuda() && (out % 16 != 0 || inp % 16 != 0) {
+                    return Err(ModelError::Candle(candle_core::Error::Msg(format!(
+                        "{}: this rank's FP8 weight [{out}, {inp}] is not a multiple of 16 in both dims, as FP8 GEMMs need: use --fp8 dequantize (or another --tensor-parallel degree)",
+                        specs[0].0
+                    ))));
+                }
                 let on = |t: Tensor| t.to_device(self.device);
                 return Ok(Proj::Fp8(Fp8Weight {
-                    w: on(Tensor::cat(&w, 0)?)?,
+                    w: on(w)?,
                     scale: on(Tensor::cat(&s, 0)?)?,
                 }));
             }
