@@ -310,23 +310,21 @@ mod imp {
             .lock()
             .map_err(|_| cu("cuBLASLt state poisoned"))?;
         let slot = std::sync::Arc::as_ptr(ctx) as usize;
-        if !g.contains_key(&slot) {
-            let handle = lt::create_handle().map_err(|e| lt_err("handle", e))?;
-            // Safety: scratch for cuBLASLt only.
-            let workspace = unsafe { stream.alloc::<u8>(WORKSPACE) }.map_err(cu)?;
-            g.insert(
-                slot,
-                Lt {
+        let lt_state = match g.entry(slot) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let handle = lt::create_handle().map_err(|e| lt_err("handle", e))?;
+                // Safety: scratch for cuBLASLt only.
+                let workspace = unsafe { stream.alloc::<u8>(WORKSPACE) }.map_err(cu)?;
+                e.insert(Lt {
                     handle,
                     workspace,
                     plans: HashMap::new(),
-                },
-            );
-        }
-        let lt_state = g.get_mut(&slot).expect("inserted above");
-        if !lt_state.plans.contains_key(&key) {
-            let p = plan(lt_state.handle, key.0, key.1, key.2, key.3)?;
-            lt_state.plans.insert(key, p);
+                })
+            }
+        };
+        if let std::collections::hash_map::Entry::Vacant(e) = lt_state.plans.entry(key) {
+            e.insert(plan(lt_state.handle, key.0, key.1, key.2, key.3)?);
         }
         let p = &lt_state.plans[&key];
         let (alpha, beta) = (1f32, 0f32);
