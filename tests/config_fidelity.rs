@@ -44,18 +44,26 @@ fn load(dir: &Path) -> Result<kvc::model::LoadedModel, kvc::model::ModelError> {
 /// llama3 spec's original context (64) are rotated.
 fn logits(dir: &Path) -> Vec<f32> {
     let mut lm = load(dir).unwrap();
+    first_logits(&mut lm.model, &lm.tokenizer)
+}
+
+/// [`logits`] of `model` with its checkpoint's tokenizer.
+fn first_logits(
+    model: &mut kvc::model::llama::Llama,
+    tok: &kvc::model::tokenizer::Tokenizer,
+) -> Vec<f32> {
     let text = "the cat sat on the mat and then the rat ate it ".repeat(5);
-    let ids = lm.prompt_ids(&text, false).unwrap();
+    let ids = kvc::model::prompt_ids_for(tok, &text, false, "").unwrap();
     assert!(ids.len() > 100, "{}", ids.len());
     let params = GenParams {
         max_new_tokens: 1,
         stop_ids: Default::default(),
         min_new_tokens: 0,
         prefill_chunk: 64,
-        max_context: lm.config().max_context(),
+        max_context: model.cfg.max_context(),
     };
-    let mut cache = ContiguousCache::new(lm.config().num_hidden_layers);
-    let g = engine::generate(&mut lm.model, &mut cache, &ids, &params, &mut NoHooks).unwrap();
+    let mut cache = ContiguousCache::new(model.cfg.num_hidden_layers);
+    let g = engine::generate(model, &mut cache, &ids, &params, &mut NoHooks).unwrap();
     g.first_logits.unwrap()
 }
 
@@ -414,19 +422,8 @@ fn fp8_logits(dir: &Path, fp8_matmul: bool) -> (Vec<f32>, kvc::model::llama::Fp8
         fp8_matmul,
     )
     .unwrap();
-    let lm = load(dir).unwrap();
-    let text = "the cat sat on the mat and then the rat ate it ".repeat(5);
-    let ids = lm.prompt_ids(&text, false).unwrap();
-    let params = GenParams {
-        max_new_tokens: 1,
-        stop_ids: Default::default(),
-        min_new_tokens: 0,
-        prefill_chunk: 64,
-        max_context: lm.config().max_context(),
-    };
-    let mut cache = ContiguousCache::new(cfg.num_hidden_layers);
-    let g = engine::generate(&mut model, &mut cache, &ids, &params, &mut NoHooks).unwrap();
-    (g.first_logits.unwrap(), model.fp8)
+    let tok = kvc::model::tokenizer::Tokenizer::from_dir(dir).unwrap();
+    (first_logits(&mut model, &tok), model.fp8)
 }
 
 /// FP8 matmuls (weights kept in e4m3, q/k/v and gate/up merged with their own scales, the

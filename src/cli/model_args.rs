@@ -61,11 +61,24 @@ impl ModelArgs {
         let device = self.device()?;
         let dtype = self.dtype(&device)?;
         let resolved = self.resolve()?;
-        let mut lm = model::load_shard(&resolved, &device, dtype, None, self.fp8)?;
-        lm.model.fused = !self.unfused_layers;
+        let lm = self.load_resolved(&resolved, &device, dtype, None)?;
         if let Some(note) = lm.weights_note() {
             eprintln!("{note}");
         }
+        Ok(lm)
+    }
+
+    /// Load `resolved` (one tensor-parallel rank's part with `comm`) in `dtype` on `device`
+    /// as these flags say (`--fp8`, `--unfused-layers`).
+    pub fn load_resolved(
+        &self,
+        resolved: &ResolvedModel,
+        device: &Device,
+        dtype: DType,
+        comm: Option<std::sync::Arc<dyn crate::cuda::comm::Comm>>,
+    ) -> anyhow::Result<LoadedModel> {
+        let mut lm = model::load_shard(resolved, device, dtype, comm, self.fp8)?;
+        lm.model.fused = !self.unfused_layers;
         Ok(lm)
     }
 }

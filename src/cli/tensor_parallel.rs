@@ -31,9 +31,7 @@ pub fn on_ranks<T: Send>(
                     let shard = Shard { rank, world };
                     let (dev, comm) = plan.join(shard)?;
                     let run = || -> anyhow::Result<T> {
-                        let mut lm =
-                            model::load_shard(resolved, &dev, dtype, Some(comm.clone()), args.fp8)?;
-                        lm.model.fused = !args.unfused_layers;
+                        let lm = args.load_resolved(resolved, &dev, dtype, Some(comm.clone()))?;
                         if let Some(note) = lm.weights_note().filter(|_| rank == 0) {
                             eprintln!("{note}");
                         }

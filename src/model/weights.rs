@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::cuda::fp8_linear::Fp8Weight;
 use crate::model::ModelError;
 
 /// Where tensors come from.
@@ -176,29 +177,19 @@ impl WeightSource {
         let WeightSource::Safetensors { st, .. } = self else {
             return Ok(None);
         };
-        let err = |msg: String| ModelError::Weights {
-            path: origin.clone(),
-            msg: format!("tensor {hf_name}: {msg}"),
-        };
         match st.get(hf_name) {
             Ok(v) if v.dtype() == safetensors::Dtype::F8_E4M3 => {}
             _ => return Ok(None),
         }
-        let load = |name: &str| {
-            st.load(name, &Device::Cpu)
-                .map_err(|e| err(format!("{name}: {}", crate::model::candle_msg(&e))))
-        };
-        let w = load(hf_name)?;
-        if w.dims() != shape {
-            return Err(ModelError::ShapeMismatch {
+        let w = load_host(st, &origin, hf_name)?;
+        check_shape(&origin, hf_name, shape, &w)?;
+        let scale = load_host(st, &origin, &format!("{hf_name}_scale"))?;
+        fp8_bits_part(&w, &scale, part)
+            .map(Some)
+            .map_err(|msg| ModelError::Weights {
                 path: origin,
-                name: hf_name.to_string(),
-                expected: shape.to_vec(),
-                got: w.dims().to_vec(),
-            });
-        }
-        let scale = load(&format!("{hf_name}_scale"))?;
-        fp8_bits_part(&w, &scale, part).map(Some).map_err(err)
+                msg: format!("tensor {hf_name}: {msg}"),
+            })
     }
 
     fn origin(&self) -> PathBuf {
@@ -238,21 +229,7 @@ impl WeightSource {
         let mut cut = None;
         let t = match self {
             WeightSource::Safetensors { st, .. } => {
-                let load = |name: &str| {
-                    st.load(name, &Device::Cpu).map_err(|e| {
-                        if st.get(name).is_err() {
-                            ModelError::MissingTensor {
-                                path: origin.clone(),
-                                name: name.to_string(),
-                            }
-                        } else {
-                            ModelError::Weights {
-                                path: origin.clone(),
-                                msg: format!("tensor {name}: {}", crate::model::candle_msg(&e)),
-                            }
-                        }
-                    })
-                };
+                let load = |name: &str| load_host(st, &origin, name);
                 let t = load(hf_name)?;
                 if t.dtype() == DType::F8E4M3 {
                     let scale = load(&format!("{hf_name}_scale"))?;
@@ -315,14 +292,7 @@ impl WeightSource {
                 }
             }
         };
-        if t.dims() != shape {
-            return Err(ModelError::ShapeMismatch {
-                path: origin,
-                name: hf_name.to_string(),
-                expected: shape.to_vec(),
-                got: t.dims().to_vec(),
-            });
-        }
+        check_shape(&origin, hf_name, shape, &t)?;
         let part = |t: Tensor| match (cut, part) {
             (Some(w), _) => Ok(w),
             // A copy of the part alone: `to_device` copies a view's whole storage.
@@ -339,30 +309,52 @@ impl WeightSource {
     }
 }
 
-/// The `part` (dim, range) of an FP8 weight `[rows, cols]` dequantized ([`dequantize_fp8`]):
-/// cut first (a per-row scale with its rows), so only the part is ever in f32.
+/// `name` from the safetensors `st` on the host; a tensor the files lack is
+/// [`ModelError::MissingTensor`].
+fn load_host(
+    st: &candle_core::safetensors::MmapedSafetensors,
+    origin: &Path,
+    name: &str,
+) -> Result<Tensor, ModelError> {
+    st.load(name, &Device::Cpu).map_err(|e| {
+        if st.get(name).is_err() {
+            ModelError::MissingTensor {
+                path: origin.to_path_buf(),
+                name: name.to_string(),
+            }
+        } else {
+            ModelError::Weights {
+                path: origin.to_path_buf(),
+                msg: format!("tensor {name}: {}", crate::model::candle_msg(&e)),
+            }
+        }
+    })
+}
+
+/// `t` has the `shape` the config gives `name`, or [`ModelError::ShapeMismatch`].
+fn check_shape(origin: &Path, name: &str, shape: &[usize], t: &Tensor) -> Result<(), ModelError> {
+    if t.dims() == shape {
+        return Ok(());
+    }
+    Err(ModelError::ShapeMismatch {
+        path: origin.to_path_buf(),
+        name: name.to_string(),
+        expected: shape.to_vec(),
+        got: t.dims().to_vec(),
+    })
+}
+
+/// The `part` (dim, range) of an FP8 weight `[rows, cols]` dequantized to f32: cut first (a
+/// per-row scale with its rows, [`fp8_bits_part`]), so only the part is ever in f32.
 fn fp8_part(
     w: &Tensor,
     scale: &Tensor,
     part: Option<(usize, std::ops::Range<usize>)>,
 ) -> Result<Tensor, String> {
-    let msg = |e: candle_core::Error| crate::model::candle_msg(&e);
-    match part {
-        None => dequantize_fp8(w, scale),
-        Some((dim, r)) => {
-            let rows = w.dim(0).map_err(msg)?;
-            // A per-row scale goes with its rows; any other is checked by dequantize_fp8.
-            let s = if dim == 0 && scale.elem_count() == rows && rows > 1 {
-                scale
-                    .reshape(rows)
-                    .and_then(|s| s.narrow(0, r.start, r.len()))
-                    .map_err(msg)?
-            } else {
-                scale.clone()
-            };
-            dequantize_fp8(&w.narrow(dim, r.start, r.len()).map_err(msg)?, &s)
-        }
-    }
+    let (w, scale) = fp8_bits_part(w, scale, part)?;
+    Fp8Weight { w, scale }
+        .dequantize()
+        .map_err(|e| crate::model::candle_msg(&e))
 }
 
 /// The `part` of an FP8 weight `[rows, cols]` as e4m3 bits (U8) and its scales as one f32 per
@@ -411,23 +403,7 @@ fn fp8_bits_part(
 /// (per-tensor: shape `[]` or `[1]`) or one per output row (per-channel: `[rows]` or
 /// `[rows, 1]`), as fbgemm_fp8 and compressed-tensors checkpoints store `<name>_scale`.
 pub fn dequantize_fp8(w: &Tensor, scale: &Tensor) -> Result<Tensor, String> {
-    let msg = |e: candle_core::Error| crate::model::candle_msg(&e);
-    let rows = w.dim(0).map_err(msg)?;
-    let s = scale.to_dtype(DType::F32).map_err(msg)?;
-    let s = match s.elem_count() {
-        1 => s.reshape((1, 1)),
-        n if n == rows && s.dims().iter().product::<usize>() == rows => s.reshape((rows, 1)),
-        _ => {
-            return Err(format!(
-            "FP8 scale of shape {:?}: kvc reads per-tensor or per-row scales, not block-wise ones",
-            scale.dims()
-        ))
-        }
-    }
-    .map_err(msg)?;
-    w.to_dtype(DType::F32)
-        .and_then(|w| w.broadcast_mul(&s))
-        .map_err(msg)
+    fp8_part(w, scale, None)
 }
 
 /// Inverse of llama.cpp's `permute(w, n_head)`: rows grouped per head as (pairs, 2) go back to

@@ -423,12 +423,11 @@ fn load(args: &EvalArgs, plans: &[RunPlan], note: &Note) -> anyhow::Result<Loade
     let resolved = args.model.resolve()?;
     let t_load = Instant::now();
     let free_before = crate::cuda::device_memory(&device)?.map(|(free, _)| free);
-    let mut lm = crate::model::load_shard(&resolved, &device, dtype, None, args.model.fp8)?;
+    let lm = args.model.load_resolved(&resolved, &device, dtype, None)?;
     let free_after = crate::cuda::device_memory(&device)?.map(|(free, _)| free);
     let weight_bytes = free_before
         .zip(free_after)
         .map(|(b, a)| b.saturating_sub(a));
-    lm.model.fused = !args.model.unfused_layers;
     note.say(&format!(
         "model: {} loaded in {:.1}s on {:?} ({:?})",
         lm.name,
