@@ -10,8 +10,9 @@
 # SECONDS: this call's time for the phases; each phase stops cleanly (SIGINT / --deadline).
 # Env: SIDE_N (prompts per subset in the side-by-side, 4k only; default 4), SIDE_METHODS,
 # SIDE_RATES, TABLE_METHODS (comma-separated, run in order), TABLE_GROUPS (parallel groups, see
-# phase 3), TABLE_BATCH (--batch-samples per process), SKIP_SIDE=1 (the table only), VISIT_WORK
-# (the scratch directory, /tmp by default).
+# phase 3), TABLE_BATCH (--batch-samples per process), SKIP_SIDE=1 (the table only), SKIP_TABLE=1
+# (the side-by-side only), VISIT_WORK (the scratch directory, /tmp by default). The two halves can
+# run at once on one GPU as two invocations with their own VISIT_WORK and OUT.
 set -uo pipefail
 stage=$1 budget=$2
 # The machine's scratch: the trees, the groups' copies, the phase markers (tests use another).
@@ -73,7 +74,7 @@ fi
 #    processes.
 table_methods=${TABLE_METHODS:-snapkv,tova,knorm,keydiff,random,lagkv,expected-attention,streamingllm,pyramidkv,ada-snapkv,h2o,kvcompress,snapkv+kvcrush}
 IFS=';' read -r -a groups <<< "${TABLE_GROUPS:-$table_methods}"
-if [[ ! -f $W/visit/table ]] && (( $(left) > 60 )); then
+if [[ ! -f $W/visit/table && -z ${SKIP_TABLE:-} ]] && (( $(left) > 60 )); then
   s=$SECONDS
   mkdir -p $W/table/model
   pids=(); qiws=()

@@ -6,6 +6,8 @@
 #   scripts/gpu/stage-table.sh [RESULTS.tar.gz]
 # STAGE_EXTRA="f1 f2": more executables for the same lease (e.g. the cuda_kernels test binary of
 # scripts/gpu/cuda-tests.sh build), stripped and xz-compressed as kvs/<name>.xz.
+# STAGE_FILES="f1 d2": files or directories copied into kvs/ as they are (the side-by-side's
+# pywhl/ and prompts.jsonl, kvpress-visit.sh).
 # Needs the CUDA build (CARGO_TARGET_DIR=/work/target-cuda by default, see ../shared/gpu) and
 # models/ (scripts/fetch-model.sh, scripts/fetch-ruler-sources.sh). RESULTS: an earlier call's
 # $OUT/results.tar.gz, so the run resumes its rows. Prints the device calls.
@@ -28,6 +30,7 @@ xz -6 -T2 "$stage/kvs/kvc"
 cp "$gguf" "$stage/kvs/model.gguf"
 cp -r models/ruler-sources "$stage/kvs/"
 if [[ -n ${1:-} ]]; then cp "$1" "$stage/kvs/results.tar.gz"; fi
+for f in ${STAGE_FILES:-}; do cp -r "$f" "$stage/kvs/"; done
 for f in ${STAGE_EXTRA:-}; do
   strip -o "$stage/kvs/${f##*/}" "$f" && xz -6 -T2 "$stage/kvs/${f##*/}"
 done
