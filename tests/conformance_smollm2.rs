@@ -8,8 +8,9 @@
 //! logits of kvc at that step within 1e-3), and is reported. The replay itself is
 //! `kvc::eval::conformance` (also behind `kvc conformance`, used for the GPU runs).
 //!
-//! Finding (see NOTES.md): the recorded `output_ids` are not what transformers' plain greedy
-//! `generate` produces from the recorded `prompt_ids`: re-running exactly that on the H100
+//! Finding (`docs/findings/2026-11-22-recorded-reference-outputs-are-not-plain-greedy.md`):
+//! the recorded `output_ids` are not what transformers' plain greedy `generate` produces from
+//! the recorded `prompt_ids`: re-running exactly that on the H100
 //! (`scripts/gpu/reference_check.py`, transformers 5.17, f32, TF32 off) reproduces the recorded
 //! first-step top-5 logits bit for bit but the recorded outputs for only 5 of 14 records.
 //! Those re-derived outputs are committed in `tests/data/smollm2_transformers_rederived.jsonl`

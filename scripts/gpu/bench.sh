@@ -10,7 +10,7 @@
 #   KV_MEMORY=1GiB BUDGET_S=540 EXTRA="--no-decode-metric"
 # MODE=hfcompare runs the full-cache point that compares with transformers `generate` (batch 32,
 # 2000-token prompts, not memory-bound): divide its output_tokens_per_s by transformers' 369
-# tokens/s measured on the same GPU (see NOTES.md, "kvc bench").
+# tokens/s measured on the same GPU (see docs/findings/2026-11-23-bench-h100-prefill-bound-2x.md).
 set -uo pipefail
 kvc=$1 model=$2
 out=${OUT:-gpu-out}

@@ -13,7 +13,8 @@ bf16, SDPA), then the first --batch1 rows one at a time. Every generate call is 
 (prompt lengths, new tokens, steps, wall seconds). A table is printed last.
 
 This is the comparison of issue 6 ("the same sweep with transformers on the same GPU"); the
-sweep's transformers time is extrapolated from these calls in NOTES.md.
+sweep's transformers time is extrapolated from these calls in
+docs/findings/2026-12-02-sweep-349-s-and-transformers-measured.md.
 """
 import argparse
 import json

@@ -6,12 +6,13 @@
 //! (a near-tie is float noise, anything else is a bug).
 //!
 //! Used by `tests/conformance_smollm2.rs` (f32 CPU, strict) and by `kvc conformance` (any
-//! device and dtype: the GPU agreement rates in NOTES.md come from it).
+//! device and dtype: the GPU agreement rates of
+//! `docs/findings/2026-11-23-kvc-vs-transformers-h100-f32-and-bf16.md` come from it).
 //!
 //! The judge for output ids is a file of outputs re-derived with transformers' plain greedy
 //! `generate` (`tests/data/smollm2_transformers_rederived.jsonl`, field `plain_output_ids`);
-//! the originally recorded `output_ids` are compared and reported too (NOTES.md explains why
-//! they are not the judge).
+//! the originally recorded `output_ids` are compared and reported too (why they are not the
+//! judge: `docs/findings/2026-11-22-recorded-reference-outputs-are-not-plain-greedy.md`).
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
