@@ -274,40 +274,40 @@ fn gguf_rope_scaling_is_applied_or_refused() {
     let plain = tmp.path().join("plain.gguf");
     write_gguf(&plain, &spec, GgmlDType::F32).unwrap();
     // Rewrite the file with extra metadata / tensors.
-    let rewrite = |name: &str, extra_md: Vec<(&str, gguf_file::Value)>, rope_freqs: bool| {
-        let mut f = std::fs::File::open(&plain).unwrap();
-        let content = gguf_file::Content::read(&mut f).unwrap();
-        let mut md: Vec<(String, gguf_file::Value)> = content
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        md.extend(extra_md.into_iter().map(|(k, v)| (k.to_string(), v)));
-        let mut tensors = Vec::new();
-        for n in content.tensor_infos.keys() {
-            tensors.push((n.clone(), content.tensor(&mut f, n, &Device::Cpu).unwrap()));
-        }
-        if rope_freqs {
-            let t =
-                candle_core::Tensor::ones(spec.head_dim() / 2, DType::F32, &Device::Cpu).unwrap();
-            tensors.push((
-                "rope_freqs.weight".into(),
-                candle_core::quantized::QTensor::quantize(&t, GgmlDType::F32).unwrap(),
-            ));
-        }
-        let path = tmp.path().join(name);
-        let md_refs: Vec<(&str, &gguf_file::Value)> =
-            md.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let t_refs: Vec<(&str, &candle_core::quantized::QTensor)> =
-            tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        gguf_file::write(
-            &mut std::fs::File::create(&path).unwrap(),
-            &md_refs,
-            &t_refs,
-        )
-        .unwrap();
-        path
-    };
+    let rewrite =
+        |name: &str, extra_md: Vec<(&str, gguf_file::Value)>, rope_freqs: Option<Vec<f32>>| {
+            let mut f = std::fs::File::open(&plain).unwrap();
+            let content = gguf_file::Content::read(&mut f).unwrap();
+            let mut md: Vec<(String, gguf_file::Value)> = content
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            md.extend(extra_md.into_iter().map(|(k, v)| (k.to_string(), v)));
+            let mut tensors = Vec::new();
+            for n in content.tensor_infos.keys() {
+                tensors.push((n.clone(), content.tensor(&mut f, n, &Device::Cpu).unwrap()));
+            }
+            if let Some(f) = rope_freqs {
+                let t = candle_core::Tensor::new(f, &Device::Cpu).unwrap();
+                tensors.push((
+                    "rope_freqs.weight".into(),
+                    candle_core::quantized::QTensor::quantize(&t, GgmlDType::F32).unwrap(),
+                ));
+            }
+            let path = tmp.path().join(name);
+            let md_refs: Vec<(&str, &gguf_file::Value)> =
+                md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+            let t_refs: Vec<(&str, &candle_core::quantized::QTensor)> =
+                tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+            gguf_file::write(
+                &mut std::fs::File::create(&path).unwrap(),
+                &md_refs,
+                &t_refs,
+            )
+            .unwrap();
+            path
+        };
     let load_gguf = |p: &Path| {
         kvc::model::load(
             &resolved(ModelSource::Gguf(p.into())),
@@ -324,7 +324,7 @@ fn gguf_rope_scaling_is_applied_or_refused() {
             ),
             ("llama.rope.scaling.factor", gguf_file::Value::F32(4.0)),
         ],
-        false,
+        None,
     );
     let lm = load_gguf(&linear).unwrap();
     assert_eq!(
@@ -337,13 +337,56 @@ fn gguf_rope_scaling_is_applied_or_refused() {
             "llama.rope.scaling.type",
             gguf_file::Value::String("yarn".into()),
         )],
-        false,
+        None,
     );
     let e = load_gguf(&yarn).err().expect("yarn loaded");
     assert!(e.to_string().contains("yarn"), "{e}");
-    let freqs = rewrite("freqs.gguf", vec![], true);
-    let e = load_gguf(&freqs).err().expect("rope_freqs loaded");
+    // rope_freqs.weight (Llama-3.1's scaling in a GGUF): one factor per frequency, and not
+    // beside rope.scaling.type.
+    let short = rewrite("short.gguf", vec![], Some(vec![2.0; 3]));
+    let e = load_gguf(&short).err().expect("3 rope_freqs loaded");
     assert!(e.to_string().contains("rope_freqs"), "{e}");
+    let both = rewrite(
+        "both.gguf",
+        vec![
+            (
+                "llama.rope.scaling.type",
+                gguf_file::Value::String("linear".into()),
+            ),
+            ("llama.rope.scaling.factor", gguf_file::Value::F32(4.0)),
+        ],
+        Some(vec![2.0; spec.head_dim() / 2]),
+    );
+    let e = load_gguf(&both).err().expect("two scalings loaded");
+    assert!(e.to_string().contains("rope_freqs"), "{e}");
+}
+
+/// A Llama-3.1 GGUF carries the llama3 scaling as llama.cpp's per-frequency factors
+/// (`rope_freqs.weight`, written by llama.cpp's formula): it must give the logits of the
+/// safetensors checkpoint whose config.json names the scaling, and differ from plain RoPE.
+#[test]
+fn gguf_rope_freqs_give_the_llama3_scaling() {
+    let tmp = tempfile::tempdir().unwrap();
+    let llama3 = TinySpec {
+        llama3_rope: true,
+        ..Default::default()
+    };
+    let gguf_logits = |name: &str, spec: &TinySpec| {
+        let p = tmp.path().join(name);
+        write_gguf(&p, spec, GgmlDType::F32).unwrap();
+        let mut lm =
+            kvc::model::load(&resolved(ModelSource::Gguf(p)), &Device::Cpu, DType::F32).unwrap();
+        first_logits(&mut lm.model, &lm.tokenizer)
+    };
+    let hf = logits(&checkpoint(tmp.path(), "hf", &llama3, |_| {}));
+    let scaled = gguf_logits("llama3.gguf", &llama3);
+    let plain = gguf_logits("plain.gguf", &TinySpec::default());
+    let d = max_abs_diff(&scaled, &hf);
+    assert!(d < 1e-4, "GGUF rope_freqs vs config llama3: {d}");
+    assert!(
+        max_abs_diff(&plain, &hf) > 1e-3,
+        "the scaling made no difference: the test cannot tell"
+    );
 }
 
 /// Rewrites `dir`'s checkpoint with every 2-D projection weight (q/k/v/o, gate/up/down) as FP8

@@ -340,12 +340,13 @@ pub fn load_hf_config(dir: &Path) -> Result<Config, ModelError> {
     hf.resolve(&path, gen.as_ref())
 }
 
-/// Build the [`Config`] from GGUF metadata (`general.architecture` = `llama`).
+/// Build the [`Config`] from GGUF metadata (`general.architecture` = `llama`); `rope_freqs`:
+/// the file's `rope_freqs.weight` (Llama-3.1's RoPE scaling as per-frequency factors).
 pub fn config_from_gguf(
     path: &Path,
     md: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
     has_output_tensor: bool,
-    has_rope_freqs: bool,
+    rope_freqs: Option<Vec<f32>>,
     vocab_len: usize,
 ) -> Result<Config, ModelError> {
     let bad = |msg: String| ModelError::BadConfig {
@@ -384,13 +385,24 @@ pub fn config_from_gguf(
     if let Some(e) = tok_id("tokenizer.ggml.eos_token_id") {
         eos.insert(e);
     }
-    let scaling = g.rope_scaling()?;
-    if has_rope_freqs {
-        // llama.cpp stores Llama-3.1's scaling as per-frequency factors in `rope_freqs.weight`.
-        return Err(bad(
-            "GGUF with rope_freqs (Llama-3.1 RoPE scaling) is not supported: use the safetensors checkpoint".into(),
-        ));
-    }
+    let scaling = match (g.rope_scaling()?, rope_freqs) {
+        (s, None) => s,
+        (None, Some(factors)) if factors.len() == head_dim / 2 => {
+            Some(RopeScaling::Factors { factors })
+        }
+        (None, Some(factors)) => {
+            return Err(bad(format!(
+                "rope_freqs.weight holds {} factors where head_dim {head_dim} needs {}: the file is not a llama GGUF kvc can run",
+                factors.len(),
+                head_dim / 2
+            )))
+        }
+        (Some(s), Some(_)) => {
+            return Err(bad(format!(
+                "GGUF has both rope.scaling.type ({s:?}) and rope_freqs.weight: kvc applies one RoPE scaling, not both"
+            )))
+        }
+    };
     let cfg = Config {
         arch,
         vocab_size: vocab,

@@ -238,12 +238,12 @@ pub fn load_shard(
             (cfg, tok, weights::WeightSource::safetensors_dir(dir)?)
         }
         ModelSource::Gguf(path) => {
-            let (src, md) = weights::WeightSource::gguf(path)?;
+            let (mut src, md) = weights::WeightSource::gguf(path)?;
             let has_output = src.contains("lm_head.weight");
             let tok = Tokenizer::from_gguf(path, &md)?;
             let vocab_len = tok.inner.get_vocab_size(false);
-            let has_rope_freqs = src.has_gguf_tensor("rope_freqs.weight");
-            let cfg = config::config_from_gguf(path, &md, has_output, has_rope_freqs, vocab_len)?;
+            let rope_freqs = src.gguf_f32("rope_freqs.weight")?;
+            let cfg = config::config_from_gguf(path, &md, has_output, rope_freqs, vocab_len)?;
             (cfg, tok, src)
         }
     };

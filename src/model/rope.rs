@@ -1,6 +1,7 @@
 //! Rotary position embeddings as transformers computes them: the `rope_type`s kvc implements
-//! (`default`, `linear`, `llama3`), the two ways a `config.json` spells them, and the inverse
-//! frequencies the forward pass rotates by.
+//! (`default`, `linear`, `llama3`), the two ways a `config.json` spells them, llama.cpp's
+//! per-frequency factors (how a GGUF carries `llama3`), and the inverse frequencies the forward
+//! pass rotates by.
 //!
 //! transformers >= 5 saves `rope_parameters: {rope_type, rope_theta, factor, ...}`; older
 //! checkpoints carry `rope_theta` and `rope_scaling: {rope_type | type, factor, ...}` at the top
@@ -26,6 +27,9 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: usize,
     },
+    /// One divisor per inverse frequency (`head_dim / 2` of them): llama.cpp's
+    /// `rope_freqs.weight`, in which a Llama-3.1 GGUF stores the `llama3` scaling.
+    Factors { factors: Vec<f32> },
 }
 
 /// The resolved RoPE of a model.
@@ -45,7 +49,8 @@ impl Rope {
     }
 
     /// Inverse frequencies `[head_dim / 2]`, f32 as transformers computes them
-    /// (`1 / theta^(arange(0, d, 2) / d)`, then the scaling).
+    /// (`1 / theta^(arange(0, d, 2) / d)`, then the scaling). Panics when `Factors` does not
+    /// hold `head_dim / 2` factors (the GGUF loader checks it).
     pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
         let d = head_dim;
         let mut f: Vec<f32> = (0..d)
@@ -55,6 +60,10 @@ impl Rope {
         match &self.scaling {
             None => {}
             Some(RopeScaling::Linear { factor }) => f.iter_mut().for_each(|x| *x /= *factor as f32),
+            Some(RopeScaling::Factors { factors }) => {
+                assert_eq!(factors.len(), f.len(), "one RoPE factor per frequency");
+                f.iter_mut().zip(factors).for_each(|(x, k)| *x /= k);
+            }
             Some(RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,

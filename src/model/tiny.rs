@@ -268,8 +268,41 @@ pub fn write_hf_dir(dir: &Path, spec: &TinySpec, shards: usize) -> anyhow::Resul
     Ok(())
 }
 
+/// Per-frequency RoPE factors of Llama-3.1's scaling as llama.cpp's `convert_hf_to_gguf.py`
+/// writes them to `rope_freqs.weight` (its formula, written independently of
+/// [`crate::model::rope`]): 1 for short wavelengths, `factor` for long ones, a blend between.
+pub fn llama_cpp_rope_factors(
+    base: f64,
+    dim: usize,
+    factor: f64,
+    low_freq_factor: f64,
+    high_freq_factor: f64,
+    old_context_len: f64,
+) -> Vec<f32> {
+    let low_freq_wavelen = old_context_len / low_freq_factor;
+    let high_freq_wavelen = old_context_len / high_freq_factor;
+    (0..dim)
+        .step_by(2)
+        .map(|i| {
+            let freq = 1.0 / (base as f32).powf(i as f32 / dim as f32) as f64;
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            let f = if wavelen < high_freq_wavelen {
+                1.0
+            } else if wavelen > low_freq_wavelen {
+                factor
+            } else {
+                let smooth = (old_context_len / wavelen - low_freq_factor)
+                    / (high_freq_factor - low_freq_factor);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            };
+            f as f32
+        })
+        .collect()
+}
+
 /// Write a GGUF file with the same weights as [`write_hf_dir`] (same spec), every 2-D weight
-/// stored as `qtype` (norms stay F32), Q/K permuted as llama.cpp's converter does.
+/// stored as `qtype` (norms stay F32), Q/K permuted as llama.cpp's converter does, and the
+/// llama3 RoPE scaling (`llama3_rope`) as its `rope_freqs.weight`.
 pub fn write_gguf(path: &Path, spec: &TinySpec, qtype: GgmlDType) -> anyhow::Result<()> {
     use gguf_file::Value;
     let (tokens, merges) = tiny_vocab();
@@ -289,6 +322,15 @@ pub fn write_gguf(path: &Path, spec: &TinySpec, qtype: GgmlDType) -> anyhow::Res
         };
         let ty = if t.rank() == 1 { GgmlDType::F32 } else { qtype };
         qt.push((gname, QTensor::quantize(&t, ty)?));
+    }
+    if spec.llama3_rope {
+        // write_hf_dir's llama3 scaling, as llama.cpp's converter stores it.
+        let f = llama_cpp_rope_factors(10000.0, hd, 8.0, 1.0, 4.0, 64.0);
+        let t = Tensor::from_vec(f, hd / 2, &candle_core::Device::Cpu)?;
+        qt.push((
+            "rope_freqs.weight".into(),
+            QTensor::quantize(&t, GgmlDType::F32)?,
+        ));
     }
     let s = |x: &str| Value::String(x.to_string());
     let u = |x: usize| Value::U32(x as u32);

@@ -148,9 +148,31 @@ impl WeightSource {
         }
     }
 
-    /// Whether a GGUF file holds a tensor of that (GGUF) name; false for safetensors.
-    pub fn has_gguf_tensor(&self, gguf_name: &str) -> bool {
-        matches!(self, WeightSource::Gguf { content, .. } if content.tensor_infos.contains_key(gguf_name))
+    /// A GGUF tensor by its GGUF name, dequantized and flattened to f32 on the host; `None`
+    /// when the file has no such tensor (or the source is safetensors).
+    pub fn gguf_f32(&mut self, gguf_name: &str) -> Result<Option<Vec<f32>>, ModelError> {
+        let WeightSource::Gguf {
+            path,
+            content,
+            file,
+            ..
+        } = self
+        else {
+            return Ok(None);
+        };
+        if !content.tensor_infos.contains_key(gguf_name) {
+            return Ok(None);
+        }
+        let t = gguf_host(content, file, path, gguf_name)?;
+        let v = t
+            .flatten_all()
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| ModelError::Weights {
+                path: path.clone(),
+                msg: format!("tensor {gguf_name}: {}", crate::model::candle_msg(&e)),
+            })?;
+        Ok(Some(v))
     }
 
     /// Whether any tensor is FP8 (e4m3); false for a GGUF.
@@ -259,23 +281,7 @@ impl WeightSource {
                         name: format!("{g} ({hf_name})"),
                     });
                 }
-                let q =
-                    content
-                        .tensor(file, &g, &Device::Cpu)
-                        .map_err(|e| ModelError::Weights {
-                            path: origin.clone(),
-                            msg: format!("tensor {g}: {}", crate::model::candle_msg(&e)),
-                        })?;
-                let t = q
-                    .dequantize(&Device::Cpu)
-                    .map_err(|e| ModelError::Weights {
-                        path: origin.clone(),
-                        msg: format!(
-                            "dequantizing {g} ({:?}): {}",
-                            q.dtype(),
-                            crate::model::candle_msg(&e)
-                        ),
-                    })?;
+                let t = gguf_host(content, file, &origin, &g)?;
                 let n = if hf_name.ends_with("self_attn.q_proj.weight") {
                     Some(*heads)
                 } else if hf_name.ends_with("self_attn.k_proj.weight") {
@@ -397,6 +403,29 @@ fn fp8_bits_part(
     let n = s.len();
     let bits = Tensor::from_vec(bits, (rows, cols), &Device::Cpu).map_err(msg)?;
     Ok((bits, Tensor::from_vec(s, n, &Device::Cpu).map_err(msg)?))
+}
+
+/// GGUF tensor `g` read and dequantized on the host (llama.cpp's row layout, as stored).
+fn gguf_host(
+    content: &gguf_file::Content,
+    file: &mut std::fs::File,
+    origin: &Path,
+    g: &str,
+) -> Result<Tensor, ModelError> {
+    let err = |msg: String| ModelError::Weights {
+        path: origin.to_path_buf(),
+        msg,
+    };
+    let q = content
+        .tensor(file, g, &Device::Cpu)
+        .map_err(|e| err(format!("tensor {g}: {}", crate::model::candle_msg(&e))))?;
+    q.dequantize(&Device::Cpu).map_err(|e| {
+        err(format!(
+            "dequantizing {g} ({:?}): {}",
+            q.dtype(),
+            crate::model::candle_msg(&e)
+        ))
+    })
 }
 
 /// An FP8 (e4m3) weight `[rows, cols]` times its scale, in f32: the scale is one number
