@@ -139,6 +139,15 @@ fn three_shards_merge_into_the_unsharded_sweep() {
             .map(|p| std::fs::read_to_string(f.path(&p)).map_or(0, |t| t.lines().count()))
             .sum();
         assert!(n > 0, "shard {i} ran no sample");
+        // The manifest plans exactly the rows the shard wrote (the --devices bar's total).
+        let tree = f.path(&format!("sharded/shards/{i}-of-3"));
+        let written = walk(&tree)
+            .iter()
+            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+            .map(|p| std::fs::read_to_string(p).unwrap().lines().count())
+            .sum::<usize>();
+        let planned = kvc::eval::shard::Manifest::read(&tree).and_then(|m| m.rows);
+        assert_eq!(planned, Some(written), "shard {i}");
     }
     let o = f.merge("sharded");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));

@@ -69,11 +69,21 @@ pub struct Manifest {
     pub shard: Shard,
     /// Every selected sample of every subset (all shards'), in the unsharded order.
     pub subsets: BTreeMap<String, Vec<String>>,
+    /// Prediction rows this shard's tree holds when it is complete (its samples x the runs):
+    /// the total of `kvc eval --devices`' progress bar. Absent in manifests of older kvc.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<usize>,
 }
 
 pub const MANIFEST: &str = "shard.json";
 
 impl Manifest {
+    /// The manifest of the shard tree `tree`, if one is written and readable.
+    pub fn read(tree: &Path) -> Option<Manifest> {
+        let text = std::fs::read_to_string(tree.join(MANIFEST)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
     pub fn write(&self, tree: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(tree)?;
         let json = serde_json::to_string_pretty(self).unwrap_or_default();

@@ -213,13 +213,23 @@ fn sweep_loaded(
 }
 
 /// Keep only `shard`'s samples in `sel` and write the shard's manifest (every selected sample,
-/// for `kvc merge`). Returns the shard's own results tree under `out`.
+/// for `kvc merge`; the rows the shard will write, for `--devices`' progress bar). Returns the shard's own results tree under `out`.
 fn take_shard(
     shard: Shard,
     out: &std::path::Path,
     sel: &mut Selection,
     note: &Note,
 ) -> anyhow::Result<std::path::PathBuf> {
+    let owned: usize = sel
+        .subsets
+        .iter()
+        .map(|s| {
+            s.ids
+                .iter()
+                .filter(|id| shard.owns(s.task.name, id))
+                .count()
+        })
+        .sum();
     let manifest = Manifest {
         shard,
         subsets: sel
@@ -227,6 +237,8 @@ fn take_shard(
             .iter()
             .map(|s| (s.task.name.to_string(), s.ids.clone()))
             .collect(),
+        // One row per sample and run.
+        rows: Some(owned * sel.plans.len()),
     };
     let tree = shard.tree(out);
     manifest.write(&tree).with_context(|| {

@@ -1,6 +1,7 @@
 //! `kvc eval --devices D1,D2,...`: one worker process per device, worker i running shard i of N
 //! (`--shard i/N --device Di`, the rest of the command line as given) with its output in
-//! `OUT/shards/worker-i-of-N.log`; one progress line for all; then `kvc merge OUT`.
+//! `OUT/shards/worker-i-of-N.log`; one progress bar for all (rows written of the rows the
+//! shards' manifests plan); then `kvc merge OUT`.
 //!
 //! A worker that dies (exit 2, a signal: out of memory, an Xid, a kill) loses only the samples
 //! in flight: its shard is started again from its files, as long as each attempt wrote rows; an
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::eval::shard::Shard;
+use crate::eval::shard::{Manifest, Shard};
 use crate::util::Status;
 
 /// `--devices`: `all` (every visible CUDA device) or a comma-separated list of `cpu`, `cuda`,
@@ -159,7 +160,20 @@ pub fn run(
                 .map(|w| rows_written(&w.shard.tree(out)))
                 .sum();
             let done = workers.iter().filter(|w| w.outcome.is_some()).count();
-            bar.set_message(format!("{rows} rows written, {done}/{n} workers finished"));
+            if bar.length().is_none() {
+                if let Some(total) = planned_rows(&workers, out) {
+                    show_total(&bar, total);
+                }
+            }
+            match bar.length() {
+                Some(total) => {
+                    bar.set_position((rows as u64).min(total));
+                    bar.set_message(format!("{done}/{n} workers finished"));
+                }
+                None => {
+                    bar.set_message(format!("{rows} rows written, {done}/{n} workers finished"))
+                }
+            }
         }
         bar.tick();
     }
@@ -236,6 +250,29 @@ fn finish(workers: &[Worker], out: &Path) -> anyhow::Result<Status> {
     Ok(if failed { Status::Failed } else { merged })
 }
 
+/// The rows of the whole sweep, once every worker has written its shard's manifest (each
+/// does after selecting its samples, before the first run).
+fn planned_rows(workers: &[Worker], out: &Path) -> Option<usize> {
+    workers
+        .iter()
+        .map(|w| Manifest::read(&w.shard.tree(out)).and_then(|m| m.rows))
+        .sum()
+}
+
+/// Turn the spinner into a bar of `total` rows.
+fn show_total(bar: &ProgressBar, total: usize) {
+    bar.set_length(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} rows {msg} eta {eta}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    bar.reset_eta();
+}
+
+/// A spinner until the sweep's total is known ([`show_total`]).
 fn progress_bar(hidden: bool) -> ProgressBar {
     if hidden {
         return ProgressBar::hidden();
