@@ -88,6 +88,7 @@ PRESSES = {
     "expected-attention": lambda r: ExpectedAttentionPress(compression_ratio=r),
     "kvzip": lambda r: KVzipPress(compression_ratio=r),
     "snapkv+chunkkv": lambda r: ChunkKVPress(SnapKVPress(compression_ratio=r)),
+    "knorm+chunkkv": lambda r: ChunkKVPress(KnormPress(compression_ratio=r)),
     "snapkv+criticalkv": lambda r: CriticalKVPress(SnapKVPress(compression_ratio=r)),
     "knorm+criticalkv": lambda r: CriticalKVPress(KnormPress(compression_ratio=r)),
     "keydiff+criticalkv": lambda r: CriticalKVPress(KeyDiffPress(compression_ratio=r)),
