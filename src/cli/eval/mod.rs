@@ -213,7 +213,8 @@ fn sweep_loaded(
 }
 
 /// Keep only `shard`'s samples in `sel` and write the shard's manifest (every selected sample,
-/// for `kvc merge`; the rows the shard will write, for `--devices`' progress bar). Returns the shard's own results tree under `out`.
+/// for `kvc merge`; the rows the shard will write, for `--devices`' progress bar). Returns the
+/// shard's own results tree under `out`.
 fn take_shard(
     shard: Shard,
     out: &std::path::Path,
