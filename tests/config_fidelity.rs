@@ -315,17 +315,16 @@ fn gguf_rope_scaling_is_applied_or_refused() {
             DType::F32,
         )
     };
-    let linear = rewrite(
-        "linear.gguf",
+    let linear_md = || {
         vec![
             (
                 "llama.rope.scaling.type",
                 gguf_file::Value::String("linear".into()),
             ),
             ("llama.rope.scaling.factor", gguf_file::Value::F32(4.0)),
-        ],
-        None,
-    );
+        ]
+    };
+    let linear = rewrite("linear.gguf", linear_md(), None);
     let lm = load_gguf(&linear).unwrap();
     assert_eq!(
         lm.config().rope.scaling,
@@ -348,13 +347,7 @@ fn gguf_rope_scaling_is_applied_or_refused() {
     assert!(e.to_string().contains("rope_freqs"), "{e}");
     let both = rewrite(
         "both.gguf",
-        vec![
-            (
-                "llama.rope.scaling.type",
-                gguf_file::Value::String("linear".into()),
-            ),
-            ("llama.rope.scaling.factor", gguf_file::Value::F32(4.0)),
-        ],
+        linear_md(),
         Some(vec![2.0; spec.head_dim() / 2]),
     );
     let e = load_gguf(&both).err().expect("two scalings loaded");

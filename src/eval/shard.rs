@@ -78,10 +78,10 @@ pub struct Manifest {
 pub const MANIFEST: &str = "shard.json";
 
 impl Manifest {
-    /// The manifest of the shard tree `tree`, if one is written and readable.
-    pub fn read(tree: &Path) -> Option<Manifest> {
-        let text = std::fs::read_to_string(tree.join(MANIFEST)).ok()?;
-        serde_json::from_str(&text).ok()
+    /// The manifest of the shard tree `tree` (its `shard.json`).
+    pub fn read(tree: &Path) -> std::io::Result<Manifest> {
+        let text = std::fs::read_to_string(tree.join(MANIFEST))?;
+        serde_json::from_str(&text).map_err(std::io::Error::other)
     }
 
     pub fn write(&self, tree: &Path) -> std::io::Result<()> {
@@ -178,8 +178,7 @@ fn find_shards(root: &Path) -> Result<Vec<Found>, MergeError> {
         if !path.is_file() {
             continue;
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| io_err(&path, e))?;
-        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| io_err(&path, e))?;
+        let manifest = Manifest::read(&tree).map_err(|e| io_err(&path, e))?;
         let runs = run_dirs(&tree).map_err(|e| io_err(&tree, e))?;
         out.push(Found {
             manifest,

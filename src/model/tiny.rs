@@ -226,7 +226,10 @@ pub fn write_hf_dir(dir: &Path, spec: &TinySpec, shards: usize) -> anyhow::Resul
         "hidden_act": "silu", "torch_dtype": "float32"
     });
     if spec.llama3_rope {
-        cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
+        let (factor, low, high, original) = TINY_LLAMA3;
+        cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": factor,
+            "low_freq_factor": low, "high_freq_factor": high,
+            "original_max_position_embeddings": original as usize});
     }
     if spec.arch.starts_with("Mistral") {
         cfg["sliding_window"] = serde_json::Value::Null;
@@ -267,6 +270,11 @@ pub fn write_hf_dir(dir: &Path, spec: &TinySpec, shards: usize) -> anyhow::Resul
     }
     Ok(())
 }
+
+/// A `llama3_rope` spec's scaling (factor, low_freq_factor, high_freq_factor,
+/// original_max_position_embeddings): a short original context, so a ~150-token prompt is
+/// rotated past it.
+const TINY_LLAMA3: (f64, f64, f64, f64) = (8.0, 1.0, 4.0, 64.0);
 
 /// Per-frequency RoPE factors of Llama-3.1's scaling as llama.cpp's `convert_hf_to_gguf.py`
 /// writes them to `rope_freqs.weight` (its formula, written independently of
@@ -325,7 +333,8 @@ pub fn write_gguf(path: &Path, spec: &TinySpec, qtype: GgmlDType) -> anyhow::Res
     }
     if spec.llama3_rope {
         // write_hf_dir's llama3 scaling, as llama.cpp's converter stores it.
-        let f = llama_cpp_rope_factors(10000.0, hd, 8.0, 1.0, 4.0, 64.0);
+        let (factor, low, high, original) = TINY_LLAMA3;
+        let f = llama_cpp_rope_factors(10000.0, hd, factor, low, high, original);
         let t = Tensor::from_vec(f, hd / 2, &candle_core::Device::Cpu)?;
         qt.push((
             "rope_freqs.weight".into(),

@@ -221,26 +221,21 @@ fn take_shard(
     sel: &mut Selection,
     note: &Note,
 ) -> anyhow::Result<std::path::PathBuf> {
-    let owned: usize = sel
-        .subsets
-        .iter()
-        .map(|s| {
-            s.ids
-                .iter()
-                .filter(|id| shard.owns(s.task.name, id))
-                .count()
-        })
-        .sum();
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         shard,
         subsets: sel
             .subsets
             .iter()
             .map(|s| (s.task.name.to_string(), s.ids.clone()))
             .collect(),
-        // One row per sample and run.
-        rows: Some(owned * sel.plans.len()),
+        rows: None,
     };
+    for s in &mut sel.subsets {
+        s.ids.retain(|id| shard.owns(s.task.name, id));
+    }
+    let owned: usize = sel.subsets.iter().map(|s| s.ids.len()).sum();
+    // One row per sample and run.
+    manifest.rows = Some(owned * sel.plans.len());
     let tree = shard.tree(out);
     manifest.write(&tree).with_context(|| {
         format!(
@@ -248,14 +243,11 @@ fn take_shard(
             tree.join(crate::eval::shard::MANIFEST).display()
         )
     })?;
-    for s in &mut sel.subsets {
-        s.ids.retain(|id| shard.owns(s.task.name, id));
-    }
     note.say(&format!(
         "shard {}/{}: {} of {} samples -> {}",
         shard.index,
         shard.count,
-        sel.subsets.iter().map(|s| s.ids.len()).sum::<usize>(),
+        owned,
         manifest.subsets.values().map(Vec::len).sum::<usize>(),
         tree.display()
     ));

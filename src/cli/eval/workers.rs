@@ -255,7 +255,7 @@ fn finish(workers: &[Worker], out: &Path) -> anyhow::Result<Status> {
 fn planned_rows(workers: &[Worker], out: &Path) -> Option<usize> {
     workers
         .iter()
-        .map(|w| Manifest::read(&w.shard.tree(out)).and_then(|m| m.rows))
+        .map(|w| Manifest::read(&w.shard.tree(out)).ok().and_then(|m| m.rows))
         .sum()
 }
 
