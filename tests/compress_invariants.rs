@@ -769,7 +769,8 @@ fn long_window_observed_in_query_blocks_equals_one_block() {
 }
 
 /// The question-agnostic protocol (`<method>@context-only`): the context alone is prefilled and
-/// compressed, then the question is read through decode steps. With nothing evicted it is the
+/// compressed, then the question is read (prefilled, or stepped by methods that work at decode
+/// steps: `question_prefill_equals_its_decode_steps`). With nothing evicted it is the
 /// full cache's generation of the whole prompt, token for token; a method keeps exactly what it
 /// keeps when run on the context alone (the question never reaches its scores); one batch
 /// (shared prefill, forks, `decode_batch`) equals each budget alone in its own copy
@@ -859,6 +860,105 @@ fn question_read_after_compression() {
             );
         }
     }
+}
+
+/// [`CompressHooks`] that read a question one decode step per token when `step` is set.
+struct Stepped<'a> {
+    inner: CompressHooks<'a>,
+    step: bool,
+}
+
+impl Hooks for Stepped<'_> {
+    fn prefill_probe(&self) -> Probe {
+        self.inner.prefill_probe()
+    }
+    fn prefill_probe_splits(&self) -> bool {
+        self.inner.prefill_probe_splits()
+    }
+    fn decode_probe(&self) -> Probe {
+        self.inner.decode_probe()
+    }
+    fn observe(
+        &mut self,
+        layer: usize,
+        probs: &Tensor,
+        cache: &dyn CacheBackend,
+        seq: SeqId,
+    ) -> Result<()> {
+        self.inner.observe(layer, probs, cache, seq)
+    }
+    fn after_prefill(&mut self, cache: &mut dyn CacheBackend, seq: SeqId) -> Result<()> {
+        self.inner.after_prefill(cache, seq)
+    }
+    fn after_step(&mut self, cache: &mut dyn CacheBackend, seq: SeqId) -> Result<()> {
+        self.inner.after_step(cache, seq)
+    }
+    fn steps_question(&self) -> bool {
+        self.step || self.inner.steps_question()
+    }
+}
+
+/// A question prefilled into the compressed cache (`engine::read_question`, for hooks that do
+/// no work at decode steps) caches what one decode step per token caches: the same
+/// generation and kept KVs, first logits equal up to rounding, whether it fits one prefill
+/// chunk or takes three. Methods that observe or compress at decode steps keep stepping.
+#[test]
+fn question_prefill_equals_its_decode_steps() {
+    let (_tmp, mut lm) = tiny(&specs()[1]);
+    let cfg = lm.config().clone();
+    let ids = lm.prompt_ids(TEXT, false).unwrap();
+    let (context, question) = ids.split_at(ids.len() - 9);
+    let budget_of = |_: usize| Some(12);
+    let mut stepping = Vec::new();
+    for m in [
+        "snapkv",
+        "knorm",
+        "keydiff",
+        "expected-attention",
+        "kvcompress",
+        "h2o",
+    ] {
+        let spec = MethodSpec::parse(m).unwrap();
+        let policy = compress::build_policy(&spec, &cfg, &small_opts()).unwrap();
+        for chunk in [4, 512] {
+            let mut run = |step: bool| {
+                let mut cache = cpu_cache(&cfg, 4);
+                let seq = cache.add_sequence().unwrap();
+                let inner = CompressHooks::new(policy.as_ref(), cfg.num_hidden_layers, &budget_of);
+                let mut h = Stepped { inner, step };
+                let p = GenParams {
+                    prefill_chunk: chunk,
+                    ..params(8)
+                };
+                let m = &mut lm.model;
+                let pre = engine::prefill(m, &mut cache, seq, context, &p, &mut h).unwrap();
+                let g = engine::decode(m, &mut cache, seq, &pre, question, &p, &mut h).unwrap();
+                let kept: usize = (0..cfg.num_hidden_layers)
+                    .flat_map(|l| (0..cfg.num_key_value_heads).map(move |kv| (l, kv)))
+                    .map(|(l, kv)| cache.kv_len(l, seq, kv))
+                    .sum();
+                (g, kept, h.inner.steps_question())
+            };
+            let (read, kept, steps) = run(false);
+            let (stepped, kept1, _) = run(true);
+            assert_eq!(read.output_ids, stepped.output_ids, "{m}, chunk {chunk}");
+            assert_eq!(kept, kept1, "{m}, chunk {chunk}");
+            let (a, b) = (read.first_logits.unwrap(), stepped.first_logits.unwrap());
+            let diff = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                diff < 1e-4,
+                "{m}, chunk {chunk}: first logits differ by {diff}"
+            );
+            if chunk == 4 && steps {
+                stepping.push(m);
+            }
+        }
+    }
+    assert_eq!(stepping, ["kvcompress", "h2o"]);
 }
 
 /// Expected Attention's query statistics cover every prefill chunk: a prompt prefilled in

@@ -759,6 +759,16 @@ impl Hooks for CompressHooks<'_> {
     fn device_evicted(&mut self, stats: EvictStats) {
         self.kept.evicted += stats.evicted;
     }
+
+    /// Decode steps are observed (a scored probe), or compress continually (on the host or
+    /// the device), or score on demand (the benchmark's device metric).
+    fn steps_question(&self) -> bool {
+        let continual = self.budget.is_some() && self.policy.continual();
+        self.decode_probe() != Probe::None
+            || continual
+            || self.device.is_some()
+            || self.on_demand.is_some()
+    }
 }
 
 #[cfg(test)]

@@ -249,6 +249,13 @@ pub trait Hooks: Send {
     }
     /// What the device eviction asked for by [`StepWork::Device`] did.
     fn device_evicted(&mut self, _stats: EvictStats) {}
+    /// Whether a question read after the compression (the question-agnostic protocol) must
+    /// enter the cache one decode step per token, because these hooks observe or compress at
+    /// decode steps; otherwise it is prefilled in chunks ([`read_question`]), which caches the
+    /// same keys and values in one forward per chunk.
+    fn steps_question(&self) -> bool {
+        false
+    }
 }
 
 /// The compression work of one sequence after a decode step ([`Hooks::step_plan`]).
@@ -424,11 +431,14 @@ pub fn decode(
         ..pre.times
     };
     let mut logits = pre.logits.clone();
-    let mut pos = pre.prompt_len;
+    let mut pos = pre.prompt_len + question.len();
     let t = Instant::now();
-    for &tok in question {
-        logits = decode_step(model, cache, seq, tok, hooks, &mut DecodeTimes::default())?;
-        pos += 1;
+    if hooks.steps_question() {
+        for &tok in question {
+            logits = decode_step(model, cache, seq, tok, hooks, &mut DecodeTimes::default())?;
+        }
+    } else if !question.is_empty() {
+        logits = read_question(model, cache, seq, question, params)?;
     }
     prefill_times.question_ms = if question.is_empty() {
         0.0
@@ -459,6 +469,25 @@ pub fn decode(
         decode_ms: ms_since(t1),
         decode_times: times,
     })
+}
+
+/// Prefill `question` into `seq`'s cache after its compression, in chunks of
+/// `params.prefill_chunk`, probing nothing; returns the logits after its last token. The
+/// question-agnostic protocol's read for hooks that do no work at decode steps
+/// ([`Hooks::steps_question`]): its keys and values are those of one decode step per token.
+pub fn read_question(
+    model: &mut Llama,
+    cache: &mut dyn CacheBackend,
+    seq: SeqId,
+    question: &[u32],
+    params: &GenParams,
+) -> Result<Tensor> {
+    let mut logits = None;
+    let mut none = |_: usize, _: &Tensor, _: &dyn CacheBackend| Ok(());
+    for r in prefill_chunks(question.len(), params.prefill_chunk, 1) {
+        logits = Some(model.forward(&question[r], seq, cache, Probe::None, &mut none)?);
+    }
+    logits.ok_or_else(|| candle_core::Error::Msg("empty question".into()))
 }
 
 /// One decode step of one sequence: `tok` forward with the hooks' probe and scoring, then
@@ -707,6 +736,7 @@ pub fn decode_batch(
             question_end: None,
         })
         .collect();
+    prefill_questions(model, cache, seqs, hooks, starts, params, &mut st, t0)?;
     let mut done: Vec<Option<BatchOutput>> = vec![None; n];
     let mut live: Vec<usize> = (0..n).collect();
     let mut times = DecodeTimes::default();
@@ -769,6 +799,40 @@ pub fn decode_batch(
         .into_iter()
         .map(|d| d.expect("every sequence finishes"))
         .collect())
+}
+
+/// [`read_question`] for each sequence of [`decode_batch`] with a question and hooks that do not
+/// step it ([`Hooks::steps_question`]), before the batch's first step: its state continues
+/// after the question (`fed`, `pos`, `next` from the question's logits), and its question
+/// ends when all of them are read (`question_end`, ms since the batch's start `t0`).
+#[allow(clippy::too_many_arguments)]
+fn prefill_questions(
+    model: &mut Llama,
+    cache: &mut dyn CacheBackend,
+    seqs: &[SeqId],
+    hooks: &[&mut dyn Hooks],
+    starts: &[BatchStart],
+    params: &GenParams,
+    st: &mut [BatchSeq],
+    t0: Instant,
+) -> Result<()> {
+    let mut read = Vec::new();
+    for (i, s) in st.iter_mut().enumerate() {
+        let q = starts[i].question;
+        if q.is_empty() || hooks[i].steps_question() {
+            continue;
+        }
+        let logits = read_question(model, cache, seqs[i], q, params)?;
+        s.next = Llama::argmax(&logits)?;
+        s.fed = q.len();
+        s.pos += q.len();
+        read.push((i, logits.to_vec1()?));
+    }
+    let end = ms_since(t0);
+    for (i, l) in read {
+        st[i].question_end = Some((end, DecodeTimes::default(), l));
+    }
+    Ok(())
 }
 
 /// The token a sequence of [`decode_batch`] feeds next, in `s.next`: its question's next
