@@ -19,7 +19,7 @@ RATES = [2, 4, 8, 16, 32, 64]
 ORDER = [
     "kvcompress", "snapkv", "pyramidkv", "ada-snapkv", "h2o", "tova", "knorm", "keydiff",
     "lagkv", "streamingllm", "random", "expected-attention", "snapkv+kvcrush",
-    "snapkv+criticalkv", "kvzip",
+    "snapkv+criticalkv", "snapkv+chunkkv", "kvzip",
 ]
 
 
