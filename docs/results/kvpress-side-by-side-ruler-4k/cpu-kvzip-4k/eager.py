@@ -14,14 +14,21 @@ q = tok.encode("\n\nRepeat the previous context exactly.", add_special_tokens=Fa
 suf = tok.encode("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
 rep = q + suf + ctx[prefix:]
 x = torch.tensor([ctx + rep])
-with torch.no_grad():
-    out = model(x, output_attentions=True)
-kv = torch.load("/tmp/kz4/kvpress_scores.pt")
 L = len(ctx)
-for l, a in enumerate(out.attentions):
-    a = a[0, :, L:, prefix:L]  # [heads, repeat rows, context cols]
-    g = a.shape[0] // 3
-    m = a.reshape(3, g, a.shape[1], a.shape[2]).amax(dim=(1, 2))  # [kv, ctx]
+maxima = {}
+def keep(l):
+    def hook(module, args, output):
+        a = output[1][0, :, L:, prefix:L]  # [heads, repeat rows, context cols]
+        g = a.shape[0] // 3
+        maxima[l] = a.reshape(3, g, a.shape[1], a.shape[2]).amax(dim=(1, 2))  # [kv, ctx]
+    return hook
+for l, layer in enumerate(model.model.layers):
+    layer.self_attn.register_forward_hook(keep(l))
+with torch.no_grad():
+    model(x)
+kv = torch.load("/tmp/kz4/kvpress_scores.pt")
+for l in range(len(maxima)):
+    m = maxima[l]
     k = kv[l, 0, :, prefix:]
     print(l, "eager max", round(m.max().item(), 3), "median", round(m.median().item(), 5),
           "| kvpress max", round(k.max().item(), 3), "median", round(k.median().item(), 5), flush=True)
