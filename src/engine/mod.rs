@@ -131,9 +131,10 @@ pub struct PrefillTimes {
     pub fork_ms: f64,
     /// The compression after prefill ([`Hooks::after_prefill`]).
     pub compress_ms: f64,
-    /// Reading the question into the compressed cache (the question-agnostic protocol: one
-    /// decode-path step per question token, hooks and continual compression included; 0 when
-    /// the question was prefilled with the context).
+    /// Reading the question into the compressed cache (the question-agnostic protocol: a
+    /// prefill of it, or one decode-path step per token for hooks that work at decode steps,
+    /// their continual compression included; 0 when the question was prefilled with the
+    /// context).
     #[serde(default)]
     pub question_ms: f64,
 }
@@ -411,10 +412,10 @@ pub fn prefill(
 }
 
 /// Continue from a prefill: [`Hooks::after_prefill`] (compression; its time counts as
-/// prefill time, `compress_ms` of the generation's `prefill_times`), then the `question`'s
-/// tokens one decode step each (the question-agnostic protocol: the question enters the
-/// compressed cache; `question_ms`, also prefill time; empty for LongBench's protocol), then
-/// greedy decoding. Positions continue from the prefill's `prompt_len`.
+/// prefill time, `compress_ms` of the generation's `prefill_times`), then the `question`
+/// (the question-agnostic protocol: it enters the compressed cache, prefilled by
+/// [`read_question`] or one decode step per token as [`Hooks::steps_question`] says;
+/// `question_ms`, also prefill time; empty for LongBench's protocol), then greedy decoding. Positions continue from the prefill's `prompt_len`.
 pub fn decode(
     model: &mut Llama,
     cache: &mut dyn CacheBackend,
@@ -686,8 +687,9 @@ pub struct BatchStart<'a> {
     pub first: u32,
     /// Tokens the prefill put in the cache (positions continue from here).
     pub prompt_len: usize,
-    /// Tokens read one decode step each before generating (the question-agnostic protocol's
-    /// question, after the compression); empty for LongBench's protocol.
+    /// Tokens read before generating (the question-agnostic protocol's question, after the
+    /// compression; prefilled or stepped, [`Hooks::steps_question`]); empty for LongBench's
+    /// protocol.
     pub question: &'a [u32],
 }
 
@@ -704,7 +706,8 @@ struct BatchSeq {
 
 /// Greedy decoding of several prefilled sequences in one batch (forks of one prompt under
 /// several budgets, and forks of several prompts): `seqs[i]`, already through its
-/// `hooks[i].after_prefill`, continues from `starts[i]` (reading its question first, if any);
+/// `hooks[i].after_prefill`, continues from `starts[i]` (reading its question first, if any:
+/// prefilled before the first step, or stepped, as [`Hooks::steps_question`] says);
 /// one [`Llama::forward_decode`] per step over the sequences still running, each with its own
 /// hooks (scoring, continual compression) and stop. Per sequence, the tokens single-sequence
 /// [`decode`] gives (same stop rules; argmax on the host, first maximum, as
