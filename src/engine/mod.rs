@@ -825,11 +825,11 @@ fn prefill_questions(
         if q.is_empty() || hooks[i].steps_question() {
             continue;
         }
-        let logits = read_question(model, cache, seqs[i], q, params)?;
-        s.next = Llama::argmax(&logits)?;
+        let logits: Vec<f32> = read_question(model, cache, seqs[i], q, params)?.to_vec1()?;
+        s.next = crate::cuda::layer_ops::argmax_twin(&logits);
         s.fed = q.len();
         s.pos += q.len();
-        read.push((i, logits.to_vec1()?));
+        read.push((i, logits));
     }
     let end = ms_since(t0);
     for (i, l) in read {
