@@ -221,21 +221,21 @@ fn take_shard(
     sel: &mut Selection,
     note: &Note,
 ) -> anyhow::Result<std::path::PathBuf> {
-    let mut manifest = Manifest {
-        shard,
-        subsets: sel
-            .subsets
-            .iter()
-            .map(|s| (s.task.name.to_string(), s.ids.clone()))
-            .collect(),
-        rows: None,
-    };
+    let subsets = sel
+        .subsets
+        .iter()
+        .map(|s| (s.task.name.to_string(), s.ids.clone()))
+        .collect();
     for s in &mut sel.subsets {
         s.ids.retain(|id| shard.owns(s.task.name, id));
     }
     let owned: usize = sel.subsets.iter().map(|s| s.ids.len()).sum();
-    // One row per sample and run.
-    manifest.rows = Some(owned * sel.plans.len());
+    let manifest = Manifest {
+        shard,
+        subsets,
+        // One row per sample and run.
+        rows: Some(owned * sel.plans.len()),
+    };
     let tree = shard.tree(out);
     manifest.write(&tree).with_context(|| {
         format!(
