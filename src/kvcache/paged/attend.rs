@@ -77,36 +77,60 @@ impl PagedCache {
     }
 
     /// Every kv-head of (layer, seq) gathered and padded to the longest head: K and V
-    /// `[1, kv_heads, max, d]`, key positions `[kv_heads, max]` u32 (padding points at slot 0
-    /// and carries position u32::MAX, which no query sees), and `max`.
-    fn gather_heads(&self, layer: usize, seq: SeqId) -> Result<(Tensor, Tensor, Tensor, usize)> {
-        let (nkv, d) = (self.spec.kv_heads, self.spec.head_dim);
+    /// `[1, kv_heads, max, d]` (padding: block 0's rows) and `max`. Only the block tables go
+    /// up; the slot ids are expanded on the device (no per-slot host work).
+    fn gather_heads(&self, layer: usize, seq: SeqId) -> Result<(Tensor, Tensor, usize)> {
+        let (nkv, d, bs) = (self.spec.kv_heads, self.spec.head_dim, self.spec.block_size);
         let dev = &self.spec.device;
-        let slots: Vec<Vec<usize>> = (0..nkv)
-            .map(|h| self.pool.slots(layer, seq, h).map_err(be))
-            .collect::<Result<_>>()?;
-        let max = slots.iter().map(|s| s.len()).max().unwrap_or(0);
-        let mut idx = Vec::with_capacity(nkv * max);
-        let mut key_pos = Vec::with_capacity(nkv * max);
-        for (h, s) in slots.iter().enumerate() {
-            idx.extend(s.iter().map(|&x| x as u32));
-            idx.extend(std::iter::repeat_n(0u32, max - s.len()));
-            key_pos.extend(self.positions(layer, seq, h)?);
-            key_pos.extend(std::iter::repeat_n(u32::MAX, max - s.len()));
+        let t = self.pool.table(seq).map_err(be)?;
+        let lens = &t.len[layer];
+        let max = lens.iter().copied().max().unwrap_or(0);
+        let nb = max.div_ceil(bs);
+        let mut blocks = Vec::with_capacity(nkv * nb);
+        for (h, &len) in lens.iter().enumerate() {
+            let b = &t.blocks[layer][h][..len.div_ceil(bs)];
+            blocks.extend_from_slice(b);
+            blocks.extend(std::iter::repeat_n(0u32, nb - b.len()));
         }
-        let top = idx.iter().copied().max();
-        let idx = Tensor::from_vec(idx, nkv * max, dev)?;
+        let top = blocks
+            .iter()
+            .max()
+            .map(|&b| (b as usize * bs + bs - 1) as u32);
+        // Slot ids [kv_heads * max]: block * bs + offset, each head's row cut at max.
+        let idx = Tensor::from_vec(blocks, (nkv, nb, 1), dev)?
+            .broadcast_mul(&Tensor::new(&[[[bs as u32]]], dev)?)?
+            .broadcast_add(&Tensor::arange(0u32, bs as u32, dev)?.reshape((1, 1, bs))?)?
+            .reshape((nkv, nb * bs))?
+            .narrow(1, 0, max)?
+            .contiguous()?
+            .flatten_all()?;
         let (kk, vv) = kv_cache::gather_kv(&self.k, &self.v, &idx, top)?;
-        let (kk, vv) = (kk.reshape((1, nkv, max, d))?, vv.reshape((1, nkv, max, d))?);
-        let key_pos = Tensor::from_vec(key_pos, (nkv, max), dev)?;
-        Ok((kk, vv, key_pos, max))
+        Ok((
+            kk.reshape((1, nkv, max, d))?,
+            vv.reshape((1, nkv, max, d))?,
+            max,
+        ))
+    }
+
+    /// Key positions `[kv_heads, max]` u32 of (layer, seq) in logical order, padded with
+    /// u32::MAX (which no query sees) to `max`: [`PagedCache::gather_heads`]'s rows.
+    fn key_positions(&self, layer: usize, seq: SeqId, max: usize) -> Result<Tensor> {
+        let nkv = self.spec.kv_heads;
+        let mut key_pos = Vec::with_capacity(nkv * max);
+        for h in 0..nkv {
+            let p = self.positions(layer, seq, h)?;
+            let pad = max - p.len();
+            key_pos.extend(p);
+            key_pos.extend(std::iter::repeat_n(u32::MAX, pad));
+        }
+        Tensor::from_vec(key_pos, (nkv, max), &self.spec.device)
     }
 
     /// The keys and values of every kv-head of (layer, seq) in logical slot order: one `[len,
     /// d]` pair per kv-head, on the cache's device (for methods that score keys and values,
     /// not attention).
     pub fn head_kv(&self, layer: usize, seq: SeqId) -> Result<Vec<(Tensor, Tensor)>> {
-        let (kk, vv, _, _) = self.gather_heads(layer, seq)?;
+        let (kk, vv, _) = self.gather_heads(layer, seq)?;
         let (kk, vv) = (kk.squeeze(0)?, vv.squeeze(0)?);
         (0..self.spec.kv_heads)
             .map(|h| {
@@ -168,7 +192,8 @@ impl PagedCache {
             let key_pos = self.chunk_positions(nkv, t)?;
             (k.contiguous()?, v.contiguous()?, key_pos, t)
         } else {
-            self.gather_heads(layer, seq)?
+            let (kk, vv, max) = self.gather_heads(layer, seq)?;
+            (kk, vv, self.key_positions(layer, seq, max)?, max)
         };
         crate::profile::mark(&dev, &mut clock, "prefill.attend/gather");
         let q2 = q.reshape((1, nkv, g * t, d))?;
