@@ -6,6 +6,9 @@
 # --resume` keeps the rows already measured (the CSV is rewritten after every row).
 #   PROMPTS=64 bash scripts/gpu/throughput-visit.sh STAGE
 # STAGE: kvc (CUDA build), llama3/tokenizer.model, whl/ (tiktoken, regex wheels).
+# RATES (default 1,2,4,8,16,32,64), SCHEDULE (default both), BUDGET_S (per bench, default 480);
+# RESUME_FROM: a directory holding an earlier machine's pool-6g/ and pool-0.9/ (the rows a
+# lost lease returned under $OUT), copied in before the benches so --resume keeps them.
 set -uo pipefail
 stage=$1
 kvc=$stage/kvc
@@ -15,9 +18,14 @@ source scripts/gpu/visit-lib.sh
 L=$ck/llama-3.1-8b
 step ckpt-llama python3 scripts/gpu/make_checkpoint.py llama-3.1-8b "$L" \
   --tokenizer-model "$stage/llama3/tokenizer.model" || exit 1
+for d in pool-6g pool-0.9; do
+  if [[ -n ${RESUME_FROM:-} && -d $RESUME_FROM/$d && ! -d /tmp/bench/$d ]]; then
+    cp -r "$RESUME_FROM/$d" /tmp/bench/
+  fi
+done
 bench() {  # NAME KV_MEMORY
   timeout -s INT "${BUDGET_S:-480}" "$kvc" bench -m "$L" --device cuda:0 --kv-memory "$2" \
-    --input-lens 6000 --output-len 500 --num-prompts "${PROMPTS:-64}" --rates 1,2,4,8,16,32,64 \
+    --input-lens 6000 --output-len 500 --num-prompts "${PROMPTS:-64}" --rates "${RATES:-1,2,4,8,16,32,64}" \
     --schedule "${SCHEDULE:-both}" --no-progress --resume --out "/tmp/bench/$1" >> "$out/bench-$1.txt" 2>&1
   echo "bench $1 rc=$?" | tee -a "$out/bench-$1.txt"
   cp -r "/tmp/bench/$1" "$out/" 2>/dev/null
