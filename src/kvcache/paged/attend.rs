@@ -88,9 +88,9 @@ impl PagedCache {
         let nb = max.div_ceil(bs);
         let mut blocks = Vec::with_capacity(nkv * nb);
         for (h, &len) in lens.iter().enumerate() {
-            let b = &t.blocks[layer][h][..len.div_ceil(bs)];
-            blocks.extend_from_slice(b);
-            blocks.extend(std::iter::repeat_n(0u32, nb - b.len()));
+            let before = blocks.len();
+            blocks.extend(t.blocks[layer][h].iter().take(len.div_ceil(bs)));
+            blocks.extend(std::iter::repeat_n(0u32, nb - (blocks.len() - before)));
         }
         let top = blocks
             .iter()
