@@ -87,10 +87,12 @@ impl PagedCache {
         let max = lens.iter().copied().max().unwrap_or(0);
         let nb = max.div_ceil(bs);
         let mut blocks = Vec::with_capacity(nkv * nb);
+        // Each head's blocks in use, padded to nb (a table shorter than its length leaves
+        // `blocks` short, and `Tensor::from_vec` below refuses it).
         for (h, &len) in lens.iter().enumerate() {
-            let before = blocks.len();
-            blocks.extend(t.blocks[layer][h].iter().take(len.div_ceil(bs)));
-            blocks.extend(std::iter::repeat_n(0u32, nb - (blocks.len() - before)));
+            let n = len.div_ceil(bs);
+            blocks.extend(t.blocks[layer][h].iter().take(n));
+            blocks.extend(std::iter::repeat_n(0u32, nb - n));
         }
         let top = blocks
             .iter()
