@@ -115,9 +115,24 @@ impl PagedCache {
     }
 
     /// Key positions `[kv_heads, max]` u32 of (layer, seq) in logical order, padded with
-    /// u32::MAX (which no query sees) to `max`: [`PagedCache::gather_heads`]'s rows.
-    fn key_positions(&self, layer: usize, seq: SeqId, max: usize) -> Result<Tensor> {
+    /// u32::MAX (which no query sees) to `max`: [`PagedCache::gather_heads`]'s rows. `held`
+    /// is how many positions the sequence has been given (its next position). A head holding
+    /// `held` slots has lost none, and appends run in position order, so its row is
+    /// `0..held`: when every head does (no eviction yet), the rows are made on the device
+    /// ([`PagedCache::chunk_positions`]) instead of listed per slot on the host.
+    fn key_positions(
+        &mut self,
+        layer: usize,
+        seq: SeqId,
+        max: usize,
+        held: usize,
+    ) -> Result<Tensor> {
         let nkv = self.spec.kv_heads;
+        let lens = &self.pool.table(seq).map_err(be)?.len[layer];
+        let dense = max == held && lens.iter().all(|&l| l == held);
+        if dense {
+            return self.chunk_positions(nkv, held);
+        }
         let mut key_pos = Vec::with_capacity(nkv * max);
         for h in 0..nkv {
             let p = self.positions(layer, seq, h)?;
@@ -143,7 +158,8 @@ impl PagedCache {
     }
 
     /// Key positions `[kv_heads, t]` u32, `0..t` in every row (a fresh sequence's first
-    /// chunk), made once per chunk length and reused by every layer.
+    /// chunk, or a sequence no head of which has lost a slot), made once per length and
+    /// reused by every layer.
     fn chunk_positions(&mut self, kv_heads: usize, t: usize) -> Result<Tensor> {
         if let Some(p) = &self.chunk_positions {
             if p.dims() == [kv_heads, t] {
@@ -195,7 +211,8 @@ impl PagedCache {
             (k.contiguous()?, v.contiguous()?, key_pos, t)
         } else {
             let (kk, vv, max) = self.gather_heads(layer, seq)?;
-            (kk, vv, self.key_positions(layer, seq, max)?, max)
+            let key_pos = self.key_positions(layer, seq, max, start + t)?;
+            (kk, vv, key_pos, max)
         };
         crate::profile::mark(&dev, &mut clock, "prefill.attend/gather");
         let q2 = q.reshape((1, nkv, g * t, d))?;
