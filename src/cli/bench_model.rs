@@ -8,6 +8,9 @@
 //! `--decode-tokens` steps. Decode tokens/s counts the forward passes after the first token
 //! (`(n - 1) / decode time`), prefill tokens/s the prompt length over the prefill time. A
 //! warm-up generation runs first on each device (kernel loading, allocator warm-up).
+//! `launch ms/token` is the host's time inside a decode step's forward (on a GPU: launching
+//! its kernels, which return before they finish): near `ms/token`, the step is bound by the
+//! host, not by the device's memory reads.
 use clap::Args;
 use std::io::Write;
 use std::path::PathBuf;
@@ -66,6 +69,8 @@ struct Row {
     decode_ms: f64,
     decode_tokens_per_s: f64,
     ms_per_decode_token: f64,
+    /// Host time inside a decode step's forward (launches on a GPU), per token.
+    launch_ms_per_token: f64,
 }
 
 /// Deterministic pseudo-random ids in `[lo, vocab)` (a 64-bit LCG; no `rand` dependency needed).
@@ -194,7 +199,7 @@ fn measure(
     (device, dtype, cache_name): (&str, &str, &str),
 ) -> anyhow::Result<Row> {
     let cfg = lm.config().clone();
-    let (mut pre, mut dec) = (Vec::new(), Vec::new());
+    let (mut pre, mut dec, mut launch) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..args.repeats {
         let prompt = synthetic_prompt(n, cfg.vocab_size, 1000 + rep as u64);
         let mut cache = engine::full_cache(&lm.model, kind, n + args.decode_tokens)?;
@@ -207,6 +212,7 @@ fn measure(
         )?;
         pre.push(g.prefill_ms);
         dec.push(g.decode_ms);
+        launch.push(g.decode_times.forward_ms / g.decode_times.steps.max(1) as f64);
     }
     let (p, d) = (median(pre), median(dec));
     let steps = (args.decode_tokens - 1) as f64;
@@ -223,6 +229,7 @@ fn measure(
         decode_ms: d,
         decode_tokens_per_s: steps / (d / 1e3),
         ms_per_decode_token: d / steps,
+        launch_ms_per_token: median(launch),
     })
 }
 
@@ -251,19 +258,26 @@ fn print_rows(
         )?;
         writeln!(
             out,
-            "{:>8} {:>12} {:>14} {:>12} {:>14} {:>10}",
-            "prompt", "prefill ms", "prefill tok/s", "decode ms", "decode tok/s", "ms/token"
+            "{:>8} {:>12} {:>14} {:>12} {:>14} {:>10} {:>12}",
+            "prompt",
+            "prefill ms",
+            "prefill tok/s",
+            "decode ms",
+            "decode tok/s",
+            "ms/token",
+            "launch ms/tok"
         )?;
         for r in rows {
             writeln!(
                 out,
-                "{:>8} {:>12.1} {:>14.1} {:>12.1} {:>14.1} {:>10.2}",
+                "{:>8} {:>12.1} {:>14.1} {:>12.1} {:>14.1} {:>10.2} {:>12.2}",
                 r.prompt_tokens,
                 r.prefill_ms,
                 r.prefill_tokens_per_s,
                 r.decode_ms,
                 r.decode_tokens_per_s,
-                r.ms_per_decode_token
+                r.ms_per_decode_token,
+                r.launch_ms_per_token
             )?;
         }
     }
