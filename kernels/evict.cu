@@ -18,7 +18,8 @@
 // selection and the compaction; the sort is two launches, kvc_sort_candidates and
 // kvc_sort_prefix, when the step needs only a prefix of some heads' order — see below):
 //   kvc_sort_candidates: grid (heads), 1024 threads, dynamic smem 8 * pow2 bytes
-//     (pow2 = next power of two >= the longest head, <= 16384 on an H100 with the opt-in).
+//     (pow2 = next power of two >= the longest head it sorts, <= SMEM_MAX_LEN; longer heads
+//     take the kvc_long_* launches below, which write the same order and candidates).
 //     Sorts each head's logical slots ascending by metric (protected slots, position >=
 //     first_protected[head], +inf; ties by logical index) with a bitonic sort as wide as the
 //     head's own next power of two (a 300-token head of a batch whose longest is 8000 sorts
@@ -28,7 +29,8 @@
 //     finite candidates over its heads (ties by head, then candidate index), writes how many
 //     each head gives.
 //   kvc_compact_heads: grid (heads), 1024 threads, dynamic smem 5 * max_len bytes (evicted
-//     flags and the hole / survivor lists of the head). Head giving k candidates evicts its
+//     flags and the hole / survivor lists of the head; max_len <= SMEM_MAX_LEN, heads longer
+//     than SMEM_MAX_LEN keep them in global scratch). Head giving k candidates evicts its
 //     (k - 1) * block_size + h lowest slots (a prefix of its sorted order); survivors in the tail
 //     (logical >= new length), tail-most first, move into the lowest evicted holes; ctx_lens
 //     shrink. Freed blocks are the head's blocks past ceil(new_len / block_size). With KVCrush,
@@ -61,6 +63,23 @@ constexpr uint32_t ORD_INF = 0xff800000u;  // ord(+inf)
 // Longest prefix kvc_sort_prefix selects (its per-warp shared list).
 constexpr uint32_t PREFIX_MAX = 512;
 
+// Longest head kvc_sort_candidates sorts and kvc_compact_heads compacts in shared memory
+// (16384 keys of 8 bytes are 128 KB); longer heads take the global-memory paths.
+constexpr uint32_t SMEM_MAX_LEN = 16384;
+
+// Keys one kvc_long_chunk block sorts in shared memory.
+constexpr uint32_t LONG_CHUNK = 16384;
+
+// Sort key of a head's logical slot i: (ord(metric) << 32) | i, +inf when protected.
+__device__ __forceinline__ unsigned long long slot_key(const float* metric,
+                                                       const uint32_t* position,
+                                                       const uint32_t* table, uint32_t i,
+                                                       int block_size, uint32_t protect) {
+  const uint32_t s = slot_of(table, i, block_size);
+  const float m = position[s] >= protect ? __int_as_float(0x7f800000) : metric[s];
+  return ((unsigned long long)ord(m) << 32) | i;
+}
+
 // Whether head h needs only the `want[h]` lowest slots of its sorted order (fewer than it
 // holds, at most PREFIX_MAX): kvc_sort_prefix sorts it, kvc_sort_candidates skips it.
 __device__ __forceinline__ bool takes_prefix(const uint32_t* want, int h, uint32_t len) {
@@ -90,17 +109,14 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_sort_candidates(
   const int head = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
   const uint32_t len = ctx_lens[head], protect = first_protected[head];
   if (len == 0 || kvc::takes_prefix(want, head, len)) return;  // kvc_sort_prefix's head
+  if (len > kvc::SMEM_MAX_LEN) return;                          // the kvc_long_* launches'
   const uint32_t* table = blocks + tab[head];
   int width = 1;
   while ((uint32_t)width < len) width <<= 1;
   for (int i = tid; i < width; i += nt) {
-    unsigned long long key = ~0ull;
-    if ((uint32_t)i < len) {
-      const uint32_t s = kvc::slot_of(table, i, block_size);
-      const float m = position[s] >= protect ? __int_as_float(0x7f800000) : metric[s];
-      key = ((unsigned long long)kvc::ord(m) << 32) | (uint32_t)i;
-    }
-    keys[i] = key;
+    keys[i] = (uint32_t)i < len
+                  ? kvc::slot_key(metric, position, table, i, block_size, protect)
+                  : ~0ull;
   }
   __syncthreads();
   // Bitonic sort, ascending.
@@ -125,6 +141,125 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_sort_candidates(
   const uint32_t h = kvc::last_block_tokens(len, block_size);
   const uint32_t nblocks = (len + block_size - 1) / block_size;
   for (uint32_t j = tid; j < nblocks; j += nt) {
+    const float m = kvc::unord((uint32_t)(keys[(size_t)j * block_size + h - 1] >> 32));
+    cand[start[head] + j] = isfinite(m) ? m : __int_as_float(0x7f800000);
+  }
+}
+
+// Heads longer than SMEM_MAX_LEN that need their whole order (a prefill's compression at 128k):
+// a bitonic sort in global memory, over the long heads of the step at once, writing exactly
+// what kvc_sort_candidates writes. Long head l is head long_head[l]; its keys lie at
+// gkeys[long_off[l] ..], padded with ~0 to its power of two width = long_off[l + 1] -
+// long_off[l] (> LONG_CHUNK). Launches, in order (grid (x, long heads)):
+//   kvc_long_keys: the keys (kvc::slot_key).
+//   kvc_long_chunk (k = 0): every chunk of LONG_CHUNK keys through the network's stages
+//     k <= LONG_CHUNK, in shared memory (dynamic smem 8 * LONG_CHUNK bytes).
+//   for k = 2 LONG_CHUNK .. the widest head, doubling: kvc_long_step (k, j) for
+//     j = k / 2 .. LONG_CHUNK, halving (one compare-exchange per thread in global memory),
+//     then kvc_long_chunk (k) for the steps j < LONG_CHUNK. Heads narrower than k are done.
+//   kvc_long_emit: the sorted order and the candidates, as kvc_sort_candidates writes them.
+extern "C" __global__ void __launch_bounds__(1024) kvc_long_keys(
+    unsigned long long* gkeys,       // [long_off[long heads]] u64 (out)
+    const uint32_t* long_head,       // [long heads] u32: head index
+    const uint32_t* long_off,        // [long heads + 1] u32: first key of each long head
+    const float* metric,             // [num_slots] f32
+    const uint32_t* position,        // [num_slots] u32
+    const uint32_t* blocks,          // block ids; head h's table at blocks[tab[h] ..]
+    const uint32_t* tab,             // [heads] u32
+    const uint32_t* ctx_lens,        // [heads] u32
+    int block_size,                  // tokens per block
+    const uint32_t* first_protected) {  // [heads] u32
+  const int l = blockIdx.y;
+  const uint32_t head = long_head[l], off = long_off[l], width = long_off[l + 1] - off;
+  const uint32_t len = ctx_lens[head], protect = first_protected[head];
+  const uint32_t* table = blocks + tab[head];
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < width;
+       i += gridDim.x * blockDim.x) {
+    gkeys[off + i] =
+        i < len ? kvc::slot_key(metric, position, table, i, block_size, protect) : ~0ull;
+  }
+}
+
+// Bitonic steps j < LONG_CHUNK inside each chunk of LONG_CHUNK keys (grid (chunks of the
+// widest head, long heads)): all stages k <= LONG_CHUNK when k == 0, else stage k's. The
+// direction of a pair is the network's, from the key's index in its head ((index & k) == 0:
+// ascending), so chunks alternate at stage LONG_CHUNK and follow stage k after.
+extern "C" __global__ void __launch_bounds__(1024) kvc_long_chunk(
+    unsigned long long* gkeys,       // [long_off[long heads]] u64 (in/out)
+    const uint32_t* long_off,        // [long heads + 1] u32
+    uint32_t k) {                    // stage, or 0 for all stages up to LONG_CHUNK
+  extern __shared__ unsigned long long ks[];  // [LONG_CHUNK]
+  const int l = blockIdx.y, tid = threadIdx.x, nt = blockDim.x;
+  const uint32_t off = long_off[l], width = long_off[l + 1] - off;
+  const uint32_t base = blockIdx.x * kvc::LONG_CHUNK;
+  if (base >= width || k > width) return;
+  unsigned long long* g = gkeys + off + base;
+  for (uint32_t i = tid; i < kvc::LONG_CHUNK; i += nt) ks[i] = g[i];
+  __syncthreads();
+  auto steps = [&](uint32_t kk, uint32_t j0) {
+    for (uint32_t j = j0; j > 0; j >>= 1) {
+      for (uint32_t i = tid; i < kvc::LONG_CHUNK; i += nt) {
+        const uint32_t p = i ^ j;
+        if (p > i) {
+          const unsigned long long a = ks[i], b = ks[p];
+          if ((a > b) == (((base + i) & kk) == 0)) {
+            ks[i] = b;
+            ks[p] = a;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  };
+  if (k == 0) {
+    for (uint32_t kk = 2; kk <= kvc::LONG_CHUNK; kk <<= 1) steps(kk, kk >> 1);
+  } else {
+    steps(k, kvc::LONG_CHUNK >> 1);
+  }
+  for (uint32_t i = tid; i < kvc::LONG_CHUNK; i += nt) g[i] = ks[i];
+}
+
+// One bitonic step (k, j >= LONG_CHUNK) over the long heads at least k wide, in global memory
+// (grid (x, long heads)): thread t compares key i (bit j clear) with key i + j.
+extern "C" __global__ void __launch_bounds__(1024) kvc_long_step(
+    unsigned long long* gkeys,       // [long_off[long heads]] u64 (in/out)
+    const uint32_t* long_off,        // [long heads + 1] u32
+    uint32_t k,                      // stage (a power of two)
+    uint32_t j) {                    // step (a power of two, < k)
+  const int l = blockIdx.y;
+  const uint32_t off = long_off[l], width = long_off[l + 1] - off;
+  if (k > width) return;
+  unsigned long long* g = gkeys + off;
+  for (uint32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < width / 2;
+       t += gridDim.x * blockDim.x) {
+    const uint32_t i = ((t & ~(j - 1)) << 1) | (t & (j - 1)), p = i + j;
+    const unsigned long long a = g[i], b = g[p];
+    if ((a > b) == ((i & k) == 0)) {
+      g[i] = b;
+      g[p] = a;
+    }
+  }
+}
+
+// The long heads' sorted order and candidates from their sorted keys (grid (x, long heads)).
+extern "C" __global__ void __launch_bounds__(1024) kvc_long_emit(
+    uint32_t* order,                 // [total blocks * block_size] u32 (out)
+    float* cand,                     // [total blocks] f32 (out)
+    const unsigned long long* gkeys, // [long_off[long heads]] u64, each head sorted
+    const uint32_t* long_head,       // [long heads] u32
+    const uint32_t* long_off,        // [long heads + 1] u32
+    const uint32_t* start,           // [heads + 1] u32: first output block of each head
+    const uint32_t* ctx_lens,        // [heads] u32
+    int block_size) {                // tokens per block
+  const int l = blockIdx.y;
+  const uint32_t head = long_head[l], len = ctx_lens[head];
+  const unsigned long long* keys = gkeys + long_off[l];
+  uint32_t* ord_row = order + (size_t)start[head] * block_size;
+  const uint32_t step = gridDim.x * blockDim.x, first = blockIdx.x * blockDim.x + threadIdx.x;
+  for (uint32_t i = first; i < len; i += step) ord_row[i] = (uint32_t)keys[i];
+  const uint32_t h = kvc::last_block_tokens(len, block_size);
+  const uint32_t nblocks = (len + block_size - 1) / block_size;
+  for (uint32_t j = first; j < nblocks; j += step) {
     const float m = kvc::unord((uint32_t)(keys[(size_t)j * block_size + h - 1] >> 32));
     cand[start[head] + j] = isfinite(m) ? m : __int_as_float(0x7f800000);
   }
@@ -548,38 +683,28 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_crush_pick(
   if (tid < kv_heads) evict_n[r0 + tid] = e_s[tid] - picks_s[tid] * bs;
 }
 
-extern "C" __global__ void __launch_bounds__(1024) kvc_compact_heads(
-    float* k_cache_f,                // [num_slots, head_dim] K (any 2- or 4-byte dtype, as words)
-    float* v_cache_f,                // [num_slots, head_dim] V
-    float* metric,                   // [num_slots] f32
-    uint32_t* position,              // [num_slots] u32
-    uint32_t* ctx_lens,              // [heads] u32 (in/out)
-    const uint32_t* order,           // [total blocks * block_size] u32 (sorted logical slots)
-    const uint32_t* counts,          // [heads] u32 candidates taken per head
-    const uint32_t* blocks,          // block ids; head h's table at blocks[tab[h] ..]
-    const uint32_t* tab,             // [heads] u32: where each head's table starts in `blocks`
-    const uint32_t* start,           // [heads + 1] u32: first output block of each head
-    const uint32_t* evict_n,         // [heads] u32 or null: slots evicted after KVCrush's picks
-    const uint8_t* picked,           // [total blocks] u8 or null: kvc_crush_pick's kept groups
-    int block_size,                  // tokens per block
-    int max_len,                     // longest head (sizes the shared lists)
-    int row_words) {                 // 4-byte words per K/V row (head_dim * elem_size / 4)
-  // Shared: holes and tail survivors (u16: heads hold at most 16384 tokens), evicted flags.
-  extern __shared__ uint16_t lists[];
+namespace kvc {
+// kvc_compact_heads' work on one head, its lists and evicted flags at `holes`, `tail`
+// ([len] Idx each) and `gone` ([len] u8): u16 lists in shared memory, or u32 in global scratch
+// for a head longer than SMEM_MAX_LEN. Arguments as kvc_compact_heads'.
+template <typename Idx>
+__device__ void compact_head(float* k_cache_f, float* v_cache_f, float* metric,
+                             uint32_t* position, uint32_t* ctx_lens, const uint32_t* order,
+                             const uint32_t* counts, const uint32_t* blocks, const uint32_t* tab,
+                             const uint32_t* start, const uint32_t* evict_n,
+                             const uint8_t* picked, int block_size, int row_words, Idx* holes,
+                             Idx* tail, uint8_t* gone) {
   __shared__ int cnt_s[2];
+  __shared__ int warp_off[32];
   const int head = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
   const uint32_t len = ctx_lens[head], k = counts[head];
-  if (k == 0 || len == 0) return;
   // The base's prefix of the sorted order, and what is evicted of it after KVCrush's picks.
-  const uint32_t prefix = (k - 1) * block_size + kvc::last_block_tokens(len, block_size);
+  const uint32_t prefix = (k - 1) * block_size + last_block_tokens(len, block_size);
   const uint32_t e = evict_n ? evict_n[head] : prefix;
   if (e == 0) return;
   const uint32_t new_len = len - e;
   const uint32_t* table = blocks + tab[head];
   const uint32_t* ord_row = order + (size_t)start[head] * block_size;
-  uint16_t* holes = lists;
-  uint16_t* tail = lists + max_len;
-  uint8_t* gone = reinterpret_cast<uint8_t*>(lists + 2 * max_len);  // 1 = evicted, per slot
   for (uint32_t i = tid; i < len; i += nt) gone[i] = 0;
   __syncthreads();
   for (uint32_t r = tid; r < prefix; r += nt) {
@@ -593,7 +718,6 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_compact_heads(
   // Holes: evicted logical slots < new_len, ascending (stable compaction by chunks + ballots).
   if (tid == 0) cnt_s[0] = 0;
   __syncthreads();
-  __shared__ int warp_off[32];
   for (uint32_t base = 0; base < new_len; base += nt) {
     const uint32_t i = base + tid;
     const bool f = i < new_len && gone[i] == 1;
@@ -603,7 +727,7 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_compact_heads(
     __syncthreads();
     int off = cnt_s[0];
     for (int x = 0; x < w; ++x) off += warp_off[x];
-    if (f) holes[off + __popc(ball & ((1u << l) - 1))] = (uint16_t)i;
+    if (f) holes[off + __popc(ball & ((1u << l) - 1))] = (Idx)i;
     __syncthreads();
     if (tid == 0) {
       int t = 0;
@@ -627,7 +751,7 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_compact_heads(
     __syncthreads();
     int off = cnt_s[1];
     for (int x = 0; x < w; ++x) off += warp_off[x];
-    if (f) tail[off + __popc(ball & ((1u << l) - 1))] = (uint16_t)i;
+    if (f) tail[off + __popc(ball & ((1u << l) - 1))] = (Idx)i;
     __syncthreads();
     if (tid == 0) {
       int t = 0;
@@ -639,8 +763,8 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_compact_heads(
   // Moves: one warp per move, lanes over the row's words.
   const int w = tid / 32, l = tid % 32, nw = nt / 32;
   for (int m = w; m < n_holes; m += nw) {
-    const uint32_t from = kvc::slot_of(table, tail[m], block_size);
-    const uint32_t to = kvc::slot_of(table, holes[m], block_size);
+    const uint32_t from = slot_of(table, tail[m], block_size);
+    const uint32_t to = slot_of(table, holes[m], block_size);
     for (int x = l; x < row_words; x += 32) {
       k_cache_f[(size_t)to * row_words + x] = k_cache_f[(size_t)from * row_words + x];
       v_cache_f[(size_t)to * row_words + x] = v_cache_f[(size_t)from * row_words + x];
@@ -651,4 +775,44 @@ extern "C" __global__ void __launch_bounds__(1024) kvc_compact_heads(
     }
   }
   if (tid == 0) ctx_lens[head] = new_len;
+}
+}  // namespace kvc
+
+extern "C" __global__ void __launch_bounds__(1024) kvc_compact_heads(
+    float* k_cache_f,                // [num_slots, head_dim] K (any 2- or 4-byte dtype, as words)
+    float* v_cache_f,                // [num_slots, head_dim] V
+    float* metric,                   // [num_slots] f32
+    uint32_t* position,              // [num_slots] u32
+    uint32_t* ctx_lens,              // [heads] u32 (in/out)
+    const uint32_t* order,           // [total blocks * block_size] u32 (sorted logical slots)
+    const uint32_t* counts,          // [heads] u32 candidates taken per head
+    const uint32_t* blocks,          // block ids; head h's table at blocks[tab[h] ..]
+    const uint32_t* tab,             // [heads] u32: where each head's table starts in `blocks`
+    const uint32_t* start,           // [heads + 1] u32: first output block of each head
+    const uint32_t* evict_n,         // [heads] u32 or null: slots evicted after KVCrush's picks
+    const uint8_t* picked,           // [total blocks] u8 or null: kvc_crush_pick's kept groups
+    int block_size,                  // tokens per block
+    int max_len,                     // longest head <= SMEM_MAX_LEN (sizes the shared lists)
+    int row_words,                   // 4-byte words per K/V row (head_dim * elem_size / 4)
+    uint32_t* long_lists,            // [2 * long slots] u32 or null: lists of heads > SMEM_MAX_LEN
+    uint8_t* long_gone,              // [long slots] u8 or null: their evicted flags
+    const uint32_t* long_at) {       // [heads] u32 or null: where a long head's scratch starts
+  // Shared: holes and tail survivors (u16: these heads hold at most SMEM_MAX_LEN tokens),
+  // evicted flags.
+  extern __shared__ uint16_t lists[];
+  const int head = blockIdx.x;
+  const uint32_t len = ctx_lens[head];
+  if (counts[head] == 0 || len == 0) return;
+  if (len > kvc::SMEM_MAX_LEN) {
+    const uint32_t a = long_at[head];
+    kvc::compact_head<uint32_t>(k_cache_f, v_cache_f, metric, position, ctx_lens, order, counts,
+                                blocks, tab, start, evict_n, picked, block_size, row_words,
+                                long_lists + 2 * (size_t)a, long_lists + 2 * (size_t)a + len,
+                                long_gone + a);
+  } else {
+    kvc::compact_head<uint16_t>(k_cache_f, v_cache_f, metric, position, ctx_lens, order, counts,
+                                blocks, tab, start, evict_n, picked, block_size, row_words,
+                                lists, lists + max_len,
+                                reinterpret_cast<uint8_t*>(lists + 2 * max_len));
+  }
 }

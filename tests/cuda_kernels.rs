@@ -1173,7 +1173,7 @@ fn device_eviction_step_matches_twin() {
         (16, 128, 30, 900, 0.4, 7, vec![5, 17, 8], None),
         (32, 64, 40, 400, 1.5, 8, vec![10, 10, 10, 10], None),
         (16, 64, 90, 2500, 0.05, 9, vec![9; 10], None), // continual-compression shape
-        (16, 64, 20, 16384, 0.3, 10, vec![4; 5], None), // the longest head the device sorts
+        (16, 64, 20, 16384, 0.3, 10, vec![4; 5], None), // the longest head sorted in shared memory
         (16, 64, 24, 600, 0.5, 11, vec![24], Some((3, 1, Anchor::Mean, false))),
         (16, 128, 30, 900, 0.4, 12, vec![6, 12, 12], Some((3, 2, Anchor::Ones, false))),
         (32, 64, 40, 400, 0.6, 13, vec![8; 5], Some((8, 1, Anchor::Random, false))),
@@ -1189,6 +1189,12 @@ fn device_eviction_step_matches_twin() {
         (16, 128, 30, 3000, 0.005, 21, vec![30], None),
         (32, 64, 24, 4000, 0.01, 22, vec![6, 6, 6, 6], None),
         (16, 64, 45, 1200, 0.01, 23, vec![9; 5], None),
+        // Heads past the shared-memory sort (16384): the global-memory sort (kvc_long_*) and
+        // the compaction's device scratch, mixed with short heads in one launch.
+        (16, 64, 8, 40000, 0.5, 24, vec![8], None),
+        (32, 64, 10, 70000, 0.3, 25, vec![5, 5], None),
+        (16, 128, 8, 70000, 0.003, 26, vec![4, 4], None), // long heads' prefix sort
+        (16, 64, 8, 40000, 0.4, 27, vec![8], Some((4, 1, Anchor::Mean, false))),
     ];
     for (bs, d, heads, max_ctx, share, seed, segments, crush) in cases {
         let mut rng = StdRng::seed_from_u64(seed);
@@ -1206,6 +1212,10 @@ fn device_eviction_step_matches_twin() {
                 }
             })
             .collect();
+        let long_heads = lens.iter().filter(|&&l| l > 16384).count();
+        if max_ctx > 16384 {
+            assert!(long_heads > 0, "case {seed} has no head past 16384 tokens");
+        }
         // Interleaved appends: blocks scattered over the pool.
         let mut done = vec![0usize; heads];
         loop {
@@ -1382,7 +1392,7 @@ fn device_eviction_step_matches_twin() {
             None => 0,
         };
         eprintln!(
-            "device eviction bs={bs} d={d} heads={heads} in {} sequences, max_ctx={max_ctx}, kvcrush {crush:?}: {blocks} blocks, asked {n_evict}, took {taken}, kvcrush kept {kept_back} slots back; identical to twin",
+            "device eviction bs={bs} d={d} heads={heads} ({long_heads} past 16384) in {} sequences, max_ctx={max_ctx}, kvcrush {crush:?}: {blocks} blocks, asked {n_evict}, took {taken}, kvcrush kept {kept_back} slots back; identical to twin",
             segments.len()
         );
         n_cases += 1;

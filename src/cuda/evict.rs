@@ -332,9 +332,13 @@ pub fn kvcompress_evict_batch_twin<T: Copy>(
     Ok(steps)
 }
 
-/// Longest head [`kvcompress_evict`] sorts in shared memory (its keys must fit one CUDA block's
-/// shared memory on sm_90).
-pub const EVICT_MAX_LEN: usize = 16384;
+/// Longest head the eviction kernels sort and compact in shared memory (`SMEM_MAX_LEN` in
+/// kernels/evict.cu: 16384 keys of 8 bytes fill 128 KB of an sm_90 block's); longer heads take
+/// the global-memory sort (`kvc_long_*`) and keep their compaction lists in device scratch.
+const EVICT_SMEM_MAX_LEN: usize = 16384;
+
+/// Keys one `kvc_long_chunk` block sorts in shared memory (`LONG_CHUNK` in kernels/evict.cu).
+const EVICT_LONG_CHUNK: usize = 16384;
 
 /// Longest sorted prefix `kvc_sort_prefix` selects (`PREFIX_MAX` in kernels/evict.cu).
 const EVICT_PREFIX_MAX: usize = 512;
@@ -493,12 +497,6 @@ fn evict_heads(
     if heads == 0 || max_len == 0 || seqs.iter().all(|s| s.n_evict == 0) {
         return Ok(split_steps(seqs, &vec![0; heads], at.lens));
     }
-    if max_len > EVICT_MAX_LEN {
-        return Err(OpsError::Shape(format!(
-            "device eviction sorts heads of at most {EVICT_MAX_LEN} tokens, got {max_len}"
-        ))
-        .into());
-    }
     let dev = k_cache.device();
     let crush = crush_args(seqs, block_size, dev)?;
     // Per head: protected position; per sequence: first head row and blocks to take.
@@ -526,7 +524,18 @@ fn evict_heads(
     // 1024-thread blocks that return at once still cost their scheduling.
     let prefix = |h: usize| want[h] < at.lens[h] && want[h] as usize <= EVICT_PREFIX_MAX;
     let sort_prefix = (0..heads).any(prefix);
-    let sort_full = (0..heads).any(|h| at.lens[h] > 0 && !prefix(h));
+    let long = |h: usize| at.lens[h] as usize > EVICT_SMEM_MAX_LEN;
+    let sort_full = (0..heads).any(|h| at.lens[h] > 0 && !prefix(h) && !long(h));
+    let long_sort = LongSort::new((0..heads).filter(|&h| long(h) && !prefix(h)), at.lens, dev)?;
+    let long_lists = LongLists::new(at.lens, dev)?;
+    let short_max = at
+        .lens
+        .iter()
+        .map(|&l| l as usize)
+        .filter(|&l| l <= EVICT_SMEM_MAX_LEN)
+        .max()
+        .unwrap_or(0)
+        .max(1);
     let lens = Tensor::from_slice(at.lens, heads, dev)?;
     let counts = imp::kvcompress_evict(
         k_cache,
@@ -545,10 +554,12 @@ fn evict_heads(
             want: &Tensor::from_slice(&want, heads, dev)?,
             sort_full,
             sort_prefix,
+            long_sort,
+            long_lists,
             crush,
         },
         block_size,
-        max_len,
+        short_max,
     )?;
     Ok(split_steps(
         seqs,
@@ -651,8 +662,93 @@ struct EvictArgs<'a> {
     /// Whether some head needs `kvc_sort_candidates` / `kvc_sort_prefix`.
     sort_full: bool,
     sort_prefix: bool,
+    /// Heads past the shared-memory sort that need their whole order (`kvc_long_*`).
+    long_sort: Option<LongSort>,
+    /// Heads past the shared-memory compaction lists.
+    long_lists: Option<LongLists>,
     /// KVCrush's picks (`kvc_crush_pick` runs between the selection and the compaction).
     crush: Option<CrushArgs>,
+}
+
+/// The heads longer than the shared-memory sort holds that need their whole sorted order
+/// (`kvc_long_*` in kernels/evict.cu), `None` when there are none.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct LongSort {
+    /// `[long heads]` u32: head index.
+    heads: Tensor,
+    /// `[long heads + 1]` u32: first key of each in the sort's scratch (each head's width is
+    /// its length's next power of two).
+    off: Tensor,
+    /// Long heads; widest head's width; keys in all.
+    n: usize,
+    widest: usize,
+    keys: usize,
+}
+
+impl LongSort {
+    fn new(heads: impl Iterator<Item = usize>, lens: &[u32], dev: &Device) -> Result<Option<Self>> {
+        let heads: Vec<u32> = heads.map(|h| h as u32).collect();
+        if heads.is_empty() {
+            return Ok(None);
+        }
+        let widths: Vec<usize> = heads
+            .iter()
+            .map(|&h| (lens[h as usize] as usize).next_power_of_two())
+            .collect();
+        let mut off = vec![0u32];
+        for &w in &widths {
+            let end = *off.last().expect("one") as usize + w;
+            off.push(u32::try_from(end).map_err(|_| {
+                OpsError::Shape(format!("{end} sort keys in one eviction (u32 offsets)"))
+            })?);
+        }
+        let (n, keys) = (heads.len(), *off.last().expect("one") as usize);
+        Ok(Some(Self {
+            heads: Tensor::from_vec(heads, n, dev)?,
+            off: Tensor::from_vec(off, n + 1, dev)?,
+            n,
+            widest: widths.into_iter().max().unwrap_or(0),
+            keys,
+        }))
+    }
+}
+
+/// Where the compaction of each head longer than the shared-memory lists hold keeps its hole
+/// and survivor lists (u32) and evicted flags (u8) in device scratch, `None` when no head is.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct LongLists {
+    /// `[heads]` u32: a long head's first scratch slot (0 for the others).
+    at: Tensor,
+    /// Scratch slots in all (the long heads' lengths).
+    slots: usize,
+}
+
+impl LongLists {
+    fn new(lens: &[u32], dev: &Device) -> Result<Option<Self>> {
+        let mut at = Vec::with_capacity(lens.len());
+        let mut slots = 0usize;
+        for &l in lens {
+            let long = l as usize > EVICT_SMEM_MAX_LEN;
+            at.push(if long { slots as u32 } else { 0 });
+            if long {
+                slots += l as usize;
+            }
+        }
+        if slots == 0 {
+            return Ok(None);
+        }
+        if u32::try_from(slots).is_err() {
+            return Err(OpsError::Shape(format!(
+                "{slots} slots of long heads in one eviction (u32 offsets)"
+            ))
+            .into());
+        }
+        let n = at.len();
+        Ok(Some(Self {
+            at: Tensor::from_vec(at, n, dev)?,
+            slots,
+        }))
+    }
 }
 
 /// The device inputs of KVCrush's picks ([`crush_args`]).
@@ -701,7 +797,7 @@ mod imp {
         position: &Tensor,
         a: &EvictArgs<'_>,
         block_size: usize,
-        max_len: usize,
+        short_max: usize,
     ) -> Result<Tensor> {
         use cudarc::driver::sys::CUfunction_attribute_enum as Attr;
         let dev = k_cache.device();
@@ -709,9 +805,10 @@ mod imp {
         let heads = a.lens.dim(0)?;
         let total_blocks = a.out_blocks.max(1);
         let n_seqs = a.n_evict.dim(0)?;
-        let sort_smem = max_len.next_power_of_two() * 8;
+        // Sized by the longest head kept in shared memory (<= EVICT_SMEM_MAX_LEN).
+        let sort_smem = short_max.next_power_of_two() * 8;
         // Holes and survivors as u16, evicted flags as u8 (see kvc_compact_heads).
-        let compact_smem = (5 * max_len).next_multiple_of(4);
+        let compact_smem = (5 * short_max).next_multiple_of(4);
         let sort = func(&stream, "evict", "kvc_sort_candidates")?;
         let select = func(&stream, "evict", "kvc_select_blocks")?;
         let compact = func(&stream, "evict", "kvc_compact_heads")?;
@@ -782,6 +879,9 @@ mod imp {
             // exactly the heads kvc_sort_candidates skipped (the same takes_prefix test).
             unsafe { b.launch(warps) }.map_err(cu)?;
         }
+        if let Some(long) = &a.long_sort {
+            long_sort(long, &sort_args, &bs, &protect, dev, &stream)?;
+        }
         let (counts_p, lt_p) = (ptr(Some(&counts), &stream)?, ptr(Some(&lt), &stream)?);
         let head_start = ptr(Some(a.head_start), &stream)?;
         let n_evict = ptr(Some(a.n_evict), &stream)?;
@@ -850,7 +950,24 @@ mod imp {
             ))
             .into());
         }
-        let (row_words, max_len) = ((row_bytes / 4) as i32, max_len as i32);
+        let (row_words, max_len) = ((row_bytes / 4) as i32, short_max as i32);
+        // Safety: kvc_compact_heads writes a long head's lists and flags before reading them.
+        let long_scratch = match &a.long_lists {
+            Some(l) => Some((
+                unsafe { Tensor::empty(2 * l.slots, DType::U32, dev)? },
+                unsafe { Tensor::empty(l.slots, DType::U8, dev)? },
+                &l.at,
+            )),
+            None => None,
+        };
+        let (lists_p, gone_p, at_p) = match &long_scratch {
+            Some((lists, gone, at)) => (
+                ptr(Some(lists), &stream)?,
+                ptr(Some(gone), &stream)?,
+                ptr(Some(*at), &stream)?,
+            ),
+            None => (0, 0, 0),
+        };
         let (k_p, v_p) = (ptr(Some(k_cache), &stream)?, ptr(Some(v_cache), &stream)?);
         let mut b = stream.launch_builder(&compact);
         for x in [
@@ -870,9 +987,108 @@ mod imp {
             b.arg(x);
         }
         b.arg(&bs).arg(&max_len).arg(&row_words);
-        // Safety: arguments match kvc_compact_heads; its lists fit `compact_smem`.
+        b.arg(&lists_p).arg(&gone_p).arg(&at_p);
+        // Safety: arguments match kvc_compact_heads; the lists of heads up to short_max fit
+        // `compact_smem`, longer heads' are in `long_scratch` at their `at`.
         unsafe { b.launch(cfg(heads, compact_smem)) }.map_err(cu)?;
         Ok(counts)
+    }
+
+    /// The whole sorted order and candidates of the heads in `long` (kernels/evict.cu's
+    /// `kvc_long_*` launches: keys, chunks, then per stage its global steps and chunk steps,
+    /// then the order). `sort_args`: `kvc_sort_candidates`' leading pointers (order,
+    /// candidates, metric, position, blocks, tab, start, lengths).
+    fn long_sort(
+        long: &LongSort,
+        sort_args: &[u64; 8],
+        bs: &i32,
+        protect: &u64,
+        dev: &Device,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> Result<()> {
+        use cudarc::driver::sys::CUfunction_attribute_enum as Attr;
+        let [order_p, cand_p, metric_p, position_p, blocks_p, tab_p, start_p, lens_p] = *sort_args;
+        // Safety: kvc_long_keys writes every key (padding included) before any is read.
+        let gkeys = unsafe { Tensor::empty(long.keys, DType::I64, dev)? };
+        let gkeys_p = ptr(Some(&gkeys), stream)?;
+        let (heads_p, off_p) = (
+            ptr(Some(&long.heads), stream)?,
+            ptr(Some(&long.off), stream)?,
+        );
+        let n = long.n as u32;
+        let chunks = long.widest.div_ceil(EVICT_LONG_CHUNK) as u32;
+        // Grid-stride kernels: enough blocks per head to fill the GPU, at most one per 1024 keys.
+        let per_head = (long.widest.div_ceil(2048) as u32).clamp(1, 64);
+        let wide = |x: u32, smem: usize| LaunchConfig {
+            grid_dim: (x, n, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let keys = func(stream, "evict", "kvc_long_keys")?;
+        let mut b = stream.launch_builder(&keys);
+        for x in [
+            &gkeys_p,
+            &heads_p,
+            &off_p,
+            &metric_p,
+            &position_p,
+            &blocks_p,
+            &tab_p,
+            &lens_p,
+        ] {
+            b.arg(x);
+        }
+        b.arg(bs).arg(protect);
+        // Safety: arguments match kvc_long_keys; the tables were checked on the host.
+        unsafe { b.launch(wide(per_head, 0)) }.map_err(cu)?;
+        let chunk = func(stream, "evict", "kvc_long_chunk")?;
+        let chunk_smem = EVICT_LONG_CHUNK * 8;
+        chunk
+            .set_attribute(
+                Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                chunk_smem as i32,
+            )
+            .map_err(|e| {
+                cu(format!(
+                    "{chunk_smem} B of shared memory for the long sort: {e}"
+                ))
+            })?;
+        let step = func(stream, "evict", "kvc_long_step")?;
+        let run_chunk = |k: u32| -> Result<()> {
+            let mut b = stream.launch_builder(&chunk);
+            b.arg(&gkeys_p).arg(&off_p).arg(&k);
+            // Safety: arguments match kvc_long_chunk; every head's width is a multiple of
+            // LONG_CHUNK (a power of two past it).
+            unsafe { b.launch(wide(chunks, chunk_smem)) }.map_err(cu)?;
+            Ok(())
+        };
+        run_chunk(0)?;
+        let mut k = 2 * EVICT_LONG_CHUNK;
+        while k <= long.widest {
+            let mut j = k / 2;
+            while j >= EVICT_LONG_CHUNK {
+                let (k32, j32) = (k as u32, j as u32);
+                let mut b = stream.launch_builder(&step);
+                b.arg(&gkeys_p).arg(&off_p).arg(&k32).arg(&j32);
+                // Safety: arguments match kvc_long_step; pairs lie inside each head's width.
+                unsafe { b.launch(wide(per_head, 0)) }.map_err(cu)?;
+                j /= 2;
+            }
+            run_chunk(k as u32)?;
+            k *= 2;
+        }
+        let emit = func(stream, "evict", "kvc_long_emit")?;
+        let mut b = stream.launch_builder(&emit);
+        for x in [
+            &order_p, &cand_p, &gkeys_p, &heads_p, &off_p, &start_p, &lens_p,
+        ] {
+            b.arg(x);
+        }
+        b.arg(bs);
+        // Safety: arguments match kvc_long_emit; each long head's rows of order and candidates
+        // are its own (start partitions them).
+        unsafe { b.launch(wide(per_head, 0)) }.map_err(cu)?;
+        Ok(())
     }
 }
 

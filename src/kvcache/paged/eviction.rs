@@ -13,16 +13,15 @@ impl PagedCache {
     /// heads from the device metric (protected positions kept), and is compacted, by
     /// `kernels/evict.cu` in one batch on CUDA (three launches; the block tables go up, the new
     /// lengths come back) or by its twin ([`evict::kvcompress_evict_batch_twin`]) elsewhere. The pool
-    /// then shortens each head and frees its emptied blocks. Heads longer than the device sort
-    /// holds ([`evict::EVICT_MAX_LEN`]) are planned on the host from their downloaded metrics
-    /// with the same selection.
+    /// then shortens each head and frees its emptied blocks. Heads of any length stay on the
+    /// device (past 16384 tokens the kernels sort and compact in device scratch).
     pub fn evict_on_device(&mut self, reqs: &[DeviceEvict]) -> Result<Vec<EvictStats>> {
         let dev = self.spec.device.clone();
         let mut clock = crate::profile::start(&dev);
         self.run_pending()?;
         let (layers, nkv) = (self.spec.layers, self.spec.kv_heads);
         let mut stats = vec![EvictStats::default(); reqs.len()];
-        let batch = self.evict_long_on_host(reqs, &mut stats)?;
+        let batch = self.device_batch(reqs)?;
         if batch.is_empty() {
             return Ok(stats);
         }
@@ -53,39 +52,15 @@ impl PagedCache {
         Ok(stats)
     }
 
-    /// The host part of [`PagedCache::evict_on_device`]: refuse a sequence whose metric is on
-    /// the host; evict the requests whose longest head the device sort cannot hold (on CUDA)
-    /// through a host plan from their downloaded metrics, their stats into `stats[i]`. Returns
-    /// the indices into `reqs` left for the device batch, in order (requests evicting nothing
-    /// are in neither).
-    fn evict_long_on_host(
-        &mut self,
-        reqs: &[DeviceEvict],
-        stats: &mut [EvictStats],
-    ) -> Result<Vec<usize>> {
-        let (nkv, bs) = (self.spec.kv_heads, self.spec.block_size);
+    /// The requests of [`PagedCache::evict_on_device`] that evict something, as indices into
+    /// `reqs` in order; an error for a sequence whose metric is on the host.
+    fn device_batch(&self, reqs: &[DeviceEvict]) -> Result<Vec<usize>> {
         let mut batch = Vec::new();
         for (i, r) in reqs.iter().enumerate() {
             if !self.metric_on_device(r.seq) {
                 candle_core::bail!("sequence {} keeps its metric on the host", r.seq);
             }
-            if r.n_evict == 0 {
-                continue;
-            }
-            let t = self.pool.table(r.seq).map_err(be)?;
-            let longest = t.len.iter().flatten().copied().max().unwrap_or(0);
-            if self.on_cuda() && longest > evict::EVICT_MAX_LEN {
-                // The host plan: the twin's selection on the downloaded metrics.
-                let plan = EvictionPlan::from_meta(
-                    &self.seq_meta(r.seq)?,
-                    nkv,
-                    bs,
-                    r.first_protected,
-                    r.n_evict,
-                    r.crush.as_ref(),
-                );
-                stats[i] = self.evict(r.seq, &plan)?;
-            } else {
+            if r.n_evict > 0 {
                 batch.push(i);
             }
         }
