@@ -83,6 +83,8 @@ enum Section {
     Eviction,
     /// Prefill attention of one chunk (bf16/f16 only).
     Prefill,
+    /// KV-Compress's device step on 128k-token heads (past the shared-memory sort; ~18 GB).
+    LongEviction,
 }
 
 fn median(mut v: Vec<f32>) -> f64 {
@@ -146,6 +148,10 @@ fn main() -> anyhow::Result<()> {
     if runs(Section::Prefill) && bench.dtype != DType::F32 {
         bench.prefill()?;
     }
+    // Only when asked: its cache takes ~18 GB.
+    if only.contains(&Section::LongEviction) {
+        bench.long_eviction()?;
+    }
     bench.print()
 }
 
@@ -163,6 +169,36 @@ struct EvictInputs {
     heads: usize,
     toks: usize,
     bs: usize,
+}
+
+impl EvictInputs {
+    /// `layers x heads` heads of `toks` tokens of the caches `kk`, `vv` (`[layers * heads *
+    /// toks, d]`) in shuffled blocks of 16, random metrics, positions 0.. per head.
+    fn new(
+        kk: Tensor,
+        vv: Tensor,
+        (layers, heads, toks): (usize, usize, usize),
+        n_evict: usize,
+    ) -> anyhow::Result<Self> {
+        let (bs, dev) = (16usize, kk.device().clone());
+        let n_slots = layers * heads * toks;
+        let mut blk: Vec<u32> = (0..(n_slots / bs) as u32).collect();
+        blk.shuffle(&mut rand::rngs::StdRng::seed_from_u64(3));
+        let pos_host: Vec<u32> = (0..n_slots as u32).map(|s| s % toks as u32).collect();
+        Ok(Self {
+            met: Tensor::rand(0f32, 1.0, n_slots, &dev)?,
+            pos: Tensor::from_slice(&pos_host, n_slots, &dev)?,
+            kk,
+            vv,
+            blk,
+            lens: vec![toks as u32; layers * heads],
+            n_evict,
+            layers,
+            heads,
+            toks,
+            bs,
+        })
+    }
 }
 
 /// The paged decode's inputs on the configured shape.
@@ -382,56 +418,9 @@ impl Bench {
             // compaction) on the same shape: every head 8192 tokens in shuffled blocks, random
             // metrics, last 8 positions protected, half of the blocks evicted. Includes the upload
             // of the block tables and the download of per-head counts and lengths.
-            let bs16 = 16usize;
-            let per_head = toks / bs16;
-            let mut blk: Vec<u32> = (0..(layers * heads * per_head) as u32).collect();
-            blk.shuffle(&mut rand::rngs::StdRng::seed_from_u64(3));
-            let lens = vec![toks as u32; layers * heads];
-            let met = Tensor::rand(0f32, 1.0, n_slots, dev)?;
-            let pos_host: Vec<u32> = (0..n_slots as u32).map(|s| s % toks as u32).collect();
-            let pos = Tensor::from_slice(&pos_host, n_slots, dev)?;
-            let n_evict = layers * heads * per_head / 2;
-            let mut taken = 0u32;
-            let ms_e = time(stream, a.warmup.min(3), a.iters.min(20), || {
-                let st = kvc::cuda::evict::kvcompress_evict(
-                    &kk,
-                    &vv,
-                    &met,
-                    &pos,
-                    &blk,
-                    &lens,
-                    bs16,
-                    toks as u32 - 8,
-                    n_evict,
-                )?;
-                taken = st.counts.iter().sum();
-                Ok(())
-            })?;
-            rows.push([
-                "kvcompress_evict".into(),
-                format!("{} heads x {toks}", layers * heads),
-                format!("sort+select+compact, {taken} blocks freed"),
-                format!(
-                    "{:.1}",
-                    (n_slots * (4 + 4) + n_slots / 2 * 2 * dm * esz) as f64 / 1e6
-                ),
-                format!("{:.4}", ms_e),
-                "-".into(),
-                format!("{:.0}% of 5 ms", 100.0 * ms_e / 5.0),
-            ]);
-            let inputs = EvictInputs {
-                kk,
-                vv,
-                met,
-                pos,
-                blk,
-                lens,
-                n_evict,
-                layers,
-                heads,
-                toks,
-                bs: bs16,
-            };
+            let half = layers * heads * (toks / 16) / 2;
+            let inputs = EvictInputs::new(kk, vv, (layers, heads, toks), half)?;
+            rows.push(self.evict_row(&inputs, "sort+select+compact", (3, 20))?);
             rows.push(self.kvcrush_row(&inputs)?);
             rows.push([
                 "move_slots".into(),
@@ -444,6 +433,62 @@ impl Bench {
             ]);
         }
         self.rows.extend(rows);
+        Ok(())
+    }
+
+    /// The whole KV-Compress step on the device (sort + candidates + selection + compaction)
+    /// on `e`: last 8 positions protected, `e.n_evict` blocks evicted; (warm-up, timed) runs.
+    /// Includes the upload of the block tables and the download of per-head counts and lengths.
+    fn evict_row(&self, e: &EvictInputs, what: &str, runs: (usize, usize)) -> anyhow::Result<Row> {
+        let (a, stream, esz) = (&self.a, &self.stream, self.esz);
+        let (n_slots, dm) = (e.layers * e.heads * e.toks, e.kk.dim(1)?);
+        let mut taken = 0u32;
+        let ms = time(stream, a.warmup.min(runs.0), a.iters.min(runs.1), || {
+            let st = kvc::cuda::evict::kvcompress_evict(
+                &e.kk,
+                &e.vv,
+                &e.met,
+                &e.pos,
+                &e.blk,
+                &e.lens,
+                e.bs,
+                e.toks as u32 - 8,
+                e.n_evict,
+            )?;
+            taken = st.counts.iter().sum();
+            Ok(())
+        })?;
+        let moved = taken as usize * e.bs * 2 * dm * esz;
+        Ok([
+            "kvcompress_evict".into(),
+            format!("{} heads x {}", e.layers * e.heads, e.toks),
+            format!("{what}, {taken} blocks freed"),
+            format!("{:.1}", (n_slots * (4 + 4) + moved) as f64 / 1e6),
+            format!("{:.4}", ms),
+            "-".into(),
+            format!("{:.0}% of 5 ms", 100.0 * ms / 5.0),
+        ])
+    }
+
+    /// KV-Compress's device step on heads past the shared-memory sort: Llama-3.1-8B's 32 x 8
+    /// kv-heads of 131072 tokens (d 128): the prefill's compression to 8x and 64x (the
+    /// global-memory sort) and a continual decode step of 2 blocks (the prefix sort), all with
+    /// the compaction's device scratch. Such heads used to be planned on the host.
+    fn long_eviction(&mut self) -> anyhow::Result<()> {
+        let (layers, heads, toks, dm) = (32usize, 8usize, 131072usize, 128usize);
+        let (n, dev, dtype) = (layers * heads * toks, &self.dev, self.dtype);
+        let kk = Tensor::randn(0f32, 1.0, (n, dm), dev)?.to_dtype(dtype)?;
+        let vv = Tensor::randn(0f32, 1.0, (n, dm), dev)?.to_dtype(dtype)?;
+        let blocks = n / 16;
+        for (what, n_evict) in [
+            ("to 8x (global sort)", blocks - blocks / 8),
+            ("to 64x (global sort)", blocks - blocks / 64),
+            ("continual step, 2 blocks (prefix sort)", 2),
+        ] {
+            let e = EvictInputs::new(kk.clone(), vv.clone(), (layers, heads, toks), n_evict)?;
+            let row = self.evict_row(&e, what, (1, 5))?;
+            self.rows.push(row);
+        }
         Ok(())
     }
 
