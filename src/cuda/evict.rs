@@ -338,6 +338,7 @@ pub fn kvcompress_evict_batch_twin<T: Copy>(
 const EVICT_SMEM_MAX_LEN: usize = 16384;
 
 /// Keys one `kvc_long_chunk` block sorts in shared memory (`LONG_CHUNK` in kernels/evict.cu).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const EVICT_LONG_CHUNK: usize = 16384;
 
 /// Longest sorted prefix `kvc_sort_prefix` selects (`PREFIX_MAX` in kernels/evict.cu).
