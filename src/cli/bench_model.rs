@@ -22,7 +22,7 @@ use crate::util::Status;
 
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  kvc bench-model                                   # SmolLM2 on the default device\n  kvc bench-model --device cuda:0 --dtype bf16 --prompt-lens 4000 --decode-tokens 256"
+    after_help = "Examples:\n  kvc bench-model                                   # SmolLM2 on the default device\n  kvc bench-model --device cuda:0 --dtype bf16 --prompt-lens 4000 --decode-tokens 256\n\nlaunch ms/tok: the host's time inside a decode step's forward; near ms/token on a GPU, the\nstep waits on launches, not on the device. KVC_PROFILE=1 (phases synchronised) or\nKVC_PROFILE=host (launch time per phase) prints where the time went."
 )]
 pub struct BenchModelArgs {
     #[command(flatten)]

@@ -57,7 +57,8 @@ back to the parquet mirror; HF_HUB_OFFLINE=1 reads the cache only). Task sets: e
 summarization, few-shot, synthetic, code) or subset names, comma-separated.
 
 Profile: KVC_PROFILE=1 synchronises the device after each phase of the forward, the decode
-step and the compression, and prints where the time went (stderr) at the end; it slows the run.")]
+step and the compression, and prints where the time went (stderr) at the end; it slows the run.
+KVC_PROFILE=host charges the same phases without synchronising: the host's launch time.")]
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
